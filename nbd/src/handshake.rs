@@ -1,0 +1,1262 @@
+//! The server side of the fixed newstyle handshake, as a sans-I/O state
+//! machine.
+//!
+//! ```text
+//! let mut hs = Handshake::new();            // greeting is queued
+//! loop {
+//!     write_all(hs.output()); hs.consume_output(n);
+//!     match hs.status() { Ready => break, Closed => return, InProgress => {} }
+//!     let n = hs.receive(&inbuf, &catalog)?;  // may consume less than given
+//!     inbuf.drain(..n);
+//! }
+//! // inbuf now holds the first transmission-phase bytes, if any.
+//! ```
+//!
+//! The machine answers `EXPORT_NAME`, `GO`, `INFO`, `LIST`, `ABORT`,
+//! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and `SET_META_CONTEXT`
+//! (`base:allocation` only); anything else gets `NBD_REP_ERR_UNSUP` and the
+//! negotiation continues. TLS is not offered (the spec's NOTLS mode), so
+//! `STARTTLS` is unsupported too.
+
+use crate::consts;
+use crate::error::ProtocolError;
+
+/// Largest option payload the handshake buffers. Bigger options are skipped
+/// byte by byte without being stored and answered `NBD_REP_ERR_TOO_BIG`
+/// (an `EXPORT_NAME` that big closes the session, as it cannot be answered).
+/// Every legitimate option is far smaller: strings are capped at 4096 bytes.
+pub const MAX_OPTION_DATA: u32 = 64 * 1024;
+
+/// Upper bound on bytes [`Handshake`] holds from the client at any time: one
+/// option header plus the largest option payload it buffers.
+pub const MAX_BUFFERED_INPUT: usize = consts::OPTION_HEADER_LEN + MAX_OPTION_DATA as usize;
+
+/// Once this many reply bytes are waiting in [`Handshake::output`],
+/// [`Handshake::receive`] stops taking new options until the caller has
+/// written them out. Without this a client that pipelines options and never
+/// reads could make the server queue replies without limit.
+pub const OUTPUT_HIGH_WATER: usize = 128 * 1024;
+
+/// Metadata context id this server gives `base:allocation`. Any non-zero value
+/// works; clients must treat it as opaque.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// Default block sizes from the spec, used for fields left at zero.
+const DEFAULT_PREFERRED_BLOCK: u32 = 4096;
+
+/// Everything the handshake needs to know about one export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Canonical name, sent in `NBD_INFO_NAME` and `NBD_REP_SERVER`.
+    pub name: String,
+    /// Human-readable description (`NBD_INFO_DESCRIPTION`, `NBD_OPT_LIST`).
+    pub description: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Writes, trims and write-zeroes are refused with `EPERM`.
+    pub read_only: bool,
+    /// `NBD_CMD_FLUSH` is supported.
+    pub can_flush: bool,
+    /// `NBD_CMD_FLAG_FUA` is honoured.
+    pub can_fua: bool,
+    /// `NBD_CMD_TRIM` is supported.
+    pub can_trim: bool,
+    /// `NBD_CMD_WRITE_ZEROES` (and `NO_HOLE`) is supported.
+    pub can_write_zeroes: bool,
+    /// `NBD_CMD_FLAG_FAST_ZERO` is honoured (only advertised together with
+    /// write-zeroes, as the spec requires).
+    pub can_fast_zero: bool,
+    /// `NBD_CMD_CACHE` is supported.
+    pub can_cache: bool,
+    /// `NBD_CMD_FLAG_DF` is honoured on reads (advertised only once structured
+    /// replies are negotiated).
+    pub can_df: bool,
+    /// Flush and FUA are visible across connections to this export.
+    pub can_multi_conn: bool,
+    /// The server can answer `NBD_CMD_BLOCK_STATUS` for `base:allocation`.
+    pub can_block_status: bool,
+    /// Minimum block size: offsets and lengths must be multiples of it.
+    /// A power of two ≤ 65536; zero means 1.
+    pub min_block: u32,
+    /// Preferred block size: a power of two ≥ max(min_block, 512); zero
+    /// means 4096.
+    pub preferred_block: u32,
+    /// Largest READ/WRITE length accepted; zero means no limit (0xffffffff).
+    pub max_payload: u32,
+}
+
+impl ExportInfo {
+    /// An export with every optional feature off and the spec's default
+    /// block sizes; set the fields you need on the result.
+    pub fn new(name: impl Into<String>, size: u64) -> ExportInfo {
+        ExportInfo {
+            name: name.into(),
+            description: String::new(),
+            size,
+            read_only: false,
+            can_flush: false,
+            can_fua: false,
+            can_trim: false,
+            can_write_zeroes: false,
+            can_fast_zero: false,
+            can_cache: false,
+            can_df: false,
+            can_multi_conn: false,
+            can_block_status: false,
+            min_block: 1,
+            preferred_block: DEFAULT_PREFERRED_BLOCK,
+            max_payload: 32 * 1024 * 1024,
+        }
+    }
+
+    /// Transmission flags for this export: `HAS_FLAGS` plus exactly the
+    /// features the fields enable. `SEND_FAST_ZERO` is left out unless
+    /// write-zeroes is also on (spec requirement). `SEND_DF` follows `can_df`;
+    /// the handshake strips it when structured replies were not negotiated.
+    pub fn transmission_flags(&self) -> u16 {
+        let mut f = consts::FLAG_HAS_FLAGS;
+        let mut set = |on: bool, flag: u16| {
+            if on {
+                f |= flag;
+            }
+        };
+        set(self.read_only, consts::FLAG_READ_ONLY);
+        set(self.can_flush, consts::FLAG_SEND_FLUSH);
+        set(self.can_fua, consts::FLAG_SEND_FUA);
+        set(self.can_trim, consts::FLAG_SEND_TRIM);
+        set(self.can_write_zeroes, consts::FLAG_SEND_WRITE_ZEROES);
+        set(self.can_df, consts::FLAG_SEND_DF);
+        set(self.can_multi_conn, consts::FLAG_CAN_MULTI_CONN);
+        set(self.can_cache, consts::FLAG_SEND_CACHE);
+        set(
+            self.can_fast_zero && self.can_write_zeroes,
+            consts::FLAG_SEND_FAST_ZERO,
+        );
+        f
+    }
+
+    /// `(minimum, preferred, maximum)` block sizes as advertised and enforced,
+    /// with zero fields replaced by the spec's defaults so callers never
+    /// divide by zero or advertise an invalid zero maximum.
+    pub fn block_sizes(&self) -> (u32, u32, u32) {
+        let min = self.min_block.max(1);
+        let preferred = if self.preferred_block == 0 {
+            DEFAULT_PREFERRED_BLOCK.max(min)
+        } else {
+            self.preferred_block
+        };
+        let max = if self.max_payload == 0 {
+            u32::MAX
+        } else {
+            self.max_payload
+        };
+        (min, preferred, max)
+    }
+}
+
+/// Where the handshake looks up exports.
+pub trait ExportCatalog {
+    /// The export called `name`; `""` asks for the default export. `None`
+    /// if there is no such export.
+    fn lookup(&self, name: &str) -> Option<ExportInfo>;
+    /// `(name, description)` of every export, for `NBD_OPT_LIST`.
+    fn list(&self) -> Vec<(String, String)>;
+}
+
+/// A plain list of exports is a catalog whose first entry is the default.
+impl ExportCatalog for [ExportInfo] {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        if name.is_empty() {
+            return self.first().cloned();
+        }
+        self.iter().find(|e| e.name == name).cloned()
+    }
+
+    fn list(&self) -> Vec<(String, String)> {
+        self.iter()
+            .map(|e| (e.name.clone(), e.description.clone()))
+            .collect()
+    }
+}
+
+/// Same as the slice catalog, for convenience.
+impl ExportCatalog for Vec<ExportInfo> {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        self.as_slice().lookup(name)
+    }
+
+    fn list(&self) -> Vec<(String, String)> {
+        self.as_slice().list()
+    }
+}
+
+/// The outcome of a successful handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The export chosen by `GO` or `EXPORT_NAME`.
+    pub export: ExportInfo,
+    /// Transmission flags exactly as sent to the client.
+    pub transmission_flags: u16,
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged: READ must be answered with
+    /// structured replies.
+    pub structured_replies: bool,
+    /// Context id of `base:allocation` if the client selected it (with
+    /// `SET_META_CONTEXT` naming the same export it then chose); BLOCK_STATUS
+    /// is only valid when this is `Some`.
+    pub base_allocation: Option<u32>,
+    /// The client set `NBD_FLAG_C_NO_ZEROES`.
+    pub no_zeroes: bool,
+}
+
+/// Where the handshake stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Still negotiating.
+    InProgress,
+    /// Transmission phase reached; see [`Handshake::negotiated`].
+    Ready,
+    /// The session is over (client abort, unusable `EXPORT_NAME`, protocol
+    /// violation); see [`Handshake::close_reason`]. Flush the output, then
+    /// close the connection.
+    Closed,
+}
+
+/// Where in the client's byte stream the parser is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the 32-bit client flags.
+    ClientFlags,
+    /// Waiting for a 16-byte option header.
+    OptionHeader,
+    /// Header seen, buffering `len` bytes of option data.
+    OptionData { option: u32, len: usize },
+    /// Header announced more than [`MAX_OPTION_DATA`]; skipping it.
+    Drain { option: u32, remaining: u64 },
+    /// Transmission reached.
+    Ready,
+    /// Session over.
+    Closed,
+}
+
+/// Server-side handshake state machine. See the module docs for the driving
+/// loop.
+#[derive(Debug)]
+pub struct Handshake {
+    phase: Phase,
+    /// Partial client message (client flags, option header or option data);
+    /// never longer than [`MAX_BUFFERED_INPUT`].
+    inbuf: Vec<u8>,
+    /// Bytes waiting to be written to the client.
+    out: Vec<u8>,
+    no_zeroes: bool,
+    structured: bool,
+    /// Export name given in the last successful `SET_META_CONTEXT` that
+    /// selected `base:allocation`.
+    meta_export: Option<String>,
+    negotiated: Option<Negotiated>,
+    close_reason: Option<String>,
+}
+
+impl Default for Handshake {
+    fn default() -> Handshake {
+        Handshake::new()
+    }
+}
+
+/// Bounded cursor over untrusted option data; every read is checked.
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(data: &'a [u8]) -> Reader<'a> {
+        Reader { rest: data }
+    }
+
+    fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.rest.len() {
+            return None;
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Some(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.bytes(N).and_then(|b| b.try_into().ok())
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        self.array().map(u16::from_be_bytes)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.array().map(u32::from_be_bytes)
+    }
+
+    /// A length-prefixed string of at most [`consts::MAX_STRING_LEN`] bytes.
+    fn string(&mut self) -> Option<&'a str> {
+        let len = usize::try_from(self.u32()?).ok()?;
+        if len > consts::MAX_STRING_LEN {
+            return None;
+        }
+        std::str::from_utf8(self.bytes(len)?).ok()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+}
+
+/// Data of `LIST_META_CONTEXT` / `SET_META_CONTEXT`, validated.
+struct MetaRequest<'a> {
+    export: &'a str,
+    queries: Vec<&'a str>,
+}
+
+fn parse_meta_request(data: &[u8]) -> Option<MetaRequest<'_>> {
+    let mut r = Reader::new(data);
+    let export = r.string()?;
+    let count = r.u32()?;
+    // No pre-allocation from `count`: it is untrusted, and every query needs
+    // at least four bytes, so the data length already bounds the loop.
+    let mut queries = Vec::new();
+    for _ in 0..count {
+        queries.push(r.string()?);
+    }
+    r.is_empty().then_some(MetaRequest { export, queries })
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+fn truncate_str(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while end > 0 && !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or("")
+}
+
+/// Export names echoed into log lines are cut short and quoted, since they
+/// come from the client.
+fn quote_name(name: &str) -> String {
+    format!("{:?}", truncate_str(name, 256))
+}
+
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn option_name(option: u32) -> &'static str {
+    match option {
+        consts::OPT_EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
+        consts::OPT_ABORT => "NBD_OPT_ABORT",
+        consts::OPT_LIST => "NBD_OPT_LIST",
+        consts::OPT_PEEK_EXPORT => "NBD_OPT_PEEK_EXPORT",
+        consts::OPT_STARTTLS => "NBD_OPT_STARTTLS",
+        consts::OPT_INFO => "NBD_OPT_INFO",
+        consts::OPT_GO => "NBD_OPT_GO",
+        consts::OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
+        consts::OPT_LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT",
+        consts::OPT_SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",
+        consts::OPT_EXTENDED_HEADERS => "NBD_OPT_EXTENDED_HEADERS",
+        _ => "unknown option",
+    }
+}
+
+impl Handshake {
+    /// A new handshake with the server greeting (NBDMAGIC, IHAVEOPT,
+    /// `FIXED_NEWSTYLE | NO_ZEROES`) already queued in [`Self::output`].
+    pub fn new() -> Handshake {
+        let mut out = Vec::with_capacity(consts::GREETING_LEN);
+        out.extend_from_slice(&consts::NBDMAGIC.to_be_bytes());
+        out.extend_from_slice(&consts::IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(
+            &(consts::FLAG_FIXED_NEWSTYLE | consts::FLAG_NO_ZEROES).to_be_bytes(),
+        );
+        Handshake {
+            phase: Phase::ClientFlags,
+            inbuf: Vec::new(),
+            out,
+            no_zeroes: false,
+            structured: false,
+            meta_export: None,
+            negotiated: None,
+            close_reason: None,
+        }
+    }
+
+    /// Feeds bytes received from the client and returns how many were used.
+    ///
+    /// Fewer than `input.len()` bytes are consumed when:
+    /// * the status became [`Status::Ready`]: the rest belongs to the
+    ///   transmission phase and must be handed to the request decoder;
+    /// * the status became [`Status::Closed`];
+    /// * more than [`OUTPUT_HIGH_WATER`] reply bytes are waiting: write
+    ///   [`Self::output`] out, then offer the remaining bytes again.
+    ///
+    /// A partial message is copied into an internal buffer (at most
+    /// [`MAX_BUFFERED_INPUT`] bytes) and counted as consumed.
+    ///
+    /// Errors are protocol violations (bad client flags, bad option magic);
+    /// the status is then `Closed` and the connection should be dropped.
+    pub fn receive(
+        &mut self,
+        input: &[u8],
+        catalog: &dyn ExportCatalog,
+    ) -> Result<usize, ProtocolError> {
+        let mut pos = 0usize;
+        loop {
+            match self.phase {
+                Phase::Ready | Phase::Closed => return Ok(pos),
+                Phase::ClientFlags => {
+                    let Some(bytes) = self.fill::<4>(input, &mut pos) else {
+                        return Ok(pos);
+                    };
+                    let flags = u32::from_be_bytes(bytes);
+                    if flags & !consts::KNOWN_CLIENT_FLAGS != 0 {
+                        return Err(self.violation(ProtocolError::BadClientFlags(flags)));
+                    }
+                    // FIXED_NEWSTYLE is honoured even if the client did not
+                    // set it (the spec allows this), so options always get
+                    // replies.
+                    self.no_zeroes = flags & consts::FLAG_C_NO_ZEROES != 0;
+                    self.phase = Phase::OptionHeader;
+                }
+                Phase::OptionHeader => {
+                    if self.inbuf.is_empty() && self.out.len() >= OUTPUT_HIGH_WATER {
+                        return Ok(pos);
+                    }
+                    let Some(header) = self.fill::<{ consts::OPTION_HEADER_LEN }>(input, &mut pos)
+                    else {
+                        return Ok(pos);
+                    };
+                    let mut r = Reader::new(&header);
+                    let (magic, option, len) = match (r.array::<8>(), r.u32(), r.u32()) {
+                        (Some(m), Some(o), Some(l)) => (u64::from_be_bytes(m), o, l),
+                        // Unreachable: the header is exactly 16 bytes.
+                        _ => return Ok(pos),
+                    };
+                    if magic != consts::IHAVEOPT {
+                        return Err(self.violation(ProtocolError::BadOptionMagic(magic)));
+                    }
+                    if len > MAX_OPTION_DATA {
+                        if option == consts::OPT_EXPORT_NAME {
+                            // No error reply exists for EXPORT_NAME, and no
+                            // export name can be this long.
+                            self.close(format!(
+                                "client sent NBD_OPT_EXPORT_NAME with a {len}-byte name"
+                            ));
+                            return Ok(pos);
+                        }
+                        self.phase = Phase::Drain {
+                            option,
+                            remaining: u64::from(len),
+                        };
+                    } else {
+                        self.phase = Phase::OptionData {
+                            option,
+                            len: usize::try_from(len).unwrap_or(usize::MAX),
+                        };
+                    }
+                }
+                Phase::OptionData { option, len } => {
+                    if !self.fill_to(input, &mut pos, len) {
+                        return Ok(pos);
+                    }
+                    let data = std::mem::take(&mut self.inbuf);
+                    self.phase = Phase::OptionHeader;
+                    self.handle_option(option, &data, catalog);
+                    // Keep the allocation for the next option.
+                    self.inbuf = data;
+                    self.inbuf.clear();
+                }
+                Phase::Drain { option, remaining } => {
+                    let available = input.len().saturating_sub(pos);
+                    let n = usize::try_from(remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(available);
+                    pos = pos.saturating_add(n);
+                    let remaining = remaining.saturating_sub(n as u64);
+                    if remaining > 0 {
+                        self.phase = Phase::Drain { option, remaining };
+                        return Ok(pos);
+                    }
+                    self.phase = Phase::OptionHeader;
+                    if option == consts::OPT_ABORT {
+                        // The spec asks servers to ignore ABORT's data.
+                        self.handle_option(option, &[], catalog);
+                    } else {
+                        self.error_reply(
+                            option,
+                            consts::REP_ERR_TOO_BIG,
+                            &format!("option data exceeds {MAX_OPTION_DATA} bytes"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes queued for the client.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// Drops the first `n` queued bytes after they were written (clamped to
+    /// what is queued).
+    pub fn consume_output(&mut self, n: usize) {
+        let n = n.min(self.out.len());
+        self.out.drain(..n);
+    }
+
+    /// Current state.
+    pub fn status(&self) -> Status {
+        match self.phase {
+            Phase::Ready => Status::Ready,
+            Phase::Closed => Status::Closed,
+            _ => Status::InProgress,
+        }
+    }
+
+    /// The negotiation result, once [`Status::Ready`].
+    pub fn negotiated(&self) -> Option<&Negotiated> {
+        self.negotiated.as_ref()
+    }
+
+    /// Takes the negotiation result, once [`Status::Ready`].
+    pub fn into_negotiated(self) -> Option<Negotiated> {
+        self.negotiated
+    }
+
+    /// Why the session is [`Status::Closed`], for a log line.
+    pub fn close_reason(&self) -> Option<&str> {
+        self.close_reason.as_deref()
+    }
+
+    /// Bytes of a partial client message currently held (never more than
+    /// [`MAX_BUFFERED_INPUT`]); exposed so tests can check the bound.
+    pub fn buffered_input(&self) -> usize {
+        self.inbuf.len()
+    }
+
+    /// Copies input into `inbuf` until it holds `want` bytes. Returns whether
+    /// it does.
+    fn fill_to(&mut self, input: &[u8], pos: &mut usize, want: usize) -> bool {
+        let need = want.saturating_sub(self.inbuf.len());
+        let start = (*pos).min(input.len());
+        let avail = input.get(start..).unwrap_or(&[]);
+        let take = need.min(avail.len());
+        self.inbuf
+            .extend_from_slice(avail.get(..take).unwrap_or(&[]));
+        *pos = start.saturating_add(take);
+        self.inbuf.len() >= want
+    }
+
+    /// Like [`Self::fill_to`] for a fixed-size field; on success returns it
+    /// and empties `inbuf`.
+    fn fill<const N: usize>(&mut self, input: &[u8], pos: &mut usize) -> Option<[u8; N]> {
+        if !self.fill_to(input, pos, N) {
+            return None;
+        }
+        let bytes: Option<[u8; N]> = self.inbuf.get(..N).and_then(|b| b.try_into().ok());
+        self.inbuf.clear();
+        bytes
+    }
+
+    fn close(&mut self, reason: String) {
+        self.phase = Phase::Closed;
+        self.close_reason = Some(reason);
+    }
+
+    fn violation(&mut self, err: ProtocolError) -> ProtocolError {
+        self.close(err.to_string());
+        self.inbuf = Vec::new();
+        err
+    }
+
+    fn reply(&mut self, option: u32, reply_type: u32, data: &[u8]) {
+        self.out
+            .extend_from_slice(&consts::REPLY_MAGIC.to_be_bytes());
+        self.out.extend_from_slice(&option.to_be_bytes());
+        self.out.extend_from_slice(&reply_type.to_be_bytes());
+        self.out
+            .extend_from_slice(&len_u32(data.len()).to_be_bytes());
+        self.out.extend_from_slice(data);
+    }
+
+    fn ack(&mut self, option: u32) {
+        self.reply(option, consts::REP_ACK, &[]);
+    }
+
+    fn error_reply(&mut self, option: u32, reply_type: u32, message: &str) {
+        self.reply(
+            option,
+            reply_type,
+            truncate_str(message, consts::MAX_STRING_LEN).as_bytes(),
+        );
+    }
+
+    /// Transmission flags as advertised in this session: `SEND_DF` only
+    /// exists once structured replies are on.
+    fn advertised_flags(&self, export: &ExportInfo) -> u16 {
+        let flags = export.transmission_flags();
+        if self.structured {
+            flags
+        } else {
+            flags & !consts::FLAG_SEND_DF
+        }
+    }
+
+    fn handle_option(&mut self, option: u32, data: &[u8], catalog: &dyn ExportCatalog) {
+        match option {
+            consts::OPT_EXPORT_NAME => self.export_name(data, catalog),
+            consts::OPT_ABORT => {
+                self.ack(option);
+                self.close("client sent NBD_OPT_ABORT".to_string());
+            }
+            consts::OPT_LIST => self.list(data, catalog),
+            consts::OPT_INFO | consts::OPT_GO => self.info_go(option, data, catalog),
+            consts::OPT_STRUCTURED_REPLY => {
+                if data.is_empty() {
+                    // A repeat is harmless, so it is acknowledged again
+                    // rather than failed.
+                    self.structured = true;
+                    self.ack(option);
+                } else {
+                    self.error_reply(
+                        option,
+                        consts::REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
+                }
+            }
+            consts::OPT_LIST_META_CONTEXT | consts::OPT_SET_META_CONTEXT => {
+                self.meta_context(option, data, catalog)
+            }
+            _ => self.error_reply(
+                option,
+                consts::REP_ERR_UNSUP,
+                &format!("{} ({option}) is not supported", option_name(option)),
+            ),
+        }
+    }
+
+    fn export_name(&mut self, data: &[u8], catalog: &dyn ExportCatalog) {
+        let name = match std::str::from_utf8(data) {
+            Ok(name) => name,
+            Err(_) => {
+                self.close("client sent NBD_OPT_EXPORT_NAME with a non-UTF-8 name".to_string());
+                return;
+            }
+        };
+        let Some(export) = catalog.lookup(name) else {
+            self.close(format!(
+                "client asked for unknown export {} via NBD_OPT_EXPORT_NAME",
+                quote_name(name)
+            ));
+            return;
+        };
+        let flags = self.advertised_flags(&export);
+        self.out.extend_from_slice(&export.size.to_be_bytes());
+        self.out.extend_from_slice(&flags.to_be_bytes());
+        if !self.no_zeroes {
+            self.out
+                .extend_from_slice(&[0u8; consts::EXPORT_NAME_ZEROES]);
+        }
+        self.enter_transmission(export, name, flags);
+    }
+
+    fn list(&mut self, data: &[u8], catalog: &dyn ExportCatalog) {
+        let option = consts::OPT_LIST;
+        if !data.is_empty() {
+            self.error_reply(
+                option,
+                consts::REP_ERR_INVALID,
+                "NBD_OPT_LIST takes no data",
+            );
+            return;
+        }
+        for (name, description) in catalog.list() {
+            // A name longer than the spec allows could not be used anyway.
+            if name.len() > consts::MAX_STRING_LEN {
+                continue;
+            }
+            let description = truncate_str(&description, consts::MAX_STRING_LEN);
+            let mut payload = Vec::with_capacity(4 + name.len() + description.len());
+            payload.extend_from_slice(&len_u32(name.len()).to_be_bytes());
+            payload.extend_from_slice(name.as_bytes());
+            payload.extend_from_slice(description.as_bytes());
+            self.reply(option, consts::REP_SERVER, &payload);
+        }
+        self.ack(option);
+    }
+
+    fn info_go(&mut self, option: u32, data: &[u8], catalog: &dyn ExportCatalog) {
+        // Layout: u32 name length, name, u16 count, count × u16 info types.
+        let parsed = (|| {
+            let mut r = Reader::new(data);
+            let name = r.string()?;
+            let count = r.u16()?;
+            for _ in 0..count {
+                r.u16()?;
+            }
+            r.is_empty().then_some(name)
+        })();
+        let Some(name) = parsed else {
+            self.error_reply(
+                option,
+                consts::REP_ERR_INVALID,
+                "malformed NBD_OPT_INFO/NBD_OPT_GO request",
+            );
+            return;
+        };
+        let Some(export) = catalog.lookup(name) else {
+            self.error_reply(
+                option,
+                consts::REP_ERR_UNKNOWN,
+                &format!("unknown export {}", quote_name(name)),
+            );
+            return;
+        };
+        // Requested info types are not needed: everything this server knows
+        // is always sent (the spec lets servers send unrequested info), which
+        // also makes INFO and GO answers identical.
+        let flags = self.advertised_flags(&export);
+        let (min, preferred, max) = export.block_sizes();
+
+        let mut p = Vec::with_capacity(12);
+        p.extend_from_slice(&consts::INFO_EXPORT.to_be_bytes());
+        p.extend_from_slice(&export.size.to_be_bytes());
+        p.extend_from_slice(&flags.to_be_bytes());
+        self.reply(option, consts::REP_INFO, &p);
+
+        let canonical = truncate_str(&export.name, consts::MAX_STRING_LEN);
+        let mut p = Vec::with_capacity(2 + canonical.len());
+        p.extend_from_slice(&consts::INFO_NAME.to_be_bytes());
+        p.extend_from_slice(canonical.as_bytes());
+        self.reply(option, consts::REP_INFO, &p);
+
+        let description = truncate_str(&export.description, consts::MAX_STRING_LEN);
+        let mut p = Vec::with_capacity(2 + description.len());
+        p.extend_from_slice(&consts::INFO_DESCRIPTION.to_be_bytes());
+        p.extend_from_slice(description.as_bytes());
+        self.reply(option, consts::REP_INFO, &p);
+
+        let mut p = Vec::with_capacity(14);
+        p.extend_from_slice(&consts::INFO_BLOCK_SIZE.to_be_bytes());
+        p.extend_from_slice(&min.to_be_bytes());
+        p.extend_from_slice(&preferred.to_be_bytes());
+        p.extend_from_slice(&max.to_be_bytes());
+        self.reply(option, consts::REP_INFO, &p);
+
+        self.ack(option);
+        if option == consts::OPT_GO {
+            let name = name.to_string();
+            self.enter_transmission(export, &name, flags);
+        }
+    }
+
+    fn meta_context(&mut self, option: u32, data: &[u8], catalog: &dyn ExportCatalog) {
+        let set = option == consts::OPT_SET_META_CONTEXT;
+        if set {
+            // SET replaces the previous selection even when it fails.
+            self.meta_export = None;
+            if !self.structured {
+                self.error_reply(
+                    option,
+                    consts::REP_ERR_INVALID,
+                    "NBD_OPT_SET_META_CONTEXT needs NBD_OPT_STRUCTURED_REPLY first",
+                );
+                return;
+            }
+        }
+        let Some(req) = parse_meta_request(data) else {
+            self.error_reply(
+                option,
+                consts::REP_ERR_INVALID,
+                "malformed metadata context request",
+            );
+            return;
+        };
+        // Every query must at least name a namespace.
+        if req.queries.iter().any(|q| !q.contains(':')) {
+            self.error_reply(
+                option,
+                consts::REP_ERR_INVALID,
+                "metadata context query without a namespace",
+            );
+            return;
+        }
+        let Some(export) = catalog.lookup(req.export) else {
+            self.error_reply(
+                option,
+                consts::REP_ERR_UNKNOWN,
+                &format!("unknown export {}", quote_name(req.export)),
+            );
+            return;
+        };
+        let matched = export.can_block_status
+            && if set {
+                // Only the full name selects; "base:" is ignored for SET.
+                req.queries.contains(&consts::META_BASE_ALLOCATION)
+            } else {
+                req.queries.is_empty()
+                    || req
+                        .queries
+                        .iter()
+                        .any(|q| *q == "base:" || *q == consts::META_BASE_ALLOCATION)
+            };
+        if matched {
+            // LIST replies carry the reserved id 0.
+            let id = if set { BASE_ALLOCATION_ID } else { 0 };
+            let name = consts::META_BASE_ALLOCATION.as_bytes();
+            let mut p = Vec::with_capacity(4 + name.len());
+            p.extend_from_slice(&id.to_be_bytes());
+            p.extend_from_slice(name);
+            self.reply(option, consts::REP_META_CONTEXT, &p);
+            if set {
+                self.meta_export = Some(req.export.to_string());
+            }
+        }
+        self.ack(option);
+    }
+
+    fn enter_transmission(&mut self, export: ExportInfo, requested_name: &str, flags: u16) {
+        // The selection only counts for the export it named (spec rule).
+        let base_allocation = match &self.meta_export {
+            Some(n) if n == requested_name && self.structured && export.can_block_status => {
+                Some(BASE_ALLOCATION_ID)
+            }
+            _ => None,
+        };
+        self.negotiated = Some(Negotiated {
+            export,
+            transmission_flags: flags,
+            structured_replies: self.structured,
+            base_allocation,
+            no_zeroes: self.no_zeroes,
+        });
+        self.phase = Phase::Ready;
+        // Nothing else will be buffered; give the memory back.
+        self.inbuf = Vec::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> Vec<ExportInfo> {
+        let mut a = ExportInfo::new("disk", 1 << 20);
+        a.description = "the disk".into();
+        a.can_flush = true;
+        a.can_df = true;
+        a.can_block_status = true;
+        a.min_block = 512;
+        a.max_payload = 1 << 20;
+        let b = ExportInfo::new("other", 4096);
+        vec![a, b]
+    }
+
+    fn opt(option: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&consts::IHAVEOPT.to_be_bytes());
+        v.extend_from_slice(&option.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn go_data(name: &str) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        v.extend_from_slice(name.as_bytes());
+        v.extend_from_slice(&0u16.to_be_bytes());
+        v
+    }
+
+    fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        v.extend_from_slice(name.as_bytes());
+        v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            v.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            v.extend_from_slice(q.as_bytes());
+        }
+        v
+    }
+
+    /// Parses queued option replies into (option, type, data).
+    fn replies(out: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        let mut rest = out;
+        while rest.len() >= 20 {
+            assert_eq!(
+                u64::from_be_bytes(rest[0..8].try_into().unwrap()),
+                consts::REPLY_MAGIC
+            );
+            let option = u32::from_be_bytes(rest[8..12].try_into().unwrap());
+            let ty = u32::from_be_bytes(rest[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(rest[16..20].try_into().unwrap()) as usize;
+            v.push((option, ty, rest[20..20 + len].to_vec()));
+            rest = &rest[20 + len..];
+        }
+        assert!(rest.is_empty());
+        v
+    }
+
+    /// A handshake past the greeting and client flags.
+    fn started(flags: u32) -> Handshake {
+        let mut hs = Handshake::new();
+        assert_eq!(hs.output().len(), 18);
+        hs.consume_output(18);
+        let n = hs.receive(&flags.to_be_bytes(), &catalog()).unwrap();
+        assert_eq!(n, 4);
+        hs
+    }
+
+    #[test]
+    fn greeting() {
+        let hs = Handshake::new();
+        let out = hs.output();
+        assert_eq!(&out[0..8], b"NBDMAGIC");
+        assert_eq!(&out[8..16], b"IHAVEOPT");
+        assert_eq!(&out[16..18], &[0, 3]);
+        assert_eq!(hs.status(), Status::InProgress);
+    }
+
+    #[test]
+    fn bad_client_flags_close() {
+        let mut hs = Handshake::new();
+        let err = hs.receive(&4u32.to_be_bytes(), &catalog()).unwrap_err();
+        assert_eq!(err, ProtocolError::BadClientFlags(4));
+        assert_eq!(hs.status(), Status::Closed);
+        assert!(hs.close_reason().is_some());
+        // Nothing more is consumed after closing.
+        assert_eq!(hs.receive(&[1, 2, 3], &catalog()), Ok(0));
+    }
+
+    #[test]
+    fn bad_option_magic_closes() {
+        let mut hs = started(3);
+        let mut bytes = opt(consts::OPT_LIST, &[]);
+        bytes[0] = 0;
+        assert!(matches!(
+            hs.receive(&bytes, &catalog()),
+            Err(ProtocolError::BadOptionMagic(_))
+        ));
+        assert_eq!(hs.status(), Status::Closed);
+    }
+
+    #[test]
+    fn go_enters_transmission_and_stops_consuming() {
+        let mut hs = started(3);
+        let mut input = opt(consts::OPT_GO, &go_data("disk"));
+        let go_len = input.len();
+        input.extend_from_slice(b"transmission bytes");
+        let n = hs.receive(&input, &catalog()).unwrap();
+        assert_eq!(n, go_len);
+        assert_eq!(hs.status(), Status::Ready);
+        let r = replies(hs.output());
+        assert_eq!(r.len(), 5);
+        assert!(r[..4]
+            .iter()
+            .all(|(o, t, _)| *o == consts::OPT_GO && *t == consts::REP_INFO));
+        assert_eq!(r[4].1, consts::REP_ACK);
+        // INFO_EXPORT: no DF without structured replies.
+        let export = &r[0].2;
+        assert_eq!(&export[0..2], &[0, 0]);
+        let flags = u16::from_be_bytes(export[10..12].try_into().unwrap());
+        assert_eq!(flags & consts::FLAG_SEND_DF, 0);
+        assert_ne!(flags & consts::FLAG_SEND_FLUSH, 0);
+        // INFO_BLOCK_SIZE.
+        assert_eq!(r[3].2.len(), 14);
+        assert_eq!(&r[3].2[2..6], &512u32.to_be_bytes());
+        let neg = hs.negotiated().unwrap();
+        assert_eq!(neg.export.name, "disk");
+        assert_eq!(neg.transmission_flags, flags);
+        assert!(!neg.structured_replies);
+        assert_eq!(neg.base_allocation, None);
+        assert!(neg.no_zeroes);
+        assert_eq!(hs.receive(b"more", &catalog()), Ok(0));
+    }
+
+    #[test]
+    fn go_unknown_export_keeps_session() {
+        let mut hs = started(1);
+        hs.receive(&opt(consts::OPT_GO, &go_data("nope")), &catalog())
+            .unwrap();
+        let r = replies(hs.output());
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].1, consts::REP_ERR_UNKNOWN);
+        assert_eq!(hs.status(), Status::InProgress);
+    }
+
+    #[test]
+    fn malformed_go_is_invalid() {
+        let mut hs = started(1);
+        let mut data = go_data("disk");
+        data.push(0); // trailing garbage
+        hs.receive(&opt(consts::OPT_GO, &data), &catalog()).unwrap();
+        assert_eq!(replies(hs.output())[0].1, consts::REP_ERR_INVALID);
+        hs.consume_output(usize::MAX);
+        // Name length beyond the data.
+        let data = [0, 0, 0, 9, b'a', 0, 0];
+        hs.receive(&opt(consts::OPT_INFO, &data), &catalog())
+            .unwrap();
+        assert_eq!(replies(hs.output())[0].1, consts::REP_ERR_INVALID);
+        assert_eq!(hs.status(), Status::InProgress);
+    }
+
+    #[test]
+    fn export_name_with_and_without_zeroes() {
+        for (flags, extra) in [(1u32, 124usize), (3, 0)] {
+            let mut hs = started(flags);
+            hs.receive(&opt(consts::OPT_EXPORT_NAME, b""), &catalog())
+                .unwrap();
+            assert_eq!(hs.status(), Status::Ready);
+            assert_eq!(hs.output().len(), 10 + extra);
+            assert_eq!(&hs.output()[0..8], &(1u64 << 20).to_be_bytes());
+            assert_eq!(hs.negotiated().unwrap().export.name, "disk");
+        }
+    }
+
+    #[test]
+    fn export_name_unknown_closes() {
+        let mut hs = started(3);
+        hs.receive(&opt(consts::OPT_EXPORT_NAME, b"zzz"), &catalog())
+            .unwrap();
+        assert_eq!(hs.status(), Status::Closed);
+        assert!(hs.close_reason().unwrap().contains("zzz"));
+        assert!(hs.output().is_empty());
+    }
+
+    #[test]
+    fn unknown_option_unsupported() {
+        let mut hs = started(3);
+        hs.receive(&opt(999, b"abc"), &catalog()).unwrap();
+        hs.receive(&opt(consts::OPT_STARTTLS, b""), &catalog())
+            .unwrap();
+        let r = replies(hs.output());
+        assert_eq!(r[0].0, 999);
+        assert_eq!(r[0].1, consts::REP_ERR_UNSUP);
+        assert_eq!(r[1].1, consts::REP_ERR_UNSUP);
+        assert_eq!(hs.status(), Status::InProgress);
+    }
+
+    #[test]
+    fn oversized_option_is_drained() {
+        let mut hs = started(3);
+        let len = MAX_OPTION_DATA + 10;
+        let mut header = Vec::new();
+        header.extend_from_slice(&consts::IHAVEOPT.to_be_bytes());
+        header.extend_from_slice(&consts::OPT_LIST.to_be_bytes());
+        header.extend_from_slice(&len.to_be_bytes());
+        assert_eq!(hs.receive(&header, &catalog()), Ok(16));
+        let chunk = vec![0xAAu8; 4096];
+        let mut left = len as usize;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            assert_eq!(hs.receive(&chunk[..n], &catalog()), Ok(n));
+            assert_eq!(hs.buffered_input(), 0);
+            left -= n;
+        }
+        let r = replies(hs.output());
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].1, consts::REP_ERR_TOO_BIG);
+        // The session goes on.
+        hs.consume_output(usize::MAX);
+        hs.receive(&opt(consts::OPT_LIST, &[]), &catalog()).unwrap();
+        let r = replies(hs.output());
+        assert_eq!(r.len(), 3);
+    }
+
+    #[test]
+    fn oversized_export_name_closes() {
+        let mut hs = started(3);
+        let mut header = Vec::new();
+        header.extend_from_slice(&consts::IHAVEOPT.to_be_bytes());
+        header.extend_from_slice(&consts::OPT_EXPORT_NAME.to_be_bytes());
+        header.extend_from_slice(&u32::MAX.to_be_bytes());
+        hs.receive(&header, &catalog()).unwrap();
+        assert_eq!(hs.status(), Status::Closed);
+    }
+
+    #[test]
+    fn list_exports() {
+        let mut hs = started(3);
+        hs.receive(&opt(consts::OPT_LIST, &[]), &catalog()).unwrap();
+        let r = replies(hs.output());
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].1, consts::REP_SERVER);
+        assert_eq!(&r[0].2[..4], &4u32.to_be_bytes());
+        assert_eq!(&r[0].2[4..], b"diskthe disk");
+        assert_eq!(r[2].1, consts::REP_ACK);
+        hs.consume_output(usize::MAX);
+        hs.receive(&opt(consts::OPT_LIST, b"x"), &catalog())
+            .unwrap();
+        assert_eq!(replies(hs.output())[0].1, consts::REP_ERR_INVALID);
+    }
+
+    #[test]
+    fn abort_acks_and_closes() {
+        let mut hs = started(3);
+        let mut input = opt(consts::OPT_ABORT, &[]);
+        input.extend_from_slice(b"junk");
+        assert_eq!(hs.receive(&input, &catalog()), Ok(16));
+        assert_eq!(hs.status(), Status::Closed);
+        assert_eq!(replies(hs.output())[0].1, consts::REP_ACK);
+        assert_eq!(hs.close_reason(), Some("client sent NBD_OPT_ABORT"));
+    }
+
+    #[test]
+    fn meta_context_needs_structured_replies() {
+        let mut hs = started(3);
+        let data = meta_data("disk", &["base:allocation"]);
+        hs.receive(&opt(consts::OPT_SET_META_CONTEXT, &data), &catalog())
+            .unwrap();
+        assert_eq!(replies(hs.output())[0].1, consts::REP_ERR_INVALID);
+    }
+
+    #[test]
+    fn meta_context_selection_follows_export_name() {
+        for (go_name, expect) in [("disk", Some(BASE_ALLOCATION_ID)), ("", None)] {
+            let mut hs = started(3);
+            let mut input = opt(consts::OPT_STRUCTURED_REPLY, &[]);
+            input.extend(opt(
+                consts::OPT_SET_META_CONTEXT,
+                &meta_data("disk", &["base:allocation", "x-other:thing"]),
+            ));
+            input.extend(opt(consts::OPT_GO, &go_data(go_name)));
+            hs.receive(&input, &catalog()).unwrap();
+            assert_eq!(hs.status(), Status::Ready);
+            let r = replies(hs.output());
+            assert_eq!(r[0].1, consts::REP_ACK);
+            assert_eq!(r[1].1, consts::REP_META_CONTEXT);
+            assert_eq!(&r[1].2[..4], &BASE_ALLOCATION_ID.to_be_bytes());
+            assert_eq!(&r[1].2[4..], b"base:allocation");
+            assert_eq!(r[2].1, consts::REP_ACK);
+            let neg = hs.negotiated().unwrap();
+            assert_eq!(neg.base_allocation, expect);
+            assert!(neg.structured_replies);
+            assert_ne!(neg.transmission_flags & consts::FLAG_SEND_DF, 0);
+        }
+    }
+
+    #[test]
+    fn list_meta_context_queries() {
+        let cases: [(&[&str], bool); 5] = [
+            (&[], true),
+            (&["base:"], true),
+            (&["base:allocation"], true),
+            (&["base:other"], false),
+            (&["qemu:dirty-bitmap:x"], false),
+        ];
+        for (queries, listed) in cases {
+            let mut hs = started(3);
+            let data = meta_data("disk", queries);
+            hs.receive(&opt(consts::OPT_LIST_META_CONTEXT, &data), &catalog())
+                .unwrap();
+            let r = replies(hs.output());
+            if listed {
+                assert_eq!(r.len(), 2, "{queries:?}");
+                assert_eq!(r[0].1, consts::REP_META_CONTEXT);
+                assert_eq!(&r[0].2[..4], &[0, 0, 0, 0]);
+            } else {
+                assert_eq!(r.len(), 1, "{queries:?}");
+            }
+            assert_eq!(r.last().unwrap().1, consts::REP_ACK);
+        }
+        // Export without block status lists nothing; unknown export errors;
+        // a query without a namespace is invalid.
+        for (name, q, ty) in [
+            ("other", "base:", consts::REP_ACK),
+            ("nope", "base:", consts::REP_ERR_UNKNOWN),
+            ("disk", "allocation", consts::REP_ERR_INVALID),
+        ] {
+            let mut hs = started(3);
+            let data = meta_data(name, &[q]);
+            hs.receive(&opt(consts::OPT_LIST_META_CONTEXT, &data), &catalog())
+                .unwrap();
+            let r = replies(hs.output());
+            assert_eq!(r.len(), 1);
+            assert_eq!(r[0].1, ty);
+        }
+    }
+
+    #[test]
+    fn failed_set_meta_context_clears_selection() {
+        let mut hs = started(3);
+        let mut input = opt(consts::OPT_STRUCTURED_REPLY, &[]);
+        input.extend(opt(
+            consts::OPT_SET_META_CONTEXT,
+            &meta_data("disk", &["base:allocation"]),
+        ));
+        input.extend(opt(consts::OPT_SET_META_CONTEXT, &meta_data("nope", &[])));
+        input.extend(opt(consts::OPT_GO, &go_data("disk")));
+        hs.receive(&input, &catalog()).unwrap();
+        assert_eq!(hs.negotiated().unwrap().base_allocation, None);
+    }
+
+    #[test]
+    fn byte_at_a_time() {
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(opt(consts::OPT_LIST, &[]));
+        input.extend(opt(consts::OPT_GO, &go_data("other")));
+        let mut hs = Handshake::new();
+        for b in &input {
+            assert_eq!(hs.receive(std::slice::from_ref(b), &catalog()), Ok(1));
+        }
+        assert_eq!(hs.status(), Status::Ready);
+        assert_eq!(hs.negotiated().unwrap().export.name, "other");
+    }
+
+    #[test]
+    fn output_backpressure() {
+        let mut hs = started(3);
+        let one = opt(consts::OPT_LIST, &[]);
+        let input: Vec<u8> = one
+            .iter()
+            .copied()
+            .cycle()
+            .take(one.len() * 10_000)
+            .collect();
+        let n = hs.receive(&input, &catalog()).unwrap();
+        assert!(n < input.len());
+        assert!(hs.output().len() < OUTPUT_HIGH_WATER + 1024);
+        hs.consume_output(usize::MAX);
+        let m = hs.receive(&input[n..], &catalog()).unwrap();
+        assert!(m > 0);
+    }
+
+    #[test]
+    fn transmission_flags_follow_fields() {
+        let mut e = ExportInfo::new("x", 0);
+        assert_eq!(e.transmission_flags(), consts::FLAG_HAS_FLAGS);
+        e.can_fast_zero = true;
+        assert_eq!(e.transmission_flags(), consts::FLAG_HAS_FLAGS);
+        e.can_write_zeroes = true;
+        e.read_only = true;
+        e.can_cache = true;
+        e.can_multi_conn = true;
+        assert_eq!(
+            e.transmission_flags(),
+            consts::FLAG_HAS_FLAGS
+                | consts::FLAG_READ_ONLY
+                | consts::FLAG_SEND_WRITE_ZEROES
+                | consts::FLAG_SEND_FAST_ZERO
+                | consts::FLAG_SEND_CACHE
+                | consts::FLAG_CAN_MULTI_CONN
+        );
+    }
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        assert_eq!(truncate_str("héllo", 2), "h");
+        assert_eq!(truncate_str("abc", 10), "abc");
+    }
+}

@@ -1,0 +1,574 @@
+//! Transmission-phase requests: decoding the 28-byte header and deciding,
+//! from the negotiated export alone, whether a request may be served.
+//!
+//! The server reads [`REQUEST_HEADER_LEN`] bytes, calls [`decode_request`],
+//! then [`check_request`]. A [`Verdict::Reject`] is answered with an error
+//! reply and the session goes on; a [`Verdict::Close`] means the stream can no
+//! longer be trusted and the connection must be dropped.
+
+use crate::consts;
+use crate::error::{ErrorCode, ProtocolError};
+use crate::handshake::Negotiated;
+
+/// Size of a request header on the wire: magic, flags, type, cookie, offset,
+/// length.
+pub const REQUEST_HEADER_LEN: usize = 28;
+
+/// The command a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// `NBD_CMD_READ`.
+    Read,
+    /// `NBD_CMD_WRITE`; `length` payload bytes follow the header.
+    Write,
+    /// `NBD_CMD_DISC`; no reply, the server finishes in-flight work and closes.
+    Disc,
+    /// `NBD_CMD_FLUSH`.
+    Flush,
+    /// `NBD_CMD_TRIM`.
+    Trim,
+    /// `NBD_CMD_CACHE`.
+    Cache,
+    /// `NBD_CMD_WRITE_ZEROES`.
+    WriteZeroes,
+    /// `NBD_CMD_BLOCK_STATUS`.
+    BlockStatus,
+    /// Any other command code. Holding the raw code lets the server log it
+    /// and answer `EINVAL` instead of dropping the connection.
+    Unknown(u16),
+}
+
+impl Command {
+    /// The command for a wire code; codes this crate does not serve map to
+    /// [`Command::Unknown`].
+    pub fn from_code(code: u16) -> Command {
+        match code {
+            consts::CMD_READ => Command::Read,
+            consts::CMD_WRITE => Command::Write,
+            consts::CMD_DISC => Command::Disc,
+            consts::CMD_FLUSH => Command::Flush,
+            consts::CMD_TRIM => Command::Trim,
+            consts::CMD_CACHE => Command::Cache,
+            consts::CMD_WRITE_ZEROES => Command::WriteZeroes,
+            consts::CMD_BLOCK_STATUS => Command::BlockStatus,
+            other => Command::Unknown(other),
+        }
+    }
+
+    /// The wire code. `Unknown(c)` encodes as `c` as given, even if `c` is a
+    /// known code, so callers can craft arbitrary headers.
+    pub fn code(self) -> u16 {
+        match self {
+            Command::Read => consts::CMD_READ,
+            Command::Write => consts::CMD_WRITE,
+            Command::Disc => consts::CMD_DISC,
+            Command::Flush => consts::CMD_FLUSH,
+            Command::Trim => consts::CMD_TRIM,
+            Command::Cache => consts::CMD_CACHE,
+            Command::WriteZeroes => consts::CMD_WRITE_ZEROES,
+            Command::BlockStatus => consts::CMD_BLOCK_STATUS,
+            Command::Unknown(c) => c,
+        }
+    }
+}
+
+impl From<u16> for Command {
+    fn from(code: u16) -> Command {
+        Command::from_code(code)
+    }
+}
+
+/// The 16-bit command flags field of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CommandFlags(pub u16);
+
+impl CommandFlags {
+    /// Force unit access: reply only once the written data is durable.
+    pub const FUA: CommandFlags = CommandFlags(consts::CMD_FLAG_FUA);
+    /// WRITE_ZEROES must leave the range allocated.
+    pub const NO_HOLE: CommandFlags = CommandFlags(consts::CMD_FLAG_NO_HOLE);
+    /// READ must be answered with at most one content chunk.
+    pub const DF: CommandFlags = CommandFlags(consts::CMD_FLAG_DF);
+    /// BLOCK_STATUS needs only one extent.
+    pub const REQ_ONE: CommandFlags = CommandFlags(consts::CMD_FLAG_REQ_ONE);
+    /// WRITE_ZEROES must fail with `ENOTSUP` unless it is fast.
+    pub const FAST_ZERO: CommandFlags = CommandFlags(consts::CMD_FLAG_FAST_ZERO);
+
+    /// No flags.
+    pub const fn empty() -> CommandFlags {
+        CommandFlags(0)
+    }
+
+    /// Whether every bit of `other` is set in `self`.
+    pub fn contains(self, other: CommandFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Bits this crate does not know; a request carrying any is invalid.
+    pub fn unknown_bits(self) -> u16 {
+        self.0 & !consts::KNOWN_CMD_FLAGS
+    }
+}
+
+impl std::ops::BitOr for CommandFlags {
+    type Output = CommandFlags;
+    fn bitor(self, rhs: CommandFlags) -> CommandFlags {
+        CommandFlags(self.0 | rhs.0)
+    }
+}
+
+impl std::ops::BitOrAssign for CommandFlags {
+    fn bitor_assign(&mut self, rhs: CommandFlags) {
+        self.0 |= rhs.0;
+    }
+}
+
+/// A decoded request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// Command flags as sent (not yet validated).
+    pub flags: CommandFlags,
+    /// The command.
+    pub command: Command,
+    /// Opaque value the reply must echo (the spec's "handle").
+    pub cookie: u64,
+    /// Byte offset into the export.
+    pub offset: u64,
+    /// Byte length of the range (and of the payload, for writes).
+    pub length: u32,
+}
+
+impl Request {
+    /// Number of payload bytes that follow this header on the wire: `length`
+    /// for WRITE, zero for everything else. The server must consume exactly
+    /// this many bytes before the next header, even when it rejects the
+    /// request.
+    pub fn payload_len(&self) -> u32 {
+        match self.command {
+            Command::Write => self.length,
+            _ => 0,
+        }
+    }
+
+    /// Encodes the header as a client sends it.
+    pub fn encode(&self) -> [u8; REQUEST_HEADER_LEN] {
+        let mut b = [0u8; REQUEST_HEADER_LEN];
+        b[0..4].copy_from_slice(&consts::REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.0.to_be_bytes());
+        b[6..8].copy_from_slice(&self.command.code().to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..28].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+}
+
+/// Splits a fixed-size array into a fixed-size head and the rest, without any
+/// fallible indexing.
+fn take<const N: usize>(bytes: &[u8]) -> ([u8; N], &[u8]) {
+    let mut head = [0u8; N];
+    let n = N.min(bytes.len());
+    let (h, rest) = bytes.split_at(n);
+    head[..n].copy_from_slice(h);
+    (head, rest)
+}
+
+/// Decodes a request header. The only failure is a wrong magic number, after
+/// which the stream is out of sync and must be dropped; every other oddity
+/// is left to [`check_request`] so it can be answered with an error reply.
+pub fn decode_request(header: &[u8; REQUEST_HEADER_LEN]) -> Result<Request, ProtocolError> {
+    let (magic, rest) = take::<4>(header);
+    let (flags, rest) = take::<2>(rest);
+    let (command, rest) = take::<2>(rest);
+    let (cookie, rest) = take::<8>(rest);
+    let (offset, rest) = take::<8>(rest);
+    let (length, _) = take::<4>(rest);
+    let magic = u32::from_be_bytes(magic);
+    if magic != consts::REQUEST_MAGIC {
+        return Err(ProtocolError::BadRequestMagic(magic));
+    }
+    Ok(Request {
+        flags: CommandFlags(u16::from_be_bytes(flags)),
+        command: Command::from_code(u16::from_be_bytes(command)),
+        cookie: u64::from_be_bytes(cookie),
+        offset: u64::from_be_bytes(offset),
+        length: u32::from_be_bytes(length),
+    })
+}
+
+/// What the server should do with a decoded request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The request is valid for this export: perform it.
+    Serve,
+    /// Answer with this error and carry on. For a WRITE the payload
+    /// ([`Request::payload_len`] bytes) is still on the wire and must be
+    /// drained first.
+    Reject(ErrorCode),
+    /// Drop the connection: the request cannot be answered safely.
+    Close(ProtocolError),
+}
+
+/// Applies the spec's validity rules to a request, given what was negotiated.
+///
+/// Checks, in this order (the first failing one decides):
+///
+/// 1. Unknown command → `Reject(EINVAL)`. `DISC` → `Serve` whatever its
+///    fields, because it gets no reply and the server closes anyway.
+/// 2. READ/WRITE longer than the maximum payload → `Close`: the spec lets a
+///    server treat oversized payloads as denial of service, and checking this
+///    first guarantees a rejected WRITE never has more than the maximum
+///    payload left to drain.
+/// 3. Unknown flag bits → `Reject(EINVAL)`.
+/// 4. A command the transmission flags did not expose (FLUSH, TRIM,
+///    WRITE_ZEROES, CACHE) or BLOCK_STATUS without a negotiated
+///    `base:allocation` → `Reject(EINVAL)`.
+/// 5. A flag that does not fit: `FUA` without `SEND_FUA`; `NO_HOLE` or
+///    `FAST_ZERO` off WRITE_ZEROES; `DF` off READ or without `SEND_DF`;
+///    `REQ_ONE` off BLOCK_STATUS → `Reject(EINVAL)`. `FAST_ZERO` on
+///    WRITE_ZEROES when `SEND_FAST_ZERO` was not advertised →
+///    `Reject(ENOTSUP)`. `FUA` is accepted on every command once `SEND_FUA`
+///    is advertised, as the spec requires.
+/// 6. WRITE, TRIM, WRITE_ZEROES on a read-only export → `Reject(EPERM)`.
+/// 7. FLUSH → `Serve` (its offset and length are reserved; they are ignored
+///    rather than rejected so sloppy clients keep working).
+/// 8. A range past the end of the export (overflow-safe) → `Reject(ENOSPC)`
+///    for WRITE/WRITE_ZEROES, `Reject(EINVAL)` for READ, TRIM, CACHE,
+///    BLOCK_STATUS.
+/// 9. Offset or length not a multiple of the minimum block size →
+///    `Reject(EINVAL)`.
+/// 10. Zero-length BLOCK_STATUS → `Reject(EINVAL)` (no valid reply exists:
+///     every extent must be non-empty). Other zero-length requests are
+///     served as no-ops, since the spec asks servers not to disconnect.
+///
+/// Lengths of TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS are not held to the
+/// maximum payload: they carry no payload, and Linux clients send
+/// multi-gigabyte discards and zeroing requests regardless of advertised
+/// limits.
+pub fn check_request(req: &Request, neg: &Negotiated) -> Verdict {
+    let tflags = neg.transmission_flags;
+    let export = &neg.export;
+    let has = |flag: u16| tflags & flag != 0;
+    let (min_block, _, max_payload) = export.block_sizes();
+    let cmd = req.command;
+    let flags = req.flags;
+
+    // 1 + 2: commands that never get further.
+    match cmd {
+        Command::Unknown(_) => return Verdict::Reject(ErrorCode::Inval),
+        Command::Disc => return Verdict::Serve,
+        Command::Read | Command::Write if req.length > max_payload => {
+            return Verdict::Close(ProtocolError::RequestTooLong {
+                command: cmd.code(),
+                length: req.length,
+                max: max_payload,
+            })
+        }
+        _ => {}
+    }
+
+    // 3. Flags nobody defined.
+    if flags.unknown_bits() != 0 {
+        return Verdict::Reject(ErrorCode::Inval);
+    }
+
+    // 4. Commands the client was never told it could use.
+    let exposed = match cmd {
+        Command::Read | Command::Write => true,
+        Command::Flush => has(consts::FLAG_SEND_FLUSH),
+        Command::Trim => has(consts::FLAG_SEND_TRIM),
+        Command::WriteZeroes => has(consts::FLAG_SEND_WRITE_ZEROES),
+        Command::Cache => has(consts::FLAG_SEND_CACHE),
+        Command::BlockStatus => neg.structured_replies && neg.base_allocation.is_some(),
+        // Handled above; listed so a new variant forces a decision here.
+        Command::Disc | Command::Unknown(_) => true,
+    };
+    if !exposed {
+        return Verdict::Reject(ErrorCode::Inval);
+    }
+
+    // 5. Flags that do not belong to this command or were not advertised.
+    if flags.contains(CommandFlags::FUA) && !has(consts::FLAG_SEND_FUA) {
+        return Verdict::Reject(ErrorCode::Inval);
+    }
+    if flags.contains(CommandFlags::NO_HOLE) && cmd != Command::WriteZeroes {
+        return Verdict::Reject(ErrorCode::Inval);
+    }
+    if flags.contains(CommandFlags::DF) && (cmd != Command::Read || !has(consts::FLAG_SEND_DF)) {
+        return Verdict::Reject(ErrorCode::Inval);
+    }
+    if flags.contains(CommandFlags::REQ_ONE) && cmd != Command::BlockStatus {
+        return Verdict::Reject(ErrorCode::Inval);
+    }
+    if flags.contains(CommandFlags::FAST_ZERO) {
+        if cmd != Command::WriteZeroes {
+            return Verdict::Reject(ErrorCode::Inval);
+        }
+        if !has(consts::FLAG_SEND_FAST_ZERO) {
+            return Verdict::Reject(ErrorCode::NotSup);
+        }
+    }
+
+    // 6. Modifications of a read-only export.
+    let writes = matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes);
+    if writes && (export.read_only || has(consts::FLAG_READ_ONLY)) {
+        return Verdict::Reject(ErrorCode::Perm);
+    }
+
+    // 7. FLUSH has no range.
+    if cmd == Command::Flush {
+        return Verdict::Serve;
+    }
+
+    // 8. Range within the export; checked_add so a huge offset cannot wrap
+    //    around into range.
+    let in_bounds = req
+        .offset
+        .checked_add(u64::from(req.length))
+        .is_some_and(|end| end <= export.size);
+    if !in_bounds {
+        return Verdict::Reject(match cmd {
+            Command::Write | Command::WriteZeroes => ErrorCode::NoSpc,
+            _ => ErrorCode::Inval,
+        });
+    }
+
+    // 9. Alignment to the advertised minimum block size (never zero).
+    let min = u64::from(min_block.max(1));
+    if req.offset % min != 0 || u64::from(req.length) % min != 0 {
+        return Verdict::Reject(ErrorCode::Inval);
+    }
+
+    // 10. An empty BLOCK_STATUS cannot be answered with a valid extent.
+    if cmd == Command::BlockStatus && req.length == 0 {
+        return Verdict::Reject(ErrorCode::Inval);
+    }
+
+    Verdict::Serve
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handshake::ExportInfo;
+
+    fn export() -> ExportInfo {
+        ExportInfo {
+            name: "disk".into(),
+            description: String::new(),
+            size: 1 << 20,
+            read_only: false,
+            can_flush: true,
+            can_fua: true,
+            can_trim: true,
+            can_write_zeroes: true,
+            can_fast_zero: false,
+            can_cache: false,
+            can_df: true,
+            can_multi_conn: false,
+            can_block_status: true,
+            min_block: 512,
+            preferred_block: 4096,
+            max_payload: 64 * 1024,
+        }
+    }
+
+    fn neg_with(export: ExportInfo, structured: bool) -> Negotiated {
+        let mut flags = export.transmission_flags();
+        if !structured {
+            flags &= !consts::FLAG_SEND_DF;
+        }
+        Negotiated {
+            transmission_flags: flags,
+            structured_replies: structured,
+            base_allocation: structured.then_some(1),
+            no_zeroes: true,
+            export,
+        }
+    }
+
+    fn req(command: Command, flags: u16, offset: u64, length: u32) -> Request {
+        Request {
+            flags: CommandFlags(flags),
+            command,
+            cookie: 7,
+            offset,
+            length,
+        }
+    }
+
+    #[test]
+    fn decode_round_trip_and_bad_magic() {
+        let r = req(Command::Write, 1, 4096, 512);
+        let mut bytes = r.encode();
+        assert_eq!(decode_request(&bytes), Ok(r));
+        bytes[0] ^= 1;
+        assert!(matches!(
+            decode_request(&bytes),
+            Err(ProtocolError::BadRequestMagic(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_command_code_is_kept() {
+        let r = req(Command::Unknown(99), 0, 0, 0);
+        let decoded = decode_request(&r.encode()).unwrap();
+        assert_eq!(decoded.command, Command::Unknown(99));
+        assert_eq!(Command::from_code(8), Command::Unknown(8));
+    }
+
+    #[test]
+    fn payload_len_only_for_writes() {
+        assert_eq!(req(Command::Write, 0, 0, 512).payload_len(), 512);
+        assert_eq!(req(Command::Read, 0, 0, 512).payload_len(), 0);
+        assert_eq!(req(Command::WriteZeroes, 0, 0, 512).payload_len(), 0);
+    }
+
+    #[test]
+    fn flags_contains() {
+        let f = CommandFlags::FUA | CommandFlags::DF;
+        assert!(f.contains(CommandFlags::FUA));
+        assert!(f.contains(CommandFlags::DF));
+        assert!(!f.contains(CommandFlags::REQ_ONE));
+        assert!(f.contains(CommandFlags::empty()));
+        assert_eq!(CommandFlags(0x8000).unknown_bits(), 0x8000);
+    }
+
+    #[test]
+    fn valid_requests_are_served() {
+        let n = neg_with(export(), true);
+        for r in [
+            req(Command::Read, 0, 0, 4096),
+            req(Command::Read, consts::CMD_FLAG_DF, 0, 4096),
+            req(Command::Read, consts::CMD_FLAG_FUA, 0, 4096),
+            req(Command::Write, consts::CMD_FLAG_FUA, (1 << 20) - 512, 512),
+            req(Command::Flush, 0, 0, 0),
+            req(Command::Flush, 0, 123, 45),
+            req(Command::Trim, 0, 0, 1 << 20),
+            req(Command::WriteZeroes, consts::CMD_FLAG_NO_HOLE, 0, 1 << 20),
+            req(Command::BlockStatus, consts::CMD_FLAG_REQ_ONE, 0, 1 << 20),
+            req(Command::Disc, 0xffff, 1, 1),
+            req(Command::Read, 0, 1 << 20, 0),
+        ] {
+            assert_eq!(check_request(&r, &n), Verdict::Serve, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_read_write_close() {
+        let n = neg_with(export(), true);
+        for c in [Command::Read, Command::Write] {
+            assert!(matches!(
+                check_request(&req(c, 0, 0, 128 * 1024), &n),
+                Verdict::Close(ProtocolError::RequestTooLong { .. })
+            ));
+        }
+        // No payload: not a denial of service, so not bounded.
+        assert_eq!(
+            check_request(&req(Command::Trim, 0, 0, 1 << 20), &n),
+            Verdict::Serve
+        );
+    }
+
+    #[test]
+    fn rejections() {
+        use ErrorCode::*;
+        let n = neg_with(export(), true);
+        let cases = [
+            (req(Command::Unknown(42), 0, 0, 0), Inval),
+            (req(Command::Read, 0x20, 0, 512), Inval),
+            (req(Command::Cache, 0, 0, 512), Inval),
+            (req(Command::Read, consts::CMD_FLAG_NO_HOLE, 0, 512), Inval),
+            (req(Command::Write, consts::CMD_FLAG_DF, 0, 512), Inval),
+            (req(Command::Read, consts::CMD_FLAG_REQ_ONE, 0, 512), Inval),
+            (
+                req(Command::Trim, consts::CMD_FLAG_FAST_ZERO, 0, 512),
+                Inval,
+            ),
+            (
+                req(Command::WriteZeroes, consts::CMD_FLAG_FAST_ZERO, 0, 512),
+                NotSup,
+            ),
+            (req(Command::Write, 0, 1 << 20, 512), NoSpc),
+            (req(Command::WriteZeroes, 0, 1 << 20, 512), NoSpc),
+            (req(Command::Read, 0, 1 << 20, 512), Inval),
+            (req(Command::Trim, 0, u64::MAX - 100, 512), Inval),
+            (req(Command::Write, 0, u64::MAX - 100, 512), NoSpc),
+            (req(Command::BlockStatus, 0, 1 << 20, 512), Inval),
+            (req(Command::Read, 0, 100, 512), Inval),
+            (req(Command::Write, 0, 0, 100), Inval),
+            (req(Command::BlockStatus, 0, 0, 0), Inval),
+        ];
+        for (r, e) in cases {
+            assert_eq!(check_request(&r, &n), Verdict::Reject(e), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn negotiation_dependent_rules() {
+        use ErrorCode::*;
+        // Without structured replies there is no DF and no BLOCK_STATUS.
+        let n = neg_with(export(), false);
+        assert_eq!(
+            check_request(&req(Command::Read, consts::CMD_FLAG_DF, 0, 512), &n),
+            Verdict::Reject(Inval)
+        );
+        assert_eq!(
+            check_request(&req(Command::BlockStatus, 0, 0, 512), &n),
+            Verdict::Reject(Inval)
+        );
+
+        // Read-only export.
+        let mut e = export();
+        e.read_only = true;
+        let n = neg_with(e, true);
+        for c in [Command::Write, Command::Trim, Command::WriteZeroes] {
+            assert_eq!(check_request(&req(c, 0, 0, 512), &n), Verdict::Reject(Perm));
+        }
+        assert_eq!(
+            check_request(&req(Command::Read, 0, 0, 512), &n),
+            Verdict::Serve
+        );
+
+        // Nothing optional advertised.
+        let mut e = export();
+        e.can_flush = false;
+        e.can_fua = false;
+        e.can_trim = false;
+        e.can_write_zeroes = false;
+        e.can_fast_zero = true; // meaningless without write zeroes
+        let n = neg_with(e, true);
+        for r in [
+            req(Command::Flush, 0, 0, 0),
+            req(Command::Trim, 0, 0, 512),
+            req(Command::WriteZeroes, 0, 0, 512),
+            req(Command::Write, consts::CMD_FLAG_FUA, 0, 512),
+        ] {
+            assert_eq!(check_request(&r, &n), Verdict::Reject(Inval), "{r:?}");
+        }
+
+        // Fast zero advertised.
+        let mut e = export();
+        e.can_fast_zero = true;
+        let n = neg_with(e, true);
+        assert_eq!(
+            check_request(
+                &req(Command::WriteZeroes, consts::CMD_FLAG_FAST_ZERO, 0, 512),
+                &n
+            ),
+            Verdict::Serve
+        );
+    }
+
+    #[test]
+    fn zero_block_sizes_do_not_divide_by_zero() {
+        let mut e = export();
+        e.min_block = 0;
+        e.max_payload = 0;
+        let n = neg_with(e, true);
+        assert_eq!(
+            check_request(&req(Command::Read, 0, 3, 5), &n),
+            Verdict::Serve
+        );
+    }
+}

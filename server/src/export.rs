@@ -1,0 +1,418 @@
+//! Serving one negotiated NBD connection on the volume's core.
+//!
+//! The reader takes each 28-byte request header, checks it with the protocol
+//! crate, reads a write's payload straight into pool buffers (`READ_FIXED`
+//! into registered memory: no copy), and spawns the request. Requests run
+//! concurrently, bounded per connection; their replies go to one writer task
+//! that sends everything queued in one vectored write, so replies leave as
+//! they complete, out of order, with few syscalls.
+
+use std::cell::Cell;
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use nbd::request::{check_request, decode_request, REQUEST_HEADER_LEN};
+use nbd::{Command, CommandFlags, ErrorCode, Negotiated, Request, Verdict};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_uring::buf::fixed::FixedBuf;
+use tokio_uring::buf::{BoundedBuf, BoundedBufMut, Slice};
+
+use crate::buffer::{OutBuf, Payload};
+use crate::volume::Volume;
+
+/// Most requests in flight on one connection; the reader stops reading
+/// while this many are outstanding (backpressure to the client).
+pub const MAX_INFLIGHT: usize = 256;
+
+/// Most iovecs in one `writev` (the kernel's `IOV_MAX`).
+const MAX_IOVECS: usize = 1024;
+
+/// A connected client socket on the core's ring.
+pub enum Socket {
+    /// TCP.
+    Tcp(tokio_uring::net::TcpStream),
+    /// Unix domain.
+    Unix(tokio_uring::net::UnixStream),
+}
+
+impl Socket {
+    async fn read<T: BoundedBufMut>(&self, buf: T) -> tokio_uring::BufResult<usize, T> {
+        match self {
+            Socket::Tcp(s) => s.read(buf).await,
+            Socket::Unix(s) => s.read(buf).await,
+        }
+    }
+
+    async fn read_fixed<T>(&self, buf: T) -> tokio_uring::BufResult<usize, T>
+    where
+        T: BoundedBufMut<BufMut = FixedBuf>,
+    {
+        match self {
+            Socket::Tcp(s) => s.read_fixed(buf).await,
+            Socket::Unix(s) => s.read_fixed(buf).await,
+        }
+    }
+
+    async fn writev(&self, bufs: Vec<OutBuf>) -> tokio_uring::BufResult<usize, Vec<OutBuf>> {
+        match self {
+            Socket::Tcp(s) => s.writev(bufs).await,
+            Socket::Unix(s) => s.writev(bufs).await,
+        }
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Socket::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Socket::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum End {
+    #[error("client disconnected")]
+    Eof,
+    #[error("client disconnected in the middle of a {what} ({got} of {want} bytes)")]
+    Truncated { what: &'static str, got: usize, want: usize },
+    #[error("protocol violation: {0}")]
+    Protocol(#[from] nbd::ProtocolError),
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+    #[error("client sent NBD_CMD_DISC")]
+    Disc,
+}
+
+/// A buffer the reader can fill from the socket: plain memory with `read`,
+/// registered pool memory with `READ_FIXED`.
+trait SockBuf: tokio_uring::buf::IoBufMut + Sized {
+    async fn read_from(sock: &Socket, s: Slice<Self>, fixed: bool) -> tokio_uring::BufResult<usize, Slice<Self>>;
+}
+
+impl SockBuf for Vec<u8> {
+    async fn read_from(sock: &Socket, s: Slice<Self>, _fixed: bool) -> tokio_uring::BufResult<usize, Slice<Self>> {
+        sock.read(s).await
+    }
+}
+
+impl SockBuf for FixedBuf {
+    async fn read_from(sock: &Socket, s: Slice<Self>, fixed: bool) -> tokio_uring::BufResult<usize, Slice<Self>> {
+        if fixed {
+            sock.read_fixed(s).await
+        } else {
+            sock.read(s).await
+        }
+    }
+}
+
+/// Reads exactly `buf[from..to]` from the socket. A clean end of stream
+/// before the first byte is `Eof`; anywhere else it is `Truncated`.
+async fn read_exact<T: SockBuf>(sock: &Socket, mut buf: T, from: usize, to: usize, what: &'static str, fixed: bool) -> (Result<(), End>, T) {
+    let mut got = from;
+    while got < to {
+        let (res, slice) = T::read_from(sock, buf.slice(got..to), fixed).await;
+        buf = slice.into_inner();
+        match res {
+            Ok(0) if got == 0 => return (Err(End::Eof), buf),
+            Ok(0) => return (Err(End::Truncated { what, got, want: to }), buf),
+            Ok(n) => got += n,
+            Err(e) => return (Err(End::Io(e)), buf),
+        }
+    }
+    (Ok(()), buf)
+}
+
+/// Sends all of `bufs`, however the kernel splits the writes.
+async fn write_all(sock: &Socket, mut bufs: Vec<OutBuf>) -> io::Result<()> {
+    while !bufs.is_empty() {
+        let rest = if bufs.len() > MAX_IOVECS { bufs.split_off(MAX_IOVECS) } else { Vec::new() };
+        let mut chunk = bufs;
+        while !chunk.is_empty() {
+            let (res, mut back) = sock.writev(chunk).await;
+            let mut n = res?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes"));
+            }
+            let mut done = 0;
+            for b in back.iter_mut() {
+                let r = b.remaining();
+                if n >= r {
+                    n -= r;
+                    done += 1;
+                } else {
+                    b.advance(n);
+                    break;
+                }
+            }
+            back.drain(..done);
+            chunk = back;
+        }
+        bufs = rest;
+    }
+    Ok(())
+}
+
+type Reply = Vec<OutBuf>;
+
+struct Conn {
+    sock: Rc<Socket>,
+    vol: Rc<Volume>,
+    neg: Negotiated,
+    replies: mpsc::UnboundedSender<Reply>,
+    inflight: Arc<Semaphore>,
+    peer: String,
+    write_copies: Cell<u64>,
+}
+
+impl Conn {
+    fn reply(&self, r: Reply) {
+        // The writer is gone only when the socket failed; the reader sees that too.
+        let _ = self.replies.send(r);
+    }
+
+    fn simple(&self, cookie: u64, err: Option<ErrorCode>) {
+        self.reply(vec![OutBuf::Bytes(nbd::reply::simple_reply(cookie, err).to_vec(), 0)]);
+    }
+
+    fn error(&self, req: &Request, code: ErrorCode, msg: &str) {
+        if self.neg.structured_replies && matches!(req.command, Command::Read | Command::BlockStatus) {
+            self.reply(vec![OutBuf::Bytes(nbd::reply::error_chunk(req.cookie, code, msg, true), 0)]);
+        } else {
+            self.simple(req.cookie, Some(code));
+        }
+    }
+
+    fn done(&self, req: &Request, res: Result<(), ErrorCode>) {
+        match res {
+            Ok(()) => self.simple(req.cookie, None),
+            Err(code) => self.error(req, code, "request failed"),
+        }
+    }
+}
+
+/// Serves a negotiated connection until the client leaves or breaks the
+/// protocol. `leftover` holds bytes read past the handshake.
+pub async fn serve(sock: Socket, neg: Negotiated, vol: Rc<Volume>, leftover: Vec<u8>, peer: String) {
+    let sock = Rc::new(sock);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio_uring::spawn(run_writer(sock.clone(), rx));
+    let conn = Rc::new(Conn {
+        sock: sock.clone(),
+        vol,
+        neg,
+        replies: tx,
+        inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
+        peer,
+        write_copies: Cell::new(0),
+    });
+    let end = read_loop(&conn, leftover).await;
+    match &end {
+        End::Eof | End::Disc => tracing::debug!(peer = %conn.peer, "connection closed: {end}"),
+        _ => tracing::warn!(peer = %conn.peer, export = %conn.vol.info().name, "closing connection: {end}"),
+    }
+    // Let in-flight requests finish and their replies go out.
+    let _all = conn.inflight.acquire_many(MAX_INFLIGHT as u32).await;
+    drop(_all);
+    let copies = conn.write_copies.get();
+    drop(conn);
+    let _ = writer.await;
+    sock.shutdown();
+    if copies > 0 {
+        tracing::debug!("connection copied {copies} payload bytes from its handshake leftovers");
+    }
+}
+
+async fn run_writer(sock: Rc<Socket>, mut rx: mpsc::UnboundedReceiver<Reply>) {
+    while let Some(mut bufs) = rx.recv().await {
+        while bufs.len() < MAX_IOVECS {
+            match rx.try_recv() {
+                Ok(more) => bufs.extend(more),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = write_all(&sock, bufs).await {
+            tracing::debug!("reply write failed: {e}");
+            sock.shutdown();
+            // Drain so senders never block; replies are dropped.
+            while rx.recv().await.is_some() {}
+            return;
+        }
+    }
+}
+
+/// Bytes read past the handshake, consumed before the socket.
+struct Prefix {
+    bytes: Vec<u8>,
+    at: usize,
+}
+
+impl Prefix {
+    fn take(&mut self, dst: &mut [u8]) -> usize {
+        let n = (self.bytes.len() - self.at).min(dst.len());
+        dst[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
+        self.at += n;
+        n
+    }
+}
+
+async fn read_loop(conn: &Rc<Conn>, leftover: Vec<u8>) -> End {
+    let sock = &conn.sock;
+    let mut prefix = Prefix { bytes: leftover, at: 0 };
+    let mut hdr = vec![0u8; REQUEST_HEADER_LEN];
+    let fixed = conn.vol.pool().registered();
+    loop {
+        let from_prefix = prefix.take(&mut hdr);
+        let (res, h) = read_exact(sock, hdr, from_prefix, REQUEST_HEADER_LEN, "request header", false).await;
+        hdr = h;
+        if let Err(e) = res {
+            return e;
+        }
+        let mut raw = [0u8; REQUEST_HEADER_LEN];
+        raw.copy_from_slice(&hdr);
+        let req = match decode_request(&raw) {
+            Ok(r) => r,
+            Err(e) => return End::Protocol(e),
+        };
+        match check_request(&req, &conn.neg) {
+            Verdict::Close(e) => return End::Protocol(e),
+            Verdict::Reject(code) => {
+                if req.command == Command::Write {
+                    if let Err(e) = discard(sock, &mut prefix, req.length as usize).await {
+                        return e;
+                    }
+                }
+                tracing::debug!(peer = %conn.peer, "rejected {:?} at {}+{}: {:?}", req.command, req.offset, req.length, code);
+                conn.error(&req, code, "invalid request");
+                continue;
+            }
+            Verdict::Serve => {}
+        }
+        if req.command == Command::Disc {
+            return End::Disc;
+        }
+        let payload = if req.command == Command::Write && req.length > 0 {
+            let mut p = conn.vol.pool().payload(req.length as usize).await;
+            if let Err(e) = fill_payload(conn, &mut p, &mut prefix, fixed).await {
+                return e;
+            }
+            Some(p)
+        } else {
+            None
+        };
+        let Ok(permit) = conn.inflight.clone().acquire_owned().await else {
+            return End::Eof;
+        };
+        let c = conn.clone();
+        tokio_uring::spawn(async move {
+            handle(&c, req, payload).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn discard(sock: &Socket, prefix: &mut Prefix, want: usize) -> Result<(), End> {
+    let mut scratch = vec![0u8; want.clamp(1, 64 << 10)];
+    let first = want.min(scratch.len());
+    let mut done = prefix.take(&mut scratch[..first]);
+    while done < want {
+        let n = (want - done).min(scratch.len());
+        let (res, s) = read_exact(sock, scratch, 0, n, "rejected write payload", false).await;
+        scratch = s;
+        if let Err(e) = res {
+            let got = match e {
+                End::Truncated { got, .. } => got,
+                End::Eof => 0,
+                e => return Err(e),
+            };
+            return Err(End::Truncated { what: "rejected write payload", got: done + got, want });
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+async fn fill_payload(conn: &Conn, p: &mut Payload, prefix: &mut Prefix, fixed: bool) -> Result<(), End> {
+    let chunks = p.take_chunks();
+    let total = p.len();
+    let mut filled = Vec::with_capacity(chunks.len());
+    let mut done = 0;
+    for (i, mut chunk) in chunks.into_iter().enumerate() {
+        let want = p.chunk_len(i);
+        // Bytes already read with the handshake are copied (rare: only when a
+        // client pipelines a write right behind its final option).
+        let pre = prefix.take(&mut chunk[..want]);
+        if pre > 0 {
+            conn.write_copies.set(conn.write_copies.get() + pre as u64);
+        }
+        let (res, chunk) = read_exact(&conn.sock, chunk, pre, want, "write payload", fixed).await;
+        if let Err(e) = res {
+            let got = match e {
+                End::Truncated { got, .. } => got,
+                End::Eof => 0,
+                e => return Err(e),
+            };
+            return Err(End::Truncated { what: "write payload", got: done + got, want: total });
+        }
+        filled.push(chunk);
+        done += want;
+    }
+    p.put_chunks(filled);
+    Ok(())
+}
+
+async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
+    tracing::trace!("request {:?}", req);
+    let vol = &conn.vol;
+    match req.command {
+        Command::Write => {
+            let res = match payload {
+                Some(p) => vol.write(req.offset, p).await,
+                None => Ok(()),
+            };
+            conn.done(&req, res);
+        }
+        Command::Read => match vol.read(req.offset, req.length as u64).await {
+            Ok(data) => {
+                let mut out = Vec::with_capacity(data.parts.len() + 1);
+                let head = if conn.neg.structured_replies {
+                    nbd::reply::offset_data_header(req.cookie, req.offset, req.length, true).to_vec()
+                } else {
+                    nbd::reply::simple_reply(req.cookie, None).to_vec()
+                };
+                out.push(OutBuf::Bytes(head, 0));
+                out.extend(data.parts.into_iter().map(|(b, s, e)| OutBuf::Fixed(b, s, e)));
+                conn.reply(out);
+            }
+            Err(code) => conn.error(&req, code, "read failed"),
+        },
+        Command::Flush => conn.done(&req, vol.flush().await),
+        Command::Trim => conn.done(&req, vol.trim(req.offset, req.length as u64).await),
+        Command::WriteZeroes => {
+            let no_hole = req.flags.contains(CommandFlags::NO_HOLE);
+            conn.done(&req, vol.write_zeroes(req.offset, req.length as u64, no_hole).await)
+        }
+        // O_DIRECT keeps no page cache to warm; prefetch is advisory.
+        Command::Cache => conn.done(&req, Ok(())),
+        Command::BlockStatus => {
+            let Some(ctx) = conn.neg.base_allocation else {
+                conn.error(&req, ErrorCode::Inval, "base:allocation was not negotiated");
+                return;
+            };
+            let mut extents: Vec<nbd::reply::Extent> = vol
+                .allocation(req.offset, req.length as u64)
+                .into_iter()
+                .filter(|a| a.length > 0)
+                .map(|a| nbd::reply::Extent {
+                    length: a.length.min(u32::MAX as u64) as u32,
+                    flags: if a.hole { nbd::consts::STATE_HOLE | nbd::consts::STATE_ZERO } else { 0 },
+                })
+                .collect();
+            if req.flags.contains(CommandFlags::REQ_ONE) {
+                extents.truncate(1);
+            }
+            conn.reply(vec![OutBuf::Bytes(nbd::reply::block_status_chunk(req.cookie, ctx, &extents, true), 0)]);
+        }
+        Command::Disc | Command::Unknown(_) => conn.error(&req, ErrorCode::Inval, "unsupported command"),
+    }
+}

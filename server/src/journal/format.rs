@@ -1,0 +1,390 @@
+//! The journal's on-disk format: the one definition, used by the daemon and by
+//! the offline tools (`mirrorblk journal inspect`).
+//!
+//! Layout of a journal file (or device region), all little-endian:
+//!
+//! ```text
+//! [0, 4096)        superblock copy A
+//! [4096, 8192)     superblock copy B
+//! [8192, end)      record area (circular), a multiple of 4 KiB
+//! ```
+//!
+//! Superblock copies are written alternately (the one with the higher valid
+//! generation wins), so a torn superblock write never loses both.
+//!
+//! A record is a 4 KiB header block followed by its payload padded to 4 KiB.
+//! The header carries an xxh3-64 of the payload, and its own xxh3-64 over all
+//! header bytes before the checksum field, so header and payload are both
+//! covered. A record is valid only if its magic, checksum, session, epoch and
+//! LSN continuity all hold. A `Pad` record fills the tail of the area when the
+//! next record does not fit before the end; the record after it starts at
+//! offset 0 of the area.
+
+use crate::units::{align_up, Epoch, Lsn, BLOCK};
+
+/// Magic of a superblock copy: "MBLKJSB1".
+pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"MBLKJSB1");
+/// Magic of a record header: "MBLKJREC".
+pub const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"MBLKJREC");
+/// The format version this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Size of one superblock copy and of a record header.
+pub const HEADER_BLOCK: usize = BLOCK as usize;
+/// Where the record area starts in the journal.
+pub const AREA_START: u64 = 2 * BLOCK;
+/// Longest volume name the superblock holds.
+pub const MAX_NAME: usize = 128;
+/// The smallest record area we accept (a few maximum-size records must fit).
+pub const MIN_AREA: u64 = 4 << 20;
+
+const CHECKSUM_AT: usize = HEADER_BLOCK - 8;
+
+/// Why a superblock or record header did not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// The block does not start with the expected magic.
+    #[error("bad magic {found:#018x}")]
+    BadMagic {
+        /// The eight bytes found, as a little-endian number.
+        found: u64,
+    },
+    /// The stored checksum does not match the contents.
+    #[error("checksum mismatch (stored {stored:#018x}, computed {computed:#018x})")]
+    BadChecksum {
+        /// Checksum in the block.
+        stored: u64,
+        /// Checksum of the contents.
+        computed: u64,
+    },
+    /// Written by a format version we do not read.
+    #[error("unsupported journal format version {0} (this build reads version {FORMAT_VERSION})")]
+    BadVersion(u32),
+    /// A field holds a value that cannot be right.
+    #[error("invalid field: {0}")]
+    BadField(&'static str),
+}
+
+/// What a journal belongs to and how far it has been applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    /// Identity of the volume (random at creation).
+    pub volume_uuid: [u8; 16],
+    /// The volume's name (export name).
+    pub volume_name: String,
+    /// Volume size in bytes.
+    pub volume_size: u64,
+    /// Length of the record area in bytes.
+    pub area_len: u64,
+    /// Current epoch of this node for the volume.
+    pub epoch: Epoch,
+    /// First LSN not yet applied to the data store: recovery replays from here.
+    pub checkpoint_lsn: Lsn,
+    /// Offset within the record area of the record with `checkpoint_lsn`.
+    pub checkpoint_pos: u64,
+    /// Incremented at every start-up; records carry it, so records left from
+    /// an earlier run past the recovered tail can never be replayed.
+    pub session: u64,
+    /// Incremented at every superblock write; the copy with the higher valid
+    /// generation is current.
+    pub generation: u64,
+}
+
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn get_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+fn get_u32(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn block_checksum(b: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(&b[..CHECKSUM_AT])
+}
+
+fn verify_checksum(b: &[u8]) -> Result<(), FormatError> {
+    let stored = get_u64(b, CHECKSUM_AT);
+    let computed = block_checksum(b);
+    if stored != computed {
+        return Err(FormatError::BadChecksum { stored, computed });
+    }
+    Ok(())
+}
+
+impl Superblock {
+    /// Byte offset in the journal of superblock copy `slot` (0 or 1).
+    pub fn slot_offset(slot: u64) -> u64 {
+        debug_assert!(slot < 2);
+        slot * BLOCK
+    }
+
+    /// Encodes into a 4 KiB block.
+    pub fn encode(&self, out: &mut [u8]) {
+        assert_eq!(out.len(), HEADER_BLOCK);
+        assert!(self.volume_name.len() <= MAX_NAME);
+        out.fill(0);
+        put_u64(out, 0, SUPERBLOCK_MAGIC);
+        put_u32(out, 8, FORMAT_VERSION);
+        out[16..32].copy_from_slice(&self.volume_uuid);
+        put_u64(out, 32, self.volume_size);
+        put_u64(out, 40, self.area_len);
+        put_u64(out, 48, self.epoch.0);
+        put_u64(out, 56, self.checkpoint_lsn.0);
+        put_u64(out, 64, self.checkpoint_pos);
+        put_u64(out, 72, self.session);
+        put_u64(out, 80, self.generation);
+        put_u32(out, 88, self.volume_name.len() as u32);
+        out[96..96 + self.volume_name.len()].copy_from_slice(self.volume_name.as_bytes());
+        let sum = block_checksum(out);
+        put_u64(out, CHECKSUM_AT, sum);
+    }
+
+    /// Decodes and validates a 4 KiB block.
+    pub fn decode(b: &[u8]) -> Result<Superblock, FormatError> {
+        if b.len() != HEADER_BLOCK {
+            return Err(FormatError::BadField("superblock length"));
+        }
+        let magic = get_u64(b, 0);
+        if magic != SUPERBLOCK_MAGIC {
+            return Err(FormatError::BadMagic { found: magic });
+        }
+        verify_checksum(b)?;
+        let version = get_u32(b, 8);
+        if version != FORMAT_VERSION {
+            return Err(FormatError::BadVersion(version));
+        }
+        let name_len = get_u32(b, 88) as usize;
+        if name_len > MAX_NAME {
+            return Err(FormatError::BadField("volume name length"));
+        }
+        let volume_name = String::from_utf8(b[96..96 + name_len].to_vec())
+            .map_err(|_| FormatError::BadField("volume name is not UTF-8"))?;
+        let mut volume_uuid = [0u8; 16];
+        volume_uuid.copy_from_slice(&b[16..32]);
+        let sb = Superblock {
+            volume_uuid,
+            volume_name,
+            volume_size: get_u64(b, 32),
+            area_len: get_u64(b, 40),
+            epoch: Epoch(get_u64(b, 48)),
+            checkpoint_lsn: Lsn(get_u64(b, 56)),
+            checkpoint_pos: get_u64(b, 64),
+            session: get_u64(b, 72),
+            generation: get_u64(b, 80),
+        };
+        if sb.area_len < MIN_AREA || sb.area_len % BLOCK != 0 {
+            return Err(FormatError::BadField("record area length"));
+        }
+        if sb.checkpoint_pos >= sb.area_len || sb.checkpoint_pos % BLOCK != 0 {
+            return Err(FormatError::BadField("checkpoint position"));
+        }
+        if sb.checkpoint_lsn.0 == 0 {
+            return Err(FormatError::BadField("checkpoint LSN 0"));
+        }
+        Ok(sb)
+    }
+}
+
+/// What a record does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordOp {
+    /// Write the payload at `offset`.
+    Write,
+    /// Discard `[offset, offset+length)` (advisory; whole blocks inside it read as zero after).
+    Trim,
+    /// Make `[offset, offset+length)` read as zeroes.
+    WriteZeroes,
+    /// Filler to the end of the area; the next record is at area offset 0.
+    Pad,
+}
+
+impl RecordOp {
+    fn code(self) -> u8 {
+        match self {
+            RecordOp::Write => 1,
+            RecordOp::Trim => 2,
+            RecordOp::WriteZeroes => 3,
+            RecordOp::Pad => 4,
+        }
+    }
+    fn from_code(c: u8) -> Option<RecordOp> {
+        Some(match c {
+            1 => RecordOp::Write,
+            2 => RecordOp::Trim,
+            3 => RecordOp::WriteZeroes,
+            4 => RecordOp::Pad,
+            _ => return None,
+        })
+    }
+}
+
+/// Flag: the write-zeroes must leave the range allocated (NBD NO_HOLE).
+pub const FLAG_NO_HOLE: u8 = 1;
+
+/// A record header (the first 4 KiB block of every record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Sequence number (a `Pad` carries the LSN of the record after it).
+    pub lsn: Lsn,
+    /// Epoch of the primary that ordered it.
+    pub epoch: Epoch,
+    /// Session of the journal that wrote it (see [`Superblock::session`]).
+    pub session: u64,
+    /// What it does.
+    pub op: RecordOp,
+    /// Op flags ([`FLAG_NO_HOLE`]).
+    pub flags: u8,
+    /// Volume byte offset.
+    pub offset: u64,
+    /// Volume bytes affected.
+    pub length: u64,
+    /// Payload bytes that follow the header (the write's data; 0 otherwise).
+    pub payload_len: u64,
+    /// Journal bytes this record occupies, header included (a whole number of blocks).
+    pub record_len: u64,
+    /// xxh3-64 of the payload bytes (0 when there is none).
+    pub payload_hash: u64,
+}
+
+impl RecordHeader {
+    /// Journal bytes of a record with `payload_len` payload bytes.
+    pub fn record_len_for(payload_len: u64) -> u64 {
+        BLOCK + align_up(payload_len)
+    }
+
+    /// Encodes into a 4 KiB block.
+    pub fn encode(&self, out: &mut [u8]) {
+        assert_eq!(out.len(), HEADER_BLOCK);
+        out.fill(0);
+        put_u64(out, 0, RECORD_MAGIC);
+        put_u64(out, 8, self.lsn.0);
+        put_u64(out, 16, self.epoch.0);
+        put_u64(out, 24, self.session);
+        out[32] = self.op.code();
+        out[33] = self.flags;
+        put_u64(out, 40, self.offset);
+        put_u64(out, 48, self.length);
+        put_u64(out, 56, self.payload_len);
+        put_u64(out, 64, self.record_len);
+        put_u64(out, 72, self.payload_hash);
+        let sum = block_checksum(out);
+        put_u64(out, CHECKSUM_AT, sum);
+    }
+
+    /// Decodes a 4 KiB block, checking magic, checksum and internal
+    /// consistency (not continuity, which needs context).
+    pub fn decode(b: &[u8]) -> Result<RecordHeader, FormatError> {
+        if b.len() != HEADER_BLOCK {
+            return Err(FormatError::BadField("record header length"));
+        }
+        let magic = get_u64(b, 0);
+        if magic != RECORD_MAGIC {
+            return Err(FormatError::BadMagic { found: magic });
+        }
+        verify_checksum(b)?;
+        let op = RecordOp::from_code(b[32]).ok_or(FormatError::BadField("record op"))?;
+        let h = RecordHeader {
+            lsn: Lsn(get_u64(b, 8)),
+            epoch: Epoch(get_u64(b, 16)),
+            session: get_u64(b, 24),
+            op,
+            flags: b[33],
+            offset: get_u64(b, 40),
+            length: get_u64(b, 48),
+            payload_len: get_u64(b, 56),
+            record_len: get_u64(b, 64),
+            payload_hash: get_u64(b, 72),
+        };
+        match op {
+            RecordOp::Write => {
+                if h.payload_len != h.length || h.record_len != Self::record_len_for(h.payload_len) {
+                    return Err(FormatError::BadField("write record lengths"));
+                }
+            }
+            RecordOp::Trim | RecordOp::WriteZeroes => {
+                if h.payload_len != 0 || h.record_len != BLOCK {
+                    return Err(FormatError::BadField("zero/trim record lengths"));
+                }
+            }
+            RecordOp::Pad => {
+                if h.payload_len != 0 || h.record_len < BLOCK || h.record_len % BLOCK != 0 {
+                    return Err(FormatError::BadField("pad record lengths"));
+                }
+            }
+        }
+        if h.offset.checked_add(h.length).is_none() {
+            return Err(FormatError::BadField("record range overflows"));
+        }
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_op() -> impl Strategy<Value = RecordOp> {
+        prop_oneof![
+            Just(RecordOp::Write),
+            Just(RecordOp::Trim),
+            Just(RecordOp::WriteZeroes),
+            Just(RecordOp::Pad)
+        ]
+    }
+
+    fn any_header() -> impl Strategy<Value = RecordHeader> {
+        (any::<u64>(), any::<u64>(), any::<u64>(), any_op(), any::<u8>(), 0u64..1 << 50, 0u64..1 << 26, any::<u64>(), 1u64..1000)
+            .prop_map(|(lsn, epoch, session, op, flags, offset, len, hash, pad_blocks)| {
+                let (length, payload_len, record_len) = match op {
+                    RecordOp::Write => (len, len, RecordHeader::record_len_for(len)),
+                    RecordOp::Trim | RecordOp::WriteZeroes => (len, 0, BLOCK),
+                    RecordOp::Pad => (0, 0, pad_blocks * BLOCK),
+                };
+                RecordHeader { lsn: Lsn(lsn), epoch: Epoch(epoch), session, op, flags, offset, length, payload_len, record_len, payload_hash: hash }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn record_header_round_trips(h in any_header()) {
+            let mut b = vec![0u8; HEADER_BLOCK];
+            h.encode(&mut b);
+            prop_assert_eq!(RecordHeader::decode(&b), Ok(h));
+        }
+
+        #[test]
+        fn any_flipped_bit_is_detected(h in any_header(), bit in 0usize..HEADER_BLOCK * 8) {
+            let mut b = vec![0u8; HEADER_BLOCK];
+            h.encode(&mut b);
+            b[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(RecordHeader::decode(&b).is_err());
+        }
+
+        #[test]
+        fn garbage_never_panics(b in proptest::collection::vec(any::<u8>(), HEADER_BLOCK)) {
+            let _ = RecordHeader::decode(&b);
+            let _ = Superblock::decode(&b);
+        }
+
+        #[test]
+        fn superblock_round_trips(uuid in any::<[u8; 16]>(), name in "[a-z0-9_-]{0,128}", size in any::<u64>(),
+                                  area_blocks in 1024u64..1 << 20, epoch in any::<u64>(), lsn in 1u64..u64::MAX,
+                                  pos_block in 0u64..1024, session in any::<u64>(), generation in any::<u64>()) {
+            let sb = Superblock { volume_uuid: uuid, volume_name: name, volume_size: size, area_len: area_blocks * BLOCK,
+                                  epoch: Epoch(epoch), checkpoint_lsn: Lsn(lsn), checkpoint_pos: pos_block * BLOCK,
+                                  session, generation };
+            let mut b = vec![0u8; HEADER_BLOCK];
+            sb.encode(&mut b);
+            prop_assert_eq!(Superblock::decode(&b), Ok(sb));
+        }
+    }
+}

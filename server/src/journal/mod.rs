@@ -1,0 +1,398 @@
+//! The write-ahead journal at run time: LSN assignment, space reservation with
+//! backpressure, and group commit.
+//!
+//! Records are reserved in LSN order (the reservation and the LSN are taken
+//! together, on the volume's core, so journal order is LSN order). One
+//! appender task writes whatever is queued in one vectored `O_DIRECT | O_DSYNC`
+//! write — group commit: while one batch is in flight, the next accumulates —
+//! and on completion advances the durable LSN and hands the batch to the
+//! applier. Space is released only when the applier has checkpointed.
+
+pub mod format;
+pub mod recovery;
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::rc::Rc;
+
+use tokio::sync::{watch, Notify};
+
+use crate::buffer::{AlignedBuf, OutBuf, Payload, SharedSlice};
+use crate::units::{Epoch, Lsn, BLOCK};
+use format::{RecordHeader, RecordOp, Superblock, AREA_START, HEADER_BLOCK};
+
+/// Most records in one group commit (bounded by the kernel's `IOV_MAX` of
+/// 1024 iovecs: a record needs a header plus up to 32 payload chunks).
+const MAX_BATCH_IOVECS: usize = 1000;
+
+/// A journaled mutation, shared by the appender, the applier and (later) the
+/// replication senders. Immutable once created.
+pub struct Record {
+    /// Its LSN.
+    pub lsn: Lsn,
+    /// What it does.
+    pub op: RecordOp,
+    /// Op flags (see [`format::FLAG_NO_HOLE`]).
+    pub flags: u8,
+    /// Volume byte offset.
+    pub offset: u64,
+    /// Volume bytes affected.
+    pub length: u64,
+    /// The data of a write.
+    pub payload: Option<Rc<Payload>>,
+    /// xxh3 of the payload (0 without one).
+    pub payload_hash: u64,
+    /// Area offset of the record's header.
+    pub pos: u64,
+    /// Bytes of padding reserved just before it (to the end of the area), 0 if none.
+    pub pad_before: u64,
+    /// Journal bytes of the record itself (header + padded payload).
+    pub record_len: u64,
+}
+
+impl Record {
+    /// Journal bytes this record holds until checkpointed, padding included.
+    pub fn reserved_bytes(&self) -> u64 {
+        self.pad_before + self.record_len
+    }
+
+    /// Area offset just past the record.
+    pub fn end_pos(&self, area_len: u64) -> u64 {
+        let e = self.pos + self.record_len;
+        if e == area_len {
+            0
+        } else {
+            e
+        }
+    }
+
+    fn header(&self, epoch: Epoch, session: u64) -> RecordHeader {
+        RecordHeader {
+            lsn: self.lsn,
+            epoch,
+            session,
+            op: self.op,
+            flags: self.flags,
+            offset: self.offset,
+            length: self.length,
+            payload_len: if self.op == RecordOp::Write { self.length } else { 0 },
+            record_len: self.record_len,
+            payload_hash: self.payload_hash,
+        }
+    }
+}
+
+/// The journal failed: no further write can be made durable.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("journal write failed: {0}")]
+pub struct JournalFailed(pub String);
+
+/// Durability progress published by the appender.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// Every record with an LSN below this is durable.
+    pub durable_next: Lsn,
+    /// Set when a journal write failed; the volume stops accepting writes.
+    pub failed: Option<String>,
+}
+
+struct State {
+    /// Next area offset to reserve.
+    head: u64,
+    /// Reserved, not yet released bytes.
+    used: u64,
+    /// Next LSN to assign.
+    next_lsn: Lsn,
+    /// Records reserved but not yet handed to the appender's in-flight batch.
+    queued: VecDeque<Rc<Record>>,
+    /// Current superblock (checkpoint fields advance at run time).
+    superblock: Superblock,
+}
+
+/// A volume's journal on its core.
+pub struct Journal {
+    file: tokio_uring::fs::File,
+    area_len: u64,
+    epoch: Epoch,
+    session: u64,
+    state: RefCell<State>,
+    work: Notify,
+    space: Notify,
+    progress: watch::Sender<Progress>,
+    header_blocks: RefCell<Vec<AlignedBuf>>,
+    batches: Cell<u64>,
+}
+
+impl Journal {
+    /// Takes over a recovered journal. Must run inside the core's runtime.
+    pub fn new(opened: recovery::OpenedJournal) -> Journal {
+        let sb = opened.superblock;
+        let (progress, _) = watch::channel(Progress { durable_next: sb.checkpoint_lsn, failed: None });
+        Journal {
+            file: tokio_uring::fs::File::from_std(opened.file),
+            area_len: sb.area_len,
+            epoch: sb.epoch,
+            session: sb.session,
+            state: RefCell::new(State {
+                head: sb.checkpoint_pos,
+                used: 0,
+                next_lsn: sb.checkpoint_lsn,
+                queued: VecDeque::new(),
+                superblock: sb,
+            }),
+            work: Notify::new(),
+            space: Notify::new(),
+            progress,
+            header_blocks: RefCell::new(Vec::new()),
+            batches: Cell::new(0),
+        }
+    }
+
+    /// Length of the record area.
+    pub fn area_len(&self) -> u64 {
+        self.area_len
+    }
+
+    /// Bytes reserved and not yet checkpointed.
+    pub fn used(&self) -> u64 {
+        self.state.borrow().used
+    }
+
+    /// The next LSN to be assigned.
+    pub fn next_lsn(&self) -> Lsn {
+        self.state.borrow().next_lsn
+    }
+
+    /// Group commits done so far.
+    pub fn batches(&self) -> u64 {
+        self.batches.get()
+    }
+
+    /// The largest payload a single record may carry so that any record can
+    /// always be reserved (a quarter of the area, leaving room for padding).
+    pub fn max_payload(&self) -> u64 {
+        crate::units::align_down(self.area_len / 4).saturating_sub(BLOCK)
+    }
+
+    /// Reserves space and an LSN for a record, or None if the journal is full.
+    /// Synchronous, so the caller can update its in-memory state (the
+    /// overlay) in the same step, in LSN order.
+    pub fn try_reserve(
+        &self,
+        op: RecordOp,
+        flags: u8,
+        offset: u64,
+        length: u64,
+        payload: Option<Rc<Payload>>,
+    ) -> Option<Rc<Record>> {
+        let payload_len = if op == RecordOp::Write { length } else { 0 };
+        let record_len = RecordHeader::record_len_for(payload_len);
+        assert!(record_len <= self.area_len / 2, "record larger than half the journal");
+        let mut st = self.state.borrow_mut();
+        let pad = if st.head + record_len > self.area_len { self.area_len - st.head } else { 0 };
+        if st.used + pad + record_len > self.area_len {
+            return None;
+        }
+        let pos = if pad > 0 { 0 } else { st.head };
+        let lsn = st.next_lsn;
+        st.next_lsn = lsn.next();
+        st.used += pad + record_len;
+        st.head = pos + record_len;
+        if st.head == self.area_len {
+            st.head = 0;
+        }
+        let payload_hash = payload.as_ref().map(|p| p.xxh3()).unwrap_or(0);
+        let rec = Rc::new(Record { lsn, op, flags, offset, length, payload, payload_hash, pos, pad_before: pad, record_len });
+        st.queued.push_back(rec.clone());
+        drop(st);
+        self.work.notify_one();
+        Some(rec)
+    }
+
+    /// Waits until the journal has room, then reserves (see [`Journal::try_reserve`]).
+    /// `on_reserved` runs synchronously with the reservation.
+    pub async fn reserve(
+        &self,
+        op: RecordOp,
+        flags: u8,
+        offset: u64,
+        length: u64,
+        payload: Option<Rc<Payload>>,
+        on_reserved: impl FnOnce(&Rc<Record>),
+    ) -> Result<Rc<Record>, JournalFailed> {
+        loop {
+            if let Some(f) = &self.progress.borrow().failed {
+                return Err(JournalFailed(f.clone()));
+            }
+            let notified = self.space.notified();
+            if let Some(r) = self.try_reserve(op, flags, offset, length, payload.clone()) {
+                on_reserved(&r);
+                return Ok(r);
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until the record with `lsn` is durable.
+    pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), JournalFailed> {
+        let mut rx = self.progress.subscribe();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                if p.durable_next > lsn {
+                    return Ok(());
+                }
+                if let Some(f) = &p.failed {
+                    return Err(JournalFailed(f.clone()));
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(JournalFailed("journal closed".into()));
+            }
+        }
+    }
+
+    /// Every LSN below this one is durable in the journal.
+    pub fn durable_next(&self) -> Lsn {
+        self.progress.borrow().durable_next
+    }
+
+    /// Whether a journal write has failed.
+    pub fn failed(&self) -> Option<String> {
+        self.progress.borrow().failed.clone()
+    }
+
+    fn header_block(&self) -> AlignedBuf {
+        self.header_blocks.borrow_mut().pop().unwrap_or_else(|| AlignedBuf::new(HEADER_BLOCK))
+    }
+
+    fn recycle(&self, bufs: Vec<OutBuf>) {
+        let mut free = self.header_blocks.borrow_mut();
+        for b in bufs {
+            if let OutBuf::Block(blk) = b {
+                if free.len() < 4096 {
+                    free.push(blk);
+                }
+            }
+        }
+    }
+
+    /// The appender: writes queued records in batches, forever. Completed
+    /// batches go to `done` in LSN order.
+    pub async fn run_appender(&self, mut done: impl FnMut(Vec<Rc<Record>>)) {
+        loop {
+            let batch = loop {
+                let notified = self.work.notified();
+                let batch = self.take_batch();
+                if !batch.is_empty() {
+                    break batch;
+                }
+                notified.await;
+            };
+            match self.write_batch(&batch).await {
+                Ok(()) => {
+                    let last = batch.last().map(|r| r.lsn).unwrap_or_default();
+                    self.batches.set(self.batches.get() + 1);
+                    self.progress.send_modify(|p| p.durable_next = last.next());
+                    done(batch);
+                }
+                Err(e) => {
+                    let msg = format!("{e}");
+                    tracing::error!("journal write failed, volume stops accepting writes: {msg}");
+                    self.progress.send_modify(|p| p.failed = Some(msg));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn take_batch(&self) -> Vec<Rc<Record>> {
+        let mut st = self.state.borrow_mut();
+        let mut iovecs = 0;
+        let mut batch = Vec::new();
+        while let Some(r) = st.queued.front() {
+            let n = 2 + r.payload.as_ref().map(|p| p.chunk_count()).unwrap_or(0);
+            if !batch.is_empty() && iovecs + n > MAX_BATCH_IOVECS {
+                break;
+            }
+            iovecs += n;
+            batch.push(st.queued.pop_front().expect("front exists"));
+        }
+        batch
+    }
+
+    /// Writes one batch: contiguous runs, split where a pad wraps the area.
+    async fn write_batch(&self, batch: &[Rc<Record>]) -> io::Result<()> {
+        let mut runs: Vec<(u64, Vec<OutBuf>)> = Vec::new();
+        let mut cur: Option<(u64, Vec<OutBuf>)> = None;
+        for r in batch {
+            if r.pad_before > 0 {
+                let pad_pos = self.area_len - r.pad_before;
+                let mut blk = self.header_block();
+                RecordHeader {
+                    lsn: r.lsn,
+                    epoch: self.epoch,
+                    session: self.session,
+                    op: RecordOp::Pad,
+                    flags: 0,
+                    offset: 0,
+                    length: 0,
+                    payload_len: 0,
+                    record_len: r.pad_before,
+                    payload_hash: 0,
+                }
+                .encode(blk.as_mut_slice());
+                let run = cur.get_or_insert_with(|| (pad_pos, Vec::new()));
+                run.1.push(OutBuf::Block(blk));
+                runs.push(cur.take().expect("run exists"));
+            }
+            let run = cur.get_or_insert_with(|| (r.pos, Vec::new()));
+            let mut blk = self.header_block();
+            r.header(self.epoch, self.session).encode(blk.as_mut_slice());
+            run.1.push(OutBuf::Block(blk));
+            if let Some(p) = &r.payload {
+                run.1.extend(SharedSlice::padded_chunks(p).map(OutBuf::Shared));
+            }
+        }
+        runs.extend(cur);
+        let writes = runs.into_iter().map(|(pos, bufs)| async move {
+            let (res, bufs) = self.file.writev_at_all(bufs, Some(AREA_START + pos)).await;
+            self.recycle(bufs);
+            res.map(|_| ())
+        });
+        for r in futures_util::future::join_all(writes).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Records that everything before `next` (whose record starts at `pos`)
+    /// is applied and durable in the store, persists that in the superblock,
+    /// then releases `bytes` of journal space.
+    pub async fn checkpoint(&self, next: Lsn, pos: u64, bytes: u64) -> io::Result<()> {
+        let sb = {
+            let mut st = self.state.borrow_mut();
+            st.superblock.checkpoint_lsn = next;
+            st.superblock.checkpoint_pos = pos;
+            st.superblock.generation += 1;
+            st.superblock.clone()
+        };
+        let mut blk = AlignedBuf::new(HEADER_BLOCK);
+        sb.encode(blk.as_mut_slice());
+        let (res, _) = self.file.write_all_at(blk, Superblock::slot_offset(sb.generation % 2)).await;
+        res?;
+        {
+            let mut st = self.state.borrow_mut();
+            assert!(st.used >= bytes, "releasing more journal space than reserved");
+            st.used -= bytes;
+        }
+        self.space.notify_waiters();
+        Ok(())
+    }
+
+    /// Whether writers are waiting for space (the applier then checkpoints sooner).
+    pub fn fill_ratio(&self) -> f64 {
+        self.state.borrow().used as f64 / self.area_len as f64
+    }
+}

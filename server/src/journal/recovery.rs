@@ -1,0 +1,368 @@
+//! Opening a journal at start-up: create it, or validate it against the
+//! volume and replay every valid record after the checkpoint into the data
+//! store, stopping at the first invalid one (a torn tail, never acknowledged).
+//!
+//! This runs before any client is served, with plain synchronous I/O: it is
+//! bounded by the journal size and reported in the log.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::format::{FormatError, RecordHeader, RecordOp, Superblock, AREA_START, FLAG_NO_HOLE, HEADER_BLOCK, MIN_AREA};
+use crate::units::{align_down, align_up, ByteSize, Epoch, Lsn, BLOCK};
+
+/// Why a journal could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalOpenError {
+    /// An I/O error on the journal or data store.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Which file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The journal belongs to a different volume.
+    #[error("journal {path} belongs to volume '{found_name}' of {found_size} bytes, not to '{name}' of {size} bytes; point --journal at this volume's journal, or delete the file to start a new one (its unapplied writes would be lost)")]
+    WrongVolume {
+        /// Journal path.
+        path: PathBuf,
+        /// Volume name in the superblock.
+        found_name: String,
+        /// Volume size in the superblock.
+        found_size: u64,
+        /// The configured volume name.
+        name: String,
+        /// The configured size.
+        size: u64,
+    },
+    /// Neither superblock copy is valid, and the file is not blank.
+    #[error("journal {path} has no valid superblock (copy A: {a}; copy B: {b}); it is not a mirrorblk journal or is damaged. Move it away to start a new journal")]
+    NoSuperblock {
+        /// Journal path.
+        path: PathBuf,
+        /// Why copy A failed.
+        a: FormatError,
+        /// Why copy B failed.
+        b: FormatError,
+    },
+    /// The journal is too small to be useful.
+    #[error("journal size {0} is too small: use at least {1}")]
+    TooSmall(ByteSize, ByteSize),
+}
+
+/// What recovery did, for the log and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Records replayed into the store.
+    pub records: u64,
+    /// Payload bytes replayed.
+    pub bytes: u64,
+    /// Wall time in milliseconds.
+    pub millis: u64,
+    /// LSN recovery stopped at (the next LSN to assign).
+    pub next_lsn: Lsn,
+    /// Why the scan stopped (None when the journal was empty past the checkpoint).
+    pub stop_reason: Option<String>,
+}
+
+/// An open, recovered journal, ready for the runtime appender.
+#[derive(Debug)]
+pub struct OpenedJournal {
+    /// The journal file (`O_DIRECT | O_DSYNC` where supported).
+    pub file: File,
+    /// Path, for messages.
+    pub path: PathBuf,
+    /// The current superblock (already written with a fresh session).
+    pub superblock: Superblock,
+    /// What recovery did.
+    pub report: RecoveryReport,
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> JournalOpenError + 'a {
+    move |source| JournalOpenError::Io { what, path: path.to_path_buf(), source }
+}
+
+/// Reads `len` bytes at `pos` into a block-aligned buffer (works with `O_DIRECT`).
+fn read_aligned(f: &File, pos: u64, len: usize) -> io::Result<crate::buffer::AlignedBuf> {
+    let mut b = crate::buffer::AlignedBuf::new(align_up(len.max(1) as u64) as usize);
+    f.read_exact_at(b.as_mut_slice(), pos)?;
+    Ok(b)
+}
+
+/// Writes a superblock into slot `generation % 2` and makes it durable.
+pub fn write_superblock(f: &File, sb: &Superblock) -> io::Result<()> {
+    let mut b = crate::buffer::AlignedBuf::new(HEADER_BLOCK);
+    sb.encode(b.as_mut_slice());
+    f.write_all_at(b.as_slice(), Superblock::slot_offset(sb.generation % 2))?;
+    f.sync_data()
+}
+
+/// Reads both superblock copies; returns the valid one with the higher generation.
+pub fn read_superblock(f: &File, path: &Path) -> Result<Superblock, JournalOpenError> {
+    let b = read_aligned(f, 0, 2 * HEADER_BLOCK).map_err(io_err("cannot read journal", path))?;
+    let a = Superblock::decode(&b.as_slice()[..HEADER_BLOCK]);
+    let bb = Superblock::decode(&b.as_slice()[HEADER_BLOCK..]);
+    match (a, bb) {
+        (Ok(x), Ok(y)) => Ok(if y.generation > x.generation { y } else { x }),
+        (Ok(x), Err(_)) | (Err(_), Ok(x)) => Ok(x),
+        (Err(a), Err(b)) => Err(JournalOpenError::NoSuperblock { path: path.to_path_buf(), a, b }),
+    }
+}
+
+/// Parameters of the volume a journal must belong to.
+#[derive(Debug, Clone)]
+pub struct JournalSpec<'a> {
+    /// Journal path.
+    pub path: &'a Path,
+    /// Size to create it with if missing.
+    pub size: u64,
+    /// Volume name.
+    pub volume_name: &'a str,
+    /// Volume size in bytes.
+    pub volume_size: u64,
+}
+
+fn random_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    // getrandom(2) never fails for 16 bytes once the pool is initialised;
+    // fall back to time and pid if it somehow does.
+    // SAFETY: writes at most 16 bytes into u.
+    let n = unsafe { libc::getrandom(u.as_mut_ptr().cast(), u.len(), 0) };
+    if n != 16 {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        u[..8].copy_from_slice(&(t.as_nanos() as u64).to_le_bytes());
+        u[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    u
+}
+
+/// Creates a blank journal: fully written with zeroes (so later `O_DSYNC`
+/// writes never wait on extent allocation) and a first superblock.
+fn create(spec: &JournalSpec<'_>) -> Result<(), JournalOpenError> {
+    let path = spec.path;
+    let size = align_down(spec.size);
+    if size < AREA_START + MIN_AREA {
+        return Err(JournalOpenError::TooSmall(ByteSize(spec.size), ByteSize(AREA_START + MIN_AREA)));
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io_err("cannot create the folder of journal", path))?;
+    }
+    let tmp = path.with_extension("creating");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io_err("cannot create journal", &tmp))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], pos).map_err(io_err("cannot write journal", &tmp))?;
+        pos += n as u64;
+    }
+    let sb = Superblock {
+        volume_uuid: random_uuid(),
+        volume_name: spec.volume_name.to_string(),
+        volume_size: spec.volume_size,
+        area_len: size - AREA_START,
+        epoch: Epoch(1),
+        checkpoint_lsn: Lsn(1),
+        checkpoint_pos: 0,
+        session: 1,
+        generation: 1,
+    };
+    write_superblock(&f, &sb).map_err(io_err("cannot write journal superblock", &tmp))?;
+    f.sync_all().map_err(io_err("cannot sync journal", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err("cannot rename journal into place", path))?;
+    tracing::info!("created journal {} ({})", path.display(), ByteSize(size));
+    Ok(())
+}
+
+/// Something that can take replayed records: the data store at start-up.
+pub trait ReplayTarget {
+    /// Writes `data` at volume offset `offset`.
+    fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Zeroes `[offset, offset+len)`; `trim` means only whole blocks need to be
+    /// discarded (an advisory discard), `no_hole` that the range stays allocated.
+    fn zero(&mut self, offset: u64, len: u64, trim: bool, no_hole: bool) -> io::Result<()>;
+    /// Makes everything written durable.
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+/// One valid record found by a scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScannedRecord {
+    /// Its header.
+    pub header: RecordHeader,
+    /// Offset of its header in the record area.
+    pub pos: u64,
+}
+
+/// Walks the records after the checkpoint, calling `visit` for each valid one
+/// with its payload, and returns (next LSN, head position, why it stopped).
+pub fn scan(
+    f: &File,
+    sb: &Superblock,
+    mut visit: impl FnMut(&ScannedRecord, &[u8]) -> io::Result<()>,
+) -> io::Result<(Lsn, u64, Option<String>)> {
+    let mut pos = sb.checkpoint_pos;
+    let mut lsn = sb.checkpoint_lsn;
+    let mut scanned = 0u64;
+    let stop = loop {
+        if scanned >= sb.area_len {
+            break Some("scanned the whole record area".to_string());
+        }
+        let hb = read_aligned(f, AREA_START + pos, HEADER_BLOCK)?;
+        let h = match RecordHeader::decode(hb.as_slice()) {
+            Ok(h) => h,
+            Err(FormatError::BadMagic { found: 0 }) => break None,
+            Err(e) => break Some(format!("record header at area offset {pos} (expected LSN {lsn}): {e}")),
+        };
+        if h.session != sb.session {
+            break if h.lsn == lsn {
+                Some(format!("record LSN {lsn} at area offset {pos} is from journal session {}, not {}", h.session, sb.session))
+            } else {
+                None
+            };
+        }
+        if h.lsn != lsn {
+            break if h.lsn < lsn { None } else { Some(format!("LSN gap at area offset {pos}: found {}, expected {lsn}", h.lsn)) };
+        }
+        if h.epoch > sb.epoch {
+            break Some(format!("record LSN {lsn} has epoch {} newer than the journal's {}", h.epoch, sb.epoch));
+        }
+        if h.op == RecordOp::Pad {
+            if pos + h.record_len != sb.area_len {
+                break Some(format!("pad record at area offset {pos} does not reach the end of the area"));
+            }
+            scanned += h.record_len;
+            pos = 0;
+            continue;
+        }
+        if pos + h.record_len > sb.area_len {
+            break Some(format!("record LSN {lsn} at area offset {pos} runs past the end of the area"));
+        }
+        let payload = if h.payload_len > 0 {
+            let p = read_aligned(f, AREA_START + pos + BLOCK, h.payload_len as usize)?;
+            let data = &p.as_slice()[..h.payload_len as usize];
+            let hash = xxhash_rust::xxh3::xxh3_64(data);
+            if hash != h.payload_hash {
+                break Some(format!("record LSN {lsn} at area offset {pos}: payload checksum mismatch (torn write)"));
+            }
+            Some(p)
+        } else {
+            None
+        };
+        let data = payload.as_ref().map(|p| &p.as_slice()[..h.payload_len as usize]).unwrap_or(&[]);
+        visit(&ScannedRecord { header: h, pos }, data)?;
+        lsn = lsn.next();
+        scanned += h.record_len;
+        pos += h.record_len;
+        if pos == sb.area_len {
+            pos = 0;
+        }
+    };
+    Ok((lsn, pos, stop))
+}
+
+/// Opens (or creates) the journal of a volume, checks that it belongs to it,
+/// replays it into `target`, and starts a new session. The returned journal's
+/// superblock has its checkpoint at the recovered head.
+pub fn open_and_recover(
+    spec: &JournalSpec<'_>,
+    target: &mut dyn ReplayTarget,
+) -> Result<OpenedJournal, JournalOpenError> {
+    let path = spec.path;
+    if !path.exists() {
+        create(spec)?;
+    }
+    let (file, _direct) = crate::store::open_direct(path, false, libc::O_DSYNC).map_err(io_err("cannot open journal", path))?;
+    let mut sb = read_superblock(&file, path)?;
+    if sb.volume_name != spec.volume_name || sb.volume_size != spec.volume_size {
+        return Err(JournalOpenError::WrongVolume {
+            path: path.to_path_buf(),
+            found_name: sb.volume_name,
+            found_size: sb.volume_size,
+            name: spec.volume_name.to_string(),
+            size: spec.volume_size,
+        });
+    }
+    let start = Instant::now();
+    let mut report = RecoveryReport::default();
+    let (next_lsn, head, stop) = scan(&file, &sb, |rec, data| {
+        let h = &rec.header;
+        match h.op {
+            RecordOp::Write => target.write(h.offset, data)?,
+            RecordOp::Trim => target.zero(h.offset, h.length, true, false)?,
+            RecordOp::WriteZeroes => target.zero(h.offset, h.length, false, h.flags & FLAG_NO_HOLE != 0)?,
+            RecordOp::Pad => {}
+        }
+        report.records += 1;
+        report.bytes += h.length;
+        Ok(())
+    })
+    .map_err(io_err("cannot replay journal", path))?;
+    target.sync().map_err(io_err("cannot sync the data store after replaying journal", path))?;
+    report.next_lsn = next_lsn;
+    report.stop_reason = stop;
+    // New session: records of the old one past the head can never be replayed.
+    sb.checkpoint_lsn = next_lsn;
+    sb.checkpoint_pos = head;
+    sb.session += 1;
+    sb.generation += 1;
+    write_superblock(&file, &sb).map_err(io_err("cannot write journal superblock", path))?;
+    report.millis = start.elapsed().as_millis() as u64;
+    Ok(OpenedJournal { file, path: path.to_path_buf(), superblock: sb, report })
+}
+
+/// Replays into a plain (buffered) file: the data store at start-up.
+pub struct FileReplay<'a> {
+    /// The data file, opened without `O_DIRECT` for arbitrary offsets.
+    pub file: &'a File,
+    /// Whether it is a block device (no hole punching).
+    pub block_device: bool,
+}
+
+impl ReplayTarget for FileReplay<'_> {
+    fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    fn zero(&mut self, offset: u64, len: u64, trim: bool, no_hole: bool) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let (start, end) = if trim { (align_up(offset), align_down(offset + len)) } else { (offset, offset + len) };
+        if end <= start {
+            return Ok(());
+        }
+        let mode = if no_hole || self.block_device {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        // SAFETY: fallocate on a descriptor we own.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, start as i64, (end - start) as i64) };
+        if r == 0 {
+            return Ok(());
+        }
+        // Fall back to writing zeroes where fallocate modes are unsupported.
+        let zeros = vec![0u8; (end - start).min(1 << 20) as usize];
+        let mut pos = start;
+        while pos < end {
+            let n = (end - pos).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}

@@ -1,0 +1,20 @@
+//! mirrorblk's daemon as a library: everything `mirrorblkd` is made of, and the
+//! one definition of the journal format the admin tools read.
+//!
+//! The data path reads top to bottom: [`listener`] (accept, NBD handshake) →
+//! [`export`] (requests and replies on the volume's core) → [`volume`]
+//! (LSN order, overlay, applier) → [`journal`] (group commit) and [`store`]
+//! (the data file or device), all on io_uring with buffers from [`buffer`].
+
+#![warn(missing_docs)]
+
+pub mod buffer;
+pub mod config;
+pub mod export;
+pub mod journal;
+pub mod listener;
+pub mod node;
+pub mod overlay;
+pub mod store;
+pub mod units;
+pub mod volume;

@@ -1,0 +1,249 @@
+//! Accepting clients and negotiating the NBD handshake.
+//!
+//! Each accepted socket gets a short-lived thread that runs the option
+//! haggling with blocking I/O and a timeout (the handshake is not the hot
+//! path, and a slow or hostile client there cannot stall any core). Once the
+//! client has chosen an export, the socket moves to that volume's core, where
+//! all its requests are served.
+
+use std::io::{self, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nbd::{ExportCatalog, ExportInfo, Handshake, Negotiated, Status};
+use tokio::sync::mpsc;
+
+/// How long a client may take over the whole handshake's each read.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An accepted client socket, before it moves to its core.
+pub enum ClientStream {
+    /// TCP.
+    Tcp(std::net::TcpStream),
+    /// Unix domain.
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl ClientStream {
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            ClientStream::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            ClientStream::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+}
+
+impl Read for ClientStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            ClientStream::Tcp(s) => s.read(buf),
+            ClientStream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for ClientStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            ClientStream::Tcp(s) => s.write(buf),
+            ClientStream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Counts a live connection; dropping it frees the slot.
+pub struct ConnGuard(Arc<AtomicUsize>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A negotiated connection on its way to its volume's core.
+pub struct NewConn {
+    /// The socket.
+    pub stream: ClientStream,
+    /// What was negotiated.
+    pub neg: Negotiated,
+    /// Bytes the client sent past the handshake.
+    pub leftover: Vec<u8>,
+    /// Peer address, for logs.
+    pub peer: String,
+    /// The connection's slot.
+    pub guard: ConnGuard,
+}
+
+/// The exports this node serves.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    /// In configuration order; the first is the default export.
+    pub exports: Vec<ExportInfo>,
+}
+
+impl ExportCatalog for Catalog {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        if name.is_empty() {
+            return self.exports.first().cloned();
+        }
+        self.exports.iter().find(|e| e.name == name).cloned()
+    }
+
+    fn list(&self) -> Vec<(String, String)> {
+        self.exports.iter().map(|e| (e.name.clone(), e.description.clone())).collect()
+    }
+}
+
+/// Everything an acceptor needs.
+pub struct AcceptContext {
+    /// Exports.
+    pub catalog: Catalog,
+    /// Export name → the sender of its core.
+    pub routes: std::collections::HashMap<String, mpsc::Sender<NewConn>>,
+    /// Live connections.
+    pub conns: Arc<AtomicUsize>,
+    /// Limit on live connections.
+    pub max_connections: usize,
+}
+
+/// Why a handshake did not produce a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeFailure {
+    /// Socket error or timeout.
+    #[error("socket error during handshake: {0}")]
+    Io(#[from] io::Error),
+    /// The client broke the protocol.
+    #[error("handshake protocol violation: {0}")]
+    Protocol(#[from] nbd::ProtocolError),
+}
+
+/// Runs the server side of the handshake over a blocking stream. Returns the
+/// negotiation and any bytes read past it, or None if the client ended the
+/// handshake (ABORT, disconnect, unknown export with EXPORT_NAME).
+pub fn negotiate<S: Read + Write>(s: &mut S, catalog: &dyn ExportCatalog) -> Result<Option<(Negotiated, Vec<u8>)>, HandshakeFailure> {
+    let mut hs = Handshake::new();
+    let mut buf = vec![0u8; 16 << 10];
+    let mut have = 0usize;
+    loop {
+        while !hs.output().is_empty() {
+            let n = s.write(hs.output())?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "client stopped reading").into());
+            }
+            hs.consume_output(n);
+        }
+        match hs.status() {
+            Status::Ready => {
+                let leftover = buf[..have].to_vec();
+                return Ok(hs.into_negotiated().map(|n| (n, leftover)));
+            }
+            Status::Closed => {
+                tracing::debug!("handshake closed: {}", hs.close_reason().unwrap_or("client left"));
+                return Ok(None);
+            }
+            Status::InProgress => {}
+        }
+        if have > 0 {
+            let used = hs.receive(&buf[..have], catalog)?;
+            if used > 0 {
+                buf.copy_within(used..have, 0);
+                have -= used;
+                continue;
+            }
+        }
+        if have == buf.len() {
+            // The protocol crate bounds what it buffers; this cannot grow.
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = s.read(&mut buf[have..])?;
+        if n == 0 {
+            return Ok(None);
+        }
+        have += n;
+        let used = hs.receive(&buf[..have], catalog)?;
+        buf.copy_within(used..have, 0);
+        have -= used;
+    }
+}
+
+fn admit(ctx: &'static AcceptContext, stream: ClientStream, peer: String) {
+    let n = ctx.conns.fetch_add(1, Ordering::Relaxed);
+    let guard = ConnGuard(ctx.conns.clone());
+    if n >= ctx.max_connections {
+        tracing::warn!(%peer, "refusing connection: {} connections already open (--max-connections)", n);
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("nbd-handshake".into()).spawn(move || {
+        handshake_and_route(ctx, stream, peer, guard);
+    });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start a handshake thread: {e}");
+    }
+}
+
+fn handshake_and_route(ctx: &'static AcceptContext, mut stream: ClientStream, peer: String, guard: ConnGuard) {
+    if let Err(e) = stream.set_timeout(Some(HANDSHAKE_TIMEOUT)) {
+        tracing::debug!(%peer, "cannot set handshake timeout: {e}");
+        return;
+    }
+    let (neg, leftover) = match negotiate(&mut stream, &ctx.catalog) {
+        Ok(Some(x)) => x,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::info!(%peer, "handshake failed: {e}");
+            return;
+        }
+    };
+    if stream.set_timeout(None).is_err() {
+        return;
+    }
+    let Some(route) = ctx.routes.get(&neg.export.name) else {
+        tracing::error!(%peer, "negotiated export '{}' has no core", neg.export.name);
+        return;
+    };
+    tracing::debug!(%peer, export = %neg.export.name, structured = neg.structured_replies, "client attached");
+    if route.blocking_send(NewConn { stream, neg, leftover, peer: peer.clone(), guard }).is_err() {
+        tracing::warn!(%peer, "core is gone; dropping connection");
+    }
+}
+
+/// Starts the accept threads. The context is kept for the life of the process.
+pub fn spawn_acceptors(ctx: AcceptContext, tcp: TcpListener, unix: Option<UnixListener>) -> io::Result<()> {
+    let ctx: &'static AcceptContext = Box::leak(Box::new(ctx));
+    std::thread::Builder::new().name("nbd-accept-tcp".into()).spawn(move || loop {
+        match tcp.accept() {
+            Ok((s, addr)) => {
+                let _ = s.set_nodelay(true);
+                admit(ctx, ClientStream::Tcp(s), addr.to_string());
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    })?;
+    if let Some(u) = unix {
+        std::thread::Builder::new().name("nbd-accept-unix".into()).spawn(move || loop {
+            match u.accept() {
+                Ok((s, _)) => admit(ctx, ClientStream::Unix(s), "unix".into()),
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! `mirrorblkd`: the mirrorblk daemon. See `mirrorblkd --help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use mirrorblk_server::config::{Cli, Config, LogFormat};
+use mirrorblk_server::node;
+use nix::sys::signal::{SigSet, Signal};
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = std::env::var("MIRRORBLK_LOG").unwrap_or_else(|_| level.to_string());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match Config::from_cli(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mirrorblkd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&cfg.log_level, cli.log_format);
+    // Block the stop signals in every thread (threads inherit the mask), so
+    // the main thread alone receives them with sigwait.
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGINT);
+    stop.add(Signal::SIGTERM);
+    if let Err(e) = stop.thread_block() {
+        eprintln!("mirrorblkd: cannot block signals: {e}");
+        return ExitCode::from(1);
+    }
+    let _node = match node::start(&cfg) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("mirrorblkd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match stop.wait() {
+        Ok(sig) => tracing::info!("received {sig:?}; stopping (every acknowledged write is already durable in the journal)"),
+        Err(e) => tracing::error!("waiting for signals failed: {e}"),
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,244 @@
+//! A node: opening and recovering every volume, binding the listeners, and
+//! running one io_uring runtime per worker core.
+//!
+//! Start-up is synchronous and fails early with one sentence (exit status 2)
+//! for anything the operator must fix: a missing device, a journal of another
+//! volume, a port in use. Only then do the cores start.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nbd::ExportInfo;
+use tokio::sync::mpsc;
+
+use crate::buffer::{BufPool, PoolConfig};
+use crate::config::{Config, VolumeConfig};
+use crate::export::{serve, Socket};
+use crate::journal::recovery::{open_and_recover, FileReplay, JournalOpenError, JournalSpec, OpenedJournal};
+use crate::journal::Journal;
+use crate::listener::{spawn_acceptors, AcceptContext, Catalog, ClientStream, NewConn};
+use crate::store::{open_store, OpenedStore, Store, StoreError};
+use crate::units::ByteSize;
+use crate::volume::{Volume, VolumeInfo};
+
+/// Why the node could not start; each is something the operator fixes.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A data store problem.
+    #[error("volume '{volume}': {source}")]
+    Store {
+        /// Volume name.
+        volume: String,
+        /// What went wrong.
+        source: StoreError,
+    },
+    /// A journal problem.
+    #[error("volume '{volume}': {source}")]
+    Journal {
+        /// Volume name.
+        volume: String,
+        /// What went wrong.
+        source: JournalOpenError,
+    },
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}{hint}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// A thread could not be started.
+    #[error("cannot start thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A volume opened and recovered, waiting for its core.
+pub struct PreparedVolume {
+    /// Its configuration.
+    pub config: VolumeConfig,
+    /// The data store.
+    pub store: OpenedStore,
+    /// The recovered journal.
+    pub journal: OpenedJournal,
+    /// What clients are told about it.
+    pub export: ExportInfo,
+}
+
+fn export_info(cfg: &VolumeConfig, size: u64, journal_area: u64) -> ExportInfo {
+    let max_payload = (crate::units::align_down(journal_area / 4).saturating_sub(crate::units::BLOCK)).min(32 << 20) as u32;
+    let rw = !cfg.read_only;
+    ExportInfo {
+        name: cfg.name.clone(),
+        description: cfg.description.clone(),
+        size,
+        read_only: cfg.read_only,
+        can_flush: true,
+        can_fua: true,
+        can_trim: rw,
+        can_write_zeroes: rw,
+        can_fast_zero: rw,
+        can_cache: true,
+        can_df: true,
+        // Every reply is durable and every connection sees the same overlay,
+        // so FLUSH/FUA on one connection cover all of them.
+        can_multi_conn: true,
+        can_block_status: true,
+        min_block: 1,
+        preferred_block: 4096,
+        max_payload,
+    }
+}
+
+/// Opens, validates and recovers one volume.
+pub fn prepare_volume(cfg: &VolumeConfig) -> Result<PreparedVolume, StartError> {
+    let store = open_store(&cfg.data, cfg.size, false).map_err(|source| StartError::Store { volume: cfg.name.clone(), source })?;
+    // Replay through a buffered handle: records may be unaligned, and one
+    // fdatasync at the end makes the whole replay durable.
+    let replay_file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&cfg.data)
+        .map_err(|e| StartError::Store { volume: cfg.name.clone(), source: StoreError::Io { path: cfg.data.clone(), source: e } })?;
+    let mut target = FileReplay { file: &replay_file, block_device: store.block_device };
+    let spec = JournalSpec { path: &cfg.journal, size: cfg.journal_size, volume_name: &cfg.name, volume_size: store.size };
+    let journal = open_and_recover(&spec, &mut target).map_err(|source| StartError::Journal { volume: cfg.name.clone(), source })?;
+    let r = &journal.report;
+    match &r.stop_reason {
+        Some(why) => tracing::warn!(
+            volume = %cfg.name,
+            "journal recovery replayed {} records ({} bytes) in {} ms and stopped at LSN {}: {} (a torn tail: those writes were never acknowledged)",
+            r.records, r.bytes, r.millis, r.next_lsn, why
+        ),
+        None => tracing::info!(
+            volume = %cfg.name,
+            "journal recovery replayed {} records ({} bytes) in {} ms; next LSN {}",
+            r.records, r.bytes, r.millis, r.next_lsn
+        ),
+    }
+    let export = export_info(cfg, store.size, journal.superblock.area_len);
+    tracing::info!(
+        volume = %cfg.name,
+        "volume ready: {} ({} bytes) on {}{}, journal {} ({}), max request {}",
+        ByteSize(store.size), store.size, store.path.display(),
+        if store.direct { " (O_DIRECT)" } else { " (buffered)" },
+        cfg.journal.display(), ByteSize(journal.superblock.area_len),
+        ByteSize(export.max_payload as u64)
+    );
+    Ok(PreparedVolume { config: cfg.clone(), store, journal, export })
+}
+
+fn bind_tcp(cfg: &Config) -> Result<TcpListener, StartError> {
+    TcpListener::bind(cfg.listen).map_err(|source| {
+        let hint = match source.kind() {
+            std::io::ErrorKind::AddrInUse => "; another process uses that port: stop it or choose another --listen",
+            std::io::ErrorKind::AddrNotAvailable => "; that address is not on this machine: choose another --listen",
+            std::io::ErrorKind::PermissionDenied => "; ports below 1024 need privileges: choose another --listen",
+            _ => "",
+        };
+        StartError::Bind { addr: cfg.listen.to_string(), source, hint }
+    })
+}
+
+fn bind_unix(path: &PathBuf) -> Result<UnixListener, StartError> {
+    // Replace a stale socket from an earlier run, never any other file.
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if m.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    UnixListener::bind(path).map_err(|source| StartError::Bind {
+        addr: path.display().to_string(),
+        source,
+        hint: "; remove the file or choose another --unix path",
+    })
+}
+
+/// A started node.
+pub struct RunningNode {
+    /// The TCP address actually bound (useful with port 0).
+    pub listen: std::net::SocketAddr,
+}
+
+/// Opens everything, binds the listeners, starts cores and acceptors.
+pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
+    let mut prepared = Vec::new();
+    for v in &cfg.volumes {
+        prepared.push(prepare_volume(v)?);
+    }
+    let tcp = bind_tcp(cfg)?;
+    let listen = tcp.local_addr().map_err(|e| StartError::Bind { addr: cfg.listen.to_string(), source: e, hint: "" })?;
+    let unix = cfg.unix.as_ref().map(bind_unix).transpose()?;
+    let catalog = Catalog { exports: prepared.iter().map(|p| p.export.clone()).collect() };
+
+    let mut per_core: Vec<Vec<PreparedVolume>> = (0..cfg.cores).map(|_| Vec::new()).collect();
+    for (i, p) in prepared.into_iter().enumerate() {
+        per_core[i % cfg.cores].push(p);
+    }
+    let pool_cfg = PoolConfig::from_budget(cfg.buffer_memory);
+    let mut routes = HashMap::new();
+    for (i, vols) in per_core.into_iter().enumerate() {
+        if vols.is_empty() {
+            continue;
+        }
+        let (tx, rx) = mpsc::channel::<NewConn>(64);
+        for v in &vols {
+            routes.insert(v.config.name.clone(), tx.clone());
+        }
+        let pool_cfg = pool_cfg.clone();
+        std::thread::Builder::new()
+            .name(format!("core{i}"))
+            .spawn(move || run_core(i, vols, rx, pool_cfg))
+            .map_err(StartError::Thread)?;
+    }
+    let ctx = AcceptContext { catalog, routes, conns: Arc::new(AtomicUsize::new(0)), max_connections: cfg.max_connections };
+    spawn_acceptors(ctx, tcp, unix).map_err(StartError::Thread)?;
+    tracing::info!(
+        "serving NBD on {listen}{}",
+        cfg.unix.as_ref().map(|p| format!(" and {}", p.display())).unwrap_or_default()
+    );
+    Ok(RunningNode { listen })
+}
+
+fn run_core(index: usize, vols: Vec<PreparedVolume>, mut rx: mpsc::Receiver<NewConn>, pool_cfg: PoolConfig) {
+    let runtime = tokio_uring::builder().entries(1024).start(async move {
+        let pool = Rc::new(BufPool::new(&pool_cfg));
+        let mut volumes: HashMap<String, Rc<Volume>> = HashMap::new();
+        for v in vols {
+            let info = VolumeInfo {
+                name: v.config.name.clone(),
+                description: v.config.description.clone(),
+                size: v.store.size,
+                read_only: v.config.read_only,
+            };
+            let vol = Volume::start(info, Store::new(v.store), Journal::new(v.journal), pool.clone(), Duration::from_millis(50));
+            volumes.insert(v.config.name.clone(), vol);
+        }
+        tracing::debug!("core {index} serving {} volume(s)", volumes.len());
+        while let Some(nc) = rx.recv().await {
+            let Some(vol) = volumes.get(&nc.neg.export.name).cloned() else {
+                tracing::error!("connection for unknown export '{}' reached core {index}", nc.neg.export.name);
+                continue;
+            };
+            let sock = match nc.stream {
+                ClientStream::Tcp(s) => Socket::Tcp(tokio_uring::net::TcpStream::from_std(s)),
+                ClientStream::Unix(s) => Socket::Unix(tokio_uring::net::UnixStream::from_std(s)),
+            };
+            let guard = nc.guard;
+            tokio_uring::spawn(async move {
+                serve(sock, nc.neg, vol, nc.leftover, nc.peer).await;
+                drop(guard);
+            });
+        }
+    });
+    let _: () = runtime;
+}

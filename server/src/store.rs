@@ -1,0 +1,266 @@
+//! The local data store: a regular file or a raw block device, accessed with
+//! `O_DIRECT` through the core's io_uring.
+//!
+//! Opening (and creating) happens synchronously at start-up, where a wrong
+//! path or size must stop the daemon with one clear sentence; the async
+//! [`Store`] then lives on the volume's core.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio_uring::buf::BoundedBuf;
+
+use crate::units::{is_aligned, ByteSize, BLOCK};
+
+/// Why a data store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The path does not exist and no size was given to create it.
+    #[error("data file {path} does not exist; give --size to create it")]
+    Missing {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The data file or device is smaller than the configured size.
+    #[error("data file {path} holds {actual} bytes, less than the volume size {wanted}; grow it (e.g. truncate -s {wanted} {path}) or lower --size")]
+    TooSmall {
+        /// The path.
+        path: PathBuf,
+        /// Its size.
+        actual: u64,
+        /// The configured size.
+        wanted: ByteSize,
+    },
+    /// A size that is not a whole number of 4 KiB blocks.
+    #[error("volume size {0} bytes is not a multiple of 4 KiB; choose e.g. {1}")]
+    Unaligned(u64, ByteSize),
+    /// Neither a regular file nor a block device.
+    #[error("{path} is neither a regular file nor a block device")]
+    BadKind {
+        /// The path.
+        path: PathBuf,
+    },
+    /// An I/O error while opening.
+    #[error("cannot open {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// A data store opened at start-up, not yet bound to a core.
+#[derive(Debug)]
+pub struct OpenedStore {
+    /// The file, opened with `O_DIRECT` when the filesystem supports it.
+    pub file: File,
+    /// Volume size in bytes.
+    pub size: u64,
+    /// Whether it is a block device (no holes, no `SEEK_HOLE`).
+    pub block_device: bool,
+    /// Whether `O_DIRECT` is in effect.
+    pub direct: bool,
+    /// Where it is.
+    pub path: PathBuf,
+}
+
+mod ioctl {
+    nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+}
+use ioctl::blkgetsize64;
+
+/// The size of an open block device.
+pub fn block_device_size(f: &File) -> io::Result<u64> {
+    let mut size = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+    unsafe { blkgetsize64(f.as_raw_fd(), &mut size) }.map_err(io::Error::from)?;
+    Ok(size)
+}
+
+/// Opens `path` for read-write (or read-only) with `O_DIRECT`, falling back
+/// to buffered I/O (with a warning) where the filesystem refuses `O_DIRECT`,
+/// e.g. tmpfs. `extra_flags` are added (the journal adds `O_DSYNC`).
+pub fn open_direct(path: &Path, read_only: bool, extra_flags: i32) -> io::Result<(File, bool)> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(!read_only);
+    match o.clone().custom_flags(libc::O_DIRECT | extra_flags).open(path) {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::warn!("{} does not support O_DIRECT; using buffered I/O (still durable through fsync)", path.display());
+            Ok((o.custom_flags(extra_flags).open(path)?, false))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens (creating if missing and `size` is given) the data store of a volume.
+pub fn open_store(path: &Path, size: Option<u64>, read_only: bool) -> Result<OpenedStore, StoreError> {
+    let io_err = |source| StoreError::Io { path: path.to_path_buf(), source };
+    if let Some(s) = size {
+        if !is_aligned(s) || s == 0 {
+            return Err(StoreError::Unaligned(s, ByteSize(crate::units::align_up(s.max(1)))));
+        }
+    }
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(e)),
+    };
+    let (block_device, actual) = match &meta {
+        None => {
+            let Some(s) = size else {
+                return Err(StoreError::Missing { path: path.to_path_buf() });
+            };
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(io_err)?;
+            }
+            let f = OpenOptions::new().write(true).create_new(true).open(path).map_err(io_err)?;
+            f.set_len(s).map_err(io_err)?;
+            f.sync_all().map_err(io_err)?;
+            tracing::info!("created data file {} ({})", path.display(), ByteSize(s));
+            (false, s)
+        }
+        Some(m) if m.file_type().is_file() => (false, m.len()),
+        Some(m) if m.file_type().is_block_device() => {
+            let f = File::open(path).map_err(io_err)?;
+            (true, block_device_size(&f).map_err(io_err)?)
+        }
+        Some(_) => return Err(StoreError::BadKind { path: path.to_path_buf() }),
+    };
+    let size = match size {
+        Some(s) if actual < s => {
+            return Err(StoreError::TooSmall { path: path.to_path_buf(), actual, wanted: ByteSize(s) })
+        }
+        Some(s) => s,
+        None => {
+            if !is_aligned(actual) || actual == 0 {
+                return Err(StoreError::Unaligned(actual, ByteSize(crate::units::align_down(actual).max(BLOCK))));
+            }
+            actual
+        }
+    };
+    let (file, direct) = open_direct(path, read_only, 0).map_err(io_err)?;
+    Ok(OpenedStore { file, size, block_device, direct, path: path.to_path_buf() })
+}
+
+/// The data store bound to a core's io_uring.
+pub struct Store {
+    file: tokio_uring::fs::File,
+    fd: RawFd,
+    size: u64,
+    block_device: bool,
+}
+
+/// How a range of the store is allocated, for BLOCK_STATUS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    /// Length in bytes.
+    pub length: u64,
+    /// True for a hole (reads as zeroes, no storage behind it).
+    pub hole: bool,
+}
+
+impl Store {
+    /// Binds an opened store to the current core. Must run inside the core's runtime.
+    pub fn new(opened: OpenedStore) -> Store {
+        let fd = opened.file.as_raw_fd();
+        Store {
+            file: tokio_uring::fs::File::from_std(opened.file),
+            fd,
+            size: opened.size,
+            block_device: opened.block_device,
+        }
+    }
+
+    /// Volume size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads `[pos, pos + len)` into the start of `buf` (block aligned).
+    pub async fn read_into<T: tokio_uring::buf::IoBufMut>(&self, buf: T, pos: u64, len: usize) -> (io::Result<()>, T) {
+        debug_assert!(is_aligned(pos) && is_aligned(len as u64));
+        debug_assert!(pos + len as u64 <= self.size);
+        let (res, slice) = self.file.read_exact_at(buf.slice(0..len), pos).await;
+        (res, slice.into_inner())
+    }
+
+    /// Writes all of `buf` at `pos` (block aligned).
+    pub async fn write_all<T: BoundedBuf>(&self, buf: T, pos: u64) -> (io::Result<()>, T) {
+        debug_assert!(is_aligned(pos));
+        let (res, buf) = self.file.write_all_at(buf, pos).await;
+        (res, buf)
+    }
+
+    /// Makes `[off, off + len)` (block aligned) read as zeroes: a hole if
+    /// `punch`, otherwise zeroed but still allocated.
+    pub async fn zero(&self, off: u64, len: u64, punch: bool) -> io::Result<()> {
+        debug_assert!(is_aligned(off) && is_aligned(len));
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = if punch {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match self.file.fallocate(off, len, mode).await {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)) && punch => {
+                // Some filesystems cannot punch; zeroing keeps the promise.
+                self.file
+                    .fallocate(off, len, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+                    .await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes every completed write durable (flushes the device cache).
+    pub async fn sync(&self) -> io::Result<()> {
+        self.file.sync_data().await
+    }
+
+    /// The allocation map of `[off, off + len)`: holes and data, by
+    /// `SEEK_DATA`/`SEEK_HOLE`. Block devices report everything as data.
+    pub fn allocation(&self, off: u64, len: u64) -> Vec<Allocation> {
+        let end = off.saturating_add(len).min(self.size);
+        if self.block_device || off >= end {
+            return vec![Allocation { length: end.saturating_sub(off), hole: false }];
+        }
+        let mut out = Vec::new();
+        let mut pos = off;
+        while pos < end && out.len() < 1024 {
+            // SAFETY: plain lseek on a file descriptor we own.
+            let data = unsafe { libc::lseek(self.fd, pos as i64, libc::SEEK_DATA) };
+            if data < 0 {
+                // ENXIO: no data after pos, the rest is a hole. Any other
+                // error: report data, which is always a safe answer.
+                let hole = io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+                out.push(Allocation { length: end - pos, hole });
+                break;
+            }
+            let data = (data as u64).max(pos);
+            if data > pos {
+                let n = data.min(end) - pos;
+                out.push(Allocation { length: n, hole: true });
+                pos += n;
+                continue;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(self.fd, pos as i64, libc::SEEK_HOLE) };
+            let hole_at = if hole < 0 { end } else { (hole as u64).max(pos + 1) };
+            let n = hole_at.min(end) - pos;
+            out.push(Allocation { length: n, hole: false });
+            pos += n;
+        }
+        if pos < end && out.len() >= 1024 {
+            out.push(Allocation { length: end - pos, hole: false });
+        }
+        out
+    }
+}

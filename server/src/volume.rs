@@ -1,0 +1,468 @@
+//! A volume on its home core: the journal, the data store, the overlay of
+//! unapplied extents, and the applier that moves journaled records home.
+//!
+//! Everything here runs on one core (the volume's), so state is plain
+//! `RefCell`s with no locks. The write path: reserve an LSN and journal space
+//! (backpressure when full), record the extent in the overlay so reads see it
+//! at once, wait for the group commit to make it durable, reply. The applier
+//! then writes records to the store in LSN order, and periodically makes the
+//! store durable and advances the journal checkpoint.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::rc::Rc;
+use std::time::Duration;
+
+use nbd::ErrorCode;
+use tokio::sync::Notify;
+use tokio_uring::buf::fixed::FixedBuf;
+
+use crate::buffer::{AlignedBuf, BufPool, Payload, SharedSlice, MAX_CHUNK};
+use crate::journal::format::{RecordOp, FLAG_NO_HOLE};
+use crate::journal::{Journal, Record};
+use crate::overlay::{Overlay, Piece, Source};
+use crate::store::{Allocation, Store};
+use crate::units::{align_down, align_up, is_aligned, Lsn, BLOCK};
+
+/// Most records the applier writes to the store at once.
+const APPLY_BATCH: usize = 64;
+
+/// Static description of a volume.
+#[derive(Debug, Clone)]
+pub struct VolumeInfo {
+    /// Export name.
+    pub name: String,
+    /// Human description for NBD_INFO_DESCRIPTION.
+    pub description: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether clients may only read.
+    pub read_only: bool,
+}
+
+/// Counters of a volume, for logs, metrics and tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct VolumeStats {
+    /// Records applied to the store.
+    pub applied: u64,
+    /// Checkpoints taken.
+    pub checkpoints: u64,
+    /// Payload bytes copied in userspace on the write path (must stay 0).
+    pub write_copies: u64,
+}
+
+/// Read data ready to send: pool buffers with the `[start, end)` to send of each.
+pub struct ReadData {
+    /// Buffers in order.
+    pub parts: Vec<(FixedBuf, usize, usize)>,
+}
+
+/// A volume bound to its core.
+pub struct Volume {
+    info: VolumeInfo,
+    store: Store,
+    journal: Journal,
+    pool: Rc<BufPool>,
+    overlay: RefCell<Overlay>,
+    apply_queue: RefCell<VecDeque<Rc<Record>>>,
+    apply_work: Notify,
+    applied_next: Cell<Lsn>,
+    stats: Cell<VolumeStats>,
+    scratch: RefCell<Option<AlignedBuf>>,
+    checkpoint_interval: Duration,
+}
+
+fn io_code(e: &io::Error) -> ErrorCode {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorCode::NoSpc,
+        _ => ErrorCode::Io,
+    }
+}
+
+impl Volume {
+    /// Builds the volume and starts its appender and applier tasks on the
+    /// current core.
+    pub fn start(info: VolumeInfo, store: Store, journal: Journal, pool: Rc<BufPool>, checkpoint_interval: Duration) -> Rc<Volume> {
+        let applied_next = journal.next_lsn();
+        let v = Rc::new(Volume {
+            info,
+            store,
+            journal,
+            pool,
+            overlay: RefCell::new(Overlay::new()),
+            apply_queue: RefCell::new(VecDeque::new()),
+            apply_work: Notify::new(),
+            applied_next: Cell::new(applied_next),
+            stats: Cell::new(VolumeStats::default()),
+            scratch: RefCell::new(Some(AlignedBuf::new(MAX_CHUNK))),
+            checkpoint_interval,
+        });
+        let a = v.clone();
+        tokio_uring::spawn(async move {
+            let q = a.clone();
+            a.journal
+                .run_appender(move |batch| {
+                    q.apply_queue.borrow_mut().extend(batch);
+                    q.apply_work.notify_one();
+                })
+                .await;
+        });
+        let b = v.clone();
+        tokio_uring::spawn(async move { b.run_applier().await });
+        v
+    }
+
+    /// Static description.
+    pub fn info(&self) -> &VolumeInfo {
+        &self.info
+    }
+
+    /// The core's buffer pool.
+    pub fn pool(&self) -> &Rc<BufPool> {
+        &self.pool
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> VolumeStats {
+        self.stats.get()
+    }
+
+    /// The journal (for status reporting).
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Largest payload a client may send in one request.
+    pub fn max_payload(&self) -> u32 {
+        self.journal.max_payload().min(32 << 20) as u32
+    }
+
+    fn check_writable(&self) -> Result<(), ErrorCode> {
+        if self.info.read_only {
+            return Err(ErrorCode::Perm);
+        }
+        Ok(())
+    }
+
+    async fn journal_and_wait(&self, op: RecordOp, flags: u8, offset: u64, length: u64, payload: Option<Rc<Payload>>) -> Result<(), ErrorCode> {
+        self.check_writable()?;
+        let rec = self
+            .journal
+            .reserve(op, flags, offset, length, payload, |rec| {
+                let mut ov = self.overlay.borrow_mut();
+                match (rec.op, &rec.payload) {
+                    (RecordOp::Write, Some(p)) => ov.insert(offset, offset + length, rec.lsn, Source::Data { payload: p.clone(), at: 0 }),
+                    (RecordOp::WriteZeroes, _) => ov.insert(offset, offset + length, rec.lsn, Source::Zero),
+                    // A trim only promises zeroes for the whole blocks inside it.
+                    (RecordOp::Trim, _) => ov.insert(align_up(offset), align_down(offset + length), rec.lsn, Source::Zero),
+                    _ => unreachable!("pad records are never reserved directly"),
+                }
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(volume = %self.info.name, "{e}");
+                ErrorCode::Io
+            })?;
+        self.journal.wait_durable(rec.lsn).await.map_err(|e| {
+            tracing::error!(volume = %self.info.name, "{e}");
+            ErrorCode::Io
+        })
+    }
+
+    /// Writes a payload at `offset`; returns once it is durable.
+    pub async fn write(&self, offset: u64, payload: Payload) -> Result<(), ErrorCode> {
+        let len = payload.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        self.journal_and_wait(RecordOp::Write, 0, offset, len, Some(Rc::new(payload))).await
+    }
+
+    /// Discards `[offset, offset+len)`; returns once durable.
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), ErrorCode> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.journal_and_wait(RecordOp::Trim, 0, offset, len, None).await
+    }
+
+    /// Zeroes `[offset, offset+len)`; returns once durable.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> Result<(), ErrorCode> {
+        if len == 0 {
+            return Ok(());
+        }
+        let flags = if no_hole { FLAG_NO_HOLE } else { 0 };
+        self.journal_and_wait(RecordOp::WriteZeroes, flags, offset, len, None).await
+    }
+
+    /// Every write acknowledged so far is already durable (each is journaled
+    /// with O_DSYNC before its reply), so a flush only has to report journal
+    /// failure.
+    pub async fn flush(&self) -> Result<(), ErrorCode> {
+        match self.journal.failed() {
+            Some(_) => Err(ErrorCode::Io),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads `[offset, offset+len)`: the store, overlaid with unapplied extents.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<ReadData, ErrorCode> {
+        let mut parts = Vec::new();
+        if len == 0 {
+            return Ok(ReadData { parts });
+        }
+        let end = offset + len;
+        // Split at MAX_CHUNK-aligned volume offsets so each piece's aligned
+        // span fits one buffer. Buffers for a multi-piece read are taken at
+        // once (the pool serialises large takes, so two big requests never
+        // hold half each and wait for each other).
+        let span_of = |p0: u64| -> (u64, u64) {
+            let p1 = (align_down(p0 / MAX_CHUNK as u64 * MAX_CHUNK as u64) + MAX_CHUNK as u64).min(end);
+            (p0, p1)
+        };
+        let mut pieces = Vec::new();
+        let mut p0 = offset;
+        while p0 < end {
+            let (a, b) = span_of(p0);
+            pieces.push((a, b));
+            p0 = b;
+        }
+        let sizes: Vec<usize> = pieces.iter().map(|&(a, b)| (align_up(b) - align_down(a)) as usize).collect();
+        let bufs = self.pool.take_many(&sizes).await;
+        let reads = pieces.into_iter().zip(bufs).map(|((p0, p1), buf)| self.read_piece(p0, p1, buf));
+        for r in futures_util::future::join_all(reads).await {
+            parts.push(r?);
+        }
+        Ok(ReadData { parts })
+    }
+
+    async fn read_piece(&self, p0: u64, p1: u64, mut buf: FixedBuf) -> Result<(FixedBuf, usize, usize), ErrorCode> {
+        let a0 = align_down(p0);
+        let a1 = align_up(p1);
+        let overlay: Vec<Piece> = self.overlay.borrow().lookup(p0, p1);
+        let covered: u64 = overlay.iter().map(|p| p.end - p.start).sum();
+        if covered < p1 - p0 {
+            let (res, b) = self.store.read_into(buf, a0, (a1 - a0) as usize).await;
+            buf = b;
+            res.map_err(|e| {
+                tracing::error!(volume = %self.info.name, "read of the data store at {a0} failed: {e}");
+                io_code(&e)
+            })?;
+        }
+        for piece in overlay {
+            let dst = &mut buf[(piece.start - a0) as usize..(piece.end - a0) as usize];
+            match &piece.src {
+                Source::Data { payload, at } => payload.copy_out(*at, dst),
+                Source::Zero => dst.fill(0),
+            }
+        }
+        Ok((buf, (p0 - a0) as usize, (p1 - a0) as usize))
+    }
+
+    /// Allocation of `[offset, offset+len)`: (length, hole) runs. Unapplied
+    /// extents count as data (always a safe answer).
+    pub fn allocation(&self, offset: u64, len: u64) -> Vec<Allocation> {
+        let end = offset + len;
+        let pending = self.overlay.borrow().lookup(offset, end);
+        if pending.is_empty() {
+            return self.store.allocation(offset, len);
+        }
+        // Conservative: the first extent up to the first pending byte from
+        // the store, the rest as data.
+        let first = pending[0].start;
+        let mut out = if first > offset { self.store.allocation(offset, first - offset) } else { Vec::new() };
+        out.push(Allocation { length: end - first, hole: false });
+        out
+    }
+
+    // ---- applier ----
+
+    async fn run_applier(self: Rc<Self>) {
+        let mut since_checkpoint: u64 = 0;
+        let mut last_end_pos: Option<u64> = None;
+        loop {
+            let batch = self.take_apply_batch();
+            if batch.is_empty() {
+                // Idle: checkpoint what was applied, then wait for work (or
+                // the interval, so a quiet volume still checkpoints).
+                if since_checkpoint > 0 {
+                    if let Some(pos) = last_end_pos {
+                        self.checkpoint(pos, &mut since_checkpoint).await;
+                    }
+                }
+                let notified = self.apply_work.notified();
+                if !self.apply_queue.borrow().is_empty() {
+                    continue;
+                }
+                notified.await;
+                continue;
+            }
+            let results = futures_util::future::join_all(batch.iter().map(|r| self.apply_record(r))).await;
+            for (r, res) in batch.iter().zip(results) {
+                if let Err(e) = res {
+                    // The record stays in the journal, so a restart replays it;
+                    // until then the overlay keeps serving its data.
+                    tracing::error!(volume = %self.info.name, "applying LSN {} to the data store failed: {e}; retrying in 1 s", r.lsn);
+                    let mut q = self.apply_queue.borrow_mut();
+                    for rec in batch.iter().rev().filter(|x| x.lsn >= r.lsn) {
+                        q.push_front(rec.clone());
+                    }
+                    drop(q);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break;
+                }
+                self.overlay.borrow_mut().remove(r.offset, r.offset + r.length, r.lsn);
+                debug_assert_eq!(self.applied_next.get(), r.lsn, "records applied out of LSN order");
+                self.applied_next.set(r.lsn.next());
+                since_checkpoint += r.reserved_bytes();
+                last_end_pos = Some(r.end_pos(self.journal.area_len()));
+                let mut s = self.stats.get();
+                s.applied += 1;
+                self.stats.set(s);
+            }
+            // Checkpoint when a quarter of the journal is applied-but-held,
+            // or writers are waiting for space.
+            if since_checkpoint > self.journal.area_len() / 4 || self.journal.fill_ratio() > 0.5 {
+                if let Some(pos) = last_end_pos {
+                    self.checkpoint(pos, &mut since_checkpoint).await;
+                }
+            } else if self.checkpoint_interval > Duration::ZERO && self.apply_queue.borrow().is_empty() {
+                tokio::time::sleep(self.checkpoint_interval.min(Duration::from_millis(50))).await;
+            }
+        }
+    }
+
+    fn take_apply_batch(&self) -> Vec<Rc<Record>> {
+        let mut q = self.apply_queue.borrow_mut();
+        let mut batch: Vec<Rc<Record>> = Vec::new();
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        while let Some(r) = q.front() {
+            if batch.len() >= APPLY_BATCH {
+                break;
+            }
+            let span = (align_down(r.offset), align_up(r.offset + r.length));
+            // Records touching the same block must be applied in order: end
+            // the batch at the first overlap.
+            if spans.iter().any(|&(a, b)| span.0 < b && a < span.1) {
+                break;
+            }
+            spans.push(span);
+            batch.push(q.pop_front().expect("front exists"));
+        }
+        batch
+    }
+
+    async fn checkpoint(&self, pos: u64, since: &mut u64) {
+        if let Err(e) = self.store.sync().await {
+            tracing::error!(volume = %self.info.name, "syncing the data store failed: {e}; checkpoint postponed");
+            return;
+        }
+        match self.journal.checkpoint(self.applied_next.get(), pos, *since).await {
+            Ok(()) => {
+                *since = 0;
+                let mut s = self.stats.get();
+                s.checkpoints += 1;
+                self.stats.set(s);
+            }
+            Err(e) => tracing::error!(volume = %self.info.name, "writing the journal checkpoint failed: {e}"),
+        }
+    }
+
+    async fn apply_record(&self, r: &Rc<Record>) -> io::Result<()> {
+        let (start, end) = (r.offset, r.offset + r.length);
+        match r.op {
+            RecordOp::Write => {
+                let p = r.payload.as_ref().expect("write records carry a payload");
+                if is_aligned(start) && is_aligned(r.length) {
+                    let writes = (0..p.chunk_count()).map(|i| {
+                        let slice = SharedSlice::new(p.clone(), i, 0, p.chunk_len(i));
+                        self.store.write_all(slice, start + (i * MAX_CHUNK) as u64)
+                    });
+                    for (res, _) in futures_util::future::join_all(writes).await {
+                        res?;
+                    }
+                    Ok(())
+                } else {
+                    self.read_modify_write(start, end, |dst, vol_off| p.copy_out((vol_off - start) as usize, dst)).await
+                }
+            }
+            RecordOp::Trim => {
+                let (a, b) = (align_up(start), align_down(end));
+                if b > a {
+                    self.store.zero(a, b - a, true).await?;
+                }
+                Ok(())
+            }
+            RecordOp::WriteZeroes => {
+                let punch = r.flags & FLAG_NO_HOLE == 0;
+                let (a, b) = (align_up(start), align_down(end));
+                if b > a {
+                    self.store.zero(a, b - a, punch).await?;
+                    if start < a {
+                        self.read_modify_write(start, a, |d, _| d.fill(0)).await?;
+                    }
+                    if b < end {
+                        self.read_modify_write(b, end, |d, _| d.fill(0)).await?;
+                    }
+                    Ok(())
+                } else {
+                    self.read_modify_write(start, end, |d, _| d.fill(0)).await
+                }
+            }
+            RecordOp::Pad => Ok(()),
+        }
+    }
+
+    /// Patches `[start, end)` of the store through the applier's scratch
+    /// buffer, a chunk at a time: read the aligned span, let `fill` write the
+    /// new bytes for (destination, volume offset), write the span back.
+    async fn read_modify_write(&self, start: u64, end: u64, fill: impl Fn(&mut [u8], u64)) -> io::Result<()> {
+        let mut buf = self.scratch.borrow_mut().take().unwrap_or_else(|| AlignedBuf::new(MAX_CHUNK));
+        let mut result = Ok(());
+        let mut pos = start;
+        while pos < end {
+            let a0 = align_down(pos);
+            let a1 = align_up(end).min(a0 + MAX_CHUNK as u64);
+            let piece_end = end.min(a1);
+            let n = (a1 - a0) as usize;
+            let (res, b) = self.store.read_into(buf, a0, n).await;
+            buf = b;
+            if let Err(e) = res {
+                result = Err(e);
+                break;
+            }
+            fill(&mut buf.as_mut_slice()[(pos - a0) as usize..(piece_end - a0) as usize], pos);
+            let (res, slice) = self.store.write_all(tokio_uring::buf::BoundedBuf::slice(buf, 0..n), a0).await;
+            buf = slice.into_inner();
+            if let Err(e) = res {
+                result = Err(e);
+                break;
+            }
+            pos = piece_end;
+        }
+        *self.scratch.borrow_mut() = Some(buf);
+        result
+    }
+
+    /// Applies everything journaled so far and checkpoints (graceful stop).
+    pub async fn drain(&self) {
+        for _ in 0..6000 {
+            let durable = self.journal.durable_next();
+            if self.applied_next.get() >= self.journal.next_lsn() && self.applied_next.get() >= durable && self.apply_queue.borrow().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Whether `[offset, offset+len)` has unapplied data (tests, block status).
+    pub fn has_pending(&self, offset: u64, len: u64) -> bool {
+        self.overlay.borrow().overlaps(offset, offset + len)
+    }
+
+    /// Block size used by the store.
+    pub fn block_size(&self) -> u64 {
+        BLOCK
+    }
+}
