@@ -94,6 +94,13 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
+    /// Longest time applied writes stay in the journal before a checkpoint
+    /// (store fdatasync + superblock update) releases them. A checkpoint also
+    /// happens whenever a quarter of the journal is applied. Shorter means
+    /// faster restarts; longer means fewer device cache flushes. [default: 1s]
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration)]
+    pub checkpoint_interval: Option<std::time::Duration>,
+
     /// Log level: error, warn, info, debug or trace (or a tracing filter).
     /// [default: info; the MIRRORBLK_LOG environment variable also works]
     #[arg(long, value_name = "LEVEL")]
@@ -131,6 +138,8 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     /// Log level.
     pub log_level: Option<String>,
+    /// Checkpoint interval, e.g. "1s".
+    pub checkpoint_interval: Option<String>,
     /// Volumes.
     #[serde(default, rename = "volume")]
     pub volumes: Vec<FileVolume>,
@@ -192,6 +201,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Log level filter.
     pub log_level: String,
+    /// Longest time between checkpoints.
+    pub checkpoint_interval: std::time::Duration,
     /// Volumes.
     pub volumes: Vec<VolumeConfig>,
 }
@@ -282,6 +293,11 @@ impl Config {
         if max_connections == 0 {
             return err("--max-connections must be at least 1");
         }
+        let checkpoint_interval = match (cli.checkpoint_interval, &file.checkpoint_interval) {
+            (Some(d), _) => d,
+            (None, Some(t)) => crate::units::parse_duration(t).map_err(|e| ConfigError(format!("checkpoint_interval: {e}")))?,
+            (None, None) => std::time::Duration::from_secs(1),
+        };
         let listen = cli
             .listen
             .or(file.listen)
@@ -293,6 +309,7 @@ impl Config {
             buffer_memory,
             max_connections,
             log_level: cli.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".into()),
+            checkpoint_interval,
             volumes,
         })
     }

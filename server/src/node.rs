@@ -197,7 +197,10 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         let pool_cfg = pool_cfg.clone();
         std::thread::Builder::new()
             .name(format!("core{i}"))
-            .spawn(move || run_core(i, vols, rx, pool_cfg))
+            .spawn({
+                let interval = cfg.checkpoint_interval;
+                move || run_core(i, vols, rx, pool_cfg, interval)
+            })
             .map_err(StartError::Thread)?;
     }
     let ctx = AcceptContext { catalog, routes, conns: Arc::new(AtomicUsize::new(0)), max_connections: cfg.max_connections };
@@ -209,7 +212,7 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     Ok(RunningNode { listen })
 }
 
-fn run_core(index: usize, vols: Vec<PreparedVolume>, mut rx: mpsc::Receiver<NewConn>, pool_cfg: PoolConfig) {
+fn run_core(index: usize, vols: Vec<PreparedVolume>, mut rx: mpsc::Receiver<NewConn>, pool_cfg: PoolConfig, checkpoint_interval: Duration) {
     let runtime = tokio_uring::builder().entries(1024).start(async move {
         let pool = Rc::new(BufPool::new(&pool_cfg));
         let mut volumes: HashMap<String, Rc<Volume>> = HashMap::new();
@@ -220,7 +223,7 @@ fn run_core(index: usize, vols: Vec<PreparedVolume>, mut rx: mpsc::Receiver<NewC
                 size: v.store.size,
                 read_only: v.config.read_only,
             };
-            let vol = Volume::start(info, Store::new(v.store), Journal::new(v.journal), pool.clone(), Duration::from_millis(50));
+            let vol = Volume::start(info, Store::new(v.store), Journal::new(v.journal), pool.clone(), checkpoint_interval);
             volumes.insert(v.config.name.clone(), vol);
         }
         tracing::debug!("core {index} serving {} volume(s)", volumes.len());

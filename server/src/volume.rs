@@ -281,21 +281,29 @@ impl Volume {
     async fn run_applier(self: Rc<Self>) {
         let mut since_checkpoint: u64 = 0;
         let mut last_end_pos: Option<u64> = None;
+        let mut last_checkpoint = std::time::Instant::now();
         loop {
             let batch = self.take_apply_batch();
             if batch.is_empty() {
-                // Idle: checkpoint what was applied, then wait for work (or
-                // the interval, so a quiet volume still checkpoints).
-                if since_checkpoint > 0 {
+                // Idle: checkpoint once the interval has passed, so a quiet
+                // volume's journal empties and restarts replay little.
+                let due = self.checkpoint_interval.saturating_sub(last_checkpoint.elapsed());
+                if since_checkpoint > 0 && due.is_zero() {
                     if let Some(pos) = last_end_pos {
                         self.checkpoint(pos, &mut since_checkpoint).await;
+                        last_checkpoint = std::time::Instant::now();
                     }
+                    continue;
                 }
                 let notified = self.apply_work.notified();
                 if !self.apply_queue.borrow().is_empty() {
                     continue;
                 }
-                notified.await;
+                if since_checkpoint > 0 {
+                    let _ = tokio::time::timeout(due, notified).await;
+                } else {
+                    notified.await;
+                }
                 continue;
             }
             let results = futures_util::future::join_all(batch.iter().map(|r| self.apply_record(r))).await;
@@ -313,7 +321,7 @@ impl Volume {
                     break;
                 }
                 self.overlay.borrow_mut().remove(r.offset, r.offset + r.length, r.lsn);
-                debug_assert_eq!(self.applied_next.get(), r.lsn, "records applied out of LSN order");
+                assert_eq!(self.applied_next.get(), r.lsn, "records applied out of LSN order");
                 self.applied_next.set(r.lsn.next());
                 since_checkpoint += r.reserved_bytes();
                 last_end_pos = Some(r.end_pos(self.journal.area_len()));
@@ -321,14 +329,14 @@ impl Volume {
                 s.applied += 1;
                 self.stats.set(s);
             }
-            // Checkpoint when a quarter of the journal is applied-but-held,
-            // or writers are waiting for space.
-            if since_checkpoint > self.journal.area_len() / 4 || self.journal.fill_ratio() > 0.5 {
+            // Checkpoint when a quarter of the journal is applied but still
+            // held, when writers may soon wait for space, or on the interval.
+            let pressure = since_checkpoint > self.journal.area_len() / 4 || self.journal.fill_ratio() > 0.5;
+            if since_checkpoint > 0 && (pressure || last_checkpoint.elapsed() >= self.checkpoint_interval) {
                 if let Some(pos) = last_end_pos {
                     self.checkpoint(pos, &mut since_checkpoint).await;
+                    last_checkpoint = std::time::Instant::now();
                 }
-            } else if self.checkpoint_interval > Duration::ZERO && self.apply_queue.borrow().is_empty() {
-                tokio::time::sleep(self.checkpoint_interval.min(Duration::from_millis(50))).await;
             }
         }
     }
