@@ -28,7 +28,10 @@ impl AlignedBuf {
     /// Allocates a zeroed buffer of `cap` bytes; `cap` must be a non-zero
     /// multiple of [`BLOCK`].
     pub fn new(cap: usize) -> AlignedBuf {
-        assert!(cap > 0 && cap as u64 % BLOCK == 0, "buffer capacity {cap} not block aligned");
+        assert!(
+            cap > 0 && cap as u64 % BLOCK == 0,
+            "buffer capacity {cap} not block aligned"
+        );
         let layout = Self::layout(cap);
         // SAFETY: layout has non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
@@ -120,12 +123,18 @@ impl PoolConfig {
         let left = (bytes as usize).saturating_sub(small_bytes) / MAX_CHUNK;
         let room = MAX_BUFFERS - small.iter().sum::<usize>();
         let c1m = left.clamp(40, room);
-        PoolConfig { counts: [small[0], small[1], small[2], small[3], c1m] }
+        PoolConfig {
+            counts: [small[0], small[1], small[2], small[3], c1m],
+        }
     }
 
     /// Total bytes the pool allocates.
     pub fn total_bytes(&self) -> u64 {
-        self.counts.iter().zip(CLASSES).map(|(n, c)| (*n * c) as u64).sum()
+        self.counts
+            .iter()
+            .zip(CLASSES)
+            .map(|(n, c)| (*n * c) as u64)
+            .sum()
     }
 }
 
@@ -143,7 +152,10 @@ impl BufPool {
     /// Must run inside a tokio-uring runtime. If registration is refused
     /// (e.g. `RLIMIT_MEMLOCK` too low), the pool still works with plain reads.
     pub fn new(cfg: &PoolConfig) -> BufPool {
-        assert!(cfg.counts.iter().sum::<usize>() <= MAX_BUFFERS, "pool larger than a ring can register");
+        assert!(
+            cfg.counts.iter().sum::<usize>() <= MAX_BUFFERS,
+            "pool larger than a ring can register"
+        );
         let bufs = cfg
             .counts
             .iter()
@@ -160,7 +172,11 @@ impl BufPool {
                 false
             }
         };
-        BufPool { pool, registered, multi: tokio::sync::Mutex::new(()) }
+        BufPool {
+            pool,
+            registered,
+            multi: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// Whether the buffers are registered (so `READ_FIXED` may be used).
@@ -170,7 +186,11 @@ impl BufPool {
 
     /// The smallest class that holds `len` bytes (at most [`MAX_CHUNK`]).
     pub fn class_for(len: usize) -> usize {
-        CLASSES.iter().copied().find(|c| *c >= len).unwrap_or(MAX_CHUNK)
+        CLASSES
+            .iter()
+            .copied()
+            .find(|c| *c >= len)
+            .unwrap_or(MAX_CHUNK)
     }
 
     /// A buffer of at least `len` bytes (`len` ≤ [`MAX_CHUNK`]), waiting for
@@ -189,7 +209,11 @@ impl BufPool {
 
     /// Buffers for several sizes at once (each ≤ [`MAX_CHUNK`]).
     pub async fn take_many(&self, sizes: &[usize]) -> Vec<FixedBuf> {
-        let _guard = if sizes.len() > 1 { Some(self.multi.lock().await) } else { None };
+        let _guard = if sizes.len() > 1 {
+            Some(self.multi.lock().await)
+        } else {
+            None
+        };
         let mut out = Vec::with_capacity(sizes.len());
         for &s in sizes {
             out.push(self.get(s.max(1)).await);
@@ -210,7 +234,10 @@ impl BufPool {
                 break;
             }
         }
-        Payload { chunks: self.take_many(&sizes).await, len }
+        Payload {
+            chunks: self.take_many(&sizes).await,
+            len,
+        }
     }
 }
 
@@ -300,7 +327,12 @@ impl SharedSlice {
     pub fn new(payload: Rc<Payload>, chunk: usize, start: usize, end: usize) -> SharedSlice {
         let cap = payload.chunks[chunk].bytes_total();
         assert!(start <= end && end <= cap, "shared slice out of range");
-        SharedSlice { payload, chunk, start, end }
+        SharedSlice {
+            payload,
+            chunk,
+            start,
+            end,
+        }
     }
 
     /// Views covering the whole payload, each chunk padded up to a block
@@ -409,7 +441,9 @@ mod tests {
     #[test]
     fn payload_chunks_copy_and_hash() {
         tokio_uring::start(async {
-            let pool = BufPool::new(&PoolConfig { counts: [4, 1, 1, 1, 4] });
+            let pool = BufPool::new(&PoolConfig {
+                counts: [4, 1, 1, 1, 4],
+            });
             let len = MAX_CHUNK * 2 + 100;
             let mut p = pool.payload(len).await;
             assert_eq!(p.chunk_count(), 3);

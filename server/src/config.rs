@@ -220,7 +220,13 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| ConfigError(format!("config file {}: {}", path.display(), e.to_string().trim_end())))
+    toml::from_str(&text).map_err(|e| {
+        ConfigError(format!(
+            "config file {}: {}",
+            path.display(),
+            e.to_string().trim_end()
+        ))
+    })
 }
 
 impl Config {
@@ -254,7 +260,11 @@ impl Config {
                 read_only: cli.read_only,
             }),
             (None, None, None) => {}
-            _ => return err("--export, --data and --journal go together: give all three to define a volume"),
+            _ => {
+                return err(
+                    "--export, --data and --journal go together: give all three to define a volume",
+                )
+            }
         }
         if volumes.is_empty() {
             return err("no volume configured: give --export NAME --data PATH --journal PATH [--size SIZE], or --config FILE");
@@ -263,10 +273,17 @@ impl Config {
         let mut paths = HashSet::new();
         for v in &volumes {
             if v.name.is_empty() || v.name.len() > crate::journal::format::MAX_NAME {
-                return err(format!("volume name '{}' must be 1 to {} bytes long", v.name, crate::journal::format::MAX_NAME));
+                return err(format!(
+                    "volume name '{}' must be 1 to {} bytes long",
+                    v.name,
+                    crate::journal::format::MAX_NAME
+                ));
             }
             if !names.insert(v.name.clone()) {
-                return err(format!("volume name '{}' is used twice; export names must be unique", v.name));
+                return err(format!(
+                    "volume name '{}' is used twice; export names must be unique",
+                    v.name
+                ));
             }
             for p in [&v.data, &v.journal] {
                 if !paths.insert(p.clone()) {
@@ -283,11 +300,24 @@ impl Config {
                 }
             }
         }
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let cores = cli.cores.or(file.cores).unwrap_or(cpus).clamp(1, volumes.len().max(1));
-        let buffer_memory = cli.buffer_memory.or(file.buffer_memory).unwrap_or(DEFAULT_BUFFER_MEMORY).0;
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let cores = cli
+            .cores
+            .or(file.cores)
+            .unwrap_or(cpus)
+            .clamp(1, volumes.len().max(1));
+        let buffer_memory = cli
+            .buffer_memory
+            .or(file.buffer_memory)
+            .unwrap_or(DEFAULT_BUFFER_MEMORY)
+            .0;
         if buffer_memory < (48 << 20) {
-            return err(format!("--buffer-memory {} is too small: use at least 48M (one 32M request must fit)", ByteSize(buffer_memory)));
+            return err(format!(
+                "--buffer-memory {} is too small: use at least 48M (one 32M request must fit)",
+                ByteSize(buffer_memory)
+            ));
         }
         let max_connections = cli.max_connections.or(file.max_connections).unwrap_or(1024);
         if max_connections == 0 {
@@ -295,7 +325,8 @@ impl Config {
         }
         let checkpoint_interval = match (cli.checkpoint_interval, &file.checkpoint_interval) {
             (Some(d), _) => d,
-            (None, Some(t)) => crate::units::parse_duration(t).map_err(|e| ConfigError(format!("checkpoint_interval: {e}")))?,
+            (None, Some(t)) => crate::units::parse_duration(t)
+                .map_err(|e| ConfigError(format!("checkpoint_interval: {e}")))?,
             (None, None) => std::time::Duration::from_secs(1),
         };
         let listen = cli
@@ -308,7 +339,11 @@ impl Config {
             cores,
             buffer_memory,
             max_connections,
-            log_level: cli.log_level.clone().or(file.log_level).unwrap_or_else(|| "info".into()),
+            log_level: cli
+                .log_level
+                .clone()
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
             checkpoint_interval,
             volumes,
         })
@@ -327,15 +362,39 @@ mod tests {
 
     #[test]
     fn flags_define_a_volume() {
-        let c = Config::from_cli(&cli(&["--export", "v", "--data", "/x/d", "--journal", "/x/j", "--size", "1G"])).unwrap();
+        let c = Config::from_cli(&cli(&[
+            "--export",
+            "v",
+            "--data",
+            "/x/d",
+            "--journal",
+            "/x/j",
+            "--size",
+            "1G",
+        ]))
+        .unwrap();
         assert_eq!(c.volumes[0].size, Some(1 << 30));
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
     }
 
     #[test]
     fn unaligned_size_is_refused_with_a_suggestion() {
-        let e = Config::from_cli(&cli(&["--export", "v", "--data", "/d", "--journal", "/j", "--size", "4097"])).unwrap_err();
-        assert!(e.0.contains("not a multiple of 4 KiB") && e.0.contains("8K"), "{}", e.0);
+        let e = Config::from_cli(&cli(&[
+            "--export",
+            "v",
+            "--data",
+            "/d",
+            "--journal",
+            "/j",
+            "--size",
+            "4097",
+        ]))
+        .unwrap_err();
+        assert!(
+            e.0.contains("not a multiple of 4 KiB") && e.0.contains("8K"),
+            "{}",
+            e.0
+        );
     }
 
     #[test]
@@ -372,7 +431,11 @@ mod tests {
     fn duplicate_paths_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
-        std::fs::write(&p, "[[volume]]\nname = \"a\"\ndata = \"/a\"\njournal = \"/a\"\n").unwrap();
+        std::fs::write(
+            &p,
+            "[[volume]]\nname = \"a\"\ndata = \"/a\"\njournal = \"/a\"\n",
+        )
+        .unwrap();
         let e = Config::from_cli(&cli(&["--config", p.to_str().unwrap()])).unwrap_err();
         assert!(e.0.contains("used twice"), "{}", e.0);
     }

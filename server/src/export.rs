@@ -75,7 +75,11 @@ enum End {
     #[error("client disconnected")]
     Eof,
     #[error("client disconnected in the middle of a {what} ({got} of {want} bytes)")]
-    Truncated { what: &'static str, got: usize, want: usize },
+    Truncated {
+        what: &'static str,
+        got: usize,
+        want: usize,
+    },
     #[error("protocol violation: {0}")]
     Protocol(#[from] nbd::ProtocolError),
     #[error("socket error: {0}")]
@@ -87,17 +91,29 @@ enum End {
 /// A buffer the reader can fill from the socket: plain memory with `read`,
 /// registered pool memory with `READ_FIXED`.
 trait SockBuf: tokio_uring::buf::IoBufMut + Sized {
-    async fn read_from(sock: &Socket, s: Slice<Self>, fixed: bool) -> tokio_uring::BufResult<usize, Slice<Self>>;
+    async fn read_from(
+        sock: &Socket,
+        s: Slice<Self>,
+        fixed: bool,
+    ) -> tokio_uring::BufResult<usize, Slice<Self>>;
 }
 
 impl SockBuf for Vec<u8> {
-    async fn read_from(sock: &Socket, s: Slice<Self>, _fixed: bool) -> tokio_uring::BufResult<usize, Slice<Self>> {
+    async fn read_from(
+        sock: &Socket,
+        s: Slice<Self>,
+        _fixed: bool,
+    ) -> tokio_uring::BufResult<usize, Slice<Self>> {
         sock.read(s).await
     }
 }
 
 impl SockBuf for FixedBuf {
-    async fn read_from(sock: &Socket, s: Slice<Self>, fixed: bool) -> tokio_uring::BufResult<usize, Slice<Self>> {
+    async fn read_from(
+        sock: &Socket,
+        s: Slice<Self>,
+        fixed: bool,
+    ) -> tokio_uring::BufResult<usize, Slice<Self>> {
         if fixed {
             sock.read_fixed(s).await
         } else {
@@ -108,14 +124,30 @@ impl SockBuf for FixedBuf {
 
 /// Reads exactly `buf[from..to]` from the socket. A clean end of stream
 /// before the first byte is `Eof`; anywhere else it is `Truncated`.
-async fn read_exact<T: SockBuf>(sock: &Socket, mut buf: T, from: usize, to: usize, what: &'static str, fixed: bool) -> (Result<(), End>, T) {
+async fn read_exact<T: SockBuf>(
+    sock: &Socket,
+    mut buf: T,
+    from: usize,
+    to: usize,
+    what: &'static str,
+    fixed: bool,
+) -> (Result<(), End>, T) {
     let mut got = from;
     while got < to {
         let (res, slice) = T::read_from(sock, buf.slice(got..to), fixed).await;
         buf = slice.into_inner();
         match res {
             Ok(0) if got == 0 => return (Err(End::Eof), buf),
-            Ok(0) => return (Err(End::Truncated { what, got, want: to }), buf),
+            Ok(0) => {
+                return (
+                    Err(End::Truncated {
+                        what,
+                        got,
+                        want: to,
+                    }),
+                    buf,
+                )
+            }
             Ok(n) => got += n,
             Err(e) => return (Err(End::Io(e)), buf),
         }
@@ -126,13 +158,20 @@ async fn read_exact<T: SockBuf>(sock: &Socket, mut buf: T, from: usize, to: usiz
 /// Sends all of `bufs`, however the kernel splits the writes.
 async fn write_all(sock: &Socket, mut bufs: Vec<OutBuf>) -> io::Result<()> {
     while !bufs.is_empty() {
-        let rest = if bufs.len() > MAX_IOVECS { bufs.split_off(MAX_IOVECS) } else { Vec::new() };
+        let rest = if bufs.len() > MAX_IOVECS {
+            bufs.split_off(MAX_IOVECS)
+        } else {
+            Vec::new()
+        };
         let mut chunk = bufs;
         while !chunk.is_empty() {
             let (res, mut back) = sock.writev(chunk).await;
             let mut n = res?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes"));
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "socket accepted no bytes",
+                ));
             }
             let mut done = 0;
             for b in back.iter_mut() {
@@ -172,12 +211,20 @@ impl Conn {
     }
 
     fn simple(&self, cookie: u64, err: Option<ErrorCode>) {
-        self.reply(vec![OutBuf::Bytes(nbd::reply::simple_reply(cookie, err).to_vec(), 0)]);
+        self.reply(vec![OutBuf::Bytes(
+            nbd::reply::simple_reply(cookie, err).to_vec(),
+            0,
+        )]);
     }
 
     fn error(&self, req: &Request, code: ErrorCode, msg: &str) {
-        if self.neg.structured_replies && matches!(req.command, Command::Read | Command::BlockStatus) {
-            self.reply(vec![OutBuf::Bytes(nbd::reply::error_chunk(req.cookie, code, msg, true), 0)]);
+        if self.neg.structured_replies
+            && matches!(req.command, Command::Read | Command::BlockStatus)
+        {
+            self.reply(vec![OutBuf::Bytes(
+                nbd::reply::error_chunk(req.cookie, code, msg, true),
+                0,
+            )]);
         } else {
             self.simple(req.cookie, Some(code));
         }
@@ -193,7 +240,13 @@ impl Conn {
 
 /// Serves a negotiated connection until the client leaves or breaks the
 /// protocol. `leftover` holds bytes read past the handshake.
-pub async fn serve(sock: Socket, neg: Negotiated, vol: Rc<Volume>, leftover: Vec<u8>, peer: String) {
+pub async fn serve(
+    sock: Socket,
+    neg: Negotiated,
+    vol: Rc<Volume>,
+    leftover: Vec<u8>,
+    peer: String,
+) {
     let sock = Rc::new(sock);
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio_uring::spawn(run_writer(sock.clone(), rx));
@@ -209,7 +262,9 @@ pub async fn serve(sock: Socket, neg: Negotiated, vol: Rc<Volume>, leftover: Vec
     let end = read_loop(&conn, leftover).await;
     match &end {
         End::Eof | End::Disc => tracing::debug!(peer = %conn.peer, "connection closed: {end}"),
-        _ => tracing::warn!(peer = %conn.peer, export = %conn.vol.info().name, "closing connection: {end}"),
+        _ => {
+            tracing::warn!(peer = %conn.peer, export = %conn.vol.info().name, "closing connection: {end}")
+        }
     }
     // Let in-flight requests finish and their replies go out.
     let _all = conn.inflight.acquire_many(MAX_INFLIGHT as u32).await;
@@ -258,12 +313,23 @@ impl Prefix {
 
 async fn read_loop(conn: &Rc<Conn>, leftover: Vec<u8>) -> End {
     let sock = &conn.sock;
-    let mut prefix = Prefix { bytes: leftover, at: 0 };
+    let mut prefix = Prefix {
+        bytes: leftover,
+        at: 0,
+    };
     let mut hdr = vec![0u8; REQUEST_HEADER_LEN];
     let fixed = conn.vol.pool().registered();
     loop {
         let from_prefix = prefix.take(&mut hdr);
-        let (res, h) = read_exact(sock, hdr, from_prefix, REQUEST_HEADER_LEN, "request header", false).await;
+        let (res, h) = read_exact(
+            sock,
+            hdr,
+            from_prefix,
+            REQUEST_HEADER_LEN,
+            "request header",
+            false,
+        )
+        .await;
         hdr = h;
         if let Err(e) = res {
             return e;
@@ -325,14 +391,23 @@ async fn discard(sock: &Socket, prefix: &mut Prefix, want: usize) -> Result<(), 
                 End::Eof => 0,
                 e => return Err(e),
             };
-            return Err(End::Truncated { what: "rejected write payload", got: done + got, want });
+            return Err(End::Truncated {
+                what: "rejected write payload",
+                got: done + got,
+                want,
+            });
         }
         done += n;
     }
     Ok(())
 }
 
-async fn fill_payload(conn: &Conn, p: &mut Payload, prefix: &mut Prefix, fixed: bool) -> Result<(), End> {
+async fn fill_payload(
+    conn: &Conn,
+    p: &mut Payload,
+    prefix: &mut Prefix,
+    fixed: bool,
+) -> Result<(), End> {
     let chunks = p.take_chunks();
     let total = p.len();
     let mut filled = Vec::with_capacity(chunks.len());
@@ -352,7 +427,11 @@ async fn fill_payload(conn: &Conn, p: &mut Payload, prefix: &mut Prefix, fixed: 
                 End::Eof => 0,
                 e => return Err(e),
             };
-            return Err(End::Truncated { what: "write payload", got: done + got, want: total });
+            return Err(End::Truncated {
+                what: "write payload",
+                got: done + got,
+                want: total,
+            });
         }
         filled.push(chunk);
         done += want;
@@ -376,12 +455,17 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
             Ok(data) => {
                 let mut out = Vec::with_capacity(data.parts.len() + 1);
                 let head = if conn.neg.structured_replies {
-                    nbd::reply::offset_data_header(req.cookie, req.offset, req.length, true).to_vec()
+                    nbd::reply::offset_data_header(req.cookie, req.offset, req.length, true)
+                        .to_vec()
                 } else {
                     nbd::reply::simple_reply(req.cookie, None).to_vec()
                 };
                 out.push(OutBuf::Bytes(head, 0));
-                out.extend(data.parts.into_iter().map(|(b, s, e)| OutBuf::Fixed(b, s, e)));
+                out.extend(
+                    data.parts
+                        .into_iter()
+                        .map(|(b, s, e)| OutBuf::Fixed(b, s, e)),
+                );
                 conn.reply(out);
             }
             Err(code) => conn.error(&req, code, "read failed"),
@@ -390,7 +474,11 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
         Command::Trim => conn.done(&req, vol.trim(req.offset, req.length as u64).await),
         Command::WriteZeroes => {
             let no_hole = req.flags.contains(CommandFlags::NO_HOLE);
-            conn.done(&req, vol.write_zeroes(req.offset, req.length as u64, no_hole).await)
+            conn.done(
+                &req,
+                vol.write_zeroes(req.offset, req.length as u64, no_hole)
+                    .await,
+            )
         }
         // O_DIRECT keeps no page cache to warm; prefetch is advisory.
         Command::Cache => conn.done(&req, Ok(())),
@@ -405,14 +493,23 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
                 .filter(|a| a.length > 0)
                 .map(|a| nbd::reply::Extent {
                     length: a.length.min(u32::MAX as u64) as u32,
-                    flags: if a.hole { nbd::consts::STATE_HOLE | nbd::consts::STATE_ZERO } else { 0 },
+                    flags: if a.hole {
+                        nbd::consts::STATE_HOLE | nbd::consts::STATE_ZERO
+                    } else {
+                        0
+                    },
                 })
                 .collect();
             if req.flags.contains(CommandFlags::REQ_ONE) {
                 extents.truncate(1);
             }
-            conn.reply(vec![OutBuf::Bytes(nbd::reply::block_status_chunk(req.cookie, ctx, &extents, true), 0)]);
+            conn.reply(vec![OutBuf::Bytes(
+                nbd::reply::block_status_chunk(req.cookie, ctx, &extents, true),
+                0,
+            )]);
         }
-        Command::Disc | Command::Unknown(_) => conn.error(&req, ErrorCode::Inval, "unsupported command"),
+        Command::Disc | Command::Unknown(_) => {
+            conn.error(&req, ErrorCode::Inval, "unsupported command")
+        }
     }
 }

@@ -102,7 +102,10 @@ impl ExportCatalog for Catalog {
     }
 
     fn list(&self) -> Vec<(String, String)> {
-        self.exports.iter().map(|e| (e.name.clone(), e.description.clone())).collect()
+        self.exports
+            .iter()
+            .map(|e| (e.name.clone(), e.description.clone()))
+            .collect()
     }
 }
 
@@ -132,7 +135,10 @@ pub enum HandshakeFailure {
 /// Runs the server side of the handshake over a blocking stream. Returns the
 /// negotiation and any bytes read past it, or None if the client ended the
 /// handshake (ABORT, disconnect, unknown export with EXPORT_NAME).
-pub fn negotiate<S: Read + Write>(s: &mut S, catalog: &dyn ExportCatalog) -> Result<Option<(Negotiated, Vec<u8>)>, HandshakeFailure> {
+pub fn negotiate<S: Read + Write>(
+    s: &mut S,
+    catalog: &dyn ExportCatalog,
+) -> Result<Option<(Negotiated, Vec<u8>)>, HandshakeFailure> {
     let mut hs = Handshake::new();
     let mut buf = vec![0u8; 16 << 10];
     let mut have = 0usize;
@@ -140,7 +146,9 @@ pub fn negotiate<S: Read + Write>(s: &mut S, catalog: &dyn ExportCatalog) -> Res
         while !hs.output().is_empty() {
             let n = s.write(hs.output())?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "client stopped reading").into());
+                return Err(
+                    io::Error::new(io::ErrorKind::WriteZero, "client stopped reading").into(),
+                );
             }
             hs.consume_output(n);
         }
@@ -150,7 +158,10 @@ pub fn negotiate<S: Read + Write>(s: &mut S, catalog: &dyn ExportCatalog) -> Res
                 return Ok(hs.into_negotiated().map(|n| (n, leftover)));
             }
             Status::Closed => {
-                tracing::debug!("handshake closed: {}", hs.close_reason().unwrap_or("client left"));
+                tracing::debug!(
+                    "handshake closed: {}",
+                    hs.close_reason().unwrap_or("client left")
+                );
                 return Ok(None);
             }
             Status::InProgress => {}
@@ -185,15 +196,22 @@ fn admit(ctx: &'static AcceptContext, stream: ClientStream, peer: String) {
         tracing::warn!(%peer, "refusing connection: {} connections already open (--max-connections)", n);
         return;
     }
-    let spawned = std::thread::Builder::new().name("nbd-handshake".into()).spawn(move || {
-        handshake_and_route(ctx, stream, peer, guard);
-    });
+    let spawned = std::thread::Builder::new()
+        .name("nbd-handshake".into())
+        .spawn(move || {
+            handshake_and_route(ctx, stream, peer, guard);
+        });
     if let Err(e) = spawned {
         tracing::error!("cannot start a handshake thread: {e}");
     }
 }
 
-fn handshake_and_route(ctx: &'static AcceptContext, mut stream: ClientStream, peer: String, guard: ConnGuard) {
+fn handshake_and_route(
+    ctx: &'static AcceptContext,
+    mut stream: ClientStream,
+    peer: String,
+    guard: ConnGuard,
+) {
     if let Err(e) = stream.set_timeout(Some(HANDSHAKE_TIMEOUT)) {
         tracing::debug!(%peer, "cannot set handshake timeout: {e}");
         return;
@@ -214,36 +232,53 @@ fn handshake_and_route(ctx: &'static AcceptContext, mut stream: ClientStream, pe
         return;
     };
     tracing::debug!(%peer, export = %neg.export.name, structured = neg.structured_replies, "client attached");
-    if route.blocking_send(NewConn { stream, neg, leftover, peer: peer.clone(), guard }).is_err() {
+    if route
+        .blocking_send(NewConn {
+            stream,
+            neg,
+            leftover,
+            peer: peer.clone(),
+            guard,
+        })
+        .is_err()
+    {
         tracing::warn!(%peer, "core is gone; dropping connection");
     }
 }
 
 /// Starts the accept threads. The context is kept for the life of the process.
-pub fn spawn_acceptors(ctx: AcceptContext, tcp: TcpListener, unix: Option<UnixListener>) -> io::Result<()> {
+pub fn spawn_acceptors(
+    ctx: AcceptContext,
+    tcp: TcpListener,
+    unix: Option<UnixListener>,
+) -> io::Result<()> {
     let ctx: &'static AcceptContext = Box::leak(Box::new(ctx));
-    std::thread::Builder::new().name("nbd-accept-tcp".into()).spawn(move || loop {
-        match tcp.accept() {
-            Ok((s, addr)) => {
-                let _ = s.set_nodelay(true);
-                admit(ctx, ClientStream::Tcp(s), addr.to_string());
-            }
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    })?;
-    if let Some(u) = unix {
-        std::thread::Builder::new().name("nbd-accept-unix".into()).spawn(move || loop {
-            match u.accept() {
-                Ok((s, _)) => admit(ctx, ClientStream::Unix(s), "unix".into()),
+    std::thread::Builder::new()
+        .name("nbd-accept-tcp".into())
+        .spawn(move || loop {
+            match tcp.accept() {
+                Ok((s, addr)) => {
+                    let _ = s.set_nodelay(true);
+                    admit(ctx, ClientStream::Tcp(s), addr.to_string());
+                }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
         })?;
+    if let Some(u) = unix {
+        std::thread::Builder::new()
+            .name("nbd-accept-unix".into())
+            .spawn(move || loop {
+                match u.accept() {
+                    Ok((s, _)) => admit(ctx, ClientStream::Unix(s), "unix".into()),
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            })?;
     }
     Ok(())
 }

@@ -21,7 +21,9 @@ use tokio::sync::mpsc;
 use crate::buffer::{BufPool, PoolConfig};
 use crate::config::{Config, VolumeConfig};
 use crate::export::{serve, Socket};
-use crate::journal::recovery::{open_and_recover, FileReplay, JournalOpenError, JournalSpec, OpenedJournal};
+use crate::journal::recovery::{
+    open_and_recover, FileReplay, JournalOpenError, JournalSpec, OpenedJournal,
+};
 use crate::journal::Journal;
 use crate::listener::{spawn_acceptors, AcceptContext, Catalog, ClientStream, NewConn};
 use crate::store::{open_store, OpenedStore, Store, StoreError};
@@ -75,7 +77,9 @@ pub struct PreparedVolume {
 }
 
 fn export_info(cfg: &VolumeConfig, size: u64, journal_area: u64) -> ExportInfo {
-    let max_payload = (crate::units::align_down(journal_area / 4).saturating_sub(crate::units::BLOCK)).min(32 << 20) as u32;
+    let max_payload = (crate::units::align_down(journal_area / 4)
+        .saturating_sub(crate::units::BLOCK))
+    .min(32 << 20) as u32;
     let rw = !cfg.read_only;
     ExportInfo {
         name: cfg.name.clone(),
@@ -101,17 +105,37 @@ fn export_info(cfg: &VolumeConfig, size: u64, journal_area: u64) -> ExportInfo {
 
 /// Opens, validates and recovers one volume.
 pub fn prepare_volume(cfg: &VolumeConfig) -> Result<PreparedVolume, StartError> {
-    let store = open_store(&cfg.data, cfg.size, false).map_err(|source| StartError::Store { volume: cfg.name.clone(), source })?;
+    let store = open_store(&cfg.data, cfg.size, false).map_err(|source| StartError::Store {
+        volume: cfg.name.clone(),
+        source,
+    })?;
     // Replay through a buffered handle: records may be unaligned, and one
     // fdatasync at the end makes the whole replay durable.
     let replay_file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&cfg.data)
-        .map_err(|e| StartError::Store { volume: cfg.name.clone(), source: StoreError::Io { path: cfg.data.clone(), source: e } })?;
-    let mut target = FileReplay { file: &replay_file, block_device: store.block_device };
-    let spec = JournalSpec { path: &cfg.journal, size: cfg.journal_size, volume_name: &cfg.name, volume_size: store.size };
-    let journal = open_and_recover(&spec, &mut target).map_err(|source| StartError::Journal { volume: cfg.name.clone(), source })?;
+        .map_err(|e| StartError::Store {
+            volume: cfg.name.clone(),
+            source: StoreError::Io {
+                path: cfg.data.clone(),
+                source: e,
+            },
+        })?;
+    let mut target = FileReplay {
+        file: &replay_file,
+        block_device: store.block_device,
+    };
+    let spec = JournalSpec {
+        path: &cfg.journal,
+        size: cfg.journal_size,
+        volume_name: &cfg.name,
+        volume_size: store.size,
+    };
+    let journal = open_and_recover(&spec, &mut target).map_err(|source| StartError::Journal {
+        volume: cfg.name.clone(),
+        source,
+    })?;
     let r = &journal.report;
     match &r.stop_reason {
         Some(why) => tracing::warn!(
@@ -134,18 +158,33 @@ pub fn prepare_volume(cfg: &VolumeConfig) -> Result<PreparedVolume, StartError> 
         cfg.journal.display(), ByteSize(journal.superblock.area_len),
         ByteSize(export.max_payload as u64)
     );
-    Ok(PreparedVolume { config: cfg.clone(), store, journal, export })
+    Ok(PreparedVolume {
+        config: cfg.clone(),
+        store,
+        journal,
+        export,
+    })
 }
 
 fn bind_tcp(cfg: &Config) -> Result<TcpListener, StartError> {
     TcpListener::bind(cfg.listen).map_err(|source| {
         let hint = match source.kind() {
-            std::io::ErrorKind::AddrInUse => "; another process uses that port: stop it or choose another --listen",
-            std::io::ErrorKind::AddrNotAvailable => "; that address is not on this machine: choose another --listen",
-            std::io::ErrorKind::PermissionDenied => "; ports below 1024 need privileges: choose another --listen",
+            std::io::ErrorKind::AddrInUse => {
+                "; another process uses that port: stop it or choose another --listen"
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                "; that address is not on this machine: choose another --listen"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "; ports below 1024 need privileges: choose another --listen"
+            }
             _ => "",
         };
-        StartError::Bind { addr: cfg.listen.to_string(), source, hint }
+        StartError::Bind {
+            addr: cfg.listen.to_string(),
+            source,
+            hint,
+        }
     })
 }
 
@@ -176,9 +215,15 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         prepared.push(prepare_volume(v)?);
     }
     let tcp = bind_tcp(cfg)?;
-    let listen = tcp.local_addr().map_err(|e| StartError::Bind { addr: cfg.listen.to_string(), source: e, hint: "" })?;
+    let listen = tcp.local_addr().map_err(|e| StartError::Bind {
+        addr: cfg.listen.to_string(),
+        source: e,
+        hint: "",
+    })?;
     let unix = cfg.unix.as_ref().map(bind_unix).transpose()?;
-    let catalog = Catalog { exports: prepared.iter().map(|p| p.export.clone()).collect() };
+    let catalog = Catalog {
+        exports: prepared.iter().map(|p| p.export.clone()).collect(),
+    };
 
     let mut per_core: Vec<Vec<PreparedVolume>> = (0..cfg.cores).map(|_| Vec::new()).collect();
     for (i, p) in prepared.into_iter().enumerate() {
@@ -203,17 +248,31 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
             })
             .map_err(StartError::Thread)?;
     }
-    let ctx = AcceptContext { catalog, routes, conns: Arc::new(AtomicUsize::new(0)), max_connections: cfg.max_connections };
+    let ctx = AcceptContext {
+        catalog,
+        routes,
+        conns: Arc::new(AtomicUsize::new(0)),
+        max_connections: cfg.max_connections,
+    };
     spawn_acceptors(ctx, tcp, unix).map_err(StartError::Thread)?;
     tracing::info!(
         "serving NBD on {listen}{}",
-        cfg.unix.as_ref().map(|p| format!(" and {}", p.display())).unwrap_or_default()
+        cfg.unix
+            .as_ref()
+            .map(|p| format!(" and {}", p.display()))
+            .unwrap_or_default()
     );
     Ok(RunningNode { listen })
 }
 
-fn run_core(index: usize, vols: Vec<PreparedVolume>, mut rx: mpsc::Receiver<NewConn>, pool_cfg: PoolConfig, checkpoint_interval: Duration) {
-    let runtime = tokio_uring::builder().entries(1024).start(async move {
+fn run_core(
+    index: usize,
+    vols: Vec<PreparedVolume>,
+    mut rx: mpsc::Receiver<NewConn>,
+    pool_cfg: PoolConfig,
+    checkpoint_interval: Duration,
+) {
+    tokio_uring::builder().entries(1024).start(async move {
         let pool = Rc::new(BufPool::new(&pool_cfg));
         let mut volumes: HashMap<String, Rc<Volume>> = HashMap::new();
         for v in vols {
@@ -223,13 +282,22 @@ fn run_core(index: usize, vols: Vec<PreparedVolume>, mut rx: mpsc::Receiver<NewC
                 size: v.store.size,
                 read_only: v.config.read_only,
             };
-            let vol = Volume::start(info, Store::new(v.store), Journal::new(v.journal), pool.clone(), checkpoint_interval);
+            let vol = Volume::start(
+                info,
+                Store::new(v.store),
+                Journal::new(v.journal),
+                pool.clone(),
+                checkpoint_interval,
+            );
             volumes.insert(v.config.name.clone(), vol);
         }
         tracing::debug!("core {index} serving {} volume(s)", volumes.len());
         while let Some(nc) = rx.recv().await {
             let Some(vol) = volumes.get(&nc.neg.export.name).cloned() else {
-                tracing::error!("connection for unknown export '{}' reached core {index}", nc.neg.export.name);
+                tracing::error!(
+                    "connection for unknown export '{}' reached core {index}",
+                    nc.neg.export.name
+                );
                 continue;
             };
             let sock = match nc.stream {
@@ -243,5 +311,4 @@ fn run_core(index: usize, vols: Vec<PreparedVolume>, mut rx: mpsc::Receiver<NewC
             });
         }
     });
-    let _: () = runtime;
 }

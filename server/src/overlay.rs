@@ -53,7 +53,10 @@ pub struct Overlay {
 
 fn shift(src: &Source, by: u64) -> Source {
     match src {
-        Source::Data { payload, at } => Source::Data { payload: payload.clone(), at: at + by as usize },
+        Source::Data { payload, at } => Source::Data {
+            payload: payload.clone(),
+            at: at + by as usize,
+        },
         Source::Zero => Source::Zero,
     }
 }
@@ -94,11 +97,25 @@ impl Overlay {
             self.bytes -= e.end - s;
             if s < start {
                 self.bytes += start - s;
-                self.map.insert(s, Entry { end: start, lsn: e.lsn, src: e.src.clone() });
+                self.map.insert(
+                    s,
+                    Entry {
+                        end: start,
+                        lsn: e.lsn,
+                        src: e.src.clone(),
+                    },
+                );
             }
             if e.end > end {
                 self.bytes += e.end - end;
-                self.map.insert(end, Entry { end: e.end, lsn: e.lsn, src: shift(&e.src, end - s) });
+                self.map.insert(
+                    end,
+                    Entry {
+                        end: e.end,
+                        lsn: e.lsn,
+                        src: shift(&e.src, end - s),
+                    },
+                );
             }
         }
     }
@@ -121,11 +138,19 @@ impl Overlay {
                 keys.push(s);
             }
         }
-        keys.extend(self.map.range(start..end).filter(|(_, e)| e.lsn == lsn).map(|(&s, _)| s));
+        keys.extend(
+            self.map
+                .range(start..end)
+                .filter(|(_, e)| e.lsn == lsn)
+                .map(|(&s, _)| s),
+        );
         for s in keys {
             // Entries of one record lie inside its range, so no splitting is needed.
             let e = self.map.remove(&s).expect("entry exists");
-            debug_assert!(s >= start && e.end <= end, "entry of LSN {lsn} outside its record");
+            debug_assert!(
+                s >= start && e.end <= end,
+                "entry of LSN {lsn} outside its record"
+            );
             self.bytes -= e.end - s;
         }
     }
@@ -138,11 +163,19 @@ impl Overlay {
         }
         if let Some((&s, e)) = self.map.range(..start).next_back() {
             if e.end > start {
-                out.push(Piece { start, end: e.end.min(end), src: shift(&e.src, start - s) });
+                out.push(Piece {
+                    start,
+                    end: e.end.min(end),
+                    src: shift(&e.src, start - s),
+                });
             }
         }
         for (&s, e) in self.map.range(start..end) {
-            out.push(Piece { start: s, end: e.end.min(end), src: e.src.clone() });
+            out.push(Piece {
+                start: s,
+                end: e.end.min(end),
+                src: e.src.clone(),
+            });
         }
         out
     }
@@ -216,9 +249,18 @@ mod tests {
         ov.insert(100, 200, Lsn(1), Source::Zero);
         ov.insert(150, 160, Lsn(2), Source::Zero);
         let ps = ov.lookup(120, 155);
-        assert_eq!(ps.iter().map(|p| (p.start, p.end)).collect::<Vec<_>>(), vec![(120, 150), (150, 155)]);
+        assert_eq!(
+            ps.iter().map(|p| (p.start, p.end)).collect::<Vec<_>>(),
+            vec![(120, 150), (150, 155)]
+        );
         ov.remove(100, 200, Lsn(1));
-        assert_eq!(ov.lookup(0, 1000).iter().map(|p| (p.start, p.end)).collect::<Vec<_>>(), vec![(150, 160)]);
+        assert_eq!(
+            ov.lookup(0, 1000)
+                .iter()
+                .map(|p| (p.start, p.end))
+                .collect::<Vec<_>>(),
+            vec![(150, 160)]
+        );
         assert!(ov.overlaps(159, 170));
         assert!(!ov.overlaps(160, 170));
     }

@@ -87,10 +87,17 @@ pub fn block_device_size(f: &File) -> io::Result<u64> {
 pub fn open_direct(path: &Path, read_only: bool, extra_flags: i32) -> io::Result<(File, bool)> {
     let mut o = OpenOptions::new();
     o.read(true).write(!read_only);
-    match o.clone().custom_flags(libc::O_DIRECT | extra_flags).open(path) {
+    match o
+        .clone()
+        .custom_flags(libc::O_DIRECT | extra_flags)
+        .open(path)
+    {
         Ok(f) => Ok((f, true)),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            tracing::warn!("{} does not support O_DIRECT; using buffered I/O (still durable through fsync)", path.display());
+            tracing::warn!(
+                "{} does not support O_DIRECT; using buffered I/O (still durable through fsync)",
+                path.display()
+            );
             Ok((o.custom_flags(extra_flags).open(path)?, false))
         }
         Err(e) => Err(e),
@@ -98,11 +105,21 @@ pub fn open_direct(path: &Path, read_only: bool, extra_flags: i32) -> io::Result
 }
 
 /// Opens (creating if missing and `size` is given) the data store of a volume.
-pub fn open_store(path: &Path, size: Option<u64>, read_only: bool) -> Result<OpenedStore, StoreError> {
-    let io_err = |source| StoreError::Io { path: path.to_path_buf(), source };
+pub fn open_store(
+    path: &Path,
+    size: Option<u64>,
+    read_only: bool,
+) -> Result<OpenedStore, StoreError> {
+    let io_err = |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(s) = size {
         if !is_aligned(s) || s == 0 {
-            return Err(StoreError::Unaligned(s, ByteSize(crate::units::align_up(s.max(1)))));
+            return Err(StoreError::Unaligned(
+                s,
+                ByteSize(crate::units::align_up(s.max(1))),
+            ));
         }
     }
     let meta = match std::fs::metadata(path) {
@@ -113,12 +130,18 @@ pub fn open_store(path: &Path, size: Option<u64>, read_only: bool) -> Result<Ope
     let (block_device, actual) = match &meta {
         None => {
             let Some(s) = size else {
-                return Err(StoreError::Missing { path: path.to_path_buf() });
+                return Err(StoreError::Missing {
+                    path: path.to_path_buf(),
+                });
             };
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent).map_err(io_err)?;
             }
-            let f = OpenOptions::new().write(true).create_new(true).open(path).map_err(io_err)?;
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(io_err)?;
             f.set_len(s).map_err(io_err)?;
             f.sync_all().map_err(io_err)?;
             tracing::info!("created data file {} ({})", path.display(), ByteSize(s));
@@ -129,22 +152,39 @@ pub fn open_store(path: &Path, size: Option<u64>, read_only: bool) -> Result<Ope
             let f = File::open(path).map_err(io_err)?;
             (true, block_device_size(&f).map_err(io_err)?)
         }
-        Some(_) => return Err(StoreError::BadKind { path: path.to_path_buf() }),
+        Some(_) => {
+            return Err(StoreError::BadKind {
+                path: path.to_path_buf(),
+            })
+        }
     };
     let size = match size {
         Some(s) if actual < s => {
-            return Err(StoreError::TooSmall { path: path.to_path_buf(), actual, wanted: ByteSize(s) })
+            return Err(StoreError::TooSmall {
+                path: path.to_path_buf(),
+                actual,
+                wanted: ByteSize(s),
+            })
         }
         Some(s) => s,
         None => {
             if !is_aligned(actual) || actual == 0 {
-                return Err(StoreError::Unaligned(actual, ByteSize(crate::units::align_down(actual).max(BLOCK))));
+                return Err(StoreError::Unaligned(
+                    actual,
+                    ByteSize(crate::units::align_down(actual).max(BLOCK)),
+                ));
             }
             actual
         }
     };
     let (file, direct) = open_direct(path, read_only, 0).map_err(io_err)?;
-    Ok(OpenedStore { file, size, block_device, direct, path: path.to_path_buf() })
+    Ok(OpenedStore {
+        file,
+        size,
+        block_device,
+        direct,
+        path: path.to_path_buf(),
+    })
 }
 
 /// The data store bound to a core's io_uring.
@@ -182,7 +222,12 @@ impl Store {
     }
 
     /// Reads `[pos, pos + len)` into the start of `buf` (block aligned).
-    pub async fn read_into<T: tokio_uring::buf::IoBufMut>(&self, buf: T, pos: u64, len: usize) -> (io::Result<()>, T) {
+    pub async fn read_into<T: tokio_uring::buf::IoBufMut>(
+        &self,
+        buf: T,
+        pos: u64,
+        len: usize,
+    ) -> (io::Result<()>, T) {
         debug_assert!(is_aligned(pos) && is_aligned(len as u64));
         debug_assert!(pos + len as u64 <= self.size);
         let (res, slice) = self.file.read_exact_at(buf.slice(0..len), pos).await;
@@ -210,10 +255,19 @@ impl Store {
         };
         match self.file.fallocate(off, len, mode).await {
             Ok(()) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)) && punch => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+                ) && punch =>
+            {
                 // Some filesystems cannot punch; zeroing keeps the promise.
                 self.file
-                    .fallocate(off, len, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+                    .fallocate(
+                        off,
+                        len,
+                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                    )
                     .await
             }
             Err(e) => Err(e),
@@ -230,7 +284,10 @@ impl Store {
     pub fn allocation(&self, off: u64, len: u64) -> Vec<Allocation> {
         let end = off.saturating_add(len).min(self.size);
         if self.block_device || off >= end {
-            return vec![Allocation { length: end.saturating_sub(off), hole: false }];
+            return vec![Allocation {
+                length: end.saturating_sub(off),
+                hole: false,
+            }];
         }
         let mut out = Vec::new();
         let mut pos = off;
@@ -241,25 +298,41 @@ impl Store {
                 // ENXIO: no data after pos, the rest is a hole. Any other
                 // error: report data, which is always a safe answer.
                 let hole = io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-                out.push(Allocation { length: end - pos, hole });
+                out.push(Allocation {
+                    length: end - pos,
+                    hole,
+                });
                 break;
             }
             let data = (data as u64).max(pos);
             if data > pos {
                 let n = data.min(end) - pos;
-                out.push(Allocation { length: n, hole: true });
+                out.push(Allocation {
+                    length: n,
+                    hole: true,
+                });
                 pos += n;
                 continue;
             }
             // SAFETY: as above.
             let hole = unsafe { libc::lseek(self.fd, pos as i64, libc::SEEK_HOLE) };
-            let hole_at = if hole < 0 { end } else { (hole as u64).max(pos + 1) };
+            let hole_at = if hole < 0 {
+                end
+            } else {
+                (hole as u64).max(pos + 1)
+            };
             let n = hole_at.min(end) - pos;
-            out.push(Allocation { length: n, hole: false });
+            out.push(Allocation {
+                length: n,
+                hole: false,
+            });
             pos += n;
         }
         if pos < end && out.len() >= 1024 {
-            out.push(Allocation { length: end - pos, hole: false });
+            out.push(Allocation {
+                length: end - pos,
+                hole: false,
+            });
         }
         out
     }

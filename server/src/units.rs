@@ -86,7 +86,9 @@ impl FromStr for ByteSize {
         if num.is_empty() {
             return Err(ByteSizeError::Invalid(s.to_string()));
         }
-        let n: u64 = num.parse().map_err(|_| ByteSizeError::Overflow(s.to_string()))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| ByteSizeError::Overflow(s.to_string()))?;
         let suffix = suffix.trim().to_ascii_uppercase();
         let unit_part = suffix
             .strip_suffix("IB")
@@ -138,25 +140,38 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration: expected e.g. 250ms, 2s, 5m or 1h"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration: expected e.g. 250ms, 2s, 5m or 1h"))?;
     let ms = match unit.trim() {
         "ms" => Some(n),
         "" | "s" => n.checked_mul(1000),
         "m" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
-        _ => return Err(format!("'{s}' is not a duration: expected e.g. 250ms, 2s, 5m or 1h")),
+        _ => {
+            return Err(format!(
+                "'{s}' is not a duration: expected e.g. 250ms, 2s, 5m or 1h"
+            ))
+        }
     };
-    ms.map(std::time::Duration::from_millis).ok_or_else(|| format!("'{s}' is too long"))
+    ms.map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("'{s}' is too long"))
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(std::time::Duration::from_millis(250)));
+        assert_eq!(
+            parse_duration("250ms"),
+            Ok(std::time::Duration::from_millis(250))
+        );
         assert_eq!(parse_duration("2s"), Ok(std::time::Duration::from_secs(2)));
         assert_eq!(parse_duration("3"), Ok(std::time::Duration::from_secs(3)));
-        assert_eq!(parse_duration("1h"), Ok(std::time::Duration::from_secs(3600)));
+        assert_eq!(
+            parse_duration("1h"),
+            Ok(std::time::Duration::from_secs(3600))
+        );
         assert!(parse_duration("x").is_err());
         assert!(parse_duration("5 parsecs").is_err());
     }

@@ -83,7 +83,13 @@ fn io_code(e: &io::Error) -> ErrorCode {
 impl Volume {
     /// Builds the volume and starts its appender and applier tasks on the
     /// current core.
-    pub fn start(info: VolumeInfo, store: Store, journal: Journal, pool: Rc<BufPool>, checkpoint_interval: Duration) -> Rc<Volume> {
+    pub fn start(
+        info: VolumeInfo,
+        store: Store,
+        journal: Journal,
+        pool: Rc<BufPool>,
+        checkpoint_interval: Duration,
+    ) -> Rc<Volume> {
         let applied_next = journal.next_lsn();
         let v = Rc::new(Volume {
             info,
@@ -145,17 +151,39 @@ impl Volume {
         Ok(())
     }
 
-    async fn journal_and_wait(&self, op: RecordOp, flags: u8, offset: u64, length: u64, payload: Option<Rc<Payload>>) -> Result<(), ErrorCode> {
+    async fn journal_and_wait(
+        &self,
+        op: RecordOp,
+        flags: u8,
+        offset: u64,
+        length: u64,
+        payload: Option<Rc<Payload>>,
+    ) -> Result<(), ErrorCode> {
         self.check_writable()?;
         let rec = self
             .journal
             .reserve(op, flags, offset, length, payload, |rec| {
                 let mut ov = self.overlay.borrow_mut();
                 match (rec.op, &rec.payload) {
-                    (RecordOp::Write, Some(p)) => ov.insert(offset, offset + length, rec.lsn, Source::Data { payload: p.clone(), at: 0 }),
-                    (RecordOp::WriteZeroes, _) => ov.insert(offset, offset + length, rec.lsn, Source::Zero),
+                    (RecordOp::Write, Some(p)) => ov.insert(
+                        offset,
+                        offset + length,
+                        rec.lsn,
+                        Source::Data {
+                            payload: p.clone(),
+                            at: 0,
+                        },
+                    ),
+                    (RecordOp::WriteZeroes, _) => {
+                        ov.insert(offset, offset + length, rec.lsn, Source::Zero)
+                    }
                     // A trim only promises zeroes for the whole blocks inside it.
-                    (RecordOp::Trim, _) => ov.insert(align_up(offset), align_down(offset + length), rec.lsn, Source::Zero),
+                    (RecordOp::Trim, _) => ov.insert(
+                        align_up(offset),
+                        align_down(offset + length),
+                        rec.lsn,
+                        Source::Zero,
+                    ),
                     _ => unreachable!("pad records are never reserved directly"),
                 }
             })
@@ -176,7 +204,8 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
-        self.journal_and_wait(RecordOp::Write, 0, offset, len, Some(Rc::new(payload))).await
+        self.journal_and_wait(RecordOp::Write, 0, offset, len, Some(Rc::new(payload)))
+            .await
     }
 
     /// Discards `[offset, offset+len)`; returns once durable.
@@ -184,16 +213,23 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
-        self.journal_and_wait(RecordOp::Trim, 0, offset, len, None).await
+        self.journal_and_wait(RecordOp::Trim, 0, offset, len, None)
+            .await
     }
 
     /// Zeroes `[offset, offset+len)`; returns once durable.
-    pub async fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> Result<(), ErrorCode> {
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+    ) -> Result<(), ErrorCode> {
         if len == 0 {
             return Ok(());
         }
         let flags = if no_hole { FLAG_NO_HOLE } else { 0 };
-        self.journal_and_wait(RecordOp::WriteZeroes, flags, offset, len, None).await
+        self.journal_and_wait(RecordOp::WriteZeroes, flags, offset, len, None)
+            .await
     }
 
     /// Every write acknowledged so far is already durable (each is journaled
@@ -218,7 +254,8 @@ impl Volume {
         // once (the pool serialises large takes, so two big requests never
         // hold half each and wait for each other).
         let span_of = |p0: u64| -> (u64, u64) {
-            let p1 = (align_down(p0 / MAX_CHUNK as u64 * MAX_CHUNK as u64) + MAX_CHUNK as u64).min(end);
+            let p1 =
+                (align_down(p0 / MAX_CHUNK as u64 * MAX_CHUNK as u64) + MAX_CHUNK as u64).min(end);
             (p0, p1)
         };
         let mut pieces = Vec::new();
@@ -228,16 +265,27 @@ impl Volume {
             pieces.push((a, b));
             p0 = b;
         }
-        let sizes: Vec<usize> = pieces.iter().map(|&(a, b)| (align_up(b) - align_down(a)) as usize).collect();
+        let sizes: Vec<usize> = pieces
+            .iter()
+            .map(|&(a, b)| (align_up(b) - align_down(a)) as usize)
+            .collect();
         let bufs = self.pool.take_many(&sizes).await;
-        let reads = pieces.into_iter().zip(bufs).map(|((p0, p1), buf)| self.read_piece(p0, p1, buf));
+        let reads = pieces
+            .into_iter()
+            .zip(bufs)
+            .map(|((p0, p1), buf)| self.read_piece(p0, p1, buf));
         for r in futures_util::future::join_all(reads).await {
             parts.push(r?);
         }
         Ok(ReadData { parts })
     }
 
-    async fn read_piece(&self, p0: u64, p1: u64, mut buf: FixedBuf) -> Result<(FixedBuf, usize, usize), ErrorCode> {
+    async fn read_piece(
+        &self,
+        p0: u64,
+        p1: u64,
+        mut buf: FixedBuf,
+    ) -> Result<(FixedBuf, usize, usize), ErrorCode> {
         let a0 = align_down(p0);
         let a1 = align_up(p1);
         let overlay: Vec<Piece> = self.overlay.borrow().lookup(p0, p1);
@@ -271,8 +319,15 @@ impl Volume {
         // Conservative: the first extent up to the first pending byte from
         // the store, the rest as data.
         let first = pending[0].start;
-        let mut out = if first > offset { self.store.allocation(offset, first - offset) } else { Vec::new() };
-        out.push(Allocation { length: end - first, hole: false });
+        let mut out = if first > offset {
+            self.store.allocation(offset, first - offset)
+        } else {
+            Vec::new()
+        };
+        out.push(Allocation {
+            length: end - first,
+            hole: false,
+        });
         out
     }
 
@@ -287,7 +342,9 @@ impl Volume {
             if batch.is_empty() {
                 // Idle: checkpoint once the interval has passed, so a quiet
                 // volume's journal empties and restarts replay little.
-                let due = self.checkpoint_interval.saturating_sub(last_checkpoint.elapsed());
+                let due = self
+                    .checkpoint_interval
+                    .saturating_sub(last_checkpoint.elapsed());
                 if since_checkpoint > 0 && due.is_zero() {
                     if let Some(pos) = last_end_pos {
                         self.checkpoint(pos, &mut since_checkpoint).await;
@@ -306,22 +363,30 @@ impl Volume {
                 }
                 continue;
             }
-            let results = futures_util::future::join_all(batch.iter().map(|r| self.apply_record(r))).await;
+            let results =
+                futures_util::future::join_all(batch.iter().map(|r| self.apply_record(r))).await;
             for (r, res) in batch.iter().zip(results) {
                 if let Err(e) = res {
                     // The record stays in the journal, so a restart replays it;
                     // until then the overlay keeps serving its data.
                     tracing::error!(volume = %self.info.name, "applying LSN {} to the data store failed: {e}; retrying in 1 s", r.lsn);
-                    let mut q = self.apply_queue.borrow_mut();
-                    for rec in batch.iter().rev().filter(|x| x.lsn >= r.lsn) {
-                        q.push_front(rec.clone());
+                    {
+                        let mut q = self.apply_queue.borrow_mut();
+                        for rec in batch.iter().rev().filter(|x| x.lsn >= r.lsn) {
+                            q.push_front(rec.clone());
+                        }
                     }
-                    drop(q);
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     break;
                 }
-                self.overlay.borrow_mut().remove(r.offset, r.offset + r.length, r.lsn);
-                assert_eq!(self.applied_next.get(), r.lsn, "records applied out of LSN order");
+                self.overlay
+                    .borrow_mut()
+                    .remove(r.offset, r.offset + r.length, r.lsn);
+                assert_eq!(
+                    self.applied_next.get(),
+                    r.lsn,
+                    "records applied out of LSN order"
+                );
                 self.applied_next.set(r.lsn.next());
                 since_checkpoint += r.reserved_bytes();
                 last_end_pos = Some(r.end_pos(self.journal.area_len()));
@@ -331,8 +396,11 @@ impl Volume {
             }
             // Checkpoint when a quarter of the journal is applied but still
             // held, when writers may soon wait for space, or on the interval.
-            let pressure = since_checkpoint > self.journal.area_len() / 4 || self.journal.fill_ratio() > 0.5;
-            if since_checkpoint > 0 && (pressure || last_checkpoint.elapsed() >= self.checkpoint_interval) {
+            let pressure =
+                since_checkpoint > self.journal.area_len() / 4 || self.journal.fill_ratio() > 0.5;
+            if since_checkpoint > 0
+                && (pressure || last_checkpoint.elapsed() >= self.checkpoint_interval)
+            {
                 if let Some(pos) = last_end_pos {
                     self.checkpoint(pos, &mut since_checkpoint).await;
                     last_checkpoint = std::time::Instant::now();
@@ -366,14 +434,20 @@ impl Volume {
             tracing::error!(volume = %self.info.name, "syncing the data store failed: {e}; checkpoint postponed");
             return;
         }
-        match self.journal.checkpoint(self.applied_next.get(), pos, *since).await {
+        match self
+            .journal
+            .checkpoint(self.applied_next.get(), pos, *since)
+            .await
+        {
             Ok(()) => {
                 *since = 0;
                 let mut s = self.stats.get();
                 s.checkpoints += 1;
                 self.stats.set(s);
             }
-            Err(e) => tracing::error!(volume = %self.info.name, "writing the journal checkpoint failed: {e}"),
+            Err(e) => {
+                tracing::error!(volume = %self.info.name, "writing the journal checkpoint failed: {e}")
+            }
         }
     }
 
@@ -392,7 +466,10 @@ impl Volume {
                     }
                     Ok(())
                 } else {
-                    self.read_modify_write(start, end, |dst, vol_off| p.copy_out((vol_off - start) as usize, dst)).await
+                    self.read_modify_write(start, end, |dst, vol_off| {
+                        p.copy_out((vol_off - start) as usize, dst)
+                    })
+                    .await
                 }
             }
             RecordOp::Trim => {
@@ -425,8 +502,17 @@ impl Volume {
     /// Patches `[start, end)` of the store through the applier's scratch
     /// buffer, a chunk at a time: read the aligned span, let `fill` write the
     /// new bytes for (destination, volume offset), write the span back.
-    async fn read_modify_write(&self, start: u64, end: u64, fill: impl Fn(&mut [u8], u64)) -> io::Result<()> {
-        let mut buf = self.scratch.borrow_mut().take().unwrap_or_else(|| AlignedBuf::new(MAX_CHUNK));
+    async fn read_modify_write(
+        &self,
+        start: u64,
+        end: u64,
+        fill: impl Fn(&mut [u8], u64),
+    ) -> io::Result<()> {
+        let mut buf = self
+            .scratch
+            .borrow_mut()
+            .take()
+            .unwrap_or_else(|| AlignedBuf::new(MAX_CHUNK));
         let mut result = Ok(());
         let mut pos = start;
         while pos < end {
@@ -440,8 +526,14 @@ impl Volume {
                 result = Err(e);
                 break;
             }
-            fill(&mut buf.as_mut_slice()[(pos - a0) as usize..(piece_end - a0) as usize], pos);
-            let (res, slice) = self.store.write_all(tokio_uring::buf::BoundedBuf::slice(buf, 0..n), a0).await;
+            fill(
+                &mut buf.as_mut_slice()[(pos - a0) as usize..(piece_end - a0) as usize],
+                pos,
+            );
+            let (res, slice) = self
+                .store
+                .write_all(tokio_uring::buf::BoundedBuf::slice(buf, 0..n), a0)
+                .await;
             buf = slice.into_inner();
             if let Err(e) = res {
                 result = Err(e);
@@ -457,7 +549,10 @@ impl Volume {
     pub async fn drain(&self) {
         for _ in 0..6000 {
             let durable = self.journal.durable_next();
-            if self.applied_next.get() >= self.journal.next_lsn() && self.applied_next.get() >= durable && self.apply_queue.borrow().is_empty() {
+            if self.applied_next.get() >= self.journal.next_lsn()
+                && self.applied_next.get() >= durable
+                && self.apply_queue.borrow().is_empty()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;

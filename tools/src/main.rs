@@ -1,4 +1,233 @@
-//! `mirrorblk`: the admin CLI (grows with the admin socket).
-fn main() {
-    println!("mirrorblk {}", env!("CARGO_PKG_VERSION"));
+//! `mirrorblk`: the admin CLI. See `mirrorblk --help`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use mirrorblk_server::journal::format::RecordOp;
+use mirrorblk_server::journal::recovery::{read_superblock, scan};
+use mirrorblk_server::units::ByteSize;
+
+/// mirrorblk: manage mirrorblk nodes and their volumes.
+///
+/// Exit status: 0 on success, 1 when the operation failed, 2 on a usage
+/// error. Every error message says what to do next.
+#[derive(Debug, Parser)]
+#[command(name = "mirrorblk", version, about, long_about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a local demo: mirrorblkd serving a 1 GiB file-backed volume on
+    /// 127.0.0.1:10809 (data under --dir), ready for nbdinfo, qemu-io, fio or
+    /// nbd-client. Stops cleanly on Ctrl-C.
+    Demo {
+        /// Folder for the demo's data stores and journals.
+        #[arg(long, default_value = "demo-data")]
+        dir: PathBuf,
+        /// NBD address of the demo node.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: String,
+        /// Volume size.
+        #[arg(long, default_value = "1G")]
+        size: String,
+    },
+    /// Offline journal tools (run on a stopped node).
+    Journal {
+        #[command(subcommand)]
+        command: JournalCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JournalCmd {
+    /// Print a journal's superblock and a summary of the records past its
+    /// checkpoint (what a restart would replay).
+    Inspect {
+        /// The journal file or device.
+        path: PathBuf,
+    },
+    /// Like inspect, and list every record past the checkpoint.
+    Dump {
+        /// The journal file or device.
+        path: PathBuf,
+    },
+}
+
+fn daemon_path() -> PathBuf {
+    // The daemon is built next to this binary (cargo build --workspace).
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("mirrorblkd")));
+    match sibling {
+        Some(p) if p.exists() => p,
+        _ => PathBuf::from("mirrorblkd"),
+    }
+}
+
+fn demo(dir: &Path, listen: &str, size: &str) -> ExitCode {
+    use nix::sys::signal::{kill, SigSet, Signal};
+    use nix::unistd::Pid;
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!("mirrorblk: cannot create {}: {e}", dir.display());
+        return ExitCode::from(1);
+    }
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGINT);
+    stop.add(Signal::SIGTERM);
+    // Blocked here, so only our sigwait sees Ctrl-C; the child gets a clean SIGTERM.
+    let _ = stop.thread_block();
+    let daemon = daemon_path();
+    let spawn = Command::new(&daemon)
+        .arg("--export")
+        .arg("vol0")
+        .arg("--data")
+        .arg(dir.join("vol0.img"))
+        .arg("--journal")
+        .arg(dir.join("vol0.journal"))
+        .arg("--size")
+        .arg(size)
+        .arg("--listen")
+        .arg(listen)
+        .arg("--description")
+        .arg("mirrorblk demo volume")
+        .spawn();
+    let mut child: Child = match spawn {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "mirrorblk: cannot start {}: {e}; build it first with: cargo build --release --workspace",
+                daemon.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    // Wait until it listens (or died).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            eprintln!("mirrorblk: mirrorblkd exited at start-up ({status}); see its message above");
+            return ExitCode::from(1);
+        }
+        if std::net::TcpStream::connect(listen).is_ok() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "\nmirrorblk demo is up: volume vol0 ({size}) on nbd://{listen}/vol0, data in {dir}\n\n\
+         Try:\n  nbdinfo nbd://{listen}/vol0\n  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' nbd://{listen}/vol0\n  \
+         fio --name=t --ioengine=nbd --uri=nbd://{listen}/vol0 --rw=randwrite --bs=4k --iodepth=32 --size=1G --runtime=10 --time_based\n  \
+         sudo modprobe nbd && sudo nbd-client -N vol0 -b 4096 {host} {port} /dev/nbd0\n\nPress Ctrl-C to stop.",
+        dir = dir.display(),
+        host = listen.rsplit_once(':').map(|x| x.0).unwrap_or("127.0.0.1"),
+        port = listen.rsplit_once(':').map(|x| x.1).unwrap_or("10809"),
+    );
+    let _ = stop.wait();
+    println!("stopping mirrorblkd...");
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    match child.wait() {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(s) => {
+            eprintln!("mirrorblk: mirrorblkd stopped with {s}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("mirrorblk: waiting for mirrorblkd failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn journal_inspect(path: &Path, list: bool) -> ExitCode {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("mirrorblk: cannot open journal {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let sb = match read_superblock(&file, path) {
+        Ok(sb) => sb,
+        Err(e) => {
+            eprintln!("mirrorblk: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let uuid: String = sb.volume_uuid.iter().map(|b| format!("{b:02x}")).collect();
+    println!("journal          {}", path.display());
+    println!(
+        "volume           {} ({} bytes, {})",
+        sb.volume_name,
+        sb.volume_size,
+        ByteSize(sb.volume_size)
+    );
+    println!("volume uuid      {uuid}");
+    println!(
+        "record area      {} ({} bytes)",
+        ByteSize(sb.area_len),
+        sb.area_len
+    );
+    println!("epoch            {}", sb.epoch);
+    println!(
+        "checkpoint LSN   {} at area offset {}",
+        sb.checkpoint_lsn, sb.checkpoint_pos
+    );
+    println!("session          {}", sb.session);
+    println!("generation       {}", sb.generation);
+    let mut records = 0u64;
+    let mut bytes = 0u64;
+    let mut lines = Vec::new();
+    let res = scan(&file, &sb, |rec, _data| {
+        records += 1;
+        bytes += rec.header.length;
+        if list {
+            let h = &rec.header;
+            let op = match h.op {
+                RecordOp::Write => "write",
+                RecordOp::Trim => "trim",
+                RecordOp::WriteZeroes => "zero",
+                RecordOp::Pad => "pad",
+            };
+            lines.push(format!(
+                "  LSN {:>10}  {:<5} offset {:>14} length {:>10}  at area offset {:>12}  epoch {}",
+                h.lsn, op, h.offset, h.length, rec.pos, h.epoch
+            ));
+        }
+        Ok(())
+    });
+    match res {
+        Ok((next, head, stop)) => {
+            println!("records          {records} past the checkpoint ({bytes} bytes), next LSN {next}, head at area offset {head}");
+            match stop {
+                Some(why) => println!("tail             invalid record: {why}"),
+                None => println!("tail             clean"),
+            }
+            for l in lines {
+                println!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mirrorblk: reading journal {} failed: {e}", path.display());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Demo { dir, listen, size } => demo(&dir, &listen, &size),
+        Cmd::Journal {
+            command: JournalCmd::Inspect { path },
+        } => journal_inspect(&path, false),
+        Cmd::Journal {
+            command: JournalCmd::Dump { path },
+        } => journal_inspect(&path, true),
+    }
 }

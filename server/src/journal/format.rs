@@ -305,7 +305,8 @@ impl RecordHeader {
         };
         match op {
             RecordOp::Write => {
-                if h.payload_len != h.length || h.record_len != Self::record_len_for(h.payload_len) {
+                if h.payload_len != h.length || h.record_len != Self::record_len_for(h.payload_len)
+                {
                     return Err(FormatError::BadField("write record lengths"));
                 }
             }
@@ -342,15 +343,38 @@ mod tests {
     }
 
     fn any_header() -> impl Strategy<Value = RecordHeader> {
-        (any::<u64>(), any::<u64>(), any::<u64>(), any_op(), any::<u8>(), 0u64..1 << 50, 0u64..1 << 26, any::<u64>(), 1u64..1000)
-            .prop_map(|(lsn, epoch, session, op, flags, offset, len, hash, pad_blocks)| {
-                let (length, payload_len, record_len) = match op {
-                    RecordOp::Write => (len, len, RecordHeader::record_len_for(len)),
-                    RecordOp::Trim | RecordOp::WriteZeroes => (len, 0, BLOCK),
-                    RecordOp::Pad => (0, 0, pad_blocks * BLOCK),
-                };
-                RecordHeader { lsn: Lsn(lsn), epoch: Epoch(epoch), session, op, flags, offset, length, payload_len, record_len, payload_hash: hash }
-            })
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any_op(),
+            any::<u8>(),
+            0u64..1 << 50,
+            0u64..1 << 26,
+            any::<u64>(),
+            1u64..1000,
+        )
+            .prop_map(
+                |(lsn, epoch, session, op, flags, offset, len, hash, pad_blocks)| {
+                    let (length, payload_len, record_len) = match op {
+                        RecordOp::Write => (len, len, RecordHeader::record_len_for(len)),
+                        RecordOp::Trim | RecordOp::WriteZeroes => (len, 0, BLOCK),
+                        RecordOp::Pad => (0, 0, pad_blocks * BLOCK),
+                    };
+                    RecordHeader {
+                        lsn: Lsn(lsn),
+                        epoch: Epoch(epoch),
+                        session,
+                        op,
+                        flags,
+                        offset,
+                        length,
+                        payload_len,
+                        record_len,
+                        payload_hash: hash,
+                    }
+                },
+            )
     }
 
     proptest! {

@@ -76,7 +76,11 @@ impl Record {
             flags: self.flags,
             offset: self.offset,
             length: self.length,
-            payload_len: if self.op == RecordOp::Write { self.length } else { 0 },
+            payload_len: if self.op == RecordOp::Write {
+                self.length
+            } else {
+                0
+            },
             record_len: self.record_len,
             payload_hash: self.payload_hash,
         }
@@ -128,7 +132,10 @@ impl Journal {
     /// Takes over a recovered journal. Must run inside the core's runtime.
     pub fn new(opened: recovery::OpenedJournal) -> Journal {
         let sb = opened.superblock;
-        let (progress, _) = watch::channel(Progress { durable_next: sb.checkpoint_lsn, failed: None });
+        let (progress, _) = watch::channel(Progress {
+            durable_next: sb.checkpoint_lsn,
+            failed: None,
+        });
         Journal {
             file: tokio_uring::fs::File::from_std(opened.file),
             area_len: sb.area_len,
@@ -188,9 +195,16 @@ impl Journal {
     ) -> Option<Rc<Record>> {
         let payload_len = if op == RecordOp::Write { length } else { 0 };
         let record_len = RecordHeader::record_len_for(payload_len);
-        assert!(record_len <= self.area_len / 2, "record larger than half the journal");
+        assert!(
+            record_len <= self.area_len / 2,
+            "record larger than half the journal"
+        );
         let mut st = self.state.borrow_mut();
-        let pad = if st.head + record_len > self.area_len { self.area_len - st.head } else { 0 };
+        let pad = if st.head + record_len > self.area_len {
+            self.area_len - st.head
+        } else {
+            0
+        };
         if st.used + pad + record_len > self.area_len {
             return None;
         }
@@ -203,7 +217,18 @@ impl Journal {
             st.head = 0;
         }
         let payload_hash = payload.as_ref().map(|p| p.xxh3()).unwrap_or(0);
-        let rec = Rc::new(Record { lsn, op, flags, offset, length, payload, payload_hash, pos, pad_before: pad, record_len });
+        let rec = Rc::new(Record {
+            lsn,
+            op,
+            flags,
+            offset,
+            length,
+            payload,
+            payload_hash,
+            pos,
+            pad_before: pad,
+            record_len,
+        });
         st.queued.push_back(rec.clone());
         drop(st);
         self.work.notify_one();
@@ -264,7 +289,10 @@ impl Journal {
     }
 
     fn header_block(&self) -> AlignedBuf {
-        self.header_blocks.borrow_mut().pop().unwrap_or_else(|| AlignedBuf::new(HEADER_BLOCK))
+        self.header_blocks
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| AlignedBuf::new(HEADER_BLOCK))
     }
 
     fn recycle(&self, bufs: Vec<OutBuf>) {
@@ -349,10 +377,12 @@ impl Journal {
             }
             let run = cur.get_or_insert_with(|| (r.pos, Vec::new()));
             let mut blk = self.header_block();
-            r.header(self.epoch, self.session).encode(blk.as_mut_slice());
+            r.header(self.epoch, self.session)
+                .encode(blk.as_mut_slice());
             run.1.push(OutBuf::Block(blk));
             if let Some(p) = &r.payload {
-                run.1.extend(SharedSlice::padded_chunks(p).map(OutBuf::Shared));
+                run.1
+                    .extend(SharedSlice::padded_chunks(p).map(OutBuf::Shared));
             }
         }
         runs.extend(cur);
@@ -380,11 +410,17 @@ impl Journal {
         };
         let mut blk = AlignedBuf::new(HEADER_BLOCK);
         sb.encode(blk.as_mut_slice());
-        let (res, _) = self.file.write_all_at(blk, Superblock::slot_offset(sb.generation % 2)).await;
+        let (res, _) = self
+            .file
+            .write_all_at(blk, Superblock::slot_offset(sb.generation % 2))
+            .await;
         res?;
         {
             let mut st = self.state.borrow_mut();
-            assert!(st.used >= bytes, "releasing more journal space than reserved");
+            assert!(
+                st.used >= bytes,
+                "releasing more journal space than reserved"
+            );
             st.used -= bytes;
         }
         self.space.notify_waiters();

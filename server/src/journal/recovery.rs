@@ -11,7 +11,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::format::{FormatError, RecordHeader, RecordOp, Superblock, AREA_START, FLAG_NO_HOLE, HEADER_BLOCK, MIN_AREA};
+use super::format::{
+    FormatError, RecordHeader, RecordOp, Superblock, AREA_START, FLAG_NO_HOLE, HEADER_BLOCK,
+    MIN_AREA,
+};
 use crate::units::{align_down, align_up, ByteSize, Epoch, Lsn, BLOCK};
 
 /// Why a journal could not be opened.
@@ -84,8 +87,15 @@ pub struct OpenedJournal {
     pub report: RecoveryReport,
 }
 
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> JournalOpenError + 'a {
-    move |source| JournalOpenError::Io { what, path: path.to_path_buf(), source }
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> JournalOpenError + 'a {
+    move |source| JournalOpenError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Reads `len` bytes at `pos` into a block-aligned buffer (works with `O_DIRECT`).
@@ -111,7 +121,11 @@ pub fn read_superblock(f: &File, path: &Path) -> Result<Superblock, JournalOpenE
     match (a, bb) {
         (Ok(x), Ok(y)) => Ok(if y.generation > x.generation { y } else { x }),
         (Ok(x), Err(_)) | (Err(_), Ok(x)) => Ok(x),
-        (Err(a), Err(b)) => Err(JournalOpenError::NoSuperblock { path: path.to_path_buf(), a, b }),
+        (Err(a), Err(b)) => Err(JournalOpenError::NoSuperblock {
+            path: path.to_path_buf(),
+            a,
+            b,
+        }),
     }
 }
 
@@ -135,7 +149,9 @@ fn random_uuid() -> [u8; 16] {
     // SAFETY: writes at most 16 bytes into u.
     let n = unsafe { libc::getrandom(u.as_mut_ptr().cast(), u.len(), 0) };
     if n != 16 {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         u[..8].copy_from_slice(&(t.as_nanos() as u64).to_le_bytes());
         u[8..12].copy_from_slice(&std::process::id().to_le_bytes());
     }
@@ -148,10 +164,14 @@ fn create(spec: &JournalSpec<'_>) -> Result<(), JournalOpenError> {
     let path = spec.path;
     let size = align_down(spec.size);
     if size < AREA_START + MIN_AREA {
-        return Err(JournalOpenError::TooSmall(ByteSize(spec.size), ByteSize(AREA_START + MIN_AREA)));
+        return Err(JournalOpenError::TooSmall(
+            ByteSize(spec.size),
+            ByteSize(AREA_START + MIN_AREA),
+        ));
     }
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(io_err("cannot create the folder of journal", path))?;
+        std::fs::create_dir_all(parent)
+            .map_err(io_err("cannot create the folder of journal", path))?;
     }
     let tmp = path.with_extension("creating");
     let f = std::fs::OpenOptions::new()
@@ -164,7 +184,8 @@ fn create(spec: &JournalSpec<'_>) -> Result<(), JournalOpenError> {
     let mut pos = 0;
     while pos < size {
         let n = (size - pos).min(zeros.len() as u64) as usize;
-        f.write_all_at(&zeros[..n], pos).map_err(io_err("cannot write journal", &tmp))?;
+        f.write_all_at(&zeros[..n], pos)
+            .map_err(io_err("cannot write journal", &tmp))?;
         pos += n as u64;
     }
     let sb = Superblock {
@@ -223,44 +244,70 @@ pub fn scan(
         let h = match RecordHeader::decode(hb.as_slice()) {
             Ok(h) => h,
             Err(FormatError::BadMagic { found: 0 }) => break None,
-            Err(e) => break Some(format!("record header at area offset {pos} (expected LSN {lsn}): {e}")),
+            Err(e) => {
+                break Some(format!(
+                    "record header at area offset {pos} (expected LSN {lsn}): {e}"
+                ))
+            }
         };
         if h.session != sb.session {
             break if h.lsn == lsn {
-                Some(format!("record LSN {lsn} at area offset {pos} is from journal session {}, not {}", h.session, sb.session))
+                Some(format!(
+                    "record LSN {lsn} at area offset {pos} is from journal session {}, not {}",
+                    h.session, sb.session
+                ))
             } else {
                 None
             };
         }
         if h.lsn != lsn {
-            break if h.lsn < lsn { None } else { Some(format!("LSN gap at area offset {pos}: found {}, expected {lsn}", h.lsn)) };
+            break if h.lsn < lsn {
+                None
+            } else {
+                Some(format!(
+                    "LSN gap at area offset {pos}: found {}, expected {lsn}",
+                    h.lsn
+                ))
+            };
         }
         if h.epoch > sb.epoch {
-            break Some(format!("record LSN {lsn} has epoch {} newer than the journal's {}", h.epoch, sb.epoch));
+            break Some(format!(
+                "record LSN {lsn} has epoch {} newer than the journal's {}",
+                h.epoch, sb.epoch
+            ));
         }
         if h.op == RecordOp::Pad {
             if pos + h.record_len != sb.area_len {
-                break Some(format!("pad record at area offset {pos} does not reach the end of the area"));
+                break Some(format!(
+                    "pad record at area offset {pos} does not reach the end of the area"
+                ));
             }
             scanned += h.record_len;
             pos = 0;
             continue;
         }
         if pos + h.record_len > sb.area_len {
-            break Some(format!("record LSN {lsn} at area offset {pos} runs past the end of the area"));
+            break Some(format!(
+                "record LSN {lsn} at area offset {pos} runs past the end of the area"
+            ));
         }
         let payload = if h.payload_len > 0 {
             let p = read_aligned(f, AREA_START + pos + BLOCK, h.payload_len as usize)?;
             let data = &p.as_slice()[..h.payload_len as usize];
             let hash = xxhash_rust::xxh3::xxh3_64(data);
             if hash != h.payload_hash {
-                break Some(format!("record LSN {lsn} at area offset {pos}: payload checksum mismatch (torn write)"));
+                break Some(format!(
+                    "record LSN {lsn} at area offset {pos}: payload checksum mismatch (torn write)"
+                ));
             }
             Some(p)
         } else {
             None
         };
-        let data = payload.as_ref().map(|p| &p.as_slice()[..h.payload_len as usize]).unwrap_or(&[]);
+        let data = payload
+            .as_ref()
+            .map(|p| &p.as_slice()[..h.payload_len as usize])
+            .unwrap_or(&[]);
         visit(&ScannedRecord { header: h, pos }, data)?;
         lsn = lsn.next();
         scanned += h.record_len;
@@ -283,7 +330,8 @@ pub fn open_and_recover(
     if !path.exists() {
         create(spec)?;
     }
-    let (file, _direct) = crate::store::open_direct(path, false, libc::O_DSYNC).map_err(io_err("cannot open journal", path))?;
+    let (file, _direct) = crate::store::open_direct(path, false, libc::O_DSYNC)
+        .map_err(io_err("cannot open journal", path))?;
     let mut sb = read_superblock(&file, path)?;
     if sb.volume_name != spec.volume_name || sb.volume_size != spec.volume_size {
         return Err(JournalOpenError::WrongVolume {
@@ -301,7 +349,9 @@ pub fn open_and_recover(
         match h.op {
             RecordOp::Write => target.write(h.offset, data)?,
             RecordOp::Trim => target.zero(h.offset, h.length, true, false)?,
-            RecordOp::WriteZeroes => target.zero(h.offset, h.length, false, h.flags & FLAG_NO_HOLE != 0)?,
+            RecordOp::WriteZeroes => {
+                target.zero(h.offset, h.length, false, h.flags & FLAG_NO_HOLE != 0)?
+            }
             RecordOp::Pad => {}
         }
         report.records += 1;
@@ -309,7 +359,10 @@ pub fn open_and_recover(
         Ok(())
     })
     .map_err(io_err("cannot replay journal", path))?;
-    target.sync().map_err(io_err("cannot sync the data store after replaying journal", path))?;
+    target.sync().map_err(io_err(
+        "cannot sync the data store after replaying journal",
+        path,
+    ))?;
     report.next_lsn = next_lsn;
     report.stop_reason = stop;
     // New session: records of the old one past the head can never be replayed.
@@ -319,7 +372,12 @@ pub fn open_and_recover(
     sb.generation += 1;
     write_superblock(&file, &sb).map_err(io_err("cannot write journal superblock", path))?;
     report.millis = start.elapsed().as_millis() as u64;
-    Ok(OpenedJournal { file, path: path.to_path_buf(), superblock: sb, report })
+    Ok(OpenedJournal {
+        file,
+        path: path.to_path_buf(),
+        superblock: sb,
+        report,
+    })
 }
 
 /// Replays into a plain (buffered) file: the data store at start-up.
@@ -337,7 +395,11 @@ impl ReplayTarget for FileReplay<'_> {
 
     fn zero(&mut self, offset: u64, len: u64, trim: bool, no_hole: bool) -> io::Result<()> {
         use std::os::fd::AsRawFd;
-        let (start, end) = if trim { (align_up(offset), align_down(offset + len)) } else { (offset, offset + len) };
+        let (start, end) = if trim {
+            (align_up(offset), align_down(offset + len))
+        } else {
+            (offset, offset + len)
+        };
         if end <= start {
             return Ok(());
         }
@@ -347,7 +409,14 @@ impl ReplayTarget for FileReplay<'_> {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         };
         // SAFETY: fallocate on a descriptor we own.
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, start as i64, (end - start) as i64) };
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                start as i64,
+                (end - start) as i64,
+            )
+        };
         if r == 0 {
             return Ok(());
         }
