@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         eprintln!("mirrorblkd: cannot block signals: {e}");
         return ExitCode::from(1);
     }
-    let _node = match node::start(&cfg) {
+    let node = match node::start(&cfg) {
         Ok(n) => n,
         Err(e) => {
             eprintln!("mirrorblkd: {e}");
@@ -50,8 +50,18 @@ fn main() -> ExitCode {
         }
     };
     match stop.wait() {
-        Ok(sig) => tracing::info!("received {sig:?}; stopping (every acknowledged write is already durable in the journal)"),
-        Err(e) => tracing::error!("waiting for signals failed: {e}"),
+        Ok(sig) => tracing::info!("received {sig:?}: finishing in-flight requests, applying and checkpointing the journal"),
+        Err(e) => tracing::error!("waiting for signals failed: {e}; stopping"),
     }
-    ExitCode::SUCCESS
+    if node.stop(std::time::Duration::from_secs(30)) {
+        tracing::info!("stopped cleanly");
+        ExitCode::SUCCESS
+    } else {
+        // Acknowledged writes are durable in the journal regardless; the
+        // next start replays them.
+        tracing::error!(
+            "could not finish and checkpoint within 30 s; the next start will replay the journal"
+        );
+        ExitCode::from(1)
+    }
 }

@@ -206,6 +206,28 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener, StartError> {
 pub struct RunningNode {
     /// The TCP address actually bound (useful with port 0).
     pub listen: std::net::SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    stopped: std::sync::mpsc::Receiver<(usize, bool)>,
+    cores: usize,
+}
+
+impl RunningNode {
+    /// Graceful stop: every core refuses new mutations, finishes what is in
+    /// flight, applies and checkpoints its volumes. Returns whether all did
+    /// so within `limit`.
+    pub fn stop(self, limit: Duration) -> bool {
+        let _ = self.stop.send(true);
+        let deadline = std::time::Instant::now() + limit;
+        let mut clean = true;
+        for _ in 0..self.cores {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.stopped.recv_timeout(left) {
+                Ok((_, ok)) => clean &= ok,
+                Err(_) => return false,
+            }
+        }
+        clean
+    }
 }
 
 /// Opens everything, binds the listeners, starts cores and acceptors.
@@ -230,6 +252,9 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         per_core[i % cfg.cores].push(p);
     }
     let pool_cfg = PoolConfig::from_budget(cfg.buffer_memory);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
+    let mut running_cores = 0;
     let mut routes = HashMap::new();
     for (i, vols) in per_core.into_iter().enumerate() {
         if vols.is_empty() {
@@ -240,13 +265,16 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
             routes.insert(v.config.name.clone(), tx.clone());
         }
         let pool_cfg = pool_cfg.clone();
+        let ctl = CoreControl {
+            stop: stop_rx.clone(),
+            stopped: stopped_tx.clone(),
+            checkpoint_interval: cfg.checkpoint_interval,
+        };
         std::thread::Builder::new()
             .name(format!("core{i}"))
-            .spawn({
-                let interval = cfg.checkpoint_interval;
-                move || run_core(i, vols, rx, pool_cfg, interval)
-            })
+            .spawn(move || run_core(i, vols, rx, pool_cfg, ctl))
             .map_err(StartError::Thread)?;
+        running_cores += 1;
     }
     let ctx = AcceptContext {
         catalog,
@@ -262,15 +290,30 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
             .map(|p| format!(" and {}", p.display()))
             .unwrap_or_default()
     );
-    Ok(RunningNode { listen })
+    Ok(RunningNode {
+        listen,
+        stop: stop_tx,
+        stopped: stopped_rx,
+        cores: running_cores,
+    })
 }
+
+/// How the main thread steers a core.
+struct CoreControl {
+    stop: tokio::sync::watch::Receiver<bool>,
+    stopped: std::sync::mpsc::Sender<(usize, bool)>,
+    checkpoint_interval: Duration,
+}
+
+/// How long a core may take to finish in-flight work when stopping.
+const STOP_LIMIT: Duration = Duration::from_secs(25);
 
 fn run_core(
     index: usize,
     vols: Vec<PreparedVolume>,
     mut rx: mpsc::Receiver<NewConn>,
     pool_cfg: PoolConfig,
-    checkpoint_interval: Duration,
+    mut ctl: CoreControl,
 ) {
     tokio_uring::builder().entries(1024).start(async move {
         let pool = Rc::new(BufPool::new(&pool_cfg));
@@ -287,12 +330,17 @@ fn run_core(
                 Store::new(v.store),
                 Journal::new(v.journal),
                 pool.clone(),
-                checkpoint_interval,
+                ctl.checkpoint_interval,
             );
             volumes.insert(v.config.name.clone(), vol);
         }
         tracing::debug!("core {index} serving {} volume(s)", volumes.len());
-        while let Some(nc) = rx.recv().await {
+        loop {
+            let nc = tokio::select! {
+                nc = rx.recv() => nc,
+                _ = ctl.stop.wait_for(|s| *s) => None,
+            };
+            let Some(nc) = nc else { break };
             let Some(vol) = volumes.get(&nc.neg.export.name).cloned() else {
                 tracing::error!(
                     "connection for unknown export '{}' reached core {index}",
@@ -310,5 +358,10 @@ fn run_core(
                 drop(guard);
             });
         }
+        let mut clean = true;
+        for vol in volumes.values() {
+            clean &= vol.shutdown(STOP_LIMIT).await;
+        }
+        let _ = ctl.stopped.send((index, clean));
     });
 }

@@ -71,6 +71,11 @@ pub struct Volume {
     stats: Cell<VolumeStats>,
     scratch: RefCell<Option<AlignedBuf>>,
     checkpoint_interval: Duration,
+    /// Set by `shutdown`: new mutations fail with ESHUTDOWN.
+    stopping: Cell<bool>,
+    /// Set by the applier once everything is applied and checkpointed after `stopping`.
+    stopped: Cell<bool>,
+    stop_done: Notify,
 }
 
 fn io_code(e: &io::Error) -> ErrorCode {
@@ -103,6 +108,9 @@ impl Volume {
             stats: Cell::new(VolumeStats::default()),
             scratch: RefCell::new(Some(AlignedBuf::new(MAX_CHUNK))),
             checkpoint_interval,
+            stopping: Cell::new(false),
+            stopped: Cell::new(false),
+            stop_done: Notify::new(),
         });
         let a = v.clone();
         tokio_uring::spawn(async move {
@@ -148,7 +156,24 @@ impl Volume {
         if self.info.read_only {
             return Err(ErrorCode::Perm);
         }
+        if self.stopping.get() {
+            return Err(ErrorCode::Shutdown);
+        }
         Ok(())
+    }
+
+    /// Graceful stop: refuse new mutations (ESHUTDOWN), let every reserved
+    /// record become durable and be applied, checkpoint, and return. A
+    /// restart after this replays nothing. Bounded by `limit`; returns
+    /// whether it finished in time.
+    pub async fn shutdown(&self, limit: Duration) -> bool {
+        self.stopping.set(true);
+        let done = self.stop_done.notified();
+        self.apply_work.notify_one();
+        if self.stopped.get() {
+            return true;
+        }
+        tokio::time::timeout(limit, done).await.is_ok()
     }
 
     async fn journal_and_wait(
@@ -339,6 +364,22 @@ impl Volume {
         let mut last_checkpoint = std::time::Instant::now();
         loop {
             let batch = self.take_apply_batch();
+            if batch.is_empty()
+                && self.stopping.get()
+                && self.applied_next.get() >= self.journal.next_lsn()
+            {
+                if since_checkpoint > 0 {
+                    if let Some(pos) = last_end_pos {
+                        self.checkpoint(pos, &mut since_checkpoint).await;
+                    }
+                }
+                if since_checkpoint == 0 || self.journal.failed().is_some() {
+                    tracing::info!(volume = %self.info.name, "stopped: all {} records applied and checkpointed", self.stats.get().applied);
+                    self.stopped.set(true);
+                    self.stop_done.notify_waiters();
+                    return;
+                }
+            }
             if batch.is_empty() {
                 // Idle: checkpoint once the interval has passed, so a quiet
                 // volume's journal empties and restarts replay little.
@@ -356,7 +397,9 @@ impl Volume {
                 if !self.apply_queue.borrow().is_empty() {
                     continue;
                 }
-                if since_checkpoint > 0 {
+                if self.stopping.get() {
+                    let _ = tokio::time::timeout(Duration::from_millis(10), notified).await;
+                } else if since_checkpoint > 0 {
                     let _ = tokio::time::timeout(due, notified).await;
                 } else {
                     notified.await;
@@ -543,20 +586,6 @@ impl Volume {
         }
         *self.scratch.borrow_mut() = Some(buf);
         result
-    }
-
-    /// Applies everything journaled so far and checkpoints (graceful stop).
-    pub async fn drain(&self) {
-        for _ in 0..6000 {
-            let durable = self.journal.durable_next();
-            if self.applied_next.get() >= self.journal.next_lsn()
-                && self.applied_next.get() >= durable
-                && self.apply_queue.borrow().is_empty()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
     }
 
     /// Whether `[offset, offset+len)` has unapplied data (tests, block status).
