@@ -64,6 +64,12 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE", default_value_t = DEFAULT_JOURNAL_SIZE)]
     pub journal_size: ByteSize,
 
+    /// How a missing --data file is created: full (written with zeroes once,
+    /// so later writes never allocate; several times faster) or sparse
+    /// (instant, slower until filled).
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = crate::store::Preallocate::Full)]
+    pub preallocate: crate::store::Preallocate,
+
     /// Description of the --export volume shown by NBD_OPT_INFO/LIST.
     #[arg(long, value_name = "TEXT")]
     pub description: Option<String>,
@@ -165,6 +171,9 @@ pub struct FileVolume {
     /// Read-only export.
     #[serde(default)]
     pub read_only: bool,
+    /// How a missing data file is created.
+    #[serde(default)]
+    pub preallocate: crate::store::Preallocate,
 }
 
 /// A validated volume.
@@ -184,6 +193,8 @@ pub struct VolumeConfig {
     pub description: String,
     /// Read-only export.
     pub read_only: bool,
+    /// How a missing data file is created.
+    pub preallocate: crate::store::Preallocate,
 }
 
 /// A validated node configuration.
@@ -247,6 +258,7 @@ impl Config {
                 journal_size: v.journal_size.unwrap_or(DEFAULT_JOURNAL_SIZE).0,
                 description: v.description.clone(),
                 read_only: v.read_only,
+                preallocate: v.preallocate,
             })
             .collect();
         match (&cli.export, &cli.data, &cli.journal) {
@@ -258,6 +270,7 @@ impl Config {
                 journal_size: cli.journal_size.0,
                 description: cli.description.clone().unwrap_or_default(),
                 read_only: cli.read_only,
+                preallocate: cli.preallocate,
             }),
             (None, None, None) => {}
             _ => {

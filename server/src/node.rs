@@ -105,9 +105,11 @@ fn export_info(cfg: &VolumeConfig, size: u64, journal_area: u64) -> ExportInfo {
 
 /// Opens, validates and recovers one volume.
 pub fn prepare_volume(cfg: &VolumeConfig) -> Result<PreparedVolume, StartError> {
-    let store = open_store(&cfg.data, cfg.size, false).map_err(|source| StartError::Store {
-        volume: cfg.name.clone(),
-        source,
+    let store = open_store(&cfg.data, cfg.size, false, cfg.preallocate).map_err(|source| {
+        StartError::Store {
+            volume: cfg.name.clone(),
+            source,
+        }
     })?;
     // Replay through a buffered handle: records may be unaligned, and one
     // fdatasync at the end makes the whole replay durable.
