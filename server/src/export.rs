@@ -61,6 +61,17 @@ impl Socket {
         }
     }
 
+    fn dup_as_file(&self) -> io::Result<tokio_uring::fs::File> {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        let raw = match self {
+            Socket::Tcp(s) => s.as_raw_fd(),
+            Socket::Unix(s) => s.as_raw_fd(),
+        };
+        // SAFETY: the socket outlives this call; we only duplicate it.
+        let owned = unsafe { BorrowedFd::borrow_raw(raw) }.try_clone_to_owned()?;
+        Ok(tokio_uring::fs::File::from_std(std::fs::File::from(owned)))
+    }
+
     fn shutdown(&self) {
         let _ = match self {
             Socket::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
@@ -155,6 +166,100 @@ async fn read_exact<T: SockBuf>(
     (Ok(()), buf)
 }
 
+/// Either kind of receive buffer, so one `readv` can fill a write's payload
+/// (pool memory) and the next request header (a small vector) together.
+enum InBuf {
+    Fixed(FixedBuf),
+    Vec(Vec<u8>),
+}
+
+// SAFETY: both variants own stable heap memory that does not move with the enum.
+unsafe impl tokio_uring::buf::IoBuf for InBuf {
+    fn stable_ptr(&self) -> *const u8 {
+        match self {
+            InBuf::Fixed(b) => tokio_uring::buf::IoBuf::stable_ptr(b),
+            InBuf::Vec(v) => tokio_uring::buf::IoBuf::stable_ptr(v),
+        }
+    }
+    // A receive buffer: nothing in it counts as initialized, because
+    // tokio-uring's readv fills only the part past `bytes_init`.
+    fn bytes_init(&self) -> usize {
+        0
+    }
+    fn bytes_total(&self) -> usize {
+        match self {
+            InBuf::Fixed(b) => tokio_uring::buf::IoBuf::bytes_total(b),
+            InBuf::Vec(v) => tokio_uring::buf::IoBuf::bytes_total(v),
+        }
+    }
+}
+
+// SAFETY: as above; `set_init` is forwarded to the owner.
+unsafe impl tokio_uring::buf::IoBufMut for InBuf {
+    fn stable_mut_ptr(&mut self) -> *mut u8 {
+        match self {
+            InBuf::Fixed(b) => tokio_uring::buf::IoBufMut::stable_mut_ptr(b),
+            InBuf::Vec(v) => tokio_uring::buf::IoBufMut::stable_mut_ptr(v),
+        }
+    }
+    unsafe fn set_init(&mut self, _pos: usize) {
+        // The owners' lengths already cover the whole buffer.
+    }
+}
+
+/// Reads a single-chunk write payload and, in the same `readv`, as much of
+/// the next request header as has arrived: one round trip per pipelined
+/// write instead of two, still straight into pool memory. Returns the
+/// filled chunk, the header buffer and how many header bytes it holds.
+async fn read_payload_and_header(
+    conn: &Conn,
+    chunk: FixedBuf,
+    want: usize,
+    hdr: Vec<u8>,
+    fixed: bool,
+) -> (Result<usize, End>, FixedBuf, Vec<u8>) {
+    let bufs = vec![
+        InBuf::Fixed(chunk).slice(0..want),
+        InBuf::Vec(hdr).slice(0..REQUEST_HEADER_LEN),
+    ];
+    let (res, mut bufs) = conn.sock_file.readv_at(bufs, 0).await;
+    let (InBuf::Vec(hdr), InBuf::Fixed(chunk)) = (
+        bufs.pop().expect("two buffers").into_inner(),
+        bufs.pop().expect("two buffers").into_inner(),
+    ) else {
+        unreachable!("buffers come back in order");
+    };
+    let n = match res {
+        Ok(0) => {
+            return (
+                Err(End::Truncated {
+                    what: "write payload",
+                    got: 0,
+                    want,
+                }),
+                chunk,
+                hdr,
+            )
+        }
+        Ok(n) => n,
+        Err(e) => return (Err(End::Io(e)), chunk, hdr),
+    };
+    if n >= want {
+        return (Ok(n - want), chunk, hdr);
+    }
+    let (res, chunk) = read_exact(&conn.sock, chunk, n, want, "write payload", fixed).await;
+    let res = match res {
+        Ok(()) => Ok(0),
+        Err(End::Eof) => Err(End::Truncated {
+            what: "write payload",
+            got: n,
+            want,
+        }),
+        Err(e) => Err(e),
+    };
+    (res, chunk, hdr)
+}
+
 /// Sends all of `bufs`, however the kernel splits the writes.
 async fn write_all(sock: &Socket, mut bufs: Vec<OutBuf>) -> io::Result<()> {
     while !bufs.is_empty() {
@@ -196,6 +301,8 @@ type Reply = Vec<OutBuf>;
 
 struct Conn {
     sock: Rc<Socket>,
+    /// The same socket as a file, for `readv` (tokio-uring has no socket readv).
+    sock_file: tokio_uring::fs::File,
     vol: Rc<Volume>,
     neg: Negotiated,
     replies: mpsc::UnboundedSender<Reply>,
@@ -250,8 +357,17 @@ pub async fn serve(
     let sock = Rc::new(sock);
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio_uring::spawn(run_writer(sock.clone(), rx));
+    let sock_file = match sock.dup_as_file() {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(%peer, "cannot duplicate the client socket: {e}; closing");
+            sock.shutdown();
+            return;
+        }
+    };
     let conn = Rc::new(Conn {
         sock: sock.clone(),
+        sock_file,
         vol,
         neg,
         replies: tx,
@@ -303,6 +419,10 @@ struct Prefix {
 }
 
 impl Prefix {
+    fn is_empty(&self) -> bool {
+        self.at >= self.bytes.len()
+    }
+
     fn take(&mut self, dst: &mut [u8]) -> usize {
         let n = (self.bytes.len() - self.at).min(dst.len());
         dst[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
@@ -319,18 +439,21 @@ async fn read_loop(conn: &Rc<Conn>, leftover: Vec<u8>) -> End {
     };
     let mut hdr = vec![0u8; REQUEST_HEADER_LEN];
     let fixed = conn.vol.pool().registered();
+    // Bytes of the next header already read along with a write's payload.
+    let mut hdr_have = 0usize;
     loop {
-        let from_prefix = prefix.take(&mut hdr);
+        hdr_have += prefix.take(&mut hdr[hdr_have..]);
         let (res, h) = read_exact(
             sock,
             hdr,
-            from_prefix,
+            hdr_have,
             REQUEST_HEADER_LEN,
             "request header",
             false,
         )
         .await;
         hdr = h;
+        hdr_have = 0;
         if let Err(e) = res {
             return e;
         }
@@ -359,7 +482,18 @@ async fn read_loop(conn: &Rc<Conn>, leftover: Vec<u8>) -> End {
         }
         let payload = if req.command == Command::Write && req.length > 0 {
             let mut p = conn.vol.pool().payload(req.length as usize).await;
-            if let Err(e) = fill_payload(conn, &mut p, &mut prefix, fixed).await {
+            if p.chunk_count() == 1 && prefix.is_empty() {
+                let mut chunks = p.take_chunks();
+                let chunk = chunks.pop().expect("one chunk");
+                let (res, chunk, h) =
+                    read_payload_and_header(conn, chunk, req.length as usize, hdr, fixed).await;
+                hdr = h;
+                p.put_chunks(vec![chunk]);
+                match res {
+                    Ok(n) => hdr_have = n,
+                    Err(e) => return e,
+                }
+            } else if let Err(e) = fill_payload(conn, &mut p, &mut prefix, fixed).await {
                 return e;
             }
             Some(p)
