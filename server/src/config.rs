@@ -432,6 +432,14 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_config_parses() {
+        let text = include_str!("../../systemd/example-node.toml");
+        let f: FileConfig = toml::from_str(text).expect("example config parses");
+        assert_eq!(f.volumes.len(), 2);
+        assert!(f.volumes[1].read_only);
+    }
+
+    #[test]
     fn unknown_toml_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");

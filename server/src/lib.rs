@@ -14,6 +14,7 @@ pub mod export;
 pub mod journal;
 pub mod listener;
 pub mod node;
+pub mod notify;
 pub mod overlay;
 pub mod store;
 pub mod units;

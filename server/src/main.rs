@@ -49,10 +49,29 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    mirrorblk_server::notify::notify("READY=1\nSTATUS=serving");
+    if let Some(every) = mirrorblk_server::notify::watchdog_interval() {
+        // Ping only while every core keeps ticking: a stuck core stops the
+        // pings and systemd restarts the node (the journal makes that safe).
+        let beats = node.heartbeats();
+        let _ = std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || loop {
+                if beats.all_fresh(every.max(std::time::Duration::from_secs(2))) {
+                    mirrorblk_server::notify::notify("WATCHDOG=1");
+                } else {
+                    tracing::error!(
+                        "a core stopped ticking; withholding the systemd watchdog ping"
+                    );
+                }
+                std::thread::sleep(every);
+            });
+    }
     match stop.wait() {
         Ok(sig) => tracing::info!("received {sig:?}: finishing in-flight requests, applying and checkpointing the journal"),
         Err(e) => tracing::error!("waiting for signals failed: {e}; stopping"),
     }
+    mirrorblk_server::notify::notify("STOPPING=1");
     if node.stop(std::time::Duration::from_secs(30)) {
         tracing::info!("stopped cleanly");
         ExitCode::SUCCESS

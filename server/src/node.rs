@@ -211,9 +211,40 @@ pub struct RunningNode {
     stop: tokio::sync::watch::Sender<bool>,
     stopped: std::sync::mpsc::Receiver<(usize, bool)>,
     cores: usize,
+    heartbeats: Heartbeats,
+}
+
+/// Per-core liveness: each core stores the time of its latest tick.
+#[derive(Clone, Default)]
+pub struct Heartbeats(Arc<std::sync::Mutex<Vec<std::time::Instant>>>);
+
+impl Heartbeats {
+    fn register(&self) -> usize {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.push(std::time::Instant::now());
+        v.len() - 1
+    }
+
+    fn beat(&self, core: usize) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = v.get_mut(core) {
+            *t = std::time::Instant::now();
+        }
+    }
+
+    /// Whether every core ticked within `max_age` (a stuck core fails this).
+    pub fn all_fresh(&self, max_age: Duration) -> bool {
+        let v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.iter().all(|t| t.elapsed() <= max_age)
+    }
 }
 
 impl RunningNode {
+    /// Core liveness, for the systemd watchdog.
+    pub fn heartbeats(&self) -> Heartbeats {
+        self.heartbeats.clone()
+    }
+
     /// Graceful stop: every core refuses new mutations, finishes what is in
     /// flight, applies and checkpoints its volumes. Returns whether all did
     /// so within `limit`.
@@ -257,6 +288,7 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
     let mut running_cores = 0;
+    let heartbeats = Heartbeats::default();
     let mut routes = HashMap::new();
     for (i, vols) in per_core.into_iter().enumerate() {
         if vols.is_empty() {
@@ -271,6 +303,7 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
             stop: stop_rx.clone(),
             stopped: stopped_tx.clone(),
             checkpoint_interval: cfg.checkpoint_interval,
+            heartbeats: heartbeats.clone(),
         };
         std::thread::Builder::new()
             .name(format!("core{i}"))
@@ -297,6 +330,7 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         stop: stop_tx,
         stopped: stopped_rx,
         cores: running_cores,
+        heartbeats,
     })
 }
 
@@ -305,6 +339,7 @@ struct CoreControl {
     stop: tokio::sync::watch::Receiver<bool>,
     stopped: std::sync::mpsc::Sender<(usize, bool)>,
     checkpoint_interval: Duration,
+    heartbeats: Heartbeats,
 }
 
 /// How long a core may take to finish in-flight work when stopping.
@@ -337,6 +372,14 @@ fn run_core(
             volumes.insert(v.config.name.clone(), vol);
         }
         tracing::debug!("core {index} serving {} volume(s)", volumes.len());
+        let hb = ctl.heartbeats.clone();
+        let slot = hb.register();
+        tokio_uring::spawn(async move {
+            loop {
+                hb.beat(slot);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
         loop {
             let nc = tokio::select! {
                 nc = rx.recv() => nc,
