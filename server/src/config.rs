@@ -96,6 +96,10 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE")]
     pub buffer_memory: Option<ByteSize>,
 
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (off when not given).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Most client connections at once; more are refused at accept. [default: 1024]
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
@@ -142,6 +146,8 @@ pub struct FileConfig {
     pub buffer_memory: Option<ByteSize>,
     /// Connection limit.
     pub max_connections: Option<usize>,
+    /// Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
     /// Log level.
     pub log_level: Option<String>,
     /// Checkpoint interval, e.g. "1s".
@@ -210,6 +216,8 @@ pub struct Config {
     pub buffer_memory: u64,
     /// Connection limit.
     pub max_connections: usize,
+    /// Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
     /// Log level filter.
     pub log_level: String,
     /// Longest time between checkpoints.
@@ -352,6 +360,7 @@ impl Config {
             cores,
             buffer_memory,
             max_connections,
+            metrics_listen: cli.metrics_listen.or(file.metrics_listen),
             log_level: cli
                 .log_level
                 .clone()

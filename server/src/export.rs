@@ -11,6 +11,7 @@ use std::cell::Cell;
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use nbd::request::{check_request, decode_request, REQUEST_HEADER_LEN};
 use nbd::{Command, CommandFlags, ErrorCode, Negotiated, Request, Verdict};
@@ -325,6 +326,7 @@ impl Conn {
     }
 
     fn error(&self, req: &Request, code: ErrorCode, msg: &str) {
+        self.vol.metrics().error(req.command, code);
         if self.neg.structured_replies
             && matches!(req.command, Command::Read | Command::BlockStatus)
         {
@@ -355,6 +357,8 @@ pub async fn serve(
     peer: String,
 ) {
     let sock = Rc::new(sock);
+    let open = crate::telemetry::connections();
+    open.increment(1.0);
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio_uring::spawn(run_writer(sock.clone(), rx));
     let sock_file = match sock.dup_as_file() {
@@ -389,6 +393,7 @@ pub async fn serve(
     drop(conn);
     let _ = writer.await;
     sock.shutdown();
+    open.decrement(1.0);
     if copies > 0 {
         tracing::debug!("connection copied {copies} payload bytes from its handshake leftovers");
     }
@@ -457,6 +462,7 @@ async fn read_loop(conn: &Rc<Conn>, leftover: Vec<u8>) -> End {
         if let Err(e) = res {
             return e;
         }
+        let started = Instant::now();
         let mut raw = [0u8; REQUEST_HEADER_LEN];
         raw.copy_from_slice(&hdr);
         let req = match decode_request(&raw) {
@@ -506,6 +512,13 @@ async fn read_loop(conn: &Rc<Conn>, leftover: Vec<u8>) -> End {
         let c = conn.clone();
         tokio_uring::spawn(async move {
             handle(&c, req, payload).await;
+            if let Some(m) = c.vol.metrics().op(req.command) {
+                let bytes = match req.command {
+                    Command::Read | Command::Write => req.length as u64,
+                    _ => 0,
+                };
+                m.record(bytes, started.elapsed());
+            }
             drop(permit);
         });
     }
@@ -553,6 +566,7 @@ async fn fill_payload(
         let pre = prefix.take(&mut chunk[..want]);
         if pre > 0 {
             conn.write_copies.set(conn.write_copies.get() + pre as u64);
+            conn.vol.metrics().payload_copies.increment(pre as u64);
         }
         let (res, chunk) = read_exact(&conn.sock, chunk, pre, want, "write payload", fixed).await;
         if let Err(e) = res {

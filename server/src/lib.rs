@@ -17,5 +17,6 @@ pub mod node;
 pub mod notify;
 pub mod overlay;
 pub mod store;
+pub mod telemetry;
 pub mod units;
 pub mod volume;

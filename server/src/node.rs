@@ -59,6 +59,9 @@ pub enum StartError {
         /// What to do about it.
         hint: &'static str,
     },
+    /// The metrics endpoint could not start.
+    #[error("{0}")]
+    Metrics(#[from] crate::telemetry::MetricsError),
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
@@ -270,6 +273,10 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         prepared.push(prepare_volume(v)?);
     }
     let tcp = bind_tcp(cfg)?;
+    if let Some(addr) = cfg.metrics_listen {
+        crate::telemetry::install(addr)?;
+        tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
+    }
     let listen = tcp.local_addr().map_err(|e| StartError::Bind {
         addr: cfg.listen.to_string(),
         source: e,
@@ -362,6 +369,7 @@ fn run_core(
                 size: v.store.size,
                 read_only: v.config.read_only,
             };
+            let (records, millis) = (v.journal.report.records, v.journal.report.millis);
             let vol = Volume::start(
                 info,
                 Store::new(v.store),
@@ -369,6 +377,7 @@ fn run_core(
                 pool.clone(),
                 ctl.checkpoint_interval,
             );
+            vol.metrics().recovery(records, millis);
             volumes.insert(v.config.name.clone(), vol);
         }
         tracing::debug!("core {index} serving {} volume(s)", volumes.len());

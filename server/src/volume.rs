@@ -23,6 +23,7 @@ use crate::journal::format::{RecordOp, FLAG_NO_HOLE};
 use crate::journal::{Journal, Record};
 use crate::overlay::{Overlay, Piece, Source};
 use crate::store::{Allocation, Store};
+use crate::telemetry::VolumeMetrics;
 use crate::units::{align_down, align_up, is_aligned, Lsn, BLOCK};
 
 /// Most records the applier writes to the store at once.
@@ -61,6 +62,7 @@ pub struct ReadData {
 /// A volume bound to its core.
 pub struct Volume {
     info: VolumeInfo,
+    metrics: VolumeMetrics,
     store: Store,
     journal: Journal,
     pool: Rc<BufPool>,
@@ -96,7 +98,10 @@ impl Volume {
         checkpoint_interval: Duration,
     ) -> Rc<Volume> {
         let applied_next = journal.next_lsn();
+        let metrics = VolumeMetrics::new(&info.name);
+        metrics.journal_size.set(journal.area_len() as f64);
         let v = Rc::new(Volume {
+            metrics,
             info,
             store,
             journal,
@@ -116,8 +121,11 @@ impl Volume {
         tokio_uring::spawn(async move {
             let q = a.clone();
             a.journal
-                .run_appender(move |batch| {
+                .run_appender(move |batch, took| {
+                    q.metrics.journal_commit.record(took.as_secs_f64());
+                    q.metrics.journal_batch.record(batch.len() as f64);
                     q.apply_queue.borrow_mut().extend(batch);
+                    q.metrics.apply_lag.set(q.apply_queue.borrow().len() as f64);
                     q.apply_work.notify_one();
                 })
                 .await;
@@ -125,6 +133,11 @@ impl Volume {
         let b = v.clone();
         tokio_uring::spawn(async move { b.run_applier().await });
         v
+    }
+
+    /// Metric handles.
+    pub fn metrics(&self) -> &VolumeMetrics {
+        &self.metrics
     }
 
     /// Static description.
@@ -437,6 +450,10 @@ impl Volume {
                 s.applied += 1;
                 self.stats.set(s);
             }
+            self.metrics
+                .apply_lag
+                .set(self.apply_queue.borrow().len() as f64);
+            self.metrics.journal_used.set(self.journal.used() as f64);
             // Checkpoint when a quarter of the journal is applied but still
             // held, when writers may soon wait for space, or on the interval.
             let pressure =
@@ -487,6 +504,8 @@ impl Volume {
                 let mut s = self.stats.get();
                 s.checkpoints += 1;
                 self.stats.set(s);
+                self.metrics.checkpoints.increment(1);
+                self.metrics.journal_used.set(self.journal.used() as f64);
             }
             Err(e) => {
                 tracing::error!(volume = %self.info.name, "writing the journal checkpoint failed: {e}")

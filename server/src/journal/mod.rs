@@ -308,7 +308,7 @@ impl Journal {
 
     /// The appender: writes queued records in batches, forever. Completed
     /// batches go to `done` in LSN order.
-    pub async fn run_appender(&self, mut done: impl FnMut(Vec<Rc<Record>>)) {
+    pub async fn run_appender(&self, mut done: impl FnMut(Vec<Rc<Record>>, std::time::Duration)) {
         loop {
             let batch = loop {
                 let notified = self.work.notified();
@@ -318,12 +318,13 @@ impl Journal {
                 }
                 notified.await;
             };
+            let started = std::time::Instant::now();
             match self.write_batch(&batch).await {
                 Ok(()) => {
                     let last = batch.last().map(|r| r.lsn).unwrap_or_default();
                     self.batches.set(self.batches.get() + 1);
                     self.progress.send_modify(|p| p.durable_next = last.next());
-                    done(batch);
+                    done(batch, started.elapsed());
                 }
                 Err(e) => {
                     let msg = format!("{e}");

@@ -1,0 +1,241 @@
+//! Prometheus metrics: names, labels, and the handles the data path updates.
+//!
+//! Handles are taken once per volume (a registry lookup), so the hot path
+//! only does atomic increments and lock-free histogram appends. With no
+//! `--metrics-listen`, no recorder is installed and every update is a no-op.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use nbd::Command;
+
+/// Latency buckets for every `_seconds` histogram: 10 µs to 10 s.
+const LATENCY_BUCKETS: [f64; 19] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Why the exporter could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {reason}; choose another --metrics-listen")]
+pub struct MetricsError {
+    addr: SocketAddr,
+    reason: String,
+}
+
+/// Starts the Prometheus exporter on `addr` (`GET /metrics`).
+pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
+    let err = |reason: String| MetricsError { addr, reason };
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets(&LATENCY_BUCKETS)
+        .map_err(|e| err(e.to_string()))?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("mirrorblk_journal_batch_records".into()),
+            &[
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ],
+        )
+        .map_err(|e| err(e.to_string()))?
+        .install()
+        .map_err(|e| err(e.to_string()))?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "mirrorblk_requests_total",
+        "NBD requests completed, by volume and op"
+    );
+    describe_counter!(
+        "mirrorblk_request_bytes_total",
+        Unit::Bytes,
+        "Bytes read or written by NBD requests"
+    );
+    describe_counter!(
+        "mirrorblk_request_errors_total",
+        "NBD requests answered with an error, by error code"
+    );
+    describe_histogram!(
+        "mirrorblk_request_duration_seconds",
+        Unit::Seconds,
+        "Whole-request latency, from header read to reply queued"
+    );
+    describe_histogram!(
+        "mirrorblk_journal_commit_seconds",
+        Unit::Seconds,
+        "Duration of one group commit (vectored O_DSYNC write)"
+    );
+    describe_histogram!(
+        "mirrorblk_journal_batch_records",
+        "Records per group commit"
+    );
+    describe_gauge!(
+        "mirrorblk_journal_used_bytes",
+        Unit::Bytes,
+        "Journal bytes reserved and not yet checkpointed"
+    );
+    describe_gauge!(
+        "mirrorblk_journal_size_bytes",
+        Unit::Bytes,
+        "Size of the journal record area"
+    );
+    describe_gauge!(
+        "mirrorblk_apply_lag_records",
+        "Records durable in the journal but not yet applied to the data store"
+    );
+    describe_counter!("mirrorblk_checkpoints_total", "Journal checkpoints taken");
+    describe_gauge!(
+        "mirrorblk_recovery_records",
+        "Records replayed by the last start-up recovery"
+    );
+    describe_gauge!(
+        "mirrorblk_recovery_duration_seconds",
+        Unit::Seconds,
+        "Duration of the last start-up recovery"
+    );
+    describe_counter!(
+        "mirrorblk_payload_copies_total",
+        "Userspace copies of write payload bytes on the write path (0 is the design)"
+    );
+    describe_gauge!("mirrorblk_connections", "Open NBD client connections");
+}
+
+/// Handles for one NBD op of one volume.
+#[derive(Clone)]
+pub struct OpMetrics {
+    requests: Counter,
+    bytes: Counter,
+    duration: Histogram,
+}
+
+impl OpMetrics {
+    fn new(volume: &str, op: &'static str) -> OpMetrics {
+        let v = volume.to_string();
+        OpMetrics {
+            requests: counter!("mirrorblk_requests_total", "volume" => v.clone(), "op" => op),
+            bytes: counter!("mirrorblk_request_bytes_total", "volume" => v.clone(), "op" => op),
+            duration: histogram!("mirrorblk_request_duration_seconds", "volume" => v, "op" => op),
+        }
+    }
+
+    /// Counts one completed request.
+    pub fn record(&self, bytes: u64, took: Duration) {
+        self.requests.increment(1);
+        if bytes > 0 {
+            self.bytes.increment(bytes);
+        }
+        self.duration.record(took.as_secs_f64());
+    }
+}
+
+/// Every handle of one volume.
+#[derive(Clone)]
+pub struct VolumeMetrics {
+    volume: String,
+    read: OpMetrics,
+    write: OpMetrics,
+    flush: OpMetrics,
+    trim: OpMetrics,
+    zero: OpMetrics,
+    cache: OpMetrics,
+    block_status: OpMetrics,
+    /// Group commit durations.
+    pub journal_commit: Histogram,
+    /// Records per group commit.
+    pub journal_batch: Histogram,
+    /// Journal bytes in use.
+    pub journal_used: Gauge,
+    /// Journal area size.
+    pub journal_size: Gauge,
+    /// Durable but unapplied records.
+    pub apply_lag: Gauge,
+    /// Checkpoints taken.
+    pub checkpoints: Counter,
+    /// Payload bytes copied in userspace.
+    pub payload_copies: Counter,
+}
+
+/// The label of an NBD command.
+pub fn op_name(c: Command) -> &'static str {
+    match c {
+        Command::Read => "read",
+        Command::Write => "write",
+        Command::Flush => "flush",
+        Command::Trim => "trim",
+        Command::WriteZeroes => "write_zeroes",
+        Command::Cache => "cache",
+        Command::BlockStatus => "block_status",
+        Command::Disc => "disc",
+        Command::Unknown(_) => "unknown",
+    }
+}
+
+impl VolumeMetrics {
+    /// Registers the handles of `volume`.
+    pub fn new(volume: &str) -> VolumeMetrics {
+        let v = || volume.to_string();
+        VolumeMetrics {
+            volume: v(),
+            read: OpMetrics::new(volume, "read"),
+            write: OpMetrics::new(volume, "write"),
+            flush: OpMetrics::new(volume, "flush"),
+            trim: OpMetrics::new(volume, "trim"),
+            zero: OpMetrics::new(volume, "write_zeroes"),
+            cache: OpMetrics::new(volume, "cache"),
+            block_status: OpMetrics::new(volume, "block_status"),
+            journal_commit: histogram!("mirrorblk_journal_commit_seconds", "volume" => v()),
+            journal_batch: histogram!("mirrorblk_journal_batch_records", "volume" => v()),
+            journal_used: gauge!("mirrorblk_journal_used_bytes", "volume" => v()),
+            journal_size: gauge!("mirrorblk_journal_size_bytes", "volume" => v()),
+            apply_lag: gauge!("mirrorblk_apply_lag_records", "volume" => v()),
+            checkpoints: counter!("mirrorblk_checkpoints_total", "volume" => v()),
+            payload_copies: counter!("mirrorblk_payload_copies_total", "volume" => v()),
+        }
+    }
+
+    /// The handles of an op (None for DISC and unknown commands).
+    pub fn op(&self, c: Command) -> Option<&OpMetrics> {
+        Some(match c {
+            Command::Read => &self.read,
+            Command::Write => &self.write,
+            Command::Flush => &self.flush,
+            Command::Trim => &self.trim,
+            Command::WriteZeroes => &self.zero,
+            Command::Cache => &self.cache,
+            Command::BlockStatus => &self.block_status,
+            Command::Disc | Command::Unknown(_) => return None,
+        })
+    }
+
+    /// Counts a request answered with an error (rare: looked up on use).
+    pub fn error(&self, c: Command, code: nbd::ErrorCode) {
+        let code = match code {
+            nbd::ErrorCode::Perm => "EPERM",
+            nbd::ErrorCode::Io => "EIO",
+            nbd::ErrorCode::NoMem => "ENOMEM",
+            nbd::ErrorCode::Inval => "EINVAL",
+            nbd::ErrorCode::NoSpc => "ENOSPC",
+            nbd::ErrorCode::Overflow => "EOVERFLOW",
+            nbd::ErrorCode::NotSup => "ENOTSUP",
+            nbd::ErrorCode::Shutdown => "ESHUTDOWN",
+        };
+        counter!("mirrorblk_request_errors_total", "volume" => self.volume.clone(), "op" => op_name(c), "error" => code)
+            .increment(1);
+    }
+
+    /// Records what start-up recovery did.
+    pub fn recovery(&self, records: u64, millis: u64) {
+        gauge!("mirrorblk_recovery_records", "volume" => self.volume.clone()).set(records as f64);
+        gauge!("mirrorblk_recovery_duration_seconds", "volume" => self.volume.clone())
+            .set(millis as f64 / 1000.0);
+    }
+}
+
+/// Open connections (all volumes).
+pub fn connections() -> Gauge {
+    gauge!("mirrorblk_connections")
+}
