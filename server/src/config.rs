@@ -35,6 +35,16 @@ pub const DEFAULT_BUFFER_MEMORY: ByteSize = ByteSize(128 << 20);
 #[derive(Debug, Clone, Parser, Default)]
 #[command(name = "mirrorblkd", version, about, long_about, max_term_width = 100)]
 pub struct Cli {
+    /// This node's name (shown by status; peers know it by this name).
+    /// [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+
+    /// Unix socket for the admin CLI (`mirrorblk --admin-socket PATH status`),
+    /// JSON lines, mode 0600. Off when not given.
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+
     /// TOML configuration file with [[volume]] tables (see systemd/example-*.toml).
     #[arg(short = 'c', long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -136,6 +146,10 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// Node name.
+    pub node: Option<String>,
+    /// Admin socket path.
+    pub admin_socket: Option<PathBuf>,
     /// NBD TCP address.
     pub listen: Option<SocketAddr>,
     /// NBD Unix socket.
@@ -206,6 +220,10 @@ pub struct VolumeConfig {
 /// A validated node configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
+    /// Node name.
+    pub node: String,
+    /// Admin socket path.
+    pub admin_socket: Option<PathBuf>,
     /// NBD TCP address.
     pub listen: SocketAddr,
     /// NBD Unix socket.
@@ -233,6 +251,14 @@ pub struct ConfigError(pub String);
 
 fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string())
 }
 
 /// Reads and parses a TOML configuration file.
@@ -354,7 +380,10 @@ impl Config {
             .listen
             .or(file.listen)
             .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("default address parses"));
+        let node = cli.node.clone().or(file.node).unwrap_or_else(hostname);
         Ok(Config {
+            node,
+            admin_socket: cli.admin_socket.clone().or(file.admin_socket),
             listen,
             unix: cli.unix.clone().or(file.unix),
             cores,

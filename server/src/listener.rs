@@ -114,7 +114,7 @@ pub struct AcceptContext {
     /// Exports.
     pub catalog: Catalog,
     /// Export name → the sender of its core.
-    pub routes: std::collections::HashMap<String, mpsc::Sender<NewConn>>,
+    pub routes: std::collections::HashMap<String, mpsc::Sender<crate::node::CoreMsg>>,
     /// Live connections.
     pub conns: Arc<AtomicUsize>,
     /// Limit on live connections.
@@ -233,13 +233,13 @@ fn handshake_and_route(
     };
     tracing::debug!(%peer, export = %neg.export.name, structured = neg.structured_replies, "client attached");
     if route
-        .blocking_send(NewConn {
+        .blocking_send(crate::node::CoreMsg::Conn(NewConn {
             stream,
             neg,
             leftover,
             peer: peer.clone(),
             guard,
-        })
+        }))
         .is_err()
     {
         tracing::warn!(%peer, "core is gone; dropping connection");

@@ -67,6 +67,14 @@ pub enum StartError {
     Thread(std::io::Error),
 }
 
+/// What a core receives from the rest of the node.
+pub enum CoreMsg {
+    /// A negotiated client connection for one of its volumes.
+    Conn(NewConn),
+    /// An admin question about its volumes.
+    Admin(crate::admin::CoreQuery),
+}
+
 /// A volume opened and recovered, waiting for its core.
 pub struct PreparedVolume {
     /// Its configuration.
@@ -297,13 +305,17 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     let mut running_cores = 0;
     let heartbeats = Heartbeats::default();
     let mut routes = HashMap::new();
+    let mut core_senders = Vec::new();
     for (i, vols) in per_core.into_iter().enumerate() {
         if vols.is_empty() {
             continue;
         }
-        let (tx, rx) = mpsc::channel::<NewConn>(64);
+        let (tx, rx) = mpsc::channel::<CoreMsg>(64);
         for v in &vols {
             routes.insert(v.config.name.clone(), tx.clone());
+        }
+        {
+            core_senders.push(tx.clone());
         }
         let pool_cfg = pool_cfg.clone();
         let ctl = CoreControl {
@@ -324,6 +336,16 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         conns: Arc::new(AtomicUsize::new(0)),
         max_connections: cfg.max_connections,
     };
+    if let Some(path) = &cfg.admin_socket {
+        crate::admin::spawn(path, cfg.node.clone(), core_senders).map_err(|source| {
+            StartError::Bind {
+                addr: path.display().to_string(),
+                source,
+                hint: "; choose another --admin-socket path",
+            }
+        })?;
+        tracing::info!("admin socket on {}", path.display());
+    }
     spawn_acceptors(ctx, tcp, unix).map_err(StartError::Thread)?;
     tracing::info!(
         "serving NBD on {listen}{}",
@@ -355,7 +377,7 @@ const STOP_LIMIT: Duration = Duration::from_secs(25);
 fn run_core(
     index: usize,
     vols: Vec<PreparedVolume>,
-    mut rx: mpsc::Receiver<NewConn>,
+    mut rx: mpsc::Receiver<CoreMsg>,
     pool_cfg: PoolConfig,
     mut ctl: CoreControl,
 ) {
@@ -390,11 +412,20 @@ fn run_core(
             }
         });
         loop {
-            let nc = tokio::select! {
-                nc = rx.recv() => nc,
+            let msg = tokio::select! {
+                msg = rx.recv() => msg,
                 _ = ctl.stop.wait_for(|s| *s) => None,
             };
-            let Some(nc) = nc else { break };
+            let nc = match msg {
+                None => break,
+                Some(CoreMsg::Admin(q)) => {
+                    let mut answer: Vec<_> = volumes.values().map(|v| v.status()).collect();
+                    answer.sort_by(|a, b| a.name.cmp(&b.name));
+                    let _ = q.reply.send(answer);
+                    continue;
+                }
+                Some(CoreMsg::Conn(nc)) => nc,
+            };
             let Some(vol) = volumes.get(&nc.neg.export.name).cloned() else {
                 tracing::error!(
                     "connection for unknown export '{}' reached core {index}",

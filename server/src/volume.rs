@@ -135,6 +135,26 @@ impl Volume {
         v
     }
 
+    /// What `mirrorblk status` shows.
+    pub fn status(&self) -> crate::admin::VolumeStatus {
+        let stats = self.stats.get();
+        crate::admin::VolumeStatus {
+            name: self.info.name.clone(),
+            size: self.info.size,
+            read_only: self.info.read_only,
+            role: "primary".into(),
+            epoch: self.journal.epoch().0,
+            last_lsn: self.journal.next_lsn().0.saturating_sub(1),
+            durable_lsn: self.journal.durable_next().0.saturating_sub(1),
+            applied_lsn: self.applied_next.get().0.saturating_sub(1),
+            journal_used: self.journal.used(),
+            journal_size: self.journal.area_len(),
+            journal_batches: self.journal.batches(),
+            checkpoints: stats.checkpoints,
+            journal_error: self.journal.failed(),
+        }
+    }
+
     /// Metric handles.
     pub fn metrics(&self) -> &VolumeMetrics {
         &self.metrics

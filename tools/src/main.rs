@@ -5,6 +5,7 @@ use std::process::{Child, Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use mirrorblk_server::admin;
 use mirrorblk_server::journal::format::RecordOp;
 use mirrorblk_server::journal::recovery::{read_superblock, scan};
 use mirrorblk_server::units::ByteSize;
@@ -16,6 +17,16 @@ use mirrorblk_server::units::ByteSize;
 #[derive(Debug, Parser)]
 #[command(name = "mirrorblk", version, about, long_about, max_term_width = 100)]
 struct Cli {
+    /// The daemon's admin socket (mirrorblkd --admin-socket).
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "MIRRORBLK_ADMIN_SOCKET",
+        default_value = "/run/mirrorblk/admin.sock"
+    )]
+    admin_socket: PathBuf,
+
     #[command(subcommand)]
     command: Cmd,
 }
@@ -35,6 +46,15 @@ enum Cmd {
         /// Volume size.
         #[arg(long, default_value = "1G")]
         size: String,
+    },
+    /// Show the node's volumes: role, epoch, LSNs, journal fill.
+    Status {
+        /// Print the daemon's JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
     },
     /// Offline journal tools (run on a stopped node).
     Journal {
@@ -219,9 +239,79 @@ fn journal_inspect(path: &Path, list: bool) -> ExitCode {
     }
 }
 
+fn status_once(socket: &Path, json: bool) -> Result<String, String> {
+    let resp = admin::call(socket, &admin::Request::Status)?;
+    if !resp.ok {
+        return Err(resp
+            .error
+            .unwrap_or_else(|| "the daemon refused the request".into()));
+    }
+    if json {
+        return serde_json::to_string_pretty(&resp).map_err(|e| e.to_string());
+    }
+    let mut out = format!("node {}\n", resp.node);
+    out.push_str(&format!(
+        "{:<16} {:<8} {:>5} {:>8} {:>10} {:>10} {:>10} {:>22}  {}\n",
+        "VOLUME", "ROLE", "EPOCH", "SIZE", "LAST LSN", "DURABLE", "APPLIED", "JOURNAL", "STATE"
+    ));
+    for v in &resp.volumes {
+        let pct = if v.journal_size > 0 {
+            v.journal_used * 100 / v.journal_size
+        } else {
+            0
+        };
+        let journal = format!(
+            "{}/{} ({pct}%)",
+            ByteSize(mirrorblk_server::units::align_up(v.journal_used)),
+            ByteSize(v.journal_size)
+        );
+        let state = match &v.journal_error {
+            Some(e) => format!("FAILED: {e}"),
+            None if v.read_only => "ok, read-only".to_string(),
+            None => "ok".to_string(),
+        };
+        out.push_str(&format!(
+            "{:<16} {:<8} {:>5} {:>8} {:>10} {:>10} {:>10} {:>22}  {}\n",
+            v.name,
+            v.role,
+            v.epoch,
+            ByteSize(v.size).to_string(),
+            v.last_lsn,
+            v.durable_lsn,
+            v.applied_lsn,
+            journal,
+            state
+        ));
+    }
+    Ok(out)
+}
+
+fn status(socket: &Path, json: bool, watch: bool) -> ExitCode {
+    loop {
+        match status_once(socket, json) {
+            Ok(text) => {
+                if watch {
+                    // Clear the screen and home the cursor.
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{text}");
+            }
+            Err(e) => {
+                eprintln!("mirrorblk: {e}");
+                return ExitCode::from(1);
+            }
+        }
+        if !watch {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::Status { json, watch } => status(&cli.admin_socket, json, watch),
         Cmd::Demo { dir, listen, size } => demo(&dir, &listen, &size),
         Cmd::Journal {
             command: JournalCmd::Inspect { path },

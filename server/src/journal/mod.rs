@@ -156,6 +156,11 @@ impl Journal {
         }
     }
 
+    /// This node's epoch for the volume.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
     /// Length of the record area.
     pub fn area_len(&self) -> u64 {
         self.area_len

@@ -1,0 +1,217 @@
+//! The admin socket: a Unix stream socket (mode 0600) speaking JSON lines.
+//!
+//! Each line a client sends is one [`Request`]; the daemon answers each with
+//! one [`Response`] line. `mirrorblk` is the usual client; the format is also
+//! meant for scripts (`socat - UNIX-CONNECT:PATH`).
+//!
+//! Volume state lives on the cores, so the admin thread asks each core over
+//! its channel and merges the answers; no data-path state is shared.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// Longest request line accepted.
+const MAX_LINE: usize = 64 << 10;
+/// How long a core may take to answer.
+const CORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A request line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// State of every volume.
+    Status,
+}
+
+/// The state of one volume, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    /// Export name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Read-only export.
+    pub read_only: bool,
+    /// Role of this node for the volume.
+    pub role: String,
+    /// Epoch.
+    pub epoch: u64,
+    /// Highest LSN assigned (0: none yet).
+    pub last_lsn: u64,
+    /// Highest LSN durable in the local journal (all below it are too).
+    pub durable_lsn: u64,
+    /// Highest LSN applied to the data store (all below it are too).
+    pub applied_lsn: u64,
+    /// Journal bytes in use.
+    pub journal_used: u64,
+    /// Journal record area size.
+    pub journal_size: u64,
+    /// Group commits since start.
+    pub journal_batches: u64,
+    /// Checkpoints since start.
+    pub checkpoints: u64,
+    /// Set when the journal failed (the volume refuses writes).
+    pub journal_error: Option<String>,
+}
+
+/// A response line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// What went wrong, and what to do about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Node name.
+    #[serde(default)]
+    pub node: String,
+    /// Volumes (for `status`).
+    #[serde(default)]
+    pub volumes: Vec<VolumeStatus>,
+}
+
+impl Response {
+    fn error(msg: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            node: String::new(),
+            volumes: Vec::new(),
+        }
+    }
+}
+
+/// A question to a core, with where to send its answer.
+pub struct CoreQuery {
+    /// The request.
+    pub request: Request,
+    /// Where the core answers with its volumes' part.
+    pub reply: std::sync::mpsc::SyncSender<Vec<VolumeStatus>>,
+}
+
+/// Serves the admin socket at `path` until the process ends.
+pub fn spawn(
+    path: &Path,
+    node: String,
+    cores: Vec<mpsc::Sender<crate::node::CoreMsg>>,
+) -> std::io::Result<()> {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if m.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    // Only the owner may steer the node.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let path: PathBuf = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(s) => {
+                        let node = node.clone();
+                        let cores = cores.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("admin-conn".into())
+                            .spawn(move || serve(s, &node, &cores));
+                    }
+                    Err(e) => {
+                        tracing::warn!("admin socket {}: accept failed: {e}", path.display());
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn serve(stream: UnixStream, node: &str, cores: &[mpsc::Sender<crate::node::CoreMsg>]) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match (&mut reader).take(MAX_LINE as u64).read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let resp = match serde_json::from_str::<Request>(line.trim()) {
+            Ok(req) => handle(req, node, cores),
+            Err(e) => Response::error(format!(
+                "cannot parse request ({e}); send one JSON object per line, e.g. {{\"cmd\":\"status\"}}"
+            )),
+        };
+        let mut text = serde_json::to_string(&resp)
+            .unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"));
+        text.push('\n');
+        if out.write_all(text.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn handle(req: Request, node: &str, cores: &[mpsc::Sender<crate::node::CoreMsg>]) -> Response {
+    let mut volumes = Vec::new();
+    for core in cores {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let q = CoreQuery {
+            request: req.clone(),
+            reply: tx,
+        };
+        if core.blocking_send(crate::node::CoreMsg::Admin(q)).is_err() {
+            return Response::error("a core has stopped; the node is shutting down");
+        }
+        match rx.recv_timeout(CORE_TIMEOUT) {
+            Ok(mut v) => volumes.append(&mut v),
+            Err(_) => {
+                return Response::error(
+                    "a core did not answer within 5 s; the node may be overloaded",
+                )
+            }
+        }
+    }
+    volumes.sort_by(|a, b| a.name.cmp(&b.name));
+    Response {
+        ok: true,
+        error: None,
+        node: node.to_string(),
+        volumes,
+    }
+}
+
+/// Client side: sends one request and reads one response.
+pub fn call(path: &Path, req: &Request) -> Result<Response, String> {
+    let stream = UnixStream::connect(path).map_err(|e| {
+        format!(
+            "cannot connect to the admin socket {}: {e}; is mirrorblkd running with --admin-socket {}?",
+            path.display(),
+            path.display()
+        )
+    })?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut w = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut text = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    text.push('\n');
+    w.write_all(text.as_bytes())
+        .map_err(|e| format!("admin socket write failed: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .take(16 << 20)
+        .read_line(&mut line)
+        .map_err(|e| format!("admin socket read failed: {e}"))?;
+    serde_json::from_str(&line).map_err(|e| format!("bad answer from the daemon ({e}): {line}"))
+}
