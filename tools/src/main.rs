@@ -255,11 +255,9 @@ fn status_once(socket: &Path, json: bool) -> Result<String, String> {
         "VOLUME", "ROLE", "EPOCH", "SIZE", "LAST LSN", "DURABLE", "APPLIED", "JOURNAL", "STATE"
     ));
     for v in &resp.volumes {
-        let pct = if v.journal_size > 0 {
-            v.journal_used * 100 / v.journal_size
-        } else {
-            0
-        };
+        let pct = (v.journal_used * 100)
+            .checked_div(v.journal_size)
+            .unwrap_or(0);
         let journal = format!(
             "{}/{} ({pct}%)",
             ByteSize(mirrorblk_server::units::align_up(v.journal_used)),
