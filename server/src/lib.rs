@@ -17,6 +17,7 @@ pub mod listener;
 pub mod node;
 pub mod notify;
 pub mod overlay;
+pub mod replication;
 pub mod store;
 pub mod telemetry;
 pub mod units;
