@@ -1,1 +1,24 @@
-//! Benchmark harness (see benches/README.md).
+//! Benchmark harness of mirrorblk (see benches/README.md).
+//!
+//! Two parts live in this crate:
+//!
+//! * `fio-compare` (`src/bin/fio-compare.rs`, built from the modules below):
+//!   runs the same fio jobs through fio's nbd engine against `mirrorblkd` and
+//!   against peer NBD servers (nbdkit, qemu-nbd), plus fio straight on the
+//!   file as the disk's limit, and writes a table, a JSON record and an SVG
+//!   chart under `benches/results/<UTC timestamp>/`.
+//! * criterion micro-benches (`benches/*.rs`): NBD codec, journal record
+//!   encoding and checksums, recovery scan rate.
+//!
+//! The comparison talks to every server only through processes and sockets,
+//! so this library does not link the daemon: it keeps building while the
+//! daemon is being changed.
+
+pub mod error;
+pub mod fio;
+pub mod machine;
+pub mod proc_stat;
+pub mod report;
+pub mod stats;
+pub mod svg;
+pub mod targets;

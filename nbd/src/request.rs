@@ -272,6 +272,14 @@ pub fn check_request(req: &Request, neg: &Negotiated) -> Verdict {
         return Verdict::Reject(ErrorCode::Inval);
     }
 
+    // Modifications of a read-only export are EPERM, whether or not trim and
+    // zeroes were advertised: the spec's read-only rule is the one a client
+    // (and its user) can act on.
+    let writes = matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes);
+    if writes && (export.read_only || has(consts::FLAG_READ_ONLY)) {
+        return Verdict::Reject(ErrorCode::Perm);
+    }
+
     // 4. Commands the client was never told it could use.
     let exposed = match cmd {
         Command::Read | Command::Write => true,
@@ -307,12 +315,6 @@ pub fn check_request(req: &Request, neg: &Negotiated) -> Verdict {
         if !has(consts::FLAG_SEND_FAST_ZERO) {
             return Verdict::Reject(ErrorCode::NotSup);
         }
-    }
-
-    // 6. Modifications of a read-only export.
-    let writes = matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes);
-    if writes && (export.read_only || has(consts::FLAG_READ_ONLY)) {
-        return Verdict::Reject(ErrorCode::Perm);
     }
 
     // 7. FLUSH has no range.

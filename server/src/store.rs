@@ -37,6 +37,12 @@ pub enum StoreError {
     /// A size that is not a whole number of 4 KiB blocks.
     #[error("volume size {0} bytes is not a multiple of 4 KiB; choose e.g. {1}")]
     Unaligned(u64, ByteSize),
+    /// A device path that does not exist (never created as a file).
+    #[error("device {path} does not exist; check the path (ls -l /dev/disk/by-id/) or attach the device")]
+    MissingDevice {
+        /// The path.
+        path: PathBuf,
+    },
     /// Neither a regular file nor a block device.
     #[error("{path} is neither a regular file nor a block device")]
     BadKind {
@@ -166,6 +172,13 @@ pub fn open_store(
         Err(e) => return Err(io_err(e)),
     };
     let (block_device, actual) = match &meta {
+        None if path.starts_with("/dev") => {
+            // A file created under /dev would be lost at reboot and is
+            // never what the operator meant.
+            return Err(StoreError::MissingDevice {
+                path: path.to_path_buf(),
+            });
+        }
         None => {
             let Some(s) = size else {
                 return Err(StoreError::Missing {

@@ -392,8 +392,6 @@ impl Volume {
     // ---- applier ----
 
     async fn run_applier(self: Rc<Self>) {
-        let mut since_checkpoint: u64 = 0;
-        let mut last_end_pos: Option<u64> = None;
         let mut last_checkpoint = std::time::Instant::now();
         loop {
             let batch = self.take_apply_batch();
@@ -401,13 +399,15 @@ impl Volume {
                 && self.stopping.get()
                 && self.applied_next.get() >= self.journal.next_lsn()
             {
-                if since_checkpoint > 0 {
-                    if let Some(pos) = last_end_pos {
-                        self.checkpoint(pos, &mut since_checkpoint).await;
-                    }
+                if self.checkpoint_behind() {
+                    self.checkpoint().await;
                 }
-                if since_checkpoint == 0 || self.journal.failed().is_some() {
-                    tracing::info!(volume = %self.info.name, "stopped: all {} records applied and checkpointed", self.stats.get().applied);
+                if !self.checkpoint_behind() || self.journal.failed().is_some() {
+                    tracing::info!(
+                        volume = %self.info.name,
+                        "stopped: all {} records applied and checkpointed",
+                        self.stats.get().applied
+                    );
                     self.stopped.set(true);
                     self.stop_done.notify_waiters();
                     return;
@@ -419,11 +419,10 @@ impl Volume {
                 let due = self
                     .checkpoint_interval
                     .saturating_sub(last_checkpoint.elapsed());
-                if since_checkpoint > 0 && due.is_zero() {
-                    if let Some(pos) = last_end_pos {
-                        self.checkpoint(pos, &mut since_checkpoint).await;
-                        last_checkpoint = std::time::Instant::now();
-                    }
+                let behind = self.checkpoint_behind();
+                if behind && due.is_zero() {
+                    self.checkpoint().await;
+                    last_checkpoint = std::time::Instant::now();
                     continue;
                 }
                 let notified = self.apply_work.notified();
@@ -432,7 +431,7 @@ impl Volume {
                 }
                 if self.stopping.get() {
                     let _ = tokio::time::timeout(Duration::from_millis(10), notified).await;
-                } else if since_checkpoint > 0 {
+                } else if behind {
                     let _ = tokio::time::timeout(due, notified).await;
                 } else {
                     notified.await;
@@ -445,7 +444,11 @@ impl Volume {
                 if let Err(e) = res {
                     // The record stays in the journal, so a restart replays it;
                     // until then the overlay keeps serving its data.
-                    tracing::error!(volume = %self.info.name, "applying LSN {} to the data store failed: {e}; retrying in 1 s", r.lsn);
+                    tracing::error!(
+                        volume = %self.info.name,
+                        "applying LSN {} to the data store failed: {e}; retrying in 1 s",
+                        r.lsn
+                    );
                     {
                         let mut q = self.apply_queue.borrow_mut();
                         for rec in batch.iter().rev().filter(|x| x.lsn >= r.lsn) {
@@ -464,8 +467,6 @@ impl Volume {
                     "records applied out of LSN order"
                 );
                 self.applied_next.set(r.lsn.next());
-                since_checkpoint += r.reserved_bytes();
-                last_end_pos = Some(r.end_pos(self.journal.area_len()));
                 let mut s = self.stats.get();
                 s.applied += 1;
                 self.stats.set(s);
@@ -474,19 +475,26 @@ impl Volume {
                 .apply_lag
                 .set(self.apply_queue.borrow().len() as f64);
             self.metrics.journal_used.set(self.journal.used() as f64);
-            // Checkpoint when a quarter of the journal is applied but still
-            // held, when writers may soon wait for space, or on the interval.
-            let pressure =
-                since_checkpoint > self.journal.area_len() / 4 || self.journal.fill_ratio() > 0.5;
-            if since_checkpoint > 0
-                && (pressure || last_checkpoint.elapsed() >= self.checkpoint_interval)
-            {
-                if let Some(pos) = last_end_pos {
-                    self.checkpoint(pos, &mut since_checkpoint).await;
-                    last_checkpoint = std::time::Instant::now();
-                }
+            // Checkpoint when a quarter of the journal is in use (at most
+            // every 20 ms, so a replica holding space back cannot turn this
+            // into a flush per batch), or on the interval.
+            let since = last_checkpoint.elapsed();
+            let pressure = self.journal.fill_ratio() > 0.25 && since >= Duration::from_millis(20);
+            if self.checkpoint_behind() && (pressure || since >= self.checkpoint_interval) {
+                self.checkpoint().await;
+                last_checkpoint = std::time::Instant::now();
             }
         }
+    }
+
+    /// The LSN the checkpoint may advance to: everything below is applied.
+    fn checkpoint_target(&self) -> Lsn {
+        self.applied_next.get()
+    }
+
+    /// Whether the checkpoint can move forward.
+    fn checkpoint_behind(&self) -> bool {
+        self.checkpoint_target() > self.journal.checkpoint_lsn()
     }
 
     fn take_apply_batch(&self) -> Vec<Rc<Record>> {
@@ -509,24 +517,23 @@ impl Volume {
         batch
     }
 
-    async fn checkpoint(&self, pos: u64, since: &mut u64) {
+    /// Makes the store durable, then moves the journal checkpoint to the
+    /// target and releases the space.
+    async fn checkpoint(&self) {
+        let target = self.checkpoint_target();
         if let Err(e) = self.store.sync().await {
             tracing::error!(volume = %self.info.name, "syncing the data store failed: {e}; checkpoint postponed");
             return;
         }
-        match self
-            .journal
-            .checkpoint(self.applied_next.get(), pos, *since)
-            .await
-        {
-            Ok(()) => {
-                *since = 0;
+        match self.journal.checkpoint_to(target).await {
+            Ok(true) => {
                 let mut s = self.stats.get();
                 s.checkpoints += 1;
                 self.stats.set(s);
                 self.metrics.checkpoints.increment(1);
                 self.metrics.journal_used.set(self.journal.used() as f64);
             }
+            Ok(false) => {}
             Err(e) => {
                 tracing::error!(volume = %self.info.name, "writing the journal checkpoint failed: {e}")
             }

@@ -510,6 +510,19 @@ impl Daemon {
         }
     }
 
+    /// Resident memory of the running daemon in bytes (VmRSS from /proc), to
+    /// check that hostile input cannot make it allocate without bound.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .expect("VmRSS in /proc/PID/status")
+    }
+
     /// The TCP address it serves on (from its `serving NBD on` line).
     pub fn addr(&self) -> SocketAddr {
         self.addr.expect("daemon has not started serving")

@@ -52,21 +52,6 @@ pub struct Record {
 }
 
 impl Record {
-    /// Journal bytes this record holds until checkpointed, padding included.
-    pub fn reserved_bytes(&self) -> u64 {
-        self.pad_before + self.record_len
-    }
-
-    /// Area offset just past the record.
-    pub fn end_pos(&self, area_len: u64) -> u64 {
-        let e = self.pos + self.record_len;
-        if e == area_len {
-            0
-        } else {
-            e
-        }
-    }
-
     fn header(&self, epoch: Epoch, session: u64) -> RecordHeader {
         RecordHeader {
             lsn: self.lsn,
@@ -85,6 +70,17 @@ impl Record {
             payload_hash: self.payload_hash,
         }
     }
+}
+
+/// Where a record not yet released sits in the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retained {
+    /// Its LSN.
+    pub lsn: Lsn,
+    /// Area offset of its header.
+    pub pos: u64,
+    /// Journal bytes it holds (padding before it included).
+    pub reserved: u64,
 }
 
 /// The journal failed: no further write can be made durable.
@@ -110,6 +106,9 @@ struct State {
     next_lsn: Lsn,
     /// Records reserved but not yet handed to the appender's in-flight batch.
     queued: VecDeque<Rc<Record>>,
+    /// Every record not yet released by a checkpoint, oldest first: where it
+    /// is and how much space it holds (catch-up reads and checkpoints use it).
+    retained: VecDeque<Retained>,
     /// Current superblock (checkpoint fields advance at run time).
     superblock: Superblock,
 }
@@ -146,6 +145,7 @@ impl Journal {
                 used: 0,
                 next_lsn: sb.checkpoint_lsn,
                 queued: VecDeque::new(),
+                retained: VecDeque::new(),
                 superblock: sb,
             }),
             work: Notify::new(),
@@ -235,6 +235,11 @@ impl Journal {
             record_len,
         });
         st.queued.push_back(rec.clone());
+        st.retained.push_back(Retained {
+            lsn,
+            pos,
+            reserved: pad + record_len,
+        });
         drop(st);
         self.work.notify_one();
         Some(rec)
@@ -358,8 +363,23 @@ impl Journal {
 
     /// Writes one batch: contiguous runs, split where a pad wraps the area.
     async fn write_batch(&self, batch: &[Rc<Record>]) -> io::Result<()> {
-        let mut runs: Vec<(u64, Vec<OutBuf>)> = Vec::new();
-        let mut cur: Option<(u64, Vec<OutBuf>)> = None;
+        // Runs of contiguous journal bytes: (start, end, buffers). A run
+        // ends wherever the next piece does not start at its end: at a pad,
+        // and where a record ended exactly at the end of the area.
+        let mut runs: Vec<(u64, u64, Vec<OutBuf>)> = Vec::new();
+        let mut append = |pos: u64, len: u64, bufs: &mut dyn Iterator<Item = OutBuf>| {
+            match runs.last_mut() {
+                Some(run) if run.1 == pos => {
+                    run.1 += len;
+                    run.2.extend(bufs);
+                }
+                _ => runs.push((pos, pos + len, bufs.collect())),
+            }
+            debug_assert!(
+                pos + len <= self.area_len,
+                "journal write past the end of the area"
+            );
+        };
         for r in batch {
             if r.pad_before > 0 {
                 let pad_pos = self.area_len - r.pad_before;
@@ -377,22 +397,22 @@ impl Journal {
                     payload_hash: 0,
                 }
                 .encode(blk.as_mut_slice());
-                let run = cur.get_or_insert_with(|| (pad_pos, Vec::new()));
-                run.1.push(OutBuf::Block(blk));
-                runs.push(cur.take().expect("run exists"));
+                append(pad_pos, BLOCK, &mut std::iter::once(OutBuf::Block(blk)));
             }
-            let run = cur.get_or_insert_with(|| (r.pos, Vec::new()));
             let mut blk = self.header_block();
             r.header(self.epoch, self.session)
                 .encode(blk.as_mut_slice());
-            run.1.push(OutBuf::Block(blk));
-            if let Some(p) = &r.payload {
-                run.1
-                    .extend(SharedSlice::padded_chunks(p).map(OutBuf::Shared));
-            }
+            let payload = r
+                .payload
+                .iter()
+                .flat_map(|p| SharedSlice::padded_chunks(p).map(OutBuf::Shared));
+            append(
+                r.pos,
+                r.record_len,
+                &mut std::iter::once(OutBuf::Block(blk)).chain(payload),
+            );
         }
-        runs.extend(cur);
-        let writes = runs.into_iter().map(|(pos, bufs)| async move {
+        let writes = runs.into_iter().map(|(pos, _, bufs)| async move {
             let (res, bufs) = self.file.writev_at_all(bufs, Some(AREA_START + pos)).await;
             self.recycle(bufs);
             res.map(|_| ())
@@ -403,16 +423,39 @@ impl Journal {
         Ok(())
     }
 
-    /// Records that everything before `next` (whose record starts at `pos`)
-    /// is applied and durable in the store, persists that in the superblock,
-    /// then releases `bytes` of journal space.
-    pub async fn checkpoint(&self, next: Lsn, pos: u64, bytes: u64) -> io::Result<()> {
-        let sb = {
+    /// The checkpoint: every record below it is applied and durable in the store.
+    pub fn checkpoint_lsn(&self) -> Lsn {
+        self.state.borrow().superblock.checkpoint_lsn
+    }
+
+    /// Where record `lsn` sits, if it is still retained.
+    pub fn retained(&self, lsn: Lsn) -> Option<Retained> {
+        let st = self.state.borrow();
+        let front = st.retained.front()?;
+        let i = lsn.0.checked_sub(front.lsn.0)? as usize;
+        let r = *st.retained.get(i)?;
+        debug_assert_eq!(r.lsn, lsn, "retained records are contiguous");
+        Some(r)
+    }
+
+    /// Moves the checkpoint to `next`: the caller guarantees every record
+    /// below it is applied and durable in the store (and no longer needed by
+    /// a replica). Persists that in the superblock, then releases the space.
+    /// Returns false when there was nothing to release.
+    pub async fn checkpoint_to(&self, next: Lsn) -> io::Result<bool> {
+        let (sb, count, bytes) = {
             let mut st = self.state.borrow_mut();
+            let count = st.retained.iter().take_while(|r| r.lsn < next).count();
+            if count == 0 {
+                return Ok(false);
+            }
+            let bytes: u64 = st.retained.iter().take(count).map(|r| r.reserved).sum();
+            let pos = st.retained.get(count).map(|r| r.pos).unwrap_or(st.head);
+            assert!(next <= st.next_lsn, "checkpoint past the last assigned LSN");
             st.superblock.checkpoint_lsn = next;
             st.superblock.checkpoint_pos = pos;
             st.superblock.generation += 1;
-            st.superblock.clone()
+            (st.superblock.clone(), count, bytes)
         };
         let mut blk = AlignedBuf::new(HEADER_BLOCK);
         sb.encode(blk.as_mut_slice());
@@ -428,9 +471,65 @@ impl Journal {
                 "releasing more journal space than reserved"
             );
             st.used -= bytes;
+            st.retained.drain(..count);
         }
         self.space.notify_waiters();
-        Ok(())
+        Ok(true)
+    }
+
+    /// Reads record `lsn` back from the journal file (replica catch-up when
+    /// its payload is no longer in memory), verifying both checksums.
+    pub async fn read_record(
+        &self,
+        lsn: Lsn,
+        pool: &crate::buffer::BufPool,
+    ) -> io::Result<(RecordHeader, Option<Payload>)> {
+        let Some(r) = self.retained(lsn) else {
+            return Err(io::Error::other(format!(
+                "record {lsn} is no longer in the journal"
+            )));
+        };
+        let blk = AlignedBuf::new(HEADER_BLOCK);
+        let (res, slice) = self
+            .file
+            .read_exact_at(
+                tokio_uring::buf::BoundedBuf::slice(blk, 0..HEADER_BLOCK),
+                AREA_START + r.pos,
+            )
+            .await;
+        res?;
+        let blk = slice.into_inner();
+        let h = RecordHeader::decode(blk.as_slice())
+            .map_err(|e| io::Error::other(format!("record {lsn}: {e}")))?;
+        if h.lsn != lsn {
+            return Err(io::Error::other(format!(
+                "journal holds LSN {} where {lsn} was expected",
+                h.lsn
+            )));
+        }
+        if h.payload_len == 0 {
+            return Ok((h, None));
+        }
+        let mut payload = pool.payload(h.payload_len as usize).await;
+        let chunks = payload.take_chunks();
+        let mut filled = Vec::with_capacity(chunks.len());
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let len = crate::units::align_up(payload.chunk_len(i) as u64) as usize;
+            let at = AREA_START + r.pos + BLOCK + (i * crate::buffer::MAX_CHUNK) as u64;
+            let (res, slice) = self
+                .file
+                .read_exact_at(tokio_uring::buf::BoundedBuf::slice(chunk, 0..len), at)
+                .await;
+            res?;
+            filled.push(slice.into_inner());
+        }
+        payload.put_chunks(filled);
+        if payload.xxh3() != h.payload_hash {
+            return Err(io::Error::other(format!(
+                "record {lsn}: payload checksum mismatch in the journal"
+            )));
+        }
+        Ok((h, Some(payload)))
     }
 
     /// Whether writers are waiting for space (the applier then checkpoints sooner).

@@ -1,0 +1,183 @@
+//! A description of the machine a run was measured on, read from `/proc`,
+//! `/sys` and the tools' `--version`, so results from different machines are
+//! never compared blindly.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// What the figures depend on besides the code.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// Online CPUs (`nproc`).
+    pub nproc: usize,
+    /// CPU model name.
+    pub cpu_model: String,
+    /// Total memory in MiB.
+    pub mem_total_mib: u64,
+    /// Kernel release (`uname -r`).
+    pub kernel: String,
+    /// The block device holding the volume files, and what it is.
+    pub disk: String,
+    /// Filesystem type and mount point of the volume directory.
+    pub filesystem: String,
+    /// Tool versions: fio, nbdkit, qemu-nbd, mirrorblkd.
+    pub versions: Vec<(String, String)>,
+    /// Git commit of the workspace (read from `.git`, not by running git).
+    pub git_commit: Option<String>,
+    /// `/proc/loadavg` when the run started.
+    pub load_before: String,
+    /// `/proc/loadavg` when the run ended.
+    pub load_after: String,
+}
+
+fn read(p: impl AsRef<Path>) -> Option<String> {
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The current `/proc/loadavg` line.
+pub fn loadavg() -> String {
+    read("/proc/loadavg").unwrap_or_else(|| "unknown".into())
+}
+
+/// The 1-minute load average.
+pub fn load1() -> Option<f64> {
+    loadavg().split_whitespace().next()?.parse().ok()
+}
+
+/// Online CPUs.
+pub fn nproc() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Describes the machine; `dir` is where the volume files live.
+pub fn describe(dir: &Path, workspace: &Path, versions: Vec<(String, String)>) -> Machine {
+    let cpuinfo = read("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let mem_total_mib = read("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb / 1024)
+        .unwrap_or(0);
+    Machine {
+        nproc: nproc(),
+        cpu_model,
+        mem_total_mib,
+        kernel: read("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into()),
+        disk: disk_of(dir),
+        filesystem: filesystem_of(dir),
+        versions,
+        git_commit: git_commit(workspace),
+        load_before: loadavg(),
+        load_after: String::new(),
+    }
+}
+
+/// "vda (virtio_blk, model ..., rotational=1, write cache: write back, scheduler mq-deadline)".
+fn disk_of(dir: &Path) -> String {
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return "unknown".into();
+    };
+    let dev = meta.dev();
+    let (maj, min) = (libc::major(dev), libc::minor(dev));
+    let Ok(mut sys) = std::fs::canonicalize(format!("/sys/dev/block/{maj}:{min}")) else {
+        return format!("device {maj}:{min} (not in /sys/dev/block)");
+    };
+    // A partition's attributes live on its parent disk.
+    if sys.join("partition").exists() {
+        if let Some(p) = sys.parent() {
+            sys = p.to_path_buf();
+        }
+    }
+    let name = sys
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dev_dir = sys.join("device");
+    let mut parts = Vec::new();
+    if let Some(d) = std::fs::read_link(dev_dir.join("driver"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+    {
+        parts.push(d);
+    }
+    for (label, file) in [
+        ("model", "model"),
+        ("vendor", "vendor"),
+        ("device id", "device"),
+    ] {
+        if let Some(v) = read(dev_dir.join(file)).filter(|v| !v.is_empty()) {
+            parts.push(format!("{label} {v}"));
+        }
+    }
+    let q = sys.join("queue");
+    if let Some(r) = read(q.join("rotational")) {
+        parts.push(format!("rotational={r}"));
+    }
+    if let Some(w) = read(q.join("write_cache")) {
+        parts.push(format!("write cache: {w}"));
+    }
+    if let Some(s) = read(q.join("scheduler")) {
+        parts.push(format!("scheduler: {s}"));
+    }
+    if let Some(sectors) = read(sys.join("size")).and_then(|s| s.parse::<u64>().ok()) {
+        parts.push(format!("{} GiB", (sectors * 512) >> 30));
+    }
+    format!("{name} ({})", parts.join(", "))
+}
+
+/// "ext4 on /" for the mount holding `dir` (the longest matching mount point).
+fn filesystem_of(dir: &Path) -> String {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mounts = read("/proc/mounts").unwrap_or_default();
+    let mut best: Option<(PathBuf, String, String)> = None;
+    for l in mounts.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 3 {
+            continue;
+        }
+        let mp = PathBuf::from(f[1]);
+        if dir.starts_with(&mp)
+            && best.as_ref().map_or(true, |(b, _, _)| {
+                mp.as_os_str().len() >= b.as_os_str().len()
+            })
+        {
+            best = Some((mp, f[2].to_string(), f[0].to_string()));
+        }
+    }
+    match best {
+        Some((mp, fs, src)) => format!("{fs} on {} ({src})", mp.display()),
+        None => "unknown".into(),
+    }
+}
+
+/// The commit `HEAD` points at, read from the files under `.git` (loose ref
+/// or packed-refs).
+pub fn git_commit(workspace: &Path) -> Option<String> {
+    let git = workspace.join(".git");
+    let head = read(git.join("HEAD"))?;
+    let Some(r) = head.strip_prefix("ref: ") else {
+        return Some(head);
+    };
+    if let Some(c) = read(git.join(r)) {
+        return Some(c);
+    }
+    read(git.join("packed-refs"))?
+        .lines()
+        .find(|l| l.ends_with(r))
+        .and_then(|l| l.split_whitespace().next())
+        .map(str::to_string)
+}

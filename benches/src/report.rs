@@ -1,0 +1,507 @@
+//! The results of a comparison: the record written as JSON, the summaries
+//! over repetitions, the ratios to the best peer, and the markdown table.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::fio::{Job, RunFigures};
+use crate::machine::Machine;
+use crate::stats::{summarize, Summary};
+use crate::targets::StopOutcome;
+
+/// One figure of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Figure {
+    /// Operations per second.
+    Iops,
+    /// MiB per second.
+    MibS,
+    /// Median total latency.
+    P50,
+    /// 99th percentile total latency.
+    P99,
+    /// 99.9th percentile total latency.
+    P999,
+    /// Server CPU seconds per GiB moved.
+    Cpu,
+}
+
+impl Figure {
+    /// All figures, in column order.
+    pub const ALL: [Figure; 6] = [
+        Figure::Iops,
+        Figure::MibS,
+        Figure::P50,
+        Figure::P99,
+        Figure::P999,
+        Figure::Cpu,
+    ];
+
+    /// Key in the JSON.
+    pub fn key(self) -> &'static str {
+        match self {
+            Figure::Iops => "iops",
+            Figure::MibS => "mib_s",
+            Figure::P50 => "lat_p50_us",
+            Figure::P99 => "lat_p99_us",
+            Figure::P999 => "lat_p999_us",
+            Figure::Cpu => "cpu_s_per_gib",
+        }
+    }
+
+    /// Column header.
+    pub fn label(self) -> &'static str {
+        match self {
+            Figure::Iops => "IOPS",
+            Figure::MibS => "MiB/s",
+            Figure::P50 => "p50",
+            Figure::P99 => "p99",
+            Figure::P999 => "p99.9",
+            Figure::Cpu => "CPU s/GiB",
+        }
+    }
+
+    /// Whether more is better (throughput) or less (latency, CPU).
+    pub fn higher_is_better(self) -> bool {
+        matches!(self, Figure::Iops | Figure::MibS)
+    }
+
+    /// The value in one run.
+    pub fn of(self, r: &RunFigures) -> Option<f64> {
+        match self {
+            Figure::Iops => Some(r.iops),
+            Figure::MibS => Some(r.mib_s),
+            Figure::P50 => Some(r.lat_p50_us),
+            Figure::P99 => Some(r.lat_p99_us),
+            Figure::P999 => Some(r.lat_p999_us),
+            Figure::Cpu => r.cpu_s_per_gib,
+        }
+    }
+
+    /// Formats a value for the table.
+    pub fn format(self, v: f64) -> String {
+        match self {
+            Figure::Iops => fmt_count(v),
+            Figure::MibS => {
+                if v >= 100.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.1}")
+                }
+            }
+            Figure::P50 | Figure::P99 | Figure::P999 => fmt_us(v),
+            Figure::Cpu => format!("{v:.2}"),
+        }
+    }
+}
+
+/// "41.2k", "1.23k", "950".
+pub fn fmt_count(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.1}k", v / 1000.0)
+    } else if v >= 1000.0 {
+        format!("{:.2}k", v / 1000.0)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// Microseconds as "48 µs", "1.91 ms", "12.3 ms".
+pub fn fmt_us(us: f64) -> String {
+    if us >= 10_000.0 {
+        format!("{:.1} ms", us / 1000.0)
+    } else if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else if us >= 100.0 {
+        format!("{us:.0} µs")
+    } else {
+        format!("{us:.1} µs")
+    }
+}
+
+/// A target's ratio to the best peer for one figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    /// This target's median divided by the best peer's median (so for
+    /// latency and CPU, above 1 is worse; for IOPS and MiB/s, below 1 is).
+    pub ratio: f64,
+    /// Which peer was best for this figure.
+    pub peer: String,
+}
+
+/// One target on one job: all its runs and their summaries.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    /// Target name.
+    pub target: String,
+    /// Job name.
+    pub job: String,
+    /// Every repetition that succeeded.
+    pub runs: Vec<RunFigures>,
+    /// Why repetitions failed, if any did.
+    pub errors: Vec<String>,
+    /// Median and spread per figure (keys as [`Figure::key`]).
+    pub summary: BTreeMap<&'static str, Summary>,
+    /// Ratio to the best peer per figure.
+    pub vs_best_peer: BTreeMap<&'static str, Ratio>,
+}
+
+impl Cell {
+    /// A cell with no runs yet.
+    pub fn new(target: &str, job: &str) -> Cell {
+        Cell {
+            target: target.into(),
+            job: job.into(),
+            runs: Vec::new(),
+            errors: Vec::new(),
+            summary: BTreeMap::new(),
+            vs_best_peer: BTreeMap::new(),
+        }
+    }
+
+    /// Fills `summary` from `runs`.
+    pub fn summarize(&mut self) {
+        self.summary.clear();
+        for f in Figure::ALL {
+            let vals: Vec<f64> = self.runs.iter().filter_map(|r| f.of(r)).collect();
+            if let Some(s) = summarize(&vals) {
+                self.summary.insert(f.key(), s);
+            }
+        }
+    }
+
+    /// Median of a figure.
+    pub fn median(&self, f: Figure) -> Option<f64> {
+        self.summary.get(f.key()).map(|s| s.median)
+    }
+}
+
+/// Fills every cell's `vs_best_peer` from the summarised cells of the peers.
+pub fn compute_ratios(cells: &mut [Cell], peers: &[String]) {
+    let mut best: BTreeMap<(String, &'static str), (f64, String)> = BTreeMap::new();
+    for c in cells.iter().filter(|c| peers.contains(&c.target)) {
+        for f in Figure::ALL {
+            let Some(v) = c.median(f) else { continue };
+            let key = (c.job.clone(), f.key());
+            let better = match best.get(&key) {
+                None => true,
+                Some((b, _)) => {
+                    if f.higher_is_better() {
+                        v > *b
+                    } else {
+                        v < *b
+                    }
+                }
+            };
+            if better {
+                best.insert(key, (v, c.target.clone()));
+            }
+        }
+    }
+    for c in cells.iter_mut() {
+        c.vs_best_peer.clear();
+        for f in Figure::ALL {
+            let (Some(v), Some((b, peer))) = (c.median(f), best.get(&(c.job.clone(), f.key())))
+            else {
+                continue;
+            };
+            if *b > 0.0 {
+                c.vs_best_peer.insert(
+                    f.key(),
+                    Ratio {
+                        ratio: v / b,
+                        peer: peer.clone(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// What happened to one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetRecord {
+    /// Target name.
+    pub name: String,
+    /// The exact server command line (for `raw`, the fio engine options).
+    pub command: String,
+    /// When a completed write is durable.
+    pub durability: String,
+    /// Whether the ratios are taken against it.
+    pub peer: bool,
+    /// Why it was not measured, if it was not.
+    pub skipped: Option<String>,
+    /// A failure that ended its measurements early.
+    pub error: Option<String>,
+    /// Server version line.
+    pub version: Option<String>,
+    /// Seconds from spawn to accepting connections.
+    pub ready_after_s: Option<f64>,
+    /// The sequential fill before the jobs.
+    pub precondition: Option<RunFigures>,
+    /// How the server stopped.
+    pub stop: Option<StopOutcome>,
+    /// Server log file.
+    pub log: Option<String>,
+    /// Warning and error lines found in the server log (at most 50).
+    pub log_problems: Vec<String>,
+}
+
+/// Settings of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// Measured seconds per run.
+    pub runtime_s: u64,
+    /// Warm-up seconds per run.
+    pub ramp_s: u64,
+    /// Volume and fio region size in bytes.
+    pub size: u64,
+    /// Repetitions.
+    pub repeat: usize,
+    /// Target names in order.
+    pub targets: Vec<String>,
+    /// Job names in order.
+    pub jobs: Vec<String>,
+    /// Where the volumes lived.
+    pub dir: String,
+    /// The full command line of the harness.
+    pub argv: Vec<String>,
+}
+
+/// Everything a run produced: serialised to `results.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    /// Format name and version of this file.
+    pub schema: &'static str,
+    /// UTC start, `YYYY-MM-DDTHH:MM:SSZ`.
+    pub started_utc: String,
+    /// UTC end.
+    pub finished_utc: String,
+    /// Wall seconds of the whole run.
+    pub elapsed_s: f64,
+    /// The estimate printed before starting.
+    pub estimated_s: f64,
+    /// Settings.
+    pub settings: Settings,
+    /// The machine.
+    pub machine: Machine,
+    /// Job definitions.
+    pub jobs: Vec<Job>,
+    /// Targets.
+    pub targets: Vec<TargetRecord>,
+    /// Per target and job results.
+    pub cells: Vec<Cell>,
+    /// Remarks about conditions (load, failures).
+    pub notes: Vec<String>,
+}
+
+/// Single-letter tag of a peer for the ratio column ("Q" for qemu-nbd).
+pub fn peer_tag(name: &str) -> String {
+    name.chars()
+        .next()
+        .map(|c| c.to_ascii_uppercase().to_string())
+        .unwrap_or_default()
+}
+
+fn fmt_ratio(r: f64) -> String {
+    if r >= 10.0 {
+        format!("{r:.0}")
+    } else {
+        format!("{r:.2}")
+    }
+}
+
+/// The markdown table, with the legend, durability and commands under it.
+pub fn markdown(rec: &RunRecord) -> String {
+    let mut s = String::new();
+    let peers: Vec<&TargetRecord> = rec.targets.iter().filter(|t| t.peer).collect();
+    let legend = peers
+        .iter()
+        .map(|t| format!("{} = {}", peer_tag(&t.name), t.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = writeln!(
+        s,
+        "| job | target | IOPS | MiB/s | p50 lat | p99 lat | p99.9 lat | server CPU s/GiB | ÷ best peer: IOPS, MiB/s, p50, p99, p99.9, CPU |"
+    );
+    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|---|");
+    for job in &rec.jobs {
+        for t in &rec.targets {
+            let Some(c) = rec
+                .cells
+                .iter()
+                .find(|c| c.job == job.name && c.target == t.name)
+            else {
+                continue;
+            };
+            let mut row = format!("| {} | {} |", job.name, t.name);
+            for f in Figure::ALL {
+                let cell = match c.summary.get(f.key()) {
+                    None if f == Figure::Cpu && t.command.starts_with("fio ") => "n/a".into(),
+                    None if !c.errors.is_empty() => "failed".into(),
+                    None => "–".into(),
+                    Some(sm) if sm.n > 1 && sm.min != sm.max => format!(
+                        "{} ({}–{})",
+                        f.format(sm.median),
+                        f.format(sm.min),
+                        f.format(sm.max)
+                    ),
+                    Some(sm) => f.format(sm.median),
+                };
+                let _ = write!(row, " {cell} |");
+            }
+            let ratios: Vec<String> = Figure::ALL
+                .iter()
+                .map(|f| match c.vs_best_peer.get(f.key()) {
+                    Some(r) => format!("{}{}", fmt_ratio(r.ratio), peer_tag(&r.peer)),
+                    None => "–".into(),
+                })
+                .collect();
+            let _ = writeln!(row, " {} |", ratios.join(" "));
+            s.push_str(&row);
+        }
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "Cells: median over {} repetition(s) of {} s (after {} s ramp), (min–max) when they differ. \
+         Latency is fio total latency (submission to completion, `lat_ns`). \
+         Ratios: target median ÷ best peer median for that figure, the letter says which peer was best ({legend}); \
+         above 1 is better for IOPS and MiB/s, worse for latency and CPU. \
+         Server CPU: user+system seconds of the server process tree per GiB moved, measured in a window inside fio's measured period.",
+        rec.settings.repeat, rec.settings.runtime_s, rec.settings.ramp_s
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "Targets (durability of a completed write; exact command):"
+    );
+    let _ = writeln!(s);
+    for t in &rec.targets {
+        let _ = writeln!(s, "- **{}**: {}. `{}`", t.name, t.durability, t.command);
+        if let Some(why) = &t.skipped {
+            let _ = writeln!(s, "  - skipped: {why}");
+        }
+        if let Some(e) = &t.error {
+            let _ = writeln!(s, "  - failed: {}", e.lines().next().unwrap_or(""));
+        }
+        if !t.log_problems.is_empty() {
+            let _ = writeln!(
+                s,
+                "  - {} warning/error line(s) in its log {}, first: `{}`",
+                t.log_problems.len(),
+                t.log.as_deref().unwrap_or("?"),
+                t.log_problems[0]
+            );
+        }
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "{}", machine_markdown(rec));
+    s
+}
+
+/// The machine and conditions as a markdown list.
+pub fn machine_markdown(rec: &RunRecord) -> String {
+    let m = &rec.machine;
+    let mut s = String::new();
+    let _ = writeln!(s, "Machine and conditions:");
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "- run: {} → {} UTC ({:.0} s; estimated {:.0} s)",
+        rec.started_utc, rec.finished_utc, rec.elapsed_s, rec.estimated_s
+    );
+    let _ = writeln!(s, "- CPU: {} × {}", m.nproc, m.cpu_model);
+    let _ = writeln!(s, "- memory: {} MiB", m.mem_total_mib);
+    let _ = writeln!(s, "- kernel: {}", m.kernel);
+    let _ = writeln!(s, "- disk: {}", m.disk);
+    let _ = writeln!(
+        s,
+        "- filesystem: {} (volumes in {})",
+        m.filesystem, rec.settings.dir
+    );
+    for (tool, v) in &m.versions {
+        let _ = writeln!(s, "- {tool}: {v}");
+    }
+    let _ = writeln!(
+        s,
+        "- git commit: {}",
+        m.git_commit.as_deref().unwrap_or("unknown")
+    );
+    let _ = writeln!(
+        s,
+        "- load average before: {}; after: {}",
+        m.load_before, m.load_after
+    );
+    for n in &rec.notes {
+        let _ = writeln!(s, "- note: {n}");
+    }
+    s
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, so
+/// no date crate is needed).
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_795_223_879), "2026-11-21T01:17:59Z");
+    }
+
+    #[test]
+    fn ratios_pick_the_best_peer_per_figure() {
+        let run = |iops: f64, p99: f64| RunFigures {
+            iops,
+            lat_p99_us: p99,
+            ..RunFigures::default()
+        };
+        let mut cells = vec![
+            Cell::new("a", "j"),
+            Cell::new("b", "j"),
+            Cell::new("m", "j"),
+        ];
+        cells[0].runs.push(run(100.0, 50.0));
+        cells[1].runs.push(run(200.0, 80.0));
+        cells[2].runs.push(run(50.0, 100.0));
+        cells.iter_mut().for_each(Cell::summarize);
+        compute_ratios(&mut cells, &["a".into(), "b".into()]);
+        let r = &cells[2].vs_best_peer;
+        assert_eq!((r["iops"].ratio, r["iops"].peer.as_str()), (0.25, "b"));
+        assert_eq!(
+            (r["lat_p99_us"].ratio, r["lat_p99_us"].peer.as_str()),
+            (2.0, "a")
+        );
+    }
+}
