@@ -121,6 +121,50 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration)]
     pub checkpoint_interval: Option<std::time::Duration>,
 
+    /// Where this node accepts its primary's replication connection.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub replication_listen: Option<SocketAddr>,
+
+    /// Another node of the cluster, by name and replication address
+    /// (repeatable). The primary connects to every peer.
+    #[arg(long = "peer", value_name = "NAME=HOST:PORT")]
+    pub peers: Vec<crate::replication::Peer>,
+
+    /// File holding the secret shared by all nodes (at least 16 bytes); peers
+    /// prove they know it (HMAC-SHA256) before any data flows.
+    #[arg(long, value_name = "PATH")]
+    pub secret_file: Option<PathBuf>,
+
+    /// This node's role for its volumes. [default: the role it last had;
+    /// primary when no peers are configured]
+    #[arg(long, value_enum, value_name = "ROLE")]
+    pub role: Option<crate::journal::format::Role>,
+
+    /// When writes are acknowledged: sync (durable on the replicas too),
+    /// flush (received by the replicas; FLUSH/FUA wait for their durability),
+    /// async (local only; replicas trail by at most --max-lag). [default: sync]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub mode: Option<crate::replication::Mode>,
+
+    /// In sync mode, acknowledge once this many replicas have a write
+    /// durable. [default: every in-sync replica]
+    #[arg(long, value_name = "N")]
+    pub min_sync_replicas: Option<usize>,
+
+    /// A peer silent for this long is declared dead. [default: 5s]
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration)]
+    pub heartbeat_timeout: Option<std::time::Duration>,
+
+    /// When a replica is lost: degrade (go on without it; it resyncs later)
+    /// or block (hold writes until it is back). [default: degrade]
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub on_replica_loss: Option<crate::replication::OnReplicaLoss>,
+
+    /// In async mode, the most bytes a replica may trail by before writers
+    /// are slowed. [default: 64M]
+    #[arg(long, value_name = "SIZE")]
+    pub max_lag: Option<ByteSize>,
+
     /// Log level: error, warn, info, debug or trace (or a tracing filter).
     /// [default: info; the MIRRORBLK_LOG environment variable also works]
     #[arg(long, value_name = "LEVEL")]
@@ -166,6 +210,25 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     /// Checkpoint interval, e.g. "1s".
     pub checkpoint_interval: Option<String>,
+    /// Replication listen address.
+    pub replication_listen: Option<SocketAddr>,
+    /// Peers as "NAME=HOST:PORT".
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Secret file.
+    pub secret_file: Option<PathBuf>,
+    /// Role.
+    pub role: Option<crate::journal::format::Role>,
+    /// Mode.
+    pub mode: Option<crate::replication::Mode>,
+    /// Quorum in sync mode.
+    pub min_sync_replicas: Option<usize>,
+    /// Heartbeat timeout, e.g. "5s".
+    pub heartbeat_timeout: Option<String>,
+    /// Replica-loss policy.
+    pub on_replica_loss: Option<crate::replication::OnReplicaLoss>,
+    /// Async lag bound.
+    pub max_lag: Option<ByteSize>,
     /// Volumes.
     #[serde(default, rename = "volume")]
     pub volumes: Vec<FileVolume>,
@@ -240,6 +303,10 @@ pub struct Config {
     pub log_level: String,
     /// Longest time between checkpoints.
     pub checkpoint_interval: std::time::Duration,
+    /// Role given on the command line or in the file.
+    pub role: Option<crate::journal::format::Role>,
+    /// Replication, when peers or a replication listener are configured.
+    pub replication: Option<crate::replication::ReplicationConfig>,
     /// Volumes.
     pub volumes: Vec<VolumeConfig>,
 }
@@ -251,6 +318,84 @@ pub struct ConfigError(pub String);
 
 fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
+}
+
+fn replication_config(
+    cli: &Cli,
+    file: &FileConfig,
+) -> Result<Option<crate::replication::ReplicationConfig>, ConfigError> {
+    use crate::replication::{Peer, ReplicationConfig};
+    let mut peers = cli.peers.clone();
+    if peers.is_empty() {
+        for p in &file.peers {
+            peers.push(
+                p.parse::<Peer>()
+                    .map_err(|e| ConfigError(format!("peers: {e}")))?,
+            );
+        }
+    }
+    let listen = cli.replication_listen.or(file.replication_listen);
+    if peers.is_empty() && listen.is_none() {
+        return Ok(None);
+    }
+    let Some(secret_path) = cli.secret_file.clone().or(file.secret_file.clone()) else {
+        return err("replication needs --secret-file PATH: a file with the same secret (at least 16 bytes) on every node, e.g. head -c 32 /dev/urandom | base64 > /etc/mirrorblk/secret");
+    };
+    let secret = std::fs::read(&secret_path).map_err(|e| {
+        ConfigError(format!(
+            "cannot read secret file {}: {e}",
+            secret_path.display()
+        ))
+    })?;
+    let secret: Vec<u8> = secret.trim_ascii().to_vec();
+    if secret.len() < 16 {
+        return err(format!(
+            "secret file {} holds {} bytes; use at least 16 random bytes",
+            secret_path.display(),
+            secret.len()
+        ));
+    }
+    let mut names = HashSet::new();
+    for p in &peers {
+        if !names.insert(p.name.clone()) {
+            return err(format!("peer '{}' is given twice", p.name));
+        }
+    }
+    let heartbeat_timeout = match (cli.heartbeat_timeout, &file.heartbeat_timeout) {
+        (Some(d), _) => d,
+        (None, Some(t)) => crate::units::parse_duration(t)
+            .map_err(|e| ConfigError(format!("heartbeat_timeout: {e}")))?,
+        (None, None) => std::time::Duration::from_secs(5),
+    };
+    if heartbeat_timeout < std::time::Duration::from_millis(100) {
+        return err("--heartbeat-timeout must be at least 100ms");
+    }
+    let min_sync_replicas = cli.min_sync_replicas.or(file.min_sync_replicas);
+    if let Some(n) = min_sync_replicas {
+        if n > peers.len() {
+            return err(format!(
+                "--min-sync-replicas {n} is more than the {} peers configured",
+                peers.len()
+            ));
+        }
+    }
+    Ok(Some(ReplicationConfig {
+        listen,
+        peers,
+        secret,
+        mode: cli.mode.or(file.mode).unwrap_or_default(),
+        min_sync_replicas,
+        heartbeat_timeout,
+        on_replica_loss: cli
+            .on_replica_loss
+            .or(file.on_replica_loss)
+            .unwrap_or_default(),
+        max_lag: cli
+            .max_lag
+            .or(file.max_lag)
+            .map(|s| s.0)
+            .unwrap_or(64 << 20),
+    }))
 }
 
 fn hostname() -> String {
@@ -380,6 +525,15 @@ impl Config {
             .listen
             .or(file.listen)
             .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("default address parses"));
+        let replication = replication_config(cli, &file)?;
+        let role = cli.role.or(file.role);
+        if role == Some(crate::journal::format::Role::Replica)
+            && replication.as_ref().and_then(|r| r.listen).is_none()
+        {
+            return err(
+                "--role replica needs --replication-listen HOST:PORT, where the primary connects",
+            );
+        }
         let node = cli.node.clone().or(file.node).unwrap_or_else(hostname);
         Ok(Config {
             node,
@@ -396,6 +550,8 @@ impl Config {
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
             checkpoint_interval,
+            role,
+            replication,
             volumes,
         })
     }

@@ -17,9 +17,10 @@ use nbd::request::{check_request, decode_request, REQUEST_HEADER_LEN};
 use nbd::{Command, CommandFlags, ErrorCode, Negotiated, Request, Verdict};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_uring::buf::fixed::FixedBuf;
-use tokio_uring::buf::{BoundedBuf, BoundedBufMut, Slice};
+use tokio_uring::buf::BoundedBuf;
 
 use crate::buffer::{OutBuf, Payload};
+use crate::sockio::{self, write_all, InBuf, ReadFail, SockBuf, Socket};
 use crate::volume::Volume;
 
 /// Most requests in flight on one connection; the reader stops reading
@@ -29,55 +30,13 @@ pub const MAX_INFLIGHT: usize = 256;
 /// Most iovecs in one `writev` (the kernel's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
 
-/// A connected client socket on the core's ring.
-pub enum Socket {
-    /// TCP.
-    Tcp(tokio_uring::net::TcpStream),
-    /// Unix domain.
-    Unix(tokio_uring::net::UnixStream),
-}
-
-impl Socket {
-    async fn read<T: BoundedBufMut>(&self, buf: T) -> tokio_uring::BufResult<usize, T> {
-        match self {
-            Socket::Tcp(s) => s.read(buf).await,
-            Socket::Unix(s) => s.read(buf).await,
+impl From<ReadFail> for End {
+    fn from(e: ReadFail) -> End {
+        match e {
+            ReadFail::Eof => End::Eof,
+            ReadFail::Truncated { what, got, want } => End::Truncated { what, got, want },
+            ReadFail::Io(e) => End::Io(e),
         }
-    }
-
-    async fn read_fixed<T>(&self, buf: T) -> tokio_uring::BufResult<usize, T>
-    where
-        T: BoundedBufMut<BufMut = FixedBuf>,
-    {
-        match self {
-            Socket::Tcp(s) => s.read_fixed(buf).await,
-            Socket::Unix(s) => s.read_fixed(buf).await,
-        }
-    }
-
-    async fn writev(&self, bufs: Vec<OutBuf>) -> tokio_uring::BufResult<usize, Vec<OutBuf>> {
-        match self {
-            Socket::Tcp(s) => s.writev(bufs).await,
-            Socket::Unix(s) => s.writev(bufs).await,
-        }
-    }
-
-    fn dup_as_file(&self) -> io::Result<tokio_uring::fs::File> {
-        use std::os::fd::{AsRawFd, BorrowedFd};
-        let raw = match self {
-            Socket::Tcp(s) => s.as_raw_fd(),
-            Socket::Unix(s) => s.as_raw_fd(),
-        };
-        // SAFETY: the socket outlives this call; we only duplicate it.
-        let owned = unsafe { BorrowedFd::borrow_raw(raw) }.try_clone_to_owned()?;
-        Ok(tokio_uring::fs::File::from_std(std::fs::File::from(owned)))
-    }
-
-    fn shutdown(&self) {
-        let _ = match self {
-            Socket::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-            Socket::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-        };
     }
 }
 
@@ -100,112 +59,17 @@ enum End {
     Disc,
 }
 
-/// A buffer the reader can fill from the socket: plain memory with `read`,
-/// registered pool memory with `READ_FIXED`.
-trait SockBuf: tokio_uring::buf::IoBufMut + Sized {
-    async fn read_from(
-        sock: &Socket,
-        s: Slice<Self>,
-        fixed: bool,
-    ) -> tokio_uring::BufResult<usize, Slice<Self>>;
-}
-
-impl SockBuf for Vec<u8> {
-    async fn read_from(
-        sock: &Socket,
-        s: Slice<Self>,
-        _fixed: bool,
-    ) -> tokio_uring::BufResult<usize, Slice<Self>> {
-        sock.read(s).await
-    }
-}
-
-impl SockBuf for FixedBuf {
-    async fn read_from(
-        sock: &Socket,
-        s: Slice<Self>,
-        fixed: bool,
-    ) -> tokio_uring::BufResult<usize, Slice<Self>> {
-        if fixed {
-            sock.read_fixed(s).await
-        } else {
-            sock.read(s).await
-        }
-    }
-}
-
-/// Reads exactly `buf[from..to]` from the socket. A clean end of stream
-/// before the first byte is `Eof`; anywhere else it is `Truncated`.
+/// Reads exactly `buf[from..to]`, with the connection's end reasons.
 async fn read_exact<T: SockBuf>(
     sock: &Socket,
-    mut buf: T,
+    buf: T,
     from: usize,
     to: usize,
     what: &'static str,
     fixed: bool,
 ) -> (Result<(), End>, T) {
-    let mut got = from;
-    while got < to {
-        let (res, slice) = T::read_from(sock, buf.slice(got..to), fixed).await;
-        buf = slice.into_inner();
-        match res {
-            Ok(0) if got == 0 => return (Err(End::Eof), buf),
-            Ok(0) => {
-                return (
-                    Err(End::Truncated {
-                        what,
-                        got,
-                        want: to,
-                    }),
-                    buf,
-                )
-            }
-            Ok(n) => got += n,
-            Err(e) => return (Err(End::Io(e)), buf),
-        }
-    }
-    (Ok(()), buf)
-}
-
-/// Either kind of receive buffer, so one `readv` can fill a write's payload
-/// (pool memory) and the next request header (a small vector) together.
-enum InBuf {
-    Fixed(FixedBuf),
-    Vec(Vec<u8>),
-}
-
-// SAFETY: both variants own stable heap memory that does not move with the enum.
-unsafe impl tokio_uring::buf::IoBuf for InBuf {
-    fn stable_ptr(&self) -> *const u8 {
-        match self {
-            InBuf::Fixed(b) => tokio_uring::buf::IoBuf::stable_ptr(b),
-            InBuf::Vec(v) => tokio_uring::buf::IoBuf::stable_ptr(v),
-        }
-    }
-    // A receive buffer: nothing in it counts as initialized, because
-    // tokio-uring's readv fills only the part past `bytes_init`.
-    fn bytes_init(&self) -> usize {
-        0
-    }
-    fn bytes_total(&self) -> usize {
-        match self {
-            InBuf::Fixed(b) => tokio_uring::buf::IoBuf::bytes_total(b),
-            InBuf::Vec(v) => tokio_uring::buf::IoBuf::bytes_total(v),
-        }
-    }
-}
-
-// SAFETY: as above; `set_init` is forwarded to the owner.
-unsafe impl tokio_uring::buf::IoBufMut for InBuf {
-    fn stable_mut_ptr(&mut self) -> *mut u8 {
-        match self {
-            InBuf::Fixed(b) => tokio_uring::buf::IoBufMut::stable_mut_ptr(b),
-            InBuf::Vec(v) => tokio_uring::buf::IoBufMut::stable_mut_ptr(v),
-        }
-    }
-    unsafe fn set_init(&mut self, _pos: usize) {
-        // The owners' lengths already cover the whole buffer.
-    }
+    let (r, b) = sockio::read_exact(sock, buf, from, to, what, fixed).await;
+    (r.map_err(End::from), b)
 }
 
 /// Reads a single-chunk write payload and, in the same `readv`, as much of
@@ -259,43 +123,6 @@ async fn read_payload_and_header(
         Err(e) => Err(e),
     };
     (res, chunk, hdr)
-}
-
-/// Sends all of `bufs`, however the kernel splits the writes.
-async fn write_all(sock: &Socket, mut bufs: Vec<OutBuf>) -> io::Result<()> {
-    while !bufs.is_empty() {
-        let rest = if bufs.len() > MAX_IOVECS {
-            bufs.split_off(MAX_IOVECS)
-        } else {
-            Vec::new()
-        };
-        let mut chunk = bufs;
-        while !chunk.is_empty() {
-            let (res, mut back) = sock.writev(chunk).await;
-            let mut n = res?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "socket accepted no bytes",
-                ));
-            }
-            let mut done = 0;
-            for b in back.iter_mut() {
-                let r = b.remaining();
-                if n >= r {
-                    n -= r;
-                    done += 1;
-                } else {
-                    b.advance(n);
-                    break;
-                }
-            }
-            back.drain(..done);
-            chunk = back;
-        }
-        bufs = rest;
-    }
-    Ok(())
 }
 
 type Reply = Vec<OutBuf>;
@@ -594,7 +421,10 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
     match req.command {
         Command::Write => {
             let res = match payload {
-                Some(p) => vol.write(req.offset, p).await,
+                Some(p) => {
+                    vol.write(req.offset, p, req.flags.contains(CommandFlags::FUA))
+                        .await
+                }
                 None => Ok(()),
             };
             conn.done(&req, res);

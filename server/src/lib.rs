@@ -18,6 +18,7 @@ pub mod node;
 pub mod notify;
 pub mod overlay;
 pub mod replication;
+pub mod sockio;
 pub mod store;
 pub mod telemetry;
 pub mod units;

@@ -20,12 +20,15 @@ use tokio::sync::mpsc;
 
 use crate::buffer::{BufPool, PoolConfig};
 use crate::config::{Config, VolumeConfig};
-use crate::export::{serve, Socket};
+use crate::export::serve;
+use crate::journal::format::Role;
 use crate::journal::recovery::{
     open_and_recover, FileReplay, JournalOpenError, JournalSpec, OpenedJournal,
 };
 use crate::journal::Journal;
 use crate::listener::{spawn_acceptors, AcceptContext, Catalog, ClientStream, NewConn};
+use crate::replication::ReplicationConfig;
+use crate::sockio::Socket;
 use crate::store::{open_store, OpenedStore, Store, StoreError};
 use crate::units::ByteSize;
 use crate::volume::{Volume, VolumeInfo};
@@ -62,6 +65,9 @@ pub enum StartError {
     /// The metrics endpoint could not start.
     #[error("{0}")]
     Metrics(#[from] crate::telemetry::MetricsError),
+    /// The role cannot be decided.
+    #[error("{0}")]
+    Role(String),
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
@@ -73,12 +79,16 @@ pub enum CoreMsg {
     Conn(NewConn),
     /// An admin question about its volumes.
     Admin(crate::admin::CoreQuery),
+    /// A primary connecting to one of its (replica) volumes.
+    Replica(crate::replication::accept::IncomingPrimary),
 }
 
 /// A volume opened and recovered, waiting for its core.
 pub struct PreparedVolume {
     /// Its configuration.
     pub config: VolumeConfig,
+    /// This node's role for it.
+    pub role: Role,
     /// The data store.
     pub store: OpenedStore,
     /// The recovered journal.
@@ -114,8 +124,30 @@ fn export_info(cfg: &VolumeConfig, size: u64, journal_area: u64) -> ExportInfo {
     }
 }
 
+/// Decides this node's role for a volume: the one asked for, else the one it
+/// last had, else primary when nothing replicates.
+fn resolve_role(
+    asked: Option<Role>,
+    persisted: Role,
+    replicated: bool,
+    volume: &str,
+) -> Result<Role, StartError> {
+    match (asked, persisted) {
+        (Some(r), _) => Ok(r),
+        (None, Role::Unset) if !replicated => Ok(Role::Primary),
+        (None, Role::Unset) => Err(StartError::Role(format!(
+            "volume '{volume}' has never had a role on this node: give --role primary or --role replica on its first start"
+        ))),
+        (None, r) => Ok(r),
+    }
+}
+
 /// Opens, validates and recovers one volume.
-pub fn prepare_volume(cfg: &VolumeConfig) -> Result<PreparedVolume, StartError> {
+pub fn prepare_volume(
+    cfg: &VolumeConfig,
+    role: Option<Role>,
+    replicated: bool,
+) -> Result<PreparedVolume, StartError> {
     let store = open_store(&cfg.data, cfg.size, false, cfg.preallocate).map_err(|source| {
         StartError::Store {
             volume: cfg.name.clone(),
@@ -162,6 +194,23 @@ pub fn prepare_volume(cfg: &VolumeConfig) -> Result<PreparedVolume, StartError> 
             r.records, r.bytes, r.millis, r.next_lsn
         ),
     }
+    let mut journal = journal;
+    let role = resolve_role(role, journal.superblock.role, replicated, &cfg.name)?;
+    if role != journal.superblock.role {
+        journal.superblock.role = role;
+        journal.superblock.generation += 1;
+        crate::journal::recovery::write_superblock(&journal.file, &journal.superblock).map_err(
+            |e| StartError::Journal {
+                volume: cfg.name.clone(),
+                source: JournalOpenError::Io {
+                    what: "cannot record the role in journal",
+                    path: cfg.journal.clone(),
+                    source: e,
+                },
+            },
+        )?;
+    }
+    tracing::info!(volume = %cfg.name, "role {role}, epoch {}", journal.superblock.epoch);
     let export = export_info(cfg, store.size, journal.superblock.area_len);
     tracing::info!(
         volume = %cfg.name,
@@ -173,6 +222,7 @@ pub fn prepare_volume(cfg: &VolumeConfig) -> Result<PreparedVolume, StartError> 
     );
     Ok(PreparedVolume {
         config: cfg.clone(),
+        role,
         store,
         journal,
         export,
@@ -278,7 +328,7 @@ impl RunningNode {
 pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     let mut prepared = Vec::new();
     for v in &cfg.volumes {
-        prepared.push(prepare_volume(v)?);
+        prepared.push(prepare_volume(v, cfg.role, cfg.replication.is_some())?);
     }
     let tcp = bind_tcp(cfg)?;
     if let Some(addr) = cfg.metrics_listen {
@@ -291,8 +341,13 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         hint: "",
     })?;
     let unix = cfg.unix.as_ref().map(bind_unix).transpose()?;
+    // Only primaries serve NBD clients; a replica's export is unknown to them.
     let catalog = Catalog {
-        exports: prepared.iter().map(|p| p.export.clone()).collect(),
+        exports: prepared
+            .iter()
+            .filter(|p| p.role == Role::Primary)
+            .map(|p| p.export.clone())
+            .collect(),
     };
 
     let mut per_core: Vec<Vec<PreparedVolume>> = (0..cfg.cores).map(|_| Vec::new()).collect();
@@ -323,6 +378,8 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
             stopped: stopped_tx.clone(),
             checkpoint_interval: cfg.checkpoint_interval,
             heartbeats: heartbeats.clone(),
+            replication: cfg.replication.clone(),
+            node: cfg.node.clone(),
         };
         std::thread::Builder::new()
             .name(format!("core{i}"))
@@ -332,10 +389,20 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     }
     let ctx = AcceptContext {
         catalog,
-        routes,
+        routes: routes.clone(),
         conns: Arc::new(AtomicUsize::new(0)),
         max_connections: cfg.max_connections,
     };
+    if let Some(addr) = cfg.replication.as_ref().and_then(|r| r.listen) {
+        let l = TcpListener::bind(addr).map_err(|source| StartError::Bind {
+            addr: addr.to_string(),
+            source,
+            hint: "; another process uses that port: choose another --replication-listen",
+        })?;
+        crate::replication::accept::spawn(l, routes.clone(), cfg.node.clone())
+            .map_err(StartError::Thread)?;
+        tracing::info!("accepting replication on {addr}");
+    }
     if let Some(path) = &cfg.admin_socket {
         crate::admin::spawn(path, cfg.node.clone(), core_senders).map_err(|source| {
             StartError::Bind {
@@ -369,6 +436,8 @@ struct CoreControl {
     stopped: std::sync::mpsc::Sender<(usize, bool)>,
     checkpoint_interval: Duration,
     heartbeats: Heartbeats,
+    replication: Option<ReplicationConfig>,
+    node: String,
 }
 
 /// How long a core may take to finish in-flight work when stopping.
@@ -398,11 +467,27 @@ fn run_core(
                 Journal::new(v.journal),
                 pool.clone(),
                 ctl.checkpoint_interval,
+                v.role,
+                ctl.replication.clone(),
             );
             vol.metrics().recovery(records, millis);
             volumes.insert(v.config.name.clone(), vol);
         }
         tracing::debug!("core {index} serving {} volume(s)", volumes.len());
+        let session_ctx = ctl.replication.as_ref().map(|r| {
+            Rc::new(crate::replication::session::SessionContext {
+                secret: r.secret.clone(),
+                node: ctl.node.clone(),
+                heartbeat_timeout: r.heartbeat_timeout,
+            })
+        });
+        for vol in volumes.values() {
+            if let Some(p) = vol.primary() {
+                for link in &p.links {
+                    tokio_uring::spawn(crate::replication::link::run(vol.clone(), p.clone(), link.clone(), ctl.node.clone()));
+                }
+            }
+        }
         let hb = ctl.heartbeats.clone();
         let slot = hb.register();
         tokio_uring::spawn(async move {
@@ -422,6 +507,16 @@ fn run_core(
                     let mut answer: Vec<_> = volumes.values().map(|v| v.status()).collect();
                     answer.sort_by(|a, b| a.name.cmp(&b.name));
                     let _ = q.reply.send(answer);
+                    continue;
+                }
+                Some(CoreMsg::Replica(inc)) => {
+                    match (volumes.get(&inc.hello.volume).cloned(), &session_ctx) {
+                        (Some(vol), Some(ctx)) => {
+                            let sock = Socket::Tcp(tokio_uring::net::TcpStream::from_std(inc.stream));
+                            tokio_uring::spawn(crate::replication::session::run(vol, sock, inc.hello, inc.hello_body, ctx.clone(), inc.peer));
+                        }
+                        _ => tracing::error!("replication connection for '{}' reached core {index} without its volume", inc.hello.volume),
+                    }
                     continue;
                 }
                 Some(CoreMsg::Conn(nc)) => nc,

@@ -19,9 +19,11 @@ use tokio::sync::Notify;
 use tokio_uring::buf::fixed::FixedBuf;
 
 use crate::buffer::{AlignedBuf, BufPool, Payload, SharedSlice, MAX_CHUNK};
+use crate::journal::format::Role;
 use crate::journal::format::{RecordOp, FLAG_NO_HOLE};
 use crate::journal::{Journal, Record};
 use crate::overlay::{Overlay, Piece, Source};
+use crate::replication::{Mode, Phase, Primary, ReplicationConfig};
 use crate::store::{Allocation, Store};
 use crate::telemetry::VolumeMetrics;
 use crate::units::{align_down, align_up, is_aligned, Lsn, BLOCK};
@@ -63,6 +65,12 @@ pub struct ReadData {
 pub struct Volume {
     info: VolumeInfo,
     metrics: VolumeMetrics,
+    /// This node's role for the volume.
+    role: Cell<Role>,
+    /// Replication state when this node is a replicating primary.
+    primary: Option<Rc<Primary>>,
+    /// Whether a primary is connected (a replica takes one at a time).
+    replica_session: Cell<bool>,
     store: Store,
     journal: Journal,
     pool: Rc<BufPool>,
@@ -96,12 +104,23 @@ impl Volume {
         journal: Journal,
         pool: Rc<BufPool>,
         checkpoint_interval: Duration,
+        role: Role,
+        replication: Option<ReplicationConfig>,
     ) -> Rc<Volume> {
         let applied_next = journal.next_lsn();
         let metrics = VolumeMetrics::new(&info.name);
         metrics.journal_size.set(journal.area_len() as f64);
+        let primary = match (role, replication) {
+            (Role::Primary, Some(cfg)) if !cfg.peers.is_empty() => {
+                Some(Rc::new(Primary::new(cfg, journal.next_lsn())))
+            }
+            _ => None,
+        };
         let v = Rc::new(Volume {
             metrics,
+            role: Cell::new(role),
+            primary,
+            replica_session: Cell::new(false),
             info,
             store,
             journal,
@@ -142,7 +161,7 @@ impl Volume {
             name: self.info.name.clone(),
             size: self.info.size,
             read_only: self.info.read_only,
-            role: "primary".into(),
+            role: self.role.get().to_string(),
             epoch: self.journal.epoch().0,
             last_lsn: self.journal.next_lsn().0.saturating_sub(1),
             durable_lsn: self.journal.durable_next().0.saturating_sub(1),
@@ -153,6 +172,26 @@ impl Volume {
             checkpoints: stats.checkpoints,
             journal_error: self.journal.failed(),
         }
+    }
+
+    /// Takes the volume's single replica-session slot (false if taken).
+    pub fn claim_replica_session(&self) -> bool {
+        !self.replica_session.replace(true)
+    }
+
+    /// Frees the replica-session slot.
+    pub fn release_replica_session(&self) {
+        self.replica_session.set(false);
+    }
+
+    /// This node's role for the volume.
+    pub fn role(&self) -> Role {
+        self.role.get()
+    }
+
+    /// Replication state, on a replicating primary.
+    pub fn primary(&self) -> Option<&Rc<Primary>> {
+        self.primary.as_ref()
     }
 
     /// Metric handles.
@@ -209,17 +248,18 @@ impl Volume {
         tokio::time::timeout(limit, done).await.is_ok()
     }
 
-    async fn journal_and_wait(
+    /// Reserves an LSN and journal space for a mutation and records it in
+    /// the overlay (and, on a primary, in the replication window), in one
+    /// step, so LSN order, journal order and overlay order agree.
+    async fn reserve(
         &self,
         op: RecordOp,
         flags: u8,
         offset: u64,
         length: u64,
         payload: Option<Rc<Payload>>,
-    ) -> Result<(), ErrorCode> {
-        self.check_writable()?;
-        let rec = self
-            .journal
+    ) -> Result<Rc<Record>, ErrorCode> {
+        self.journal
             .reserve(op, flags, offset, length, payload, |rec| {
                 let mut ov = self.overlay.borrow_mut();
                 match (rec.op, &rec.payload) {
@@ -244,25 +284,88 @@ impl Volume {
                     ),
                     _ => unreachable!("pad records are never reserved directly"),
                 }
+                drop(ov);
+                if let Some(p) = &self.primary {
+                    p.push(rec);
+                }
             })
             .await
             .map_err(|e| {
                 tracing::error!(volume = %self.info.name, "{e}");
                 ErrorCode::Io
-            })?;
+            })
+    }
+
+    async fn journal_and_wait(
+        &self,
+        op: RecordOp,
+        flags: u8,
+        offset: u64,
+        length: u64,
+        payload: Option<Rc<Payload>>,
+        fua: bool,
+    ) -> Result<(), ErrorCode> {
+        self.check_writable()?;
+        let rec = self.reserve(op, flags, offset, length, payload).await?;
         self.journal.wait_durable(rec.lsn).await.map_err(|e| {
             tracing::error!(volume = %self.info.name, "{e}");
             ErrorCode::Io
-        })
+        })?;
+        if let Some(p) = &self.primary {
+            match p.cfg.mode {
+                Mode::Sync => p.wait_acked(rec.lsn, true).await,
+                Mode::Flush => p.wait_acked(rec.lsn, fua).await,
+                Mode::Async => p.wait_lag().await,
+            }
+        }
+        Ok(())
+    }
+
+    /// On a replica: journals a record received from the primary, which must
+    /// carry exactly the next LSN (invariant: never out of order). Waits for
+    /// journal space (backpressure on the stream), not for durability.
+    pub async fn accept_replicated(
+        &self,
+        h: &crate::replication::wire::RecordHeader,
+        payload: Option<Payload>,
+    ) -> Result<Lsn, String> {
+        let want = self.journal.next_lsn();
+        if h.lsn != want.0 {
+            return Err(format!(
+                "record LSN {} arrived where LSN {want} was expected",
+                h.lsn
+            ));
+        }
+        let op = match h.op {
+            1 => RecordOp::Write,
+            2 => RecordOp::Trim,
+            3 => RecordOp::WriteZeroes,
+            other => return Err(format!("record LSN {} has unknown op {other}", h.lsn)),
+        };
+        if h.offset
+            .checked_add(h.length)
+            .is_none_or(|end| end > self.info.size)
+        {
+            return Err(format!(
+                "record LSN {} reaches past the end of the volume",
+                h.lsn
+            ));
+        }
+        let rec = self
+            .reserve(op, h.flags, h.offset, h.length, payload.map(Rc::new))
+            .await
+            .map_err(|_| "journal failed".to_string())?;
+        assert_eq!(rec.lsn.0, h.lsn, "replica journal assigned a different LSN");
+        Ok(rec.lsn)
     }
 
     /// Writes a payload at `offset`; returns once it is durable.
-    pub async fn write(&self, offset: u64, payload: Payload) -> Result<(), ErrorCode> {
+    pub async fn write(&self, offset: u64, payload: Payload, fua: bool) -> Result<(), ErrorCode> {
         let len = payload.len() as u64;
         if len == 0 {
             return Ok(());
         }
-        self.journal_and_wait(RecordOp::Write, 0, offset, len, Some(Rc::new(payload)))
+        self.journal_and_wait(RecordOp::Write, 0, offset, len, Some(Rc::new(payload)), fua)
             .await
     }
 
@@ -271,7 +374,7 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
-        self.journal_and_wait(RecordOp::Trim, 0, offset, len, None)
+        self.journal_and_wait(RecordOp::Trim, 0, offset, len, None, false)
             .await
     }
 
@@ -286,7 +389,7 @@ impl Volume {
             return Ok(());
         }
         let flags = if no_hole { FLAG_NO_HOLE } else { 0 };
-        self.journal_and_wait(RecordOp::WriteZeroes, flags, offset, len, None)
+        self.journal_and_wait(RecordOp::WriteZeroes, flags, offset, len, None, false)
             .await
     }
 
@@ -294,10 +397,20 @@ impl Volume {
     /// with O_DSYNC before its reply), so a flush only has to report journal
     /// failure.
     pub async fn flush(&self) -> Result<(), ErrorCode> {
-        match self.journal.failed() {
-            Some(_) => Err(ErrorCode::Io),
-            None => Ok(()),
+        if self.journal.failed().is_some() {
+            return Err(ErrorCode::Io);
         }
+        // In flush mode writes were acknowledged once received by the
+        // replicas; a FLUSH waits until all of them are durable there.
+        if let Some(p) = &self.primary {
+            if p.cfg.mode == Mode::Flush {
+                let last = Lsn(self.journal.next_lsn().0.saturating_sub(1));
+                if last.0 > 0 {
+                    p.wait_acked(last, true).await;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads `[offset, offset+len)`: the store, overlaid with unapplied extents.
@@ -475,6 +588,21 @@ impl Volume {
                 .apply_lag
                 .set(self.apply_queue.borrow().len() as f64);
             self.metrics.journal_used.set(self.journal.used() as f64);
+            if let Some(p) = &self.primary {
+                p.trim(self.applied_next.get());
+                // A replica that is away may hold at most half the journal;
+                // past that it stops being waited for and must resync.
+                if self.journal.fill_ratio() > 0.5 {
+                    for l in p
+                        .links
+                        .iter()
+                        .filter(|l| l.retain.get() && *l.phase.borrow() != Phase::InSync)
+                    {
+                        l.retain.set(false);
+                        tracing::warn!(volume = %self.info.name, peer = %l.peer.name, "journal half full: no longer keeping records for replica {}; it will need a resync", l.peer.name);
+                    }
+                }
+            }
             // Checkpoint when a quarter of the journal is in use (at most
             // every 20 ms, so a replica holding space back cannot turn this
             // into a flush per batch), or on the interval.
@@ -489,7 +617,11 @@ impl Volume {
 
     /// The LSN the checkpoint may advance to: everything below is applied.
     fn checkpoint_target(&self) -> Lsn {
-        self.applied_next.get()
+        let applied = self.applied_next.get();
+        match self.primary.as_ref().and_then(|p| p.retention_floor()) {
+            Some(floor) => applied.min(floor),
+            None => applied,
+        }
     }
 
     /// Whether the checkpoint can move forward.

@@ -87,6 +87,61 @@ pub struct Superblock {
     /// Incremented at every superblock write; the copy with the higher valid
     /// generation is current.
     pub generation: u64,
+    /// The role this node last had for the volume (persisted so a restart
+    /// without `--role` resumes safely).
+    pub role: Role,
+}
+
+/// A node's role for a volume.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Never set (journals written before roles existed, or fresh ones).
+    #[default]
+    #[value(skip)]
+    Unset,
+    /// Serves NBD clients and orders writes.
+    Primary,
+    /// Mirrors a primary; serves no NBD client.
+    Replica,
+}
+
+impl Role {
+    fn code(self) -> u32 {
+        match self {
+            Role::Unset => 0,
+            Role::Primary => 1,
+            Role::Replica => 2,
+        }
+    }
+    fn from_code(c: u32) -> Option<Role> {
+        Some(match c {
+            0 => Role::Unset,
+            1 => Role::Primary,
+            2 => Role::Replica,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Unset => "unset",
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        })
+    }
 }
 
 fn put_u64(b: &mut [u8], at: usize, v: u64) {
@@ -142,6 +197,7 @@ impl Superblock {
         put_u64(out, 72, self.session);
         put_u64(out, 80, self.generation);
         put_u32(out, 88, self.volume_name.len() as u32);
+        put_u32(out, 92, self.role.code());
         out[96..96 + self.volume_name.len()].copy_from_slice(self.volume_name.as_bytes());
         let sum = block_checksum(out);
         put_u64(out, CHECKSUM_AT, sum);
@@ -179,6 +235,7 @@ impl Superblock {
             checkpoint_pos: get_u64(b, 64),
             session: get_u64(b, 72),
             generation: get_u64(b, 80),
+            role: Role::from_code(get_u32(b, 92)).ok_or(FormatError::BadField("role"))?,
         };
         if sb.area_len < MIN_AREA || sb.area_len % BLOCK != 0 {
             return Err(FormatError::BadField("record area length"));
@@ -405,7 +462,7 @@ mod tests {
                                   pos_block in 0u64..1024, session in any::<u64>(), generation in any::<u64>()) {
             let sb = Superblock { volume_uuid: uuid, volume_name: name, volume_size: size, area_len: area_blocks * BLOCK,
                                   epoch: Epoch(epoch), checkpoint_lsn: Lsn(lsn), checkpoint_pos: pos_block * BLOCK,
-                                  session, generation };
+                                  session, generation, role: Role::Replica };
             let mut b = vec![0u8; HEADER_BLOCK];
             sb.encode(&mut b);
             prop_assert_eq!(Superblock::decode(&b), Ok(sb));

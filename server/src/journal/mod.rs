@@ -156,6 +156,16 @@ impl Journal {
         }
     }
 
+    /// The volume's UUID.
+    pub fn volume_uuid(&self) -> [u8; 16] {
+        self.state.borrow().superblock.volume_uuid
+    }
+
+    /// A receiver that wakes whenever durability progresses (or fails).
+    pub fn subscribe(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
     /// This node's epoch for the volume.
     pub fn epoch(&self) -> Epoch {
         self.epoch

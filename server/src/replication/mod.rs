@@ -1,5 +1,315 @@
 //! Replication: the primary mirrors every journal record to its replicas.
 //!
-//! [`wire`] is the protocol codec (see `docs/REPLICATION.md`).
+//! - [`wire`]: the protocol codec (see `docs/REPLICATION.md`).
+//! - [`link`]: the primary's side of one (volume, replica) connection.
+//! - [`session`]: the replica's side.
+//! - [`frames`]: reading and writing frames on a tokio-uring socket.
+//! - [`accept`]: the replica's listener, routing each primary to its volume's core.
 
+pub mod accept;
+pub mod frames;
+pub mod link;
+pub mod session;
 pub mod wire;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// When the primary acknowledges a write (see DESIGN.md, "Write path").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Durable locally and in the journal of every in-sync replica (or of
+    /// `min_sync_replicas`): DRBD protocol C.
+    #[default]
+    Sync,
+    /// Durable locally and received by every in-sync replica; FLUSH and FUA
+    /// wait until everything before them is durable on the replicas too.
+    Flush,
+    /// Durable locally; replicas trail by at most `max_lag` bytes.
+    Async,
+}
+
+/// What the primary does when a replica stops answering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnReplicaLoss {
+    /// Go on without it (it is marked out of sync and resynced later).
+    #[default]
+    Degrade,
+    /// Hold writes until enough replicas are back in sync.
+    Block,
+}
+
+/// Another node, by name and replication address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Its node name.
+    pub name: String,
+    /// Its `--replication-listen` address.
+    pub addr: SocketAddr,
+}
+
+impl std::str::FromStr for Peer {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Peer, String> {
+        let (name, addr) = s.split_once('=').ok_or_else(|| {
+            format!("peer '{s}' must look like NAME=HOST:PORT, e.g. node2=127.0.0.1:10810")
+        })?;
+        let addr = addr
+            .parse()
+            .map_err(|e| format!("peer '{s}': '{addr}' is not HOST:PORT ({e})"))?;
+        if name.is_empty() {
+            return Err(format!("peer '{s}' has an empty name"));
+        }
+        Ok(Peer {
+            name: name.to_string(),
+            addr,
+        })
+    }
+}
+
+/// Validated replication settings of a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    /// Where replicas accept their primary.
+    pub listen: Option<SocketAddr>,
+    /// The other nodes.
+    pub peers: Vec<Peer>,
+    /// The shared secret (file contents).
+    pub secret: Vec<u8>,
+    /// Acknowledgement mode.
+    pub mode: Mode,
+    /// In `sync` mode, how many replicas must have a write durable (None: all in-sync ones).
+    pub min_sync_replicas: Option<usize>,
+    /// A silent peer is dead after this long.
+    pub heartbeat_timeout: Duration,
+    /// Policy when a replica is lost.
+    pub on_replica_loss: OnReplicaLoss,
+    /// In `async` mode, the most payload bytes a replica may trail by.
+    pub max_lag: u64,
+}
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use tokio::sync::Notify;
+
+use crate::journal::Record;
+use crate::units::Lsn;
+
+/// Where a primary's link to one replica stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Not connected yet (or reconnecting).
+    Connecting,
+    /// Connected, sending records the replica missed from the journal file.
+    CatchingUp,
+    /// Connected and streaming live records from memory.
+    InSync,
+    /// Lost (heartbeat timeout, error) or unable to catch up; the reason.
+    OutOfSync(String),
+}
+
+impl Phase {
+    /// Short name for status and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Connecting => "connecting",
+            Phase::CatchingUp => "catching-up",
+            Phase::InSync => "in-sync",
+            Phase::OutOfSync(_) => "out-of-sync",
+        }
+    }
+}
+
+/// The primary's view of one replica of one volume.
+pub struct LinkState {
+    /// The peer.
+    pub peer: Peer,
+    /// Where it stands.
+    pub phase: RefCell<Phase>,
+    /// Next LSN to send.
+    pub sent_next: Cell<Lsn>,
+    /// Every LSN below this has been received by the replica.
+    pub received_next: Cell<Lsn>,
+    /// Every LSN below this is durable on the replica.
+    pub durable_next: Cell<Lsn>,
+    /// Whether the primary keeps journal records the replica has not
+    /// acknowledged (dropped when the journal runs short of space).
+    pub retain: Cell<bool>,
+    /// Last heartbeat round trip, in microseconds.
+    pub rtt_us: Cell<u64>,
+    /// Woken when new records can be sent.
+    pub wake: Notify,
+}
+
+/// The replication state of a primary volume.
+pub struct Primary {
+    /// Settings.
+    pub cfg: ReplicationConfig,
+    /// One link per peer.
+    pub links: Vec<Rc<LinkState>>,
+    /// Woken when any link's acknowledgements or phase change.
+    pub progress: Notify,
+    /// Records from reservation until applied locally and sent to every
+    /// in-sync link, oldest first, contiguous in LSN. Live records go to
+    /// replicas from here without a copy.
+    pub window: RefCell<VecDeque<Rc<Record>>>,
+    /// Payload bytes in the window.
+    pub window_bytes: Cell<u64>,
+}
+
+impl Primary {
+    /// State for a primary volume whose next LSN is `next`.
+    pub fn new(cfg: ReplicationConfig, next: Lsn) -> Primary {
+        let links = cfg
+            .peers
+            .iter()
+            .map(|p| {
+                Rc::new(LinkState {
+                    peer: p.clone(),
+                    phase: RefCell::new(Phase::Connecting),
+                    sent_next: Cell::new(next),
+                    received_next: Cell::new(Lsn(0)),
+                    durable_next: Cell::new(Lsn(0)),
+                    retain: Cell::new(true),
+                    rtt_us: Cell::new(0),
+                    wake: Notify::new(),
+                })
+            })
+            .collect();
+        Primary {
+            cfg,
+            links,
+            progress: Notify::new(),
+            window: RefCell::new(VecDeque::new()),
+            window_bytes: Cell::new(0),
+        }
+    }
+
+    /// Adds a freshly reserved record and wakes the senders.
+    pub fn push(&self, rec: &Rc<Record>) {
+        let mut w = self.window.borrow_mut();
+        if let Some(last) = w.back() {
+            debug_assert_eq!(last.lsn.next(), rec.lsn, "window must be contiguous");
+        }
+        w.push_back(rec.clone());
+        self.window_bytes.set(
+            self.window_bytes.get() + rec.payload.as_ref().map(|p| p.len() as u64).unwrap_or(0),
+        );
+        drop(w);
+        for l in &self.links {
+            l.wake.notify_one();
+        }
+    }
+
+    /// The record with `lsn`, if it is still in memory.
+    pub fn get(&self, lsn: Lsn) -> Option<Rc<Record>> {
+        let w = self.window.borrow();
+        let front = w.front()?.lsn;
+        let i = lsn.0.checked_sub(front.0)? as usize;
+        w.get(i).cloned()
+    }
+
+    /// Drops records that are applied (below `applied_next`) and sent to
+    /// every in-sync link.
+    pub fn trim(&self, applied_next: Lsn) {
+        let floor = self
+            .links
+            .iter()
+            .filter(|l| *l.phase.borrow() == Phase::InSync)
+            .map(|l| l.sent_next.get())
+            .min()
+            .unwrap_or(applied_next)
+            .min(applied_next);
+        let mut w = self.window.borrow_mut();
+        while w.front().is_some_and(|r| r.lsn < floor) {
+            let r = w.pop_front().expect("front exists");
+            self.window_bytes.set(
+                self.window_bytes.get() - r.payload.as_ref().map(|p| p.len() as u64).unwrap_or(0),
+            );
+        }
+        drop(w);
+        // Writers held by the async lag bound may proceed.
+        self.progress.notify_waiters();
+    }
+
+    /// The lowest LSN a retained link still needs (the checkpoint must not
+    /// release it), or None.
+    pub fn retention_floor(&self) -> Option<Lsn> {
+        self.links
+            .iter()
+            .filter(|l| l.retain.get())
+            .map(|l| l.durable_next.get().max(Lsn(1)))
+            .min()
+    }
+
+    /// Whether a write with `lsn` may be acknowledged: `durable` asks for
+    /// durability on the replicas (sync mode, or FUA/FLUSH in flush mode),
+    /// otherwise receipt is enough.
+    pub fn acked(&self, lsn: Lsn, durable: bool) -> bool {
+        let in_sync: Vec<&Rc<LinkState>> = self
+            .links
+            .iter()
+            .filter(|l| *l.phase.borrow() == Phase::InSync)
+            .collect();
+        let got = in_sync
+            .iter()
+            .filter(|l| {
+                if durable {
+                    l.durable_next.get() > lsn
+                } else {
+                    l.received_next.get() > lsn
+                }
+            })
+            .count();
+        let needed = match (self.cfg.min_sync_replicas, self.cfg.on_replica_loss) {
+            (Some(n), _) => n,
+            (None, OnReplicaLoss::Degrade) => in_sync.len(),
+            (None, OnReplicaLoss::Block) => self.links.len(),
+        };
+        got >= needed
+    }
+
+    /// Waits until `acked(lsn, durable)` holds.
+    pub async fn wait_acked(&self, lsn: Lsn, durable: bool) {
+        loop {
+            let notified = self.progress.notified();
+            if self.acked(lsn, durable) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// In async mode: waits while the replicas trail by more than `max_lag`.
+    pub async fn wait_lag(&self) {
+        loop {
+            let notified = self.progress.notified();
+            if self.window_bytes.get() <= self.cfg.max_lag {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Marks a link's phase and wakes everyone who waits on acknowledgements.
+    pub fn set_phase(&self, link: &LinkState, phase: Phase) {
+        let changed = *link.phase.borrow() != phase;
+        if changed {
+            match &phase {
+                Phase::OutOfSync(why) => {
+                    tracing::warn!(peer = %link.peer.name, "replica out of sync: {why}")
+                }
+                p => tracing::info!(peer = %link.peer.name, "replica {}", p.name()),
+            }
+        }
+        *link.phase.borrow_mut() = phase;
+        self.progress.notify_waiters();
+    }
+}

@@ -1,0 +1,358 @@
+//! The replica's side of a replication connection, on the volume's core.
+//!
+//! Answers the primary's HELLO (proving the shared secret), checks the
+//! primary's proof, then journals every record in LSN order — each checked
+//! for its header and payload checksums, its LSN and its epoch — and reports
+//! progress with cumulative ACKs.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+
+use super::frames::{self, LinkError};
+use super::wire::{self, Ack, Auth, Hello, HelloReply, Kind, ReplyStatus, RECORD_HEADER_LEN};
+use crate::buffer::OutBuf;
+use crate::journal::format::Role;
+use crate::sockio::{read_exact, write_all, Socket};
+use crate::units::Lsn;
+use crate::volume::Volume;
+
+/// Everything a replica session needs besides the connection.
+pub struct SessionContext {
+    /// Shared secret.
+    pub secret: Vec<u8>,
+    /// This node's name.
+    pub node: String,
+    /// Silence limit.
+    pub heartbeat_timeout: Duration,
+}
+
+fn refusal(vol: &Volume, status: ReplyStatus, message: String, node: &str) -> HelloReply {
+    HelloReply {
+        version: wire::VERSION,
+        status,
+        message,
+        node: node.to_string(),
+        uuid: vol.journal().volume_uuid(),
+        epoch: vol.journal().epoch().0,
+        durable: 0,
+        role: 0,
+        nonce: [0; wire::NONCE_LEN],
+        mac: [0; wire::MAC_LEN],
+    }
+}
+
+/// Serves one primary until it leaves or breaks the protocol.
+pub async fn run(
+    vol: Rc<Volume>,
+    sock: Socket,
+    hello: Hello,
+    hello_body: Vec<u8>,
+    ctx: Rc<SessionContext>,
+    peer: String,
+) {
+    let name = vol.info().name.clone();
+    let sock = Rc::new(sock);
+    match serve(&vol, &sock, &hello, &hello_body, &ctx).await {
+        Ok(()) => tracing::info!(volume = %name, %peer, "primary {} disconnected", hello.node),
+        Err(e) => {
+            tracing::warn!(volume = %name, %peer, "replication from {} ended: {e}", hello.node)
+        }
+    }
+    sock.shutdown();
+}
+
+async fn serve(
+    vol: &Rc<Volume>,
+    sock: &Rc<Socket>,
+    hello: &Hello,
+    hello_body: &[u8],
+    ctx: &SessionContext,
+) -> Result<(), LinkError> {
+    let my_epoch = vol.journal().epoch().0;
+    let refuse = |status, msg: String| refusal(vol, status, msg, &ctx.node);
+    let problem = if hello.version != wire::VERSION {
+        Some(refuse(
+            ReplyStatus::BadVersion,
+            format!(
+                "protocol version {} not spoken (this node speaks {})",
+                hello.version,
+                wire::VERSION
+            ),
+        ))
+    } else if hello.size != vol.info().size {
+        Some(refuse(
+            ReplyStatus::SizeMismatch,
+            format!(
+                "volume size {} differs from this node's {}",
+                hello.size,
+                vol.info().size
+            ),
+        ))
+    } else if vol.role() == Role::Primary {
+        let status = if hello.epoch == my_epoch {
+            ReplyStatus::SplitBrain
+        } else {
+            ReplyStatus::StaleEpoch
+        };
+        Some(refuse(
+            status,
+            format!(
+                "this node ({}) is itself primary for '{}' in epoch {my_epoch} (you: epoch {}); two primaries must never both write: demote one (mirrorblk demote) and let it resync",
+                ctx.node, hello.volume, hello.epoch
+            ),
+        ))
+    } else if hello.epoch < my_epoch {
+        Some(refuse(ReplyStatus::StaleEpoch, format!("your epoch {} is older than this replica's {my_epoch}: you are a stale primary; demote it", hello.epoch)))
+    } else if hello.epoch > my_epoch {
+        Some(refuse(ReplyStatus::StaleEpoch, format!("epoch {} is newer than this replica's {my_epoch}; adopting a new epoch needs a resync", hello.epoch)))
+    } else if !vol.claim_replica_session() {
+        Some(refuse(
+            ReplyStatus::Busy,
+            "another primary connection is active for this volume".into(),
+        ))
+    } else {
+        None
+    };
+    if let Some(r) = problem {
+        let msg = r.message.clone();
+        frames::send(sock, Kind::HelloReply, &r.encode()).await?;
+        return Err(LinkError::Protocol(format!("refused: {msg}")));
+    }
+    let _claim = ClaimGuard(vol.clone());
+
+    // Records of an earlier session may still be on their way to disk: the
+    // LSN we report must be durable.
+    for _ in 0..1000 {
+        if vol.journal().durable_next() >= vol.journal().next_lsn()
+            || vol.journal().failed().is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let durable = vol.journal().durable_next().0.saturating_sub(1);
+    let mut reply = HelloReply {
+        version: wire::VERSION,
+        status: ReplyStatus::Accept,
+        message: String::new(),
+        node: ctx.node.clone(),
+        uuid: vol.journal().volume_uuid(),
+        epoch: my_epoch,
+        durable,
+        role: 0,
+        nonce: frames::nonce(),
+        mac: [0; wire::MAC_LEN],
+    };
+    let unsigned = reply.unsigned();
+    reply.mac = wire::mac(&ctx.secret, wire::REPLICA_LABEL, &[hello_body, &unsigned]);
+    let reply_body = reply.encode();
+    frames::send(sock, Kind::HelloReply, &reply_body).await?;
+
+    let auth = Auth::decode(&frames::expect(sock, Kind::Auth, ctx.heartbeat_timeout).await?)?;
+    if !wire::verify_mac(
+        &ctx.secret,
+        wire::PRIMARY_LABEL,
+        &[hello_body, &reply_body],
+        &auth.mac,
+    ) {
+        return Err(LinkError::Protocol(format!("primary {} failed authentication: wrong shared secret (check --secret-file on both nodes)", hello.node)));
+    }
+    if auth.start_lsn != durable + 1 {
+        return Err(LinkError::Protocol(format!(
+            "primary wants to start at LSN {}, but this replica needs {}",
+            auth.start_lsn,
+            durable + 1
+        )));
+    }
+    tracing::info!(volume = %vol.info().name, "replicating from primary {} (epoch {my_epoch}) from LSN {}", hello.node, auth.start_lsn);
+
+    // Replies (ACK, PONG) go through one writer task.
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let received = Rc::new(Cell::new(Lsn(durable)));
+    let bump = Rc::new(Notify::new());
+    let writer = {
+        let sock = sock.clone();
+        tokio_uring::spawn(async move { write_frames(sock, rx).await })
+    };
+    let acker = {
+        let vol = vol.clone();
+        let tx = tx.clone();
+        let received = received.clone();
+        let bump = bump.clone();
+        tokio_uring::spawn(async move { ack_loop(vol, tx, received, bump).await })
+    };
+    let result = receive(vol, sock, hello, ctx, &tx, &received, &bump).await;
+    acker.abort();
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+/// Releases the one-session claim.
+struct ClaimGuard(Rc<Volume>);
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        self.0.release_replica_session();
+    }
+}
+
+async fn write_frames(sock: Rc<Socket>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+    while let Some(first) = rx.recv().await {
+        let mut bufs = vec![OutBuf::Bytes(first, 0)];
+        while let Ok(more) = rx.try_recv() {
+            bufs.push(OutBuf::Bytes(more, 0));
+        }
+        if write_all(&sock, bufs).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends an ACK whenever what is received or durable moves.
+async fn ack_loop(
+    vol: Rc<Volume>,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    received: Rc<Cell<Lsn>>,
+    bump: Rc<Notify>,
+) {
+    let mut progress = vol.journal().subscribe();
+    let mut last = (u64::MAX, u64::MAX);
+    loop {
+        let ack = Ack {
+            received: received.get().0,
+            durable: vol.journal().durable_next().0.saturating_sub(1),
+        };
+        if (ack.received, ack.durable) != last {
+            last = (ack.received, ack.durable);
+            if tx.send(wire::frame(Kind::Ack, &ack.encode())).is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = bump.notified() => {}
+            r = progress.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+async fn receive(
+    vol: &Rc<Volume>,
+    sock: &Socket,
+    hello: &Hello,
+    ctx: &SessionContext,
+    tx: &mpsc::UnboundedSender<Vec<u8>>,
+    received: &Cell<Lsn>,
+    bump: &Notify,
+) -> Result<(), LinkError> {
+    let fixed = vol.pool().registered();
+    loop {
+        let h = match frames::read_header(sock, ctx.heartbeat_timeout).await {
+            Ok(h) => h,
+            Err(LinkError::Read(crate::sockio::ReadFail::Eof)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match h.kind {
+            Kind::Record => {
+                if (h.len as usize) < RECORD_HEADER_LEN {
+                    return Err(LinkError::Protocol(
+                        "record frame shorter than its header".into(),
+                    ));
+                }
+                let hb = frames::read_body(sock, RECORD_HEADER_LEN as u32, ctx.heartbeat_timeout)
+                    .await?;
+                let mut a = [0u8; RECORD_HEADER_LEN];
+                a.copy_from_slice(&hb);
+                let rh =
+                    wire::RecordHeader::decode(&a).inspect_err(|e| reject(tx, e.to_string()))?;
+                if rh.payload_len() != h.len as u64 - RECORD_HEADER_LEN as u64 {
+                    return Err(reject_err(
+                        tx,
+                        format!(
+                            "record LSN {}: frame length does not match its payload",
+                            rh.lsn
+                        ),
+                    ));
+                }
+                if rh.epoch != hello.epoch {
+                    return Err(reject_err(
+                        tx,
+                        format!(
+                            "record LSN {} has epoch {}, not the session's {}",
+                            rh.lsn, rh.epoch, hello.epoch
+                        ),
+                    ));
+                }
+                let payload = if rh.payload_len() > 0 {
+                    let mut p = vol.pool().payload(rh.payload_len() as usize).await;
+                    let chunks = p.take_chunks();
+                    let mut filled = Vec::with_capacity(chunks.len());
+                    for (i, c) in chunks.into_iter().enumerate() {
+                        let want = p.chunk_len(i);
+                        let (res, c) = tokio::time::timeout(
+                            ctx.heartbeat_timeout,
+                            read_exact(sock, c, 0, want, "record payload", fixed),
+                        )
+                        .await
+                        .map_err(|_| LinkError::Timeout(ctx.heartbeat_timeout))?;
+                        res?;
+                        filled.push(c);
+                    }
+                    p.put_chunks(filled);
+                    if p.xxh3() != rh.payload_hash {
+                        return Err(reject_err(
+                            tx,
+                            format!("record LSN {}: payload checksum mismatch", rh.lsn),
+                        ));
+                    }
+                    Some(p)
+                } else {
+                    None
+                };
+                match vol.accept_replicated(&rh, payload).await {
+                    Ok(lsn) => {
+                        received.set(lsn);
+                        bump.notify_one();
+                    }
+                    Err(why) => return Err(reject_err(tx, why)),
+                }
+            }
+            Kind::Ping => {
+                let body = frames::read_body(sock, h.len, ctx.heartbeat_timeout).await?;
+                let _ = tx.send(wire::frame(Kind::Pong, &body));
+            }
+            Kind::Error => {
+                let body = frames::read_body(sock, h.len, ctx.heartbeat_timeout).await?;
+                let e = wire::ErrorMsg::decode(&body)?;
+                return Err(LinkError::Protocol(format!(
+                    "primary reported: {}",
+                    e.message
+                )));
+            }
+            other => {
+                return Err(LinkError::Protocol(format!(
+                    "unexpected {other:?} in the record stream"
+                )))
+            }
+        }
+    }
+}
+
+fn reject(tx: &mpsc::UnboundedSender<Vec<u8>>, why: String) {
+    let _ = tx.send(wire::frame(
+        Kind::Error,
+        &wire::ErrorMsg {
+            code: 100,
+            message: why,
+        }
+        .encode(),
+    ));
+}
+
+fn reject_err(tx: &mpsc::UnboundedSender<Vec<u8>>, why: String) -> LinkError {
+    reject(tx, why.clone());
+    LinkError::Protocol(format!("rejected: {why}"))
+}
