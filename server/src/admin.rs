@@ -58,6 +58,31 @@ pub struct VolumeStatus {
     pub checkpoints: u64,
     /// Set when the journal failed (the volume refuses writes).
     pub journal_error: Option<String>,
+    /// True while a resync is incomplete (never promote such a node).
+    #[serde(default)]
+    pub inconsistent: bool,
+    /// On a primary: its replicas.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// A primary's view of one replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// Peer node name.
+    pub peer: String,
+    /// connecting, catching-up, in-sync, out-of-sync.
+    pub state: String,
+    /// Why it is out of sync, if it is.
+    pub reason: Option<String>,
+    /// Highest LSN durable on the replica.
+    pub durable_lsn: u64,
+    /// How many LSNs it trails the primary by.
+    pub lag_lsn: u64,
+    /// Resync progress (bytes done, bytes total) while one runs.
+    pub resync: Option<(u64, u64)>,
+    /// Last heartbeat round trip in microseconds.
+    pub rtt_us: u64,
 }
 
 /// A response line.

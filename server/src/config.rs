@@ -165,6 +165,11 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE")]
     pub max_lag: Option<ByteSize>,
 
+    /// Bandwidth of a full resync, per replica (live writes are never held
+    /// for it). [default: 200M per second]
+    #[arg(long, value_name = "SIZE")]
+    pub resync_rate: Option<ByteSize>,
+
     /// Log level: error, warn, info, debug or trace (or a tracing filter).
     /// [default: info; the MIRRORBLK_LOG environment variable also works]
     #[arg(long, value_name = "LEVEL")]
@@ -229,6 +234,8 @@ pub struct FileConfig {
     pub on_replica_loss: Option<crate::replication::OnReplicaLoss>,
     /// Async lag bound.
     pub max_lag: Option<ByteSize>,
+    /// Resync bandwidth per second.
+    pub resync_rate: Option<ByteSize>,
     /// Volumes.
     #[serde(default, rename = "volume")]
     pub volumes: Vec<FileVolume>,
@@ -395,6 +402,11 @@ fn replication_config(
             .or(file.max_lag)
             .map(|s| s.0)
             .unwrap_or(64 << 20),
+        resync_rate: cli
+            .resync_rate
+            .or(file.resync_rate)
+            .map(|s| s.0)
+            .unwrap_or(200 << 20),
     }))
 }
 

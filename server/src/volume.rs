@@ -171,7 +171,105 @@ impl Volume {
             journal_batches: self.journal.batches(),
             checkpoints: stats.checkpoints,
             journal_error: self.journal.failed(),
+            inconsistent: self.journal.inconsistent(),
+            replicas: self
+                .primary
+                .iter()
+                .flat_map(|p| p.links.iter())
+                .map(|l| {
+                    let phase = l.phase.borrow().clone();
+                    crate::admin::ReplicaStatus {
+                        peer: l.peer.name.clone(),
+                        state: phase.name().into(),
+                        reason: match phase {
+                            Phase::OutOfSync(r) => Some(r),
+                            _ => None,
+                        },
+                        durable_lsn: l.durable_next.get().0.saturating_sub(1),
+                        lag_lsn: self
+                            .journal
+                            .next_lsn()
+                            .0
+                            .saturating_sub(l.durable_next.get().0),
+                        resync: l.resync.get(),
+                        rtt_us: l.rtt_us.get(),
+                    }
+                })
+                .collect(),
         }
+    }
+
+    /// Waits (bounded) until every record below `next` is applied.
+    async fn wait_applied(&self, next: Lsn, limit: Duration) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + limit;
+        while self.applied_next.get() < next {
+            if self.journal.failed().is_some() {
+                return Err("journal failed".into());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "records up to LSN {} not applied within {limit:?}",
+                    next.0.saturating_sub(1)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    /// On a replica: prepares a full resync. Everything received so far is
+    /// applied, then the journal continues at `start` and the store is marked
+    /// inconsistent (persisted: a crash mid-resync restarts it).
+    pub async fn rebase_for_resync(&self, start: Lsn) -> Result<(), String> {
+        let reserved = self.journal.next_lsn();
+        self.wait_applied(reserved, Duration::from_secs(60)).await?;
+        self.journal
+            .rebase(start)
+            .await
+            .map_err(|e| format!("rebasing the journal failed: {e}"))?;
+        self.applied_next.set(start);
+        tracing::warn!(volume = %self.info.name, "full resync from the primary starting at LSN {start}: this node is Inconsistent until it completes");
+        Ok(())
+    }
+
+    /// On a replica: writes one resync region, which is the primary's data
+    /// as of after `after`; waits until every record up to it is applied so
+    /// the region never overwrites a newer record.
+    pub async fn write_resync_region(
+        &self,
+        after: Lsn,
+        offset: u64,
+        data: Payload,
+    ) -> Result<(), String> {
+        if !is_aligned(offset) || offset + data.len() as u64 > self.info.size {
+            return Err(format!("resync region at {offset} does not fit the volume"));
+        }
+        self.wait_applied(after.next(), Duration::from_secs(60))
+            .await?;
+        let data = Rc::new(data);
+        let writes = (0..data.chunk_count()).map(|i| {
+            let len = align_up(data.chunk_len(i) as u64) as usize;
+            let slice = SharedSlice::new(data.clone(), i, 0, len);
+            self.store.write_all(slice, offset + (i * MAX_CHUNK) as u64)
+        });
+        for (res, _) in futures_util::future::join_all(writes).await {
+            res.map_err(|e| format!("resync write at {offset} failed: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// On a replica: the resync is complete; make it durable and clear the mark.
+    pub async fn finish_resync(&self) -> Result<(), String> {
+        self.store
+            .sync()
+            .await
+            .map_err(|e| format!("syncing the store failed: {e}"))?;
+        self.journal
+            .set_inconsistent(false)
+            .await
+            .map_err(|e| format!("clearing the inconsistent mark failed: {e}"))?;
+        tracing::info!(volume = %self.info.name, "resync complete: this node is consistent");
+        Ok(())
     }
 
     /// Takes the volume's single replica-session slot (false if taken).

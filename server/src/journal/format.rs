@@ -90,6 +90,9 @@ pub struct Superblock {
     /// The role this node last had for the volume (persisted so a restart
     /// without `--role` resumes safely).
     pub role: Role,
+    /// Set while a resync is incomplete: the data store may not match the
+    /// primary, so this node must never be promoted.
+    pub inconsistent: bool,
 }
 
 /// A node's role for a volume.
@@ -198,6 +201,7 @@ impl Superblock {
         put_u64(out, 80, self.generation);
         put_u32(out, 88, self.volume_name.len() as u32);
         put_u32(out, 92, self.role.code());
+        put_u32(out, 232, u32::from(self.inconsistent));
         out[96..96 + self.volume_name.len()].copy_from_slice(self.volume_name.as_bytes());
         let sum = block_checksum(out);
         put_u64(out, CHECKSUM_AT, sum);
@@ -236,6 +240,7 @@ impl Superblock {
             session: get_u64(b, 72),
             generation: get_u64(b, 80),
             role: Role::from_code(get_u32(b, 92)).ok_or(FormatError::BadField("role"))?,
+            inconsistent: get_u32(b, 232) != 0,
         };
         if sb.area_len < MIN_AREA || sb.area_len % BLOCK != 0 {
             return Err(FormatError::BadField("record area length"));
@@ -462,7 +467,7 @@ mod tests {
                                   pos_block in 0u64..1024, session in any::<u64>(), generation in any::<u64>()) {
             let sb = Superblock { volume_uuid: uuid, volume_name: name, volume_size: size, area_len: area_blocks * BLOCK,
                                   epoch: Epoch(epoch), checkpoint_lsn: Lsn(lsn), checkpoint_pos: pos_block * BLOCK,
-                                  session, generation, role: Role::Replica };
+                                  session, generation, role: Role::Replica, inconsistent: true };
             let mut b = vec![0u8; HEADER_BLOCK];
             sb.encode(&mut b);
             prop_assert_eq!(Superblock::decode(&b), Ok(sb));

@@ -433,6 +433,57 @@ impl Journal {
         Ok(())
     }
 
+    /// Whether the store is marked inconsistent (a resync is incomplete).
+    pub fn inconsistent(&self) -> bool {
+        self.state.borrow().superblock.inconsistent
+    }
+
+    /// Persists the inconsistent mark.
+    pub async fn set_inconsistent(&self, on: bool) -> io::Result<()> {
+        let sb = {
+            let mut st = self.state.borrow_mut();
+            st.superblock.inconsistent = on;
+            st.superblock.generation += 1;
+            st.superblock.clone()
+        };
+        self.write_superblock(&sb).await
+    }
+
+    async fn write_superblock(&self, sb: &Superblock) -> io::Result<()> {
+        let mut blk = AlignedBuf::new(HEADER_BLOCK);
+        sb.encode(blk.as_mut_slice());
+        let (res, _) = self
+            .file
+            .write_all_at(blk, Superblock::slot_offset(sb.generation % 2))
+            .await;
+        res
+    }
+
+    /// On a replica taking a full resync: forgets every record (the caller
+    /// guarantees all are applied) and continues the LSN sequence at
+    /// `start`, marking the store inconsistent until the resync ends.
+    pub async fn rebase(&self, start: Lsn) -> io::Result<()> {
+        let sb = {
+            let mut st = self.state.borrow_mut();
+            assert!(
+                st.queued.is_empty(),
+                "rebase with records waiting to be written"
+            );
+            st.next_lsn = start;
+            st.retained.clear();
+            st.used = 0;
+            st.superblock.checkpoint_lsn = start;
+            st.superblock.checkpoint_pos = st.head;
+            st.superblock.inconsistent = true;
+            st.superblock.generation += 1;
+            st.superblock.clone()
+        };
+        self.write_superblock(&sb).await?;
+        self.progress.send_modify(|p| p.durable_next = start);
+        self.space.notify_waiters();
+        Ok(())
+    }
+
     /// The checkpoint: every record below it is applied and durable in the store.
     pub fn checkpoint_lsn(&self) -> Lsn {
         self.state.borrow().superblock.checkpoint_lsn

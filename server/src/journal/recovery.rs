@@ -199,6 +199,7 @@ fn create(spec: &JournalSpec<'_>) -> Result<(), JournalOpenError> {
         session: 1,
         generation: 1,
         role: super::format::Role::Unset,
+        inconsistent: false,
     };
     write_superblock(&f, &sb).map_err(io_err("cannot write journal superblock", &tmp))?;
     f.sync_all().map_err(io_err("cannot sync journal", &tmp))?;

@@ -100,24 +100,28 @@ async fn connect_and_stream(
             link.peer.name
         )));
     }
-    let start = Lsn(reply.durable + 1);
     let next = vol.journal().next_lsn();
-    if start > next {
-        return Err(LinkError::Protocol(format!(
-            "{} has records up to LSN {}, beyond this primary's {}: it followed another primary; it needs a resync",
-            link.peer.name,
-            reply.durable,
-            next.0.saturating_sub(1)
-        )));
-    }
-    if start < next && primary.get(start).is_none() && vol.journal().retained(start).is_none() {
-        link.retain.set(false);
-        return Err(LinkError::Protocol(format!(
-            "{} is at LSN {}, but this primary's journal now starts at LSN {}: it needs a resync",
-            link.peer.name,
-            reply.durable,
-            vol.journal().checkpoint_lsn()
-        )));
+    let mut start = Lsn(reply.durable + 1);
+    let inconsistent = reply.role & 2 != 0;
+    let catchable = start <= next
+        && (start == next
+            || primary.get(start).is_some()
+            || vol.journal().retained(start).is_some());
+    let resync = inconsistent || !catchable;
+    if resync {
+        let why = if inconsistent {
+            "its last resync did not finish".to_string()
+        } else if start > next {
+            format!("it has records up to LSN {}, beyond this primary's {} (it followed another primary)", reply.durable, next.0.saturating_sub(1))
+        } else {
+            format!(
+                "it is at LSN {}, but this primary's journal now starts at LSN {}",
+                reply.durable,
+                vol.journal().checkpoint_lsn()
+            )
+        };
+        tracing::warn!(volume = %vol.info().name, peer = %link.peer.name, "full resync of {}: {why}", link.peer.name);
+        start = next;
     }
     let auth = Auth {
         mac: wire::mac(
@@ -126,12 +130,14 @@ async fn connect_and_stream(
             &[&hello_body, &reply_body],
         ),
         start_lsn: start.0,
+        resync,
     };
     frames::send(&sock, Kind::Auth, &auth.encode()).await?;
     link.sent_next.set(start);
     link.received_next.set(start);
     link.durable_next.set(start);
     link.retain.set(true);
+    link.resync.set(resync.then_some((0, vol.info().size)));
     primary.set_phase(link, Phase::CatchingUp);
     tracing::info!(volume = %vol.info().name, peer = %link.peer.name, "replica connected at LSN {}; sending from {start}", reply.durable);
 
@@ -245,6 +251,51 @@ fn push_record(out: &mut Vec<OutBuf>, r: &Record, epoch: u64) {
     }
 }
 
+/// Size of one resync region.
+const REGION: u64 = 1 << 20;
+
+/// Sends one resync region: the primary's data as of after the last record
+/// sent. Runs inside the send loop, so no record can slip between the
+/// snapshot and its place in the stream; records reserved during the read
+/// are sent after it and re-applied by the replica (idempotent).
+async fn resync_step(
+    vol: &Volume,
+    link: &LinkState,
+    sock: &Socket,
+    offset: u64,
+) -> Result<u64, LinkError> {
+    let len = REGION.min(vol.info().size - offset);
+    let after = link.sent_next.get().0.saturating_sub(1);
+    let data = vol
+        .read(offset, len)
+        .await
+        .map_err(|e| LinkError::Protocol(format!("resync read at {offset} failed: {e:?}")))?;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for (b, s, e) in &data.parts {
+        h.update(&b[*s..*e]);
+    }
+    let rh = wire::ResyncHeader {
+        after_lsn: after,
+        offset,
+        length: len,
+        hash: h.digest(),
+    };
+    let mut head = wire::frame_header(
+        Kind::ResyncData,
+        (wire::RESYNC_HEADER_LEN as u64 + len) as u32,
+    )
+    .to_vec();
+    head.extend_from_slice(&rh.encode());
+    let mut out = vec![OutBuf::Bytes(head, 0)];
+    out.extend(
+        data.parts
+            .into_iter()
+            .map(|(b, s, e)| OutBuf::Fixed(b, s, e)),
+    );
+    write_all(sock, out).await?;
+    Ok(offset + len)
+}
+
 async fn send_loop(
     vol: &Rc<Volume>,
     primary: &Rc<Primary>,
@@ -255,7 +306,32 @@ async fn send_loop(
     let epoch = vol.journal().epoch().0;
     let ping_every = hb / 3;
     let mut last_send = Instant::now();
+    let rate = primary.cfg.resync_rate.max(1 << 20);
+    let resync_started = Instant::now();
     loop {
+        if let Some((done, total)) = link.resync.get() {
+            // Rate-limited: a region whenever the budget allows, live records in between.
+            let allowed = (resync_started.elapsed().as_secs_f64() * rate as f64) as u64 + REGION;
+            if done < total && done < allowed {
+                let next = resync_step(vol, link, sock, done).await?;
+                link.resync.set(Some((next, total)));
+                last_send = Instant::now();
+                continue;
+            }
+            if done >= total {
+                frames::send(sock, Kind::ResyncDone, &[]).await?;
+                link.resync.set(None);
+                tracing::info!(
+                    volume = %vol.info().name,
+                    peer = %link.peer.name,
+                    "resync of {} sent ({} bytes in {:.1?})",
+                    link.peer.name,
+                    total,
+                    resync_started.elapsed()
+                );
+                continue;
+            }
+        }
         let cursor = link.sent_next.get();
         let wake = link.wake.notified();
         if let Some(first) = primary.get(cursor) {
@@ -316,8 +392,11 @@ async fn send_loop(
             primary.set_phase(link, Phase::InSync);
         }
         // Idle: wait for records, pinging so the replica knows we live.
-        let left = ping_every.saturating_sub(last_send.elapsed());
-        if left.is_zero() {
+        let mut left = ping_every.saturating_sub(last_send.elapsed());
+        if link.resync.get().is_some() {
+            left = left.min(Duration::from_millis(10));
+        }
+        if ping_every.saturating_sub(last_send.elapsed()).is_zero() {
             frames::send(sock, Kind::Ping, &now_us().to_le_bytes()).await?;
             last_send = Instant::now();
             continue;

@@ -91,6 +91,8 @@ pub struct ReplicationConfig {
     pub on_replica_loss: OnReplicaLoss,
     /// In `async` mode, the most payload bytes a replica may trail by.
     pub max_lag: u64,
+    /// Resync bandwidth per replica, bytes per second.
+    pub resync_rate: u64,
 }
 
 use std::cell::{Cell, RefCell};
@@ -144,6 +146,8 @@ pub struct LinkState {
     pub retain: Cell<bool>,
     /// Last heartbeat round trip, in microseconds.
     pub rtt_us: Cell<u64>,
+    /// Resync progress (bytes done, total) while one runs.
+    pub resync: Cell<Option<(u64, u64)>>,
     /// Woken when new records can be sent.
     pub wake: Notify,
 }
@@ -179,6 +183,7 @@ impl Primary {
                     durable_next: Cell::new(Lsn(0)),
                     retain: Cell::new(true),
                     rtt_us: Cell::new(0),
+                    resync: Cell::new(None),
                     wake: Notify::new(),
                 })
             })

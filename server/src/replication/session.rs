@@ -142,7 +142,8 @@ async fn serve(
         uuid: vol.journal().volume_uuid(),
         epoch: my_epoch,
         durable,
-        role: 0,
+        // Bit 1: this replica's last resync did not finish.
+        role: if vol.journal().inconsistent() { 2 } else { 0 },
         nonce: frames::nonce(),
         mac: [0; wire::MAC_LEN],
     };
@@ -160,7 +161,13 @@ async fn serve(
     ) {
         return Err(LinkError::Protocol(format!("primary {} failed authentication: wrong shared secret (check --secret-file on both nodes)", hello.node)));
     }
-    if auth.start_lsn != durable + 1 {
+    let mut durable = durable;
+    if auth.resync {
+        vol.rebase_for_resync(Lsn(auth.start_lsn))
+            .await
+            .map_err(LinkError::Protocol)?;
+        durable = auth.start_lsn.saturating_sub(1);
+    } else if auth.start_lsn != durable + 1 {
         return Err(LinkError::Protocol(format!(
             "primary wants to start at LSN {}, but this replica needs {}",
             auth.start_lsn,
@@ -319,6 +326,55 @@ async fn receive(
                     }
                     Err(why) => return Err(reject_err(tx, why)),
                 }
+            }
+            Kind::ResyncData => {
+                if (h.len as usize) < wire::RESYNC_HEADER_LEN {
+                    return Err(LinkError::Protocol(
+                        "resync frame shorter than its header".into(),
+                    ));
+                }
+                let hb =
+                    frames::read_body(sock, wire::RESYNC_HEADER_LEN as u32, ctx.heartbeat_timeout)
+                        .await?;
+                let rh =
+                    wire::ResyncHeader::decode(&hb).inspect_err(|e| reject(tx, e.to_string()))?;
+                if rh.length != h.len as u64 - wire::RESYNC_HEADER_LEN as u64 || rh.length == 0 {
+                    return Err(reject_err(
+                        tx,
+                        format!(
+                            "resync region at {}: frame length does not match",
+                            rh.offset
+                        ),
+                    ));
+                }
+                let mut p = vol.pool().payload(rh.length as usize).await;
+                let chunks = p.take_chunks();
+                let mut filled = Vec::with_capacity(chunks.len());
+                for (i, c) in chunks.into_iter().enumerate() {
+                    let want = p.chunk_len(i);
+                    let (res, c) = tokio::time::timeout(
+                        ctx.heartbeat_timeout,
+                        read_exact(sock, c, 0, want, "resync data", fixed),
+                    )
+                    .await
+                    .map_err(|_| LinkError::Timeout(ctx.heartbeat_timeout))?;
+                    res?;
+                    filled.push(c);
+                }
+                p.put_chunks(filled);
+                if p.xxh3() != rh.hash {
+                    return Err(reject_err(
+                        tx,
+                        format!("resync region at {}: checksum mismatch", rh.offset),
+                    ));
+                }
+                vol.write_resync_region(Lsn(rh.after_lsn), rh.offset, p)
+                    .await
+                    .map_err(|e| reject_err(tx, e))?;
+            }
+            Kind::ResyncDone => {
+                let _ = frames::read_body(sock, h.len, ctx.heartbeat_timeout).await?;
+                vol.finish_resync().await.map_err(|e| reject_err(tx, e))?;
             }
             Kind::Ping => {
                 let body = frames::read_body(sock, h.len, ctx.heartbeat_timeout).await?;

@@ -43,6 +43,10 @@ pub enum Kind {
     Pong = 7,
     /// Fatal error; the connection closes.
     Error = 8,
+    /// Region data of a resync, ordered in the record stream.
+    ResyncData = 9,
+    /// End of a resync: the replica is consistent again.
+    ResyncDone = 10,
 }
 
 impl Kind {
@@ -56,13 +60,15 @@ impl Kind {
             6 => Kind::Ping,
             7 => Kind::Pong,
             8 => Kind::Error,
+            9 => Kind::ResyncData,
+            10 => Kind::ResyncDone,
             _ => return None,
         })
     }
 
     /// The largest body this kind may carry.
     pub fn max_body(self) -> u32 {
-        if self == Kind::Record {
+        if self == Kind::Record || self == Kind::ResyncData {
             MAX_RECORD_BODY
         } else {
             MAX_CONTROL_BODY
@@ -358,6 +364,10 @@ pub struct Auth {
     pub mac: [u8; MAC_LEN],
     /// First LSN the primary sends.
     pub start_lsn: u64,
+    /// The replica cannot catch up from the journal: it must rebase its LSN
+    /// sequence at `start_lsn` and take a full resync (it is Inconsistent
+    /// until RESYNC_DONE).
+    pub resync: bool,
 }
 
 impl Auth {
@@ -365,6 +375,7 @@ impl Auth {
     pub fn encode(&self) -> Vec<u8> {
         let mut v = self.mac.to_vec();
         v.extend_from_slice(&self.start_lsn.to_le_bytes());
+        v.push(u8::from(self.resync));
         v
     }
 
@@ -374,7 +385,58 @@ impl Auth {
         Ok(Auth {
             mac: r.array()?,
             start_lsn: r.u64()?,
+            resync: r.u8()? != 0,
         })
+    }
+}
+
+/// Header of a RESYNC_DATA body; `length` data bytes follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncHeader {
+    /// The region's data is the primary's as of after this LSN: the replica
+    /// writes it once every record up to it is applied.
+    pub after_lsn: u64,
+    /// Volume byte offset (block aligned).
+    pub offset: u64,
+    /// Bytes (block aligned, at most 4 MiB).
+    pub length: u64,
+    /// xxh3-64 of the data.
+    pub hash: u64,
+}
+
+/// Bytes of a resync header.
+pub const RESYNC_HEADER_LEN: usize = 32;
+
+impl ResyncHeader {
+    /// Encodes.
+    pub fn encode(&self) -> [u8; RESYNC_HEADER_LEN] {
+        let mut b = [0u8; RESYNC_HEADER_LEN];
+        b[0..8].copy_from_slice(&self.after_lsn.to_le_bytes());
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b[16..24].copy_from_slice(&self.length.to_le_bytes());
+        b[24..32].copy_from_slice(&self.hash.to_le_bytes());
+        b
+    }
+
+    /// Decodes.
+    pub fn decode(b: &[u8]) -> Result<ResyncHeader, WireError> {
+        let mut r = Reader {
+            b,
+            what: "RESYNC_DATA",
+        };
+        let h = ResyncHeader {
+            after_lsn: r.u64()?,
+            offset: r.u64()?,
+            length: r.u64()?,
+            hash: r.u64()?,
+        };
+        if !crate::units::is_aligned(h.offset)
+            || !crate::units::is_aligned(h.length)
+            || h.length > 4 << 20
+        {
+            return Err(WireError::BadField("resync region"));
+        }
+        Ok(h)
     }
 }
 
