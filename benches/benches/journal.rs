@@ -8,9 +8,9 @@
 //!
 //! Run with `cargo bench -p mirrorblk-benches --bench journal`.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::hint::black_box;
-use std::io::Write;
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
@@ -19,7 +19,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use mirrorblk_server::journal::format::{
     RecordHeader, RecordOp, Superblock, AREA_START, HEADER_BLOCK,
 };
-use mirrorblk_server::journal::recovery::scan;
+use mirrorblk_server::journal::recovery::{open_and_recover, scan, JournalSpec, ReplayTarget};
 use mirrorblk_server::units::{Epoch, Lsn};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -105,42 +105,60 @@ fn region_checksum(c: &mut Criterion) {
     g.finish();
 }
 
-/// Writes a journal file with `records` write records of `len` bytes each,
-/// laid out as `server/src/journal/format.rs` documents (two superblock
-/// copies, then the record area), followed by a zeroed block so the scan
-/// ends on "no more records". Returns the superblock and the payload bytes.
+/// Replay target that drops everything: creating the journal through
+/// `open_and_recover` needs one, and there is nothing to replay yet.
+struct Discard;
+
+impl ReplayTarget for Discard {
+    fn write(&mut self, _: u64, _: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    fn zero(&mut self, _: u64, _: u64, _: bool, _: bool) -> io::Result<()> {
+        Ok(())
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Creates a journal with the daemon's own code (`open_and_recover` on a
+/// missing file: zero-filled, valid superblock, fresh session), then appends
+/// `records` write records of `len` bytes each after its checkpoint, laid
+/// out as `server/src/journal/format.rs` documents. The zero block after the
+/// last record ends the scan ("no more records"). Going through the daemon
+/// for the superblock keeps this bench valid when superblock fields change.
+/// Returns the superblock to scan from and the payload bytes.
 fn build_journal(path: &Path, records: usize, len: usize) -> (Superblock, u64) {
     let record_len = RecordHeader::record_len_for(len as u64) as usize;
-    // One spare block after the records: scan stops at its zero magic.
-    let area_len = (records * record_len + HEADER_BLOCK).max(4 * MIB) as u64;
-    let sb = Superblock {
-        volume_uuid: [7; 16],
-        volume_name: "bench".into(),
+    let spec = JournalSpec {
+        path,
+        // Room for the records, the spare block and the superblocks.
+        size: (records * record_len + 2 * MIB).max(8 * MIB) as u64 + AREA_START,
+        volume_name: "bench",
         volume_size: 1 << 30,
-        area_len,
-        epoch: Epoch(1),
-        checkpoint_lsn: Lsn(1),
-        checkpoint_pos: 0,
-        session: 1,
-        generation: 1,
     };
-    let mut f = File::create(path).expect("create the bench journal in the temp dir");
-    f.set_len(AREA_START + area_len)
-        .expect("size the bench journal");
-    let mut block = vec![0u8; HEADER_BLOCK];
-    sb.encode(&mut block);
-    f.write_all_at(&block, 0).expect("write the superblock");
+    let opened = open_and_recover(&spec, &mut Discard).expect("create the bench journal");
+    let sb = opened.superblock.clone();
+    drop(opened);
+    // Buffered handle: the records go through the page cache, where the scan
+    // then reads them (the CPU side of recovery, not the disk).
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open the bench journal for writing");
     let data = payload(len, 11);
     let hash = xxh3_64(&data);
     let mut rec = vec![0u8; record_len];
     for i in 0..records {
         let offset = (i * len) as u64 % (1 << 30);
-        write_header(i as u64 + 1, offset, len, hash).encode(&mut rec[..HEADER_BLOCK]);
+        let mut h = write_header(sb.checkpoint_lsn.0 + i as u64, offset, len, hash);
+        h.epoch = sb.epoch;
+        h.session = sb.session;
+        h.encode(&mut rec[..HEADER_BLOCK]);
         rec[HEADER_BLOCK..HEADER_BLOCK + len].copy_from_slice(&data);
-        f.write_all_at(&rec, AREA_START + (i * record_len) as u64)
-            .expect("write a record");
+        let at = AREA_START + sb.checkpoint_pos + (i * record_len) as u64;
+        f.write_all_at(&rec, at).expect("write a record");
     }
-    f.flush().expect("flush the bench journal");
     (sb, (records * len) as u64)
 }
 
@@ -163,7 +181,7 @@ fn recovery_scan(c: &mut Criterion) {
         .expect("scan the bench journal");
         assert_eq!(
             (n, next),
-            (records, Lsn(records as u64 + 1)),
+            (records, Lsn(sb.checkpoint_lsn.0 + records as u64)),
             "stop: {stop:?}"
         );
         g.throughput(Throughput::Bytes(bytes));

@@ -150,11 +150,12 @@ fn filesystem_of(dir: &Path) -> String {
             continue;
         }
         let mp = PathBuf::from(f[1]);
-        if dir.starts_with(&mp)
-            && best.as_ref().map_or(true, |(b, _, _)| {
-                mp.as_os_str().len() >= b.as_os_str().len()
-            })
-        {
+        // The longest mount point containing `dir` is the one it is on.
+        let longer = match &best {
+            None => true,
+            Some((b, _, _)) => mp.as_os_str().len() >= b.as_os_str().len(),
+        };
+        if dir.starts_with(&mp) && longer {
             best = Some((mp, f[2].to_string(), f[0].to_string()));
         }
     }

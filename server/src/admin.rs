@@ -27,6 +27,14 @@ const CORE_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Request {
     /// State of every volume.
     Status,
+    /// Make this replica node the primary (epoch + 1), then restart as such.
+    Promote {
+        /// Promote even an Inconsistent replica (loud warning).
+        #[serde(default)]
+        force: bool,
+    },
+    /// Make this primary node a replica, then restart as such.
+    Demote,
 }
 
 /// The state of one volume, as `status` reports it.
@@ -116,8 +124,8 @@ impl Response {
 pub struct CoreQuery {
     /// The request.
     pub request: Request,
-    /// Where the core answers with its volumes' part.
-    pub reply: std::sync::mpsc::SyncSender<Vec<VolumeStatus>>,
+    /// Where the core answers with its volumes' part (or why it refused).
+    pub reply: std::sync::mpsc::SyncSender<Result<Vec<VolumeStatus>, String>>,
 }
 
 /// Serves the admin socket at `path` until the process ends.
@@ -201,7 +209,8 @@ fn handle(req: Request, node: &str, cores: &[mpsc::Sender<crate::node::CoreMsg>]
             return Response::error("a core has stopped; the node is shutting down");
         }
         match rx.recv_timeout(CORE_TIMEOUT) {
-            Ok(mut v) => volumes.append(&mut v),
+            Ok(Ok(mut v)) => volumes.append(&mut v),
+            Ok(Err(why)) => return Response::error(why),
             Err(_) => {
                 return Response::error(
                     "a core did not answer within 5 s; the node may be overloaded",
@@ -210,6 +219,13 @@ fn handle(req: Request, node: &str, cores: &[mpsc::Sender<crate::node::CoreMsg>]
         }
     }
     volumes.sort_by(|a, b| a.name.cmp(&b.name));
+    match req {
+        Request::Promote { .. } => {
+            crate::lifecycle::request_restart(crate::journal::format::Role::Primary)
+        }
+        Request::Demote => crate::lifecycle::request_restart(crate::journal::format::Role::Replica),
+        Request::Status => {}
+    }
     Response {
         ok: true,
         error: None,

@@ -13,6 +13,7 @@ pub mod buffer;
 pub mod config;
 pub mod export;
 pub mod journal;
+pub mod lifecycle;
 pub mod listener;
 pub mod node;
 pub mod notify;

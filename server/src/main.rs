@@ -72,7 +72,14 @@ fn main() -> ExitCode {
         Err(e) => tracing::error!("waiting for signals failed: {e}; stopping"),
     }
     mirrorblk_server::notify::notify("STOPPING=1");
-    if node.stop(std::time::Duration::from_secs(30)) {
+    let restart = mirrorblk_server::lifecycle::take_restart();
+    let clean = node.stop(std::time::Duration::from_secs(30));
+    if let Some(role) = restart {
+        let e = mirrorblk_server::lifecycle::reexec(role);
+        eprintln!("mirrorblkd: cannot restart as {role}: {e}");
+        return ExitCode::from(1);
+    }
+    if clean {
         tracing::info!("stopped cleanly");
         ExitCode::SUCCESS
     } else {

@@ -326,11 +326,12 @@ impl RunningNode {
 
 /// Opens everything, binds the listeners, starts cores and acceptors.
 pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
+    // Bind first: a port in use must fail before any file is created.
+    let tcp = bind_tcp(cfg)?;
     let mut prepared = Vec::new();
     for v in &cfg.volumes {
         prepared.push(prepare_volume(v, cfg.role, cfg.replication.is_some())?);
     }
-    let tcp = bind_tcp(cfg)?;
     if let Some(addr) = cfg.metrics_listen {
         crate::telemetry::install(addr)?;
         tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
@@ -504,8 +505,23 @@ fn run_core(
             let nc = match msg {
                 None => break,
                 Some(CoreMsg::Admin(q)) => {
-                    let mut answer: Vec<_> = volumes.values().map(|v| v.status()).collect();
-                    answer.sort_by(|a, b| a.name.cmp(&b.name));
+                    let mut result = Ok(());
+                    for vol in volumes.values() {
+                        let r = match q.request {
+                            crate::admin::Request::Status => Ok(()),
+                            crate::admin::Request::Promote { force } => vol.promote(force).await.map(|_| ()),
+                            crate::admin::Request::Demote => vol.demote().await,
+                        };
+                        if let Err(e) = r {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                    let answer = result.map(|()| {
+                        let mut v: Vec<_> = volumes.values().map(|v| v.status()).collect();
+                        v.sort_by(|a, b| a.name.cmp(&b.name));
+                        v
+                    });
                     let _ = q.reply.send(answer);
                     continue;
                 }

@@ -26,7 +26,7 @@ use crate::overlay::{Overlay, Piece, Source};
 use crate::replication::{Mode, Phase, Primary, ReplicationConfig};
 use crate::store::{Allocation, Store};
 use crate::telemetry::VolumeMetrics;
-use crate::units::{align_down, align_up, is_aligned, Lsn, BLOCK};
+use crate::units::{align_down, align_up, is_aligned, Epoch, Lsn, BLOCK};
 
 /// Most records the applier writes to the store at once.
 const APPLY_BATCH: usize = 64;
@@ -269,6 +269,73 @@ impl Volume {
             .await
             .map_err(|e| format!("clearing the inconsistent mark failed: {e}"))?;
         tracing::info!(volume = %self.info.name, "resync complete: this node is consistent");
+        Ok(())
+    }
+
+    /// Makes this replica the primary: persists epoch + 1 and the role. The
+    /// caller then restarts the node, which comes up serving NBD and
+    /// connecting to its peers as their primary. Refused while the store is
+    /// inconsistent unless `force`.
+    pub async fn promote(&self, force: bool) -> Result<Epoch, String> {
+        if self.role.get() == Role::Primary {
+            return Err(format!(
+                "volume '{}' is already primary on this node",
+                self.info.name
+            ));
+        }
+        let inconsistent = self.journal.inconsistent();
+        if inconsistent && !force {
+            return Err(format!(
+                "volume '{}' is Inconsistent (a resync did not finish): promoting it would serve stale data; promote a consistent replica, or pass --force if this is the only copy left",
+                self.info.name
+            ));
+        }
+        if inconsistent {
+            tracing::error!(volume = %self.info.name, "FORCED promotion of an Inconsistent replica: data written since its last complete resync may be missing");
+        }
+        // Everything received must be journaled before the new epoch starts.
+        let _ = self
+            .wait_applied(self.journal.next_lsn(), Duration::from_secs(30))
+            .await;
+        let epoch = Epoch(self.journal.epoch().0 + 1);
+        self.journal
+            .set_role_epoch(Role::Primary, epoch, false)
+            .await
+            .map_err(|e| format!("persisting the promotion failed: {e}"))?;
+        tracing::warn!(volume = %self.info.name, "promoted to primary in epoch {epoch}");
+        Ok(epoch)
+    }
+
+    /// Makes this node a replica (it will resync from the primary that
+    /// connects to it). Persists the role; the caller restarts the node.
+    pub async fn demote(&self) -> Result<(), String> {
+        if self.role.get() == Role::Replica {
+            return Err(format!(
+                "volume '{}' is already a replica on this node",
+                self.info.name
+            ));
+        }
+        self.journal
+            .set_role_epoch(
+                Role::Replica,
+                self.journal.epoch(),
+                self.journal.inconsistent(),
+            )
+            .await
+            .map_err(|e| format!("persisting the demotion failed: {e}"))?;
+        tracing::warn!(volume = %self.info.name, "demoted to replica");
+        Ok(())
+    }
+
+    /// On a replica: a primary of a newer epoch connected. Adopt its epoch
+    /// and mark the store inconsistent, so it takes a full resync (any
+    /// records this node has that the new primary never had are discarded).
+    pub async fn adopt_epoch(&self, epoch: Epoch) -> Result<(), String> {
+        self.journal
+            .set_role_epoch(Role::Replica, epoch, true)
+            .await
+            .map_err(|e| format!("persisting epoch {epoch} failed: {e}"))?;
+        tracing::warn!(volume = %self.info.name, "adopted epoch {epoch} from a new primary; resyncing");
         Ok(())
     }
 

@@ -289,6 +289,11 @@ impl Log {
         }
     }
 
+    /// Whether the stream has closed (the process exited).
+    fn is_closed(&self) -> bool {
+        self.state.lock().unwrap().closed
+    }
+
     /// Waits up to `timeout` for the stream to close (the process exited).
     fn wait_closed(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
@@ -437,6 +442,11 @@ impl Daemon {
                     status: Some(st),
                     log: log.text(),
                 });
+            }
+            if log.is_closed() {
+                // Stderr closed but not yet reapable: the exit is imminent;
+                // do not spin on wait_for, which returns at once now.
+                std::thread::sleep(Duration::from_millis(5));
             }
             if Instant::now() >= deadline {
                 signal(child.id(), libc::SIGKILL);
@@ -729,6 +739,9 @@ where
         }
         if err.wait_for(SERVING, Duration::from_millis(10)).is_some() {
             served = true;
+        } else if err.is_closed() {
+            // Exit is imminent; wait_for returns at once on a closed stream.
+            std::thread::sleep(Duration::from_millis(5));
         }
         if served || Instant::now() >= deadline {
             signal(child.id(), libc::SIGKILL);

@@ -6,13 +6,23 @@
 //! - [`tools`]: run the real NBD clients (qemu-io, qemu-img, nbdinfo,
 //!   nbdcopy, fio) with a timeout; a missing tool fails with the apt package
 //!   that provides it.
+//! - [`cluster`]: replicated nodes (primary and replicas, each with its own
+//!   files, admin socket and fixed replication port), their admin-socket
+//!   status, and byte comparison of their data stores.
 //! - [`util`]: seeded randomness, data patterns, polling with a deadline.
 //!
 //! Every test gets its own temporary directory and its own ephemeral port on
 //! 127.0.0.1, so tests run in parallel under `cargo nextest`.
+//!
+//! Environment variables:
+//! - `MIRRORBLKD`: the daemon binary to test (default: `target/<profile>/mirrorblkd`
+//!   next to the test executable, built if missing or older than the sources).
+//! - `MIRRORBLK_TEST_SEED`: replay a randomized test with the seed it printed.
+//! - `MIRRORBLK_KEEP_TMP`: keep a failed test's directory (data, journal) for inspection.
 
 #![warn(missing_docs)]
 
+pub mod cluster;
 pub mod daemon;
 pub mod tools;
 pub mod util;

@@ -220,3 +220,116 @@ pub fn nbdinfo_json(uri: &str) -> serde_json::Value {
     serde_json::from_str(&o.stdout)
         .unwrap_or_else(|e| panic!("nbdinfo --json printed invalid JSON ({e}):\n{}", o.stdout))
 }
+
+/// A tool running in the background (e.g. fio under load while a node is
+/// killed). It is killed by PID if still running when dropped.
+#[derive(Debug)]
+pub struct Background {
+    command: String,
+    child: Option<std::process::Child>,
+    out: Option<std::thread::JoinHandle<String>>,
+    err: Option<std::thread::JoinHandle<String>>,
+}
+
+/// Starts `tool` with `args` in the background.
+#[track_caller]
+pub fn spawn<I, S>(tool: Tool, args: I) -> Background
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let program = tool.path();
+    let args: Vec<_> = args
+        .into_iter()
+        .map(|a| a.as_ref().to_os_string())
+        .collect();
+    let command = std::iter::once(tool.program().to_string())
+        .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = Command::new(&program)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    let out = read_all(child.stdout.take().expect("piped"));
+    let err = read_all(child.stderr.take().expect("piped"));
+    Background {
+        command,
+        child: Some(child),
+        out: Some(out),
+        err: Some(err),
+    }
+}
+
+impl Background {
+    /// Waits up to `timeout` for it to exit; kills it (by PID) and panics
+    /// with its output if it does not.
+    #[track_caller]
+    pub fn wait(mut self, timeout: Duration) -> ToolOutput {
+        let mut child = self.child.take().expect("not waited for yet");
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                break Some(st);
+            }
+            if Instant::now() >= deadline {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe {
+                    libc::kill(child.id() as libc::pid_t, libc::SIGKILL);
+                }
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let stdout = self.out.take().map(|h| h.join().unwrap_or_default());
+        let stderr = self.err.take().map(|h| h.join().unwrap_or_default());
+        let (stdout, stderr) = (stdout.unwrap_or_default(), stderr.unwrap_or_default());
+        match status {
+            Some(status) => ToolOutput {
+                command: self.command.clone(),
+                status,
+                stdout,
+                stderr,
+            },
+            None => panic!(
+                "`{}` did not finish within {timeout:?} (killed)\n--- stdout ---\n{stdout}--- stderr ---\n{stderr}",
+                self.command
+            ),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGKILL);
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+/// fio arguments that write its JSON report to `json_path`.
+pub fn fio_json_args(json_path: &Path) -> Vec<String> {
+    vec![
+        "--output-format=json".into(),
+        format!("--output={}", json_path.display()),
+    ]
+}
+
+/// Parses the JSON report fio wrote to `json_path`; panics (showing fio's
+/// output) if there is none or fio failed.
+#[track_caller]
+pub fn fio_report(json_path: &Path, run: &ToolOutput) -> serde_json::Value {
+    let text = std::fs::read_to_string(json_path).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("fio wrote no valid JSON ({e}); {run}\n{text}"));
+    assert!(run.success(), "fio failed: {run}\n{text}");
+    v
+}

@@ -357,6 +357,8 @@ fn fio_json(dir: &TestDir, uri: &str, name: &str, extra: &[&str]) -> serde_json:
         "--iodepth=8".into(),
         "--verify=crc32c".into(),
         "--verify_fatal=1".into(),
+        // fio would otherwise drop a verify state file in the working directory.
+        "--verify_state_save=0".into(),
         "--output-format=json".into(),
         format!("--output={}", out.display()),
     ];

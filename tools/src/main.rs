@@ -56,6 +56,17 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Make this replica node the primary: persists epoch + 1, then the node
+    /// restarts serving NBD and connects to its peers as their primary.
+    /// Refused while the node is Inconsistent (a resync did not finish).
+    Promote {
+        /// Promote even an Inconsistent replica (it may lack recent writes).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make this primary node a replica; it restarts and resyncs from the
+    /// primary that connects to it.
+    Demote,
     /// Offline journal tools (run on a stopped node).
     Journal {
         #[command(subcommand)]
@@ -284,6 +295,25 @@ fn status_once(socket: &Path, json: bool) -> Result<String, String> {
     Ok(out)
 }
 
+fn role_change(socket: &Path, req: &admin::Request, done: &str) -> ExitCode {
+    match admin::call(socket, req) {
+        Ok(r) if r.ok => {
+            for v in &r.volumes {
+                println!("{}: {done} (epoch {})", v.name, v.epoch);
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("mirrorblk: {}", r.error.unwrap_or_else(|| "refused".into()));
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("mirrorblk: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn status(socket: &Path, json: bool, watch: bool) -> ExitCode {
     loop {
         match status_once(socket, json) {
@@ -310,6 +340,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Status { json, watch } => status(&cli.admin_socket, json, watch),
+        Cmd::Promote { force } => role_change(
+            &cli.admin_socket,
+            &admin::Request::Promote { force },
+            "promoted; the node restarts as primary",
+        ),
+        Cmd::Demote => role_change(
+            &cli.admin_socket,
+            &admin::Request::Demote,
+            "demoted; the node restarts as replica",
+        ),
         Cmd::Demo { dir, listen, size } => demo(&dir, &listen, &size),
         Cmd::Journal {
             command: JournalCmd::Inspect { path },

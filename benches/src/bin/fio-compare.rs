@@ -391,8 +391,16 @@ fn run(cli: Cli) -> Result<()> {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            // A binary built from a work tree may not match the recorded
+            // commit: its build time tells which state of the tree it is.
+            let built = std::fs::metadata(program)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| format!(" (binary built {})", report::utc(d.as_secs())))
+                .unwrap_or_default();
             if !versions.iter().any(|(n, _)| *n == tool) {
-                versions.push((tool, v.clone()));
+                versions.push((tool, format!("{v}{built}")));
             }
         }
     }

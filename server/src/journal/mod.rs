@@ -117,7 +117,7 @@ struct State {
 pub struct Journal {
     file: tokio_uring::fs::File,
     area_len: u64,
-    epoch: Epoch,
+    epoch: Cell<Epoch>,
     session: u64,
     state: RefCell<State>,
     work: Notify,
@@ -138,7 +138,7 @@ impl Journal {
         Journal {
             file: tokio_uring::fs::File::from_std(opened.file),
             area_len: sb.area_len,
-            epoch: sb.epoch,
+            epoch: Cell::new(sb.epoch),
             session: sb.session,
             state: RefCell::new(State {
                 head: sb.checkpoint_pos,
@@ -168,7 +168,7 @@ impl Journal {
 
     /// This node's epoch for the volume.
     pub fn epoch(&self) -> Epoch {
-        self.epoch
+        self.epoch.get()
     }
 
     /// Length of the record area.
@@ -396,7 +396,7 @@ impl Journal {
                 let mut blk = self.header_block();
                 RecordHeader {
                     lsn: r.lsn,
-                    epoch: self.epoch,
+                    epoch: self.epoch.get(),
                     session: self.session,
                     op: RecordOp::Pad,
                     flags: 0,
@@ -410,7 +410,7 @@ impl Journal {
                 append(pad_pos, BLOCK, &mut std::iter::once(OutBuf::Block(blk)));
             }
             let mut blk = self.header_block();
-            r.header(self.epoch, self.session)
+            r.header(self.epoch.get(), self.session)
                 .encode(blk.as_mut_slice());
             let payload = r
                 .payload
@@ -436,6 +436,27 @@ impl Journal {
     /// Whether the store is marked inconsistent (a resync is incomplete).
     pub fn inconsistent(&self) -> bool {
         self.state.borrow().superblock.inconsistent
+    }
+
+    /// Persists a new role and epoch (promotion, demotion, adopting a newer
+    /// primary's epoch); records written from now on carry the new epoch.
+    pub async fn set_role_epoch(
+        &self,
+        role: format::Role,
+        epoch: Epoch,
+        inconsistent: bool,
+    ) -> io::Result<()> {
+        let sb = {
+            let mut st = self.state.borrow_mut();
+            st.superblock.role = role;
+            st.superblock.epoch = epoch;
+            st.superblock.inconsistent = inconsistent;
+            st.superblock.generation += 1;
+            st.superblock.clone()
+        };
+        self.write_superblock(&sb).await?;
+        self.epoch.set(epoch);
+        Ok(())
     }
 
     /// Persists the inconsistent mark.

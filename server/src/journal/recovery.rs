@@ -245,7 +245,10 @@ pub fn scan(
         let hb = read_aligned(f, AREA_START + pos, HEADER_BLOCK)?;
         let h = match RecordHeader::decode(hb.as_slice()) {
             Ok(h) => h,
-            Err(FormatError::BadMagic { found: 0 }) => break None,
+            // Not a record header at all: zeroes, or data from an earlier lap of
+            // the circular area. The journal ends here (a header torn before
+            // its magic landed looks the same, and was never acknowledged).
+            Err(FormatError::BadMagic { .. }) => break None,
             Err(e) => {
                 break Some(format!(
                     "record header at area offset {pos} (expected LSN {lsn}): {e}"

@@ -82,6 +82,28 @@ async fn connect_and_stream(
     frames::send(&sock, Kind::Hello, &hello_body).await?;
     let reply_body = frames::expect(&sock, Kind::HelloReply, hb).await?;
     let reply = HelloReply::decode(&reply_body)?;
+    if matches!(
+        reply.status,
+        ReplyStatus::StaleEpoch | ReplyStatus::SplitBrain
+    ) && reply.epoch > vol.journal().epoch().0
+    {
+        tracing::error!(
+            volume = %vol.info().name,
+            "{} is in epoch {}, newer than this primary's {}: this node was replaced; demoting to replica",
+            link.peer.name, reply.epoch, vol.journal().epoch()
+        );
+        if vol.demote().await.is_ok() {
+            crate::lifecycle::request_restart(crate::journal::format::Role::Replica);
+        }
+        return Err(LinkError::Protocol("stale primary: demoting".into()));
+    }
+    if reply.status == ReplyStatus::SplitBrain {
+        tracing::error!(
+            volume = %vol.info().name,
+            "SPLIT BRAIN: {} is also primary in epoch {}; refusing to replicate. Run `mirrorblk --admin-socket PATH demote` on the node whose data should be discarded",
+            link.peer.name, reply.epoch
+        );
+    }
     if reply.status != ReplyStatus::Accept {
         return Err(LinkError::Protocol(format!(
             "{} refused: {}",

@@ -71,6 +71,35 @@ async fn serve(
     hello_body: &[u8],
     ctx: &SessionContext,
 ) -> Result<(), LinkError> {
+    // Fencing: a newer primary's epoch wins. A stale primary demotes
+    // itself (and comes back as a replica); a replica adopts the epoch and
+    // takes a full resync, discarding whatever the new primary never had.
+    if hello.epoch > vol.journal().epoch().0
+        && hello.version == wire::VERSION
+        && hello.size == vol.info().size
+    {
+        if vol.role() == Role::Primary {
+            tracing::error!(
+                volume = %vol.info().name,
+                "primary {} has epoch {}, newer than this node's {}: this node was replaced; demoting to replica",
+                hello.node, hello.epoch, vol.journal().epoch()
+            );
+            let r = refusal(
+                vol,
+                ReplyStatus::StaleEpoch,
+                "this node is demoting itself to replica; connect again shortly".into(),
+                &ctx.node,
+            );
+            let _ = frames::send(sock, Kind::HelloReply, &r.encode()).await;
+            if vol.demote().await.is_ok() {
+                crate::lifecycle::request_restart(Role::Replica);
+            }
+            return Err(LinkError::Protocol("stale primary: demoted".into()));
+        }
+        vol.adopt_epoch(crate::units::Epoch(hello.epoch))
+            .await
+            .map_err(LinkError::Protocol)?;
+    }
     let my_epoch = vol.journal().epoch().0;
     let refuse = |status, msg: String| refusal(vol, status, msg, &ctx.node);
     let problem = if hello.version != wire::VERSION {
@@ -105,9 +134,7 @@ async fn serve(
             ),
         ))
     } else if hello.epoch < my_epoch {
-        Some(refuse(ReplyStatus::StaleEpoch, format!("your epoch {} is older than this replica's {my_epoch}: you are a stale primary; demote it", hello.epoch)))
-    } else if hello.epoch > my_epoch {
-        Some(refuse(ReplyStatus::StaleEpoch, format!("epoch {} is newer than this replica's {my_epoch}; adopting a new epoch needs a resync", hello.epoch)))
+        Some(refuse(ReplyStatus::StaleEpoch, format!("your epoch {} is older than this node's {my_epoch}: you are a stale primary and must not write; you will demote yourself", hello.epoch)))
     } else if !vol.claim_replica_session() {
         Some(refuse(
             ReplyStatus::Busy,
