@@ -33,9 +33,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Run a local demo: mirrorblkd serving a 1 GiB file-backed volume on
-    /// 127.0.0.1:10809 (data under --dir), ready for nbdinfo, qemu-io, fio or
-    /// nbd-client. Stops cleanly on Ctrl-C.
+    /// Run a local demo: a primary (n1) with two replicas (n2, n3) on
+    /// loopback in sync mode, serving a 1 GiB file-backed volume on
+    /// nbd://127.0.0.1:10809/vol0 (data, journals and logs under --dir), ready
+    /// for nbdinfo, qemu-io, fio or nbd-client. Stops cleanly on Ctrl-C.
     Demo {
         /// Folder for the demo's data stores and journals.
         #[arg(long, default_value = "demo-data")]
@@ -100,6 +101,13 @@ fn daemon_path() -> PathBuf {
     }
 }
 
+/// One node of the demo cluster.
+struct DemoNode {
+    name: &'static str,
+    nbd: String,
+    repl: String,
+}
+
 fn demo(dir: &Path, listen: &str, size: &str) -> ExitCode {
     use nix::sys::signal::{kill, SigSet, Signal};
     use nix::unistd::Pid;
@@ -107,42 +115,123 @@ fn demo(dir: &Path, listen: &str, size: &str) -> ExitCode {
         eprintln!("mirrorblk: cannot create {}: {e}", dir.display());
         return ExitCode::from(1);
     }
+    let Some((host, port)) = listen
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+    else {
+        eprintln!("mirrorblk: --listen must be HOST:PORT");
+        return ExitCode::from(2);
+    };
+    // Ports: the primary's NBD port, then replication ports above it and
+    // the replicas' (idle) NBD ports above those.
+    let nodes = [
+        DemoNode {
+            name: "n1",
+            nbd: format!("{host}:{port}"),
+            repl: format!("{host}:{}", port + 1),
+        },
+        DemoNode {
+            name: "n2",
+            nbd: format!("{host}:{}", port + 12),
+            repl: format!("{host}:{}", port + 2),
+        },
+        DemoNode {
+            name: "n3",
+            nbd: format!("{host}:{}", port + 13),
+            repl: format!("{host}:{}", port + 3),
+        },
+    ];
+    let secret = dir.join("secret");
+    if !secret.exists() {
+        let mut bytes = [0u8; 32];
+        // SAFETY: getrandom writes at most 32 bytes into bytes.
+        let _ = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        if let Err(e) = std::fs::write(&secret, text) {
+            eprintln!("mirrorblk: cannot write {}: {e}", secret.display());
+            return ExitCode::from(1);
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600));
+    }
     let mut stop = SigSet::empty();
     stop.add(Signal::SIGINT);
     stop.add(Signal::SIGTERM);
-    // Blocked here, so only our sigwait sees Ctrl-C; the child gets a clean SIGTERM.
+    // Blocked here, so only our sigwait sees Ctrl-C; the children get a clean SIGTERM.
     let _ = stop.thread_block();
     let daemon = daemon_path();
-    let spawn = Command::new(&daemon)
-        .arg("--export")
-        .arg("vol0")
+    let mut children: Vec<(&str, Child)> = Vec::new();
+    // Replicas first, so the primary finds them at once.
+    for (i, n) in nodes.iter().enumerate().rev() {
+        let journal = dir.join(format!("{}.journal", n.name));
+        let first_run = !journal.exists();
+        let log = match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{}.log", n.name)))
+        {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("mirrorblk: cannot open a log in {}: {e}", dir.display());
+                return ExitCode::from(1);
+            }
+        };
+        let mut cmd = Command::new(&daemon);
+        cmd.args([
+            "--node",
+            n.name,
+            "--export",
+            "vol0",
+            "--size",
+            size,
+            "--listen",
+            &n.nbd,
+            "--replication-listen",
+            &n.repl,
+        ])
         .arg("--data")
-        .arg(dir.join("vol0.img"))
+        .arg(dir.join(format!("{}.img", n.name)))
         .arg("--journal")
-        .arg(dir.join("vol0.journal"))
-        .arg("--size")
-        .arg(size)
-        .arg("--listen")
-        .arg(listen)
-        .arg("--description")
-        .arg("mirrorblk demo volume")
-        .spawn();
-    let mut child: Child = match spawn {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!(
-                "mirrorblk: cannot start {}: {e}; build it first with: cargo build --release --workspace",
-                daemon.display()
-            );
-            return ExitCode::from(1);
+        .arg(&journal)
+        .arg("--secret-file")
+        .arg(&secret)
+        .arg("--admin-socket")
+        .arg(dir.join(format!("{}.sock", n.name)))
+        .args(["--description", "mirrorblk demo volume"])
+        .stderr(log);
+        for m in nodes.iter().filter(|m| m.name != n.name) {
+            cmd.arg("--peer").arg(format!("{}={}", m.name, m.repl));
         }
-    };
-    // Wait until it listens (or died).
-    let deadline = Instant::now() + Duration::from_secs(30);
+        if i == 0 {
+            cmd.args(["--metrics-listen", &format!("{host}:{}", port + 100)]);
+        }
+        if first_run {
+            // Later runs keep the roles the nodes last had (after a promote, say).
+            cmd.args(["--role", if i == 0 { "primary" } else { "replica" }]);
+        }
+        match cmd.spawn() {
+            Ok(c) => children.push((n.name, c)),
+            Err(e) => {
+                eprintln!("mirrorblk: cannot start {}: {e}; build it first with: cargo build --release --workspace", daemon.display());
+                for (_, c) in &mut children {
+                    let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+                }
+                return ExitCode::from(1);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Wait until the primary listens (or a node died).
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            eprintln!("mirrorblk: mirrorblkd exited at start-up ({status}); see its message above");
-            return ExitCode::from(1);
+        for (name, c) in &mut children {
+            if let Ok(Some(status)) = c.try_wait() {
+                eprintln!(
+                    "mirrorblk: node {name} exited at start-up ({status}); see {}/{name}.log",
+                    dir.display()
+                );
+                return ExitCode::from(1);
+            }
         }
         if std::net::TcpStream::connect(listen).is_ok() || Instant::now() > deadline {
             break;
@@ -150,27 +239,37 @@ fn demo(dir: &Path, listen: &str, size: &str) -> ExitCode {
         std::thread::sleep(Duration::from_millis(50));
     }
     println!(
-        "\nmirrorblk demo is up: volume vol0 ({size}) on nbd://{listen}/vol0, data in {dir}\n\n\
+        "\nmirrorblk demo is up: primary n1 with replicas n2 and n3 (sync mode), volume vol0 ({size}) on nbd://{listen}/vol0\n\
+         data, journals and logs in {dir}; metrics on http://{host}:{metrics}/metrics\n\n\
          Try:\n  nbdinfo nbd://{listen}/vol0\n  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' nbd://{listen}/vol0\n  \
-         fio --name=t --ioengine=nbd --uri=nbd://{listen}/vol0 --rw=randwrite --bs=4k --iodepth=32 --size=1G --runtime=10 --time_based\n  \
+         fio --name=t --ioengine=nbd --uri=nbd://{listen}/vol0 --rw=randwrite --bs=4k --iodepth=32 --size={size} --runtime=10 --time_based\n  \
+         mirrorblk --admin-socket {dir}/n1.sock status\n  \
          sudo modprobe nbd && sudo nbd-client -N vol0 -b 4096 {host} {port} /dev/nbd0\n\nPress Ctrl-C to stop.",
         dir = dir.display(),
-        host = listen.rsplit_once(':').map(|x| x.0).unwrap_or("127.0.0.1"),
-        port = listen.rsplit_once(':').map(|x| x.1).unwrap_or("10809"),
+        metrics = port + 100,
     );
     let _ = stop.wait();
-    println!("stopping mirrorblkd...");
-    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-    match child.wait() {
-        Ok(s) if s.success() => ExitCode::SUCCESS,
-        Ok(s) => {
-            eprintln!("mirrorblk: mirrorblkd stopped with {s}");
-            ExitCode::from(1)
+    println!("stopping the demo nodes...");
+    let mut ok = true;
+    // The primary first, so the replicas receive everything before they stop.
+    for (name, c) in children.iter_mut().rev() {
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        match c.wait() {
+            Ok(s) if s.success() => {}
+            Ok(s) => {
+                eprintln!("mirrorblk: node {name} stopped with {s}");
+                ok = false;
+            }
+            Err(e) => {
+                eprintln!("mirrorblk: waiting for node {name} failed: {e}");
+                ok = false;
+            }
         }
-        Err(e) => {
-            eprintln!("mirrorblk: waiting for mirrorblkd failed: {e}");
-            ExitCode::from(1)
-        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 
@@ -291,6 +390,28 @@ fn status_once(socket: &Path, json: bool) -> Result<String, String> {
             journal,
             state
         ));
+        if v.inconsistent {
+            out.push_str("  ! Inconsistent: a resync is incomplete; do not promote this node\n");
+        }
+        for r in &v.replicas {
+            let resync = r
+                .resync
+                .map(|(d, t)| format!(", resync {}%", (d * 100).checked_div(t).unwrap_or(0)))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "  replica {:<12} {:<12} durable LSN {:>10}  lag {:>8} LSN  rtt {:>6} us{}{}\n",
+                r.peer,
+                r.state,
+                r.durable_lsn,
+                r.lag_lsn,
+                r.rtt_us,
+                resync,
+                r.reason
+                    .as_ref()
+                    .map(|x| format!("  ({x})"))
+                    .unwrap_or_default()
+            ));
+        }
     }
     Ok(out)
 }
