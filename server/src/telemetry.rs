@@ -102,6 +102,24 @@ fn describe() {
         "Userspace copies of write payload bytes on the write path (0 is the design)"
     );
     describe_gauge!("mirrorblk_connections", "Open NBD client connections");
+    describe_gauge!(
+        "mirrorblk_replica_state",
+        "Replica link state: 0 connecting, 1 catching-up, 2 in-sync, 3 out-of-sync"
+    );
+    describe_gauge!(
+        "mirrorblk_replica_lag_lsn",
+        "LSNs a replica's durable journal trails the primary by"
+    );
+    describe_gauge!(
+        "mirrorblk_replica_rtt_seconds",
+        Unit::Seconds,
+        "Last heartbeat round trip to a replica"
+    );
+    describe_gauge!(
+        "mirrorblk_replica_resync_remaining_bytes",
+        Unit::Bytes,
+        "Bytes a running resync still has to send (0 when none runs)"
+    );
 }
 
 /// Handles for one NBD op of one volume.
@@ -232,6 +250,32 @@ impl VolumeMetrics {
         gauge!("mirrorblk_recovery_records", "volume" => self.volume.clone()).set(records as f64);
         gauge!("mirrorblk_recovery_duration_seconds", "volume" => self.volume.clone())
             .set(millis as f64 / 1000.0);
+    }
+}
+
+/// Handles for one replica link of one volume.
+#[derive(Clone)]
+pub struct ReplicaMetrics {
+    /// Link state code.
+    pub state: Gauge,
+    /// Durable lag in LSNs.
+    pub lag_lsn: Gauge,
+    /// Heartbeat round trip.
+    pub rtt: Gauge,
+    /// Resync bytes left.
+    pub resync_remaining: Gauge,
+}
+
+impl ReplicaMetrics {
+    /// Registers the handles of (`volume`, `peer`).
+    pub fn new(volume: &str, peer: &str) -> ReplicaMetrics {
+        let l = || [("volume", volume.to_string()), ("peer", peer.to_string())];
+        ReplicaMetrics {
+            state: gauge!("mirrorblk_replica_state", &l()),
+            lag_lsn: gauge!("mirrorblk_replica_lag_lsn", &l()),
+            rtt: gauge!("mirrorblk_replica_rtt_seconds", &l()),
+            resync_remaining: gauge!("mirrorblk_replica_resync_remaining_bytes", &l()),
+        }
     }
 }
 

@@ -112,7 +112,7 @@ impl Volume {
         metrics.journal_size.set(journal.area_len() as f64);
         let primary = match (role, replication) {
             (Role::Primary, Some(cfg)) if !cfg.peers.is_empty() => {
-                Some(Rc::new(Primary::new(cfg, journal.next_lsn())))
+                Some(Rc::new(Primary::new(cfg, journal.next_lsn(), &info.name)))
             }
             _ => None,
         };

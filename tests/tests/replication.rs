@@ -716,13 +716,21 @@ mod replication {
     /// while the primary serves the volume and the replica keeps replicating.
     #[test]
     fn replica_refuses_nbd_clients() {
+        let __t0 = Instant::now();
         const PROMPT: Duration = Duration::from_secs(5);
+        eprintln!("TRACE 1 at {:?}", __t0.elapsed());
         let dir = TestDir::new();
+        eprintln!("TRACE 2 at {:?}", __t0.elapsed());
         let secret = write_secret(&dir, "secret");
+        eprintln!("TRACE 3 at {:?}", __t0.elapsed());
         let mut r2 = Node::start_replica(&dir, "n2", &secret, J64, &[]);
+        eprintln!("TRACE 4 at {:?}", __t0.elapsed());
         let p = Node::start_primary(&dir, "n1", &secret, &[&r2], J64, &[]);
+        eprintln!("TRACE 5 at {:?}", __t0.elapsed());
         p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
+        eprintln!("TRACE 6 at {:?}", __t0.elapsed());
         let addr = r2.daemon.addr();
+        eprintln!("TRACE 7 at {:?}", __t0.elapsed());
 
         for export in [EXPORT, ""] {
             let t = Instant::now();
@@ -750,38 +758,51 @@ mod replication {
         }
 
         let t = Instant::now();
+        eprintln!("TRACE 8 at {:?}", __t0.elapsed());
         let o = tools::run(
             Tool::NbdInfo,
             [r2.daemon.uri(EXPORT)],
             Duration::from_secs(20),
         );
+        eprintln!("TRACE 9 at {:?}", __t0.elapsed());
         let took = t.elapsed();
+        eprintln!("TRACE 10 at {:?}", __t0.elapsed());
         assert!(!o.success(), "nbdinfo succeeded against a replica: {o}");
+        eprintln!("TRACE 11 at {:?}", __t0.elapsed());
         assert!(took < PROMPT, "nbdinfo took {took:?} to be refused: {o}");
+        eprintln!("TRACE 12 at {:?}", __t0.elapsed());
         let msg = o.combined();
+        eprintln!("TRACE 13 at {:?}", __t0.elapsed());
         assert!(
             msg.contains(EXPORT) || msg.contains("refused"),
             "nbdinfo's error names neither the export nor a refused connection: {o}"
         );
+        eprintln!("TRACE 14 at {:?}", __t0.elapsed());
         eprintln!("nbdinfo against the replica: {}", msg.trim());
+        eprintln!("TRACE 15 at {:?}", __t0.elapsed());
 
         let o = tools::run(
             Tool::NbdInfo,
             ["--list".to_string(), format!("nbd://{addr}/")],
             Duration::from_secs(20),
         );
+        eprintln!("TRACE 16 at {:?}", __t0.elapsed());
         assert!(
             !o.stdout.contains(&format!("export=\"{EXPORT}\""))
                 && !o.stdout.contains("export-size"),
             "the replica lists an export: {o}"
         );
+        eprintln!("TRACE 17 at {:?}", __t0.elapsed());
 
         // The primary serves it; the replica is alive and still streaming.
         let mut c = p.daemon.connect(EXPORT);
+        eprintln!("TRACE 18 at {:?}", __t0.elapsed());
         c.write(0, &pattern(1, 4096), false)
             .expect("write on the primary");
         r2.daemon.assert_running();
+        eprintln!("TRACE 19 at {:?}", __t0.elapsed());
         p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
+        eprintln!("TRACE 20 at {:?}", __t0.elapsed());
     }
 
     /// `count` pipelined 4k writes (`depth` in flight) at blocks 0..count;

@@ -209,11 +209,18 @@ async fn receive_acks(
                 link.received_next
                     .set(link.received_next.get().max(received));
                 link.durable_next.set(link.durable_next.get().max(durable));
+                link.metrics.lag_lsn.set(
+                    link.sent_next
+                        .get()
+                        .0
+                        .saturating_sub(link.durable_next.get().0) as f64,
+                );
                 primary.progress.notify_waiters();
             }
             Kind::Pong => {
                 let sent = wire::decode_stamp(&body)?;
                 link.rtt_us.set(now_us().saturating_sub(sent));
+                link.metrics.rtt.set(link.rtt_us.get() as f64 / 1e6);
             }
             Kind::Error => {
                 let e = wire::ErrorMsg::decode(&body)?;
@@ -337,6 +344,7 @@ async fn send_loop(
             if done < total && done < allowed {
                 let next = resync_step(vol, link, sock, done).await?;
                 link.resync.set(Some((next, total)));
+                link.metrics.resync_remaining.set((total - next) as f64);
                 last_send = Instant::now();
                 continue;
             }

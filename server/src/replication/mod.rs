@@ -150,6 +150,8 @@ pub struct LinkState {
     pub resync: Cell<Option<(u64, u64)>>,
     /// Woken when new records can be sent.
     pub wake: Notify,
+    /// Its metrics.
+    pub metrics: crate::telemetry::ReplicaMetrics,
 }
 
 /// The replication state of a primary volume.
@@ -169,8 +171,8 @@ pub struct Primary {
 }
 
 impl Primary {
-    /// State for a primary volume whose next LSN is `next`.
-    pub fn new(cfg: ReplicationConfig, next: Lsn) -> Primary {
+    /// State for a primary volume (named `volume`) whose next LSN is `next`.
+    pub fn new(cfg: ReplicationConfig, next: Lsn, volume: &str) -> Primary {
         let links = cfg
             .peers
             .iter()
@@ -185,6 +187,7 @@ impl Primary {
                     rtt_us: Cell::new(0),
                     resync: Cell::new(None),
                     wake: Notify::new(),
+                    metrics: crate::telemetry::ReplicaMetrics::new(volume, &p.name),
                 })
             })
             .collect();
@@ -314,6 +317,12 @@ impl Primary {
                 p => tracing::info!(peer = %link.peer.name, "replica {}", p.name()),
             }
         }
+        link.metrics.state.set(match &phase {
+            Phase::Connecting => 0.0,
+            Phase::CatchingUp => 1.0,
+            Phase::InSync => 2.0,
+            Phase::OutOfSync(_) => 3.0,
+        });
         *link.phase.borrow_mut() = phase;
         self.progress.notify_waiters();
     }
