@@ -68,10 +68,25 @@ enum Cmd {
     /// Make this primary node a replica; it restarts and resyncs from the
     /// primary that connects to it.
     Demote,
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCmd,
+    },
     /// Offline journal tools (run on a stopped node).
     Journal {
         #[command(subcommand)]
         command: JournalCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Validate a node configuration file exactly as mirrorblkd would
+    /// (without opening any volume), and print what it means.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
     },
 }
 
@@ -416,6 +431,56 @@ fn status_once(socket: &Path, json: bool) -> Result<String, String> {
     Ok(out)
 }
 
+fn config_check(file: &Path) -> ExitCode {
+    use mirrorblk_server::config::{Cli as DaemonCli, Config};
+    let cli = DaemonCli {
+        config: Some(file.to_path_buf()),
+        ..Default::default()
+    };
+    match Config::from_cli(&cli) {
+        Ok(c) => {
+            println!("{}: ok", file.display());
+            println!(
+                "node {} listening on {}{}",
+                c.node,
+                c.listen,
+                c.unix
+                    .as_ref()
+                    .map(|u| format!(" and {}", u.display()))
+                    .unwrap_or_default()
+            );
+            for v in &c.volumes {
+                println!(
+                    "volume {}: data {} journal {} size {}{}",
+                    v.name,
+                    v.data.display(),
+                    v.journal.display(),
+                    v.size
+                        .map(|s| ByteSize(s).to_string())
+                        .unwrap_or_else(|| "from the data file".into()),
+                    if v.read_only { " (read-only)" } else { "" }
+                );
+            }
+            if let Some(r) = &c.replication {
+                println!(
+                    "replication: mode {:?}, {} peer(s){}, heartbeat timeout {:?}",
+                    r.mode,
+                    r.peers.len(),
+                    r.listen
+                        .map(|l| format!(", listening on {l}"))
+                        .unwrap_or_default(),
+                    r.heartbeat_timeout
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mirrorblk: {}: {e}", file.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn role_change(socket: &Path, req: &admin::Request, done: &str) -> ExitCode {
     match admin::call(socket, req) {
         Ok(r) if r.ok => {
@@ -472,6 +537,9 @@ fn main() -> ExitCode {
             "demoted; the node restarts as replica",
         ),
         Cmd::Demo { dir, listen, size } => demo(&dir, &listen, &size),
+        Cmd::Config {
+            command: ConfigCmd::Check { file },
+        } => config_check(&file),
         Cmd::Journal {
             command: JournalCmd::Inspect { path },
         } => journal_inspect(&path, false),
