@@ -26,6 +26,9 @@ use format::{RecordHeader, RecordOp, Superblock, AREA_START, HEADER_BLOCK};
 /// 1024 iovecs: a record needs a header plus up to 32 payload chunks).
 const MAX_BATCH_IOVECS: usize = 1000;
 
+/// Group commits in flight at once (see `run_appender`).
+const MAX_COMMITS_IN_FLIGHT: usize = 2;
+
 /// A journaled mutation, shared by the appender, the applier and (later) the
 /// replication senders. Immutable once created.
 pub struct Record {
@@ -329,29 +332,49 @@ impl Journal {
     /// The appender: writes queued records in batches, forever. Completed
     /// batches go to `done` in LSN order.
     pub async fn run_appender(&self, mut done: impl FnMut(Vec<Rc<Record>>, std::time::Duration)) {
+        use futures_util::stream::{FuturesOrdered, StreamExt};
+        // Up to MAX_COMMITS_IN_FLIGHT group commits run at once (their
+        // flushes overlap), but durability advances strictly in batch
+        // order: a later batch that completes first waits for the earlier
+        // one, so a torn earlier batch can never hide behind an acknowledged
+        // later one.
+        let mut inflight = FuturesOrdered::new();
         loop {
-            let batch = loop {
-                let notified = self.work.notified();
+            while inflight.len() < MAX_COMMITS_IN_FLIGHT {
                 let batch = self.take_batch();
-                if !batch.is_empty() {
-                    break batch;
+                if batch.is_empty() {
+                    break;
                 }
-                notified.await;
-            };
-            let started = std::time::Instant::now();
-            match self.write_batch(&batch).await {
-                Ok(()) => {
-                    let last = batch.last().map(|r| r.lsn).unwrap_or_default();
-                    self.batches.set(self.batches.get() + 1);
-                    self.progress.send_modify(|p| p.durable_next = last.next());
-                    done(batch, started.elapsed());
+                let started = std::time::Instant::now();
+                inflight.push_back(async move {
+                    let res = self.write_batch(&batch).await;
+                    (batch, started, res)
+                });
+            }
+            let notified = self.work.notified();
+            if inflight.is_empty() {
+                if self.state.borrow().queued.is_empty() {
+                    notified.await;
                 }
-                Err(e) => {
-                    let msg = format!("{e}");
-                    tracing::error!("journal write failed, volume stops accepting writes: {msg}");
-                    self.progress.send_modify(|p| p.failed = Some(msg));
-                    return;
-                }
+                continue;
+            }
+            let room = inflight.len() < MAX_COMMITS_IN_FLIGHT;
+            tokio::select! {
+                Some((batch, started, res)) = inflight.next() => match res {
+                    Ok(()) => {
+                        let last = batch.last().map(|r| r.lsn).unwrap_or_default();
+                        self.batches.set(self.batches.get() + 1);
+                        self.progress.send_modify(|p| p.durable_next = last.next());
+                        done(batch, started.elapsed());
+                    }
+                    Err(e) => {
+                        let msg = format!("{e}");
+                        tracing::error!("journal write failed, volume stops accepting writes: {msg}");
+                        self.progress.send_modify(|p| p.failed = Some(msg));
+                        return;
+                    }
+                },
+                _ = notified, if room => {}
             }
         }
     }
