@@ -8,19 +8,37 @@ use mirrorblk_server::config::{Cli, Config, LogFormat};
 use mirrorblk_server::node;
 use nix::sys::signal::{SigSet, Signal};
 
-fn init_logging(level: &str, format: LogFormat) {
-    let filter = std::env::var("MIRRORBLK_LOG").unwrap_or_else(|_| level.to_string());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// Changes the log filter at run time (SIGHUP).
+type Reload = Box<dyn Fn(&str) -> Result<(), String>>;
+
+fn init_logging(level: &str, format: LogFormat) -> Reload {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, reload, EnvFilter};
+    let env = std::env::var("MIRRORBLK_LOG").ok();
+    let filter = EnvFilter::try_new(env.as_deref().unwrap_or(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let layer = fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => tracing_subscriber::registry()
+            .with(filter)
+            .with(layer)
+            .init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(filter)
+            .with(layer.json())
+            .init(),
     }
+    Box::new(move |lvl: &str| {
+        if env.is_some() {
+            return Err("MIRRORBLK_LOG is set and takes precedence".into());
+        }
+        let f = EnvFilter::try_new(lvl).map_err(|e| format!("log level '{lvl}': {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    })
 }
 
 fn main() -> ExitCode {
@@ -32,12 +50,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&cfg.log_level, cli.log_format);
+    let reload_log = init_logging(&cfg.log_level, cli.log_format);
     // Block the stop signals in every thread (threads inherit the mask), so
     // the main thread alone receives them with sigwait.
     let mut stop = SigSet::empty();
     stop.add(Signal::SIGINT);
     stop.add(Signal::SIGTERM);
+    stop.add(Signal::SIGHUP);
     if let Err(e) = stop.thread_block() {
         eprintln!("mirrorblkd: cannot block signals: {e}");
         return ExitCode::from(1);
@@ -67,9 +86,42 @@ fn main() -> ExitCode {
                 std::thread::sleep(every);
             });
     }
-    match stop.wait() {
-        Ok(sig) => tracing::info!("received {sig:?}: finishing in-flight requests, applying and checkpointing the journal"),
-        Err(e) => tracing::error!("waiting for signals failed: {e}; stopping"),
+    loop {
+        match stop.wait() {
+            Ok(Signal::SIGHUP) => {
+                // Reload what can change online; keep everything on error.
+                match Config::from_cli(&cli) {
+                    Ok(new) => {
+                        let log = reload_log(&new.log_level);
+                        let rate = new.replication.as_ref().map(|r| r.resync_rate);
+                        if let Some(rate) = rate {
+                            node.set_resync_rate(rate);
+                        }
+                        tracing::info!(
+                            "SIGHUP: reloaded configuration (log level {}{}{})",
+                            new.log_level,
+                            rate.map(|r| format!(
+                                ", resync rate {}/s",
+                                mirrorblk_server::units::ByteSize(r)
+                            ))
+                            .unwrap_or_default(),
+                            log.err()
+                                .map(|e| format!("; log level not changed: {e}"))
+                                .unwrap_or_default()
+                        );
+                    }
+                    Err(e) => tracing::error!("SIGHUP: configuration not reloaded: {e}"),
+                }
+            }
+            Ok(sig) => {
+                tracing::info!("received {sig:?}: finishing in-flight requests, applying and checkpointing the journal");
+                break;
+            }
+            Err(e) => {
+                tracing::error!("waiting for signals failed: {e}; stopping");
+                break;
+            }
+        }
     }
     mirrorblk_server::notify::notify("STOPPING=1");
     let restart = mirrorblk_server::lifecycle::take_restart();

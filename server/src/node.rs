@@ -81,6 +81,8 @@ pub enum CoreMsg {
     Admin(crate::admin::CoreQuery),
     /// A primary connecting to one of its (replica) volumes.
     Replica(crate::replication::accept::IncomingPrimary),
+    /// New resync bandwidth (bytes per second), from a reload.
+    SetResyncRate(u64),
 }
 
 /// A volume opened and recovered, waiting for its core.
@@ -273,6 +275,7 @@ pub struct RunningNode {
     stopped: std::sync::mpsc::Receiver<(usize, bool)>,
     cores: usize,
     heartbeats: Heartbeats,
+    core_senders: Vec<mpsc::Sender<CoreMsg>>,
 }
 
 /// Per-core liveness: each core stores the time of its latest tick.
@@ -301,6 +304,13 @@ impl Heartbeats {
 }
 
 impl RunningNode {
+    /// Applies a new resync bandwidth on every core.
+    pub fn set_resync_rate(&self, rate: u64) {
+        for c in &self.core_senders {
+            let _ = c.try_send(CoreMsg::SetResyncRate(rate));
+        }
+    }
+
     /// Core liveness, for the systemd watchdog.
     pub fn heartbeats(&self) -> Heartbeats {
         self.heartbeats.clone()
@@ -404,6 +414,7 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
             .map_err(StartError::Thread)?;
         tracing::info!("accepting replication on {addr}");
     }
+    let core_senders_for_node = core_senders.clone();
     if let Some(path) = &cfg.admin_socket {
         crate::admin::spawn(path, cfg.node.clone(), core_senders).map_err(|source| {
             StartError::Bind {
@@ -428,6 +439,7 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         stopped: stopped_rx,
         cores: running_cores,
         heartbeats,
+        core_senders: core_senders_for_node,
     })
 }
 
@@ -532,6 +544,14 @@ fn run_core(
                             tokio_uring::spawn(crate::replication::session::run(vol, sock, inc.hello, inc.hello_body, ctx.clone(), inc.peer));
                         }
                         _ => tracing::error!("replication connection for '{}' reached core {index} without its volume", inc.hello.volume),
+                    }
+                    continue;
+                }
+                Some(CoreMsg::SetResyncRate(rate)) => {
+                    for vol in volumes.values() {
+                        if let Some(p) = vol.primary() {
+                            p.resync_rate.set(rate);
+                        }
                     }
                     continue;
                 }

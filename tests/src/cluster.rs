@@ -222,12 +222,7 @@ impl Node {
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let addr: SocketAddr = ([127, 0, 0, 1], pick_port()).into();
-            let t = Instant::now();
-            let r = Daemon::try_start(files.replica_args(secret, addr, journal_size, extra));
-            if t.elapsed() > Duration::from_secs(1) {
-                eprintln!("SLOW start {name} {:?}", t.elapsed());
-            }
-            match r {
+            match Daemon::try_start(files.replica_args(secret, addr, journal_size, extra)) {
                 Ok(daemon) => {
                     return Node {
                         files,
@@ -283,17 +278,7 @@ impl Node {
 
     /// The volume's status from the admin socket, or why it could not be had.
     pub fn try_status(&self) -> Result<VolumeStatus, String> {
-        let t = Instant::now();
-        let resp = admin::call(&self.files.admin, &Request::Status);
-        if t.elapsed() > Duration::from_secs(1) {
-            eprintln!(
-                "SLOW status {} {:?} {:?}",
-                self.name(),
-                t.elapsed(),
-                resp.as_ref().map(|r| r.ok)
-            );
-        }
-        let resp = resp?;
+        let resp = admin::call(&self.files.admin, &Request::Status)?;
         if !resp.ok {
             return Err(format!(
                 "{}: status failed: {}",
@@ -369,11 +354,7 @@ impl Node {
     /// SIGTERM and wait; panics (with the log) unless it exits with status 0.
     #[track_caller]
     pub fn stop(&mut self) {
-        let t = Instant::now();
         let st = self.daemon.terminate();
-        if t.elapsed() > Duration::from_secs(1) {
-            eprintln!("SLOW stop {} {:?}", self.name(), t.elapsed());
-        }
         assert!(
             st.success(),
             "{} exited with {st} after SIGTERM (want 0); its log:\n{}",

@@ -10,10 +10,6 @@
 // The tests live in a module so their names start with `replication::` and
 // `cargo nextest run -p mirrorblk-tests replication` selects exactly them.
 mod replication {
-    fn __t() -> std::time::Duration {
-        static T: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        T.get_or_init(std::time::Instant::now).elapsed()
-    }
     use std::collections::HashMap;
     use std::fs::File;
     use std::net::TcpStream;
@@ -47,11 +43,8 @@ mod replication {
         primary_extra: &[&str],
     ) -> (Node, Node, Node) {
         let r2 = Node::start_replica(dir, "n2", secret, journal, &[]);
-        eprintln!("TRACE L45 {:?}", __t());
         let r3 = Node::start_replica(dir, "n3", secret, journal, &[]);
-        eprintln!("TRACE L46 {:?}", __t());
         let p = Node::start_primary(dir, "n1", secret, &[&r2, &r3], journal, primary_extra);
-        eprintln!("TRACE L47 {:?}", __t());
         (p, r2, r3)
     }
 
@@ -64,11 +57,8 @@ mod replication {
             "--rw=randwrite".into(),
             "--size=256m".into(),
         ];
-        eprintln!("TRACE L59 {:?}", __t());
         a.extend(extra.iter().map(|s| s.to_string()));
-        eprintln!("TRACE L60 {:?}", __t());
         a.extend(tools::fio_json_args(json));
-        eprintln!("TRACE L61 {:?}", __t());
         a
     }
 
@@ -76,13 +66,11 @@ mod replication {
     #[track_caller]
     fn fio_job(v: &serde_json::Value) -> serde_json::Value {
         let job = v["jobs"][0].clone();
-        eprintln!("TRACE L68 {:?}", __t());
         assert_eq!(
             job["error"].as_i64(),
             Some(0),
             "fio reported an error: {job:#}"
         );
-        eprintln!("TRACE L73 {:?}", __t());
         job
     }
 
@@ -91,14 +79,11 @@ mod replication {
     #[track_caller]
     fn assert_same_durable_lsn(p: &Node, replicas: &[&Node], when: &str) {
         let sp = p.status();
-        eprintln!("TRACE L81 {:?}", __t());
         assert!(sp.last_lsn > 0, "{when}: the primary has no records at all");
-        eprintln!("TRACE L82 {:?}", __t());
         assert_eq!(
             sp.durable_lsn, sp.last_lsn,
             "{when}: the primary's own journal is not durable up to its last LSN: {sp:#?}"
         );
-        eprintln!("TRACE L86 {:?}", __t());
         for r in replicas {
             let sr = r.status();
             assert_eq!(
@@ -129,16 +114,11 @@ mod replication {
     #[test]
     fn three_nodes_fio_verify_and_identical_stores() {
         let dir = TestDir::new();
-        eprintln!("TRACE L116 {:?}", __t());
         let secret = write_secret(&dir, "secret");
-        eprintln!("TRACE L117 {:?}", __t());
         let (mut p, mut r2, mut r3) = three_nodes(&dir, &secret, J64, &["--mode", "sync"]);
-        eprintln!("TRACE L118 {:?}", __t());
         p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
-        eprintln!("TRACE L119 {:?}", __t());
 
         let json = dir.join("fio.json");
-        eprintln!("TRACE L121 {:?}", __t());
         let a = fio_args(
             &p,
             &json,
@@ -151,43 +131,31 @@ mod replication {
                 "--do_verify=1",
             ],
         );
-        eprintln!("TRACE L133 {:?}", __t());
         let run = tools::run(Tool::Fio, &a, TOOL_TIMEOUT);
-        eprintln!("TRACE L134 {:?}", __t());
         let job = fio_job(&tools::fio_report(&json, &run));
-        eprintln!("TRACE L135 {:?}", __t());
         assert_eq!(
             job["write"]["io_bytes"].as_u64(),
             Some(32 * MIB),
             "fio did not write everything: {job:#}"
         );
-        eprintln!("TRACE L140 {:?}", __t());
         assert_eq!(
             job["read"]["io_bytes"].as_u64(),
             Some(32 * MIB),
             "fio did not verify everything: {job:#}"
         );
-        eprintln!("TRACE L145 {:?}", __t());
 
         assert_same_durable_lsn(&p, &[&r2, &r3], "right after fio (sync mode)");
-        eprintln!("TRACE L147 {:?}", __t());
 
         p.stop();
-        eprintln!("TRACE L149 {:?}", __t());
         r2.stop();
-        eprintln!("TRACE L150 {:?}", __t());
         r3.stop();
-        eprintln!("TRACE L151 {:?}", __t());
         assert_stores_identical(&[&p, &r2, &r3]);
-        eprintln!("TRACE L152 {:?}", __t());
     }
 
     /// `replica connected at LSN X; sending from Y` → (X, Y).
     fn parse_connected(line: &str) -> Option<(u64, u64)> {
         let rest = line.split("replica connected at LSN ").nth(1)?;
-        eprintln!("TRACE L157 {:?}", __t());
         let (x, rest) = rest.split_once(';')?;
-        eprintln!("TRACE L158 {:?}", __t());
         let y = rest
             .split("sending from ")
             .nth(1)?
@@ -207,7 +175,6 @@ mod replication {
             .nth(1)
             .or_else(|| line.split("stopped at LSN ").nth(1))?;
         let digits: String = tail.chars().take_while(char::is_ascii_digit).collect();
-        eprintln!("TRACE L177 {:?}", __t());
         digits.parse().ok()
     }
 
@@ -236,63 +203,43 @@ mod replication {
         outage: Duration,
     ) -> Outage {
         let dir = TestDir::new();
-        eprintln!("TRACE L205 {:?}", __t());
         let secret = write_secret(&dir, "secret");
-        eprintln!("TRACE L206 {:?}", __t());
         let (mut p, mut r2, mut r3) = three_nodes(
             &dir,
             &secret,
             journal,
             &["--mode", "sync", "--heartbeat-timeout", "2s"],
         );
-        eprintln!("TRACE L212 {:?}", __t());
         p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
-        eprintln!("TRACE L213 {:?}", __t());
 
         let json = dir.join("fio.json");
-        eprintln!("TRACE L215 {:?}", __t());
         let mut extra = vec!["--time_based".to_string(), format!("--runtime={runtime}")];
-        eprintln!("TRACE L216 {:?}", __t());
         extra.extend(fio_extra.iter().map(|s| s.to_string()));
-        eprintln!("TRACE L217 {:?}", __t());
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        eprintln!("TRACE L218 {:?}", __t());
         let fio = tools::spawn(Tool::Fio, fio_args(&p, &json, &extra));
-        eprintln!("TRACE L219 {:?}", __t());
         let fio_started = Instant::now();
-        eprintln!("TRACE L220 {:?}", __t());
 
         std::thread::sleep(kill_after);
-        eprintln!("TRACE L222 {:?}", __t());
         let before = p.status();
-        eprintln!("TRACE L223 {:?}", __t());
         assert_eq!(
             view_of(&before, "n2").state,
             "in-sync",
             "n2 was not in-sync under load before the kill: {before:#?}"
         );
-        eprintln!("TRACE L228 {:?}", __t());
         assert!(
             before.last_lsn > 0,
             "fio wrote nothing in {kill_after:?}: {before:#?}"
         );
-        eprintln!("TRACE L232 {:?}", __t());
         let connects_before = p.log_lines_with("replica connected at LSN").len();
-        eprintln!("TRACE L233 {:?}", __t());
         r2.daemon.kill9();
-        eprintln!("TRACE L234 {:?}", __t());
         let killed = Instant::now();
-        eprintln!("TRACE L235 {:?}", __t());
         p.wait_status(
             Duration::from_secs(10),
             "the primary to notice that n2 is gone",
             |s| view_of(s, "n2").state != "in-sync",
         );
-        eprintln!("TRACE L240 {:?}", __t());
         std::thread::sleep(outage.saturating_sub(killed.elapsed()));
-        eprintln!("TRACE L241 {:?}", __t());
         r2.daemon.restart();
-        eprintln!("TRACE L242 {:?}", __t());
 
         // Back: streaming, no resync running, and consistent on its own account.
         p.wait_status(
@@ -305,22 +252,16 @@ mod replication {
                     && r2.try_status().is_ok_and(|r| !r.inconsistent)
             },
         );
-        eprintln!("TRACE L254 {:?}", __t());
         eprintln!(
             "n2 back in sync {:.1?} after its restart ({:.1?} into fio)",
             killed.elapsed().saturating_sub(outage),
             fio_started.elapsed()
         );
-        eprintln!("TRACE L259 {:?}", __t());
 
         let run = fio.wait(Duration::from_secs(runtime) + TOOL_TIMEOUT);
-        eprintln!("TRACE L261 {:?}", __t());
         let job = fio_job(&tools::fio_report(&json, &run));
-        eprintln!("TRACE L262 {:?}", __t());
         let written = job["write"]["io_bytes"].as_u64().unwrap_or(0);
-        eprintln!("TRACE L263 {:?}", __t());
         assert!(written > 0, "fio wrote nothing: {job:#}");
-        eprintln!("TRACE L264 {:?}", __t());
 
         // Sync mode: once both replicas stream, every write is on them.
         p.wait_status(
@@ -332,9 +273,7 @@ mod replication {
                 })
             },
         );
-        eprintln!("TRACE L275 {:?}", __t());
         assert_same_durable_lsn(&p, &[&r2, &r3], "after fio and the outage");
-        eprintln!("TRACE L276 {:?}", __t());
 
         let reconnects: Vec<String> = p
             .log_lines_with("replica connected at LSN")
@@ -347,16 +286,11 @@ mod replication {
             "the primary never logged n2 reconnecting; its log:\n{}",
             p.daemon.log()
         );
-        eprintln!("TRACE L288 {:?}", __t());
 
         p.stop();
-        eprintln!("TRACE L290 {:?}", __t());
         r2.stop();
-        eprintln!("TRACE L291 {:?}", __t());
         r3.stop();
-        eprintln!("TRACE L292 {:?}", __t());
         assert_stores_identical(&[&p, &r2, &r3]);
-        eprintln!("TRACE L293 {:?}", __t());
         Outage {
             primary_log: p.daemon.log_lines(),
             reconnects,
@@ -378,7 +312,6 @@ mod replication {
             Duration::from_secs(2),
             Duration::from_secs(2),
         );
-        eprintln!("TRACE L314 {:?}", __t());
         let full = o
             .primary_log
             .iter()
@@ -392,7 +325,6 @@ mod replication {
             },
             o.reconnects
         );
-        eprintln!("TRACE L327 {:?}", __t());
         if full {
             assert!(
                 o.primary_log
@@ -422,7 +354,6 @@ mod replication {
             Duration::from_millis(1500),
             Duration::from_secs(1),
         );
-        eprintln!("TRACE L356 {:?}", __t());
         let resyncs: Vec<&String> = o
             .primary_log
             .iter()
@@ -439,14 +370,12 @@ mod replication {
             "n2 was resynced in full:\n{}",
             o.replica_log.join("\n")
         );
-        eprintln!("TRACE L372 {:?}", __t());
         let next = recovered_next_lsn(&o.replica_log).unwrap_or_else(|| {
             panic!(
                 "no journal recovery line in n2's restart log:\n{}",
                 o.replica_log.join("\n")
             )
         });
-        eprintln!("TRACE L378 {:?}", __t());
         for line in &o.reconnects {
             let (at, from) = parse_connected(line)
                 .unwrap_or_else(|| panic!("cannot parse the reconnection line {line:?}"));
@@ -457,7 +386,6 @@ mod replication {
             );
         }
         let (at, from) = parse_connected(&o.reconnects[0]).expect("parsed above");
-        eprintln!("TRACE L388 {:?}", __t());
         assert_eq!(
             at,
             next - 1,
@@ -465,9 +393,7 @@ mod replication {
             next - 1,
             o.reconnects[0]
         );
-        eprintln!("TRACE L395 {:?}", __t());
         let want = format!("from LSN {from}");
-        eprintln!("TRACE L396 {:?}", __t());
         assert!(
             o.replica_log
                 .iter()
@@ -475,7 +401,6 @@ mod replication {
             "n2 did not log replicating {want}:\n{}",
             o.replica_log.join("\n")
         );
-        eprintln!("TRACE L403 {:?}", __t());
     }
 
     /// One write of the primary-kill test: a region and the seed of its data.
@@ -510,18 +435,12 @@ mod replication {
         limit: Duration,
     ) -> Written {
         let mut w = Written::default();
-        eprintln!("TRACE L437 {:?}", __t());
         let mut rng = Rng::new(seed);
-        eprintln!("TRACE L438 {:?}", __t());
         let mut inflight: HashMap<u64, Region> = HashMap::new();
-        eprintln!("TRACE L439 {:?}", __t());
         let deadline = Instant::now() + limit;
-        eprintln!("TRACE L440 {:?}", __t());
         let mut index = 0u64;
-        eprintln!("TRACE L441 {:?}", __t());
         // The last MiB stays unwritten, to check it reads back as zeroes.
         let room = VOLUME_BYTES - MIB;
-        eprintln!("TRACE L443 {:?}", __t());
         'run: while Instant::now() < deadline {
             while inflight.len() < depth {
                 let len = (rng.range(1, 16) * KIB4) as u32;
@@ -570,7 +489,6 @@ mod replication {
             }
         }
         w.unanswered = inflight.into_values().collect();
-        eprintln!("TRACE L491 {:?}", __t());
         w
     }
 
@@ -584,7 +502,6 @@ mod replication {
         mut read: impl FnMut(u64, u32) -> Vec<u8>,
     ) -> Vec<String> {
         let mut bad = Vec::new();
-        eprintln!("TRACE L504 {:?}", __t());
         for r in &w.acked {
             let want = pattern(r.seed, r.len as usize);
             if let Some(d) = first_difference(r.offset, &want, &read(r.offset, r.len)) {
@@ -603,7 +520,6 @@ mod replication {
             }
         }
         let tail = read(w.end, MIB as u32);
-        eprintln!("TRACE L522 {:?}", __t());
         if let Some(i) = tail.iter().position(|&b| b != 0) {
             bad.push(format!(
                 "{what}: byte {} past every write is {:#04x}, not zero",
@@ -623,31 +539,22 @@ mod replication {
     #[test]
     fn primary_killed_in_sync_mode_loses_no_acknowledged_write() {
         let dir = TestDir::new();
-        eprintln!("TRACE L541 {:?}", __t());
         let secret = write_secret(&dir, "secret");
-        eprintln!("TRACE L542 {:?}", __t());
         let (mut p, mut r2, mut r3) = three_nodes(&dir, &secret, J64, &["--mode", "sync"]);
-        eprintln!("TRACE L543 {:?}", __t());
         p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
-        eprintln!("TRACE L544 {:?}", __t());
         let seed = Rng::from_env_or_time("primary_killed_in_sync_mode").next_u64();
-        eprintln!("TRACE L545 {:?}", __t());
 
         let client = p.daemon.connect(EXPORT);
-        eprintln!("TRACE L547 {:?}", __t());
         let acked = Arc::new(AtomicUsize::new(0));
-        eprintln!("TRACE L548 {:?}", __t());
         let writer = {
             let acked = acked.clone();
             std::thread::spawn(move || {
                 write_until_cut(client, seed, 8, &acked, Duration::from_secs(40))
             })
         };
-        eprintln!("TRACE L554 {:?}", __t());
         // Kill it mid-stream, once a good number of writes are acknowledged.
         const WANT_ACKED: usize = 400;
         let waited = Instant::now();
-        eprintln!("TRACE L557 {:?}", __t());
         while acked.load(Ordering::Relaxed) < WANT_ACKED
             && waited.elapsed() < Duration::from_secs(30)
             && !writer.is_finished()
@@ -655,70 +562,52 @@ mod replication {
             std::thread::sleep(Duration::from_millis(10));
         }
         let sp = p.status();
-        eprintln!("TRACE L564 {:?}", __t());
         p.daemon.kill9();
-        eprintln!("TRACE L565 {:?}", __t());
         let w = writer.join().expect("the writer thread panicked");
-        eprintln!("TRACE L566 {:?}", __t());
         eprintln!(
             "primary killed at last_lsn {} with {} writes acknowledged, {} unanswered",
             sp.last_lsn,
             w.acked.len(),
             w.unanswered.len()
         );
-        eprintln!("TRACE L572 {:?}", __t());
         assert!(w.errors.is_empty(), "write errors: {:#?}", w.errors);
-        eprintln!("TRACE L573 {:?}", __t());
         assert!(
             w.acked.len() >= WANT_ACKED,
             "only {} writes were acknowledged in {:?}",
             w.acked.len(),
             waited.elapsed()
         );
-        eprintln!("TRACE L579 {:?}", __t());
         assert!(
             !w.unanswered.is_empty(),
             "no write was in flight when the primary was killed; the test proves nothing"
         );
-        eprintln!("TRACE L583 {:?}", __t());
         // The promise covers in-sync replicas: both must have stayed in sync.
         let dropped = p.log_lines_with("replica out of sync");
-        eprintln!("TRACE L585 {:?}", __t());
         assert!(
         dropped.is_empty(),
         "a replica fell out of sync before the kill, so sync mode did not cover it: {dropped:#?}"
     );
 
         r2.stop();
-        eprintln!("TRACE L591 {:?}", __t());
         r3.stop();
-        eprintln!("TRACE L592 {:?}", __t());
 
         let mut bad = Vec::new();
-        eprintln!("TRACE L594 {:?}", __t());
         // n3: its data store, read directly.
         let f3 = File::open(&r3.files.data).expect("open n3's data store");
-        eprintln!("TRACE L596 {:?}", __t());
         bad.extend(check_regions("n3's data store", &w, |off, len| {
             let mut b = vec![0u8; len as usize];
             f3.read_exact_at(&mut b, off).expect("read n3's data store");
             b
         }));
-        eprintln!("TRACE L601 {:?}", __t());
         // n2: promoted (restarted alone as primary on its files), over NBD.
         let args = r2.files.standalone_primary_args(J64);
-        eprintln!("TRACE L603 {:?}", __t());
         r2.daemon.restart_with(args);
-        eprintln!("TRACE L604 {:?}", __t());
         assert_eq!(r2.status().role, "primary", "n2 did not come up as primary");
-        eprintln!("TRACE L605 {:?}", __t());
         let mut c = r2.daemon.connect(EXPORT);
-        eprintln!("TRACE L606 {:?}", __t());
         bad.extend(check_regions("n2 promoted", &w, |off, len| {
             c.read(off, len)
                 .unwrap_or_else(|e| panic!("read {len} bytes at {off} from promoted n2: {e}"))
         }));
-        eprintln!("TRACE L610 {:?}", __t());
         assert!(
             bad.is_empty(),
             "{} violations (of {} acknowledged writes):\n{}",
@@ -726,9 +615,7 @@ mod replication {
             w.acked.len(),
             bad.join("\n")
         );
-        eprintln!("TRACE L617 {:?}", __t());
         r2.stop();
-        eprintln!("TRACE L618 {:?}", __t());
     }
 
     /// A replica with a different secret: the primary reports it out-of-sync
@@ -737,15 +624,10 @@ mod replication {
     #[test]
     fn wrong_secret_is_refused() {
         let dir = TestDir::new();
-        eprintln!("TRACE L626 {:?}", __t());
         let secret = write_secret(&dir, "secret");
-        eprintln!("TRACE L627 {:?}", __t());
         let other = write_secret(&dir, "other-secret");
-        eprintln!("TRACE L628 {:?}", __t());
         let mut r2 = Node::start_replica(&dir, "n2", &other, J64, &[]);
-        eprintln!("TRACE L629 {:?}", __t());
         let mut p = Node::start_primary(&dir, "n1", &secret, &[&r2], J64, &[]);
-        eprintln!("TRACE L630 {:?}", __t());
 
         let s = p.wait_status(
             Duration::from_secs(10),
@@ -756,60 +638,46 @@ mod replication {
                     && v.reason.as_deref().is_some_and(|m| m.contains("secret"))
             },
         );
-        eprintln!("TRACE L640 {:?}", __t());
         eprintln!("n2 as the primary sees it: {:?}", view_of(&s, "n2"));
-        eprintln!("TRACE L641 {:?}", __t());
         let auth = [
             p.log_lines_with("failed authentication"),
             r2.log_lines_with("failed authentication"),
         ]
         .concat();
-        eprintln!("TRACE L646 {:?}", __t());
         assert!(
             !auth.is_empty(),
             "neither log says authentication failed; primary:\n{}\nreplica:\n{}",
             p.daemon.log(),
             r2.daemon.log()
         );
-        eprintln!("TRACE L652 {:?}", __t());
 
         // Writes on the primary (degrade: no in-sync replica holds them up).
         let mut c = p.daemon.connect(EXPORT);
-        eprintln!("TRACE L655 {:?}", __t());
         for i in 0..32u64 {
             c.write(i * 64 * 1024, &pattern(i, 64 * 1024), false)
                 .unwrap_or_else(|e| panic!("write {i} on the primary failed: {e}"));
         }
         c.flush().expect("flush on the primary");
-        eprintln!("TRACE L660 {:?}", __t());
         // Let the primary retry at least twice more with records to send.
         let ended = r2.log_lines_with("replication from n1 ended").len();
-        eprintln!("TRACE L662 {:?}", __t());
         poll_until(
             Duration::from_secs(15),
             "two more refused connection attempts",
             || (r2.log_lines_with("replication from n1 ended").len() >= ended + 2).then_some(()),
         );
-        eprintln!("TRACE L667 {:?}", __t());
 
         let sp = p.status();
-        eprintln!("TRACE L669 {:?}", __t());
         assert!(sp.last_lsn >= 32, "the primary took no records: {sp:#?}");
-        eprintln!("TRACE L670 {:?}", __t());
         let v = view_of(&sp, "n2");
-        eprintln!("TRACE L671 {:?}", __t());
         assert!(
             v.state != "in-sync" && v.durable_lsn == 0,
             "the primary thinks n2 has records: {v:#?}"
         );
-        eprintln!("TRACE L675 {:?}", __t());
         let sr = r2.status();
-        eprintln!("TRACE L676 {:?}", __t());
         assert!(
             sr.durable_lsn == 0 && sr.last_lsn == 0 && sr.applied_lsn == 0,
             "records reached the replica with the wrong secret: {sr:#?}"
         );
-        eprintln!("TRACE L680 {:?}", __t());
         for (node, needle) in [
             (&p, "replica in-sync peer=n2"),
             (&p, "replica connected at LSN"),
@@ -824,11 +692,8 @@ mod replication {
         }
 
         p.stop();
-        eprintln!("TRACE L694 {:?}", __t());
         r2.stop();
-        eprintln!("TRACE L695 {:?}", __t());
         let mut b = vec![0u8; 2 * MIB as usize];
-        eprintln!("TRACE L696 {:?}", __t());
         File::open(&p.files.data)
             .and_then(|f| f.read_exact_at(&mut b, 0))
             .expect("read n1's store");
@@ -837,7 +702,6 @@ mod replication {
             &pattern(0, 64 * 1024)[..],
             "n1 lost a write"
         );
-        eprintln!("TRACE L704 {:?}", __t());
         File::open(&r2.files.data)
             .and_then(|f| f.read_exact_at(&mut b, 0))
             .expect("read n2's store");
@@ -845,7 +709,6 @@ mod replication {
             b.iter().all(|&x| x == 0),
             "n2's data store holds written data though it was never authenticated"
         );
-        eprintln!("TRACE L711 {:?}", __t());
     }
 
     /// A replica does not offer its export: the protocol client and nbdinfo get
@@ -855,17 +718,11 @@ mod replication {
     fn replica_refuses_nbd_clients() {
         const PROMPT: Duration = Duration::from_secs(5);
         let dir = TestDir::new();
-        eprintln!("TRACE L720 {:?}", __t());
         let secret = write_secret(&dir, "secret");
-        eprintln!("TRACE L721 {:?}", __t());
         let mut r2 = Node::start_replica(&dir, "n2", &secret, J64, &[]);
-        eprintln!("TRACE L722 {:?}", __t());
         let p = Node::start_primary(&dir, "n1", &secret, &[&r2], J64, &[]);
-        eprintln!("TRACE L723 {:?}", __t());
         p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
-        eprintln!("TRACE L724 {:?}", __t());
         let addr = r2.daemon.addr();
-        eprintln!("TRACE L725 {:?}", __t());
 
         for export in [EXPORT, ""] {
             let t = Instant::now();
@@ -893,60 +750,45 @@ mod replication {
         }
 
         let t = Instant::now();
-        eprintln!("TRACE L752 {:?}", __t());
         let o = tools::run(
             Tool::NbdInfo,
             [r2.daemon.uri(EXPORT)],
             Duration::from_secs(20),
         );
-        eprintln!("TRACE L757 {:?}", __t());
         let took = t.elapsed();
-        eprintln!("TRACE L758 {:?}", __t());
         assert!(!o.success(), "nbdinfo succeeded against a replica: {o}");
-        eprintln!("TRACE L759 {:?}", __t());
         assert!(took < PROMPT, "nbdinfo took {took:?} to be refused: {o}");
-        eprintln!("TRACE L760 {:?}", __t());
         let msg = o.combined();
-        eprintln!("TRACE L761 {:?}", __t());
         assert!(
             msg.contains(EXPORT) || msg.contains("refused"),
             "nbdinfo's error names neither the export nor a refused connection: {o}"
         );
-        eprintln!("TRACE L765 {:?}", __t());
         eprintln!("nbdinfo against the replica: {}", msg.trim());
-        eprintln!("TRACE L766 {:?}", __t());
 
         let o = tools::run(
             Tool::NbdInfo,
             ["--list".to_string(), format!("nbd://{addr}/")],
             Duration::from_secs(20),
         );
-        eprintln!("TRACE L772 {:?}", __t());
         assert!(
             !o.stdout.contains(&format!("export=\"{EXPORT}\""))
                 && !o.stdout.contains("export-size"),
             "the replica lists an export: {o}"
         );
-        eprintln!("TRACE L777 {:?}", __t());
 
         // The primary serves it; the replica is alive and still streaming.
         let mut c = p.daemon.connect(EXPORT);
-        eprintln!("TRACE L780 {:?}", __t());
         c.write(0, &pattern(1, 4096), false)
             .expect("write on the primary");
         r2.daemon.assert_running();
-        eprintln!("TRACE L783 {:?}", __t());
         p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
-        eprintln!("TRACE L784 {:?}", __t());
     }
 
     /// `count` pipelined 4k writes (`depth` in flight) at blocks 0..count;
     /// every reply must be a success.
     fn write_blocks(c: &mut Client<TcpStream>, count: u64, depth: usize, seed: u64) {
         let mut next = 0u64;
-        eprintln!("TRACE L790 {:?}", __t());
         let mut inflight = HashMap::new();
-        eprintln!("TRACE L791 {:?}", __t());
         while next < count || !inflight.is_empty() {
             while next < count && inflight.len() < depth {
                 let cookie = c.next_cookie();
@@ -978,28 +820,18 @@ mod replication {
     fn check_mode(mode: &str) -> Vec<String> {
         const WRITES: u64 = 300;
         let mut bad = Vec::new();
-        eprintln!("TRACE L822 {:?}", __t());
         let dir = TestDir::new();
-        eprintln!("TRACE L823 {:?}", __t());
         let secret = write_secret(&dir, "secret");
-        eprintln!("TRACE L824 {:?}", __t());
         let r2 = Node::start_replica(&dir, "n2", &secret, J64, &[]);
-        eprintln!("TRACE L825 {:?}", __t());
         let p = Node::start_primary(&dir, "n1", &secret, &[&r2], J64, &["--mode", mode]);
-        eprintln!("TRACE L826 {:?}", __t());
         p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
-        eprintln!("TRACE L827 {:?}", __t());
 
         let mut c = p.daemon.connect(EXPORT);
-        eprintln!("TRACE L829 {:?}", __t());
         write_blocks(&mut c, WRITES, 16, 0x6d6f6465);
-        eprintln!("TRACE L830 {:?}", __t());
         // Before any FLUSH: sync promises durability on the replica for every
         // acknowledged write, flush promises receipt.
         let last = p.status().last_lsn;
-        eprintln!("TRACE L833 {:?}", __t());
         let r = r2.status();
-        eprintln!("TRACE L834 {:?}", __t());
         if last < WRITES {
             bad.push(format!(
                 "{mode}: the primary's last_lsn is {last} after {WRITES} writes"
@@ -1018,11 +850,8 @@ mod replication {
     }
 
         c.flush().expect("FLUSH");
-        eprintln!("TRACE L852 {:?}", __t());
         let last = p.status().last_lsn;
-        eprintln!("TRACE L853 {:?}", __t());
         let r = r2.status();
-        eprintln!("TRACE L854 {:?}", __t());
         match mode {
             "sync" | "flush" => {
                 if r.durable_lsn < last {
@@ -1053,7 +882,6 @@ mod replication {
             "{mode}: primary at LSN {last}; replica right after FLUSH: durable {}, received {}",
             r.durable_lsn, r.last_lsn
         );
-        eprintln!("TRACE L884 {:?}", __t());
         bad
     }
 
@@ -1069,6 +897,5 @@ mod replication {
             .flat_map(check_mode)
             .collect();
         assert!(bad.is_empty(), "broken promises:\n{}", bad.join("\n"));
-        eprintln!("TRACE L899 {:?}", __t());
     }
 }

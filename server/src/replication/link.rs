@@ -335,11 +335,11 @@ async fn send_loop(
     let epoch = vol.journal().epoch().0;
     let ping_every = hb / 3;
     let mut last_send = Instant::now();
-    let rate = primary.cfg.resync_rate.max(1 << 20);
     let resync_started = Instant::now();
     loop {
         if let Some((done, total)) = link.resync.get() {
             // Rate-limited: a region whenever the budget allows, live records in between.
+            let rate = primary.resync_rate.get().max(1 << 20);
             let allowed = (resync_started.elapsed().as_secs_f64() * rate as f64) as u64 + REGION;
             if done < total && done < allowed {
                 let next = resync_step(vol, link, sock, done).await?;

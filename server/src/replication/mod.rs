@@ -168,6 +168,8 @@ pub struct Primary {
     pub window: RefCell<VecDeque<Rc<Record>>>,
     /// Payload bytes in the window.
     pub window_bytes: Cell<u64>,
+    /// Resync bandwidth (bytes per second); SIGHUP can change it.
+    pub resync_rate: Cell<u64>,
 }
 
 impl Primary {
@@ -191,12 +193,14 @@ impl Primary {
                 })
             })
             .collect();
+        let resync_rate = Cell::new(cfg.resync_rate);
         Primary {
             cfg,
             links,
             progress: Notify::new(),
             window: RefCell::new(VecDeque::new()),
             window_bytes: Cell::new(0),
+            resync_rate,
         }
     }
 
