@@ -35,6 +35,11 @@ pub enum Request {
     },
     /// Make this primary node a replica, then restart as such.
     Demote,
+    /// Set the resync bandwidth (bytes per second) of this primary's links.
+    SetResyncRate {
+        /// Bytes per second.
+        rate: u64,
+    },
 }
 
 /// The state of one volume, as `status` reports it.
@@ -224,7 +229,7 @@ fn handle(req: Request, node: &str, cores: &[mpsc::Sender<crate::node::CoreMsg>]
             crate::lifecycle::request_restart(crate::journal::format::Role::Primary)
         }
         Request::Demote => crate::lifecycle::request_restart(crate::journal::format::Role::Replica),
-        Request::Status => {}
+        Request::Status | Request::SetResyncRate { .. } => {}
     }
     Response {
         ok: true,

@@ -523,6 +523,12 @@ fn run_core(
                             crate::admin::Request::Status => Ok(()),
                             crate::admin::Request::Promote { force } => vol.promote(force).await.map(|_| ()),
                             crate::admin::Request::Demote => vol.demote().await,
+                            crate::admin::Request::SetResyncRate { rate } => {
+                                if let Some(p) = vol.primary() {
+                                    p.resync_rate.set(rate);
+                                }
+                                Ok(())
+                            }
                         };
                         if let Err(e) = r {
                             result = Err(e);

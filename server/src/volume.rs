@@ -220,11 +220,11 @@ impl Volume {
     /// On a replica: prepares a full resync. Everything received so far is
     /// applied, then the journal continues at `start` and the store is marked
     /// inconsistent (persisted: a crash mid-resync restarts it).
-    pub async fn rebase_for_resync(&self, start: Lsn) -> Result<(), String> {
+    pub async fn rebase_for_resync(&self, start: Lsn, volume_uuid: [u8; 16]) -> Result<(), String> {
         let reserved = self.journal.next_lsn();
         self.wait_applied(reserved, Duration::from_secs(60)).await?;
         self.journal
-            .rebase(start)
+            .rebase(start, volume_uuid)
             .await
             .map_err(|e| format!("rebasing the journal failed: {e}"))?;
         self.applied_next.set(start);

@@ -65,6 +65,17 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Show or steer resyncs on this primary: --rate sets the bandwidth per
+    /// replica (online), --watch shows a progress bar per resyncing replica
+    /// (bytes, rate, ETA) until every resync is done.
+    Resync {
+        /// New bandwidth per replica, e.g. 100M (per second).
+        #[arg(long, value_name = "SIZE")]
+        rate: Option<ByteSize>,
+        /// Follow progress until no resync runs.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Make this primary node a replica; it restarts and resyncs from the
     /// primary that connects to it.
     Demote,
@@ -481,6 +492,96 @@ fn config_check(file: &Path) -> ExitCode {
     }
 }
 
+fn resync(socket: &Path, rate: Option<ByteSize>, watch: bool) -> ExitCode {
+    if let Some(r) = rate {
+        match admin::call(socket, &admin::Request::SetResyncRate { rate: r.0 }) {
+            Ok(resp) if resp.ok => println!("resync rate set to {r}/s"),
+            Ok(resp) => {
+                eprintln!(
+                    "mirrorblk: {}",
+                    resp.error.unwrap_or_else(|| "refused".into())
+                );
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("mirrorblk: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let multi = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix:<16} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let mut bars: std::collections::HashMap<String, indicatif::ProgressBar> =
+        std::collections::HashMap::new();
+    let mut seen_any = false;
+    loop {
+        let resp = match admin::call(socket, &admin::Request::Status) {
+            Ok(r) if r.ok => r,
+            Ok(r) => {
+                eprintln!("mirrorblk: {}", r.error.unwrap_or_default());
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("mirrorblk: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let mut running = 0;
+        for v in &resp.volumes {
+            for r in &v.replicas {
+                let key = format!("{}/{}", v.name, r.peer);
+                match r.resync {
+                    Some((done, total)) if !watch => {
+                        running += 1;
+                        println!(
+                            "{key}: resync {} of {} ({}%)",
+                            ByteSize(done),
+                            ByteSize(total),
+                            (done * 100).checked_div(total).unwrap_or(0)
+                        );
+                    }
+                    Some((done, total)) => {
+                        running += 1;
+                        let bar = bars.entry(key.clone()).or_insert_with(|| {
+                            let b = multi.add(indicatif::ProgressBar::new(total));
+                            b.set_style(style.clone());
+                            b.set_prefix(key.clone());
+                            b
+                        });
+                        bar.set_position(done);
+                    }
+                    None => {
+                        if let Some(b) = bars.remove(&key) {
+                            b.set_position(b.length().unwrap_or(0));
+                            b.finish_with_message("done");
+                        }
+                    }
+                }
+            }
+        }
+        seen_any |= running > 0;
+        if !watch {
+            if running == 0 {
+                println!("no resync running");
+            }
+            return ExitCode::SUCCESS;
+        }
+        if running == 0 {
+            if seen_any {
+                println!("all resyncs complete");
+            } else {
+                println!("no resync running");
+            }
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 fn role_change(socket: &Path, req: &admin::Request, done: &str) -> ExitCode {
     match admin::call(socket, req) {
         Ok(r) if r.ok => {
@@ -531,6 +632,7 @@ fn main() -> ExitCode {
             &admin::Request::Promote { force },
             "promoted; the node restarts as primary",
         ),
+        Cmd::Resync { rate, watch } => resync(&cli.admin_socket, rate, watch),
         Cmd::Demote => role_change(
             &cli.admin_socket,
             &admin::Request::Demote,

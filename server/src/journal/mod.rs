@@ -506,9 +506,11 @@ impl Journal {
     /// On a replica taking a full resync: forgets every record (the caller
     /// guarantees all are applied) and continues the LSN sequence at
     /// `start`, marking the store inconsistent until the resync ends.
-    pub async fn rebase(&self, start: Lsn) -> io::Result<()> {
+    pub async fn rebase(&self, start: Lsn, volume_uuid: [u8; 16]) -> io::Result<()> {
         let sb = {
             let mut st = self.state.borrow_mut();
+            // From now on this is a copy of the primary's volume.
+            st.superblock.volume_uuid = volume_uuid;
             assert!(
                 st.queued.is_empty(),
                 "rebase with records waiting to be written"

@@ -129,9 +129,14 @@ async fn connect_and_stream(
         && (start == next
             || primary.get(start).is_some()
             || vol.journal().retained(start).is_some());
-    let resync = inconsistent || !catchable;
+    // A replica whose volume UUID differs was never a copy of this volume:
+    // new, or re-created. Its data is unknown, whatever its LSN says.
+    let unknown = reply.uuid != vol.journal().volume_uuid();
+    let resync = inconsistent || unknown || !catchable;
     if resync {
-        let why = if inconsistent {
+        let why = if unknown {
+            "it is new (or its volume was re-created): its data is unknown".to_string()
+        } else if inconsistent {
             "its last resync did not finish".to_string()
         } else if start > next {
             format!("it has records up to LSN {}, beyond this primary's {} (it followed another primary)", reply.durable, next.0.saturating_sub(1))

@@ -190,7 +190,7 @@ async fn serve(
     }
     let mut durable = durable;
     if auth.resync {
-        vol.rebase_for_resync(Lsn(auth.start_lsn))
+        vol.rebase_for_resync(Lsn(auth.start_lsn), hello.uuid)
             .await
             .map_err(LinkError::Protocol)?;
         durable = auth.start_lsn.saturating_sub(1);
