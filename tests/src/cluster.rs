@@ -351,6 +351,18 @@ impl Node {
             .collect()
     }
 
+    /// Freezes the process (SIGSTOP, by PID): it answers nothing, but its
+    /// sockets stay open, like a node that hangs. A frozen node is still
+    /// killed when dropped.
+    pub fn freeze(&self) {
+        send_signal(self.daemon.pid(), libc::SIGSTOP);
+    }
+
+    /// Lets a frozen process run again (SIGCONT, by PID).
+    pub fn thaw(&self) {
+        send_signal(self.daemon.pid(), libc::SIGCONT);
+    }
+
     /// SIGTERM and wait; panics (with the log) unless it exits with status 0.
     #[track_caller]
     pub fn stop(&mut self) {
@@ -362,6 +374,17 @@ impl Node {
             self.daemon.full_log()
         );
     }
+}
+
+fn send_signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on the PID of a child this test started and has not reaped.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}) failed: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Replica `peer` in a primary's status.

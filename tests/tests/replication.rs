@@ -180,7 +180,8 @@ mod replication {
 
     /// What happened around a replica's outage.
     struct Outage {
-        /// The primary's log of the whole run.
+        /// The primary's log from the kill on (a fresh replica's first
+        /// connection is a full resync too: that one does not count).
         primary_log: Vec<String>,
         /// The primary's `replica connected at LSN` lines for n2 after the kill.
         reconnects: Vec<String>,
@@ -231,6 +232,7 @@ mod replication {
             "fio wrote nothing in {kill_after:?}: {before:#?}"
         );
         let connects_before = p.log_lines_with("replica connected at LSN").len();
+        let lines_before = p.daemon.log_lines().len();
         r2.daemon.kill9();
         let killed = Instant::now();
         p.wait_status(
@@ -292,7 +294,7 @@ mod replication {
         r3.stop();
         assert_stores_identical(&[&p, &r2, &r3]);
         Outage {
-            primary_log: p.daemon.log_lines(),
+            primary_log: p.daemon.log_lines().split_off(lines_before),
             reconnects,
             replica_log: r2.daemon.log_lines(),
         }
@@ -360,9 +362,9 @@ mod replication {
             .filter(|l| l.contains("full resync"))
             .collect();
         assert!(
-        resyncs.is_empty(),
-        "the primary started a full resync after a 1 s outage with a 256M journal: {resyncs:#?}"
-    );
+            resyncs.is_empty(),
+            "a 1 s outage with 256M journals ended in a full resync: {resyncs:#?}"
+        );
         assert!(
             !o.replica_log
                 .iter()
@@ -530,12 +532,15 @@ mod replication {
         bad
     }
 
-    /// Sync mode with 2 replicas: patterned writes through the primary, the
-    /// primary killed with -9 while writes are in flight, the replicas stopped
-    /// with SIGTERM. Every write the primary acknowledged is on both replicas:
-    /// n2 restarted as a standalone primary on its files serves all of them,
-    /// and n3's data file holds all of them. Unanswered writes are whole or
-    /// absent, never torn.
+    /// Sync mode with 2 replicas: pipelined patterned writes through the
+    /// primary; then n3 is frozen (SIGSTOP) for 1 s, well within the heartbeat
+    /// timeout so it stays in sync, and meanwhile at most the writes already
+    /// in flight may be acknowledged (sync mode waits for every in-sync
+    /// replica); the primary is killed with -9 while writes are in flight,
+    /// n3 thawed, and both replicas stopped with SIGTERM. Every write the
+    /// primary acknowledged is on both replicas: n3 restarted as a standalone
+    /// primary on its files serves all of them, and n2's data file holds all
+    /// of them. Unanswered writes are whole or absent, never torn.
     #[test]
     fn primary_killed_in_sync_mode_loses_no_acknowledged_write() {
         let dir = TestDir::new();
@@ -544,12 +549,13 @@ mod replication {
         p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
         let seed = Rng::from_env_or_time("primary_killed_in_sync_mode").next_u64();
 
+        const DEPTH: usize = 8;
         let client = p.daemon.connect(EXPORT);
         let acked = Arc::new(AtomicUsize::new(0));
         let writer = {
             let acked = acked.clone();
             std::thread::spawn(move || {
-                write_until_cut(client, seed, 8, &acked, Duration::from_secs(40))
+                write_until_cut(client, seed, DEPTH, &acked, Duration::from_secs(40))
             })
         };
         // Kill it mid-stream, once a good number of writes are acknowledged.
@@ -561,14 +567,30 @@ mod replication {
         {
             std::thread::sleep(Duration::from_millis(10));
         }
+        // n3 hangs: acknowledgements need it, so they stop (but for
+        // replies already on their way when it froze).
+        r3.freeze();
+        let acked_at_freeze = acked.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_secs(1));
+        let acked_while_frozen = acked.load(Ordering::Relaxed) - acked_at_freeze;
         let sp = p.status();
         p.daemon.kill9();
+        r3.thaw();
         let w = writer.join().expect("the writer thread panicked");
         eprintln!(
-            "primary killed at last_lsn {} with {} writes acknowledged, {} unanswered",
+            "primary killed at last_lsn {} with {} writes acknowledged ({acked_while_frozen} while n3 was frozen), {} unanswered",
             sp.last_lsn,
             w.acked.len(),
             w.unanswered.len()
+        );
+        assert!(
+            acked_while_frozen <= DEPTH,
+            "{acked_while_frozen} writes were acknowledged while in-sync replica n3 was frozen (at most the {DEPTH} in flight may be): sync mode acknowledged writes n3 did not have"
+        );
+        assert_eq!(
+            view_of(&sp, "n3").state,
+            "in-sync",
+            "n3 was no longer in sync when the primary was killed, so sync mode did not cover it: {sp:#?}"
         );
         assert!(w.errors.is_empty(), "write errors: {:#?}", w.errors);
         assert!(
@@ -584,29 +606,29 @@ mod replication {
         // The promise covers in-sync replicas: both must have stayed in sync.
         let dropped = p.log_lines_with("replica out of sync");
         assert!(
-        dropped.is_empty(),
-        "a replica fell out of sync before the kill, so sync mode did not cover it: {dropped:#?}"
-    );
+            dropped.is_empty(),
+            "a replica fell out of sync before the kill: {dropped:#?}"
+        );
 
         r2.stop();
         r3.stop();
 
         let mut bad = Vec::new();
-        // n3: its data store, read directly.
-        let f3 = File::open(&r3.files.data).expect("open n3's data store");
-        bad.extend(check_regions("n3's data store", &w, |off, len| {
+        // n2: its data store, read directly.
+        let f2 = File::open(&r2.files.data).expect("open n2's data store");
+        bad.extend(check_regions("n2's data store", &w, |off, len| {
             let mut b = vec![0u8; len as usize];
-            f3.read_exact_at(&mut b, off).expect("read n3's data store");
+            f2.read_exact_at(&mut b, off).expect("read n2's data store");
             b
         }));
-        // n2: promoted (restarted alone as primary on its files), over NBD.
-        let args = r2.files.standalone_primary_args(J64);
-        r2.daemon.restart_with(args);
-        assert_eq!(r2.status().role, "primary", "n2 did not come up as primary");
-        let mut c = r2.daemon.connect(EXPORT);
-        bad.extend(check_regions("n2 promoted", &w, |off, len| {
+        // n3: promoted (restarted alone as primary on its files), over NBD.
+        let args = r3.files.standalone_primary_args(J64);
+        r3.daemon.restart_with(args);
+        assert_eq!(r3.status().role, "primary", "n3 did not come up as primary");
+        let mut c = r3.daemon.connect(EXPORT);
+        bad.extend(check_regions("n3 promoted", &w, |off, len| {
             c.read(off, len)
-                .unwrap_or_else(|e| panic!("read {len} bytes at {off} from promoted n2: {e}"))
+                .unwrap_or_else(|e| panic!("read {len} bytes at {off} from promoted n3: {e}"))
         }));
         assert!(
             bad.is_empty(),
@@ -615,7 +637,7 @@ mod replication {
             w.acked.len(),
             bad.join("\n")
         );
-        r2.stop();
+        r3.stop();
     }
 
     /// A replica with a different secret: the primary reports it out-of-sync
@@ -816,6 +838,28 @@ mod replication {
         }
     }
 
+    /// Whether a reply starts arriving on `c` within `wait` (peeked, not consumed).
+    fn reply_within(c: &Client<TcpStream>, wait: Duration) -> bool {
+        let s = c.get_ref();
+        s.set_read_timeout(Some(wait)).expect("set_read_timeout");
+        let mut b = [0u8; 1];
+        let answered = match s.peek(&mut b) {
+            Ok(n) => n > 0,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                false
+            }
+            Err(e) => panic!("waiting for a reply: {e}"),
+        };
+        s.set_read_timeout(Some(CLIENT_TIMEOUT))
+            .expect("set_read_timeout");
+        answered
+    }
+
     /// One mode's promise with one replica; returns the violations.
     fn check_mode(mode: &str) -> Vec<String> {
         const WRITES: u64 = 300;
@@ -823,7 +867,14 @@ mod replication {
         let dir = TestDir::new();
         let secret = write_secret(&dir, "secret");
         let r2 = Node::start_replica(&dir, "n2", &secret, J64, &[]);
-        let p = Node::start_primary(&dir, "n1", &secret, &[&r2], J64, &["--mode", mode]);
+        let p = Node::start_primary(
+            &dir,
+            "n1",
+            &secret,
+            &[&r2],
+            J64,
+            &["--mode", mode, "--heartbeat-timeout", "5s"],
+        );
         p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
 
         let mut c = p.daemon.connect(EXPORT);
@@ -837,17 +888,18 @@ mod replication {
                 "{mode}: the primary's last_lsn is {last} after {WRITES} writes"
             ));
         }
-        match mode {
-        "sync" if r.durable_lsn < last => bad.push(format!(
-            "sync: {WRITES} writes acknowledged, the primary is at LSN {last}, but the replica's durable_lsn is {} (not every acknowledged write is durable on the replica)",
-            r.durable_lsn
-        )),
-        "flush" if r.last_lsn < last => bad.push(format!(
-            "flush: {WRITES} writes acknowledged, the primary is at LSN {last}, but the replica has only received up to LSN {}",
-            r.last_lsn
-        )),
-        _ => {}
-    }
+        if mode == "sync" && r.durable_lsn < last {
+            let got = r.durable_lsn;
+            bad.push(format!(
+                "sync: writes up to LSN {last} acknowledged, replica durable only to {got}"
+            ));
+        }
+        if mode == "flush" && r.last_lsn < last {
+            let got = r.last_lsn;
+            bad.push(format!(
+                "flush: writes up to LSN {last} acknowledged, replica received only to {got}"
+            ));
+        }
 
         c.flush().expect("FLUSH");
         let last = p.status().last_lsn;
@@ -855,10 +907,10 @@ mod replication {
         match mode {
             "sync" | "flush" => {
                 if r.durable_lsn < last {
+                    let got = r.durable_lsn;
                     bad.push(format!(
-                    "{mode}: right after FLUSH the replica's durable_lsn is {} but the primary's last_lsn is {last}",
-                    r.durable_lsn
-                ));
+                        "{mode}: right after FLUSH, primary at LSN {last}, replica durable to {got}"
+                    ));
                 }
             }
             _ => {
@@ -882,6 +934,53 @@ mod replication {
             "{mode}: primary at LSN {last}; replica right after FLUSH: durable {}, received {}",
             r.durable_lsn, r.last_lsn
         );
+
+        // The replica hangs (SIGSTOP) for 1 s, well within the 5 s heartbeat
+        // timeout, so it stays in sync: sync (durable) and flush (received)
+        // must hold a write until it answers again; async must not wait.
+        r2.freeze();
+        let cookie = c.next_cookie();
+        let req = Request {
+            flags: CommandFlags::empty(),
+            command: Command::Write,
+            cookie,
+            offset: WRITES * KIB4,
+            length: KIB4 as u32,
+        };
+        let submitted = c.submit(&req, Some(&pattern(0x66726f7a, KIB4 as usize)));
+        let answered = submitted.is_ok() && reply_within(&c, Duration::from_secs(1));
+        r2.thaw();
+        submitted.expect("submit the write to the frozen replica's primary");
+        let reply = c.receive().expect("reply to the write after the thaw");
+        assert_eq!(reply.cookie, cookie);
+        assert!(
+            reply.error.is_none(),
+            "{mode}: write failed: {:?}",
+            reply.error
+        );
+        if mode != "async" && answered {
+            bad.push(format!(
+                "{mode}: a write was acknowledged within 1 s while the in-sync replica was frozen"
+            ));
+        }
+        if mode == "async" && !answered {
+            bad.push("async: a write waited more than 1 s for a frozen replica".into());
+        }
+        // Once the replica answers, the held write completes on its account.
+        let last = p.status().last_lsn;
+        let r = r2.status();
+        if mode == "sync" && r.durable_lsn < last {
+            let got = r.durable_lsn;
+            bad.push(format!(
+                "sync: held write done at LSN {last}, but replica durable only to {got}"
+            ));
+        }
+        if mode == "flush" && r.last_lsn < last {
+            let got = r.last_lsn;
+            bad.push(format!(
+                "flush: held write done at LSN {last}, but replica received only to {got}"
+            ));
+        }
         bad
     }
 
@@ -889,7 +988,9 @@ mod replication {
     /// then a FLUSH: sync (every acknowledged write durable on the replica, even
     /// before the FLUSH) and flush (received before the FLUSH, durable once it
     /// completes) hold right after the FLUSH, before anything is stopped; async
-    /// converges within 5 s.
+    /// converges within 5 s. Then, with the replica frozen for 1 s (SIGSTOP,
+    /// shorter than the heartbeat timeout): sync and flush hold a write until
+    /// it is back, async acknowledges it at once.
     #[test]
     fn modes_keep_their_promise() {
         let bad: Vec<String> = ["sync", "flush", "async"]
