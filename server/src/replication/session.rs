@@ -321,21 +321,15 @@ async fn receive(
                     ));
                 }
                 let payload = if rh.payload_len() > 0 {
-                    let mut p = vol.pool().payload(rh.payload_len() as usize).await;
-                    let chunks = p.take_chunks();
-                    let mut filled = Vec::with_capacity(chunks.len());
-                    for (i, c) in chunks.into_iter().enumerate() {
-                        let want = p.chunk_len(i);
-                        let (res, c) = tokio::time::timeout(
-                            ctx.heartbeat_timeout,
-                            read_exact(sock, c, 0, want, "record payload", fixed),
-                        )
-                        .await
-                        .map_err(|_| LinkError::Timeout(ctx.heartbeat_timeout))?;
-                        res?;
-                        filled.push(c);
-                    }
-                    p.put_chunks(filled);
+                    let p = read_payload(
+                        vol,
+                        sock,
+                        rh.payload_len() as usize,
+                        "record payload",
+                        fixed,
+                        ctx.heartbeat_timeout,
+                    )
+                    .await?;
                     if p.xxh3() != rh.payload_hash {
                         return Err(reject_err(
                             tx,
@@ -374,21 +368,15 @@ async fn receive(
                         ),
                     ));
                 }
-                let mut p = vol.pool().payload(rh.length as usize).await;
-                let chunks = p.take_chunks();
-                let mut filled = Vec::with_capacity(chunks.len());
-                for (i, c) in chunks.into_iter().enumerate() {
-                    let want = p.chunk_len(i);
-                    let (res, c) = tokio::time::timeout(
-                        ctx.heartbeat_timeout,
-                        read_exact(sock, c, 0, want, "resync data", fixed),
-                    )
-                    .await
-                    .map_err(|_| LinkError::Timeout(ctx.heartbeat_timeout))?;
-                    res?;
-                    filled.push(c);
-                }
-                p.put_chunks(filled);
+                let p = read_payload(
+                    vol,
+                    sock,
+                    rh.length as usize,
+                    "resync data",
+                    fixed,
+                    ctx.heartbeat_timeout,
+                )
+                .await?;
                 if p.xxh3() != rh.hash {
                     return Err(reject_err(
                         tx,
@@ -422,6 +410,31 @@ async fn receive(
             }
         }
     }
+}
+
+/// Reads `len` bytes of a record payload or resync region straight into
+/// pool buffers (registered memory, no copy), each chunk within `limit`.
+async fn read_payload(
+    vol: &Volume,
+    sock: &Socket,
+    len: usize,
+    what: &'static str,
+    fixed: bool,
+    limit: Duration,
+) -> Result<crate::buffer::Payload, LinkError> {
+    let mut p = vol.pool().payload(len).await;
+    let chunks = p.take_chunks();
+    let mut filled = Vec::with_capacity(chunks.len());
+    for (i, c) in chunks.into_iter().enumerate() {
+        let want = p.chunk_len(i);
+        let (res, c) = tokio::time::timeout(limit, read_exact(sock, c, 0, want, what, fixed))
+            .await
+            .map_err(|_| LinkError::Timeout(limit))?;
+        res?;
+        filled.push(c);
+    }
+    p.put_chunks(filled);
+    Ok(p)
 }
 
 fn reject(tx: &mpsc::UnboundedSender<Vec<u8>>, why: String) {
