@@ -7,7 +7,6 @@
 //! that sends everything queued in one vectored write, so replies leave as
 //! they complete, out of order, with few syscalls.
 
-use std::cell::Cell;
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -136,7 +135,6 @@ struct Conn {
     replies: mpsc::UnboundedSender<Reply>,
     inflight: Arc<Semaphore>,
     peer: String,
-    write_copies: Cell<u64>,
 }
 
 impl Conn {
@@ -204,7 +202,6 @@ pub async fn serve(
         replies: tx,
         inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
         peer,
-        write_copies: Cell::new(0),
     });
     let end = read_loop(&conn, leftover).await;
     match &end {
@@ -216,14 +213,10 @@ pub async fn serve(
     // Let in-flight requests finish and their replies go out.
     let _all = conn.inflight.acquire_many(MAX_INFLIGHT as u32).await;
     drop(_all);
-    let copies = conn.write_copies.get();
     drop(conn);
     let _ = writer.await;
     sock.shutdown();
     open.decrement(1.0);
-    if copies > 0 {
-        tracing::debug!("connection copied {copies} payload bytes from its handshake leftovers");
-    }
 }
 
 async fn run_writer(sock: Rc<Socket>, mut rx: mpsc::UnboundedReceiver<Reply>) {
@@ -392,7 +385,6 @@ async fn fill_payload(
         // client pipelines a write right behind its final option).
         let pre = prefix.take(&mut chunk[..want]);
         if pre > 0 {
-            conn.write_copies.set(conn.write_copies.get() + pre as u64);
             conn.vol.metrics().payload_copies.increment(pre as u64);
         }
         let (res, chunk) = read_exact(&conn.sock, chunk, pre, want, "write payload", fixed).await;

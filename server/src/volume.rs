@@ -26,7 +26,7 @@ use crate::overlay::{Overlay, Piece, Source};
 use crate::replication::{Mode, Phase, Primary, ReplicationConfig};
 use crate::store::{Allocation, Store};
 use crate::telemetry::VolumeMetrics;
-use crate::units::{align_down, align_up, is_aligned, Epoch, Lsn, BLOCK};
+use crate::units::{align_down, align_up, is_aligned, Epoch, Lsn};
 
 /// Most records the applier writes to the store at once.
 const APPLY_BATCH: usize = 64;
@@ -51,8 +51,6 @@ pub struct VolumeStats {
     pub applied: u64,
     /// Checkpoints taken.
     pub checkpoints: u64,
-    /// Payload bytes copied in userspace on the write path (must stay 0).
-    pub write_copies: u64,
 }
 
 /// Read data ready to send: pool buffers with the `[start, end)` to send of each.
@@ -929,15 +927,5 @@ impl Volume {
         }
         *self.scratch.borrow_mut() = Some(buf);
         result
-    }
-
-    /// Whether `[offset, offset+len)` has unapplied data (tests, block status).
-    pub fn has_pending(&self, offset: u64, len: u64) -> bool {
-        self.overlay.borrow().overlaps(offset, offset + len)
-    }
-
-    /// Block size used by the store.
-    pub fn block_size(&self) -> u64 {
-        BLOCK
     }
 }

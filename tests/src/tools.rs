@@ -7,7 +7,8 @@
 use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Default time limit for one tool run.
@@ -128,10 +129,10 @@ fn read_all(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String
     })
 }
 
-/// Runs `tool` with `args`, killing it (by PID) and panicking if it runs
-/// longer than `timeout`.
+/// Starts `tool` with `args`, stdout and stderr drained on threads.
+/// Returns the printable command line, the child and the two readers.
 #[track_caller]
-pub fn run<I, S>(tool: Tool, args: I, timeout: Duration) -> ToolOutput
+fn launch<I, S>(tool: Tool, args: I) -> (String, Child, JoinHandle<String>, JoinHandle<String>)
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -154,6 +155,18 @@ where
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
     let out = read_all(child.stdout.take().expect("piped"));
     let err = read_all(child.stderr.take().expect("piped"));
+    (command, child, out, err)
+}
+
+/// Runs `tool` with `args`, killing it (by PID) and panicking if it runs
+/// longer than `timeout`.
+#[track_caller]
+pub fn run<I, S>(tool: Tool, args: I, timeout: Duration) -> ToolOutput
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let (command, mut child, out, err) = launch(tool, args);
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(st) = child.try_wait().expect("try_wait") {
@@ -238,24 +251,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let program = tool.path();
-    let args: Vec<_> = args
-        .into_iter()
-        .map(|a| a.as_ref().to_os_string())
-        .collect();
-    let command = std::iter::once(tool.program().to_string())
-        .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let mut child = Command::new(&program)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
-    let out = read_all(child.stdout.take().expect("piped"));
-    let err = read_all(child.stderr.take().expect("piped"));
+    let (command, child, out, err) = launch(tool, args);
     Background {
         command,
         child: Some(child),
