@@ -355,7 +355,19 @@ impl Node {
     /// sockets stay open, like a node that hangs. A frozen node is still
     /// killed when dropped.
     pub fn freeze(&self) {
-        send_signal(self.daemon.pid(), libc::SIGSTOP);
+        let pid = self.daemon.pid();
+        send_signal(pid, libc::SIGSTOP);
+        // kill(2) returns before the stop lands: wait (bounded) until every
+        // thread is stopped, so nothing the test does next can be served
+        // by a replica still running for a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process {pid} did not stop within 5 s of SIGSTOP"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// Lets a frozen process run again (SIGCONT, by PID).
@@ -374,6 +386,28 @@ impl Node {
             self.daemon.full_log()
         );
     }
+}
+
+/// Whether every thread of `pid` is in the stopped state ('T' in /proc).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            return false;
+        };
+        // The state follows the parenthesised command name.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        if !matches!(state, Some('T') | Some('t')) {
+            return false;
+        }
+        any = true;
+    }
+    any
 }
 
 fn send_signal(pid: u32, sig: libc::c_int) {
