@@ -40,6 +40,14 @@ pub enum Request {
         /// Bytes per second.
         rate: u64,
     },
+    /// On a primary: compare every region's checksum with each in-sync
+    /// replica (online, rate-limited like a resync); the outcome shows in
+    /// each replica's `verify` status.
+    Verify {
+        /// Resync the regions found different.
+        #[serde(default)]
+        repair: bool,
+    },
 }
 
 /// The state of one volume, as `status` reports it.
@@ -94,8 +102,52 @@ pub struct ReplicaStatus {
     pub lag_lsn: u64,
     /// Resync progress (bytes done, bytes total) while one runs.
     pub resync: Option<(u64, u64)>,
+    /// Bytes of the volume in regions marked out of sync for it.
+    #[serde(default)]
+    pub out_of_sync_bytes: u64,
+    /// The running or last verify pass.
+    #[serde(default)]
+    pub verify: Option<VerifyStatus>,
     /// Last heartbeat round trip in microseconds.
     pub rtt_us: u64,
+}
+
+/// A verify pass against one replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyStatus {
+    /// Still running.
+    pub running: bool,
+    /// Whether differing regions are resynced.
+    pub repair: bool,
+    /// Bytes compared so far.
+    pub done_bytes: u64,
+    /// Bytes to compare.
+    pub total_bytes: u64,
+    /// Offsets of the regions found different (each `region_bytes` long).
+    pub differing: Vec<u64>,
+    /// Size of a region.
+    pub region_bytes: u64,
+    /// Set when the pass stopped before the end (the link was lost).
+    pub aborted: Option<String>,
+    /// Seconds it ran.
+    pub seconds: f64,
+}
+
+impl VerifyStatus {
+    /// The status of a pass in progress (or just ended).
+    pub fn running(job: &crate::replication::resync::Job, repair: bool) -> VerifyStatus {
+        let (done_bytes, total_bytes) = job.progress();
+        VerifyStatus {
+            running: !job.finished(),
+            repair,
+            done_bytes,
+            total_bytes,
+            differing: job.differing.clone(),
+            region_bytes: crate::replication::bitmap::REGION,
+            aborted: None,
+            seconds: job.started.elapsed().as_secs_f64(),
+        }
+    }
 }
 
 /// A response line.
@@ -229,7 +281,7 @@ fn handle(req: Request, node: &str, cores: &[mpsc::Sender<crate::node::CoreMsg>]
             crate::lifecycle::request_restart(crate::journal::format::Role::Primary)
         }
         Request::Demote => crate::lifecycle::request_restart(crate::journal::format::Role::Replica),
-        Request::Status | Request::SetResyncRate { .. } => {}
+        Request::Status | Request::SetResyncRate { .. } | Request::Verify { .. } => {}
     }
     Response {
         ok: true,

@@ -23,10 +23,11 @@ use crate::config::{Config, VolumeConfig};
 use crate::export::serve;
 use crate::journal::format::Role;
 use crate::journal::recovery::{
-    open_and_recover, FileReplay, JournalOpenError, JournalSpec, OpenedJournal,
+    open_and_recover, FileReplay, JournalOpenError, JournalSpec, OpenedJournal, ReplayTarget,
 };
 use crate::journal::Journal;
 use crate::listener::{spawn_acceptors, AcceptContext, Catalog, ClientStream, NewConn};
+use crate::replication::bitmap::OutOfSync;
 use crate::replication::ReplicationConfig;
 use crate::sockio::Socket;
 use crate::store::{open_store, OpenedStore, Store, StoreError};
@@ -144,11 +145,45 @@ fn resolve_role(
     }
 }
 
+/// Replays into the data store and marks every replayed extent in the
+/// peers' out-of-sync bitmaps, persisted before recovery moves the journal
+/// checkpoint past those records: after a restart no replica can catch up
+/// on them from the journal, so a bitmap resync must send their regions.
+struct MarkingReplay<'a> {
+    inner: FileReplay<'a>,
+    bitmaps: Vec<OutOfSync>,
+}
+
+impl ReplayTarget for MarkingReplay<'_> {
+    fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        for b in &mut self.bitmaps {
+            b.mark(offset, data.len() as u64);
+        }
+        self.inner.write(offset, data)
+    }
+
+    fn zero(&mut self, offset: u64, len: u64, trim: bool, no_hole: bool) -> std::io::Result<()> {
+        for b in &mut self.bitmaps {
+            b.mark(offset, len);
+        }
+        self.inner.zero(offset, len, trim, no_hole)
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.inner.sync()?;
+        for b in &mut self.bitmaps {
+            b.persist_if_dirty()?;
+        }
+        Ok(())
+    }
+}
+
 /// Opens, validates and recovers one volume.
 pub fn prepare_volume(
     cfg: &VolumeConfig,
     role: Option<Role>,
     replicated: bool,
+    peers: &[String],
 ) -> Result<PreparedVolume, StartError> {
     let store = open_store(&cfg.data, cfg.size, false, cfg.preallocate).map_err(|source| {
         StartError::Store {
@@ -169,9 +204,23 @@ pub fn prepare_volume(
                 source: e,
             },
         })?;
-    let mut target = FileReplay {
-        file: &replay_file,
-        block_device: store.block_device,
+    let mut bitmaps = Vec::new();
+    for peer in peers {
+        let path = crate::replication::bitmap::path_for(&cfg.journal, peer);
+        match OutOfSync::load_existing(path.clone(), store.size) {
+            Ok(Some(b)) => bitmaps.push(b),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(volume = %cfg.name, "cannot read the out-of-sync bitmap {}: {e}; {peer} will get a full checksum resync", path.display())
+            }
+        }
+    }
+    let mut target = MarkingReplay {
+        inner: FileReplay {
+            file: &replay_file,
+            block_device: store.block_device,
+        },
+        bitmaps,
     };
     let spec = JournalSpec {
         path: &cfg.journal,
@@ -340,7 +389,17 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     let tcp = bind_tcp(cfg)?;
     let mut prepared = Vec::new();
     for v in &cfg.volumes {
-        prepared.push(prepare_volume(v, cfg.role, cfg.replication.is_some())?);
+        let peers: Vec<String> = cfg
+            .replication
+            .iter()
+            .flat_map(|r| r.peers.iter().map(|p| p.name.clone()))
+            .collect();
+        prepared.push(prepare_volume(
+            v,
+            cfg.role,
+            cfg.replication.is_some(),
+            &peers,
+        )?);
     }
     if let Some(addr) = cfg.metrics_listen {
         crate::telemetry::install(addr)?;
@@ -482,6 +541,7 @@ fn run_core(
                 ctl.checkpoint_interval,
                 v.role,
                 ctl.replication.clone(),
+                &v.config.journal,
             );
             vol.metrics().recovery(records, millis);
             volumes.insert(v.config.name.clone(), vol);
@@ -529,6 +589,7 @@ fn run_core(
                                 }
                                 Ok(())
                             }
+                            crate::admin::Request::Verify { repair } => vol.request_verify(repair),
                         };
                         if let Err(e) = r {
                             result = Err(e);

@@ -120,6 +120,21 @@ fn describe() {
         Unit::Bytes,
         "Bytes a running resync still has to send (0 when none runs)"
     );
+    describe_gauge!(
+        "mirrorblk_replica_out_of_sync_bytes",
+        Unit::Bytes,
+        "Bytes of the volume in regions marked out of sync for a replica (persistent bitmap)"
+    );
+    describe_counter!(
+        "mirrorblk_replica_resync_sent_bytes_total",
+        Unit::Bytes,
+        "Region bytes sent to a replica by resyncs and repairs"
+    );
+    describe_counter!(
+        "mirrorblk_replica_resync_checked_bytes_total",
+        Unit::Bytes,
+        "Region bytes compared by checksum with a replica (resync and verify)"
+    );
 }
 
 /// Handles for one NBD op of one volume.
@@ -264,6 +279,12 @@ pub struct ReplicaMetrics {
     pub rtt: Gauge,
     /// Resync bytes left.
     pub resync_remaining: Gauge,
+    /// Bytes in out-of-sync regions.
+    pub out_of_sync: Gauge,
+    /// Region bytes sent.
+    pub resync_sent: Counter,
+    /// Region bytes compared by checksum.
+    pub resync_checked: Counter,
 }
 
 impl ReplicaMetrics {
@@ -275,6 +296,9 @@ impl ReplicaMetrics {
             lag_lsn: gauge!("mirrorblk_replica_lag_lsn", &l()),
             rtt: gauge!("mirrorblk_replica_rtt_seconds", &l()),
             resync_remaining: gauge!("mirrorblk_replica_resync_remaining_bytes", &l()),
+            out_of_sync: gauge!("mirrorblk_replica_out_of_sync_bytes", &l()),
+            resync_sent: counter!("mirrorblk_replica_resync_sent_bytes_total", &l()),
+            resync_checked: counter!("mirrorblk_replica_resync_checked_bytes_total", &l()),
         }
     }
 }

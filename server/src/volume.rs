@@ -59,6 +59,17 @@ pub struct ReadData {
     pub parts: Vec<(FixedBuf, usize, usize)>,
 }
 
+impl ReadData {
+    /// xxh3-64 of the bytes, in order.
+    pub fn xxh3(&self) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for (b, s, e) in &self.parts {
+            h.update(&b[*s..*e]);
+        }
+        h.digest()
+    }
+}
+
 /// A volume bound to its core.
 pub struct Volume {
     info: VolumeInfo,
@@ -104,14 +115,20 @@ impl Volume {
         checkpoint_interval: Duration,
         role: Role,
         replication: Option<ReplicationConfig>,
+        journal_path: &std::path::Path,
     ) -> Rc<Volume> {
         let applied_next = journal.next_lsn();
         let metrics = VolumeMetrics::new(&info.name);
         metrics.journal_size.set(journal.area_len() as f64);
         let primary = match (role, replication) {
-            (Role::Primary, Some(cfg)) if !cfg.peers.is_empty() => {
-                Some(Rc::new(Primary::new(cfg, journal.next_lsn(), &info.name)))
-            }
+            (Role::Primary, Some(cfg)) if !cfg.peers.is_empty() => Some(Rc::new(Primary::new(
+                cfg,
+                journal.next_lsn(),
+                &info.name,
+                info.size,
+                journal.epoch().0,
+                journal_path,
+            ))),
             _ => None,
         };
         let v = Rc::new(Volume {
@@ -189,7 +206,22 @@ impl Volume {
                             .next_lsn()
                             .0
                             .saturating_sub(l.durable_next.get().0),
-                        resync: l.resync.get(),
+                        resync: l.job.borrow().as_ref().and_then(|j| {
+                            matches!(j.kind, crate::replication::resync::JobKind::Resync { .. })
+                                .then(|| j.progress())
+                        }),
+                        out_of_sync_bytes: l.oos.borrow().bytes(),
+                        verify: l
+                            .job
+                            .borrow()
+                            .as_ref()
+                            .and_then(|j| match j.kind {
+                                crate::replication::resync::JobKind::Verify { repair } => {
+                                    Some(crate::admin::VerifyStatus::running(j, repair))
+                                }
+                                _ => None,
+                            })
+                            .or_else(|| l.last_verify.borrow().clone()),
                         rtt_us: l.rtt_us.get(),
                     }
                 })
@@ -254,6 +286,31 @@ impl Volume {
             res.map_err(|e| format!("resync write at {offset} failed: {e}"))?;
         }
         Ok(())
+    }
+
+    /// On a replica: the xxh3 of `[offset, offset + len)` as of after record
+    /// `after` (waits until every record up to it is applied, like
+    /// [`Volume::write_resync_region`], so both sides hash the same moment
+    /// of the stream).
+    pub async fn region_hash(&self, after: Lsn, offset: u64, len: u64) -> Result<u64, String> {
+        if !is_aligned(offset) || offset.checked_add(len).is_none_or(|e| e > self.info.size) {
+            return Err(format!("resync check at {offset} does not fit the volume"));
+        }
+        self.wait_applied(after.next(), Duration::from_secs(60))
+            .await?;
+        let data = self
+            .read(offset, len)
+            .await
+            .map_err(|e| format!("reading region at {offset} failed: {e:?}"))?;
+        Ok(data.xxh3())
+    }
+
+    /// On a replica: makes every resync region written so far durable.
+    pub async fn sync_store(&self) -> Result<(), String> {
+        self.store
+            .sync()
+            .await
+            .map_err(|e| format!("syncing the store failed: {e}"))
     }
 
     /// On a replica: the resync is complete; make it durable and clear the mark.
@@ -334,6 +391,58 @@ impl Volume {
             .await
             .map_err(|e| format!("persisting epoch {epoch} failed: {e}"))?;
         tracing::warn!(volume = %self.info.name, "adopted epoch {epoch} from a new primary; resyncing");
+        Ok(())
+    }
+
+    /// On a primary: asks each in-sync link to run a verify pass (see
+    /// [`crate::admin::Request::Verify`]). Refused when the volume is not
+    /// primary, has no replicas, or a replica is not in sync.
+    pub fn request_verify(&self, repair: bool) -> Result<(), String> {
+        let Some(p) = &self.primary else {
+            return Err(format!(
+                "volume '{}' is not a replicated primary on this node: run verify on the primary",
+                self.info.name
+            ));
+        };
+        let not_ready: Vec<String> = p
+            .links
+            .iter()
+            .filter(|l| *l.phase.borrow() != Phase::InSync || l.job.borrow().is_some())
+            .map(|l| {
+                let busy = l.job.borrow().is_some();
+                format!(
+                    "{} is {}",
+                    l.peer.name,
+                    if busy {
+                        "busy resyncing"
+                    } else {
+                        l.phase.borrow().name()
+                    }
+                )
+            })
+            .collect();
+        if !not_ready.is_empty() {
+            return Err(format!(
+                "cannot verify volume '{}' now: {}; wait until every replica is in sync (mirrorblk status) and try again",
+                self.info.name,
+                not_ready.join(", ")
+            ));
+        }
+        for l in &p.links {
+            // Shown as running until the send loop starts (and then ends) the pass.
+            *l.last_verify.borrow_mut() = Some(crate::admin::VerifyStatus {
+                running: true,
+                repair,
+                done_bytes: 0,
+                total_bytes: self.info.size,
+                differing: Vec::new(),
+                region_bytes: crate::replication::bitmap::REGION,
+                aborted: None,
+                seconds: 0.0,
+            });
+            l.verify_request.set(Some(repair));
+            l.wake.notify_one();
+        }
         Ok(())
     }
 
@@ -787,6 +896,38 @@ impl Volume {
         }
     }
 
+    /// Before the checkpoint releases records below `target`: every replica
+    /// that does not have them durably gets their regions marked in its
+    /// out-of-sync bitmap, persisted first (a later bitmap resync sends them).
+    fn mark_released(&self, target: Lsn) -> std::io::Result<()> {
+        let Some(p) = &self.primary else {
+            return Ok(());
+        };
+        let from_all = self.journal.checkpoint_lsn();
+        for l in &p.links {
+            let from = l.durable_next.get().max(from_all);
+            if from >= target {
+                continue;
+            }
+            let mut oos = l.oos.borrow_mut();
+            let mut job = l.job.borrow_mut();
+            for (offset, len) in self.journal.retained_extents(from, target) {
+                oos.mark(offset, len);
+                if let Some(j) = job.as_mut() {
+                    let first = (offset / crate::replication::bitmap::REGION) as usize;
+                    let last =
+                        ((offset + len.max(1) - 1) / crate::replication::bitmap::REGION) as usize;
+                    for r in first..=last.min(oos.regions().saturating_sub(1)) {
+                        j.on_mark(r);
+                    }
+                }
+            }
+            oos.persist_if_dirty()?;
+            l.metrics.out_of_sync.set(oos.bytes() as f64);
+        }
+        Ok(())
+    }
+
     /// Whether the checkpoint can move forward.
     fn checkpoint_behind(&self) -> bool {
         self.checkpoint_target() > self.journal.checkpoint_lsn()
@@ -818,6 +959,10 @@ impl Volume {
         let target = self.checkpoint_target();
         if let Err(e) = self.store.sync().await {
             tracing::error!(volume = %self.info.name, "syncing the data store failed: {e}; checkpoint postponed");
+            return;
+        }
+        if let Err(e) = self.mark_released(target) {
+            tracing::error!(volume = %self.info.name, "writing an out-of-sync bitmap failed: {e}; checkpoint postponed");
             return;
         }
         match self.journal.checkpoint_to(target).await {

@@ -79,6 +79,20 @@ enum Cmd {
     /// Make this primary node a replica; it restarts and resyncs from the
     /// primary that connects to it.
     Demote,
+    /// On the primary: compare every 1 MiB region of each volume with every
+    /// replica by checksum (xxh3), online, while writes go on (both sides
+    /// hash the same moment of the record stream), at the resync rate.
+    /// Prints a report. Exit status 0 when all replicas are identical (or
+    /// were repaired), 1 when a difference was found and not repaired or
+    /// the verify could not run.
+    Verify {
+        /// Resync the differing regions from the primary.
+        #[arg(long)]
+        repair: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -420,10 +434,13 @@ fn status_once(socket: &Path, json: bool) -> Result<String, String> {
             out.push_str("  ! Inconsistent: a resync is incomplete; do not promote this node\n");
         }
         for r in &v.replicas {
-            let resync = r
+            let mut resync = r
                 .resync
                 .map(|(d, t)| format!(", resync {}%", (d * 100).checked_div(t).unwrap_or(0)))
                 .unwrap_or_default();
+            if r.out_of_sync_bytes > 0 {
+                resync.push_str(&format!(", {} out of sync", ByteSize(r.out_of_sync_bytes)));
+            }
             out.push_str(&format!(
                 "  replica {:<12} {:<12} durable LSN {:>10}  lag {:>8} LSN  rtt {:>6} us{}{}\n",
                 r.peer,
@@ -582,6 +599,135 @@ fn resync(socket: &Path, rate: Option<ByteSize>, watch: bool) -> ExitCode {
     }
 }
 
+fn verify(socket: &Path, repair: bool, json: bool) -> ExitCode {
+    match admin::call(socket, &admin::Request::Verify { repair }) {
+        Ok(r) if r.ok => {}
+        Ok(r) => {
+            eprintln!(
+                "mirrorblk: {}",
+                r.error.unwrap_or_else(|| "verify refused".into())
+            );
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!("mirrorblk: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let multi = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template(
+        "verify {prefix:<14} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let mut bars: std::collections::HashMap<String, indicatif::ProgressBar> =
+        std::collections::HashMap::new();
+    let resp = loop {
+        let resp = match admin::call(socket, &admin::Request::Status) {
+            Ok(r) if r.ok => r,
+            Ok(r) => {
+                eprintln!("mirrorblk: {}", r.error.unwrap_or_default());
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("mirrorblk: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let mut running = 0;
+        for v in &resp.volumes {
+            for r in &v.replicas {
+                let Some(vs) = &r.verify else { continue };
+                let key = format!("{}/{}", v.name, r.peer);
+                let bar = bars.entry(key.clone()).or_insert_with(|| {
+                    let b = multi.add(indicatif::ProgressBar::new(vs.total_bytes));
+                    b.set_style(style.clone());
+                    b.set_prefix(key.clone());
+                    b
+                });
+                bar.set_position(vs.done_bytes);
+                if vs.running {
+                    running += 1;
+                } else if !bar.is_finished() {
+                    bar.finish();
+                }
+            }
+        }
+        if running == 0 {
+            break resp;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let _ = multi.clear();
+    let mut clean = true;
+    let mut report = Vec::new();
+    for v in &resp.volumes {
+        for r in &v.replicas {
+            let Some(vs) = &r.verify else {
+                clean = false;
+                report.push(serde_json::json!({"volume": v.name, "replica": r.peer, "result": "not verified"}));
+                if !json {
+                    println!("{}/{}: not verified", v.name, r.peer);
+                }
+                continue;
+            };
+            let result = if let Some(why) = &vs.aborted {
+                clean = false;
+                format!("verify aborted: {why}; run it again once the replica is in sync")
+            } else if vs.differing.is_empty() {
+                format!(
+                    "identical ({} compared in {:.1} s)",
+                    ByteSize(vs.total_bytes),
+                    vs.seconds
+                )
+            } else {
+                let shown: Vec<String> =
+                    vs.differing.iter().take(8).map(|o| o.to_string()).collect();
+                let more = if vs.differing.len() > 8 { ", …" } else { "" };
+                if !vs.repair {
+                    clean = false;
+                }
+                format!(
+                    "{} differing region(s) of {} at offsets {}{more}{}",
+                    vs.differing.len(),
+                    ByteSize(vs.region_bytes),
+                    shown.join(", "),
+                    if vs.repair {
+                        "; repaired (resent from the primary)"
+                    } else {
+                        "; run `mirrorblk verify --repair` to resend them from the primary"
+                    }
+                )
+            };
+            if !json {
+                println!("{}/{}: {result}", v.name, r.peer);
+            }
+            report.push(serde_json::json!({
+                "volume": v.name,
+                "replica": r.peer,
+                "identical": vs.aborted.is_none() && vs.differing.is_empty(),
+                "repaired": vs.repair && vs.aborted.is_none() && !vs.differing.is_empty(),
+                "differing_offsets": vs.differing,
+                "region_bytes": vs.region_bytes,
+                "compared_bytes": vs.done_bytes,
+                "aborted": vs.aborted,
+                "seconds": vs.seconds,
+            }));
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    }
+    if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
 fn role_change(socket: &Path, req: &admin::Request, done: &str) -> ExitCode {
     match admin::call(socket, req) {
         Ok(r) if r.ok => {
@@ -639,6 +785,7 @@ fn main() -> ExitCode {
             "demoted; the node restarts as replica",
         ),
         Cmd::Demo { dir, listen, size } => demo(&dir, &listen, &size),
+        Cmd::Verify { repair, json } => verify(&cli.admin_socket, repair, json),
         Cmd::Config {
             command: ConfigCmd::Check { file },
         } => config_check(&file),

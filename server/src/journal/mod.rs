@@ -84,6 +84,8 @@ pub struct Retained {
     pub pos: u64,
     /// Journal bytes it holds (padding before it included).
     pub reserved: u64,
+    /// Volume bytes it changes (`offset`, `length`; 0 for pads).
+    pub extent: (u64, u64),
 }
 
 /// The journal failed: no further write can be made durable.
@@ -252,6 +254,11 @@ impl Journal {
             lsn,
             pos,
             reserved: pad + record_len,
+            extent: if op == RecordOp::Pad {
+                (0, 0)
+            } else {
+                (offset, length)
+            },
         });
         drop(st);
         self.work.notify_one();
@@ -533,6 +540,24 @@ impl Journal {
     /// The checkpoint: every record below it is applied and durable in the store.
     pub fn checkpoint_lsn(&self) -> Lsn {
         self.state.borrow().superblock.checkpoint_lsn
+    }
+
+    /// The volume extents (offset, length) changed by retained records with
+    /// LSNs in `[from, to)`.
+    pub fn retained_extents(&self, from: Lsn, to: Lsn) -> Vec<(u64, u64)> {
+        let st = self.state.borrow();
+        let Some(front) = st.retained.front() else {
+            return Vec::new();
+        };
+        // Retained records are contiguous in LSN: skip straight to `from`.
+        let skip = from.0.saturating_sub(front.lsn.0) as usize;
+        st.retained
+            .iter()
+            .skip(skip)
+            .take_while(|r| r.lsn < to)
+            .filter(|r| r.extent.1 > 0)
+            .map(|r| r.extent)
+            .collect()
     }
 
     /// Where record `lsn` sits, if it is still retained.

@@ -10,8 +10,10 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use super::bitmap::REGION;
 use super::frames::{self, LinkError};
-use super::wire::{self, Ack, Auth, Hello, HelloReply, Kind, ReplyStatus};
+use super::resync::{Job, JobKind, Step};
+use super::wire::{self, Ack, Auth, Hello, HelloReply, Kind, RegionCheck, ReplyStatus};
 use super::{LinkState, Phase, Primary};
 use crate::buffer::{OutBuf, SharedSlice};
 use crate::journal::format::RecordOp;
@@ -122,34 +124,7 @@ async fn connect_and_stream(
             link.peer.name
         )));
     }
-    let next = vol.journal().next_lsn();
-    let mut start = Lsn(reply.durable + 1);
-    let inconsistent = reply.role & 2 != 0;
-    let catchable = start <= next
-        && (start == next
-            || primary.get(start).is_some()
-            || vol.journal().retained(start).is_some());
-    // A replica whose volume UUID differs was never a copy of this volume:
-    // new, or re-created. Its data is unknown, whatever its LSN says.
-    let unknown = reply.uuid != vol.journal().volume_uuid();
-    let resync = inconsistent || unknown || !catchable;
-    if resync {
-        let why = if unknown {
-            "it is new (or its volume was re-created): its data is unknown".to_string()
-        } else if inconsistent {
-            "its last resync did not finish".to_string()
-        } else if start > next {
-            format!("it has records up to LSN {}, beyond this primary's {} (it followed another primary)", reply.durable, next.0.saturating_sub(1))
-        } else {
-            format!(
-                "it is at LSN {}, but this primary's journal now starts at LSN {}",
-                reply.durable,
-                vol.journal().checkpoint_lsn()
-            )
-        };
-        tracing::warn!(volume = %vol.info().name, peer = %link.peer.name, "full resync of {}: {why}", link.peer.name);
-        start = next;
-    }
+    let (start, resync) = plan_start(vol, primary, link, &reply)?;
     let auth = Auth {
         mac: wire::mac(
             &primary.cfg.secret,
@@ -164,7 +139,6 @@ async fn connect_and_stream(
     link.received_next.set(start);
     link.durable_next.set(start);
     link.retain.set(true);
-    link.resync.set(resync.then_some((0, vol.info().size)));
     primary.set_phase(link, Phase::CatchingUp);
     tracing::info!(volume = %vol.info().name, peer = %link.peer.name, "replica connected at LSN {}; sending from {start}", reply.durable);
 
@@ -186,7 +160,145 @@ async fn connect_and_stream(
     };
     receiver.abort();
     sock.shutdown();
+    end_job(vol, link, &result);
     result
+}
+
+/// How a replica that just answered HELLO is brought up to date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Stream from its LSN: it has everything before.
+    Stream,
+    /// Its resync was interrupted: stream from its LSN and go on with the
+    /// regions still marked.
+    Resume,
+    /// Its LSN left the journal: send the marked regions (and those of the
+    /// records still in the journal), then stream live.
+    Bitmap,
+    /// Its data is unknown: compare every region by checksum, send those
+    /// that differ, then stream live.
+    Full,
+}
+
+/// Decides where the stream starts and which resync (if any) runs, updates
+/// the link's out-of-sync bitmap (persisted before the replica is told) and
+/// sets up the job. Returns (first LSN to send, whether the replica must
+/// rebase its journal there).
+fn plan_start(
+    vol: &Volume,
+    primary: &Primary,
+    link: &LinkState,
+    reply: &HelloReply,
+) -> Result<(Lsn, bool), LinkError> {
+    let next = vol.journal().next_lsn();
+    let from = Lsn(reply.durable + 1);
+    let inconsistent = reply.role & 2 != 0;
+    let catchable = from <= next
+        && (from == next || primary.get(from).is_some() || vol.journal().retained(from).is_some());
+    // A replica whose volume UUID differs was never a copy of this volume:
+    // new, or re-created. Its data is unknown, whatever its LSN says.
+    let unknown = reply.uuid != vol.journal().volume_uuid();
+    let mut oos = link.oos.borrow_mut();
+    let (plan, why) = if unknown {
+        (
+            Plan::Full,
+            "it is new (or its volume was re-created): its data is unknown".to_string(),
+        )
+    } else if from > next {
+        (Plan::Full, format!("it has records up to LSN {}, beyond this primary's {} (it followed another primary)", reply.durable, next.0.saturating_sub(1)))
+    } else if !oos.is_valid() && (inconsistent || !catchable) {
+        (
+            Plan::Full,
+            format!(
+                "this primary has no record of its out-of-sync regions in epoch {} ({})",
+                vol.journal().epoch(),
+                if inconsistent {
+                    "it is Inconsistent"
+                } else {
+                    "its LSN left the journal"
+                }
+            ),
+        )
+    } else if catchable && inconsistent {
+        (
+            Plan::Resume,
+            format!(
+                "its resync did not finish: {} still to do",
+                crate::units::ByteSize(oos.bytes())
+            ),
+        )
+    } else if catchable {
+        (Plan::Stream, String::new())
+    } else {
+        (
+            Plan::Bitmap,
+            format!(
+                "it is at LSN {}, but this primary's journal now starts at LSN {}",
+                reply.durable,
+                vol.journal().checkpoint_lsn()
+            ),
+        )
+    };
+    let (start, rebase, kind) = match plan {
+        Plan::Stream => {
+            // Consistent and every later record is at hand: it is exact.
+            oos.clear_all();
+            (from, false, None)
+        }
+        Plan::Resume => (from, false, Some(JobKind::Resync { checksum: true })),
+        Plan::Bitmap => {
+            for (offset, len) in vol.journal().retained_extents(Lsn(0), next) {
+                oos.mark(offset, len);
+            }
+            (next, true, Some(JobKind::Resync { checksum: false }))
+        }
+        Plan::Full => {
+            oos.set_all();
+            (next, true, Some(JobKind::Resync { checksum: true }))
+        }
+    };
+    oos.persist_if_dirty().map_err(|e| {
+        LinkError::Protocol(format!(
+            "cannot write the out-of-sync bitmap {}: {e}",
+            oos.path().display()
+        ))
+    })?;
+    link.metrics.out_of_sync.set(oos.bytes() as f64);
+    if plan != Plan::Stream {
+        tracing::warn!(
+            volume = %vol.info().name, peer = %link.peer.name,
+            "{} resync of {} ({} in {} regions): {why}",
+            match plan { Plan::Full => "full checksum", Plan::Bitmap => "bitmap", _ => "resumed" },
+            link.peer.name,
+            crate::units::ByteSize(oos.bytes()),
+            oos.count()
+        );
+    }
+    *link.job.borrow_mut() = kind.map(|k| Job::new(k, &oos, vol.info().size));
+    Ok((start, rebase))
+}
+
+/// The connection ended: drop its pass (a resync is rebuilt from the
+/// bitmap at the next handshake; a verify is reported as aborted) and
+/// persist the bitmap's cleared bits.
+fn end_job(vol: &Volume, link: &LinkState, result: &Result<(), LinkError>) {
+    let job = link.job.borrow_mut().take();
+    let verifying = matches!(job.as_ref().map(|j| j.kind), Some(JobKind::Verify { .. }));
+    if verifying || link.verify_request.take().is_some() {
+        let why = match result {
+            Ok(()) => "the replica disconnected".to_string(),
+            Err(e) => e.to_string(),
+        };
+        let mut last = link.last_verify.borrow_mut();
+        if let Some(v) = last.as_mut() {
+            v.running = false;
+            v.aborted = Some(why);
+        }
+    }
+    if let Err(e) = link.oos.borrow_mut().persist_if_dirty() {
+        tracing::error!(volume = %vol.info().name, peer = %link.peer.name, "cannot write the out-of-sync bitmap: {e}");
+    }
+    link.metrics.resync_remaining.set(0.0);
 }
 
 async fn receive_acks(
@@ -214,6 +326,14 @@ async fn receive_acks(
                 link.received_next
                     .set(link.received_next.get().max(received));
                 link.durable_next.set(link.durable_next.get().max(durable));
+                if a.resync_durable > 0 {
+                    if let Some(job) = link.job.borrow_mut().as_mut() {
+                        let mut oos = link.oos.borrow_mut();
+                        job.on_durable(a.resync_durable, &mut oos);
+                        link.metrics.out_of_sync.set(oos.bytes() as f64);
+                    }
+                    link.wake.notify_one();
+                }
                 link.metrics.lag_lsn.set(
                     link.sent_next
                         .get()
@@ -221,6 +341,20 @@ async fn receive_acks(
                         .saturating_sub(link.durable_next.get().0) as f64,
                 );
                 primary.progress.notify_waiters();
+            }
+            Kind::RegionCheck => {
+                let c = RegionCheck::decode(&body)?;
+                let mut job = link.job.borrow_mut();
+                let Some(j) = job.as_mut() else {
+                    return Err(LinkError::Protocol(
+                        "region check answer without a resync or verify".into(),
+                    ));
+                };
+                if let Some(region) = j.on_check(c.seq, c.equal).map_err(LinkError::Protocol)? {
+                    link.oos.borrow_mut().set(region);
+                }
+                drop(job);
+                link.wake.notify_one();
             }
             Kind::Pong => {
                 let sent = wire::decode_stamp(&body)?;
@@ -285,49 +419,166 @@ fn push_record(out: &mut Vec<OutBuf>, r: &Record, epoch: u64) {
     }
 }
 
-/// Size of one resync region.
-const REGION: u64 = 1 << 20;
-
-/// Sends one resync region: the primary's data as of after the last record
-/// sent. Runs inside the send loop, so no record can slip between the
-/// snapshot and its place in the stream; records reserved during the read
-/// are sent after it and re-applied by the replica (idempotent).
-async fn resync_step(
+/// Sends one resync region (RESYNC_DATA) or its checksum (RESYNC_CHECK):
+/// the primary's data as of after the last record sent. Runs inside the
+/// send loop, so no record can slip between the snapshot and its place in
+/// the stream; records reserved during the read are sent after it and
+/// re-applied by the replica (idempotent).
+async fn resync_frame(
     vol: &Volume,
     link: &LinkState,
     sock: &Socket,
-    offset: u64,
-) -> Result<u64, LinkError> {
+    region: usize,
+    seq: u64,
+    check: bool,
+) -> Result<(), LinkError> {
+    let offset = region as u64 * REGION;
     let len = REGION.min(vol.info().size - offset);
     let after = link.sent_next.get().0.saturating_sub(1);
     let data = vol
         .read(offset, len)
         .await
         .map_err(|e| LinkError::Protocol(format!("resync read at {offset} failed: {e:?}")))?;
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for (b, s, e) in &data.parts {
-        h.update(&b[*s..*e]);
-    }
     let rh = wire::ResyncHeader {
         after_lsn: after,
         offset,
         length: len,
-        hash: h.digest(),
+        hash: data.xxh3(),
+        seq,
     };
-    let mut head = wire::frame_header(
-        Kind::ResyncData,
-        (wire::RESYNC_HEADER_LEN as u64 + len) as u32,
-    )
-    .to_vec();
+    let (kind, body) = if check {
+        (Kind::ResyncCheck, wire::RESYNC_HEADER_LEN as u64)
+    } else {
+        (Kind::ResyncData, wire::RESYNC_HEADER_LEN as u64 + len)
+    };
+    let mut head = wire::frame_header(kind, body as u32).to_vec();
     head.extend_from_slice(&rh.encode());
     let mut out = vec![OutBuf::Bytes(head, 0)];
-    out.extend(
-        data.parts
-            .into_iter()
-            .map(|(b, s, e)| OutBuf::Fixed(b, s, e)),
-    );
+    if check {
+        link.metrics.resync_checked.increment(len);
+    } else {
+        link.metrics.resync_sent.increment(len);
+        out.extend(
+            data.parts
+                .into_iter()
+                .map(|(b, s, e)| OutBuf::Fixed(b, s, e)),
+        );
+    }
     write_all(sock, out).await?;
-    Ok(offset + len)
+    Ok(())
+}
+
+/// One step of the link's resync or verify pass, if one runs and may send
+/// now. Returns whether it put something in the stream.
+async fn job_step(
+    vol: &Volume,
+    primary: &Primary,
+    link: &LinkState,
+    sock: &Socket,
+    budget: &mut Budget,
+) -> Result<bool, LinkError> {
+    if link.job.borrow().is_none() {
+        // A verify starts once the replica streams live (it compares the
+        // same moment of the stream on both sides, so writes may go on).
+        let ready = *link.phase.borrow() == Phase::InSync;
+        if let Some(repair) = link.verify_request.get().filter(|_| ready) {
+            link.verify_request.set(None);
+            let job = Job::new(
+                JobKind::Verify { repair },
+                &link.oos.borrow(),
+                vol.info().size,
+            );
+            tracing::info!(volume = %vol.info().name, peer = %link.peer.name, "verify of {} started{}", link.peer.name, if repair { " (repairing differences)" } else { "" });
+            *link.job.borrow_mut() = Some(job);
+            *budget = Budget::new();
+        } else {
+            return Ok(false);
+        }
+    }
+    let may = budget.allows(primary.resync_rate.get());
+    let (step, seq) = {
+        let mut job = link.job.borrow_mut();
+        let j = job.as_mut().expect("checked above");
+        let step = j.next_step(&link.oos.borrow(), may);
+        let seq = match step {
+            Step::Check(r) => j.sent(r, true),
+            Step::Data(r) => j.sent(r, false),
+            _ => 0,
+        };
+        let (done, total) = j.progress();
+        link.metrics.resync_remaining.set((total - done) as f64);
+        (step, seq)
+    };
+    match step {
+        Step::Check(r) | Step::Data(r) => {
+            resync_frame(vol, link, sock, r, seq, matches!(step, Step::Check(_))).await?;
+            budget.spend(REGION.min(vol.info().size - r as u64 * REGION));
+            Ok(true)
+        }
+        Step::Done | Step::Finished => {
+            if step == Step::Done {
+                frames::send(sock, Kind::ResyncDone, &[]).await?;
+            }
+            let job = link.job.borrow_mut().take().expect("checked above");
+            if let Err(e) = link.oos.borrow_mut().persist_if_dirty() {
+                tracing::error!(volume = %vol.info().name, peer = %link.peer.name, "cannot write the out-of-sync bitmap: {e}");
+            }
+            link.metrics.resync_remaining.set(0.0);
+            match job.kind {
+                JobKind::Resync { checksum } => tracing::info!(
+                    volume = %vol.info().name, peer = %link.peer.name,
+                    "resync of {} complete: {} sent{} in {:.1?}",
+                    link.peer.name,
+                    crate::units::ByteSize(job.sent_bytes),
+                    if checksum { format!(" of {} compared", crate::units::ByteSize(job.total_bytes)) } else { String::new() },
+                    job.started.elapsed()
+                ),
+                JobKind::Verify { repair } => {
+                    let status = crate::admin::VerifyStatus::running(&job, repair);
+                    tracing::info!(
+                        volume = %vol.info().name, peer = %link.peer.name,
+                        "verify of {} complete: {} differing region(s){} in {:.1?}",
+                        link.peer.name,
+                        job.differing.len(),
+                        if repair && !job.differing.is_empty() { ", repaired" } else { "" },
+                        job.started.elapsed()
+                    );
+                    *link.last_verify.borrow_mut() = Some(crate::admin::VerifyStatus {
+                        running: false,
+                        ..status
+                    });
+                }
+            }
+            Ok(true)
+        }
+        Step::Wait => Ok(false),
+    }
+}
+
+/// The resync rate limiter: bytes allowed so far at `rate` per second,
+/// with one region of burst.
+struct Budget {
+    since: Instant,
+    spent: u64,
+}
+
+impl Budget {
+    fn new() -> Budget {
+        Budget {
+            since: Instant::now(),
+            spent: 0,
+        }
+    }
+
+    fn allows(&self, rate: u64) -> bool {
+        let rate = rate.max(1 << 20);
+        let allowed = (self.since.elapsed().as_secs_f64() * rate as f64) as u64 + REGION;
+        self.spent < allowed
+    }
+
+    fn spend(&mut self, bytes: u64) {
+        self.spent += bytes;
+    }
 }
 
 async fn send_loop(
@@ -340,32 +591,12 @@ async fn send_loop(
     let epoch = vol.journal().epoch().0;
     let ping_every = hb / 3;
     let mut last_send = Instant::now();
-    let resync_started = Instant::now();
+    let mut budget = Budget::new();
     loop {
-        if let Some((done, total)) = link.resync.get() {
-            // Rate-limited: a region whenever the budget allows, live records in between.
-            let rate = primary.resync_rate.get().max(1 << 20);
-            let allowed = (resync_started.elapsed().as_secs_f64() * rate as f64) as u64 + REGION;
-            if done < total && done < allowed {
-                let next = resync_step(vol, link, sock, done).await?;
-                link.resync.set(Some((next, total)));
-                link.metrics.resync_remaining.set((total - next) as f64);
-                last_send = Instant::now();
-                continue;
-            }
-            if done >= total {
-                frames::send(sock, Kind::ResyncDone, &[]).await?;
-                link.resync.set(None);
-                tracing::info!(
-                    volume = %vol.info().name,
-                    peer = %link.peer.name,
-                    "resync of {} sent ({} bytes in {:.1?})",
-                    link.peer.name,
-                    total,
-                    resync_started.elapsed()
-                );
-                continue;
-            }
+        // Resync and verify frames go between records, rate-limited.
+        if job_step(vol, primary, link, sock, &mut budget).await? {
+            last_send = Instant::now();
+            continue;
         }
         let cursor = link.sent_next.get();
         let wake = link.wake.notified();
@@ -428,7 +659,7 @@ async fn send_loop(
         }
         // Idle: wait for records, pinging so the replica knows we live.
         let mut left = ping_every.saturating_sub(last_send.elapsed());
-        if link.resync.get().is_some() {
+        if link.job.borrow().is_some() || link.verify_request.get().is_some() {
             left = left.min(Duration::from_millis(10));
         }
         if ping_every.saturating_sub(last_send.elapsed()).is_zero() {

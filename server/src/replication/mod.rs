@@ -7,8 +7,10 @@
 //! - [`accept`]: the replica's listener, routing each primary to its volume's core.
 
 pub mod accept;
+pub mod bitmap;
 pub mod frames;
 pub mod link;
+pub mod resync;
 pub mod session;
 pub mod wire;
 
@@ -146,8 +148,14 @@ pub struct LinkState {
     pub retain: Cell<bool>,
     /// Last heartbeat round trip, in microseconds.
     pub rtt_us: Cell<u64>,
-    /// Resync progress (bytes done, total) while one runs.
-    pub resync: Cell<Option<(u64, u64)>>,
+    /// The resync or verify pass running on the connection, if any.
+    pub job: RefCell<Option<resync::Job>>,
+    /// Regions the replica may lack that the journal no longer holds (persistent).
+    pub oos: RefCell<bitmap::OutOfSync>,
+    /// A verify asked for by the operator (Some(repair)), started by the send loop.
+    pub verify_request: Cell<Option<bool>>,
+    /// The outcome of the last verify pass.
+    pub last_verify: RefCell<Option<crate::admin::VerifyStatus>>,
     /// Woken when new records can be sent.
     pub wake: Notify,
     /// Its metrics.
@@ -173,12 +181,26 @@ pub struct Primary {
 }
 
 impl Primary {
-    /// State for a primary volume (named `volume`) whose next LSN is `next`.
-    pub fn new(cfg: ReplicationConfig, next: Lsn, volume: &str) -> Primary {
+    /// State for a primary volume (named `volume`, `size` bytes, in
+    /// `epoch`) whose next LSN is `next`; each peer's out-of-sync bitmap is
+    /// loaded from beside `journal`.
+    pub fn new(
+        cfg: ReplicationConfig,
+        next: Lsn,
+        volume: &str,
+        size: u64,
+        epoch: u64,
+        journal: &std::path::Path,
+    ) -> Primary {
         let links = cfg
             .peers
             .iter()
             .map(|p| {
+                let path = bitmap::path_for(journal, &p.name);
+                let oos = bitmap::OutOfSync::load(path.clone(), size, epoch).unwrap_or_else(|e| {
+                    tracing::error!(volume, peer = %p.name, "cannot read the out-of-sync bitmap {}: {e}; the replica will get a full checksum resync", path.display());
+                    bitmap::OutOfSync::new(path, size, epoch)
+                });
                 Rc::new(LinkState {
                     peer: p.clone(),
                     phase: RefCell::new(Phase::Connecting),
@@ -187,7 +209,10 @@ impl Primary {
                     durable_next: Cell::new(Lsn(0)),
                     retain: Cell::new(true),
                     rtt_us: Cell::new(0),
-                    resync: Cell::new(None),
+                    job: RefCell::new(None),
+                    oos: RefCell::new(oos),
+                    verify_request: Cell::new(None),
+                    last_verify: RefCell::new(None),
                     wake: Notify::new(),
                     metrics: crate::telemetry::ReplicaMetrics::new(volume, &p.name),
                 })

@@ -207,6 +207,7 @@ async fn serve(
     let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let received = Rc::new(Cell::new(Lsn(durable)));
     let bump = Rc::new(Notify::new());
+    let resync = Rc::new(ResyncProgress::default());
     let writer = {
         let sock = sock.clone();
         tokio_uring::spawn(async move { write_frames(sock, rx).await })
@@ -216,10 +217,18 @@ async fn serve(
         let tx = tx.clone();
         let received = received.clone();
         let bump = bump.clone();
-        tokio_uring::spawn(async move { ack_loop(vol, tx, received, bump).await })
+        let resync = resync.clone();
+        tokio_uring::spawn(async move { ack_loop(vol, tx, received, bump, resync).await })
     };
-    let result = receive(vol, sock, hello, ctx, &tx, &received, &bump).await;
+    let syncer = {
+        let vol = vol.clone();
+        let bump = bump.clone();
+        let resync = resync.clone();
+        tokio_uring::spawn(async move { resync_syncer(vol, bump, resync).await })
+    };
+    let result = receive(vol, sock, hello, ctx, &tx, &received, &bump, &resync).await;
     acker.abort();
+    syncer.abort();
     drop(tx);
     let _ = writer.await;
     result
@@ -246,22 +255,58 @@ async fn write_frames(sock: Rc<Socket>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>
     }
 }
 
+/// Resync frames handled, and how many of them are durable in the store.
+#[derive(Default)]
+struct ResyncProgress {
+    /// Highest resync frame sequence number handled (written or compared).
+    processed: Cell<u64>,
+    /// Highest one whose effect is durable (the store was synced after it).
+    durable: Cell<u64>,
+    /// Woken when `processed` moves.
+    work: Notify,
+}
+
+/// Makes handled resync regions durable (one store sync covers every
+/// region handled before it) and lets the ACKs report them.
+async fn resync_syncer(vol: Rc<Volume>, bump: Rc<Notify>, resync: Rc<ResyncProgress>) {
+    loop {
+        let notified = resync.work.notified();
+        let target = resync.processed.get();
+        if target > resync.durable.get() {
+            match vol.sync_store().await {
+                Ok(()) => {
+                    resync.durable.set(target);
+                    bump.notify_one();
+                }
+                Err(e) => {
+                    tracing::error!(volume = %vol.info().name, "{e}; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            continue;
+        }
+        notified.await;
+    }
+}
+
 /// Sends an ACK whenever what is received or durable moves.
 async fn ack_loop(
     vol: Rc<Volume>,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     received: Rc<Cell<Lsn>>,
     bump: Rc<Notify>,
+    resync: Rc<ResyncProgress>,
 ) {
     let mut progress = vol.journal().subscribe();
-    let mut last = (u64::MAX, u64::MAX);
+    let mut last = (u64::MAX, u64::MAX, u64::MAX);
     loop {
         let ack = Ack {
             received: received.get().0,
             durable: vol.journal().durable_next().0.saturating_sub(1),
+            resync_durable: resync.durable.get(),
         };
-        if (ack.received, ack.durable) != last {
-            last = (ack.received, ack.durable);
+        if (ack.received, ack.durable, ack.resync_durable) != last {
+            last = (ack.received, ack.durable, ack.resync_durable);
             if tx.send(wire::frame(Kind::Ack, &ack.encode())).is_err() {
                 return;
             }
@@ -273,6 +318,7 @@ async fn ack_loop(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn receive(
     vol: &Rc<Volume>,
     sock: &Socket,
@@ -281,7 +327,23 @@ async fn receive(
     tx: &mpsc::UnboundedSender<Vec<u8>>,
     received: &Cell<Lsn>,
     bump: &Notify,
+    resync: &ResyncProgress,
 ) -> Result<(), LinkError> {
+    let mut last_seq = 0u64;
+    // Resync frames are numbered 1, 2, … on a connection, in stream order.
+    let mut next_seq = |seq: u64, tx: &mpsc::UnboundedSender<Vec<u8>>| {
+        if seq != last_seq + 1 {
+            return Err(reject_err(
+                tx,
+                format!(
+                    "resync frame {seq} out of order (expected {})",
+                    last_seq + 1
+                ),
+            ));
+        }
+        last_seq = seq;
+        Ok(())
+    };
     let fixed = vol.pool().registered();
     loop {
         let h = match frames::read_header(sock, ctx.heartbeat_timeout).await {
@@ -383,9 +445,37 @@ async fn receive(
                         format!("resync region at {}: checksum mismatch", rh.offset),
                     ));
                 }
+                next_seq(rh.seq, tx)?;
                 vol.write_resync_region(Lsn(rh.after_lsn), rh.offset, p)
                     .await
                     .map_err(|e| reject_err(tx, e))?;
+                resync.processed.set(rh.seq);
+                resync.work.notify_one();
+            }
+            Kind::ResyncCheck => {
+                if h.len as usize != wire::RESYNC_HEADER_LEN {
+                    return Err(LinkError::Protocol(
+                        "resync check frame is not one resync header".into(),
+                    ));
+                }
+                let hb =
+                    frames::read_body(sock, wire::RESYNC_HEADER_LEN as u32, ctx.heartbeat_timeout)
+                        .await?;
+                let rh =
+                    wire::ResyncHeader::decode(&hb).inspect_err(|e| reject(tx, e.to_string()))?;
+                next_seq(rh.seq, tx)?;
+                let mine = vol
+                    .region_hash(Lsn(rh.after_lsn), rh.offset, rh.length)
+                    .await
+                    .map_err(|e| reject_err(tx, e))?;
+                let answer = wire::RegionCheck {
+                    seq: rh.seq,
+                    offset: rh.offset,
+                    equal: mine == rh.hash,
+                };
+                let _ = tx.send(wire::frame(Kind::RegionCheck, &answer.encode()));
+                resync.processed.set(rh.seq);
+                resync.work.notify_one();
             }
             Kind::ResyncDone => {
                 let _ = frames::read_body(sock, h.len, ctx.heartbeat_timeout).await?;

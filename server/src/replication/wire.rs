@@ -10,7 +10,7 @@ use sha2::Sha256;
 /// Frame magic: "MBRP".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MBRP");
 /// Protocol version spoken by this build.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes of a frame header.
 pub const FRAME_HEADER_LEN: usize = 12;
 /// Largest body of a control message.
@@ -47,6 +47,11 @@ pub enum Kind {
     ResyncData = 9,
     /// End of a resync: the replica is consistent again.
     ResyncDone = 10,
+    /// A region's checksum, ordered in the record stream: the replica
+    /// compares it with its own copy and answers with REGION_CHECK.
+    ResyncCheck = 11,
+    /// Replica's answer to RESYNC_CHECK: equal or not.
+    RegionCheck = 12,
 }
 
 impl Kind {
@@ -62,6 +67,8 @@ impl Kind {
             8 => Kind::Error,
             9 => Kind::ResyncData,
             10 => Kind::ResyncDone,
+            11 => Kind::ResyncCheck,
+            12 => Kind::RegionCheck,
             _ => return None,
         })
     }
@@ -390,7 +397,9 @@ impl Auth {
     }
 }
 
-/// Header of a RESYNC_DATA body; `length` data bytes follow.
+/// Header of a RESYNC_DATA body (`length` data bytes follow) and the whole
+/// body of a RESYNC_CHECK (no data: `hash` is the primary's checksum of the
+/// region).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResyncHeader {
     /// The region's data is the primary's as of after this LSN: the replica
@@ -402,10 +411,13 @@ pub struct ResyncHeader {
     pub length: u64,
     /// xxh3-64 of the data.
     pub hash: u64,
+    /// Sequence number of this resync frame on the connection (from 1): the
+    /// replica reports the highest one whose effect is durable in its ACKs.
+    pub seq: u64,
 }
 
 /// Bytes of a resync header.
-pub const RESYNC_HEADER_LEN: usize = 32;
+pub const RESYNC_HEADER_LEN: usize = 48;
 
 impl ResyncHeader {
     /// Encodes.
@@ -415,6 +427,8 @@ impl ResyncHeader {
         b[8..16].copy_from_slice(&self.offset.to_le_bytes());
         b[16..24].copy_from_slice(&self.length.to_le_bytes());
         b[24..32].copy_from_slice(&self.hash.to_le_bytes());
+        b[32..40].copy_from_slice(&self.seq.to_le_bytes());
+        // 40..48 reserved, zero.
         b
     }
 
@@ -429,7 +443,11 @@ impl ResyncHeader {
             offset: r.u64()?,
             length: r.u64()?,
             hash: r.u64()?,
+            seq: r.u64()?,
         };
+        if r.u64()? != 0 {
+            return Err(WireError::BadField("resync header reserved bytes"));
+        }
         if !crate::units::is_aligned(h.offset)
             || !crate::units::is_aligned(h.length)
             || h.length > 4 << 20
@@ -555,14 +573,21 @@ pub struct Ack {
     pub received: u64,
     /// Highest LSN durable in the replica's journal.
     pub durable: u64,
+    /// Highest resync frame sequence number whose effect (region written,
+    /// or found equal) is durable in the replica's store (0: none).
+    pub resync_durable: u64,
 }
+
+/// Bytes of an ACK body.
+pub const ACK_LEN: usize = 24;
 
 impl Ack {
     /// Encodes the body.
-    pub fn encode(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
+    pub fn encode(&self) -> [u8; ACK_LEN] {
+        let mut b = [0u8; ACK_LEN];
         b[..8].copy_from_slice(&self.received.to_le_bytes());
-        b[8..].copy_from_slice(&self.durable.to_le_bytes());
+        b[8..16].copy_from_slice(&self.durable.to_le_bytes());
+        b[16..].copy_from_slice(&self.resync_durable.to_le_bytes());
         b
     }
 
@@ -572,6 +597,51 @@ impl Ack {
         Ok(Ack {
             received: r.u64()?,
             durable: r.u64()?,
+            resync_durable: r.u64()?,
+        })
+    }
+}
+
+/// The replica's answer to one RESYNC_CHECK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionCheck {
+    /// The check's sequence number.
+    pub seq: u64,
+    /// Its region's offset.
+    pub offset: u64,
+    /// Whether the replica's copy has the same checksum.
+    pub equal: bool,
+}
+
+/// Bytes of a REGION_CHECK body.
+pub const REGION_CHECK_LEN: usize = 24;
+
+impl RegionCheck {
+    /// Encodes the body.
+    pub fn encode(&self) -> [u8; REGION_CHECK_LEN] {
+        let mut b = [0u8; REGION_CHECK_LEN];
+        b[..8].copy_from_slice(&self.seq.to_le_bytes());
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b[16] = u8::from(self.equal);
+        b
+    }
+
+    /// Decodes a body.
+    pub fn decode(b: &[u8]) -> Result<RegionCheck, WireError> {
+        let mut r = Reader {
+            b,
+            what: "REGION_CHECK",
+        };
+        let seq = r.u64()?;
+        let offset = r.u64()?;
+        let flags = r.u64()?;
+        if flags > 1 {
+            return Err(WireError::BadField("region check flags"));
+        }
+        Ok(RegionCheck {
+            seq,
+            offset,
+            equal: flags == 1,
         })
     }
 }
@@ -655,6 +725,8 @@ mod tests {
             let _ = HelloReply::decode(&b);
             let _ = Auth::decode(&b);
             let _ = Ack::decode(&b);
+            let _ = RegionCheck::decode(&b);
+            let _ = ResyncHeader::decode(&b);
             let _ = ErrorMsg::decode(&b);
             let _ = decode_stamp(&b);
             if b.len() >= RECORD_HEADER_LEN {
@@ -667,6 +739,23 @@ mod tests {
                 a.copy_from_slice(&b[..FRAME_HEADER_LEN]);
                 let _ = decode_frame_header(&a);
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn resync_header_round_trips(after in any::<u64>(), block in 0u64..1 << 40, blocks in 1u64..=1024,
+                                     hash in any::<u64>(), seq in any::<u64>()) {
+            let h = ResyncHeader { after_lsn: after, offset: block * 4096, length: blocks * 4096, hash, seq };
+            prop_assert_eq!(ResyncHeader::decode(&h.encode()), Ok(h));
+        }
+
+        #[test]
+        fn ack_and_region_check_round_trip(a in any::<u64>(), b in any::<u64>(), c in any::<u64>(), equal in any::<bool>()) {
+            let ack = Ack { received: a, durable: b, resync_durable: c };
+            prop_assert_eq!(Ack::decode(&ack.encode()), Ok(ack));
+            let rc = RegionCheck { seq: a, offset: b, equal };
+            prop_assert_eq!(RegionCheck::decode(&rc.encode()), Ok(rc));
         }
     }
 
