@@ -165,8 +165,9 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE")]
     pub max_lag: Option<ByteSize>,
 
-    /// Bandwidth of a full resync, per replica (live writes are never held
-    /// for it). [default: 200M per second]
+    /// Bandwidth of resyncs and verifies, per replica: region bytes sent
+    /// per second (a checksum comparison counts a sixteenth of its region).
+    /// Live writes are never held for it. [default: 200M per second]
     #[arg(long, value_name = "SIZE")]
     pub resync_rate: Option<ByteSize>,
 

@@ -258,7 +258,7 @@ impl Volume {
             .await
             .map_err(|e| format!("rebasing the journal failed: {e}"))?;
         self.applied_next.set(start);
-        tracing::warn!(volume = %self.info.name, "full resync from the primary starting at LSN {start}: this node is Inconsistent until it completes");
+        tracing::warn!(volume = %self.info.name, "resyncing from the primary, whose stream continues at LSN {start}: this node is Inconsistent until the resync completes");
         Ok(())
     }
 

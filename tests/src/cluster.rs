@@ -474,3 +474,74 @@ pub fn assert_stores_identical(nodes: &[&Node]) {
         }
     }
 }
+
+/// The admin CLI binary, built next to the daemon (built here if missing).
+pub fn mirrorblk_cli() -> PathBuf {
+    let cli = crate::daemon::mirrorblkd_path().with_file_name("mirrorblk");
+    if !cli.exists() {
+        let st = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-p", "mirrorblk-tools", "--bin", "mirrorblk"])
+            .current_dir(crate::daemon::workspace_root())
+            .status()
+            .expect("run cargo");
+        assert!(st.success(), "building the mirrorblk CLI failed");
+    }
+    cli
+}
+
+/// What a `mirrorblk` run printed and how it ended.
+#[derive(Debug)]
+pub struct CliRun {
+    /// Exit code (-1: killed at the deadline).
+    pub code: i32,
+    /// Its stdout.
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+}
+
+impl Node {
+    /// Runs `mirrorblk --admin-socket <this node's> ARGS…`, killed (by its
+    /// PID) if it runs longer than `limit`.
+    pub fn cli(&self, args: &[&str], limit: Duration) -> CliRun {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(mirrorblk_cli())
+            .arg("--admin-socket")
+            .arg(&self.files.admin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the mirrorblk CLI");
+        let mut out = child.stdout.take().expect("piped");
+        let mut err = child.stderr.take().expect("piped");
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let ereader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let deadline = Instant::now() + limit;
+        let code = loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                break st.code().unwrap_or(-1);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break -1;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        CliRun {
+            code,
+            stdout: reader.join().unwrap_or_default(),
+            stderr: ereader.join().unwrap_or_default(),
+        }
+    }
+}

@@ -44,19 +44,7 @@ fn sample(text: &str, prefix: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {prefix} in:\n{text}"))
 }
 
-/// The admin CLI binary, built next to the daemon (built here if missing).
-fn mirrorblk_cli() -> std::path::PathBuf {
-    let cli = mirrorblk_tests::daemon::mirrorblkd_path().with_file_name("mirrorblk");
-    if !cli.exists() {
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", "mirrorblk-tools", "--bin", "mirrorblk"])
-            .current_dir(workspace_root())
-            .status()
-            .expect("run cargo");
-        assert!(st.success(), "building the mirrorblk CLI failed");
-    }
-    cli
-}
+use mirrorblk_tests::cluster::mirrorblk_cli;
 
 #[test]
 fn systemd_unit_verifies() {

@@ -32,6 +32,8 @@ mod replication {
     /// Bound on a freshly started cluster reaching in-sync (debug builds, a
     /// loaded 2-core machine, the primary's reconnect backoff).
     const IN_SYNC_TIMEOUT: Duration = Duration::from_secs(20);
+    /// Bound on `mirrorblk verify` of a 256M volume (at the default resync rate).
+    const VERIFY_TIMEOUT: Duration = Duration::from_secs(60);
 
     /// Replicas n2 and n3 first (so the primary finds them at once), then
     /// primary n1 with `primary_extra` flags. All with `secret` and journals of
@@ -145,6 +147,15 @@ mod replication {
         );
 
         assert_same_durable_lsn(&p, &[&r2, &r3], "right after fio (sync mode)");
+
+        let v = p.cli(&["verify"], VERIFY_TIMEOUT);
+        assert_eq!(
+            v.code, 0,
+            "mirrorblk verify did not report all identical: {v:#?}"
+        );
+        for r in ["vol0/n2: identical", "vol0/n3: identical"] {
+            assert!(v.stdout.contains(r), "verify report lacks {r:?}: {v:#?}");
+        }
 
         p.stop();
         r2.stop();
@@ -301,10 +312,11 @@ mod replication {
     }
 
     /// A replica killed with -9 under write load (sync mode, heartbeat 2 s, 64M
-    /// journals) and restarted 2 s later is brought back (by a full resync when
-    /// the primary's journal no longer holds what it missed, else from the
-    /// journal) until it streams in-sync and is consistent; after the load all
-    /// three data stores are byte-identical.
+    /// journals) and restarted 2 s later is brought back (by a bitmap resync
+    /// when the primary's journal no longer holds what it missed, else from
+    /// the journal; never by a full resync: the primary knows what it missed)
+    /// until it streams in-sync and is consistent; after the load all three
+    /// data stores are byte-identical.
     #[test]
     fn replica_killed_under_load_resyncs_and_converges() {
         let o = replica_outage_under_load(
@@ -314,29 +326,36 @@ mod replication {
             Duration::from_secs(2),
             Duration::from_secs(2),
         );
-        let full = o
+        let resyncs: Vec<&String> = o
             .primary_log
             .iter()
-            .any(|l| l.contains("full resync of n2"));
+            .filter(|l| l.contains("resync of n2 ("))
+            .collect();
         eprintln!(
             "n2 came back by {}; reconnections: {:#?}",
-            if full {
-                "a full resync"
-            } else {
+            if resyncs.is_empty() {
                 "catch-up from the journal"
+            } else {
+                "a bitmap resync"
             },
             o.reconnects
         );
-        if full {
+        for line in &resyncs {
+            assert!(
+                line.contains("bitmap resync of n2"),
+                "the primary knew what n2 missed, yet did not resync it by bitmap: {line}"
+            );
+        }
+        if !resyncs.is_empty() {
             assert!(
                 o.primary_log
                     .iter()
-                    .any(|l| l.contains("resync of n2 sent")),
-                "a full resync of n2 started but the primary never logged it sent"
+                    .any(|l| l.contains("resync of n2 complete")),
+                "a resync of n2 started but the primary never logged it complete"
             );
             assert!(
                 o.replica_log.iter().any(|l| l.contains("resync complete")),
-                "a full resync of n2 started but n2 never logged it complete:\n{}",
+                "a resync of n2 started but n2 never logged it complete:\n{}",
                 o.replica_log.join("\n")
             );
         }
@@ -359,17 +378,17 @@ mod replication {
         let resyncs: Vec<&String> = o
             .primary_log
             .iter()
-            .filter(|l| l.contains("full resync"))
+            .filter(|l| l.contains("resync of n2 ("))
             .collect();
         assert!(
             resyncs.is_empty(),
-            "a 1 s outage with 256M journals ended in a full resync: {resyncs:#?}"
+            "a 1 s outage with 256M journals ended in a resync: {resyncs:#?}"
         );
         assert!(
             !o.replica_log
                 .iter()
-                .any(|l| l.contains("full resync from the primary")),
-            "n2 was resynced in full:\n{}",
+                .any(|l| l.contains("resyncing from the primary")),
+            "n2 was resynced:\n{}",
             o.replica_log.join("\n")
         );
         let next = recovered_next_lsn(&o.replica_log).unwrap_or_else(|| {
@@ -998,5 +1017,304 @@ mod replication {
             .flat_map(check_mode)
             .collect();
         assert!(bad.is_empty(), "broken promises:\n{}", bad.join("\n"));
+    }
+
+    // ---- resync by bitmap and checksum, resumption, verify ----
+
+    /// Writes `mib` MiB of pattern data (1 MiB requests, seed `seed`) at
+    /// `offset` through `node`, then FLUSH.
+    fn write_mib(node: &Node, offset: u64, mib: u64, seed: u64) {
+        let mut c = node.daemon.connect(EXPORT);
+        for i in 0..mib {
+            c.write(offset + i * MIB, &pattern(seed + i, MIB as usize), false)
+                .unwrap_or_else(|e| panic!("write at {} MiB: {e}", offset / MIB + i));
+        }
+        c.flush().expect("flush");
+    }
+
+    /// The number after `key` in the first primary log line containing `needle`.
+    fn logged_number(node: &Node, needle: &str, key: &str) -> u64 {
+        let lines = node.log_lines_with(needle);
+        let line = lines.first().unwrap_or_else(|| {
+            panic!(
+                "{} never logged {needle:?}; its log:\n{}",
+                node.name(),
+                node.daemon.log()
+            )
+        });
+        let tail = line
+            .split(key)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {key:?} in {line:?}"));
+        let digits: String = tail.chars().take_while(char::is_ascii_digit).collect();
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("no number after {key:?} in {line:?}"))
+    }
+
+    /// Waits until every replica of `p` streams in-sync with no resync, no
+    /// out-of-sync region, at the primary's last LSN.
+    fn wait_converged(p: &Node, limit: Duration, what: &str) {
+        p.wait_status(limit, what, |s| {
+            s.replicas.iter().all(|r| {
+                r.state == "in-sync"
+                    && r.resync.is_none()
+                    && r.out_of_sync_bytes == 0
+                    && r.durable_lsn == s.last_lsn
+            })
+        });
+    }
+
+    /// A replica that is away while more than half of the primary's (8M)
+    /// journal is written is brought back by a bitmap resync of exactly the
+    /// regions written meanwhile (24 MiB written within the first 32 MiB of a
+    /// 256 MiB volume: at most 32 regions), not a full one; all identical.
+    #[test]
+    fn bitmap_resync_after_the_journal_let_go() {
+        let dir = TestDir::new();
+        let secret = write_secret(&dir, "secret");
+        let (mut p, mut r2, mut r3) = three_nodes(
+            &dir,
+            &secret,
+            "8M",
+            &["--mode", "sync", "--heartbeat-timeout", "2s"],
+        );
+        p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
+        write_mib(&p, 200 * MIB, 2, 1);
+        r2.daemon.kill9();
+        p.wait_status(Duration::from_secs(10), "n2 noticed gone", |s| {
+            view_of(s, "n2").state != "in-sync"
+        });
+        // 24 MiB: three times the journal, all within regions 0..32.
+        let mut c = p.daemon.connect(EXPORT);
+        let mut rng = Rng::new(7);
+        for i in 0..(24 * MIB / (64 * 1024)) {
+            let block = rng.next_u64() % (32 * MIB / (64 * 1024));
+            c.write(block * 64 * 1024, &pattern(100 + i, 64 * 1024), false)
+                .expect("write while n2 is away");
+        }
+        c.flush().expect("flush");
+        let away = view_of(&p.status(), "n2");
+        assert!(
+            away.out_of_sync_bytes > 0 && away.out_of_sync_bytes <= 32 * MIB,
+            "the primary did not mark what n2 missed in its bitmap (1..=32 MiB): {away:#?}"
+        );
+        r2.daemon.restart();
+        wait_converged(
+            &p,
+            Duration::from_secs(60),
+            "n2 back in sync after a bitmap resync",
+        );
+        let regions = logged_number(&p, "bitmap resync of n2", " in ");
+        assert!(
+            (1..=32).contains(&regions),
+            "the bitmap resync covered {regions} regions, want 1..=32"
+        );
+        assert!(
+            p.log_lines_with("full checksum resync of n2").len() <= 1,
+            "n2 got a second full resync"
+        );
+        let sent = logged_number(&p, "resync of n2 complete", "complete: ");
+        assert!(
+            sent <= 32 * MIB,
+            "the bitmap resync sent {sent} bytes, more than the 32 MiB written"
+        );
+        p.stop();
+        r2.stop();
+        r3.stop();
+        assert_stores_identical(&[&p, &r2, &r3]);
+    }
+
+    /// A replica whose journal is lost (a new volume UUID: its data is
+    /// unknown) gets a full checksum resync: every region is compared, and only
+    /// the one region that differs (corrupted while it was down) is sent.
+    #[test]
+    fn checksum_resync_sends_only_differing_regions() {
+        let dir = TestDir::new();
+        let secret = write_secret(&dir, "secret");
+        let (mut p, mut r2, mut r3) = three_nodes(&dir, &secret, J64, &["--mode", "sync"]);
+        p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
+        write_mib(&p, 0, 16, 3);
+        wait_converged(&p, Duration::from_secs(30), "n3 has the 16 MiB");
+        r3.stop();
+        std::fs::remove_file(&r3.files.journal).expect("remove n3's journal");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&r3.files.data)
+            .expect("open n3's data");
+        f.write_all_at(&[0xab; 4096], 100 * MIB + 8192)
+            .expect("corrupt n3");
+        drop(f);
+        let before = p.log_lines_with("resync of n3 complete").len();
+        r3.daemon.restart();
+        wait_converged(
+            &p,
+            Duration::from_secs(60),
+            "n3 back after a checksum resync",
+        );
+        let lines = p.log_lines_with("resync of n3 complete");
+        let line = lines
+            .get(before)
+            .unwrap_or_else(|| panic!("no second resync of n3: {lines:#?}"));
+        assert!(
+            line.contains(&format!(
+                "complete: {MIB} bytes of region data sent, {VOLUME_BYTES} bytes compared"
+            )),
+            "want exactly one region sent after comparing the whole volume: {line}"
+        );
+        p.stop();
+        r2.stop();
+        r3.stop();
+        assert_stores_identical(&[&p, &r2, &r3]);
+    }
+
+    /// A full resync of a new replica (slowed to 2 MiB/s) survives a kill -9
+    /// of the replica and then of the primary: each time it goes on from the
+    /// regions still out of sync ("resumed", fewer regions than the volume's),
+    /// and ends with all stores identical.
+    #[test]
+    fn resync_resumes_after_either_side_restarts() {
+        let dir = TestDir::new();
+        let secret = write_secret(&dir, "secret");
+        let mut r2 = Node::start_replica(&dir, "n2", &secret, J64, &[]);
+        let mut p = Node::start_primary(
+            &dir,
+            "n1",
+            &secret,
+            &[&r2],
+            J64,
+            &[
+                "--mode",
+                "sync",
+                "--resync-rate",
+                "2M",
+                "--heartbeat-timeout",
+                "2s",
+            ],
+        );
+        p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
+        write_mib(&p, 0, 24, 5);
+        wait_converged(&p, Duration::from_secs(30), "n2 has the 24 MiB");
+        // A new replica: no journal, an empty data store.
+        r2.stop();
+        std::fs::remove_file(&r2.files.journal).expect("remove n2's journal");
+        std::fs::remove_file(&r2.files.data).expect("remove n2's data");
+        r2.daemon.restart();
+        let mid_resync = |p: &Node, what: &str| {
+            p.wait_status(Duration::from_secs(60), what, |s| {
+                view_of(s, "n2")
+                    .resync
+                    .is_some_and(|(done, total)| done >= 4 * MIB && done + 4 * MIB < total)
+            })
+        };
+        mid_resync(&p, "n2's full resync a little under way");
+        r2.daemon.kill9();
+        r2.daemon.restart();
+        p.wait_status(Duration::from_secs(30), "n2 resuming", |_| {
+            !p.log_lines_with("resumed resync of n2").is_empty()
+        });
+        let regions = logged_number(&p, "resumed resync of n2", " in ");
+        assert!(
+            regions < (VOLUME_BYTES / MIB),
+            "after the replica's restart the resync started over ({regions} regions)"
+        );
+        mid_resync(&p, "n2's resumed resync under way");
+        p.daemon.kill9();
+        p.daemon.restart();
+        p.wait_status(
+            Duration::from_secs(30),
+            "n2 resuming after the primary's restart",
+            |_| !p.log_lines_with("resumed resync of n2").is_empty(),
+        );
+        let regions = logged_number(&p, "resumed resync of n2", " in ");
+        assert!(
+            regions < (VOLUME_BYTES / MIB),
+            "after the primary's restart the resync started over ({regions} regions)"
+        );
+        wait_converged(&p, Duration::from_secs(90), "the resumed resync to finish");
+        assert!(
+            !r2.status().inconsistent,
+            "n2 still Inconsistent after its resync"
+        );
+        p.stop();
+        r2.stop();
+        assert_stores_identical(&[&p, &r2]);
+    }
+
+    /// `mirrorblk verify` finds a region corrupted on one replica behind the
+    /// primary's back (exit 1, the offset reported), `--repair` resends it,
+    /// and a second verify finds all identical, as do the stopped stores.
+    #[test]
+    fn verify_finds_and_repairs_a_corrupted_replica() {
+        let dir = TestDir::new();
+        let secret = write_secret(&dir, "secret");
+        let (mut p, mut r2, mut r3) = three_nodes(&dir, &secret, J64, &["--mode", "sync"]);
+        p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
+        write_mib(&p, 4 * MIB, 4, 9);
+        wait_converged(&p, Duration::from_secs(30), "replicas have the data");
+        r3.stop();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&r3.files.data)
+            .expect("open n3's data");
+        f.write_all_at(&[0x5a; 4096], 5 * MIB + 4096)
+            .expect("corrupt n3");
+        drop(f);
+        p.wait_status(Duration::from_secs(30), "n3 noticed gone", |s| {
+            view_of(s, "n3").state != "in-sync"
+        });
+        r3.daemon.restart();
+        wait_converged(&p, Duration::from_secs(30), "n3 back");
+
+        let v = p.cli(&["verify"], VERIFY_TIMEOUT);
+        assert_eq!(v.code, 1, "verify must fail on a difference: {v:#?}");
+        assert!(v.stdout.contains("vol0/n2: identical"), "{v:#?}");
+        assert!(
+            v.stdout.contains("vol0/n3: 1 differing region(s)")
+                && v.stdout.contains(&(5 * MIB).to_string()),
+            "verify did not report n3's region at 5 MiB: {v:#?}"
+        );
+        let j = p.cli(&["verify", "--json"], VERIFY_TIMEOUT);
+        let report: serde_json::Value = serde_json::from_str(&j.stdout)
+            .unwrap_or_else(|e| panic!("verify --json: {e}: {j:#?}"));
+        let n3 = report
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["replica"] == "n3"))
+            .unwrap_or_else(|| panic!("no n3 in {report:#}"));
+        assert_eq!(
+            n3["differing_offsets"],
+            serde_json::json!([5 * MIB]),
+            "{report:#}"
+        );
+
+        let r = p.cli(&["verify", "--repair"], VERIFY_TIMEOUT);
+        assert_eq!(r.code, 0, "verify --repair failed: {r:#?}");
+        assert!(r.stdout.contains("repaired"), "{r:#?}");
+        let again = p.cli(&["verify"], VERIFY_TIMEOUT);
+        assert_eq!(
+            again.code, 0,
+            "still different after the repair: {again:#?}"
+        );
+
+        // Verify is refused (clearly) while a replica is not in sync.
+        r2.daemon.kill9();
+        p.wait_status(Duration::from_secs(30), "n2 noticed gone", |s| {
+            view_of(s, "n2").state != "in-sync"
+        });
+        let refused = p.cli(&["verify"], VERIFY_TIMEOUT);
+        assert_eq!(refused.code, 1, "{refused:#?}");
+        assert!(
+            refused
+                .stderr
+                .contains("wait until every replica is in sync"),
+            "{refused:#?}"
+        );
+        r2.daemon.restart();
+        wait_converged(&p, Duration::from_secs(30), "n2 back");
+
+        p.stop();
+        r2.stop();
+        r3.stop();
+        assert_stores_identical(&[&p, &r2, &r3]);
     }
 }

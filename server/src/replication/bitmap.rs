@@ -375,7 +375,13 @@ mod tests {
         again.mark(7 * REGION, 1);
         again.persist().unwrap();
         let newest = OutOfSync::load(p.clone(), 200 * REGION, 3).unwrap();
-        assert_eq!(newest, OutOfSync { dirty: false, ..again });
+        assert_eq!(
+            newest,
+            OutOfSync {
+                dirty: false,
+                ..again
+            }
+        );
         // Another epoch's bitmap is not trusted.
         let other = OutOfSync::load(p.clone(), 200 * REGION, 4).unwrap();
         assert!(!other.is_valid() && other.count() == 0);

@@ -274,7 +274,8 @@ fn plan_start(
             oos.count()
         );
     }
-    *link.job.borrow_mut() = kind.map(|k| Job::new(k, &oos, vol.info().size));
+    link.resync_seq.set(1);
+    *link.job.borrow_mut() = kind.map(|k| Job::new(k, &oos, vol.info().size, 1));
     Ok((start, rebase))
 }
 
@@ -487,6 +488,7 @@ async fn job_step(
                 JobKind::Verify { repair },
                 &link.oos.borrow(),
                 vol.info().size,
+                link.resync_seq.get(),
             );
             tracing::info!(volume = %vol.info().name, peer = %link.peer.name, "verify of {} started{}", link.peer.name, if repair { " (repairing differences)" } else { "" });
             *link.job.borrow_mut() = Some(job);
@@ -511,8 +513,12 @@ async fn job_step(
     };
     match step {
         Step::Check(r) | Step::Data(r) => {
-            resync_frame(vol, link, sock, r, seq, matches!(step, Step::Check(_))).await?;
-            budget.spend(REGION.min(vol.info().size - r as u64 * REGION));
+            let check = matches!(step, Step::Check(_));
+            resync_frame(vol, link, sock, r, seq, check).await?;
+            // A check moves 48 bytes but costs a region read on each side:
+            // it spends a sixteenth of a region of the budget.
+            let len = REGION.min(vol.info().size - r as u64 * REGION);
+            budget.spend(if check { len / 16 } else { len });
             Ok(true)
         }
         Step::Done | Step::Finished => {
@@ -520,6 +526,7 @@ async fn job_step(
                 frames::send(sock, Kind::ResyncDone, &[]).await?;
             }
             let job = link.job.borrow_mut().take().expect("checked above");
+            link.resync_seq.set(job.next_seq());
             if let Err(e) = link.oos.borrow_mut().persist_if_dirty() {
                 tracing::error!(volume = %vol.info().name, peer = %link.peer.name, "cannot write the out-of-sync bitmap: {e}");
             }
@@ -527,10 +534,10 @@ async fn job_step(
             match job.kind {
                 JobKind::Resync { checksum } => tracing::info!(
                     volume = %vol.info().name, peer = %link.peer.name,
-                    "resync of {} complete: {} sent{} in {:.1?}",
+                    "resync of {} complete: {} bytes of region data sent{} in {:.1?}",
                     link.peer.name,
-                    crate::units::ByteSize(job.sent_bytes),
-                    if checksum { format!(" of {} compared", crate::units::ByteSize(job.total_bytes)) } else { String::new() },
+                    job.sent_bytes,
+                    if checksum { format!(", {} bytes compared by checksum", job.total_bytes) } else { String::new() },
                     job.started.elapsed()
                 ),
                 JobKind::Verify { repair } => {

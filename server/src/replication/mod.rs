@@ -152,6 +152,8 @@ pub struct LinkState {
     pub job: RefCell<Option<resync::Job>>,
     /// Regions the replica may lack that the journal no longer holds (persistent).
     pub oos: RefCell<bitmap::OutOfSync>,
+    /// Sequence number of the next resync frame on the connection.
+    pub resync_seq: Cell<u64>,
     /// A verify asked for by the operator (Some(repair)), started by the send loop.
     pub verify_request: Cell<Option<bool>>,
     /// The outcome of the last verify pass.
@@ -211,6 +213,7 @@ impl Primary {
                     rtt_us: Cell::new(0),
                     job: RefCell::new(None),
                     oos: RefCell::new(oos),
+                    resync_seq: Cell::new(1),
                     verify_request: Cell::new(None),
                     last_verify: RefCell::new(None),
                     wake: Notify::new(),

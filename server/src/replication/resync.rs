@@ -93,8 +93,11 @@ pub struct Job {
 }
 
 impl Job {
-    /// A pass over `bits` (for a resync: its set regions; for a verify: all).
-    pub fn new(kind: JobKind, bits: &OutOfSync, volume_size: u64) -> Job {
+    /// A pass over `bits` (for a resync: its set regions; for a verify:
+    /// all) whose first frame has sequence number `first_seq` (numbers run
+    /// on per connection, across passes).
+    pub fn new(kind: JobKind, bits: &OutOfSync, volume_size: u64, first_seq: u64) -> Job {
+        assert!(first_seq >= 1, "resync sequence numbers start at 1");
         let total_bytes = match kind {
             JobKind::Resync { .. } => bits.bytes(),
             JobKind::Verify { .. } => volume_size,
@@ -107,7 +110,7 @@ impl Job {
             total_bytes,
             done_bytes: 0,
             sent_bytes: 0,
-            next_seq: 1,
+            next_seq: first_seq,
             pending: VecDeque::new(),
             checks_out: 0,
             wanted: VecDeque::new(),
@@ -265,6 +268,11 @@ impl Job {
         }
     }
 
+    /// The sequence number the next frame on the connection gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// Everything sent and reported durable.
     pub fn finished(&self) -> bool {
         self.done_sent && self.pending.is_empty()
@@ -294,7 +302,7 @@ mod tests {
         b.clear_all();
         b.set(2);
         b.set(7);
-        let mut j = Job::new(JobKind::Resync { checksum: false }, &b, 10 * REGION);
+        let mut j = Job::new(JobKind::Resync { checksum: false }, &b, 10 * REGION, 1);
         assert_eq!(j.total_bytes, 2 * REGION);
         assert_eq!(j.next_step(&b, false), Step::Wait, "rate limited");
         assert_eq!(j.next_step(&b, true), Step::Data(2));
@@ -319,7 +327,7 @@ mod tests {
     fn checksum_resync_sends_only_differing_regions() {
         let mut b = bits(3);
         b.set_all();
-        let mut j = Job::new(JobKind::Resync { checksum: true }, &b, 3 * REGION);
+        let mut j = Job::new(JobKind::Resync { checksum: true }, &b, 3 * REGION, 1);
         let mut seqs = Vec::new();
         for i in 0..3 {
             assert_eq!(j.next_step(&b, true), Step::Check(i));
@@ -348,7 +356,7 @@ mod tests {
     #[test]
     fn verify_reports_and_only_repairs_when_asked() {
         let mut b = bits(4);
-        let mut j = Job::new(JobKind::Verify { repair: false }, &b, 4 * REGION - 8192);
+        let mut j = Job::new(JobKind::Verify { repair: false }, &b, 4 * REGION - 8192, 1);
         let mut last = 0;
         for i in 0..4 {
             assert_eq!(j.next_step(&b, true), Step::Check(i));
@@ -361,7 +369,7 @@ mod tests {
         assert_eq!(j.differing, vec![3 * REGION]);
         assert_eq!(j.progress(), (4 * REGION - 8192, 4 * REGION - 8192));
 
-        let mut j = Job::new(JobKind::Verify { repair: true }, &b, 4 * REGION);
+        let mut j = Job::new(JobKind::Verify { repair: true }, &b, 4 * REGION, 1);
         let s = (0..4)
             .map(|i| {
                 j.next_step(&b, true);
@@ -386,6 +394,7 @@ mod tests {
             JobKind::Resync { checksum: false },
             &b,
             (MAX_PENDING as u64 + 5) * REGION,
+            1,
         );
         for i in 0..MAX_PENDING {
             assert_eq!(j.next_step(&b, true), Step::Data(i));
