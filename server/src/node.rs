@@ -527,6 +527,7 @@ fn run_core(
         let mut volumes: HashMap<String, Rc<Volume>> = HashMap::new();
         for v in vols {
             let info = VolumeInfo {
+                journal: v.config.journal.clone(),
                 name: v.config.name.clone(),
                 description: v.config.description.clone(),
                 size: v.store.size,
@@ -541,7 +542,6 @@ fn run_core(
                 ctl.checkpoint_interval,
                 v.role,
                 ctl.replication.clone(),
-                &v.config.journal,
             );
             vol.metrics().recovery(records, millis);
             volumes.insert(v.config.name.clone(), vol);

@@ -42,6 +42,8 @@ pub struct VolumeInfo {
     pub size: u64,
     /// Whether clients may only read.
     pub read_only: bool,
+    /// Its journal's path (replica bitmaps live beside it).
+    pub journal: std::path::PathBuf,
 }
 
 /// Counters of a volume, for logs, metrics and tests.
@@ -115,7 +117,6 @@ impl Volume {
         checkpoint_interval: Duration,
         role: Role,
         replication: Option<ReplicationConfig>,
-        journal_path: &std::path::Path,
     ) -> Rc<Volume> {
         let applied_next = journal.next_lsn();
         let metrics = VolumeMetrics::new(&info.name);
@@ -127,7 +128,7 @@ impl Volume {
                 &info.name,
                 info.size,
                 journal.epoch().0,
-                journal_path,
+                &info.journal,
             ))),
             _ => None,
         };
