@@ -366,6 +366,9 @@ impl std::fmt::Display for StartFailure {
 /// (same files); each run's log is kept separately.
 pub struct Daemon {
     bin: PathBuf,
+    /// A command the daemon runs under (`ip netns exec NS`), which execs it
+    /// in place, so the PID is the daemon's own.
+    prefix: Vec<OsString>,
     args: Vec<OsString>,
     child: Option<Child>,
     runs: Vec<Arc<Log>>,
@@ -401,8 +404,30 @@ impl Daemon {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Daemon::try_start_under(Vec::new(), args)
+    }
+
+    /// Starts `mirrorblkd` with `args` inside network namespace `netns`
+    /// (through `ip netns exec`, which execs the daemon in place).
+    pub fn try_start_in_netns<I, S>(netns: &str, args: I) -> Result<Daemon, StartFailure>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Daemon::try_start_under(
+            vec!["ip".into(), "netns".into(), "exec".into(), netns.into()],
+            args,
+        )
+    }
+
+    fn try_start_under<I, S>(prefix: Vec<OsString>, args: I) -> Result<Daemon, StartFailure>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut d = Daemon {
             bin: mirrorblkd_path(),
+            prefix,
             args: self::args(args),
             child: None,
             runs: Vec::new(),
@@ -415,7 +440,15 @@ impl Daemon {
 
     fn spawn(&mut self) -> Result<(), StartFailure> {
         assert!(self.child.is_none(), "daemon is already running");
-        let mut child = Command::new(&self.bin)
+        let mut cmd = match self.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let mut child = cmd
             .args(&self.args)
             // The log level comes from the flags only, whatever the caller's environment says.
             .env_remove("MIRRORBLK_LOG")
