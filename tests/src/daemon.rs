@@ -608,6 +608,38 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("NBD handshake for '{export}' failed: {e}"))
     }
 
+    /// How many times the current run has logged `serving NBD on …` (a
+    /// daemon that changes role re-executes itself in place, same PID, and
+    /// serves again, on a new port when it listens on port 0).
+    pub fn serving_count(&self) -> usize {
+        self.log_lines()
+            .iter()
+            .filter(|l| l.contains(SERVING))
+            .count()
+    }
+
+    /// Waits until the current run logs `serving NBD on …` more than
+    /// `seen` times, and takes the new address. Panics with the log on timeout.
+    #[track_caller]
+    pub fn wait_serving_again(&mut self, seen: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.log_lines();
+            let serving: Vec<&String> = lines.iter().filter(|l| l.contains(SERVING)).collect();
+            if serving.len() > seen {
+                self.addr = Some(parse_serving(serving[serving.len() - 1]));
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the daemon did not serve again within {timeout:?}; its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The log of the current (or last) run.
     pub fn log(&self) -> String {
         self.runs.last().map(|l| l.text()).unwrap_or_default()
