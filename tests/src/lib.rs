@@ -10,6 +10,8 @@
 //!   files, admin socket and fixed replication port), their admin-socket
 //!   status, and byte comparison of their data stores.
 //! - [`util`]: seeded randomness, data patterns, polling with a deadline.
+//! - [`proxy`]: a TCP proxy adding a fixed delay each way (cross-site links);
+//!   also the `delay-proxy` binary, which the benchmarks use.
 //!
 //! Every test gets its own temporary directory and its own ephemeral port on
 //! 127.0.0.1, so tests run in parallel under `cargo nextest`.
@@ -24,6 +26,7 @@
 
 pub mod cluster;
 pub mod daemon;
+pub mod proxy;
 pub mod tools;
 pub mod util;
 

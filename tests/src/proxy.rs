@@ -1,0 +1,177 @@
+//! A TCP proxy that delays every byte by a fixed time in each direction:
+//! what a cross-site link looks like to the replication stream (this
+//! kernel has no `tc netem`). Each direction of each connection has a
+//! reader thread that stamps what it reads with its due time and a writer
+//! thread that sends it once due, so order is kept and the delay adds to
+//! (rather than limits) the throughput, like a long pipe.
+//!
+//! Bounded: at most [`MAX_CHUNKS`] chunks of at most 64 KiB wait per
+//! direction (a slow receiver slows the sender, as TCP would), and the
+//! proxy stops accepting when dropped. It only ever listens on and
+//! connects to the addresses it is given (loopback in the tests).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Most chunks in flight per direction.
+pub const MAX_CHUNKS: usize = 1024;
+const CHUNK: usize = 64 << 10;
+
+/// A running proxy; stops accepting (and lets its threads end) when dropped.
+pub struct DelayProxy {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl DelayProxy {
+    /// Listens on `listen` (port 0: any free port) and relays each
+    /// connection to `target`, `delay` late in each direction.
+    pub fn start(
+        listen: SocketAddr,
+        target: SocketAddr,
+        delay: Duration,
+    ) -> std::io::Result<DelayProxy> {
+        let l = TcpListener::bind(listen)?;
+        let addr = l.local_addr()?;
+        l.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::Builder::new()
+            .name("delay-proxy".into())
+            .spawn(move || accept_loop(l, target, delay, &s))?;
+        Ok(DelayProxy { addr, stop })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Blocks until the process is killed (for the binary).
+    pub fn run_forever(self) -> ! {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn accept_loop(l: TcpListener, target: SocketAddr, delay: Duration, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match l.accept() {
+            Ok((client, _)) => {
+                let _ = client.set_nonblocking(false);
+                match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+                    Ok(server) => {
+                        let _ = client.set_nodelay(true);
+                        let _ = server.set_nodelay(true);
+                        relay(client, server, delay);
+                    }
+                    Err(_) => {
+                        let _ = client.shutdown(Shutdown::Both);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Relays both directions of one connection.
+fn relay(a: TcpStream, b: TcpStream, delay: Duration) {
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
+            return;
+        };
+        let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(MAX_CHUNKS);
+        let _ = std::thread::Builder::new()
+            .name("proxy-read".into())
+            .spawn(move || read_side(from, tx, delay));
+        let _ = std::thread::Builder::new()
+            .name("proxy-write".into())
+            .spawn(move || write_side(to, rx));
+    }
+}
+
+fn read_side(mut from: TcpStream, tx: SyncSender<(Instant, Vec<u8>)>, delay: Duration) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tx
+                    .send((Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    }
+    // Dropping `tx` tells the writer to pass the end on once it is due.
+}
+
+fn write_side(mut to: TcpStream, rx: Receiver<(Instant, Vec<u8>)>) {
+    while let Ok((due, bytes)) = rx.recv() {
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        if to.write_all(&bytes).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relays_in_order_and_late() {
+        let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = echo.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = echo.accept().unwrap();
+            let mut b = [0u8; 1000];
+            loop {
+                let n = s.read(&mut b).unwrap();
+                if n == 0 {
+                    break;
+                }
+                s.write_all(&b[..n]).unwrap();
+            }
+        });
+        let p = DelayProxy::start(
+            "127.0.0.1:0".parse().unwrap(),
+            target,
+            Duration::from_millis(20),
+        )
+        .unwrap();
+        let mut c = TcpStream::connect(p.addr()).unwrap();
+        let started = Instant::now();
+        let msg: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        c.write_all(&msg).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+        assert!(
+            started.elapsed() >= Duration::from_millis(40),
+            "a round trip through the proxy took {:?}",
+            started.elapsed()
+        );
+    }
+}
