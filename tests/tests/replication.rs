@@ -1457,4 +1457,124 @@ mod replication {
         r3.stop();
         assert_stores_identical(&[&r2, &p, &r3]);
     }
+
+    /// One mode across a 5 ms-each-way link (the tests' delaying proxy
+    /// between primary and replica): 40 writes at queue depth 1, each checked
+    /// against the mode's promise right after its acknowledgement, then a
+    /// FLUSH. Returns (broken promises, median write latency).
+    fn check_mode_across_link(mode: &str) -> (Vec<String>, Duration) {
+        use mirrorblk_tests::cluster::NodeFiles;
+        use mirrorblk_tests::daemon::Daemon;
+        use mirrorblk_tests::proxy::DelayProxy;
+        const WRITES: u64 = 40;
+        let mut bad = Vec::new();
+        let dir = TestDir::new();
+        let secret = write_secret(&dir, "secret");
+        let r2 = Node::start_replica(&dir, "n2", &secret, J64, &[]);
+        let proxy = DelayProxy::start(
+            "127.0.0.1:0".parse().expect("address"),
+            r2.replication.expect("a replica has a replication address"),
+            Duration::from_millis(5),
+        )
+        .expect("start the delaying proxy");
+        let files = NodeFiles::new(&dir, "n1");
+        let daemon = Daemon::try_start(files.primary_args(
+            &secret,
+            &[format!("n2={}", proxy.addr())],
+            J64,
+            &["--mode", mode, "--heartbeat-timeout", "5s"],
+        ))
+        .unwrap_or_else(|e| panic!("primary: {e}"));
+        let p = Node {
+            files,
+            daemon,
+            replication: None,
+        };
+        p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
+
+        let mut c = p.daemon.connect(EXPORT);
+        let mut latencies = Vec::new();
+        for i in 0..WRITES {
+            let t = Instant::now();
+            c.write(i * KIB4, &pattern(i, KIB4 as usize), false)
+                .unwrap_or_else(|e| panic!("{mode}: write {i}: {e}"));
+            latencies.push(t.elapsed());
+            let last = p.status().last_lsn;
+            let r = r2.status();
+            if mode == "sync" && r.durable_lsn < last {
+                bad.push(format!(
+                    "sync: write {i} acknowledged at LSN {last}, replica durable only to {}",
+                    r.durable_lsn
+                ));
+            }
+            if mode == "flush" && r.last_lsn < last {
+                bad.push(format!(
+                    "flush: write {i} acknowledged at LSN {last}, replica received only to {}",
+                    r.last_lsn
+                ));
+            }
+        }
+        c.flush().expect("FLUSH");
+        let last = p.status().last_lsn;
+        if mode == "async" {
+            let reached = poll_for(Duration::from_secs(5), || {
+                r2.try_status().is_ok_and(|s| s.durable_lsn >= last)
+            });
+            if !reached {
+                bad.push(format!(
+                    "async: the replica did not reach LSN {last} within 5 s"
+                ));
+            }
+        } else if r2.status().durable_lsn < last {
+            bad.push(format!(
+                "{mode}: right after FLUSH the replica is not durable to LSN {last}"
+            ));
+        }
+        latencies.sort();
+        let median = latencies[latencies.len() / 2];
+        let rtt = Duration::from_millis(10);
+        match mode {
+            // Both wait for the replica's answer: never faster than the link.
+            "sync" | "flush" if latencies[0] < rtt => bad.push(format!(
+                "{mode}: a write was acknowledged in {:?}, faster than the 10 ms round trip to the replica",
+                latencies[0]
+            )),
+            "async" if median >= rtt => bad.push(format!(
+                "async: median write latency {median:?} is not below the 10 ms round trip: it waits for the replica"
+            )),
+            _ => {}
+        }
+        drop(proxy);
+        (bad, median)
+    }
+
+    /// Polls `ok` every 20 ms for up to `limit`.
+    fn poll_for(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
+        let t = Instant::now();
+        loop {
+            if ok() {
+                return true;
+            }
+            if t.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Cross-site latency: with 5 ms each way between primary and replica,
+    /// sync (durable on the replica) and flush (received by it) acknowledge
+    /// no write before a round trip and keep their promise after each one;
+    /// async acknowledges without waiting for the link and its replica
+    /// converges. The median QD1 write latency of each mode is printed.
+    #[test]
+    fn modes_keep_their_promise_across_a_5ms_link() {
+        let mut bad = Vec::new();
+        for mode in ["sync", "flush", "async"] {
+            let (b, median) = check_mode_across_link(mode);
+            eprintln!("{mode}: median QD1 4k write latency across a 5 ms link: {median:?}");
+            bad.extend(b);
+        }
+        assert!(bad.is_empty(), "broken promises:\n{}", bad.join("\n"));
+    }
 }
