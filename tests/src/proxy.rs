@@ -35,6 +35,18 @@ impl DelayProxy {
         target: SocketAddr,
         delay: Duration,
     ) -> std::io::Result<DelayProxy> {
+        DelayProxy::start_corrupting(listen, target, delay, None)
+    }
+
+    /// Like [`DelayProxy::start`], and on the first connection flips every
+    /// bit of the byte at offset `flip_at` of what the client sends (a
+    /// corrupted link, to prove the receiver's checksums catch it).
+    pub fn start_corrupting(
+        listen: SocketAddr,
+        target: SocketAddr,
+        delay: Duration,
+        flip_at: Option<u64>,
+    ) -> std::io::Result<DelayProxy> {
         let l = TcpListener::bind(listen)?;
         let addr = l.local_addr()?;
         l.set_nonblocking(true)?;
@@ -42,7 +54,7 @@ impl DelayProxy {
         let s = stop.clone();
         std::thread::Builder::new()
             .name("delay-proxy".into())
-            .spawn(move || accept_loop(l, target, delay, &s))?;
+            .spawn(move || accept_loop(l, target, delay, flip_at, &s))?;
         Ok(DelayProxy { addr, stop })
     }
 
@@ -65,7 +77,13 @@ impl Drop for DelayProxy {
     }
 }
 
-fn accept_loop(l: TcpListener, target: SocketAddr, delay: Duration, stop: &AtomicBool) {
+fn accept_loop(
+    l: TcpListener,
+    target: SocketAddr,
+    delay: Duration,
+    mut flip_at: Option<u64>,
+    stop: &AtomicBool,
+) {
     while !stop.load(Ordering::Relaxed) {
         match l.accept() {
             Ok((client, _)) => {
@@ -74,7 +92,7 @@ fn accept_loop(l: TcpListener, target: SocketAddr, delay: Duration, stop: &Atomi
                     Ok(server) => {
                         let _ = client.set_nodelay(true);
                         let _ = server.set_nodelay(true);
-                        relay(client, server, delay);
+                        relay(client, server, delay, flip_at.take());
                     }
                     Err(_) => {
                         let _ = client.shutdown(Shutdown::Both);
@@ -90,27 +108,37 @@ fn accept_loop(l: TcpListener, target: SocketAddr, delay: Duration, stop: &Atomi
 }
 
 /// Relays both directions of one connection.
-fn relay(a: TcpStream, b: TcpStream, delay: Duration) {
-    for (from, to) in [(&a, &b), (&b, &a)] {
+fn relay(a: TcpStream, b: TcpStream, delay: Duration, flip_at: Option<u64>) {
+    for (from, to, flip) in [(&a, &b, flip_at), (&b, &a, None)] {
         let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
             return;
         };
         let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(MAX_CHUNKS);
         let _ = std::thread::Builder::new()
             .name("proxy-read".into())
-            .spawn(move || read_side(from, tx, delay));
+            .spawn(move || read_side(from, tx, delay, flip));
         let _ = std::thread::Builder::new()
             .name("proxy-write".into())
             .spawn(move || write_side(to, rx));
     }
 }
 
-fn read_side(mut from: TcpStream, tx: SyncSender<(Instant, Vec<u8>)>, delay: Duration) {
+fn read_side(
+    mut from: TcpStream,
+    tx: SyncSender<(Instant, Vec<u8>)>,
+    delay: Duration,
+    flip_at: Option<u64>,
+) {
     let mut buf = vec![0u8; CHUNK];
+    let mut pos = 0u64;
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if let Some(at) = flip_at.filter(|&at| at >= pos && at < pos + n as u64) {
+                    buf[(at - pos) as usize] ^= 0xff;
+                }
+                pos += n as u64;
                 if tx
                     .send((Instant::now() + delay, buf[..n].to_vec()))
                     .is_err()
