@@ -535,6 +535,13 @@ fn resync(socket: &Path, rate: Option<ByteSize>, watch: bool) -> ExitCode {
     let mut bars: std::collections::HashMap<String, indicatif::ProgressBar> =
         std::collections::HashMap::new();
     let mut seen_any = false;
+    // Progress bars need a terminal; elsewhere (logs, scripts) print a line
+    // per resync every second instead.
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let mut last_line = Instant::now() - Duration::from_secs(1);
+    let mut last_done: std::collections::HashMap<String, (u64, Instant)> =
+        std::collections::HashMap::new();
     loop {
         let resp = match admin::call(socket, &admin::Request::Status) {
             Ok(r) if r.ok => r,
@@ -561,6 +568,27 @@ fn resync(socket: &Path, rate: Option<ByteSize>, watch: bool) -> ExitCode {
                             (done * 100).checked_div(total).unwrap_or(0)
                         );
                     }
+                    Some((done, total)) if !tty => {
+                        running += 1;
+                        if last_line.elapsed() >= Duration::from_secs(1) {
+                            let now = Instant::now();
+                            let (d0, t0) = last_done.get(&key).copied().unwrap_or((done, now));
+                            let secs = now.duration_since(t0).as_secs_f64();
+                            let rate = if secs > 0.0 {
+                                (done.saturating_sub(d0)) as f64 / secs
+                            } else {
+                                0.0
+                            };
+                            println!(
+                                "{key}: resync {} of {} ({}%) at {}/s",
+                                ByteSize(done),
+                                ByteSize(total),
+                                (done * 100).checked_div(total).unwrap_or(0),
+                                ByteSize(rate as u64)
+                            );
+                            last_done.insert(key.clone(), (done, now));
+                        }
+                    }
                     Some((done, total)) => {
                         running += 1;
                         let bar = bars.entry(key.clone()).or_insert_with(|| {
@@ -576,11 +604,17 @@ fn resync(socket: &Path, rate: Option<ByteSize>, watch: bool) -> ExitCode {
                             b.set_position(b.length().unwrap_or(0));
                             b.finish_with_message("done");
                         }
+                        if !tty && last_done.remove(&key).is_some() {
+                            println!("{key}: resync complete");
+                        }
                     }
                 }
             }
         }
         seen_any |= running > 0;
+        if last_line.elapsed() >= Duration::from_secs(1) {
+            last_line = Instant::now();
+        }
         if !watch {
             if running == 0 {
                 println!("no resync running");
