@@ -1296,6 +1296,32 @@ mod replication {
             "still different after the repair: {again:#?}"
         );
 
+        // Online: verify while fio writes through the primary (both sides
+        // compare the same moment of the stream, so no false difference).
+        let json = dir.join("fio.json");
+        let fio = tools::spawn(
+            Tool::Fio,
+            fio_args(
+                &p,
+                &json,
+                &[
+                    "--bs=4k",
+                    "--iodepth=4",
+                    "--time_based",
+                    "--runtime=4",
+                    "--rate_iops=2000",
+                ],
+            ),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let online = p.cli(&["verify"], VERIFY_TIMEOUT);
+        let run = fio.wait(TOOL_TIMEOUT);
+        assert!(run.success(), "fio failed: {run}");
+        assert_eq!(
+            online.code, 0,
+            "verify under write load found differences: {online:#?}"
+        );
+
         // Verify is refused (clearly) while a replica is not in sync.
         r2.daemon.kill9();
         p.wait_status(Duration::from_secs(30), "n2 noticed gone", |s| {

@@ -423,23 +423,46 @@ fn push_record(out: &mut Vec<OutBuf>, r: &Record, epoch: u64) {
 /// Sends one resync region (RESYNC_DATA) or its checksum (RESYNC_CHECK):
 /// the primary's data as of after the last record sent. Runs inside the
 /// send loop, so no record can slip between the snapshot and its place in
-/// the stream; records reserved during the read are sent after it and
-/// re-applied by the replica (idempotent).
+/// the stream. A data snapshot may already hold records reserved during the
+/// read; they follow it in the stream and the replica re-applies them
+/// (idempotent). A checksum must match exactly that moment, so when such a
+/// record touches the region the check is deferred (returns false, nothing
+/// sent). The frame's sequence number is taken from the link's job.
 async fn resync_frame(
     vol: &Volume,
+    primary: &Primary,
     link: &LinkState,
     sock: &Socket,
     region: usize,
-    seq: u64,
     check: bool,
-) -> Result<(), LinkError> {
+) -> Result<bool, LinkError> {
     let offset = region as u64 * REGION;
     let len = REGION.min(vol.info().size - offset);
-    let after = link.sent_next.get().0.saturating_sub(1);
+    let sent_next = link.sent_next.get();
+    let after = sent_next.0.saturating_sub(1);
     let data = vol
         .read(offset, len)
         .await
         .map_err(|e| LinkError::Protocol(format!("resync read at {offset} failed: {e:?}")))?;
+    if check {
+        let mut lsn = sent_next;
+        let next = vol.journal().next_lsn();
+        while lsn < next {
+            if let Some(r) = primary.get(lsn) {
+                if r.offset < offset + len && offset < r.offset + r.length.max(1) {
+                    if let Some(j) = link.job.borrow_mut().as_mut() {
+                        j.recheck(region);
+                    }
+                    return Ok(false);
+                }
+            }
+            lsn = lsn.next();
+        }
+    }
+    let seq = match link.job.borrow_mut().as_mut() {
+        Some(j) => j.sent(region, check),
+        None => return Ok(false),
+    };
     let rh = wire::ResyncHeader {
         after_lsn: after,
         offset,
@@ -466,7 +489,7 @@ async fn resync_frame(
         );
     }
     write_all(sock, out).await?;
-    Ok(())
+    Ok(true)
 }
 
 /// One step of the link's resync or verify pass, if one runs and may send
@@ -498,28 +521,22 @@ async fn job_step(
         }
     }
     let may = budget.allows(primary.resync_rate.get());
-    let (step, seq) = {
+    let step = {
         let mut job = link.job.borrow_mut();
         let j = job.as_mut().expect("checked above");
         let step = j.next_step(&link.oos.borrow(), may);
-        let seq = match step {
-            Step::Check(r) => j.sent(r, true),
-            Step::Data(r) => j.sent(r, false),
-            _ => 0,
-        };
         let (done, total) = j.progress();
         link.metrics.resync_remaining.set((total - done) as f64);
-        (step, seq)
+        step
     };
     match step {
         Step::Check(r) | Step::Data(r) => {
             let check = matches!(step, Step::Check(_));
-            resync_frame(vol, link, sock, r, seq, check).await?;
             // A check moves 48 bytes but costs a region read on each side:
             // it spends a sixteenth of a region of the budget.
             let len = REGION.min(vol.info().size - r as u64 * REGION);
             budget.spend(if check { len / 16 } else { len });
-            Ok(true)
+            resync_frame(vol, primary, link, sock, r, check).await
         }
         Step::Done | Step::Finished => {
             if step == Step::Done {

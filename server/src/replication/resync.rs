@@ -84,6 +84,8 @@ pub struct Job {
     pending: VecDeque<Pending>,
     checks_out: usize,
     wanted: VecDeque<usize>,
+    /// Regions whose check must be taken again (their snapshot was ambiguous).
+    recheck: VecDeque<usize>,
     /// Verify: offsets of the regions found different.
     pub differing: Vec<u64>,
     /// RESYNC_DONE (or the verify's end) has been reached.
@@ -114,6 +116,7 @@ impl Job {
             pending: VecDeque::new(),
             checks_out: 0,
             wanted: VecDeque::new(),
+            recheck: VecDeque::new(),
             differing: Vec::new(),
             done_sent: false,
             started: Instant::now(),
@@ -147,6 +150,14 @@ impl Job {
         if !self.wanted.is_empty() {
             return if may_send_data && room {
                 Step::Data(self.wanted.pop_front().expect("not empty"))
+            } else {
+                Step::Wait
+            };
+        }
+        if let Some(&r) = self.recheck.front() {
+            return if self.checks_out < MAX_CHECKS && room && may_send_data {
+                self.recheck.pop_front();
+                Step::Check(r)
             } else {
                 Step::Wait
             };
@@ -187,6 +198,12 @@ impl Job {
         } else {
             Step::Finished
         }
+    }
+
+    /// The check of `region` that [`Job::next_step`] gave could not be taken
+    /// now (writes to the region were not yet in the stream): take it later.
+    pub fn recheck(&mut self, region: usize) {
+        self.recheck.push_back(region);
     }
 
     /// Records a frame about `region` just put in the stream; its sequence number.
@@ -384,6 +401,22 @@ mod tests {
         let d = j.sent(1, false);
         j.on_durable(d, &mut b);
         assert_eq!(j.next_step(&b, true), Step::Done);
+    }
+
+    #[test]
+    fn a_deferred_check_is_taken_before_the_pass_ends() {
+        let mut b = bits(2);
+        let mut j = Job::new(JobKind::Verify { repair: false }, &b, 2 * REGION, 1);
+        assert_eq!(j.next_step(&b, true), Step::Check(0));
+        j.recheck(0);
+        assert_eq!(j.next_step(&b, true), Step::Check(0), "deferred first");
+        let s0 = j.sent(0, true);
+        assert_eq!(j.next_step(&b, true), Step::Check(1));
+        let s1 = j.sent(1, true);
+        j.on_check(s0, true).unwrap();
+        j.on_check(s1, true).unwrap();
+        j.on_durable(s1, &mut b);
+        assert_eq!(j.next_step(&b, true), Step::Finished);
     }
 
     #[test]
