@@ -100,6 +100,9 @@ pub struct ReplicaStatus {
     pub durable_lsn: u64,
     /// How many LSNs it trails the primary by.
     pub lag_lsn: u64,
+    /// How many bytes of journaled changes it lacks durably.
+    #[serde(default)]
+    pub lag_bytes: u64,
     /// Resync progress (bytes done, bytes total) while one runs.
     pub resync: Option<(u64, u64)>,
     /// Bytes of the volume in regions marked out of sync for it.

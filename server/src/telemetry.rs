@@ -111,6 +111,11 @@ fn describe() {
         "LSNs a replica's durable journal trails the primary by"
     );
     describe_gauge!(
+        "mirrorblk_replica_lag_bytes",
+        Unit::Bytes,
+        "Bytes of journaled changes a replica does not yet have durably (regions already marked out of sync not included)"
+    );
+    describe_gauge!(
         "mirrorblk_replica_rtt_seconds",
         Unit::Seconds,
         "Last heartbeat round trip to a replica"
@@ -275,6 +280,8 @@ pub struct ReplicaMetrics {
     pub state: Gauge,
     /// Durable lag in LSNs.
     pub lag_lsn: Gauge,
+    /// Durable lag in bytes.
+    pub lag_bytes: Gauge,
     /// Heartbeat round trip.
     pub rtt: Gauge,
     /// Resync bytes left.
@@ -294,6 +301,7 @@ impl ReplicaMetrics {
         ReplicaMetrics {
             state: gauge!("mirrorblk_replica_state", &l()),
             lag_lsn: gauge!("mirrorblk_replica_lag_lsn", &l()),
+            lag_bytes: gauge!("mirrorblk_replica_lag_bytes", &l()),
             rtt: gauge!("mirrorblk_replica_rtt_seconds", &l()),
             resync_remaining: gauge!("mirrorblk_replica_resync_remaining_bytes", &l()),
             out_of_sync: gauge!("mirrorblk_replica_out_of_sync_bytes", &l()),

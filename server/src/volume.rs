@@ -167,7 +167,34 @@ impl Volume {
         });
         let b = v.clone();
         tokio_uring::spawn(async move { b.run_applier().await });
+        if v.primary.is_some() {
+            let g = v.clone();
+            tokio_uring::spawn(async move {
+                // Lag and bitmap gauges move with acks, but a lost replica
+                // sends none: refresh them on a timer too.
+                while !g.stopped.get() {
+                    g.refresh_replica_gauges();
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+        }
         v
+    }
+
+    /// Sets each replica's lag and out-of-sync gauges from the current state.
+    fn refresh_replica_gauges(&self) {
+        let Some(p) = &self.primary else { return };
+        let next = self.journal.next_lsn();
+        for l in &p.links {
+            let durable = l.durable_next.get();
+            l.metrics
+                .lag_lsn
+                .set(next.0.saturating_sub(durable.0) as f64);
+            l.metrics
+                .lag_bytes
+                .set(self.journal.retained_bytes_from(durable) as f64);
+            l.metrics.out_of_sync.set(l.oos.borrow().bytes() as f64);
+        }
     }
 
     /// What `mirrorblk status` shows.
@@ -207,6 +234,7 @@ impl Volume {
                             .next_lsn()
                             .0
                             .saturating_sub(l.durable_next.get().0),
+                        lag_bytes: self.journal.retained_bytes_from(l.durable_next.get()),
                         resync: l.job.borrow().as_ref().and_then(|j| {
                             matches!(j.kind, crate::replication::resync::JobKind::Resync { .. })
                                 .then(|| j.progress())

@@ -285,10 +285,9 @@ fn replicated_metrics_status_and_resync_watch() {
             2.0,
             "{peer} not in-sync during fio"
         );
-        assert!(
-            during.contains(&format!("mirrorblk_replica_lag_lsn{l}")),
-            "no lag reported for {peer}"
-        );
+        for lag in ["mirrorblk_replica_lag_lsn", "mirrorblk_replica_lag_bytes"] {
+            assert!(during.contains(&format!("{lag}{l}")), "no {lag} for {peer}");
+        }
     }
     assert_eq!(
         sample(&during, "mirrorblk_payload_copies_total{volume=\"vol0\"}"),
@@ -309,7 +308,10 @@ fn replicated_metrics_status_and_resync_watch() {
     assert_eq!(reps.len(), 2, "{v:#}");
     for r in reps {
         assert_eq!(r["state"], "in-sync", "{v:#}");
-        assert!(r["lag_lsn"].is_u64(), "no lag in {r:#}");
+        assert!(
+            r["lag_lsn"].is_u64() && r["lag_bytes"].is_u64(),
+            "no lag in {r:#}"
+        );
         assert!(r["durable_lsn"].as_u64().unwrap_or(0) > 0, "{r:#}");
     }
 

@@ -560,6 +560,18 @@ impl Journal {
             .collect()
     }
 
+    /// Bytes changed (written, trimmed or zeroed) by retained records from
+    /// LSN `from` on: what a replica durable up to `from - 1` still lacks of
+    /// the journal.
+    pub fn retained_bytes_from(&self, from: Lsn) -> u64 {
+        let st = self.state.borrow();
+        let Some(front) = st.retained.front() else {
+            return 0;
+        };
+        let skip = from.0.saturating_sub(front.lsn.0) as usize;
+        st.retained.iter().skip(skip).map(|r| r.extent.1).sum()
+    }
+
     /// Where record `lsn` sits, if it is still retained.
     pub fn retained(&self, lsn: Lsn) -> Option<Retained> {
         let st = self.state.borrow();

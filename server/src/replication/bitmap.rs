@@ -311,10 +311,15 @@ impl OutOfSync {
 
     /// Bytes of the volume in set regions.
     pub fn bytes(&self) -> u64 {
-        (0..self.regions)
-            .filter(|&i| self.get(i))
-            .map(|i| self.region_len(i))
-            .sum()
+        let Some(last) = self.regions.checked_sub(1) else {
+            return 0;
+        };
+        let short = if self.get(last) {
+            REGION - self.region_len(last)
+        } else {
+            0
+        };
+        self.count() as u64 * REGION - short
     }
 
     /// Length of region `i` (the last one may be short).

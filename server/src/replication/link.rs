@@ -335,12 +335,6 @@ async fn receive_acks(
                     }
                     link.wake.notify_one();
                 }
-                link.metrics.lag_lsn.set(
-                    link.sent_next
-                        .get()
-                        .0
-                        .saturating_sub(link.durable_next.get().0) as f64,
-                );
                 primary.progress.notify_waiters();
             }
             Kind::RegionCheck => {
