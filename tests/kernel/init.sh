@@ -52,6 +52,7 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 [ -n "$workload" ] || fail "boot: no mb.workload= on the kernel command line"
+[ -f /workloads.sh ] || fail "boot: /workloads.sh is missing from the initramfs"
 . /workloads.sh
 pass boot
 "workload_$workload"
