@@ -41,7 +41,15 @@ if ldd "$busybox_bin" >/dev/null 2>&1; then
 fi
 
 # The kernel package the metapackage points at right now (e.g. linux-image-6.1.0-56-amd64).
-kpkg="$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -1)"
+kernel_package() {
+    apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -1
+}
+kpkg="$(kernel_package)"
+if [ -z "$kpkg" ] && [ "$(id -u)" -eq 0 ]; then
+    # A fresh machine may have no package lists yet.
+    timeout 300 apt-get update -qq >&2 || true
+    kpkg="$(kernel_package)"
+fi
 if [ -z "$kpkg" ]; then
     echo "prepare.sh: apt-cache does not know linux-image-amd64 (run apt-get update)" >&2
     exit 2
