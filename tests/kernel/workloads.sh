@@ -12,7 +12,7 @@ PORT=10809
 
 # nbd-client ignores the block size the server advertises and would use
 # 512-byte blocks: -b 4096 is what mirrorblk's README tells users to pass.
-# -nonetlink: the ioctl interface (see workload_failover for why).
+# Extra arguments (the failover workload's -nonetlink) are passed through.
 connect() {
     nbd-client "$SERVER" "$PORT" "$DEV" -N vol0 -b 4096 "$@"
 }
