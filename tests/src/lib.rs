@@ -9,6 +9,8 @@
 //! - [`cluster`]: replicated nodes (primary and replicas, each with its own
 //!   files, admin socket and fixed replication port), their admin-socket
 //!   status, and byte comparison of their data stores.
+//! - [`kernel`]: a qemu guest whose Linux kernel attaches an export with
+//!   its nbd driver and runs a filesystem workload on it.
 //! - [`util`]: seeded randomness, data patterns, polling with a deadline.
 //! - [`proxy`]: a TCP proxy adding a fixed delay each way (cross-site links);
 //!   also the `delay-proxy` binary, which the benchmarks use.
@@ -21,11 +23,13 @@
 //!   next to the test executable, built if missing or older than the sources).
 //! - `MIRRORBLK_TEST_SEED`: replay a randomized test with the seed it printed.
 //! - `MIRRORBLK_KEEP_TMP`: keep a failed test's directory (data, journal) for inspection.
+//! - `MIRRORBLK_KERNEL_ACCEL`: `kvm` or `tcg` for the kernel tests' guest (default: probed).
 
 #![warn(missing_docs)]
 
 pub mod cluster;
 pub mod daemon;
+pub mod kernel;
 pub mod proxy;
 pub mod tools;
 pub mod util;
