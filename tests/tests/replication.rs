@@ -1664,4 +1664,71 @@ mod replication {
         r2.stop();
         assert_stores_identical(&[&p, &r2]);
     }
+
+    /// Split brain: two nodes both primary in epoch 1, each listing the other
+    /// as its peer. Their handshakes refuse each other and both log what to
+    /// run; neither stops serving. `mirrorblk demote` on one makes it a
+    /// replica (it restarts in place), which the other then resyncs by
+    /// checksum (its data is another volume's) until both are identical.
+    #[test]
+    fn split_brain_is_refused_and_demote_resolves_it() {
+        use mirrorblk_tests::cluster::{pick_port, NodeFiles};
+        use mirrorblk_tests::daemon::Daemon;
+        let dir = TestDir::new();
+        let secret = write_secret(&dir, "secret");
+        let a_addr: std::net::SocketAddr = ([127, 0, 0, 1], pick_port()).into();
+        let b_addr: std::net::SocketAddr = ([127, 0, 0, 1], pick_port()).into();
+        let start = |name: &str, own: std::net::SocketAddr, peer: String| -> Node {
+            let files = NodeFiles::new(&dir, name);
+            let listen = own.to_string();
+            let args = files.primary_args(
+                &secret,
+                &[peer],
+                J64,
+                &["--replication-listen", &listen, "--heartbeat-timeout", "2s"],
+            );
+            let daemon = Daemon::try_start(args).unwrap_or_else(|e| panic!("{name}: {e}"));
+            Node {
+                files,
+                daemon,
+                replication: Some(own),
+            }
+        };
+        let mut a = start("na", a_addr, format!("nb={b_addr}"));
+        let mut b = start("nb", b_addr, format!("na={a_addr}"));
+        write_mib(&a, 0, 2, 21);
+        write_mib(&b, 0, 2, 22);
+        for (n, other) in [(&a, "nb"), (&b, "na")] {
+            n.daemon
+                .wait_for_log("SPLIT BRAIN", Duration::from_secs(20));
+            let line = n.log_lines_with("SPLIT BRAIN").remove(0);
+            assert!(
+                line.contains(other) && line.contains("demote"),
+                "{}'s split-brain line does not name its peer and what to run: {line}",
+                n.name()
+            );
+            assert_eq!(n.status().role, "primary");
+        }
+        // Both keep serving their clients.
+        a.daemon.connect(EXPORT).read(0, 4096).expect("na serves");
+        b.daemon.connect(EXPORT).read(0, 4096).expect("nb serves");
+
+        // Resolve: nb's writes are the ones to discard.
+        let out = b.cli(&["demote"], Duration::from_secs(30));
+        assert_eq!(out.code, 0, "demote: {out:#?}");
+        b.wait_status(Duration::from_secs(30), "nb is a replica", |s| {
+            s.role == "replica"
+        });
+        a.wait_status(Duration::from_secs(60), "nb resynced from na", |s| {
+            let v = view_of(s, "nb");
+            v.state == "in-sync" && v.resync.is_none() && v.out_of_sync_bytes == 0
+        });
+        assert!(
+            !a.log_lines_with("full checksum resync of nb").is_empty(),
+            "na did not resync nb by checksum"
+        );
+        a.stop();
+        b.stop();
+        assert_stores_identical(&[&a, &b]);
+    }
 }
