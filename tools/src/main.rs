@@ -509,29 +509,47 @@ fn config_check(file: &Path) -> ExitCode {
     }
 }
 
-fn resync(socket: &Path, rate: Option<ByteSize>, watch: bool) -> ExitCode {
-    if let Some(r) = rate {
-        match admin::call(socket, &admin::Request::SetResyncRate { rate: r.0 }) {
-            Ok(resp) if resp.ok => println!("resync rate set to {r}/s"),
-            Ok(resp) => {
-                eprintln!(
-                    "mirrorblk: {}",
-                    resp.error.unwrap_or_else(|| "refused".into())
-                );
-                return ExitCode::from(1);
-            }
-            Err(e) => {
-                eprintln!("mirrorblk: {e}");
-                return ExitCode::from(1);
-            }
+/// Sends `req`; on a refusal or a socket error prints why (`what` names the
+/// request) and gives the exit code to return.
+fn request(socket: &Path, req: &admin::Request, what: &str) -> Result<admin::Response, ExitCode> {
+    match admin::call(socket, req) {
+        Ok(r) if r.ok => Ok(r),
+        Ok(r) => {
+            eprintln!(
+                "mirrorblk: {}",
+                r.error
+                    .unwrap_or_else(|| format!("the daemon refused {what}"))
+            );
+            Err(ExitCode::from(1))
+        }
+        Err(e) => {
+            eprintln!("mirrorblk: {e}");
+            Err(ExitCode::from(1))
         }
     }
+}
+
+/// Progress bars of bytes, rate and ETA, labelled by `template`'s prefix.
+fn bar_style(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+fn resync(socket: &Path, rate: Option<ByteSize>, watch: bool) -> ExitCode {
+    if let Some(r) = rate {
+        if let Err(code) = request(
+            socket,
+            &admin::Request::SetResyncRate { rate: r.0 },
+            "resync rate",
+        ) {
+            return code;
+        }
+        println!("resync rate set to {r}/s");
+    }
     let multi = indicatif::MultiProgress::new();
-    let style = indicatif::ProgressStyle::with_template(
-        "{prefix:<16} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-    .progress_chars("=> ");
+    let style =
+        bar_style("{prefix:<16} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}");
     let mut bars: std::collections::HashMap<String, indicatif::ProgressBar> =
         std::collections::HashMap::new();
     let mut seen_any = false;
@@ -543,16 +561,9 @@ fn resync(socket: &Path, rate: Option<ByteSize>, watch: bool) -> ExitCode {
     let mut last_done: std::collections::HashMap<String, (u64, Instant)> =
         std::collections::HashMap::new();
     loop {
-        let resp = match admin::call(socket, &admin::Request::Status) {
-            Ok(r) if r.ok => r,
-            Ok(r) => {
-                eprintln!("mirrorblk: {}", r.error.unwrap_or_default());
-                return ExitCode::from(1);
-            }
-            Err(e) => {
-                eprintln!("mirrorblk: {e}");
-                return ExitCode::from(1);
-            }
+        let resp = match request(socket, &admin::Request::Status, "status") {
+            Ok(r) => r,
+            Err(code) => return code,
         };
         let mut running = 0;
         for v in &resp.volumes {
@@ -634,39 +645,18 @@ fn resync(socket: &Path, rate: Option<ByteSize>, watch: bool) -> ExitCode {
 }
 
 fn verify(socket: &Path, repair: bool, json: bool) -> ExitCode {
-    match admin::call(socket, &admin::Request::Verify { repair }) {
-        Ok(r) if r.ok => {}
-        Ok(r) => {
-            eprintln!(
-                "mirrorblk: {}",
-                r.error.unwrap_or_else(|| "verify refused".into())
-            );
-            return ExitCode::from(1);
-        }
-        Err(e) => {
-            eprintln!("mirrorblk: {e}");
-            return ExitCode::from(1);
-        }
+    if let Err(code) = request(socket, &admin::Request::Verify { repair }, "verify") {
+        return code;
     }
     let multi = indicatif::MultiProgress::new();
-    let style = indicatif::ProgressStyle::with_template(
-        "verify {prefix:<14} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-    .progress_chars("=> ");
+    let style =
+        bar_style("verify {prefix:<14} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}");
     let mut bars: std::collections::HashMap<String, indicatif::ProgressBar> =
         std::collections::HashMap::new();
     let resp = loop {
-        let resp = match admin::call(socket, &admin::Request::Status) {
-            Ok(r) if r.ok => r,
-            Ok(r) => {
-                eprintln!("mirrorblk: {}", r.error.unwrap_or_default());
-                return ExitCode::from(1);
-            }
-            Err(e) => {
-                eprintln!("mirrorblk: {e}");
-                return ExitCode::from(1);
-            }
+        let resp = match request(socket, &admin::Request::Status, "status") {
+            Ok(r) => r,
+            Err(code) => return code,
         };
         let mut running = 0;
         for v in &resp.volumes {
@@ -763,21 +753,14 @@ fn verify(socket: &Path, repair: bool, json: bool) -> ExitCode {
 }
 
 fn role_change(socket: &Path, req: &admin::Request, done: &str) -> ExitCode {
-    match admin::call(socket, req) {
-        Ok(r) if r.ok => {
+    match request(socket, req, "the role change") {
+        Ok(r) => {
             for v in &r.volumes {
                 println!("{}: {done} (epoch {})", v.name, v.epoch);
             }
             ExitCode::SUCCESS
         }
-        Ok(r) => {
-            eprintln!("mirrorblk: {}", r.error.unwrap_or_else(|| "refused".into()));
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!("mirrorblk: {e}");
-            ExitCode::from(1)
-        }
+        Err(code) => code,
     }
 }
 
