@@ -70,6 +70,11 @@ fn describe() {
         "Duration of one group commit (vectored O_DSYNC write)"
     );
     describe_histogram!(
+        "mirrorblk_replica_wait_seconds",
+        Unit::Seconds,
+        "Per write, the time from local durability until the replicas' acknowledgement the mode asks for (sync: durable, flush: received; async: the lag bound)"
+    );
+    describe_histogram!(
         "mirrorblk_journal_batch_records",
         "Records per group commit"
     );
@@ -104,7 +109,7 @@ fn describe() {
     describe_gauge!("mirrorblk_connections", "Open NBD client connections");
     describe_gauge!(
         "mirrorblk_replica_state",
-        "Replica link state: 0 connecting, 1 catching-up, 2 in-sync, 3 out-of-sync"
+        "Replica link state: 0 connecting, 1 catching-up, 2 in-sync, 3 out-of-sync, 4 resyncing (streaming live while a resync runs)"
     );
     describe_gauge!(
         "mirrorblk_replica_lag_lsn",
@@ -185,6 +190,8 @@ pub struct VolumeMetrics {
     pub journal_commit: Histogram,
     /// Records per group commit.
     pub journal_batch: Histogram,
+    /// Waits for replica acknowledgements, per write.
+    pub replica_wait: Histogram,
     /// Journal bytes in use.
     pub journal_used: Gauge,
     /// Journal area size.
@@ -227,6 +234,7 @@ impl VolumeMetrics {
             block_status: OpMetrics::new(volume, "block_status"),
             journal_commit: histogram!("mirrorblk_journal_commit_seconds", "volume" => v()),
             journal_batch: histogram!("mirrorblk_journal_batch_records", "volume" => v()),
+            replica_wait: histogram!("mirrorblk_replica_wait_seconds", "volume" => v()),
             journal_used: gauge!("mirrorblk_journal_used_bytes", "volume" => v()),
             journal_size: gauge!("mirrorblk_journal_size_bytes", "volume" => v()),
             apply_lag: gauge!("mirrorblk_apply_lag_records", "volume" => v()),

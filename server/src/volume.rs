@@ -186,6 +186,9 @@ impl Volume {
         let Some(p) = &self.primary else { return };
         let next = self.journal.next_lsn();
         for l in &p.links {
+            if *l.phase.borrow() == Phase::InSync {
+                l.metrics.state.set(l.state_code());
+            }
             let durable = l.durable_next.get();
             l.metrics
                 .lag_lsn
@@ -223,7 +226,11 @@ impl Volume {
                     let phase = l.phase.borrow().clone();
                     crate::admin::ReplicaStatus {
                         peer: l.peer.name.clone(),
-                        state: phase.name().into(),
+                        state: if l.state_code() == 4.0 {
+                            "resyncing".into()
+                        } else {
+                            phase.name().into()
+                        },
                         reason: match phase {
                             Phase::OutOfSync(r) => Some(r),
                             _ => None,
@@ -613,11 +620,13 @@ impl Volume {
             ErrorCode::Io
         })?;
         if let Some(p) = &self.primary {
+            let t = std::time::Instant::now();
             match p.cfg.mode {
                 Mode::Sync => p.wait_acked(rec.lsn, true).await,
                 Mode::Flush => p.wait_acked(rec.lsn, fua).await,
                 Mode::Async => p.wait_lag().await,
             }
+            self.metrics.replica_wait.record(t.elapsed().as_secs_f64());
         }
         Ok(())
     }

@@ -22,6 +22,18 @@ dev_blocks() {
     echo $(($(cat /sys/block/nbd0/size) / 8))
 }
 
+# Waits (up to 5 s) until the attached device has a size: with -nonetlink,
+# nbd-client returns while its forked child is still starting the device
+# (NBD_DO_IT), so the size can show up a moment later. False if it never does.
+wait_size() {
+    n=0
+    while [ "$(dev_blocks)" -eq 0 ]; do
+        n=$((n + 1))
+        [ $n -le 50 ] || return 1
+        sleep 0.1
+    done
+}
+
 # Forgets every cached page and buffer of the device, so the next read
 # comes from the server, not from guest memory (a server that drops
 # writes must not be hidden by the page cache).
@@ -33,7 +45,7 @@ drop_caches() {
 
 step_connect() {
     connect || fail "connect: nbd-client exited with $?"
-    [ "$(dev_blocks)" -gt 0 ] || fail "connect: /dev/nbd0 has size 0 after nbd-client"
+    wait_size || fail "connect: /dev/nbd0 has size 0 5 s after nbd-client"
     [ "$(cat /sys/block/nbd0/queue/logical_block_size)" = 4096 ] ||
         fail "connect: logical block size $(cat /sys/block/nbd0/queue/logical_block_size), want 4096"
     pass connect
@@ -129,7 +141,7 @@ step_disconnect() {
 
 step_reconnect() {
     connect || fail "reconnect: nbd-client exited with $?"
-    [ "$(dev_blocks)" -gt 0 ] || fail "reconnect: /dev/nbd0 has size 0"
+    wait_size || fail "reconnect: /dev/nbd0 has size 0 5 s after nbd-client"
     pass reconnect
 }
 
@@ -201,7 +213,7 @@ write_files() {
 # fsync returned, before or after the failover, must have its checksum.
 workload_failover() {
     connect $(connect_args) || fail "connect: nbd-client exited with $?"
-    [ "$(dev_blocks)" -gt 0 ] || fail "connect: /dev/nbd0 has size 0"
+    wait_size || fail "connect: /dev/nbd0 has size 0 5 s after nbd-client"
     pass connect
     step_mkfs
     do_mount mount
@@ -219,7 +231,7 @@ workload_failover() {
         # relay holds the new connection until the promoted replica accepts.
         nbd-client -d "$DEV" >/dev/null 2>&1
         connect $(connect_args) || fail "reconnect: nbd-client exited with $?"
-        [ "$(dev_blocks)" -gt 0 ] || fail "reconnect: /dev/nbd0 has size 0"
+        wait_size || fail "reconnect: /dev/nbd0 has size 0 5 s after nbd-client"
         pass reconnect
         do_mount remount
         pass remount

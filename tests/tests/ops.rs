@@ -339,7 +339,8 @@ fn replicated_metrics_status_and_resync_watch() {
     std::fs::remove_file(&r3.files.data).expect("remove n3's data");
     r3.daemon.restart();
     p.wait_status(Duration::from_secs(20), "n3's resync started", |s| {
-        view_of(s, "n3").resync.is_some()
+        let v = view_of(s, "n3");
+        v.resync.is_some() && v.state == "resyncing"
     });
     let watch = p.cli(&["resync", "--watch"], Duration::from_secs(120));
     assert_eq!(watch.code, 0, "resync --watch: {watch:#?}");

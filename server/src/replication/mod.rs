@@ -164,6 +164,26 @@ pub struct LinkState {
     pub metrics: crate::telemetry::ReplicaMetrics,
 }
 
+impl LinkState {
+    /// The `mirrorblk_replica_state` code: 0 connecting, 1 catching-up,
+    /// 2 in-sync, 3 out-of-sync, 4 resyncing (streaming live records while
+    /// a resync runs).
+    pub fn state_code(&self) -> f64 {
+        let resyncing = self
+            .job
+            .borrow()
+            .as_ref()
+            .is_some_and(|j| matches!(j.kind, resync::JobKind::Resync { .. }));
+        match &*self.phase.borrow() {
+            Phase::Connecting => 0.0,
+            Phase::CatchingUp => 1.0,
+            Phase::InSync if resyncing => 4.0,
+            Phase::InSync => 2.0,
+            Phase::OutOfSync(_) => 3.0,
+        }
+    }
+}
+
 /// The replication state of a primary volume.
 pub struct Primary {
     /// Settings.
@@ -349,13 +369,8 @@ impl Primary {
                 p => tracing::info!(peer = %link.peer.name, "replica {}", p.name()),
             }
         }
-        link.metrics.state.set(match &phase {
-            Phase::Connecting => 0.0,
-            Phase::CatchingUp => 1.0,
-            Phase::InSync => 2.0,
-            Phase::OutOfSync(_) => 3.0,
-        });
         *link.phase.borrow_mut() = phase;
+        link.metrics.state.set(link.state_code());
         self.progress.notify_waiters();
     }
 }
