@@ -284,7 +284,7 @@ fn demo(dir: &Path, listen: &str, size: &str) -> ExitCode {
          Try:\n  nbdinfo nbd://{listen}/vol0\n  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' nbd://{listen}/vol0\n  \
          fio --name=t --ioengine=nbd --uri=nbd://{listen}/vol0 --rw=randwrite --bs=4k --iodepth=32 --size={size} --runtime=10 --time_based\n  \
          mirrorblk --admin-socket {dir}/n1.sock status\n  \
-         sudo modprobe nbd && sudo nbd-client -N vol0 -b 4096 {host} {port} /dev/nbd0\n\nPress Ctrl-C to stop.",
+         sudo modprobe nbd && sudo nbd-client {host} {port} /dev/nbd0 -N vol0 -b 4096\n\nPress Ctrl-C to stop.",
         dir = dir.display(),
         metrics = port + 100,
     );
@@ -442,11 +442,12 @@ fn status_once(socket: &Path, json: bool) -> Result<String, String> {
                 resync.push_str(&format!(", {} out of sync", ByteSize(r.out_of_sync_bytes)));
             }
             out.push_str(&format!(
-                "  replica {:<12} {:<12} durable LSN {:>10}  lag {:>8} LSN  rtt {:>6} us{}{}\n",
+                "  replica {:<12} {:<12} durable LSN {:>10}  lag {:>8} LSN {:>8}  rtt {:>6} us{}{}\n",
                 r.peer,
                 r.state,
                 r.durable_lsn,
                 r.lag_lsn,
+                ByteSize(r.lag_bytes).to_string(),
                 r.rtt_us,
                 resync,
                 r.reason
