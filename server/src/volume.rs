@@ -94,6 +94,8 @@ pub struct Volume {
     checkpoint_interval: Duration,
     /// Set by `shutdown`: new mutations fail with ESHUTDOWN.
     stopping: Cell<bool>,
+    /// The applier's last store write failed for want of space.
+    store_full: Cell<bool>,
     /// Set by the applier once everything is applied and checkpointed after `stopping`.
     stopped: Cell<bool>,
     stop_done: Notify,
@@ -149,6 +151,7 @@ impl Volume {
             scratch: RefCell::new(Some(AlignedBuf::new(MAX_CHUNK))),
             checkpoint_interval,
             stopping: Cell::new(false),
+            store_full: Cell::new(false),
             stopped: Cell::new(false),
             stop_done: Notify::new(),
         });
@@ -542,6 +545,18 @@ impl Volume {
         Ok(())
     }
 
+    /// Writes (and zeroes that must stay allocated) are refused with ENOSPC
+    /// while the data store is full: the applier cannot make room in the
+    /// journal, and a client gets a clear error instead of waiting forever.
+    /// Acknowledged writes stay in the journal and are applied once there is
+    /// space (the applier retries every second).
+    fn check_space(&self) -> Result<(), ErrorCode> {
+        if self.store_full.get() {
+            return Err(ErrorCode::NoSpc);
+        }
+        Ok(())
+    }
+
     /// Graceful stop: refuse new mutations (ESHUTDOWN), let every reserved
     /// record become durable and be applied, checkpoint, and return. A
     /// restart after this replays nothing. Bounded by `limit`; returns
@@ -614,6 +629,9 @@ impl Volume {
         fua: bool,
     ) -> Result<(), ErrorCode> {
         self.check_writable()?;
+        if op != RecordOp::Trim {
+            self.check_space()?;
+        }
         let rec = self.reserve(op, flags, offset, length, payload).await?;
         self.journal.wait_durable(rec.lsn).await.map_err(|e| {
             tracing::error!(volume = %self.info.name, "{e}");
@@ -867,6 +885,13 @@ impl Volume {
                 if let Err(e) = res {
                     // The record stays in the journal, so a restart replays it;
                     // until then the overlay keeps serving its data.
+                    let full = matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT));
+                    if full && !self.store_full.replace(true) {
+                        tracing::error!(
+                            volume = %self.info.name,
+                            "the data store is full: new writes are refused with ENOSPC until space is freed on its filesystem (acknowledged writes are kept in the journal)"
+                        );
+                    }
                     tracing::error!(
                         volume = %self.info.name,
                         "applying LSN {} to the data store failed: {e}; retrying in 1 s",
@@ -890,6 +915,9 @@ impl Volume {
                     "records applied out of LSN order"
                 );
                 self.applied_next.set(r.lsn.next());
+                if self.store_full.replace(false) {
+                    tracing::warn!(volume = %self.info.name, "the data store has space again: writes are accepted");
+                }
                 let mut s = self.stats.get();
                 s.applied += 1;
                 self.stats.set(s);

@@ -439,3 +439,135 @@ fn out_of_range_requests_get_the_right_errors() {
     w.check();
     assert!(wrong.is_empty(), "wrong NBD errors:\n{}", wrong.join("\n"));
 }
+
+/// A tmpfs of a fixed size mounted in the test's directory (unmounted on drop).
+struct SmallFs {
+    path: std::path::PathBuf,
+}
+
+impl SmallFs {
+    fn mount(path: std::path::PathBuf, size: &str) -> Result<SmallFs, String> {
+        std::fs::create_dir_all(&path).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(SmallFs { path })
+    }
+
+    fn resize(&self, size: &str) {
+        let st = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "remounting the tmpfs with size {size} failed");
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// A data store that fills up (a sparse 64 MiB file on a 24 MiB tmpfs; the
+/// journal lives elsewhere): once the applier cannot write, new writes get
+/// ENOSPC at once instead of hanging, every acknowledged write still reads
+/// back (from the journal's overlay), and once the filesystem grows the
+/// applier catches up, writes are accepted again, and a clean restart keeps
+/// everything.
+#[test]
+fn full_data_store_refuses_writes_with_enospc_and_recovers() {
+    let dir = TestDir::new();
+    let fs = match SmallFs::mount(dir.join("small"), "24M") {
+        Ok(fs) => fs,
+        Err(why) => {
+            println!("SKIP: cannot mount a small tmpfs here: {why}");
+            return;
+        }
+    };
+    let data = fs.path.join("vol0.data");
+    let mut d = Daemon::start(args([
+        "--export",
+        "vol0",
+        "--data",
+        data.to_str().expect("utf-8 path"),
+        "--journal",
+        dir.join("vol0.journal").to_str().expect("utf-8 path"),
+        "--size",
+        "64M",
+        "--journal-size",
+        "16M",
+        "--preallocate",
+        "sparse",
+        "--listen",
+        "127.0.0.1:0",
+    ]));
+    let mut c = d.connect("vol0");
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..64u64 {
+        match c.write(i * MIB, &pattern(i, MIB as usize), false) {
+            Ok(()) => acked.push(i),
+            Err(nbd::ClientError::Server(code)) => {
+                refused = Some((i, code));
+                break;
+            }
+            Err(e) => panic!("write {i}: {e} (the server must answer, not hang)"),
+        }
+    }
+    let (at, code) =
+        refused.unwrap_or_else(|| panic!("64 MiB written to a 24 MiB filesystem without ENOSPC"));
+    assert_eq!(
+        code,
+        ErrorCode::NoSpc as u32,
+        "write {at} failed with {code}, want ENOSPC"
+    );
+    assert!(
+        acked.len() >= 8,
+        "only {} writes acknowledged before ENOSPC",
+        acked.len()
+    );
+    assert!(
+        d.log().contains("the data store is full"),
+        "no clear log line about the full store:\n{}",
+        d.log()
+    );
+    for &i in &acked {
+        assert!(
+            c.read(i * MIB, MIB as u32).expect("read") == pattern(i, MIB as usize),
+            "acknowledged MiB {i} lost"
+        );
+    }
+
+    fs.resize("96M");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match c.write(at * MIB, &pattern(at, MIB as usize), false) {
+            Ok(()) => break,
+            Err(nbd::ClientError::Server(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("writes not accepted again after the filesystem grew: {e}"),
+        }
+    }
+    acked.push(at);
+    drop(c);
+    let st = d.terminate();
+    assert!(st.success(), "exit {st:?}");
+    d.restart();
+    let mut c = d.connect("vol0");
+    for &i in &acked {
+        assert!(
+            c.read(i * MIB, MIB as u32).expect("read") == pattern(i, MIB as usize),
+            "acknowledged MiB {i} lost after restart"
+        );
+    }
+}

@@ -30,6 +30,12 @@ pub enum JournalOpenError {
         /// The OS error.
         source: io::Error,
     },
+    /// Replaying the journal into the data store ran out of space.
+    #[error("cannot replay journal {path} into the data store: no space left on the data store's filesystem; free space there (or grow it) and start again: the journal keeps every acknowledged write until it is applied")]
+    StoreFull {
+        /// Journal path.
+        path: PathBuf,
+    },
     /// The journal belongs to a different volume.
     #[error("journal {path} belongs to volume '{found_name}' of {found_size} bytes, not to '{name}' of {size} bytes; point --journal at this volume's journal, or delete the file to start a new one (its unapplied writes would be lost)")]
     WrongVolume {
@@ -363,7 +369,12 @@ pub fn open_and_recover(
         report.bytes += h.length;
         Ok(())
     })
-    .map_err(io_err("cannot replay journal", path))?;
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => JournalOpenError::StoreFull {
+            path: path.to_path_buf(),
+        },
+        _ => io_err("cannot replay journal", path)(e),
+    })?;
     target.sync().map_err(io_err(
         "cannot sync the data store after replaying journal",
         path,
