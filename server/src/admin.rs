@@ -128,6 +128,9 @@ pub struct VerifyStatus {
     pub total_bytes: u64,
     /// Offsets of the regions found different (each `region_bytes` long).
     pub differing: Vec<u64>,
+    /// Offsets of regions written too continuously to compare (not verified).
+    #[serde(default)]
+    pub busy: Vec<u64>,
     /// Size of a region.
     pub region_bytes: u64,
     /// Set when the pass stopped before the end (the link was lost).
@@ -146,6 +149,7 @@ impl VerifyStatus {
             done_bytes,
             total_bytes,
             differing: job.differing.clone(),
+            busy: job.busy.clone(),
             region_bytes: crate::replication::bitmap::REGION,
             aborted: None,
             seconds: job.started.elapsed().as_secs_f64(),

@@ -310,7 +310,11 @@ impl Volume {
         offset: u64,
         data: Payload,
     ) -> Result<(), String> {
-        if !is_aligned(offset) || offset + data.len() as u64 > self.info.size {
+        if !is_aligned(offset)
+            || offset
+                .checked_add(data.len() as u64)
+                .is_none_or(|end| end > self.info.size)
+        {
             return Err(format!("resync region at {offset} does not fit the volume"));
         }
         self.wait_applied(after.next(), Duration::from_secs(60))
@@ -475,6 +479,7 @@ impl Volume {
                 done_bytes: 0,
                 total_bytes: self.info.size,
                 differing: Vec::new(),
+                busy: Vec::new(),
                 region_bytes: crate::replication::bitmap::REGION,
                 aborted: None,
                 seconds: 0.0,

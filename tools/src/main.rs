@@ -724,15 +724,26 @@ fn verify(socket: &Path, repair: bool, json: bool) -> ExitCode {
                     }
                 )
             };
+            let result = if vs.busy.is_empty() {
+                result
+            } else {
+                clean = false;
+                format!(
+                    "{result}; {} region(s) under constant writes could not be compared (offsets {}): run verify again when they are quieter",
+                    vs.busy.len(),
+                    vs.busy.iter().take(8).map(|o| o.to_string()).collect::<Vec<_>>().join(", ")
+                )
+            };
             if !json {
                 println!("{}/{}: {result}", v.name, r.peer);
             }
             report.push(serde_json::json!({
                 "volume": v.name,
                 "replica": r.peer,
-                "identical": vs.aborted.is_none() && vs.differing.is_empty(),
+                "identical": vs.aborted.is_none() && vs.differing.is_empty() && vs.busy.is_empty(),
                 "repaired": vs.repair && vs.aborted.is_none() && !vs.differing.is_empty(),
                 "differing_offsets": vs.differing,
+                "busy_offsets": vs.busy,
                 "region_bytes": vs.region_bytes,
                 "compared_bytes": vs.done_bytes,
                 "aborted": vs.aborted,

@@ -124,7 +124,7 @@ async fn connect_and_stream(
             link.peer.name
         )));
     }
-    let (start, resync) = plan_start(vol, primary, link, &reply)?;
+    let (start, resync) = plan_start(vol, link, &reply)?;
     let auth = Auth {
         mac: wire::mac(
             &primary.cfg.secret,
@@ -135,6 +135,8 @@ async fn connect_and_stream(
         resync,
     };
     frames::send(&sock, Kind::Auth, &auth.encode()).await?;
+    // From now on the replica's LSNs are this run's (it rebased or follows).
+    link.connected_since_start.set(true);
     link.sent_next.set(start);
     link.received_next.set(start);
     link.durable_next.set(start);
@@ -186,18 +188,26 @@ enum Plan {
 /// rebase its journal there).
 fn plan_start(
     vol: &Volume,
-    primary: &Primary,
     link: &LinkState,
     reply: &HelloReply,
 ) -> Result<(Lsn, bool), LinkError> {
     let next = vol.journal().next_lsn();
     let from = Lsn(reply.durable + 1);
     let inconsistent = reply.role & 2 != 0;
+    // Catchable only from records the journal keeps: at or past its
+    // checkpoint (which moves before a checkpoint's release completes) and
+    // still retained. A record only in memory may be trimmed any moment.
     let catchable = from <= next
-        && (from == next || primary.get(from).is_some() || vol.journal().retained(from).is_some());
+        && (from == next
+            || (from >= vol.journal().checkpoint_lsn() && vol.journal().retained(from).is_some()));
     // A replica whose volume UUID differs was never a copy of this volume:
     // new, or re-created. Its data is unknown, whatever its LSN says.
     let unknown = reply.uuid != vol.journal().volume_uuid();
+    // On its first connection since this primary started, a replica durable
+    // at or past the LSN this primary's recovery ended at holds records this
+    // primary lost (sent to it before they were durable here): the same LSNs
+    // now mean other writes.
+    let diverged = !link.connected_since_start.get() && from > link.startup_next;
     let mut oos = link.oos.borrow_mut();
     let (plan, why) = if unknown {
         (
@@ -219,6 +229,12 @@ fn plan_start(
                 }
             ),
         )
+    } else if diverged {
+        (Plan::Full, format!(
+            "it has records up to LSN {}, but this primary recovered only up to LSN {} at its start: the rest never became durable here",
+            reply.durable,
+            link.startup_next.0.saturating_sub(1)
+        ))
     } else if catchable && inconsistent {
         (
             Plan::Resume,
@@ -240,8 +256,14 @@ fn plan_start(
         )
     };
     let (start, rebase, kind) = match plan {
+        Plan::Stream if oos.is_valid() && oos.count() > 0 => {
+            // Consistent and every later record is at hand, yet regions are
+            // marked (a repair that did not finish, or marks whose clearing
+            // was not persisted): compare them, sending what differs.
+            (from, false, Some(JobKind::Resync { checksum: true }))
+        }
         Plan::Stream => {
-            // Consistent and every later record is at hand: it is exact.
+            // Consistent, nothing marked, every later record at hand: exact.
             oos.clear_all();
             (from, false, None)
         }
@@ -346,7 +368,11 @@ async fn receive_acks(
                     ));
                 };
                 if let Some(region) = j.on_check(c.seq, c.equal).map_err(LinkError::Protocol)? {
-                    link.oos.borrow_mut().set(region);
+                    // Persisted now: a difference found must outlive a drop
+                    // of this connection or a restart of either side.
+                    let mut oos = link.oos.borrow_mut();
+                    oos.set(region);
+                    oos.persist_if_dirty()?;
                 }
                 drop(job);
                 link.wake.notify_one();
@@ -438,9 +464,27 @@ async fn resync_frame(
         .read(offset, len)
         .await
         .map_err(|e| LinkError::Protocol(format!("resync read at {offset} failed: {e:?}")))?;
-    if check {
-        let mut lsn = sent_next;
-        let next = vol.journal().next_lsn();
+    let next = vol.journal().next_lsn();
+    if !check {
+        // The snapshot may hold records not yet durable here: send it only
+        // once they are, or a crash of this node could leave the replica
+        // with writes this node then never had.
+        if next.0 > 1 {
+            vol.journal()
+                .wait_durable(Lsn(next.0 - 1))
+                .await
+                .map_err(|e| LinkError::Protocol(format!("journal failed: {e}")))?;
+        }
+    } else {
+        // Records the replica has not been sent yet live in the window
+        // (checks only run while the link streams live records).
+        let front = primary
+            .window
+            .borrow()
+            .front()
+            .map(|r| r.lsn)
+            .unwrap_or(next);
+        let mut lsn = sent_next.max(front);
         while lsn < next {
             if let Some(r) = primary.get(lsn) {
                 if r.offset < offset + len && offset < r.offset + r.length.max(1) {
@@ -518,7 +562,8 @@ async fn job_step(
     let step = {
         let mut job = link.job.borrow_mut();
         let j = job.as_mut().expect("checked above");
-        let step = j.next_step(&link.oos.borrow(), may);
+        let live = *link.phase.borrow() == Phase::InSync;
+        let step = j.next_step(&link.oos.borrow(), may, live);
         let (done, total) = j.progress();
         link.metrics.resync_remaining.set((total - done) as f64);
         step
@@ -611,10 +656,12 @@ async fn send_loop(
     let mut last_send = Instant::now();
     let mut budget = Budget::new();
     loop {
-        // Resync and verify frames go between records, rate-limited.
-        if job_step(vol, primary, link, sock, &mut budget).await? {
+        // Resync and verify frames go between records, rate-limited: at
+        // most one per pass of this loop, so live records never queue
+        // behind a run of regions.
+        let resync_sent = job_step(vol, primary, link, sock, &mut budget).await?;
+        if resync_sent {
             last_send = Instant::now();
-            continue;
         }
         let cursor = link.sent_next.get();
         let wake = link.wake.notified();
@@ -674,6 +721,9 @@ async fn send_loop(
         }
         if *link.phase.borrow() != Phase::InSync {
             primary.set_phase(link, Phase::InSync);
+        }
+        if resync_sent {
+            continue;
         }
         // Idle: wait for records, pinging so the replica knows we live.
         let mut left = ping_every.saturating_sub(last_send.elapsed());

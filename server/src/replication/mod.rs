@@ -152,6 +152,10 @@ pub struct LinkState {
     pub job: RefCell<Option<resync::Job>>,
     /// Regions the replica may lack that the journal no longer holds (persistent).
     pub oos: RefCell<bitmap::OutOfSync>,
+    /// The next LSN when this primary started (its recovery's end).
+    pub startup_next: Lsn,
+    /// Whether the replica completed a handshake since this primary started.
+    pub connected_since_start: Cell<bool>,
     /// Sequence number of the next resync frame on the connection.
     pub resync_seq: Cell<u64>,
     /// A verify asked for by the operator (Some(repair)), started by the send loop.
@@ -233,6 +237,8 @@ impl Primary {
                     rtt_us: Cell::new(0),
                     job: RefCell::new(None),
                     oos: RefCell::new(oos),
+                    startup_next: next,
+                    connected_since_start: Cell::new(false),
                     resync_seq: Cell::new(1),
                     verify_request: Cell::new(None),
                     last_verify: RefCell::new(None),
@@ -313,10 +319,12 @@ impl Primary {
     /// durability on the replicas (sync mode, or FUA/FLUSH in flush mode),
     /// otherwise receipt is enough.
     pub fn acked(&self, lsn: Lsn, durable: bool) -> bool {
+        // A link that streams live records while a resync runs does not
+        // count: its replica is Inconsistent and could not be promoted.
         let in_sync: Vec<&Rc<LinkState>> = self
             .links
             .iter()
-            .filter(|l| *l.phase.borrow() == Phase::InSync)
+            .filter(|l| l.state_code() == 2.0)
             .collect();
         let got = in_sync
             .iter()

@@ -25,6 +25,10 @@ use super::bitmap::{OutOfSync, REGION};
 pub const MAX_CHECKS: usize = 32;
 /// Most resync frames sent whose durability is not yet reported.
 pub const MAX_PENDING: usize = 256;
+/// How often a region's check may be deferred (writes to it were not yet in
+/// the stream) before a resync sends its data instead, or a verify reports
+/// it as too busy to compare.
+pub const MAX_DEFERRALS: u32 = 8;
 
 /// What a pass does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,8 +88,14 @@ pub struct Job {
     pending: VecDeque<Pending>,
     checks_out: usize,
     wanted: VecDeque<usize>,
-    /// Regions whose check must be taken again (their snapshot was ambiguous).
-    recheck: VecDeque<usize>,
+    /// Regions whose check must be taken again (their snapshot was
+    /// ambiguous), with how often they were deferred; taken after the scan.
+    recheck: VecDeque<(usize, u32)>,
+    /// Verify: offsets of regions written too continuously to compare.
+    pub busy: Vec<u64>,
+    /// How often each deferred region was deferred (bounded by the regions
+    /// in `recheck`).
+    deferrals: std::collections::HashMap<usize, u32>,
     /// Verify: offsets of the regions found different.
     pub differing: Vec<u64>,
     /// RESYNC_DONE (or the verify's end) has been reached.
@@ -117,6 +127,8 @@ impl Job {
             checks_out: 0,
             wanted: VecDeque::new(),
             recheck: VecDeque::new(),
+            busy: Vec::new(),
+            deferrals: std::collections::HashMap::new(),
             differing: Vec::new(),
             done_sent: false,
             started: Instant::now(),
@@ -141,8 +153,9 @@ impl Job {
         )
     }
 
-    /// What to send next; `may_send_data` is the rate limiter's verdict.
-    pub fn next_step(&mut self, bits: &OutOfSync, may_send_data: bool) -> Step {
+    /// What to send next; `may_send_data` is the rate limiter's verdict,
+    /// `may_check` whether checks can be taken now (the link streams live).
+    pub fn next_step(&mut self, bits: &OutOfSync, may_send_data: bool, may_check: bool) -> Step {
         if self.done_sent {
             return Step::Wait;
         }
@@ -154,23 +167,16 @@ impl Job {
                 Step::Wait
             };
         }
-        if let Some(&r) = self.recheck.front() {
-            return if self.checks_out < MAX_CHECKS && room && may_send_data {
-                self.recheck.pop_front();
-                Step::Check(r)
-            } else {
-                Step::Wait
-            };
-        }
         if let JobKind::Resync { .. } = self.kind {
             self.cursor = bits.next_set(self.cursor).unwrap_or(self.regions);
         }
+        let can_check = self.checks_out < MAX_CHECKS && room && may_send_data && may_check;
         if self.cursor < self.regions {
             let i = self.cursor;
             if self.checks_first() {
                 // Checks move no data but cost the replica a read: they
                 // share the rate budget.
-                if self.checks_out < MAX_CHECKS && room && may_send_data {
+                if can_check {
                     self.cursor += 1;
                     return Step::Check(i);
                 }
@@ -179,6 +185,16 @@ impl Job {
                 return Step::Data(i);
             }
             return Step::Wait;
+        }
+        // Deferred checks are retried once the scan is through, so a region
+        // under constant writes never holds up the rest.
+        if let Some(&(r, _)) = self.recheck.front() {
+            return if can_check {
+                self.recheck.pop_front();
+                Step::Check(r)
+            } else {
+                Step::Wait
+            };
         }
         // The end is only reached once every frame is reported durable and,
         // for a resync, no region is out of sync any more (one marked again
@@ -189,7 +205,7 @@ impl Job {
         if let JobKind::Resync { .. } = self.kind {
             if let Some(i) = bits.next_set(0) {
                 self.cursor = i;
-                return self.next_step(bits, may_send_data);
+                return self.next_step(bits, may_send_data, may_check);
             }
         }
         self.done_sent = true;
@@ -203,7 +219,22 @@ impl Job {
     /// The check of `region` that [`Job::next_step`] gave could not be taken
     /// now (writes to the region were not yet in the stream): take it later.
     pub fn recheck(&mut self, region: usize) {
-        self.recheck.push_back(region);
+        let tries = self.deferrals.get(&region).copied().unwrap_or(0) + 1;
+        if tries <= MAX_DEFERRALS {
+            self.deferrals.insert(region, tries);
+            self.recheck.push_back((region, tries));
+            return;
+        }
+        self.deferrals.remove(&region);
+        if self.repairs() {
+            // A data snapshot needs no quiet moment: send it.
+            if !self.wanted.contains(&region) {
+                self.wanted.push_back(region);
+            }
+        } else {
+            self.busy.push(region as u64 * REGION);
+            self.done_bytes += self.region_len(region);
+        }
     }
 
     /// Records a frame about `region` just put in the stream; its sequence number.
@@ -321,22 +352,26 @@ mod tests {
         b.set(7);
         let mut j = Job::new(JobKind::Resync { checksum: false }, &b, 10 * REGION, 1);
         assert_eq!(j.total_bytes, 2 * REGION);
-        assert_eq!(j.next_step(&b, false), Step::Wait, "rate limited");
-        assert_eq!(j.next_step(&b, true), Step::Data(2));
+        assert_eq!(j.next_step(&b, false, true), Step::Wait, "rate limited");
+        assert_eq!(j.next_step(&b, true, true), Step::Data(2));
         let s2 = j.sent(2, false);
-        assert_eq!(j.next_step(&b, true), Step::Data(7));
+        assert_eq!(j.next_step(&b, true, true), Step::Data(7));
         let s7 = j.sent(7, false);
         j.on_mark(7); // written again while the replica was away
-        assert_eq!(j.next_step(&b, true), Step::Data(7), "sent again");
+        assert_eq!(j.next_step(&b, true, true), Step::Data(7), "sent again");
         let s7b = j.sent(7, false);
-        assert_eq!(j.next_step(&b, true), Step::Wait, "durability outstanding");
+        assert_eq!(
+            j.next_step(&b, true, true),
+            Step::Wait,
+            "durability outstanding"
+        );
         j.on_durable(s2, &mut b);
         assert!(!b.get(2) && b.get(7));
         j.on_durable(s7, &mut b);
         assert!(b.get(7), "a region marked after it was sent stays set");
         j.on_durable(s7b, &mut b);
         assert!(!b.get(7));
-        assert_eq!(j.next_step(&b, true), Step::Done);
+        assert_eq!(j.next_step(&b, true, true), Step::Done);
         assert!(j.finished());
     }
 
@@ -347,25 +382,29 @@ mod tests {
         let mut j = Job::new(JobKind::Resync { checksum: true }, &b, 3 * REGION, 1);
         let mut seqs = Vec::new();
         for i in 0..3 {
-            assert_eq!(j.next_step(&b, true), Step::Check(i));
+            assert_eq!(j.next_step(&b, true, true), Step::Check(i));
             seqs.push(j.sent(i, true));
         }
-        assert_eq!(j.next_step(&b, true), Step::Wait, "answers outstanding");
+        assert_eq!(
+            j.next_step(&b, true, true),
+            Step::Wait,
+            "answers outstanding"
+        );
         assert_eq!(j.on_check(seqs[0], true), Ok(None));
         assert_eq!(j.on_check(seqs[1], false), Ok(Some(1)));
         assert_eq!(j.on_check(seqs[2], true), Ok(None));
         assert!(j.on_check(99, true).is_err());
-        assert_eq!(j.next_step(&b, true), Step::Data(1));
+        assert_eq!(j.next_step(&b, true, true), Step::Data(1));
         let d = j.sent(1, false);
         j.on_durable(seqs[2], &mut b);
         assert!(
             !b.get(0) && b.get(1) && !b.get(2),
             "a mismatch keeps its bit"
         );
-        assert_eq!(j.next_step(&b, true), Step::Wait);
+        assert_eq!(j.next_step(&b, true, true), Step::Wait);
         j.on_durable(d, &mut b);
         assert_eq!(b.count(), 0);
-        assert_eq!(j.next_step(&b, true), Step::Done);
+        assert_eq!(j.next_step(&b, true, true), Step::Done);
         assert!(j.finished());
         assert_eq!(j.sent_bytes, REGION);
     }
@@ -376,20 +415,20 @@ mod tests {
         let mut j = Job::new(JobKind::Verify { repair: false }, &b, 4 * REGION - 8192, 1);
         let mut last = 0;
         for i in 0..4 {
-            assert_eq!(j.next_step(&b, true), Step::Check(i));
+            assert_eq!(j.next_step(&b, true, true), Step::Check(i));
             last = j.sent(i, true);
             assert_eq!(j.on_check(last, i != 3), Ok(None));
         }
-        assert_eq!(j.next_step(&b, true), Step::Wait);
+        assert_eq!(j.next_step(&b, true, true), Step::Wait);
         j.on_durable(last, &mut b);
-        assert_eq!(j.next_step(&b, true), Step::Finished);
+        assert_eq!(j.next_step(&b, true, true), Step::Finished);
         assert_eq!(j.differing, vec![3 * REGION]);
         assert_eq!(j.progress(), (4 * REGION - 8192, 4 * REGION - 8192));
 
         let mut j = Job::new(JobKind::Verify { repair: true }, &b, 4 * REGION, 1);
         let s = (0..4)
             .map(|i| {
-                j.next_step(&b, true);
+                j.next_step(&b, true, true);
                 j.sent(i, true)
             })
             .collect::<Vec<_>>();
@@ -397,26 +436,74 @@ mod tests {
         for &x in &[s[0], s[2], s[3]] {
             j.on_check(x, true).unwrap();
         }
-        assert_eq!(j.next_step(&b, true), Step::Data(1));
+        assert_eq!(j.next_step(&b, true, true), Step::Data(1));
         let d = j.sent(1, false);
         j.on_durable(d, &mut b);
-        assert_eq!(j.next_step(&b, true), Step::Done);
+        assert_eq!(j.next_step(&b, true, true), Step::Done);
     }
 
     #[test]
     fn a_deferred_check_is_taken_before_the_pass_ends() {
         let mut b = bits(2);
         let mut j = Job::new(JobKind::Verify { repair: false }, &b, 2 * REGION, 1);
-        assert_eq!(j.next_step(&b, true), Step::Check(0));
+        assert_eq!(j.next_step(&b, true, true), Step::Check(0));
         j.recheck(0);
-        assert_eq!(j.next_step(&b, true), Step::Check(0), "deferred first");
-        let s0 = j.sent(0, true);
-        assert_eq!(j.next_step(&b, true), Step::Check(1));
+        assert_eq!(
+            j.next_step(&b, true, true),
+            Step::Check(1),
+            "the scan first"
+        );
         let s1 = j.sent(1, true);
-        j.on_check(s0, true).unwrap();
+        assert_eq!(
+            j.next_step(&b, true, true),
+            Step::Check(0),
+            "then the deferred one"
+        );
+        let s0 = j.sent(0, true);
         j.on_check(s1, true).unwrap();
-        j.on_durable(s1, &mut b);
-        assert_eq!(j.next_step(&b, true), Step::Finished);
+        j.on_check(s0, true).unwrap();
+        j.on_durable(s0, &mut b);
+        assert_eq!(j.next_step(&b, true, true), Step::Finished);
+    }
+
+    #[test]
+    fn a_region_deferred_too_often_is_sent_or_reported_busy() {
+        let mut b = bits(2);
+        b.set_all();
+        let mut j = Job::new(JobKind::Resync { checksum: true }, &b, 2 * REGION, 1);
+        assert_eq!(
+            j.next_step(&b, true, false),
+            Step::Wait,
+            "no checks while not live"
+        );
+        assert_eq!(j.next_step(&b, true, true), Step::Check(0));
+        j.recheck(0);
+        assert_eq!(
+            j.next_step(&b, true, true),
+            Step::Check(1),
+            "the scan goes on first"
+        );
+        j.sent(1, true);
+        for _ in 0..MAX_DEFERRALS {
+            assert_eq!(j.next_step(&b, true, true), Step::Check(0));
+            j.recheck(0);
+        }
+        assert_eq!(
+            j.next_step(&b, true, true),
+            Step::Data(0),
+            "sent as data at last"
+        );
+
+        let b = bits(1);
+        let mut v = Job::new(JobKind::Verify { repair: false }, &b, REGION, 1);
+        assert_eq!(v.next_step(&b, true, true), Step::Check(0));
+        for _ in 0..MAX_DEFERRALS {
+            v.recheck(0);
+            assert_eq!(v.next_step(&b, true, true), Step::Check(0));
+        }
+        v.recheck(0);
+        assert_eq!(v.busy, vec![0]);
+        assert_eq!(v.next_step(&b, true, true), Step::Finished);
     }
 
     #[test]
@@ -430,11 +517,11 @@ mod tests {
             1,
         );
         for i in 0..MAX_PENDING {
-            assert_eq!(j.next_step(&b, true), Step::Data(i));
+            assert_eq!(j.next_step(&b, true, true), Step::Data(i));
             j.sent(i, false);
         }
-        assert_eq!(j.next_step(&b, true), Step::Wait);
+        assert_eq!(j.next_step(&b, true, true), Step::Wait);
         j.on_durable(1, &mut b);
-        assert_eq!(j.next_step(&b, true), Step::Data(MAX_PENDING));
+        assert_eq!(j.next_step(&b, true, true), Step::Data(MAX_PENDING));
     }
 }

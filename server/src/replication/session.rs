@@ -218,7 +218,10 @@ async fn serve(
         let received = received.clone();
         let bump = bump.clone();
         let resync = resync.clone();
-        tokio_uring::spawn(async move { ack_loop(vol, tx, received, bump, resync).await })
+        let keepalive = ctx.heartbeat_timeout / 3;
+        tokio_uring::spawn(
+            async move { ack_loop(vol, tx, received, bump, resync, keepalive).await },
+        )
     };
     let syncer = {
         let vol = vol.clone();
@@ -289,13 +292,17 @@ async fn resync_syncer(vol: Rc<Volume>, bump: Rc<Notify>, resync: Rc<ResyncProgr
     }
 }
 
-/// Sends an ACK whenever what is received or durable moves.
+/// Sends an ACK whenever what is received or durable moves, and at least
+/// every third of the heartbeat timeout: the receive loop may be waiting
+/// (for its applier, before a resync region) and not answer PINGs, and the
+/// primary must still hear that this replica is alive.
 async fn ack_loop(
     vol: Rc<Volume>,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     received: Rc<Cell<Lsn>>,
     bump: Rc<Notify>,
     resync: Rc<ResyncProgress>,
+    keepalive: Duration,
 ) {
     let mut progress = vol.journal().subscribe();
     let mut last = (u64::MAX, u64::MAX, u64::MAX);
@@ -314,6 +321,7 @@ async fn ack_loop(
         tokio::select! {
             _ = bump.notified() => {}
             r = progress.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(keepalive) => last = (u64::MAX, u64::MAX, u64::MAX),
         }
     }
 }
@@ -446,6 +454,7 @@ async fn receive(
                     ));
                 }
                 next_seq(rh.seq, tx)?;
+                at_stream_point(vol, &rh, tx)?;
                 vol.write_resync_region(Lsn(rh.after_lsn), rh.offset, p)
                     .await
                     .map_err(|e| reject_err(tx, e))?;
@@ -464,6 +473,7 @@ async fn receive(
                 let rh =
                     wire::ResyncHeader::decode(&hb).inspect_err(|e| reject(tx, e.to_string()))?;
                 next_seq(rh.seq, tx)?;
+                at_stream_point(vol, &rh, tx)?;
                 let mine = vol
                     .region_hash(Lsn(rh.after_lsn), rh.offset, rh.length)
                     .await
@@ -500,6 +510,29 @@ async fn receive(
             }
         }
     }
+}
+
+/// A resync frame describes the primary's data right after the last record
+/// sent before it: its `after_lsn` must be exactly the last record this
+/// replica received.
+fn at_stream_point(
+    vol: &Volume,
+    rh: &wire::ResyncHeader,
+    tx: &mpsc::UnboundedSender<Vec<u8>>,
+) -> Result<(), LinkError> {
+    let next = vol.journal().next_lsn().0;
+    if rh.after_lsn.checked_add(1) != Some(next) {
+        return Err(reject_err(
+            tx,
+            format!(
+                "resync frame {} is for the stream after LSN {}, but this replica received up to LSN {}",
+                rh.seq,
+                rh.after_lsn,
+                next.saturating_sub(1)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads `len` bytes of a record payload or resync region straight into
