@@ -577,13 +577,16 @@ pub fn replication_markdown(rec: &RunRecord) -> String {
                     if cpu.window_cpu_s <= 0.0 {
                         return None;
                     }
-                    let replicas: f64 = cpu
+                    let replicas: Vec<f64> = cpu
                         .window_cpu_s_by_process
                         .iter()
                         .filter(|(l, _)| l != "primary")
-                        .map(|(_, v)| v)
-                        .sum();
-                    Some(replicas / cpu.window_cpu_s)
+                        .map(|(_, v)| *v)
+                        .collect();
+                    if replicas.is_empty() {
+                        return None;
+                    }
+                    Some(replicas.iter().sum::<f64>() / cpu.window_cpu_s)
                 })
                 .collect();
             let share = summarize(&shares)

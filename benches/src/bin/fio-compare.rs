@@ -33,8 +33,6 @@ const TARGET_OVERHEAD_S: f64 = 4.0;
 /// Extra per running replica (journal creation, checksum resync, the fill
 /// replicated), for the estimate.
 const REPLICA_OVERHEAD_S: f64 = 3.0;
-/// Longest `--wait-for-load` wait.
-const LOAD_WAIT_MAX: Duration = Duration::from_secs(600);
 /// fio bound on the precondition fill (it ends when the region is written).
 const FILL_BOUND_S: u64 = 300;
 
@@ -95,10 +93,14 @@ struct Cli {
     /// Skip the sequential fill before the jobs (reads then hit holes).
     #[arg(long)]
     no_precondition: bool,
-    /// Before starting, wait (at most 10 minutes) until the 1-minute load
-    /// average is below this; the run then goes ahead anyway, noting the load.
+    /// Before starting, wait (at most --load-wait-max) until the 1-minute
+    /// load average is below this; the run then goes ahead anyway, noting
+    /// the load.
     #[arg(long, value_name = "LOAD")]
     wait_for_load: Option<f64>,
+    /// Longest --wait-for-load wait, in seconds.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    load_wait_max: u64,
     /// List the targets and jobs, then exit.
     #[arg(long)]
     list: bool,
@@ -376,19 +378,16 @@ fn run(cli: Cli) -> Result<()> {
 
     let mut notes = Vec::new();
     if let Some(max) = cli.wait_for_load {
+        let wait_max = Duration::from_secs(cli.load_wait_max);
         let t0 = Instant::now();
-        while machine::load1().is_some_and(|l| l > max)
-            && t0.elapsed() < LOAD_WAIT_MAX
-            && !interrupted()
+        while machine::load1().is_some_and(|l| l > max) && t0.elapsed() < wait_max && !interrupted()
         {
             println!(
                 "load average {} above {max}; waiting (up to {} s more)",
                 machine::loadavg(),
-                (LOAD_WAIT_MAX - t0.elapsed()).as_secs()
+                (wait_max - t0.elapsed()).as_secs()
             );
-            std::thread::sleep(
-                Duration::from_secs(30).min(LOAD_WAIT_MAX.saturating_sub(t0.elapsed())),
-            );
+            std::thread::sleep(Duration::from_secs(30).min(wait_max.saturating_sub(t0.elapsed())));
         }
         if machine::load1().is_some_and(|l| l > max) {
             notes.push(format!(
