@@ -494,6 +494,7 @@ pub fn start(
     let primary = Server::start(program, &args, &mode, vol, log)?;
     Ok(Running {
         primary,
+        role: "primary".into(),
         helpers,
         admin: Some(admin),
     })

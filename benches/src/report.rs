@@ -580,7 +580,7 @@ pub fn replication_markdown(rec: &RunRecord) -> String {
                     let replicas: Vec<f64> = cpu
                         .window_cpu_s_by_process
                         .iter()
-                        .filter(|(l, _)| l != "primary")
+                        .filter(|(l, _)| l.starts_with("replica"))
                         .map(|(_, v)| *v)
                         .collect();
                     if replicas.is_empty() {

@@ -478,6 +478,7 @@ impl Target {
         match &self.replication {
             None => Ok(Some(Running {
                 primary: Server::start(&program, args, port, vol, log)?,
+                role: "server".into(),
                 helpers: Vec::new(),
                 admin: None,
             })),
@@ -762,6 +763,8 @@ impl Server {
 pub struct Running {
     /// The server fio talks to (a replicated target's primary).
     pub primary: Server,
+    /// Its role in records: "server", or "primary" for a replicated target.
+    pub role: String,
     /// Replicas and proxies, in start order.
     pub helpers: Vec<Helper>,
     /// The primary's admin socket, when it has one.
@@ -792,7 +795,7 @@ impl Running {
     /// The processes whose CPU is charged: the primary and the replicas.
     pub fn charged(&self) -> Vec<Charged> {
         let mut v = vec![Charged {
-            label: "primary".into(),
+            label: self.role.clone(),
             pid: self.primary.pid,
         }];
         v.extend(self.helpers.iter().filter(|h| h.charged).map(|h| Charged {
@@ -802,9 +805,9 @@ impl Running {
         v
     }
 
-    /// `(role, process)` of every process, primary first.
+    /// `(role, process, CPU charged)` of every process, primary first.
     pub fn processes(&self) -> Vec<(&str, &Server, bool)> {
-        let mut v = vec![("primary", &self.primary, true)];
+        let mut v = vec![(self.role.as_str(), &self.primary, true)];
         v.extend(
             self.helpers
                 .iter()
@@ -816,7 +819,7 @@ impl Running {
     /// The first process found exited, as "role (status)".
     pub fn exited(&mut self) -> Result<Option<(String, PathBuf, ExitStatus)>> {
         if let Some(st) = self.primary.exited()? {
-            return Ok(Some(("primary".into(), self.primary.log.clone(), st)));
+            return Ok(Some((self.role.clone(), self.primary.log.clone(), st)));
         }
         for h in &mut self.helpers {
             if let Some(st) = h.server.exited()? {
@@ -829,7 +832,7 @@ impl Running {
     /// Stops the primary, then the helpers (SIGTERM, SIGKILL after a bound).
     pub fn stop(&mut self) -> Vec<ProcessStop> {
         let mut out = vec![ProcessStop {
-            role: "primary".into(),
+            role: self.role.clone(),
             outcome: self.primary.stop().map_err(|e| e.to_string()),
         }];
         for h in &mut self.helpers {
