@@ -480,6 +480,16 @@ pub fn markdown(rec: &RunRecord) -> String {
                     " (CPU not charged)"
                 };
                 let _ = writeln!(s, "  - {}{cpu}: `{}`", p.role, p.command);
+                // The primary's warnings are listed below, as for every target.
+                if p.role != "primary" && !p.log_problems.is_empty() {
+                    let _ = writeln!(
+                        s,
+                        "    - {} warning/error line(s) in {}, first: `{}`",
+                        p.log_problems.len(),
+                        p.log,
+                        p.log_problems[0]
+                    );
+                }
             }
         } else {
             let _ = writeln!(s, "- **{}**: {}. `{}`", t.name, t.durability, t.command);
