@@ -470,7 +470,7 @@ pub fn markdown(rec: &RunRecord) -> String {
         if t.processes.len() > 1 {
             let _ = writeln!(
                 s,
-                "- **{}**: {}. Processes, started bottom-up:",
+                "- **{}**: {}. Processes (replicas and proxies start first, the primary last):",
                 t.name, t.durability
             );
             for p in &t.processes {
