@@ -439,9 +439,12 @@ pub fn start(
             let rvol = Volume::create(dir, &name, vol.size)?;
             let admin = dir.join(format!("{name}.admin"));
             let args = replica_args(&name, &rvol, &admin, &secret);
+            // mirrorblkd logs this line after binding its replication
+            // listener; a probe connection to its NBD port would only add a
+            // "handshake failed" line to its log.
             let mode = PortMode::Logged {
                 marker: "serving NBD on ".into(),
-                connect: true,
+                connect: false,
             };
             let server = Server::start(program, &args, &mode, vol, &side_log(&name))?;
             let port = server
