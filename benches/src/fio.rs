@@ -150,6 +150,19 @@ pub struct CpuSample {
     pub window_wall_s: f64,
     /// Server CPU cores busy on average in the window.
     pub window_cores: f64,
+    /// The window's CPU seconds per charged process (primary, replicas),
+    /// labelled as in [`Charged`]; they sum to `window_cpu_s`.
+    pub window_cpu_s_by_process: Vec<(String, f64)>,
+}
+
+/// A process whose tree's CPU is charged to the target, with a label for
+/// the record ("mirrorblkd", "replica n2").
+#[derive(Debug, Clone)]
+pub struct Charged {
+    /// Label in the record.
+    pub label: String,
+    /// Root PID of the tree.
+    pub pid: i32,
 }
 
 /// fio's version line.
@@ -210,18 +223,27 @@ pub fn args(job: &Job, ep: &Endpoint, t: Timing, out: &Path) -> Vec<String> {
     a
 }
 
-/// Runs fio once, sampling the CPU of the process tree rooted at
-/// `server_pid` (if any). Killed if it outlives ramp + runtime + [`FIO_GRACE`].
+/// Runs fio once, sampling the CPU of the process trees rooted at `charged`
+/// (none: no server, no CPU figure; several: a primary and its replicas,
+/// summed). Killed if it outlives ramp + runtime + [`FIO_GRACE`].
 pub fn run(
     job: &Job,
     ep: &Endpoint,
     t: Timing,
     out: &Path,
-    server_pid: Option<i32>,
+    charged: &[Charged],
 ) -> Result<RunFigures> {
     let argv = args(job, ep, t, out);
-    let cpu = |pid: Option<i32>| pid.and_then(proc_stat::tree_cpu_seconds);
-    let cpu_start = cpu(server_pid);
+    let pids: Vec<i32> = charged.iter().map(|c| c.pid).collect();
+    let cpu = || -> Option<Vec<f64>> {
+        if pids.is_empty() {
+            None
+        } else {
+            proc_stat::trees_cpu_seconds(&pids)
+        }
+    };
+    let total = |v: &Vec<f64>| v.iter().sum::<f64>();
+    let cpu_start = cpu();
     let t0 = Instant::now();
     let mut child = Command::new("fio")
         .args(&argv)
@@ -243,8 +265,8 @@ pub fn run(
     let win_start = Duration::from_secs_f64(t.ramp as f64 + margin);
     let win_end = Duration::from_secs(t.ramp + t.runtime);
     let bound = Duration::from_secs(t.ramp + t.runtime) + FIO_GRACE;
-    let mut w0: Option<(Instant, f64)> = None;
-    let mut w1: Option<(Instant, f64)> = None;
+    let mut w0: Option<(Instant, Vec<f64>)> = None;
+    let mut w1: Option<(Instant, Vec<f64>)> = None;
     let status = loop {
         if let Some(st) = child.try_wait().ctx(|| "cannot wait for fio".into())? {
             break st;
@@ -252,10 +274,10 @@ pub fn run(
         let el = t0.elapsed();
         if t.time_based {
             if w0.is_none() && el >= win_start {
-                w0 = cpu(server_pid).map(|c| (Instant::now(), c));
+                w0 = cpu().map(|c| (Instant::now(), c));
             }
             if w1.is_none() && el >= win_end {
-                w1 = cpu(server_pid).map(|c| (Instant::now(), c));
+                w1 = cpu().map(|c| (Instant::now(), c));
             }
         }
         if el >= bound {
@@ -271,7 +293,7 @@ pub fn run(
         std::thread::sleep(Duration::from_millis(10));
     };
     let wall = t0.elapsed().as_secs_f64();
-    let cpu_end = cpu(server_pid);
+    let cpu_end = cpu();
     let err_text = stderr
         .and_then(|h| h.join().ok())
         .unwrap_or_default()
@@ -297,12 +319,17 @@ pub fn run(
     f.fio_json = out.display().to_string();
     if let (Some(a), Some(b)) = (cpu_start, cpu_end) {
         let mut s = CpuSample {
-            whole_run_cpu_s: b - a,
+            whole_run_cpu_s: total(&b) - total(&a),
             whole_run_wall_s: wall,
             ..CpuSample::default()
         };
         if let (Some((ta, ca)), Some((tb, cb))) = (w0, w1) {
-            s.window_cpu_s = cb - ca;
+            s.window_cpu_s = total(&cb) - total(&ca);
+            s.window_cpu_s_by_process = charged
+                .iter()
+                .zip(cb.iter().zip(&ca))
+                .map(|(c, (b, a))| (c.label.clone(), b - a))
+                .collect();
             s.window_wall_s = tb.duration_since(ta).as_secs_f64();
             if s.window_wall_s > 0.0 {
                 s.window_cores = s.window_cpu_s / s.window_wall_s;

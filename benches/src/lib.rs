@@ -5,8 +5,10 @@
 //! * `fio-compare` (`src/bin/fio-compare.rs`, built from the modules below):
 //!   runs the same fio jobs through fio's nbd engine against `mirrorblkd` and
 //!   against peer NBD servers (nbdkit, qemu-nbd), plus fio straight on the
-//!   file as the disk's limit, and writes a table, a JSON record and an SVG
-//!   chart under `benches/results/<UTC timestamp>/`.
+//!   file as the disk's limit, and (with `--replicated`) against a primary
+//!   with 1 or 2 replicas on loopback in each replication mode; then writes
+//!   a table, a JSON record and an SVG chart under
+//!   `benches/results/<UTC timestamp>/`.
 //! * criterion micro-benches (`benches/*.rs`): NBD codec, journal record
 //!   encoding and checksums, recovery scan rate.
 //!
@@ -14,6 +16,7 @@
 //! so this library does not link the daemon: it keeps building while the
 //! daemon is being changed.
 
+pub mod cluster;
 pub mod error;
 pub mod fio;
 pub mod machine;

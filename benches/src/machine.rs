@@ -166,19 +166,54 @@ fn filesystem_of(dir: &Path) -> String {
 }
 
 /// The commit `HEAD` points at, read from the files under `.git` (loose ref
-/// or packed-refs).
+/// or packed-refs). In a linked work tree (`.git` is a file naming the
+/// work tree's git directory), `HEAD` is read there and refs from the
+/// common directory it names.
 pub fn git_commit(workspace: &Path) -> Option<String> {
-    let git = workspace.join(".git");
+    let mut git = workspace.join(".git");
+    if git.is_file() {
+        let link = read(git.clone())?;
+        let dir = link.strip_prefix("gitdir:")?.trim();
+        git = workspace.join(dir);
+    }
+    let common = match read(git.join("commondir")) {
+        Some(c) => git.join(c),
+        None => git.clone(),
+    };
     let head = read(git.join("HEAD"))?;
     let Some(r) = head.strip_prefix("ref: ") else {
         return Some(head);
     };
-    if let Some(c) = read(git.join(r)) {
+    if let Some(c) = read(git.join(r)).or_else(|| read(common.join(r))) {
         return Some(c);
     }
-    read(git.join("packed-refs"))?
+    read(common.join("packed-refs"))?
         .lines()
         .find(|l| l.ends_with(r))
         .and_then(|l| l.split_whitespace().next())
         .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_head_of_a_linked_work_tree() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let main = d.path().join("main/.git");
+        let wt_git = main.join("worktrees/wt");
+        std::fs::create_dir_all(main.join("refs/heads")).unwrap();
+        std::fs::create_dir_all(&wt_git).unwrap();
+        std::fs::write(main.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+        std::fs::write(main.join("refs/heads/main"), "aaaa\n").unwrap();
+        std::fs::write(main.join("packed-refs"), "bbbb refs/heads/b\n").unwrap();
+        std::fs::write(wt_git.join("HEAD"), "ref: refs/heads/b\n").unwrap();
+        std::fs::write(wt_git.join("commondir"), "../..\n").unwrap();
+        let wt = d.path().join("wt");
+        std::fs::create_dir_all(&wt).unwrap();
+        std::fs::write(wt.join(".git"), format!("gitdir: {}\n", wt_git.display())).unwrap();
+        assert_eq!(git_commit(&d.path().join("main")).as_deref(), Some("aaaa"));
+        assert_eq!(git_commit(&wt).as_deref(), Some("bbbb"));
+    }
 }

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::cluster::ReplicaState;
 use crate::fio::{Job, RunFigures};
 use crate::machine::Machine;
 use crate::stats::{summarize, Summary};
@@ -247,6 +248,68 @@ pub struct TargetRecord {
     pub log: Option<String>,
     /// Warning and error lines found in the server log (at most 50).
     pub log_problems: Vec<String>,
+    /// The jobs it runs, when not all (replicated targets: the write jobs).
+    pub jobs: Option<Vec<String>>,
+    /// Every process of the target (the server; a replicated target's
+    /// primary, replicas and proxies), with its exact command line.
+    pub processes: Vec<ProcessRecord>,
+    /// A replicated target's set-up and replica states.
+    pub replication: Option<ReplicationRecord>,
+    /// Counters read from a mirrorblkd's Prometheus endpoint.
+    pub metrics: Option<MetricsReading>,
+}
+
+/// One process of a target.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessRecord {
+    /// "primary", "replica n2", "delay-proxy n2".
+    pub role: String,
+    /// The exact command line.
+    pub command: String,
+    /// Its log file.
+    pub log: String,
+    /// Whether its CPU is in the target's "server CPU" figure.
+    pub cpu_charged: bool,
+    /// How it stopped.
+    pub stop: Option<StopOutcome>,
+    /// Why stopping it failed, if it did.
+    pub stop_error: Option<String>,
+    /// Warning and error lines in its log (at most 50).
+    pub log_problems: Vec<String>,
+}
+
+/// A replicated target's set-up and what its primary reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicationRecord {
+    /// Replicas configured (`--peer` flags).
+    pub peers: usize,
+    /// Replicas running.
+    pub replicas_running: usize,
+    /// `--mode`.
+    pub mode: String,
+    /// Proxy delay per direction, for a cross-site target.
+    pub delay_ms_each_way: Option<u64>,
+    /// Seconds from the primary accepting NBD to every running replica in
+    /// sync with no resync left (the checksum resync of the fresh volume).
+    pub in_sync_after_s: Option<f64>,
+    /// Replica states when the jobs started.
+    pub replicas_before_jobs: Vec<ReplicaState>,
+    /// Replica states right after the last job.
+    pub replicas_after_jobs: Vec<ReplicaState>,
+}
+
+/// Counters read from the primary's `/metrics`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MetricsReading {
+    /// `mirrorblk_payload_copies_total` after the sequential fill.
+    pub payload_copies_after_fill: Option<f64>,
+    /// `mirrorblk_payload_copies_total` after the last job.
+    pub payload_copies_after_jobs: Option<f64>,
+    /// Client write bytes (`mirrorblk_request_bytes_total{op="write"}`)
+    /// after the last job: how much load the copy count covers.
+    pub write_bytes_after_jobs: Option<f64>,
+    /// Why a scrape failed, if one did.
+    pub error: Option<String>,
 }
 
 /// Settings of a run.
@@ -327,6 +390,11 @@ pub fn markdown(rec: &RunRecord) -> String {
         "| job | target | IOPS | MiB/s | p50 lat | p99 lat | p99.9 lat | server CPU s/GiB | ÷ best peer: IOPS, MiB/s, p50, p99, p99.9, CPU |"
     );
     let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|---|");
+    let partial: Vec<&TargetRecord> = rec
+        .targets
+        .iter()
+        .filter(|t| t.jobs.is_some() && t.skipped.is_none())
+        .collect();
     for job in &rec.jobs {
         for t in &rec.targets {
             let Some(c) = rec
@@ -370,9 +438,28 @@ pub fn markdown(rec: &RunRecord) -> String {
          Latency is fio total latency (submission to completion, `lat_ns`). \
          Ratios: target median ÷ best peer median for that figure, the letter says which peer was best ({legend}); \
          above 1 is better for IOPS and MiB/s, worse for latency and CPU. \
-         Server CPU: user+system seconds of the server process tree per GiB moved, measured in a window inside fio's measured period.",
+         Server CPU: user+system seconds of the server process tree per GiB moved, measured in a window inside fio's measured period; \
+         for a replicated target, summed over the primary and every replica process (the delay proxy of a cross-site target \
+         stands for the network and is not charged).",
         rec.settings.repeat, rec.settings.runtime_s, rec.settings.ramp_s
     );
+    if !partial.is_empty() {
+        let _ = writeln!(s);
+        let names: Vec<&str> = partial.iter().map(|t| t.name.as_str()).collect();
+        let jobs = partial[0].jobs.clone().unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "Not every target ran every job: {} ran only {} (writes; reads never touch the replicas, \
+             the primary serves them alone as with 0 replicas), so their rows for the other jobs are left out.",
+            names.join(", "),
+            jobs.join(", ")
+        );
+    }
+    let repl = replication_markdown(rec);
+    if !repl.is_empty() {
+        let _ = writeln!(s);
+        s.push_str(&repl);
+    }
     let _ = writeln!(s);
     let _ = writeln!(
         s,
@@ -380,7 +467,33 @@ pub fn markdown(rec: &RunRecord) -> String {
     );
     let _ = writeln!(s);
     for t in &rec.targets {
-        let _ = writeln!(s, "- **{}**: {}. `{}`", t.name, t.durability, t.command);
+        if t.processes.len() > 1 {
+            let _ = writeln!(
+                s,
+                "- **{}**: {}. Processes (replicas and proxies start first, the primary last):",
+                t.name, t.durability
+            );
+            for p in &t.processes {
+                let cpu = if p.cpu_charged {
+                    ""
+                } else {
+                    " (CPU not charged)"
+                };
+                let _ = writeln!(s, "  - {}{cpu}: `{}`", p.role, p.command);
+                // The primary's warnings are listed below, as for every target.
+                if p.role != "primary" && !p.log_problems.is_empty() {
+                    let _ = writeln!(
+                        s,
+                        "    - {} warning/error line(s) in {}, first: `{}`",
+                        p.log_problems.len(),
+                        p.log,
+                        p.log_problems[0]
+                    );
+                }
+            }
+        } else {
+            let _ = writeln!(s, "- **{}**: {}. `{}`", t.name, t.durability, t.command);
+        }
         if let Some(why) = &t.skipped {
             let _ = writeln!(s, "  - skipped: {why}");
         }
@@ -399,6 +512,166 @@ pub fn markdown(rec: &RunRecord) -> String {
     }
     let _ = writeln!(s);
     let _ = writeln!(s, "{}", machine_markdown(rec));
+    s
+}
+
+/// The target replicated targets are compared with: mirrorblkd alone.
+pub const BASELINE: &str = "mirrorblk";
+/// The unreplicated peer the issue's cost targets name.
+pub const FILE_PEER: &str = "nbdkit-file";
+
+fn median_of(rec: &RunRecord, target: &str, job: &str, f: Figure) -> Option<f64> {
+    rec.cells
+        .iter()
+        .find(|c| c.target == target && c.job == job)
+        .and_then(|c| c.median(f))
+}
+
+fn ratio_text(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => fmt_ratio(a / b),
+        _ => "–".into(),
+    }
+}
+
+/// The replicated targets' cost relative to mirrorblkd alone and to
+/// nbdkit-file, and the payload-copy counters; empty without replicated
+/// targets.
+pub fn replication_markdown(rec: &RunRecord) -> String {
+    let repl: Vec<&TargetRecord> = rec
+        .targets
+        .iter()
+        .filter(|t| t.replication.is_some() && t.skipped.is_none())
+        .collect();
+    if repl.is_empty() {
+        return String::new();
+    }
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Replication cost (medians; ÷ {BASELINE} = the same job on mirrorblkd with 0 replicas, ÷ {FILE_PEER} = unreplicated nbdkit file plugin; CPU summed over primary and replicas):"
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "| job | target | IOPS | IOPS ÷ {BASELINE} | IOPS ÷ {FILE_PEER} | p99 | p99 ÷ {BASELINE} | CPU s/GiB | CPU ÷ {BASELINE} | CPU ÷ {FILE_PEER} | replicas' CPU share |"
+    );
+    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for job in &rec.jobs {
+        for t in &repl {
+            let Some(c) = rec
+                .cells
+                .iter()
+                .find(|c| c.job == job.name && c.target == t.name)
+            else {
+                continue;
+            };
+            let m = |f: Figure| c.median(f);
+            let base = |f: Figure| median_of(rec, BASELINE, job.name, f);
+            let file = |f: Figure| median_of(rec, FILE_PEER, job.name, f);
+            let fmt = |f: Figure| {
+                m(f).map(|v| f.format(v)).unwrap_or_else(|| {
+                    if c.errors.is_empty() {
+                        "–".into()
+                    } else {
+                        "failed".into()
+                    }
+                })
+            };
+            // The replicas' share of the charged CPU, median over runs.
+            let shares: Vec<f64> = c
+                .runs
+                .iter()
+                .filter_map(|r| {
+                    let cpu = r.cpu.as_ref()?;
+                    if cpu.window_cpu_s <= 0.0 {
+                        return None;
+                    }
+                    let replicas: Vec<f64> = cpu
+                        .window_cpu_s_by_process
+                        .iter()
+                        .filter(|(l, _)| l.starts_with("replica"))
+                        .map(|(_, v)| *v)
+                        .collect();
+                    if replicas.is_empty() {
+                        return None;
+                    }
+                    Some(replicas.iter().sum::<f64>() / cpu.window_cpu_s)
+                })
+                .collect();
+            let share = summarize(&shares)
+                .map(|sm| format!("{:.0} %", sm.median * 100.0))
+                .unwrap_or_else(|| "–".into());
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                job.name,
+                t.name,
+                fmt(Figure::Iops),
+                ratio_text(m(Figure::Iops), base(Figure::Iops)),
+                ratio_text(m(Figure::Iops), file(Figure::Iops)),
+                fmt(Figure::P99),
+                ratio_text(m(Figure::P99), base(Figure::P99)),
+                fmt(Figure::Cpu),
+                ratio_text(m(Figure::Cpu), base(Figure::Cpu)),
+                ratio_text(m(Figure::Cpu), file(Figure::Cpu)),
+                share
+            );
+        }
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "Userspace payload copies on the write path (`mirrorblk_payload_copies_total` on the primary's /metrics) and replica states:"
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "| target | copies after fill | copies after all jobs | client bytes written by then | in sync after | replicas after the jobs |"
+    );
+    let _ = writeln!(s, "|---|--:|--:|--:|--:|---|");
+    let with_metrics = rec
+        .targets
+        .iter()
+        .filter(|t| t.metrics.is_some() && t.skipped.is_none());
+    for t in with_metrics {
+        let m = t.metrics.clone().unwrap_or_default();
+        let n = |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "–".into());
+        let gib = m
+            .write_bytes_after_jobs
+            .map(|b| format!("{:.2} GiB", b / (1u64 << 30) as f64))
+            .unwrap_or_else(|| "–".into());
+        let (in_sync, after) = match &t.replication {
+            None => ("no replicas".to_string(), "–".to_string()),
+            Some(r) => (
+                r.in_sync_after_s
+                    .map(|x| format!("{x:.1} s"))
+                    .unwrap_or_else(|| {
+                        if r.replicas_running == 0 {
+                            "n/a (down)".into()
+                        } else {
+                            "–".into()
+                        }
+                    }),
+                if r.replicas_after_jobs.is_empty() {
+                    "–".into()
+                } else {
+                    r.replicas_after_jobs
+                        .iter()
+                        .map(|x| format!("{} {} (lag {} LSN)", x.peer, x.state, x.lag_lsn))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            ),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {gib} | {in_sync} | {after} |",
+            t.name,
+            n(m.payload_copies_after_fill),
+            n(m.payload_copies_after_jobs),
+        );
+    }
     s
 }
 

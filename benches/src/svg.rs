@@ -10,9 +10,9 @@ use std::fmt::Write as _;
 
 use crate::report::{Figure, RunRecord};
 
-const PALETTE: [&str; 10] = [
+const PALETTE: [&str; 16] = [
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
-    "#9c755f", "#bab0ac",
+    "#9c755f", "#bab0ac", "#1f3b73", "#a0522d", "#2e8b57", "#8b008b", "#b8860b", "#4682b4",
 ];
 
 fn esc(s: &str) -> String {

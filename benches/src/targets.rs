@@ -1,9 +1,9 @@
 //! What is measured: the targets (mirrorblkd, its peers, the raw file), how to
 //! start and stop each one, and what a completed write means on each.
 //!
-//! Targets are data, not code paths: a new one (say, mirrorblkd with one
-//! replica in sync mode) is one more [`Target`] value with different
-//! arguments, see [`mirrorblk_variant`].
+//! Targets are data, not code paths: a new one is one more [`Target`] value
+//! with different arguments, see [`mirrorblk_variant`]; a replicated one also
+//! carries a [`Replication`] (see `cluster.rs`, which starts its processes).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -14,7 +14,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::cluster::{self, Replication};
 use crate::error::{Error, IoContext, Result};
+use crate::fio::Charged;
 
 /// Longest wait for a server to accept connections (mirrorblkd zero-fills a
 /// new 256 MiB journal before it listens, which takes seconds on a slow disk).
@@ -23,9 +25,19 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest run of a `--version`-style availability probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Start attempts when we choose the port (another process may take the free
+/// Start attempts when we choose a port (another process may take the free
 /// port we found before the server binds it).
 const START_ATTEMPTS: usize = 3;
+/// Placeholders of server arguments replaced by a port we choose free.
+const CHOSEN_PORTS: [&str; 3] = ["port", "metrics_port", "repl_port"];
+/// The write jobs: what a replicated target runs (reads never touch the
+/// replicas: they are served by the primary alone, as with 0 replicas).
+pub const WRITE_JOBS: [&str; 4] = [
+    "4k-randwrite-qd1",
+    "4k-randwrite-qd32",
+    "64k-randrw70-qd16",
+    "1m-write-qd8",
+];
 
 /// How a target is reached.
 #[derive(Debug, Clone)]
@@ -41,7 +53,8 @@ pub enum Launch {
         /// The program (a name looked up in PATH, or a path).
         program: PathBuf,
         /// Arguments; `{port}`, `{file}`, `{journal}` and `{size}` (bytes)
-        /// are replaced when it starts.
+        /// are replaced when it starts, and so is `{metrics_port}` (a
+        /// free port for `--metrics-listen`).
         args: Vec<String>,
         /// How the listening port is decided.
         port: PortMode,
@@ -61,6 +74,9 @@ pub enum PortMode {
     Logged {
         /// Text just before the address.
         marker: String,
+        /// Whether readiness also needs a TCP connection to succeed (not
+        /// for a proxy, where a connection would reach the thing behind it).
+        connect: bool,
     },
 }
 
@@ -81,6 +97,10 @@ pub struct Target {
     pub needs_journal: bool,
     /// Whether it runs when `--targets` is not given.
     pub in_default: bool,
+    /// For a replicated mirrorblkd: its replicas, mode and link.
+    pub replication: Option<Replication>,
+    /// Only these jobs run on it (`None`: every job).
+    pub jobs: Option<Vec<String>>,
 }
 
 /// The files of one fresh volume.
@@ -125,6 +145,8 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             peer: false,
             needs_journal: false,
             in_default: true,
+            replication: None,
+            jobs: None,
         },
         // Not in the default run (it would push it past 10 minutes): the
         // disk's limit for mirrorblk's promise, every write durable at completion.
@@ -140,6 +162,8 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             peer: false,
             needs_journal: false,
             in_default: false,
+            replication: None,
+            jobs: None,
         },
         Target {
             name: "nbdkit-memory".into(),
@@ -154,6 +178,8 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             peer: false,
             needs_journal: false,
             in_default: true,
+            replication: None,
+            jobs: None,
         },
         Target {
             name: "nbdkit-file".into(),
@@ -168,6 +194,8 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             peer: true,
             needs_journal: false,
             in_default: true,
+            replication: None,
+            jobs: None,
         },
         Target {
             name: "qemu-nbd".into(),
@@ -197,6 +225,8 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             peer: true,
             needs_journal: false,
             in_default: true,
+            replication: None,
+            jobs: None,
         },
         mirrorblk_variant(
             "mirrorblk",
@@ -207,9 +237,55 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
     ]
 }
 
+/// The replicated mirrorblkd targets, in table order: 1 and 2 replicas on
+/// loopback in each mode; one configured replica that is not running (mode
+/// sync, the default on-replica-loss degrade); and 1 replica behind a proxy
+/// delaying `delay_ms` each way in each mode. They run only the write jobs
+/// and are not in the default run (`--replicated` adds them).
+pub fn replicated(mirrorblkd: &Path, delay_ms: u64) -> Vec<Target> {
+    let dir = mirrorblkd.parent().unwrap_or(Path::new("."));
+    let repl = |peers, down, mode, delay_ms| Replication {
+        peers,
+        down,
+        mode,
+        delay_ms,
+        cli: dir.join("mirrorblk"),
+        delay_proxy: dir.join("delay-proxy"),
+    };
+    let mut specs = Vec::new();
+    for peers in [1, 2] {
+        for mode in cluster::Mode::ALL {
+            specs.push((
+                format!("mirrorblk-r{peers}-{}", mode.as_str()),
+                repl(peers, 0, mode, None),
+            ));
+        }
+    }
+    specs.push((
+        "mirrorblk-r1down-sync".into(),
+        repl(1, 1, cluster::Mode::Sync, None),
+    ));
+    for mode in cluster::Mode::ALL {
+        specs.push((
+            format!("mirrorblk-r1-{}-{delay_ms}ms", mode.as_str()),
+            repl(1, 0, mode, Some(delay_ms)),
+        ));
+    }
+    specs
+        .into_iter()
+        .map(|(name, r)| {
+            let mut t = mirrorblk_variant(&name, mirrorblkd, &[], &r.durability());
+            t.in_default = false;
+            t.jobs = Some(WRITE_JOBS.iter().map(|j| j.to_string()).collect());
+            t.replication = Some(r);
+            t
+        })
+        .collect()
+}
+
 /// A mirrorblkd target with `extra` arguments appended to the single-volume
-/// command line: the hook for replicated variants (1 or 2 replicas, sync,
-/// flush or async mode) once the daemon has the flags for them.
+/// command line (which serves Prometheus metrics, so the payload-copy
+/// counter can be read after the run).
 pub fn mirrorblk_variant(
     name: &str,
     mirrorblkd: &Path,
@@ -227,6 +303,8 @@ pub fn mirrorblk_variant(
         "{size}",
         "--listen",
         "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:{metrics_port}",
     ]
     .iter()
     .map(|x| x.to_string())
@@ -239,6 +317,7 @@ pub fn mirrorblk_variant(
             args,
             port: PortMode::Logged {
                 marker: "serving NBD on ".into(),
+                connect: true,
             },
             probes: vec![],
         },
@@ -247,6 +326,8 @@ pub fn mirrorblk_variant(
         peer: false,
         needs_journal: true,
         in_default: true,
+        replication: None,
+        jobs: None,
     }
 }
 
@@ -325,6 +406,16 @@ impl Target {
         else {
             return Ok(());
         };
+        if let Some(r) = &self.replication {
+            for h in r.helpers() {
+                if !h.is_file() {
+                    return Err(format!(
+                        "{} not found (cargo build --release --workspace builds it)",
+                        h.display()
+                    ));
+                }
+            }
+        }
         let Some(path) = which(program) else {
             return Err(format!(
                 "{} not found (install it: nbdkit → package nbdkit, qemu-nbd → qemu-utils, \
@@ -361,9 +452,18 @@ impl Target {
         out.lines().next().map(|l| l.trim().to_string())
     }
 
+    /// Whether job `name` runs on this target.
+    pub fn runs_job(&self, name: &str) -> bool {
+        self.jobs
+            .as_ref()
+            .is_none_or(|j| j.iter().any(|x| x == name))
+    }
+
     /// Starts the server for `vol`, logging its output to `log`, and waits
-    /// until it accepts TCP connections. `None` for [`Launch::Direct`].
-    pub fn start(&self, vol: &Volume, log: &Path) -> Result<Option<Server>> {
+    /// until it accepts TCP connections. `None` for [`Launch::Direct`]. A
+    /// replicated target's replicas (and proxies) are started first, their
+    /// files in `dir` (a directory of this target's own).
+    pub fn start(&self, vol: &Volume, log: &Path, dir: &Path) -> Result<Option<Running>> {
         let Launch::Server {
             program,
             args,
@@ -375,39 +475,47 @@ impl Target {
         };
         let program = which(program)
             .ok_or_else(|| Error::Tool(format!("{} not found", program.display())))?;
-        let mut last = None;
-        for attempt in 1..=START_ATTEMPTS {
-            let chosen = match port {
-                PortMode::Chosen => Some(free_port()?),
-                PortMode::Logged { .. } => None,
-            };
-            let argv = expand(args, vol, chosen);
-            match Server::spawn(&program, argv, port, chosen, log, attempt) {
-                Ok(s) => return Ok(Some(s)),
-                // Only a server we gave a port to can lose a race for it.
-                Err(e) if chosen.is_some() => last = Some(e),
-                Err(e) => return Err(e),
-            }
+        match &self.replication {
+            None => Ok(Some(Running {
+                primary: Server::start(&program, args, port, vol, log)?,
+                role: "server".into(),
+                helpers: Vec::new(),
+                admin: None,
+            })),
+            Some(r) => cluster::start(r, &program, args, vol, dir, log).map(Some),
         }
-        Err(last.unwrap_or_else(|| Error::Tool("server did not start".into())))
     }
 }
 
-/// Replaces the placeholders of `args`.
-fn expand(args: &[String], vol: &Volume, port: Option<u16>) -> Vec<String> {
+/// Replaces the placeholders of `args`: the volume's, and the chosen ports
+/// (`("port", 1234)` replaces `{port}`).
+pub fn expand(args: &[String], vol: &Volume, ports: &[(String, u16)]) -> Vec<String> {
     args.iter()
         .map(|a| {
-            a.replace("{file}", &vol.file.to_string_lossy())
+            let mut a = a
+                .replace("{file}", &vol.file.to_string_lossy())
                 .replace("{journal}", &vol.journal.to_string_lossy())
-                .replace("{size}", &vol.size.to_string())
-                .replace("{port}", &port.map(|p| p.to_string()).unwrap_or_default())
+                .replace("{size}", &vol.size.to_string());
+            for (name, p) in ports {
+                a = a.replace(&format!("{{{name}}}"), &p.to_string());
+            }
+            a
         })
+        .collect()
+}
+
+/// The chosen-port placeholders (see [`CHOSEN_PORTS`]) that `args` uses.
+pub fn port_placeholders(args: &[String]) -> Vec<&'static str> {
+    CHOSEN_PORTS
+        .iter()
+        .copied()
+        .filter(|n| args.iter().any(|a| a.contains(&format!("{{{n}}}"))))
         .collect()
 }
 
 /// A free TCP port on 127.0.0.1 (free now; the caller retries if a race
 /// takes it before the server binds).
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).ctx(|| "cannot bind 127.0.0.1:0".into())?;
     Ok(l.local_addr()
         .ctx(|| "cannot read a bound address".into())?
@@ -440,8 +548,10 @@ pub struct Server {
     child: Child,
     /// Its PID (the root of the process tree charged for CPU).
     pub pid: i32,
-    /// The TCP port it listens on.
+    /// The TCP port it listens on (its NBD port; a proxy's listening port).
     pub port: u16,
+    /// The ports we chose for its placeholders (`metrics_port`, ...).
+    pub chosen: Vec<(String, u16)>,
     /// The exact command line.
     pub command: String,
     /// Where its stdout and stderr go.
@@ -464,11 +574,47 @@ pub struct StopOutcome {
 }
 
 impl Server {
+    /// Starts `program` with `args` (placeholders replaced, see [`expand`])
+    /// for `vol`, logging to `log`, and waits until it is ready (see
+    /// [`PortMode`]). Retried on fresh ports when we chose any.
+    pub fn start(
+        program: &Path,
+        args: &[String],
+        mode: &PortMode,
+        vol: &Volume,
+        log: &Path,
+    ) -> Result<Server> {
+        let placeholders = port_placeholders(args);
+        let mut last = None;
+        for attempt in 1..=START_ATTEMPTS {
+            let mut ports = Vec::new();
+            for n in &placeholders {
+                ports.push((n.to_string(), free_port()?));
+            }
+            let listen = ports.iter().find(|(n, _)| n == "port").map(|p| p.1);
+            let argv = expand(args, vol, &ports);
+            match Server::spawn(program, argv, mode, listen, ports, log, attempt) {
+                Ok(s) => return Ok(s),
+                // Only a server we gave a port to can lose a race for it.
+                Err(e) if !placeholders.is_empty() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Tool("server did not start".into())))
+    }
+
+    /// The port chosen for placeholder `name` (e.g. `"metrics_port"`).
+    pub fn chosen(&self, name: &str) -> Option<u16> {
+        self.chosen.iter().find(|(n, _)| n == name).map(|p| p.1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         program: &Path,
         argv: Vec<String>,
         mode: &PortMode,
         chosen: Option<u16>,
+        ports: Vec<(String, u16)>,
         log: &Path,
         attempt: usize,
     ) -> Result<Server> {
@@ -504,7 +650,7 @@ impl Server {
         let (tx, rx) = mpsc::channel::<u16>();
         if let Some(err) = child.stderr.take() {
             let marker = match mode {
-                PortMode::Logged { marker } => Some(marker.clone()),
+                PortMode::Logged { marker, .. } => Some(marker.clone()),
                 PortMode::Chosen => None,
             };
             std::thread::spawn(move || {
@@ -523,6 +669,7 @@ impl Server {
             child,
             pid,
             port: chosen.unwrap_or(0),
+            chosen: ports,
             command,
             log: log.to_path_buf(),
             ready_after: Duration::ZERO,
@@ -547,6 +694,10 @@ impl Server {
             if server.port == 0 {
                 if let Ok(p) = rx.recv_timeout(Duration::from_millis(50)) {
                     server.port = p;
+                    if matches!(mode, PortMode::Logged { connect: false, .. }) {
+                        server.ready_after = started.elapsed();
+                        return Ok(server);
+                    }
                 }
                 continue;
             }
@@ -607,6 +758,93 @@ impl Server {
     }
 }
 
+/// A started target: its server, and for a replicated target the processes
+/// started before it (replicas, proxies), which are stopped after it.
+pub struct Running {
+    /// The server fio talks to (a replicated target's primary).
+    pub primary: Server,
+    /// Its role in records: "server", or "primary" for a replicated target.
+    pub role: String,
+    /// Replicas and proxies, in start order.
+    pub helpers: Vec<Helper>,
+    /// The primary's admin socket, when it has one.
+    pub admin: Option<PathBuf>,
+}
+
+/// A process of a replicated target besides the primary.
+pub struct Helper {
+    /// "replica n2", "delay-proxy n2".
+    pub role: String,
+    /// The process.
+    pub server: Server,
+    /// Whether its CPU is charged to the target (replicas yes; the proxy,
+    /// which stands for the network, no).
+    pub charged: bool,
+}
+
+/// How one process of a target stopped.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProcessStop {
+    /// "primary", "replica n2", ...
+    pub role: String,
+    /// The outcome, or why stopping failed.
+    pub outcome: std::result::Result<StopOutcome, String>,
+}
+
+impl Running {
+    /// The processes whose CPU is charged: the primary and the replicas.
+    pub fn charged(&self) -> Vec<Charged> {
+        let mut v = vec![Charged {
+            label: self.role.clone(),
+            pid: self.primary.pid,
+        }];
+        v.extend(self.helpers.iter().filter(|h| h.charged).map(|h| Charged {
+            label: h.role.clone(),
+            pid: h.server.pid,
+        }));
+        v
+    }
+
+    /// `(role, process, CPU charged)` of every process, primary first.
+    pub fn processes(&self) -> Vec<(&str, &Server, bool)> {
+        let mut v = vec![(self.role.as_str(), &self.primary, true)];
+        v.extend(
+            self.helpers
+                .iter()
+                .map(|h| (h.role.as_str(), &h.server, h.charged)),
+        );
+        v
+    }
+
+    /// The first process found exited, as "role (status)".
+    pub fn exited(&mut self) -> Result<Option<(String, PathBuf, ExitStatus)>> {
+        if let Some(st) = self.primary.exited()? {
+            return Ok(Some((self.role.clone(), self.primary.log.clone(), st)));
+        }
+        for h in &mut self.helpers {
+            if let Some(st) = h.server.exited()? {
+                return Ok(Some((h.role.clone(), h.server.log.clone(), st)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stops the primary, then the helpers (SIGTERM, SIGKILL after a bound).
+    pub fn stop(&mut self) -> Vec<ProcessStop> {
+        let mut out = vec![ProcessStop {
+            role: self.role.clone(),
+            outcome: self.primary.stop().map_err(|e| e.to_string()),
+        }];
+        for h in &mut self.helpers {
+            out.push(ProcessStop {
+                role: h.role.clone(),
+                outcome: h.server.stop().map_err(|e| e.to_string()),
+            });
+        }
+        out
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         // Never leave a server behind, whatever path dropped it.
@@ -642,6 +880,58 @@ mod tests {
         let l = "2026-01-01T00:00:00Z  INFO mirrorblkd: serving NBD on 127.0.0.1:40123";
         assert_eq!(parse_logged_port(l, "serving NBD on "), Some(40123));
         assert_eq!(parse_logged_port("nothing", "serving NBD on "), None);
+    }
+
+    #[test]
+    fn expands_volume_and_chosen_port_placeholders() {
+        let vol = Volume {
+            file: "/d/a.img".into(),
+            journal: "/d/a.journal".into(),
+            size: 4096,
+        };
+        let args: Vec<String> = [
+            "--data",
+            "{file}",
+            "--size",
+            "{size}",
+            "127.0.0.1:{metrics_port}",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        assert_eq!(port_placeholders(&args), vec!["metrics_port"]);
+        assert_eq!(
+            expand(&args, &vol, &[("metrics_port".into(), 9100)]).join(" "),
+            "--data /d/a.img --size 4096 127.0.0.1:9100"
+        );
+    }
+
+    #[test]
+    fn replicated_targets_run_only_write_jobs() {
+        let all = replicated(Path::new("/b/mirrorblkd"), 5);
+        let names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "mirrorblk-r1-sync",
+                "mirrorblk-r1-flush",
+                "mirrorblk-r1-async",
+                "mirrorblk-r2-sync",
+                "mirrorblk-r2-flush",
+                "mirrorblk-r2-async",
+                "mirrorblk-r1down-sync",
+                "mirrorblk-r1-sync-5ms",
+                "mirrorblk-r1-flush-5ms",
+                "mirrorblk-r1-async-5ms",
+            ]
+        );
+        for t in &all {
+            assert!(!t.in_default);
+            assert!(t.runs_job("4k-randwrite-qd32") && !t.runs_job("4k-randread-qd32"));
+        }
+        let r = all[0].replication.as_ref().expect("replicated");
+        assert_eq!(r.cli, Path::new("/b/mirrorblk"));
+        assert_eq!(r.delay_proxy, Path::new("/b/delay-proxy"));
     }
 
     #[test]

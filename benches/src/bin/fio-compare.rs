@@ -1,7 +1,9 @@
 //! fio-compare: the same fio jobs through mirrorblkd and through its peers
 //! (nbdkit memory and file, qemu-nbd), plus fio on the bare file, on fresh
-//! 1 GiB file-backed volumes; prints one table and writes JSON, markdown and
-//! an SVG chart under `benches/results/<UTC timestamp>/`.
+//! 1 GiB file-backed volumes; with `--replicated`, also through mirrorblkd
+//! primaries with 1 or 2 replicas on loopback (each mode, one replica down,
+//! one replica behind a delaying proxy); prints one table and writes JSON,
+//! markdown and an SVG chart under `benches/results/<UTC timestamp>/`.
 //!
 //! Run it with `benches/fio-compare [flags]` (builds the workspace in
 //! release first) or `cargo run --release -p mirrorblk-benches --bin
@@ -13,20 +15,24 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 
+use mirrorblk_benches::cluster::{self, COPIES_METRIC, REQUEST_BYTES_METRIC};
 use mirrorblk_benches::error::{Error, IoContext, Result};
 use mirrorblk_benches::fio::{self, Endpoint, Job, Timing};
 use mirrorblk_benches::machine;
-use mirrorblk_benches::report::{self, Cell, RunRecord, Settings, TargetRecord};
+use mirrorblk_benches::report::{
+    self, Cell, MetricsReading, ProcessRecord, ReplicationRecord, RunRecord, Settings, TargetRecord,
+};
 use mirrorblk_benches::svg;
-use mirrorblk_benches::targets::{self, Launch, Target, Volume};
+use mirrorblk_benches::targets::{self, Launch, Running, Target, Volume};
 
 /// Wall seconds a run costs beyond ramp + runtime (fio start-up, connection,
 /// JSON), measured on the 2-core development machine; used for the estimate.
 const RUN_OVERHEAD_S: f64 = 0.4;
 /// Per-target cost beyond the jobs (start-up, 1 GiB fill, stop), for the estimate.
 const TARGET_OVERHEAD_S: f64 = 4.0;
-/// Longest `--wait-for-load` wait.
-const LOAD_WAIT_MAX: Duration = Duration::from_secs(600);
+/// Extra per running replica (journal creation, checksum resync, the fill
+/// replicated), for the estimate.
+const REPLICA_OVERHEAD_S: f64 = 3.0;
 /// fio bound on the precondition fill (it ends when the region is written).
 const FILL_BOUND_S: u64 = 300;
 
@@ -43,6 +49,16 @@ struct Cli {
     /// Targets to run, comma separated (see --list).
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
+    /// Also run the replicated mirrorblk targets (1 and 2 replicas in each
+    /// mode, one replica down, one replica behind a delaying proxy in each
+    /// mode), write jobs only: about 12 more minutes with the defaults.
+    /// They can also be named in --targets.
+    #[arg(long)]
+    replicated: bool,
+    /// Delay per direction, in milliseconds, of the proxy between primary
+    /// and replica in the cross-site targets (mirrorblk-r1-MODE-<N>ms).
+    #[arg(long, default_value_t = 5, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=1000))]
+    cross_site_delay: u64,
     /// Jobs to run, comma separated (see --list).
     #[arg(long, value_delimiter = ',')]
     jobs: Option<Vec<String>>,
@@ -70,17 +86,21 @@ struct Cli {
     #[arg(long)]
     mirrorblkd: Option<PathBuf>,
     /// Add a mirrorblkd target NAME run with extra daemon arguments, e.g.
-    /// --mirrorblk-variant 'mirrorblk-r1-sync=--replica 127.0.0.1:10810 --mode sync'.
+    /// --mirrorblk-variant 'mirrorblk-cp5s=--checkpoint-interval 5s'.
     /// Repeatable. Arguments are split on whitespace.
     #[arg(long = "mirrorblk-variant", value_name = "NAME=ARGS")]
     variants: Vec<String>,
     /// Skip the sequential fill before the jobs (reads then hit holes).
     #[arg(long)]
     no_precondition: bool,
-    /// Before starting, wait (at most 10 minutes) until the 1-minute load
-    /// average is below this; the run then goes ahead anyway, noting the load.
+    /// Before starting, wait (at most --load-wait-max) until the 1-minute
+    /// load average is below this; the run then goes ahead anyway, noting
+    /// the load.
     #[arg(long, value_name = "LOAD")]
     wait_for_load: Option<f64>,
+    /// Longest --wait-for-load wait, in seconds.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    load_wait_max: u64,
     /// List the targets and jobs, then exit.
     #[arg(long)]
     list: bool,
@@ -242,6 +262,7 @@ fn run(cli: Cli) -> Result<()> {
         .clone()
         .unwrap_or_else(|| default_mirrorblkd(&ws));
     let mut all_targets = targets::builtin(&mirrorblkd);
+    all_targets.extend(targets::replicated(&mirrorblkd, cli.cross_site_delay));
     for v in &cli.variants {
         let (name, args) = v
             .split_once('=')
@@ -260,10 +281,12 @@ fn run(cli: Cli) -> Result<()> {
         for t in &all_targets {
             let d = if t.in_default {
                 ""
+            } else if t.replication.is_some() {
+                " [--replicated; write jobs only]"
             } else {
                 " [not in the default run]"
             };
-            println!("  {:<16} {}{d}", t.name, t.durability);
+            println!("  {:<22} {}{d}", t.name, t.durability);
         }
         println!("jobs:");
         for j in &all_jobs {
@@ -275,7 +298,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(
             all_targets
                 .iter()
-                .filter(|t| t.in_default)
+                .filter(|t| t.in_default || (cli.replicated && t.replication.is_some()))
                 .map(|t| t.name.clone())
                 .collect(),
         )
@@ -324,16 +347,29 @@ fn run(cli: Cli) -> Result<()> {
             stop: None,
             log: None,
             log_problems: Vec::new(),
+            jobs: t.jobs.clone(),
+            processes: Vec::new(),
+            replication: None,
+            metrics: None,
         });
     }
     let runnable = records.iter().filter(|r| r.skipped.is_none()).count();
     let per_run = (cli.runtime + cli.ramp) as f64 + RUN_OVERHEAD_S;
-    let estimated_s = runnable as f64 * (jobs.len() * repeat) as f64 * per_run
-        + runnable as f64 * TARGET_OVERHEAD_S;
+    let mut total_runs = 0usize;
+    let mut estimated_s = 0.0;
+    for (t, r) in sel_targets.iter().zip(&records) {
+        if r.skipped.is_some() {
+            continue;
+        }
+        let n = jobs.iter().filter(|j| t.runs_job(j.name)).count() * repeat;
+        total_runs += n;
+        let replicas = t.replication.as_ref().map_or(0, |r| r.running());
+        estimated_s +=
+            n as f64 * per_run + TARGET_OVERHEAD_S + replicas as f64 * REPLICA_OVERHEAD_S;
+    }
     println!(
-        "plan: {runnable} target(s) × {} job(s) × {repeat} repetition(s) × ({} s runtime + {} s ramp + ~{RUN_OVERHEAD_S} s start) \
-         + ~{TARGET_OVERHEAD_S} s per target (start, {} MiB fill, stop) ≈ {:.0} s",
-        jobs.len(),
+        "plan: {runnable} target(s), {total_runs} fio run(s) of {} s runtime + {} s ramp + ~{RUN_OVERHEAD_S} s start, \
+         + ~{TARGET_OVERHEAD_S} s per target (start, {} MiB fill, stop) + ~{REPLICA_OVERHEAD_S} s per replica ≈ {:.0} s",
         cli.runtime,
         cli.ramp,
         cli.size >> 20,
@@ -342,19 +378,16 @@ fn run(cli: Cli) -> Result<()> {
 
     let mut notes = Vec::new();
     if let Some(max) = cli.wait_for_load {
+        let wait_max = Duration::from_secs(cli.load_wait_max);
         let t0 = Instant::now();
-        while machine::load1().is_some_and(|l| l > max)
-            && t0.elapsed() < LOAD_WAIT_MAX
-            && !interrupted()
+        while machine::load1().is_some_and(|l| l > max) && t0.elapsed() < wait_max && !interrupted()
         {
             println!(
                 "load average {} above {max}; waiting (up to {} s more)",
                 machine::loadavg(),
-                (LOAD_WAIT_MAX - t0.elapsed()).as_secs()
+                (wait_max - t0.elapsed()).as_secs()
             );
-            std::thread::sleep(
-                Duration::from_secs(30).min(LOAD_WAIT_MAX.saturating_sub(t0.elapsed())),
-            );
+            std::thread::sleep(Duration::from_secs(30).min(wait_max.saturating_sub(t0.elapsed())));
         }
         if machine::load1().is_some_and(|l| l > max) {
             notes.push(format!(
@@ -420,7 +453,6 @@ fn run(cli: Cli) -> Result<()> {
     );
 
     let t_start = Instant::now();
-    let total_runs = runnable * jobs.len() * repeat;
     let mut done_runs = 0usize;
     let mut cells: Vec<Cell> = Vec::new();
     let timing = Timing {
@@ -437,11 +469,16 @@ fn run(cli: Cli) -> Result<()> {
         if waited > 1.0 {
             println!("   waited {waited:.1} s for the disk to write back dirty data");
         }
-        let mut tcells: Vec<Cell> = jobs.iter().map(|j| Cell::new(&t.name, j.name)).collect();
+        let tjobs: Vec<Job> = jobs
+            .iter()
+            .filter(|j| t.runs_job(j.name))
+            .cloned()
+            .collect();
+        let mut tcells: Vec<Cell> = tjobs.iter().map(|j| Cell::new(&t.name, j.name)).collect();
         let res = run_target(
             t,
             rec,
-            &jobs,
+            &tjobs,
             repeat,
             timing,
             &cli,
@@ -458,6 +495,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         if let Some(l) = &rec.log {
             rec.log_problems = log_problems(Path::new(l));
+        }
+        for p in rec.processes.iter_mut() {
+            p.log_problems = log_problems(Path::new(&p.log));
         }
         cells.extend(tcells);
     }
@@ -523,8 +563,19 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// Runs every job on one target: fresh volume, server start, fill, jobs,
-/// stop. Results go into `cells` (one per job) and `rec`.
+/// Reads the payload-copy and write-byte counters from a mirrorblkd's
+/// `/metrics` (`port`): `(copies, client write bytes)`.
+fn read_counters(port: u16) -> Result<(Option<f64>, Option<f64>)> {
+    let text = cluster::scrape(port)?;
+    Ok((
+        cluster::metric_value(&text, COPIES_METRIC, &[]),
+        cluster::metric_value(&text, REQUEST_BYTES_METRIC, &["op=\"write\""]),
+    ))
+}
+
+/// Runs every job on one target: fresh volume, server start (a replicated
+/// target: replicas, proxies, primary, then a wait until the replicas are in
+/// sync), fill, jobs, stop. Results go into `cells` (one per job) and `rec`.
 #[allow(clippy::too_many_arguments)]
 fn run_target(
     t: &Target,
@@ -541,22 +592,26 @@ fn run_target(
     total_runs: usize,
 ) -> Result<()> {
     let vol = Volume::create(vol_dir, &t.name, timing.size)?;
+    // A replicated target's other nodes keep their files here.
+    let side_dir = vol_dir.join(format!("{}.nodes", t.name));
     // Remove the volume's files however this function ends: 1 GiB per
-    // target adds up, and the next target must start from a fresh volume.
-    struct Cleanup<'a>(&'a Volume);
+    // target (and per replica) adds up, and the next target must start from
+    // a fresh volume.
+    struct Cleanup<'a>(&'a Volume, &'a Path);
     impl Drop for Cleanup<'_> {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0.file);
             let _ = std::fs::remove_file(&self.0.journal);
+            let _ = std::fs::remove_dir_all(self.1);
         }
     }
-    let _cleanup = Cleanup(&vol);
+    let _cleanup = Cleanup(&vol, &side_dir);
     let log = logs.join(format!("{}.log", t.name));
     let tdir = fio_dir.join(&t.name);
     std::fs::create_dir_all(&tdir).ctx(|| format!("cannot create {}", tdir.display()))?;
     println!("== {}: starting", t.name);
-    let mut server = t.start(&vol, &log)?;
-    let ep = match (&server, &t.launch) {
+    let mut running: Option<Running> = t.start(&vol, &log, &side_dir)?;
+    let ep = match (&running, &t.launch) {
         (None, Launch::Direct { fio_args }) => {
             rec.command = direct_command(fio_args, &vol.file);
             Endpoint::File(vol.file.clone(), fio_args.clone())
@@ -564,10 +619,24 @@ fn run_target(
         (None, Launch::Server { .. }) => {
             return Err(Error::Tool(format!("{} started no server", t.name)))
         }
-        (Some(s), _) => {
+        (Some(r), _) => {
+            let s = &r.primary;
             rec.command = s.command.clone();
             rec.log = Some(log.display().to_string());
             rec.ready_after_s = Some(s.ready_after.as_secs_f64());
+            rec.processes = r
+                .processes()
+                .into_iter()
+                .map(|(role, p, charged)| ProcessRecord {
+                    role: role.to_string(),
+                    command: p.command.clone(),
+                    log: p.log.display().to_string(),
+                    cpu_charged: charged,
+                    stop: None,
+                    stop_error: None,
+                    log_problems: Vec::new(),
+                })
+                .collect();
             println!(
                 "   {} accepting on port {} after {:.2} s",
                 t.name,
@@ -577,8 +646,48 @@ fn run_target(
             Endpoint::Nbd(format!("nbd://127.0.0.1:{}/{}", s.port, t.export))
         }
     };
-    let pid = server.as_ref().map(|s| s.pid);
+    let charged = running.as_ref().map(Running::charged).unwrap_or_default();
+    let metrics_port = running
+        .as_ref()
+        .and_then(|r| r.primary.chosen("metrics_port"));
+    if metrics_port.is_some() {
+        rec.metrics = Some(MetricsReading::default());
+    }
     let result = (|| -> Result<()> {
+        if let (Some(r), Some(repl)) = (&running, &t.replication) {
+            let admin = r.admin.clone().unwrap_or_default();
+            let want: Vec<String> = repl
+                .replica_names()
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| repl.runs(*i))
+                .map(|(_, n)| n)
+                .collect();
+            let mut rr = ReplicationRecord {
+                peers: repl.peers,
+                replicas_running: repl.running(),
+                mode: repl.mode.as_str().to_string(),
+                delay_ms_each_way: repl.delay_ms,
+                in_sync_after_s: None,
+                replicas_before_jobs: Vec::new(),
+                replicas_after_jobs: Vec::new(),
+            };
+            if want.is_empty() {
+                rr.replicas_before_jobs = cluster::status(&repl.cli, &admin)?;
+            } else {
+                let (secs, states) = cluster::wait_in_sync(
+                    &repl.cli,
+                    &admin,
+                    &want,
+                    cluster::IN_SYNC_TIMEOUT,
+                    &interrupted,
+                )?;
+                println!("   replicas {} in sync after {secs:.1} s", want.join(", "));
+                rr.in_sync_after_s = Some(secs);
+                rr.replicas_before_jobs = states;
+            }
+            rec.replication = Some(rr);
+        }
         if !cli.no_precondition {
             let fill = Timing {
                 runtime: FILL_BOUND_S,
@@ -591,7 +700,7 @@ fn run_target(
                 &ep,
                 fill,
                 &tdir.join("precondition.json"),
-                pid,
+                &charged,
             )?;
             println!(
                 "   filled {} MiB at {:.0} MiB/s in {:.1} s",
@@ -600,24 +709,30 @@ fn run_target(
                 f.wall_s
             );
             rec.precondition = Some(f);
+            if let (Some(port), Some(m)) = (metrics_port, rec.metrics.as_mut()) {
+                match read_counters(port) {
+                    Ok((copies, _)) => m.payload_copies_after_fill = copies,
+                    Err(e) => m.error = Some(e.to_string()),
+                }
+            }
         }
         for rep in 0..repeat {
             for (ji, job) in jobs.iter().enumerate() {
                 if interrupted() {
                     return Err(Error::Tool("interrupted".into()));
                 }
-                if let Some(s) = server.as_mut() {
-                    if let Some(st) = s.exited()? {
+                if let Some(r) = running.as_mut() {
+                    if let Some((role, log, st)) = r.exited()? {
                         return Err(Error::Tool(format!(
-                            "server exited during the run ({st}); log {}:\n{}",
-                            s.log.display(),
-                            targets::log_tail(&s.log, 15)
+                            "{role} exited during the run ({st}); log {}:\n{}",
+                            log.display(),
+                            targets::log_tail(&log, 15)
                         )));
                     }
                 }
                 *done_runs += 1;
                 let out = tdir.join(format!("{}-r{}.json", job.name, rep + 1));
-                match fio::run(job, &ep, timing, &out, pid) {
+                match fio::run(job, &ep, timing, &out, &charged) {
                     Ok(f) => {
                         println!(
                             "   [{}/{}] {} {} #{}: {:.0} IOPS, {:.1} MiB/s, p99 {}, server CPU {}",
@@ -651,15 +766,57 @@ fn run_target(
         }
         Ok(())
     })();
-    if let Some(s) = server.as_mut() {
-        let st = s.stop()?;
-        println!(
-            "   stopped: {} after {:.2} s{}",
-            st.status,
-            st.seconds,
-            if st.killed { " (needed SIGKILL)" } else { "" }
-        );
-        rec.stop = Some(st);
+    // Counters and replica states after the jobs (also after a failure:
+    // they help explain it), before anything is stopped.
+    if let (Some(port), Some(m)) = (metrics_port, rec.metrics.as_mut()) {
+        match read_counters(port) {
+            Ok((copies, bytes)) => {
+                m.payload_copies_after_jobs = copies;
+                m.write_bytes_after_jobs = bytes;
+                println!(
+                    "   payload copies: {} after {:.2} GiB of client writes",
+                    copies
+                        .map(|c| format!("{c:.0}"))
+                        .unwrap_or_else(|| "?".into()),
+                    bytes.unwrap_or(0.0) / fio::GIB
+                );
+            }
+            Err(e) => m.error = Some(e.to_string()),
+        }
+    }
+    if let (Some(r), Some(repl), Some(rr)) = (&running, &t.replication, rec.replication.as_mut()) {
+        if let Some(admin) = &r.admin {
+            match cluster::status(&repl.cli, admin) {
+                Ok(st) => rr.replicas_after_jobs = st,
+                Err(e) => println!("   cannot read the replica states: {e}"),
+            }
+        }
+    }
+    if let Some(r) = running.as_mut() {
+        let stops = r.stop();
+        for st in &stops {
+            match &st.outcome {
+                Ok(o) => println!(
+                    "   stopped {}: {} after {:.2} s{}",
+                    st.role,
+                    o.status,
+                    o.seconds,
+                    if o.killed { " (needed SIGKILL)" } else { "" }
+                ),
+                Err(e) => println!("   stopping {} failed: {e}", st.role),
+            }
+            if let Some(p) = rec.processes.iter_mut().find(|p| p.role == st.role) {
+                match &st.outcome {
+                    Ok(o) => p.stop = Some(o.clone()),
+                    Err(e) => p.stop_error = Some(e.clone()),
+                }
+            }
+        }
+        match stops.into_iter().next().map(|s| s.outcome) {
+            Some(Ok(o)) => rec.stop = Some(o),
+            Some(Err(e)) => return Err(Error::Tool(e)),
+            None => {}
+        }
     }
     result
 }
