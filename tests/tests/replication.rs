@@ -1208,6 +1208,17 @@ mod replication {
             })
         };
         mid_resync(&p, "n2's full resync a little under way");
+        // An Inconsistent replica refuses promotion, and says what to do.
+        let refused = r2.cli(&["promote"], Duration::from_secs(20));
+        assert_eq!(
+            refused.code, 1,
+            "promote of an Inconsistent replica: {refused:#?}"
+        );
+        assert!(
+            refused.stderr.contains("Inconsistent") && refused.stderr.contains("--force"),
+            "the refusal does not say why and what to do: {refused:#?}"
+        );
+        assert_eq!(r2.status().role, "replica");
         r2.daemon.kill9();
         r2.daemon.restart();
         p.wait_status(Duration::from_secs(30), "n2 resuming", |_| {
