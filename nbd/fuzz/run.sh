@@ -1,18 +1,11 @@
 #!/usr/bin/env bash
-# Fuzz every target of this harness for SECONDS seconds each (default 60).
+# Fuzz every target of this harness (the NBD handshake and request parsers)
+# for SECONDS seconds each (default 60), after seeding empty corpora:
 #
 #   nbd/fuzz/run.sh 30
 #
-# Only a stable toolchain is needed: cargo-fuzz passes nightly-only flags
-# (-Z...) to rustc, and RUSTC_BOOTSTRAP=1 lets stable accept them. The crate
-# under test forbids unsafe code, so the harness runs without a sanitizer
-# (faster, and no sanitizer runtime needed) but with debug assertions and
-# overflow checks on, which is what catches arithmetic bugs in parsers.
-#
-# Environment:
-#   CARGO_TARGET_DIR   build directory (default: nbd/fuzz/target, gitignored)
-#   CARGO_BUILD_JOBS   parallel rustc jobs (default: 1; small build machines)
-#   FUZZ_ARGS          extra libFuzzer arguments, e.g. "-max_len=65536"
+# The build and the fuzzing loop are scripts/cargo-fuzz-crate (see there
+# for the toolchain and the environment variables).
 set -euo pipefail
 
 secs="${1:-60}"
@@ -21,17 +14,6 @@ case "$secs" in
 esac
 
 fuzz_dir="$(cd "$(dirname "$0")" && pwd)"
-# cargo-fuzz expects to be run from the crate root, the parent of fuzz/.
-cd "$fuzz_dir/.."
-
-if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "== installing cargo-fuzz"
-    cargo install cargo-fuzz --locked
-fi
-
-export RUSTC_BOOTSTRAP=1
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$fuzz_dir/target}"
-export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}"
 
 # Seed empty corpora with a few valid conversations so the fuzzer starts
 # deep inside option haggling instead of rediscovering the framing. Format
@@ -56,21 +38,4 @@ seed handshake info "$flags$info$export_name"
 seed handshake abort "$flags$list$abort"
 seed request read '\x25\x60\x95\x13\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x02\x00\x00\x00\x02\x00'
 
-status=0
-for target in $(cargo fuzz list); do
-    echo "== fuzzing $target for ${secs}s"
-    mkdir -p "$fuzz_dir/corpus/$target"
-    # shellcheck disable=SC2086 # FUZZ_ARGS is a list of arguments.
-    if ! cargo fuzz run --sanitizer none --debug-assertions "$target" \
-        "$fuzz_dir/corpus/$target" -- \
-        -max_total_time="$secs" \
-        -timeout=10 \
-        -rss_limit_mb=2048 \
-        -dict="$fuzz_dir/nbd.dict" \
-        -print_final_stats=1 \
-        ${FUZZ_ARGS:-}; then
-        echo "== $target FAILED (crash input under $fuzz_dir/artifacts/$target)" >&2
-        status=1
-    fi
-done
-exit "$status"
+exec "$fuzz_dir/../../scripts/cargo-fuzz-crate" "$fuzz_dir" "$secs" -dict="$fuzz_dir/nbd.dict"

@@ -985,10 +985,7 @@ impl Volume {
             for (offset, len) in self.journal.retained_extents(from, target) {
                 oos.mark(offset, len);
                 if let Some(j) = job.as_mut() {
-                    let first = (offset / crate::replication::bitmap::REGION) as usize;
-                    let last =
-                        ((offset + len.max(1) - 1) / crate::replication::bitmap::REGION) as usize;
-                    for r in first..=last.min(oos.regions().saturating_sub(1)) {
+                    for r in oos.regions_touched(offset, len) {
                         j.on_mark(r);
                     }
                 }

@@ -546,14 +546,7 @@ impl Journal {
     /// LSNs in `[from, to)`.
     pub fn retained_extents(&self, from: Lsn, to: Lsn) -> Vec<(u64, u64)> {
         let st = self.state.borrow();
-        let Some(front) = st.retained.front() else {
-            return Vec::new();
-        };
-        // Retained records are contiguous in LSN: skip straight to `from`.
-        let skip = from.0.saturating_sub(front.lsn.0) as usize;
-        st.retained
-            .iter()
-            .skip(skip)
+        retained_since(&st, from)
             .take_while(|r| r.lsn < to)
             .filter(|r| r.extent.1 > 0)
             .map(|r| r.extent)
@@ -565,11 +558,7 @@ impl Journal {
     /// the journal.
     pub fn retained_bytes_from(&self, from: Lsn) -> u64 {
         let st = self.state.borrow();
-        let Some(front) = st.retained.front() else {
-            return 0;
-        };
-        let skip = from.0.saturating_sub(front.lsn.0) as usize;
-        st.retained.iter().skip(skip).map(|r| r.extent.1).sum()
+        retained_since(&st, from).map(|r| r.extent.1).sum()
     }
 
     /// Where record `lsn` sits, if it is still retained.
@@ -680,4 +669,14 @@ impl Journal {
     pub fn fill_ratio(&self) -> f64 {
         self.state.borrow().used as f64 / self.area_len as f64
     }
+}
+
+/// The retained records from LSN `from` on. They are contiguous in LSN, so
+/// this skips straight to `from` instead of scanning.
+fn retained_since(st: &State, from: Lsn) -> impl Iterator<Item = &Retained> {
+    let skip = st
+        .retained
+        .front()
+        .map_or(0, |front| from.0.saturating_sub(front.lsn.0) as usize);
+    st.retained.iter().skip(skip)
 }

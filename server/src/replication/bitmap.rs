@@ -256,16 +256,21 @@ impl OutOfSync {
 
     /// Sets every region `[offset, offset + len)` touches; true if any was clear.
     pub fn mark(&mut self, offset: u64, len: u64) -> bool {
-        if len == 0 || offset >= self.volume_size {
-            return false;
-        }
-        let first = (offset / REGION) as usize;
-        let last = ((offset + len - 1).min(self.volume_size - 1) / REGION) as usize;
         let mut changed = false;
-        for i in first..=last {
+        for i in self.regions_touched(offset, len) {
             changed |= self.set(i);
         }
         changed
+    }
+
+    /// The regions `[offset, offset + len)` touches (none past the volume).
+    pub fn regions_touched(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
+        if len == 0 || offset >= self.volume_size {
+            return 0..0;
+        }
+        let first = (offset / REGION) as usize;
+        let last = ((offset + len - 1).min(self.volume_size - 1) / REGION) as usize;
+        first..last + 1
     }
 
     /// Every region out of sync, valid from now on (a full resync).
