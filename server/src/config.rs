@@ -16,6 +16,9 @@ use crate::units::{is_aligned, ByteSize};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 /// Default journal size for a volume.
 pub const DEFAULT_JOURNAL_SIZE: ByteSize = ByteSize(256 << 20);
+
+/// Writes of at least this many bytes go in place (see `--in-place-min`).
+pub const DEFAULT_IN_PLACE_MIN: ByteSize = ByteSize(128 << 10);
 /// Default I/O buffer memory per core.
 pub const DEFAULT_BUFFER_MEMORY: ByteSize = ByteSize(128 << 20);
 
@@ -121,6 +124,13 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration)]
     pub checkpoint_interval: Option<std::time::Duration>,
 
+    /// Writes at least this large (and 4 KiB aligned) skip the double write:
+    /// the data goes durably to its home in the data store and the journal
+    /// records only its metadata (as BlueStore does). 0 journals every
+    /// write in full. [default: 128K]
+    #[arg(long, value_name = "SIZE")]
+    pub in_place_min: Option<ByteSize>,
+
     /// Where this node accepts its primary's replication connection.
     #[arg(long, value_name = "HOST:PORT")]
     pub replication_listen: Option<SocketAddr>,
@@ -216,6 +226,8 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     /// Checkpoint interval, e.g. "1s".
     pub checkpoint_interval: Option<String>,
+    /// Smallest write that goes in place, e.g. "128K" ("0" turns it off).
+    pub in_place_min: Option<ByteSize>,
     /// Replication listen address.
     pub replication_listen: Option<SocketAddr>,
     /// Peers as "NAME=HOST:PORT".
@@ -311,6 +323,8 @@ pub struct Config {
     pub log_level: String,
     /// Longest time between checkpoints.
     pub checkpoint_interval: std::time::Duration,
+    /// Smallest aligned write written in place (0: none).
+    pub in_place_min: u64,
     /// Role given on the command line or in the file.
     pub role: Option<crate::journal::format::Role>,
     /// Replication, when peers or a replication listener are configured.
@@ -563,6 +577,11 @@ impl Config {
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
             checkpoint_interval,
+            in_place_min: cli
+                .in_place_min
+                .or(file.in_place_min)
+                .unwrap_or(DEFAULT_IN_PLACE_MIN)
+                .0,
             role,
             replication,
             volumes,

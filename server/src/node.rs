@@ -169,6 +169,13 @@ impl ReplayTarget for MarkingReplay<'_> {
         self.inner.zero(offset, len, trim, no_hole)
     }
 
+    fn placed(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        for b in &mut self.bitmaps {
+            b.mark(offset, len);
+        }
+        Ok(())
+    }
+
     fn sync(&mut self) -> std::io::Result<()> {
         self.inner.sync()?;
         for b in &mut self.bitmaps {
@@ -447,6 +454,7 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
             stop: stop_rx.clone(),
             stopped: stopped_tx.clone(),
             checkpoint_interval: cfg.checkpoint_interval,
+            in_place_min: cfg.in_place_min,
             heartbeats: heartbeats.clone(),
             replication: cfg.replication.clone(),
             node: cfg.node.clone(),
@@ -507,6 +515,7 @@ struct CoreControl {
     stop: tokio::sync::watch::Receiver<bool>,
     stopped: std::sync::mpsc::Sender<(usize, bool)>,
     checkpoint_interval: Duration,
+    in_place_min: u64,
     heartbeats: Heartbeats,
     replication: Option<ReplicationConfig>,
     node: String,
@@ -539,7 +548,10 @@ fn run_core(
                 Store::new(v.store),
                 Journal::new(v.journal),
                 pool.clone(),
-                ctl.checkpoint_interval,
+                crate::volume::Tuning {
+                    checkpoint_interval: ctl.checkpoint_interval,
+                    in_place_min: ctl.in_place_min,
+                },
                 v.role,
                 ctl.replication.clone(),
             );

@@ -40,6 +40,8 @@ pub struct Piece {
     pub start: u64,
     /// Volume offset past the last byte.
     pub end: u64,
+    /// The record its bytes come from.
+    pub lsn: Lsn,
     /// Where its bytes are.
     pub src: Source,
 }
@@ -166,6 +168,7 @@ impl Overlay {
                 out.push(Piece {
                     start,
                     end: e.end.min(end),
+                    lsn: e.lsn,
                     src: shift(&e.src, start - s),
                 });
             }
@@ -174,10 +177,29 @@ impl Overlay {
             out.push(Piece {
                 start: s,
                 end: e.end.min(end),
+                lsn: e.lsn,
                 src: e.src.clone(),
             });
         }
         out
+    }
+
+    /// The newest LSN of any entry overlapping `[start, end)`, if any.
+    pub fn newest(&self, start: u64, end: u64) -> Option<Lsn> {
+        if start >= end {
+            return None;
+        }
+        let before = self
+            .map
+            .range(..start)
+            .next_back()
+            .filter(|(_, e)| e.end > start)
+            .map(|(_, e)| e.lsn);
+        self.map
+            .range(start..end)
+            .map(|(_, e)| e.lsn)
+            .chain(before)
+            .max()
     }
 
     /// Whether any entry overlaps `[start, end)`.

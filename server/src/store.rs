@@ -64,6 +64,10 @@ pub enum StoreError {
 pub struct OpenedStore {
     /// The file, opened with `O_DIRECT` when the filesystem supports it.
     pub file: File,
+    /// The same file opened again with `O_DSYNC` as well (None when read
+    /// only): large writes go in place through it, each durable (a FUA
+    /// write on a disk with a volatile cache) when it completes.
+    pub durable_file: Option<File>,
     /// Volume size in bytes.
     pub size: u64,
     /// Whether it is a block device (no holes, no `SEEK_HOLE`).
@@ -254,8 +258,14 @@ pub fn open_store(
         }
     };
     let (file, direct) = open_direct(path, read_only, 0).map_err(io_err)?;
+    let durable_file = if read_only {
+        None
+    } else {
+        Some(open_direct(path, false, libc::O_DSYNC).map_err(io_err)?.0)
+    };
     Ok(OpenedStore {
         file,
+        durable_file,
         size,
         block_device,
         direct,
@@ -266,6 +276,7 @@ pub fn open_store(
 /// The data store bound to a core's io_uring.
 pub struct Store {
     file: tokio_uring::fs::File,
+    durable: Option<tokio_uring::fs::File>,
     fd: RawFd,
     size: u64,
     block_device: bool,
@@ -286,6 +297,7 @@ impl Store {
         let fd = opened.file.as_raw_fd();
         Store {
             file: tokio_uring::fs::File::from_std(opened.file),
+            durable: opened.durable_file.map(tokio_uring::fs::File::from_std),
             fd,
             size: opened.size,
             block_device: opened.block_device,
@@ -315,6 +327,16 @@ impl Store {
         debug_assert!(is_aligned(pos));
         let (res, buf) = self.file.write_all_at(buf, pos).await;
         (res, buf)
+    }
+
+    /// Writes all of `buf` at `pos` (block aligned) and returns once it is
+    /// durable (`O_DSYNC`: no separate flush, no other write waits for it).
+    pub async fn write_all_durable<T: BoundedBuf>(&self, buf: T, pos: u64) -> (io::Result<()>, T) {
+        debug_assert!(is_aligned(pos));
+        match &self.durable {
+            Some(f) => f.write_all_at(buf, pos).await,
+            None => (Err(io::Error::from_raw_os_error(libc::EROFS)), buf),
+        }
     }
 
     /// Makes `[off, off + len)` (block aligned) read as zeroes: a hole if

@@ -93,6 +93,15 @@ fn describe() {
         "Records durable in the journal but not yet applied to the data store"
     );
     describe_counter!("mirrorblk_checkpoints_total", "Journal checkpoints taken");
+    describe_counter!(
+        "mirrorblk_in_place_write_bytes_total",
+        Unit::Bytes,
+        "Write payload bytes written durably to the data store in place (large aligned writes: the journal holds only their metadata)"
+    );
+    describe_counter!(
+        "mirrorblk_in_place_fallbacks_total",
+        "In-place writes whose data-store write failed and whose payload was journaled instead"
+    );
     describe_gauge!(
         "mirrorblk_recovery_records",
         "Records replayed by the last start-up recovery"
@@ -202,6 +211,11 @@ pub struct VolumeMetrics {
     pub checkpoints: Counter,
     /// Payload bytes copied in userspace.
     pub payload_copies: Counter,
+    /// Write payload bytes that went to the data store in place (journal
+    /// holds only their headers).
+    pub in_place_bytes: Counter,
+    /// In-place writes that failed and fell back to the journal.
+    pub in_place_fallbacks: Counter,
 }
 
 /// The label of an NBD command.
@@ -240,6 +254,8 @@ impl VolumeMetrics {
             apply_lag: gauge!("mirrorblk_apply_lag_records", "volume" => v()),
             checkpoints: counter!("mirrorblk_checkpoints_total", "volume" => v()),
             payload_copies: counter!("mirrorblk_payload_copies_total", "volume" => v()),
+            in_place_bytes: counter!("mirrorblk_in_place_write_bytes_total", "volume" => v()),
+            in_place_fallbacks: counter!("mirrorblk_in_place_fallbacks_total", "volume" => v()),
         }
     }
 

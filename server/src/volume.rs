@@ -27,9 +27,19 @@ use crate::replication::{Mode, Phase, Primary, ReplicationConfig};
 use crate::store::{Allocation, Store};
 use crate::telemetry::VolumeMetrics;
 use crate::units::{align_down, align_up, is_aligned, Epoch, Lsn};
+use std::rc::Weak;
 
 /// Most records the applier writes to the store at once.
 const APPLY_BATCH: usize = 64;
+
+/// Knobs of a volume's write path.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    /// Longest time between checkpoints.
+    pub checkpoint_interval: Duration,
+    /// Smallest aligned write that goes to the store in place (0: none).
+    pub in_place_min: u64,
+}
 
 /// Static description of a volume.
 #[derive(Debug, Clone)]
@@ -74,6 +84,8 @@ impl ReadData {
 
 /// A volume bound to its core.
 pub struct Volume {
+    /// Itself, for the tasks it spawns (in-place writes).
+    me: Weak<Volume>,
     info: VolumeInfo,
     metrics: VolumeMetrics,
     /// This node's role for the volume.
@@ -89,6 +101,10 @@ pub struct Volume {
     apply_queue: RefCell<VecDeque<Rc<Record>>>,
     apply_work: Notify,
     applied_next: Cell<Lsn>,
+    /// Woken whenever `applied_next` moves.
+    applied: Notify,
+    /// Smallest aligned write that goes to the store in place (0: none).
+    in_place_min: u64,
     stats: Cell<VolumeStats>,
     scratch: RefCell<Option<AlignedBuf>>,
     checkpoint_interval: Duration,
@@ -116,7 +132,7 @@ impl Volume {
         store: Store,
         journal: Journal,
         pool: Rc<BufPool>,
-        checkpoint_interval: Duration,
+        tuning: Tuning,
         role: Role,
         replication: Option<ReplicationConfig>,
     ) -> Rc<Volume> {
@@ -134,7 +150,8 @@ impl Volume {
             ))),
             _ => None,
         };
-        let v = Rc::new(Volume {
+        let v = Rc::new_cyclic(|me| Volume {
+            me: me.clone(),
             metrics,
             role: Cell::new(role),
             primary,
@@ -147,9 +164,11 @@ impl Volume {
             apply_queue: RefCell::new(VecDeque::new()),
             apply_work: Notify::new(),
             applied_next: Cell::new(applied_next),
+            applied: Notify::new(),
+            in_place_min: tuning.in_place_min,
             stats: Cell::new(VolumeStats::default()),
             scratch: RefCell::new(Some(AlignedBuf::new(MAX_CHUNK))),
-            checkpoint_interval,
+            checkpoint_interval: tuning.checkpoint_interval,
             stopping: Cell::new(false),
             store_full: Cell::new(false),
             stopped: Cell::new(false),
@@ -587,9 +606,32 @@ impl Volume {
         length: u64,
         payload: Option<Rc<Payload>>,
     ) -> Result<Rc<Record>, ErrorCode> {
+        let in_place = self.in_place_min > 0
+            && op == RecordOp::Write
+            && payload.is_some()
+            && length >= self.in_place_min
+            && is_aligned(offset)
+            && is_aligned(length);
+        let new = crate::journal::NewRecord {
+            op,
+            flags,
+            offset,
+            length,
+            payload,
+            in_place,
+        };
         self.journal
-            .reserve(op, flags, offset, length, payload, |rec| {
+            .reserve(new, |rec| {
                 let mut ov = self.overlay.borrow_mut();
+                if in_place {
+                    // The newest unapplied record under this range: the
+                    // in-place write waits until it is applied, so no older
+                    // record is written to the store over it afterwards.
+                    let after = ov.newest(offset, offset + length);
+                    if let Some(v) = self.me.upgrade() {
+                        tokio_uring::spawn(v.place(rec.clone(), after));
+                    }
+                }
                 match (rec.op, &rec.payload) {
                     (RecordOp::Write, Some(p)) => ov.insert(
                         offset,
@@ -622,6 +664,59 @@ impl Volume {
                 tracing::error!(volume = %self.info.name, "{e}");
                 ErrorCode::Io
             })
+    }
+
+    /// Writes a large record's payload to its home in the data store,
+    /// durably, then lets the journal write its header: in place when that
+    /// worked, or with the payload (the usual double write) when it failed.
+    /// Waits first until `after` (the newest older record overlapping it)
+    /// is applied. Records reach the applier only once durable, so every
+    /// record applied after this write starts is newer than it, and the
+    /// store ends with the newest data.
+    async fn place(self: Rc<Self>, rec: Rc<Record>, after: Option<Lsn>) {
+        if let Some(after) = after {
+            while self.applied_next.get() <= after {
+                let applied = self.applied.notified();
+                if self.journal.failed().is_some() {
+                    break;
+                }
+                // Bounded wait: the journal may fail meanwhile (checked above).
+                let _ = tokio::time::timeout(Duration::from_millis(100), applied).await;
+            }
+        }
+        let durable = if self.journal.failed().is_some() {
+            false
+        } else {
+            let p = rec
+                .payload
+                .as_ref()
+                .expect("in-place records carry a payload");
+            let writes = (0..p.chunk_count()).map(|i| {
+                let slice = SharedSlice::new(p.clone(), i, 0, p.chunk_len(i));
+                self.store
+                    .write_all_durable(slice, rec.offset + (i * MAX_CHUNK) as u64)
+            });
+            let mut result = Ok(());
+            for (res, _) in futures_util::future::join_all(writes).await {
+                result = result.and(res);
+            }
+            match result {
+                Ok(()) => {
+                    self.metrics.in_place_bytes.increment(rec.length);
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        volume = %self.info.name,
+                        "in-place write of LSN {} ({} bytes at {}) failed: {e}; journaling its data instead",
+                        rec.lsn, rec.length, rec.offset
+                    );
+                    self.metrics.in_place_fallbacks.increment(1);
+                    false
+                }
+            }
+        };
+        self.journal.placed(&rec, durable);
     }
 
     async fn journal_and_wait(
@@ -920,6 +1015,7 @@ impl Volume {
                     "records applied out of LSN order"
                 );
                 self.applied_next.set(r.lsn.next());
+                self.applied.notify_waiters();
                 if self.store_full.replace(false) {
                     tracing::warn!(volume = %self.info.name, "the data store has space again: writes are accepted");
                 }
@@ -1051,6 +1147,8 @@ impl Volume {
     async fn apply_record(&self, r: &Rc<Record>) -> io::Result<()> {
         let (start, end) = (r.offset, r.offset + r.length);
         match r.op {
+            // Already home, durably, before the record was journaled.
+            RecordOp::Write if r.in_place() => Ok(()),
             RecordOp::Write => {
                 let p = r.payload.as_ref().expect("write records carry a payload");
                 if is_aligned(start) && is_aligned(r.length) {
@@ -1093,6 +1191,11 @@ impl Volume {
                 }
             }
             RecordOp::Pad => Ok(()),
+            RecordOp::WriteInPlace => {
+                unreachable!(
+                    "records in memory are writes; only their journal headers say in place"
+                )
+            }
         }
     }
 

@@ -125,7 +125,7 @@ mod replication {
             &p,
             &json,
             &[
-                "--bsrange=4k-64k",
+                "--bsrange=4k-512k",
                 "--io_size=32m",
                 "--iodepth=8",
                 "--verify=crc32c",
@@ -321,7 +321,7 @@ mod replication {
     fn replica_killed_under_load_resyncs_and_converges() {
         let o = replica_outage_under_load(
             J64,
-            &["--bsrange=4k-64k", "--iodepth=8"],
+            &["--bsrange=4k-512k", "--iodepth=8"],
             8,
             Duration::from_secs(2),
             Duration::from_secs(2),

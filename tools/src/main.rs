@@ -362,9 +362,10 @@ fn journal_inspect(path: &Path, list: bool) -> ExitCode {
                 RecordOp::Trim => "trim",
                 RecordOp::WriteZeroes => "zero",
                 RecordOp::Pad => "pad",
+                RecordOp::WriteInPlace => "write (in place)",
             };
             lines.push(format!(
-                "  LSN {:>10}  {:<5} offset {:>14} length {:>10}  at area offset {:>12}  epoch {}",
+                "  LSN {:>10}  {:<15} offset {:>14} length {:>10}  at area offset {:>12}  epoch {}",
                 h.lsn, op, h.offset, h.length, rec.pos, h.epoch
             ));
         }

@@ -266,6 +266,13 @@ pub enum RecordOp {
     WriteZeroes,
     /// Filler to the end of the area; the next record is at area offset 0.
     Pad,
+    /// A large write whose payload went straight to its home in the data
+    /// store (durably) before this header was written: the journal holds
+    /// only its metadata. Its range is aligned, and its `payload_hash` is
+    /// the data's xxh3. The record still occupies the space a journaled
+    /// write would (`record_len`), so it can fall back to one if the
+    /// in-place write fails.
+    WriteInPlace,
 }
 
 impl RecordOp {
@@ -275,6 +282,7 @@ impl RecordOp {
             RecordOp::Trim => 2,
             RecordOp::WriteZeroes => 3,
             RecordOp::Pad => 4,
+            RecordOp::WriteInPlace => 5,
         }
     }
     fn from_code(c: u8) -> Option<RecordOp> {
@@ -283,6 +291,7 @@ impl RecordOp {
             2 => RecordOp::Trim,
             3 => RecordOp::WriteZeroes,
             4 => RecordOp::Pad,
+            5 => RecordOp::WriteInPlace,
             _ => return None,
         })
     }
@@ -382,6 +391,16 @@ impl RecordHeader {
                     return Err(FormatError::BadField("pad record lengths"));
                 }
             }
+            RecordOp::WriteInPlace => {
+                if h.payload_len != 0
+                    || h.length == 0
+                    || h.offset % BLOCK != 0
+                    || h.length % BLOCK != 0
+                    || h.record_len != Self::record_len_for(h.length)
+                {
+                    return Err(FormatError::BadField("in-place write record lengths"));
+                }
+            }
         }
         if h.offset.checked_add(h.length).is_none() {
             return Err(FormatError::BadField("record range overflows"));
@@ -400,7 +419,8 @@ mod tests {
             Just(RecordOp::Write),
             Just(RecordOp::Trim),
             Just(RecordOp::WriteZeroes),
-            Just(RecordOp::Pad)
+            Just(RecordOp::Pad),
+            Just(RecordOp::WriteInPlace)
         ]
     }
 
@@ -422,6 +442,15 @@ mod tests {
                         RecordOp::Write => (len, len, RecordHeader::record_len_for(len)),
                         RecordOp::Trim | RecordOp::WriteZeroes => (len, 0, BLOCK),
                         RecordOp::Pad => (0, 0, pad_blocks * BLOCK),
+                        RecordOp::WriteInPlace => {
+                            let len = (len / BLOCK).max(1) * BLOCK;
+                            (len, 0, RecordHeader::record_len_for(len))
+                        }
+                    };
+                    let offset = if op == RecordOp::WriteInPlace {
+                        offset / BLOCK * BLOCK
+                    } else {
+                        offset
                     };
                     RecordHeader {
                         lsn: Lsn(lsn),

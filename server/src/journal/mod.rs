@@ -29,8 +29,39 @@ const MAX_BATCH_IOVECS: usize = 1000;
 /// Group commits in flight at once (see `run_appender`).
 const MAX_COMMITS_IN_FLIGHT: usize = 2;
 
+/// A mutation to reserve (see [`Journal::reserve`]).
+pub struct NewRecord {
+    /// What it does.
+    pub op: RecordOp,
+    /// Op flags (see [`format::FLAG_NO_HOLE`]).
+    pub flags: u8,
+    /// Volume byte offset.
+    pub offset: u64,
+    /// Volume bytes affected.
+    pub length: u64,
+    /// The data of a write.
+    pub payload: Option<Rc<Payload>>,
+    /// Write the payload to the data store in place (an aligned write only).
+    pub in_place: bool,
+}
+
+/// Where a write's payload is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// In the journal, after the header (every record but large writes).
+    Journal,
+    /// A large write whose payload is being written to the data store in
+    /// place: the appender waits for it (records behind it too, so the
+    /// journal stays in LSN order).
+    Pending,
+    /// The payload is durable in the data store; the journal gets only the
+    /// header ([`RecordOp::WriteInPlace`]).
+    InPlace,
+}
+
 /// A journaled mutation, shared by the appender, the applier and (later) the
-/// replication senders. Immutable once created.
+/// replication senders. Immutable once created, but for where a large
+/// write's payload goes (decided once its in-place write ends).
 pub struct Record {
     /// Its LSN.
     pub lsn: Lsn,
@@ -52,19 +83,38 @@ pub struct Record {
     pub pad_before: u64,
     /// Journal bytes of the record itself (header + padded payload).
     pub record_len: u64,
+    /// Where the payload goes (always [`Placement::Journal`] but for large writes).
+    pub placement: Cell<Placement>,
 }
 
 impl Record {
+    /// Whether the payload went to the data store in place (the journal
+    /// holds only the header).
+    pub fn in_place(&self) -> bool {
+        self.placement.get() == Placement::InPlace
+    }
+
     fn header(&self, epoch: Epoch, session: u64) -> RecordHeader {
+        let placement = self.placement.get();
+        debug_assert_ne!(
+            placement,
+            Placement::Pending,
+            "header of an unplaced record"
+        );
+        let in_place = placement == Placement::InPlace;
         RecordHeader {
             lsn: self.lsn,
             epoch,
             session,
-            op: self.op,
+            op: if in_place {
+                RecordOp::WriteInPlace
+            } else {
+                self.op
+            },
             flags: self.flags,
             offset: self.offset,
             length: self.length,
-            payload_len: if self.op == RecordOp::Write {
+            payload_len: if self.op == RecordOp::Write && !in_place {
                 self.length
             } else {
                 0
@@ -86,6 +136,9 @@ pub struct Retained {
     pub reserved: u64,
     /// Volume bytes it changes (`offset`, `length`; 0 for pads).
     pub extent: (u64, u64),
+    /// A large write that may have gone to the store in place: its payload
+    /// may not be in the journal (catch-up cannot read it back).
+    pub in_place: bool,
 }
 
 /// The journal failed: no further write can be made durable.
@@ -204,15 +257,27 @@ impl Journal {
 
     /// Reserves space and an LSN for a record, or None if the journal is full.
     /// Synchronous, so the caller can update its in-memory state (the
-    /// overlay) in the same step, in LSN order.
-    pub fn try_reserve(
-        &self,
-        op: RecordOp,
-        flags: u8,
-        offset: u64,
-        length: u64,
-        payload: Option<Rc<Payload>>,
-    ) -> Option<Rc<Record>> {
+    /// overlay) in the same step, in LSN order. With `in_place`, the record
+    /// (an aligned write) starts [`Placement::Pending`]: the appender holds
+    /// it, and every record after it, until [`Journal::placed`] is called.
+    pub fn try_reserve(&self, new: &NewRecord) -> Option<Rc<Record>> {
+        let NewRecord {
+            op,
+            flags,
+            offset,
+            length,
+            ref payload,
+            in_place,
+        } = *new;
+        let payload = payload.clone();
+        assert!(
+            !in_place
+                || (op == RecordOp::Write
+                    && payload.is_some()
+                    && offset % BLOCK == 0
+                    && length % BLOCK == 0),
+            "only aligned writes go in place"
+        );
         let payload_len = if op == RecordOp::Write { length } else { 0 };
         let record_len = RecordHeader::record_len_for(payload_len);
         assert!(
@@ -248,6 +313,11 @@ impl Journal {
             pos,
             pad_before: pad,
             record_len,
+            placement: Cell::new(if in_place {
+                Placement::Pending
+            } else {
+                Placement::Journal
+            }),
         });
         st.queued.push_back(rec.clone());
         st.retained.push_back(Retained {
@@ -259,6 +329,7 @@ impl Journal {
             } else {
                 (offset, length)
             },
+            in_place,
         });
         drop(st);
         self.work.notify_one();
@@ -269,11 +340,7 @@ impl Journal {
     /// `on_reserved` runs synchronously with the reservation.
     pub async fn reserve(
         &self,
-        op: RecordOp,
-        flags: u8,
-        offset: u64,
-        length: u64,
-        payload: Option<Rc<Payload>>,
+        new: NewRecord,
         on_reserved: impl FnOnce(&Rc<Record>),
     ) -> Result<Rc<Record>, JournalFailed> {
         loop {
@@ -281,12 +348,39 @@ impl Journal {
                 return Err(JournalFailed(f.clone()));
             }
             let notified = self.space.notified();
-            if let Some(r) = self.try_reserve(op, flags, offset, length, payload.clone()) {
+            if let Some(r) = self.try_reserve(&new) {
                 on_reserved(&r);
                 return Ok(r);
             }
             notified.await;
         }
+    }
+
+    /// A pending in-place record's payload write ended: `durable` means its
+    /// payload is durable in the data store (the journal then writes only
+    /// the header); otherwise the payload is journaled as usual. Either way
+    /// the appender may now write it and the records behind it.
+    pub fn placed(&self, rec: &Record, durable: bool) {
+        assert_eq!(
+            rec.placement.get(),
+            Placement::Pending,
+            "record {} placed twice",
+            rec.lsn
+        );
+        rec.placement.set(if durable {
+            Placement::InPlace
+        } else {
+            Placement::Journal
+        });
+        self.work.notify_one();
+    }
+
+    /// Whether a retained record from `from` on may hold its payload only in
+    /// the data store (so catch-up from the journal cannot replay it).
+    pub fn in_place_since(&self, from: Lsn) -> bool {
+        let st = self.state.borrow();
+        let any = retained_since(&st, from).any(|r| r.in_place);
+        any
     }
 
     /// Waits until the record with `lsn` is durable.
@@ -360,7 +454,15 @@ impl Journal {
             }
             let notified = self.work.notified();
             if inflight.is_empty() {
-                if self.state.borrow().queued.is_empty() {
+                // Nothing to write until a record is queued, or the one in
+                // front (an in-place write under way) is placed.
+                let ready = self
+                    .state
+                    .borrow()
+                    .queued
+                    .front()
+                    .is_some_and(|r| r.placement.get() != Placement::Pending);
+                if !ready {
                     notified.await;
                 }
                 continue;
@@ -391,6 +493,11 @@ impl Journal {
         let mut iovecs = 0;
         let mut batch = Vec::new();
         while let Some(r) = st.queued.front() {
+            // The journal is written in LSN order: nothing passes a record
+            // whose in-place payload write has not ended.
+            if r.placement.get() == Placement::Pending {
+                break;
+            }
             let n = 2 + r.payload.as_ref().map(|p| p.chunk_count()).unwrap_or(0);
             if !batch.is_empty() && iovecs + n > MAX_BATCH_IOVECS {
                 break;
@@ -442,6 +549,12 @@ impl Journal {
             let mut blk = self.header_block();
             r.header(self.epoch.get(), self.session)
                 .encode(blk.as_mut_slice());
+            if r.in_place() {
+                // Only the header: the payload is already home. The rest of
+                // the record's space stays unwritten (recovery skips it).
+                append(r.pos, BLOCK, &mut std::iter::once(OutBuf::Block(blk)));
+                continue;
+            }
             let payload = r
                 .payload
                 .iter()

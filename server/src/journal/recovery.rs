@@ -221,8 +221,58 @@ pub trait ReplayTarget {
     /// Zeroes `[offset, offset+len)`; `trim` means only whole blocks need to be
     /// discarded (an advisory discard), `no_hole` that the range stays allocated.
     fn zero(&mut self, offset: u64, len: u64, trim: bool, no_hole: bool) -> io::Result<()>;
+    /// A write that went to the store in place before the journal recorded
+    /// it: its data is home already, nothing to write (a target that tracks
+    /// changed ranges notes it).
+    fn placed(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Makes everything written durable.
     fn sync(&mut self) -> io::Result<()>;
+}
+
+/// The ranges of the in-place writes found past the checkpoint, each byte
+/// tagged with the newest such write covering it. A record replayed must
+/// skip the bytes a later in-place write covers: that write's data is in
+/// the store already, and replaying the older record over it would bring
+/// back stale data.
+struct InPlace(crate::overlay::Overlay);
+
+impl InPlace {
+    fn new() -> InPlace {
+        InPlace(crate::overlay::Overlay::new())
+    }
+
+    fn note(&mut self, h: &RecordHeader) {
+        if h.op == RecordOp::WriteInPlace {
+            self.0.insert(
+                h.offset,
+                h.offset + h.length,
+                h.lsn,
+                crate::overlay::Source::Zero,
+            );
+        }
+    }
+
+    /// The parts of `[start, end)` that no in-place write newer than `lsn` covers.
+    fn replayable(&self, start: u64, end: u64, lsn: Lsn) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut pos = start;
+        for piece in self.0.lookup(start, end) {
+            if piece.lsn <= lsn {
+                continue;
+            }
+            if piece.start > pos {
+                out.push((pos, piece.start));
+            }
+            pos = pos.max(piece.end);
+        }
+        if pos < end {
+            out.push((pos, end));
+        }
+        out
+    }
 }
 
 /// One valid record found by a scan.
@@ -355,15 +405,31 @@ pub fn open_and_recover(
     }
     let start = Instant::now();
     let mut report = RecoveryReport::default();
+    // First pass: where the valid records end and which ranges in-place
+    // writes cover (both need every record checked, payloads included).
+    let mut in_place = InPlace::new();
+    scan(&file, &sb, |rec, _| {
+        in_place.note(&rec.header);
+        Ok(())
+    })
+    .map_err(io_err("cannot read journal", path))?;
+    // Second pass: replay, in LSN order, what no later in-place write covers.
     let (next_lsn, head, stop) = scan(&file, &sb, |rec, data| {
         let h = &rec.header;
-        match h.op {
-            RecordOp::Write => target.write(h.offset, data)?,
-            RecordOp::Trim => target.zero(h.offset, h.length, true, false)?,
-            RecordOp::WriteZeroes => {
-                target.zero(h.offset, h.length, false, h.flags & FLAG_NO_HOLE != 0)?
+        let parts = in_place.replayable(h.offset, h.offset + h.length, h.lsn);
+        for (a, b) in parts {
+            match h.op {
+                RecordOp::Write => {
+                    let at = (a - h.offset) as usize..(b - h.offset) as usize;
+                    target.write(a, &data[at])?
+                }
+                RecordOp::Trim => target.zero(a, b - a, true, false)?,
+                RecordOp::WriteZeroes => {
+                    target.zero(a, b - a, false, h.flags & FLAG_NO_HOLE != 0)?
+                }
+                RecordOp::WriteInPlace => target.placed(a, b - a)?,
+                RecordOp::Pad => {}
             }
-            RecordOp::Pad => {}
         }
         report.records += 1;
         report.bytes += h.length;
@@ -449,5 +515,48 @@ impl ReplayTarget for FileReplay<'_> {
 
     fn sync(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_place(lsn: u64, offset: u64, length: u64) -> RecordHeader {
+        RecordHeader {
+            lsn: Lsn(lsn),
+            epoch: Epoch(1),
+            session: 1,
+            op: RecordOp::WriteInPlace,
+            flags: 0,
+            offset,
+            length,
+            payload_len: 0,
+            record_len: RecordHeader::record_len_for(length),
+            payload_hash: 0,
+        }
+    }
+
+    #[test]
+    fn older_records_skip_what_later_in_place_writes_cover() {
+        let mut m = InPlace::new();
+        m.note(&in_place(10, 8192, 8192));
+        m.note(&in_place(20, 12288, 8192));
+        // Older than both: only the bytes neither covers.
+        assert_eq!(
+            m.replayable(0, 32768, Lsn(5)),
+            vec![(0, 8192), (20480, 32768)]
+        );
+        // Between them: only the newer one hides bytes.
+        assert_eq!(
+            m.replayable(0, 32768, Lsn(15)),
+            vec![(0, 12288), (20480, 32768)]
+        );
+        // Newer than both: everything replays.
+        assert_eq!(m.replayable(100, 30000, Lsn(25)), vec![(100, 30000)]);
+        // The in-place record itself keeps the part no later one covers.
+        assert_eq!(m.replayable(8192, 16384, Lsn(10)), vec![(8192, 12288)]);
+        // Entirely hidden.
+        assert!(m.replayable(13000, 14000, Lsn(11)).is_empty());
     }
 }

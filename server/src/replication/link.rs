@@ -44,12 +44,18 @@ pub async fn run(vol: Rc<Volume>, primary: Rc<Primary>, link: Rc<LinkState>, nod
     }
 }
 
+/// Whether record `lsn` is still in the primary's in-memory window.
+fn primary_has(vol: &Volume, lsn: Lsn) -> bool {
+    vol.primary().is_some_and(|p| p.get(lsn).is_some())
+}
+
 fn op_code(op: RecordOp) -> u8 {
     match op {
         RecordOp::Write => 1,
         RecordOp::Trim => 2,
         RecordOp::WriteZeroes => 3,
         RecordOp::Pad => unreachable!("pads are never replicated"),
+        RecordOp::WriteInPlace => unreachable!("in-place records are never read back to send"),
     }
 }
 
@@ -197,9 +203,13 @@ fn plan_start(
     // Catchable only from records the journal keeps: at or past its
     // checkpoint (which moves before a checkpoint's release completes) and
     // still retained. A record only in memory may be trimmed any moment.
+    // Writes made in place are in the journal as metadata only: catch-up
+    // can send them only while they are still in memory.
     let catchable = from <= next
         && (from == next
-            || (from >= vol.journal().checkpoint_lsn() && vol.journal().retained(from).is_some()));
+            || (from >= vol.journal().checkpoint_lsn()
+                && vol.journal().retained(from).is_some()
+                && (primary_has(vol, from) || !vol.journal().in_place_since(from))));
     // A replica whose volume UUID differs was never a copy of this volume:
     // new, or re-created. Its data is unknown, whatever its LSN says.
     let unknown = reply.uuid != vol.journal().volume_uuid();
@@ -700,6 +710,13 @@ async fn send_loop(
                 .map_err(|e| {
                     LinkError::Protocol(format!("catch-up read of LSN {cursor} failed: {e}"))
                 })?;
+            if h.op == RecordOp::WriteInPlace {
+                // Its data is only in the store, possibly overwritten since:
+                // the next handshake plans a bitmap resync instead.
+                return Err(LinkError::Protocol(format!(
+                    "catch-up reached LSN {cursor}, a write made in place whose data the journal does not hold; reconnecting to resync its regions"
+                )));
+            }
             let rec = Record {
                 lsn: h.lsn,
                 op: h.op,
@@ -711,6 +728,7 @@ async fn send_loop(
                 pos: 0,
                 pad_before: 0,
                 record_len: 0,
+                placement: std::cell::Cell::new(crate::journal::Placement::Journal),
             };
             let mut out = Vec::new();
             push_record(&mut out, &rec, epoch);
