@@ -218,7 +218,15 @@ fn replicated_metrics_status_and_resync_watch() {
     let secret = write_secret(&dir, "secret");
     let mport = free_port();
     let r2 = Node::start_replica(&dir, "n2", &secret, "64M", &[]);
-    let mut r3 = Node::start_replica(&dir, "n3", &secret, "64M", &[]);
+    let r3_port = free_port();
+    let r3_metrics = format!("127.0.0.1:{r3_port}");
+    let mut r3 = Node::start_replica(
+        &dir,
+        "n3",
+        &secret,
+        "64M",
+        &["--metrics-listen", &r3_metrics],
+    );
     let metrics = format!("127.0.0.1:{mport}");
     let p = Node::start_primary(
         &dir,
@@ -248,7 +256,8 @@ fn replicated_metrics_status_and_resync_watch() {
             "--ioengine=nbd".into(),
             format!("--uri={}", p.daemon.uri(EXPORT)),
             "--rw=randwrite".into(),
-            "--bs=4k".into(),
+            // The 256K writes go to the store in place on every node.
+            "--bssplit=4k/80:256k/20".into(),
             "--iodepth=8".into(),
             "--size=64m".into(),
             "--time_based".into(),
@@ -293,6 +302,15 @@ fn replicated_metrics_status_and_resync_watch() {
         sample(&during, "mirrorblk_payload_copies_total{volume=\"vol0\"}"),
         0.0,
         "payload bytes were copied"
+    );
+    let in_place = "mirrorblk_in_place_write_bytes_total{volume=\"vol0\"}";
+    assert!(
+        sample(&during, in_place) > 0.0,
+        "no write went to the primary's store in place"
+    );
+    assert!(
+        sample(&scrape(r3_port), in_place) > 0.0,
+        "no replicated write went to n3's store in place"
     );
 
     assert!(

@@ -135,14 +135,13 @@ mod replication {
         );
         let run = tools::run(Tool::Fio, &a, TOOL_TIMEOUT);
         let job = fio_job(&tools::fio_report(&json, &run));
-        assert_eq!(
-            job["write"]["io_bytes"].as_u64(),
-            Some(32 * MIB),
-            "fio did not write everything: {job:#}"
-        );
+        // Random sizes up to 512K (the larger ones go in place on every
+        // node): fio's last write may take it a little past 32M.
+        let written = job["write"]["io_bytes"].as_u64().unwrap_or(0);
+        assert!(written >= 32 * MIB, "fio did not write everything: {job:#}");
         assert_eq!(
             job["read"]["io_bytes"].as_u64(),
-            Some(32 * MIB),
+            Some(written),
             "fio did not verify everything: {job:#}"
         );
 

@@ -540,6 +540,13 @@ fn full_data_store_refuses_writes_with_enospc_and_recovers() {
         "no clear log line about the full store:\n{}",
         d.log()
     );
+    // The 1 MiB writes went to the store in place until it filled; the one
+    // that hit ENOSPC there was journaled instead (and acknowledged).
+    assert!(
+        d.log().contains("journaling its data instead"),
+        "no in-place write fell back to the journal:\n{}",
+        d.log()
+    );
     for &i in &acked {
         assert!(
             c.read(i * MIB, MIB as u32).expect("read") == pattern(i, MIB as usize),
