@@ -398,7 +398,7 @@ fn crash_loop(test: &str, cycles: usize, promise: Promise, extra: &[&str]) {
     let dir = TestDir::new();
     let mut rng = Rng::from_env_or_time(test);
     let mut base = dir.volume_args("vol0", "64M");
-    base.extend(extra.iter().map(|s| std::ffi::OsString::from(s)));
+    base.extend(extra.iter().map(std::ffi::OsString::from));
     let mut in_place_seen = 0;
     let intervals = [None, Some("50ms"), Some("1h")];
     let mut d = Daemon::start(&base);
