@@ -232,7 +232,7 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             "mirrorblk",
             mirrorblkd,
             &[],
-            "every write durable before its reply (journal O_DIRECT+O_DSYNC, group commit)",
+            "every write durable before its reply (journal O_DIRECT+O_DSYNC, group commit; writes of 128K and more go durably in place instead); reads through the page cache",
         ),
     ]
 }

@@ -17,6 +17,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 /// Default journal size for a volume.
 pub const DEFAULT_JOURNAL_SIZE: ByteSize = ByteSize(256 << 20);
 
+fn default_true() -> bool {
+    true
+}
+
 /// Writes of at least this many bytes go in place (see `--in-place-min`).
 pub const DEFAULT_IN_PLACE_MIN: ByteSize = ByteSize(128 << 10);
 /// Default I/O buffer memory per core.
@@ -90,6 +94,15 @@ pub struct Cli {
     /// Serve the --export volume read-only (writes, trims and zeroes fail with EPERM).
     #[arg(long)]
     pub read_only: bool,
+
+    /// Serve reads of the --export volume through the host's page cache
+    /// (as nbdkit's file plugin and qemu-nbd's default cache mode do):
+    /// repeated reads come from memory. Writes stay direct and durable either
+    /// way, and the kernel drops cached pages they overwrite. `false` reads
+    /// with O_DIRECT, for a client that caches everything itself (a kernel
+    /// nbd device, a VM) when host memory is tight.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub read_cache: bool,
 
     /// TCP address for NBD clients. [default: 127.0.0.1:10809]
     #[arg(long, value_name = "HOST:PORT")]
@@ -277,6 +290,9 @@ pub struct FileVolume {
     /// How a missing data file is created.
     #[serde(default)]
     pub preallocate: crate::store::Preallocate,
+    /// Serve reads through the page cache (default true).
+    #[serde(default = "default_true")]
+    pub read_cache: bool,
 }
 
 /// A validated volume.
@@ -298,6 +314,8 @@ pub struct VolumeConfig {
     pub read_only: bool,
     /// How a missing data file is created.
     pub preallocate: crate::store::Preallocate,
+    /// Serve reads through the page cache (writes stay direct).
+    pub read_cache: bool,
 }
 
 /// A validated node configuration.
@@ -465,6 +483,7 @@ impl Config {
                 description: v.description.clone(),
                 read_only: v.read_only,
                 preallocate: v.preallocate,
+                read_cache: v.read_cache,
             })
             .collect();
         match (&cli.export, &cli.data, &cli.journal) {
@@ -477,6 +496,7 @@ impl Config {
                 description: cli.description.clone().unwrap_or_default(),
                 read_only: cli.read_only,
                 preallocate: cli.preallocate,
+                read_cache: cli.read_cache,
             }),
             (None, None, None) => {}
             _ => {

@@ -192,12 +192,21 @@ pub fn prepare_volume(
     replicated: bool,
     peers: &[String],
 ) -> Result<PreparedVolume, StartError> {
-    let store = open_store(&cfg.data, cfg.size, false, cfg.preallocate).map_err(|source| {
+    let mut store = open_store(&cfg.data, cfg.size, false, cfg.preallocate).map_err(|source| {
         StartError::Store {
             volume: cfg.name.clone(),
             source,
         }
     })?;
+    if cfg.read_cache {
+        store.cache_reads().map_err(|e| StartError::Store {
+            volume: cfg.name.clone(),
+            source: StoreError::Io {
+                path: cfg.data.clone(),
+                source: e,
+            },
+        })?;
+    }
     // Replay through a buffered handle: records may be unaligned, and one
     // fdatasync at the end makes the whole replay durable.
     let replay_file = std::fs::OpenOptions::new()
@@ -274,7 +283,11 @@ pub fn prepare_volume(
         volume = %cfg.name,
         "volume ready: {} ({} bytes) on {}{}, journal {} ({}), max request {}",
         ByteSize(store.size), store.size, store.path.display(),
-        if store.direct { " (O_DIRECT)" } else { " (buffered)" },
+        match (store.direct, store.cached_file.is_some()) {
+            (true, false) => " (O_DIRECT)",
+            (true, true) => " (O_DIRECT writes, reads through the page cache)",
+            (false, _) => " (buffered)",
+        },
         cfg.journal.display(), ByteSize(journal.superblock.area_len),
         ByteSize(export.max_payload as u64)
     );

@@ -68,6 +68,9 @@ pub struct OpenedStore {
     /// only): large writes go in place through it, each durable (a FUA
     /// write on a disk with a volatile cache) when it completes.
     pub durable_file: Option<File>,
+    /// A buffered, read-only handle that reads go through when the page
+    /// cache serves them (see [`OpenedStore::cache_reads`]).
+    pub cached_file: Option<File>,
     /// Volume size in bytes.
     pub size: u64,
     /// Whether it is a block device (no holes, no `SEEK_HOLE`).
@@ -266,6 +269,7 @@ pub fn open_store(
     Ok(OpenedStore {
         file,
         durable_file,
+        cached_file: None,
         size,
         block_device,
         direct,
@@ -273,10 +277,21 @@ pub fn open_store(
     })
 }
 
+impl OpenedStore {
+    /// Serves reads through the page cache from now on (writes stay
+    /// direct: the kernel drops cached pages a direct write or a hole punch
+    /// overwrites, so a cached read never returns stale data).
+    pub fn cache_reads(&mut self) -> io::Result<()> {
+        self.cached_file = Some(File::open(&self.path)?);
+        Ok(())
+    }
+}
+
 /// The data store bound to a core's io_uring.
 pub struct Store {
     file: tokio_uring::fs::File,
     durable: Option<tokio_uring::fs::File>,
+    cached: Option<tokio_uring::fs::File>,
     fd: RawFd,
     size: u64,
     block_device: bool,
@@ -298,6 +313,7 @@ impl Store {
         Store {
             file: tokio_uring::fs::File::from_std(opened.file),
             durable: opened.durable_file.map(tokio_uring::fs::File::from_std),
+            cached: opened.cached_file.map(tokio_uring::fs::File::from_std),
             fd,
             size: opened.size,
             block_device: opened.block_device,
@@ -318,7 +334,8 @@ impl Store {
     ) -> (io::Result<()>, T) {
         debug_assert!(is_aligned(pos) && is_aligned(len as u64));
         debug_assert!(pos + len as u64 <= self.size);
-        let (res, slice) = self.file.read_exact_at(buf.slice(0..len), pos).await;
+        let file = self.cached.as_ref().unwrap_or(&self.file);
+        let (res, slice) = file.read_exact_at(buf.slice(0..len), pos).await;
         (res, slice.into_inner())
     }
 

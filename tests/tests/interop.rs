@@ -373,7 +373,8 @@ fn fio_json(dir: &TestDir, uri: &str, name: &str, extra: &[&str]) -> serde_json:
 
 /// fio's nbd engine: 32 MiB of random writes (4-64 KiB, queue depth 8)
 /// verified with crc32c, zero errors. Then the daemon is killed with -9 and
-/// restarted, and `--verify_only` checks every block again.
+/// restarted with direct (uncached) reads, and `--verify_only` checks every
+/// block again.
 #[test]
 fn fio_randwrite_with_crc32c_verify_has_no_errors() {
     let dir = TestDir::new();
@@ -396,8 +397,18 @@ fn fio_randwrite_with_crc32c_verify_has_no_errors() {
         "fio did not verify everything: {job:#}"
     );
 
+    // Written while reads went through the page cache (the default);
+    // verified after the crash with direct reads from the disk.
+    assert!(
+        d.log().contains("reads through the page cache"),
+        "{}",
+        d.log()
+    );
     d.kill9();
-    d.restart();
+    let mut a = dir.volume_args("vol0", "64M");
+    a.extend(args(["--read-cache", "false"]));
+    d.restart_with(a);
+    assert!(d.log().contains("(O_DIRECT)"), "{}", d.log());
     let v = fio_json(&dir, &d.uri("vol0"), "verify", &["--verify_only=1"]);
     let job = &v["jobs"][0];
     assert_eq!(
