@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::bitmap::REGION;
 use super::frames::{self, LinkError};
+use super::reader::FrameReader;
 use super::resync::{Job, JobKind, Step};
 use super::wire::{self, Ack, Auth, Hello, HelloReply, Kind, RegionCheck, ReplyStatus};
 use super::{LinkState, Phase, Primary};
@@ -340,9 +341,12 @@ async fn receive_acks(
     link: &LinkState,
     hb: Duration,
 ) -> Result<(), LinkError> {
+    // Only small control frames come back: read greedily, one receive for
+    // as many ACKs as have arrived.
+    let mut rd = FrameReader::new(sock, true)?;
     loop {
-        let h = frames::read_header(sock, hb).await?;
-        let body = frames::read_body(sock, h.len, hb).await?;
+        let h = rd.header(hb).await?;
+        let body = rd.body(h.len as usize, hb).await?;
         match h.kind {
             Kind::Ack => {
                 let a = Ack::decode(&body)?;

@@ -12,10 +12,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
 use super::frames::{self, LinkError};
+use super::reader::FrameReader;
 use super::wire::{self, Ack, Auth, Hello, HelloReply, Kind, ReplyStatus, RECORD_HEADER_LEN};
 use crate::buffer::OutBuf;
 use crate::journal::format::Role;
-use crate::sockio::{read_exact, write_all, Socket};
+use crate::sockio::{write_all, Socket};
 use crate::units::Lsn;
 use crate::volume::Volume;
 
@@ -352,9 +353,9 @@ async fn receive(
         last_seq = seq;
         Ok(())
     };
-    let fixed = vol.pool().registered();
+    let mut rd = FrameReader::new(sock, false)?;
     loop {
-        let h = match frames::read_header(sock, ctx.heartbeat_timeout).await {
+        let h = match rd.header(ctx.heartbeat_timeout).await {
             Ok(h) => h,
             Err(LinkError::Read(crate::sockio::ReadFail::Eof)) => return Ok(()),
             Err(e) => return Err(e),
@@ -366,8 +367,7 @@ async fn receive(
                         "record frame shorter than its header".into(),
                     ));
                 }
-                let hb = frames::read_body(sock, RECORD_HEADER_LEN as u32, ctx.heartbeat_timeout)
-                    .await?;
+                let hb = rd.body(RECORD_HEADER_LEN, ctx.heartbeat_timeout).await?;
                 let mut a = [0u8; RECORD_HEADER_LEN];
                 a.copy_from_slice(&hb);
                 let rh =
@@ -391,15 +391,14 @@ async fn receive(
                     ));
                 }
                 let payload = if rh.payload_len() > 0 {
-                    let p = read_payload(
-                        vol,
-                        sock,
-                        rh.payload_len() as usize,
-                        "record payload",
-                        fixed,
-                        ctx.heartbeat_timeout,
-                    )
-                    .await?;
+                    let p = rd
+                        .payload(
+                            vol.pool(),
+                            rh.payload_len() as usize,
+                            "record payload",
+                            ctx.heartbeat_timeout,
+                        )
+                        .await?;
                     if p.xxh3() != rh.payload_hash {
                         return Err(reject_err(
                             tx,
@@ -424,9 +423,9 @@ async fn receive(
                         "resync frame shorter than its header".into(),
                     ));
                 }
-                let hb =
-                    frames::read_body(sock, wire::RESYNC_HEADER_LEN as u32, ctx.heartbeat_timeout)
-                        .await?;
+                let hb = rd
+                    .body(wire::RESYNC_HEADER_LEN, ctx.heartbeat_timeout)
+                    .await?;
                 let rh =
                     wire::ResyncHeader::decode(&hb).inspect_err(|e| reject(tx, e.to_string()))?;
                 if rh.length != h.len as u64 - wire::RESYNC_HEADER_LEN as u64 || rh.length == 0 {
@@ -438,15 +437,14 @@ async fn receive(
                         ),
                     ));
                 }
-                let p = read_payload(
-                    vol,
-                    sock,
-                    rh.length as usize,
-                    "resync data",
-                    fixed,
-                    ctx.heartbeat_timeout,
-                )
-                .await?;
+                let p = rd
+                    .payload(
+                        vol.pool(),
+                        rh.length as usize,
+                        "resync data",
+                        ctx.heartbeat_timeout,
+                    )
+                    .await?;
                 if p.xxh3() != rh.hash {
                     return Err(reject_err(
                         tx,
@@ -467,9 +465,9 @@ async fn receive(
                         "resync check frame is not one resync header".into(),
                     ));
                 }
-                let hb =
-                    frames::read_body(sock, wire::RESYNC_HEADER_LEN as u32, ctx.heartbeat_timeout)
-                        .await?;
+                let hb = rd
+                    .body(wire::RESYNC_HEADER_LEN, ctx.heartbeat_timeout)
+                    .await?;
                 let rh =
                     wire::ResyncHeader::decode(&hb).inspect_err(|e| reject(tx, e.to_string()))?;
                 next_seq(rh.seq, tx)?;
@@ -488,15 +486,15 @@ async fn receive(
                 resync.work.notify_one();
             }
             Kind::ResyncDone => {
-                let _ = frames::read_body(sock, h.len, ctx.heartbeat_timeout).await?;
+                let _ = rd.body(h.len as usize, ctx.heartbeat_timeout).await?;
                 vol.finish_resync().await.map_err(|e| reject_err(tx, e))?;
             }
             Kind::Ping => {
-                let body = frames::read_body(sock, h.len, ctx.heartbeat_timeout).await?;
+                let body = rd.body(h.len as usize, ctx.heartbeat_timeout).await?;
                 let _ = tx.send(wire::frame(Kind::Pong, &body));
             }
             Kind::Error => {
-                let body = frames::read_body(sock, h.len, ctx.heartbeat_timeout).await?;
+                let body = rd.body(h.len as usize, ctx.heartbeat_timeout).await?;
                 let e = wire::ErrorMsg::decode(&body)?;
                 return Err(LinkError::Protocol(format!(
                     "primary reported: {}",
@@ -533,31 +531,6 @@ fn at_stream_point(
         ));
     }
     Ok(())
-}
-
-/// Reads `len` bytes of a record payload or resync region straight into
-/// pool buffers (registered memory, no copy), each chunk within `limit`.
-async fn read_payload(
-    vol: &Volume,
-    sock: &Socket,
-    len: usize,
-    what: &'static str,
-    fixed: bool,
-    limit: Duration,
-) -> Result<crate::buffer::Payload, LinkError> {
-    let mut p = vol.pool().payload(len).await;
-    let chunks = p.take_chunks();
-    let mut filled = Vec::with_capacity(chunks.len());
-    for (i, c) in chunks.into_iter().enumerate() {
-        let want = p.chunk_len(i);
-        let (res, c) = tokio::time::timeout(limit, read_exact(sock, c, 0, want, what, fixed))
-            .await
-            .map_err(|_| LinkError::Timeout(limit))?;
-        res?;
-        filled.push(c);
-    }
-    p.put_chunks(filled);
-    Ok(p)
 }
 
 fn reject(tx: &mpsc::UnboundedSender<Vec<u8>>, why: String) {
