@@ -110,7 +110,17 @@ impl<'a> FrameReader<'a> {
         Ok(wire::decode_frame_header(&a)?)
     }
 
-    /// A control body (or a fixed header) of `len` bytes, within `limit`.
+    /// Fills `out` (a fixed header, at most the read-ahead capacity) within
+    /// `limit`, without allocating.
+    pub async fn exact(&mut self, out: &mut [u8], limit: Duration) -> Result<(), LinkError> {
+        tokio::time::timeout(limit, self.need(out.len(), "fixed header"))
+            .await
+            .map_err(|_| LinkError::Timeout(limit))??;
+        out.copy_from_slice(self.take(out.len()));
+        Ok(())
+    }
+
+    /// A control body of `len` bytes, within `limit`.
     pub async fn body(&mut self, len: usize, limit: Duration) -> Result<Vec<u8>, LinkError> {
         let have = self.available().min(len);
         let mut out = Vec::with_capacity(len);
@@ -290,7 +300,14 @@ mod tests {
                 let h = rd.header(limit).await.expect("header");
                 assert_eq!(h.kind, *kind, "frame {i}");
                 assert_eq!(h.len as usize, head.len() + plen, "frame {i}");
-                assert_eq!(&rd.body(head.len(), limit).await.expect("head"), head);
+                let got = if *kind == Kind::Record {
+                    let mut a = [0u8; RECORD_HEADER_LEN];
+                    rd.exact(&mut a, limit).await.expect("record header");
+                    a.to_vec()
+                } else {
+                    rd.body(head.len(), limit).await.expect("body")
+                };
+                assert_eq!(&got, head, "frame {i}");
                 if *plen > 0 {
                     let p = rd
                         .payload(&pool, *plen, "payload", limit)

@@ -367,9 +367,8 @@ async fn receive(
                         "record frame shorter than its header".into(),
                     ));
                 }
-                let hb = rd.body(RECORD_HEADER_LEN, ctx.heartbeat_timeout).await?;
                 let mut a = [0u8; RECORD_HEADER_LEN];
-                a.copy_from_slice(&hb);
+                rd.exact(&mut a, ctx.heartbeat_timeout).await?;
                 let rh =
                     wire::RecordHeader::decode(&a).inspect_err(|e| reject(tx, e.to_string()))?;
                 if rh.payload_len() != h.len as u64 - RECORD_HEADER_LEN as u64 {
