@@ -100,7 +100,8 @@ pub struct Cli {
     /// repeated reads come from memory. Writes stay direct and durable either
     /// way, and the kernel drops cached pages they overwrite. `false` reads
     /// with O_DIRECT, for a client that caches everything itself (a kernel
-    /// nbd device, a VM) when host memory is tight.
+    /// nbd device, a VM) when host memory is tight. Data files only: on a
+    /// block device reads are always direct.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub read_cache: bool,
 

@@ -198,7 +198,13 @@ pub fn prepare_volume(
             source,
         }
     })?;
-    if cfg.read_cache {
+    // On a block device the kernel drops cached pages only before an
+    // asynchronous direct write, not after it: a read racing the write
+    // could leave stale pages behind. Files (iomap filesystems) drop them
+    // after the write too.
+    if cfg.read_cache && store.block_device {
+        tracing::info!(volume = %cfg.name, "reads stay O_DIRECT on block device {}: its page cache is not kept coherent with asynchronous direct writes", cfg.data.display());
+    } else if cfg.read_cache {
         store.cache_reads().map_err(|e| StartError::Store {
             volume: cfg.name.clone(),
             source: StoreError::Io {

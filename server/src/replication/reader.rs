@@ -139,7 +139,8 @@ impl<'a> FrameReader<'a> {
         Ok(out)
     }
 
-    /// A payload of `len` bytes into pool memory, within `limit`; the
+    /// A payload of `len` bytes into pool memory, each 1 MiB chunk within
+    /// `limit` (a 32 MiB record on a slow link is not one deadline); the
     /// receive of its last chunk also takes what has arrived of the next
     /// frame's headers.
     pub async fn payload(
@@ -154,9 +155,9 @@ impl<'a> FrameReader<'a> {
         let chunks = p.take_chunks();
         let last = chunks.len().saturating_sub(1);
         let mut filled = Vec::with_capacity(chunks.len());
-        let read = async {
-            for (i, mut c) in chunks.into_iter().enumerate() {
-                let want = p.chunk_len(i);
+        for (i, mut c) in chunks.into_iter().enumerate() {
+            let want = p.chunk_len(i);
+            let read = async {
                 // Bytes of this payload that came in with the last headers
                 // (only after a control frame: at most SPILL of them).
                 let early = self.available().min(want);
@@ -177,13 +178,13 @@ impl<'a> FrameReader<'a> {
                     })?;
                     c
                 };
-                filled.push(c);
-            }
-            Ok::<(), LinkError>(())
-        };
-        tokio::time::timeout(limit, read)
-            .await
-            .map_err(|_| LinkError::Timeout(limit))??;
+                Ok::<_, LinkError>(c)
+            };
+            let c = tokio::time::timeout(limit, read)
+                .await
+                .map_err(|_| LinkError::Timeout(limit))??;
+            filled.push(c);
+        }
         p.put_chunks(filled);
         Ok(p)
     }
