@@ -169,6 +169,10 @@ impl ReplayTarget for MarkingReplay<'_> {
         self.inner.zero(offset, len, trim, no_hole)
     }
 
+    fn wants_intents(&self) -> bool {
+        !self.bitmaps.is_empty()
+    }
+
     fn placed(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
         for b in &mut self.bitmaps {
             b.mark(offset, len);

@@ -684,7 +684,19 @@ impl Volume {
                 let _ = tokio::time::timeout(Duration::from_millis(100), applied).await;
             }
         }
-        let durable = if self.journal.failed().is_some() {
+        // With replicas, the intent goes first: a crash between the payload
+        // write and the record's header must still tell recovery which
+        // range to resync (the replicas may not have it).
+        let intent_ok = self.primary.is_none()
+            || self.journal.failed().is_some()
+            || match self.journal.write_intent(&rec).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(volume = %self.info.name, "writing the intent of in-place LSN {} failed: {e}; journaling its data instead", rec.lsn);
+                    false
+                }
+            };
+        let durable = if self.journal.failed().is_some() || !intent_ok {
             false
         } else {
             let p = rec
@@ -1191,7 +1203,7 @@ impl Volume {
                 }
             }
             RecordOp::Pad => Ok(()),
-            RecordOp::WriteInPlace => {
+            RecordOp::WriteInPlace | RecordOp::InPlaceIntent => {
                 unreachable!(
                     "records in memory are writes; only their journal headers say in place"
                 )

@@ -363,6 +363,7 @@ fn journal_inspect(path: &Path, list: bool) -> ExitCode {
                 RecordOp::WriteZeroes => "zero",
                 RecordOp::Pad => "pad",
                 RecordOp::WriteInPlace => "write (in place)",
+                RecordOp::InPlaceIntent => "in-place intent",
             };
             lines.push(format!(
                 "  LSN {:>10}  {:<15} offset {:>14} length {:>10}  at area offset {:>12}  epoch {}",

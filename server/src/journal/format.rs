@@ -273,6 +273,12 @@ pub enum RecordOp {
     /// write would (`record_len`), so it can fall back to one if the
     /// in-place write fails.
     WriteInPlace,
+    /// Written (durably) in the slot of a `WriteInPlace` record before its
+    /// payload goes to the store, on a primary with replicas; the record's
+    /// header replaces it. Never a valid record: recovery stops at it, and
+    /// marks its range out of sync for every replica (the store may hold
+    /// some of that never-acknowledged data, which the replicas lack).
+    InPlaceIntent,
 }
 
 impl RecordOp {
@@ -283,6 +289,7 @@ impl RecordOp {
             RecordOp::WriteZeroes => 3,
             RecordOp::Pad => 4,
             RecordOp::WriteInPlace => 5,
+            RecordOp::InPlaceIntent => 6,
         }
     }
     fn from_code(c: u8) -> Option<RecordOp> {
@@ -292,6 +299,7 @@ impl RecordOp {
             3 => RecordOp::WriteZeroes,
             4 => RecordOp::Pad,
             5 => RecordOp::WriteInPlace,
+            6 => RecordOp::InPlaceIntent,
             _ => return None,
         })
     }
@@ -391,7 +399,7 @@ impl RecordHeader {
                     return Err(FormatError::BadField("pad record lengths"));
                 }
             }
-            RecordOp::WriteInPlace => {
+            RecordOp::WriteInPlace | RecordOp::InPlaceIntent => {
                 if h.payload_len != 0
                     || h.length == 0
                     || h.offset % BLOCK != 0
@@ -420,7 +428,8 @@ mod tests {
             Just(RecordOp::Trim),
             Just(RecordOp::WriteZeroes),
             Just(RecordOp::Pad),
-            Just(RecordOp::WriteInPlace)
+            Just(RecordOp::WriteInPlace),
+            Just(RecordOp::InPlaceIntent)
         ]
     }
 
@@ -442,12 +451,12 @@ mod tests {
                         RecordOp::Write => (len, len, RecordHeader::record_len_for(len)),
                         RecordOp::Trim | RecordOp::WriteZeroes => (len, 0, BLOCK),
                         RecordOp::Pad => (0, 0, pad_blocks * BLOCK),
-                        RecordOp::WriteInPlace => {
+                        RecordOp::WriteInPlace | RecordOp::InPlaceIntent => {
                             let len = (len / BLOCK).max(1) * BLOCK;
                             (len, 0, RecordHeader::record_len_for(len))
                         }
                     };
-                    let offset = if op == RecordOp::WriteInPlace {
+                    let offset = if matches!(op, RecordOp::WriteInPlace | RecordOp::InPlaceIntent) {
                         offset / BLOCK * BLOCK
                     } else {
                         offset

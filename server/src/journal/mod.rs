@@ -372,7 +372,46 @@ impl Journal {
         } else {
             Placement::Journal
         });
+        if !durable {
+            // Its payload is journaled after all: catch-up can replay it.
+            let mut st = self.state.borrow_mut();
+            let first = st.retained.front().map_or(rec.lsn, |r| r.lsn);
+            if let Some(r) = st.retained.get_mut((rec.lsn.0 - first.0) as usize) {
+                debug_assert_eq!(r.lsn, rec.lsn, "retained records are contiguous");
+                r.in_place = false;
+            }
+        }
         self.work.notify_one();
+    }
+
+    /// Writes, durably, an intent header in the slot of a pending in-place
+    /// record (on a primary with replicas, before its payload goes to the
+    /// store): if the node crashes before the record's own header replaces
+    /// it, recovery finds the intent and marks the range out of sync for
+    /// every replica, since the store may then hold data they never got.
+    pub async fn write_intent(&self, rec: &Record) -> io::Result<()> {
+        assert_eq!(
+            rec.placement.get(),
+            Placement::Pending,
+            "intent for a record that is not pending"
+        );
+        let mut blk = self.header_block();
+        RecordHeader {
+            lsn: rec.lsn,
+            epoch: self.epoch.get(),
+            session: self.session,
+            op: RecordOp::InPlaceIntent,
+            flags: rec.flags,
+            offset: rec.offset,
+            length: rec.length,
+            payload_len: 0,
+            record_len: rec.record_len,
+            payload_hash: rec.payload_hash,
+        }
+        .encode(blk.as_mut_slice());
+        let (res, blk) = self.file.write_all_at(blk, AREA_START + rec.pos).await;
+        self.recycle(vec![OutBuf::Block(blk)]);
+        res
     }
 
     /// Whether a retained record from `from` on may hold its payload only in

@@ -228,8 +228,43 @@ pub trait ReplayTarget {
         let _ = (offset, len);
         Ok(())
     }
+    /// Whether recovery should look for in-place writes that were under way
+    /// at the crash (see [`RecordOp::InPlaceIntent`]) and report them
+    /// through [`ReplayTarget::placed`]: a target that marks changed ranges
+    /// for replicas does.
+    fn wants_intents(&self) -> bool {
+        false
+    }
     /// Makes everything written durable.
     fn sync(&mut self) -> io::Result<()>;
+}
+
+/// Sweeps every block of the record area for intents of this session at or
+/// past the recovered tail (in-place writes under way at the crash) and
+/// calls `found` for each; returns how many. Bounded by the area size.
+fn sweep_intents(
+    f: &File,
+    sb: &Superblock,
+    tail: Lsn,
+    mut found: impl FnMut(&RecordHeader) -> io::Result<()>,
+) -> io::Result<u64> {
+    const CHUNK: u64 = 1 << 20;
+    let mut count = 0;
+    let mut pos = 0;
+    while pos < sb.area_len {
+        let n = (sb.area_len - pos).min(CHUNK);
+        let b = read_aligned(f, AREA_START + pos, n as usize)?;
+        for blk in b.as_slice()[..n as usize].chunks_exact(HEADER_BLOCK) {
+            if let Ok(h) = RecordHeader::decode(blk) {
+                if h.op == RecordOp::InPlaceIntent && h.session == sb.session && h.lsn >= tail {
+                    found(&h)?;
+                    count += 1;
+                }
+            }
+        }
+        pos += n;
+    }
+    Ok(count)
 }
 
 /// The ranges of the in-place writes found past the checkpoint, each byte
@@ -337,6 +372,11 @@ pub fn scan(
                 h.epoch, sb.epoch
             ));
         }
+        if h.op == RecordOp::InPlaceIntent {
+            break Some(format!(
+                "record LSN {lsn} at area offset {pos} is an in-place write that had not finished (never acknowledged)"
+            ));
+        }
         if h.op == RecordOp::Pad {
             if pos + h.record_len != sb.area_len {
                 break Some(format!(
@@ -428,7 +468,8 @@ pub fn open_and_recover(
                     target.zero(a, b - a, false, h.flags & FLAG_NO_HOLE != 0)?
                 }
                 RecordOp::WriteInPlace => target.placed(a, b - a)?,
-                RecordOp::Pad => {}
+                // Never visited: the scan stops at an intent.
+                RecordOp::Pad | RecordOp::InPlaceIntent => {}
             }
         }
         report.records += 1;
@@ -441,6 +482,15 @@ pub fn open_and_recover(
         },
         _ => io_err("cannot replay journal", path)(e),
     })?;
+    if target.wants_intents() {
+        let n = sweep_intents(&file, &sb, next_lsn, |h| target.placed(h.offset, h.length))
+            .map_err(io_err("cannot read journal", path))?;
+        if n > 0 {
+            tracing::warn!(
+                "{n} in-place write(s) were under way at the crash (never acknowledged): their regions are marked for every replica's resync"
+            );
+        }
+    }
     target.sync().map_err(io_err(
         "cannot sync the data store after replaying journal",
         path,

@@ -56,7 +56,9 @@ fn op_code(op: RecordOp) -> u8 {
         RecordOp::Trim => 2,
         RecordOp::WriteZeroes => 3,
         RecordOp::Pad => unreachable!("pads are never replicated"),
-        RecordOp::WriteInPlace => unreachable!("in-place records are never read back to send"),
+        RecordOp::WriteInPlace | RecordOp::InPlaceIntent => {
+            unreachable!("in-place records are never read back to send")
+        }
     }
 }
 
@@ -714,7 +716,7 @@ async fn send_loop(
                 .map_err(|e| {
                     LinkError::Protocol(format!("catch-up read of LSN {cursor} failed: {e}"))
                 })?;
-            if h.op == RecordOp::WriteInPlace {
+            if matches!(h.op, RecordOp::WriteInPlace | RecordOp::InPlaceIntent) {
                 // Its data is only in the store, possibly overwritten since:
                 // the next handshake plans a bitmap resync instead.
                 return Err(LinkError::Protocol(format!(
