@@ -16,10 +16,9 @@ use nbd::request::{check_request, decode_request, REQUEST_HEADER_LEN};
 use nbd::{Command, CommandFlags, ErrorCode, Negotiated, Request, Verdict};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_uring::buf::fixed::FixedBuf;
-use tokio_uring::buf::BoundedBuf;
 
 use crate::buffer::{OutBuf, Payload};
-use crate::sockio::{self, write_all, InBuf, ReadFail, SockBuf, Socket};
+use crate::sockio::{self, write_all, ReadFail, SockBuf, Socket};
 use crate::volume::Volume;
 
 /// Most requests in flight on one connection; the reader stops reading
@@ -82,17 +81,8 @@ async fn read_payload_and_header(
     hdr: Vec<u8>,
     fixed: bool,
 ) -> (Result<usize, End>, FixedBuf, Vec<u8>) {
-    let bufs = vec![
-        InBuf::Fixed(chunk).slice(0..want),
-        InBuf::Vec(hdr).slice(0..REQUEST_HEADER_LEN),
-    ];
-    let (res, mut bufs) = conn.sock_file.readv_at(bufs, 0).await;
-    let (InBuf::Vec(hdr), InBuf::Fixed(chunk)) = (
-        bufs.pop().expect("two buffers").into_inner(),
-        bufs.pop().expect("two buffers").into_inner(),
-    ) else {
-        unreachable!("buffers come back in order");
-    };
+    debug_assert_eq!(hdr.len(), REQUEST_HEADER_LEN);
+    let (res, chunk, hdr) = sockio::readv_payload_and_tail(&conn.sock_file, chunk, want, hdr).await;
     let n = match res {
         Ok(0) => {
             return (

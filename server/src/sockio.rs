@@ -204,6 +204,32 @@ unsafe impl tokio_uring::buf::IoBufMut for InBuf {
     }
 }
 
+/// Receives into `chunk[..want]` (pool memory) and, in the same `readv`,
+/// into `tail` whatever has arrived after it: a payload and the next
+/// headers in one trip into the kernel. `file` is the socket as a file
+/// ([`Socket::dup_as_file`]). Returns the bytes received (0 at the end of
+/// the stream) and both buffers; `tail` holds the bytes past `want`.
+pub async fn readv_payload_and_tail(
+    file: &tokio_uring::fs::File,
+    chunk: FixedBuf,
+    want: usize,
+    tail: Vec<u8>,
+) -> (io::Result<usize>, FixedBuf, Vec<u8>) {
+    let tail_len = tail.len();
+    let bufs = vec![
+        InBuf::Fixed(chunk).slice(0..want),
+        InBuf::Vec(tail).slice(0..tail_len),
+    ];
+    let (res, mut bufs) = file.readv_at(bufs, 0).await;
+    let (InBuf::Vec(tail), InBuf::Fixed(chunk)) = (
+        bufs.pop().expect("two buffers").into_inner(),
+        bufs.pop().expect("two buffers").into_inner(),
+    ) else {
+        unreachable!("buffers come back in order");
+    };
+    (res, chunk, tail)
+}
+
 /// Sends all of `bufs`, however the kernel splits the writes.
 pub async fn write_all(sock: &Socket, mut bufs: Vec<OutBuf>) -> io::Result<()> {
     while !bufs.is_empty() {

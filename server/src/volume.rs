@@ -674,28 +674,36 @@ impl Volume {
     /// record applied after this write starts is newer than it, and the
     /// store ends with the newest data.
     async fn place(self: Rc<Self>, rec: Rc<Record>, after: Option<Lsn>) {
+        // Give up on going in place (the payload is journaled instead, which
+        // needs no wait: the applier orders it) when the journal failed, or
+        // the store is full: the applier cannot apply `after` then, and every
+        // record behind this one, trims that would free space included,
+        // would wait with it.
+        let mut go = true;
         if let Some(after) = after {
             while self.applied_next.get() <= after {
                 let applied = self.applied.notified();
-                if self.journal.failed().is_some() {
+                if self.journal.failed().is_some() || self.store_full.get() {
+                    go = false;
                     break;
                 }
-                // Bounded wait: the journal may fail meanwhile (checked above).
+                // Bounded wait: either may change meanwhile (checked above).
                 let _ = tokio::time::timeout(Duration::from_millis(100), applied).await;
             }
         }
         // With replicas, the intent goes first: a crash between the payload
         // write and the record's header must still tell recovery which
         // range to resync (the replicas may not have it).
-        let intent_ok = self.primary.is_none()
-            || self.journal.failed().is_some()
-            || match self.journal.write_intent(&rec).await {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(volume = %self.info.name, "writing the intent of in-place LSN {} failed: {e}; journaling its data instead", rec.lsn);
-                    false
-                }
-            };
+        let intent_ok = go
+            && (self.primary.is_none()
+                || self.journal.failed().is_some()
+                || match self.journal.write_intent(&rec).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(volume = %self.info.name, "writing the intent of in-place LSN {} failed: {e}; journaling its data instead", rec.lsn);
+                        false
+                    }
+                });
         let durable = if self.journal.failed().is_some() || !intent_ok {
             false
         } else {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use super::frames::LinkError;
 use super::wire::{self, FrameHeader, FRAME_HEADER_LEN, RECORD_HEADER_LEN};
 use crate::buffer::{BufPool, Payload};
-use crate::sockio::{read_exact, InBuf, ReadFail, Socket};
+use crate::sockio::{read_exact, readv_payload_and_tail, ReadFail, Socket};
 use tokio_uring::buf::BoundedBuf;
 
 /// Bytes read after a payload, in the same receive: a record's two headers.
@@ -199,17 +199,8 @@ impl<'a> FrameReader<'a> {
         fixed: bool,
     ) -> Result<tokio_uring::buf::fixed::FixedBuf, LinkError> {
         debug_assert_eq!(self.available(), 0, "read-ahead left over before a payload");
-        let bufs = vec![
-            InBuf::Fixed(chunk).slice(0..want),
-            InBuf::Vec(vec![0u8; SPILL]).slice(0..SPILL),
-        ];
-        let (res, mut bufs) = self.file.readv_at(bufs, 0).await;
-        let (InBuf::Vec(spill), InBuf::Fixed(chunk)) = (
-            bufs.pop().expect("two buffers").into_inner(),
-            bufs.pop().expect("two buffers").into_inner(),
-        ) else {
-            unreachable!("buffers come back in order");
-        };
+        let (res, chunk, spill) =
+            readv_payload_and_tail(&self.file, chunk, want, vec![0u8; SPILL]).await;
         let n = match res {
             Ok(0) => return Err(ReadFail::Truncated { what, got: 0, want }.into()),
             Ok(n) => n,
