@@ -323,6 +323,9 @@ pub struct Settings {
     pub size: u64,
     /// Repetitions.
     pub repeat: usize,
+    /// Rounds the repetitions ran in (each round starts every target afresh
+    /// and runs each of its jobs `repeat / rounds` times).
+    pub rounds: usize,
     /// Target names in order.
     pub targets: Vec<String>,
     /// Job names in order.
@@ -434,14 +437,14 @@ pub fn markdown(rec: &RunRecord) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "Cells: median over {} repetition(s) of {} s (after {} s ramp), (min–max) when they differ. \
+        "Cells: median over {} repetition(s) of {} s (after {} s ramp) in {} round(s) (each round starts every target afresh), (min–max) when they differ. \
          Latency is fio total latency (submission to completion, `lat_ns`). \
          Ratios: target median ÷ best peer median for that figure, the letter says which peer was best ({legend}); \
          above 1 is better for IOPS and MiB/s, worse for latency and CPU. \
          Server CPU: user+system seconds of the server process tree per GiB moved, measured in a window inside fio's measured period; \
          for a replicated target, summed over the primary and every replica process (the delay proxy of a cross-site target \
          stands for the network and is not charged).",
-        rec.settings.repeat, rec.settings.runtime_s, rec.settings.ramp_s
+        rec.settings.repeat, rec.settings.runtime_s, rec.settings.ramp_s, rec.settings.rounds
     );
     if !partial.is_empty() {
         let _ = writeln!(s);

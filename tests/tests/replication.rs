@@ -131,6 +131,8 @@ mod replication {
                 "--verify=crc32c",
                 "--verify_fatal=1",
                 "--do_verify=1",
+                // No state file in the working directory.
+                "--verify_state_save=0",
             ],
         );
         let run = tools::run(Tool::Fio, &a, TOOL_TIMEOUT);

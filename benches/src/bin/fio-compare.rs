@@ -43,6 +43,11 @@ const FILL_BOUND_S: u64 = 300;
 /// sequential 1 MiB writes so reads hit written data, then runs each job
 /// --repeat times. The table reports medians with (min–max), and each figure
 /// divided by the best of the peers nbdkit-file and qemu-nbd.
+///
+/// Repetitions run in rounds: each round starts every target afresh, fills
+/// it and runs each job once, so a slow phase of a shared machine lands on
+/// all targets alike rather than on whichever target ran then
+/// (--no-interleave runs all repetitions of a target back to back).
 #[derive(Debug, Parser)]
 #[command(name = "fio-compare", version)]
 struct Cli {
@@ -74,6 +79,11 @@ struct Cli {
     /// Repetitions of every job on every target.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
     repeat: u64,
+    /// Run all repetitions of a target back to back (one start and fill per
+    /// target) instead of in rounds across the targets (one start and fill
+    /// per target and round; ratios are fairer on a noisy machine).
+    #[arg(long)]
+    no_interleave: bool,
     /// Directory for the volume files (a fresh subdirectory is made and
     /// removed). Default: a temporary directory in /var/tmp.
     #[arg(long)]
@@ -306,6 +316,12 @@ fn run(cli: Cli) -> Result<()> {
     let sel_targets = select(&all_targets, &wanted, |t: &Target| &t.name, "target")?;
     let jobs = select(&all_jobs, &cli.jobs, |j: &Job| j.name, "job")?;
     let repeat = cli.repeat as usize;
+    // Rounds × repetitions per round = repeat.
+    let (rounds, per_round) = if cli.no_interleave {
+        (1, repeat)
+    } else {
+        (repeat, 1)
+    };
 
     // SAFETY: the handler only stores to an atomic.
     let handler = on_signal as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t;
@@ -364,12 +380,12 @@ fn run(cli: Cli) -> Result<()> {
         let n = jobs.iter().filter(|j| t.runs_job(j.name)).count() * repeat;
         total_runs += n;
         let replicas = t.replication.as_ref().map_or(0, |r| r.running());
-        estimated_s +=
-            n as f64 * per_run + TARGET_OVERHEAD_S + replicas as f64 * REPLICA_OVERHEAD_S;
+        estimated_s += n as f64 * per_run
+            + rounds as f64 * (TARGET_OVERHEAD_S + replicas as f64 * REPLICA_OVERHEAD_S);
     }
     println!(
-        "plan: {runnable} target(s), {total_runs} fio run(s) of {} s runtime + {} s ramp + ~{RUN_OVERHEAD_S} s start, \
-         + ~{TARGET_OVERHEAD_S} s per target (start, {} MiB fill, stop) + ~{REPLICA_OVERHEAD_S} s per replica ≈ {:.0} s",
+        "plan: {runnable} target(s), {total_runs} fio run(s) in {rounds} round(s) of {} s runtime + {} s ramp + ~{RUN_OVERHEAD_S} s start, \
+         + ~{TARGET_OVERHEAD_S} s per target and round (start, {} MiB fill, stop) + ~{REPLICA_OVERHEAD_S} s per replica ≈ {:.0} s",
         cli.runtime,
         cli.ramp,
         cli.size >> 20,
@@ -454,53 +470,75 @@ fn run(cli: Cli) -> Result<()> {
 
     let t_start = Instant::now();
     let mut done_runs = 0usize;
-    let mut cells: Vec<Cell> = Vec::new();
     let timing = Timing {
         runtime: cli.runtime,
         ramp: cli.ramp,
         size: cli.size,
         time_based: true,
     };
-    for (t, rec) in sel_targets.iter().zip(records.iter_mut()) {
-        if rec.skipped.is_some() || interrupted() {
-            continue;
+    // One cell per (target, job), filled across the rounds.
+    let mut target_cells: Vec<Vec<Cell>> = sel_targets
+        .iter()
+        .map(|t| {
+            jobs.iter()
+                .filter(|j| t.runs_job(j.name))
+                .map(|j| Cell::new(&t.name, j.name))
+                .collect()
+        })
+        .collect();
+    for round in 0..rounds {
+        if rounds > 1 {
+            println!("-- round {}/{rounds}", round + 1);
         }
-        let waited = settle_disk(vol_dir.path());
-        if waited > 1.0 {
-            println!("   waited {waited:.1} s for the disk to write back dirty data");
-        }
-        let tjobs: Vec<Job> = jobs
+        for ((t, rec), tcells) in sel_targets
             .iter()
-            .filter(|j| t.runs_job(j.name))
-            .cloned()
-            .collect();
-        let mut tcells: Vec<Cell> = tjobs.iter().map(|j| Cell::new(&t.name, j.name)).collect();
-        let res = run_target(
-            t,
-            rec,
-            &tjobs,
-            repeat,
-            timing,
-            &cli,
-            vol_dir.path(),
-            &logs,
-            &fio_dir,
-            &mut tcells,
-            &mut done_runs,
-            total_runs,
-        );
-        if let Err(e) = res {
-            println!("{}: {e}", t.name);
-            rec.error = Some(e.to_string());
+            .zip(records.iter_mut())
+            .zip(target_cells.iter_mut())
+        {
+            // A target that failed once is not retried in later rounds.
+            if rec.skipped.is_some() || rec.error.is_some() || interrupted() {
+                continue;
+            }
+            let waited = settle_disk(vol_dir.path());
+            if waited > 1.0 {
+                println!("   waited {waited:.1} s for the disk to write back dirty data");
+            }
+            let tjobs: Vec<Job> = jobs
+                .iter()
+                .filter(|j| t.runs_job(j.name))
+                .cloned()
+                .collect();
+            let reps = Reps {
+                first: round * per_round,
+                count: per_round,
+            };
+            let res = run_target(
+                t,
+                rec,
+                &tjobs,
+                reps,
+                timing,
+                &cli,
+                vol_dir.path(),
+                &logs,
+                &fio_dir,
+                tcells,
+                &mut done_runs,
+                total_runs,
+            );
+            if let Err(e) = res {
+                println!("{}: {e}", t.name);
+                rec.error = Some(e.to_string());
+            }
+            if let Some(l) = &rec.log {
+                rec.log_problems = log_problems(Path::new(l));
+            }
+            for p in rec.processes.iter_mut() {
+                p.log_problems = log_problems(Path::new(&p.log));
+            }
         }
-        if let Some(l) = &rec.log {
-            rec.log_problems = log_problems(Path::new(l));
-        }
-        for p in rec.processes.iter_mut() {
-            p.log_problems = log_problems(Path::new(&p.log));
-        }
-        cells.extend(tcells);
     }
+    let mut cells: Vec<Cell> = target_cells.into_iter().flatten().collect();
     if interrupted() {
         notes.push("interrupted: results are partial".into());
     }
@@ -526,6 +564,7 @@ fn run(cli: Cli) -> Result<()> {
             ramp_s: cli.ramp,
             size: cli.size,
             repeat,
+            rounds,
             targets: sel_targets.iter().map(|t| t.name.clone()).collect(),
             jobs: jobs.iter().map(|j| j.name.to_string()).collect(),
             dir: vol_dir.path().display().to_string(),
@@ -563,6 +602,16 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// A counter summed over rounds (a round whose scrape failed adds nothing;
+/// the failure is in `MetricsReading::error`).
+fn add(total: Option<f64>, round: Option<f64>) -> Option<f64> {
+    match (total, round) {
+        (Some(a), Some(b)) => Some(a + b),
+        (None, b) => b,
+        (a, None) => a,
+    }
+}
+
 /// Reads the payload-copy and write-byte counters from a mirrorblkd's
 /// `/metrics` (`port`): `(copies, client write bytes)`.
 fn read_counters(port: u16) -> Result<(Option<f64>, Option<f64>)> {
@@ -573,15 +622,24 @@ fn read_counters(port: u16) -> Result<(Option<f64>, Option<f64>)> {
     ))
 }
 
-/// Runs every job on one target: fresh volume, server start (a replicated
-/// target: replicas, proxies, primary, then a wait until the replicas are in
-/// sync), fill, jobs, stop. Results go into `cells` (one per job) and `rec`.
+/// Which repetitions one round runs: `count` of them, numbered from `first`.
+#[derive(Debug, Clone, Copy)]
+struct Reps {
+    first: usize,
+    count: usize,
+}
+
+/// Runs every job on one target for one round: fresh volume, server start
+/// (a replicated target: replicas, proxies, primary, then a wait until the
+/// replicas are in sync), fill, jobs, stop. Results go into `cells` (one per
+/// job) and `rec` (the last round's processes and states; the copy counters
+/// summed over the rounds).
 #[allow(clippy::too_many_arguments)]
 fn run_target(
     t: &Target,
     rec: &mut TargetRecord,
     jobs: &[Job],
-    repeat: usize,
+    reps: Reps,
     timing: Timing,
     cli: &Cli,
     vol_dir: &Path,
@@ -650,7 +708,7 @@ fn run_target(
     let metrics_port = running
         .as_ref()
         .and_then(|r| r.primary.chosen("metrics_port"));
-    if metrics_port.is_some() {
+    if metrics_port.is_some() && rec.metrics.is_none() {
         rec.metrics = Some(MetricsReading::default());
     }
     let result = (|| -> Result<()> {
@@ -711,12 +769,14 @@ fn run_target(
             rec.precondition = Some(f);
             if let (Some(port), Some(m)) = (metrics_port, rec.metrics.as_mut()) {
                 match read_counters(port) {
-                    Ok((copies, _)) => m.payload_copies_after_fill = copies,
+                    Ok((copies, _)) => {
+                        m.payload_copies_after_fill = add(m.payload_copies_after_fill, copies)
+                    }
                     Err(e) => m.error = Some(e.to_string()),
                 }
             }
         }
-        for rep in 0..repeat {
+        for rep in reps.first..reps.first + reps.count {
             for (ji, job) in jobs.iter().enumerate() {
                 if interrupted() {
                     return Err(Error::Tool("interrupted".into()));
@@ -771,8 +831,9 @@ fn run_target(
     if let (Some(port), Some(m)) = (metrics_port, rec.metrics.as_mut()) {
         match read_counters(port) {
             Ok((copies, bytes)) => {
-                m.payload_copies_after_jobs = copies;
-                m.write_bytes_after_jobs = bytes;
+                // Each round's processes start from zero: sum them.
+                m.payload_copies_after_jobs = add(m.payload_copies_after_jobs, copies);
+                m.write_bytes_after_jobs = add(m.write_bytes_after_jobs, bytes);
                 println!(
                     "   payload copies: {} after {:.2} GiB of client writes",
                     copies
