@@ -88,6 +88,8 @@ async fn connect_and_stream(
         epoch: vol.journal().epoch().0,
         node: node.to_string(),
         nonce: frames::nonce(),
+        // Only flush mode acknowledges writes on receipt.
+        receipt_acks: primary.cfg.mode == super::Mode::Flush,
     };
     let hello_body = hello.encode();
     frames::send(&sock, Kind::Hello, &hello_body).await?;

@@ -220,9 +220,10 @@ async fn serve(
         let bump = bump.clone();
         let resync = resync.clone();
         let keepalive = ctx.heartbeat_timeout / 3;
-        tokio_uring::spawn(
-            async move { ack_loop(vol, tx, received, bump, resync, keepalive).await },
-        )
+        let receipt_acks = hello.receipt_acks;
+        tokio_uring::spawn(async move {
+            ack_loop(vol, tx, received, bump, resync, receipt_acks, keepalive).await
+        })
     };
     let syncer = {
         let vol = vol.clone();
@@ -293,36 +294,54 @@ async fn resync_syncer(vol: Rc<Volume>, bump: Rc<Notify>, resync: Rc<ResyncProgr
     }
 }
 
-/// Sends an ACK whenever what is received or durable moves, and at least
-/// every third of the heartbeat timeout: the receive loop may be waiting
-/// (for its applier, before a resync region) and not answer PINGs, and the
-/// primary must still hear that this replica is alive.
+/// Sends an ACK whenever what is durable moves (or what is received, when
+/// the primary asked for `receipt_acks`), and at least every third of the
+/// heartbeat timeout: the receive loop may be waiting (for its applier,
+/// before a resync region) and not answer PINGs, and the primary must still
+/// hear that this replica is alive. Every ACK carries the current received
+/// LSN either way.
 async fn ack_loop(
     vol: Rc<Volume>,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     received: Rc<Cell<Lsn>>,
     bump: Rc<Notify>,
     resync: Rc<ResyncProgress>,
+    receipt_acks: bool,
     keepalive: Duration,
 ) {
     let mut progress = vol.journal().subscribe();
-    let mut last = (u64::MAX, u64::MAX, u64::MAX);
+    let mut last: Option<Ack> = None;
     loop {
         let ack = Ack {
             received: received.get().0,
             durable: vol.journal().durable_next().0.saturating_sub(1),
             resync_durable: resync.durable.get(),
         };
-        if (ack.received, ack.durable, ack.resync_durable) != last {
-            last = (ack.received, ack.durable, ack.resync_durable);
-            if tx.send(wire::frame(Kind::Ack, &ack.encode())).is_err() {
+        if ack_due(last.as_ref(), &ack, receipt_acks) {
+            let frame = wire::frame(Kind::Ack, &ack.encode());
+            last = Some(ack);
+            if tx.send(frame).is_err() {
                 return;
             }
         }
         tokio::select! {
             _ = bump.notified() => {}
             r = progress.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(keepalive) => last = (u64::MAX, u64::MAX, u64::MAX),
+            _ = tokio::time::sleep(keepalive) => last = None,
+        }
+    }
+}
+
+/// Whether `now` must be sent, after `last` was (None: nothing yet, or the
+/// keepalive is due). A received LSN that moved alone is news only to a
+/// primary that acknowledges writes on receipt.
+fn ack_due(last: Option<&Ack>, now: &Ack, receipt_acks: bool) -> bool {
+    match last {
+        None => true,
+        Some(l) => {
+            l.durable != now.durable
+                || l.resync_durable != now.resync_durable
+                || (receipt_acks && l.received != now.received)
         }
     }
 }
@@ -546,4 +565,32 @@ fn reject(tx: &mpsc::UnboundedSender<Vec<u8>>, why: String) {
 fn reject_err(tx: &mpsc::UnboundedSender<Vec<u8>>, why: String) -> LinkError {
     reject(tx, why.clone());
     LinkError::Protocol(format!("rejected: {why}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(received: u64, durable: u64, resync_durable: u64) -> Ack {
+        Ack {
+            received,
+            durable,
+            resync_durable,
+        }
+    }
+
+    #[test]
+    fn receipt_alone_is_acked_only_when_the_primary_waits_on_it() {
+        let last = ack(10, 8, 0);
+        // Nothing sent yet, or the keepalive: always.
+        assert!(ack_due(None, &last, false));
+        // Only the received LSN moved.
+        assert!(!ack_due(Some(&last), &ack(12, 8, 0), false));
+        assert!(ack_due(Some(&last), &ack(12, 8, 0), true));
+        // Durability or resync progress moved: always.
+        assert!(ack_due(Some(&last), &ack(12, 9, 0), false));
+        assert!(ack_due(Some(&last), &ack(10, 8, 1), false));
+        // Nothing moved: never.
+        assert!(!ack_due(Some(&last), &ack(10, 8, 0), true));
+    }
 }

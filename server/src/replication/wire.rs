@@ -9,8 +9,8 @@ use sha2::Sha256;
 
 /// Frame magic: "MBRP".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MBRP");
-/// Protocol version spoken by this build.
-pub const VERSION: u16 = 2;
+/// Protocol version spoken by this build (3: HELLO carries `receipt_acks`).
+pub const VERSION: u16 = 3;
 /// Bytes of a frame header.
 pub const FRAME_HEADER_LEN: usize = 12;
 /// Largest body of a control message.
@@ -228,7 +228,14 @@ pub struct Hello {
     pub node: String,
     /// Fresh random nonce.
     pub nonce: [u8; NONCE_LEN],
+    /// Whether the primary waits on receipt (flush mode): the replica then
+    /// ACKs every advance of its received LSN, not only of its durable one.
+    /// Otherwise those extra ACKs would cost a send per receive for nothing.
+    pub receipt_acks: bool,
 }
+
+/// HELLO flag bit: [`Hello::receipt_acks`].
+const HELLO_RECEIPT_ACKS: u8 = 1;
 
 impl Hello {
     /// Encodes the body.
@@ -241,20 +248,39 @@ impl Hello {
         v.extend_from_slice(&self.epoch.to_le_bytes());
         put_text(&mut v, &self.node);
         v.extend_from_slice(&self.nonce);
+        v.push(if self.receipt_acks {
+            HELLO_RECEIPT_ACKS
+        } else {
+            0
+        });
         v
     }
 
     /// Decodes a body.
     pub fn decode(b: &[u8]) -> Result<Hello, WireError> {
         let mut r = Reader { b, what: "HELLO" };
+        let version = r.u16()?;
+        let volume = r.text("volume name")?;
+        let uuid = r.array()?;
+        let size = r.u64()?;
+        let epoch = r.u64()?;
+        let node = r.text("node name")?;
+        let nonce = r.array()?;
+        // Older versions end here; the version check then refuses them by
+        // name rather than as a truncated message.
+        let flags = if version >= 3 { r.u8()? } else { 0 };
+        if flags & !HELLO_RECEIPT_ACKS != 0 {
+            return Err(WireError::BadField("HELLO flags"));
+        }
         Ok(Hello {
-            version: r.u16()?,
-            volume: r.text("volume name")?,
-            uuid: r.array()?,
-            size: r.u64()?,
-            epoch: r.u64()?,
-            node: r.text("node name")?,
-            nonce: r.array()?,
+            version,
+            volume,
+            uuid,
+            size,
+            epoch,
+            node,
+            nonce,
+            receipt_acks: flags & HELLO_RECEIPT_ACKS != 0,
         })
     }
 }
@@ -706,8 +732,9 @@ mod tests {
 
         #[test]
         fn hello_round_trips(volume in "[a-z0-9]{1,40}", node in "[a-z0-9-]{0,40}", uuid in any::<[u8; 16]>(),
-                             size in any::<u64>(), epoch in any::<u64>(), nonce in any::<[u8; 32]>()) {
-            let h = Hello { version: VERSION, volume, uuid, size, epoch, node, nonce };
+                             size in any::<u64>(), epoch in any::<u64>(), nonce in any::<[u8; 32]>(),
+                             receipt_acks in any::<bool>()) {
+            let h = Hello { version: VERSION, volume, uuid, size, epoch, node, nonce, receipt_acks };
             prop_assert_eq!(Hello::decode(&h.encode()), Ok(h));
         }
 
