@@ -237,6 +237,7 @@ impl BufPool {
         Payload {
             chunks: self.take_many(&sizes).await,
             len,
+            hash: std::cell::Cell::new(None),
         }
     }
 }
@@ -247,6 +248,9 @@ impl BufPool {
 pub struct Payload {
     chunks: Vec<FixedBuf>,
     len: usize,
+    /// The xxh3 once computed: a replica verifies the wire checksum and the
+    /// journal then stamps the same value into the record header.
+    hash: std::cell::Cell<Option<u64>>,
 }
 
 impl Payload {
@@ -274,11 +278,13 @@ impl Payload {
     /// Takes chunk `i` out for filling by an I/O operation; give it back
     /// with [`Payload::put_chunk`].
     pub fn take_chunks(&mut self) -> Vec<FixedBuf> {
+        self.hash.set(None);
         std::mem::take(&mut self.chunks)
     }
 
     /// Puts back chunks taken with [`Payload::take_chunks`].
     pub fn put_chunks(&mut self, chunks: Vec<FixedBuf>) {
+        self.hash.set(None);
         self.chunks = chunks;
     }
 
@@ -301,13 +307,24 @@ impl Payload {
         }
     }
 
-    /// xxh3-64 of the payload bytes, streamed over the chunks.
+    /// xxh3-64 of the payload bytes (computed once: the payload is
+    /// immutable while shared).
     pub fn xxh3(&self) -> u64 {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        for i in 0..self.chunks.len() {
-            h.update(self.chunk(i));
+        if let Some(h) = self.hash.get() {
+            return h;
         }
-        h.digest()
+        let h = if self.chunks.len() == 1 {
+            // One-shot is much cheaper than the streaming state for one slice.
+            xxhash_rust::xxh3::xxh3_64(self.chunk(0))
+        } else {
+            let mut st = xxhash_rust::xxh3::Xxh3::new();
+            for i in 0..self.chunks.len() {
+                st.update(self.chunk(i));
+            }
+            st.digest()
+        };
+        self.hash.set(Some(h));
+        h
     }
 }
 
@@ -465,6 +482,24 @@ mod tests {
             assert_eq!(flat.len(), len);
             assert_eq!(&out[..], &flat[MAX_CHUNK - 100..MAX_CHUNK + 200]);
             assert_eq!(p.xxh3(), xxhash_rust::xxh3::xxh3_64(&flat));
+            // Refilled: the remembered hash is dropped with the old bytes.
+            let mut chunks = p.take_chunks();
+            chunks[2][0] ^= 0xff;
+            p.put_chunks(chunks);
+            flat[2 * MAX_CHUNK] ^= 0xff;
+            assert_eq!(p.xxh3(), xxhash_rust::xxh3::xxh3_64(&flat));
+            // One chunk (the one-shot path) hashes the same as streaming.
+            let mut one = pool.payload(4096).await;
+            let mut chunks = one.take_chunks();
+            chunks[0]
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = i as u8);
+            one.put_chunks(chunks);
+            let mut st = xxhash_rust::xxh3::Xxh3::new();
+            st.update(one.chunk(0));
+            assert_eq!(one.xxh3(), st.digest());
+            assert_eq!(one.xxh3(), st.digest());
         });
     }
 }
