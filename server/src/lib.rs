@@ -15,6 +15,7 @@ pub mod export;
 pub mod journal;
 pub mod lifecycle;
 pub mod listener;
+pub mod lsn_gate;
 pub mod node;
 pub mod notify;
 pub mod overlay;

@@ -181,6 +181,9 @@ pub struct Journal {
     work: Notify,
     space: Notify,
     progress: watch::Sender<Progress>,
+    /// Writers waiting for their record to become durable, woken in LSN
+    /// order as group commits complete.
+    durable_gate: crate::lsn_gate::LsnGate,
     header_blocks: RefCell<Vec<AlignedBuf>>,
     batches: Cell<u64>,
 }
@@ -209,6 +212,7 @@ impl Journal {
             work: Notify::new(),
             space: Notify::new(),
             progress,
+            durable_gate: crate::lsn_gate::LsnGate::new(),
             header_blocks: RefCell::new(Vec::new()),
             batches: Cell::new(0),
         }
@@ -424,10 +428,9 @@ impl Journal {
 
     /// Waits until the record with `lsn` is durable.
     pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), JournalFailed> {
-        let mut rx = self.progress.subscribe();
         loop {
             {
-                let p = rx.borrow_and_update();
+                let p = self.progress.borrow();
                 if p.durable_next > lsn {
                     return Ok(());
                 }
@@ -435,9 +438,7 @@ impl Journal {
                     return Err(JournalFailed(f.clone()));
                 }
             }
-            if rx.changed().await.is_err() {
-                return Err(JournalFailed("journal closed".into()));
-            }
+            self.durable_gate.wait(lsn).await;
         }
     }
 
@@ -513,12 +514,14 @@ impl Journal {
                         let last = batch.last().map(|r| r.lsn).unwrap_or_default();
                         self.batches.set(self.batches.get() + 1);
                         self.progress.send_modify(|p| p.durable_next = last.next());
+                        self.durable_gate.release_below(last.next());
                         done(batch, started.elapsed());
                     }
                     Err(e) => {
                         let msg = format!("{e}");
                         tracing::error!("journal write failed, volume stops accepting writes: {msg}");
                         self.progress.send_modify(|p| p.failed = Some(msg));
+                        self.durable_gate.release_all();
                         return;
                     }
                 },
@@ -685,6 +688,7 @@ impl Journal {
         };
         self.write_superblock(&sb).await?;
         self.progress.send_modify(|p| p.durable_next = start);
+        self.durable_gate.release_all();
         self.space.notify_waiters();
         Ok(())
     }

@@ -375,7 +375,7 @@ async fn receive_acks(
                     }
                     link.wake.notify_one();
                 }
-                primary.progress.notify_waiters();
+                primary.changed();
             }
             Kind::RegionCheck => {
                 let c = RegionCheck::decode(&body)?;

@@ -195,8 +195,13 @@ pub struct Primary {
     pub cfg: ReplicationConfig,
     /// One link per peer.
     pub links: Vec<Rc<LinkState>>,
-    /// Woken when any link's acknowledgements or phase change.
+    /// Woken when any link's acknowledgements or phase change, or the
+    /// window shrinks (the async lag bound waits on it).
     pub progress: Notify,
+    /// Writers waiting for durability on the replicas, woken in LSN order.
+    durable_gate: crate::lsn_gate::LsnGate,
+    /// Writers waiting for receipt by the replicas (flush mode).
+    received_gate: crate::lsn_gate::LsnGate,
     /// Records from reservation until applied locally and sent to every
     /// in-sync link, oldest first, contiguous in LSN. Live records go to
     /// replicas from here without a copy.
@@ -253,6 +258,8 @@ impl Primary {
             cfg,
             links,
             progress: Notify::new(),
+            durable_gate: crate::lsn_gate::LsnGate::new(),
+            received_gate: crate::lsn_gate::LsnGate::new(),
             window: RefCell::new(VecDeque::new()),
             window_bytes: Cell::new(0),
             resync_rate,
@@ -320,40 +327,64 @@ impl Primary {
     /// durability on the replicas (sync mode, or FUA/FLUSH in flush mode),
     /// otherwise receipt is enough.
     pub fn acked(&self, lsn: Lsn, durable: bool) -> bool {
+        lsn < self.ack_frontier(durable)
+    }
+
+    /// The acknowledgement frontier: a write is acknowledged (see
+    /// [`Primary::acked`]) exactly when its LSN is below it. It is the
+    /// `needed`-th highest mark among the in-sync links: that many links
+    /// have every LSN below it.
+    pub fn ack_frontier(&self, durable: bool) -> Lsn {
         // A link that streams live records while a resync runs does not
         // count: its replica is Inconsistent and could not be promoted.
-        let in_sync: Vec<&Rc<LinkState>> = self
+        let mut marks: Vec<Lsn> = self
             .links
             .iter()
             .filter(|l| l.state_code() == 2.0)
-            .collect();
-        let got = in_sync
-            .iter()
-            .filter(|l| {
+            .map(|l| {
                 if durable {
-                    l.durable_next.get() > lsn
+                    l.durable_next.get()
                 } else {
-                    l.received_next.get() > lsn
+                    l.received_next.get()
                 }
             })
-            .count();
+            .collect();
         let needed = match (self.cfg.min_sync_replicas, self.cfg.on_replica_loss) {
             (Some(n), _) => n,
-            (None, OnReplicaLoss::Degrade) => in_sync.len(),
+            (None, OnReplicaLoss::Degrade) => marks.len(),
             (None, OnReplicaLoss::Block) => self.links.len(),
         };
-        got >= needed
+        if needed == 0 {
+            return Lsn(u64::MAX);
+        }
+        if marks.len() < needed {
+            return Lsn(0);
+        }
+        marks.sort_unstable_by(|a, b| b.cmp(a));
+        marks[needed - 1]
     }
 
     /// Waits until `acked(lsn, durable)` holds.
     pub async fn wait_acked(&self, lsn: Lsn, durable: bool) {
+        let gate = if durable {
+            &self.durable_gate
+        } else {
+            &self.received_gate
+        };
         loop {
-            let notified = self.progress.notified();
             if self.acked(lsn, durable) {
                 return;
             }
-            notified.await;
+            gate.wait(lsn).await;
         }
+    }
+
+    /// Acknowledgements or a link's phase changed: wakes the writers that
+    /// are now acknowledged, and everyone on `progress`.
+    pub fn changed(&self) {
+        self.progress.notify_waiters();
+        self.durable_gate.release_below(self.ack_frontier(true));
+        self.received_gate.release_below(self.ack_frontier(false));
     }
 
     /// In async mode: waits while the replicas trail by more than `max_lag`.
@@ -380,6 +411,6 @@ impl Primary {
         }
         *link.phase.borrow_mut() = phase;
         link.metrics.state.set(link.state_code());
-        self.progress.notify_waiters();
+        self.changed();
     }
 }
