@@ -600,6 +600,9 @@ async fn job_step(
                 frames::send(sock, Kind::ResyncDone, &[]).await?;
             }
             let job = link.job.borrow_mut().take().expect("checked above");
+            // The link counts for acknowledgements again (its state code
+            // leaves "resyncing"): writers it was holding may go.
+            primary.changed();
             link.resync_seq.set(job.next_seq());
             if let Err(e) = link.oos.borrow_mut().persist_if_dirty() {
                 tracing::error!(volume = %vol.info().name, peer = %link.peer.name, "cannot write the out-of-sync bitmap: {e}");

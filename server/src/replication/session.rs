@@ -311,6 +311,9 @@ async fn ack_loop(
 ) {
     let mut progress = vol.journal().subscribe();
     let mut last: Option<Ack> = None;
+    // A fixed deadline from the last ACK sent: received-only progress (no
+    // ACK without receipt_acks) must not keep pushing the keepalive away.
+    let mut sent_at = tokio::time::Instant::now();
     loop {
         let ack = Ack {
             received: received.get().0,
@@ -320,6 +323,7 @@ async fn ack_loop(
         if ack_due(last.as_ref(), &ack, receipt_acks) {
             let frame = wire::frame(Kind::Ack, &ack.encode());
             last = Some(ack);
+            sent_at = tokio::time::Instant::now();
             if tx.send(frame).is_err() {
                 return;
             }
@@ -327,7 +331,7 @@ async fn ack_loop(
         tokio::select! {
             _ = bump.notified() => {}
             r = progress.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(keepalive) => last = None,
+            _ = tokio::time::sleep_until(sent_at + keepalive) => last = None,
         }
     }
 }

@@ -266,9 +266,10 @@ impl Hello {
         let epoch = r.u64()?;
         let node = r.text("node name")?;
         let nonce = r.array()?;
-        // Older versions end here; the version check then refuses them by
-        // name rather than as a truncated message.
-        let flags = if version >= 3 { r.u8()? } else { 0 };
+        // Only this version's layout is known past the nonce: any other
+        // version decodes this far and the version check then refuses it by
+        // name (rather than as a truncated or malformed message).
+        let flags = if version == VERSION { r.u8()? } else { 0 };
         if flags & !HELLO_RECEIPT_ACKS != 0 {
             return Err(WireError::BadField("HELLO flags"));
         }
@@ -838,5 +839,39 @@ mod tests {
             &[b"hellO", b"reply"],
             &t
         ));
+    }
+
+    #[test]
+    fn hello_of_another_version_decodes_for_a_refusal_by_name() {
+        let h = Hello {
+            version: VERSION,
+            volume: "vol0".into(),
+            uuid: [1; 16],
+            size: 1 << 30,
+            epoch: 3,
+            node: "n1".into(),
+            nonce: [2; NONCE_LEN],
+            receipt_acks: true,
+        };
+        let v3 = h.encode();
+        // A version 2 primary sends no flags byte.
+        let mut v2 = v3[..v3.len() - 1].to_vec();
+        v2[..2].copy_from_slice(&2u16.to_le_bytes());
+        let d = Hello::decode(&v2).expect("decodes far enough to refuse");
+        assert_eq!((d.version, d.receipt_acks), (2, false));
+        // A later version may put anything after the nonce.
+        let mut v4 = v3.clone();
+        v4[..2].copy_from_slice(&4u16.to_le_bytes());
+        *v4.last_mut().expect("flags byte") = 0xff;
+        v4.extend_from_slice(b"future fields");
+        assert_eq!(Hello::decode(&v4).map(|d| d.version), Ok(4));
+        // This version with an unknown flag, or cut before its flags: refused.
+        let mut bad = v3.clone();
+        *bad.last_mut().expect("flags byte") = 0x02;
+        assert_eq!(Hello::decode(&bad), Err(WireError::BadField("HELLO flags")));
+        assert_eq!(
+            Hello::decode(&v3[..v3.len() - 1]),
+            Err(WireError::Truncated("HELLO"))
+        );
     }
 }
