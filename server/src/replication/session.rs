@@ -434,7 +434,12 @@ async fn receive(
                 match vol.accept_replicated(&rh, payload).await {
                     Ok(lsn) => {
                         received.set(lsn);
-                        bump.notify_one();
+                        // Receipt alone is news only to a primary that
+                        // acknowledges on it; otherwise durability wakes
+                        // the ACK loop (one task wake-up per record less).
+                        if hello.receipt_acks {
+                            bump.notify_one();
+                        }
                     }
                     Err(why) => return Err(reject_err(tx, why)),
                 }
