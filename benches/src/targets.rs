@@ -504,7 +504,7 @@ pub fn expand(args: &[String], vol: &Volume, ports: &[(String, u16)]) -> Vec<Str
         .collect()
 }
 
-/// The chosen-port placeholders (see [`CHOSEN_PORTS`]) that `args` uses.
+/// The chosen-port placeholders (see `CHOSEN_PORTS`) that `args` uses.
 pub fn port_placeholders(args: &[String]) -> Vec<&'static str> {
     CHOSEN_PORTS
         .iter()

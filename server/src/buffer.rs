@@ -275,8 +275,8 @@ impl Payload {
         (self.len - start).min(MAX_CHUNK)
     }
 
-    /// Takes chunk `i` out for filling by an I/O operation; give it back
-    /// with [`Payload::put_chunk`].
+    /// Takes the chunks out for filling by I/O operations; give them back
+    /// with [`Payload::put_chunks`].
     pub fn take_chunks(&mut self) -> Vec<FixedBuf> {
         self.hash.set(None);
         std::mem::take(&mut self.chunks)

@@ -52,7 +52,7 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub admin_socket: Option<PathBuf>,
 
-    /// TOML configuration file with [[volume]] tables (see systemd/example-*.toml).
+    /// TOML configuration file with `[[volume]]` tables (see systemd/example-*.toml).
     #[arg(short = 'c', long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 

@@ -9,6 +9,10 @@
 //! release first) or `cargo run --release -p mirrorblk-benches --bin
 //! fio-compare -- [flags]`; `--help` lists the flags.
 
+// The flags' doc comments are their `--help` text, where `<N>` is the usual
+// placeholder syntax, not HTML.
+#![allow(rustdoc::invalid_html_tags)]
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -323,8 +327,8 @@ fn run(cli: Cli) -> Result<()> {
         (repeat, 1)
     };
 
-    // SAFETY: the handler only stores to an atomic.
     let handler = on_signal as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);

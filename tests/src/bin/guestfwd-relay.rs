@@ -62,6 +62,7 @@ fn main() {
     // SAFETY: fds 0 and 1 are the guest connection qemu gave this process;
     // each is owned by exactly one File from here on.
     let mut guest_in = unsafe { std::fs::File::from_raw_fd(0) };
+    // SAFETY: as above, for fd 1.
     let mut guest_out = unsafe { std::fs::File::from_raw_fd(1) };
 
     // Guest to host on a thread, host to guest here; whichever direction
