@@ -18,8 +18,8 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use mirrorblk_admin::{ReplicaState, ReplicaStatus, Response};
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::error::{Error, IoContext, Result};
 use crate::targets::{self, Helper, PortMode, Running, Server, Volume};
@@ -39,47 +39,23 @@ pub const COPIES_METRIC: &str = "mirrorblk_payload_copies_total";
 /// The Prometheus counter of client request bytes (per op).
 pub const REQUEST_BYTES_METRIC: &str = "mirrorblk_request_bytes_total";
 
-/// When the primary acknowledges a write (`--mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Durable locally and in every in-sync replica's journal.
-    Sync,
-    /// Durable locally, received by every in-sync replica.
-    Flush,
-    /// Durable locally; replicas trail by at most `--max-lag`.
-    Async,
-}
+pub use mirrorblk_admin::Mode;
 
-impl Mode {
-    /// All modes, in table order.
-    pub const ALL: [Mode; 3] = [Mode::Sync, Mode::Flush, Mode::Async];
-
-    /// The `--mode` value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Sync => "sync",
-            Mode::Flush => "flush",
-            Mode::Async => "async",
+/// When a completed write is durable, in `mode`.
+pub fn mode_durability(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Sync => {
+            "every write durable in the primary's journal and in the journal of every \
+             in-sync replica before its reply"
         }
-    }
-
-    /// When a completed write is durable, in this mode.
-    pub fn durability(self) -> &'static str {
-        match self {
-            Mode::Sync => {
-                "every write durable in the primary's journal and in the journal of every \
-                 in-sync replica before its reply"
-            }
-            Mode::Flush => {
-                "every write durable in the primary's journal and received (in memory) by every \
-                 in-sync replica before its reply; durable on the replicas only at the next \
-                 FLUSH/FUA (fio sends none)"
-            }
-            Mode::Async => {
-                "every write durable in the primary's journal before its reply; replicas trail \
-                 by at most --max-lag (64M default), writers slowed beyond it"
-            }
+        Mode::Flush => {
+            "every write durable in the primary's journal and received (in memory) by every \
+             in-sync replica before its reply; durable on the replicas only at the next \
+             FLUSH/FUA (fio sends none)"
+        }
+        Mode::Async => {
+            "every write durable in the primary's journal before its reply; replicas trail \
+             by at most --max-lag (64M default), writers slowed beyond it"
         }
     }
 }
@@ -125,7 +101,7 @@ impl Replication {
             "{} replica(s) on loopback, mode {}: {}",
             self.peers,
             self.mode.as_str(),
-            self.mode.durability()
+            mode_durability(self.mode)
         );
         if self.down > 0 {
             d = format!(
@@ -222,13 +198,14 @@ pub fn proxy_args(target: SocketAddr, delay_ms: u64) -> Vec<String> {
     ]
 }
 
-/// A primary's view of one replica, from `status --json`.
+/// A primary's view of one replica, from `status --json`, as the report
+/// records it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ReplicaState {
+pub struct ReplicaRecord {
     /// Peer name.
     pub peer: String,
-    /// connecting, catching-up, in-sync, out-of-sync.
-    pub state: String,
+    /// Where its link stands.
+    pub state: ReplicaState,
     /// Whether a resync is still running.
     pub resyncing: bool,
     /// LSNs it trails by.
@@ -237,55 +214,47 @@ pub struct ReplicaState {
     pub reason: Option<String>,
 }
 
+impl From<&ReplicaStatus> for ReplicaRecord {
+    fn from(r: &ReplicaStatus) -> ReplicaRecord {
+        ReplicaRecord {
+            peer: r.peer.clone(),
+            state: r.state,
+            resyncing: r.resync.is_some(),
+            lag_lsn: r.lag_lsn,
+            reason: r.reason.clone(),
+        }
+    }
+}
+
 /// The replicas of volume `vol0` in `mirrorblk status --json` output.
-pub fn parse_replicas(json: &str) -> std::result::Result<Vec<ReplicaState>, String> {
-    let v: Value =
+pub fn parse_replicas(json: &str) -> std::result::Result<Vec<ReplicaRecord>, String> {
+    let resp: Response =
         serde_json::from_str(json).map_err(|e| format!("status JSON does not parse: {e}"))?;
-    if v.get("ok").and_then(Value::as_bool) == Some(false) {
+    replicas_of(&resp)
+}
+
+/// The replicas of volume `vol0` in a status answer.
+pub fn replicas_of(resp: &Response) -> std::result::Result<Vec<ReplicaRecord>, String> {
+    if !resp.ok {
         return Err(format!(
             "status failed: {}",
-            v.get("error").and_then(Value::as_str).unwrap_or("?")
+            resp.error.as_deref().unwrap_or("?")
         ));
     }
-    let vol = v
-        .get("volumes")
-        .and_then(Value::as_array)
-        .and_then(|a| {
-            a.iter()
-                .find(|x| x.get("name").and_then(Value::as_str) == Some("vol0"))
-        })
-        .ok_or("status lists no volume vol0")?;
-    let reps = vol
-        .get("replicas")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    Ok(reps
+    let vol = resp
+        .volumes
         .iter()
-        .map(|r| ReplicaState {
-            peer: r
-                .get("peer")
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_string(),
-            state: r
-                .get("state")
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_string(),
-            resyncing: r.get("resync").is_some_and(|x| !x.is_null()),
-            lag_lsn: r.get("lag_lsn").and_then(Value::as_u64).unwrap_or(0),
-            reason: r.get("reason").and_then(Value::as_str).map(str::to_string),
-        })
-        .collect())
+        .find(|v| v.name == "vol0")
+        .ok_or("status lists no volume vol0")?;
+    Ok(vol.replicas.iter().map(ReplicaRecord::from).collect())
 }
 
 /// Whether every replica named in `want` is in sync with no resync left.
-pub fn all_in_sync(states: &[ReplicaState], want: &[String]) -> bool {
+pub fn all_in_sync(states: &[ReplicaRecord], want: &[String]) -> bool {
     want.iter().all(|w| {
         states
             .iter()
-            .any(|s| &s.peer == w && s.state == "in-sync" && !s.resyncing)
+            .any(|s| &s.peer == w && s.state == ReplicaState::InSync && !s.resyncing)
     })
 }
 
@@ -354,7 +323,7 @@ pub fn scrape(port: u16) -> Result<String> {
 }
 
 /// The replicas as the primary's admin socket reports them.
-pub fn status(cli: &Path, admin: &Path) -> Result<Vec<ReplicaState>> {
+pub fn status(cli: &Path, admin: &Path) -> Result<Vec<ReplicaRecord>> {
     let args = vec![
         "--admin-socket".to_string(),
         admin.display().to_string(),
@@ -380,7 +349,7 @@ pub fn wait_in_sync(
     want: &[String],
     timeout: Duration,
     interrupted: &dyn Fn() -> bool,
-) -> Result<(f64, Vec<ReplicaState>)> {
+) -> Result<(f64, Vec<ReplicaRecord>)> {
     let t0 = Instant::now();
     loop {
         let last = match status(cli, admin) {
@@ -573,9 +542,15 @@ mod tests {
 
     #[test]
     fn reads_replica_states_from_status_json() {
-        let json = r#"{"ok":true,"node":"n1","volumes":[{"name":"vol0","replicas":[
-            {"peer":"n2","state":"in-sync","reason":null,"lag_lsn":0,"resync":null},
-            {"peer":"n3","state":"in-sync","reason":null,"lag_lsn":5,"resync":[10,20]}]}]}"#;
+        // A status answer as the daemon writes it (every field it always sends).
+        let json = r#"{"ok":true,"node":"n1","volumes":[{"name":"vol0","size":1073741824,
+            "read_only":false,"role":"primary","epoch":1,"last_lsn":9,"durable_lsn":9,
+            "applied_lsn":9,"journal_used":0,"journal_size":1048576,"journal_batches":3,
+            "checkpoints":1,"journal_error":null,"inconsistent":false,"replicas":[
+            {"peer":"n2","state":"in-sync","reason":null,"durable_lsn":9,"lag_lsn":0,
+             "resync":null,"rtt_us":50},
+            {"peer":"n3","state":"in-sync","reason":null,"durable_lsn":4,"lag_lsn":5,
+             "resync":[10,20],"rtt_us":50}]}]}"#;
         let s = parse_replicas(json).expect("parses");
         assert_eq!(s.len(), 2);
         assert!(!s[0].resyncing && s[1].resyncing);

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::cluster::ReplicaState;
+use crate::cluster::ReplicaRecord;
 use crate::fio::{Job, RunFigures};
 use crate::machine::Machine;
 use crate::stats::{summarize, Summary};
@@ -293,9 +293,9 @@ pub struct ReplicationRecord {
     /// sync with no resync left (the checksum resync of the fresh volume).
     pub in_sync_after_s: Option<f64>,
     /// Replica states when the jobs started.
-    pub replicas_before_jobs: Vec<ReplicaState>,
+    pub replicas_before_jobs: Vec<ReplicaRecord>,
     /// Replica states right after the last job.
-    pub replicas_after_jobs: Vec<ReplicaState>,
+    pub replicas_after_jobs: Vec<ReplicaRecord>,
 }
 
 /// Counters read from the primary's `/metrics`.

@@ -254,7 +254,7 @@ pub fn replicated(mirrorblkd: &Path, delay_ms: u64) -> Vec<Target> {
     };
     let mut specs = Vec::new();
     for peers in [1, 2] {
-        for mode in cluster::Mode::ALL {
+        for &mode in cluster::Mode::ALL {
             specs.push((
                 format!("mirrorblk-r{peers}-{}", mode.as_str()),
                 repl(peers, 0, mode, None),
@@ -265,7 +265,7 @@ pub fn replicated(mirrorblkd: &Path, delay_ms: u64) -> Vec<Target> {
         "mirrorblk-r1down-sync".into(),
         repl(1, 1, cluster::Mode::Sync, None),
     ));
-    for mode in cluster::Mode::ALL {
+    for &mode in cluster::Mode::ALL {
         specs.push((
             format!("mirrorblk-r1-{}-{delay_ms}ms", mode.as_str()),
             repl(1, 0, mode, Some(delay_ms)),

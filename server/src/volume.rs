@@ -229,7 +229,7 @@ impl Volume {
             name: self.info.name.clone(),
             size: self.info.size,
             read_only: self.info.read_only,
-            role: self.role.get().to_string(),
+            role: self.role.get(),
             epoch: self.journal.epoch().0,
             last_lsn: self.journal.next_lsn().0.saturating_sub(1),
             durable_lsn: self.journal.durable_next().0.saturating_sub(1),
@@ -244,44 +244,37 @@ impl Volume {
                 .primary
                 .iter()
                 .flat_map(|p| p.links.iter())
-                .map(|l| {
-                    let phase = l.phase.borrow().clone();
-                    crate::admin::ReplicaStatus {
-                        peer: l.peer.name.clone(),
-                        state: if l.state_code() == 4.0 {
-                            "resyncing".into()
-                        } else {
-                            phase.name().into()
-                        },
-                        reason: match phase {
-                            Phase::OutOfSync(r) => Some(r),
+                .map(|l| crate::admin::ReplicaStatus {
+                    peer: l.peer.name.clone(),
+                    state: l.replica_state(),
+                    reason: match &*l.phase.borrow() {
+                        Phase::OutOfSync(r) => Some(r.clone()),
+                        _ => None,
+                    },
+                    durable_lsn: l.durable_next.get().0.saturating_sub(1),
+                    lag_lsn: self
+                        .journal
+                        .next_lsn()
+                        .0
+                        .saturating_sub(l.durable_next.get().0),
+                    lag_bytes: self.journal.retained_bytes_from(l.durable_next.get()),
+                    resync: l.job.borrow().as_ref().and_then(|j| {
+                        matches!(j.kind, crate::replication::resync::JobKind::Resync { .. })
+                            .then(|| j.progress())
+                    }),
+                    out_of_sync_bytes: l.oos.borrow().bytes(),
+                    verify: l
+                        .job
+                        .borrow()
+                        .as_ref()
+                        .and_then(|j| match j.kind {
+                            crate::replication::resync::JobKind::Verify { repair } => {
+                                Some(crate::admin::verify_running(j, repair))
+                            }
                             _ => None,
-                        },
-                        durable_lsn: l.durable_next.get().0.saturating_sub(1),
-                        lag_lsn: self
-                            .journal
-                            .next_lsn()
-                            .0
-                            .saturating_sub(l.durable_next.get().0),
-                        lag_bytes: self.journal.retained_bytes_from(l.durable_next.get()),
-                        resync: l.job.borrow().as_ref().and_then(|j| {
-                            matches!(j.kind, crate::replication::resync::JobKind::Resync { .. })
-                                .then(|| j.progress())
-                        }),
-                        out_of_sync_bytes: l.oos.borrow().bytes(),
-                        verify: l
-                            .job
-                            .borrow()
-                            .as_ref()
-                            .and_then(|j| match j.kind {
-                                crate::replication::resync::JobKind::Verify { repair } => {
-                                    Some(crate::admin::VerifyStatus::running(j, repair))
-                                }
-                                _ => None,
-                            })
-                            .or_else(|| l.last_verify.borrow().clone()),
-                        rtt_us: l.rtt_us.get(),
-                    }
+                        })
+                        .or_else(|| l.last_verify.borrow().clone()),
+                    rtt_us: l.rtt_us.get(),
                 })
                 .collect(),
         }

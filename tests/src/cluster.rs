@@ -22,7 +22,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use mirrorblk_server::admin::{self, ReplicaStatus, Request, VolumeStatus};
+use mirrorblk_admin::{self as admin, ReplicaState, ReplicaStatus, Request, VolumeStatus};
 
 use crate::daemon::{Daemon, TestDir};
 use crate::util::{first_difference, Rng, MIB};
@@ -278,7 +278,7 @@ impl Node {
 
     /// The volume's status from the admin socket, or why it could not be had.
     pub fn try_status(&self) -> Result<VolumeStatus, String> {
-        let resp = admin::call(&self.files.admin, &Request::Status)?;
+        let resp = admin::call(&self.files.admin, &Request::Status).map_err(|e| e.to_string())?;
         if !resp.ok {
             return Err(format!(
                 "{}: status failed: {}",
@@ -312,7 +312,7 @@ impl Node {
             !s.replicas.is_empty()
                 && s.replicas
                     .iter()
-                    .all(|r| r.state == "in-sync" && r.resync.is_none())
+                    .all(|r| r.state == ReplicaState::InSync && r.resync.is_none())
         })
     }
 

@@ -25,7 +25,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mirrorblk_server::admin::{self, Request};
+use mirrorblk_admin::{self as admin, ReplicaState, Request, Role};
 use mirrorblk_tests::cluster::{pick_port, write_secret, Node, EXPORT};
 use mirrorblk_tests::daemon::SERVING;
 use mirrorblk_tests::kernel::{Guest, Relay};
@@ -113,8 +113,8 @@ fn failover_workload() {
     }
     let before = p.status();
     assert_eq!(
-        before.replicas.first().map(|r| r.state.as_str()),
-        Some("in-sync"),
+        before.replicas.first().map(|r| r.state),
+        Some(ReplicaState::InSync),
         "n2 was not in sync when the primary was killed: {before:#?}"
     );
     let killed_at = Instant::now();
@@ -187,7 +187,7 @@ fn failover_workload() {
         fsynced.len() - after
     );
     let s = r2.status();
-    assert_eq!(s.role, "primary", "n2 is not primary: {s:#?}");
+    assert_eq!(s.role, Role::Primary, "n2 is not primary: {s:#?}");
     r2.stop();
 }
 

@@ -6,6 +6,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use mirrorblk_admin::ReplicaState;
 use mirrorblk_tests::daemon::{workspace_root, Daemon, TestDir};
 
 fn free_port() -> u16 {
@@ -358,7 +359,7 @@ fn replicated_metrics_status_and_resync_watch() {
     r3.daemon.restart();
     p.wait_status(Duration::from_secs(20), "n3's resync started", |s| {
         let v = view_of(s, "n3");
-        v.resync.is_some() && v.state == "resyncing"
+        v.resync.is_some() && v.state == ReplicaState::Resyncing
     });
     let watch = p.cli(&["resync", "--watch"], Duration::from_secs(120));
     assert_eq!(watch.code, 0, "resync --watch: {watch:#?}");

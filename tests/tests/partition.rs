@@ -18,6 +18,7 @@ mod partition {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
+    use mirrorblk_admin::ReplicaState;
     use mirrorblk_tests::cluster::{
         assert_stores_identical, view_of, write_secret, Node, NodeFiles, EXPORT, VOLUME_BYTES,
     };
@@ -293,7 +294,7 @@ mod partition {
         p.wait_status(
             Duration::from_secs(15),
             "both replicas marked out of sync",
-            |s| s.replicas.iter().all(|r| r.state != "in-sync"),
+            |s| s.replicas.iter().all(|r| r.state != ReplicaState::InSync),
         );
         let during = acked.load(Ordering::Relaxed);
         std::thread::sleep(
@@ -310,7 +311,7 @@ mod partition {
         for peer in ["n2", "n3"] {
             let v = view_of(&lost, peer);
             assert!(
-                v.state != "in-sync",
+                v.state != ReplicaState::InSync,
                 "{peer} still in-sync during the partition: {v:#?}"
             );
         }
@@ -323,7 +324,7 @@ mod partition {
             |s| {
                 s.replicas
                     .iter()
-                    .all(|r| r.state == "in-sync" && r.resync.is_none())
+                    .all(|r| r.state == ReplicaState::InSync && r.resync.is_none())
             },
         );
         eprintln!("replicas in sync {:.1?} after the heal", healed.elapsed());
@@ -340,7 +341,9 @@ mod partition {
             "replicas durable at the primary's last LSN",
             |s| {
                 s.replicas.iter().all(|r| {
-                    r.state == "in-sync" && r.durable_lsn == s.last_lsn && r.out_of_sync_bytes == 0
+                    r.state == ReplicaState::InSync
+                        && r.durable_lsn == s.last_lsn
+                        && r.out_of_sync_bytes == 0
                 })
             },
         );

@@ -18,6 +18,7 @@ mod replication {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
+    use mirrorblk_admin::{ReplicaState, Role};
     use mirrorblk_tests::cluster::{
         assert_stores_identical, view_of, write_secret, Node, EXPORT, VOLUME_BYTES,
     };
@@ -100,7 +101,9 @@ mod replication {
             assert!(!sr.inconsistent, "{when}: {} is inconsistent", r.name());
             let view = view_of(&sp, r.name());
             assert!(
-                view.state == "in-sync" && view.durable_lsn == sp.durable_lsn && view.lag_lsn == 0,
+                view.state == ReplicaState::InSync
+                    && view.durable_lsn == sp.durable_lsn
+                    && view.lag_lsn == 0,
                 "{when}: the primary's view of {} is not in-sync at LSN {}: {view:#?}",
                 r.name(),
                 sp.durable_lsn
@@ -236,7 +239,7 @@ mod replication {
         let before = p.status();
         assert_eq!(
             view_of(&before, "n2").state,
-            "in-sync",
+            ReplicaState::InSync,
             "n2 was not in-sync under load before the kill: {before:#?}"
         );
         assert!(
@@ -250,7 +253,7 @@ mod replication {
         p.wait_status(
             Duration::from_secs(10),
             "the primary to notice that n2 is gone",
-            |s| view_of(s, "n2").state != "in-sync",
+            |s| view_of(s, "n2").state != ReplicaState::InSync,
         );
         std::thread::sleep(outage.saturating_sub(killed.elapsed()));
         r2.daemon.restart();
@@ -261,7 +264,7 @@ mod replication {
             "n2 in-sync with no resync running, and not inconsistent",
             |s| {
                 let v = view_of(s, "n2");
-                v.state == "in-sync"
+                v.state == ReplicaState::InSync
                     && v.resync.is_none()
                     && r2.try_status().is_ok_and(|r| !r.inconsistent)
             },
@@ -283,7 +286,9 @@ mod replication {
             "both replicas in-sync at the primary's last LSN",
             |s| {
                 s.replicas.iter().all(|r| {
-                    r.state == "in-sync" && r.resync.is_none() && r.durable_lsn == s.last_lsn
+                    r.state == ReplicaState::InSync
+                        && r.resync.is_none()
+                        && r.durable_lsn == s.last_lsn
                 })
             },
         );
@@ -587,7 +592,7 @@ mod replication {
             p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
             r2.freeze();
             p.wait_status(Duration::from_secs(10), "n2 out of sync", |s| {
-                view_of(s, "n2").state != "in-sync"
+                view_of(s, "n2").state != ReplicaState::InSync
             });
             let mut c = p.daemon.connect(EXPORT);
             let seed = rng.next_u64();
@@ -712,7 +717,7 @@ mod replication {
         );
         assert_eq!(
             view_of(&sp, "n3").state,
-            "in-sync",
+            ReplicaState::InSync,
             "n3 was no longer in sync when the primary was killed, so sync mode did not cover it: {sp:#?}"
         );
         assert!(w.errors.is_empty(), "write errors: {:#?}", w.errors);
@@ -747,7 +752,11 @@ mod replication {
         // n3: promoted (restarted alone as primary on its files), over NBD.
         let args = r3.files.standalone_primary_args(J64);
         r3.daemon.restart_with(args);
-        assert_eq!(r3.status().role, "primary", "n3 did not come up as primary");
+        assert_eq!(
+            r3.status().role,
+            Role::Primary,
+            "n3 did not come up as primary"
+        );
         let mut c = r3.daemon.connect(EXPORT);
         bad.extend(check_regions("n3 promoted", &w, |off, len| {
             c.read(off, len)
@@ -779,7 +788,7 @@ mod replication {
             "n2 out-of-sync with a reason naming the secret",
             |s| {
                 let v = view_of(s, "n2");
-                v.state == "out-of-sync"
+                v.state == ReplicaState::OutOfSync
                     && v.reason.as_deref().is_some_and(|m| m.contains("secret"))
             },
         );
@@ -815,7 +824,7 @@ mod replication {
         assert!(sp.last_lsn >= 32, "the primary took no records: {sp:#?}");
         let v = view_of(&sp, "n2");
         assert!(
-            v.state != "in-sync" && v.durable_lsn == 0,
+            v.state != ReplicaState::InSync && v.durable_lsn == 0,
             "the primary thinks n2 has records: {v:#?}"
         );
         let sr = r2.status();
@@ -1161,7 +1170,7 @@ mod replication {
     fn wait_converged(p: &Node, limit: Duration, what: &str) {
         p.wait_status(limit, what, |s| {
             s.replicas.iter().all(|r| {
-                r.state == "in-sync"
+                r.state == ReplicaState::InSync
                     && r.resync.is_none()
                     && r.out_of_sync_bytes == 0
                     && r.durable_lsn == s.last_lsn
@@ -1187,7 +1196,7 @@ mod replication {
         write_mib(&p, 200 * MIB, 2, 1);
         r2.daemon.kill9();
         p.wait_status(Duration::from_secs(10), "n2 noticed gone", |s| {
-            view_of(s, "n2").state != "in-sync"
+            view_of(s, "n2").state != ReplicaState::InSync
         });
         // 24 MiB: three times the journal, all within regions 0..32.
         let mut c = p.daemon.connect(EXPORT);
@@ -1322,7 +1331,7 @@ mod replication {
             refused.stderr.contains("Inconsistent") && refused.stderr.contains("--force"),
             "the refusal does not say why and what to do: {refused:#?}"
         );
-        assert_eq!(r2.status().role, "replica");
+        assert_eq!(r2.status().role, Role::Replica);
         r2.daemon.kill9();
         r2.daemon.restart();
         p.wait_status(Duration::from_secs(30), "n2 resuming", |_| {
@@ -1377,7 +1386,7 @@ mod replication {
             .expect("corrupt n3");
         drop(f);
         p.wait_status(Duration::from_secs(30), "n3 noticed gone", |s| {
-            view_of(s, "n3").state != "in-sync"
+            view_of(s, "n3").state != ReplicaState::InSync
         });
         r3.daemon.restart();
         wait_converged(&p, Duration::from_secs(30), "n3 back");
@@ -1441,7 +1450,7 @@ mod replication {
         // Verify is refused (clearly) while a replica is not in sync.
         r2.daemon.kill9();
         p.wait_status(Duration::from_secs(30), "n2 noticed gone", |s| {
-            view_of(s, "n2").state != "in-sync"
+            view_of(s, "n2").state != ReplicaState::InSync
         });
         let refused = p.cli(&["verify"], VERIFY_TIMEOUT);
         assert_eq!(refused.code, 1, "{refused:#?}");
@@ -1538,7 +1547,7 @@ mod replication {
         assert_eq!(out.code, 0, "mirrorblk promote failed: {out:#?}");
         r2.daemon.wait_serving_again(seen, Duration::from_secs(30));
         r2.wait_status(Duration::from_secs(30), "n2 primary in epoch 2", |s| {
-            s.role == "primary" && s.epoch == 2
+            s.role == Role::Primary && s.epoch == 2
         });
         let mut c = r2.daemon.connect(EXPORT);
         let bad = check_regions("n2 promoted", &w, |off, len| {
@@ -1558,7 +1567,7 @@ mod replication {
             "n3 in sync with the new primary",
             |s| {
                 let v = view_of(s, "n3");
-                v.state == "in-sync" && v.resync.is_none()
+                v.state == ReplicaState::InSync && v.resync.is_none()
             },
         );
         assert_eq!(r3.status().epoch, 2, "n3 did not adopt epoch 2");
@@ -1577,7 +1586,7 @@ mod replication {
         p.wait_status(
             Duration::from_secs(60),
             "n1 demoted to a replica of epoch 2",
-            |s| s.role == "replica" && s.epoch == 2,
+            |s| s.role == Role::Replica && s.epoch == 2,
         );
         assert!(
             !p.log_lines_with("demoting to replica").is_empty(),
@@ -1586,7 +1595,7 @@ mod replication {
         );
         r2.wait_status(Duration::from_secs(60), "n1 resynced by n2", |s| {
             let v = view_of(s, "n1");
-            v.state == "in-sync" && v.resync.is_none() && v.out_of_sync_bytes == 0
+            v.state == ReplicaState::InSync && v.resync.is_none() && v.out_of_sync_bytes == 0
         });
         // The replica clears its mark when it handles RESYNC_DONE, a moment
         // after the primary ends the pass.
@@ -1827,7 +1836,7 @@ mod replication {
                 "{}'s split-brain line does not name its peer and what to run: {line}",
                 n.name()
             );
-            assert_eq!(n.status().role, "primary");
+            assert_eq!(n.status().role, Role::Primary);
         }
         // Both keep serving their clients.
         a.daemon.connect(EXPORT).read(0, 4096).expect("na serves");
@@ -1837,11 +1846,11 @@ mod replication {
         let out = b.cli(&["demote"], Duration::from_secs(30));
         assert_eq!(out.code, 0, "demote: {out:#?}");
         b.wait_status(Duration::from_secs(30), "nb is a replica", |s| {
-            s.role == "replica"
+            s.role == Role::Replica
         });
         a.wait_status(Duration::from_secs(60), "nb resynced from na", |s| {
             let v = view_of(s, "nb");
-            v.state == "in-sync" && v.resync.is_none() && v.out_of_sync_bytes == 0
+            v.state == ReplicaState::InSync && v.resync.is_none() && v.out_of_sync_bytes == 0
         });
         assert!(
             !a.log_lines_with("full checksum resync of nb").is_empty(),

@@ -5,7 +5,7 @@ use std::process::{Child, Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use mirrorblk_server::admin;
+use mirrorblk_admin as admin;
 use mirrorblk_server::journal::format::RecordOp;
 use mirrorblk_server::journal::recovery::{read_superblock, scan};
 use mirrorblk_server::units::ByteSize;
@@ -392,7 +392,7 @@ fn journal_inspect(path: &Path, list: bool) -> ExitCode {
 }
 
 fn status_once(socket: &Path, json: bool) -> Result<String, String> {
-    let resp = admin::call(socket, &admin::Request::Status)?;
+    let resp = admin::call(socket, &admin::Request::Status).map_err(|e| e.to_string())?;
     if !resp.ok {
         return Err(resp
             .error

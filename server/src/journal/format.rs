@@ -95,56 +95,27 @@ pub struct Superblock {
     pub inconsistent: bool,
 }
 
-/// A node's role for a volume.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Never set (journals written before roles existed, or fresh ones).
-    #[default]
-    #[value(skip)]
-    Unset,
-    /// Serves NBD clients and orders writes.
-    Primary,
-    /// Mirrors a primary; serves no NBD client.
-    Replica,
-}
+/// A node's role for a volume (the admin protocol's type; the superblock
+/// stores it as a byte code of its own).
+pub use mirrorblk_admin::Role;
 
-impl Role {
-    fn code(self) -> u32 {
-        match self {
-            Role::Unset => 0,
-            Role::Primary => 1,
-            Role::Replica => 2,
-        }
-    }
-    fn from_code(c: u32) -> Option<Role> {
-        Some(match c {
-            0 => Role::Unset,
-            1 => Role::Primary,
-            2 => Role::Replica,
-            _ => return None,
-        })
+/// The superblock's code for `role`.
+fn role_code(role: Role) -> u32 {
+    match role {
+        Role::Unset => 0,
+        Role::Primary => 1,
+        Role::Replica => 2,
     }
 }
 
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Role::Unset => "unset",
-            Role::Primary => "primary",
-            Role::Replica => "replica",
-        })
-    }
+/// The role stored as superblock code `c`, if it is one.
+fn role_from_code(c: u32) -> Option<Role> {
+    Some(match c {
+        0 => Role::Unset,
+        1 => Role::Primary,
+        2 => Role::Replica,
+        _ => return None,
+    })
 }
 
 fn put_u64(b: &mut [u8], at: usize, v: u64) {
@@ -200,7 +171,7 @@ impl Superblock {
         put_u64(out, 72, self.session);
         put_u64(out, 80, self.generation);
         put_u32(out, 88, self.volume_name.len() as u32);
-        put_u32(out, 92, self.role.code());
+        put_u32(out, 92, role_code(self.role));
         put_u32(out, 232, u32::from(self.inconsistent));
         out[96..96 + self.volume_name.len()].copy_from_slice(self.volume_name.as_bytes());
         let sum = block_checksum(out);
@@ -239,7 +210,7 @@ impl Superblock {
             checkpoint_pos: get_u64(b, 64),
             session: get_u64(b, 72),
             generation: get_u64(b, 80),
-            role: Role::from_code(get_u32(b, 92)).ok_or(FormatError::BadField("role"))?,
+            role: role_from_code(get_u32(b, 92)).ok_or(FormatError::BadField("role"))?,
             inconsistent: get_u32(b, 232) != 0,
         };
         if sb.area_len < MIN_AREA || sb.area_len % BLOCK != 0 {

@@ -618,7 +618,7 @@ async fn job_step(
                     job.started.elapsed()
                 ),
                 JobKind::Verify { repair } => {
-                    let status = crate::admin::VerifyStatus::running(&job, repair);
+                    let status = crate::admin::verify_running(&job, repair);
                     tracing::info!(
                         volume = %vol.info().name, peer = %link.peer.name,
                         "verify of {} complete: {} differing region(s){} in {:.1?}",

@@ -18,33 +18,7 @@ pub mod wire;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde::Deserialize;
-
-/// When the primary acknowledges a write (see DESIGN.md, "Write path").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Durable locally and in the journal of every in-sync replica (or of
-    /// `min_sync_replicas`): DRBD protocol C.
-    #[default]
-    Sync,
-    /// Durable locally and received by every in-sync replica; FLUSH and FUA
-    /// wait until everything before them is durable on the replicas too.
-    Flush,
-    /// Durable locally; replicas trail by at most `max_lag` bytes.
-    Async,
-}
-
-/// What the primary does when a replica stops answering.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnReplicaLoss {
-    /// Go on without it (it is marked out of sync and resynced later).
-    #[default]
-    Degrade,
-    /// Hold writes until enough replicas are back in sync.
-    Block,
-}
+pub use mirrorblk_admin::{Mode, OnReplicaLoss, ReplicaState};
 
 /// Another node, by name and replication address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,7 +136,7 @@ pub struct LinkState {
     /// A verify asked for by the operator (Some(repair)), started by the send loop.
     pub verify_request: Cell<Option<bool>>,
     /// The outcome of the last verify pass.
-    pub last_verify: RefCell<Option<crate::admin::VerifyStatus>>,
+    pub last_verify: RefCell<Option<mirrorblk_admin::VerifyStatus>>,
     /// Woken when new records can be sent.
     pub wake: Notify,
     /// Its metrics.
@@ -170,21 +144,33 @@ pub struct LinkState {
 }
 
 impl LinkState {
-    /// The `mirrorblk_replica_state` code: 0 connecting, 1 catching-up,
-    /// 2 in-sync, 3 out-of-sync, 4 resyncing (streaming live records while
-    /// a resync runs).
-    pub fn state_code(&self) -> f64 {
+    /// Where the link stands, as `status` reports it: its phase, except
+    /// that an in-sync link with a resync running is `Resyncing`.
+    pub fn replica_state(&self) -> ReplicaState {
         let resyncing = self
             .job
             .borrow()
             .as_ref()
             .is_some_and(|j| matches!(j.kind, resync::JobKind::Resync { .. }));
         match &*self.phase.borrow() {
-            Phase::Connecting => 0.0,
-            Phase::CatchingUp => 1.0,
-            Phase::InSync if resyncing => 4.0,
-            Phase::InSync => 2.0,
-            Phase::OutOfSync(_) => 3.0,
+            Phase::Connecting => ReplicaState::Connecting,
+            Phase::CatchingUp => ReplicaState::CatchingUp,
+            Phase::InSync if resyncing => ReplicaState::Resyncing,
+            Phase::InSync => ReplicaState::InSync,
+            Phase::OutOfSync(_) => ReplicaState::OutOfSync,
+        }
+    }
+
+    /// The `mirrorblk_replica_state` code: 0 connecting, 1 catching-up,
+    /// 2 in-sync, 3 out-of-sync, 4 resyncing (streaming live records while
+    /// a resync runs).
+    pub fn state_code(&self) -> f64 {
+        match self.replica_state() {
+            ReplicaState::Connecting => 0.0,
+            ReplicaState::CatchingUp => 1.0,
+            ReplicaState::InSync => 2.0,
+            ReplicaState::OutOfSync => 3.0,
+            ReplicaState::Resyncing => 4.0,
         }
     }
 }

@@ -1,0 +1,22 @@
+//! The mirrorblk admin protocol, shared by the daemon (`mirrorblkd`), the
+//! admin CLI (`mirrorblk`), the integration tests and the benches.
+//!
+//! The daemon serves a Unix stream socket (mode 0600) speaking JSON lines:
+//! each line a client sends is one [`Request`], answered by one [`Response`]
+//! line. States travel as kebab-case words ("in-sync", "primary", "sync")
+//! and are typed here as enums, so a client compares variants, not strings.
+//!
+//! - [`states`]: [`Role`], [`ReplicaState`], [`Mode`], [`OnReplicaLoss`].
+//! - [`protocol`]: the request and answer messages.
+//! - [`client`]: [`call`], the blocking client.
+//!
+//! This crate depends on no async runtime and not on the daemon, so linking
+//! it costs a client only serde and clap.
+
+pub mod client;
+pub mod protocol;
+pub mod states;
+
+pub use client::{call, CallError};
+pub use protocol::{ReplicaStatus, Request, Response, VerifyStatus, VolumeStatus};
+pub use states::{Mode, OnReplicaLoss, ReplicaState, Role, UnknownName};

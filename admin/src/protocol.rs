@@ -1,0 +1,226 @@
+//! The messages of the admin socket: one JSON [`Request`] per line from the
+//! client, one JSON [`Response`] per line from the daemon.
+
+use serde::{Deserialize, Serialize};
+
+use crate::states::{ReplicaState, Role};
+
+/// A request line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// State of every volume.
+    Status,
+    /// Make this replica node the primary (epoch + 1), then restart as such.
+    Promote {
+        /// Promote even an Inconsistent replica (loud warning).
+        #[serde(default)]
+        force: bool,
+    },
+    /// Make this primary node a replica, then restart as such.
+    Demote,
+    /// Set the resync bandwidth (bytes per second) of this primary's links.
+    SetResyncRate {
+        /// Bytes per second.
+        rate: u64,
+    },
+    /// On a primary: compare every region's checksum with each in-sync
+    /// replica (online, rate-limited like a resync); the outcome shows in
+    /// each replica's `verify` status.
+    Verify {
+        /// Resync the regions found different.
+        #[serde(default)]
+        repair: bool,
+    },
+}
+
+/// The state of one volume, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    /// Export name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Read-only export.
+    pub read_only: bool,
+    /// Role of this node for the volume.
+    pub role: Role,
+    /// Epoch.
+    pub epoch: u64,
+    /// Highest LSN assigned (0: none yet).
+    pub last_lsn: u64,
+    /// Highest LSN durable in the local journal (all below it are too).
+    pub durable_lsn: u64,
+    /// Highest LSN applied to the data store (all below it are too).
+    pub applied_lsn: u64,
+    /// Journal bytes in use.
+    pub journal_used: u64,
+    /// Journal record area size.
+    pub journal_size: u64,
+    /// Group commits since start.
+    pub journal_batches: u64,
+    /// Checkpoints since start.
+    pub checkpoints: u64,
+    /// Set when the journal failed (the volume refuses writes).
+    pub journal_error: Option<String>,
+    /// True while a resync is incomplete (never promote such a node).
+    #[serde(default)]
+    pub inconsistent: bool,
+    /// On a primary: its replicas.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// A primary's view of one replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// Peer node name.
+    pub peer: String,
+    /// Where the link stands.
+    pub state: ReplicaState,
+    /// Why it is out of sync, if it is.
+    pub reason: Option<String>,
+    /// Highest LSN durable on the replica.
+    pub durable_lsn: u64,
+    /// How many LSNs it trails the primary by.
+    pub lag_lsn: u64,
+    /// How many bytes of journaled changes it lacks durably.
+    #[serde(default)]
+    pub lag_bytes: u64,
+    /// Resync progress (bytes done, bytes total) while one runs.
+    pub resync: Option<(u64, u64)>,
+    /// Bytes of the volume in regions marked out of sync for it.
+    #[serde(default)]
+    pub out_of_sync_bytes: u64,
+    /// The running or last verify pass.
+    #[serde(default)]
+    pub verify: Option<VerifyStatus>,
+    /// Last heartbeat round trip in microseconds.
+    pub rtt_us: u64,
+}
+
+impl ReplicaStatus {
+    /// In sync with no resync left: the replica has everything and counts
+    /// for acknowledgements.
+    pub fn is_settled(&self) -> bool {
+        self.state == ReplicaState::InSync && self.resync.is_none()
+    }
+}
+
+/// A verify pass against one replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyStatus {
+    /// Still running.
+    pub running: bool,
+    /// Whether differing regions are resynced.
+    pub repair: bool,
+    /// Bytes compared so far.
+    pub done_bytes: u64,
+    /// Bytes to compare.
+    pub total_bytes: u64,
+    /// Offsets of the regions found different (each `region_bytes` long).
+    pub differing: Vec<u64>,
+    /// Offsets of regions written too continuously to compare (not verified).
+    #[serde(default)]
+    pub busy: Vec<u64>,
+    /// Size of a region.
+    pub region_bytes: u64,
+    /// Set when the pass stopped before the end (the link was lost).
+    pub aborted: Option<String>,
+    /// Seconds it ran.
+    pub seconds: f64,
+}
+
+/// A response line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// What went wrong, and what to do about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Node name.
+    #[serde(default)]
+    pub node: String,
+    /// Volumes (for `status`).
+    #[serde(default)]
+    pub volumes: Vec<VolumeStatus>,
+}
+
+impl Response {
+    /// A refusal saying `msg`.
+    pub fn error(msg: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            node: String::new(),
+            volumes: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A status answer as the daemon wrote it while its states were strings
+    /// (field order as declared): the typed messages read it and write back
+    /// the same bytes.
+    const STATUS_LINE: &str = concat!(
+        r#"{"ok":true,"node":"n1","volumes":[{"name":"vol0","size":268435456,"read_only":false,"#,
+        r#""role":"primary","epoch":2,"last_lsn":10,"durable_lsn":10,"applied_lsn":9,"#,
+        r#""journal_used":4096,"journal_size":67108864,"journal_batches":5,"checkpoints":1,"#,
+        r#""journal_error":null,"inconsistent":false,"replicas":["#,
+        r#"{"peer":"n2","state":"in-sync","reason":null,"durable_lsn":10,"lag_lsn":0,"#,
+        r#""lag_bytes":0,"resync":null,"out_of_sync_bytes":0,"verify":null,"rtt_us":80},"#,
+        r#"{"peer":"n3","state":"out-of-sync","reason":"heartbeat timeout","durable_lsn":3,"#,
+        r#""lag_lsn":7,"lag_bytes":28672,"resync":[1,2],"out_of_sync_bytes":1048576,"#,
+        r#""verify":null,"rtt_us":0}]}]}"#
+    );
+
+    #[test]
+    fn status_answer_round_trips_byte_identical() {
+        let resp: Response = serde_json::from_str(STATUS_LINE).expect("parses");
+        let v = &resp.volumes[0];
+        assert_eq!(v.role, Role::Primary);
+        assert_eq!(v.replicas[0].state, ReplicaState::InSync);
+        assert_eq!(v.replicas[1].state, ReplicaState::OutOfSync);
+        assert_eq!(serde_json::to_string(&resp).expect("writes"), STATUS_LINE);
+    }
+
+    #[test]
+    fn requests_keep_their_command_words() {
+        let lines = [
+            (Request::Status, r#"{"cmd":"status"}"#),
+            (
+                Request::Promote { force: true },
+                r#"{"cmd":"promote","force":true}"#,
+            ),
+            (Request::Demote, r#"{"cmd":"demote"}"#),
+            (
+                Request::SetResyncRate { rate: 5 },
+                r#"{"cmd":"set_resync_rate","rate":5}"#,
+            ),
+            (
+                Request::Verify { repair: false },
+                r#"{"cmd":"verify","repair":false}"#,
+            ),
+        ];
+        for (req, line) in lines {
+            assert_eq!(serde_json::to_string(&req).expect("writes"), line);
+            assert_eq!(serde_json::from_str::<Request>(line).expect("parses"), req);
+        }
+    }
+
+    #[test]
+    fn settled_means_in_sync_with_no_resync() {
+        let resp: Response = serde_json::from_str(STATUS_LINE).expect("parses");
+        let mut r = resp.volumes[0].replicas[0].clone();
+        assert!(r.is_settled());
+        r.resync = Some((1, 2));
+        assert!(!r.is_settled());
+        r.resync = None;
+        r.state = ReplicaState::Resyncing;
+        assert!(!r.is_settled());
+    }
+}
