@@ -43,14 +43,21 @@ pub enum CallError {
     },
 }
 
-/// Sends one request to the daemon at `path` and reads its answer.
+/// Sends one request to the daemon at `path` and reads its answer (waiting
+/// at most 30 s for it).
 pub fn call(path: &Path, req: &Request) -> Result<Response, CallError> {
+    call_within(path, req, ANSWER_TIMEOUT)
+}
+
+/// Sends one request to the daemon at `path` and reads its answer, waiting
+/// at most `limit` for it.
+pub fn call_within(path: &Path, req: &Request, limit: Duration) -> Result<Response, CallError> {
     let stream = UnixStream::connect(path).map_err(|source| CallError::Connect {
         path: path.to_path_buf(),
         source,
     })?;
     stream
-        .set_read_timeout(Some(ANSWER_TIMEOUT))
+        .set_read_timeout(Some(limit))
         .map_err(CallError::Read)?;
     let mut w = stream.try_clone().map_err(CallError::Write)?;
     let mut text = serde_json::to_string(req).map_err(CallError::Encode)?;

@@ -9,14 +9,17 @@
 //! - [`states`]: [`Role`], [`ReplicaState`], [`Mode`], [`OnReplicaLoss`].
 //! - [`protocol`]: the request and answer messages.
 //! - [`client`]: [`call`], the blocking client.
+//! - [`readiness`]: [`probe`], whether a daemon serves, and where.
 //!
 //! This crate depends on no async runtime and not on the daemon, so linking
 //! it costs a client only serde and clap.
 
 pub mod client;
 pub mod protocol;
+pub mod readiness;
 pub mod states;
 
-pub use client::{call, CallError};
-pub use protocol::{ReplicaStatus, Request, Response, VerifyStatus, VolumeStatus};
+pub use client::{call, call_within, CallError};
+pub use protocol::{Listening, ReplicaStatus, Request, Response, VerifyStatus, VolumeStatus};
+pub use readiness::{probe, Ready};
 pub use states::{Mode, OnReplicaLoss, ReplicaState, Role, UnknownName};

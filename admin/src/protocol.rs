@@ -1,6 +1,9 @@
 //! The messages of the admin socket: one JSON [`Request`] per line from the
 //! client, one JSON [`Response`] per line from the daemon.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use crate::states::{ReplicaState, Role};
@@ -145,6 +148,31 @@ pub struct Response {
     /// Volumes (for `status`).
     #[serde(default)]
     pub volumes: Vec<VolumeStatus>,
+    /// The daemon's process id (in `status` answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// When the daemon's process image started, in seconds since the Unix
+    /// epoch (with a fraction: a role change re-executes the daemon under
+    /// the same pid, and this tells the runs apart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<f64>,
+    /// The addresses the daemon serves on, once every listener is bound and
+    /// accepting (in `status` answers; absent while it is still starting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<Listening>,
+}
+
+/// The bound addresses of a daemon that serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listening {
+    /// The NBD TCP address (the real port when `--listen` asked for port 0).
+    pub nbd: SocketAddr,
+    /// The NBD Unix socket, if it serves one.
+    #[serde(default)]
+    pub unix: Option<PathBuf>,
+    /// The replication listener, on a node that accepts a primary.
+    #[serde(default)]
+    pub replication: Option<SocketAddr>,
 }
 
 impl Response {
@@ -155,6 +183,9 @@ impl Response {
             error: Some(msg.into()),
             node: String::new(),
             volumes: Vec::new(),
+            pid: None,
+            started_at: None,
+            listen: None,
         }
     }
 }

@@ -161,17 +161,10 @@ pub fn replica_args(node: &str, vol: &Volume, admin: &Path, secret: &Path) -> Ve
 
 /// The flags that make a single-volume mirrorblkd the primary of `peers`
 /// (`(name, address)`: the replica's, or its proxy's) in `mode`.
-pub fn primary_args(
-    peers: &[(String, SocketAddr)],
-    secret: &Path,
-    mode: Mode,
-    admin: &Path,
-) -> Vec<String> {
+pub fn primary_args(peers: &[(String, SocketAddr)], secret: &Path, mode: Mode) -> Vec<String> {
     let mut a: Vec<String> = vec![
         "--node".into(),
         PRIMARY_NODE.into(),
-        "--admin-socket".into(),
-        admin.display().to_string(),
         "--role".into(),
         "primary".into(),
     ];
@@ -408,12 +401,10 @@ pub fn start(
             let rvol = Volume::create(dir, &name, vol.size)?;
             let admin = dir.join(format!("{name}.admin"));
             let args = replica_args(&name, &rvol, &admin, &secret);
-            // mirrorblkd logs this line after binding its replication
-            // listener; a probe connection to its NBD port would only add a
-            // "handshake failed" line to its log.
-            let mode = PortMode::Logged {
-                marker: "serving NBD on ".into(),
-                connect: false,
+            // Ready once its admin socket reports its listeners (the
+            // replication one included); no probe connection to its NBD port.
+            let mode = PortMode::Admin {
+                socket: admin.display().to_string(),
             };
             let server = Server::start(program, &args, &mode, vol, &side_log(&name))?;
             let port = server
@@ -456,12 +447,12 @@ pub fn start(
         };
         peers.push((name, addr));
     }
-    let admin = dir.join(format!("{PRIMARY_NODE}.admin"));
+    // The single-volume command line gives the primary its admin socket.
+    let admin = vol.admin_socket();
     let mut args = base_args.to_vec();
-    args.extend(primary_args(&peers, &secret, r.mode, &admin));
-    let mode = PortMode::Logged {
-        marker: "serving NBD on ".into(),
-        connect: true,
+    args.extend(primary_args(&peers, &secret, r.mode));
+    let mode = PortMode::Admin {
+        socket: admin.display().to_string(),
     };
     let primary = Server::start(program, &args, &mode, vol, log)?;
     Ok(Running {
@@ -507,15 +498,10 @@ mod tests {
             ("n2".to_string(), "127.0.0.1:4000".parse().unwrap()),
             ("n3".to_string(), "127.0.0.1:4001".parse().unwrap()),
         ];
-        let a = primary_args(
-            &peers,
-            Path::new("/d/secret"),
-            Mode::Flush,
-            Path::new("/d/a"),
-        );
+        let a = primary_args(&peers, Path::new("/d/secret"), Mode::Flush);
         assert_eq!(
             a.join(" "),
-            "--node n1 --admin-socket /d/a --role primary --peer n2=127.0.0.1:4000 \
+            "--node n1 --role primary --peer n2=127.0.0.1:4000 \
              --peer n3=127.0.0.1:4001 --secret-file /d/secret --mode flush"
         );
         assert_eq!(

@@ -70,13 +70,20 @@ pub enum PortMode {
     /// We find a free port and pass it as `{port}`.
     Chosen,
     /// The server binds port 0 and logs a line containing `marker` followed
-    /// by `HOST:PORT` on stderr (mirrorblkd: "serving NBD on 127.0.0.1:PORT").
+    /// by `HOST:PORT` on stderr (`delay-proxy`: "listening on 127.0.0.1:PORT").
     Logged {
         /// Text just before the address.
         marker: String,
         /// Whether readiness also needs a TCP connection to succeed (not
         /// for a proxy, where a connection would reach the thing behind it).
         connect: bool,
+    },
+    /// mirrorblkd: it binds port 0 and is ready once its admin socket
+    /// (`socket`, placeholders allowed, e.g. `{admin}`) answers `status`
+    /// with the addresses it serves on; the NBD port comes from there.
+    Admin {
+        /// The `--admin-socket` path it is started with.
+        socket: String,
     },
 }
 
@@ -115,6 +122,12 @@ pub struct Volume {
 }
 
 impl Volume {
+    /// The admin socket of a mirrorblkd serving this volume (`{admin}`):
+    /// `NAME.admin` next to the data file.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.file.with_extension("admin")
+    }
+
     /// Creates `dir/NAME.img` of `size` bytes (sparse) and names the journal
     /// `dir/NAME.journal`.
     pub fn create(dir: &Path, name: &str, size: u64) -> Result<Volume> {
@@ -305,6 +318,8 @@ pub fn mirrorblk_variant(
         "127.0.0.1:0",
         "--metrics-listen",
         "127.0.0.1:{metrics_port}",
+        "--admin-socket",
+        "{admin}",
     ]
     .iter()
     .map(|x| x.to_string())
@@ -315,9 +330,8 @@ pub fn mirrorblk_variant(
         launch: Launch::Server {
             program: mirrorblkd.to_path_buf(),
             args,
-            port: PortMode::Logged {
-                marker: "serving NBD on ".into(),
-                connect: true,
+            port: PortMode::Admin {
+                socket: "{admin}".into(),
             },
             probes: vec![],
         },
@@ -495,7 +509,8 @@ pub fn expand(args: &[String], vol: &Volume, ports: &[(String, u16)]) -> Vec<Str
             let mut a = a
                 .replace("{file}", &vol.file.to_string_lossy())
                 .replace("{journal}", &vol.journal.to_string_lossy())
-                .replace("{size}", &vol.size.to_string());
+                .replace("{size}", &vol.size.to_string())
+                .replace("{admin}", &vol.admin_socket().to_string_lossy());
             for (name, p) in ports {
                 a = a.replace(&format!("{{{name}}}"), &p.to_string());
             }
@@ -541,6 +556,16 @@ fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
+}
+
+/// How [`Server::spawn`] tells that a server is ready.
+struct Readiness<'a> {
+    /// How its port is decided.
+    mode: &'a PortMode,
+    /// The port we chose for `{port}`, if any.
+    chosen: Option<u16>,
+    /// Its admin socket, for [`PortMode::Admin`].
+    admin: Option<PathBuf>,
 }
 
 /// A running server process we started.
@@ -593,7 +618,18 @@ impl Server {
             }
             let listen = ports.iter().find(|(n, _)| n == "port").map(|p| p.1);
             let argv = expand(args, vol, &ports);
-            match Server::spawn(program, argv, mode, listen, ports, log, attempt) {
+            let admin = match mode {
+                PortMode::Admin { socket } => expand(std::slice::from_ref(socket), vol, &ports)
+                    .pop()
+                    .map(PathBuf::from),
+                _ => None,
+            };
+            let ready = Readiness {
+                mode,
+                chosen: listen,
+                admin,
+            };
+            match Server::spawn(program, argv, &ready, ports, log, attempt) {
                 Ok(s) => return Ok(s),
                 // Only a server we gave a port to can lose a race for it.
                 Err(e) if !placeholders.is_empty() => last = Some(e),
@@ -608,16 +644,15 @@ impl Server {
         self.chosen.iter().find(|(n, _)| n == name).map(|p| p.1)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn spawn(
         program: &Path,
         argv: Vec<String>,
-        mode: &PortMode,
-        chosen: Option<u16>,
+        ready: &Readiness,
         ports: Vec<(String, u16)>,
         log: &Path,
         attempt: usize,
     ) -> Result<Server> {
+        let (mode, chosen) = (ready.mode, ready.chosen);
         let command = shell_line(program, &argv);
         let mut logf = std::fs::OpenOptions::new()
             .create(true)
@@ -651,7 +686,7 @@ impl Server {
         if let Some(err) = child.stderr.take() {
             let marker = match mode {
                 PortMode::Logged { marker, .. } => Some(marker.clone()),
-                PortMode::Chosen => None,
+                PortMode::Chosen | PortMode::Admin { .. } => None,
             };
             std::thread::spawn(move || {
                 for line in BufReader::new(err).lines() {
@@ -690,6 +725,15 @@ impl Server {
                     "server did not accept connections within {READY_TIMEOUT:?}; log {}:\n{tail}",
                     log.display()
                 )));
+            }
+            if let Some(admin) = &ready.admin {
+                if let Some(r) = mirrorblk_admin::probe(admin) {
+                    server.port = r.listen.nbd.port();
+                    server.ready_after = started.elapsed();
+                    return Ok(server);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
             if server.port == 0 {
                 if let Ok(p) = rx.recv_timeout(Duration::from_millis(50)) {

@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -21,7 +22,51 @@ const MAX_LINE: usize = 64 << 10;
 /// How long a core may take to answer.
 const CORE_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub use mirrorblk_admin::{call, ReplicaStatus, Request, Response, VerifyStatus, VolumeStatus};
+pub use mirrorblk_admin::{
+    call, Listening, ReplicaStatus, Request, Response, VerifyStatus, VolumeStatus,
+};
+
+/// What a status answer says about the process itself: which run of the
+/// daemon answers, and, once it serves, where (readiness for supervisors).
+#[derive(Debug)]
+pub struct Readiness {
+    pid: u32,
+    started_at: f64,
+    listening: std::sync::OnceLock<Listening>,
+}
+
+impl Readiness {
+    /// This process, started now, not serving yet.
+    pub fn new() -> Readiness {
+        let started_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        Readiness {
+            pid: std::process::id(),
+            started_at,
+            listening: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Publishes the bound addresses: from now on status answers carry them.
+    pub fn serving(&self, listening: Listening) {
+        let _ = self.listening.set(listening);
+    }
+
+    /// Fills the process fields of a status answer.
+    fn stamp(&self, resp: &mut Response) {
+        resp.pid = Some(self.pid);
+        resp.started_at = Some(self.started_at);
+        resp.listen = self.listening.get().cloned();
+    }
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness::new()
+    }
+}
 
 /// The status of a verify pass in progress (or just ended).
 pub fn verify_running(job: &crate::replication::resync::Job, repair: bool) -> VerifyStatus {
@@ -52,6 +97,7 @@ pub fn spawn(
     path: &Path,
     node: String,
     cores: Vec<mpsc::Sender<crate::node::CoreMsg>>,
+    readiness: Arc<Readiness>,
 ) -> std::io::Result<()> {
     if let Ok(m) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
@@ -74,9 +120,10 @@ pub fn spawn(
                     Ok(s) => {
                         let node = node.clone();
                         let cores = cores.clone();
+                        let readiness = readiness.clone();
                         let _ = std::thread::Builder::new()
                             .name("admin-conn".into())
-                            .spawn(move || serve(s, &node, &cores));
+                            .spawn(move || serve(s, &node, &cores, &readiness));
                     }
                     Err(e) => {
                         tracing::warn!("admin socket {}: accept failed: {e}", path.display());
@@ -88,7 +135,12 @@ pub fn spawn(
     Ok(())
 }
 
-fn serve(stream: UnixStream, node: &str, cores: &[mpsc::Sender<crate::node::CoreMsg>]) {
+fn serve(
+    stream: UnixStream,
+    node: &str,
+    cores: &[mpsc::Sender<crate::node::CoreMsg>],
+    readiness: &Readiness,
+) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
     let Ok(mut out) = stream.try_clone() else {
         return;
@@ -102,7 +154,14 @@ fn serve(stream: UnixStream, node: &str, cores: &[mpsc::Sender<crate::node::Core
             Ok(_) => {}
         }
         let resp = match serde_json::from_str::<Request>(line.trim()) {
-            Ok(req) => handle(req, node, cores),
+            Ok(req) => {
+                let status = req == Request::Status;
+                let mut resp = handle(req, node, cores);
+                if status && resp.ok {
+                    readiness.stamp(&mut resp);
+                }
+                resp
+            }
             Err(e) => Response::error(format!(
                 "cannot parse request ({e}); send one JSON object per line, e.g. {{\"cmd\":\"status\"}}"
             )),
@@ -150,5 +209,8 @@ fn handle(req: Request, node: &str, cores: &[mpsc::Sender<crate::node::CoreMsg>]
         error: None,
         node: node.to_string(),
         volumes,
+        pid: None,
+        started_at: None,
+        listen: None,
     }
 }

@@ -494,25 +494,28 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         conns: Arc::new(AtomicUsize::new(0)),
         max_connections: cfg.max_connections,
     };
+    let mut replication_listen = None;
     if let Some(addr) = cfg.replication.as_ref().and_then(|r| r.listen) {
         let l = TcpListener::bind(addr).map_err(|source| StartError::Bind {
             addr: addr.to_string(),
             source,
             hint: "; another process uses that port: choose another --replication-listen",
         })?;
+        replication_listen = Some(l.local_addr().unwrap_or(addr));
         crate::replication::accept::spawn(l, routes.clone(), cfg.node.clone())
             .map_err(StartError::Thread)?;
         tracing::info!("accepting replication on {addr}");
     }
     let core_senders_for_node = core_senders.clone();
+    let readiness = Arc::new(crate::admin::Readiness::new());
     if let Some(path) = &cfg.admin_socket {
-        crate::admin::spawn(path, cfg.node.clone(), core_senders).map_err(|source| {
-            StartError::Bind {
+        crate::admin::spawn(path, cfg.node.clone(), core_senders, readiness.clone()).map_err(
+            |source| StartError::Bind {
                 addr: path.display().to_string(),
                 source,
                 hint: "; choose another --admin-socket path",
-            }
-        })?;
+            },
+        )?;
         tracing::info!("admin socket on {}", path.display());
     }
     spawn_acceptors(ctx, tcp, unix).map_err(StartError::Thread)?;
@@ -523,6 +526,11 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
             .map(|p| format!(" and {}", p.display()))
             .unwrap_or_default()
     );
+    readiness.serving(crate::admin::Listening {
+        nbd: listen,
+        unix: cfg.unix.clone(),
+        replication: replication_listen,
+    });
     Ok(RunningNode {
         listen,
         stop: stop_tx,

@@ -1,6 +1,12 @@
 //! Running `mirrorblkd` under test: start it on an ephemeral port, read its
 //! log, stop it cleanly, crash it with `kill -9`, restart it on the same files.
 //!
+//! A daemon is ready when its admin socket answers `status` with the
+//! addresses it serves on ([`mirrorblk_admin::probe`]); a daemon started
+//! without `--admin-socket` is given one by the harness. A restart, also a
+//! role change's re-exec under the same PID, shows as a new run (pid and
+//! start time) in that answer.
+//!
 //! Processes are only ever signalled by their own PID, and every daemon still
 //! running when its [`Daemon`] is dropped is killed (also when a test panics,
 //! in which case its log is printed so the failure can be understood).
@@ -13,10 +19,11 @@ use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use mirrorblk_admin::Ready;
 use nbd::Client;
 
-/// How long a daemon may take from exec to `serving NBD on …` (debug builds,
-/// journal creation, recovery of a full journal, a loaded 2-core machine).
+/// How long a daemon may take from exec to serving (debug builds, journal
+/// creation, recovery of a full journal, a loaded 2-core machine).
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a daemon may take to exit after SIGTERM.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -24,8 +31,48 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// test instead of hanging it.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The log line that says the daemon is ready, followed by the bound address.
+/// The log line that tells a human the daemon serves, followed by the bound
+/// address (the harness itself asks the admin socket).
 pub const SERVING: &str = "serving NBD on ";
+/// How often a starting daemon's admin socket is asked whether it serves.
+const READY_POLL: Duration = Duration::from_millis(20);
+
+/// The `--admin-socket` value in `args`, if they give one.
+fn admin_socket_in(args: &[OsString]) -> Option<PathBuf> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--admin-socket" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(v) = a.to_str().and_then(|a| a.strip_prefix("--admin-socket=")) {
+            return Some(PathBuf::from(v));
+        }
+    }
+    None
+}
+
+/// An admin socket path of the harness's own, for a daemon started without
+/// one (short: a Unix socket path is limited to 108 bytes).
+fn harness_admin_socket() -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("mirrorblk-h{}-{n}.admin", std::process::id()))
+}
+
+/// The admin socket a daemon with `args` is polled on, and the arguments
+/// it runs with (`args` plus `--admin-socket` when they give none).
+fn with_admin_socket(args: &[OsString], own: &Path) -> (PathBuf, Vec<OsString>) {
+    match admin_socket_in(args) {
+        Some(path) => (path, args.to_vec()),
+        None => {
+            let mut a = args.to_vec();
+            a.push("--admin-socket".into());
+            a.push(own.into());
+            (own.to_path_buf(), a)
+        }
+    }
+}
 
 // ---------------------------------------------------------------------------
 // Locating (and if needed building) the binary
@@ -289,11 +336,6 @@ impl Log {
         }
     }
 
-    /// Whether the stream has closed (the process exited).
-    fn is_closed(&self) -> bool {
-        self.state.lock().unwrap().closed
-    }
-
     /// Waits up to `timeout` for the stream to close (the process exited).
     fn wait_closed(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
@@ -334,7 +376,7 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 // A running daemon
 // ---------------------------------------------------------------------------
 
-/// Why a daemon did not reach `serving NBD on …`.
+/// Why a daemon did not start serving.
 #[derive(Debug)]
 pub struct StartFailure {
     /// Exit status, if it exited (None: it hung and was killed).
@@ -372,7 +414,10 @@ pub struct Daemon {
     args: Vec<OsString>,
     child: Option<Child>,
     runs: Vec<Arc<Log>>,
-    addr: Option<SocketAddr>,
+    /// The admin socket given to daemons started without one.
+    own_admin: PathBuf,
+    /// The current run, as its admin socket reported it.
+    ready: Option<Ready>,
     last_exit: Option<ExitStatus>,
 }
 
@@ -381,7 +426,7 @@ impl std::fmt::Debug for Daemon {
         f.debug_struct("Daemon")
             .field("args", &self.args)
             .field("pid", &self.child.as_ref().map(Child::id))
-            .field("addr", &self.addr)
+            .field("ready", &self.ready)
             .finish_non_exhaustive()
     }
 }
@@ -431,7 +476,8 @@ impl Daemon {
             args: self::args(args),
             child: None,
             runs: Vec::new(),
-            addr: None,
+            own_admin: harness_admin_socket(),
+            ready: None,
             last_exit: None,
         };
         d.spawn()?;
@@ -440,6 +486,7 @@ impl Daemon {
 
     fn spawn(&mut self) -> Result<(), StartFailure> {
         assert!(self.child.is_none(), "daemon is already running");
+        let (admin, args) = with_admin_socket(&self.args, &self.own_admin);
         let mut cmd = match self.prefix.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -449,7 +496,7 @@ impl Daemon {
             None => Command::new(&self.bin),
         };
         let mut child = cmd
-            .args(&self.args)
+            .args(&args)
             // The log level comes from the flags only, whatever the caller's environment says.
             .env_remove("MIRRORBLK_LOG")
             .stdin(Stdio::null())
@@ -460,11 +507,12 @@ impl Daemon {
         let stderr: ChildStderr = child.stderr.take().expect("stderr is piped");
         let log = Log::capture(stderr);
         self.runs.push(log.clone());
-        self.addr = None;
+        self.ready = None;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(line) = log.wait_for(SERVING, Duration::from_millis(50)) {
-                self.addr = Some(parse_serving(&line));
+            // The previous run has exited, so whatever answers is this one.
+            if let Some(ready) = mirrorblk_admin::probe(&admin) {
+                self.ready = Some(ready);
                 self.child = Some(child);
                 return Ok(());
             }
@@ -476,11 +524,6 @@ impl Daemon {
                     log: log.text(),
                 });
             }
-            if log.is_closed() {
-                // Stderr closed but not yet reapable: the exit is imminent;
-                // do not spin on wait_for, which returns at once now.
-                std::thread::sleep(Duration::from_millis(5));
-            }
             if Instant::now() >= deadline {
                 signal(child.id(), libc::SIGKILL);
                 let _ = child.wait();
@@ -489,6 +532,7 @@ impl Daemon {
                     log: log.text(),
                 });
             }
+            std::thread::sleep(READY_POLL);
         }
     }
 
@@ -566,9 +610,20 @@ impl Daemon {
             .expect("VmRSS in /proc/PID/status")
     }
 
-    /// The TCP address it serves on (from its `serving NBD on` line).
+    /// The TCP address it serves on (from its admin socket's status).
     pub fn addr(&self) -> SocketAddr {
-        self.addr.expect("daemon has not started serving")
+        self.ready().listen.nbd
+    }
+
+    /// The current run as its admin socket reported it when it became ready.
+    pub fn ready(&self) -> &Ready {
+        self.ready.as_ref().expect("daemon has not started serving")
+    }
+
+    /// The admin socket the harness asks (the one its arguments give, or
+    /// the harness's own when they give none).
+    pub fn admin_socket(&self) -> PathBuf {
+        admin_socket_in(&self.args).unwrap_or_else(|| self.own_admin.clone())
     }
 
     /// The TCP port it serves on.
@@ -608,27 +663,21 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("NBD handshake for '{export}' failed: {e}"))
     }
 
-    /// How many times the current run has logged `serving NBD on …` (a
-    /// daemon that changes role re-executes itself in place, same PID, and
-    /// serves again, on a new port when it listens on port 0).
-    pub fn serving_count(&self) -> usize {
-        self.log_lines()
-            .iter()
-            .filter(|l| l.contains(SERVING))
-            .count()
-    }
-
-    /// Waits until the current run logs `serving NBD on …` more than
-    /// `seen` times, and takes the new address. Panics with the log on timeout.
+    /// Waits until a run other than `before` (see [`Daemon::ready`])
+    /// serves: a daemon that changes role re-executes itself in place, same
+    /// PID, and serves again, on a new port when it listens on port 0.
+    /// Panics with the log on timeout.
     #[track_caller]
-    pub fn wait_serving_again(&mut self, seen: usize, timeout: Duration) {
+    pub fn wait_serving_again(&mut self, before: &Ready, timeout: Duration) {
+        let admin = self.admin_socket();
         let deadline = Instant::now() + timeout;
         loop {
-            let lines = self.log_lines();
-            let serving: Vec<&String> = lines.iter().filter(|l| l.contains(SERVING)).collect();
-            if serving.len() > seen {
-                self.addr = Some(parse_serving(serving[serving.len() - 1]));
-                return;
+            match mirrorblk_admin::probe(&admin) {
+                Some(now) if !now.same_run(before) => {
+                    self.ready = Some(now);
+                    return;
+                }
+                _ => {}
             }
             if Instant::now() >= deadline {
                 panic!(
@@ -720,19 +769,11 @@ impl Drop for Daemon {
             signal(child.id(), libc::SIGKILL);
             let _ = child.wait();
         }
+        let _ = std::fs::remove_file(&self.own_admin);
         if std::thread::panicking() {
             eprintln!("{}", self.full_log());
         }
     }
-}
-
-/// Parses the address out of `... serving NBD on 127.0.0.1:PORT[ and PATH]`.
-fn parse_serving(line: &str) -> SocketAddr {
-    let at = line.find(SERVING).expect("line contains the marker") + SERVING.len();
-    let token = line[at..].split_whitespace().next().unwrap_or("");
-    token
-        .parse()
-        .unwrap_or_else(|e| panic!("cannot parse the address in log line {line:?}: {e}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -777,17 +818,20 @@ fn is_log_line(l: &str) -> bool {
 }
 
 /// Runs `mirrorblkd` with `args` and waits up to `timeout` for it to exit.
-/// If it starts serving or is still running at the deadline it is killed
-/// and `status` is None.
+/// If it starts serving (its admin socket says so; the harness gives it one
+/// when `args` do not) or is still running at the deadline it is killed and
+/// `status` is None.
 pub fn run_to_exit<I, S>(args: I, timeout: Duration) -> Exited
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
     let bin = mirrorblkd_path();
+    let own_admin = harness_admin_socket();
+    let (admin, args) = with_admin_socket(&self::args(args), &own_admin);
     let start = Instant::now();
     let mut child = Command::new(&bin)
-        .args(self::args(args))
+        .args(args)
         .env_remove("MIRRORBLK_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -802,11 +846,10 @@ where
         if let Ok(Some(st)) = child.try_wait() {
             break Some(st);
         }
-        if err.wait_for(SERVING, Duration::from_millis(10)).is_some() {
+        if mirrorblk_admin::probe(&admin).is_some() {
             served = true;
-        } else if err.is_closed() {
-            // Exit is imminent; wait_for returns at once on a closed stream.
-            std::thread::sleep(Duration::from_millis(5));
+        } else {
+            std::thread::sleep(Duration::from_millis(10));
         }
         if served || Instant::now() >= deadline {
             signal(child.id(), libc::SIGKILL);
@@ -815,6 +858,7 @@ where
         }
     };
     let elapsed = start.elapsed();
+    let _ = std::fs::remove_file(&own_admin);
     out.wait_closed(Duration::from_secs(5));
     err.wait_closed(Duration::from_secs(5));
     Exited {

@@ -1542,10 +1542,11 @@ mod replication {
         assert!(!w.acked.is_empty(), "nothing was acknowledged");
 
         // Promote n2 with the CLI: it restarts in place as primary, epoch 2.
-        let seen = r2.daemon.serving_count();
+        let before = r2.daemon.ready().clone();
         let out = r2.cli(&["promote"], Duration::from_secs(30));
         assert_eq!(out.code, 0, "mirrorblk promote failed: {out:#?}");
-        r2.daemon.wait_serving_again(seen, Duration::from_secs(30));
+        r2.daemon
+            .wait_serving_again(&before, Duration::from_secs(30));
         r2.wait_status(Duration::from_secs(30), "n2 primary in epoch 2", |s| {
             s.role == Role::Primary && s.epoch == 2
         });
