@@ -17,9 +17,10 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mirrorblk_server::journal::format::{
-    RecordHeader, RecordOp, Superblock, AREA_START, HEADER_BLOCK,
+    EntryKind, RecordHeader, Superblock, AREA_START, HEADER_BLOCK,
 };
 use mirrorblk_server::journal::recovery::{open_and_recover, scan, JournalSpec, ReplayTarget};
+use mirrorblk_server::journal::MutationOp;
 use mirrorblk_server::units::{Epoch, Lsn};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -46,7 +47,7 @@ fn write_header(lsn: u64, offset: u64, len: usize, hash: u64) -> RecordHeader {
         lsn: Lsn(lsn),
         epoch: Epoch(1),
         session: 1,
-        op: RecordOp::Write,
+        kind: EntryKind::Mutation(MutationOp::Write),
         flags: 0,
         offset,
         length: len as u64,

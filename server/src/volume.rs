@@ -20,7 +20,8 @@ use tokio_uring::buf::fixed::FixedBuf;
 
 use crate::buffer::{AlignedBuf, BufPool, Payload, SharedSlice, MAX_CHUNK};
 use crate::journal::format::Role;
-use crate::journal::format::{RecordOp, FLAG_NO_HOLE};
+use crate::journal::format::FLAG_NO_HOLE;
+use crate::journal::MutationOp;
 use crate::journal::{Journal, Record};
 use crate::overlay::{Overlay, Piece, Source};
 use crate::replication::{Mode, Phase, Primary, ReplicationConfig};
@@ -593,14 +594,14 @@ impl Volume {
     /// step, so LSN order, journal order and overlay order agree.
     async fn reserve(
         &self,
-        op: RecordOp,
+        op: MutationOp,
         flags: u8,
         offset: u64,
         length: u64,
         payload: Option<Rc<Payload>>,
     ) -> Result<Rc<Record>, ErrorCode> {
         let in_place = self.in_place_min > 0
-            && op == RecordOp::Write
+            && op == MutationOp::Write
             && payload.is_some()
             && length >= self.in_place_min
             && is_aligned(offset)
@@ -626,7 +627,7 @@ impl Volume {
                     }
                 }
                 match (rec.op, &rec.payload) {
-                    (RecordOp::Write, Some(p)) => ov.insert(
+                    (MutationOp::Write, Some(p)) => ov.insert(
                         offset,
                         offset + length,
                         rec.lsn,
@@ -635,17 +636,18 @@ impl Volume {
                             at: 0,
                         },
                     ),
-                    (RecordOp::WriteZeroes, _) => {
+                    (MutationOp::WriteZeroes, _) => {
                         ov.insert(offset, offset + length, rec.lsn, Source::Zero)
                     }
                     // A trim only promises zeroes for the whole blocks inside it.
-                    (RecordOp::Trim, _) => ov.insert(
+                    (MutationOp::Trim, _) => ov.insert(
                         align_up(offset),
                         align_down(offset + length),
                         rec.lsn,
                         Source::Zero,
                     ),
-                    _ => unreachable!("pad records are never reserved directly"),
+                    // A write of no bytes (no payload) changes nothing.
+                    (MutationOp::Write, None) => {}
                 }
                 drop(ov);
                 if let Some(p) = &self.primary {
@@ -734,7 +736,7 @@ impl Volume {
 
     async fn journal_and_wait(
         &self,
-        op: RecordOp,
+        op: MutationOp,
         flags: u8,
         offset: u64,
         length: u64,
@@ -742,7 +744,7 @@ impl Volume {
         fua: bool,
     ) -> Result<(), ErrorCode> {
         self.check_writable()?;
-        if op != RecordOp::Trim {
+        if op != MutationOp::Trim {
             self.check_space()?;
         }
         let rec = self.reserve(op, flags, offset, length, payload).await?;
@@ -777,12 +779,6 @@ impl Volume {
                 h.lsn
             ));
         }
-        let op = match h.op {
-            1 => RecordOp::Write,
-            2 => RecordOp::Trim,
-            3 => RecordOp::WriteZeroes,
-            other => return Err(format!("record LSN {} has unknown op {other}", h.lsn)),
-        };
         if h.offset
             .checked_add(h.length)
             .is_none_or(|end| end > self.info.size)
@@ -793,7 +789,7 @@ impl Volume {
             ));
         }
         let rec = self
-            .reserve(op, h.flags, h.offset, h.length, payload.map(Rc::new))
+            .reserve(h.op, h.flags, h.offset, h.length, payload.map(Rc::new))
             .await
             .map_err(|_| "journal failed".to_string())?;
         assert_eq!(rec.lsn.0, h.lsn, "replica journal assigned a different LSN");
@@ -806,8 +802,15 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
-        self.journal_and_wait(RecordOp::Write, 0, offset, len, Some(Rc::new(payload)), fua)
-            .await
+        self.journal_and_wait(
+            MutationOp::Write,
+            0,
+            offset,
+            len,
+            Some(Rc::new(payload)),
+            fua,
+        )
+        .await
     }
 
     /// Discards `[offset, offset+len)`; returns once durable.
@@ -815,7 +818,7 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
-        self.journal_and_wait(RecordOp::Trim, 0, offset, len, None, false)
+        self.journal_and_wait(MutationOp::Trim, 0, offset, len, None, false)
             .await
     }
 
@@ -830,7 +833,7 @@ impl Volume {
             return Ok(());
         }
         let flags = if no_hole { FLAG_NO_HOLE } else { 0 };
-        self.journal_and_wait(RecordOp::WriteZeroes, flags, offset, len, None, false)
+        self.journal_and_wait(MutationOp::WriteZeroes, flags, offset, len, None, false)
             .await
     }
 
@@ -1161,9 +1164,12 @@ impl Volume {
         let (start, end) = (r.offset, r.offset + r.length);
         match r.op {
             // Already home, durably, before the record was journaled.
-            RecordOp::Write if r.in_place() => Ok(()),
-            RecordOp::Write => {
-                let p = r.payload.as_ref().expect("write records carry a payload");
+            MutationOp::Write if r.in_place() => Ok(()),
+            MutationOp::Write => {
+                // A write of no bytes (from a peer) carries no payload.
+                let Some(p) = r.payload.as_ref() else {
+                    return Ok(());
+                };
                 if is_aligned(start) && is_aligned(r.length) {
                     let writes = (0..p.chunk_count()).map(|i| {
                         let slice = SharedSlice::new(p.clone(), i, 0, p.chunk_len(i));
@@ -1180,14 +1186,14 @@ impl Volume {
                     .await
                 }
             }
-            RecordOp::Trim => {
+            MutationOp::Trim => {
                 let (a, b) = (align_up(start), align_down(end));
                 if b > a {
                     self.store.zero(a, b - a, true).await?;
                 }
                 Ok(())
             }
-            RecordOp::WriteZeroes => {
+            MutationOp::WriteZeroes => {
                 let punch = r.flags & FLAG_NO_HOLE == 0;
                 let (a, b) = (align_up(start), align_down(end));
                 if b > a {
@@ -1202,12 +1208,6 @@ impl Volume {
                 } else {
                     self.read_modify_write(start, end, |d, _| d.fill(0)).await
                 }
-            }
-            RecordOp::Pad => Ok(()),
-            RecordOp::WriteInPlace | RecordOp::InPlaceIntent => {
-                unreachable!(
-                    "records in memory are writes; only their journal headers say in place"
-                )
             }
         }
     }

@@ -9,8 +9,9 @@ use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use mirrorblk_server::journal::format::{RecordHeader, RecordOp, AREA_START, HEADER_BLOCK};
+use mirrorblk_server::journal::format::{EntryKind, RecordHeader, AREA_START, HEADER_BLOCK};
 use mirrorblk_server::journal::recovery::{read_superblock, scan, ScannedRecord};
+use mirrorblk_server::journal::MutationOp;
 use mirrorblk_server::units::BLOCK;
 use mirrorblk_tests::util::{assert_bytes_eq, pattern, Rng, MIB};
 use mirrorblk_tests::{Daemon, TestDir};
@@ -339,7 +340,7 @@ fn snapshot(path: &std::path::Path) -> JournalSnapshot {
     let mut in_place = 0;
     let (next, head, stop) = scan(&f, &sb, |r, _| {
         records += 1;
-        in_place += u64::from(r.header.op == RecordOp::WriteInPlace);
+        in_place += u64::from(r.header.kind == EntryKind::WriteInPlace);
         Ok(())
     })
     .expect("scan the journal");
@@ -370,7 +371,7 @@ fn find_headers(path: &std::path::Path, session: u64, lsns: std::ops::Range<u64>
                 out.push(format!(
                     "LSN {} {:?} at area offset {} (record_len {}, volume {}+{})",
                     h.lsn.0,
-                    h.op,
+                    h.kind,
                     i * HEADER_BLOCK,
                     h.record_len,
                     h.offset,
@@ -561,7 +562,9 @@ fn recovery_stops_at_a_damaged_record_and_serves_normally() {
     assert_eq!(stop, None, "the undamaged journal should scan cleanly");
     let find = |off: u64| {
         recs.iter()
-            .find(|r| r.header.op == RecordOp::Write && r.header.offset == off)
+            .find(|r| {
+                r.header.kind == EntryKind::Mutation(MutationOp::Write) && r.header.offset == off
+            })
             .unwrap_or_else(|| panic!("no write record for offset {off} in the journal: {recs:?}"))
             .clone()
     };

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use mirrorblk_admin as admin;
-use mirrorblk_server::journal::format::RecordOp;
+use mirrorblk_server::journal::format::EntryKind;
 use mirrorblk_server::journal::recovery::{read_superblock, scan};
+use mirrorblk_server::journal::MutationOp;
 use mirrorblk_server::units::ByteSize;
 
 /// mirrorblk: manage mirrorblk nodes and their volumes.
@@ -357,13 +358,13 @@ fn journal_inspect(path: &Path, list: bool) -> ExitCode {
         bytes += rec.header.length;
         if list {
             let h = &rec.header;
-            let op = match h.op {
-                RecordOp::Write => "write",
-                RecordOp::Trim => "trim",
-                RecordOp::WriteZeroes => "zero",
-                RecordOp::Pad => "pad",
-                RecordOp::WriteInPlace => "write (in place)",
-                RecordOp::InPlaceIntent => "in-place intent",
+            let op = match h.kind {
+                EntryKind::Mutation(MutationOp::Write) => "write",
+                EntryKind::Mutation(MutationOp::Trim) => "trim",
+                EntryKind::Mutation(MutationOp::WriteZeroes) => "zero",
+                EntryKind::Pad => "pad",
+                EntryKind::WriteInPlace => "write (in place)",
+                EntryKind::InPlaceIntent => "in-place intent",
             };
             lines.push(format!(
                 "  LSN {:>10}  {:<15} offset {:>14} length {:>10}  at area offset {:>12}  epoch {}",

@@ -20,6 +20,7 @@
 //! next record does not fit before the end; the record after it starts at
 //! offset 0 of the area.
 
+use super::mutation::MutationOp;
 use crate::units::{align_up, Epoch, Lsn, BLOCK};
 
 /// Magic of a superblock copy: "MBLKJSB1".
@@ -226,15 +227,13 @@ impl Superblock {
     }
 }
 
-/// What a record does.
+/// What a journal entry is: a mutation, or one of the journal's own entries.
+/// The codes of mutations are [`MutationOp::code`]; the journal's own kinds
+/// take the codes after them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecordOp {
-    /// Write the payload at `offset`.
-    Write,
-    /// Discard `[offset, offset+length)` (advisory; whole blocks inside it read as zero after).
-    Trim,
-    /// Make `[offset, offset+length)` read as zeroes.
-    WriteZeroes,
+pub enum EntryKind {
+    /// A journaled mutation (a write's payload follows its header).
+    Mutation(MutationOp),
     /// Filler to the end of the area; the next record is at area offset 0.
     Pad,
     /// A large write whose payload went straight to its home in the data
@@ -252,25 +251,40 @@ pub enum RecordOp {
     InPlaceIntent,
 }
 
-impl RecordOp {
-    fn code(self) -> u8 {
+const PAD_CODE: u8 = 4;
+const WRITE_IN_PLACE_CODE: u8 = 5;
+const IN_PLACE_INTENT_CODE: u8 = 6;
+
+// The journal's own kinds must not take a mutation's code.
+const _: () = {
+    let mut i = 0;
+    while i < MutationOp::ALL.len() {
+        let c = MutationOp::ALL[i].code();
+        assert!(c != PAD_CODE && c != WRITE_IN_PLACE_CODE && c != IN_PLACE_INTENT_CODE);
+        i += 1;
+    }
+};
+
+impl EntryKind {
+    /// Its code in a record header.
+    pub const fn code(self) -> u8 {
         match self {
-            RecordOp::Write => 1,
-            RecordOp::Trim => 2,
-            RecordOp::WriteZeroes => 3,
-            RecordOp::Pad => 4,
-            RecordOp::WriteInPlace => 5,
-            RecordOp::InPlaceIntent => 6,
+            EntryKind::Mutation(op) => op.code(),
+            EntryKind::Pad => PAD_CODE,
+            EntryKind::WriteInPlace => WRITE_IN_PLACE_CODE,
+            EntryKind::InPlaceIntent => IN_PLACE_INTENT_CODE,
         }
     }
-    fn from_code(c: u8) -> Option<RecordOp> {
+
+    /// The kind with code `c`, if any.
+    pub const fn from_code(c: u8) -> Option<EntryKind> {
+        if let Some(op) = MutationOp::from_code(c) {
+            return Some(EntryKind::Mutation(op));
+        }
         Some(match c {
-            1 => RecordOp::Write,
-            2 => RecordOp::Trim,
-            3 => RecordOp::WriteZeroes,
-            4 => RecordOp::Pad,
-            5 => RecordOp::WriteInPlace,
-            6 => RecordOp::InPlaceIntent,
+            PAD_CODE => EntryKind::Pad,
+            WRITE_IN_PLACE_CODE => EntryKind::WriteInPlace,
+            IN_PLACE_INTENT_CODE => EntryKind::InPlaceIntent,
             _ => return None,
         })
     }
@@ -288,8 +302,8 @@ pub struct RecordHeader {
     pub epoch: Epoch,
     /// Session of the journal that wrote it (see [`Superblock::session`]).
     pub session: u64,
-    /// What it does.
-    pub op: RecordOp,
+    /// What it is.
+    pub kind: EntryKind,
     /// Op flags ([`FLAG_NO_HOLE`]).
     pub flags: u8,
     /// Volume byte offset.
@@ -318,7 +332,7 @@ impl RecordHeader {
         put_u64(out, 8, self.lsn.0);
         put_u64(out, 16, self.epoch.0);
         put_u64(out, 24, self.session);
-        out[32] = self.op.code();
+        out[32] = self.kind.code();
         out[33] = self.flags;
         put_u64(out, 40, self.offset);
         put_u64(out, 48, self.length);
@@ -340,12 +354,12 @@ impl RecordHeader {
             return Err(FormatError::BadMagic { found: magic });
         }
         verify_checksum(b)?;
-        let op = RecordOp::from_code(b[32]).ok_or(FormatError::BadField("record op"))?;
+        let kind = EntryKind::from_code(b[32]).ok_or(FormatError::BadField("record op"))?;
         let h = RecordHeader {
             lsn: Lsn(get_u64(b, 8)),
             epoch: Epoch(get_u64(b, 16)),
             session: get_u64(b, 24),
-            op,
+            kind,
             flags: b[33],
             offset: get_u64(b, 40),
             length: get_u64(b, 48),
@@ -353,24 +367,24 @@ impl RecordHeader {
             record_len: get_u64(b, 64),
             payload_hash: get_u64(b, 72),
         };
-        match op {
-            RecordOp::Write => {
+        match kind {
+            EntryKind::Mutation(MutationOp::Write) => {
                 if h.payload_len != h.length || h.record_len != Self::record_len_for(h.payload_len)
                 {
                     return Err(FormatError::BadField("write record lengths"));
                 }
             }
-            RecordOp::Trim | RecordOp::WriteZeroes => {
+            EntryKind::Mutation(MutationOp::Trim | MutationOp::WriteZeroes) => {
                 if h.payload_len != 0 || h.record_len != BLOCK {
                     return Err(FormatError::BadField("zero/trim record lengths"));
                 }
             }
-            RecordOp::Pad => {
+            EntryKind::Pad => {
                 if h.payload_len != 0 || h.record_len < BLOCK || h.record_len % BLOCK != 0 {
                     return Err(FormatError::BadField("pad record lengths"));
                 }
             }
-            RecordOp::WriteInPlace | RecordOp::InPlaceIntent => {
+            EntryKind::WriteInPlace | EntryKind::InPlaceIntent => {
                 if h.payload_len != 0
                     || h.length == 0
                     || h.offset % BLOCK != 0
@@ -393,14 +407,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn any_op() -> impl Strategy<Value = RecordOp> {
+    fn any_kind() -> impl Strategy<Value = EntryKind> {
         prop_oneof![
-            Just(RecordOp::Write),
-            Just(RecordOp::Trim),
-            Just(RecordOp::WriteZeroes),
-            Just(RecordOp::Pad),
-            Just(RecordOp::WriteInPlace),
-            Just(RecordOp::InPlaceIntent)
+            Just(EntryKind::Mutation(MutationOp::Write)),
+            Just(EntryKind::Mutation(MutationOp::Trim)),
+            Just(EntryKind::Mutation(MutationOp::WriteZeroes)),
+            Just(EntryKind::Pad),
+            Just(EntryKind::WriteInPlace),
+            Just(EntryKind::InPlaceIntent)
         ]
     }
 
@@ -409,7 +423,7 @@ mod tests {
             any::<u64>(),
             any::<u64>(),
             any::<u64>(),
-            any_op(),
+            any_kind(),
             any::<u8>(),
             0u64..1 << 50,
             0u64..1 << 26,
@@ -417,26 +431,31 @@ mod tests {
             1u64..1000,
         )
             .prop_map(
-                |(lsn, epoch, session, op, flags, offset, len, hash, pad_blocks)| {
-                    let (length, payload_len, record_len) = match op {
-                        RecordOp::Write => (len, len, RecordHeader::record_len_for(len)),
-                        RecordOp::Trim | RecordOp::WriteZeroes => (len, 0, BLOCK),
-                        RecordOp::Pad => (0, 0, pad_blocks * BLOCK),
-                        RecordOp::WriteInPlace | RecordOp::InPlaceIntent => {
+                |(lsn, epoch, session, kind, flags, offset, len, hash, pad_blocks)| {
+                    let (length, payload_len, record_len) = match kind {
+                        EntryKind::Mutation(MutationOp::Write) => {
+                            (len, len, RecordHeader::record_len_for(len))
+                        }
+                        EntryKind::Mutation(MutationOp::Trim | MutationOp::WriteZeroes) => {
+                            (len, 0, BLOCK)
+                        }
+                        EntryKind::Pad => (0, 0, pad_blocks * BLOCK),
+                        EntryKind::WriteInPlace | EntryKind::InPlaceIntent => {
                             let len = (len / BLOCK).max(1) * BLOCK;
                             (len, 0, RecordHeader::record_len_for(len))
                         }
                     };
-                    let offset = if matches!(op, RecordOp::WriteInPlace | RecordOp::InPlaceIntent) {
-                        offset / BLOCK * BLOCK
-                    } else {
-                        offset
-                    };
+                    let offset =
+                        if matches!(kind, EntryKind::WriteInPlace | EntryKind::InPlaceIntent) {
+                            offset / BLOCK * BLOCK
+                        } else {
+                            offset
+                        };
                     RecordHeader {
                         lsn: Lsn(lsn),
                         epoch: Epoch(epoch),
                         session,
-                        op,
+                        kind,
                         flags,
                         offset,
                         length,
@@ -446,6 +465,28 @@ mod tests {
                     }
                 },
             )
+    }
+
+    #[test]
+    fn entry_codes_are_the_published_ones_and_distinct() {
+        let kinds = [
+            EntryKind::Mutation(MutationOp::Write),
+            EntryKind::Mutation(MutationOp::Trim),
+            EntryKind::Mutation(MutationOp::WriteZeroes),
+            EntryKind::Pad,
+            EntryKind::WriteInPlace,
+            EntryKind::InPlaceIntent,
+        ];
+        // Existing journals depend on these bytes (format version 1).
+        let codes: Vec<u8> = kinds.iter().map(|k| k.code()).collect();
+        assert_eq!(codes, [1, 2, 3, 4, 5, 6]);
+        for k in kinds {
+            assert_eq!(EntryKind::from_code(k.code()), Some(k));
+        }
+        let known = (0..=u8::MAX)
+            .filter(|&c| EntryKind::from_code(c).is_some())
+            .count();
+        assert_eq!(known, kinds.len());
     }
 
     proptest! {

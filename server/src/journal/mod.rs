@@ -9,7 +9,10 @@
 //! applier. Space is released only when the applier has checkpointed.
 
 pub mod format;
+pub mod mutation;
 pub mod recovery;
+
+pub use mutation::{Mutation, MutationOp};
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -20,7 +23,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::buffer::{AlignedBuf, OutBuf, Payload, SharedSlice};
 use crate::units::{Epoch, Lsn, BLOCK};
-use format::{RecordHeader, RecordOp, Superblock, AREA_START, HEADER_BLOCK};
+use format::{EntryKind, RecordHeader, Superblock, AREA_START, HEADER_BLOCK};
 
 /// Most records in one group commit (bounded by the kernel's `IOV_MAX` of
 /// 1024 iovecs: a record needs a header plus up to 32 payload chunks).
@@ -32,7 +35,7 @@ const MAX_COMMITS_IN_FLIGHT: usize = 2;
 /// A mutation to reserve (see [`Journal::reserve`]).
 pub struct NewRecord {
     /// What it does.
-    pub op: RecordOp,
+    pub op: MutationOp,
     /// Op flags (see [`format::FLAG_NO_HOLE`]).
     pub flags: u8,
     /// Volume byte offset.
@@ -47,7 +50,7 @@ pub struct NewRecord {
 
 /// Where a write's payload is made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Placement {
+enum Placement {
     /// In the journal, after the header (every record but large writes).
     Journal,
     /// A large write whose payload is being written to the data store in
@@ -55,74 +58,87 @@ pub enum Placement {
     /// journal stays in LSN order).
     Pending,
     /// The payload is durable in the data store; the journal gets only the
-    /// header ([`RecordOp::WriteInPlace`]).
+    /// header ([`EntryKind::WriteInPlace`]).
     InPlace,
 }
 
-/// A journaled mutation, shared by the appender, the applier and (later) the
-/// replication senders. Immutable once created, but for where a large
-/// write's payload goes (decided once its in-place write ends).
-pub struct Record {
-    /// Its LSN.
-    pub lsn: Lsn,
-    /// What it does.
-    pub op: RecordOp,
-    /// Op flags (see [`format::FLAG_NO_HOLE`]).
-    pub flags: u8,
-    /// Volume byte offset.
-    pub offset: u64,
-    /// Volume bytes affected.
-    pub length: u64,
-    /// The data of a write.
-    pub payload: Option<Rc<Payload>>,
-    /// xxh3 of the payload (0 without one).
-    pub payload_hash: u64,
+/// Where the journal put a record: the journal's own business, never the
+/// replication stream's.
+struct Slot {
     /// Area offset of the record's header.
-    pub pos: u64,
+    pos: u64,
     /// Bytes of padding reserved just before it (to the end of the area), 0 if none.
-    pub pad_before: u64,
+    pad_before: u64,
     /// Journal bytes of the record itself (header + padded payload).
-    pub record_len: u64,
+    record_len: u64,
     /// Where the payload goes (always [`Placement::Journal`] but for large writes).
-    pub placement: Cell<Placement>,
+    placement: Cell<Placement>,
+}
+
+/// A journaled mutation in its slot, shared by the appender, the applier
+/// and the replication window. Immutable once created, but for where a
+/// large write's payload goes (decided once its in-place write ends).
+/// Dereferences to its [`Mutation`]: what every reader but the journal needs.
+pub struct Record {
+    mutation: Mutation,
+    slot: Slot,
+}
+
+impl std::ops::Deref for Record {
+    type Target = Mutation;
+
+    fn deref(&self) -> &Mutation {
+        &self.mutation
+    }
 }
 
 impl Record {
+    /// The mutation it journals.
+    pub fn mutation(&self) -> &Mutation {
+        &self.mutation
+    }
+
     /// Whether the payload went to the data store in place (the journal
     /// holds only the header).
     pub fn in_place(&self) -> bool {
-        self.placement.get() == Placement::InPlace
+        self.slot.placement.get() == Placement::InPlace
     }
 
     fn header(&self, epoch: Epoch, session: u64) -> RecordHeader {
-        let placement = self.placement.get();
+        let placement = self.slot.placement.get();
         debug_assert_ne!(
             placement,
             Placement::Pending,
             "header of an unplaced record"
         );
+        let m = &self.mutation;
         let in_place = placement == Placement::InPlace;
         RecordHeader {
-            lsn: self.lsn,
+            lsn: m.lsn,
             epoch,
             session,
-            op: if in_place {
-                RecordOp::WriteInPlace
+            kind: if in_place {
+                EntryKind::WriteInPlace
             } else {
-                self.op
+                EntryKind::Mutation(m.op)
             },
-            flags: self.flags,
-            offset: self.offset,
-            length: self.length,
-            payload_len: if self.op == RecordOp::Write && !in_place {
-                self.length
-            } else {
-                0
-            },
-            record_len: self.record_len,
-            payload_hash: self.payload_hash,
+            flags: m.flags,
+            offset: m.offset,
+            length: m.length,
+            payload_len: if in_place { 0 } else { m.payload_len() },
+            record_len: self.slot.record_len,
+            payload_hash: m.payload_hash,
         }
     }
+}
+
+/// A retained record read back from the journal file.
+pub enum ReadBack {
+    /// Its mutation, payload included.
+    Journaled(Mutation),
+    /// A write made in place: the journal holds only its header, and its
+    /// data only the store has (maybe overwritten since).
+    InPlace,
 }
 
 /// Where a record not yet released sits in the journal.
@@ -276,14 +292,13 @@ impl Journal {
         let payload = payload.clone();
         assert!(
             !in_place
-                || (op == RecordOp::Write
+                || (op == MutationOp::Write
                     && payload.is_some()
                     && offset % BLOCK == 0
                     && length % BLOCK == 0),
             "only aligned writes go in place"
         );
-        let payload_len = if op == RecordOp::Write { length } else { 0 };
-        let record_len = RecordHeader::record_len_for(payload_len);
+        let record_len = RecordHeader::record_len_for(op.payload_len(length));
         assert!(
             record_len <= self.area_len / 2,
             "record larger than half the journal"
@@ -307,32 +322,32 @@ impl Journal {
         }
         let payload_hash = payload.as_ref().map(|p| p.xxh3()).unwrap_or(0);
         let rec = Rc::new(Record {
-            lsn,
-            op,
-            flags,
-            offset,
-            length,
-            payload,
-            payload_hash,
-            pos,
-            pad_before: pad,
-            record_len,
-            placement: Cell::new(if in_place {
-                Placement::Pending
-            } else {
-                Placement::Journal
-            }),
+            mutation: Mutation {
+                lsn,
+                op,
+                flags,
+                offset,
+                length,
+                payload,
+                payload_hash,
+            },
+            slot: Slot {
+                pos,
+                pad_before: pad,
+                record_len,
+                placement: Cell::new(if in_place {
+                    Placement::Pending
+                } else {
+                    Placement::Journal
+                }),
+            },
         });
         st.queued.push_back(rec.clone());
         st.retained.push_back(Retained {
             lsn,
             pos,
             reserved: pad + record_len,
-            extent: if op == RecordOp::Pad {
-                (0, 0)
-            } else {
-                (offset, length)
-            },
+            extent: (offset, length),
             in_place,
         });
         drop(st);
@@ -366,12 +381,12 @@ impl Journal {
     /// the appender may now write it and the records behind it.
     pub fn placed(&self, rec: &Record, durable: bool) {
         assert_eq!(
-            rec.placement.get(),
+            rec.slot.placement.get(),
             Placement::Pending,
             "record {} placed twice",
             rec.lsn
         );
-        rec.placement.set(if durable {
+        rec.slot.placement.set(if durable {
             Placement::InPlace
         } else {
             Placement::Journal
@@ -395,7 +410,7 @@ impl Journal {
     /// every replica, since the store may then hold data they never got.
     pub async fn write_intent(&self, rec: &Record) -> io::Result<()> {
         assert_eq!(
-            rec.placement.get(),
+            rec.slot.placement.get(),
             Placement::Pending,
             "intent for a record that is not pending"
         );
@@ -404,16 +419,16 @@ impl Journal {
             lsn: rec.lsn,
             epoch: self.epoch.get(),
             session: self.session,
-            op: RecordOp::InPlaceIntent,
+            kind: EntryKind::InPlaceIntent,
             flags: rec.flags,
             offset: rec.offset,
             length: rec.length,
             payload_len: 0,
-            record_len: rec.record_len,
+            record_len: rec.slot.record_len,
             payload_hash: rec.payload_hash,
         }
         .encode(blk.as_mut_slice());
-        let (res, blk) = self.file.write_all_at(blk, AREA_START + rec.pos).await;
+        let (res, blk) = self.file.write_all_at(blk, AREA_START + rec.slot.pos).await;
         self.recycle(vec![OutBuf::Block(blk)]);
         res
     }
@@ -501,7 +516,7 @@ impl Journal {
                     .borrow()
                     .queued
                     .front()
-                    .is_some_and(|r| r.placement.get() != Placement::Pending);
+                    .is_some_and(|r| r.slot.placement.get() != Placement::Pending);
                 if !ready {
                     notified.await;
                 }
@@ -537,7 +552,7 @@ impl Journal {
         while let Some(r) = st.queued.front() {
             // The journal is written in LSN order: nothing passes a record
             // whose in-place payload write has not ended.
-            if r.placement.get() == Placement::Pending {
+            if r.slot.placement.get() == Placement::Pending {
                 break;
             }
             let n = 2 + r.payload.as_ref().map(|p| p.chunk_count()).unwrap_or(0);
@@ -570,19 +585,20 @@ impl Journal {
             );
         };
         for r in batch {
-            if r.pad_before > 0 {
-                let pad_pos = self.area_len - r.pad_before;
+            let slot = &r.slot;
+            if slot.pad_before > 0 {
+                let pad_pos = self.area_len - slot.pad_before;
                 let mut blk = self.header_block();
                 RecordHeader {
                     lsn: r.lsn,
                     epoch: self.epoch.get(),
                     session: self.session,
-                    op: RecordOp::Pad,
+                    kind: EntryKind::Pad,
                     flags: 0,
                     offset: 0,
                     length: 0,
                     payload_len: 0,
-                    record_len: r.pad_before,
+                    record_len: slot.pad_before,
                     payload_hash: 0,
                 }
                 .encode(blk.as_mut_slice());
@@ -594,7 +610,7 @@ impl Journal {
             if r.in_place() {
                 // Only the header: the payload is already home. The rest of
                 // the record's space stays unwritten (recovery skips it).
-                append(r.pos, BLOCK, &mut std::iter::once(OutBuf::Block(blk)));
+                append(slot.pos, BLOCK, &mut std::iter::once(OutBuf::Block(blk)));
                 continue;
             }
             let payload = r
@@ -602,8 +618,8 @@ impl Journal {
                 .iter()
                 .flat_map(|p| SharedSlice::padded_chunks(p).map(OutBuf::Shared));
             append(
-                r.pos,
-                r.record_len,
+                slot.pos,
+                slot.record_len,
                 &mut std::iter::once(OutBuf::Block(blk)).chain(payload),
             );
         }
@@ -772,7 +788,7 @@ impl Journal {
         &self,
         lsn: Lsn,
         pool: &crate::buffer::BufPool,
-    ) -> io::Result<(RecordHeader, Option<Payload>)> {
+    ) -> io::Result<ReadBack> {
         let Some(r) = self.retained(lsn) else {
             return Err(io::Error::other(format!(
                 "record {lsn} is no longer in the journal"
@@ -796,15 +812,44 @@ impl Journal {
                 h.lsn
             )));
         }
-        if h.payload_len == 0 {
-            return Ok((h, None));
-        }
+        let op = match h.kind {
+            EntryKind::Mutation(op) => op,
+            EntryKind::WriteInPlace | EntryKind::InPlaceIntent => return Ok(ReadBack::InPlace),
+            EntryKind::Pad => {
+                return Err(io::Error::other(format!(
+                    "journal holds a pad where LSN {lsn} was expected"
+                )))
+            }
+        };
+        let payload = if h.payload_len == 0 {
+            None
+        } else {
+            Some(Rc::new(self.read_payload(&h, r.pos, pool).await?))
+        };
+        Ok(ReadBack::Journaled(Mutation {
+            lsn,
+            op,
+            flags: h.flags,
+            offset: h.offset,
+            length: h.length,
+            payload,
+            payload_hash: h.payload_hash,
+        }))
+    }
+
+    /// Reads the payload of the record `h` at area offset `pos`, checking its hash.
+    async fn read_payload(
+        &self,
+        h: &RecordHeader,
+        pos: u64,
+        pool: &crate::buffer::BufPool,
+    ) -> io::Result<Payload> {
         let mut payload = pool.payload(h.payload_len as usize).await;
         let chunks = payload.take_chunks();
         let mut filled = Vec::with_capacity(chunks.len());
         for (i, chunk) in chunks.into_iter().enumerate() {
             let len = crate::units::align_up(payload.chunk_len(i) as u64) as usize;
-            let at = AREA_START + r.pos + BLOCK + (i * crate::buffer::MAX_CHUNK) as u64;
+            let at = AREA_START + pos + BLOCK + (i * crate::buffer::MAX_CHUNK) as u64;
             let (res, slice) = self
                 .file
                 .read_exact_at(tokio_uring::buf::BoundedBuf::slice(chunk, 0..len), at)
@@ -815,10 +860,11 @@ impl Journal {
         payload.put_chunks(filled);
         if payload.xxh3() != h.payload_hash {
             return Err(io::Error::other(format!(
-                "record {lsn}: payload checksum mismatch in the journal"
+                "record {}: payload checksum mismatch in the journal",
+                h.lsn
             )));
         }
-        Ok((h, Some(payload)))
+        Ok(payload)
     }
 
     /// Whether writers are waiting for space (the applier then checkpoints sooner).

@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::format::{
-    FormatError, RecordHeader, RecordOp, Superblock, AREA_START, FLAG_NO_HOLE, HEADER_BLOCK,
+    EntryKind, FormatError, RecordHeader, Superblock, AREA_START, FLAG_NO_HOLE, HEADER_BLOCK,
     MIN_AREA,
 };
+use super::mutation::MutationOp;
 use crate::units::{align_down, align_up, ByteSize, Epoch, Lsn, BLOCK};
 
 /// Why a journal could not be opened.
@@ -229,7 +230,7 @@ pub trait ReplayTarget {
         Ok(())
     }
     /// Whether recovery should look for in-place writes that were under way
-    /// at the crash (see [`RecordOp::InPlaceIntent`]) and report them
+    /// at the crash (see [`EntryKind::InPlaceIntent`]) and report them
     /// through [`ReplayTarget::placed`]: a target that marks changed ranges
     /// for replicas does.
     fn wants_intents(&self) -> bool {
@@ -256,7 +257,7 @@ fn sweep_intents(
         let b = read_aligned(f, AREA_START + pos, n as usize)?;
         for blk in b.as_slice()[..n as usize].chunks_exact(HEADER_BLOCK) {
             if let Ok(h) = RecordHeader::decode(blk) {
-                if h.op == RecordOp::InPlaceIntent && h.session == sb.session && h.lsn >= tail {
+                if h.kind == EntryKind::InPlaceIntent && h.session == sb.session && h.lsn >= tail {
                     found(&h)?;
                     count += 1;
                 }
@@ -280,7 +281,7 @@ impl InPlace {
     }
 
     fn note(&mut self, h: &RecordHeader) {
-        if h.op == RecordOp::WriteInPlace {
+        if h.kind == EntryKind::WriteInPlace {
             self.0.insert(
                 h.offset,
                 h.offset + h.length,
@@ -372,12 +373,12 @@ pub fn scan(
                 h.epoch, sb.epoch
             ));
         }
-        if h.op == RecordOp::InPlaceIntent {
+        if h.kind == EntryKind::InPlaceIntent {
             break Some(format!(
                 "record LSN {lsn} at area offset {pos} is an in-place write that had not finished (never acknowledged)"
             ));
         }
-        if h.op == RecordOp::Pad {
+        if h.kind == EntryKind::Pad {
             if pos + h.record_len != sb.area_len {
                 break Some(format!(
                     "pad record at area offset {pos} does not reach the end of the area"
@@ -458,18 +459,18 @@ pub fn open_and_recover(
         let h = &rec.header;
         let parts = in_place.replayable(h.offset, h.offset + h.length, h.lsn);
         for (a, b) in parts {
-            match h.op {
-                RecordOp::Write => {
+            match h.kind {
+                EntryKind::Mutation(MutationOp::Write) => {
                     let at = (a - h.offset) as usize..(b - h.offset) as usize;
                     target.write(a, &data[at])?
                 }
-                RecordOp::Trim => target.zero(a, b - a, true, false)?,
-                RecordOp::WriteZeroes => {
+                EntryKind::Mutation(MutationOp::Trim) => target.zero(a, b - a, true, false)?,
+                EntryKind::Mutation(MutationOp::WriteZeroes) => {
                     target.zero(a, b - a, false, h.flags & FLAG_NO_HOLE != 0)?
                 }
-                RecordOp::WriteInPlace => target.placed(a, b - a)?,
+                EntryKind::WriteInPlace => target.placed(a, b - a)?,
                 // Never visited: the scan stops at an intent.
-                RecordOp::Pad | RecordOp::InPlaceIntent => {}
+                EntryKind::Pad | EntryKind::InPlaceIntent => {}
             }
         }
         report.records += 1;
@@ -577,7 +578,7 @@ mod tests {
             lsn: Lsn(lsn),
             epoch: Epoch(1),
             session: 1,
-            op: RecordOp::WriteInPlace,
+            kind: EntryKind::WriteInPlace,
             flags: 0,
             offset,
             length,

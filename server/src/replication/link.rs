@@ -17,8 +17,7 @@ use super::resync::{Job, JobKind, Step};
 use super::wire::{self, Ack, Auth, Hello, HelloReply, Kind, RegionCheck, ReplyStatus};
 use super::{LinkState, Phase, Primary};
 use crate::buffer::{OutBuf, SharedSlice};
-use crate::journal::format::RecordOp;
-use crate::journal::Record;
+use crate::journal::{Mutation, ReadBack};
 use crate::sockio::{write_all, Socket};
 use crate::units::Lsn;
 use crate::volume::Volume;
@@ -48,18 +47,6 @@ pub async fn run(vol: Rc<Volume>, primary: Rc<Primary>, link: Rc<LinkState>, nod
 /// Whether record `lsn` is still in the primary's in-memory window.
 fn primary_has(vol: &Volume, lsn: Lsn) -> bool {
     vol.primary().is_some_and(|p| p.get(lsn).is_some())
-}
-
-fn op_code(op: RecordOp) -> u8 {
-    match op {
-        RecordOp::Write => 1,
-        RecordOp::Trim => 2,
-        RecordOp::WriteZeroes => 3,
-        RecordOp::Pad => unreachable!("pads are never replicated"),
-        RecordOp::WriteInPlace | RecordOp::InPlaceIntent => {
-            unreachable!("in-place records are never read back to send")
-        }
-    }
 }
 
 async fn connect_and_stream(
@@ -424,12 +411,12 @@ fn now_us() -> u64 {
 }
 
 /// The frame header and record header of a record, as one small buffer.
-fn record_head(r: &Record, epoch: u64) -> Vec<u8> {
-    let payload_len = if r.op == RecordOp::Write { r.length } else { 0 };
+fn record_head(r: &Mutation, epoch: u64) -> Vec<u8> {
+    let payload_len = r.payload_len();
     let rh = wire::RecordHeader {
         lsn: r.lsn.0,
         epoch,
-        op: op_code(r.op),
+        op: r.op,
         flags: r.flags,
         offset: r.offset,
         length: r.length,
@@ -444,7 +431,7 @@ fn record_head(r: &Record, epoch: u64) -> Vec<u8> {
     v
 }
 
-fn push_record(out: &mut Vec<OutBuf>, r: &Record, epoch: u64) {
+fn push_record(out: &mut Vec<OutBuf>, r: &Mutation, epoch: u64) {
     out.push(OutBuf::Bytes(record_head(r, epoch), 0));
     if let Some(p) = &r.payload {
         for i in 0..p.chunk_count() {
@@ -714,32 +701,19 @@ async fn send_loop(
         }
         if cursor < vol.journal().next_lsn() {
             // Catch-up: no longer in memory, read it back from the journal.
-            let (h, payload) = vol
+            let read = vol
                 .journal()
                 .read_record(cursor, vol.pool())
                 .await
                 .map_err(|e| {
                     LinkError::Protocol(format!("catch-up read of LSN {cursor} failed: {e}"))
                 })?;
-            if matches!(h.op, RecordOp::WriteInPlace | RecordOp::InPlaceIntent) {
+            let ReadBack::Journaled(rec) = read else {
                 // Its data is only in the store, possibly overwritten since:
                 // the next handshake plans a bitmap resync instead.
                 return Err(LinkError::Protocol(format!(
                     "catch-up reached LSN {cursor}, a write made in place whose data the journal does not hold; reconnecting to resync its regions"
                 )));
-            }
-            let rec = Record {
-                lsn: h.lsn,
-                op: h.op,
-                flags: h.flags,
-                offset: h.offset,
-                length: h.length,
-                payload: payload.map(Rc::new),
-                payload_hash: h.payload_hash,
-                pos: 0,
-                pad_before: 0,
-                record_len: 0,
-                placement: std::cell::Cell::new(crate::journal::Placement::Journal),
             };
             let mut out = Vec::new();
             push_record(&mut out, &rec, epoch);

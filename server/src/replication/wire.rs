@@ -4,6 +4,7 @@
 //! message or a [`WireError`] naming exactly what was wrong. No decoder
 //! panics or allocates more than the frame's bounded body.
 
+use crate::journal::MutationOp;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -117,6 +118,14 @@ pub enum WireError {
     /// A field holds an impossible value.
     #[error("invalid {0}")]
     BadField(&'static str),
+    /// A RECORD carries an op code this build does not know.
+    #[error("record LSN {lsn} has unknown op {code}")]
+    UnknownOp {
+        /// The record's LSN.
+        lsn: u64,
+        /// The op code received.
+        code: u8,
+    },
 }
 
 /// A decoded frame header.
@@ -519,8 +528,8 @@ pub struct RecordHeader {
     pub lsn: u64,
     /// Epoch of the primary that ordered it.
     pub epoch: u64,
-    /// 1 write, 2 trim, 3 write-zeroes.
-    pub op: u8,
+    /// What it does (its [`MutationOp::code`] on the wire).
+    pub op: MutationOp,
     /// Op flags (journal flags).
     pub flags: u8,
     /// Volume byte offset.
@@ -534,11 +543,7 @@ pub struct RecordHeader {
 impl RecordHeader {
     /// Payload bytes that follow this header.
     pub fn payload_len(&self) -> u64 {
-        if self.op == 1 {
-            self.length
-        } else {
-            0
-        }
+        self.op.payload_len(self.length)
     }
 
     /// Encodes, with the header checksum.
@@ -546,7 +551,7 @@ impl RecordHeader {
         let mut b = [0u8; RECORD_HEADER_LEN];
         b[0..8].copy_from_slice(&self.lsn.to_le_bytes());
         b[8..16].copy_from_slice(&self.epoch.to_le_bytes());
-        b[16] = self.op;
+        b[16] = self.op.code();
         b[17] = self.flags;
         b[24..32].copy_from_slice(&self.offset.to_le_bytes());
         b[32..40].copy_from_slice(&self.length.to_le_bytes());
@@ -561,7 +566,7 @@ impl RecordHeader {
         let mut r = Reader { b, what: "RECORD" };
         let lsn = r.u64()?;
         let epoch = r.u64()?;
-        let op = r.u8()?;
+        let op_code = r.u8()?;
         let flags = r.u8()?;
         r.take(6)?;
         let offset = r.u64()?;
@@ -571,9 +576,8 @@ impl RecordHeader {
         if stored != xxhash_rust::xxh3::xxh3_64(&b[..48]) {
             return Err(WireError::BadRecordChecksum { lsn });
         }
-        if !(1..=3).contains(&op) {
-            return Err(WireError::BadField("record op"));
-        }
+        let op =
+            MutationOp::from_code(op_code).ok_or(WireError::UnknownOp { lsn, code: op_code })?;
         if offset.checked_add(length).is_none() {
             return Err(WireError::BadField("record range"));
         }
@@ -714,9 +718,43 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A RECORD header carrying op code `code`, with a valid checksum.
+    fn record_with_op_code(code: u8) -> [u8; RECORD_HEADER_LEN] {
+        let h = RecordHeader {
+            lsn: 7,
+            epoch: 2,
+            op: MutationOp::Trim,
+            flags: 0,
+            offset: 4096,
+            length: 4096,
+            payload_hash: 0,
+        };
+        let mut b = h.encode();
+        b[16] = code;
+        let sum = xxhash_rust::xxh3::xxh3_64(&b[..48]);
+        b[48..56].copy_from_slice(&sum.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn unknown_record_ops_are_rejected_at_decode() {
+        for code in 0..=u8::MAX {
+            let got = RecordHeader::decode(&record_with_op_code(code));
+            match MutationOp::from_code(code) {
+                Some(op) => assert_eq!(got.map(|h| h.op), Ok(op)),
+                None => assert_eq!(got, Err(WireError::UnknownOp { lsn: 7, code })),
+            }
+        }
+        // The journal's own entry kinds (pad, in-place) never travel.
+        assert_eq!(
+            RecordHeader::decode(&record_with_op_code(4)),
+            Err(WireError::UnknownOp { lsn: 7, code: 4 })
+        );
+    }
+
     proptest! {
         #[test]
-        fn record_header_round_trips(lsn in any::<u64>(), epoch in any::<u64>(), op in 1u8..=3, flags in any::<u8>(),
+        fn record_header_round_trips(lsn in any::<u64>(), epoch in any::<u64>(), op in proptest::sample::select(MutationOp::ALL.to_vec()), flags in any::<u8>(),
                                      offset in 0u64..1 << 50, length in 0u64..1 << 24, hash in any::<u64>()) {
             let h = RecordHeader { lsn, epoch, op, flags, offset, length, payload_hash: hash };
             prop_assert_eq!(RecordHeader::decode(&h.encode()), Ok(h));
@@ -724,7 +762,7 @@ mod tests {
 
         #[test]
         fn record_header_bit_flips_are_caught(bit in 0usize..RECORD_HEADER_LEN * 8) {
-            let h = RecordHeader { lsn: 7, epoch: 2, op: 1, flags: 0, offset: 4096, length: 4096, payload_hash: 99 };
+            let h = RecordHeader { lsn: 7, epoch: 2, op: MutationOp::Write, flags: 0, offset: 4096, length: 4096, payload_hash: 99 };
             let mut b = h.encode();
             b[bit / 8] ^= 1 << (bit % 8);
             // Flipping a reserved byte keeps the fields but breaks the checksum too.
