@@ -278,7 +278,7 @@ impl Journal {
     /// Reserves space and an LSN for a record, or None if the journal is full.
     /// Synchronous, so the caller can update its in-memory state (the
     /// overlay) in the same step, in LSN order. With `in_place`, the record
-    /// (an aligned write) starts [`Placement::Pending`]: the appender holds
+    /// (an aligned write) starts pending: the appender holds
     /// it, and every record after it, until [`Journal::placed`] is called.
     pub fn try_reserve(&self, new: &NewRecord) -> Option<Rc<Record>> {
         let NewRecord {
