@@ -158,6 +158,35 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         .ok_or_else(|| format!("'{s}' is too long"))
 }
 
+/// A span of time as operators write it (`250ms`, `2s`, `5m`, `1h`): parsed
+/// by [`parse_duration`] and shown in the largest whole unit, so a shown
+/// value parses back to itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Interval(pub std::time::Duration);
+
+impl FromStr for Interval {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_duration(s).map(Interval)
+    }
+}
+
+impl fmt::Display for Interval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms == 0 {
+            return write!(f, "0s");
+        }
+        for (unit_ms, unit) in [(3_600_000, "h"), (60_000, "m"), (1000, "s")] {
+            if ms % unit_ms == 0 {
+                return write!(f, "{}{unit}", ms / unit_ms);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -195,6 +224,15 @@ mod tests {
         assert!("1X".parse::<ByteSize>().is_err());
         assert!("-1".parse::<ByteSize>().is_err());
         assert!("99999999999T".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn intervals_display_round_trip() {
+        for s in ["250ms", "1s", "5s", "90s", "2m", "1h", "1500ms"] {
+            let v: Interval = s.parse().unwrap();
+            assert_eq!(v.to_string(), s);
+        }
+        assert_eq!(Interval(std::time::Duration::ZERO).to_string(), "0s");
     }
 
     #[test]

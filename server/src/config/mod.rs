@@ -1,0 +1,100 @@
+//! Node configuration: a TOML file, command-line flags, or both (flags win).
+//!
+//! Each setting is declared once, in [`settings`]: flag, TOML key, type, help
+//! text, and its default in [`defaults`]. [`Config::from_cli`] lays the flags
+//! over the file and `resolve` validates the result into a [`Config`].
+//! Validation turns every mistake into one sentence that says what to fix
+//! ([`ConfigError`]); the daemon prints it and exits with status 2.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub mod defaults;
+mod error;
+mod resolve;
+pub mod settings;
+
+pub use error::ConfigError;
+pub use settings::{Cli, LogFormat, Settings, VolumeSettings};
+
+/// A validated volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeConfig {
+    /// Export name.
+    pub name: String,
+    /// Data store path.
+    pub data: PathBuf,
+    /// Journal path.
+    pub journal: PathBuf,
+    /// Size, if given.
+    pub size: Option<u64>,
+    /// Journal size when creating it.
+    pub journal_size: u64,
+    /// Description.
+    pub description: String,
+    /// Read-only export.
+    pub read_only: bool,
+    /// How a missing data file is created.
+    pub preallocate: crate::store::Preallocate,
+    /// Serve reads through the page cache (writes stay direct).
+    pub read_cache: bool,
+}
+
+/// A validated node configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Node name.
+    pub node: String,
+    /// Admin socket path.
+    pub admin_socket: Option<PathBuf>,
+    /// NBD TCP address.
+    pub listen: SocketAddr,
+    /// NBD Unix socket.
+    pub unix: Option<PathBuf>,
+    /// Worker cores.
+    pub cores: usize,
+    /// Buffer memory per core.
+    pub buffer_memory: u64,
+    /// Connection limit.
+    pub max_connections: usize,
+    /// Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log level filter.
+    pub log_level: String,
+    /// Longest time between checkpoints.
+    pub checkpoint_interval: std::time::Duration,
+    /// Smallest aligned write written in place (0: none).
+    pub in_place_min: u64,
+    /// Role given on the command line or in the file.
+    pub role: Option<crate::journal::format::Role>,
+    /// Replication, when peers or a replication listener are configured.
+    pub replication: Option<crate::replication::ReplicationConfig>,
+    /// Volumes.
+    pub volumes: Vec<VolumeConfig>,
+}
+
+/// Reads and parses a TOML configuration file.
+pub fn load_file(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+        path: path.to_path_buf(),
+        reason: e.to_string().trim_end().to_string(),
+    })
+}
+
+impl Config {
+    /// Lays the flags over the file (if any) and validates the result.
+    pub fn from_cli(cli: &Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(p) => load_file(p)?,
+            None => Settings::default(),
+        };
+        resolve::resolve(cli.over(file))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,205 @@
+//! From merged [`Settings`] to a validated [`Config`]: defaults applied, every
+//! rule checked in the order the errors have always been reported.
+
+use std::collections::HashSet;
+
+use super::defaults;
+use super::error::ConfigError;
+use super::settings::{Settings, VolumeSettings};
+use super::{Config, VolumeConfig};
+use crate::journal::format::{Role, MAX_NAME};
+use crate::replication::{Peer, ReplicationConfig};
+use crate::units::{is_aligned, ByteSize, Interval};
+
+/// Validates `s` (flags already laid over the file) into a [`Config`].
+pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
+    let volumes = volumes(&s)?;
+    let cores = cores(s.cores, volumes.len());
+    let buffer_memory = buffer_memory(s.buffer_memory)?;
+    let max_connections = max_connections(s.max_connections)?;
+    let checkpoint_interval = s
+        .checkpoint_interval
+        .clone()
+        .map(|t| t.resolve("checkpoint_interval"))
+        .transpose()?
+        .unwrap_or(defaults::CHECKPOINT_INTERVAL);
+    let replication = replication(&s)?;
+    if s.role == Some(Role::Replica) && replication.as_ref().and_then(|r| r.listen).is_none() {
+        return Err(ConfigError::ReplicaWithoutListen);
+    }
+    Ok(Config {
+        node: s.node.unwrap_or_else(hostname),
+        admin_socket: s.admin_socket,
+        listen: s.listen.unwrap_or(defaults::LISTEN),
+        unix: s.unix,
+        cores,
+        buffer_memory: buffer_memory.0,
+        max_connections,
+        metrics_listen: s.metrics_listen,
+        log_level: s.log_level.unwrap_or_else(|| defaults::LOG_LEVEL.into()),
+        checkpoint_interval: checkpoint_interval.0,
+        in_place_min: s.in_place_min.unwrap_or(defaults::IN_PLACE_MIN).0,
+        role: s.role,
+        replication,
+        volumes,
+    })
+}
+
+/// The file's volumes, then the flags' one; at least one, each valid, no
+/// name or path used twice.
+fn volumes(s: &Settings) -> Result<Vec<VolumeConfig>, ConfigError> {
+    let mut volumes = Vec::new();
+    for v in s.volumes.iter().chain([&s.volume]) {
+        volumes.extend(volume(v)?);
+    }
+    if volumes.is_empty() {
+        return Err(ConfigError::NoVolume);
+    }
+    let mut names = HashSet::new();
+    let mut paths = HashSet::new();
+    for v in &volumes {
+        if v.name.is_empty() || v.name.len() > MAX_NAME {
+            return Err(ConfigError::NameLength(v.name.clone()));
+        }
+        if !names.insert(&v.name) {
+            return Err(ConfigError::DuplicateName(v.name.clone()));
+        }
+        for p in [&v.data, &v.journal] {
+            if !paths.insert(p) {
+                return Err(ConfigError::DuplicatePath(p.clone()));
+            }
+        }
+        check_size(v)?;
+    }
+    Ok(volumes)
+}
+
+/// The volume `v` defines: none without name, data and journal; all three
+/// or none must be given (a `[[volume]]` table always has all three).
+fn volume(v: &VolumeSettings) -> Result<Option<VolumeConfig>, ConfigError> {
+    let (name, data, journal) = match (&v.name, &v.data, &v.journal) {
+        (Some(n), Some(d), Some(j)) => (n, d, j),
+        (None, None, None) => return Ok(None),
+        _ => return Err(ConfigError::PartialVolume),
+    };
+    Ok(Some(VolumeConfig {
+        name: name.clone(),
+        data: data.clone(),
+        journal: journal.clone(),
+        size: v.size.map(|s| s.0),
+        journal_size: v.journal_size.0,
+        description: v.description.clone().unwrap_or_default(),
+        read_only: v.read_only,
+        preallocate: v.preallocate,
+        read_cache: v.read_cache,
+    }))
+}
+
+/// A volume's size, when given, is a non-zero multiple of the block size.
+fn check_size(v: &VolumeConfig) -> Result<(), ConfigError> {
+    match v.size {
+        Some(size) if size == 0 || !is_aligned(size) => Err(ConfigError::UnalignedSize {
+            volume: v.name.clone(),
+            size,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Cores asked for (or the CPUs), at least one, at most one per volume.
+fn cores(given: Option<usize>, volumes: usize) -> usize {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    given.unwrap_or(cpus).clamp(1, volumes.max(1))
+}
+
+fn buffer_memory(given: Option<ByteSize>) -> Result<ByteSize, ConfigError> {
+    let m = given.unwrap_or(defaults::BUFFER_MEMORY);
+    if m < defaults::MIN_BUFFER_MEMORY {
+        return Err(ConfigError::BufferMemoryTooSmall(m));
+    }
+    Ok(m)
+}
+
+fn max_connections(given: Option<usize>) -> Result<usize, ConfigError> {
+    match given.unwrap_or(defaults::MAX_CONNECTIONS) {
+        0 => Err(ConfigError::NoConnections),
+        n => Ok(n),
+    }
+}
+
+/// Replication, when peers or a replication listener are configured.
+fn replication(s: &Settings) -> Result<Option<ReplicationConfig>, ConfigError> {
+    let peers = s
+        .peers
+        .iter()
+        .map(|p| p.clone().resolve("peers"))
+        .collect::<Result<Vec<Peer>, _>>()?;
+    let listen = s.replication_listen;
+    if peers.is_empty() && listen.is_none() {
+        return Ok(None);
+    }
+    let secret = secret(s.secret_file.as_deref())?;
+    let mut names = HashSet::new();
+    if let Some(p) = peers.iter().find(|p| !names.insert(&p.name)) {
+        return Err(ConfigError::DuplicatePeer(p.name.clone()));
+    }
+    let heartbeat_timeout = heartbeat_timeout(s)?;
+    if let Some(wanted) = s.min_sync_replicas.filter(|&n| n > peers.len()) {
+        return Err(ConfigError::TooManySyncReplicas {
+            wanted,
+            peers: peers.len(),
+        });
+    }
+    Ok(Some(ReplicationConfig {
+        listen,
+        peers,
+        secret,
+        mode: s.mode.unwrap_or(defaults::MODE),
+        min_sync_replicas: s.min_sync_replicas,
+        heartbeat_timeout: heartbeat_timeout.0,
+        on_replica_loss: s.on_replica_loss.unwrap_or(defaults::ON_REPLICA_LOSS),
+        max_lag: s.max_lag.unwrap_or(defaults::MAX_LAG).0,
+        resync_rate: s.resync_rate.unwrap_or(defaults::RESYNC_RATE).0,
+    }))
+}
+
+/// The shared secret: the file's contents without surrounding white space,
+/// at least 16 bytes.
+fn secret(path: Option<&std::path::Path>) -> Result<Vec<u8>, ConfigError> {
+    let path = path.ok_or(ConfigError::NoSecretFile)?;
+    let secret = std::fs::read(path).map_err(|source| ConfigError::ReadSecret {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let secret = secret.trim_ascii().to_vec();
+    if secret.len() < 16 {
+        return Err(ConfigError::ShortSecret {
+            path: path.to_path_buf(),
+            len: secret.len(),
+        });
+    }
+    Ok(secret)
+}
+
+fn heartbeat_timeout(s: &Settings) -> Result<Interval, ConfigError> {
+    let t = s
+        .heartbeat_timeout
+        .clone()
+        .map(|t| t.resolve("heartbeat_timeout"))
+        .transpose()?
+        .unwrap_or(defaults::HEARTBEAT_TIMEOUT);
+    if t < defaults::MIN_HEARTBEAT_TIMEOUT {
+        return Err(ConfigError::HeartbeatTooShort);
+    }
+    Ok(t)
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string())
+}
