@@ -10,11 +10,14 @@
 //! - [`protocol`]: the request and answer messages.
 //! - [`client`]: [`call`], the blocking client.
 //! - [`readiness`]: [`probe`], whether a daemon serves, and where.
+//! - [`cluster`]: a node's command line, the shared secret, and a bounded
+//!   wait for replicas in sync.
 //!
 //! This crate depends on no async runtime and not on the daemon, so linking
 //! it costs a client only serde and clap.
 
 pub mod client;
+pub mod cluster;
 pub mod protocol;
 pub mod readiness;
 pub mod states;

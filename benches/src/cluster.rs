@@ -10,15 +10,18 @@
 //! admin socket shows every running replica `in-sync` with no resync left
 //! (a fresh replica first gets a checksum resync of the whole volume).
 //!
-//! The command lines are built by the pure functions below so they can be
-//! checked without starting anything.
+//! The command lines are built by the pure functions below, from the node
+//! specs shared with the tests and `mirrorblk demo`
+//! ([`mirrorblk_admin::cluster`]), so they can be checked without starting
+//! anything.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use mirrorblk_admin::{ReplicaState, ReplicaStatus, Response};
+use mirrorblk_admin::cluster::{self, NodeSpec};
+use mirrorblk_admin::{ReplicaState, ReplicaStatus, Role};
 use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result};
@@ -28,8 +31,6 @@ use crate::targets::{self, Helper, PortMode, Running, Server, Volume};
 /// resync of a fresh 1 GiB volume, about 0.4 s per replica on the
 /// development machine; the rest is slack for a loaded machine).
 pub const IN_SYNC_TIMEOUT: Duration = Duration::from_secs(180);
-/// Longest run of one `mirrorblk status --json`.
-const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest metrics scrape.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The primary's node name; replicas are n2, n3, ...
@@ -73,8 +74,6 @@ pub struct Replication {
     /// Delay of the TCP proxy between the primary and each replica, per
     /// direction, in milliseconds (`None`: direct loopback).
     pub delay_ms: Option<u64>,
-    /// The admin CLI (`mirrorblk`), for `status --json`.
-    pub cli: PathBuf,
     /// The delaying proxy (`delay-proxy`), for cross-site targets.
     pub delay_proxy: PathBuf,
 }
@@ -123,7 +122,7 @@ impl Replication {
 
     /// Programs this target needs besides `mirrorblkd`.
     pub fn helpers(&self) -> Vec<&Path> {
-        let mut v = vec![self.cli.as_path()];
+        let mut v = Vec::new();
         if self.delay_ms.is_some() {
             v.push(self.delay_proxy.as_path());
         }
@@ -134,51 +133,46 @@ impl Replication {
 /// The flags of a replica node `node` on `vol`: `{repl_port}` is replaced by
 /// the replication port when it starts (chosen free, retried if lost).
 pub fn replica_args(node: &str, vol: &Volume, admin: &Path, secret: &Path) -> Vec<String> {
-    let p = |x: &Path| x.display().to_string();
-    vec![
-        "--node".into(),
-        node.into(),
-        "--export".into(),
-        "vol0".into(),
-        "--data".into(),
-        p(&vol.file),
-        "--journal".into(),
-        p(&vol.journal),
-        "--size".into(),
-        vol.size.to_string(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--admin-socket".into(),
-        p(admin),
-        "--role".into(),
-        "replica".into(),
-        "--replication-listen".into(),
-        "127.0.0.1:{repl_port}".into(),
-        "--secret-file".into(),
-        p(secret),
-    ]
+    let spec = NodeSpec {
+        name: node.into(),
+        export: "vol0".into(),
+        data: vol.file.clone(),
+        journal: vol.journal.clone(),
+        size: vol.size.to_string(),
+        listen: "127.0.0.1:0".into(),
+        admin: Some(admin.to_path_buf()),
+        role: Some(Role::Replica),
+        replication_listen: Some("127.0.0.1:{repl_port}".into()),
+        secret: Some(secret.to_path_buf()),
+        ..NodeSpec::default()
+    };
+    strings(spec.args())
 }
 
 /// The flags that make a single-volume mirrorblkd the primary of `peers`
 /// (`(name, address)`: the replica's, or its proxy's) in `mode`.
 pub fn primary_args(peers: &[(String, SocketAddr)], secret: &Path, mode: Mode) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "--node".into(),
-        PRIMARY_NODE.into(),
-        "--role".into(),
-        "primary".into(),
-    ];
-    for (name, addr) in peers {
-        a.push("--peer".into());
-        a.push(format!("{name}={addr}"));
-    }
-    a.extend([
-        "--secret-file".into(),
-        secret.display().to_string(),
-        "--mode".into(),
-        mode.as_str().into(),
-    ]);
+    let spec = NodeSpec {
+        name: PRIMARY_NODE.into(),
+        role: Some(Role::Primary),
+        peers: peers
+            .iter()
+            .map(|(n, a)| (n.clone(), a.to_string()))
+            .collect(),
+        secret: Some(secret.to_path_buf()),
+        mode: Some(mode),
+        ..NodeSpec::default()
+    };
+    let mut a = strings(vec!["--node".into(), PRIMARY_NODE.into()]);
+    a.extend(strings(spec.replication_args()));
     a
+}
+
+/// Arguments as text (the bench's command lines are text, with placeholders).
+fn strings(args: Vec<std::ffi::OsString>) -> Vec<String> {
+    args.into_iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect()
 }
 
 /// `delay-proxy` arguments: listen on any free loopback port, relay to
@@ -217,38 +211,6 @@ impl From<&ReplicaStatus> for ReplicaRecord {
             reason: r.reason.clone(),
         }
     }
-}
-
-/// The replicas of volume `vol0` in `mirrorblk status --json` output.
-pub fn parse_replicas(json: &str) -> std::result::Result<Vec<ReplicaRecord>, String> {
-    let resp: Response =
-        serde_json::from_str(json).map_err(|e| format!("status JSON does not parse: {e}"))?;
-    replicas_of(&resp)
-}
-
-/// The replicas of volume `vol0` in a status answer.
-pub fn replicas_of(resp: &Response) -> std::result::Result<Vec<ReplicaRecord>, String> {
-    if !resp.ok {
-        return Err(format!(
-            "status failed: {}",
-            resp.error.as_deref().unwrap_or("?")
-        ));
-    }
-    let vol = resp
-        .volumes
-        .iter()
-        .find(|v| v.name == "vol0")
-        .ok_or("status lists no volume vol0")?;
-    Ok(vol.replicas.iter().map(ReplicaRecord::from).collect())
-}
-
-/// Whether every replica named in `want` is in sync with no resync left.
-pub fn all_in_sync(states: &[ReplicaRecord], want: &[String]) -> bool {
-    want.iter().all(|w| {
-        states
-            .iter()
-            .any(|s| &s.peer == w && s.state == ReplicaState::InSync && !s.resyncing)
-    })
 }
 
 /// The sum of every series of metric `name` in a Prometheus text exposition
@@ -315,59 +277,29 @@ pub fn scrape(port: u16) -> Result<String> {
     }
 }
 
-/// The replicas as the primary's admin socket reports them.
-pub fn status(cli: &Path, admin: &Path) -> Result<Vec<ReplicaRecord>> {
-    let args = vec![
-        "--admin-socket".to_string(),
-        admin.display().to_string(),
-        "status".into(),
-        "--json".into(),
-    ];
-    let (ok, out) = targets::run_bounded(cli, &args, STATUS_TIMEOUT)?;
-    if !ok {
-        return Err(Error::Tool(format!(
-            "{} failed: {}",
-            targets::shell_line(cli, &args),
-            out.trim()
-        )));
-    }
-    parse_replicas(&out).map_err(Error::Tool)
+/// The replicas of `vol0` as the primary's admin socket reports them.
+pub fn status(admin: &Path) -> Result<Vec<ReplicaRecord>> {
+    let v = cluster::volume_status(admin, "vol0").map_err(Error::Tool)?;
+    Ok(v.replicas.iter().map(ReplicaRecord::from).collect())
 }
 
 /// Polls the primary until every replica in `want` is in sync with no
 /// resync left; returns the seconds waited and the states then.
 pub fn wait_in_sync(
-    cli: &Path,
     admin: &Path,
     want: &[String],
     timeout: Duration,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<(f64, Vec<ReplicaRecord>)> {
-    let t0 = Instant::now();
-    loop {
-        let last = match status(cli, admin) {
-            Ok(s) if all_in_sync(&s, want) => return Ok((t0.elapsed().as_secs_f64(), s)),
-            Ok(s) => format!("{s:?}"),
-            Err(e) => e.to_string(),
-        };
-        if t0.elapsed() >= timeout || interrupted() {
-            return Err(Error::Tool(format!(
-                "replicas {} not in sync within {timeout:?}; last status: {last}",
-                want.join(", ")
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (waited, v) = cluster::wait_in_sync(admin, "vol0", want, timeout, interrupted)
+        .map_err(|e| Error::Tool(e.to_string()))?;
+    let states = v.replicas.iter().map(ReplicaRecord::from).collect();
+    Ok((waited.as_secs_f64(), states))
 }
 
-/// Writes a fresh 32-byte random secret as 64 hex digits to `path`.
+/// Writes a fresh shared secret to `path` (see [`cluster::write_secret`]).
 pub fn write_secret(path: &Path) -> Result<()> {
-    let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .ctx(|| "cannot read /dev/urandom".into())?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(path, hex).ctx(|| format!("cannot write {}", path.display()))
+    cluster::write_secret(path).ctx(|| format!("cannot write the secret {}", path.display()))
 }
 
 /// Starts a replicated target: replicas, proxies, then the primary
@@ -517,37 +449,12 @@ mod tests {
             down: 1,
             mode: Mode::Sync,
             delay_ms: None,
-            cli: "mirrorblk".into(),
             delay_proxy: "delay-proxy".into(),
         };
         assert_eq!(r.replica_names(), vec!["n2", "n3"]);
         assert!(r.runs(0) && !r.runs(1));
         assert_eq!(r.running(), 1);
         assert!(r.durability().contains("not running"));
-    }
-
-    #[test]
-    fn reads_replica_states_from_status_json() {
-        // A status answer as the daemon writes it (every field it always sends).
-        let json = r#"{"ok":true,"node":"n1","volumes":[{"name":"vol0","size":1073741824,
-            "read_only":false,"role":"primary","epoch":1,"last_lsn":9,"durable_lsn":9,
-            "applied_lsn":9,"journal_used":0,"journal_size":1048576,"journal_batches":3,
-            "checkpoints":1,"journal_error":null,"inconsistent":false,"replicas":[
-            {"peer":"n2","state":"in-sync","reason":null,"durable_lsn":9,"lag_lsn":0,
-             "resync":null,"rtt_us":50},
-            {"peer":"n3","state":"in-sync","reason":null,"durable_lsn":4,"lag_lsn":5,
-             "resync":[10,20],"rtt_us":50}]}]}"#;
-        let s = parse_replicas(json).expect("parses");
-        assert_eq!(s.len(), 2);
-        assert!(!s[0].resyncing && s[1].resyncing);
-        let want = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert!(all_in_sync(&s, &want(&["n2"])));
-        // n3 is still resyncing; n4 is not there at all.
-        assert!(!all_in_sync(&s, &want(&["n2", "n3"])));
-        assert!(!all_in_sync(&s, &want(&["n4"])));
-        assert!(parse_replicas(r#"{"ok":false,"error":"no"}"#)
-            .unwrap_err()
-            .contains("no"));
     }
 
     #[test]

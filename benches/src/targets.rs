@@ -262,7 +262,6 @@ pub fn replicated(mirrorblkd: &Path, delay_ms: u64) -> Vec<Target> {
         down,
         mode,
         delay_ms,
-        cli: dir.join("mirrorblk"),
         delay_proxy: dir.join("delay-proxy"),
     };
     let mut specs = Vec::new();
@@ -974,7 +973,6 @@ mod tests {
             assert!(t.runs_job("4k-randwrite-qd32") && !t.runs_job("4k-randread-qd32"));
         }
         let r = all[0].replication.as_ref().expect("replicated");
-        assert_eq!(r.cli, Path::new("/b/mirrorblk"));
         assert_eq!(r.delay_proxy, Path::new("/b/delay-proxy"));
     }
 

@@ -22,7 +22,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use mirrorblk_admin::{self as admin, ReplicaState, ReplicaStatus, Request, VolumeStatus};
+use mirrorblk_admin::cluster::{self, NodeSpec};
+use mirrorblk_admin::{ReplicaStatus, Role, VolumeStatus};
 
 use crate::daemon::{Daemon, TestDir};
 use crate::util::{first_difference, Rng, MIB};
@@ -47,15 +48,11 @@ fn fresh_rng() -> Rng {
     Rng::new(t ^ (u64::from(std::process::id()) << 32) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
-/// Writes a fresh random secret (32 random bytes as 64 hex digits) to
-/// `name` in `dir` and returns its path.
+/// Writes a fresh random secret (32 random bytes as 64 hex digits, mode
+/// 0600) to `name` in `dir` and returns its path.
 pub fn write_secret(dir: &TestDir, name: &str) -> PathBuf {
-    let mut rng = fresh_rng();
-    let mut bytes = [0u8; 32];
-    rng.fill(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let path = dir.join(name);
-    std::fs::write(&path, hex).expect("write the secret file");
+    cluster::write_secret(&path).expect("write the secret file");
     path
 }
 
@@ -118,25 +115,19 @@ impl NodeFiles {
     }
 
     /// The volume, node name, admin socket and an ephemeral NBD port.
-    fn base_args(&self, journal_size: &str) -> Vec<OsString> {
-        vec![
-            "--node".into(),
-            self.name.clone().into(),
-            "--export".into(),
-            EXPORT.into(),
-            "--data".into(),
-            self.data.clone().into(),
-            "--journal".into(),
-            self.journal.clone().into(),
-            "--size".into(),
-            VOLUME_SIZE.into(),
-            "--journal-size".into(),
-            journal_size.into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--admin-socket".into(),
-            self.admin.clone().into(),
-        ]
+    fn spec(&self, journal_size: &str, extra: &[&str]) -> NodeSpec {
+        NodeSpec {
+            name: self.name.clone(),
+            export: EXPORT.into(),
+            data: self.data.clone(),
+            journal: self.journal.clone(),
+            size: VOLUME_SIZE.into(),
+            journal_size: Some(journal_size.into()),
+            listen: "127.0.0.1:0".into(),
+            admin: Some(self.admin.clone()),
+            extra: extra.iter().map(OsString::from).collect(),
+            ..NodeSpec::default()
+        }
     }
 
     /// Flags of a replica accepting its primary on `replication`.
@@ -147,20 +138,13 @@ impl NodeFiles {
         journal_size: &str,
         extra: &[&str],
     ) -> Vec<OsString> {
-        let mut a = self.base_args(journal_size);
-        a.extend(
-            [
-                "--role",
-                "replica",
-                "--replication-listen",
-                &replication.to_string(),
-                "--secret-file",
-            ]
-            .map(OsString::from),
-        );
-        a.push(secret.into());
-        a.extend(extra.iter().map(OsString::from));
-        a
+        NodeSpec {
+            role: Some(Role::Replica),
+            replication_listen: Some(replication.to_string()),
+            secret: Some(secret.to_path_buf()),
+            ..self.spec(journal_size, extra)
+        }
+        .args()
     }
 
     /// Flags of a primary replicating to `peers` (`NAME=HOST:PORT` each).
@@ -171,24 +155,30 @@ impl NodeFiles {
         journal_size: &str,
         extra: &[&str],
     ) -> Vec<OsString> {
-        let mut a = self.base_args(journal_size);
-        a.extend(["--role", "primary"].map(OsString::from));
-        for p in peers {
-            a.push("--peer".into());
-            a.push(p.into());
+        let peers = peers
+            .iter()
+            .map(|p| match p.split_once('=') {
+                Some((name, addr)) => (name.to_string(), addr.to_string()),
+                None => panic!("peer {p:?} is not NAME=HOST:PORT"),
+            })
+            .collect();
+        NodeSpec {
+            role: Some(Role::Primary),
+            peers,
+            secret: Some(secret.to_path_buf()),
+            ..self.spec(journal_size, extra)
         }
-        a.push("--secret-file".into());
-        a.push(secret.into());
-        a.extend(extra.iter().map(OsString::from));
-        a
+        .args()
     }
 
     /// Flags of a standalone primary on these files: no peers, no secret,
     /// no replication listener (how a replica is promoted for now).
     pub fn standalone_primary_args(&self, journal_size: &str) -> Vec<OsString> {
-        let mut a = self.base_args(journal_size);
-        a.extend(["--role", "primary"].map(OsString::from));
-        a
+        NodeSpec {
+            role: Some(Role::Primary),
+            ..self.spec(journal_size, &[])
+        }
+        .args()
     }
 }
 
@@ -278,18 +268,8 @@ impl Node {
 
     /// The volume's status from the admin socket, or why it could not be had.
     pub fn try_status(&self) -> Result<VolumeStatus, String> {
-        let resp = admin::call(&self.files.admin, &Request::Status).map_err(|e| e.to_string())?;
-        if !resp.ok {
-            return Err(format!(
-                "{}: status failed: {}",
-                self.name(),
-                resp.error.unwrap_or_default()
-            ));
-        }
-        resp.volumes
-            .into_iter()
-            .find(|v| v.name == EXPORT)
-            .ok_or_else(|| format!("{}: status lists no volume '{EXPORT}'", self.name()))
+        cluster::volume_status(&self.files.admin, EXPORT)
+            .map_err(|e| format!("{}: {e}", self.name()))
     }
 
     /// The volume's status from the admin socket.
@@ -308,12 +288,13 @@ impl Node {
     /// running, and returns that status; panics with the last status seen.
     #[track_caller]
     pub fn wait_replicas_in_sync(&self, timeout: Duration) -> VolumeStatus {
-        self.wait_status(timeout, "every replica in-sync with no resync", |s| {
-            !s.replicas.is_empty()
-                && s.replicas
-                    .iter()
-                    .all(|r| r.state == ReplicaState::InSync && r.resync.is_none())
-        })
+        match cluster::wait_in_sync(&self.files.admin, EXPORT, &[], timeout, &|| false) {
+            Ok((_, status)) => status,
+            Err(e) => panic!(
+                "{}: timed out waiting for every replica in-sync with no resync: {e}",
+                self.name()
+            ),
+        }
     }
 
     /// Polls the status every 50 ms until `ok` holds and returns it; panics

@@ -1,8 +1,10 @@
 //! `mirrorblk`: the admin CLI. See `mirrorblk --help`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
+
+mod demo;
 
 use clap::{Parser, Subcommand};
 use mirrorblk_admin as admin;
@@ -139,178 +141,6 @@ fn daemon_path() -> PathBuf {
     match sibling {
         Some(p) if p.exists() => p,
         _ => PathBuf::from("mirrorblkd"),
-    }
-}
-
-/// One node of the demo cluster.
-struct DemoNode {
-    name: &'static str,
-    nbd: String,
-    repl: String,
-}
-
-fn demo(dir: &Path, listen: &str, size: &str) -> ExitCode {
-    use nix::sys::signal::{kill, SigSet, Signal};
-    use nix::unistd::Pid;
-    if let Err(e) = std::fs::create_dir_all(dir) {
-        eprintln!("mirrorblk: cannot create {}: {e}", dir.display());
-        return ExitCode::from(1);
-    }
-    let Some((host, port)) = listen
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-    else {
-        eprintln!("mirrorblk: --listen must be HOST:PORT");
-        return ExitCode::from(2);
-    };
-    // Ports: the primary's NBD port, then replication ports above it and
-    // the replicas' (idle) NBD ports above those.
-    let nodes = [
-        DemoNode {
-            name: "n1",
-            nbd: format!("{host}:{port}"),
-            repl: format!("{host}:{}", port + 1),
-        },
-        DemoNode {
-            name: "n2",
-            nbd: format!("{host}:{}", port + 12),
-            repl: format!("{host}:{}", port + 2),
-        },
-        DemoNode {
-            name: "n3",
-            nbd: format!("{host}:{}", port + 13),
-            repl: format!("{host}:{}", port + 3),
-        },
-    ];
-    let secret = dir.join("secret");
-    if !secret.exists() {
-        let mut bytes = [0u8; 32];
-        // SAFETY: getrandom writes at most 32 bytes into bytes.
-        let _ = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        if let Err(e) = std::fs::write(&secret, text) {
-            eprintln!("mirrorblk: cannot write {}: {e}", secret.display());
-            return ExitCode::from(1);
-        }
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600));
-    }
-    let mut stop = SigSet::empty();
-    stop.add(Signal::SIGINT);
-    stop.add(Signal::SIGTERM);
-    // Blocked here, so only our sigwait sees Ctrl-C; the children get a clean SIGTERM.
-    let _ = stop.thread_block();
-    let daemon = daemon_path();
-    let mut children: Vec<(&str, Child)> = Vec::new();
-    // Replicas first, so the primary finds them at once.
-    for (i, n) in nodes.iter().enumerate().rev() {
-        let journal = dir.join(format!("{}.journal", n.name));
-        let first_run = !journal.exists();
-        let log = match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(format!("{}.log", n.name)))
-        {
-            Ok(f) => f,
-            Err(e) => {
-                eprintln!("mirrorblk: cannot open a log in {}: {e}", dir.display());
-                return ExitCode::from(1);
-            }
-        };
-        let mut cmd = Command::new(&daemon);
-        cmd.args([
-            "--node",
-            n.name,
-            "--export",
-            "vol0",
-            "--size",
-            size,
-            "--listen",
-            &n.nbd,
-            "--replication-listen",
-            &n.repl,
-        ])
-        .arg("--data")
-        .arg(dir.join(format!("{}.img", n.name)))
-        .arg("--journal")
-        .arg(&journal)
-        .arg("--secret-file")
-        .arg(&secret)
-        .arg("--admin-socket")
-        .arg(dir.join(format!("{}.sock", n.name)))
-        .args(["--description", "mirrorblk demo volume"])
-        .stderr(log);
-        for m in nodes.iter().filter(|m| m.name != n.name) {
-            cmd.arg("--peer").arg(format!("{}={}", m.name, m.repl));
-        }
-        if i == 0 {
-            cmd.args(["--metrics-listen", &format!("{host}:{}", port + 100)]);
-        }
-        if first_run {
-            // Later runs keep the roles the nodes last had (after a promote, say).
-            cmd.args(["--role", if i == 0 { "primary" } else { "replica" }]);
-        }
-        match cmd.spawn() {
-            Ok(c) => children.push((n.name, c)),
-            Err(e) => {
-                eprintln!("mirrorblk: cannot start {}: {e}; build it first with: cargo build --release --workspace", daemon.display());
-                for (_, c) in &mut children {
-                    let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
-                }
-                return ExitCode::from(1);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    // Wait until the primary listens (or a node died).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        for (name, c) in &mut children {
-            if let Ok(Some(status)) = c.try_wait() {
-                eprintln!(
-                    "mirrorblk: node {name} exited at start-up ({status}); see {}/{name}.log",
-                    dir.display()
-                );
-                return ExitCode::from(1);
-            }
-        }
-        if std::net::TcpStream::connect(listen).is_ok() || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    println!(
-        "\nmirrorblk demo is up: primary n1 with replicas n2 and n3 (sync mode), volume vol0 ({size}) on nbd://{listen}/vol0\n\
-         data, journals and logs in {dir}; metrics on http://{host}:{metrics}/metrics\n\n\
-         Try:\n  nbdinfo nbd://{listen}/vol0\n  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' nbd://{listen}/vol0\n  \
-         fio --name=t --ioengine=nbd --uri=nbd://{listen}/vol0 --rw=randwrite --bs=4k --iodepth=32 --size={size} --runtime=10 --time_based\n  \
-         mirrorblk --admin-socket {dir}/n1.sock status\n  \
-         sudo modprobe nbd && sudo nbd-client {host} {port} /dev/nbd0 -N vol0 -b 4096\n\nPress Ctrl-C to stop.",
-        dir = dir.display(),
-        metrics = port + 100,
-    );
-    let _ = stop.wait();
-    println!("stopping the demo nodes...");
-    let mut ok = true;
-    // The primary first, so the replicas receive everything before they stop.
-    for (name, c) in children.iter_mut().rev() {
-        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
-        match c.wait() {
-            Ok(s) if s.success() => {}
-            Ok(s) => {
-                eprintln!("mirrorblk: node {name} stopped with {s}");
-                ok = false;
-            }
-            Err(e) => {
-                eprintln!("mirrorblk: waiting for node {name} failed: {e}");
-                ok = false;
-            }
-        }
-    }
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
     }
 }
 
@@ -816,7 +646,7 @@ fn main() -> ExitCode {
             &admin::Request::Demote,
             "demoted; the node restarts as replica",
         ),
-        Cmd::Demo { dir, listen, size } => demo(&dir, &listen, &size),
+        Cmd::Demo { dir, listen, size } => demo::run(&dir, &listen, &size, &daemon_path()),
         Cmd::Verify { repair, json } => verify(&cli.admin_socket, repair, json),
         Cmd::Config {
             command: ConfigCmd::Check { file },

@@ -735,15 +735,10 @@ fn run_target(
                 replicas_after_jobs: Vec::new(),
             };
             if want.is_empty() {
-                rr.replicas_before_jobs = cluster::status(&repl.cli, &admin)?;
+                rr.replicas_before_jobs = cluster::status(&admin)?;
             } else {
-                let (secs, states) = cluster::wait_in_sync(
-                    &repl.cli,
-                    &admin,
-                    &want,
-                    cluster::IN_SYNC_TIMEOUT,
-                    &interrupted,
-                )?;
+                let (secs, states) =
+                    cluster::wait_in_sync(&admin, &want, cluster::IN_SYNC_TIMEOUT, &interrupted)?;
                 println!("   replicas {} in sync after {secs:.1} s", want.join(", "));
                 rr.in_sync_after_s = Some(secs);
                 rr.replicas_before_jobs = states;
@@ -849,9 +844,9 @@ fn run_target(
             Err(e) => m.error = Some(e.to_string()),
         }
     }
-    if let (Some(r), Some(repl), Some(rr)) = (&running, &t.replication, rec.replication.as_mut()) {
+    if let (Some(r), Some(rr)) = (&running, rec.replication.as_mut()) {
         if let Some(admin) = &r.admin {
-            match cluster::status(&repl.cli, admin) {
+            match cluster::status(admin) {
                 Ok(st) => rr.replicas_after_jobs = st,
                 Err(e) => println!("   cannot read the replica states: {e}"),
             }
