@@ -550,7 +550,9 @@ impl Volume {
 
     /// Largest payload a client may send in one request.
     pub fn max_payload(&self) -> u32 {
-        self.journal.max_payload().min(32 << 20) as u32
+        self.journal
+            .max_payload()
+            .min(crate::journal::MAX_RECORD_PAYLOAD) as u32
     }
 
     fn check_writable(&self) -> Result<(), ErrorCode> {

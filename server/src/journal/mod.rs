@@ -11,8 +11,11 @@
 pub mod format;
 pub mod mutation;
 pub mod recovery;
+pub mod ring;
 
 pub use mutation::{Mutation, MutationOp};
+pub use ring::Retained;
+use ring::Ring;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -21,13 +24,27 @@ use std::rc::Rc;
 
 use tokio::sync::{watch, Notify};
 
-use crate::buffer::{AlignedBuf, OutBuf, Payload, SharedSlice};
+use crate::buffer::{AlignedBuf, OutBuf, Payload, SharedSlice, MAX_CHUNK};
 use crate::units::{Epoch, Lsn, BLOCK};
 use format::{EntryKind, RecordHeader, Superblock, AREA_START, HEADER_BLOCK};
 
-/// Most records in one group commit (bounded by the kernel's `IOV_MAX` of
-/// 1024 iovecs: a record needs a header plus up to 32 payload chunks).
+/// The kernel's `IOV_MAX`: most iovecs in one `writev`.
+const IOV_MAX: usize = 1024;
+
+/// The largest payload one record carries: the largest NBD request an
+/// export advertises, and the largest RECORD the replication wire takes.
+pub const MAX_RECORD_PAYLOAD: u64 = 32 << 20;
+
+/// Iovecs one record needs at most: a pad header, its own header, and a
+/// chunk per [`MAX_CHUNK`] of payload.
+const MAX_RECORD_IOVECS: usize = 2 + MAX_RECORD_PAYLOAD.div_ceil(MAX_CHUNK as u64) as usize;
+
+/// Most iovecs in one group commit: a batch takes records up to this many,
+/// or a single record of any size.
 const MAX_BATCH_IOVECS: usize = 1000;
+
+const _: () = assert!(MAX_RECORD_IOVECS <= MAX_BATCH_IOVECS);
+const _: () = assert!(MAX_BATCH_IOVECS <= IOV_MAX);
 
 /// Group commits in flight at once (see `run_appender`).
 const MAX_COMMITS_IN_FLIGHT: usize = 2;
@@ -141,22 +158,6 @@ pub enum ReadBack {
     InPlace,
 }
 
-/// Where a record not yet released sits in the journal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retained {
-    /// Its LSN.
-    pub lsn: Lsn,
-    /// Area offset of its header.
-    pub pos: u64,
-    /// Journal bytes it holds (padding before it included).
-    pub reserved: u64,
-    /// Volume bytes it changes (`offset`, `length`; 0 for pads).
-    pub extent: (u64, u64),
-    /// A large write that may have gone to the store in place: its payload
-    /// may not be in the journal (catch-up cannot read it back).
-    pub in_place: bool,
-}
-
 /// The journal failed: no further write can be made durable.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("journal write failed: {0}")]
@@ -172,17 +173,11 @@ pub struct Progress {
 }
 
 struct State {
-    /// Next area offset to reserve.
-    head: u64,
-    /// Reserved, not yet released bytes.
-    used: u64,
-    /// Next LSN to assign.
-    next_lsn: Lsn,
+    /// Which area bytes and LSNs are taken; every record not yet released
+    /// by a checkpoint (catch-up reads and checkpoints use it).
+    ring: Ring,
     /// Records reserved but not yet handed to the appender's in-flight batch.
     queued: VecDeque<Rc<Record>>,
-    /// Every record not yet released by a checkpoint, oldest first: where it
-    /// is and how much space it holds (catch-up reads and checkpoints use it).
-    retained: VecDeque<Retained>,
     /// Current superblock (checkpoint fields advance at run time).
     superblock: Superblock,
 }
@@ -218,11 +213,8 @@ impl Journal {
             epoch: Cell::new(sb.epoch),
             session: sb.session,
             state: RefCell::new(State {
-                head: sb.checkpoint_pos,
-                used: 0,
-                next_lsn: sb.checkpoint_lsn,
+                ring: Ring::new(sb.area_len, sb.checkpoint_pos, sb.checkpoint_lsn),
                 queued: VecDeque::new(),
-                retained: VecDeque::new(),
                 superblock: sb,
             }),
             work: Notify::new(),
@@ -256,12 +248,12 @@ impl Journal {
 
     /// Bytes reserved and not yet checkpointed.
     pub fn used(&self) -> u64 {
-        self.state.borrow().used
+        self.state.borrow().ring.used()
     }
 
     /// The next LSN to be assigned.
     pub fn next_lsn(&self) -> Lsn {
-        self.state.borrow().next_lsn
+        self.state.borrow().ring.next_lsn()
     }
 
     /// Group commits done so far.
@@ -298,32 +290,19 @@ impl Journal {
                     && length % BLOCK == 0),
             "only aligned writes go in place"
         );
-        let record_len = RecordHeader::record_len_for(op.payload_len(length));
         assert!(
-            record_len <= self.area_len / 2,
-            "record larger than half the journal"
+            op.payload_len(length) <= MAX_RECORD_PAYLOAD,
+            "record payload larger than {MAX_RECORD_PAYLOAD} bytes"
         );
+        let record_len = RecordHeader::record_len_for(op.payload_len(length));
         let mut st = self.state.borrow_mut();
-        let pad = if st.head + record_len > self.area_len {
-            self.area_len - st.head
-        } else {
-            0
-        };
-        if st.used + pad + record_len > self.area_len {
-            return None;
-        }
-        let pos = if pad > 0 { 0 } else { st.head };
-        let lsn = st.next_lsn;
-        st.next_lsn = lsn.next();
-        st.used += pad + record_len;
-        st.head = pos + record_len;
-        if st.head == self.area_len {
-            st.head = 0;
-        }
+        let slot = st
+            .ring
+            .try_reserve(record_len, (offset, length), in_place)?;
         let payload_hash = payload.as_ref().map(|p| p.xxh3()).unwrap_or(0);
         let rec = Rc::new(Record {
             mutation: Mutation {
-                lsn,
+                lsn: slot.lsn,
                 op,
                 flags,
                 offset,
@@ -332,8 +311,8 @@ impl Journal {
                 payload_hash,
             },
             slot: Slot {
-                pos,
-                pad_before: pad,
+                pos: slot.pos,
+                pad_before: slot.pad_before,
                 record_len,
                 placement: Cell::new(if in_place {
                     Placement::Pending
@@ -343,13 +322,6 @@ impl Journal {
             },
         });
         st.queued.push_back(rec.clone());
-        st.retained.push_back(Retained {
-            lsn,
-            pos,
-            reserved: pad + record_len,
-            extent: (offset, length),
-            in_place,
-        });
         drop(st);
         self.work.notify_one();
         Some(rec)
@@ -393,12 +365,7 @@ impl Journal {
         });
         if !durable {
             // Its payload is journaled after all: catch-up can replay it.
-            let mut st = self.state.borrow_mut();
-            let first = st.retained.front().map_or(rec.lsn, |r| r.lsn);
-            if let Some(r) = st.retained.get_mut((rec.lsn.0 - first.0) as usize) {
-                debug_assert_eq!(r.lsn, rec.lsn, "retained records are contiguous");
-                r.in_place = false;
-            }
+            self.state.borrow_mut().ring.mark_journaled(rec.lsn);
         }
         self.work.notify_one();
     }
@@ -437,7 +404,7 @@ impl Journal {
     /// the data store (so catch-up from the journal cannot replay it).
     pub fn in_place_since(&self, from: Lsn) -> bool {
         let st = self.state.borrow();
-        let any = retained_since(&st, from).any(|r| r.in_place);
+        let any = st.ring.retained_since(from).any(|r| r.in_place);
         any
     }
 
@@ -556,6 +523,7 @@ impl Journal {
                 break;
             }
             let n = 2 + r.payload.as_ref().map(|p| p.chunk_count()).unwrap_or(0);
+            debug_assert!(n <= MAX_RECORD_IOVECS, "record of {n} iovecs");
             if !batch.is_empty() && iovecs + n > MAX_BATCH_IOVECS {
                 break;
             }
@@ -693,11 +661,9 @@ impl Journal {
                 st.queued.is_empty(),
                 "rebase with records waiting to be written"
             );
-            st.next_lsn = start;
-            st.retained.clear();
-            st.used = 0;
+            st.ring.rebase(start);
             st.superblock.checkpoint_lsn = start;
-            st.superblock.checkpoint_pos = st.head;
+            st.superblock.checkpoint_pos = st.ring.head();
             st.superblock.inconsistent = true;
             st.superblock.generation += 1;
             st.superblock.clone()
@@ -718,7 +684,8 @@ impl Journal {
     /// LSNs in `[from, to)`.
     pub fn retained_extents(&self, from: Lsn, to: Lsn) -> Vec<(u64, u64)> {
         let st = self.state.borrow();
-        retained_since(&st, from)
+        st.ring
+            .retained_since(from)
             .take_while(|r| r.lsn < to)
             .filter(|r| r.extent.1 > 0)
             .map(|r| r.extent)
@@ -729,18 +696,12 @@ impl Journal {
     /// LSN `from` on: what a replica durable up to `from - 1` still lacks of
     /// the journal.
     pub fn retained_bytes_from(&self, from: Lsn) -> u64 {
-        let st = self.state.borrow();
-        retained_since(&st, from).map(|r| r.extent.1).sum()
+        self.state.borrow().ring.retained_bytes_from(from)
     }
 
     /// Where record `lsn` sits, if it is still retained.
     pub fn retained(&self, lsn: Lsn) -> Option<Retained> {
-        let st = self.state.borrow();
-        let front = st.retained.front()?;
-        let i = lsn.0.checked_sub(front.lsn.0)? as usize;
-        let r = *st.retained.get(i)?;
-        debug_assert_eq!(r.lsn, lsn, "retained records are contiguous");
-        Some(r)
+        self.state.borrow().ring.retained(lsn)
     }
 
     /// Moves the checkpoint to `next`: the caller guarantees every record
@@ -748,19 +709,15 @@ impl Journal {
     /// a replica). Persists that in the superblock, then releases the space.
     /// Returns false when there was nothing to release.
     pub async fn checkpoint_to(&self, next: Lsn) -> io::Result<bool> {
-        let (sb, count, bytes) = {
+        let (sb, release) = {
             let mut st = self.state.borrow_mut();
-            let count = st.retained.iter().take_while(|r| r.lsn < next).count();
-            if count == 0 {
+            let Some(release) = st.ring.plan_release(next) else {
                 return Ok(false);
-            }
-            let bytes: u64 = st.retained.iter().take(count).map(|r| r.reserved).sum();
-            let pos = st.retained.get(count).map(|r| r.pos).unwrap_or(st.head);
-            assert!(next <= st.next_lsn, "checkpoint past the last assigned LSN");
+            };
             st.superblock.checkpoint_lsn = next;
-            st.superblock.checkpoint_pos = pos;
+            st.superblock.checkpoint_pos = release.checkpoint_pos;
             st.superblock.generation += 1;
-            (st.superblock.clone(), count, bytes)
+            (st.superblock.clone(), release)
         };
         let mut blk = AlignedBuf::new(HEADER_BLOCK);
         sb.encode(blk.as_mut_slice());
@@ -769,15 +726,7 @@ impl Journal {
             .write_all_at(blk, Superblock::slot_offset(sb.generation % 2))
             .await;
         res?;
-        {
-            let mut st = self.state.borrow_mut();
-            assert!(
-                st.used >= bytes,
-                "releasing more journal space than reserved"
-            );
-            st.used -= bytes;
-            st.retained.drain(..count);
-        }
+        self.state.borrow_mut().ring.release(&release);
         self.space.notify_waiters();
         Ok(true)
     }
@@ -869,16 +818,6 @@ impl Journal {
 
     /// Whether writers are waiting for space (the applier then checkpoints sooner).
     pub fn fill_ratio(&self) -> f64 {
-        self.state.borrow().used as f64 / self.area_len as f64
+        self.state.borrow().ring.used() as f64 / self.area_len as f64
     }
-}
-
-/// The retained records from LSN `from` on. They are contiguous in LSN, so
-/// this skips straight to `from` instead of scanning.
-fn retained_since(st: &State, from: Lsn) -> impl Iterator<Item = &Retained> {
-    let skip = st
-        .retained
-        .front()
-        .map_or(0, |front| from.0.saturating_sub(front.lsn.0) as usize);
-    st.retained.iter().skip(skip)
 }

@@ -19,7 +19,8 @@ pub const MAX_CONTROL_BODY: u32 = 64 << 10;
 /// Bytes of a record header inside a RECORD body.
 pub const RECORD_HEADER_LEN: usize = 56;
 /// Largest RECORD body (header + a 32 MiB payload).
-pub const MAX_RECORD_BODY: u32 = (32 << 20) + RECORD_HEADER_LEN as u32;
+pub const MAX_RECORD_BODY: u32 =
+    crate::journal::MAX_RECORD_PAYLOAD as u32 + RECORD_HEADER_LEN as u32;
 /// Bytes of a MAC.
 pub const MAC_LEN: usize = 32;
 /// Bytes of a handshake nonce.
