@@ -40,6 +40,18 @@ pub const MIN_AREA: u64 = 4 << 20;
 
 const CHECKSUM_AT: usize = HEADER_BLOCK - 8;
 
+/// Superblock offsets whose relationship the layout depends on.
+const SB_NAME_AT: usize = 96;
+const SB_INCONSISTENT_AT: usize = 232;
+
+// A header is one block, and the area starts after the two superblock copies.
+const _: () = assert!(HEADER_BLOCK as u64 == BLOCK && AREA_START == 2 * BLOCK);
+// The longest name ends before the inconsistent flag, which ends before the checksum.
+const _: () = assert!(SB_NAME_AT + MAX_NAME <= SB_INCONSISTENT_AT);
+const _: () = assert!(SB_INCONSISTENT_AT + 4 <= CHECKSUM_AT);
+// The smallest area is whole blocks.
+const _: () = assert!(MIN_AREA % BLOCK == 0);
+
 /// Why a superblock or record header did not decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FormatError {
@@ -173,8 +185,9 @@ impl Superblock {
         put_u64(out, 80, self.generation);
         put_u32(out, 88, self.volume_name.len() as u32);
         put_u32(out, 92, role_code(self.role));
-        put_u32(out, 232, u32::from(self.inconsistent));
-        out[96..96 + self.volume_name.len()].copy_from_slice(self.volume_name.as_bytes());
+        put_u32(out, SB_INCONSISTENT_AT, u32::from(self.inconsistent));
+        out[SB_NAME_AT..SB_NAME_AT + self.volume_name.len()]
+            .copy_from_slice(self.volume_name.as_bytes());
         let sum = block_checksum(out);
         put_u64(out, CHECKSUM_AT, sum);
     }
@@ -197,7 +210,7 @@ impl Superblock {
         if name_len > MAX_NAME {
             return Err(FormatError::BadField("volume name length"));
         }
-        let volume_name = String::from_utf8(b[96..96 + name_len].to_vec())
+        let volume_name = String::from_utf8(b[SB_NAME_AT..SB_NAME_AT + name_len].to_vec())
             .map_err(|_| FormatError::BadField("volume name is not UTF-8"))?;
         let mut volume_uuid = [0u8; 16];
         volume_uuid.copy_from_slice(&b[16..32]);
@@ -212,7 +225,7 @@ impl Superblock {
             session: get_u64(b, 72),
             generation: get_u64(b, 80),
             role: role_from_code(get_u32(b, 92)).ok_or(FormatError::BadField("role"))?,
-            inconsistent: get_u32(b, 232) != 0,
+            inconsistent: get_u32(b, SB_INCONSISTENT_AT) != 0,
         };
         if sb.area_len < MIN_AREA || sb.area_len % BLOCK != 0 {
             return Err(FormatError::BadField("record area length"));
