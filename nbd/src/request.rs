@@ -246,82 +246,117 @@ pub enum Verdict {
 /// multi-gigabyte discards and zeroing requests regardless of advertised
 /// limits.
 pub fn check_request(req: &Request, neg: &Negotiated) -> Verdict {
-    let tflags = neg.transmission_flags;
-    let export = &neg.export;
-    let has = |flag: u16| tflags & flag != 0;
-    let (min_block, _, max_payload) = export.block_sizes();
-    let cmd = req.command;
-    let flags = req.flags;
+    let checks = check_command(req, neg)
+        .and_then(|()| check_permission(req, neg))
+        .and_then(|()| check_exposed(req, neg))
+        .and_then(|()| check_command_flags(req, neg));
+    if let Err(verdict) = checks {
+        return verdict;
+    }
+    // 7. FLUSH has no range.
+    if req.command == Command::Flush {
+        return Verdict::Serve;
+    }
+    match check_range(req, &neg.export) {
+        Ok(()) => Verdict::Serve,
+        Err(verdict) => verdict,
+    }
+}
 
+/// Steps 1 to 3 of [`check_request`]: commands that never get further, then
+/// flags nobody defined. `Err` carries the final verdict.
+fn check_command(req: &Request, neg: &Negotiated) -> Result<(), Verdict> {
+    let (_, _, max_payload) = neg.export.block_sizes();
+    let cmd = req.command;
     // 1 + 2: commands that never get further.
     match cmd {
-        Command::Unknown(_) => return Verdict::Reject(ErrorCode::Inval),
-        Command::Disc => return Verdict::Serve,
+        Command::Unknown(_) => return Err(Verdict::Reject(ErrorCode::Inval)),
+        Command::Disc => return Err(Verdict::Serve),
         Command::Read | Command::Write if req.length > max_payload => {
-            return Verdict::Close(ProtocolError::RequestTooLong {
+            return Err(Verdict::Close(ProtocolError::RequestTooLong {
                 command: cmd.code(),
                 length: req.length,
                 max: max_payload,
-            })
+            }))
         }
         _ => {}
     }
-
     // 3. Flags nobody defined.
-    if flags.unknown_bits() != 0 {
-        return Verdict::Reject(ErrorCode::Inval);
+    if req.flags.unknown_bits() != 0 {
+        return Err(Verdict::Reject(ErrorCode::Inval));
     }
+    Ok(())
+}
 
-    // Modifications of a read-only export are EPERM, whether or not trim and
-    // zeroes were advertised: the spec's read-only rule is the one a client
-    // (and its user) can act on.
-    let writes = matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes);
-    if writes && (export.read_only || has(consts::FLAG_READ_ONLY)) {
-        return Verdict::Reject(ErrorCode::Perm);
+/// Step 6 of [`check_request`], checked before 4: modifications of a
+/// read-only export are EPERM, whether or not trim and zeroes were
+/// advertised: the spec's read-only rule is the one a client (and its user)
+/// can act on.
+fn check_permission(req: &Request, neg: &Negotiated) -> Result<(), Verdict> {
+    let writes = matches!(
+        req.command,
+        Command::Write | Command::Trim | Command::WriteZeroes
+    );
+    let read_only = neg.export.read_only || neg.transmission_flags & consts::FLAG_READ_ONLY != 0;
+    if writes && read_only {
+        return Err(Verdict::Reject(ErrorCode::Perm));
     }
+    Ok(())
+}
 
-    // 4. Commands the client was never told it could use.
-    let exposed = match cmd {
+/// Step 4 of [`check_request`]: commands the client was never told it could
+/// use.
+fn check_exposed(req: &Request, neg: &Negotiated) -> Result<(), Verdict> {
+    let has = |flag: u16| neg.transmission_flags & flag != 0;
+    let exposed = match req.command {
         Command::Read | Command::Write => true,
         Command::Flush => has(consts::FLAG_SEND_FLUSH),
         Command::Trim => has(consts::FLAG_SEND_TRIM),
         Command::WriteZeroes => has(consts::FLAG_SEND_WRITE_ZEROES),
         Command::Cache => has(consts::FLAG_SEND_CACHE),
         Command::BlockStatus => neg.structured_replies && neg.base_allocation.is_some(),
-        // Handled above; listed so a new variant forces a decision here.
+        // Handled by check_command; listed so a new variant forces a
+        // decision here.
         Command::Disc | Command::Unknown(_) => true,
     };
     if !exposed {
-        return Verdict::Reject(ErrorCode::Inval);
+        return Err(Verdict::Reject(ErrorCode::Inval));
     }
+    Ok(())
+}
 
-    // 5. Flags that do not belong to this command or were not advertised.
+/// Step 5 of [`check_request`]: flags that do not belong to this command or
+/// were not advertised.
+fn check_command_flags(req: &Request, neg: &Negotiated) -> Result<(), Verdict> {
+    let has = |flag: u16| neg.transmission_flags & flag != 0;
+    let (cmd, flags) = (req.command, req.flags);
+    let inval = Err(Verdict::Reject(ErrorCode::Inval));
     if flags.contains(CommandFlags::FUA) && !has(consts::FLAG_SEND_FUA) {
-        return Verdict::Reject(ErrorCode::Inval);
+        return inval;
     }
     if flags.contains(CommandFlags::NO_HOLE) && cmd != Command::WriteZeroes {
-        return Verdict::Reject(ErrorCode::Inval);
+        return inval;
     }
     if flags.contains(CommandFlags::DF) && (cmd != Command::Read || !has(consts::FLAG_SEND_DF)) {
-        return Verdict::Reject(ErrorCode::Inval);
+        return inval;
     }
     if flags.contains(CommandFlags::REQ_ONE) && cmd != Command::BlockStatus {
-        return Verdict::Reject(ErrorCode::Inval);
+        return inval;
     }
     if flags.contains(CommandFlags::FAST_ZERO) {
         if cmd != Command::WriteZeroes {
-            return Verdict::Reject(ErrorCode::Inval);
+            return inval;
         }
         if !has(consts::FLAG_SEND_FAST_ZERO) {
-            return Verdict::Reject(ErrorCode::NotSup);
+            return Err(Verdict::Reject(ErrorCode::NotSup));
         }
     }
+    Ok(())
+}
 
-    // 7. FLUSH has no range.
-    if cmd == Command::Flush {
-        return Verdict::Serve;
-    }
-
+/// Steps 8 to 10 of [`check_request`]: the range of a command that has one.
+fn check_range(req: &Request, export: &crate::handshake::ExportInfo) -> Result<(), Verdict> {
+    let cmd = req.command;
     // 8. Range within the export; checked_add so a huge offset cannot wrap
     //    around into range.
     let in_bounds = req
@@ -329,24 +364,22 @@ pub fn check_request(req: &Request, neg: &Negotiated) -> Verdict {
         .checked_add(u64::from(req.length))
         .is_some_and(|end| end <= export.size);
     if !in_bounds {
-        return Verdict::Reject(match cmd {
+        return Err(Verdict::Reject(match cmd {
             Command::Write | Command::WriteZeroes => ErrorCode::NoSpc,
             _ => ErrorCode::Inval,
-        });
+        }));
     }
-
     // 9. Alignment to the advertised minimum block size (never zero).
+    let (min_block, _, _) = export.block_sizes();
     let min = u64::from(min_block.max(1));
     if req.offset % min != 0 || u64::from(req.length) % min != 0 {
-        return Verdict::Reject(ErrorCode::Inval);
+        return Err(Verdict::Reject(ErrorCode::Inval));
     }
-
     // 10. An empty BLOCK_STATUS cannot be answered with a valid extent.
     if cmd == Command::BlockStatus && req.length == 0 {
-        return Verdict::Reject(ErrorCode::Inval);
+        return Err(Verdict::Reject(ErrorCode::Inval));
     }
-
-    Verdict::Serve
+    Ok(())
 }
 
 #[cfg(test)]
