@@ -18,6 +18,8 @@
 //! negotiation continues. TLS is not offered (the spec's NOTLS mode), so
 //! `STARTTLS` is unsupported too.
 
+use std::ops::ControlFlow;
+
 use crate::consts;
 use crate::error::ProtocolError;
 
@@ -409,95 +411,141 @@ impl Handshake {
     ) -> Result<usize, ProtocolError> {
         let mut pos = 0usize;
         loop {
-            match self.phase {
+            let step = match self.phase {
                 Phase::Ready | Phase::Closed => return Ok(pos),
-                Phase::ClientFlags => {
-                    let Some(bytes) = self.fill::<4>(input, &mut pos) else {
-                        return Ok(pos);
-                    };
-                    let flags = u32::from_be_bytes(bytes);
-                    if flags & !consts::KNOWN_CLIENT_FLAGS != 0 {
-                        return Err(self.violation(ProtocolError::BadClientFlags(flags)));
-                    }
-                    // FIXED_NEWSTYLE is honoured even if the client did not
-                    // set it (the spec allows this), so options always get
-                    // replies.
-                    self.no_zeroes = flags & consts::FLAG_C_NO_ZEROES != 0;
-                    self.phase = Phase::OptionHeader;
-                }
-                Phase::OptionHeader => {
-                    if self.inbuf.is_empty() && self.out.len() >= OUTPUT_HIGH_WATER {
-                        return Ok(pos);
-                    }
-                    let Some(header) = self.fill::<{ consts::OPTION_HEADER_LEN }>(input, &mut pos)
-                    else {
-                        return Ok(pos);
-                    };
-                    let mut r = Reader::new(&header);
-                    let (magic, option, len) = match (r.array::<8>(), r.u32(), r.u32()) {
-                        (Some(m), Some(o), Some(l)) => (u64::from_be_bytes(m), o, l),
-                        // Unreachable: the header is exactly 16 bytes.
-                        _ => return Ok(pos),
-                    };
-                    if magic != consts::IHAVEOPT {
-                        return Err(self.violation(ProtocolError::BadOptionMagic(magic)));
-                    }
-                    if len > MAX_OPTION_DATA {
-                        if option == consts::OPT_EXPORT_NAME {
-                            // No error reply exists for EXPORT_NAME, and no
-                            // export name can be this long.
-                            self.close(format!(
-                                "client sent NBD_OPT_EXPORT_NAME with a {len}-byte name"
-                            ));
-                            return Ok(pos);
-                        }
-                        self.phase = Phase::Drain {
-                            option,
-                            remaining: u64::from(len),
-                        };
-                    } else {
-                        self.phase = Phase::OptionData {
-                            option,
-                            len: usize::try_from(len).unwrap_or(usize::MAX),
-                        };
-                    }
-                }
+                Phase::ClientFlags => self.receive_client_flags(input, &mut pos)?,
+                Phase::OptionHeader => self.receive_option_header(input, &mut pos)?,
                 Phase::OptionData { option, len } => {
-                    if !self.fill_to(input, &mut pos, len) {
-                        return Ok(pos);
-                    }
-                    let data = std::mem::take(&mut self.inbuf);
-                    self.phase = Phase::OptionHeader;
-                    self.handle_option(option, &data, catalog);
-                    // Keep the allocation for the next option.
-                    self.inbuf = data;
-                    self.inbuf.clear();
+                    self.receive_option_data(option, len, input, &mut pos, catalog)
                 }
                 Phase::Drain { option, remaining } => {
-                    let available = input.len().saturating_sub(pos);
-                    let n = usize::try_from(remaining)
-                        .unwrap_or(usize::MAX)
-                        .min(available);
-                    pos = pos.saturating_add(n);
-                    let remaining = remaining.saturating_sub(n as u64);
-                    if remaining > 0 {
-                        self.phase = Phase::Drain { option, remaining };
-                        return Ok(pos);
-                    }
-                    self.phase = Phase::OptionHeader;
-                    if option == consts::OPT_ABORT {
-                        // The spec asks servers to ignore ABORT's data.
-                        self.handle_option(option, &[], catalog);
-                    } else {
-                        self.error_reply(
-                            option,
-                            consts::REP_ERR_TOO_BIG,
-                            &format!("option data exceeds {MAX_OPTION_DATA} bytes"),
-                        );
-                    }
+                    self.drain_option(option, remaining, input, &mut pos, catalog)
                 }
+            };
+            if step.is_break() {
+                return Ok(pos);
             }
         }
+    }
+
+    /// The client's flags, the first thing it sends. `Break` means wait for
+    /// more input.
+    fn receive_client_flags(
+        &mut self,
+        input: &[u8],
+        pos: &mut usize,
+    ) -> Result<ControlFlow<()>, ProtocolError> {
+        let Some(bytes) = self.fill::<4>(input, pos) else {
+            return Ok(ControlFlow::Break(()));
+        };
+        let flags = u32::from_be_bytes(bytes);
+        if flags & !consts::KNOWN_CLIENT_FLAGS != 0 {
+            return Err(self.violation(ProtocolError::BadClientFlags(flags)));
+        }
+        // FIXED_NEWSTYLE is honoured even if the client did not set it (the
+        // spec allows this), so options always get replies.
+        self.no_zeroes = flags & consts::FLAG_C_NO_ZEROES != 0;
+        self.phase = Phase::OptionHeader;
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// An option's header: decides whether its data is read or drained.
+    /// `Break` means stop consuming input for now (or for good, if closed).
+    fn receive_option_header(
+        &mut self,
+        input: &[u8],
+        pos: &mut usize,
+    ) -> Result<ControlFlow<()>, ProtocolError> {
+        if self.inbuf.is_empty() && self.out.len() >= OUTPUT_HIGH_WATER {
+            return Ok(ControlFlow::Break(()));
+        }
+        let Some(header) = self.fill::<{ consts::OPTION_HEADER_LEN }>(input, pos) else {
+            return Ok(ControlFlow::Break(()));
+        };
+        let mut r = Reader::new(&header);
+        let (magic, option, len) = match (r.array::<8>(), r.u32(), r.u32()) {
+            (Some(m), Some(o), Some(l)) => (u64::from_be_bytes(m), o, l),
+            // Unreachable: the header is exactly 16 bytes.
+            _ => return Ok(ControlFlow::Break(())),
+        };
+        if magic != consts::IHAVEOPT {
+            return Err(self.violation(ProtocolError::BadOptionMagic(magic)));
+        }
+        if len <= MAX_OPTION_DATA {
+            self.phase = Phase::OptionData {
+                option,
+                len: usize::try_from(len).unwrap_or(usize::MAX),
+            };
+            return Ok(ControlFlow::Continue(()));
+        }
+        if option == consts::OPT_EXPORT_NAME {
+            // No error reply exists for EXPORT_NAME, and no export name can
+            // be this long.
+            self.close(format!(
+                "client sent NBD_OPT_EXPORT_NAME with a {len}-byte name"
+            ));
+            return Ok(ControlFlow::Break(()));
+        }
+        self.phase = Phase::Drain {
+            option,
+            remaining: u64::from(len),
+        };
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// An option's data, once all `len` bytes are in: handles the option.
+    fn receive_option_data(
+        &mut self,
+        option: u32,
+        len: usize,
+        input: &[u8],
+        pos: &mut usize,
+        catalog: &dyn ExportCatalog,
+    ) -> ControlFlow<()> {
+        if !self.fill_to(input, pos, len) {
+            return ControlFlow::Break(());
+        }
+        let data = std::mem::take(&mut self.inbuf);
+        self.phase = Phase::OptionHeader;
+        self.handle_option(option, &data, catalog);
+        // Keep the allocation for the next option.
+        self.inbuf = data;
+        self.inbuf.clear();
+        ControlFlow::Continue(())
+    }
+
+    /// Skips the data of an option too long to buffer, then refuses it (or,
+    /// for ABORT, handles it without its data).
+    fn drain_option(
+        &mut self,
+        option: u32,
+        remaining: u64,
+        input: &[u8],
+        pos: &mut usize,
+        catalog: &dyn ExportCatalog,
+    ) -> ControlFlow<()> {
+        let available = input.len().saturating_sub(*pos);
+        let n = usize::try_from(remaining)
+            .unwrap_or(usize::MAX)
+            .min(available);
+        *pos = pos.saturating_add(n);
+        let remaining = remaining.saturating_sub(n as u64);
+        if remaining > 0 {
+            self.phase = Phase::Drain { option, remaining };
+            return ControlFlow::Break(());
+        }
+        self.phase = Phase::OptionHeader;
+        if option == consts::OPT_ABORT {
+            // The spec asks servers to ignore ABORT's data.
+            self.handle_option(option, &[], catalog);
+        } else {
+            self.error_reply(
+                option,
+                consts::REP_ERR_TOO_BIG,
+                &format!("option data exceeds {MAX_OPTION_DATA} bytes"),
+            );
+        }
+        ControlFlow::Continue(())
     }
 
     /// Bytes queued for the client.
