@@ -1214,100 +1214,16 @@ impl<S: Read + Write> Client<S> {
         let Some(req) = self.in_flight.get(&h.cookie).copied() else {
             return Err(ProtocolError::UnknownCookie(h.cookie).into());
         };
-        // Bound the payload by what this request can legitimately produce.
-        let max = if h.chunk_type == consts::REPLY_TYPE_OFFSET_DATA {
-            u64::from(req.length).saturating_add(8)
-        } else {
-            u64::from(MAX_CHUNK_PAYLOAD)
-        };
-        if u64::from(h.length) > max {
-            return Err(ProtocolError::ReplyTooLarge {
-                length: u64::from(h.length),
-                max,
-            }
-            .into());
-        }
+        check_chunk_length(&h, &req)?;
         let mut payload = vec![0u8; usize::try_from(h.length).unwrap_or(0)];
         self.stream.read_exact(&mut payload)?;
 
         let base_allocation = self.base_allocation;
-        let resp = self.partial.entry(h.cookie).or_insert_with(|| Response {
-            cookie: h.cookie,
-            error: None,
-            data: if req.command == Command::Read {
-                vec![0u8; usize::try_from(req.length).unwrap_or(0)]
-            } else {
-                Vec::new()
-            },
-            extents: Vec::new(),
-        });
-        let unexpected = || ProtocolError::UnexpectedChunk {
-            chunk_type: h.chunk_type,
-            command: req.command.code(),
-        };
-        // Where a content chunk lands inside the response buffer, if it lies
-        // entirely within the request.
-        let place = |offset: u64, len: u64| -> Result<(usize, usize), ProtocolError> {
-            let start = offset
-                .checked_sub(req.offset)
-                .ok_or(ProtocolError::MalformedReply(
-                    "content chunk before the request",
-                ))?;
-            let end = start
-                .checked_add(len)
-                .filter(|end| *end <= u64::from(req.length))
-                .ok_or(ProtocolError::MalformedReply(
-                    "content chunk past the request",
-                ))?;
-            Ok((
-                usize::try_from(start).unwrap_or(usize::MAX),
-                usize::try_from(end).unwrap_or(usize::MAX),
-            ))
-        };
-        match h.chunk_type {
-            consts::REPLY_TYPE_NONE => {
-                if h.length != 0 || !h.is_done() {
-                    return Err(ProtocolError::MalformedReply(
-                        "NONE chunk with payload or without DONE",
-                    )
-                    .into());
-                }
-            }
-            consts::REPLY_TYPE_OFFSET_DATA => {
-                if req.command != Command::Read {
-                    return Err(unexpected().into());
-                }
-                let (offset, data) = decode_offset_data(&payload)?;
-                let (start, end) = place(offset, data.len() as u64)?;
-                if let Some(dst) = resp.data.get_mut(start..end) {
-                    dst.copy_from_slice(data);
-                }
-            }
-            consts::REPLY_TYPE_OFFSET_HOLE => {
-                if req.command != Command::Read {
-                    return Err(unexpected().into());
-                }
-                let (offset, len) = decode_offset_hole(&payload)?;
-                let (start, end) = place(offset, u64::from(len))?;
-                if let Some(dst) = resp.data.get_mut(start..end) {
-                    dst.fill(0);
-                }
-            }
-            consts::REPLY_TYPE_BLOCK_STATUS => {
-                if req.command != Command::BlockStatus {
-                    return Err(unexpected().into());
-                }
-                let (id, extents) = decode_block_status(&payload)?;
-                if Some(id) == base_allocation {
-                    resp.extents.extend(extents);
-                }
-            }
-            t if t & consts::REPLY_TYPE_FLAG_ERROR != 0 => {
-                let e = decode_error_chunk(t, &payload)?;
-                resp.error.get_or_insert(e.code);
-            }
-            _ => return Err(unexpected().into()),
-        }
+        let resp = self
+            .partial
+            .entry(h.cookie)
+            .or_insert_with(|| empty_response(h.cookie, &req));
+        apply_chunk(&h, &payload, &req, base_allocation, resp)?;
         if !h.is_done() {
             return Ok(None);
         }
@@ -1321,6 +1237,115 @@ impl<S: Read + Write> Client<S> {
         }
         Ok(done)
     }
+}
+
+/// Bounds a chunk's payload by what its request can legitimately produce.
+fn check_chunk_length(h: &ChunkHeader, req: &InFlight) -> Result<(), ProtocolError> {
+    let max = if h.chunk_type == consts::REPLY_TYPE_OFFSET_DATA {
+        u64::from(req.length).saturating_add(8)
+    } else {
+        u64::from(MAX_CHUNK_PAYLOAD)
+    };
+    if u64::from(h.length) > max {
+        return Err(ProtocolError::ReplyTooLarge {
+            length: u64::from(h.length),
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// The response a request's first chunk starts: a READ's buffer is sized to
+/// the request, so content chunks can land anywhere in it.
+fn empty_response(cookie: u64, req: &InFlight) -> Response {
+    Response {
+        cookie,
+        error: None,
+        data: if req.command == Command::Read {
+            vec![0u8; usize::try_from(req.length).unwrap_or(0)]
+        } else {
+            Vec::new()
+        },
+        extents: Vec::new(),
+    }
+}
+
+/// Folds one structured chunk into the response it belongs to.
+fn apply_chunk(
+    h: &ChunkHeader,
+    payload: &[u8],
+    req: &InFlight,
+    base_allocation: Option<u32>,
+    resp: &mut Response,
+) -> Result<(), ProtocolError> {
+    let unexpected = || ProtocolError::UnexpectedChunk {
+        chunk_type: h.chunk_type,
+        command: req.command.code(),
+    };
+    match h.chunk_type {
+        consts::REPLY_TYPE_NONE => {
+            if h.length != 0 || !h.is_done() {
+                return Err(ProtocolError::MalformedReply(
+                    "NONE chunk with payload or without DONE",
+                ));
+            }
+        }
+        consts::REPLY_TYPE_OFFSET_DATA => {
+            if req.command != Command::Read {
+                return Err(unexpected());
+            }
+            let (offset, data) = decode_offset_data(payload)?;
+            let (start, end) = content_range(req, offset, data.len() as u64)?;
+            if let Some(dst) = resp.data.get_mut(start..end) {
+                dst.copy_from_slice(data);
+            }
+        }
+        consts::REPLY_TYPE_OFFSET_HOLE => {
+            if req.command != Command::Read {
+                return Err(unexpected());
+            }
+            let (offset, len) = decode_offset_hole(payload)?;
+            let (start, end) = content_range(req, offset, u64::from(len))?;
+            if let Some(dst) = resp.data.get_mut(start..end) {
+                dst.fill(0);
+            }
+        }
+        consts::REPLY_TYPE_BLOCK_STATUS => {
+            if req.command != Command::BlockStatus {
+                return Err(unexpected());
+            }
+            let (id, extents) = decode_block_status(payload)?;
+            if Some(id) == base_allocation {
+                resp.extents.extend(extents);
+            }
+        }
+        t if t & consts::REPLY_TYPE_FLAG_ERROR != 0 => {
+            let e = decode_error_chunk(t, payload)?;
+            resp.error.get_or_insert(e.code);
+        }
+        _ => return Err(unexpected()),
+    }
+    Ok(())
+}
+
+/// Where a content chunk lands inside the response buffer, if it lies
+/// entirely within the request.
+fn content_range(req: &InFlight, offset: u64, len: u64) -> Result<(usize, usize), ProtocolError> {
+    let start = offset
+        .checked_sub(req.offset)
+        .ok_or(ProtocolError::MalformedReply(
+            "content chunk before the request",
+        ))?;
+    let end = start
+        .checked_add(len)
+        .filter(|end| *end <= u64::from(req.length))
+        .ok_or(ProtocolError::MalformedReply(
+            "content chunk past the request",
+        ))?;
+    Ok((
+        usize::try_from(start).unwrap_or(usize::MAX),
+        usize::try_from(end).unwrap_or(usize::MAX),
+    ))
 }
 
 #[cfg(test)]
