@@ -68,35 +68,11 @@ impl Default for Readiness {
     }
 }
 
-/// The status of a verify pass in progress (or just ended).
-pub fn verify_running(job: &crate::replication::resync::Job, repair: bool) -> VerifyStatus {
-    let (done_bytes, total_bytes) = job.progress();
-    VerifyStatus {
-        running: !job.finished(),
-        repair,
-        done_bytes,
-        total_bytes,
-        differing: job.differing.clone(),
-        busy: job.busy.clone(),
-        region_bytes: crate::replication::bitmap::REGION,
-        aborted: None,
-        seconds: job.started.elapsed().as_secs_f64(),
-    }
-}
-
-/// A question to a core, with where to send its answer.
-pub struct CoreQuery {
-    /// The request.
-    pub request: Request,
-    /// Where the core answers with its volumes' part (or why it refused).
-    pub reply: std::sync::mpsc::SyncSender<Result<Vec<VolumeStatus>, String>>,
-}
-
 /// Serves the admin socket at `path` until the process ends.
 pub fn spawn(
     path: &Path,
     node: String,
-    cores: Vec<mpsc::Sender<crate::node::CoreMsg>>,
+    cores: Vec<mpsc::Sender<crate::control::CoreMsg>>,
     readiness: Arc<Readiness>,
 ) -> std::io::Result<()> {
     if let Ok(m) = std::fs::symlink_metadata(path) {
@@ -138,7 +114,7 @@ pub fn spawn(
 fn serve(
     stream: UnixStream,
     node: &str,
-    cores: &[mpsc::Sender<crate::node::CoreMsg>],
+    cores: &[mpsc::Sender<crate::control::CoreMsg>],
     readiness: &Readiness,
 ) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
@@ -175,15 +151,18 @@ fn serve(
     }
 }
 
-fn handle(req: Request, node: &str, cores: &[mpsc::Sender<crate::node::CoreMsg>]) -> Response {
+fn handle(req: Request, node: &str, cores: &[mpsc::Sender<crate::control::CoreMsg>]) -> Response {
     let mut volumes = Vec::new();
     for core in cores {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let q = CoreQuery {
+        let q = crate::control::CoreQuery {
             request: req.clone(),
             reply: tx,
         };
-        if core.blocking_send(crate::node::CoreMsg::Admin(q)).is_err() {
+        if core
+            .blocking_send(crate::control::CoreMsg::Admin(q))
+            .is_err()
+        {
             return Response::error("a core has stopped; the node is shutting down");
         }
         match rx.recv_timeout(CORE_TIMEOUT) {

@@ -11,6 +11,9 @@
 pub mod admin;
 pub mod buffer;
 pub mod config;
+pub mod control;
+pub mod cores;
+pub mod engine;
 pub mod export;
 pub mod journal;
 pub mod lifecycle;
@@ -21,6 +24,7 @@ pub mod notify;
 pub mod overlay;
 pub mod replication;
 pub mod sockio;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod units;

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nbd::{ExportCatalog, ExportInfo, Handshake, Negotiated, Status};
-use tokio::sync::mpsc;
 
 /// How long a client may take over the whole handshake's each read.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -114,7 +113,7 @@ pub struct AcceptContext {
     /// Exports.
     pub catalog: Catalog,
     /// Export name → the sender of its core.
-    pub routes: std::collections::HashMap<String, mpsc::Sender<crate::node::CoreMsg>>,
+    pub routes: crate::control::Routes,
     /// Live connections.
     pub conns: Arc<AtomicUsize>,
     /// Limit on live connections.
@@ -233,7 +232,7 @@ fn handshake_and_route(
     };
     tracing::debug!(%peer, export = %neg.export.name, structured = neg.structured_replies, "client attached");
     if route
-        .blocking_send(crate::node::CoreMsg::Conn(NewConn {
+        .blocking_send(crate::control::CoreMsg::Conn(NewConn {
             stream,
             neg,
             leftover,

@@ -5,12 +5,10 @@
 //! for anything the operator must fix: a missing device, a journal of another
 //! volume, a port in use. Only then do the cores start.
 
-use std::collections::HashMap;
 use std::net::TcpListener;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,21 +16,19 @@ use std::time::Duration;
 use nbd::ExportInfo;
 use tokio::sync::mpsc;
 
-use crate::buffer::{BufPool, PoolConfig};
+use crate::buffer::PoolConfig;
 use crate::config::{Config, VolumeConfig};
-use crate::export::serve;
+use crate::control::{CoreMsg, Routes, CORE_QUEUE};
+use crate::cores::{run_core, CoreControl};
+use crate::engine::Tuning;
 use crate::journal::format::Role;
 use crate::journal::recovery::{
     open_and_recover, FileReplay, JournalOpenError, JournalSpec, OpenedJournal, ReplayTarget,
 };
-use crate::journal::Journal;
-use crate::listener::{spawn_acceptors, AcceptContext, Catalog, ClientStream, NewConn};
+use crate::listener::{spawn_acceptors, AcceptContext, Catalog};
 use crate::replication::bitmap::OutOfSync;
-use crate::replication::ReplicationConfig;
-use crate::sockio::Socket;
-use crate::store::{open_store, OpenedStore, Store, StoreError};
+use crate::store::{open_store, OpenedStore, StoreError};
 use crate::units::ByteSize;
-use crate::volume::{Volume, VolumeInfo};
 
 /// Why the node could not start; each is something the operator fixes.
 #[derive(Debug, thiserror::Error)]
@@ -72,18 +68,6 @@ pub enum StartError {
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
-}
-
-/// What a core receives from the rest of the node.
-pub enum CoreMsg {
-    /// A negotiated client connection for one of its volumes.
-    Conn(NewConn),
-    /// An admin question about its volumes.
-    Admin(crate::admin::CoreQuery),
-    /// A primary connecting to one of its (replica) volumes.
-    Replica(crate::replication::accept::IncomingPrimary),
-    /// New resync bandwidth (bytes per second), from a reload.
-    SetResyncRate(u64),
 }
 
 /// A volume opened and recovered, waiting for its core.
@@ -362,13 +346,13 @@ pub struct RunningNode {
 pub struct Heartbeats(Arc<std::sync::Mutex<Vec<std::time::Instant>>>);
 
 impl Heartbeats {
-    fn register(&self) -> usize {
+    pub(crate) fn register(&self) -> usize {
         let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
         v.push(std::time::Instant::now());
         v.len() - 1
     }
 
-    fn beat(&self, core: usize) {
+    pub(crate) fn beat(&self, core: usize) {
         let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = v.get_mut(core) {
             *t = std::time::Instant::now();
@@ -459,13 +443,13 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
     let mut running_cores = 0;
     let heartbeats = Heartbeats::default();
-    let mut routes = HashMap::new();
+    let mut routes = Routes::default();
     let mut core_senders = Vec::new();
     for (i, vols) in per_core.into_iter().enumerate() {
         if vols.is_empty() {
             continue;
         }
-        let (tx, rx) = mpsc::channel::<CoreMsg>(64);
+        let (tx, rx) = mpsc::channel::<CoreMsg>(CORE_QUEUE);
         for v in &vols {
             routes.insert(v.config.name.clone(), tx.clone());
         }
@@ -476,8 +460,10 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         let ctl = CoreControl {
             stop: stop_rx.clone(),
             stopped: stopped_tx.clone(),
-            checkpoint_interval: cfg.checkpoint_interval,
-            in_place_min: cfg.in_place_min,
+            tuning: Tuning {
+                checkpoint_interval: cfg.checkpoint_interval,
+                in_place_min: cfg.in_place_min,
+            },
             heartbeats: heartbeats.clone(),
             replication: cfg.replication.clone(),
             node: cfg.node.clone(),
@@ -502,7 +488,17 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
             hint: "; another process uses that port: choose another --replication-listen",
         })?;
         replication_listen = Some(l.local_addr().unwrap_or(addr));
-        crate::replication::accept::spawn(l, routes.clone(), cfg.node.clone())
+        let to_core = routes.clone();
+        let route = move |inc: crate::replication::accept::IncomingPrimary| {
+            let Some(core) = to_core.get(&inc.hello.volume) else {
+                return Err(Box::new(inc));
+            };
+            if core.blocking_send(CoreMsg::Replica(inc)).is_err() {
+                tracing::warn!("core is gone; dropping a replication connection");
+            }
+            Ok(())
+        };
+        crate::replication::accept::spawn(l, route, cfg.node.clone())
             .map_err(StartError::Thread)?;
         tracing::info!("accepting replication on {addr}");
     }
@@ -539,155 +535,4 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         heartbeats,
         core_senders: core_senders_for_node,
     })
-}
-
-/// How the main thread steers a core.
-struct CoreControl {
-    stop: tokio::sync::watch::Receiver<bool>,
-    stopped: std::sync::mpsc::Sender<(usize, bool)>,
-    checkpoint_interval: Duration,
-    in_place_min: u64,
-    heartbeats: Heartbeats,
-    replication: Option<ReplicationConfig>,
-    node: String,
-}
-
-/// How long a core may take to finish in-flight work when stopping.
-const STOP_LIMIT: Duration = Duration::from_secs(25);
-
-fn run_core(
-    index: usize,
-    vols: Vec<PreparedVolume>,
-    mut rx: mpsc::Receiver<CoreMsg>,
-    pool_cfg: PoolConfig,
-    mut ctl: CoreControl,
-) {
-    tokio_uring::builder().entries(1024).start(async move {
-        let pool = Rc::new(BufPool::new(&pool_cfg));
-        let mut volumes: HashMap<String, Rc<Volume>> = HashMap::new();
-        for v in vols {
-            let info = VolumeInfo {
-                journal: v.config.journal.clone(),
-                name: v.config.name.clone(),
-                description: v.config.description.clone(),
-                size: v.store.size,
-                read_only: v.config.read_only,
-            };
-            let (records, millis) = (v.journal.report.records, v.journal.report.millis);
-            let vol = Volume::start(
-                info,
-                Store::new(v.store),
-                Journal::new(v.journal),
-                pool.clone(),
-                crate::volume::Tuning {
-                    checkpoint_interval: ctl.checkpoint_interval,
-                    in_place_min: ctl.in_place_min,
-                },
-                v.role,
-                ctl.replication.clone(),
-            );
-            vol.metrics().recovery(records, millis);
-            volumes.insert(v.config.name.clone(), vol);
-        }
-        tracing::debug!("core {index} serving {} volume(s)", volumes.len());
-        let session_ctx = ctl.replication.as_ref().map(|r| {
-            Rc::new(crate::replication::session::SessionContext {
-                secret: r.secret.clone(),
-                node: ctl.node.clone(),
-                heartbeat_timeout: r.heartbeat_timeout,
-            })
-        });
-        for vol in volumes.values() {
-            if let Some(p) = vol.primary() {
-                for link in &p.links {
-                    tokio_uring::spawn(crate::replication::link::run(vol.clone(), p.clone(), link.clone(), ctl.node.clone()));
-                }
-            }
-        }
-        let hb = ctl.heartbeats.clone();
-        let slot = hb.register();
-        tokio_uring::spawn(async move {
-            loop {
-                hb.beat(slot);
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        });
-        loop {
-            let msg = tokio::select! {
-                msg = rx.recv() => msg,
-                _ = ctl.stop.wait_for(|s| *s) => None,
-            };
-            let nc = match msg {
-                None => break,
-                Some(CoreMsg::Admin(q)) => {
-                    let mut result = Ok(());
-                    for vol in volumes.values() {
-                        let r = match q.request {
-                            crate::admin::Request::Status => Ok(()),
-                            crate::admin::Request::Promote { force } => vol.promote(force).await.map(|_| ()),
-                            crate::admin::Request::Demote => vol.demote().await,
-                            crate::admin::Request::SetResyncRate { rate } => {
-                                if let Some(p) = vol.primary() {
-                                    p.resync_rate.set(rate);
-                                }
-                                Ok(())
-                            }
-                            crate::admin::Request::Verify { repair } => vol.request_verify(repair),
-                        };
-                        if let Err(e) = r {
-                            result = Err(e);
-                            break;
-                        }
-                    }
-                    let answer = result.map(|()| {
-                        let mut v: Vec<_> = volumes.values().map(|v| v.status()).collect();
-                        v.sort_by(|a, b| a.name.cmp(&b.name));
-                        v
-                    });
-                    let _ = q.reply.send(answer);
-                    continue;
-                }
-                Some(CoreMsg::Replica(inc)) => {
-                    match (volumes.get(&inc.hello.volume).cloned(), &session_ctx) {
-                        (Some(vol), Some(ctx)) => {
-                            let sock = Socket::Tcp(tokio_uring::net::TcpStream::from_std(inc.stream));
-                            tokio_uring::spawn(crate::replication::session::run(vol, sock, inc.hello, inc.hello_body, ctx.clone(), inc.peer));
-                        }
-                        _ => tracing::error!("replication connection for '{}' reached core {index} without its volume", inc.hello.volume),
-                    }
-                    continue;
-                }
-                Some(CoreMsg::SetResyncRate(rate)) => {
-                    for vol in volumes.values() {
-                        if let Some(p) = vol.primary() {
-                            p.resync_rate.set(rate);
-                        }
-                    }
-                    continue;
-                }
-                Some(CoreMsg::Conn(nc)) => nc,
-            };
-            let Some(vol) = volumes.get(&nc.neg.export.name).cloned() else {
-                tracing::error!(
-                    "connection for unknown export '{}' reached core {index}",
-                    nc.neg.export.name
-                );
-                continue;
-            };
-            let sock = match nc.stream {
-                ClientStream::Tcp(s) => Socket::Tcp(tokio_uring::net::TcpStream::from_std(s)),
-                ClientStream::Unix(s) => Socket::Unix(tokio_uring::net::UnixStream::from_std(s)),
-            };
-            let guard = nc.guard;
-            tokio_uring::spawn(async move {
-                serve(sock, nc.neg, vol, nc.leftover, nc.peer).await;
-                drop(guard);
-            });
-        }
-        let mut clean = true;
-        for vol in volumes.values() {
-            clean &= vol.shutdown(STOP_LIMIT).await;
-        }
-        let _ = ctl.stopped.send((index, clean));
-    });
 }

@@ -35,6 +35,12 @@ impl Lsn {
     pub fn next(self) -> Lsn {
         Lsn(self.0 + 1)
     }
+
+    /// The last LSN below this exclusive frontier (`durable_next`,
+    /// `applied_next` …): the LSN status and the wire report, 0 for none.
+    pub fn last(self) -> u64 {
+        self.0.saturating_sub(1)
+    }
 }
 
 impl fmt::Display for Lsn {

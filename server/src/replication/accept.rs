@@ -2,15 +2,11 @@
 //! timeout, off the cores), and hands the connection to the core of the
 //! volume it names, where the session runs.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-
 use super::wire::{self, Hello, HelloReply, Kind, ReplyStatus, FRAME_HEADER_LEN};
-use crate::node::CoreMsg;
 
 /// A primary's connection on its way to a volume's core.
 pub struct IncomingPrimary {
@@ -55,10 +51,11 @@ fn refuse_unknown(s: &mut TcpStream, volume: &str, node: &str) {
     let _ = s.write_all(&wire::frame(Kind::HelloReply, &r.encode()));
 }
 
-/// Starts the listener thread.
+/// Starts the listener thread. `route` hands each primary to its volume's
+/// core, or gives it back when this node has no such volume.
 pub fn spawn(
     listener: TcpListener,
-    routes: HashMap<String, mpsc::Sender<CoreMsg>>,
+    route: impl Fn(IncomingPrimary) -> Result<(), Box<IncomingPrimary>> + Send + 'static,
     node: String,
 ) -> std::io::Result<()> {
     std::thread::Builder::new().name("repl-accept".into()).spawn(move || {
@@ -81,15 +78,10 @@ pub fn spawn(
                     continue;
                 }
             };
-            let Some(route) = routes.get(&hello.volume) else {
-                tracing::warn!(%peer, "primary {} asked for unknown volume '{}'", hello.node, hello.volume);
-                refuse_unknown(&mut s, &hello.volume, &node);
-                continue;
-            };
             let _ = s.set_read_timeout(None);
-            let msg = CoreMsg::Replica(IncomingPrimary { stream: s, hello, hello_body, peer });
-            if route.blocking_send(msg).is_err() {
-                tracing::warn!("core is gone; dropping a replication connection");
+            if let Err(mut inc) = route(IncomingPrimary { stream: s, hello, hello_body, peer }) {
+                tracing::warn!(peer = %inc.peer, "primary {} asked for unknown volume '{}'", inc.hello.node, inc.hello.volume);
+                refuse_unknown(&mut inc.stream, &inc.hello.volume, &node);
             }
         }
     })?;

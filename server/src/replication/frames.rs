@@ -25,6 +25,13 @@ pub enum LinkError {
     /// The peer was silent too long.
     #[error("peer silent for {0:?} (heartbeat timeout)")]
     Timeout(Duration),
+    /// A primary of a newer epoch exists: this node must stop acting as
+    /// primary (the control plane demotes it).
+    #[error("a primary of epoch {0} exists: this node was replaced")]
+    Fenced(crate::units::Epoch),
+    /// The local storage engine failed.
+    #[error("{0}")]
+    Engine(#[from] crate::engine::EngineError),
 }
 
 /// Reads one frame header within `limit`.

@@ -15,22 +15,39 @@ use super::frames::{self, LinkError};
 use super::reader::FrameReader;
 use super::resync::{Job, JobKind, Step};
 use super::wire::{self, Ack, Auth, Hello, HelloReply, Kind, RegionCheck, ReplyStatus};
-use super::{LinkState, Phase, Primary};
+use super::{Fenced, LinkState, Phase, Primary};
 use crate::buffer::{OutBuf, SharedSlice};
+use crate::engine::Engine;
 use crate::journal::{Mutation, ReadBack};
 use crate::sockio::{write_all, Socket};
 use crate::units::Lsn;
-use crate::volume::Volume;
 
 /// Most records in one vectored send.
 const SEND_BATCH: usize = 64;
 
 /// Keeps one replica connected for as long as the volume is primary.
-pub async fn run(vol: Rc<Volume>, primary: Rc<Primary>, link: Rc<LinkState>, node: String) {
+/// Returns only when the replica reports a newer primary: then this node
+/// was replaced, and the control plane demotes it.
+pub async fn run(
+    vol: Rc<Engine>,
+    primary: Rc<Primary>,
+    link: Rc<LinkState>,
+    node: String,
+) -> Fenced {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
         let result = connect_and_stream(&vol, &primary, &link, &node).await;
+        if let Err(LinkError::Fenced(epoch)) = result {
+            primary.set_phase(
+                &link,
+                Phase::OutOfSync(format!(
+                    "{} follows a newer primary (epoch {epoch})",
+                    link.peer.name
+                )),
+            );
+            return Fenced { by_epoch: epoch };
+        }
         let reason = match result {
             Ok(()) => "connection closed".to_string(),
             Err(e) => e.to_string(),
@@ -44,13 +61,8 @@ pub async fn run(vol: Rc<Volume>, primary: Rc<Primary>, link: Rc<LinkState>, nod
     }
 }
 
-/// Whether record `lsn` is still in the primary's in-memory window.
-fn primary_has(vol: &Volume, lsn: Lsn) -> bool {
-    vol.primary().is_some_and(|p| p.get(lsn).is_some())
-}
-
 async fn connect_and_stream(
-    vol: &Rc<Volume>,
+    vol: &Rc<Engine>,
     primary: &Rc<Primary>,
     link: &Rc<LinkState>,
     node: &str,
@@ -92,10 +104,7 @@ async fn connect_and_stream(
             "{} is in epoch {}, newer than this primary's {}: this node was replaced; demoting to replica",
             link.peer.name, reply.epoch, vol.journal().epoch()
         );
-        if vol.demote().await.is_ok() {
-            crate::lifecycle::request_restart(crate::journal::format::Role::Replica);
-        }
-        return Err(LinkError::Protocol("stale primary: demoting".into()));
+        return Err(LinkError::Fenced(crate::units::Epoch(reply.epoch)));
     }
     if reply.status == ReplyStatus::SplitBrain {
         tracing::error!(
@@ -122,7 +131,7 @@ async fn connect_and_stream(
             link.peer.name
         )));
     }
-    let (start, resync) = plan_start(vol, link, &reply)?;
+    let (start, resync) = plan_start(vol, primary, link, &reply)?;
     let auth = Auth {
         mac: wire::mac(
             &primary.cfg.secret,
@@ -185,7 +194,8 @@ enum Plan {
 /// sets up the job. Returns (first LSN to send, whether the replica must
 /// rebase its journal there).
 fn plan_start(
-    vol: &Volume,
+    vol: &Engine,
+    primary: &Primary,
     link: &LinkState,
     reply: &HelloReply,
 ) -> Result<(Lsn, bool), LinkError> {
@@ -201,7 +211,7 @@ fn plan_start(
         && (from == next
             || (from >= vol.journal().checkpoint_lsn()
                 && vol.journal().retained(from).is_some()
-                && (primary_has(vol, from) || !vol.journal().in_place_since(from))));
+                && (primary.get(from).is_some() || !vol.journal().in_place_since(from))));
     // A replica whose volume UUID differs was never a copy of this volume:
     // new, or re-created. Its data is unknown, whatever its LSN says.
     let unknown = reply.uuid != vol.journal().volume_uuid();
@@ -306,7 +316,7 @@ fn plan_start(
 /// The connection ended: drop its pass (a resync is rebuilt from the
 /// bitmap at the next handshake; a verify is reported as aborted) and
 /// persist the bitmap's cleared bits.
-fn end_job(vol: &Volume, link: &LinkState, result: &Result<(), LinkError>) {
+fn end_job(vol: &Engine, link: &LinkState, result: &Result<(), LinkError>) {
     let job = link.job.borrow_mut().take();
     let verifying = matches!(job.as_ref().map(|j| j.kind), Some(JobKind::Verify { .. }));
     if verifying || link.verify_request.take().is_some() {
@@ -454,7 +464,7 @@ fn push_record(out: &mut Vec<OutBuf>, r: &Mutation, epoch: u64) {
 /// record touches the region the check is deferred (returns false, nothing
 /// sent). The frame's sequence number is taken from the link's job.
 async fn resync_frame(
-    vol: &Volume,
+    vol: &Engine,
     primary: &Primary,
     link: &LinkState,
     sock: &Socket,
@@ -538,7 +548,7 @@ async fn resync_frame(
 /// One step of the link's resync or verify pass, if one runs and may send
 /// now. Returns whether it put something in the stream.
 async fn job_step(
-    vol: &Volume,
+    vol: &Engine,
     primary: &Primary,
     link: &LinkState,
     sock: &Socket,
@@ -605,7 +615,7 @@ async fn job_step(
                     job.started.elapsed()
                 ),
                 JobKind::Verify { repair } => {
-                    let status = crate::admin::verify_running(&job, repair);
+                    let status = job.verify_status(repair);
                     tracing::info!(
                         volume = %vol.info().name, peer = %link.peer.name,
                         "verify of {} complete: {} differing region(s){} in {:.1?}",
@@ -614,7 +624,7 @@ async fn job_step(
                         if repair && !job.differing.is_empty() { ", repaired" } else { "" },
                         job.started.elapsed()
                     );
-                    *link.last_verify.borrow_mut() = Some(crate::admin::VerifyStatus {
+                    *link.last_verify.borrow_mut() = Some(mirrorblk_admin::VerifyStatus {
                         running: false,
                         ..status
                     });
@@ -653,7 +663,7 @@ impl Budget {
 }
 
 async fn send_loop(
-    vol: &Rc<Volume>,
+    vol: &Rc<Engine>,
     primary: &Rc<Primary>,
     link: &Rc<LinkState>,
     sock: &Rc<Socket>,

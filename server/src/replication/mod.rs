@@ -78,8 +78,18 @@ use std::rc::Rc;
 
 use tokio::sync::Notify;
 
-use crate::journal::Record;
+use crate::engine::ReplicationHooks;
+use crate::journal::{Journal, Record};
 use crate::units::Lsn;
+
+/// A primary of a newer epoch exists: this node was replaced and must stop
+/// acting as primary. Links and sessions return it; the control plane
+/// decides what follows (demote and restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fenced {
+    /// The newer epoch seen.
+    pub by_epoch: crate::units::Epoch,
+}
 
 /// Where a primary's link to one replica stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,18 +154,29 @@ pub struct LinkState {
 }
 
 impl LinkState {
+    /// Whether a resync pass runs on the link (it streams live records
+    /// meanwhile, but its replica is Inconsistent).
+    pub fn resyncing(&self) -> bool {
+        self.job
+            .borrow()
+            .as_ref()
+            .is_some_and(|j| matches!(j.kind, resync::JobKind::Resync { .. }))
+    }
+
+    /// Whether the link counts toward acknowledgements: in sync and not
+    /// resyncing. A replica in resync is Inconsistent and could not be
+    /// promoted, so a write it holds is not safe yet.
+    pub fn counts_for_ack(&self) -> bool {
+        self.replica_state() == ReplicaState::InSync
+    }
+
     /// Where the link stands, as `status` reports it: its phase, except
     /// that an in-sync link with a resync running is `Resyncing`.
     pub fn replica_state(&self) -> ReplicaState {
-        let resyncing = self
-            .job
-            .borrow()
-            .as_ref()
-            .is_some_and(|j| matches!(j.kind, resync::JobKind::Resync { .. }));
         match &*self.phase.borrow() {
             Phase::Connecting => ReplicaState::Connecting,
             Phase::CatchingUp => ReplicaState::CatchingUp,
-            Phase::InSync if resyncing => ReplicaState::Resyncing,
+            Phase::InSync if self.resyncing() => ReplicaState::Resyncing,
             Phase::InSync => ReplicaState::InSync,
             Phase::OutOfSync(_) => ReplicaState::OutOfSync,
         }
@@ -163,7 +184,7 @@ impl LinkState {
 
     /// The `mirrorblk_replica_state` code: 0 connecting, 1 catching-up,
     /// 2 in-sync, 3 out-of-sync, 4 resyncing (streaming live records while
-    /// a resync runs).
+    /// a resync runs). Derived for the gauge only: no decision reads it.
     pub fn state_code(&self) -> f64 {
         match self.replica_state() {
             ReplicaState::Connecting => 0.0,
@@ -175,8 +196,47 @@ impl LinkState {
     }
 }
 
+/// How many links must hold a write before it is acknowledged.
+fn ack_quorum(
+    min_sync_replicas: Option<usize>,
+    on_loss: OnReplicaLoss,
+    counting: usize,
+    links: usize,
+) -> usize {
+    match (min_sync_replicas, on_loss) {
+        (Some(n), _) => n,
+        (None, OnReplicaLoss::Degrade) => counting,
+        (None, OnReplicaLoss::Block) => links,
+    }
+}
+
+/// The acknowledgement frontier over the marks of the links that count
+/// (each an exclusive frontier: the link has every LSN below it): the
+/// `needed`-th highest mark, so that many links have every LSN below it.
+/// With `needed` 0 everything is acknowledged; with fewer marks than
+/// `needed`, nothing is.
+fn frontier(mut marks: Vec<Lsn>, needed: usize) -> Lsn {
+    if needed == 0 {
+        return Lsn(u64::MAX);
+    }
+    if marks.len() < needed {
+        return Lsn(0);
+    }
+    marks.sort_unstable_by(|a, b| b.cmp(a));
+    marks[needed - 1]
+}
+
+/// Whether the primary stops keeping journal records for a link that is
+/// not in sync: a replica that is away may hold at most half the journal;
+/// past that it stops being waited for and must resync.
+fn stop_retaining(retained: bool, in_sync: bool, journal_fill: f64) -> bool {
+    retained && !in_sync && journal_fill > 0.5
+}
+
 /// The replication state of a primary volume.
 pub struct Primary {
+    /// The volume's name, for logs.
+    pub volume: String,
     /// Settings.
     pub cfg: ReplicationConfig,
     /// One link per peer.
@@ -241,6 +301,7 @@ impl Primary {
             .collect();
         let resync_rate = Cell::new(cfg.resync_rate);
         Primary {
+            volume: volume.to_string(),
             cfg,
             links,
             progress: Notify::new(),
@@ -321,12 +382,10 @@ impl Primary {
     /// `needed`-th highest mark among the in-sync links: that many links
     /// have every LSN below it.
     pub fn ack_frontier(&self, durable: bool) -> Lsn {
-        // A link that streams live records while a resync runs does not
-        // count: its replica is Inconsistent and could not be promoted.
-        let mut marks: Vec<Lsn> = self
+        let marks: Vec<Lsn> = self
             .links
             .iter()
-            .filter(|l| l.state_code() == 2.0)
+            .filter(|l| l.counts_for_ack())
             .map(|l| {
                 if durable {
                     l.durable_next.get()
@@ -335,19 +394,13 @@ impl Primary {
                 }
             })
             .collect();
-        let needed = match (self.cfg.min_sync_replicas, self.cfg.on_replica_loss) {
-            (Some(n), _) => n,
-            (None, OnReplicaLoss::Degrade) => marks.len(),
-            (None, OnReplicaLoss::Block) => self.links.len(),
-        };
-        if needed == 0 {
-            return Lsn(u64::MAX);
-        }
-        if marks.len() < needed {
-            return Lsn(0);
-        }
-        marks.sort_unstable_by(|a, b| b.cmp(a));
-        marks[needed - 1]
+        let needed = ack_quorum(
+            self.cfg.min_sync_replicas,
+            self.cfg.on_replica_loss,
+            marks.len(),
+            self.links.len(),
+        );
+        frontier(marks, needed)
     }
 
     /// Waits until `acked(lsn, durable)` holds.
@@ -398,5 +451,176 @@ impl Primary {
         *link.phase.borrow_mut() = phase;
         link.metrics.state.set(link.state_code());
         self.changed();
+    }
+}
+
+impl Primary {
+    /// Sets each replica's lag and out-of-sync gauges from the current
+    /// state (a lost replica sends no acks, so a timer calls this too).
+    pub fn refresh_gauges(&self, journal: &Journal) {
+        let next = journal.next_lsn();
+        for l in &self.links {
+            if *l.phase.borrow() == Phase::InSync {
+                l.metrics.state.set(l.state_code());
+            }
+            let durable = l.durable_next.get();
+            l.metrics
+                .lag_lsn
+                .set(next.0.saturating_sub(durable.0) as f64);
+            l.metrics
+                .lag_bytes
+                .set(journal.retained_bytes_from(durable) as f64);
+            l.metrics.out_of_sync.set(l.oos.borrow().bytes() as f64);
+        }
+    }
+
+    /// Why a verify cannot start now (a replica not in sync, or busy with a
+    /// pass), one phrase per replica; empty when every one is ready.
+    pub fn verify_blockers(&self) -> Vec<String> {
+        self.links
+            .iter()
+            .filter(|l| *l.phase.borrow() != Phase::InSync || l.job.borrow().is_some())
+            .map(|l| {
+                let state = if l.job.borrow().is_some() {
+                    "busy resyncing"
+                } else {
+                    l.phase.borrow().name()
+                };
+                format!("{} is {state}", l.peer.name)
+            })
+            .collect()
+    }
+
+    /// Asks each link to run a verify pass of a volume of `size` bytes
+    /// (the send loop starts it); the caller checked
+    /// [`Primary::verify_blockers`].
+    pub fn start_verify(&self, repair: bool, size: u64) {
+        for l in &self.links {
+            // Shown as running until the send loop starts (and then ends) the pass.
+            *l.last_verify.borrow_mut() = Some(mirrorblk_admin::VerifyStatus {
+                running: true,
+                repair,
+                done_bytes: 0,
+                total_bytes: size,
+                differing: Vec::new(),
+                busy: Vec::new(),
+                region_bytes: bitmap::REGION,
+                aborted: None,
+                seconds: 0.0,
+            });
+            l.verify_request.set(Some(repair));
+            l.wake.notify_one();
+        }
+    }
+}
+
+impl ReplicationHooks for Primary {
+    fn reserved(&self, rec: &Rc<Record>) {
+        self.push(rec);
+    }
+
+    fn applied(&self, applied_next: Lsn, journal: &Journal) {
+        self.trim(applied_next);
+        let fill = journal.fill_ratio();
+        for l in &self.links {
+            let in_sync = *l.phase.borrow() == Phase::InSync;
+            if stop_retaining(l.retain.get(), in_sync, fill) {
+                l.retain.set(false);
+                tracing::warn!(volume = %self.volume, peer = %l.peer.name, "journal half full: no longer keeping records for replica {}; it will need a resync", l.peer.name);
+            }
+        }
+    }
+
+    fn retention_floor(&self) -> Option<Lsn> {
+        Primary::retention_floor(self)
+    }
+
+    /// Every replica that does not have the released records durably gets
+    /// their regions marked in its out-of-sync bitmap, persisted first (a
+    /// later bitmap resync sends them).
+    fn before_release(&self, target: Lsn, journal: &Journal) -> std::io::Result<()> {
+        let from_all = journal.checkpoint_lsn();
+        for l in &self.links {
+            let from = l.durable_next.get().max(from_all);
+            if from >= target {
+                continue;
+            }
+            let mut oos = l.oos.borrow_mut();
+            let mut job = l.job.borrow_mut();
+            for (offset, len) in journal.retained_extents(from, target) {
+                oos.mark(offset, len);
+                if let Some(j) = job.as_mut() {
+                    for r in oos.regions_touched(offset, len) {
+                        j.on_mark(r);
+                    }
+                }
+            }
+            oos.persist_if_dirty()?;
+            l.metrics.out_of_sync.set(oos.bytes() as f64);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_frontier_is_the_needed_th_highest_mark() {
+        let l = |v: &[u64]| v.iter().map(|&x| Lsn(x)).collect::<Vec<_>>();
+        // (marks of the links that count, needed, frontier)
+        let table: &[(&[u64], usize, u64)] = &[
+            (&[], 0, u64::MAX),
+            (&[5], 0, u64::MAX),
+            (&[], 1, 0),
+            (&[7], 1, 7),
+            (&[7, 3], 1, 7),
+            (&[7, 3], 2, 3),
+            (&[3, 9, 7], 2, 7),
+            (&[3, 9, 7], 3, 3),
+            (&[3, 9], 3, 0),
+        ];
+        for &(marks, needed, want) in table {
+            assert_eq!(
+                frontier(l(marks), needed),
+                Lsn(want),
+                "{marks:?} needed {needed}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_quorum_follows_the_settings() {
+        use OnReplicaLoss::{Block, Degrade};
+        // (min_sync_replicas, on loss, links counting, links, needed)
+        let table = [
+            (None, Degrade, 2, 2, 2),
+            (None, Degrade, 1, 2, 1),
+            (None, Degrade, 0, 2, 0),
+            (None, Block, 1, 2, 2),
+            (None, Block, 0, 1, 1),
+            (Some(1), Degrade, 0, 2, 1),
+            (Some(1), Block, 2, 2, 1),
+            (Some(0), Block, 0, 2, 0),
+        ];
+        for (min, on_loss, counting, links, want) in table {
+            assert_eq!(
+                ack_quorum(min, on_loss, counting, links),
+                want,
+                "{min:?} {on_loss:?} {counting}/{links}"
+            );
+        }
+    }
+
+    #[test]
+    fn retention_stops_only_for_an_absent_replica_past_half_the_journal() {
+        assert!(stop_retaining(true, false, 0.51));
+        assert!(!stop_retaining(true, false, 0.5));
+        assert!(
+            !stop_retaining(true, true, 0.9),
+            "an in-sync replica is kept"
+        );
+        assert!(!stop_retaining(false, false, 0.9), "already dropped");
     }
 }

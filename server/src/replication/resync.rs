@@ -105,6 +105,22 @@ pub struct Job {
 }
 
 impl Job {
+    /// What status shows of this pass as a verify (running, or just ended).
+    pub fn verify_status(&self, repair: bool) -> mirrorblk_admin::VerifyStatus {
+        let (done_bytes, total_bytes) = self.progress();
+        mirrorblk_admin::VerifyStatus {
+            running: !self.finished(),
+            repair,
+            done_bytes,
+            total_bytes,
+            differing: self.differing.clone(),
+            busy: self.busy.clone(),
+            region_bytes: REGION,
+            aborted: None,
+            seconds: self.started.elapsed().as_secs_f64(),
+        }
+    }
+
     /// A pass over `bits` (for a resync: its set regions; for a verify:
     /// all) whose first frame has sequence number `first_seq` (numbers run
     /// on per connection, across passes).

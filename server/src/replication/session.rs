@@ -14,11 +14,13 @@ use tokio::sync::{mpsc, Notify};
 use super::frames::{self, LinkError};
 use super::reader::FrameReader;
 use super::wire::{self, Ack, Auth, Hello, HelloReply, Kind, ReplyStatus, RECORD_HEADER_LEN};
+use super::Fenced;
 use crate::buffer::OutBuf;
+use crate::engine::write::Change;
+use crate::engine::Engine;
 use crate::journal::format::Role;
 use crate::sockio::{write_all, Socket};
 use crate::units::Lsn;
-use crate::volume::Volume;
 
 /// Everything a replica session needs besides the connection.
 pub struct SessionContext {
@@ -30,7 +32,7 @@ pub struct SessionContext {
     pub heartbeat_timeout: Duration,
 }
 
-fn refusal(vol: &Volume, status: ReplyStatus, message: String, node: &str) -> HelloReply {
+fn refusal(vol: &Engine, status: ReplyStatus, message: String, node: &str) -> HelloReply {
     HelloReply {
         version: wire::VERSION,
         status,
@@ -45,133 +47,246 @@ fn refusal(vol: &Volume, status: ReplyStatus, message: String, node: &str) -> He
     }
 }
 
-/// Serves one primary until it leaves or breaks the protocol.
+/// The one primary connection a replica volume serves at a time.
+#[derive(Default)]
+pub struct SessionSlot(Cell<bool>);
+
+impl SessionSlot {
+    /// Takes the slot; None if a session holds it. Freed when the guard drops.
+    pub fn claim(self: &Rc<Self>) -> Option<SlotGuard> {
+        (!self.0.replace(true)).then(|| SlotGuard(self.clone()))
+    }
+}
+
+/// Holds a [`SessionSlot`] until dropped.
+pub struct SlotGuard(Rc<SessionSlot>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0 .0.set(false);
+    }
+}
+
+/// What a replica session needs of its volume.
+pub struct ReplicaVolume {
+    /// The storage engine.
+    pub engine: Rc<Engine>,
+    /// This node's role for the volume (a primary refuses, or is fenced).
+    pub role: Role,
+    /// The one-session slot.
+    pub slot: Rc<SessionSlot>,
+}
+
+/// Serves one primary until it leaves or breaks the protocol. Returns
+/// [`Fenced`] when this node is itself primary and a primary of a newer
+/// epoch connected: the control plane then demotes it.
 pub async fn run(
-    vol: Rc<Volume>,
+    vol: ReplicaVolume,
     sock: Socket,
     hello: Hello,
     hello_body: Vec<u8>,
     ctx: Rc<SessionContext>,
     peer: String,
-) {
-    let name = vol.info().name.clone();
+) -> Option<Fenced> {
+    let name = vol.engine.info().name.clone();
     let sock = Rc::new(sock);
-    match serve(&vol, &sock, &hello, &hello_body, &ctx).await {
+    let result = serve(&vol, &sock, &hello, &hello_body, &ctx).await;
+    sock.shutdown();
+    match result {
         Ok(()) => tracing::info!(volume = %name, %peer, "primary {} disconnected", hello.node),
+        Err(LinkError::Fenced(by_epoch)) => return Some(Fenced { by_epoch }),
         Err(e) => {
             tracing::warn!(volume = %name, %peer, "replication from {} ended: {e}", hello.node)
         }
     }
-    sock.shutdown();
+    None
 }
 
 async fn serve(
-    vol: &Rc<Volume>,
+    vol: &ReplicaVolume,
     sock: &Rc<Socket>,
     hello: &Hello,
     hello_body: &[u8],
     ctx: &SessionContext,
 ) -> Result<(), LinkError> {
-    // Fencing: a newer primary's epoch wins. A stale primary demotes
-    // itself (and comes back as a replica); a replica adopts the epoch and
-    // takes a full resync, discarding whatever the new primary never had.
-    if hello.epoch > vol.journal().epoch().0
-        && hello.version == wire::VERSION
-        && hello.size == vol.info().size
-    {
-        if vol.role() == Role::Primary {
-            tracing::error!(
-                volume = %vol.info().name,
-                "primary {} has epoch {}, newer than this node's {}: this node was replaced; demoting to replica",
-                hello.node, hello.epoch, vol.journal().epoch()
-            );
-            let r = refusal(
-                vol,
-                ReplyStatus::StaleEpoch,
-                "this node is demoting itself to replica; connect again shortly".into(),
-                &ctx.node,
-            );
-            let _ = frames::send(sock, Kind::HelloReply, &r.encode()).await;
-            if vol.demote().await.is_ok() {
-                crate::lifecycle::request_restart(Role::Replica);
-            }
-            return Err(LinkError::Protocol("stale primary: demoted".into()));
+    let engine = &vol.engine;
+    fence_or_adopt(vol, sock, hello, ctx).await?;
+    let my_epoch = engine.journal().epoch().0;
+    let claim = match refusal_for(vol, hello, ctx) {
+        Ok(claim) => claim,
+        Err(r) => {
+            let msg = r.message.clone();
+            frames::send(sock, Kind::HelloReply, &r.encode()).await?;
+            return Err(LinkError::Protocol(format!("refused: {msg}")));
         }
-        vol.adopt_epoch(crate::units::Epoch(hello.epoch))
-            .await
-            .map_err(LinkError::Protocol)?;
+    };
+    let durable = accept(engine, sock, hello, hello_body, ctx).await?;
+    tracing::info!(volume = %engine.info().name, "replicating from primary {} (epoch {my_epoch}) from LSN {}", hello.node, durable + 1);
+
+    // Replies (ACK, PONG) go through one writer task.
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let session = ReplicaSession {
+        engine: engine.clone(),
+        epoch: hello.epoch,
+        receipt_acks: hello.receipt_acks,
+        timeout: ctx.heartbeat_timeout,
+        tx,
+        received: Rc::new(Cell::new(Lsn(durable))),
+        bump: Rc::new(Notify::new()),
+        resync: Rc::new(ResyncProgress::default()),
+        last_seq: Cell::new(0),
+    };
+    let writer = {
+        let sock = sock.clone();
+        tokio_uring::spawn(async move { write_frames(sock, rx).await })
+    };
+    let acker = tokio_uring::spawn(ack_loop(
+        engine.clone(),
+        session.tx.clone(),
+        session.received.clone(),
+        session.bump.clone(),
+        session.resync.clone(),
+        hello.receipt_acks,
+        ctx.heartbeat_timeout / 3,
+    ));
+    let syncer = tokio_uring::spawn(resync_syncer(
+        engine.clone(),
+        session.bump.clone(),
+        session.resync.clone(),
+    ));
+    let result = session.receive(sock).await;
+    acker.abort();
+    syncer.abort();
+    drop(session);
+    let _ = writer.await;
+    drop(claim);
+    result
+}
+
+/// Fencing: a newer primary's epoch wins. A stale primary is fenced (the
+/// control plane demotes it and it comes back as a replica); a replica
+/// adopts the epoch and takes a full resync, discarding whatever the new
+/// primary never had.
+async fn fence_or_adopt(
+    vol: &ReplicaVolume,
+    sock: &Socket,
+    hello: &Hello,
+    ctx: &SessionContext,
+) -> Result<(), LinkError> {
+    let engine = &vol.engine;
+    let newer = hello.epoch > engine.journal().epoch().0
+        && hello.version == wire::VERSION
+        && hello.size == engine.info().size;
+    if !newer {
+        return Ok(());
     }
-    let my_epoch = vol.journal().epoch().0;
-    let refuse = |status, msg: String| refusal(vol, status, msg, &ctx.node);
-    let problem = if hello.version != wire::VERSION {
-        Some(refuse(
+    let epoch = crate::units::Epoch(hello.epoch);
+    if vol.role == Role::Primary {
+        tracing::error!(
+            volume = %engine.info().name,
+            "primary {} has epoch {}, newer than this node's {}: this node was replaced; demoting to replica",
+            hello.node, hello.epoch, engine.journal().epoch()
+        );
+        let r = refusal(
+            engine,
+            ReplyStatus::StaleEpoch,
+            "this node is demoting itself to replica; connect again shortly".into(),
+            &ctx.node,
+        );
+        let _ = frames::send(sock, Kind::HelloReply, &r.encode()).await;
+        return Err(LinkError::Fenced(epoch));
+    }
+    engine.persist_role(Role::Replica, epoch, true).await?;
+    tracing::warn!(volume = %engine.info().name, "adopted epoch {epoch} from a new primary; resyncing");
+    Ok(())
+}
+
+/// Checks a HELLO against this node: the refusal to send, or the claimed
+/// session slot.
+fn refusal_for(
+    vol: &ReplicaVolume,
+    hello: &Hello,
+    ctx: &SessionContext,
+) -> Result<SlotGuard, Box<HelloReply>> {
+    let engine = &vol.engine;
+    let my_epoch = engine.journal().epoch().0;
+    let refuse = |status, msg: String| Err(Box::new(refusal(engine, status, msg, &ctx.node)));
+    if hello.version != wire::VERSION {
+        return refuse(
             ReplyStatus::BadVersion,
             format!(
                 "protocol version {} not spoken (this node speaks {})",
                 hello.version,
                 wire::VERSION
             ),
-        ))
-    } else if hello.size != vol.info().size {
-        Some(refuse(
+        );
+    }
+    if hello.size != engine.info().size {
+        return refuse(
             ReplyStatus::SizeMismatch,
             format!(
                 "volume size {} differs from this node's {}",
                 hello.size,
-                vol.info().size
+                engine.info().size
             ),
-        ))
-    } else if vol.role() == Role::Primary {
+        );
+    }
+    if vol.role == Role::Primary {
         let status = if hello.epoch == my_epoch {
             ReplyStatus::SplitBrain
         } else {
             ReplyStatus::StaleEpoch
         };
-        Some(refuse(
-            status,
-            format!(
-                "this node ({}) is itself primary for '{}' in epoch {my_epoch} (you: epoch {}); two primaries must never both write: demote one (mirrorblk demote) and let it resync",
-                ctx.node, hello.volume, hello.epoch
-            ),
-        ))
-    } else if hello.epoch < my_epoch {
-        Some(refuse(ReplyStatus::StaleEpoch, format!("your epoch {} is older than this node's {my_epoch}: you are a stale primary and must not write; you will demote yourself", hello.epoch)))
-    } else if !vol.claim_replica_session() {
-        Some(refuse(
+        return refuse(status, format!(
+            "this node ({}) is itself primary for '{}' in epoch {my_epoch} (you: epoch {}); two primaries must never both write: demote one (mirrorblk demote) and let it resync",
+            ctx.node, hello.volume, hello.epoch
+        ));
+    }
+    if hello.epoch < my_epoch {
+        return refuse(ReplyStatus::StaleEpoch, format!("your epoch {} is older than this node's {my_epoch}: you are a stale primary and must not write; you will demote yourself", hello.epoch));
+    }
+    vol.slot.claim().ok_or_else(|| {
+        Box::new(refusal(
+            engine,
             ReplyStatus::Busy,
             "another primary connection is active for this volume".into(),
+            &ctx.node,
         ))
-    } else {
-        None
-    };
-    if let Some(r) = problem {
-        let msg = r.message.clone();
-        frames::send(sock, Kind::HelloReply, &r.encode()).await?;
-        return Err(LinkError::Protocol(format!("refused: {msg}")));
-    }
-    let _claim = ClaimGuard(vol.clone());
+    })
+}
 
+/// Answers an acceptable HELLO with this replica's durable LSN and its
+/// proof of the secret, checks the primary's proof, and rebases when the
+/// primary asks for a resync. Returns the last LSN this replica has.
+async fn accept(
+    engine: &Rc<Engine>,
+    sock: &Socket,
+    hello: &Hello,
+    hello_body: &[u8],
+    ctx: &SessionContext,
+) -> Result<u64, LinkError> {
     // Records of an earlier session may still be on their way to disk: the
     // LSN we report must be durable.
-    for _ in 0..1000 {
-        if vol.journal().durable_next() >= vol.journal().next_lsn()
-            || vol.journal().failed().is_some()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    let journal = engine.journal();
+    let target = journal.next_lsn();
+    if target.0 > 1 {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            journal.wait_durable(Lsn(target.last())),
+        )
+        .await;
     }
-    let durable = vol.journal().durable_next().0.saturating_sub(1);
+    let durable = journal.durable_next().last();
     let mut reply = HelloReply {
         version: wire::VERSION,
         status: ReplyStatus::Accept,
         message: String::new(),
         node: ctx.node.clone(),
-        uuid: vol.journal().volume_uuid(),
-        epoch: my_epoch,
+        uuid: journal.volume_uuid(),
+        epoch: journal.epoch().0,
         durable,
         // Bit 1: this replica's last resync did not finish.
-        role: if vol.journal().inconsistent() { 2 } else { 0 },
+        role: if journal.inconsistent() { 2 } else { 0 },
         nonce: frames::nonce(),
         mac: [0; wire::MAC_LEN],
     };
@@ -189,63 +304,19 @@ async fn serve(
     ) {
         return Err(LinkError::Protocol(format!("primary {} failed authentication: wrong shared secret (check --secret-file on both nodes)", hello.node)));
     }
-    let mut durable = durable;
     if auth.resync {
-        vol.rebase_for_resync(Lsn(auth.start_lsn), hello.uuid)
-            .await
-            .map_err(LinkError::Protocol)?;
-        durable = auth.start_lsn.saturating_sub(1);
-    } else if auth.start_lsn != durable + 1 {
+        engine.rebase(Lsn(auth.start_lsn), hello.uuid).await?;
+        tracing::warn!(volume = %engine.info().name, "resyncing from the primary, whose stream continues at LSN {}: this node is Inconsistent until the resync completes", auth.start_lsn);
+        return Ok(auth.start_lsn.saturating_sub(1));
+    }
+    if auth.start_lsn != durable + 1 {
         return Err(LinkError::Protocol(format!(
             "primary wants to start at LSN {}, but this replica needs {}",
             auth.start_lsn,
             durable + 1
         )));
     }
-    tracing::info!(volume = %vol.info().name, "replicating from primary {} (epoch {my_epoch}) from LSN {}", hello.node, auth.start_lsn);
-
-    // Replies (ACK, PONG) go through one writer task.
-    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let received = Rc::new(Cell::new(Lsn(durable)));
-    let bump = Rc::new(Notify::new());
-    let resync = Rc::new(ResyncProgress::default());
-    let writer = {
-        let sock = sock.clone();
-        tokio_uring::spawn(async move { write_frames(sock, rx).await })
-    };
-    let acker = {
-        let vol = vol.clone();
-        let tx = tx.clone();
-        let received = received.clone();
-        let bump = bump.clone();
-        let resync = resync.clone();
-        let keepalive = ctx.heartbeat_timeout / 3;
-        let receipt_acks = hello.receipt_acks;
-        tokio_uring::spawn(async move {
-            ack_loop(vol, tx, received, bump, resync, receipt_acks, keepalive).await
-        })
-    };
-    let syncer = {
-        let vol = vol.clone();
-        let bump = bump.clone();
-        let resync = resync.clone();
-        tokio_uring::spawn(async move { resync_syncer(vol, bump, resync).await })
-    };
-    let result = receive(vol, sock, hello, ctx, &tx, &received, &bump, &resync).await;
-    acker.abort();
-    syncer.abort();
-    drop(tx);
-    let _ = writer.await;
-    result
-}
-
-/// Releases the one-session claim.
-struct ClaimGuard(Rc<Volume>);
-
-impl Drop for ClaimGuard {
-    fn drop(&mut self) {
-        self.0.release_replica_session();
-    }
+    Ok(durable)
 }
 
 async fn write_frames(sock: Rc<Socket>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
@@ -273,7 +344,7 @@ struct ResyncProgress {
 
 /// Makes handled resync regions durable (one store sync covers every
 /// region handled before it) and lets the ACKs report them.
-async fn resync_syncer(vol: Rc<Volume>, bump: Rc<Notify>, resync: Rc<ResyncProgress>) {
+async fn resync_syncer(vol: Rc<Engine>, bump: Rc<Notify>, resync: Rc<ResyncProgress>) {
     loop {
         let notified = resync.work.notified();
         let target = resync.processed.get();
@@ -301,7 +372,7 @@ async fn resync_syncer(vol: Rc<Volume>, bump: Rc<Notify>, resync: Rc<ResyncProgr
 /// hear that this replica is alive. Every ACK carries the current received
 /// LSN either way.
 async fn ack_loop(
-    vol: Rc<Volume>,
+    vol: Rc<Engine>,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     received: Rc<Cell<Lsn>>,
     bump: Rc<Notify>,
@@ -350,190 +421,225 @@ fn ack_due(last: Option<&Ack>, now: &Ack, receipt_acks: bool) -> bool {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn receive(
-    vol: &Rc<Volume>,
-    sock: &Socket,
-    hello: &Hello,
-    ctx: &SessionContext,
-    tx: &mpsc::UnboundedSender<Vec<u8>>,
-    received: &Cell<Lsn>,
-    bump: &Notify,
-    resync: &ResyncProgress,
-) -> Result<(), LinkError> {
-    let mut last_seq = 0u64;
-    // Resync frames are numbered 1, 2, … on a connection, in stream order.
-    let mut next_seq = |seq: u64, tx: &mpsc::UnboundedSender<Vec<u8>>| {
-        if seq != last_seq + 1 {
-            return Err(reject_err(
-                tx,
-                format!(
-                    "resync frame {seq} out of order (expected {})",
-                    last_seq + 1
-                ),
+/// One replica session's receiving side: a handler per frame kind, as
+/// DRBD's receiver dispatches through its command table.
+struct ReplicaSession {
+    engine: Rc<Engine>,
+    /// The session's epoch: every record must carry it.
+    epoch: u64,
+    /// Whether the primary acknowledges writes on receipt (flush mode).
+    receipt_acks: bool,
+    /// Silence limit.
+    timeout: Duration,
+    /// Replies, through the writer task.
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// The last LSN received.
+    received: Rc<Cell<Lsn>>,
+    /// Wakes the ACK loop.
+    bump: Rc<Notify>,
+    resync: Rc<ResyncProgress>,
+    /// The last resync frame's sequence number (they run 1, 2, … in stream order).
+    last_seq: Cell<u64>,
+}
+
+impl ReplicaSession {
+    async fn receive(&self, sock: &Socket) -> Result<(), LinkError> {
+        let mut rd = FrameReader::new(sock, false)?;
+        loop {
+            let h = match rd.header(self.timeout).await {
+                Ok(h) => h,
+                Err(LinkError::Read(crate::sockio::ReadFail::Eof)) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            match h.kind {
+                Kind::Record => self.on_record(&mut rd, h.len).await?,
+                Kind::ResyncData => self.on_resync_data(&mut rd, h.len).await?,
+                Kind::ResyncCheck => self.on_resync_check(&mut rd, h.len).await?,
+                Kind::ResyncDone => {
+                    let _ = rd.body(h.len as usize, self.timeout).await?;
+                    self.on_resync_done().await?;
+                }
+                Kind::Ping => {
+                    let body = rd.body(h.len as usize, self.timeout).await?;
+                    let _ = self.tx.send(wire::frame(Kind::Pong, &body));
+                }
+                Kind::Error => {
+                    let body = rd.body(h.len as usize, self.timeout).await?;
+                    let e = wire::ErrorMsg::decode(&body)?;
+                    return Err(LinkError::Protocol(format!(
+                        "primary reported: {}",
+                        e.message
+                    )));
+                }
+                other => {
+                    return Err(LinkError::Protocol(format!(
+                        "unexpected {other:?} in the record stream"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Tells the primary why the session ends, and ends it.
+    fn reject(&self, why: String) -> LinkError {
+        reject_err(&self.tx, why)
+    }
+
+    async fn on_record(&self, rd: &mut FrameReader<'_>, len: u32) -> Result<(), LinkError> {
+        if (len as usize) < RECORD_HEADER_LEN {
+            return Err(LinkError::Protocol(
+                "record frame shorter than its header".into(),
             ));
         }
-        last_seq = seq;
-        Ok(())
-    };
-    let mut rd = FrameReader::new(sock, false)?;
-    loop {
-        let h = match rd.header(ctx.heartbeat_timeout).await {
-            Ok(h) => h,
-            Err(LinkError::Read(crate::sockio::ReadFail::Eof)) => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        match h.kind {
-            Kind::Record => {
-                if (h.len as usize) < RECORD_HEADER_LEN {
-                    return Err(LinkError::Protocol(
-                        "record frame shorter than its header".into(),
-                    ));
-                }
-                let mut a = [0u8; RECORD_HEADER_LEN];
-                rd.exact(&mut a, ctx.heartbeat_timeout).await?;
-                let rh =
-                    wire::RecordHeader::decode(&a).inspect_err(|e| reject(tx, e.to_string()))?;
-                if rh.payload_len() != h.len as u64 - RECORD_HEADER_LEN as u64 {
-                    return Err(reject_err(
-                        tx,
-                        format!(
-                            "record LSN {}: frame length does not match its payload",
-                            rh.lsn
-                        ),
-                    ));
-                }
-                if rh.epoch != hello.epoch {
-                    return Err(reject_err(
-                        tx,
-                        format!(
-                            "record LSN {} has epoch {}, not the session's {}",
-                            rh.lsn, rh.epoch, hello.epoch
-                        ),
-                    ));
-                }
-                let payload = if rh.payload_len() > 0 {
-                    let p = rd
-                        .payload(
-                            vol.pool(),
-                            rh.payload_len() as usize,
-                            "record payload",
-                            ctx.heartbeat_timeout,
-                        )
-                        .await?;
-                    if p.xxh3() != rh.payload_hash {
-                        return Err(reject_err(
-                            tx,
-                            format!("record LSN {}: payload checksum mismatch", rh.lsn),
-                        ));
-                    }
-                    Some(p)
-                } else {
-                    None
-                };
-                match vol.accept_replicated(&rh, payload).await {
-                    Ok(lsn) => {
-                        received.set(lsn);
-                        // Receipt alone is news only to a primary that
-                        // acknowledges on it; otherwise durability wakes
-                        // the ACK loop (one task wake-up per record less).
-                        if hello.receipt_acks {
-                            bump.notify_one();
-                        }
-                    }
-                    Err(why) => return Err(reject_err(tx, why)),
-                }
-            }
-            Kind::ResyncData => {
-                if (h.len as usize) < wire::RESYNC_HEADER_LEN {
-                    return Err(LinkError::Protocol(
-                        "resync frame shorter than its header".into(),
-                    ));
-                }
-                let hb = rd
-                    .body(wire::RESYNC_HEADER_LEN, ctx.heartbeat_timeout)
-                    .await?;
-                let rh =
-                    wire::ResyncHeader::decode(&hb).inspect_err(|e| reject(tx, e.to_string()))?;
-                if rh.length != h.len as u64 - wire::RESYNC_HEADER_LEN as u64 || rh.length == 0 {
-                    return Err(reject_err(
-                        tx,
-                        format!(
-                            "resync region at {}: frame length does not match",
-                            rh.offset
-                        ),
-                    ));
-                }
-                let p = rd
-                    .payload(
-                        vol.pool(),
-                        rh.length as usize,
-                        "resync data",
-                        ctx.heartbeat_timeout,
-                    )
-                    .await?;
-                if p.xxh3() != rh.hash {
-                    return Err(reject_err(
-                        tx,
-                        format!("resync region at {}: checksum mismatch", rh.offset),
-                    ));
-                }
-                next_seq(rh.seq, tx)?;
-                at_stream_point(vol, &rh, tx)?;
-                vol.write_resync_region(Lsn(rh.after_lsn), rh.offset, p)
-                    .await
-                    .map_err(|e| reject_err(tx, e))?;
-                resync.processed.set(rh.seq);
-                resync.work.notify_one();
-            }
-            Kind::ResyncCheck => {
-                if h.len as usize != wire::RESYNC_HEADER_LEN {
-                    return Err(LinkError::Protocol(
-                        "resync check frame is not one resync header".into(),
-                    ));
-                }
-                let hb = rd
-                    .body(wire::RESYNC_HEADER_LEN, ctx.heartbeat_timeout)
-                    .await?;
-                let rh =
-                    wire::ResyncHeader::decode(&hb).inspect_err(|e| reject(tx, e.to_string()))?;
-                next_seq(rh.seq, tx)?;
-                at_stream_point(vol, &rh, tx)?;
-                let mine = vol
-                    .region_hash(Lsn(rh.after_lsn), rh.offset, rh.length)
-                    .await
-                    .map_err(|e| reject_err(tx, e))?;
-                let answer = wire::RegionCheck {
-                    seq: rh.seq,
-                    offset: rh.offset,
-                    equal: mine == rh.hash,
-                };
-                let _ = tx.send(wire::frame(Kind::RegionCheck, &answer.encode()));
-                resync.processed.set(rh.seq);
-                resync.work.notify_one();
-            }
-            Kind::ResyncDone => {
-                let _ = rd.body(h.len as usize, ctx.heartbeat_timeout).await?;
-                vol.finish_resync().await.map_err(|e| reject_err(tx, e))?;
-            }
-            Kind::Ping => {
-                let body = rd.body(h.len as usize, ctx.heartbeat_timeout).await?;
-                let _ = tx.send(wire::frame(Kind::Pong, &body));
-            }
-            Kind::Error => {
-                let body = rd.body(h.len as usize, ctx.heartbeat_timeout).await?;
-                let e = wire::ErrorMsg::decode(&body)?;
-                return Err(LinkError::Protocol(format!(
-                    "primary reported: {}",
-                    e.message
-                )));
-            }
-            other => {
-                return Err(LinkError::Protocol(format!(
-                    "unexpected {other:?} in the record stream"
-                )))
-            }
+        let mut a = [0u8; RECORD_HEADER_LEN];
+        rd.exact(&mut a, self.timeout).await?;
+        let rh = wire::RecordHeader::decode(&a).inspect_err(|e| reject(&self.tx, e.to_string()))?;
+        if rh.payload_len() != len as u64 - RECORD_HEADER_LEN as u64 {
+            return Err(self.reject(format!(
+                "record LSN {}: frame length does not match its payload",
+                rh.lsn
+            )));
         }
+        if rh.epoch != self.epoch {
+            return Err(self.reject(format!(
+                "record LSN {} has epoch {}, not the session's {}",
+                rh.lsn, rh.epoch, self.epoch
+            )));
+        }
+        let payload = if rh.payload_len() > 0 {
+            let p = rd
+                .payload(
+                    self.engine.pool(),
+                    rh.payload_len() as usize,
+                    "record payload",
+                    self.timeout,
+                )
+                .await?;
+            if p.xxh3() != rh.payload_hash {
+                return Err(
+                    self.reject(format!("record LSN {}: payload checksum mismatch", rh.lsn))
+                );
+            }
+            Some(Rc::new(p))
+        } else {
+            None
+        };
+        let m = Change {
+            op: rh.op,
+            flags: rh.flags,
+            offset: rh.offset,
+            length: rh.length,
+            payload,
+        };
+        let lsn = self
+            .engine
+            .append_replicated(Lsn(rh.lsn), m)
+            .await
+            .map_err(|e| self.reject(e.to_string()))?;
+        self.received.set(lsn);
+        // Receipt alone is news only to a primary that acknowledges on it;
+        // otherwise durability wakes the ACK loop (one task wake-up per
+        // record less).
+        if self.receipt_acks {
+            self.bump.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Resync frames are numbered 1, 2, … on a connection, in stream order.
+    fn next_seq(&self, seq: u64) -> Result<(), LinkError> {
+        let want = self.last_seq.get() + 1;
+        if seq != want {
+            return Err(self.reject(format!("resync frame {seq} out of order (expected {want})")));
+        }
+        self.last_seq.set(seq);
+        Ok(())
+    }
+
+    /// Reads a resync header, checks its sequence number and stream point.
+    async fn resync_header(
+        &self,
+        rd: &mut FrameReader<'_>,
+    ) -> Result<wire::ResyncHeader, LinkError> {
+        let hb = rd.body(wire::RESYNC_HEADER_LEN, self.timeout).await?;
+        wire::ResyncHeader::decode(&hb).map_err(|e| {
+            reject(&self.tx, e.to_string());
+            LinkError::Wire(e)
+        })
+    }
+
+    fn resync_handled(&self, seq: u64) {
+        self.resync.processed.set(seq);
+        self.resync.work.notify_one();
+    }
+
+    async fn on_resync_data(&self, rd: &mut FrameReader<'_>, len: u32) -> Result<(), LinkError> {
+        if (len as usize) < wire::RESYNC_HEADER_LEN {
+            return Err(LinkError::Protocol(
+                "resync frame shorter than its header".into(),
+            ));
+        }
+        let rh = self.resync_header(rd).await?;
+        if rh.length != len as u64 - wire::RESYNC_HEADER_LEN as u64 || rh.length == 0 {
+            return Err(self.reject(format!(
+                "resync region at {}: frame length does not match",
+                rh.offset
+            )));
+        }
+        let p = rd
+            .payload(
+                self.engine.pool(),
+                rh.length as usize,
+                "resync data",
+                self.timeout,
+            )
+            .await?;
+        if p.xxh3() != rh.hash {
+            return Err(self.reject(format!("resync region at {}: checksum mismatch", rh.offset)));
+        }
+        self.next_seq(rh.seq)?;
+        at_stream_point(&self.engine, &rh, &self.tx)?;
+        self.engine
+            .write_region(Lsn(rh.after_lsn), rh.offset, p)
+            .await
+            .map_err(|e| self.reject(e.to_string()))?;
+        self.resync_handled(rh.seq);
+        Ok(())
+    }
+
+    async fn on_resync_check(&self, rd: &mut FrameReader<'_>, len: u32) -> Result<(), LinkError> {
+        if len as usize != wire::RESYNC_HEADER_LEN {
+            return Err(LinkError::Protocol(
+                "resync check frame is not one resync header".into(),
+            ));
+        }
+        let rh = self.resync_header(rd).await?;
+        self.next_seq(rh.seq)?;
+        at_stream_point(&self.engine, &rh, &self.tx)?;
+        let mine = self
+            .engine
+            .region_hash(Lsn(rh.after_lsn), rh.offset, rh.length)
+            .await
+            .map_err(|e| self.reject(e.to_string()))?;
+        let answer = wire::RegionCheck {
+            seq: rh.seq,
+            offset: rh.offset,
+            equal: mine == rh.hash,
+        };
+        let _ = self
+            .tx
+            .send(wire::frame(Kind::RegionCheck, &answer.encode()));
+        self.resync_handled(rh.seq);
+        Ok(())
+    }
+
+    async fn on_resync_done(&self) -> Result<(), LinkError> {
+        self.engine
+            .finish_resync()
+            .await
+            .map_err(|e| self.reject(e.to_string()))?;
+        tracing::info!(volume = %self.engine.info().name, "resync complete: this node is consistent");
+        Ok(())
     }
 }
 
@@ -541,7 +647,7 @@ async fn receive(
 /// sent before it: its `after_lsn` must be exactly the last record this
 /// replica received.
 fn at_stream_point(
-    vol: &Volume,
+    vol: &Engine,
     rh: &wire::ResyncHeader,
     tx: &mpsc::UnboundedSender<Vec<u8>>,
 ) -> Result<(), LinkError> {

@@ -1,0 +1,314 @@
+//! A worker core: one io_uring runtime thread that owns some volumes and
+//! serves the messages routed to it (client connections, primaries
+//! connecting to its replica volumes, admin questions, reloads).
+//!
+//! It is also where the outcomes of the data path become process-level
+//! decisions: a link or session that finds this node fenced by a newer
+//! primary returns [`Fenced`], and the core demotes the volume and asks for
+//! a restart.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::admin::{Request, VolumeStatus};
+use crate::buffer::{BufPool, PoolConfig};
+use crate::control::{CoreMsg, CoreQuery};
+use crate::engine::{Engine, Tuning, VolumeInfo};
+use crate::export::serve;
+use crate::journal::format::Role;
+use crate::journal::Journal;
+use crate::listener::{ClientStream, NewConn};
+use crate::node::{Heartbeats, PreparedVolume};
+use crate::replication::accept::IncomingPrimary;
+use crate::replication::session::{ReplicaVolume, SessionContext, SessionSlot};
+use crate::replication::{Fenced, Primary, ReplicationConfig};
+use crate::sockio::Socket;
+use crate::store::Store;
+use crate::volume::Volume;
+
+/// How long a core may take to finish in-flight work when stopping.
+const STOP_LIMIT: Duration = Duration::from_secs(25);
+
+/// How often a primary refreshes its replicas' lag gauges (a lost replica
+/// sends no acks that would move them).
+const GAUGE_REFRESH: Duration = Duration::from_secs(1);
+
+/// How the main thread steers a core.
+pub struct CoreControl {
+    /// Set to true to stop.
+    pub stop: tokio::sync::watch::Receiver<bool>,
+    /// Where the core reports (index, stopped cleanly).
+    pub stopped: std::sync::mpsc::Sender<(usize, bool)>,
+    /// Write-path knobs.
+    pub tuning: Tuning,
+    /// Liveness, for the watchdog.
+    pub heartbeats: Heartbeats,
+    /// Replication settings, if the node replicates.
+    pub replication: Option<ReplicationConfig>,
+    /// This node's name.
+    pub node: String,
+}
+
+/// A served volume with what its replica sessions share.
+struct Served {
+    vol: Rc<Volume>,
+    slot: Rc<SessionSlot>,
+}
+
+/// One core's volumes.
+struct Core {
+    index: usize,
+    volumes: HashMap<String, Served>,
+    session_ctx: Option<Rc<SessionContext>>,
+}
+
+/// Runs core `index` with `vols` until told to stop; then drains them.
+pub fn run_core(
+    index: usize,
+    vols: Vec<PreparedVolume>,
+    rx: mpsc::Receiver<CoreMsg>,
+    pool_cfg: PoolConfig,
+    ctl: CoreControl,
+) {
+    tokio_uring::builder().entries(1024).start(async move {
+        let pool = Rc::new(BufPool::new(&pool_cfg));
+        let core = Core::open(index, vols, &pool, &ctl);
+        tracing::debug!("core {index} serving {} volume(s)", core.volumes.len());
+        spawn_heartbeat(&ctl.heartbeats);
+        let mut ctl = ctl;
+        core.serve(rx, &mut ctl.stop).await;
+        let clean = core.shutdown().await;
+        let _ = ctl.stopped.send((index, clean));
+    });
+}
+
+fn spawn_heartbeat(heartbeats: &Heartbeats) {
+    let hb = heartbeats.clone();
+    let slot = hb.register();
+    tokio_uring::spawn(async move {
+        loop {
+            hb.beat(slot);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+}
+
+/// Starts one volume: its engine and, on a primary with peers, its
+/// replication role and links.
+fn start_volume(v: PreparedVolume, pool: &Rc<BufPool>, ctl: &CoreControl) -> Rc<Volume> {
+    let info = VolumeInfo {
+        journal: v.config.journal.clone(),
+        name: v.config.name.clone(),
+        description: v.config.description.clone(),
+        size: v.store.size,
+        read_only: v.config.read_only,
+    };
+    let (records, millis) = (v.journal.report.records, v.journal.report.millis);
+    let journal = Journal::new(v.journal);
+    let primary = match &ctl.replication {
+        Some(cfg) if v.role == Role::Primary && !cfg.peers.is_empty() => {
+            Some(Rc::new(Primary::new(
+                cfg.clone(),
+                journal.next_lsn(),
+                &info.name,
+                info.size,
+                journal.epoch().0,
+                &info.journal,
+            )))
+        }
+        _ => None,
+    };
+    let engine = Engine::start(info, Store::new(v.store), journal, pool.clone(), ctl.tuning);
+    engine.metrics().recovery(records, millis);
+    let vol = Rc::new(Volume::new(engine, v.role, primary));
+    if let Some(p) = vol.primary() {
+        for link in &p.links {
+            let run = crate::replication::link::run(
+                vol.engine().clone(),
+                p.clone(),
+                link.clone(),
+                ctl.node.clone(),
+            );
+            let vol = vol.clone();
+            tokio_uring::spawn(async move { fence(&vol, run.await).await });
+        }
+        let (p, e) = (p.clone(), vol.engine().clone());
+        tokio_uring::spawn(async move {
+            while !e.stopped() {
+                p.refresh_gauges(e.journal());
+                tokio::time::sleep(GAUGE_REFRESH).await;
+            }
+        });
+    }
+    vol
+}
+
+/// A newer primary exists: demote this volume and restart as a replica.
+async fn fence(vol: &Volume, f: Fenced) {
+    tracing::error!(volume = %vol.info().name, "a primary of epoch {} exists: this node was replaced; demoting to replica", f.by_epoch);
+    match vol.demote().await {
+        Ok(()) => crate::lifecycle::request_restart(Role::Replica),
+        Err(e) => {
+            tracing::error!(volume = %vol.info().name, "demoting after being fenced failed: {e}")
+        }
+    }
+}
+
+impl Core {
+    fn open(
+        index: usize,
+        vols: Vec<PreparedVolume>,
+        pool: &Rc<BufPool>,
+        ctl: &CoreControl,
+    ) -> Core {
+        let volumes = vols
+            .into_iter()
+            .map(|v| {
+                let name = v.config.name.clone();
+                let served = Served {
+                    vol: start_volume(v, pool, ctl),
+                    slot: Rc::new(SessionSlot::default()),
+                };
+                (name, served)
+            })
+            .collect();
+        let session_ctx = ctl.replication.as_ref().map(|r| {
+            Rc::new(SessionContext {
+                secret: r.secret.clone(),
+                node: ctl.node.clone(),
+                heartbeat_timeout: r.heartbeat_timeout,
+            })
+        });
+        Core {
+            index,
+            volumes,
+            session_ctx,
+        }
+    }
+
+    /// Serves messages until the stop signal or until every sender is gone.
+    async fn serve(
+        &self,
+        mut rx: mpsc::Receiver<CoreMsg>,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            let msg = tokio::select! {
+                msg = rx.recv() => msg,
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            match msg {
+                None => return,
+                Some(CoreMsg::Admin(q)) => self.on_admin(q).await,
+                Some(CoreMsg::Replica(inc)) => self.on_primary(inc),
+                Some(CoreMsg::SetResyncRate(rate)) => self.set_resync_rate(rate),
+                Some(CoreMsg::Conn(nc)) => self.on_client(nc),
+            }
+        }
+    }
+
+    async fn on_admin(&self, q: CoreQuery) {
+        let answer = self.admin(&q.request).await;
+        let _ = q.reply.send(answer);
+    }
+
+    /// Carries out an admin request on every volume of this core, and
+    /// answers with their status (or the first refusal).
+    async fn admin(&self, request: &Request) -> Result<Vec<VolumeStatus>, String> {
+        for s in self.volumes.values() {
+            let vol = &s.vol;
+            let r = match *request {
+                Request::Status => Ok(()),
+                Request::Promote { force } => vol.promote(force).await.map(|_| ()),
+                Request::Demote => vol.demote().await,
+                Request::SetResyncRate { rate } => {
+                    self.set_resync_rate(rate);
+                    Ok(())
+                }
+                Request::Verify { repair } => vol.request_verify(repair),
+            };
+            r.map_err(|e| e.to_string())?;
+        }
+        let mut v: Vec<_> = self
+            .volumes
+            .values()
+            .map(|s| crate::status::volume_status(&s.vol))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    fn set_resync_rate(&self, rate: u64) {
+        for s in self.volumes.values() {
+            if let Some(p) = s.vol.primary() {
+                p.resync_rate.set(rate);
+            }
+        }
+    }
+
+    /// A primary connected to one of this core's volumes.
+    fn on_primary(&self, inc: IncomingPrimary) {
+        let (Some(s), Some(ctx)) = (self.volumes.get(&inc.hello.volume), &self.session_ctx) else {
+            tracing::error!(
+                "replication connection for '{}' reached core {} without its volume",
+                inc.hello.volume,
+                self.index
+            );
+            return;
+        };
+        let sock = Socket::Tcp(tokio_uring::net::TcpStream::from_std(inc.stream));
+        let target = ReplicaVolume {
+            engine: s.vol.engine().clone(),
+            role: s.vol.role(),
+            slot: s.slot.clone(),
+        };
+        let vol = s.vol.clone();
+        let run = crate::replication::session::run(
+            target,
+            sock,
+            inc.hello,
+            inc.hello_body,
+            ctx.clone(),
+            inc.peer,
+        );
+        tokio_uring::spawn(async move {
+            if let Some(f) = run.await {
+                fence(&vol, f).await;
+            }
+        });
+    }
+
+    /// A negotiated NBD client for one of this core's volumes.
+    fn on_client(&self, nc: NewConn) {
+        let Some(s) = self.volumes.get(&nc.neg.export.name) else {
+            tracing::error!(
+                "connection for unknown export '{}' reached core {}",
+                nc.neg.export.name,
+                self.index
+            );
+            return;
+        };
+        let vol = s.vol.clone();
+        let sock = match nc.stream {
+            ClientStream::Tcp(s) => Socket::Tcp(tokio_uring::net::TcpStream::from_std(s)),
+            ClientStream::Unix(s) => Socket::Unix(tokio_uring::net::UnixStream::from_std(s)),
+        };
+        let guard = nc.guard;
+        tokio_uring::spawn(async move {
+            serve(sock, nc.neg, vol, nc.leftover, nc.peer).await;
+            drop(guard);
+        });
+    }
+
+    /// Drains every volume; whether all finished within the limit.
+    async fn shutdown(&self) -> bool {
+        let mut clean = true;
+        for s in self.volumes.values() {
+            clean &= s.vol.shutdown(STOP_LIMIT).await;
+        }
+        clean
+    }
+}

@@ -1,0 +1,382 @@
+//! The applier: writes durable journal records to their home in the data
+//! store in LSN order, then makes the store durable and moves the journal
+//! checkpoint so the space is released.
+
+use std::io;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use super::Engine;
+use crate::buffer::{AlignedBuf, SharedSlice, MAX_CHUNK};
+use crate::journal::format::FLAG_NO_HOLE;
+use crate::journal::MutationOp;
+use crate::journal::Record;
+use crate::units::{align_down, align_up, is_aligned, Lsn};
+
+/// Most records the applier writes to the store at once.
+const APPLY_BATCH: usize = 64;
+
+/// The most often a checkpoint is taken under journal pressure, so a
+/// replica holding space back cannot turn checkpoints into a flush per batch.
+const PRESSURE_CHECKPOINT_GAP: Duration = Duration::from_millis(20);
+
+/// Journal fill past which the applier checkpoints before the interval.
+const PRESSURE_FILL: f64 = 0.25;
+
+/// The longest prefix of `spans` (aligned `[start, end)` of queued records,
+/// oldest first) that may be applied at once: at most [`APPLY_BATCH`], and
+/// ending before the first record that overlaps an earlier one (records
+/// touching the same block must be applied in order).
+fn batch_len(spans: impl Iterator<Item = (u64, u64)>) -> usize {
+    let mut taken: Vec<(u64, u64)> = Vec::new();
+    for span in spans.take(APPLY_BATCH) {
+        if taken.iter().any(|&(a, b)| span.0 < b && a < span.1) {
+            break;
+        }
+        taken.push(span);
+    }
+    taken.len()
+}
+
+/// Whether to checkpoint now: something can be released, and either the
+/// journal is under pressure (not more often than the gap) or the interval
+/// has passed.
+fn checkpoint_due(behind: bool, fill: f64, since: Duration, interval: Duration) -> bool {
+    let pressure = fill > PRESSURE_FILL && since >= PRESSURE_CHECKPOINT_GAP;
+    behind && (pressure || since >= interval)
+}
+
+impl Engine {
+    pub(super) async fn run_applier(self: Rc<Self>) {
+        let mut last_checkpoint = Instant::now();
+        loop {
+            let batch = self.take_apply_batch();
+            if batch.is_empty() {
+                if self.stopping.get() && self.finish_stop().await {
+                    return;
+                }
+                self.idle(&mut last_checkpoint).await;
+                continue;
+            }
+            self.apply_batch(&batch).await;
+            self.metrics
+                .apply_lag
+                .set(self.apply_queue.borrow().len() as f64);
+            self.metrics.journal_used.set(self.journal.used() as f64);
+            if let Some(h) = self.hooks() {
+                h.applied(self.applied_next.get(), &self.journal);
+            }
+            let since = last_checkpoint.elapsed();
+            let fill = self.journal.fill_ratio();
+            if checkpoint_due(
+                self.checkpoint_behind(),
+                fill,
+                since,
+                self.checkpoint_interval,
+            ) {
+                self.checkpoint().await;
+                last_checkpoint = Instant::now();
+            }
+        }
+    }
+
+    /// Stopping with nothing queued: once everything reserved is applied,
+    /// checkpoint and report the stop. Returns whether the applier ends.
+    async fn finish_stop(&self) -> bool {
+        if self.applied_next.get() < self.journal.next_lsn() {
+            return false;
+        }
+        if self.checkpoint_behind() {
+            self.checkpoint().await;
+        }
+        if self.checkpoint_behind() && self.journal.failed().is_none() {
+            return false;
+        }
+        tracing::info!(
+            volume = %self.info.name,
+            "stopped: all {} records applied and checkpointed",
+            self.stats.get().applied
+        );
+        self.stopped.set(true);
+        self.stop_done.notify_waiters();
+        true
+    }
+
+    /// Nothing to apply: checkpoint once the interval has passed (so a quiet
+    /// volume's journal empties and restarts replay little), else wait for
+    /// work, bounded by when the checkpoint falls due.
+    async fn idle(&self, last_checkpoint: &mut Instant) {
+        let due = self
+            .checkpoint_interval
+            .saturating_sub(last_checkpoint.elapsed());
+        let behind = self.checkpoint_behind();
+        if behind && due.is_zero() {
+            self.checkpoint().await;
+            *last_checkpoint = Instant::now();
+            return;
+        }
+        let notified = self.apply_work.notified();
+        if !self.apply_queue.borrow().is_empty() {
+            return;
+        }
+        if self.stopping.get() {
+            let _ = tokio::time::timeout(Duration::from_millis(10), notified).await;
+        } else if behind {
+            let _ = tokio::time::timeout(due, notified).await;
+        } else {
+            notified.await;
+        }
+    }
+
+    /// Applies one batch. On a failure the failed record and those after it
+    /// go back to the queue (they stay in the journal, so a restart replays
+    /// them; until then the overlay keeps serving their data) and the
+    /// applier pauses a second.
+    async fn apply_batch(&self, batch: &[Rc<Record>]) {
+        let results =
+            futures_util::future::join_all(batch.iter().map(|r| self.apply_record(r))).await;
+        for (r, res) in batch.iter().zip(results) {
+            if let Err(e) = res {
+                self.apply_failed(batch, r, &e);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return;
+            }
+            self.applied_one(r);
+        }
+    }
+
+    fn apply_failed(&self, batch: &[Rc<Record>], r: &Record, e: &io::Error) {
+        let full = matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT));
+        if full && !self.store_full.replace(true) {
+            tracing::error!(
+                volume = %self.info.name,
+                "the data store is full: new writes are refused with ENOSPC until space is freed on its filesystem (acknowledged writes are kept in the journal)"
+            );
+        }
+        tracing::error!(
+            volume = %self.info.name,
+            "applying LSN {} to the data store failed: {e}; retrying in 1 s",
+            r.lsn
+        );
+        let mut q = self.apply_queue.borrow_mut();
+        for rec in batch.iter().rev().filter(|x| x.lsn >= r.lsn) {
+            q.push_front(rec.clone());
+        }
+    }
+
+    fn applied_one(&self, r: &Record) {
+        self.overlay
+            .borrow_mut()
+            .remove(r.offset, r.offset + r.length, r.lsn);
+        assert_eq!(
+            self.applied_next.get(),
+            r.lsn,
+            "records applied out of LSN order"
+        );
+        self.applied_next.set(r.lsn.next());
+        self.applied.notify_waiters();
+        if self.store_full.replace(false) {
+            tracing::warn!(volume = %self.info.name, "the data store has space again: writes are accepted");
+        }
+        let mut s = self.stats.get();
+        s.applied += 1;
+        self.stats.set(s);
+    }
+
+    /// The LSN the checkpoint may advance to: everything below is applied,
+    /// and no replica the hooks keep records for needs it.
+    fn checkpoint_target(&self) -> Lsn {
+        let applied = self.applied_next.get();
+        match self.hooks().and_then(|h| h.retention_floor()) {
+            Some(floor) => applied.min(floor),
+            None => applied,
+        }
+    }
+
+    /// Whether the checkpoint can move forward.
+    fn checkpoint_behind(&self) -> bool {
+        self.checkpoint_target() > self.journal.checkpoint_lsn()
+    }
+
+    fn take_apply_batch(&self) -> Vec<Rc<Record>> {
+        let mut q = self.apply_queue.borrow_mut();
+        let n = batch_len(
+            q.iter()
+                .map(|r| (align_down(r.offset), align_up(r.offset + r.length))),
+        );
+        q.drain(..n).collect()
+    }
+
+    /// Makes the store durable, then moves the journal checkpoint to the
+    /// target and releases the space.
+    async fn checkpoint(&self) {
+        let target = self.checkpoint_target();
+        if let Err(e) = self.store.sync().await {
+            tracing::error!(volume = %self.info.name, "syncing the data store failed: {e}; checkpoint postponed");
+            return;
+        }
+        if let Some(h) = self.hooks() {
+            if let Err(e) = h.before_release(target, &self.journal) {
+                tracing::error!(volume = %self.info.name, "writing an out-of-sync bitmap failed: {e}; checkpoint postponed");
+                return;
+            }
+        }
+        match self.journal.checkpoint_to(target).await {
+            Ok(true) => {
+                let mut s = self.stats.get();
+                s.checkpoints += 1;
+                self.stats.set(s);
+                self.metrics.checkpoints.increment(1);
+                self.metrics.journal_used.set(self.journal.used() as f64);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(volume = %self.info.name, "writing the journal checkpoint failed: {e}")
+            }
+        }
+    }
+
+    async fn apply_record(&self, r: &Rc<Record>) -> io::Result<()> {
+        let (start, end) = (r.offset, r.offset + r.length);
+        match r.op {
+            // Already home, durably, before the record was journaled.
+            MutationOp::Write if r.in_place() => Ok(()),
+            MutationOp::Write => self.apply_write(r).await,
+            MutationOp::Trim => {
+                let (a, b) = (align_up(start), align_down(end));
+                if b > a {
+                    self.store.zero(a, b - a, true).await?;
+                }
+                Ok(())
+            }
+            MutationOp::WriteZeroes => {
+                let punch = r.flags & FLAG_NO_HOLE == 0;
+                self.apply_zeroes(start, end, punch).await
+            }
+        }
+    }
+
+    async fn apply_write(&self, r: &Record) -> io::Result<()> {
+        let (start, end) = (r.offset, r.offset + r.length);
+        // A write of no bytes (from a peer) carries no payload.
+        let Some(p) = r.payload.as_ref() else {
+            return Ok(());
+        };
+        if !(is_aligned(start) && is_aligned(r.length)) {
+            return self
+                .read_modify_write(start, end, |dst, vol_off| {
+                    p.copy_out((vol_off - start) as usize, dst)
+                })
+                .await;
+        }
+        let writes = (0..p.chunk_count()).map(|i| {
+            let slice = SharedSlice::new(p.clone(), i, 0, p.chunk_len(i));
+            self.store.write_all(slice, start + (i * MAX_CHUNK) as u64)
+        });
+        for (res, _) in futures_util::future::join_all(writes).await {
+            res?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes `[start, end)`: whole blocks through the store's zeroing
+    /// (punching holes when `punch`), partial blocks at either end by
+    /// read-modify-write.
+    async fn apply_zeroes(&self, start: u64, end: u64, punch: bool) -> io::Result<()> {
+        let (a, b) = (align_up(start), align_down(end));
+        if b <= a {
+            return self.read_modify_write(start, end, |d, _| d.fill(0)).await;
+        }
+        self.store.zero(a, b - a, punch).await?;
+        if start < a {
+            self.read_modify_write(start, a, |d, _| d.fill(0)).await?;
+        }
+        if b < end {
+            self.read_modify_write(b, end, |d, _| d.fill(0)).await?;
+        }
+        Ok(())
+    }
+
+    /// Patches `[start, end)` of the store through the applier's scratch
+    /// buffer, a chunk at a time: read the aligned span, let `fill` write the
+    /// new bytes for (destination, volume offset), write the span back.
+    async fn read_modify_write(
+        &self,
+        start: u64,
+        end: u64,
+        fill: impl Fn(&mut [u8], u64),
+    ) -> io::Result<()> {
+        let mut buf = self
+            .scratch
+            .borrow_mut()
+            .take()
+            .unwrap_or_else(|| AlignedBuf::new(MAX_CHUNK));
+        let mut result = Ok(());
+        let mut pos = start;
+        while pos < end {
+            let a0 = align_down(pos);
+            let a1 = align_up(end).min(a0 + MAX_CHUNK as u64);
+            let piece_end = end.min(a1);
+            let n = (a1 - a0) as usize;
+            let (res, b) = self.store.read_into(buf, a0, n).await;
+            buf = b;
+            if let Err(e) = res {
+                result = Err(e);
+                break;
+            }
+            fill(
+                &mut buf.as_mut_slice()[(pos - a0) as usize..(piece_end - a0) as usize],
+                pos,
+            );
+            let (res, slice) = self
+                .store
+                .write_all(tokio_uring::buf::BoundedBuf::slice(buf, 0..n), a0)
+                .await;
+            buf = slice.into_inner();
+            if let Err(e) = res {
+                result = Err(e);
+                break;
+            }
+            pos = piece_end;
+        }
+        *self.scratch.borrow_mut() = Some(buf);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_ends_at_the_first_overlap_or_the_bound() {
+        let b = 4096;
+        // Disjoint: all of them.
+        assert_eq!(
+            batch_len([(0, b), (b, 2 * b), (4 * b, 5 * b)].into_iter()),
+            3
+        );
+        // The third touches the first's block: the batch ends before it.
+        assert_eq!(batch_len([(0, b), (b, 2 * b), (0, b)].into_iter()), 2);
+        assert_eq!(batch_len([(0, 2 * b), (b, 2 * b)].into_iter()), 1);
+        // Never more than the bound.
+        let many = (0..1000u64).map(|i| (i * b, (i + 1) * b));
+        assert_eq!(batch_len(many), APPLY_BATCH);
+        assert_eq!(batch_len(std::iter::empty()), 0);
+    }
+
+    #[test]
+    fn checkpoints_fall_due_on_pressure_or_interval_never_when_nothing_to_release() {
+        let interval = Duration::from_secs(5);
+        let ms = Duration::from_millis;
+        // Nothing to release: never.
+        assert!(!checkpoint_due(false, 0.9, interval * 2, interval));
+        // Quiet journal: on the interval only.
+        assert!(!checkpoint_due(true, 0.1, ms(4999), interval));
+        assert!(checkpoint_due(true, 0.1, interval, interval));
+        // Pressure: soon, but not more often than the gap.
+        assert!(!checkpoint_due(true, 0.5, ms(19), interval));
+        assert!(checkpoint_due(true, 0.5, ms(20), interval));
+        assert!(!checkpoint_due(true, 0.25, ms(100), interval));
+    }
+}
