@@ -321,3 +321,6 @@ impl Engine {
         tokio::time::timeout(limit, done).await.is_ok()
     }
 }
+
+#[cfg(test)]
+mod tests;
