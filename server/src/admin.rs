@@ -129,29 +129,41 @@ fn serve(
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let resp = match serde_json::from_str::<Request>(line.trim()) {
+        let (resp, restart) = match serde_json::from_str::<Request>(line.trim()) {
             Ok(req) => {
                 let status = req == Request::Status;
-                let mut resp = handle(req, node, cores);
+                let (mut resp, restart) = handle(req, node, cores);
                 if status && resp.ok {
                     readiness.stamp(&mut resp);
                 }
-                resp
+                (resp, restart)
             }
-            Err(e) => Response::error(format!(
+            Err(e) => (Response::error(format!(
                 "cannot parse request ({e}); send one JSON object per line, e.g. {{\"cmd\":\"status\"}}"
-            )),
+            )), None),
         };
         let mut text = serde_json::to_string(&resp)
             .unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"));
         text.push('\n');
-        if out.write_all(text.as_bytes()).is_err() {
+        let written = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+        // The restart closes this socket: it comes only after the answer
+        // is on its way.
+        if let Some(role) = restart {
+            crate::lifecycle::request_restart(role);
+        }
+        if written.is_err() {
             return;
         }
     }
 }
 
-fn handle(req: Request, node: &str, cores: &[mpsc::Sender<crate::control::CoreMsg>]) -> Response {
+/// Carries out `req` on every core; the answer, and the role to restart
+/// with once the answer is sent (promote, demote).
+fn handle(
+    req: Request,
+    node: &str,
+    cores: &[mpsc::Sender<crate::control::CoreMsg>],
+) -> (Response, Option<mirrorblk_admin::Role>) {
     let mut volumes = Vec::new();
     for core in cores {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -163,27 +175,25 @@ fn handle(req: Request, node: &str, cores: &[mpsc::Sender<crate::control::CoreMs
             .blocking_send(crate::control::CoreMsg::Admin(q))
             .is_err()
         {
-            return Response::error("a core has stopped; the node is shutting down");
+            let why = "a core has stopped; the node is shutting down";
+            return (Response::error(why), None);
         }
         match rx.recv_timeout(CORE_TIMEOUT) {
             Ok(Ok(mut v)) => volumes.append(&mut v),
-            Ok(Err(why)) => return Response::error(why),
+            Ok(Err(why)) => return (Response::error(why), None),
             Err(_) => {
-                return Response::error(
-                    "a core did not answer within 5 s; the node may be overloaded",
-                )
+                let why = "a core did not answer within 5 s; the node may be overloaded";
+                return (Response::error(why), None);
             }
         }
     }
     volumes.sort_by(|a, b| a.name.cmp(&b.name));
-    match req {
-        Request::Promote { .. } => {
-            crate::lifecycle::request_restart(mirrorblk_admin::Role::Primary)
-        }
-        Request::Demote => crate::lifecycle::request_restart(mirrorblk_admin::Role::Replica),
-        Request::Status | Request::SetResyncRate { .. } | Request::Verify { .. } => {}
-    }
-    Response {
+    let restart = match req {
+        Request::Promote { .. } => Some(mirrorblk_admin::Role::Primary),
+        Request::Demote => Some(mirrorblk_admin::Role::Replica),
+        Request::Status | Request::SetResyncRate { .. } | Request::Verify { .. } => None,
+    };
+    let resp = Response {
         ok: true,
         error: None,
         node: node.to_string(),
@@ -191,5 +201,6 @@ fn handle(req: Request, node: &str, cores: &[mpsc::Sender<crate::control::CoreMs
         pid: None,
         started_at: None,
         listen: None,
-    }
+    };
+    (resp, restart)
 }
