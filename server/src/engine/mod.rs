@@ -9,13 +9,13 @@
 //! [`ReplicationHooks`], which the engine calls without knowing who answers.
 //!
 //! Everything here runs on one core (the volume's), so state is plain
-//! `RefCell`s with no locks. The write path ([`write`]): reserve an LSN and
+//! `RefCell`s with no locks. The write path (`write`): reserve an LSN and
 //! journal space (backpressure when full), record the extent in the overlay
 //! so reads see it at once, wait for the group commit to make it durable.
-//! The applier ([`applier`]) then writes records to the store in LSN order,
+//! The applier (`applier`) then writes records to the store in LSN order,
 //! and periodically makes the store durable and advances the journal
-//! checkpoint. Reads ([`read`]) overlay unapplied extents on the store.
-//! [`region`] holds the stream-point operations a replica's resync needs.
+//! checkpoint. Reads (`read`) overlay unapplied extents on the store.
+//! `region` holds the stream-point operations a replica's resync needs.
 
 mod applier;
 mod error;
