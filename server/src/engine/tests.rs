@@ -6,7 +6,7 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::Duration;
 
-use super::write::Mutation;
+use super::write::Change;
 use super::*;
 use crate::buffer::{BufPool, Payload, PoolConfig};
 use crate::journal::recovery::{open_and_recover, FileReplay, JournalSpec};
@@ -84,11 +84,11 @@ fn writes_read_back_before_and_after_apply_and_across_a_restart() {
     tokio_uring::start(async {
         let pool = pool();
         let e = open(dir.path(), &pool);
-        let a = Mutation::write(4096, payload(&pool, 8192, 0xaa).await);
-        let b = Mutation::write(4096 + 100, payload(&pool, 10, 0xbb).await);
+        let a = Change::write(4096, payload(&pool, 8192, 0xaa).await);
+        let b = Change::write(4096 + 100, payload(&pool, 10, 0xbb).await);
         assert_eq!(e.mutate(a).await.expect("write a"), Some(Lsn(1)));
         assert_eq!(e.mutate(b).await.expect("write b"), Some(Lsn(2)));
-        let z = Mutation::write_zeroes(4096 + 8192 - 512, 512, false);
+        let z = Change::write_zeroes(4096 + 8192 - 512, 512, false);
         assert_eq!(e.mutate(z).await.expect("zeroes"), Some(Lsn(3)));
         // Newest wins, whether or not the applier got there yet.
         let check = |got: Vec<u8>| {
@@ -121,7 +121,7 @@ fn a_replicated_record_must_carry_the_next_lsn_and_fit_the_volume() {
         let pool = pool();
         let e = open(dir.path(), &pool);
         let err = e
-            .append_replicated(Lsn(2), Mutation::trim(0, 4096))
+            .append_replicated(Lsn(2), Change::trim(0, 4096))
             .await
             .expect_err("LSN 2 before LSN 1");
         assert!(
@@ -135,11 +135,11 @@ fn a_replicated_record_must_carry_the_next_lsn_and_fit_the_volume() {
             "{err}"
         );
         let err = e
-            .append_replicated(Lsn(1), Mutation::trim(SIZE - 4096, 8192))
+            .append_replicated(Lsn(1), Change::trim(SIZE - 4096, 8192))
             .await
             .expect_err("past the end");
         assert!(matches!(err, EngineError::OutOfRange { .. }), "{err}");
-        let lsn = e.append_replicated(Lsn(1), Mutation::trim(0, 4096)).await;
+        let lsn = e.append_replicated(Lsn(1), Change::trim(0, 4096)).await;
         assert_eq!(lsn.expect("in order"), Lsn(1));
     });
 }
@@ -180,7 +180,7 @@ fn replication_hooks_see_every_record_in_order_and_hold_the_checkpoint() {
         hooks.floor.set(Some(Lsn(2)));
         e.set_hooks(hooks.clone());
         for i in 0..3u64 {
-            let m = Mutation::write(i * 4096, payload(&pool, 4096, i as u8).await);
+            let m = Change::write(i * 4096, payload(&pool, 4096, i as u8).await);
             e.mutate(m).await.expect("write");
         }
         assert!(e.shutdown(Duration::from_secs(10)).await, "drained");
