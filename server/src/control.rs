@@ -1,16 +1,25 @@
 //! The control plane's messages and routes: what the acceptors, the admin
-//! socket and the main thread send to a worker core, and which core serves
-//! which volume. Only control-plane modules ([`crate::node`],
-//! [`crate::cores`], [`crate::admin`], [`crate::listener`]) use it; the
-//! engine and replication never do.
+//! socket and the main thread hand a worker core (connections, questions,
+//! opened volumes), which core serves which volume, and the cores' liveness.
+//! It is the leaf of the control plane: the node assembly, the cores, the
+//! admin socket and the NBD acceptor all use it, and it uses none of them;
+//! the engine and replication never use it.
 
 use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
+use mirrorblk_admin::{Request, VolumeStatus};
+use nbd::{ExportInfo, Negotiated};
 use tokio::sync::mpsc;
 
-use crate::admin::{Request, VolumeStatus};
-use crate::listener::NewConn;
+use crate::config::VolumeConfig;
+use crate::journal::format::Role;
+use crate::journal::recovery::OpenedJournal;
 use crate::replication::accept::IncomingPrimary;
+use crate::store::OpenedStore;
 
 /// What a core receives from the rest of the node.
 pub enum CoreMsg {
@@ -49,5 +58,119 @@ impl Routes {
     /// The core of `volume`.
     pub fn get(&self, volume: &str) -> Option<&mpsc::Sender<CoreMsg>> {
         self.0.get(volume)
+    }
+}
+
+/// An accepted client socket, before it moves to its core.
+pub enum ClientStream {
+    /// TCP.
+    Tcp(std::net::TcpStream),
+    /// Unix domain.
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl ClientStream {
+    /// Sets the read and write timeouts (the handshake's bound).
+    pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            ClientStream::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            ClientStream::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+}
+
+impl Read for ClientStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            ClientStream::Tcp(s) => s.read(buf),
+            ClientStream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for ClientStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            ClientStream::Tcp(s) => s.write(buf),
+            ClientStream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Counts a live connection; dropping it frees the slot.
+pub struct ConnGuard(Arc<AtomicUsize>);
+
+impl ConnGuard {
+    /// A slot counted in `live`, which the acceptor already incremented.
+    pub fn new(live: Arc<AtomicUsize>) -> ConnGuard {
+        ConnGuard(live)
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A negotiated connection on its way to its volume's core.
+pub struct NewConn {
+    /// The socket.
+    pub stream: ClientStream,
+    /// What was negotiated.
+    pub neg: Negotiated,
+    /// Bytes the client sent past the handshake.
+    pub leftover: Vec<u8>,
+    /// Peer address, for logs.
+    pub peer: String,
+    /// The connection's slot.
+    pub guard: ConnGuard,
+}
+
+/// A volume opened and recovered, waiting for its core.
+pub struct PreparedVolume {
+    /// Its configuration.
+    pub config: VolumeConfig,
+    /// This node's role for it.
+    pub role: Role,
+    /// The data store.
+    pub store: OpenedStore,
+    /// The recovered journal.
+    pub journal: OpenedJournal,
+    /// What clients are told about it.
+    pub export: ExportInfo,
+}
+
+/// Per-core liveness: each core stores the time of its latest tick.
+#[derive(Clone, Default)]
+pub struct Heartbeats(Arc<std::sync::Mutex<Vec<std::time::Instant>>>);
+
+impl Heartbeats {
+    pub(crate) fn register(&self) -> usize {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.push(std::time::Instant::now());
+        v.len() - 1
+    }
+
+    pub(crate) fn beat(&self, core: usize) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = v.get_mut(core) {
+            *t = std::time::Instant::now();
+        }
+    }
+
+    /// Whether every core ticked within `max_age` (a stuck core fails this).
+    pub fn all_fresh(&self, max_age: Duration) -> bool {
+        let v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.iter().all(|t| t.elapsed() <= max_age)
     }
 }

@@ -13,21 +13,19 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::admin::{Request, VolumeStatus};
 use crate::buffer::{BufPool, PoolConfig};
-use crate::control::{CoreMsg, CoreQuery};
+use crate::control::{ClientStream, CoreMsg, CoreQuery, Heartbeats, NewConn, PreparedVolume};
 use crate::engine::{Engine, Tuning, VolumeInfo};
 use crate::export::serve;
 use crate::journal::format::Role;
 use crate::journal::Journal;
-use crate::listener::{ClientStream, NewConn};
-use crate::node::{Heartbeats, PreparedVolume};
 use crate::replication::accept::IncomingPrimary;
 use crate::replication::session::{ReplicaVolume, SessionContext, SessionSlot};
 use crate::replication::{Fenced, Primary, ReplicationConfig};
 use crate::sockio::Socket;
 use crate::store::Store;
 use crate::volume::Volume;
+use mirrorblk_admin::{Request, VolumeStatus};
 
 /// How long a core may take to finish in-flight work when stopping.
 const STOP_LIMIT: Duration = Duration::from_secs(25);

@@ -8,7 +8,7 @@
 use std::ffi::OsString;
 use std::sync::Mutex;
 
-use crate::journal::format::Role;
+use mirrorblk_admin::Role;
 
 static RESTART: Mutex<Option<Role>> = Mutex::new(None);
 

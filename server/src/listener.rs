@@ -15,75 +15,10 @@ use std::time::Duration;
 
 use nbd::{ExportCatalog, ExportInfo, Handshake, Negotiated, Status};
 
+use crate::control::{ClientStream, ConnGuard, NewConn};
+
 /// How long a client may take over the whole handshake's each read.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// An accepted client socket, before it moves to its core.
-pub enum ClientStream {
-    /// TCP.
-    Tcp(std::net::TcpStream),
-    /// Unix domain.
-    Unix(std::os::unix::net::UnixStream),
-}
-
-impl ClientStream {
-    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            ClientStream::Tcp(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
-            }
-            ClientStream::Unix(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
-            }
-        }
-    }
-}
-
-impl Read for ClientStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            ClientStream::Tcp(s) => s.read(buf),
-            ClientStream::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for ClientStream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            ClientStream::Tcp(s) => s.write(buf),
-            ClientStream::Unix(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Counts a live connection; dropping it frees the slot.
-pub struct ConnGuard(Arc<AtomicUsize>);
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A negotiated connection on its way to its volume's core.
-pub struct NewConn {
-    /// The socket.
-    pub stream: ClientStream,
-    /// What was negotiated.
-    pub neg: Negotiated,
-    /// Bytes the client sent past the handshake.
-    pub leftover: Vec<u8>,
-    /// Peer address, for logs.
-    pub peer: String,
-    /// The connection's slot.
-    pub guard: ConnGuard,
-}
 
 /// The exports this node serves.
 #[derive(Debug, Clone, Default)]
@@ -190,7 +125,7 @@ pub fn negotiate<S: Read + Write>(
 
 fn admit(ctx: &'static AcceptContext, stream: ClientStream, peer: String) {
     let n = ctx.conns.fetch_add(1, Ordering::Relaxed);
-    let guard = ConnGuard(ctx.conns.clone());
+    let guard = ConnGuard::new(ctx.conns.clone());
     if n >= ctx.max_connections {
         tracing::warn!(%peer, "refusing connection: {} connections already open (--max-connections)", n);
         return;

@@ -19,15 +19,16 @@ use tokio::sync::mpsc;
 use crate::buffer::PoolConfig;
 use crate::config::{Config, VolumeConfig};
 use crate::control::{CoreMsg, Routes, CORE_QUEUE};
+pub use crate::control::{Heartbeats, PreparedVolume};
 use crate::cores::{run_core, CoreControl};
 use crate::engine::Tuning;
 use crate::journal::format::Role;
 use crate::journal::recovery::{
-    open_and_recover, FileReplay, JournalOpenError, JournalSpec, OpenedJournal, ReplayTarget,
+    open_and_recover, FileReplay, JournalOpenError, JournalSpec, ReplayTarget,
 };
 use crate::listener::{spawn_acceptors, AcceptContext, Catalog};
 use crate::replication::bitmap::OutOfSync;
-use crate::store::{open_store, OpenedStore, StoreError};
+use crate::store::{open_store, StoreError};
 use crate::units::ByteSize;
 
 /// Why the node could not start; each is something the operator fixes.
@@ -68,20 +69,6 @@ pub enum StartError {
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
-}
-
-/// A volume opened and recovered, waiting for its core.
-pub struct PreparedVolume {
-    /// Its configuration.
-    pub config: VolumeConfig,
-    /// This node's role for it.
-    pub role: Role,
-    /// The data store.
-    pub store: OpenedStore,
-    /// The recovered journal.
-    pub journal: OpenedJournal,
-    /// What clients are told about it.
-    pub export: ExportInfo,
 }
 
 fn export_info(cfg: &VolumeConfig, size: u64, journal_area: u64) -> ExportInfo {
@@ -339,31 +326,6 @@ pub struct RunningNode {
     cores: usize,
     heartbeats: Heartbeats,
     core_senders: Vec<mpsc::Sender<CoreMsg>>,
-}
-
-/// Per-core liveness: each core stores the time of its latest tick.
-#[derive(Clone, Default)]
-pub struct Heartbeats(Arc<std::sync::Mutex<Vec<std::time::Instant>>>);
-
-impl Heartbeats {
-    pub(crate) fn register(&self) -> usize {
-        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        v.push(std::time::Instant::now());
-        v.len() - 1
-    }
-
-    pub(crate) fn beat(&self, core: usize) {
-        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = v.get_mut(core) {
-            *t = std::time::Instant::now();
-        }
-    }
-
-    /// Whether every core ticked within `max_age` (a stuck core fails this).
-    pub fn all_fresh(&self, max_age: Duration) -> bool {
-        let v = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        v.iter().all(|t| t.elapsed() <= max_age)
-    }
 }
 
 impl RunningNode {

@@ -1,12 +1,12 @@
 //! What `mirrorblk status` shows of a volume, assembled from the engine's
 //! and the replication role's state (neither of them knows the admin types).
 
-use crate::admin::{ReplicaStatus, VolumeStatus};
 use crate::engine::EngineStatus;
 use crate::journal::Journal;
 use crate::replication::resync::JobKind;
 use crate::replication::{LinkState, Phase};
 use crate::volume::Volume;
+use mirrorblk_admin::{ReplicaStatus, VolumeStatus};
 
 /// The status of one volume.
 pub fn volume_status(vol: &Volume) -> VolumeStatus {
