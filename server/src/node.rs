@@ -72,9 +72,7 @@ pub enum StartError {
 }
 
 fn export_info(cfg: &VolumeConfig, size: u64, journal_area: u64) -> ExportInfo {
-    let max_payload = (crate::units::align_down(journal_area / 4)
-        .saturating_sub(crate::units::BLOCK))
-    .min(32 << 20) as u32;
+    let max_payload = crate::journal::max_payload(journal_area) as u32;
     let rw = !cfg.read_only;
     ExportInfo {
         name: cfg.name.clone(),

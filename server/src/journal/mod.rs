@@ -49,6 +49,16 @@ const _: () = assert!(MAX_BATCH_IOVECS <= IOV_MAX);
 /// Group commits in flight at once (see `run_appender`).
 const MAX_COMMITS_IN_FLIGHT: usize = 2;
 
+/// The largest payload one request may carry with a journal record area of
+/// `area_len` bytes, so that any record can always be reserved: a quarter
+/// of the area less a block for padding, and at most [`MAX_RECORD_PAYLOAD`].
+/// The NBD export advertises it as the maximum block size.
+pub fn max_payload(area_len: u64) -> u64 {
+    crate::units::align_down(area_len / 4)
+        .saturating_sub(BLOCK)
+        .min(MAX_RECORD_PAYLOAD)
+}
+
 /// A mutation to reserve (see [`Journal::reserve`]).
 pub struct NewRecord {
     /// What it does.
@@ -259,12 +269,6 @@ impl Journal {
     /// Group commits done so far.
     pub fn batches(&self) -> u64 {
         self.batches.get()
-    }
-
-    /// The largest payload a single record may carry so that any record can
-    /// always be reserved (a quarter of the area, leaving room for padding).
-    pub fn max_payload(&self) -> u64 {
-        crate::units::align_down(self.area_len / 4).saturating_sub(BLOCK)
     }
 
     /// Reserves space and an LSN for a record, or None if the journal is full.
