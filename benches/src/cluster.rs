@@ -25,7 +25,7 @@ use mirrorblk_admin::{ReplicaState, ReplicaStatus, Role};
 use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result};
-use crate::targets::{self, Helper, PortMode, Running, Server, Volume};
+use crate::process::{self, Helper, PortMode, Running, Server, Volume};
 
 /// Longest wait for every replica to be in sync (including the checksum
 /// resync of a fresh 1 GiB volume, about 0.4 s per replica on the
@@ -350,7 +350,7 @@ pub fn start(
             SocketAddr::from((Ipv4Addr::LOCALHOST, port))
         } else {
             // Configured but never started: a port nothing listens on.
-            SocketAddr::from((Ipv4Addr::LOCALHOST, targets::free_port()?))
+            SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?))
         };
         let addr = match (r.delay_ms, r.runs(i)) {
             (Some(ms), true) => {
@@ -415,7 +415,7 @@ mod tests {
             Path::new("/d/n2.admin"),
             Path::new("/d/secret"),
         );
-        let line = targets::shell_line(Path::new("mirrorblkd"), &a);
+        let line = process::shell_line(Path::new("mirrorblkd"), &a);
         assert_eq!(
             line,
             "mirrorblkd --node n2 --export vol0 --data /d/n2.img --journal /d/n2.journal \

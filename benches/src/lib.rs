@@ -21,6 +21,7 @@ pub mod error;
 pub mod fio;
 pub mod machine;
 pub mod proc_stat;
+pub mod process;
 pub mod report;
 pub mod stats;
 pub mod svg;

@@ -9,8 +9,8 @@ use serde::Serialize;
 use crate::cluster::ReplicaRecord;
 use crate::fio::{Job, RunFigures};
 use crate::machine::Machine;
+use crate::process::StopOutcome;
 use crate::stats::{summarize, Summary};
-use crate::targets::StopOutcome;
 
 /// One figure of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

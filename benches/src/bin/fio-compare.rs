@@ -23,11 +23,12 @@ use mirrorblk_benches::cluster::{self, COPIES_METRIC, REQUEST_BYTES_METRIC};
 use mirrorblk_benches::error::{Error, IoContext, Result};
 use mirrorblk_benches::fio::{self, Endpoint, Job, Timing};
 use mirrorblk_benches::machine;
+use mirrorblk_benches::process::{self, Running, Volume};
 use mirrorblk_benches::report::{
     self, Cell, MetricsReading, ProcessRecord, ReplicationRecord, RunRecord, Settings, TargetRecord,
 };
 use mirrorblk_benches::svg;
-use mirrorblk_benches::targets::{self, Launch, Running, Target, Volume};
+use mirrorblk_benches::targets::{self, Launch, Target};
 
 /// Wall seconds a run costs beyond ramp + runtime (fio start-up, connection,
 /// JSON), measured on the 2-core development machine; used for the estimate.
@@ -355,7 +356,7 @@ fn run(cli: Cli) -> Result<()> {
             name: t.name.clone(),
             command: match &t.launch {
                 Launch::Direct { fio_args } => direct_command(fio_args, Path::new("FILE")),
-                Launch::Server { program, args, .. } => targets::shell_line(program, args),
+                Launch::Server { program, args, .. } => process::shell_line(program, args),
             },
             durability: t.durability.clone(),
             peer: t.peer,
@@ -785,7 +786,7 @@ fn run_target(
                         return Err(Error::Tool(format!(
                             "{role} exited during the run ({st}); log {}:\n{}",
                             log.display(),
-                            targets::log_tail(&log, 15)
+                            process::log_tail(&log, 15)
                         )));
                     }
                 }
