@@ -166,12 +166,7 @@ pub fn open_store(
         source,
     };
     if let Some(s) = size {
-        if !is_aligned(s) || s == 0 {
-            return Err(StoreError::Unaligned(
-                s,
-                ByteSize(crate::units::align_up(s.max(1))),
-            ));
-        }
+        check_requested_size(s)?;
     }
     let meta = match std::fs::metadata(path) {
         Ok(m) => Some(m),
@@ -179,87 +174,10 @@ pub fn open_store(
         Err(e) => return Err(io_err(e)),
     };
     let (block_device, actual) = match &meta {
-        None if path.starts_with("/dev") => {
-            // A file created under /dev would be lost at reboot and is
-            // never what the operator meant.
-            return Err(StoreError::MissingDevice {
-                path: path.to_path_buf(),
-            });
-        }
-        None => {
-            let Some(s) = size else {
-                return Err(StoreError::Missing {
-                    path: path.to_path_buf(),
-                });
-            };
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).map_err(io_err)?;
-            }
-            let f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .map_err(io_err)?;
-            f.set_len(s).map_err(io_err)?;
-            match prealloc {
-                Preallocate::Full => {
-                    if let Err(e) = zero_fill(&f, path, s) {
-                        // Leave nothing half-made behind: the next start would take it as a volume.
-                        let _ = std::fs::remove_file(path);
-                        return Err(io_err(e));
-                    }
-                }
-                Preallocate::Sparse => f.sync_all().map_err(io_err)?,
-            }
-            tracing::info!(
-                "created data file {} ({}, {:?} preallocation)",
-                path.display(),
-                ByteSize(s),
-                prealloc
-            );
-            (false, s)
-        }
-        Some(m) if m.file_type().is_file() => {
-            use std::os::unix::fs::MetadataExt;
-            if m.blocks() * 512 < m.len() / 2 {
-                tracing::warn!(
-                    "data file {} is sparse ({} of {} allocated): writes into its holes are slower until they are filled (new volumes avoid this with --preallocate full)",
-                    path.display(),
-                    ByteSize(crate::units::align_down(m.blocks() * 512)),
-                    ByteSize(m.len())
-                );
-            }
-            (false, m.len())
-        }
-        Some(m) if m.file_type().is_block_device() => {
-            let f = File::open(path).map_err(io_err)?;
-            (true, block_device_size(&f).map_err(io_err)?)
-        }
-        Some(_) => {
-            return Err(StoreError::BadKind {
-                path: path.to_path_buf(),
-            })
-        }
+        None => (false, create_missing_store(path, size, prealloc)?),
+        Some(m) => existing_store_size(path, m)?,
     };
-    let size = match size {
-        Some(s) if actual < s => {
-            return Err(StoreError::TooSmall {
-                path: path.to_path_buf(),
-                actual,
-                wanted: ByteSize(s),
-            })
-        }
-        Some(s) => s,
-        None => {
-            if !is_aligned(actual) || actual == 0 {
-                return Err(StoreError::Unaligned(
-                    actual,
-                    ByteSize(crate::units::align_down(actual).max(BLOCK)),
-                ));
-            }
-            actual
-        }
-    };
+    let size = settle_size(path, size, actual)?;
     let (file, direct) = open_direct(path, read_only, 0).map_err(io_err)?;
     let durable_file = if read_only {
         None
@@ -275,6 +193,118 @@ pub fn open_store(
         direct,
         path: path.to_path_buf(),
     })
+}
+
+/// A size asked for must be a non-zero multiple of the block size.
+fn check_requested_size(s: u64) -> Result<(), StoreError> {
+    if !is_aligned(s) || s == 0 {
+        return Err(StoreError::Unaligned(
+            s,
+            ByteSize(crate::units::align_up(s.max(1))),
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the missing data file of `size` bytes and returns its size; with
+/// no size, or under /dev, a missing store is an error.
+fn create_missing_store(
+    path: &Path,
+    size: Option<u64>,
+    prealloc: Preallocate,
+) -> Result<u64, StoreError> {
+    let io_err = |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if path.starts_with("/dev") {
+        // A file created under /dev would be lost at reboot and is never
+        // what the operator meant.
+        return Err(StoreError::MissingDevice {
+            path: path.to_path_buf(),
+        });
+    }
+    let Some(s) = size else {
+        return Err(StoreError::Missing {
+            path: path.to_path_buf(),
+        });
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io_err)?;
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_err)?;
+    f.set_len(s).map_err(io_err)?;
+    match prealloc {
+        Preallocate::Full => {
+            if let Err(e) = zero_fill(&f, path, s) {
+                // Leave nothing half-made behind: the next start would take it as a volume.
+                let _ = std::fs::remove_file(path);
+                return Err(io_err(e));
+            }
+        }
+        Preallocate::Sparse => f.sync_all().map_err(io_err)?,
+    }
+    tracing::info!(
+        "created data file {} ({}, {:?} preallocation)",
+        path.display(),
+        ByteSize(s),
+        prealloc
+    );
+    Ok(s)
+}
+
+/// Whether an existing store is a block device, and its size; warns about
+/// a sparse data file.
+fn existing_store_size(path: &Path, m: &std::fs::Metadata) -> Result<(bool, u64), StoreError> {
+    if m.file_type().is_file() {
+        use std::os::unix::fs::MetadataExt;
+        if m.blocks() * 512 < m.len() / 2 {
+            tracing::warn!(
+                "data file {} is sparse ({} of {} allocated): writes into its holes are slower until they are filled (new volumes avoid this with --preallocate full)",
+                path.display(),
+                ByteSize(crate::units::align_down(m.blocks() * 512)),
+                ByteSize(m.len())
+            );
+        }
+        return Ok((false, m.len()));
+    }
+    if m.file_type().is_block_device() {
+        let io_err = |source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let f = File::open(path).map_err(io_err)?;
+        return Ok((true, block_device_size(&f).map_err(io_err)?));
+    }
+    Err(StoreError::BadKind {
+        path: path.to_path_buf(),
+    })
+}
+
+/// The volume's size: the one asked for, which the store must hold, or
+/// else the store's own, which must be a non-zero multiple of the block size.
+fn settle_size(path: &Path, wanted: Option<u64>, actual: u64) -> Result<u64, StoreError> {
+    match wanted {
+        Some(s) if actual < s => Err(StoreError::TooSmall {
+            path: path.to_path_buf(),
+            actual,
+            wanted: ByteSize(s),
+        }),
+        Some(s) => Ok(s),
+        None => {
+            if !is_aligned(actual) || actual == 0 {
+                return Err(StoreError::Unaligned(
+                    actual,
+                    ByteSize(crate::units::align_down(actual).max(BLOCK)),
+                ));
+            }
+            Ok(actual)
+        }
+    }
 }
 
 impl OpenedStore {
