@@ -44,7 +44,15 @@ pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
     Ok(())
 }
 
+/// Registers the help text of every metric the daemon exports.
 fn describe() {
+    describe_request_metrics();
+    describe_journal_metrics();
+    describe_replica_metrics();
+}
+
+/// Metrics of NBD requests and connections.
+fn describe_request_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
         "mirrorblk_requests_total",
@@ -64,15 +72,20 @@ fn describe() {
         Unit::Seconds,
         "Whole-request latency, from header read to reply queued"
     );
+    describe_counter!(
+        "mirrorblk_payload_copies_total",
+        "Userspace copies of write payload bytes on the write path (0 is the design)"
+    );
+    describe_gauge!("mirrorblk_connections", "Open NBD client connections");
+}
+
+/// Metrics of the journal, the data store and recovery.
+fn describe_journal_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_histogram!(
         "mirrorblk_journal_commit_seconds",
         Unit::Seconds,
         "Duration of one group commit (vectored O_DSYNC write)"
-    );
-    describe_histogram!(
-        "mirrorblk_replica_wait_seconds",
-        Unit::Seconds,
-        "Per write, the time from local durability until the replicas' acknowledgement the mode asks for (sync: durable, flush: received; async: the lag bound)"
     );
     describe_histogram!(
         "mirrorblk_journal_batch_records",
@@ -111,11 +124,16 @@ fn describe() {
         Unit::Seconds,
         "Duration of the last start-up recovery"
     );
-    describe_counter!(
-        "mirrorblk_payload_copies_total",
-        "Userspace copies of write payload bytes on the write path (0 is the design)"
+}
+
+/// Metrics of replica links and resyncs.
+fn describe_replica_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_histogram!(
+        "mirrorblk_replica_wait_seconds",
+        Unit::Seconds,
+        "Per write, the time from local durability until the replicas' acknowledgement the mode asks for (sync: durable, flush: received; async: the lag bound)"
     );
-    describe_gauge!("mirrorblk_connections", "Open NBD client connections");
     describe_gauge!(
         "mirrorblk_replica_state",
         "Replica link state: 0 connecting, 1 catching-up, 2 in-sync, 3 out-of-sync, 4 resyncing (streaming live while a resync runs)"
