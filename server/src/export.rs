@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_uring::buf::fixed::FixedBuf;
 
 use crate::buffer::{OutBuf, Payload};
+use crate::engine::ReadData;
 use crate::sockio::{self, write_all, ReadFail, SockBuf, Socket};
 use crate::volume::Volume;
 
@@ -246,6 +247,8 @@ impl Prefix {
     }
 }
 
+/// Reads requests until the connection ends, and runs each served one as
+/// its own task (at most the in-flight limit at once).
 async fn read_loop(conn: &Rc<Conn>, leftover: Vec<u8>) -> End {
     let sock = &conn.sock;
     let mut prefix = Prefix {
@@ -279,40 +282,24 @@ async fn read_loop(conn: &Rc<Conn>, leftover: Vec<u8>) -> End {
             Ok(r) => r,
             Err(e) => return End::Protocol(e),
         };
-        match check_request(&req, &conn.neg) {
-            Verdict::Close(e) => return End::Protocol(e),
-            Verdict::Reject(code) => {
-                if req.command == Command::Write {
-                    if let Err(e) = discard(sock, &mut prefix, req.length as usize).await {
-                        return e;
-                    }
-                }
-                tracing::debug!(peer = %conn.peer, "rejected {:?} at {}+{}: {:?}", req.command, req.offset, req.length, code);
-                conn.error(&req, code, "invalid request");
-                continue;
-            }
-            Verdict::Serve => {}
+        match admit(conn, &req, &mut prefix).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => return e,
         }
         if req.command == Command::Disc {
             return End::Disc;
         }
         let payload = if req.command == Command::Write && req.length > 0 {
-            let mut p = conn.vol.pool().payload(req.length as usize).await;
-            if p.chunk_count() == 1 && prefix.is_empty() {
-                let mut chunks = p.take_chunks();
-                let chunk = chunks.pop().expect("one chunk");
-                let (res, chunk, h) =
-                    read_payload_and_header(conn, chunk, req.length as usize, hdr, fixed).await;
-                hdr = h;
-                p.put_chunks(vec![chunk]);
-                match res {
-                    Ok(n) => hdr_have = n,
-                    Err(e) => return e,
+            let (res, h) = read_write_payload(conn, &req, &mut prefix, hdr, fixed).await;
+            hdr = h;
+            match res {
+                Ok((p, have)) => {
+                    hdr_have = have;
+                    Some(p)
                 }
-            } else if let Err(e) = fill_payload(conn, &mut p, &mut prefix, fixed).await {
-                return e;
+                Err(e) => return e,
             }
-            Some(p)
         } else {
             None
         };
@@ -332,6 +319,47 @@ async fn read_loop(conn: &Rc<Conn>, leftover: Vec<u8>) -> End {
             drop(permit);
         });
     }
+}
+
+/// Applies the protocol's validity rules to a request: `Ok(true)` serves
+/// it; `Ok(false)` means it was answered with an error (a rejected write's
+/// payload drained) and the next request follows.
+async fn admit(conn: &Conn, req: &Request, prefix: &mut Prefix) -> Result<bool, End> {
+    match check_request(req, &conn.neg) {
+        Verdict::Close(e) => Err(End::Protocol(e)),
+        Verdict::Reject(code) => {
+            if req.command == Command::Write {
+                discard(&conn.sock, prefix, req.length as usize).await?;
+            }
+            tracing::debug!(peer = %conn.peer, "rejected {:?} at {}+{}: {:?}", req.command, req.offset, req.length, code);
+            conn.error(req, code, "invalid request");
+            Ok(false)
+        }
+        Verdict::Serve => Ok(true),
+    }
+}
+
+/// Reads a write's payload into pool buffers. A one-chunk payload with
+/// nothing buffered ahead is read together with the header behind it (into
+/// `hdr`); the answer then says how many header bytes came along.
+async fn read_write_payload(
+    conn: &Conn,
+    req: &Request,
+    prefix: &mut Prefix,
+    hdr: Vec<u8>,
+    fixed: bool,
+) -> (Result<(Payload, usize), End>, Vec<u8>) {
+    let mut p = conn.vol.pool().payload(req.length as usize).await;
+    if p.chunk_count() == 1 && prefix.is_empty() {
+        let mut chunks = p.take_chunks();
+        let chunk = chunks.pop().expect("one chunk");
+        let (res, chunk, hdr) =
+            read_payload_and_header(conn, chunk, req.length as usize, hdr, fixed).await;
+        p.put_chunks(vec![chunk]);
+        return (res.map(|have| (p, have)), hdr);
+    }
+    let res = fill_payload(conn, &mut p, prefix, fixed).await;
+    (res.map(|()| (p, 0)), hdr)
 }
 
 async fn discard(sock: &Socket, prefix: &mut Prefix, want: usize) -> Result<(), End> {
@@ -412,22 +440,7 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
             conn.done(&req, res);
         }
         Command::Read => match vol.read(req.offset, req.length as u64).await {
-            Ok(data) => {
-                let mut out = Vec::with_capacity(data.parts.len() + 1);
-                let head = if conn.neg.structured_replies {
-                    nbd::reply::offset_data_header(req.cookie, req.offset, req.length, true)
-                        .to_vec()
-                } else {
-                    nbd::reply::simple_reply(req.cookie, None).to_vec()
-                };
-                out.push(OutBuf::Bytes(head, 0));
-                out.extend(
-                    data.parts
-                        .into_iter()
-                        .map(|(b, s, e)| OutBuf::Fixed(b, s, e)),
-                );
-                conn.reply(out);
-            }
+            Ok(data) => reply_read(conn, &req, data),
             Err(code) => conn.error(&req, code, "read failed"),
         },
         Command::Flush => conn.done(&req, vol.flush().await),
@@ -442,34 +455,56 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
         }
         // O_DIRECT keeps no page cache to warm; prefetch is advisory.
         Command::Cache => conn.done(&req, Ok(())),
-        Command::BlockStatus => {
-            let Some(ctx) = conn.neg.base_allocation else {
-                conn.error(&req, ErrorCode::Inval, "base:allocation was not negotiated");
-                return;
-            };
-            let mut extents: Vec<nbd::reply::Extent> = vol
-                .allocation(req.offset, req.length as u64)
-                .into_iter()
-                .filter(|a| a.length > 0)
-                .map(|a| nbd::reply::Extent {
-                    length: a.length.min(u32::MAX as u64) as u32,
-                    flags: if a.hole {
-                        nbd::consts::STATE_HOLE | nbd::consts::STATE_ZERO
-                    } else {
-                        0
-                    },
-                })
-                .collect();
-            if req.flags.contains(CommandFlags::REQ_ONE) {
-                extents.truncate(1);
-            }
-            conn.reply(vec![OutBuf::Bytes(
-                nbd::reply::block_status_chunk(req.cookie, ctx, &extents, true),
-                0,
-            )]);
-        }
+        Command::BlockStatus => reply_block_status(conn, &req),
         Command::Disc | Command::Unknown(_) => {
             conn.error(&req, ErrorCode::Inval, "unsupported command")
         }
     }
+}
+
+/// Answers a READ with the data read, behind a header of the negotiated
+/// reply style.
+fn reply_read(conn: &Conn, req: &Request, data: ReadData) {
+    let mut out = Vec::with_capacity(data.parts.len() + 1);
+    let head = if conn.neg.structured_replies {
+        nbd::reply::offset_data_header(req.cookie, req.offset, req.length, true).to_vec()
+    } else {
+        nbd::reply::simple_reply(req.cookie, None).to_vec()
+    };
+    out.push(OutBuf::Bytes(head, 0));
+    out.extend(
+        data.parts
+            .into_iter()
+            .map(|(b, s, e)| OutBuf::Fixed(b, s, e)),
+    );
+    conn.reply(out);
+}
+
+/// Answers a BLOCK_STATUS with the range's `base:allocation` extents.
+fn reply_block_status(conn: &Conn, req: &Request) {
+    let Some(ctx) = conn.neg.base_allocation else {
+        conn.error(req, ErrorCode::Inval, "base:allocation was not negotiated");
+        return;
+    };
+    let mut extents: Vec<nbd::reply::Extent> = conn
+        .vol
+        .allocation(req.offset, req.length as u64)
+        .into_iter()
+        .filter(|a| a.length > 0)
+        .map(|a| nbd::reply::Extent {
+            length: a.length.min(u32::MAX as u64) as u32,
+            flags: if a.hole {
+                nbd::consts::STATE_HOLE | nbd::consts::STATE_ZERO
+            } else {
+                0
+            },
+        })
+        .collect();
+    if req.flags.contains(CommandFlags::REQ_ONE) {
+        extents.truncate(1);
+    }
+    conn.reply(vec![OutBuf::Bytes(
+        nbd::reply::block_status_chunk(req.cookie, ctx, &extents, true),
+        0,
+    )]);
 }
