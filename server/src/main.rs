@@ -70,59 +70,9 @@ fn main() -> ExitCode {
     };
     mirrorblk_server::notify::notify("READY=1\nSTATUS=serving");
     if let Some(every) = mirrorblk_server::notify::watchdog_interval() {
-        // Ping only while every core keeps ticking: a stuck core stops the
-        // pings and systemd restarts the node (the journal makes that safe).
-        let beats = node.heartbeats();
-        let _ = std::thread::Builder::new()
-            .name("watchdog".into())
-            .spawn(move || loop {
-                if beats.all_fresh(every.max(std::time::Duration::from_secs(2))) {
-                    mirrorblk_server::notify::notify("WATCHDOG=1");
-                } else {
-                    tracing::error!(
-                        "a core stopped ticking; withholding the systemd watchdog ping"
-                    );
-                }
-                std::thread::sleep(every);
-            });
+        spawn_watchdog(node.heartbeats(), every);
     }
-    loop {
-        match stop.wait() {
-            Ok(Signal::SIGHUP) => {
-                // Reload what can change online; keep everything on error.
-                match Config::from_cli(&cli) {
-                    Ok(new) => {
-                        let log = reload_log(&new.log_level);
-                        let rate = new.replication.as_ref().map(|r| r.resync_rate);
-                        if let Some(rate) = rate {
-                            node.set_resync_rate(rate);
-                        }
-                        tracing::info!(
-                            "SIGHUP: reloaded configuration (log level {}{}{})",
-                            new.log_level,
-                            rate.map(|r| format!(
-                                ", resync rate {}/s",
-                                mirrorblk_server::units::ByteSize(r)
-                            ))
-                            .unwrap_or_default(),
-                            log.err()
-                                .map(|e| format!("; log level not changed: {e}"))
-                                .unwrap_or_default()
-                        );
-                    }
-                    Err(e) => tracing::error!("SIGHUP: configuration not reloaded: {e}"),
-                }
-            }
-            Ok(sig) => {
-                tracing::info!("received {sig:?}: finishing in-flight requests, applying and checkpointing the journal");
-                break;
-            }
-            Err(e) => {
-                tracing::error!("waiting for signals failed: {e}; stopping");
-                break;
-            }
-        }
-    }
+    wait_for_stop(&stop, &cli, &node, &reload_log);
     mirrorblk_server::notify::notify("STOPPING=1");
     let restart = mirrorblk_server::lifecycle::take_restart();
     let clean = node.stop(std::time::Duration::from_secs(30));
@@ -141,5 +91,62 @@ fn main() -> ExitCode {
             "could not finish and checkpoint within 30 s; the next start will replay the journal"
         );
         ExitCode::from(1)
+    }
+}
+
+/// Pings the systemd watchdog only while every core keeps ticking: a stuck
+/// core stops the pings and systemd restarts the node (the journal makes
+/// that safe).
+fn spawn_watchdog(beats: node::Heartbeats, every: std::time::Duration) {
+    let _ = std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || loop {
+            if beats.all_fresh(every.max(std::time::Duration::from_secs(2))) {
+                mirrorblk_server::notify::notify("WATCHDOG=1");
+            } else {
+                tracing::error!("a core stopped ticking; withholding the systemd watchdog ping");
+            }
+            std::thread::sleep(every);
+        });
+}
+
+/// Serves SIGHUP reloads until a stop signal (or a failure to wait for one).
+fn wait_for_stop(stop: &SigSet, cli: &Cli, node: &node::RunningNode, reload_log: &Reload) {
+    loop {
+        match stop.wait() {
+            Ok(Signal::SIGHUP) => reload(cli, node, reload_log),
+            Ok(sig) => {
+                tracing::info!("received {sig:?}: finishing in-flight requests, applying and checkpointing the journal");
+                break;
+            }
+            Err(e) => {
+                tracing::error!("waiting for signals failed: {e}; stopping");
+                break;
+            }
+        }
+    }
+}
+
+/// Reloads what can change online (log level, resync rate); keeps
+/// everything on error.
+fn reload(cli: &Cli, node: &node::RunningNode, reload_log: &Reload) {
+    match Config::from_cli(cli) {
+        Ok(new) => {
+            let log = reload_log(&new.log_level);
+            let rate = new.replication.as_ref().map(|r| r.resync_rate);
+            if let Some(rate) = rate {
+                node.set_resync_rate(rate);
+            }
+            tracing::info!(
+                "SIGHUP: reloaded configuration (log level {}{}{})",
+                new.log_level,
+                rate.map(|r| format!(", resync rate {}/s", mirrorblk_server::units::ByteSize(r)))
+                    .unwrap_or_default(),
+                log.err()
+                    .map(|e| format!("; log level not changed: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        Err(e) => tracing::error!("SIGHUP: configuration not reloaded: {e}"),
     }
 }
