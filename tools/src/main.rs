@@ -8,7 +8,7 @@ mod demo;
 
 use clap::{Parser, Subcommand};
 use mirrorblk_admin as admin;
-use mirrorblk_server::journal::format::EntryKind;
+use mirrorblk_server::journal::format::{EntryKind, Superblock};
 use mirrorblk_server::journal::recovery::{read_superblock, scan};
 use mirrorblk_server::journal::MutationOp;
 use mirrorblk_server::units::ByteSize;
@@ -159,27 +159,7 @@ fn journal_inspect(path: &Path, list: bool) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let uuid: String = sb.volume_uuid.iter().map(|b| format!("{b:02x}")).collect();
-    println!("journal          {}", path.display());
-    println!(
-        "volume           {} ({} bytes, {})",
-        sb.volume_name,
-        sb.volume_size,
-        ByteSize(sb.volume_size)
-    );
-    println!("volume uuid      {uuid}");
-    println!(
-        "record area      {} ({} bytes)",
-        ByteSize(sb.area_len),
-        sb.area_len
-    );
-    println!("epoch            {}", sb.epoch);
-    println!(
-        "checkpoint LSN   {} at area offset {}",
-        sb.checkpoint_lsn, sb.checkpoint_pos
-    );
-    println!("session          {}", sb.session);
-    println!("generation       {}", sb.generation);
+    print_superblock(path, &sb);
     let mut records = 0u64;
     let mut bytes = 0u64;
     let mut lines = Vec::new();
@@ -188,14 +168,7 @@ fn journal_inspect(path: &Path, list: bool) -> ExitCode {
         bytes += rec.header.length;
         if list {
             let h = &rec.header;
-            let op = match h.kind {
-                EntryKind::Mutation(MutationOp::Write) => "write",
-                EntryKind::Mutation(MutationOp::Trim) => "trim",
-                EntryKind::Mutation(MutationOp::WriteZeroes) => "zero",
-                EntryKind::Pad => "pad",
-                EntryKind::WriteInPlace => "write (in place)",
-                EntryKind::InPlaceIntent => "in-place intent",
-            };
+            let op = entry_name(h.kind);
             lines.push(format!(
                 "  LSN {:>10}  {:<15} offset {:>14} length {:>10}  at area offset {:>12}  epoch {}",
                 h.lsn, op, h.offset, h.length, rec.pos, h.epoch
@@ -219,6 +192,42 @@ fn journal_inspect(path: &Path, list: bool) -> ExitCode {
             eprintln!("mirrorblk: reading journal {} failed: {e}", path.display());
             ExitCode::from(1)
         }
+    }
+}
+
+/// Prints what the journal's superblock says, one field a line.
+fn print_superblock(path: &Path, sb: &Superblock) {
+    let uuid: String = sb.volume_uuid.iter().map(|b| format!("{b:02x}")).collect();
+    println!("journal          {}", path.display());
+    println!(
+        "volume           {} ({} bytes, {})",
+        sb.volume_name,
+        sb.volume_size,
+        ByteSize(sb.volume_size)
+    );
+    println!("volume uuid      {uuid}");
+    println!(
+        "record area      {} ({} bytes)",
+        ByteSize(sb.area_len),
+        sb.area_len
+    );
+    println!("epoch            {}", sb.epoch);
+    println!(
+        "checkpoint LSN   {} at area offset {}",
+        sb.checkpoint_lsn, sb.checkpoint_pos
+    );
+    println!("session          {}", sb.session);
+    println!("generation       {}", sb.generation);
+}
+
+fn entry_name(kind: EntryKind) -> &'static str {
+    match kind {
+        EntryKind::Mutation(MutationOp::Write) => "write",
+        EntryKind::Mutation(MutationOp::Trim) => "trim",
+        EntryKind::Mutation(MutationOp::WriteZeroes) => "zero",
+        EntryKind::Pad => "pad",
+        EntryKind::WriteInPlace => "write (in place)",
+        EntryKind::InPlaceIntent => "in-place intent",
     }
 }
 
