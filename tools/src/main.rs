@@ -491,41 +491,10 @@ fn verify(socket: &Path, repair: bool, json: bool) -> ExitCode {
     if let Err(code) = request(socket, &admin::Request::Verify { repair }, "verify") {
         return code;
     }
-    let multi = indicatif::MultiProgress::new();
-    let style =
-        bar_style("verify {prefix:<14} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}");
-    let mut bars: std::collections::HashMap<String, indicatif::ProgressBar> =
-        std::collections::HashMap::new();
-    let resp = loop {
-        let resp = match request(socket, &admin::Request::Status, "status") {
-            Ok(r) => r,
-            Err(code) => return code,
-        };
-        let mut running = 0;
-        for v in &resp.volumes {
-            for r in &v.replicas {
-                let Some(vs) = &r.verify else { continue };
-                let key = format!("{}/{}", v.name, r.peer);
-                let bar = bars.entry(key.clone()).or_insert_with(|| {
-                    let b = multi.add(indicatif::ProgressBar::new(vs.total_bytes));
-                    b.set_style(style.clone());
-                    b.set_prefix(key.clone());
-                    b
-                });
-                bar.set_position(vs.done_bytes);
-                if vs.running {
-                    running += 1;
-                } else if !bar.is_finished() {
-                    bar.finish();
-                }
-            }
-        }
-        if running == 0 {
-            break resp;
-        }
-        std::thread::sleep(Duration::from_millis(250));
+    let resp = match wait_for_verify(socket) {
+        Ok(r) => r,
+        Err(code) => return code,
     };
-    let _ = multi.clear();
     let mut clean = true;
     let mut report = Vec::new();
     for v in &resp.volumes {
@@ -538,44 +507,8 @@ fn verify(socket: &Path, repair: bool, json: bool) -> ExitCode {
                 }
                 continue;
             };
-            let result = if let Some(why) = &vs.aborted {
-                clean = false;
-                format!("verify aborted: {why}; run it again once the replica is in sync")
-            } else if vs.differing.is_empty() {
-                format!(
-                    "identical ({} compared in {:.1} s)",
-                    ByteSize(vs.total_bytes),
-                    vs.seconds
-                )
-            } else {
-                let shown: Vec<String> =
-                    vs.differing.iter().take(8).map(|o| o.to_string()).collect();
-                let more = if vs.differing.len() > 8 { ", …" } else { "" };
-                if !vs.repair {
-                    clean = false;
-                }
-                format!(
-                    "{} differing region(s) of {} at offsets {}{more}{}",
-                    vs.differing.len(),
-                    ByteSize(vs.region_bytes),
-                    shown.join(", "),
-                    if vs.repair {
-                        "; repaired (resent from the primary)"
-                    } else {
-                        "; run `mirrorblk verify --repair` to resend them from the primary"
-                    }
-                )
-            };
-            let result = if vs.busy.is_empty() {
-                result
-            } else {
-                clean = false;
-                format!(
-                    "{result}; {} region(s) under constant writes could not be compared (offsets {}): run verify again when they are quieter",
-                    vs.busy.len(),
-                    vs.busy.iter().take(8).map(|o| o.to_string()).collect::<Vec<_>>().join(", ")
-                )
-            };
+            let (result, replica_clean) = verify_outcome(vs);
+            clean &= replica_clean;
             if !json {
                 println!("{}/{}: {result}", v.name, r.peer);
             }
@@ -604,6 +537,86 @@ fn verify(socket: &Path, repair: bool, json: bool) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+/// Shows each replica's verify progress until none runs; returns the last
+/// status.
+fn wait_for_verify(socket: &Path) -> Result<admin::Response, ExitCode> {
+    let multi = indicatif::MultiProgress::new();
+    let style =
+        bar_style("verify {prefix:<14} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}");
+    let mut bars: std::collections::HashMap<String, indicatif::ProgressBar> =
+        std::collections::HashMap::new();
+    let resp = loop {
+        let resp = request(socket, &admin::Request::Status, "status")?;
+        let mut running = 0;
+        for v in &resp.volumes {
+            for r in &v.replicas {
+                let Some(vs) = &r.verify else { continue };
+                let key = format!("{}/{}", v.name, r.peer);
+                let bar = bars.entry(key.clone()).or_insert_with(|| {
+                    let b = multi.add(indicatif::ProgressBar::new(vs.total_bytes));
+                    b.set_style(style.clone());
+                    b.set_prefix(key.clone());
+                    b
+                });
+                bar.set_position(vs.done_bytes);
+                if vs.running {
+                    running += 1;
+                } else if !bar.is_finished() {
+                    bar.finish();
+                }
+            }
+        }
+        if running == 0 {
+            break resp;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let _ = multi.clear();
+    Ok(resp)
+}
+
+/// One replica's verify result in words, and whether it leaves the replica
+/// clean (identical, or repaired, and nothing left uncompared).
+fn verify_outcome(vs: &admin::VerifyStatus) -> (String, bool) {
+    let mut clean = true;
+    let result = if let Some(why) = &vs.aborted {
+        clean = false;
+        format!("verify aborted: {why}; run it again once the replica is in sync")
+    } else if vs.differing.is_empty() {
+        format!(
+            "identical ({} compared in {:.1} s)",
+            ByteSize(vs.total_bytes),
+            vs.seconds
+        )
+    } else {
+        let shown: Vec<String> = vs.differing.iter().take(8).map(|o| o.to_string()).collect();
+        let more = if vs.differing.len() > 8 { ", …" } else { "" };
+        if !vs.repair {
+            clean = false;
+        }
+        format!(
+            "{} differing region(s) of {} at offsets {}{more}{}",
+            vs.differing.len(),
+            ByteSize(vs.region_bytes),
+            shown.join(", "),
+            if vs.repair {
+                "; repaired (resent from the primary)"
+            } else {
+                "; run `mirrorblk verify --repair` to resend them from the primary"
+            }
+        )
+    };
+    if vs.busy.is_empty() {
+        return (result, clean);
+    }
+    let busy = format!(
+        "{result}; {} region(s) under constant writes could not be compared (offsets {}): run verify again when they are quieter",
+        vs.busy.len(),
+        vs.busy.iter().take(8).map(|o| o.to_string()).collect::<Vec<_>>().join(", ")
+    );
+    (busy, false)
 }
 
 fn role_change(socket: &Path, req: &admin::Request, done: &str) -> ExitCode {
