@@ -390,19 +390,8 @@ fn resync(socket: &Path, rate: Option<ByteSize>, watch: bool) -> ExitCode {
         }
         println!("resync rate set to {r}/s");
     }
-    let multi = indicatif::MultiProgress::new();
-    let style =
-        bar_style("{prefix:<16} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}");
-    let mut bars: std::collections::HashMap<String, indicatif::ProgressBar> =
-        std::collections::HashMap::new();
+    let mut view = ResyncView::new(watch);
     let mut seen_any = false;
-    // Progress bars need a terminal; elsewhere (logs, scripts) print a line
-    // per resync every second instead.
-    use std::io::IsTerminal;
-    let tty = std::io::stderr().is_terminal();
-    let mut last_line = Instant::now() - Duration::from_secs(1);
-    let mut last_done: std::collections::HashMap<String, (u64, Instant)> =
-        std::collections::HashMap::new();
     loop {
         let resp = match request(socket, &admin::Request::Status, "status") {
             Ok(r) => r,
@@ -412,62 +401,14 @@ fn resync(socket: &Path, rate: Option<ByteSize>, watch: bool) -> ExitCode {
         for v in &resp.volumes {
             for r in &v.replicas {
                 let key = format!("{}/{}", v.name, r.peer);
-                match r.resync {
-                    Some((done, total)) if !watch => {
-                        running += 1;
-                        println!(
-                            "{key}: resync {} of {} ({}%)",
-                            ByteSize(done),
-                            ByteSize(total),
-                            (done * 100).checked_div(total).unwrap_or(0)
-                        );
-                    }
-                    Some((done, total)) if !tty => {
-                        running += 1;
-                        if last_line.elapsed() >= Duration::from_secs(1) {
-                            let now = Instant::now();
-                            let (d0, t0) = last_done.get(&key).copied().unwrap_or((done, now));
-                            let secs = now.duration_since(t0).as_secs_f64();
-                            let rate = if secs > 0.0 {
-                                (done.saturating_sub(d0)) as f64 / secs
-                            } else {
-                                0.0
-                            };
-                            println!(
-                                "{key}: resync {} of {} ({}%) at {}/s",
-                                ByteSize(done),
-                                ByteSize(total),
-                                (done * 100).checked_div(total).unwrap_or(0),
-                                ByteSize(rate as u64)
-                            );
-                            last_done.insert(key.clone(), (done, now));
-                        }
-                    }
-                    Some((done, total)) => {
-                        running += 1;
-                        let bar = bars.entry(key.clone()).or_insert_with(|| {
-                            let b = multi.add(indicatif::ProgressBar::new(total));
-                            b.set_style(style.clone());
-                            b.set_prefix(key.clone());
-                            b
-                        });
-                        bar.set_position(done);
-                    }
-                    None => {
-                        if let Some(b) = bars.remove(&key) {
-                            b.set_position(b.length().unwrap_or(0));
-                            b.finish_with_message("done");
-                        }
-                        if !tty && last_done.remove(&key).is_some() {
-                            println!("{key}: resync complete");
-                        }
-                    }
+                if view.show(key, r.resync) {
+                    running += 1;
                 }
             }
         }
         seen_any |= running > 0;
-        if last_line.elapsed() >= Duration::from_secs(1) {
-            last_line = Instant::now();
+        if view.last_line.elapsed() >= Duration::from_secs(1) {
+            view.last_line = Instant::now();
         }
         if !watch {
             if running == 0 {
@@ -484,6 +425,94 @@ fn resync(socket: &Path, rate: Option<ByteSize>, watch: bool) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// How `mirrorblk resync` shows progress: one line per resync once, or
+/// (watching) progress bars on a terminal and a line per resync every
+/// second elsewhere (logs, scripts).
+struct ResyncView {
+    watch: bool,
+    tty: bool,
+    multi: indicatif::MultiProgress,
+    style: indicatif::ProgressStyle,
+    bars: std::collections::HashMap<String, indicatif::ProgressBar>,
+    last_line: Instant,
+    last_done: std::collections::HashMap<String, (u64, Instant)>,
+}
+
+impl ResyncView {
+    fn new(watch: bool) -> ResyncView {
+        use std::io::IsTerminal;
+        ResyncView {
+            watch,
+            tty: std::io::stderr().is_terminal(),
+            multi: indicatif::MultiProgress::new(),
+            style: bar_style(
+                "{prefix:<16} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            ),
+            bars: std::collections::HashMap::new(),
+            last_line: Instant::now() - Duration::from_secs(1),
+            last_done: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Shows one replica's resync (`done`, `total` bytes, if one runs);
+    /// returns whether it runs.
+    fn show(&mut self, key: String, resync: Option<(u64, u64)>) -> bool {
+        let Some((done, total)) = resync else {
+            if let Some(b) = self.bars.remove(&key) {
+                b.set_position(b.length().unwrap_or(0));
+                b.finish_with_message("done");
+            }
+            if !self.tty && self.last_done.remove(&key).is_some() {
+                println!("{key}: resync complete");
+            }
+            return false;
+        };
+        if !self.watch {
+            println!(
+                "{key}: resync {} of {} ({}%)",
+                ByteSize(done),
+                ByteSize(total),
+                (done * 100).checked_div(total).unwrap_or(0)
+            );
+        } else if !self.tty {
+            self.print_line(key, done, total);
+        } else {
+            let bar = self.bars.entry(key.clone()).or_insert_with(|| {
+                let b = self.multi.add(indicatif::ProgressBar::new(total));
+                b.set_style(self.style.clone());
+                b.set_prefix(key.clone());
+                b
+            });
+            bar.set_position(done);
+        }
+        true
+    }
+
+    /// A progress line with the rate since the last one, at most one a
+    /// second.
+    fn print_line(&mut self, key: String, done: u64, total: u64) {
+        if self.last_line.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        let now = Instant::now();
+        let (d0, t0) = self.last_done.get(&key).copied().unwrap_or((done, now));
+        let secs = now.duration_since(t0).as_secs_f64();
+        let rate = if secs > 0.0 {
+            (done.saturating_sub(d0)) as f64 / secs
+        } else {
+            0.0
+        };
+        println!(
+            "{key}: resync {} of {} ({}%) at {}/s",
+            ByteSize(done),
+            ByteSize(total),
+            (done * 100).checked_div(total).unwrap_or(0),
+            ByteSize(rate as u64)
+        );
+        self.last_done.insert(key, (done, now));
     }
 }
 
