@@ -306,19 +306,30 @@ async fn read_loop(conn: &Rc<Conn>, leftover: Vec<u8>) -> End {
         let Ok(permit) = conn.inflight.clone().acquire_owned().await else {
             return End::Eof;
         };
-        let c = conn.clone();
-        tokio_uring::spawn(async move {
-            handle(&c, req, payload).await;
-            if let Some(m) = c.vol.metrics().op(req.command) {
-                let bytes = match req.command {
-                    Command::Read | Command::Write => req.length as u64,
-                    _ => 0,
-                };
-                m.record(bytes, started.elapsed());
-            }
-            drop(permit);
-        });
+        spawn_request(conn.clone(), req, payload, permit, started);
     }
+}
+
+/// Runs a request as its own task, holding its in-flight permit until its
+/// reply is queued, then records its latency.
+fn spawn_request(
+    conn: Rc<Conn>,
+    req: Request,
+    payload: Option<Payload>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    started: Instant,
+) {
+    tokio_uring::spawn(async move {
+        handle(&conn, req, payload).await;
+        if let Some(m) = conn.vol.metrics().op(req.command) {
+            let bytes = match req.command {
+                Command::Read | Command::Write => req.length as u64,
+                _ => 0,
+            };
+            m.record(bytes, started.elapsed());
+        }
+        drop(permit);
+    });
 }
 
 /// Applies the protocol's validity rules to a request: `Ok(true)` serves
