@@ -24,11 +24,12 @@ use crate::cores::{run_core, CoreControl};
 use crate::engine::Tuning;
 use crate::journal::format::Role;
 use crate::journal::recovery::{
-    open_and_recover, FileReplay, JournalOpenError, JournalSpec, ReplayTarget,
+    open_and_recover, FileReplay, JournalOpenError, JournalSpec, OpenedJournal, RecoveryReport,
+    ReplayTarget,
 };
 use crate::listener::{spawn_acceptors, AcceptContext, Catalog};
 use crate::replication::bitmap::OutOfSync;
-use crate::store::{open_store, StoreError};
+use crate::store::{open_store, OpenedStore, StoreError};
 use crate::units::ByteSize;
 
 /// Why the node could not start; each is something the operator fixes.
@@ -165,6 +166,49 @@ pub fn prepare_volume(
     replicated: bool,
     peers: &[String],
 ) -> Result<PreparedVolume, StartError> {
+    let store = open_volume_store(cfg)?;
+    // Replay through a buffered handle: records may be unaligned, and one
+    // fdatasync at the end makes the whole replay durable.
+    let replay_file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&cfg.data)
+        .map_err(|e| store_io_error(cfg, e))?;
+    let mut target = MarkingReplay {
+        inner: FileReplay {
+            file: &replay_file,
+            block_device: store.block_device,
+        },
+        bitmaps: load_bitmaps(cfg, peers, store.size),
+    };
+    let spec = JournalSpec {
+        path: &cfg.journal,
+        size: cfg.journal_size,
+        volume_name: &cfg.name,
+        volume_size: store.size,
+    };
+    let mut journal =
+        open_and_recover(&spec, &mut target).map_err(|source| StartError::Journal {
+            volume: cfg.name.clone(),
+            source,
+        })?;
+    log_recovery(&cfg.name, &journal.report);
+    let role = resolve_role(role, journal.superblock.role, replicated, &cfg.name)?;
+    record_role(cfg, &mut journal, role)?;
+    tracing::info!(volume = %cfg.name, "role {role}, epoch {}", journal.superblock.epoch);
+    let export = export_info(cfg, store.size, journal.superblock.area_len);
+    log_volume_ready(cfg, &store, &journal, &export);
+    Ok(PreparedVolume {
+        config: cfg.clone(),
+        role,
+        store,
+        journal,
+        export,
+    })
+}
+
+/// A volume's data store, reading through the page cache if asked and safe.
+fn open_volume_store(cfg: &VolumeConfig) -> Result<OpenedStore, StartError> {
     let mut store = open_store(&cfg.data, cfg.size, false, cfg.preallocate).map_err(|source| {
         StartError::Store {
             volume: cfg.name.clone(),
@@ -178,31 +222,28 @@ pub fn prepare_volume(
     if cfg.read_cache && store.block_device {
         tracing::info!(volume = %cfg.name, "reads stay O_DIRECT on block device {}: its page cache is not kept coherent with asynchronous direct writes", cfg.data.display());
     } else if cfg.read_cache {
-        store.cache_reads().map_err(|e| StartError::Store {
-            volume: cfg.name.clone(),
-            source: StoreError::Io {
-                path: cfg.data.clone(),
-                source: e,
-            },
-        })?;
+        store.cache_reads().map_err(|e| store_io_error(cfg, e))?;
     }
-    // Replay through a buffered handle: records may be unaligned, and one
-    // fdatasync at the end makes the whole replay durable.
-    let replay_file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&cfg.data)
-        .map_err(|e| StartError::Store {
-            volume: cfg.name.clone(),
-            source: StoreError::Io {
-                path: cfg.data.clone(),
-                source: e,
-            },
-        })?;
+    Ok(store)
+}
+
+fn store_io_error(cfg: &VolumeConfig, e: std::io::Error) -> StartError {
+    StartError::Store {
+        volume: cfg.name.clone(),
+        source: StoreError::Io {
+            path: cfg.data.clone(),
+            source: e,
+        },
+    }
+}
+
+/// The out-of-sync bitmaps the volume's peers left behind; one that cannot
+/// be read is skipped, and its peer gets a full checksum resync.
+fn load_bitmaps(cfg: &VolumeConfig, peers: &[String], volume_size: u64) -> Vec<OutOfSync> {
     let mut bitmaps = Vec::new();
     for peer in peers {
         let path = crate::replication::bitmap::path_for(&cfg.journal, peer);
-        match OutOfSync::load_existing(path.clone(), store.size) {
+        match OutOfSync::load_existing(path.clone(), volume_size) {
             Ok(Some(b)) => bitmaps.push(b),
             Ok(None) => {}
             Err(e) => {
@@ -210,54 +251,54 @@ pub fn prepare_volume(
             }
         }
     }
-    let mut target = MarkingReplay {
-        inner: FileReplay {
-            file: &replay_file,
-            block_device: store.block_device,
-        },
-        bitmaps,
-    };
-    let spec = JournalSpec {
-        path: &cfg.journal,
-        size: cfg.journal_size,
-        volume_name: &cfg.name,
-        volume_size: store.size,
-    };
-    let journal = open_and_recover(&spec, &mut target).map_err(|source| StartError::Journal {
-        volume: cfg.name.clone(),
-        source,
-    })?;
-    let r = &journal.report;
+    bitmaps
+}
+
+fn log_recovery(volume: &str, r: &RecoveryReport) {
     match &r.stop_reason {
         Some(why) => tracing::warn!(
-            volume = %cfg.name,
+            volume = %volume,
             "journal recovery replayed {} records ({} bytes) in {} ms and stopped at LSN {}: {} (a torn tail: those writes were never acknowledged)",
             r.records, r.bytes, r.millis, r.next_lsn, why
         ),
         None => tracing::info!(
-            volume = %cfg.name,
+            volume = %volume,
             "journal recovery replayed {} records ({} bytes) in {} ms; next LSN {}",
             r.records, r.bytes, r.millis, r.next_lsn
         ),
     }
-    let mut journal = journal;
-    let role = resolve_role(role, journal.superblock.role, replicated, &cfg.name)?;
-    if role != journal.superblock.role {
-        journal.superblock.role = role;
-        journal.superblock.generation += 1;
-        crate::journal::recovery::write_superblock(&journal.file, &journal.superblock).map_err(
-            |e| StartError::Journal {
-                volume: cfg.name.clone(),
-                source: JournalOpenError::Io {
-                    what: "cannot record the role in journal",
-                    path: cfg.journal.clone(),
-                    source: e,
-                },
-            },
-        )?;
+}
+
+/// Writes a changed role into the journal's superblock, with a new
+/// generation.
+fn record_role(
+    cfg: &VolumeConfig,
+    journal: &mut OpenedJournal,
+    role: Role,
+) -> Result<(), StartError> {
+    if role == journal.superblock.role {
+        return Ok(());
     }
-    tracing::info!(volume = %cfg.name, "role {role}, epoch {}", journal.superblock.epoch);
-    let export = export_info(cfg, store.size, journal.superblock.area_len);
+    journal.superblock.role = role;
+    journal.superblock.generation += 1;
+    crate::journal::recovery::write_superblock(&journal.file, &journal.superblock).map_err(|e| {
+        StartError::Journal {
+            volume: cfg.name.clone(),
+            source: JournalOpenError::Io {
+                what: "cannot record the role in journal",
+                path: cfg.journal.clone(),
+                source: e,
+            },
+        }
+    })
+}
+
+fn log_volume_ready(
+    cfg: &VolumeConfig,
+    store: &OpenedStore,
+    journal: &OpenedJournal,
+    export: &ExportInfo,
+) {
     tracing::info!(
         volume = %cfg.name,
         "volume ready: {} ({} bytes) on {}{}, journal {} ({}), max request {}",
@@ -270,13 +311,6 @@ pub fn prepare_volume(
         cfg.journal.display(), ByteSize(journal.superblock.area_len),
         ByteSize(export.max_payload as u64)
     );
-    Ok(PreparedVolume {
-        config: cfg.clone(),
-        role,
-        store,
-        journal,
-        export,
-    })
 }
 
 fn bind_tcp(cfg: &Config) -> Result<TcpListener, StartError> {
