@@ -395,20 +395,7 @@ impl RunningNode {
 pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     // Bind first: a port in use must fail before any file is created.
     let tcp = bind_tcp(cfg)?;
-    let mut prepared = Vec::new();
-    for v in &cfg.volumes {
-        let peers: Vec<String> = cfg
-            .replication
-            .iter()
-            .flat_map(|r| r.peers.iter().map(|p| p.name.clone()))
-            .collect();
-        prepared.push(prepare_volume(
-            v,
-            cfg.role,
-            cfg.replication.is_some(),
-            &peers,
-        )?);
-    }
+    let prepared = prepare_volumes(cfg)?;
     if let Some(addr) = cfg.metrics_listen {
         crate::telemetry::install(addr)?;
         tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
@@ -419,93 +406,28 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         hint: "",
     })?;
     let unix = cfg.unix.as_ref().map(bind_unix).transpose()?;
-    // Only primaries serve NBD clients; a replica's export is unknown to them.
-    let catalog = Catalog {
-        exports: prepared
-            .iter()
-            .filter(|p| p.role == Role::Primary)
-            .map(|p| p.export.clone())
-            .collect(),
-    };
-
-    let mut per_core: Vec<Vec<PreparedVolume>> = (0..cfg.cores).map(|_| Vec::new()).collect();
-    for (i, p) in prepared.into_iter().enumerate() {
-        per_core[i % cfg.cores].push(p);
-    }
-    let pool_cfg = PoolConfig::from_budget(cfg.buffer_memory);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
-    let mut running_cores = 0;
-    let heartbeats = Heartbeats::default();
-    let mut routes = Routes::default();
-    let mut core_senders = Vec::new();
-    for (i, vols) in per_core.into_iter().enumerate() {
-        if vols.is_empty() {
-            continue;
-        }
-        let (tx, rx) = mpsc::channel::<CoreMsg>(CORE_QUEUE);
-        for v in &vols {
-            routes.insert(v.config.name.clone(), tx.clone());
-        }
-        {
-            core_senders.push(tx.clone());
-        }
-        let pool_cfg = pool_cfg.clone();
-        let ctl = CoreControl {
-            stop: stop_rx.clone(),
-            stopped: stopped_tx.clone(),
-            tuning: Tuning {
-                checkpoint_interval: cfg.checkpoint_interval,
-                in_place_min: cfg.in_place_min,
-            },
-            heartbeats: heartbeats.clone(),
-            replication: cfg.replication.clone(),
-            node: cfg.node.clone(),
-        };
-        std::thread::Builder::new()
-            .name(format!("core{i}"))
-            .spawn(move || run_core(i, vols, rx, pool_cfg, ctl))
-            .map_err(StartError::Thread)?;
-        running_cores += 1;
-    }
+    let catalog = primary_catalog(&prepared);
+    let cores = spawn_cores(cfg, prepared)?;
     let ctx = AcceptContext {
         catalog,
-        routes: routes.clone(),
+        routes: cores.routes.clone(),
         conns: Arc::new(AtomicUsize::new(0)),
         max_connections: cfg.max_connections,
     };
-    let mut replication_listen = None;
-    if let Some(addr) = cfg.replication.as_ref().and_then(|r| r.listen) {
-        let l = TcpListener::bind(addr).map_err(|source| StartError::Bind {
-            addr: addr.to_string(),
-            source,
-            hint: "; another process uses that port: choose another --replication-listen",
-        })?;
-        replication_listen = Some(l.local_addr().unwrap_or(addr));
-        let to_core = routes.clone();
-        let route = move |inc: crate::replication::accept::IncomingPrimary| {
-            let Some(core) = to_core.get(&inc.hello.volume) else {
-                return Err(Box::new(inc));
-            };
-            if core.blocking_send(CoreMsg::Replica(inc)).is_err() {
-                tracing::warn!("core is gone; dropping a replication connection");
-            }
-            Ok(())
-        };
-        crate::replication::accept::spawn(l, route, cfg.node.clone())
-            .map_err(StartError::Thread)?;
-        tracing::info!("accepting replication on {addr}");
-    }
-    let core_senders_for_node = core_senders.clone();
+    let replication_listen = accept_replication(cfg, &cores.routes)?;
     let readiness = Arc::new(crate::admin::Readiness::new());
     if let Some(path) = &cfg.admin_socket {
-        crate::admin::spawn(path, cfg.node.clone(), core_senders, readiness.clone()).map_err(
-            |source| StartError::Bind {
-                addr: path.display().to_string(),
-                source,
-                hint: "; choose another --admin-socket path",
-            },
-        )?;
+        crate::admin::spawn(
+            path,
+            cfg.node.clone(),
+            cores.senders.clone(),
+            readiness.clone(),
+        )
+        .map_err(|source| StartError::Bind {
+            addr: path.display().to_string(),
+            source,
+            hint: "; choose another --admin-socket path",
+        })?;
         tracing::info!("admin socket on {}", path.display());
     }
     spawn_acceptors(ctx, tcp, unix).map_err(StartError::Thread)?;
@@ -523,10 +445,130 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     });
     Ok(RunningNode {
         listen,
+        stop: cores.stop,
+        stopped: cores.stopped,
+        cores: cores.running,
+        heartbeats: cores.heartbeats,
+        core_senders: cores.senders,
+    })
+}
+
+/// Opens and recovers every configured volume, in order.
+fn prepare_volumes(cfg: &Config) -> Result<Vec<PreparedVolume>, StartError> {
+    let mut prepared = Vec::new();
+    for v in &cfg.volumes {
+        let peers: Vec<String> = cfg
+            .replication
+            .iter()
+            .flat_map(|r| r.peers.iter().map(|p| p.name.clone()))
+            .collect();
+        prepared.push(prepare_volume(
+            v,
+            cfg.role,
+            cfg.replication.is_some(),
+            &peers,
+        )?);
+    }
+    Ok(prepared)
+}
+
+/// The exports NBD clients may ask for: only primaries serve NBD clients; a
+/// replica's export is unknown to them.
+fn primary_catalog(prepared: &[PreparedVolume]) -> Catalog {
+    Catalog {
+        exports: prepared
+            .iter()
+            .filter(|p| p.role == Role::Primary)
+            .map(|p| p.export.clone())
+            .collect(),
+    }
+}
+
+/// The running cores, as the main thread holds them.
+struct Cores {
+    /// Each volume's core.
+    routes: Routes,
+    senders: Vec<mpsc::Sender<CoreMsg>>,
+    running: usize,
+    stop: tokio::sync::watch::Sender<bool>,
+    stopped: std::sync::mpsc::Receiver<(usize, bool)>,
+    heartbeats: Heartbeats,
+}
+
+/// Deals the volumes round-robin over `cfg.cores` cores and starts a thread
+/// for each core that got one.
+fn spawn_cores(cfg: &Config, prepared: Vec<PreparedVolume>) -> Result<Cores, StartError> {
+    let mut per_core: Vec<Vec<PreparedVolume>> = (0..cfg.cores).map(|_| Vec::new()).collect();
+    for (i, p) in prepared.into_iter().enumerate() {
+        per_core[i % cfg.cores].push(p);
+    }
+    let pool_cfg = PoolConfig::from_budget(cfg.buffer_memory);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
+    let mut cores = Cores {
+        routes: Routes::default(),
+        senders: Vec::new(),
+        running: 0,
         stop: stop_tx,
         stopped: stopped_rx,
-        cores: running_cores,
-        heartbeats,
-        core_senders: core_senders_for_node,
-    })
+        heartbeats: Heartbeats::default(),
+    };
+    for (i, vols) in per_core.into_iter().enumerate() {
+        if vols.is_empty() {
+            continue;
+        }
+        let (tx, rx) = mpsc::channel::<CoreMsg>(CORE_QUEUE);
+        for v in &vols {
+            cores.routes.insert(v.config.name.clone(), tx.clone());
+        }
+        cores.senders.push(tx.clone());
+        let pool_cfg = pool_cfg.clone();
+        let ctl = CoreControl {
+            stop: stop_rx.clone(),
+            stopped: stopped_tx.clone(),
+            tuning: Tuning {
+                checkpoint_interval: cfg.checkpoint_interval,
+                in_place_min: cfg.in_place_min,
+            },
+            heartbeats: cores.heartbeats.clone(),
+            replication: cfg.replication.clone(),
+            node: cfg.node.clone(),
+        };
+        std::thread::Builder::new()
+            .name(format!("core{i}"))
+            .spawn(move || run_core(i, vols, rx, pool_cfg, ctl))
+            .map_err(StartError::Thread)?;
+        cores.running += 1;
+    }
+    Ok(cores)
+}
+
+/// Binds the replication listener, if configured, and hands each primary
+/// connecting on it to its volume's core; returns the bound address.
+fn accept_replication(
+    cfg: &Config,
+    routes: &Routes,
+) -> Result<Option<std::net::SocketAddr>, StartError> {
+    let Some(addr) = cfg.replication.as_ref().and_then(|r| r.listen) else {
+        return Ok(None);
+    };
+    let l = TcpListener::bind(addr).map_err(|source| StartError::Bind {
+        addr: addr.to_string(),
+        source,
+        hint: "; another process uses that port: choose another --replication-listen",
+    })?;
+    let bound = l.local_addr().unwrap_or(addr);
+    let to_core = routes.clone();
+    let route = move |inc: crate::replication::accept::IncomingPrimary| {
+        let Some(core) = to_core.get(&inc.hello.volume) else {
+            return Err(Box::new(inc));
+        };
+        if core.blocking_send(CoreMsg::Replica(inc)).is_err() {
+            tracing::warn!("core is gone; dropping a replication connection");
+        }
+        Ok(())
+    };
+    crate::replication::accept::spawn(l, route, cfg.node.clone()).map_err(StartError::Thread)?;
+    tracing::info!("accepting replication on {addr}");
+    Ok(Some(bound))
 }
