@@ -15,6 +15,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use mirrorblk_admin::readiness::PROBE_TIMEOUT;
+use mirrorblk_admin::{Ready, Request, Response};
+
 use crate::error::{Error, IoContext, Result};
 use crate::fio::Charged;
 
@@ -45,7 +48,8 @@ pub enum PortMode {
     },
     /// mirrorblkd: it binds port 0 and is ready once its admin socket
     /// (`socket`, placeholders allowed, e.g. `{admin}`) answers `status`
-    /// with the addresses it serves on; the NBD port comes from there.
+    /// with the addresses it serves on; the NBD port comes from there (from
+    /// its log for a build older than that answer, see [`legacy_port`]).
     Admin {
         /// The `--admin-socket` path it is started with.
         socket: String,
@@ -335,7 +339,8 @@ impl Server {
         if let Some(err) = child.stderr.take() {
             let marker = match mode {
                 PortMode::Logged { marker, .. } => Some(marker.clone()),
-                PortMode::Chosen | PortMode::Admin { .. } => None,
+                PortMode::Admin { .. } => Some(LEGACY_READY_MARKER.to_string()),
+                PortMode::Chosen => None,
             };
             std::thread::spawn(move || {
                 for line in BufReader::new(err).lines() {
@@ -359,6 +364,7 @@ impl Server {
             ready_after: Duration::ZERO,
         };
         let deadline = started + READY_TIMEOUT;
+        let mut logged = None;
         loop {
             if let Some(st) = server.exited()? {
                 return Err(Error::Tool(format!(
@@ -376,8 +382,11 @@ impl Server {
                 )));
             }
             if let Some(admin) = &ready.admin {
-                if let Some(r) = mirrorblk_admin::probe(admin) {
-                    server.port = r.listen.nbd.port();
+                if let Ok(p) = rx.try_recv() {
+                    logged = Some(p);
+                }
+                if let Some(p) = admin_port(admin, logged) {
+                    server.port = p;
                     server.ready_after = started.elapsed();
                     return Ok(server);
                 }
@@ -547,6 +556,33 @@ impl Drop for Server {
     }
 }
 
+/// What a mirrorblkd logs once it serves, with its NBD address: how builds
+/// older than the status answer's `listen` field (baselines of an A/B,
+/// `--baseline-bin`) tell their port.
+pub const LEGACY_READY_MARKER: &str = "serving NBD on ";
+
+/// The NBD port of the mirrorblkd at `admin` once it serves: from its
+/// status answer, or by [`legacy_port`] from `logged` (its log line).
+fn admin_port(admin: &Path, logged: Option<u16>) -> Option<u16> {
+    let resp = mirrorblk_admin::call_within(admin, &Request::Status, PROBE_TIMEOUT).ok()?;
+    match Ready::from_response(&resp) {
+        Some(r) => Some(r.listen.nbd.port()),
+        None => legacy_port(&resp, logged),
+    }
+}
+
+/// The port of a serving daemon too old to report readiness: one whose
+/// status answer has no `pid` (every current build stamps it, also while
+/// starting) and which has logged [`LEGACY_READY_MARKER`] (`logged`). Only
+/// for baselines of older builds; current ones never take this path.
+pub fn legacy_port(status: &Response, logged: Option<u16>) -> Option<u16> {
+    if status.ok && status.pid.is_none() {
+        logged
+    } else {
+        None
+    }
+}
+
 /// Extracts the port from a line like `... serving NBD on 127.0.0.1:10809`.
 pub fn parse_logged_port(line: &str, marker: &str) -> Option<u16> {
     let at = line.find(marker)? + marker.len();
@@ -597,6 +633,19 @@ mod tests {
             expand(&args, &vol, &[("metrics_port".into(), 9100)]).join(" "),
             "--data /d/a.img --size 4096 127.0.0.1:9100"
         );
+    }
+
+    #[test]
+    fn only_a_build_without_readiness_fields_is_ready_by_its_log() {
+        let answer = |json: &str| -> Response { serde_json::from_str(json).expect("parses") };
+        let old = answer(r#"{"ok":true,"node":"n1","volumes":[]}"#);
+        assert_eq!(legacy_port(&old, Some(4000)), Some(4000));
+        assert_eq!(legacy_port(&old, None), None);
+        // A current build still starting: it has a pid but no addresses yet.
+        let starting = answer(r#"{"ok":true,"node":"n1","volumes":[],"pid":7,"started_at":1.5}"#);
+        assert_eq!(legacy_port(&starting, Some(4000)), None);
+        let refused = answer(r#"{"ok":false,"error":"busy"}"#);
+        assert_eq!(legacy_port(&refused, Some(4000)), None);
     }
 
     #[test]

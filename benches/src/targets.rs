@@ -24,6 +24,10 @@ pub const WRITE_JOBS: [&str; 4] = [
     "1m-write-qd8",
 ];
 
+/// When a completed write is durable on a single mirrorblkd.
+const MIRRORBLK_DURABILITY: &str = "every write durable before its reply (journal O_DIRECT+O_DSYNC, \
+     group commit; writes of 128K and more go durably in place instead); reads through the page cache";
+
 /// How a target is reached.
 #[derive(Debug, Clone)]
 pub enum Launch {
@@ -170,12 +174,7 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             replication: None,
             jobs: None,
         },
-        mirrorblk_variant(
-            "mirrorblk",
-            mirrorblkd,
-            &[],
-            "every write durable before its reply (journal O_DIRECT+O_DSYNC, group commit; writes of 128K and more go durably in place instead); reads through the page cache",
-        ),
+        mirrorblk_variant("mirrorblk", mirrorblkd, &[], MIRRORBLK_DURABILITY),
     ]
 }
 
@@ -222,6 +221,34 @@ pub fn replicated(mirrorblkd: &Path, delay_ms: u64) -> Vec<Target> {
             t
         })
         .collect()
+}
+
+/// The mirrorblk targets again, run with another build of the daemon
+/// (`baseline`, e.g. the commit before a change) and the same arguments, for
+/// an A/B in one run: `mirrorblk` becomes `mirrorblk-base`, `mirrorblk-r1-sync`
+/// becomes `mirrorblk-base-r1-sync`, and so on. None is in the default run;
+/// the cross-site ones use the delay proxy built next to `mirrorblkd`.
+pub fn baseline(baseline: &Path, mirrorblkd: &Path, delay_ms: u64) -> Vec<Target> {
+    let proxy = mirrorblkd
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("delay-proxy");
+    let mut all = vec![mirrorblk_variant(
+        "mirrorblk",
+        baseline,
+        &[],
+        MIRRORBLK_DURABILITY,
+    )];
+    all.extend(replicated(baseline, delay_ms));
+    for t in &mut all {
+        t.name = t.name.replacen("mirrorblk", "mirrorblk-base", 1);
+        t.durability = format!("baseline build {}: {}", baseline.display(), t.durability);
+        t.in_default = false;
+        if let Some(r) = t.replication.as_mut() {
+            r.delay_proxy = proxy.clone();
+        }
+    }
+    all
 }
 
 /// A mirrorblkd target with `extra` arguments appended to the single-volume
@@ -393,5 +420,31 @@ mod tests {
         }
         let r = all[0].replication.as_ref().expect("replicated");
         assert_eq!(r.delay_proxy, Path::new("/b/delay-proxy"));
+    }
+
+    #[test]
+    fn baseline_targets_run_the_other_build_under_their_own_names() {
+        let all = baseline(Path::new("/old/mirrorblkd"), Path::new("/b/mirrorblkd"), 5);
+        let names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names.len(), 11);
+        assert_eq!(
+            names[..3],
+            [
+                "mirrorblk-base",
+                "mirrorblk-base-r1-sync",
+                "mirrorblk-base-r1-flush"
+            ]
+        );
+        for t in &all {
+            let Launch::Server { program, .. } = &t.launch else {
+                panic!("{} has no server", t.name);
+            };
+            assert_eq!(program, Path::new("/old/mirrorblkd"));
+            assert!(!t.in_default && t.durability.starts_with("baseline build /old/mirrorblkd"));
+        }
+        let r = all[1].replication.as_ref().expect("replicated");
+        assert_eq!((r.peers, r.mode), (1, cluster::Mode::Sync));
+        assert_eq!(r.delay_proxy, Path::new("/b/delay-proxy"));
+        assert!(all[0].runs_job("4k-randread-qd32") && !all[1].runs_job("4k-randread-qd32"));
     }
 }

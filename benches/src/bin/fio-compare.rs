@@ -100,6 +100,13 @@ struct Cli {
     /// target/release/mirrorblkd of the workspace.
     #[arg(long)]
     mirrorblkd: Option<PathBuf>,
+    /// Another mirrorblkd build (e.g. the commit before a change) for an A/B
+    /// in one run: adds the targets mirrorblk-base and mirrorblk-base-r1-sync
+    /// (and the other replicated ones, renamed alike), run with the same
+    /// arguments; name them in --targets. A build whose status answer has no
+    /// `listen` field is ready once it logs "serving NBD on".
+    #[arg(long, value_name = "PATH")]
+    baseline_bin: Option<PathBuf>,
     /// Add a mirrorblkd target NAME run with extra daemon arguments, e.g.
     /// --mirrorblk-variant 'mirrorblk-cp5s=--checkpoint-interval 5s'.
     /// Repeatable. Arguments are split on whitespace.
@@ -278,6 +285,9 @@ fn run(cli: Cli) -> Result<()> {
         .unwrap_or_else(|| default_mirrorblkd(&ws));
     let mut all_targets = targets::builtin(&mirrorblkd);
     all_targets.extend(targets::replicated(&mirrorblkd, cli.cross_site_delay));
+    if let Some(b) = &cli.baseline_bin {
+        all_targets.extend(targets::baseline(b, &mirrorblkd, cli.cross_site_delay));
+    }
     for v in &cli.variants {
         let (name, args) = v
             .split_once('=')
