@@ -44,7 +44,7 @@ fn refuse_unknown(s: &mut TcpStream, volume: &str, node: &str) {
         uuid: [0; 16],
         epoch: 0,
         durable: 0,
-        role: 0,
+        flags: wire::ReplyFlags::default(),
         nonce: [0; wire::NONCE_LEN],
         mac: [0; wire::MAC_LEN],
     };

@@ -10,8 +10,9 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use super::bitmap::REGION;
+use super::bitmap::{OutOfSync, REGION};
 use super::frames::{self, LinkError};
+use super::plan::{self, Plan, PlanInputs};
 use super::reader::FrameReader;
 use super::resync::{Job, JobKind, Step};
 use super::wire::{self, Ack, Auth, Hello, HelloReply, Kind, RegionCheck, ReplyStatus};
@@ -173,20 +174,31 @@ async fn connect_and_stream(
     result
 }
 
-/// How a replica that just answered HELLO is brought up to date.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Plan {
-    /// Stream from its LSN: it has everything before.
-    Stream,
-    /// Its resync was interrupted: stream from its LSN and go on with the
-    /// regions still marked.
-    Resume,
-    /// Its LSN left the journal: send the marked regions (and those of the
-    /// records still in the journal), then stream live.
-    Bitmap,
-    /// Its data is unknown: compare every region by checksum, send those
-    /// that differ, then stream live.
-    Full,
+/// The plain values [`plan::plan`] decides from.
+fn plan_inputs(
+    vol: &Engine,
+    primary: &Primary,
+    link: &LinkState,
+    reply: &HelloReply,
+    oos: &OutOfSync,
+) -> PlanInputs {
+    let journal = vol.journal();
+    let from = Lsn(reply.durable + 1);
+    PlanInputs {
+        replica_durable: Lsn(reply.durable),
+        inconsistent: reply.flags.inconsistent(),
+        uuid_equal: reply.uuid == journal.volume_uuid(),
+        next: journal.next_lsn(),
+        checkpoint: journal.checkpoint_lsn(),
+        retained: journal.retained(from).is_some(),
+        in_memory: primary.get(from).is_some(),
+        in_place_since: journal.in_place_since(from),
+        bitmap_valid: oos.is_valid(),
+        bitmap_bytes: oos.bytes(),
+        connected_since_start: link.connected_since_start.get(),
+        startup_next: link.startup_next,
+        epoch: journal.epoch(),
+    }
 }
 
 /// Decides where the stream starts and which resync (if any) runs, updates
@@ -201,72 +213,8 @@ fn plan_start(
 ) -> Result<(Lsn, bool), LinkError> {
     let next = vol.journal().next_lsn();
     let from = Lsn(reply.durable + 1);
-    let inconsistent = reply.role & 2 != 0;
-    // Catchable only from records the journal keeps: at or past its
-    // checkpoint (which moves before a checkpoint's release completes) and
-    // still retained. A record only in memory may be trimmed any moment.
-    // Writes made in place are in the journal as metadata only: catch-up
-    // can send them only while they are still in memory.
-    let catchable = from <= next
-        && (from == next
-            || (from >= vol.journal().checkpoint_lsn()
-                && vol.journal().retained(from).is_some()
-                && (primary.get(from).is_some() || !vol.journal().in_place_since(from))));
-    // A replica whose volume UUID differs was never a copy of this volume:
-    // new, or re-created. Its data is unknown, whatever its LSN says.
-    let unknown = reply.uuid != vol.journal().volume_uuid();
-    // On its first connection since this primary started, a replica durable
-    // at or past the LSN this primary's recovery ended at holds records this
-    // primary lost (sent to it before they were durable here): the same LSNs
-    // now mean other writes.
-    let diverged = !link.connected_since_start.get() && from > link.startup_next;
     let mut oos = link.oos.borrow_mut();
-    let (plan, why) = if unknown {
-        (
-            Plan::Full,
-            "it is new (or its volume was re-created): its data is unknown".to_string(),
-        )
-    } else if from > next {
-        (Plan::Full, format!("it has records up to LSN {}, beyond this primary's {} (it followed another primary)", reply.durable, next.0.saturating_sub(1)))
-    } else if !oos.is_valid() && (inconsistent || !catchable) {
-        (
-            Plan::Full,
-            format!(
-                "this primary has no record of its out-of-sync regions in epoch {} ({})",
-                vol.journal().epoch(),
-                if inconsistent {
-                    "it is Inconsistent"
-                } else {
-                    "its LSN left the journal"
-                }
-            ),
-        )
-    } else if diverged {
-        (Plan::Full, format!(
-            "it has records up to LSN {}, but this primary recovered only up to LSN {} at its start: the rest never became durable here",
-            reply.durable,
-            link.startup_next.0.saturating_sub(1)
-        ))
-    } else if catchable && inconsistent {
-        (
-            Plan::Resume,
-            format!(
-                "its resync did not finish: {} still to do",
-                crate::units::ByteSize(oos.bytes())
-            ),
-        )
-    } else if catchable {
-        (Plan::Stream, String::new())
-    } else {
-        (
-            Plan::Bitmap,
-            format!(
-                "it is at LSN {}, but this primary's journal now starts at LSN {}",
-                reply.durable,
-                vol.journal().checkpoint_lsn()
-            ),
-        )
-    };
+    let (plan, why) = plan::plan(&plan_inputs(vol, primary, link, reply, &oos));
     let (start, rebase, kind) = match plan {
         Plan::Stream if oos.is_valid() && oos.count() > 0 => {
             // Consistent and every later record is at hand, yet regions are

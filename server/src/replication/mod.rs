@@ -10,6 +10,7 @@ pub mod accept;
 pub mod bitmap;
 pub mod frames;
 pub mod link;
+pub mod plan;
 pub mod reader;
 pub mod resync;
 pub mod session;

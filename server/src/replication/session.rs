@@ -41,7 +41,7 @@ fn refusal(vol: &Engine, status: ReplyStatus, message: String, node: &str) -> He
         uuid: vol.journal().volume_uuid(),
         epoch: vol.journal().epoch().0,
         durable: 0,
-        role: 0,
+        flags: wire::ReplyFlags::default(),
         nonce: [0; wire::NONCE_LEN],
         mac: [0; wire::MAC_LEN],
     }
@@ -285,8 +285,7 @@ async fn accept(
         uuid: journal.volume_uuid(),
         epoch: journal.epoch().0,
         durable,
-        // Bit 1: this replica's last resync did not finish.
-        role: if journal.inconsistent() { 2 } else { 0 },
+        flags: wire::ReplyFlags::new(journal.inconsistent()),
         nonce: frames::nonce(),
         mac: [0; wire::MAC_LEN],
     };

@@ -347,12 +347,43 @@ pub struct HelloReply {
     pub epoch: u64,
     /// Highest LSN durable in the replica's journal.
     pub durable: u64,
-    /// Replica's current role (0 replica, 1 primary).
-    pub role: u8,
+    /// The replica's state flags (the byte once documented as its role).
+    pub flags: ReplyFlags,
     /// Fresh random nonce.
     pub nonce: [u8; NONCE_LEN],
     /// Proof of the secret.
     pub mac: [u8; MAC_LEN],
+}
+
+/// The flags byte of a HELLO_REPLY. Kept as the raw byte: the primary
+/// checks the replica's MAC over the re-encoded body, so bits this version
+/// does not know must survive decoding unchanged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplyFlags(u8);
+
+impl ReplyFlags {
+    /// Bit 1: the replica's last resync did not finish (it is Inconsistent).
+    pub const INCONSISTENT: u8 = 1 << 1;
+
+    /// The flags of a replica that is, or is not, Inconsistent.
+    pub fn new(inconsistent: bool) -> ReplyFlags {
+        ReplyFlags(if inconsistent { Self::INCONSISTENT } else { 0 })
+    }
+
+    /// The flags as they are on the wire.
+    pub fn from_bits(bits: u8) -> ReplyFlags {
+        ReplyFlags(bits)
+    }
+
+    /// The byte on the wire.
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// The replica's last resync did not finish.
+    pub fn inconsistent(self) -> bool {
+        self.0 & Self::INCONSISTENT != 0
+    }
 }
 
 impl HelloReply {
@@ -366,7 +397,7 @@ impl HelloReply {
         v.extend_from_slice(&self.uuid);
         v.extend_from_slice(&self.epoch.to_le_bytes());
         v.extend_from_slice(&self.durable.to_le_bytes());
-        v.push(self.role);
+        v.push(self.flags.bits());
         v.extend_from_slice(&self.nonce);
         v
     }
@@ -394,7 +425,7 @@ impl HelloReply {
             uuid: r.array()?,
             epoch: r.u64()?,
             durable: r.u64()?,
-            role: r.u8()?,
+            flags: ReplyFlags::from_bits(r.u8()?),
             nonce: r.array()?,
             mac: r.array()?,
         })
@@ -737,6 +768,33 @@ mod tests {
         b
     }
 
+    /// The Inconsistent flag is bit 1 of the byte after the durable LSN,
+    /// as replicas of earlier versions send it.
+    #[test]
+    fn reply_flags_inconsistent_is_bit_1_after_durable() {
+        let reply = |inconsistent| HelloReply {
+            version: VERSION,
+            status: ReplyStatus::Accept,
+            message: String::new(),
+            node: "b".into(),
+            uuid: [0; 16],
+            epoch: 0,
+            durable: 0,
+            flags: ReplyFlags::new(inconsistent),
+            nonce: [0; NONCE_LEN],
+            mac: [0; MAC_LEN],
+        };
+        // version, status, message "", node "b", uuid, epoch, durable
+        let at = 2 + 1 + 2 + (2 + 1) + 16 + 8 + 8;
+        assert_eq!(reply(true).encode()[at], 0b10);
+        assert_eq!(reply(false).encode()[at], 0);
+        let mut body = reply(false).encode();
+        body[at] = 0b10;
+        assert!(HelloReply::decode(&body).unwrap().flags.inconsistent());
+        body[at] = 0b01;
+        assert!(!HelloReply::decode(&body).unwrap().flags.inconsistent());
+    }
+
     #[test]
     fn unknown_record_ops_are_rejected_at_decode() {
         for code in 0..=u8::MAX {
@@ -779,10 +837,10 @@ mod tests {
         }
 
         #[test]
-        fn hello_reply_round_trips(node in "[a-z]{0,20}", message in ".{0,60}", durable in any::<u64>(), role in 0u8..2,
+        fn hello_reply_round_trips(node in "[a-z]{0,20}", message in ".{0,60}", durable in any::<u64>(), flags in any::<u8>(),
                                    status in 0u8..7, nonce in any::<[u8; 32]>(), mac in any::<[u8; 32]>()) {
             let r = HelloReply { version: VERSION, status: ReplyStatus::from_u8(status).unwrap(), message, node,
-                                 uuid: [3; 16], epoch: 5, durable, role, nonce, mac };
+                                 uuid: [3; 16], epoch: 5, durable, flags: ReplyFlags::from_bits(flags), nonce, mac };
             prop_assert_eq!(HelloReply::decode(&r.encode()), Ok(r));
         }
 
