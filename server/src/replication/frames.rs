@@ -19,9 +19,60 @@ pub enum LinkError {
     /// The peer sent malformed bytes.
     #[error("malformed message: {0}")]
     Wire(#[from] WireError),
-    /// The peer broke the protocol or refused us.
+    /// The peer could not be reached.
+    #[error("cannot connect to {peer} at {addr}: {source}")]
+    Connect {
+        /// The peer's node name.
+        peer: String,
+        /// Its replication address.
+        addr: std::net::SocketAddr,
+        /// Why connecting failed.
+        source: io::Error,
+    },
+    /// The peer refused our HELLO.
+    #[error("{peer} refused: {message}")]
+    Refused {
+        /// The peer's node name.
+        peer: String,
+        /// Its explanation.
+        message: String,
+    },
+    /// This node refused the peer's HELLO (the message it was sent).
+    #[error("refused: {0}")]
+    RefusedPeer(String),
+    /// The peer's MAC does not prove the shared secret.
+    #[error(
+        "{peer} failed authentication: wrong shared secret (check --secret-file on both nodes)"
+    )]
+    Auth {
+        /// Who failed it, as logged ("b", "primary a").
+        peer: String,
+    },
+    /// The peer sent an ERROR frame.
+    #[error("{context}: {message}")]
+    Reported {
+        /// Where it came in ("replica reported", ...).
+        context: &'static str,
+        /// The peer's message.
+        message: String,
+    },
+    /// The peer broke the protocol.
     #[error("{0}")]
-    Protocol(String),
+    Violation(String),
+    /// This node told the peer why the session ends (an ERROR frame).
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// The out-of-sync bitmap could not be written.
+    #[error("cannot write the out-of-sync bitmap {}: {source}", path.display())]
+    Bitmap {
+        /// The bitmap's file.
+        path: std::path::PathBuf,
+        /// Why writing failed.
+        source: io::Error,
+    },
+    /// A local read or wait this link needed failed.
+    #[error("{0}")]
+    Local(String),
     /// The peer was silent too long.
     #[error("peer silent for {0:?} (heartbeat timeout)")]
     Timeout(Duration),
@@ -68,13 +119,13 @@ pub async fn expect(sock: &Socket, kind: Kind, limit: Duration) -> Result<Vec<u8
     let body = read_body(sock, h.len, limit).await?;
     if h.kind == Kind::Error {
         let e = wire::ErrorMsg::decode(&body)?;
-        return Err(LinkError::Protocol(format!(
-            "peer reported an error: {}",
-            e.message
-        )));
+        return Err(LinkError::Reported {
+            context: "peer reported an error",
+            message: e.message,
+        });
     }
     if h.kind != kind {
-        return Err(LinkError::Protocol(format!(
+        return Err(LinkError::Violation(format!(
             "expected {kind:?}, got {:?}",
             h.kind
         )));
@@ -98,4 +149,50 @@ pub fn nonce() -> [u8; wire::NONCE_LEN] {
         "getrandom failed; no randomness for the handshake"
     );
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The typed errors log the texts the untyped ones did (tests and
+    /// operators grep for them).
+    #[test]
+    fn link_error_texts() {
+        let io = || io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        let refused = io().to_string();
+        let cases = [
+            (
+                LinkError::Connect {
+                    peer: "b".into(),
+                    addr: "127.0.0.1:7001".parse().unwrap(),
+                    source: io(),
+                },
+                format!("cannot connect to b at 127.0.0.1:7001: {refused}"),
+            ),
+            (
+                LinkError::Refused { peer: "b".into(), message: "no".into() },
+                "b refused: no".into(),
+            ),
+            (LinkError::RefusedPeer("no".into()), "refused: no".into()),
+            (
+                LinkError::Auth { peer: "primary a".into() },
+                "primary a failed authentication: wrong shared secret (check --secret-file on both nodes)".into(),
+            ),
+            (
+                LinkError::Reported { context: "replica reported", message: "x".into() },
+                "replica reported: x".into(),
+            ),
+            (LinkError::Violation("v".into()), "v".into()),
+            (LinkError::Rejected("r".into()), "rejected: r".into()),
+            (
+                LinkError::Bitmap { path: "/j/b.oos".into(), source: io() },
+                format!("cannot write the out-of-sync bitmap /j/b.oos: {refused}"),
+            ),
+            (LinkError::Local("l".into()), "l".into()),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.to_string(), want);
+        }
+    }
 }

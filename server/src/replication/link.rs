@@ -72,11 +72,10 @@ async fn connect_and_stream(
     let stream = tokio::time::timeout(hb, tokio_uring::net::TcpStream::connect(link.peer.addr))
         .await
         .map_err(|_| LinkError::Timeout(hb))?
-        .map_err(|e| {
-            LinkError::Protocol(format!(
-                "cannot connect to {} at {}: {e}",
-                link.peer.name, link.peer.addr
-            ))
+        .map_err(|source| LinkError::Connect {
+            peer: link.peer.name.clone(),
+            addr: link.peer.addr,
+            source,
         })?;
     let _ = stream.set_nodelay(true);
     let sock = Rc::new(Socket::Tcp(stream));
@@ -115,10 +114,10 @@ async fn connect_and_stream(
         );
     }
     if reply.status != ReplyStatus::Accept {
-        return Err(LinkError::Protocol(format!(
-            "{} refused: {}",
-            link.peer.name, reply.message
-        )));
+        return Err(LinkError::Refused {
+            peer: link.peer.name.clone(),
+            message: reply.message,
+        });
     }
     let unsigned = reply.unsigned();
     if !wire::verify_mac(
@@ -127,10 +126,9 @@ async fn connect_and_stream(
         &[&hello_body, &unsigned],
         &reply.mac,
     ) {
-        return Err(LinkError::Protocol(format!(
-            "{} failed authentication: wrong shared secret (check --secret-file on both nodes)",
-            link.peer.name
-        )));
+        return Err(LinkError::Auth {
+            peer: link.peer.name.clone(),
+        });
     }
     let (start, resync) = plan_start(vol, primary, link, &reply)?;
     let auth = Auth {
@@ -165,7 +163,7 @@ async fn connect_and_stream(
         r = &mut sent => r,
         r = &mut receiver => match r {
             Ok(r) => r,
-            Err(e) => Err(LinkError::Protocol(format!("ack receiver failed: {e}"))),
+            Err(e) => Err(LinkError::Local(format!("ack receiver failed: {e}"))),
         },
     };
     receiver.abort();
@@ -239,11 +237,9 @@ fn plan_start(
             (next, true, Some(JobKind::Resync { checksum: true }))
         }
     };
-    oos.persist_if_dirty().map_err(|e| {
-        LinkError::Protocol(format!(
-            "cannot write the out-of-sync bitmap {}: {e}",
-            oos.path().display()
-        ))
+    oos.persist_if_dirty().map_err(|source| LinkError::Bitmap {
+        path: oos.path().to_path_buf(),
+        source,
     })?;
     link.metrics.out_of_sync.set(oos.bytes() as f64);
     if plan != Plan::Stream {
@@ -302,7 +298,7 @@ async fn receive_acks(
                 let received = Lsn(a.received + 1);
                 let durable = Lsn(a.durable + 1);
                 if received > link.sent_next.get() || durable > received {
-                    return Err(LinkError::Protocol(format!(
+                    return Err(LinkError::Violation(format!(
                         "replica acknowledged LSN {}/{} beyond what was sent ({})",
                         a.received,
                         a.durable,
@@ -326,11 +322,11 @@ async fn receive_acks(
                 let c = RegionCheck::decode(&body)?;
                 let mut job = link.job.borrow_mut();
                 let Some(j) = job.as_mut() else {
-                    return Err(LinkError::Protocol(
+                    return Err(LinkError::Violation(
                         "region check answer without a resync or verify".into(),
                     ));
                 };
-                if let Some(region) = j.on_check(c.seq, c.equal).map_err(LinkError::Protocol)? {
+                if let Some(region) = j.on_check(c.seq, c.equal).map_err(LinkError::Violation)? {
                     // Persisted now: a difference found must outlive a drop
                     // of this connection or a restart of either side.
                     let mut oos = link.oos.borrow_mut();
@@ -347,13 +343,13 @@ async fn receive_acks(
             }
             Kind::Error => {
                 let e = wire::ErrorMsg::decode(&body)?;
-                return Err(LinkError::Protocol(format!(
-                    "replica reported: {}",
-                    e.message
-                )));
+                return Err(LinkError::Reported {
+                    context: "replica reported",
+                    message: e.message,
+                });
             }
             other => {
-                return Err(LinkError::Protocol(format!(
+                return Err(LinkError::Violation(format!(
                     "unexpected {other:?} from the replica"
                 )))
             }
@@ -426,7 +422,7 @@ async fn resync_frame(
     let data = vol
         .read(offset, len)
         .await
-        .map_err(|e| LinkError::Protocol(format!("resync read at {offset} failed: {e:?}")))?;
+        .map_err(|e| LinkError::Local(format!("resync read at {offset} failed: {e:?}")))?;
     let next = vol.journal().next_lsn();
     if !check {
         // The snapshot may hold records not yet durable here: send it only
@@ -436,7 +432,7 @@ async fn resync_frame(
             vol.journal()
                 .wait_durable(Lsn(next.0 - 1))
                 .await
-                .map_err(|e| LinkError::Protocol(format!("journal failed: {e}")))?;
+                .map_err(|e| LinkError::Local(format!("journal failed: {e}")))?;
         }
     } else {
         // Records the replica has not been sent yet live in the window
@@ -664,12 +660,12 @@ async fn send_loop(
                 .read_record(cursor, vol.pool())
                 .await
                 .map_err(|e| {
-                    LinkError::Protocol(format!("catch-up read of LSN {cursor} failed: {e}"))
+                    LinkError::Local(format!("catch-up read of LSN {cursor} failed: {e}"))
                 })?;
             let ReadBack::Journaled(rec) = read else {
                 // Its data is only in the store, possibly overwritten since:
                 // the next handshake plans a bitmap resync instead.
-                return Err(LinkError::Protocol(format!(
+                return Err(LinkError::Local(format!(
                     "catch-up reached LSN {cursor}, a write made in place whose data the journal does not hold; reconnecting to resync its regions"
                 )));
             };

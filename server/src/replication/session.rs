@@ -117,7 +117,7 @@ async fn serve(
         Err(r) => {
             let msg = r.message.clone();
             frames::send(sock, Kind::HelloReply, &r.encode()).await?;
-            return Err(LinkError::Protocol(format!("refused: {msg}")));
+            return Err(LinkError::RefusedPeer(msg));
         }
     };
     let durable = accept(engine, sock, hello, hello_body, ctx).await?;
@@ -301,7 +301,9 @@ async fn accept(
         &[hello_body, &reply_body],
         &auth.mac,
     ) {
-        return Err(LinkError::Protocol(format!("primary {} failed authentication: wrong shared secret (check --secret-file on both nodes)", hello.node)));
+        return Err(LinkError::Auth {
+            peer: format!("primary {}", hello.node),
+        });
     }
     if auth.resync {
         engine.rebase(Lsn(auth.start_lsn), hello.uuid).await?;
@@ -309,7 +311,7 @@ async fn accept(
         return Ok(auth.start_lsn.saturating_sub(1));
     }
     if auth.start_lsn != durable + 1 {
-        return Err(LinkError::Protocol(format!(
+        return Err(LinkError::Violation(format!(
             "primary wants to start at LSN {}, but this replica needs {}",
             auth.start_lsn,
             durable + 1
@@ -465,13 +467,13 @@ impl ReplicaSession {
                 Kind::Error => {
                     let body = rd.body(h.len as usize, self.timeout).await?;
                     let e = wire::ErrorMsg::decode(&body)?;
-                    return Err(LinkError::Protocol(format!(
-                        "primary reported: {}",
-                        e.message
-                    )));
+                    return Err(LinkError::Reported {
+                        context: "primary reported",
+                        message: e.message,
+                    });
                 }
                 other => {
-                    return Err(LinkError::Protocol(format!(
+                    return Err(LinkError::Violation(format!(
                         "unexpected {other:?} in the record stream"
                     )))
                 }
@@ -486,7 +488,7 @@ impl ReplicaSession {
 
     async fn on_record(&self, rd: &mut FrameReader<'_>, len: u32) -> Result<(), LinkError> {
         if (len as usize) < RECORD_HEADER_LEN {
-            return Err(LinkError::Protocol(
+            return Err(LinkError::Violation(
                 "record frame shorter than its header".into(),
             ));
         }
@@ -574,7 +576,7 @@ impl ReplicaSession {
 
     async fn on_resync_data(&self, rd: &mut FrameReader<'_>, len: u32) -> Result<(), LinkError> {
         if (len as usize) < wire::RESYNC_HEADER_LEN {
-            return Err(LinkError::Protocol(
+            return Err(LinkError::Violation(
                 "resync frame shorter than its header".into(),
             ));
         }
@@ -608,7 +610,7 @@ impl ReplicaSession {
 
     async fn on_resync_check(&self, rd: &mut FrameReader<'_>, len: u32) -> Result<(), LinkError> {
         if len as usize != wire::RESYNC_HEADER_LEN {
-            return Err(LinkError::Protocol(
+            return Err(LinkError::Violation(
                 "resync check frame is not one resync header".into(),
             ));
         }
@@ -678,7 +680,7 @@ fn reject(tx: &mpsc::UnboundedSender<Vec<u8>>, why: String) {
 
 fn reject_err(tx: &mpsc::UnboundedSender<Vec<u8>>, why: String) -> LinkError {
     reject(tx, why.clone());
-    LinkError::Protocol(format!("rejected: {why}"))
+    LinkError::Rejected(why)
 }
 
 #[cfg(test)]
