@@ -347,64 +347,18 @@ pub fn scan(
                 ))
             }
         };
-        if h.session != sb.session {
-            break if h.lsn == lsn {
-                Some(format!(
-                    "record LSN {lsn} at area offset {pos} is from journal session {}, not {}",
-                    h.session, sb.session
-                ))
-            } else {
-                None
-            };
-        }
-        if h.lsn != lsn {
-            break if h.lsn < lsn {
-                None
-            } else {
-                Some(format!(
-                    "LSN gap at area offset {pos}: found {}, expected {lsn}",
-                    h.lsn
-                ))
-            };
-        }
-        if h.epoch > sb.epoch {
-            break Some(format!(
-                "record LSN {lsn} has epoch {} newer than the journal's {}",
-                h.epoch, sb.epoch
-            ));
-        }
-        if h.kind == EntryKind::InPlaceIntent {
-            break Some(format!(
-                "record LSN {lsn} at area offset {pos} is an in-place write that had not finished (never acknowledged)"
-            ));
-        }
-        if h.kind == EntryKind::Pad {
-            if pos + h.record_len != sb.area_len {
-                break Some(format!(
-                    "pad record at area offset {pos} does not reach the end of the area"
-                ));
+        match judge(&h, sb, pos, lsn) {
+            Verdict::End(why) => break why,
+            Verdict::Pad => {
+                scanned += h.record_len;
+                pos = 0;
+                continue;
             }
-            scanned += h.record_len;
-            pos = 0;
-            continue;
+            Verdict::Record => {}
         }
-        if pos + h.record_len > sb.area_len {
-            break Some(format!(
-                "record LSN {lsn} at area offset {pos} runs past the end of the area"
-            ));
-        }
-        let payload = if h.payload_len > 0 {
-            let p = read_aligned(f, AREA_START + pos + BLOCK, h.payload_len as usize)?;
-            let data = &p.as_slice()[..h.payload_len as usize];
-            let hash = xxhash_rust::xxh3::xxh3_64(data);
-            if hash != h.payload_hash {
-                break Some(format!(
-                    "record LSN {lsn} at area offset {pos}: payload checksum mismatch (torn write)"
-                ));
-            }
-            Some(p)
-        } else {
-            None
+        let payload = match read_payload(f, &h, pos)? {
+            Ok(p) => p,
+            Err(why) => break Some(why),
         };
         let data = payload
             .as_ref()
@@ -421,6 +375,137 @@ pub fn scan(
     Ok((lsn, pos, stop))
 }
 
+/// What recovery makes of a decoded record header found at area offset
+/// `pos` where LSN `lsn` is expected.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// The valid records end here: cleanly (None: an older lap, or records
+    /// of an earlier session past the head), or at a damaged or never
+    /// acknowledged record (the reason).
+    End(Option<String>),
+    /// Padding to the end of the area: the next record is at offset 0.
+    Pad,
+    /// A record to check (payload) and replay.
+    Record,
+}
+
+/// The recovery rule for one header (pure: the payload is checked after).
+fn judge(h: &RecordHeader, sb: &Superblock, pos: u64, lsn: Lsn) -> Verdict {
+    let end = |why: String| Verdict::End(Some(why));
+    if h.session != sb.session {
+        return match h.lsn == lsn {
+            true => end(format!(
+                "record LSN {lsn} at area offset {pos} is from journal session {}, not {}",
+                h.session, sb.session
+            )),
+            false => Verdict::End(None),
+        };
+    }
+    if h.lsn < lsn {
+        return Verdict::End(None);
+    }
+    if h.lsn > lsn {
+        return end(format!(
+            "LSN gap at area offset {pos}: found {}, expected {lsn}",
+            h.lsn
+        ));
+    }
+    if h.epoch > sb.epoch {
+        return end(format!(
+            "record LSN {lsn} has epoch {} newer than the journal's {}",
+            h.epoch, sb.epoch
+        ));
+    }
+    match h.kind {
+        EntryKind::InPlaceIntent => end(format!(
+            "record LSN {lsn} at area offset {pos} is an in-place write that had not finished (never acknowledged)"
+        )),
+        EntryKind::Pad if pos + h.record_len != sb.area_len => end(format!(
+            "pad record at area offset {pos} does not reach the end of the area"
+        )),
+        EntryKind::Pad => Verdict::Pad,
+        _ if pos + h.record_len > sb.area_len => end(format!(
+            "record LSN {lsn} at area offset {pos} runs past the end of the area"
+        )),
+        _ => Verdict::Record,
+    }
+}
+
+/// Reads and checks a record's payload: None without one, Err(why) when
+/// its checksum does not match (a torn write: the journal ends there).
+fn read_payload(
+    f: &File,
+    h: &RecordHeader,
+    pos: u64,
+) -> io::Result<Result<Option<crate::buffer::AlignedBuf>, String>> {
+    if h.payload_len == 0 {
+        return Ok(Ok(None));
+    }
+    let p = read_aligned(f, AREA_START + pos + BLOCK, h.payload_len as usize)?;
+    let hash = xxhash_rust::xxh3::xxh3_64(&p.as_slice()[..h.payload_len as usize]);
+    if hash != h.payload_hash {
+        return Ok(Err(format!(
+            "record LSN {} at area offset {pos}: payload checksum mismatch (torn write)",
+            h.lsn
+        )));
+    }
+    Ok(Ok(Some(p)))
+}
+
+/// Refuses a journal that belongs to another volume.
+fn check_volume(sb: &Superblock, spec: &JournalSpec<'_>) -> Result<(), JournalOpenError> {
+    if sb.volume_name == spec.volume_name && sb.volume_size == spec.volume_size {
+        return Ok(());
+    }
+    Err(JournalOpenError::WrongVolume {
+        path: spec.path.to_path_buf(),
+        found_name: sb.volume_name.clone(),
+        found_size: sb.volume_size,
+        name: spec.volume_name.to_string(),
+        size: spec.volume_size,
+    })
+}
+
+/// Replays `[a, b)` of record `h` (whose payload is `data`) into `target`.
+fn replay_part(
+    target: &mut dyn ReplayTarget,
+    h: &RecordHeader,
+    data: &[u8],
+    a: u64,
+    b: u64,
+) -> io::Result<()> {
+    match h.kind {
+        EntryKind::Mutation(MutationOp::Write) => {
+            let at = (a - h.offset) as usize..(b - h.offset) as usize;
+            target.write(a, &data[at])
+        }
+        EntryKind::Mutation(MutationOp::Trim) => target.zero(a, b - a, true, false),
+        EntryKind::Mutation(MutationOp::WriteZeroes) => {
+            target.zero(a, b - a, false, h.flags & FLAG_NO_HOLE != 0)
+        }
+        EntryKind::WriteInPlace => target.placed(a, b - a),
+        // Never visited: the scan stops at an intent.
+        EntryKind::Pad | EntryKind::InPlaceIntent => Ok(()),
+    }
+}
+
+/// Tells `target` the ranges of in-place writes that were under way at the
+/// crash (past the recovered tail): the replicas may lack what the store holds.
+fn mark_intents(
+    file: &File,
+    sb: &Superblock,
+    next_lsn: Lsn,
+    target: &mut dyn ReplayTarget,
+) -> io::Result<()> {
+    let n = sweep_intents(file, sb, next_lsn, |h| target.placed(h.offset, h.length))?;
+    if n > 0 {
+        tracing::warn!(
+            "{n} in-place write(s) were under way at the crash (never acknowledged): their regions are marked for every replica's resync"
+        );
+    }
+    Ok(())
+}
+
 /// Opens (or creates) the journal of a volume, checks that it belongs to it,
 /// replays it into `target`, and starts a new session. The returned journal's
 /// superblock has its checkpoint at the recovered head.
@@ -435,15 +520,7 @@ pub fn open_and_recover(
     let (file, _direct) = crate::store::open_direct(path, false, libc::O_DSYNC)
         .map_err(io_err("cannot open journal", path))?;
     let mut sb = read_superblock(&file, path)?;
-    if sb.volume_name != spec.volume_name || sb.volume_size != spec.volume_size {
-        return Err(JournalOpenError::WrongVolume {
-            path: path.to_path_buf(),
-            found_name: sb.volume_name,
-            found_size: sb.volume_size,
-            name: spec.volume_name.to_string(),
-            size: spec.volume_size,
-        });
-    }
+    check_volume(&sb, spec)?;
     let start = Instant::now();
     let mut report = RecoveryReport::default();
     // First pass: where the valid records end and which ranges in-place
@@ -457,21 +534,8 @@ pub fn open_and_recover(
     // Second pass: replay, in LSN order, what no later in-place write covers.
     let (next_lsn, head, stop) = scan(&file, &sb, |rec, data| {
         let h = &rec.header;
-        let parts = in_place.replayable(h.offset, h.offset + h.length, h.lsn);
-        for (a, b) in parts {
-            match h.kind {
-                EntryKind::Mutation(MutationOp::Write) => {
-                    let at = (a - h.offset) as usize..(b - h.offset) as usize;
-                    target.write(a, &data[at])?
-                }
-                EntryKind::Mutation(MutationOp::Trim) => target.zero(a, b - a, true, false)?,
-                EntryKind::Mutation(MutationOp::WriteZeroes) => {
-                    target.zero(a, b - a, false, h.flags & FLAG_NO_HOLE != 0)?
-                }
-                EntryKind::WriteInPlace => target.placed(a, b - a)?,
-                // Never visited: the scan stops at an intent.
-                EntryKind::Pad | EntryKind::InPlaceIntent => {}
-            }
+        for (a, b) in in_place.replayable(h.offset, h.offset + h.length, h.lsn) {
+            replay_part(target, h, data, a, b)?;
         }
         report.records += 1;
         report.bytes += h.length;
@@ -484,13 +548,7 @@ pub fn open_and_recover(
         _ => io_err("cannot replay journal", path)(e),
     })?;
     if target.wants_intents() {
-        let n = sweep_intents(&file, &sb, next_lsn, |h| target.placed(h.offset, h.length))
-            .map_err(io_err("cannot read journal", path))?;
-        if n > 0 {
-            tracing::warn!(
-                "{n} in-place write(s) were under way at the crash (never acknowledged): their regions are marked for every replica's resync"
-            );
-        }
+        mark_intents(&file, &sb, next_lsn, target).map_err(io_err("cannot read journal", path))?;
     }
     target.sync().map_err(io_err(
         "cannot sync the data store after replaying journal",
@@ -572,6 +630,78 @@ impl ReplayTarget for FileReplay<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recovery_ends_at_the_first_header_that_does_not_continue_the_journal() {
+        const AREA: u64 = 1 << 20;
+        let sb = Superblock {
+            volume_uuid: [0; 16],
+            volume_name: "v".into(),
+            volume_size: 1 << 30,
+            area_len: AREA,
+            epoch: Epoch(3),
+            checkpoint_lsn: Lsn(10),
+            checkpoint_pos: 0,
+            session: 7,
+            generation: 1,
+            role: super::super::format::Role::Primary,
+            inconsistent: false,
+        };
+        let h =
+            |lsn: u64, session: u64, epoch: u64, kind: EntryKind, record_len: u64| RecordHeader {
+                lsn: Lsn(lsn),
+                epoch: Epoch(epoch),
+                session,
+                kind,
+                flags: 0,
+                offset: 0,
+                length: 4096,
+                payload_len: 0,
+                record_len,
+                payload_hash: 0,
+            };
+        let write = EntryKind::Mutation(MutationOp::Write);
+        let damaged = |v: Verdict| matches!(v, Verdict::End(Some(_)));
+        // (header, position, expected LSN 10) → verdict
+        assert_eq!(
+            judge(&h(10, 7, 3, write, 8192), &sb, 0, Lsn(10)),
+            Verdict::Record
+        );
+        // An older lap, or an older session's record past the head: a clean end.
+        assert_eq!(
+            judge(&h(9, 7, 3, write, 8192), &sb, 0, Lsn(10)),
+            Verdict::End(None)
+        );
+        assert_eq!(
+            judge(&h(4, 6, 3, write, 8192), &sb, 0, Lsn(10)),
+            Verdict::End(None)
+        );
+        // The expected LSN from another session, a gap, a newer epoch, an
+        // unfinished in-place write, a record past the end: damaged.
+        assert!(damaged(judge(&h(10, 6, 3, write, 8192), &sb, 0, Lsn(10))));
+        assert!(damaged(judge(&h(11, 7, 3, write, 8192), &sb, 0, Lsn(10))));
+        assert!(damaged(judge(&h(10, 7, 4, write, 8192), &sb, 0, Lsn(10))));
+        let intent = EntryKind::InPlaceIntent;
+        assert!(damaged(judge(&h(10, 7, 3, intent, 4096), &sb, 0, Lsn(10))));
+        assert!(damaged(judge(
+            &h(10, 7, 3, write, 8192),
+            &sb,
+            AREA - 4096,
+            Lsn(10)
+        )));
+        // A pad must reach exactly the end of the area.
+        let pad = EntryKind::Pad;
+        assert_eq!(
+            judge(&h(10, 7, 3, pad, 4096), &sb, AREA - 4096, Lsn(10)),
+            Verdict::Pad
+        );
+        assert!(damaged(judge(
+            &h(10, 7, 3, pad, 4096),
+            &sb,
+            AREA - 8192,
+            Lsn(10)
+        )));
+    }
 
     fn in_place(lsn: u64, offset: u64, length: u64) -> RecordHeader {
         RecordHeader {
