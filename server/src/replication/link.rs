@@ -69,67 +69,12 @@ async fn connect_and_stream(
     node: &str,
 ) -> Result<(), LinkError> {
     let hb = primary.cfg.heartbeat_timeout;
-    let stream = tokio::time::timeout(hb, tokio_uring::net::TcpStream::connect(link.peer.addr))
-        .await
-        .map_err(|_| LinkError::Timeout(hb))?
-        .map_err(|source| LinkError::Connect {
-            peer: link.peer.name.clone(),
-            addr: link.peer.addr,
-            source,
-        })?;
-    let _ = stream.set_nodelay(true);
-    let sock = Rc::new(Socket::Tcp(stream));
-    let hello = Hello {
-        version: wire::VERSION,
-        volume: vol.info().name.clone(),
-        uuid: vol.journal().volume_uuid(),
-        size: vol.info().size,
-        epoch: vol.journal().epoch().0,
-        node: node.to_string(),
-        nonce: frames::nonce(),
-        // Only flush mode acknowledges writes on receipt.
-        receipt_acks: primary.cfg.mode == super::Mode::Flush,
-    };
-    let hello_body = hello.encode();
+    let sock = connect(link, hb).await?;
+    let hello_body = hello(vol, primary, node).encode();
     frames::send(&sock, Kind::Hello, &hello_body).await?;
     let reply_body = frames::expect(&sock, Kind::HelloReply, hb).await?;
     let reply = HelloReply::decode(&reply_body)?;
-    if matches!(
-        reply.status,
-        ReplyStatus::StaleEpoch | ReplyStatus::SplitBrain
-    ) && reply.epoch > vol.journal().epoch().0
-    {
-        tracing::error!(
-            volume = %vol.info().name,
-            "{} is in epoch {}, newer than this primary's {}: this node was replaced; demoting to replica",
-            link.peer.name, reply.epoch, vol.journal().epoch()
-        );
-        return Err(LinkError::Fenced(crate::units::Epoch(reply.epoch)));
-    }
-    if reply.status == ReplyStatus::SplitBrain {
-        tracing::error!(
-            volume = %vol.info().name,
-            "SPLIT BRAIN: {} is also primary in epoch {}; refusing to replicate. Run `mirrorblk --admin-socket PATH demote` on the node whose data should be discarded",
-            link.peer.name, reply.epoch
-        );
-    }
-    if reply.status != ReplyStatus::Accept {
-        return Err(LinkError::Refused {
-            peer: link.peer.name.clone(),
-            message: reply.message,
-        });
-    }
-    let unsigned = reply.unsigned();
-    if !wire::verify_mac(
-        &primary.cfg.secret,
-        wire::REPLICA_LABEL,
-        &[&hello_body, &unsigned],
-        &reply.mac,
-    ) {
-        return Err(LinkError::Auth {
-            peer: link.peer.name.clone(),
-        });
-    }
+    check_reply(vol, primary, link, &reply, &hello_body)?;
     let (start, resync) = plan_start(vol, primary, link, &reply)?;
     let auth = Auth {
         mac: wire::mac(
@@ -149,16 +94,107 @@ async fn connect_and_stream(
     link.retain.set(true);
     primary.set_phase(link, Phase::CatchingUp);
     tracing::info!(volume = %vol.info().name, peer = %link.peer.name, "replica connected at LSN {}; sending from {start}", reply.durable);
+    let result = stream(vol, primary, link, &sock, hb).await;
+    sock.shutdown();
+    end_job(vol, link, &result);
+    result
+}
 
-    let receiver = {
+/// Opens the connection to the replica, within the heartbeat timeout.
+async fn connect(link: &LinkState, hb: Duration) -> Result<Rc<Socket>, LinkError> {
+    let stream = tokio::time::timeout(hb, tokio_uring::net::TcpStream::connect(link.peer.addr))
+        .await
+        .map_err(|_| LinkError::Timeout(hb))?
+        .map_err(|source| LinkError::Connect {
+            peer: link.peer.name.clone(),
+            addr: link.peer.addr,
+            source,
+        })?;
+    let _ = stream.set_nodelay(true);
+    Ok(Rc::new(Socket::Tcp(stream)))
+}
+
+/// This primary's HELLO.
+fn hello(vol: &Engine, primary: &Primary, node: &str) -> Hello {
+    Hello {
+        version: wire::VERSION,
+        volume: vol.info().name.clone(),
+        uuid: vol.journal().volume_uuid(),
+        size: vol.info().size,
+        epoch: vol.journal().epoch().0,
+        node: node.to_string(),
+        nonce: frames::nonce(),
+        // Only flush mode acknowledges writes on receipt.
+        receipt_acks: primary.cfg.mode == super::Mode::Flush,
+    }
+}
+
+/// Checks the replica's answer: a newer epoch fences this primary, a
+/// refusal ends the attempt (loudly for a split brain), and the replica
+/// must prove the shared secret.
+fn check_reply(
+    vol: &Engine,
+    primary: &Primary,
+    link: &LinkState,
+    reply: &HelloReply,
+    hello_body: &[u8],
+) -> Result<(), LinkError> {
+    let refused = matches!(
+        reply.status,
+        ReplyStatus::StaleEpoch | ReplyStatus::SplitBrain
+    );
+    if refused && reply.epoch > vol.journal().epoch().0 {
+        tracing::error!(
+            volume = %vol.info().name,
+            "{} is in epoch {}, newer than this primary's {}: this node was replaced; demoting to replica",
+            link.peer.name, reply.epoch, vol.journal().epoch()
+        );
+        return Err(LinkError::Fenced(crate::units::Epoch(reply.epoch)));
+    }
+    if reply.status == ReplyStatus::SplitBrain {
+        tracing::error!(
+            volume = %vol.info().name,
+            "SPLIT BRAIN: {} is also primary in epoch {}; refusing to replicate. Run `mirrorblk --admin-socket PATH demote` on the node whose data should be discarded",
+            link.peer.name, reply.epoch
+        );
+    }
+    if reply.status != ReplyStatus::Accept {
+        return Err(LinkError::Refused {
+            peer: link.peer.name.clone(),
+            message: reply.message.clone(),
+        });
+    }
+    let unsigned = reply.unsigned();
+    if !wire::verify_mac(
+        &primary.cfg.secret,
+        wire::REPLICA_LABEL,
+        &[hello_body, &unsigned],
+        &reply.mac,
+    ) {
+        return Err(LinkError::Auth {
+            peer: link.peer.name.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Streams records (and resync frames) while a task reads the ACKs; ends
+/// with whichever side stops first.
+async fn stream(
+    vol: &Rc<Engine>,
+    primary: &Rc<Primary>,
+    link: &Rc<LinkState>,
+    sock: &Rc<Socket>,
+    hb: Duration,
+) -> Result<(), LinkError> {
+    let mut receiver = {
         let sock = sock.clone();
         let primary = primary.clone();
         let link = link.clone();
         tokio_uring::spawn(async move { receive_acks(&sock, &primary, &link, hb).await })
     };
-    let sent = send_loop(vol, primary, link, &sock, hb);
+    let sent = send_loop(vol, primary, link, sock, hb);
     tokio::pin!(sent);
-    let mut receiver = receiver;
     let result = tokio::select! {
         r = &mut sent => r,
         r = &mut receiver => match r {
@@ -167,8 +203,6 @@ async fn connect_and_stream(
         },
     };
     receiver.abort();
-    sock.shutdown();
-    end_job(vol, link, &result);
     result
 }
 
@@ -280,6 +314,54 @@ fn end_job(vol: &Engine, link: &LinkState, result: &Result<(), LinkError>) {
     link.metrics.resync_remaining.set(0.0);
 }
 
+/// An ACK moved the replica's received and durable LSNs (and perhaps its
+/// resync's durable frames): wake the writers it now acknowledges.
+fn on_ack(primary: &Primary, link: &LinkState, a: &Ack) -> Result<(), LinkError> {
+    let received = Lsn(a.received + 1);
+    let durable = Lsn(a.durable + 1);
+    if received > link.sent_next.get() || durable > received {
+        return Err(LinkError::Violation(format!(
+            "replica acknowledged LSN {}/{} beyond what was sent ({})",
+            a.received,
+            a.durable,
+            link.sent_next.get()
+        )));
+    }
+    link.received_next
+        .set(link.received_next.get().max(received));
+    link.durable_next.set(link.durable_next.get().max(durable));
+    if a.resync_durable > 0 {
+        if let Some(job) = link.job.borrow_mut().as_mut() {
+            let mut oos = link.oos.borrow_mut();
+            job.on_durable(a.resync_durable, &mut oos);
+            link.metrics.out_of_sync.set(oos.bytes() as f64);
+        }
+        link.wake.notify_one();
+    }
+    primary.changed();
+    Ok(())
+}
+
+/// The replica's answer to a region checksum: a difference is marked.
+fn on_region_check(link: &LinkState, c: &RegionCheck) -> Result<(), LinkError> {
+    let mut job = link.job.borrow_mut();
+    let Some(j) = job.as_mut() else {
+        return Err(LinkError::Violation(
+            "region check answer without a resync or verify".into(),
+        ));
+    };
+    if let Some(region) = j.on_check(c.seq, c.equal).map_err(LinkError::Violation)? {
+        // Persisted now: a difference found must outlive a drop of this
+        // connection or a restart of either side.
+        let mut oos = link.oos.borrow_mut();
+        oos.set(region);
+        oos.persist_if_dirty()?;
+    }
+    drop(job);
+    link.wake.notify_one();
+    Ok(())
+}
+
 async fn receive_acks(
     sock: &Socket,
     primary: &Primary,
@@ -293,49 +375,8 @@ async fn receive_acks(
         let h = rd.header(hb).await?;
         let body = rd.body(h.len as usize, hb).await?;
         match h.kind {
-            Kind::Ack => {
-                let a = Ack::decode(&body)?;
-                let received = Lsn(a.received + 1);
-                let durable = Lsn(a.durable + 1);
-                if received > link.sent_next.get() || durable > received {
-                    return Err(LinkError::Violation(format!(
-                        "replica acknowledged LSN {}/{} beyond what was sent ({})",
-                        a.received,
-                        a.durable,
-                        link.sent_next.get()
-                    )));
-                }
-                link.received_next
-                    .set(link.received_next.get().max(received));
-                link.durable_next.set(link.durable_next.get().max(durable));
-                if a.resync_durable > 0 {
-                    if let Some(job) = link.job.borrow_mut().as_mut() {
-                        let mut oos = link.oos.borrow_mut();
-                        job.on_durable(a.resync_durable, &mut oos);
-                        link.metrics.out_of_sync.set(oos.bytes() as f64);
-                    }
-                    link.wake.notify_one();
-                }
-                primary.changed();
-            }
-            Kind::RegionCheck => {
-                let c = RegionCheck::decode(&body)?;
-                let mut job = link.job.borrow_mut();
-                let Some(j) = job.as_mut() else {
-                    return Err(LinkError::Violation(
-                        "region check answer without a resync or verify".into(),
-                    ));
-                };
-                if let Some(region) = j.on_check(c.seq, c.equal).map_err(LinkError::Violation)? {
-                    // Persisted now: a difference found must outlive a drop
-                    // of this connection or a restart of either side.
-                    let mut oos = link.oos.borrow_mut();
-                    oos.set(region);
-                    oos.persist_if_dirty()?;
-                }
-                drop(job);
-                link.wake.notify_one();
-            }
+            Kind::Ack => on_ack(primary, link, &Ack::decode(&body)?)?,
+            Kind::RegionCheck => on_region_check(link, &RegionCheck::decode(&body)?)?,
             Kind::Pong => {
                 let sent = wire::decode_stamp(&body)?;
                 link.rtt_us.set(now_us().saturating_sub(sent));
@@ -399,6 +440,55 @@ fn push_record(out: &mut Vec<OutBuf>, r: &Mutation, epoch: u64) {
     }
 }
 
+/// Whether a record reserved but not yet sent to the replica (LSNs from
+/// `sent_next` to `next`, all in the window: checks only run while the link
+/// streams live records) touches `[offset, offset + len)`: a checksum taken
+/// now would not match the replica's moment of the stream.
+fn unsent_record_touches(
+    primary: &Primary,
+    sent_next: Lsn,
+    next: Lsn,
+    offset: u64,
+    len: u64,
+) -> bool {
+    let front = primary
+        .window
+        .borrow()
+        .front()
+        .map(|r| r.lsn)
+        .unwrap_or(next);
+    let mut lsn = sent_next.max(front);
+    while lsn < next {
+        if let Some(r) = primary.get(lsn) {
+            if r.offset < offset + len && offset < r.offset + r.length.max(1) {
+                return true;
+            }
+        }
+        lsn = lsn.next();
+    }
+    false
+}
+
+/// Starts the verify the operator asked for, once the replica streams live
+/// (it compares the same moment of the stream on both sides, so writes may
+/// go on). Returns whether a pass now runs.
+fn start_requested_verify(vol: &Engine, link: &LinkState) -> bool {
+    let ready = *link.phase.borrow() == Phase::InSync;
+    let Some(repair) = link.verify_request.get().filter(|_| ready) else {
+        return false;
+    };
+    link.verify_request.set(None);
+    let job = Job::new(
+        JobKind::Verify { repair },
+        &link.oos.borrow(),
+        vol.info().size,
+        link.resync_seq.get(),
+    );
+    tracing::info!(volume = %vol.info().name, peer = %link.peer.name, "verify of {} started{}", link.peer.name, if repair { " (repairing differences)" } else { "" });
+    *link.job.borrow_mut() = Some(job);
+    true
+}
+
 /// Sends one resync region (RESYNC_DATA) or its checksum (RESYNC_CHECK):
 /// the primary's data as of after the last record sent. Runs inside the
 /// send loop, so no record can slip between the snapshot and its place in
@@ -434,27 +524,11 @@ async fn resync_frame(
                 .await
                 .map_err(|e| LinkError::Local(format!("journal failed: {e}")))?;
         }
-    } else {
-        // Records the replica has not been sent yet live in the window
-        // (checks only run while the link streams live records).
-        let front = primary
-            .window
-            .borrow()
-            .front()
-            .map(|r| r.lsn)
-            .unwrap_or(next);
-        let mut lsn = sent_next.max(front);
-        while lsn < next {
-            if let Some(r) = primary.get(lsn) {
-                if r.offset < offset + len && offset < r.offset + r.length.max(1) {
-                    if let Some(j) = link.job.borrow_mut().as_mut() {
-                        j.recheck(region);
-                    }
-                    return Ok(false);
-                }
-            }
-            lsn = lsn.next();
+    } else if unsent_record_touches(primary, sent_next, next, offset, len) {
+        if let Some(j) = link.job.borrow_mut().as_mut() {
+            j.recheck(region);
         }
+        return Ok(false);
     }
     let seq = match link.job.borrow_mut().as_mut() {
         Some(j) => j.sent(region, check),
@@ -489,6 +563,48 @@ async fn resync_frame(
     Ok(true)
 }
 
+/// The link's resync or verify pass ended: the link counts for
+/// acknowledgements again, the bitmap's cleared bits are persisted, and
+/// the outcome is logged (and kept for status, for a verify).
+fn finish_job(vol: &Engine, primary: &Primary, link: &LinkState) {
+    let Some(job) = link.job.borrow_mut().take() else {
+        return;
+    };
+    // The link counts for acknowledgements again (its state code
+    // leaves "resyncing"): writers it was holding may go.
+    primary.changed();
+    link.resync_seq.set(job.next_seq());
+    if let Err(e) = link.oos.borrow_mut().persist_if_dirty() {
+        tracing::error!(volume = %vol.info().name, peer = %link.peer.name, "cannot write the out-of-sync bitmap: {e}");
+    }
+    link.metrics.resync_remaining.set(0.0);
+    match job.kind {
+        JobKind::Resync { checksum } => tracing::info!(
+            volume = %vol.info().name, peer = %link.peer.name,
+            "resync of {} complete: {} bytes of region data sent{} in {:.1?}",
+            link.peer.name,
+            job.sent_bytes,
+            if checksum { format!(", {} bytes compared by checksum", job.total_bytes) } else { String::new() },
+            job.started.elapsed()
+        ),
+        JobKind::Verify { repair } => {
+            let status = job.verify_status(repair);
+            tracing::info!(
+                volume = %vol.info().name, peer = %link.peer.name,
+                "verify of {} complete: {} differing region(s){} in {:.1?}",
+                link.peer.name,
+                job.differing.len(),
+                if repair && !job.differing.is_empty() { ", repaired" } else { "" },
+                job.started.elapsed()
+            );
+            *link.last_verify.borrow_mut() = Some(mirrorblk_admin::VerifyStatus {
+                running: false,
+                ..status
+            });
+        }
+    }
+}
+
 /// One step of the link's resync or verify pass, if one runs and may send
 /// now. Returns whether it put something in the stream.
 async fn job_step(
@@ -499,23 +615,10 @@ async fn job_step(
     budget: &mut Budget,
 ) -> Result<bool, LinkError> {
     if link.job.borrow().is_none() {
-        // A verify starts once the replica streams live (it compares the
-        // same moment of the stream on both sides, so writes may go on).
-        let ready = *link.phase.borrow() == Phase::InSync;
-        if let Some(repair) = link.verify_request.get().filter(|_| ready) {
-            link.verify_request.set(None);
-            let job = Job::new(
-                JobKind::Verify { repair },
-                &link.oos.borrow(),
-                vol.info().size,
-                link.resync_seq.get(),
-            );
-            tracing::info!(volume = %vol.info().name, peer = %link.peer.name, "verify of {} started{}", link.peer.name, if repair { " (repairing differences)" } else { "" });
-            *link.job.borrow_mut() = Some(job);
-            *budget = Budget::new();
-        } else {
+        if !start_requested_verify(vol, link) {
             return Ok(false);
         }
+        *budget = Budget::new();
     }
     let may = budget.allows(primary.resync_rate.get());
     let step = {
@@ -540,40 +643,7 @@ async fn job_step(
             if step == Step::Done {
                 frames::send(sock, Kind::ResyncDone, &[]).await?;
             }
-            let job = link.job.borrow_mut().take().expect("checked above");
-            // The link counts for acknowledgements again (its state code
-            // leaves "resyncing"): writers it was holding may go.
-            primary.changed();
-            link.resync_seq.set(job.next_seq());
-            if let Err(e) = link.oos.borrow_mut().persist_if_dirty() {
-                tracing::error!(volume = %vol.info().name, peer = %link.peer.name, "cannot write the out-of-sync bitmap: {e}");
-            }
-            link.metrics.resync_remaining.set(0.0);
-            match job.kind {
-                JobKind::Resync { checksum } => tracing::info!(
-                    volume = %vol.info().name, peer = %link.peer.name,
-                    "resync of {} complete: {} bytes of region data sent{} in {:.1?}",
-                    link.peer.name,
-                    job.sent_bytes,
-                    if checksum { format!(", {} bytes compared by checksum", job.total_bytes) } else { String::new() },
-                    job.started.elapsed()
-                ),
-                JobKind::Verify { repair } => {
-                    let status = job.verify_status(repair);
-                    tracing::info!(
-                        volume = %vol.info().name, peer = %link.peer.name,
-                        "verify of {} complete: {} differing region(s){} in {:.1?}",
-                        link.peer.name,
-                        job.differing.len(),
-                        if repair && !job.differing.is_empty() { ", repaired" } else { "" },
-                        job.started.elapsed()
-                    );
-                    *link.last_verify.borrow_mut() = Some(mirrorblk_admin::VerifyStatus {
-                        running: false,
-                        ..status
-                    });
-                }
-            }
+            finish_job(vol, primary, link);
             Ok(true)
         }
         Step::Wait => Ok(false),
@@ -606,6 +676,58 @@ impl Budget {
     }
 }
 
+/// Sends up to [`SEND_BATCH`] records from the window, starting at the
+/// link's cursor, in one vectored send.
+async fn send_live(
+    primary: &Primary,
+    link: &LinkState,
+    sock: &Socket,
+    epoch: u64,
+) -> Result<(), LinkError> {
+    let first = link.sent_next.get();
+    let mut next = first;
+    let mut out = Vec::new();
+    while next.0 - first.0 < SEND_BATCH as u64 {
+        let Some(r) = primary.get(next) else { break };
+        push_record(&mut out, &r, epoch);
+        next = next.next();
+    }
+    assert!(next > first, "a live send starts at a record in the window");
+    // Counted as sent before the write completes: the window keeps these
+    // records until the send is done, because `out` holds them.
+    link.sent_next.set(next);
+    write_all(sock, out).await?;
+    Ok(())
+}
+
+/// Catch-up: the record at the cursor is no longer in memory; read it back
+/// from the journal and send it.
+async fn send_catch_up(
+    vol: &Engine,
+    link: &LinkState,
+    sock: &Socket,
+    epoch: u64,
+) -> Result<(), LinkError> {
+    let cursor = link.sent_next.get();
+    let read = vol
+        .journal()
+        .read_record(cursor, vol.pool())
+        .await
+        .map_err(|e| LinkError::Local(format!("catch-up read of LSN {cursor} failed: {e}")))?;
+    let ReadBack::Journaled(rec) = read else {
+        // Its data is only in the store, possibly overwritten since: the
+        // next handshake plans a bitmap resync instead.
+        return Err(LinkError::Local(format!(
+            "catch-up reached LSN {cursor}, a write made in place whose data the journal does not hold; reconnecting to resync its regions"
+        )));
+    };
+    let mut out = Vec::new();
+    push_record(&mut out, &rec, epoch);
+    link.sent_next.set(cursor.next());
+    write_all(sock, out).await?;
+    Ok(())
+}
+
 async fn send_loop(
     vol: &Rc<Engine>,
     primary: &Rc<Primary>,
@@ -627,52 +749,17 @@ async fn send_loop(
         }
         let cursor = link.sent_next.get();
         let wake = link.wake.notified();
-        if let Some(first) = primary.get(cursor) {
+        if primary.get(cursor).is_some() {
             // Live: from memory, zero-copy, many records per send.
             if *link.phase.borrow() != Phase::InSync {
                 primary.set_phase(link, Phase::InSync);
             }
-            let mut out = Vec::new();
-            push_record(&mut out, &first, epoch);
-            let mut next = cursor.next();
-            let mut n = 1;
-            while n < SEND_BATCH {
-                match primary.get(next) {
-                    Some(r) => {
-                        push_record(&mut out, &r, epoch);
-                        next = next.next();
-                        n += 1;
-                    }
-                    None => break,
-                }
-            }
-            // Counted as sent before the write completes: the window keeps
-            // these records until the send is done, because `out` holds them.
-            link.sent_next.set(next);
-            write_all(sock, out).await?;
+            send_live(primary, link, sock, epoch).await?;
             last_send = Instant::now();
             continue;
         }
         if cursor < vol.journal().next_lsn() {
-            // Catch-up: no longer in memory, read it back from the journal.
-            let read = vol
-                .journal()
-                .read_record(cursor, vol.pool())
-                .await
-                .map_err(|e| {
-                    LinkError::Local(format!("catch-up read of LSN {cursor} failed: {e}"))
-                })?;
-            let ReadBack::Journaled(rec) = read else {
-                // Its data is only in the store, possibly overwritten since:
-                // the next handshake plans a bitmap resync instead.
-                return Err(LinkError::Local(format!(
-                    "catch-up reached LSN {cursor}, a write made in place whose data the journal does not hold; reconnecting to resync its regions"
-                )));
-            };
-            let mut out = Vec::new();
-            push_record(&mut out, &rec, epoch);
-            link.sent_next.set(cursor.next());
-            write_all(sock, out).await?;
+            send_catch_up(vol, link, sock, epoch).await?;
             last_send = Instant::now();
             continue;
         }
