@@ -23,6 +23,8 @@ pub mod readiness;
 pub mod states;
 
 pub use client::{call, call_within, CallError};
-pub use protocol::{Listening, ReplicaStatus, Request, Response, VerifyStatus, VolumeStatus};
+pub use protocol::{
+    CoordinatorStatus, Listening, ReplicaStatus, Request, Response, VerifyStatus, VolumeStatus,
+};
 pub use readiness::{probe, Ready};
 pub use states::{Mode, OnReplicaLoss, ReplicaState, Role, UnknownName};

@@ -160,6 +160,36 @@ pub struct Response {
     /// accepting (in `status` answers; absent while it is still starting).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<Listening>,
+    /// The coordinator's view, on a node run with `--etcd` (in `status`
+    /// answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<CoordinatorStatus>,
+}
+
+/// What a node run with `--etcd` knows of its coordination.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorStatus {
+    /// The etcd endpoints.
+    pub etcd: Vec<String>,
+    /// Whether etcd answered the last call.
+    pub reachable: bool,
+    /// The lease TTL, in milliseconds.
+    pub lease_ttl_ms: u64,
+    /// This node's lease (hex), while it holds one.
+    pub lease: Option<String>,
+    /// The volume's primary, as etcd last said.
+    pub leader: Option<String>,
+    /// Where the primary serves NBD clients.
+    pub leader_nbd: Option<String>,
+    /// The primary's epoch.
+    pub epoch: Option<u64>,
+    /// The replicas the primary published as in sync (on the primary).
+    pub in_sync: Vec<String>,
+    /// On the primary: whether replies are held because the lease may have
+    /// lapsed.
+    pub writes_held: bool,
+    /// On a replica: why it does not campaign, if it would not.
+    pub not_candidate: Option<String>,
 }
 
 /// The bound addresses of a daemon that serves.
@@ -186,6 +216,7 @@ impl Response {
             pid: None,
             started_at: None,
             listen: None,
+            coordinator: None,
         }
     }
 }

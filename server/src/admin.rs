@@ -33,6 +33,8 @@ pub struct Readiness {
     pid: u32,
     started_at: f64,
     listening: std::sync::OnceLock<Listening>,
+    /// The coordinator's view, on a node run with `--etcd`.
+    coordinator: std::sync::Mutex<Option<mirrorblk_admin::CoordinatorStatus>>,
 }
 
 impl Readiness {
@@ -46,6 +48,7 @@ impl Readiness {
             pid: std::process::id(),
             started_at,
             listening: std::sync::OnceLock::new(),
+            coordinator: std::sync::Mutex::new(None),
         }
     }
 
@@ -54,11 +57,21 @@ impl Readiness {
         let _ = self.listening.set(listening);
     }
 
+    /// Publishes the coordinator's view: from now on status answers carry it.
+    pub fn coordinator(&self, status: mirrorblk_admin::CoordinatorStatus) {
+        *self.coordinator.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+    }
+
     /// Fills the process fields of a status answer.
     fn stamp(&self, resp: &mut Response) {
         resp.pid = Some(self.pid);
         resp.started_at = Some(self.started_at);
         resp.listen = self.listening.get().cloned();
+        resp.coordinator = self
+            .coordinator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
     }
 }
 
@@ -201,6 +214,7 @@ fn handle(
         pid: None,
         started_at: None,
         listen: None,
+        coordinator: None,
     };
     (resp, restart)
 }

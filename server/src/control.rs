@@ -31,6 +31,58 @@ pub enum CoreMsg {
     Replica(IncomingPrimary),
     /// New resync bandwidth (bytes per second), from a reload.
     SetResyncRate(u64),
+    /// The coordinator's question or order about one of its volumes.
+    Coordinate(CoordQuery),
+}
+
+/// What the coordinator asks of a volume's core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoordRequest {
+    /// Where the volume stands on this node.
+    Position,
+    /// On the primary: the replicas to publish as in sync (pinned from now
+    /// on; see `Primary::propose_in_sync`).
+    ProposeInSync,
+    /// On the primary: `set` is published as the in-sync set.
+    Published(Vec<String>),
+    /// This node won the election: persist the primary role in `epoch`.
+    Promote(crate::units::Epoch),
+    /// Another node leads: persist the replica role.
+    Demote,
+}
+
+/// Where a volume stands on this node, for the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// Every record below this LSN is durable here.
+    pub durable_next: crate::units::Lsn,
+    /// This node's epoch.
+    pub epoch: crate::units::Epoch,
+    /// Whether the store is consistent (no resync unfinished).
+    pub consistent: bool,
+    /// This node's role.
+    pub role: Role,
+}
+
+/// A core's answer to the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoordAnswer {
+    /// The answer to [`CoordRequest::Position`].
+    Position(Position),
+    /// The answer to [`CoordRequest::ProposeInSync`].
+    Proposal(Vec<String>),
+    /// Done.
+    Done,
+}
+
+/// A coordinator request about `volume`, with where to answer.
+pub struct CoordQuery {
+    /// The volume.
+    pub volume: String,
+    /// The request.
+    pub request: CoordRequest,
+    /// Where the core answers (or says why it could not).
+    pub reply: std::sync::mpsc::SyncSender<Result<CoordAnswer, String>>,
 }
 
 /// A question to a core, with where to send its answer.

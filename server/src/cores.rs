@@ -9,16 +9,21 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use crate::buffer::{BufPool, PoolConfig};
-use crate::control::{ClientStream, CoreMsg, CoreQuery, Heartbeats, NewConn, PreparedVolume};
+use crate::control::{
+    ClientStream, CoordAnswer, CoordQuery, CoordRequest, CoreMsg, CoreQuery, Heartbeats, NewConn,
+    Position, PreparedVolume,
+};
 use crate::engine::{Engine, Tuning, VolumeInfo};
 use crate::export::serve;
 use crate::journal::format::Role;
 use crate::journal::Journal;
+use crate::lease_fence::LeaseFence;
 use crate::replication::accept::IncomingPrimary;
 use crate::replication::session::{ReplicaVolume, SessionContext, SessionSlot};
 use crate::replication::{Fenced, Primary, ReplicationConfig};
@@ -48,6 +53,8 @@ pub struct CoreControl {
     pub replication: Option<ReplicationConfig>,
     /// This node's name.
     pub node: String,
+    /// The node's lease fence (open without a coordinator).
+    pub fence: Arc<LeaseFence>,
 }
 
 /// A served volume with what its replica sessions share.
@@ -121,7 +128,7 @@ fn start_volume(v: PreparedVolume, pool: &Rc<BufPool>, ctl: &CoreControl) -> Rc<
     };
     let engine = Engine::start(info, Store::new(v.store), journal, pool.clone(), ctl.tuning);
     engine.metrics().recovery(records, millis);
-    let vol = Rc::new(Volume::new(engine, v.role, primary));
+    let vol = Rc::new(Volume::new(engine, v.role, primary, ctl.fence.clone()));
     if let Some(p) = vol.primary() {
         for link in &p.links {
             let run = crate::replication::link::run(
@@ -152,6 +159,40 @@ async fn fence(vol: &Volume, f: Fenced) {
         Err(e) => {
             tracing::error!(volume = %vol.info().name, "demoting after being fenced failed: {e}")
         }
+    }
+}
+
+/// Carries out a coordinator request on `vol`.
+async fn coordinate(vol: &Volume, request: &CoordRequest) -> Result<CoordAnswer, String> {
+    let journal = vol.engine().journal();
+    match request {
+        CoordRequest::Position => Ok(CoordAnswer::Position(Position {
+            durable_next: journal.durable_next(),
+            epoch: journal.epoch(),
+            consistent: !journal.inconsistent(),
+            role: vol.role(),
+        })),
+        CoordRequest::ProposeInSync => Ok(CoordAnswer::Proposal(
+            vol.primary()
+                .map(|p| p.propose_in_sync())
+                .unwrap_or_default(),
+        )),
+        CoordRequest::Published(set) => {
+            if let Some(p) = vol.primary() {
+                p.set_published(set.clone());
+            }
+            Ok(CoordAnswer::Done)
+        }
+        CoordRequest::Promote(epoch) => vol
+            .promote(false, Some(*epoch))
+            .await
+            .map(|_| CoordAnswer::Done)
+            .map_err(|e| e.to_string()),
+        CoordRequest::Demote => vol
+            .demote()
+            .await
+            .map(|_| CoordAnswer::Done)
+            .map_err(|e| e.to_string()),
     }
 }
 
@@ -204,6 +245,7 @@ impl Core {
                 Some(CoreMsg::Replica(inc)) => self.on_primary(inc),
                 Some(CoreMsg::SetResyncRate(rate)) => self.set_resync_rate(rate),
                 Some(CoreMsg::Conn(nc)) => self.on_client(nc),
+                Some(CoreMsg::Coordinate(q)) => self.on_coordinator(q).await,
             }
         }
     }
@@ -220,7 +262,7 @@ impl Core {
             let vol = &s.vol;
             let r = match *request {
                 Request::Status => Ok(()),
-                Request::Promote { force } => vol.promote(force).await.map(|_| ()),
+                Request::Promote { force } => vol.promote(force, None).await.map(|_| ()),
                 Request::Demote => vol.demote().await,
                 Request::SetResyncRate { rate } => {
                     self.set_resync_rate(rate);
@@ -237,6 +279,18 @@ impl Core {
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(v)
+    }
+
+    /// Answers the coordinator about one volume.
+    async fn on_coordinator(&self, q: CoordQuery) {
+        let answer = match self.volumes.get(&q.volume) {
+            Some(s) => coordinate(&s.vol, &q.request).await,
+            None => Err(format!(
+                "volume '{}' is not on core {}",
+                q.volume, self.index
+            )),
+        };
+        let _ = q.reply.send(answer);
     }
 
     fn set_resync_rate(&self, rate: u64) {

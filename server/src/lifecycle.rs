@@ -6,11 +6,32 @@
 //! re-plumbing a running node.
 
 use std::ffi::OsString;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use mirrorblk_admin::Role;
 
 static RESTART: Mutex<Option<Role>> = Mutex::new(None);
+
+/// Whether etcd decides the role (then a restart never adds `--role`).
+static COORDINATED: AtomicBool = AtomicBool::new(false);
+
+/// The etcd lease an election winner hands to its restarted self.
+static LEASE: Mutex<Option<i64>> = Mutex::new(None);
+
+/// The environment variable that carries a handed-over lease (hex) across
+/// the re-execution.
+pub const LEASE_ENV: &str = "MIRRORBLK_ETCD_LEASE";
+
+/// Marks this node as coordinated: its role comes from etcd on every start.
+pub fn set_coordinated() {
+    COORDINATED.store(true, Ordering::Relaxed);
+}
+
+/// Passes `lease` to the restarted daemon (an election winner's).
+pub fn hand_over_lease(lease: i64) {
+    *LEASE.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease);
+}
 
 /// Asks the main thread to stop and come back with `role`.
 pub fn request_restart(role: Role) {
@@ -32,8 +53,8 @@ pub fn take_restart() -> Option<Role> {
     *RESTART.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The command line with `--role` replaced.
-pub fn args_with_role(args: Vec<OsString>, role: Role) -> Vec<OsString> {
+/// The command line with `--role` replaced by `role` (removed for None).
+pub fn args_with_role(args: Vec<OsString>, role: Option<Role>) -> Vec<OsString> {
     let mut out = Vec::with_capacity(args.len() + 2);
     let mut skip = false;
     for a in args {
@@ -50,18 +71,27 @@ pub fn args_with_role(args: Vec<OsString>, role: Role) -> Vec<OsString> {
         }
         out.push(a);
     }
-    out.push("--role".into());
-    out.push(role.to_string().into());
+    if let Some(role) = role {
+        out.push("--role".into());
+        out.push(role.to_string().into());
+    }
     out
 }
 
 /// Replaces this process with the daemon running as `role`.
 pub fn reexec(role: Role) -> std::io::Error {
     use std::os::unix::process::CommandExt;
-    let args = args_with_role(std::env::args_os().collect(), role);
+    let coordinated = COORDINATED.load(Ordering::Relaxed);
+    let flag = (!coordinated).then_some(role);
+    let args = args_with_role(std::env::args_os().collect(), flag);
     let exe = std::env::current_exe().unwrap_or_else(|_| args[0].clone().into());
     tracing::warn!("restarting as {role}");
-    std::process::Command::new(exe).args(&args[1..]).exec()
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(&args[1..]).env_remove(LEASE_ENV);
+    if let Some(lease) = *LEASE.lock().unwrap_or_else(|e| e.into_inner()) {
+        cmd.env(LEASE_ENV, format!("{lease:x}"));
+    }
+    cmd.exec()
 }
 
 #[cfg(test)]
@@ -81,10 +111,18 @@ mod tests {
         .iter()
         .map(OsString::from)
         .collect();
-        let b = args_with_role(a, Role::Primary);
+        let b = args_with_role(a.clone(), Some(Role::Primary));
         assert_eq!(
             b,
             ["mirrorblkd", "--node", "n2", "--role", "primary"]
+                .iter()
+                .map(OsString::from)
+                .collect::<Vec<_>>()
+        );
+        let c = args_with_role(a, None);
+        assert_eq!(
+            c,
+            ["mirrorblkd", "--node", "n2"]
                 .iter()
                 .map(OsString::from)
                 .collect::<Vec<_>>()

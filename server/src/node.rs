@@ -5,7 +5,7 @@
 //! for anything the operator must fix: a missing device, a journal of another
 //! volume, a port in use. Only then do the cores start.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -27,6 +27,7 @@ use crate::journal::recovery::{
     open_and_recover, FileReplay, JournalOpenError, JournalSpec, OpenedJournal, RecoveryReport,
     ReplayTarget,
 };
+use crate::lease_fence::LeaseFence;
 use crate::listener::{spawn_acceptors, AcceptContext, Catalog};
 use crate::replication::bitmap::OutOfSync;
 use crate::store::{open_store, OpenedStore, StoreError};
@@ -391,11 +392,69 @@ impl RunningNode {
     }
 }
 
+/// With a coordinator: the node's starting role, decided with etcd (one
+/// volume per node: the role is the node's).
+fn coordinated_start(
+    cfg: &Config,
+    fence: &LeaseFence,
+) -> Result<Option<crate::coordinator::Startup>, StartError> {
+    let Some(c) = &cfg.coordinator else {
+        return Ok(None);
+    };
+    let [v] = cfg.volumes.as_slice() else {
+        return Err(StartError::Role(format!(
+            "--etcd coordinates one volume per node, and this node has {}: run one mirrorblkd per volume",
+            cfg.volumes.len()
+        )));
+    };
+    crate::lifecycle::set_coordinated();
+    Ok(Some(crate::coordinator::starting_role(
+        c, &cfg.node, &v.name, fence,
+    )))
+}
+
+/// Starts the coordinator thread, when configured.
+fn spawn_coordinator(
+    cfg: &Config,
+    start: Option<crate::coordinator::Startup>,
+    wiring: (
+        &Routes,
+        &Arc<LeaseFence>,
+        &Arc<crate::admin::Readiness>,
+        SocketAddr,
+    ),
+) -> Result<(), StartError> {
+    let (Some(c), Some(start)) = (&cfg.coordinator, start) else {
+        return Ok(());
+    };
+    let (routes, fence, readiness, nbd) = wiring;
+    let volume = cfg.volumes[0].name.clone();
+    let core = routes
+        .get(&volume)
+        .cloned()
+        .expect("the coordinated volume has a core");
+    let w = crate::coordinator::Wiring {
+        cfg: c.clone(),
+        node: cfg.node.clone(),
+        volume,
+        nbd: nbd.to_string(),
+        core,
+        fence: fence.clone(),
+        readiness: readiness.clone(),
+    };
+    crate::coordinator::spawn(w, start).map_err(StartError::Thread)
+}
+
 /// Opens everything, binds the listeners, starts cores and acceptors.
 pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     // Bind first: a port in use must fail before any file is created.
     let tcp = bind_tcp(cfg)?;
-    let prepared = prepare_volumes(cfg)?;
+    let fence = Arc::new(match cfg.coordinator {
+        Some(_) => LeaseFence::closed(),
+        None => LeaseFence::open(),
+    });
+    let startup = coordinated_start(cfg, &fence)?;
+    let prepared = prepare_volumes(cfg, startup.map(|s| s.role).or(cfg.role))?;
     if let Some(addr) = cfg.metrics_listen {
         crate::telemetry::install(addr)?;
         tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
@@ -407,7 +466,7 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     })?;
     let unix = cfg.unix.as_ref().map(bind_unix).transpose()?;
     let catalog = primary_catalog(&prepared);
-    let cores = spawn_cores(cfg, prepared)?;
+    let cores = spawn_cores(cfg, prepared, &fence)?;
     let ctx = AcceptContext {
         catalog,
         routes: cores.routes.clone(),
@@ -443,6 +502,7 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         unix: cfg.unix.clone(),
         replication: replication_listen,
     });
+    spawn_coordinator(cfg, startup, (&cores.routes, &fence, &readiness, listen))?;
     Ok(RunningNode {
         listen,
         stop: cores.stop,
@@ -453,8 +513,9 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     })
 }
 
-/// Opens and recovers every configured volume, in order.
-fn prepare_volumes(cfg: &Config) -> Result<Vec<PreparedVolume>, StartError> {
+/// Opens and recovers every configured volume, in order, as `role` (None:
+/// each as it last was).
+fn prepare_volumes(cfg: &Config, role: Option<Role>) -> Result<Vec<PreparedVolume>, StartError> {
     let mut prepared = Vec::new();
     for v in &cfg.volumes {
         let peers: Vec<String> = cfg
@@ -462,12 +523,7 @@ fn prepare_volumes(cfg: &Config) -> Result<Vec<PreparedVolume>, StartError> {
             .iter()
             .flat_map(|r| r.peers.iter().map(|p| p.name.clone()))
             .collect();
-        prepared.push(prepare_volume(
-            v,
-            cfg.role,
-            cfg.replication.is_some(),
-            &peers,
-        )?);
+        prepared.push(prepare_volume(v, role, cfg.replication.is_some(), &peers)?);
     }
     Ok(prepared)
 }
@@ -497,7 +553,11 @@ struct Cores {
 
 /// Deals the volumes round-robin over `cfg.cores` cores and starts a thread
 /// for each core that got one.
-fn spawn_cores(cfg: &Config, prepared: Vec<PreparedVolume>) -> Result<Cores, StartError> {
+fn spawn_cores(
+    cfg: &Config,
+    prepared: Vec<PreparedVolume>,
+    fence: &Arc<LeaseFence>,
+) -> Result<Cores, StartError> {
     let mut per_core: Vec<Vec<PreparedVolume>> = (0..cfg.cores).map(|_| Vec::new()).collect();
     for (i, p) in prepared.into_iter().enumerate() {
         per_core[i % cfg.cores].push(p);
@@ -533,6 +593,7 @@ fn spawn_cores(cfg: &Config, prepared: Vec<PreparedVolume>) -> Result<Cores, Sta
             heartbeats: cores.heartbeats.clone(),
             replication: cfg.replication.clone(),
             node: cfg.node.clone(),
+            fence: fence.clone(),
         };
         std::thread::Builder::new()
             .name(format!("core{i}"))

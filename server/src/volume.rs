@@ -8,6 +8,7 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nbd::ErrorCode;
@@ -16,6 +17,7 @@ use crate::buffer::{BufPool, Payload};
 use crate::engine::write::Change;
 use crate::engine::{Engine, EngineError, ReadData, ReplicationHooks, VolumeInfo};
 use crate::journal::format::Role;
+use crate::lease_fence::LeaseFence;
 use crate::replication::{Mode, Primary};
 use crate::store::Allocation;
 use crate::telemetry::VolumeMetrics;
@@ -46,6 +48,16 @@ pub enum VolumeError {
         /// Which replicas are not ready.
         why: String,
     },
+    /// The coordinator's epoch is not newer than this node's.
+    #[error("volume '{volume}': the coordinator's epoch {offered} is not newer than this node's epoch {current}; refusing to promote")]
+    StaleEpoch {
+        /// Volume name.
+        volume: String,
+        /// The epoch offered.
+        offered: Epoch,
+        /// This node's.
+        current: Epoch,
+    },
     /// The engine failed.
     #[error("{0}")]
     Engine(#[from] EngineError),
@@ -60,12 +72,19 @@ pub struct Volume {
     primary: Option<Rc<Primary>>,
     /// Whether a primary is connected (a replica takes one at a time).
     replica_session: Cell<bool>,
+    /// Replies wait here while the coordinator's lease may have lapsed.
+    fence: Arc<LeaseFence>,
 }
 
 impl Volume {
-    /// Assembles a volume: the engine, and the replication role that hooks
-    /// into it on a primary with peers.
-    pub fn new(engine: Rc<Engine>, role: Role, primary: Option<Rc<Primary>>) -> Volume {
+    /// Assembles a volume: the engine, the replication role that hooks
+    /// into it on a primary with peers, and the node's lease fence.
+    pub fn new(
+        engine: Rc<Engine>,
+        role: Role,
+        primary: Option<Rc<Primary>>,
+        fence: Arc<LeaseFence>,
+    ) -> Volume {
         if let Some(p) = &primary {
             assert_eq!(role, Role::Primary, "only a primary replicates");
             engine.set_hooks(p.clone() as Rc<dyn ReplicationHooks>);
@@ -75,6 +94,7 @@ impl Volume {
             role,
             primary,
             replica_session: Cell::new(false),
+            fence,
         }
     }
 
@@ -118,11 +138,22 @@ impl Volume {
         self.replica_session.set(false);
     }
 
-    /// Journals `m`, then waits for the replicas as the mode says.
+    /// Journals `m`, then waits for the replicas as the mode says, and for
+    /// a valid lease.
     async fn mutate(&self, m: Change, fua: bool) -> Result<(), ErrorCode> {
         let Some(lsn) = self.engine.mutate(m).await? else {
             return Ok(());
         };
+        self.wait_replicas(lsn, fua).await;
+        self.fence.wait_valid().await;
+        if let Some(p) = &self.primary {
+            p.note_acked(lsn);
+        }
+        Ok(())
+    }
+
+    /// Waits until the replicas hold `lsn` as the mode says.
+    async fn wait_replicas(&self, lsn: Lsn, fua: bool) {
         if let Some(p) = &self.primary {
             let t = std::time::Instant::now();
             match p.cfg.mode {
@@ -134,7 +165,6 @@ impl Volume {
                 .replica_wait
                 .record(t.elapsed().as_secs_f64());
         }
-        Ok(())
     }
 
     /// Writes a payload at `offset`; returns once it is acknowledged.
@@ -169,12 +199,16 @@ impl Volume {
                 p.wait_acked(last, true).await;
             }
         }
+        self.fence.wait_valid().await;
         Ok(())
     }
 
-    /// Reads `[offset, offset+len)`.
+    /// Reads `[offset, offset+len)`. Held like writes while the lease may
+    /// have lapsed: another primary may have acknowledged newer data.
     pub async fn read(&self, offset: u64, len: u64) -> Result<ReadData, ErrorCode> {
-        self.engine.read(offset, len).await
+        let data = self.engine.read(offset, len).await?;
+        self.fence.wait_valid().await;
+        Ok(data)
     }
 
     /// Allocation of `[offset, offset+len)`.
@@ -182,11 +216,12 @@ impl Volume {
         self.engine.allocation(offset, len)
     }
 
-    /// Makes this replica the primary: persists epoch + 1 and the role. The
-    /// caller then restarts the node, which comes up serving NBD and
+    /// Makes this replica the primary: persists epoch + 1 (or `epoch`, the
+    /// coordinator's, which must be newer than this node's) and the role.
+    /// The caller then restarts the node, which comes up serving NBD and
     /// connecting to its peers as their primary. Refused while the store is
     /// inconsistent unless `force`.
-    pub async fn promote(&self, force: bool) -> Result<Epoch, VolumeError> {
+    pub async fn promote(&self, force: bool, epoch: Option<Epoch>) -> Result<Epoch, VolumeError> {
         let name = &self.info().name;
         if self.role == Role::Primary {
             return Err(VolumeError::AlreadyRole {
@@ -207,7 +242,14 @@ impl Volume {
         self.engine
             .wait_applied(journal.next_lsn(), Duration::from_secs(30))
             .await?;
-        let epoch = Epoch(journal.epoch().0 + 1);
+        let epoch = epoch.unwrap_or(Epoch(journal.epoch().0 + 1));
+        if epoch <= journal.epoch() {
+            return Err(VolumeError::StaleEpoch {
+                volume: name.clone(),
+                offered: epoch,
+                current: journal.epoch(),
+            });
+        }
         self.engine
             .persist_role(Role::Primary, epoch, false)
             .await?;

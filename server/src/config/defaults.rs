@@ -37,6 +37,10 @@ pub const ON_REPLICA_LOSS: OnReplicaLoss = OnReplicaLoss::Degrade;
 pub const MAX_LAG: ByteSize = ByteSize(64 << 20);
 /// `resync_rate`: bytes per second per replica.
 pub const RESYNC_RATE: ByteSize = ByteSize(200 << 20);
+/// `lease_ttl`: a dead primary is replaced in about 2 to 3 seconds.
+pub const LEASE_TTL: Interval = Interval(Duration::from_secs(2));
+/// The shortest `lease_ttl` (etcd's own minimum with its default timing).
+pub const MIN_LEASE_TTL: Interval = Interval(Duration::from_secs(2));
 /// `log_level`.
 pub const LOG_LEVEL: &str = "info";
 /// `--log-format` (a flag only).

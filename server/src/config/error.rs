@@ -95,6 +95,21 @@ pub enum ConfigError {
         /// How many peers are configured.
         peers: usize,
     },
+    /// `--etcd` with `--role`.
+    #[error("--role and --etcd exclude each other: with --etcd the coordinator decides the role; drop --role")]
+    EtcdWithRole,
+    /// `--etcd` without replication.
+    #[error("--etcd needs replication: give --replication-listen, --peer and --secret-file too")]
+    EtcdWithoutReplication,
+    /// A malformed etcd URL.
+    #[error("--etcd: {0}")]
+    EtcdEndpoint(String),
+    /// A lease TTL etcd cannot honour.
+    #[error(
+        "--lease-ttl must be whole seconds, at least {}",
+        super::defaults::MIN_LEASE_TTL
+    )]
+    LeaseTtl,
     /// A replica that no primary could reach.
     #[error("--role replica needs --replication-listen HOST:PORT, where the primary connects")]
     ReplicaWithoutListen,

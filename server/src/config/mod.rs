@@ -40,6 +40,15 @@ pub struct VolumeConfig {
     pub read_cache: bool,
 }
 
+/// Where the coordinator is and how long a lease lasts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorConfig {
+    /// etcd client URLs (`http://HOST:PORT`).
+    pub endpoints: Vec<String>,
+    /// The lease TTL.
+    pub lease_ttl: std::time::Duration,
+}
+
 /// A validated node configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -69,6 +78,10 @@ pub struct Config {
     pub role: Option<crate::journal::format::Role>,
     /// Replication, when peers or a replication listener are configured.
     pub replication: Option<crate::replication::ReplicationConfig>,
+    /// The coordinator (etcd), when configured.
+    pub coordinator: Option<CoordinatorConfig>,
+    /// The lease TTL (checked and kept whether or not `--etcd` is given).
+    pub lease_ttl: std::time::Duration,
     /// Volumes.
     pub volumes: Vec<VolumeConfig>,
 }

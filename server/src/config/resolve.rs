@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use super::defaults;
 use super::error::ConfigError;
 use super::settings::{Settings, VolumeSettings};
-use super::{Config, VolumeConfig};
+use super::{Config, CoordinatorConfig, VolumeConfig};
 use crate::journal::format::{Role, MAX_NAME};
 use crate::replication::{Peer, ReplicationConfig};
 use crate::units::{is_aligned, ByteSize, Interval};
@@ -27,6 +27,8 @@ pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
     if s.role == Some(Role::Replica) && replication.as_ref().and_then(|r| r.listen).is_none() {
         return Err(ConfigError::ReplicaWithoutListen);
     }
+    let lease_ttl = lease_ttl(&s)?;
+    let coordinator = coordinator(&s, replication.is_some(), lease_ttl)?;
     Ok(Config {
         node: s.node.unwrap_or_else(hostname),
         admin_socket: s.admin_socket,
@@ -41,8 +43,50 @@ pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
         in_place_min: s.in_place_min.unwrap_or(defaults::IN_PLACE_MIN).0,
         role: s.role,
         replication,
+        coordinator,
+        lease_ttl,
         volumes,
     })
+}
+
+/// The coordinator, when `--etcd` is given: it needs replication, excludes
+/// `--role`, and its lease is whole seconds of at least the minimum.
+fn coordinator(
+    s: &Settings,
+    replicated: bool,
+    lease_ttl: std::time::Duration,
+) -> Result<Option<CoordinatorConfig>, ConfigError> {
+    if s.etcd.is_empty() {
+        return Ok(None);
+    }
+    if s.role.is_some() {
+        return Err(ConfigError::EtcdWithRole);
+    }
+    if !replicated {
+        return Err(ConfigError::EtcdWithoutReplication);
+    }
+    for e in &s.etcd {
+        e.parse::<mirrorblk_etcd::http::Endpoint>()
+            .map_err(|err| ConfigError::EtcdEndpoint(err.to_string()))?;
+    }
+    Ok(Some(CoordinatorConfig {
+        endpoints: s.etcd.clone(),
+        lease_ttl,
+    }))
+}
+
+/// The lease TTL: whole seconds, at least the minimum.
+fn lease_ttl(s: &Settings) -> Result<std::time::Duration, ConfigError> {
+    let ttl = s
+        .lease_ttl
+        .clone()
+        .map(|t| t.resolve("lease_ttl"))
+        .transpose()?
+        .unwrap_or(defaults::LEASE_TTL);
+    if ttl < defaults::MIN_LEASE_TTL || ttl.0.subsec_nanos() != 0 {
+        return Err(ConfigError::LeaseTtl);
+    }
+    Ok(ttl.0)
 }
 
 /// The file's volumes, then the flags' one; at least one, each valid, no

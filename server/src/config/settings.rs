@@ -120,6 +120,22 @@ pub struct Settings {
     #[arg(long, value_enum, value_name = "ROLE")]
     pub role: Option<Role>,
 
+    /// etcd client URLs (http://HOST:PORT; comma-separated or repeated).
+    /// With them and no --role, etcd decides which node is primary: the
+    /// holder of the volume's leader key, kept under a lease of
+    /// --lease-ttl. Only a node named in the primary's in-sync set may take
+    /// over, so nothing acknowledged is lost (docs/FAILOVER.md).
+    #[arg(long, value_name = "URL", value_delimiter = ',')]
+    #[serde(default)]
+    pub etcd: Vec<String>,
+
+    /// The lease a node holds in etcd (whole seconds, at least 2). The
+    /// primary stops acknowledging a quarter of it after its last renewal
+    /// could have been lost, and a replica takes over once it has expired:
+    /// a dead primary is replaced after about 1 to 1.5 times this.
+    #[arg(long, value_name = "DURATION", help_default = defaults::LEASE_TTL)]
+    pub lease_ttl: Option<Deferred<Interval>>,
+
     /// When writes are acknowledged: sync (durable on the replicas too),
     /// flush (received by the replicas; FLUSH/FUA wait for their durability),
     /// async (local only; replicas trail by at most --max-lag).
@@ -207,6 +223,8 @@ impl Settings {
             replication_listen,
             peers,
             secret_file,
+            etcd,
+            lease_ttl,
             role,
             mode,
             min_sync_replicas,
@@ -239,6 +257,12 @@ impl Settings {
                 flags.peers
             },
             secret_file: flags.secret_file.or(secret_file),
+            etcd: if flags.etcd.is_empty() {
+                etcd
+            } else {
+                flags.etcd
+            },
+            lease_ttl: flags.lease_ttl.or(lease_ttl),
             role: flags.role.or(role),
             mode: flags.mode.or(mode),
             min_sync_replicas: flags.min_sync_replicas.or(min_sync_replicas),

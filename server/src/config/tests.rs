@@ -138,6 +138,12 @@ const NODE_SETTINGS: &[Case] = &[
     case("--peer", "peers", ["b=127.0.0.1:7", "c=127.0.0.1:8"]),
     case("--secret-file", "secret_file", ["@/s2", "@/s1"]),
     case("--role", "role", ["primary", "replica"]),
+    case(
+        "--etcd",
+        "etcd",
+        ["http://127.0.0.1:1", "http://127.0.0.1:2"],
+    ),
+    case("--lease-ttl", "lease_ttl", ["3s", "10s"]),
     case("--mode", "mode", ["async", "flush"]),
     case("--min-sync-replicas", "min_sync_replicas", ["1", "2"]),
     case("--heartbeat-timeout", "heartbeat_timeout", ["2s", "1h"]),
@@ -186,7 +192,7 @@ impl Scene {
     fn line(&self, key: &str, v: &str) -> String {
         let v = self.value(v);
         match key {
-            "peers" => format!("peers = [\"{v}\"]"),
+            "peers" | "etcd" => format!("{key} = [\"{v}\"]"),
             _ if v.parse::<u64>().is_ok() || v == "true" || v == "false" => format!("{key} = {v}"),
             _ => format!("{key} = \"{v}\""),
         }

@@ -227,6 +227,29 @@ fn frontier(mut marks: Vec<Lsn>, needed: usize) -> Lsn {
     marks[needed - 1]
 }
 
+/// Caps the frontier at every pinned link's mark: a replica named in sync
+/// in the coordinator has every acknowledged write, whatever its phase.
+fn pinned_frontier(frontier: Lsn, pinned_marks: impl Iterator<Item = Lsn>) -> Lsn {
+    pinned_marks.fold(frontier, Lsn::min)
+}
+
+/// The replicas that may be named in sync: in async mode none; otherwise
+/// those that count toward acknowledgements and hold every LSN below
+/// `acked_next` durably. Each link is (name, counts for ack, durable next).
+fn in_sync_proposal<'a>(
+    mode: Mode,
+    acked_next: Lsn,
+    links: impl Iterator<Item = (&'a str, bool, Lsn)>,
+) -> Vec<String> {
+    if mode == Mode::Async {
+        return Vec::new();
+    }
+    links
+        .filter(|&(_, counts, durable)| counts && durable >= acked_next)
+        .map(|(name, _, _)| name.to_string())
+        .collect()
+}
+
 /// Whether the primary stops keeping journal records for a link that is
 /// not in sync: a replica that is away may hold at most half the journal;
 /// past that it stops being waited for and must resync.
@@ -257,6 +280,14 @@ pub struct Primary {
     pub window_bytes: Cell<u64>,
     /// Resync bandwidth (bytes per second); SIGHUP can change it.
     pub resync_rate: Cell<u64>,
+    /// With a coordinator: the replicas whose acknowledgement every write
+    /// needs whatever their phase — the in-sync set published in etcd and
+    /// the one being published. Empty without a coordinator.
+    pinned: RefCell<Vec<String>>,
+    /// The in-sync set the coordinator last published.
+    published: RefCell<Vec<String>>,
+    /// One past the highest LSN acknowledged to a client.
+    acked_next: Cell<Lsn>,
 }
 
 impl Primary {
@@ -311,6 +342,9 @@ impl Primary {
             window: RefCell::new(VecDeque::new()),
             window_bytes: Cell::new(0),
             resync_rate,
+            pinned: RefCell::new(Vec::new()),
+            published: RefCell::new(Vec::new()),
+            acked_next: Cell::new(Lsn(0)),
         }
     }
 
@@ -380,28 +414,84 @@ impl Primary {
 
     /// The acknowledgement frontier: a write is acknowledged (see
     /// [`Primary::acked`]) exactly when its LSN is below it. It is the
-    /// `needed`-th highest mark among the in-sync links: that many links
-    /// have every LSN below it.
+    /// `needed`-th highest mark among the in-sync links (that many links
+    /// have every LSN below it), and no higher than any pinned link's mark.
     pub fn ack_frontier(&self, durable: bool) -> Lsn {
-        let marks: Vec<Lsn> = self
+        let mark = |l: &LinkState| {
+            if durable {
+                l.durable_next.get()
+            } else {
+                l.received_next.get()
+            }
+        };
+        let counting: Vec<Lsn> = self
             .links
             .iter()
             .filter(|l| l.counts_for_ack())
-            .map(|l| {
-                if durable {
-                    l.durable_next.get()
-                } else {
-                    l.received_next.get()
-                }
-            })
+            .map(|l| mark(l))
             .collect();
+        let pinned = self.pinned.borrow();
+        let pinned_marks = self
+            .links
+            .iter()
+            .filter(|l| pinned.contains(&l.peer.name))
+            .map(|l| mark(l));
         let needed = ack_quorum(
             self.cfg.min_sync_replicas,
             self.cfg.on_replica_loss,
-            marks.len(),
+            counting.len(),
             self.links.len(),
         );
-        frontier(marks, needed)
+        pinned_frontier(frontier(counting, needed), pinned_marks)
+    }
+
+    /// Notes that the write with `lsn` is being acknowledged to a client.
+    pub fn note_acked(&self, lsn: Lsn) {
+        self.acked_next.set(self.acked_next.get().max(lsn.next()));
+    }
+
+    /// With a coordinator: the replicas that have every write acknowledged
+    /// so far and count toward acknowledgements, which the coordinator is
+    /// about to publish as the in-sync set. From now on every write waits
+    /// for them too (and for the published ones, until the new set is
+    /// published): a replica is never named in sync in etcd while a write
+    /// it lacks can be acknowledged. In async mode no replica has every
+    /// acknowledged write, so none is ever proposed.
+    pub fn propose_in_sync(&self) -> Vec<String> {
+        let proposal = in_sync_proposal(
+            self.cfg.mode,
+            self.acked_next.get(),
+            self.links.iter().map(|l| {
+                (
+                    l.peer.name.as_str(),
+                    l.counts_for_ack(),
+                    l.durable_next.get(),
+                )
+            }),
+        );
+        let mut pinned = self.published.borrow().clone();
+        pinned.extend(
+            proposal
+                .iter()
+                .filter(|p| !pinned.contains(p))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        *self.pinned.borrow_mut() = pinned;
+        proposal
+    }
+
+    /// The coordinator published `set` as the in-sync set: writes stop
+    /// waiting for the replicas outside it that are not in sync.
+    pub fn set_published(&self, set: Vec<String>) {
+        *self.pinned.borrow_mut() = set.clone();
+        *self.published.borrow_mut() = set;
+        self.changed();
+    }
+
+    /// The in-sync set last published (empty without a coordinator).
+    pub fn published(&self) -> Vec<String> {
+        self.published.borrow().clone()
     }
 
     /// Waits until `acked(lsn, durable)` holds.
@@ -611,6 +701,47 @@ mod tests {
                 want,
                 "{min:?} {on_loss:?} {counting}/{links}"
             );
+        }
+    }
+
+    #[test]
+    fn a_pinned_link_caps_the_frontier() {
+        assert_eq!(pinned_frontier(Lsn(9), [].into_iter()), Lsn(9));
+        assert_eq!(
+            pinned_frontier(Lsn(9), [Lsn(4), Lsn(12)].into_iter()),
+            Lsn(4)
+        );
+        assert_eq!(pinned_frontier(Lsn(u64::MAX), [Lsn(7)].into_iter()), Lsn(7));
+    }
+
+    #[test]
+    fn only_counting_replicas_with_every_acknowledged_write_are_proposed() {
+        // (mode, acked_next, links (name, counts, durable_next), proposal)
+        type Row = (
+            Mode,
+            u64,
+            &'static [(&'static str, bool, u64)],
+            &'static [&'static str],
+        );
+        let table: &[Row] = &[
+            (
+                Mode::Sync,
+                10,
+                &[("a", true, 10), ("b", true, 12)],
+                &["a", "b"],
+            ),
+            (Mode::Sync, 10, &[("a", true, 9), ("b", true, 12)], &["b"]),
+            (Mode::Sync, 10, &[("a", false, 20)], &[]),
+            (Mode::Flush, 0, &[("a", true, 0)], &["a"]),
+            (Mode::Async, 0, &[("a", true, 50)], &[]),
+        ];
+        for &(mode, acked, links, want) in table {
+            let got = in_sync_proposal(
+                mode,
+                Lsn(acked),
+                links.iter().map(|&(n, c, d)| (n, c, Lsn(d))),
+            );
+            assert_eq!(got, want, "{mode:?} acked {acked} {links:?}");
         }
     }
 
