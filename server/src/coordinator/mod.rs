@@ -2,16 +2,16 @@
 //! primary, and this thread carries that out on the node (docs/FAILOVER.md).
 //!
 //! - The primary is whoever holds the volume's leader key, created in one
-//!   compare-and-swap under the holder's lease ([`follow`]), which also
+//!   compare-and-swap under the holder's lease (`follow.rs`), which also
 //!   advances the epoch counter.
-//! - The primary renews its lease every [`decide::keepalive_interval`] and
+//! - The primary renews its lease every `decide::keepalive_interval` and
 //!   moves the [`LeaseFence`] deadline after each renewal, so it stops
 //!   acknowledging before its lease can expire; it publishes the in-sync
-//!   set before it acknowledges a write without a replica ([`lead`]).
+//!   set before it acknowledges a write without a replica (`lead.rs`).
 //! - A replica campaigns when the leader key is gone, only if it is named in
-//!   the in-sync set, the most up-to-date first ([`decide`]).
+//!   the in-sync set, the most up-to-date first (`decide.rs`).
 //! - Role changes restart the daemon (as `promote` does); a new primary
-//!   hands its lease to the restarted process ([`startup`]).
+//!   hands its lease to the restarted process (`startup.rs`).
 //!
 //! It runs on its own thread with blocking etcd calls: nothing here is on
 //! the data path, which only reads the fence.
