@@ -19,6 +19,9 @@ use tokio::sync::mpsc;
 
 /// Longest request line accepted.
 const MAX_LINE: usize = 64 << 10;
+/// Why promote and demote are refused on a node run with `--etcd`.
+const COORDINATED_ROLE: &str = "this node's role is decided by etcd (--etcd): promote and demote would bypass the lease and the in-sync set; stop the primary (or let its lease lapse) and an in-sync replica takes over. `mirrorblk primary --etcd URL VOLUME` shows the primary";
+
 /// How long a core may take to answer.
 const CORE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -60,6 +63,14 @@ impl Readiness {
     /// Publishes the coordinator's view: from now on status answers carry it.
     pub fn coordinator(&self, status: mirrorblk_admin::CoordinatorStatus) {
         *self.coordinator.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+    }
+
+    /// Whether etcd decides this node's role.
+    fn coordinated(&self) -> bool {
+        self.coordinator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Fills the process fields of a status answer.
@@ -143,6 +154,10 @@ fn serve(
             Ok(_) => {}
         }
         let (resp, restart) = match serde_json::from_str::<Request>(line.trim()) {
+            Ok(Request::Promote { .. } | Request::Demote) if readiness.coordinated() => (
+                Response::error(COORDINATED_ROLE),
+                None,
+            ),
             Ok(req) => {
                 let status = req == Request::Status;
                 let (mut resp, restart) = handle(req, node, cores);

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 mod demo;
+mod primary;
 
 use clap::{Parser, Subcommand};
 use mirrorblk_admin as admin;
@@ -95,6 +96,35 @@ enum Cmd {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Print where VOLUME's primary serves NBD clients, as etcd says (for
+    /// nodes run with --etcd): its HOST:PORT on one line, or with --json the
+    /// leader record {"node", "nbd", "epoch"}. Needs no admin socket, so
+    /// scripts and clients on any host can find the primary.
+    ///
+    /// Exit status 0 with an answer, 1 when the volume has no primary now
+    /// (an election is under way, or no replica may take over) or etcd is
+    /// unreachable, 2 on a usage error.
+    ///
+    /// Example: qemu-io -f raw "nbd://$(mirrorblk primary --etcd http://127.0.0.1:2379 vol0)/vol0"
+    Primary {
+        /// etcd client URLs (http://HOST:PORT; comma-separated or repeated).
+        #[arg(
+            long,
+            value_name = "URL",
+            value_delimiter = ',',
+            required = true,
+            env = "MIRRORBLK_ETCD"
+        )]
+        etcd: Vec<String>,
+        /// Print the leader record as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Wait up to this long for a primary to exist (e.g. 10s).
+        #[arg(long, value_name = "DURATION", default_value = "0s")]
+        wait: mirrorblk_server::units::Interval,
+        /// The volume (export) name.
+        volume: String,
     },
     /// Configuration tools.
     Config {
@@ -699,6 +729,12 @@ fn main() -> ExitCode {
         ),
         Cmd::Demo { dir, listen, size } => demo::run(&dir, &listen, &size, &daemon_path()),
         Cmd::Verify { repair, json } => verify(&cli.admin_socket, repair, json),
+        Cmd::Primary {
+            etcd,
+            json,
+            wait,
+            volume,
+        } => primary::run(&etcd, &volume, json, wait.0),
         Cmd::Config {
             command: ConfigCmd::Check { file },
         } => config_check(&file),
