@@ -329,7 +329,43 @@ fn status_once(socket: &Path, json: bool) -> Result<String, String> {
             ));
         }
     }
+    if let Some(c) = &resp.coordinator {
+        out.push_str(&coordinator_line(
+            c,
+            c.leader.as_deref() == Some(resp.node.as_str()),
+        ));
+    }
     Ok(out)
+}
+
+/// The coordinator's view in one line (and a second when a replica would
+/// not campaign, or replies are held); the in-sync set on the primary.
+fn coordinator_line(c: &admin::CoordinatorStatus, primary: bool) -> String {
+    let leader = match (&c.leader, &c.leader_nbd, c.epoch) {
+        (Some(n), Some(a), Some(e)) => format!("primary {n} at {a}, epoch {e}"),
+        _ => "no primary".to_string(),
+    };
+    let mut out = format!(
+        "coordinator: etcd {} ({}), {leader}, lease {} ({} s), in sync [{}]\n",
+        c.etcd.join(","),
+        if c.reachable {
+            "reachable"
+        } else {
+            "UNREACHABLE"
+        },
+        c.lease.as_deref().unwrap_or("none"),
+        c.lease_ttl_ms / 1000,
+        c.in_sync.join(", ")
+    );
+    if c.writes_held {
+        out.push_str(
+            "  ! replies held: the lease may have lapsed; they resume when etcd renews it\n",
+        );
+    }
+    if let Some(why) = &c.not_candidate {
+        out.push_str(&format!("  ! would not take over: {why}\n"));
+    }
+    out
 }
 
 fn config_check(file: &Path) -> ExitCode {

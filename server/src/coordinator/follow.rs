@@ -179,6 +179,11 @@ impl Coordinator {
         match self.ask(CoordRequest::Promote(Epoch(epoch))) {
             Ok(_) => {
                 if let Some((id, _)) = self.lease {
+                    // Renewed once more: the restart must finish within the
+                    // lease for the new process image to keep it.
+                    if let Err(e) = self.client.keep_alive(id) {
+                        tracing::warn!("renewing the lease before restarting failed: {e}");
+                    }
                     crate::lifecycle::hand_over_lease(id.0);
                 }
                 crate::lifecycle::request_restart(Role::Primary);
