@@ -346,7 +346,7 @@ fn coordinator_line(c: &admin::CoordinatorStatus, primary: bool) -> String {
         _ => "no primary".to_string(),
     };
     let mut out = format!(
-        "coordinator: etcd {} ({}), {leader}, lease {} ({} s), in sync [{}]\n",
+        "coordinator: etcd {} ({}), {leader}, lease {} ({} s){}\n",
         c.etcd.join(","),
         if c.reachable {
             "reachable"
@@ -355,7 +355,11 @@ fn coordinator_line(c: &admin::CoordinatorStatus, primary: bool) -> String {
         },
         c.lease.as_deref().unwrap_or("none"),
         c.lease_ttl_ms / 1000,
-        c.in_sync.join(", ")
+        if primary {
+            format!(", in sync [{}]", c.in_sync.join(", "))
+        } else {
+            String::new()
+        }
     );
     if c.writes_held {
         out.push_str(
