@@ -85,6 +85,9 @@ impl LeaseFence {
 
     /// Returns once replies may be sent.
     pub async fn wait_valid(&self) {
+        if self.valid_at(Instant::now()) {
+            return;
+        }
         loop {
             let renewed = self.renewed.notified();
             if self.valid_at(Instant::now()) {
