@@ -282,7 +282,8 @@ pub struct Primary {
     pub resync_rate: Cell<u64>,
     /// With a coordinator: the replicas whose acknowledgement every write
     /// needs whatever their phase — the in-sync set published in etcd and
-    /// the one being published. Empty without a coordinator.
+    /// every one proposed since (a proposal may have reached etcd even when
+    /// its publication failed). Empty without a coordinator.
     pinned: RefCell<Vec<String>>,
     /// The in-sync set the coordinator last published.
     published: RefCell<Vec<String>>,
@@ -469,9 +470,16 @@ impl Primary {
                 )
             }),
         );
-        let mut pinned = self.published.borrow().clone();
-        pinned.extend(
-            proposal
+        // Pinned sets only grow until a publication is confirmed: a
+        // publication that timed out may still have reached etcd.
+        let mut pinned = self.pinned.borrow_mut();
+        for p in &proposal {
+            if !pinned.contains(p) {
+                pinned.push(p.clone());
+            }
+        }
+        drop(pinned);
+        proposal
                 .iter()
                 .filter(|p| !pinned.contains(p))
                 .cloned()
