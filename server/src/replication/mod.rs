@@ -480,13 +480,6 @@ impl Primary {
         }
         drop(pinned);
         proposal
-                .iter()
-                .filter(|p| !pinned.contains(p))
-                .cloned()
-                .collect::<Vec<_>>(),
-        );
-        *self.pinned.borrow_mut() = pinned;
-        proposal
     }
 
     /// The coordinator published `set` as the in-sync set: writes stop
