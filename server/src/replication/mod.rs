@@ -746,6 +746,68 @@ mod tests {
         }
     }
 
+    /// A primary of a 1 MiB volume with replicas "a" and "b", both in sync
+    /// with every LSN below 10 durable.
+    fn two_replica_primary(dir: &std::path::Path) -> Primary {
+        let peer = |n: &str| Peer {
+            name: n.into(),
+            addr: "127.0.0.1:1".parse().expect("addr"),
+        };
+        let cfg = ReplicationConfig {
+            listen: None,
+            peers: vec![peer("a"), peer("b")],
+            secret: vec![0; 16],
+            mode: Mode::Sync,
+            min_sync_replicas: None,
+            heartbeat_timeout: Duration::from_secs(5),
+            on_replica_loss: OnReplicaLoss::Degrade,
+            max_lag: 0,
+            resync_rate: 1,
+        };
+        let p = Primary::new(cfg, Lsn(10), "v", 1 << 20, 1, &dir.join("journal"));
+        for l in &p.links {
+            *l.phase.borrow_mut() = Phase::InSync;
+            l.durable_next.set(Lsn(10));
+        }
+        p
+    }
+
+    #[test]
+    fn a_replica_named_in_sync_caps_acknowledgements_until_a_set_without_it_is_published() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = two_replica_primary(dir.path());
+        let (a, b) = (&p.links[0], &p.links[1]);
+        p.note_acked(Lsn(9));
+        assert_eq!(p.propose_in_sync(), ["a", "b"]);
+        p.set_published(vec!["a".into(), "b".into()]);
+        // b is lost; a moves on.
+        *b.phase.borrow_mut() = Phase::OutOfSync("lost".into());
+        a.durable_next.set(Lsn(20));
+        assert_eq!(p.ack_frontier(true), Lsn(10), "b is still named in sync");
+        assert_eq!(p.propose_in_sync(), ["a"]);
+        assert_eq!(p.ack_frontier(true), Lsn(10), "not published yet");
+        p.set_published(vec!["a".into()]);
+        assert_eq!(p.ack_frontier(true), Lsn(20));
+    }
+
+    #[test]
+    fn a_proposal_stays_pinned_until_a_later_publication_is_confirmed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = two_replica_primary(dir.path());
+        let (a, b) = (&p.links[0], &p.links[1]);
+        // Only a is proposed; its publication fails (it may have landed).
+        *b.phase.borrow_mut() = Phase::Connecting;
+        assert_eq!(p.propose_in_sync(), ["a"]);
+        // Then a is lost before the next proposal.
+        *a.phase.borrow_mut() = Phase::OutOfSync("lost".into());
+        b.durable_next.set(Lsn(30));
+        *b.phase.borrow_mut() = Phase::InSync;
+        assert_eq!(p.propose_in_sync(), ["b"]);
+        assert_eq!(p.ack_frontier(true), Lsn(10), "a may be named in etcd");
+        p.set_published(vec!["b".into()]);
+        assert_eq!(p.ack_frontier(true), Lsn(30));
+    }
+
     #[test]
     fn retention_stops_only_for_an_absent_replica_past_half_the_journal() {
         assert!(stop_retaining(true, false, 0.51));
