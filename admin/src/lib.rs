@@ -10,6 +10,7 @@
 //! - [`protocol`]: the request and answer messages.
 //! - [`client`]: [`call`], the blocking client.
 //! - [`readiness`]: [`probe`], whether a daemon serves, and where.
+//! - [`events`]: [`Event`], a line of a node's event log.
 //! - [`cluster`]: a node's command line, the shared secret, and a bounded
 //!   wait for replicas in sync.
 //!
@@ -18,11 +19,13 @@
 
 pub mod client;
 pub mod cluster;
+pub mod events;
 pub mod protocol;
 pub mod readiness;
 pub mod states;
 
 pub use client::{call, call_within, CallError};
+pub use events::{Event, EventKind};
 pub use protocol::{
     CoordinatorStatus, Listening, ReplicaStatus, Request, Response, VerifyStatus, VolumeStatus,
 };

@@ -164,6 +164,10 @@ pub struct Response {
     /// answers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<CoordinatorStatus>,
+    /// The node's event log file (in `status` answers), which
+    /// `mirrorblk events` reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_log: Option<PathBuf>,
 }
 
 /// What a node run with `--etcd` knows of its coordination.
@@ -217,6 +221,7 @@ impl Response {
             started_at: None,
             listen: None,
             coordinator: None,
+            event_log: None,
         }
     }
 }

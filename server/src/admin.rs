@@ -83,6 +83,7 @@ impl Readiness {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        resp.event_log = crate::events::path();
     }
 }
 
@@ -160,7 +161,11 @@ fn serve(
             ),
             Ok(req) => {
                 let status = req == Request::Status;
+                let command = line.trim().to_string();
                 let (mut resp, restart) = handle(req, node, cores);
+                if !status {
+                    record(command, &resp);
+                }
                 if status && resp.ok {
                     readiness.stamp(&mut resp);
                 }
@@ -183,6 +188,16 @@ fn serve(
             return;
         }
     }
+}
+
+/// Records an admin command and its outcome in the event log (not status
+/// queries: monitors poll them).
+fn record(command: String, resp: &Response) {
+    crate::events::emit(crate::events::EventKind::AdminCommand {
+        command,
+        ok: resp.ok,
+        error: resp.error.clone(),
+    });
 }
 
 /// Carries out `req` on every core; the answer, and the role to restart
@@ -230,6 +245,7 @@ fn handle(
         started_at: None,
         listen: None,
         coordinator: None,
+        event_log: None,
     };
     (resp, restart)
 }

@@ -151,11 +151,27 @@ fn start_volume(v: PreparedVolume, pool: &Rc<BufPool>, ctl: &CoreControl) -> Rc<
     vol
 }
 
+/// Records in the event log that `vol` changed role (persisted; the node
+/// restarts into it).
+fn role_changed(vol: &Volume, from: Role, to: Role, reason: &str) {
+    crate::events::emit(crate::events::EventKind::RoleChange {
+        volume: vol.info().name.clone(),
+        from,
+        to,
+        epoch: vol.engine().journal().epoch().0,
+        reason: reason.to_string(),
+    });
+}
+
 /// A newer primary exists: demote this volume and restart as a replica.
 async fn fence(vol: &Volume, f: Fenced) {
     tracing::error!(volume = %vol.info().name, "a primary of epoch {} exists: this node was replaced; demoting to replica", f.by_epoch);
     match vol.demote().await {
-        Ok(()) => crate::lifecycle::request_restart(Role::Replica),
+        Ok(()) => {
+            let why = format!("fenced: a primary of epoch {} exists", f.by_epoch);
+            role_changed(vol, Role::Primary, Role::Replica, &why);
+            crate::lifecycle::request_restart(Role::Replica)
+        }
         Err(e) => {
             tracing::error!(volume = %vol.info().name, "demoting after being fenced failed: {e}")
         }
@@ -262,8 +278,12 @@ impl Core {
             let vol = &s.vol;
             let r = match *request {
                 Request::Status => Ok(()),
-                Request::Promote { force } => vol.promote(force, None).await.map(|_| ()),
-                Request::Demote => vol.demote().await,
+                Request::Promote { force } => vol.promote(force, None).await.map(|_| {
+                    role_changed(vol, Role::Replica, Role::Primary, "admin command promote")
+                }),
+                Request::Demote => vol.demote().await.map(|()| {
+                    role_changed(vol, Role::Primary, Role::Replica, "admin command demote")
+                }),
                 Request::SetResyncRate { rate } => {
                     self.set_resync_rate(rate);
                     Ok(())

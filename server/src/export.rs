@@ -163,6 +163,20 @@ impl Conn {
     }
 }
 
+/// Records in the event log that the client attached (`end` None) or
+/// detached.
+fn client_event(conn: &Conn, end: Option<&End>) {
+    let (volume, client) = (conn.vol.info().name.clone(), conn.peer.clone());
+    crate::events::emit(match end {
+        None => crate::events::EventKind::ClientAttach { volume, client },
+        Some(end) => crate::events::EventKind::ClientDetach {
+            volume,
+            client,
+            reason: end.to_string(),
+        },
+    });
+}
+
 /// Serves a negotiated connection until the client leaves or breaks the
 /// protocol. `leftover` holds bytes read past the handshake.
 pub async fn serve(
@@ -194,7 +208,9 @@ pub async fn serve(
         inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
         peer,
     });
+    client_event(&conn, None);
     let end = read_loop(&conn, leftover).await;
+    client_event(&conn, Some(&end));
     match &end {
         End::Eof | End::Disc => tracing::debug!(peer = %conn.peer, "connection closed: {end}"),
         _ => {

@@ -15,6 +15,7 @@ pub mod control;
 pub mod coordinator;
 pub mod cores;
 pub mod engine;
+pub mod events;
 pub mod export;
 pub mod journal;
 pub mod lease_fence;

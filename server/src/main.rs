@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use mirrorblk_server::config::{Cli, Config, LogFormat};
-use mirrorblk_server::node;
+use mirrorblk_server::{events, node};
 use nix::sys::signal::{SigSet, Signal};
 
 /// Changes the log filter at run time (SIGHUP).
@@ -72,10 +72,17 @@ fn main() -> ExitCode {
     if let Some(every) = mirrorblk_server::notify::watchdog_interval() {
         spawn_watchdog(node.heartbeats(), every);
     }
-    wait_for_stop(&stop, &cli, &node, &reload_log);
+    let why = wait_for_stop(&stop, &cli, &node, &reload_log);
     mirrorblk_server::notify::notify("STOPPING=1");
     let restart = mirrorblk_server::lifecycle::take_restart();
+    events::emit(events::EventKind::DaemonStop {
+        reason: restart.map_or(why, |role| format!("restart as {role}")),
+    });
     let clean = node.stop(std::time::Duration::from_secs(30));
+    // The next run (or nobody) must find every event of this one durable.
+    if !events::flush() {
+        tracing::error!("the event log's last events may not be durable");
+    }
     if let Some(role) = restart {
         let e = mirrorblk_server::lifecycle::reexec(role);
         eprintln!("mirrorblkd: cannot restart as {role}: {e}");
@@ -110,18 +117,24 @@ fn spawn_watchdog(beats: node::Heartbeats, every: std::time::Duration) {
         });
 }
 
-/// Serves SIGHUP reloads until a stop signal (or a failure to wait for one).
-fn wait_for_stop(stop: &SigSet, cli: &Cli, node: &node::RunningNode, reload_log: &Reload) {
+/// Serves SIGHUP reloads until a stop signal (or a failure to wait for
+/// one); returns why it stopped.
+fn wait_for_stop(
+    stop: &SigSet,
+    cli: &Cli,
+    node: &node::RunningNode,
+    reload_log: &Reload,
+) -> String {
     loop {
         match stop.wait() {
             Ok(Signal::SIGHUP) => reload(cli, node, reload_log),
             Ok(sig) => {
                 tracing::info!("received {sig:?}: finishing in-flight requests, applying and checkpointing the journal");
-                break;
+                return sig.as_str().to_string();
             }
             Err(e) => {
                 tracing::error!("waiting for signals failed: {e}; stopping");
-                break;
+                return format!("waiting for signals failed: {e}");
             }
         }
     }

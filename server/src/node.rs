@@ -71,6 +71,9 @@ pub enum StartError {
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    /// The event log cannot be opened.
+    #[error("{0}; choose another --event-log path")]
+    Events(#[from] crate::events::EventLogError),
 }
 
 fn export_info(cfg: &VolumeConfig, size: u64, journal_area: u64) -> ExportInfo {
@@ -449,6 +452,7 @@ fn spawn_coordinator(
 pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     // Bind first: a port in use must fail before any file is created.
     let tcp = bind_tcp(cfg)?;
+    open_event_log(cfg)?;
     let fence = Arc::new(match cfg.coordinator {
         Some(_) => LeaseFence::closed(),
         None => LeaseFence::open(),
@@ -511,6 +515,18 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         heartbeats: cores.heartbeats,
         core_senders: cores.senders,
     })
+}
+
+/// Opens the event log and records this start in it.
+fn open_event_log(cfg: &Config) -> Result<(), StartError> {
+    crate::events::init(cfg.event_log_config())?;
+    tracing::info!("event log {}", cfg.event_log.display());
+    crate::events::emit(crate::events::EventKind::DaemonStart {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        volumes: cfg.volumes.iter().map(|v| v.name.clone()).collect(),
+    });
+    Ok(())
 }
 
 /// Opens and recovers every configured volume, in order, as `role` (None:

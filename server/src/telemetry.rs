@@ -49,6 +49,20 @@ fn describe() {
     describe_request_metrics();
     describe_journal_metrics();
     describe_replica_metrics();
+    describe_event_metrics();
+}
+
+/// Metrics of the event log.
+fn describe_event_metrics() {
+    use metrics::describe_counter;
+    describe_counter!(
+        "mirrorblk_events_total",
+        "Events recorded in the node's event log, by event (role-change, peer-connect, ...)"
+    );
+    describe_counter!(
+        "mirrorblk_events_dropped_total",
+        "Events not written to the event log because its writer fell behind"
+    );
 }
 
 /// Metrics of NBD requests and connections.
@@ -356,4 +370,14 @@ impl ReplicaMetrics {
 /// Open connections (all volumes).
 pub fn connections() -> Gauge {
     gauge!("mirrorblk_connections")
+}
+
+/// Counts one event of the event log (rare: looked up on use).
+pub fn event_emitted(event: &'static str) {
+    counter!("mirrorblk_events_total", "event" => event).increment(1);
+}
+
+/// Counts an event the event log had to drop.
+pub fn event_dropped() {
+    counter!("mirrorblk_events_dropped_total").increment(1);
 }

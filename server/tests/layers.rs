@@ -13,6 +13,7 @@ use std::path::Path;
 const LAYERS: &[(&str, u8)] = &[
     ("buffer", 0),
     ("engine", 0),
+    ("events", 0),
     ("journal", 0),
     ("lsn_gate", 0),
     ("overlay", 0),

@@ -43,6 +43,11 @@ pub const LEASE_TTL: Interval = Interval(Duration::from_secs(2));
 pub const MIN_LEASE_TTL: Interval = Interval(Duration::from_secs(2));
 /// `log_level`.
 pub const LOG_LEVEL: &str = "info";
+/// `event_log_max_bytes`: the size at which the event log rotates.
+pub const EVENT_LOG_MAX_BYTES: ByteSize = ByteSize(8 << 20);
+/// What `event_log` defaults to: the first volume's journal path with this
+/// appended.
+pub const EVENT_LOG_SUFFIX: &str = ".events.jsonl";
 /// `--log-format` (a flag only).
 pub const LOG_FORMAT: LogFormat = LogFormat::Text;
 
@@ -72,5 +77,7 @@ pub(super) fn read_cache() -> bool {
 
 /// The smallest `buffer_memory`: one request of the largest size must fit.
 pub const MIN_BUFFER_MEMORY: ByteSize = ByteSize(48 << 20);
+/// The smallest `event_log_max_bytes`: room for a few dozen events.
+pub const MIN_EVENT_LOG_MAX_BYTES: ByteSize = ByteSize(16 << 10);
 /// The shortest `heartbeat_timeout`.
 pub const MIN_HEARTBEAT_TIMEOUT: Interval = Interval(Duration::from_millis(100));

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::defaults::{MIN_BUFFER_MEMORY, MIN_HEARTBEAT_TIMEOUT};
+use super::defaults::{MIN_BUFFER_MEMORY, MIN_EVENT_LOG_MAX_BYTES, MIN_HEARTBEAT_TIMEOUT};
 use crate::journal::format::MAX_NAME;
 use crate::units::{align_up, ByteSize};
 
@@ -59,6 +59,9 @@ pub enum ConfigError {
     /// `buffer_memory` below [`MIN_BUFFER_MEMORY`].
     #[error("--buffer-memory {0} is too small: use at least {MIN_BUFFER_MEMORY} (one 32M request must fit)")]
     BufferMemoryTooSmall(ByteSize),
+    /// `event_log_max_bytes` below [`MIN_EVENT_LOG_MAX_BYTES`].
+    #[error("--event-log-max-bytes {0} is too small: use at least {MIN_EVENT_LOG_MAX_BYTES}")]
+    EventLogTooSmall(ByteSize),
     /// `max_connections = 0`.
     #[error("--max-connections must be at least 1")]
     NoConnections,

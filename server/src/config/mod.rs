@@ -82,8 +82,23 @@ pub struct Config {
     pub coordinator: Option<CoordinatorConfig>,
     /// The lease TTL (checked and kept whether or not `--etcd` is given).
     pub lease_ttl: std::time::Duration,
+    /// The event log file.
+    pub event_log: PathBuf,
+    /// Its size bound before rotation.
+    pub event_log_max_bytes: u64,
     /// Volumes.
     pub volumes: Vec<VolumeConfig>,
+}
+
+impl Config {
+    /// Where and how this node writes its event log.
+    pub fn event_log_config(&self) -> crate::events::EventLogConfig {
+        crate::events::EventLogConfig {
+            path: self.event_log.clone(),
+            max_bytes: self.event_log_max_bytes,
+            node: self.node.clone(),
+        }
+    }
 }
 
 /// Reads and parses a TOML configuration file.

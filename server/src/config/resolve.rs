@@ -2,6 +2,7 @@
 //! rule checked in the order the errors have always been reported.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 
 use super::defaults;
 use super::error::ConfigError;
@@ -24,6 +25,7 @@ pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
         .transpose()?
         .unwrap_or(defaults::CHECKPOINT_INTERVAL);
     let replication = replication(&s)?;
+    let (event_log, event_log_max_bytes) = event_log(&s, &volumes)?;
     if s.role == Some(Role::Replica) && replication.as_ref().and_then(|r| r.listen).is_none() {
         return Err(ConfigError::ReplicaWithoutListen);
     }
@@ -45,6 +47,8 @@ pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
         replication,
         coordinator,
         lease_ttl,
+        event_log,
+        event_log_max_bytes,
         volumes,
     })
 }
@@ -148,6 +152,28 @@ fn check_size(v: &VolumeConfig) -> Result<(), ConfigError> {
         }),
         _ => Ok(()),
     }
+}
+
+/// The event log's path (by default beside the first volume's journal) and
+/// its size bound.
+fn event_log(s: &Settings, volumes: &[VolumeConfig]) -> Result<(PathBuf, u64), ConfigError> {
+    let max = s
+        .event_log_max_bytes
+        .unwrap_or(defaults::EVENT_LOG_MAX_BYTES);
+    if max < defaults::MIN_EVENT_LOG_MAX_BYTES {
+        return Err(ConfigError::EventLogTooSmall(max));
+    }
+    let path = match (&s.event_log, volumes.first()) {
+        (Some(p), _) => p.clone(),
+        (None, Some(v)) => {
+            let mut p = v.journal.clone().into_os_string();
+            p.push(defaults::EVENT_LOG_SUFFIX);
+            PathBuf::from(p)
+        }
+        // resolve() refused a node without volumes already.
+        (None, None) => return Err(ConfigError::NoVolume),
+    };
+    Ok((path, max.0))
 }
 
 /// Cores asked for (or the CPUs), at least one, at most one per volume.

@@ -187,6 +187,18 @@ pub struct Settings {
     )]
     pub log_level: Option<String>,
 
+    /// The node's event log: role changes, leases, fences, peer and client
+    /// connections, resyncs and admin commands, one JSON line each, written
+    /// durably (`mirrorblk events` reads it). [default: the first volume's
+    /// journal path with `.events.jsonl` appended]
+    #[arg(long, value_name = "PATH")]
+    pub event_log: Option<PathBuf>,
+
+    /// Size at which the event log is rotated: the file becomes PATH.1 (the
+    /// older PATH.1 becomes PATH.2, and so on; three old files are kept).
+    #[arg(long, value_name = "SIZE", help_default = defaults::EVENT_LOG_MAX_BYTES)]
+    pub event_log_max_bytes: Option<ByteSize>,
+
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = defaults::LOG_FORMAT)]
     #[serde(skip)]
@@ -233,6 +245,8 @@ impl Settings {
             max_lag,
             resync_rate,
             log_level,
+            event_log,
+            event_log_max_bytes,
             log_format: _,
             volumes,
         } = file;
@@ -271,6 +285,8 @@ impl Settings {
             max_lag: flags.max_lag.or(max_lag),
             resync_rate: flags.resync_rate.or(resync_rate),
             log_level: flags.log_level.or(log_level),
+            event_log: flags.event_log.or(event_log),
+            event_log_max_bytes: flags.event_log_max_bytes.or(event_log_max_bytes),
             log_format: flags.log_format,
             volumes,
         }

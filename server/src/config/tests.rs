@@ -151,6 +151,12 @@ const NODE_SETTINGS: &[Case] = &[
     case("--max-lag", "max_lag", ["1M", "2M"]),
     case("--resync-rate", "resync_rate", ["10M", "20M"]),
     case("--log-level", "log_level", ["debug", "warn"]),
+    case("--event-log", "event_log", ["@/e1", "@/e2"]),
+    case(
+        "--event-log-max-bytes",
+        "event_log_max_bytes",
+        ["1M", "64K"],
+    ),
 ];
 
 /// Flags of the `--export` volume and the `[[volume]]` keys they stand for.
@@ -350,6 +356,7 @@ fn the_default_in_help_is_the_default_applied() {
             choice(&|| r.on_replica_loss.to_possible_value()),
         ),
         ("--max-lag", size(r.max_lag)),
+        ("--event-log-max-bytes", size(c.event_log_max_bytes)),
         (
             "--resync-rate",
             format!("{} per second", size(r.resync_rate)),
@@ -432,4 +439,15 @@ fn bad_file_values_are_refused_naming_their_key() {
             .to_string();
         assert!(e.starts_with(want), "{line}: {e}");
     }
+}
+
+#[test]
+fn the_event_log_lies_beside_the_first_journal_unless_given() {
+    let vol = ["--export", "v", "--data", "/x/d", "--journal", "/x/j"];
+    let c = Config::from_cli(&cli(&vol)).unwrap();
+    assert_eq!(c.event_log, std::path::Path::new("/x/j.events.jsonl"));
+    assert_eq!(c.event_log_max_bytes, defaults::EVENT_LOG_MAX_BYTES.0);
+    let small = [&vol[..], &["--event-log-max-bytes", "4K"]].concat();
+    let e = Config::from_cli(&cli(&small)).unwrap_err().to_string();
+    assert!(e.contains("--event-log-max-bytes 4K is too small"), "{e}");
 }

@@ -19,6 +19,7 @@ use super::wire::{self, Ack, Auth, Hello, HelloReply, Kind, RegionCheck, ReplySt
 use super::{Fenced, LinkState, Phase, Primary};
 use crate::buffer::{OutBuf, SharedSlice};
 use crate::engine::Engine;
+use crate::events::{self, EventKind};
 use crate::journal::{Mutation, ReadBack};
 use crate::sockio::{write_all, Socket};
 use crate::units::Lsn;
@@ -94,10 +95,70 @@ async fn connect_and_stream(
     link.retain.set(true);
     primary.set_phase(link, Phase::CatchingUp);
     tracing::info!(volume = %vol.info().name, peer = %link.peer.name, "replica connected at LSN {}; sending from {start}", reply.durable);
+    events::emit(EventKind::PeerConnect {
+        volume: vol.info().name.clone(),
+        peer: link.peer.name.clone(),
+        peer_role: mirrorblk_admin::Role::Replica,
+    });
+    if let Some(job) = link.job.borrow().as_ref() {
+        job_started(vol, link, job);
+    }
     let result = stream(vol, primary, link, &sock, hb).await;
     sock.shutdown();
     end_job(vol, link, &result);
+    events::emit(EventKind::PeerDisconnect {
+        volume: vol.info().name.clone(),
+        peer: link.peer.name.clone(),
+        reason: ended_because(&result),
+    });
     result
+}
+
+/// Why a connection ended, for the log and the event log.
+fn ended_because(result: &Result<(), LinkError>) -> String {
+    match result {
+        Ok(()) => "the replica disconnected".to_string(),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Records in the event log that a resync or verify pass starts.
+fn job_started(vol: &Engine, link: &LinkState, job: &Job) {
+    let (volume, peer) = (vol.info().name.clone(), link.peer.name.clone());
+    events::emit(match job.kind {
+        JobKind::Resync { .. } => EventKind::ResyncStart {
+            volume,
+            peer,
+            total_bytes: job.total_bytes,
+        },
+        JobKind::Verify { repair } => EventKind::VerifyStart {
+            volume,
+            peer,
+            repair,
+        },
+    });
+}
+
+/// Records in the event log that a resync or verify pass ended, finished
+/// or (with the reason) `aborted`.
+fn job_ended(vol: &Engine, link: &LinkState, job: &Job, aborted: Option<String>) {
+    let (volume, peer) = (vol.info().name.clone(), link.peer.name.clone());
+    events::emit(match job.kind {
+        JobKind::Resync { .. } => EventKind::ResyncEnd {
+            volume,
+            peer,
+            completed: aborted.is_none(),
+            sent_bytes: job.sent_bytes,
+            ms: job.started.elapsed().as_millis() as u64,
+            aborted,
+        },
+        JobKind::Verify { .. } => EventKind::VerifyEnd {
+            volume,
+            peer,
+            differing: job.differing.len() as u64,
+            aborted,
+        },
+    });
 }
 
 /// Opens the connection to the replica, within the heartbeat timeout.
@@ -171,6 +232,11 @@ fn check_reply(
         &[hello_body, &unsigned],
         &reply.mac,
     ) {
+        events::emit(EventKind::PeerAuthFailed {
+            addr: link.peer.addr.to_string(),
+            peer: Some(link.peer.name.clone()),
+            reason: "the replica's proof of the shared secret is wrong".into(),
+        });
         return Err(LinkError::Auth {
             peer: link.peer.name.clone(),
         });
@@ -296,12 +362,12 @@ fn plan_start(
 /// persist the bitmap's cleared bits.
 fn end_job(vol: &Engine, link: &LinkState, result: &Result<(), LinkError>) {
     let job = link.job.borrow_mut().take();
+    if let Some(job) = &job {
+        job_ended(vol, link, job, Some(ended_because(result)));
+    }
     let verifying = matches!(job.as_ref().map(|j| j.kind), Some(JobKind::Verify { .. }));
     if verifying || link.verify_request.take().is_some() {
-        let why = match result {
-            Ok(()) => "the replica disconnected".to_string(),
-            Err(e) => e.to_string(),
-        };
+        let why = ended_because(result);
         let mut last = link.last_verify.borrow_mut();
         if let Some(v) = last.as_mut() {
             v.running = false;
@@ -485,6 +551,7 @@ fn start_requested_verify(vol: &Engine, link: &LinkState) -> bool {
         link.resync_seq.get(),
     );
     tracing::info!(volume = %vol.info().name, peer = %link.peer.name, "verify of {} started{}", link.peer.name, if repair { " (repairing differences)" } else { "" });
+    job_started(vol, link, &job);
     *link.job.borrow_mut() = Some(job);
     true
 }
@@ -578,6 +645,7 @@ fn finish_job(vol: &Engine, primary: &Primary, link: &LinkState) {
         tracing::error!(volume = %vol.info().name, peer = %link.peer.name, "cannot write the out-of-sync bitmap: {e}");
     }
     link.metrics.resync_remaining.set(0.0);
+    job_ended(vol, link, &job, None);
     match job.kind {
         JobKind::Resync { checksum } => tracing::info!(
             volume = %vol.info().name, peer = %link.peer.name,

@@ -18,6 +18,7 @@ use super::Fenced;
 use crate::buffer::OutBuf;
 use crate::engine::write::Change;
 use crate::engine::Engine;
+use crate::events::{self, EventKind};
 use crate::journal::format::Role;
 use crate::sockio::{write_all, Socket};
 use crate::units::Lsn;
@@ -95,6 +96,14 @@ pub async fn run(
     match result {
         Ok(()) => tracing::info!(volume = %name, %peer, "primary {} disconnected", hello.node),
         Err(LinkError::Fenced(by_epoch)) => return Some(Fenced { by_epoch }),
+        Err(e @ LinkError::Auth { .. }) => {
+            tracing::warn!(volume = %name, %peer, "replication from {} ended: {e}", hello.node);
+            events::emit(EventKind::PeerAuthFailed {
+                addr: peer,
+                peer: Some(hello.node.clone()),
+                reason: "the primary's proof of the shared secret is wrong".into(),
+            });
+        }
         Err(e) => {
             tracing::warn!(volume = %name, %peer, "replication from {} ended: {e}", hello.node)
         }
@@ -122,6 +131,7 @@ async fn serve(
     };
     let durable = accept(engine, sock, hello, hello_body, ctx).await?;
     tracing::info!(volume = %engine.info().name, "replicating from primary {} (epoch {my_epoch}) from LSN {}", hello.node, durable + 1);
+    peer_event(engine, hello, None);
 
     // Replies (ACK, PONG) go through one writer task.
     let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -155,12 +165,34 @@ async fn serve(
         session.resync.clone(),
     ));
     let result = session.receive(sock).await;
+    peer_event(engine, hello, Some(&result));
     acker.abort();
     syncer.abort();
     drop(session);
     let _ = writer.await;
     drop(claim);
     result
+}
+
+/// Records in the event log that the primary connected (`ended` None) or
+/// that its session ended.
+fn peer_event(engine: &Engine, hello: &Hello, ended: Option<&Result<(), LinkError>>) {
+    let (volume, peer) = (engine.info().name.clone(), hello.node.clone());
+    events::emit(match ended {
+        None => EventKind::PeerConnect {
+            volume,
+            peer,
+            peer_role: mirrorblk_admin::Role::Primary,
+        },
+        Some(result) => EventKind::PeerDisconnect {
+            volume,
+            peer,
+            reason: match result {
+                Ok(()) => "the primary disconnected".into(),
+                Err(e) => e.to_string(),
+            },
+        },
+    });
 }
 
 /// Fencing: a newer primary's epoch wins. A stale primary is fenced (the
