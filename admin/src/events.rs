@@ -381,11 +381,20 @@ pub struct BadLine {
     pub text: String,
 }
 
+/// A line of the log that holds an event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    /// The event.
+    pub event: Event,
+    /// The line as written, without its newline.
+    pub text: String,
+}
+
 /// Parses the complete lines at the start of `buf`; returns each one's
 /// event (or why it is none) and how many bytes they took. Bytes after the
 /// last newline are a line still being written (or torn by a crash) and
 /// are left for the caller; empty lines are skipped.
-pub fn parse_lines(buf: &[u8]) -> (Vec<Result<Event, BadLine>>, usize) {
+pub fn parse_lines(buf: &[u8]) -> (Vec<Result<Line, BadLine>>, usize) {
     let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |at| at + 1);
     let out = buf[..complete]
         .split(|&b| b == b'\n')
@@ -396,13 +405,20 @@ pub fn parse_lines(buf: &[u8]) -> (Vec<Result<Event, BadLine>>, usize) {
     (out, complete)
 }
 
-fn parse_one(line: usize, bytes: &[u8]) -> Result<Event, BadLine> {
+fn parse_one(line: usize, bytes: &[u8]) -> Result<Line, BadLine> {
     let text = String::from_utf8_lossy(bytes);
-    Event::from_line(text.trim()).map_err(|e| BadLine {
-        line,
-        reason: e.to_string(),
-        text: text.chars().take(80).collect(),
-    })
+    let text = text.trim();
+    match Event::from_line(text) {
+        Ok(event) => Ok(Line {
+            event,
+            text: text.to_string(),
+        }),
+        Err(e) => Err(BadLine {
+            line,
+            reason: e.to_string(),
+            text: text.chars().take(80).collect(),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -663,7 +679,8 @@ mod tests {
         let (lines, used) = parse_lines(text.as_bytes());
         assert_eq!(used, text.rfind('\n').unwrap() + 1, "the torn tail is left");
         assert_eq!(lines.len(), 3);
-        assert!(lines[0].is_ok() && lines[2].is_ok());
+        assert_eq!(lines[0].as_ref().unwrap().text, good);
+        assert!(lines[2].is_ok());
         let bad = lines[1].as_ref().unwrap_err();
         assert_eq!(bad.line, 2);
         assert_eq!(bad.text, "not json");

@@ -375,7 +375,10 @@ mod tests {
         let text = std::fs::read(path).unwrap_or_default();
         let (lines, used) = mirrorblk_admin::events::parse_lines(&text);
         assert_eq!(used, text.len(), "{} ends with a newline", path.display());
-        lines.into_iter().map(|l| l.expect("an event")).collect()
+        lines
+            .into_iter()
+            .map(|l| l.expect("an event").event)
+            .collect()
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 mod demo;
+mod events;
 mod primary;
 
 use clap::{Parser, Subcommand};
@@ -125,6 +126,58 @@ enum Cmd {
         wait: mirrorblk_server::units::Interval,
         /// The volume (export) name.
         volume: String,
+    },
+    /// Print the node's event log: role changes, leases and fences,
+    /// elections, peer and client connections, resyncs and verifies, admin
+    /// commands, daemon starts and stops.
+    ///
+    /// The daemon appends one JSON line per event to its event log
+    /// (mirrorblkd --event-log; by default the first volume's journal path
+    /// with .events.jsonl appended), fdatasync'd before anything else can
+    /// happen to it, and rotates it at --event-log-max-bytes to PATH.1,
+    /// keeping PATH.1 to PATH.3. This prints the rotated files, oldest
+    /// first, then the live one; with --follow it goes on printing events as
+    /// they are appended (across rotations) until interrupted. Without
+    /// --file, the daemon's status says where the log is.
+    ///
+    /// Each event shows as one line, as `drbdsetup events2` prints DRBD's:
+    /// time (RFC 3339, UTC, milliseconds), node, event, then key=value fields
+    /// (a value with spaces in quotes, a list comma-separated, an absent
+    /// field left out):
+    ///
+    ///   2026-12-04T20:30:16.123Z n2 role-change volume=vol0 from=replica to=primary epoch=3 reason=...
+    ///   2026-12-04T20:30:17.480Z n2 peer-disconnect volume=vol0 peer=n1 reason="heartbeat timeout"
+    ///
+    /// With --json each event is printed as the JSON line the daemon wrote:
+    /// "ts", "seq" (one more than the event before it on this node; a gap
+    /// means events were dropped), "node", "event" (the kind, kebab-case)
+    /// and the kind's fields, e.g.
+    ///
+    ///   {"ts":"2026-12-04T20:30:16.123Z","seq":7,"node":"n2","event":"campaign-won","volume":"vol0","epoch":3}
+    ///
+    /// A line that is not an event (a crash tore it while it was written) is
+    /// skipped with a warning on stderr. Exit status 0, or 1 when the log
+    /// cannot be found or read.
+    ///
+    /// Examples:
+    ///
+    ///   mirrorblk --admin-socket /run/mirrorblk/n1.sock events
+    ///
+    ///   mirrorblk events --follow --json | jq 'select(.event == "writes-held")'
+    ///
+    ///   mirrorblk events --file /var/lib/mirrorblk/vol0.journal.events.jsonl
+    #[command(verbatim_doc_comment)]
+    Events {
+        /// Keep printing events as they are appended (checked every 200 ms),
+        /// across rotations, until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Print the JSON lines instead of one human-readable line each.
+        #[arg(long)]
+        json: bool,
+        /// The event log to read, instead of asking the daemon where it is.
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
     },
     /// Configuration tools.
     Config {
@@ -775,6 +828,9 @@ fn main() -> ExitCode {
             wait,
             volume,
         } => primary::run(&etcd, &volume, json, wait.0),
+        Cmd::Events { follow, json, file } => {
+            events::run(&cli.admin_socket, &events::Options { follow, json, file })
+        }
         Cmd::Config {
             command: ConfigCmd::Check { file },
         } => config_check(&file),
