@@ -38,13 +38,12 @@ mod events {
             .collect()
     }
 
+    /// An event looked for: what it is called and whether a kind is it.
+    type Wanted<'a> = (&'a str, &'a dyn Fn(&EventKind) -> bool);
+
     /// Panics unless `events` holds events matching `wanted`, in this order
     /// (others may come between), and their sequence numbers go up by one.
-    fn assert_in_order(
-        who: &str,
-        events: &[Event],
-        wanted: &[(&str, &dyn Fn(&EventKind) -> bool)],
-    ) {
+    fn assert_in_order(who: &str, events: &[Event], wanted: &[Wanted<'_>]) {
         let names: Vec<&str> = events.iter().map(|e| e.kind.name()).collect();
         for pair in events.windows(2) {
             assert_eq!(pair[1].seq, pair[0].seq + 1, "{who}: a gap in {names:?}");
