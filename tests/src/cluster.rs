@@ -171,6 +171,29 @@ impl NodeFiles {
         .args()
     }
 
+    /// Flags of a node whose role etcd decides (no `--role`): it accepts a
+    /// primary on `replication`, replicates to `peers` (name, `HOST:PORT`)
+    /// when it leads, and asks the etcd at `etcd` (`URL[,URL…]`); `extra`
+    /// last (the mode, `--unix`, `--lease-ttl`…).
+    pub fn coordinated_args(
+        &self,
+        secret: &Path,
+        replication: SocketAddr,
+        peers: &[(String, String)],
+        etcd: &str,
+        extra: &[&str],
+    ) -> Vec<OsString> {
+        let mut flags = vec!["--etcd", etcd];
+        flags.extend_from_slice(extra);
+        NodeSpec {
+            replication_listen: Some(replication.to_string()),
+            peers: peers.to_vec(),
+            secret: Some(secret.to_path_buf()),
+            ..self.spec(crate::coordinated::JOURNAL, &flags)
+        }
+        .args()
+    }
+
     /// Flags of a standalone primary on these files: no peers, no secret,
     /// no replication listener (how a replica is promoted for now).
     pub fn standalone_primary_args(&self, journal_size: &str) -> Vec<OsString> {

@@ -9,9 +9,18 @@
 //! - [`cluster`]: replicated nodes (primary and replicas, each with its own
 //!   files, admin socket and fixed replication port), their admin-socket
 //!   status, and byte comparison of their data stores.
+//! - [`coordinated`]: nodes whose role etcd decides (`--etcd`, no
+//!   `--role`), and the one that serves.
+//! - [`writer`]: a FUA writer through whichever node serves, recording
+//!   each acknowledged write with the node and the time, and the check that
+//!   a node holds them all.
 //! - [`kernel`]: a qemu guest whose Linux kernel attaches an export with
 //!   its nbd driver and runs a filesystem workload on it.
 //! - [`util`]: seeded randomness, data patterns, polling with a deadline.
+//! - [`etcd`]: a real etcd (Debian's `etcd-server`) on loopback ports in
+//!   the test's directory, killed and restarted at will, and its keys read
+//!   through the JSON gateway.
+//! - [`netns`]: two network namespaces joined by a veth pair, for partitions.
 //! - [`proxy`]: a TCP proxy adding a fixed delay each way (cross-site links);
 //!   also the `delay-proxy` binary, which the benchmarks use.
 //!
@@ -28,10 +37,14 @@
 #![warn(missing_docs)]
 
 pub mod cluster;
+pub mod coordinated;
 pub mod daemon;
+pub mod etcd;
 pub mod kernel;
+pub mod netns;
 pub mod proxy;
 pub mod tools;
 pub mod util;
+pub mod writer;
 
 pub use daemon::{Daemon, Exited, TestDir};

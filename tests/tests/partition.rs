@@ -13,7 +13,6 @@
 mod partition {
     use std::os::unix::net::UnixStream;
     use std::path::Path;
-    use std::process::Command;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -23,108 +22,10 @@ mod partition {
         assert_stores_identical, view_of, write_secret, Node, NodeFiles, EXPORT, VOLUME_BYTES,
     };
     use mirrorblk_tests::daemon::{Daemon, CLIENT_TIMEOUT};
+    use mirrorblk_tests::netns::{Net, REPLICA_IP};
     use mirrorblk_tests::util::{pattern, Rng, KIB4, MIB};
     use mirrorblk_tests::TestDir;
     use nbd::{Client, Command as NbdCommand, CommandFlags, Request};
-
-    /// Runs `ip ARGS…`; the error output if it fails.
-    fn ip(args: &[&str]) -> Result<(), String> {
-        let out = Command::new("ip")
-            .args(args)
-            .output()
-            .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "ip {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    }
-
-    /// Two namespaces joined by a veth pair; deleted (with the pair) on drop.
-    struct Net {
-        primary_ns: String,
-        replica_ns: String,
-        primary_if: String,
-    }
-
-    const PRIMARY_IP: &str = "10.231.0.1";
-    const REPLICA_IP: &str = "10.231.0.2";
-
-    impl Net {
-        fn create() -> Result<Net, String> {
-            let id = std::process::id();
-            let net = Net {
-                primary_ns: format!("mbk{id}p"),
-                replica_ns: format!("mbk{id}r"),
-                primary_if: format!("mbp{id}"),
-            };
-            let replica_if = format!("mbr{id}");
-            ip(&["netns", "add", &net.primary_ns])?;
-            ip(&["netns", "add", &net.replica_ns])?;
-            let (p, r) = (net.primary_ns.as_str(), net.replica_ns.as_str());
-            ip(&[
-                "-n",
-                p,
-                "link",
-                "add",
-                &net.primary_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &replica_if,
-                "netns",
-                r,
-            ])?;
-            ip(&[
-                "-n",
-                p,
-                "addr",
-                "add",
-                &format!("{PRIMARY_IP}/30"),
-                "dev",
-                &net.primary_if,
-            ])?;
-            ip(&[
-                "-n",
-                r,
-                "addr",
-                "add",
-                &format!("{REPLICA_IP}/30"),
-                "dev",
-                &replica_if,
-            ])?;
-            for (ns, dev) in [(p, net.primary_if.as_str()), (r, replica_if.as_str())] {
-                ip(&["-n", ns, "link", "set", "lo", "up"])?;
-                ip(&["-n", ns, "link", "set", dev, "up"])?;
-            }
-            Ok(net)
-        }
-
-        fn set_link(&self, up: bool) {
-            ip(&[
-                "-n",
-                &self.primary_ns,
-                "link",
-                "set",
-                &self.primary_if,
-                if up { "up" } else { "down" },
-            ])
-            .unwrap_or_else(|e| panic!("{e}"));
-        }
-    }
-
-    impl Drop for Net {
-        fn drop(&mut self) {
-            // Deleting a namespace destroys the veth pair too.
-            let _ = ip(&["netns", "del", &self.primary_ns]);
-            let _ = ip(&["netns", "del", &self.replica_ns]);
-        }
-    }
 
     /// One acknowledged write.
     #[derive(Debug, Clone, Copy)]
@@ -219,7 +120,7 @@ mod partition {
     /// are byte-identical.
     #[test]
     fn partition_under_load_loses_nothing_and_converges() {
-        let net = match Net::create() {
+        let net = match Net::create("a") {
             Ok(n) => n,
             Err(why) => {
                 println!("SKIP: cannot create network namespaces here: {why}");

@@ -1,0 +1,188 @@
+//! Nodes whose role etcd decides (issue 13's contract): every node of the
+//! volume is started alike, with `--replication-listen`, a `--peer` for
+//! each other node, the shared secret, a mode and `--etcd URL`, and no
+//! `--role`; within a few seconds exactly one of them serves NBD clients.
+//!
+//! - [`NodeFiles::coordinated_args`](crate::cluster::NodeFiles::coordinated_args):
+//!   one such node's flags (also for nodes started in a network namespace).
+//! - [`Coordinated::start`]: N such nodes on loopback, fixed replication ports.
+//! - [`Coordinated::wait_primary`]: the one node that says it is primary and
+//!   serves, with a bounded wait.
+//! - [`Coordinated::targets`]: the nodes as the [`writer`](crate::writer)
+//!   looks for a serving one.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mirrorblk_admin::{ReplicaState, Role, VolumeStatus};
+
+use crate::cluster::{pick_port, Node, NodeFiles};
+use crate::daemon::{Daemon, TestDir};
+use crate::writer::{connect, Target};
+
+/// The journal size of coordinated test nodes (small: three nodes per test).
+pub const JOURNAL: &str = "64M";
+/// How long a coordinated volume may take to have its primary (etcd lease
+/// grant and campaign on a loaded 2-core machine, debug builds).
+pub const ELECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a node may take to be back in sync after a restart.
+pub const IN_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The nodes of one volume under etcd.
+#[derive(Debug)]
+pub struct Coordinated {
+    /// The nodes, in the order of the names given.
+    pub nodes: Vec<Node>,
+}
+
+impl Coordinated {
+    /// Starts one node per name in `dir`, all with `--etcd etcd`, `--mode
+    /// mode`, `secret` and `extra` flags, on fixed free replication ports,
+    /// each a peer of all the others.
+    #[track_caller]
+    pub fn start(
+        dir: &TestDir,
+        secret: &Path,
+        etcd: &str,
+        names: &[&str],
+        mode: &str,
+        extra: &[&str],
+    ) -> Coordinated {
+        let addrs: Vec<SocketAddr> = names
+            .iter()
+            .map(|_| ([127, 0, 0, 1], pick_port()).into())
+            .collect();
+        let mut flags = vec!["--mode", mode];
+        flags.extend_from_slice(extra);
+        let nodes = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let files = NodeFiles::new(dir, name);
+                let peers: Vec<(String, String)> = (0..names.len())
+                    .filter(|&j| j != i)
+                    .map(|j| (names[j].to_string(), addrs[j].to_string()))
+                    .collect();
+                let args = files.coordinated_args(secret, addrs[i], &peers, etcd, &flags);
+                let daemon = Daemon::try_start(args)
+                    .unwrap_or_else(|e| panic!("{name} (under etcd) did not start: {e}"));
+                Node {
+                    files,
+                    daemon,
+                    replication: Some(addrs[i]),
+                }
+            })
+            .collect();
+        Coordinated { nodes }
+    }
+
+    /// The index of the node named `name`.
+    #[track_caller]
+    pub fn index(&self, name: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.name() == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// The nodes as writer targets.
+    pub fn targets(&self) -> Vec<Target> {
+        self.nodes.iter().map(target_of).collect()
+    }
+
+    /// Each running node's status (or why it could not be had), by name.
+    pub fn statuses(&self) -> Vec<(String, Result<VolumeStatus, String>)> {
+        self.nodes
+            .iter()
+            .map(|n| (n.name().to_string(), n.try_status()))
+            .collect()
+    }
+
+    /// The nodes whose status says primary now.
+    pub fn primaries(&self) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| matches!(n.try_status(), Ok(s) if s.role == Role::Primary))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Waits until exactly one of the nodes `among` says it is primary, no
+    /// other node does, and it completes an NBD handshake; returns its index.
+    /// Panics after `timeout` with every node's status.
+    #[track_caller]
+    pub fn wait_primary(&self, among: &[usize], timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let primaries = self.primaries();
+            if let [only] = primaries[..] {
+                if among.contains(&only) && connect(&target_of(&self.nodes[only])).is_some() {
+                    return only;
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "no single serving primary among {:?} within {timeout:?} (primaries now: {primaries:?}); statuses:\n{}",
+                    among.iter().map(|&i| self.nodes[i].name()).collect::<Vec<_>>(),
+                    self.describe()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until node `primary` sees every other running node in sync
+    /// with nothing out of sync and no resync running.
+    #[track_caller]
+    pub fn wait_in_sync(&mut self, primary: usize, timeout: Duration) -> VolumeStatus {
+        let mut others = Vec::new();
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            if i != primary && n.daemon.is_running() {
+                others.push(n.name().to_string());
+            }
+        }
+        self.nodes[primary].wait_status(timeout, "every running replica in sync", |s| {
+            others.iter().all(|peer| {
+                s.replicas.iter().any(|r| {
+                    &r.peer == peer
+                        && r.state == ReplicaState::InSync
+                        && r.resync.is_none()
+                        && r.out_of_sync_bytes == 0
+                })
+            })
+        })
+    }
+
+    /// Every node's status, one per line, for failure messages.
+    pub fn describe(&self) -> String {
+        self.statuses()
+            .into_iter()
+            .map(|(name, s)| match s {
+                Ok(s) => format!(
+                    "{name}: role {} epoch {} last_lsn {} durable_lsn {} inconsistent {} replicas {:?}",
+                    s.role,
+                    s.epoch,
+                    s.last_lsn,
+                    s.durable_lsn,
+                    s.inconsistent,
+                    s.replicas
+                        .iter()
+                        .map(|r| format!("{}={} {:?}", r.peer, r.state, r.reason))
+                        .collect::<Vec<_>>()
+                ),
+                Err(e) => format!("{name}: no status: {e}"),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// A node as a writer target.
+pub fn target_of(node: &Node) -> Target {
+    Target {
+        name: node.name().to_string(),
+        admin: node.files.admin.clone(),
+    }
+}
