@@ -12,8 +12,38 @@
 //! stopped, byte for byte.
 
 mod failover {
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use mirrorblk_admin::Role;
+    use mirrorblk_etcd::records::decode;
+    use mirrorblk_etcd::{InSyncRecord, VolumeKeys};
+    use mirrorblk_tests::cluster::{
+        assert_stores_identical, write_secret, Node, NodeFiles, EXPORT,
+    };
+    use mirrorblk_tests::coordinated::{target_of, Coordinated, ELECTION_TIMEOUT, IN_SYNC_TIMEOUT};
+    use mirrorblk_tests::daemon::Daemon;
     use mirrorblk_tests::etcd::Etcd;
+    use mirrorblk_tests::netns::{Net, PRIMARY_IP, REPLICA_IP};
+    use mirrorblk_tests::util::MIB;
+    use mirrorblk_tests::writer::{check_through, connect, Writer, WriterConfig, Written};
     use mirrorblk_tests::TestDir;
+
+    /// The daemon's default `--lease-ttl`.
+    const LEASE_TTL: Duration = Duration::from_secs(2);
+    /// The least fencing margin the tests accept: a primary must stop
+    /// acknowledging this long before its lease can expire (counted from
+    /// etcd's death, which is no earlier than its last renewal).
+    const MIN_FENCE_MARGIN: Duration = Duration::from_millis(200);
+    /// The goal for kill → first write acknowledged by the new
+    /// primary (printed, not asserted).
+    const FAILOVER_GOAL: Duration = Duration::from_secs(3);
+    /// The bound asserted on it (a loaded 2-core machine, debug builds).
+    const FAILOVER_BOUND: Duration = Duration::from_secs(15);
+    /// Bound on `mirrorblk verify` of a 256M volume.
+    const VERIFY_TIMEOUT: Duration = Duration::from_secs(60);
+    /// The three nodes of every test.
+    const NAMES: [&str; 3] = ["n1", "n2", "n3"];
 
     /// The harness's etcd keeps what was put in it across `kill -9` and a
     /// restart on the same ports, and refuses while it is down.
@@ -36,5 +66,494 @@ mod failover {
             .expect("get after the restart")
             .expect("the key survived the restart");
         assert_eq!(kv.value, b"v1");
+    }
+
+    /// Three coordinated nodes in sync mode, and the index of the one
+    /// serving once it has every replica in sync. The others refuse NBD
+    /// clients, `mirrorblk status --json` shows the roles, and the leader
+    /// key names the primary.
+    fn three_nodes(dir: &TestDir, etcd: &Etcd, mode: &str, extra: &[&str]) -> (Coordinated, usize) {
+        let secret = write_secret(dir, "secret");
+        let mut c = Coordinated::start(dir, &secret, &etcd.url(), &NAMES, mode, extra);
+        let p = c.wait_primary(&[0, 1, 2], ELECTION_TIMEOUT);
+        for (i, n) in c.nodes.iter().enumerate() {
+            let out = n.cli(&["status", "--json"], Duration::from_secs(20));
+            assert_eq!(out.code, 0, "status --json on {}: {out:#?}", n.name());
+            let v: serde_json::Value = serde_json::from_str(&out.stdout)
+                .unwrap_or_else(|e| panic!("status --json of {}: {e}: {out:#?}", n.name()));
+            let want = if i == p { "primary" } else { "replica" };
+            assert_eq!(
+                v["volumes"][0]["role"],
+                want,
+                "{}'s status --json: {v:#}",
+                n.name()
+            );
+            if i != p {
+                assert!(
+                    connect(&target_of(n)).is_none(),
+                    "replica {} accepted an NBD client",
+                    n.name()
+                );
+            }
+        }
+        let leader = etcd
+            .leader(EXPORT)
+            .expect("read the leader key")
+            .expect("a leader key while a primary serves");
+        assert_eq!(leader.node, c.nodes[p].name(), "the leader key: {leader:?}");
+        c.wait_in_sync(p, IN_SYNC_TIMEOUT);
+        (c, p)
+    }
+
+    /// The first 20 of `lines`, and how many more there are.
+    fn first_lines(lines: &[String]) -> String {
+        let mut t = lines
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n");
+        if lines.len() > 20 {
+            t.push_str(&format!("\n… and {} more", lines.len() - 20));
+        }
+        t
+    }
+
+    /// Reads every write `w` recorded back from node `i` (through a client
+    /// of its own) and fails naming each one missing.
+    #[track_caller]
+    fn assert_holds_every_write(c: &Coordinated, i: usize, w: &Written, limit: u64, what: &str) {
+        let mut client = connect(&target_of(&c.nodes[i]))
+            .unwrap_or_else(|| panic!("{} does not serve NBD clients", c.nodes[i].name()));
+        let bad = check_through(what, w, limit, &mut client);
+        assert!(
+            bad.is_empty(),
+            "{} violations among {} acknowledged and {} unanswered writes:\n{}",
+            bad.len(),
+            w.acked.len(),
+            w.unanswered.len(),
+            first_lines(&bad)
+        );
+    }
+
+    /// `mirrorblk verify` on primary `p` finds every store identical; then
+    /// the replicas and the primary stop cleanly and their stores are
+    /// byte-identical.
+    #[track_caller]
+    fn verify_and_compare(c: &mut Coordinated, p: usize) {
+        c.wait_in_sync(p, IN_SYNC_TIMEOUT);
+        let v = c.nodes[p].cli(&["verify"], VERIFY_TIMEOUT);
+        assert_eq!(v.code, 0, "mirrorblk verify: {v:#?}");
+        for i in (0..c.nodes.len()).filter(|&i| i != p) {
+            c.nodes[i].stop();
+        }
+        c.nodes[p].stop();
+        let nodes: Vec<&_> = c.nodes.iter().collect();
+        assert_stores_identical(&nodes);
+    }
+
+    /// The median of `times` (sorted in place).
+    fn median(times: &mut [Duration]) -> Duration {
+        times.sort();
+        times[times.len() / 2]
+    }
+
+    /// Three nodes and etcd, a FUA writer through whoever serves; five times
+    /// the primary is killed with -9: a replica serves and acknowledges a
+    /// write within [`FAILOVER_BOUND`], every write acknowledged so far
+    /// reads back from it, and the old primary, restarted with the same
+    /// flags, rejoins as a replica and comes back in sync. At the end
+    /// `mirrorblk verify` and a byte comparison of the stopped stores agree.
+    /// Prints each kill → first acknowledgement time and their median.
+    #[test]
+    fn primary_killed_five_times_a_replica_serves_and_nothing_acknowledged_is_lost() {
+        let dir = TestDir::new();
+        let etcd = Etcd::start(dir.path());
+        let (mut c, mut p) = three_nodes(&dir, &etcd, "sync", &[]);
+        let config = WriterConfig {
+            room: 200 * MIB,
+            ..WriterConfig::default()
+        };
+        let limit = config.base + config.room;
+        let writer = Writer::start(c.targets(), config);
+        let mut times = Vec::new();
+        for round in 1..=5 {
+            let name = c.nodes[p].name().to_string();
+            let since = Instant::now();
+            writer
+                .wait_until(Duration::from_secs(20), |w| {
+                    w.acked
+                        .iter()
+                        .filter(|a| a.node == name && a.at >= since)
+                        .count()
+                        >= 50
+                })
+                .unwrap_or_else(|| {
+                    panic!(
+                        "round {round}: {name} acknowledged no 50 writes in 20 s: {:?}",
+                        writer.snapshot().errors
+                    )
+                });
+            let killed = Instant::now();
+            c.nodes[p].daemon.kill9();
+            let w = writer.wait_until(FAILOVER_BOUND, |w| {
+                w.first_ack_not_by(&name, killed).is_some()
+            });
+            let Some(w) = w else {
+                panic!(
+                    "round {round}: no write acknowledged by another node within {FAILOVER_BOUND:?} of killing {name}; statuses:\n{}",
+                    c.describe()
+                );
+            };
+            let ack = w.first_ack_not_by(&name, killed).expect("found above");
+            let took = ack.at - killed;
+            eprintln!(
+                "round {round}: killed {name}; {} acknowledged a write {took:?} later",
+                ack.node
+            );
+            times.push(took);
+            let old = p;
+            p = c.index(&ack.node);
+            assert_eq!(c.wait_primary(&[p], Duration::from_secs(5)), p);
+            assert_holds_every_write(
+                &c,
+                p,
+                &w,
+                w.end,
+                &format!("round {round}, new primary {}", ack.node),
+            );
+            c.nodes[old].daemon.restart();
+            c.nodes[old].wait_status(
+                Duration::from_secs(30),
+                "the old primary back as a replica",
+                |s| s.role == Role::Replica,
+            );
+            c.wait_in_sync(p, IN_SYNC_TIMEOUT);
+        }
+        let w = writer.finish(Duration::from_secs(10));
+        assert!(w.errors.is_empty(), "write errors: {:#?}", w.errors);
+        let mut sorted = times.clone();
+        let med = median(&mut sorted);
+        eprintln!(
+            "kill -9 -> first write acknowledged by the new primary: {times:?}; median {med:?} (goal {FAILOVER_GOAL:?}, lease TTL {LEASE_TTL:?})"
+        );
+        assert_holds_every_write(&c, p, &w, limit, "after five failovers");
+        verify_and_compare(&mut c, p);
+    }
+
+    /// Every acknowledgement of `w` at or after `from` and before `to`.
+    fn acks_between(w: &Written, from: Instant, to: Instant) -> Vec<String> {
+        w.acked
+            .iter()
+            .filter(|a| a.at >= from && a.at < to)
+            .map(|a| format!("{:?} by {} at +{:?}", a.region, a.node, a.at - from))
+            .collect()
+    }
+
+    /// etcd killed with -9 under write load for three lease TTLs, then
+    /// restarted: while it is down no node becomes a second primary, the
+    /// primary acknowledges nothing from [`MIN_FENCE_MARGIN`] before its
+    /// lease may have lapsed (one TTL after the kill at the latest) until
+    /// etcd is back, and fails nothing either (the writes
+    /// are held on the same connection), and after the restart writes are
+    /// acknowledged again within a bounded time. Nothing acknowledged is
+    /// lost; verify and the stopped stores agree.
+    #[test]
+    fn etcd_killed_under_load_holds_writes_and_loses_nothing() {
+        let dir = TestDir::new();
+        let mut etcd = Etcd::start(dir.path());
+        let (mut c, _) = three_nodes(&dir, &etcd, "sync", &[]);
+        let config = WriterConfig::default();
+        let limit = config.base + config.room;
+        let writer = Writer::start(c.targets(), config);
+        writer
+            .wait_until(Duration::from_secs(20), |w| w.acked.len() >= 100)
+            .expect("100 writes acknowledged before etcd is killed");
+        let connections = writer.snapshot().connections.len();
+        let killed = Instant::now();
+        etcd.kill9();
+        let mut most_primaries = 0;
+        while killed.elapsed() < 3 * LEASE_TTL {
+            most_primaries = most_primaries.max(c.primaries().len());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let restarted = Instant::now();
+        etcd.restart();
+        let w = writer
+            .wait_until(FAILOVER_BOUND, |w| w.acked.iter().any(|a| a.at >= restarted))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no write acknowledged within {FAILOVER_BOUND:?} of etcd's restart; statuses:\n{}",
+                    c.describe()
+                )
+            });
+        let resumed = w
+            .acked
+            .iter()
+            .find(|a| a.at >= restarted)
+            .expect("found above");
+        let last_before = w.acked.iter().rev().find(|a| a.at < restarted);
+        eprintln!(
+            "etcd down {:?}; last acknowledgement {:?} after the kill, first {:?} after the restart (by {})",
+            restarted - killed,
+            last_before.map(|a| a.at.saturating_duration_since(killed)),
+            resumed.at - restarted,
+            resumed.node
+        );
+        assert!(
+            w.errors.is_empty(),
+            "writes failed instead of being held: {:#?}",
+            w.errors
+        );
+        assert_eq!(
+            w.connections.len(),
+            connections,
+            "the writer's connection was dropped while etcd was down: {:?}",
+            w.connections
+        );
+        assert!(
+            most_primaries <= 1,
+            "{most_primaries} nodes said primary while etcd was down"
+        );
+        let fenced = acks_between(&w, killed + LEASE_TTL - MIN_FENCE_MARGIN, restarted);
+        assert!(
+            fenced.is_empty(),
+            "{} writes acknowledged within {MIN_FENCE_MARGIN:?} of the lease's possible expiry ({LEASE_TTL:?} after etcd's kill) or later, before etcd came back:\n{}",
+            fenced.len(),
+            first_lines(&fenced)
+        );
+        writer
+            .wait_until(Duration::from_secs(20), |w| {
+                w.acked.iter().filter(|a| a.at >= restarted).count() >= 50
+            })
+            .expect("50 writes acknowledged after the restart");
+        let w = writer.finish(Duration::from_secs(10));
+        assert!(w.errors.is_empty(), "write errors: {:#?}", w.errors);
+        let p = c.wait_primary(&[0, 1, 2], ELECTION_TIMEOUT);
+        assert_holds_every_write(&c, p, &w, limit, "after etcd's restart");
+        verify_and_compare(&mut c, p);
+    }
+
+    /// A replica that misses writes (killed while the others go on) is left
+    /// out of the in-sync set the primary publishes; with the primary and
+    /// the in-sync replica then killed, it is the only node left and etcd
+    /// has no leader, yet for three lease TTLs it never becomes primary and
+    /// serves no client. The in-sync replica, restarted, takes over with
+    /// every acknowledged write, and the stale one is resynced from it.
+    #[test]
+    fn a_replica_not_in_sync_is_never_promoted() {
+        let dir = TestDir::new();
+        let etcd = Etcd::start(dir.path());
+        let (mut c, p) = three_nodes(&dir, &etcd, "sync", &[]);
+        let others: Vec<usize> = (0..3).filter(|&i| i != p).collect();
+        let (fresh, stale) = (others[0], others[1]);
+        let stale_name = c.nodes[stale].name().to_string();
+        c.nodes[stale].daemon.kill9();
+        let writer = Writer::start(
+            vec![target_of(&c.nodes[p])],
+            WriterConfig {
+                reconnect: false,
+                bytes_per_second: 8 * MIB,
+                ..WriterConfig::default()
+            },
+        );
+        writer
+            .wait_until(Duration::from_secs(30), |w| w.acked.len() >= 300)
+            .expect("300 writes acknowledged without the stale replica");
+        let w = writer.finish(Duration::from_secs(10));
+        assert!(w.errors.is_empty(), "write errors: {:#?}", w.errors);
+        let in_sync = etcd
+            .get(&VolumeKeys::new(EXPORT).in_sync())
+            .expect("read the in-sync key")
+            .expect("an in-sync set published before writes went on without a replica");
+        let record: InSyncRecord = decode(&in_sync).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !record.includes(&stale_name),
+            "{stale_name} is in the published in-sync set: {record:?}"
+        );
+        c.nodes[p].daemon.kill9();
+        c.nodes[fresh].daemon.kill9();
+        c.nodes[stale].daemon.restart();
+        let watched = Instant::now();
+        while watched.elapsed() < 3 * LEASE_TTL {
+            let s = c.nodes[stale].status();
+            assert_eq!(
+                s.role,
+                Role::Replica,
+                "{stale_name}, not in sync, became primary: {s:#?}"
+            );
+            assert!(
+                connect(&target_of(&c.nodes[stale])).is_none(),
+                "{stale_name}, not in sync, accepted an NBD client"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let why = c.nodes[stale].log_lines_with("not campaigning");
+        eprintln!("{stale_name} says: {why:?}");
+        assert!(
+            !why.is_empty(),
+            "{stale_name} never said why it does not campaign: {}",
+            c.nodes[stale].daemon.log()
+        );
+        c.nodes[fresh].daemon.restart();
+        let np = c.wait_primary(&[fresh], ELECTION_TIMEOUT);
+        assert_holds_every_write(&c, np, &w, w.end, "the in-sync replica, promoted");
+        c.nodes[p].daemon.restart();
+        verify_and_compare(&mut c, np);
+    }
+
+    /// n1 alone in one network namespace, n2, n3 and etcd in the other;
+    /// n1 is started first, so it is primary.
+    fn partitioned_nodes(dir: &TestDir, net: &Net, etcd: &Etcd) -> Coordinated {
+        let secret = write_secret(dir, "secret");
+        let ips = [PRIMARY_IP, REPLICA_IP, REPLICA_IP];
+        let addrs: Vec<SocketAddr> = (0..3)
+            .map(|i| format!("{}:{}", ips[i], 7101 + i).parse().expect("address"))
+            .collect();
+        let url = etcd.url();
+        let start = |i: usize| -> Node {
+            let files = NodeFiles::new(dir, NAMES[i]);
+            let peers: Vec<(String, String)> = (0..3)
+                .filter(|&j| j != i)
+                .map(|j| (NAMES[j].to_string(), addrs[j].to_string()))
+                .collect();
+            let unix = dir
+                .join(&format!("{}.sock", NAMES[i]))
+                .display()
+                .to_string();
+            let flags = [
+                "--mode",
+                "sync",
+                "--heartbeat-timeout",
+                "1s",
+                "--unix",
+                &unix,
+            ];
+            let ns = if i == 0 {
+                &net.primary_ns
+            } else {
+                &net.replica_ns
+            };
+            let daemon = Daemon::try_start_in_netns(
+                ns,
+                files.coordinated_args(&secret, addrs[i], &peers, &url, &flags),
+            )
+            .unwrap_or_else(|e| panic!("{} did not start in {ns}: {e}", NAMES[i]));
+            Node {
+                files,
+                daemon,
+                replication: Some(addrs[i]),
+            }
+        };
+        let mut c = Coordinated {
+            nodes: vec![start(0)],
+        };
+        c.wait_primary(&[0], ELECTION_TIMEOUT);
+        c.nodes.push(start(1));
+        c.nodes.push(start(2));
+        c.wait_in_sync(0, IN_SYNC_TIMEOUT);
+        c
+    }
+
+    /// The primary (n1) loses etcd and both replicas while a client keeps
+    /// writing through it (pinned to it), and another client writes through
+    /// whichever of n2 and n3 serves: n1 acknowledges nothing after the new
+    /// primary's first acknowledgement. After the heal n1 rejoins as a
+    /// replica and converges; every write either client saw acknowledged
+    /// reads back from the new primary; verify and the stopped stores agree.
+    /// Prints SKIP where network namespaces cannot be made.
+    #[test]
+    fn partitioned_primary_stops_acknowledging_before_a_replica_is_promoted() {
+        let net = match Net::create("f") {
+            Ok(n) => n,
+            Err(why) => {
+                println!("SKIP: cannot create network namespaces here: {why}");
+                return;
+            }
+        };
+        let dir = TestDir::new();
+        let etcd =
+            Etcd::start_in_netns(dir.path(), &net.replica_ns, REPLICA_IP.parse().expect("ip"));
+        let mut c = partitioned_nodes(&dir, &net, &etcd);
+        let old = WriterConfig {
+            reconnect: false,
+            room: 64 * MIB,
+            ..WriterConfig::default()
+        };
+        let new = WriterConfig {
+            base: 64 * MIB,
+            room: 64 * MIB,
+            ..WriterConfig::default()
+        };
+        let (old_limit, new_limit) = (old.base + old.room, new.base + new.room);
+        let to_old = Writer::start(vec![target_of(&c.nodes[0])], old);
+        let to_new = Writer::start(vec![target_of(&c.nodes[1]), target_of(&c.nodes[2])], new);
+        to_old
+            .wait_until(Duration::from_secs(20), |w| w.acked.len() >= 100)
+            .expect("100 writes acknowledged by n1 before the partition");
+        let cut = Instant::now();
+        net.set_link(false);
+        let first = to_new
+            .wait_until(FAILOVER_BOUND + LEASE_TTL, |w| !w.acked.is_empty())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no replica acknowledged a write within {:?} of the partition; statuses:\n{}",
+                    FAILOVER_BOUND + LEASE_TTL,
+                    c.describe()
+                )
+            });
+        let first = first.acked[0].clone();
+        // Give n1 every chance to acknowledge what it should not.
+        std::thread::sleep(Duration::from_secs(2));
+        let held = to_old.snapshot();
+        let last_old = held
+            .last_ack_by("n1")
+            .expect("n1 acknowledged writes before the cut")
+            .clone();
+        eprintln!(
+            "partition: n1's last acknowledgement {:?} after the cut; {}'s first {:?} after the cut",
+            last_old.at.saturating_duration_since(cut),
+            first.node,
+            first.at - cut,
+        );
+        assert!(
+            last_old.at < first.at,
+            "split brain: n1 acknowledged {:?} {:?} after {} acknowledged its first write",
+            last_old.region,
+            last_old.at - first.at,
+            first.node
+        );
+        net.set_link(true);
+        c.nodes[0].wait_status(
+            Duration::from_secs(60),
+            "n1 back as a replica after the heal",
+            |s| s.role == Role::Replica,
+        );
+        let p = c.index(&first.node);
+        c.wait_in_sync(p, IN_SYNC_TIMEOUT);
+        let w_old = to_old.finish(Duration::from_secs(10));
+        let w_new = to_new.finish(Duration::from_secs(10));
+        eprintln!(
+            "n1's client: {} acknowledged, {} unanswered, errors {:?}",
+            w_old.acked.len(),
+            w_old.unanswered.len(),
+            w_old.errors
+        );
+        let late: Vec<_> = w_old.acked.iter().filter(|a| a.at >= first.at).collect();
+        assert!(
+            late.is_empty(),
+            "n1 acknowledged {} writes after the new primary's first: {late:?}",
+            late.len()
+        );
+        assert!(
+            w_new.errors.is_empty(),
+            "write errors through the new primary: {:#?}",
+            w_new.errors
+        );
+        assert_holds_every_write(&c, p, &w_old, old_limit, "n1's writes, on the new primary");
+        assert_holds_every_write(&c, p, &w_new, new_limit, "the new primary's writes");
+        verify_and_compare(&mut c, p);
+        drop(etcd);
+        drop(net);
     }
 }
