@@ -226,3 +226,66 @@ impl Tail {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mirrorblk_admin::{Event, EventKind};
+
+    fn line(seq: u64) -> String {
+        let e = Event {
+            ts: "2026-12-04T20:30:16.123Z".into(),
+            seq,
+            node: "n1".into(),
+            kind: EventKind::CoordinatorReachable {},
+        };
+        format!("{}\n", e.to_line())
+    }
+
+    fn append(path: &Path, text: &str) {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("open the log");
+        f.write_all(text.as_bytes()).expect("append");
+    }
+
+    /// The sequence numbers of the JSON lines printed.
+    fn seqs(out: &[u8]) -> Vec<u64> {
+        String::from_utf8_lossy(out)
+            .lines()
+            .map(|l| Event::from_line(l).expect("an event").seq)
+            .collect()
+    }
+
+    #[test]
+    fn follow_reads_the_old_file_to_its_end_across_a_rotation() {
+        let dir = std::env::temp_dir().join(format!("mirrorblk-events-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("n1.events.jsonl");
+        let _ = std::fs::remove_file(&path);
+        append(&path, &line(1));
+        let mut tail = Tail::open(&path).expect("open");
+        let mut out = Vec::new();
+        tail.poll(true, &mut out).expect("poll");
+        // A line being written shows only once complete.
+        let second = line(2);
+        let (head, rest) = second.split_at(10);
+        append(&path, head);
+        tail.poll(true, &mut out).expect("poll");
+        assert_eq!(seqs(&out), [1]);
+        append(&path, rest);
+        append(&path, &line(3));
+        // Rotated before the follower saw 3; then 4 goes to the new file.
+        std::fs::rename(&path, rotated(&path, 1)).expect("rotate");
+        append(&path, &line(4));
+        tail.poll(true, &mut out).expect("poll");
+        assert_eq!(seqs(&out), [1, 2, 3, 4]);
+        append(&path, &line(5));
+        tail.poll(false, &mut out).expect("poll");
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.ends_with("n1 coordinator-reachable\n"), "{text}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
