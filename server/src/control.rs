@@ -47,8 +47,9 @@ pub enum CoordRequest {
     Published(Vec<String>),
     /// This node won the election: persist the primary role in `epoch`.
     Promote(crate::units::Epoch),
-    /// Another node leads: persist the replica role.
-    Demote,
+    /// Another node leads (or this one lost its lease): persist the
+    /// replica role; the reason, for the event log.
+    Demote(String),
 }
 
 /// Where a volume stands on this node, for the coordinator.

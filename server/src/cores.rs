@@ -199,16 +199,19 @@ async fn coordinate(vol: &Volume, request: &CoordRequest) -> Result<CoordAnswer,
             }
             Ok(CoordAnswer::Done)
         }
-        CoordRequest::Promote(epoch) => vol
-            .promote(false, Some(*epoch))
-            .await
-            .map(|_| CoordAnswer::Done)
-            .map_err(|e| e.to_string()),
-        CoordRequest::Demote => vol
-            .demote()
-            .await
-            .map(|_| CoordAnswer::Done)
-            .map_err(|e| e.to_string()),
+        CoordRequest::Promote(epoch) => {
+            vol.promote(false, Some(*epoch))
+                .await
+                .map_err(|e| e.to_string())?;
+            let why = format!("elected by etcd in epoch {epoch}");
+            role_changed(vol, Role::Replica, Role::Primary, &why);
+            Ok(CoordAnswer::Done)
+        }
+        CoordRequest::Demote(why) => {
+            vol.demote().await.map_err(|e| e.to_string())?;
+            role_changed(vol, Role::Primary, Role::Replica, why);
+            Ok(CoordAnswer::Done)
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use mirrorblk_etcd::{records, Compare, InSyncRecord, KeyValue, LeaderRecord, Nod
 
 use super::{decide, Coordinator};
 use crate::control::{CoordRequest, Position};
+use crate::events::{emit, EventKind};
 use crate::journal::format::Role;
 use crate::units::Epoch;
 
@@ -28,6 +29,11 @@ impl Coordinator {
         match records::decode::<LeaderRecord>(kv) {
             Ok(rec) if self.leader.as_ref() != Some(&rec) => {
                 tracing::info!(volume = %self.w.volume, "primary is {} (NBD {}) in epoch {}", rec.node, rec.nbd, rec.epoch);
+                emit(EventKind::LeaderSeen {
+                    volume: self.w.volume.clone(),
+                    leader: rec.node.clone(),
+                    epoch: rec.epoch,
+                });
                 self.leader = Some(rec);
             }
             Ok(_) => {}
@@ -73,6 +79,10 @@ impl Coordinator {
     fn refuse(&mut self, why: String) {
         if self.refusal.as_ref() != Some(&why) {
             tracing::warn!(volume = %self.w.volume, "not campaigning for primary: {why}");
+            emit(EventKind::CampaignRefused {
+                volume: self.w.volume.clone(),
+                reason: why.clone(),
+            });
             self.refusal = Some(why);
         }
     }
@@ -136,7 +146,14 @@ impl Coordinator {
                     .first()
                     .and_then(|r| r.first())
                     .and_then(|kv| records::decode::<LeaderRecord>(kv).ok());
-                tracing::info!(volume = %self.w.volume, "campaign lost to {}", winner.map(|w| w.node).unwrap_or_else(|| "a concurrent change".into()));
+                let winner = winner
+                    .map(|w| w.node)
+                    .unwrap_or_else(|| "(a concurrent change)".into());
+                tracing::info!(volume = %self.w.volume, "campaign lost to {winner}");
+                emit(EventKind::CampaignLost {
+                    volume: self.w.volume.clone(),
+                    winner,
+                });
             }
             Err(e) => self.set_reachable(false, &e.to_string()),
         }
@@ -176,6 +193,10 @@ impl Coordinator {
     /// Won: persist the primary role in `epoch` and restart with the lease.
     fn won(&mut self, epoch: u64) {
         tracing::warn!(volume = %self.w.volume, "won the election: becoming primary in epoch {epoch}");
+        emit(EventKind::CampaignWon {
+            volume: self.w.volume.clone(),
+            epoch,
+        });
         match self.ask(CoordRequest::Promote(Epoch(epoch))) {
             Ok(_) => {
                 if let Some((id, _)) = self.lease {

@@ -6,6 +6,7 @@ use mirrorblk_etcd::{records, Compare, InSyncRecord, LeaderRecord, Op};
 
 use super::Coordinator;
 use crate::control::{CoordAnswer, CoordRequest};
+use crate::events::{emit, EventKind};
 
 impl Coordinator {
     /// One round on the primary.
@@ -83,6 +84,11 @@ impl Coordinator {
                     tracing::error!(volume = %self.w.volume, "cannot apply the published in-sync set: {e}");
                     return;
                 }
+                emit(EventKind::InSyncPublished {
+                    volume: self.w.volume.clone(),
+                    epoch: self.epoch,
+                    replicas: replicas.clone(),
+                });
                 self.published = Some(replicas);
             }
             Ok(_) => self.step_down("its leader key changed while publishing the in-sync set"),

@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 use crate::admin::Readiness;
 use crate::config::CoordinatorConfig;
 use crate::control::{CoordAnswer, CoordQuery, CoordRequest, CoreMsg, Position};
+use crate::events::{emit, EventKind};
 use crate::journal::format::Role;
 use crate::lease_fence::LeaseFence;
 
@@ -45,6 +46,9 @@ pub fn call_timeout(ttl: Duration) -> Duration {
 /// How long a core may take to answer (a promotion first applies what
 /// the replica received, for up to 30 s).
 const CORE_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// A core answer slower than this is logged (it delays lease renewals).
+const SLOW_CORE: Duration = Duration::from_millis(300);
 
 /// What the coordinator thread needs.
 pub struct Wiring {
@@ -174,6 +178,11 @@ impl Coordinator {
         match self.client.grant(self.w.cfg.lease_ttl) {
             Ok((id, ttl)) => {
                 tracing::info!(volume = %self.w.volume, "etcd lease {id} granted ({} s)", ttl.as_secs());
+                emit(EventKind::LeaseGranted {
+                    volume: self.w.volume.clone(),
+                    lease: id.to_string(),
+                    ttl_ms: millis(ttl),
+                });
                 self.lease = Some((id, ttl));
                 self.next_keepalive = Instant::now() + decide::keepalive_interval(ttl);
                 self.set_reachable(true, "");
@@ -186,6 +195,10 @@ impl Coordinator {
     /// The lease is gone in etcd: a primary has lost its leadership.
     fn lease_expired(&mut self) {
         tracing::warn!(volume = %self.w.volume, "etcd lease expired");
+        emit(EventKind::LeaseLost {
+            volume: self.w.volume.clone(),
+            reason: "it expired in etcd".into(),
+        });
         self.lease = None;
         if self.role == Role::Primary {
             self.step_down("its etcd lease expired");
@@ -215,8 +228,12 @@ impl Coordinator {
         if ok != self.reachable {
             if ok {
                 tracing::info!("etcd reachable again");
+                emit(EventKind::CoordinatorReachable {});
             } else {
                 tracing::warn!("etcd unreachable: {why}");
+                emit(EventKind::CoordinatorUnreachable {
+                    reason: why.to_string(),
+                });
             }
         }
         self.reachable = ok;
@@ -230,12 +247,21 @@ impl Coordinator {
         let valid = self.w.fence.valid_at(now);
         match (valid, self.held_since) {
             (false, None) => {
-                tracing::warn!(volume = %self.w.volume, "lease not renewed in time: holding replies until it is renewed or another node leads");
+                let reason = "the lease was not renewed in time: replies wait until it is renewed or another node leads";
+                tracing::warn!(volume = %self.w.volume, "{reason}");
+                emit(EventKind::WritesHeld {
+                    volume: self.w.volume.clone(),
+                    reason: reason.into(),
+                });
                 self.held_since = Some(now);
             }
             (true, Some(since)) => {
                 let held = now.duration_since(since);
                 tracing::info!(volume = %self.w.volume, "lease renewed: replies resume after {} ms", held.as_millis());
+                emit(EventKind::WritesResumed {
+                    volume: self.w.volume.clone(),
+                    held_ms: millis(held),
+                });
                 self.held_since = None;
             }
             _ => {}
@@ -254,8 +280,14 @@ impl Coordinator {
             .core
             .blocking_send(CoreMsg::Coordinate(q))
             .map_err(|_| "the volume's core has stopped".to_string())?;
-        rx.recv_timeout(CORE_TIMEOUT)
-            .map_err(|_| "the volume's core did not answer".to_string())?
+        let asked = Instant::now();
+        let answer = rx
+            .recv_timeout(CORE_TIMEOUT)
+            .map_err(|_| "the volume's core did not answer".to_string())?;
+        if asked.elapsed() > SLOW_CORE {
+            tracing::warn!(volume = %self.w.volume, "the volume's core took {} ms to answer the coordinator", asked.elapsed().as_millis());
+        }
+        answer
     }
 
     fn position(&self) -> Result<Position, String> {
@@ -270,11 +302,15 @@ impl Coordinator {
     fn step_down(&mut self, why: &str) {
         tracing::error!(volume = %self.w.volume, "stepping down as primary: {why}; restarting as a replica");
         self.w.fence.close();
-        if let Err(e) = self.ask(CoordRequest::Demote) {
-            tracing::error!(volume = %self.w.volume, "demoting failed: {e}");
-        }
         if let Some((id, _)) = self.lease.take() {
+            emit(EventKind::LeaseLost {
+                volume: self.w.volume.clone(),
+                reason: why.to_string(),
+            });
             let _ = self.client.revoke(id);
+        }
+        if let Err(e) = self.ask(CoordRequest::Demote(format!("etcd: {why}"))) {
+            tracing::error!(volume = %self.w.volume, "demoting failed: {e}");
         }
         crate::lifecycle::request_restart(Role::Replica);
         self.done = true;
@@ -285,7 +321,7 @@ impl Coordinator {
         self.w.readiness.coordinator(CoordinatorStatus {
             etcd: self.client.endpoints(),
             reachable: self.reachable,
-            lease_ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            lease_ttl_ms: millis(ttl),
             lease: self.lease.map(|(id, _)| id.to_string()),
             leader: self.leader.as_ref().map(|l| l.node.clone()),
             leader_nbd: self.leader.as_ref().map(|l| l.nbd.clone()),
@@ -295,4 +331,9 @@ impl Coordinator {
             not_candidate: self.refusal.clone(),
         });
     }
+}
+
+/// A duration in whole milliseconds (saturating).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -63,6 +63,11 @@ pub fn starting_role(
                 volume,
                 "etcd lease {id} handed over: starting as primary in epoch {epoch}"
             );
+            crate::events::emit(crate::events::EventKind::LeaseGranted {
+                volume: volume.to_string(),
+                lease: id.to_string(),
+                ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            });
             Startup {
                 role: Role::Primary,
                 lease: Some((id, ttl)),
