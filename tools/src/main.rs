@@ -455,6 +455,11 @@ fn config_check(file: &Path) -> ExitCode {
                     if v.read_only { " (read-only)" } else { "" }
                 );
             }
+            println!(
+                "event log {} (rotated at {})",
+                c.event_log.display(),
+                ByteSize(c.event_log_max_bytes)
+            );
             if let Some(r) = &c.replication {
                 println!(
                     "replication: mode {:?}, {} peer(s){}, heartbeat timeout {:?}",

@@ -62,6 +62,9 @@ pub enum ConfigError {
     /// `event_log_max_bytes` below [`MIN_EVENT_LOG_MAX_BYTES`].
     #[error("--event-log-max-bytes {0} is too small: use at least {MIN_EVENT_LOG_MAX_BYTES}")]
     EventLogTooSmall(ByteSize),
+    /// The event log would default to a path under /dev.
+    #[error("the first volume's journal is {} (a device): give --event-log PATH (e.g. /var/lib/mirrorblk/node.events.jsonl), since beside it the event log would be lost at reboot", .0.display())]
+    EventLogInDev(PathBuf),
     /// `max_connections = 0`.
     #[error("--max-connections must be at least 1")]
     NoConnections,

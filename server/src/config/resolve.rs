@@ -165,6 +165,11 @@ fn event_log(s: &Settings, volumes: &[VolumeConfig]) -> Result<(PathBuf, u64), C
     }
     let path = match (&s.event_log, volumes.first()) {
         (Some(p), _) => p.clone(),
+        // Beside a journal on a block device the file would land in /dev,
+        // a memory file system: gone at the next boot.
+        (None, Some(v)) if v.journal.starts_with("/dev") => {
+            return Err(ConfigError::EventLogInDev(v.journal.clone()))
+        }
         (None, Some(v)) => {
             let mut p = v.journal.clone().into_os_string();
             p.push(defaults::EVENT_LOG_SUFFIX);

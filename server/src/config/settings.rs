@@ -189,8 +189,9 @@ pub struct Settings {
 
     /// The node's event log: role changes, leases, fences, peer and client
     /// connections, resyncs and admin commands, one JSON line each, written
-    /// durably (`mirrorblk events` reads it). [default: the first volume's
-    /// journal path with `.events.jsonl` appended]
+    /// durably (`mirrorblk events` reads it); required when the first
+    /// volume's journal is a device. [default: the first volume's journal
+    /// path with `.events.jsonl` appended]
     #[arg(long, value_name = "PATH")]
     pub event_log: Option<PathBuf>,
 

@@ -450,4 +450,19 @@ fn the_event_log_lies_beside_the_first_journal_unless_given() {
     let small = [&vol[..], &["--event-log-max-bytes", "4K"]].concat();
     let e = Config::from_cli(&cli(&small)).unwrap_err().to_string();
     assert!(e.contains("--event-log-max-bytes 4K is too small"), "{e}");
+    let device = [
+        "--export",
+        "v",
+        "--data",
+        "/x/d",
+        "--journal",
+        "/dev/nvme0n1p3",
+    ];
+    let e = Config::from_cli(&cli(&device)).unwrap_err().to_string();
+    assert!(e.contains("give --event-log PATH"), "{e}");
+    let given = [&device[..], &["--event-log", "/x/e"]].concat();
+    assert_eq!(
+        Config::from_cli(&cli(&given)).unwrap().event_log,
+        std::path::Path::new("/x/e")
+    );
 }
