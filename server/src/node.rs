@@ -280,21 +280,32 @@ fn record_role(
     journal: &mut OpenedJournal,
     role: Role,
 ) -> Result<(), StartError> {
-    if role == journal.superblock.role {
+    let from = journal.superblock.role;
+    if role == from {
         return Ok(());
     }
     journal.superblock.role = role;
     journal.superblock.generation += 1;
-    crate::journal::recovery::write_superblock(&journal.file, &journal.superblock).map_err(|e| {
-        StartError::Journal {
+    crate::journal::recovery::write_superblock(&journal.file, &journal.superblock).map_err(
+        |e| StartError::Journal {
             volume: cfg.name.clone(),
             source: JournalOpenError::Io {
                 what: "cannot record the role in journal",
                 path: cfg.journal.clone(),
                 source: e,
             },
-        }
-    })
+        },
+    )?;
+    if from != Role::Unset {
+        crate::events::emit(crate::events::EventKind::RoleChange {
+            volume: cfg.name.clone(),
+            from,
+            to: role,
+            epoch: journal.superblock.epoch.0,
+            reason: format!("started as {role}"),
+        });
+    }
+    Ok(())
 }
 
 fn log_volume_ready(

@@ -245,6 +245,39 @@ mod events {
             "no human role-change line in:\n{}",
             human.stdout
         );
+
+        // The killed primary comes back with --role replica: its log goes
+        // on where it stopped, and says the role changed at start.
+        let mut args: Vec<std::ffi::OsString> = Vec::new();
+        let mut given = p.daemon.args().iter();
+        while let Some(a) = given.next() {
+            if a == "--role" {
+                given.next();
+            } else {
+                args.push(a.clone());
+            }
+        }
+        let listen = format!("127.0.0.1:{}", mirrorblk_tests::cluster::pick_port());
+        args.extend(["--role", "replica", "--replication-listen", &listen].map(Into::into));
+        p.daemon.restart_with(args);
+        let n1 = events_of(&p, &[]);
+        assert_in_order(
+            "n1 (restarted)",
+            &n1,
+            &[
+                ("client-detach", &|k| {
+                    matches!(k, EventKind::ClientDetach { .. })
+                }),
+                ("daemon-start", &|k| {
+                    matches!(k, EventKind::DaemonStart { .. })
+                }),
+                (
+                    "role-change at start",
+                    &|k| matches!(k, EventKind::RoleChange { from: Role::Primary, to: Role::Replica, epoch: 1, reason, .. } if reason == "started as replica"),
+                ),
+            ],
+        );
+        p.stop();
         r.stop();
     }
 }
