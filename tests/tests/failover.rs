@@ -556,4 +556,134 @@ mod failover {
         drop(etcd);
         drop(net);
     }
+
+    /// A port base for the demo: it and the ports the demo counts from it
+    /// (replication, replicas' NBD, metrics, etcd) are free now.
+    fn demo_port_base() -> u16 {
+        use mirrorblk_tests::cluster::pick_port;
+        const OFFSETS: [u16; 9] = [0, 1, 2, 3, 12, 13, 100, 200, 201];
+        for _ in 0..50 {
+            let base = pick_port();
+            let free = OFFSETS.iter().all(|o| {
+                base.checked_add(*o)
+                    .is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+            });
+            if free {
+                return base;
+            }
+        }
+        panic!("no free port base for the demo in 50 attempts");
+    }
+
+    /// The demo process: interrupted (SIGINT, as Ctrl-C), then killed, by
+    /// its PID when dropped, so its nodes and etcd are stopped by it.
+    struct Demo {
+        child: std::process::Child,
+        lines: std::sync::mpsc::Receiver<String>,
+        seen: Vec<String>,
+    }
+
+    impl Demo {
+        /// Waits up to `timeout` for an output line containing `needle`.
+        fn wait_line(&mut self, needle: &str, timeout: Duration) -> String {
+            let deadline = Instant::now() + timeout;
+            loop {
+                if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+                    return l.clone();
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.lines.recv_timeout(left) {
+                    Ok(l) => self.seen.push(l),
+                    Err(_) => panic!(
+                        "the demo printed no line with {needle:?} within {timeout:?}; it printed:\n{}",
+                        self.seen.join("\n")
+                    ),
+                }
+            }
+        }
+
+        /// SIGINT, and its exit status within 30 s (None: it hung).
+        fn interrupt(&mut self) -> Option<std::process::ExitStatus> {
+            // SAFETY: kill(2) on the PID of our own unreaped child.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(st)) = self.child.try_wait() {
+                    return Some(st);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            None
+        }
+    }
+
+    impl Drop for Demo {
+        fn drop(&mut self) {
+            if matches!(self.child.try_wait(), Ok(None)) && self.interrupt().is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+
+    /// `mirrorblk demo --auto-failover` starts etcd and three nodes, names
+    /// the primary with its PID; after `kill -9` of that PID it prints the
+    /// replica that took over, and Ctrl-C stops everything with status 0.
+    #[test]
+    fn demo_auto_failover_shows_a_replica_taking_over() {
+        use std::io::BufRead;
+        let dir = TestDir::new();
+        let listen = format!("127.0.0.1:{}", demo_port_base());
+        let mut child = std::process::Command::new(mirrorblk_tests::cluster::mirrorblk_cli())
+            .args([
+                "demo",
+                "--auto-failover",
+                "--size",
+                "64M",
+                "--listen",
+                &listen,
+                "--dir",
+            ])
+            .arg(dir.join("demo"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run mirrorblk demo");
+        let out = child.stdout.take().expect("piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let mut demo = Demo {
+            child,
+            lines,
+            seen: Vec::new(),
+        };
+        let line = demo.wait_line(" is primary: nbd://", ELECTION_TIMEOUT);
+        let pid: i32 = line
+            .rsplit_once("(pid ")
+            .and_then(|(_, p)| p.trim_end_matches(')').parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {line:?}"));
+        let old = line
+            .split_whitespace()
+            .next()
+            .expect("a node name")
+            .to_string();
+        // SAFETY: kill(2) on the primary the demo (our child) started and named.
+        let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert_eq!(rc, 0, "kill -9 {pid}");
+        let now = demo.wait_line(" is primary now", FAILOVER_BOUND);
+        assert!(!now.starts_with(&old), "{old} is primary again: {now:?}");
+        eprintln!("demo: {line}\ndemo: {now}");
+        let st = demo
+            .interrupt()
+            .expect("the demo stops within 30 s of Ctrl-C");
+        assert!(
+            st.success(),
+            "the demo exited with {st}; it printed:\n{}",
+            demo.seen.join("\n")
+        );
+    }
 }

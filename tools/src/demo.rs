@@ -16,10 +16,12 @@ use nix::unistd::Pid;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where the demo listens: the primary's NBD `host:port`; the other ports
-/// are counted from it.
-struct Ports {
-    host: String,
-    port: u16,
+/// are counted from it (etcd's too, with `--auto-failover`).
+pub struct Ports {
+    /// The host every node listens on.
+    pub host: String,
+    /// The primary's NBD port (with `--auto-failover`, n1's).
+    pub port: u16,
 }
 
 impl Ports {
@@ -80,8 +82,9 @@ fn nodes(dir: &Path, ports: &Ports, size: &str) -> Vec<NodeSpec> {
         .collect()
 }
 
-/// Runs the demo in `dir` with the primary on `listen`.
-pub fn run(dir: &Path, listen: &str, size: &str, daemon: &Path) -> ExitCode {
+/// Runs the demo in `dir` with the primary on `listen`; with
+/// `auto_failover`, etcd decides the roles (see [`crate::demo_failover`]).
+pub fn run(dir: &Path, listen: &str, size: &str, daemon: &Path, auto_failover: bool) -> ExitCode {
     if let Err(e) = std::fs::create_dir_all(dir) {
         eprintln!("mirrorblk: cannot create {}: {e}", dir.display());
         return ExitCode::from(1);
@@ -103,6 +106,9 @@ pub fn run(dir: &Path, listen: &str, size: &str, daemon: &Path) -> ExitCode {
     stop.add(Signal::SIGTERM);
     // Blocked here, so only our sigwait sees Ctrl-C; the children get a clean SIGTERM.
     let _ = stop.thread_block();
+    if auto_failover {
+        return crate::demo_failover::run(dir, &ports, nodes, daemon, &stop);
+    }
     let mut children = match start_all(dir, &nodes, daemon) {
         Ok(c) => c,
         Err(code) => return code,
@@ -124,7 +130,7 @@ pub fn run(dir: &Path, listen: &str, size: &str, daemon: &Path) -> ExitCode {
 
 /// Starts every node, replicas first so the primary finds them at once;
 /// the children come back in start order.
-fn start_all(
+pub fn start_all(
     dir: &Path,
     nodes: &[NodeSpec],
     daemon: &Path,
@@ -199,7 +205,7 @@ fn print_banner(dir: &Path, listen: &str, ports: &Ports, size: &str) {
 /// SIGTERMs every node, the primary (started last) first so the replicas
 /// receive everything before they stop, and waits for each; whether all
 /// exited cleanly.
-fn stop_all(children: &mut [(String, Child)]) -> bool {
+pub fn stop_all(children: &mut [(String, Child)]) -> bool {
     let mut ok = true;
     for (name, c) in children.iter_mut().rev() {
         let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);

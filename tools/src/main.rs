@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 mod demo;
+mod demo_etcd;
+mod demo_failover;
 mod events;
 mod primary;
 
@@ -52,6 +54,11 @@ enum Cmd {
         /// Volume size.
         #[arg(long, default_value = "1G")]
         size: String,
+        /// Let etcd decide the primary: start etcd (Debian's etcd-server)
+        /// in the demo folder and the three nodes with --etcd and no
+        /// --role; `kill -9` the primary and watch a replica take over.
+        #[arg(long)]
+        auto_failover: bool,
     },
     /// Show the node's volumes: role, epoch, LSNs, journal fill.
     Status {
@@ -825,7 +832,12 @@ fn main() -> ExitCode {
             &admin::Request::Demote,
             "demoted; the node restarts as replica",
         ),
-        Cmd::Demo { dir, listen, size } => demo::run(&dir, &listen, &size, &daemon_path()),
+        Cmd::Demo {
+            dir,
+            listen,
+            size,
+            auto_failover,
+        } => demo::run(&dir, &listen, &size, &daemon_path(), auto_failover),
         Cmd::Verify { repair, json } => verify(&cli.admin_socket, repair, json),
         Cmd::Primary {
             etcd,
