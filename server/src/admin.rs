@@ -154,27 +154,7 @@ fn serve(
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let (resp, restart) = match serde_json::from_str::<Request>(line.trim()) {
-            Ok(Request::Promote { .. } | Request::Demote) if readiness.coordinated() => (
-                Response::error(COORDINATED_ROLE),
-                None,
-            ),
-            Ok(req) => {
-                let status = req == Request::Status;
-                let command = line.trim().to_string();
-                let (mut resp, restart) = handle(req, node, cores);
-                if !status {
-                    record(command, &resp);
-                }
-                if status && resp.ok {
-                    readiness.stamp(&mut resp);
-                }
-                (resp, restart)
-            }
-            Err(e) => (Response::error(format!(
-                "cannot parse request ({e}); send one JSON object per line, e.g. {{\"cmd\":\"status\"}}"
-            )), None),
-        };
+        let (resp, restart) = answer(line.trim(), node, cores, readiness);
         let mut text = serde_json::to_string(&resp)
             .unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"));
         text.push('\n');
@@ -188,6 +168,45 @@ fn serve(
             return;
         }
     }
+}
+
+/// The answer to one request line, and the role to restart with once it
+/// is sent. Every request but `status` (monitors poll it) is recorded in
+/// the event log with its outcome.
+fn answer(
+    line: &str,
+    node: &str,
+    cores: &[mpsc::Sender<crate::control::CoreMsg>],
+    readiness: &Readiness,
+) -> (Response, Option<mirrorblk_admin::Role>) {
+    let req = match serde_json::from_str::<Request>(line) {
+        Ok(req) => req,
+        Err(e) => {
+            return (
+                Response::error(format!(
+            "cannot parse request ({e}); send one JSON object per line, e.g. {{\"cmd\":\"status\"}}"
+        )),
+                None,
+            )
+        }
+    };
+    if req == Request::Status {
+        let (mut resp, restart) = handle(req, node, cores);
+        if resp.ok {
+            readiness.stamp(&mut resp);
+        }
+        return (resp, restart);
+    }
+    // As parsed, not as sent: bounded, and without fields the daemon ignored.
+    let command = serde_json::to_string(&req).unwrap_or_default();
+    let (resp, restart) = match req {
+        Request::Promote { .. } | Request::Demote if readiness.coordinated() => {
+            (Response::error(COORDINATED_ROLE), None)
+        }
+        req => handle(req, node, cores),
+    };
+    record(command, &resp);
+    (resp, restart)
 }
 
 /// Records an admin command and its outcome in the event log (not status
