@@ -2,7 +2,7 @@
 //! their events durably (a `kill -9` loses none), `mirrorblk events --json`
 //! (the real CLI) parses them in order across a restart for a role change,
 //! `--follow` prints a new event within a bounded time, and the metrics
-//! count them.
+//! count them; under etcd, a failover shows as each node saw it.
 
 mod events {
     use std::io::{BufRead, BufReader, Read, Write};
@@ -279,5 +279,121 @@ mod events {
         );
         p.stop();
         r.stop();
+    }
+
+    /// Three nodes under a real etcd; the primary is killed (-9) and a
+    /// replica takes over. The new primary's log tells the story in order:
+    /// the old leader seen, its link lost, the election won, the role
+    /// changed, the restart, the lease handed over; the third node sees the
+    /// new leader after the old one; the killed node's log kept its lease.
+    #[test]
+    fn under_etcd_a_failover_shows_in_order_on_every_node() {
+        use mirrorblk_tests::coordinated::{Coordinated, ELECTION_TIMEOUT, IN_SYNC_TIMEOUT};
+        use mirrorblk_tests::etcd::Etcd;
+        let dir = TestDir::new();
+        let etcd = Etcd::start(dir.path());
+        let secret = write_secret(&dir, "secret");
+        let names = ["n1", "n2", "n3"];
+        let mut c = Coordinated::start(&dir, &secret, &etcd.url(), &names, "sync", &[]);
+        let p = c.wait_primary(&[0, 1, 2], ELECTION_TIMEOUT);
+        c.wait_in_sync(p, IN_SYNC_TIMEOUT);
+        let old = c.nodes[p].name().to_string();
+        let old_log = format!("{}.events.jsonl", c.nodes[p].files.journal.display());
+        c.nodes[p].daemon.kill9();
+        let others: Vec<usize> = (0..3).filter(|&i| i != p).collect();
+        let np = c.wait_primary(&others, ELECTION_TIMEOUT);
+        let new = c.nodes[np].name().to_string();
+        let third = others.into_iter().find(|&i| i != np).expect("a third node");
+        // After its restart the new primary logs the lease it handed over.
+        let restarted_with_lease = |events: &[Event]| {
+            let names: Vec<&str> = events.iter().map(|e| e.kind.name()).collect();
+            let start = names.iter().rposition(|n| *n == "daemon-start");
+            start.is_some_and(|s| s > 0 && names[s..].contains(&"lease-granted"))
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut events = events_of(&c.nodes[np], &[]);
+        while !restarted_with_lease(&events) {
+            let names: Vec<&str> = events.iter().map(|e| e.kind.name()).collect();
+            assert!(
+                Instant::now() < deadline,
+                "{new} never logged its lease after the restart: {names:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+            events = events_of(&c.nodes[np], &[]);
+        }
+        let epoch = c.nodes[np].status().epoch;
+        assert_in_order(
+            &new,
+            &events,
+            &[
+                ("daemon-start", &|k| {
+                    matches!(k, EventKind::DaemonStart { .. })
+                }),
+                (
+                    "leader-seen of the old primary",
+                    &|k| matches!(k, EventKind::LeaderSeen { leader, .. } if *leader == old),
+                ),
+                (
+                    "peer-disconnect of the old primary",
+                    &|k| matches!(k, EventKind::PeerDisconnect { peer, .. } if *peer == old),
+                ),
+                (
+                    "campaign-won",
+                    &|k| matches!(k, EventKind::CampaignWon { epoch: e, .. } if *e == epoch),
+                ),
+                (
+                    "role-change to primary",
+                    &|k| matches!(k, EventKind::RoleChange { from: Role::Replica, to: Role::Primary, epoch: e, .. } if *e == epoch),
+                ),
+                (
+                    "daemon-stop for the restart",
+                    &|k| matches!(k, EventKind::DaemonStop { reason } if reason == "restart as primary"),
+                ),
+                ("daemon-start as primary", &|k| {
+                    matches!(k, EventKind::DaemonStart { .. })
+                }),
+                ("lease-granted", &|k| {
+                    matches!(k, EventKind::LeaseGranted { .. })
+                }),
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = events_of(&c.nodes[third], &[]);
+        let saw_new = |events: &[Event]| {
+            events
+                .iter()
+                .any(|e| matches!(&e.kind, EventKind::LeaderSeen { leader, .. } if *leader == new))
+        };
+        while !saw_new(&seen) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            seen = events_of(&c.nodes[third], &[]);
+        }
+        assert_in_order(
+            names[third],
+            &seen,
+            &[
+                (
+                    "leader-seen of the old primary",
+                    &|k| matches!(k, EventKind::LeaderSeen { leader, .. } if *leader == old),
+                ),
+                (
+                    "leader-seen of the new primary",
+                    &|k| matches!(k, EventKind::LeaderSeen { leader, epoch: e, .. } if *leader == new && *e == epoch),
+                ),
+            ],
+        );
+        let killed = events_of(&c.nodes[np], &["--file", &old_log]);
+        assert_in_order(
+            &old,
+            &killed,
+            &[
+                ("daemon-start", &|k| {
+                    matches!(k, EventKind::DaemonStart { .. })
+                }),
+                ("lease-granted", &|k| {
+                    matches!(k, EventKind::LeaseGranted { .. })
+                }),
+            ],
+        );
     }
 }
