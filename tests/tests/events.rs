@@ -396,4 +396,39 @@ mod events {
             ],
         );
     }
+
+    /// A replica with another secret: the primary logs a peer-auth-failed
+    /// event naming it, and never a peer-connect.
+    #[test]
+    fn a_wrong_secret_is_a_peer_auth_failed_event() {
+        let dir = TestDir::new();
+        let secret = write_secret(&dir, "secret");
+        let other = write_secret(&dir, "other-secret");
+        let mut r = Node::start_replica(&dir, "n2", &other, "16M", &[]);
+        let mut p = Node::start_primary(&dir, "n1", &secret, &[&r], "16M", &[]);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut events = events_of(&p, &[]);
+        while !events.iter().any(|e| e.kind.name() == "peer-auth-failed") {
+            assert!(
+                Instant::now() < deadline,
+                "no peer-auth-failed in {events:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+            events = events_of(&p, &[]);
+        }
+        let failed = events.iter().find_map(|e| match &e.kind {
+            EventKind::PeerAuthFailed { addr, peer, reason } => Some((addr, peer, reason)),
+            _ => None,
+        });
+        let (addr, peer, reason) = failed.expect("found above");
+        assert_eq!(peer.as_deref(), Some("n2"));
+        assert_eq!(Some(addr.parse().expect("an address")), r.replication);
+        assert!(reason.contains("secret"), "{reason}");
+        assert!(
+            !events.iter().any(|e| e.kind.name() == "peer-connect"),
+            "a peer connected without the secret: {events:#?}"
+        );
+        p.stop();
+        r.stop();
+    }
 }
