@@ -134,7 +134,8 @@ impl Coordinated {
     }
 
     /// Waits until node `primary` sees every other running node in sync
-    /// with nothing out of sync and no resync running.
+    /// with nothing out of sync and no resync running, and has published
+    /// them in etcd as in sync (only then may they take over).
     #[track_caller]
     pub fn wait_in_sync(&mut self, primary: usize, timeout: Duration) -> VolumeStatus {
         let mut others = Vec::new();
@@ -143,16 +144,29 @@ impl Coordinated {
                 others.push(n.name().to_string());
             }
         }
-        self.nodes[primary].wait_status(timeout, "every running replica in sync", |s| {
-            others.iter().all(|peer| {
-                s.replicas.iter().any(|r| {
-                    &r.peer == peer
-                        && r.state == ReplicaState::InSync
-                        && r.resync.is_none()
-                        && r.out_of_sync_bytes == 0
+        let started = Instant::now();
+        let status =
+            self.nodes[primary].wait_status(timeout, "every running replica in sync", |s| {
+                others.iter().all(|peer| {
+                    s.replicas.iter().any(|r| {
+                        &r.peer == peer
+                            && r.state == ReplicaState::InSync
+                            && r.resync.is_none()
+                            && r.out_of_sync_bytes == 0
+                    })
                 })
-            })
-        })
+            });
+        let node = &self.nodes[primary];
+        let left = timeout.saturating_sub(started.elapsed());
+        crate::util::poll_until(
+            left,
+            &format!("{} to publish {others:?} as in sync", node.name()),
+            || {
+                let published = published_in_sync(&node.files.admin)?;
+                others.iter().all(|o| published.contains(o)).then_some(())
+            },
+        );
+        status
     }
 
     /// Every node's status, one per line, for failure messages.
@@ -185,4 +199,16 @@ pub fn target_of(node: &Node) -> Target {
         name: node.name().to_string(),
         admin: node.files.admin.clone(),
     }
+}
+
+/// The in-sync set the primary at `admin` last published in etcd (its
+/// status's coordinator view); None if it does not answer or has none.
+pub fn published_in_sync(admin: &Path) -> Option<Vec<String>> {
+    let resp = mirrorblk_admin::call_within(
+        admin,
+        &mirrorblk_admin::Request::Status,
+        Duration::from_secs(10),
+    )
+    .ok()?;
+    Some(resp.coordinator?.in_sync)
 }

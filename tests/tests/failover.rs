@@ -15,7 +15,7 @@ mod failover {
     use std::net::SocketAddr;
     use std::time::{Duration, Instant};
 
-    use mirrorblk_admin::Role;
+    use mirrorblk_admin::{Event, EventKind, Role};
     use mirrorblk_etcd::records::decode;
     use mirrorblk_etcd::{InSyncRecord, VolumeKeys};
     use mirrorblk_tests::cluster::{
@@ -150,6 +150,63 @@ mod failover {
         c.nodes[p].stop();
         let nodes: Vec<&_> = c.nodes.iter().collect();
         assert_stores_identical(&nodes);
+    }
+
+    /// Node `n`'s event log as `mirrorblk events --json` prints it (from its
+    /// file, so also while the node is down), every line parsed; the log's
+    /// `seq` numbers run without a gap.
+    #[track_caller]
+    fn events_of(n: &Node) -> Vec<Event> {
+        let file = format!("{}.events.jsonl", n.files.journal.display());
+        let out = n.cli(
+            &["events", "--json", "--file", &file],
+            Duration::from_secs(20),
+        );
+        assert_eq!(
+            out.code,
+            0,
+            "mirrorblk events --json on {}: {out:#?}",
+            n.name()
+        );
+        let events: Vec<Event> = out
+            .stdout
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| {
+                    panic!("{}'s event line {l:?} does not parse: {e}", n.name())
+                })
+            })
+            .collect();
+        for pair in events.windows(2) {
+            assert_eq!(
+                pair[1].seq,
+                pair[0].seq + 1,
+                "{}'s event log has a gap: {pair:?}",
+                n.name()
+            );
+        }
+        events
+    }
+
+    /// One expected event: its name, and what it must say.
+    type Step<'a> = (&'a str, &'a dyn Fn(&EventKind) -> bool);
+
+    /// Asserts `events[from..]` holds events matching `steps` in that order
+    /// (others may come between); returns the index of the last one.
+    #[track_caller]
+    fn assert_in_order(who: &str, events: &[Event], from: usize, steps: &[Step]) -> usize {
+        let mut at = from;
+        for (name, ok) in steps {
+            match events[at..].iter().position(|e| ok(&e.kind)) {
+                Some(i) => at += i + 1,
+                None => panic!(
+                    "{who}'s event log lacks {name} in the sequence {:?} (from event {from}); its events:\n{}",
+                    steps.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+                    events.iter().map(|e| format!("{} {:?}", e.seq, e.kind)).collect::<Vec<_>>().join("\n")
+                ),
+            }
+        }
+        at - 1
     }
 
     /// The median of `times` (sorted in place).
@@ -331,6 +388,26 @@ mod failover {
         assert!(w.errors.is_empty(), "write errors: {:#?}", w.errors);
         let p = c.wait_primary(&[0, 1, 2], ELECTION_TIMEOUT);
         assert_holds_every_write(&c, p, &w, limit, "after etcd's restart");
+        let primary = c.nodes[p].name().to_string();
+        assert_in_order(
+            &primary,
+            &events_of(&c.nodes[p]),
+            0,
+            &[
+                ("coordinator-unreachable", &|k| {
+                    matches!(k, EventKind::CoordinatorUnreachable { .. })
+                }),
+                ("writes-held", &|k| {
+                    matches!(k, EventKind::WritesHeld { .. })
+                }),
+                ("coordinator-reachable", &|k| {
+                    matches!(k, EventKind::CoordinatorReachable {})
+                }),
+                ("writes-resumed", &|k| {
+                    matches!(k, EventKind::WritesResumed { .. })
+                }),
+            ],
+        );
         verify_and_compare(&mut c, p);
     }
 
@@ -394,6 +471,17 @@ mod failover {
             !why.is_empty(),
             "{stale_name} never said why it does not campaign: {}",
             c.nodes[stale].daemon.log()
+        );
+        let refused: Vec<String> = events_of(&c.nodes[stale])
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                EventKind::CampaignRefused { reason, .. } => Some(reason),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            refused.iter().any(|r| r.contains("in-sync")),
+            "{stale_name}'s event log has no campaign-refused naming the in-sync set: {refused:?}"
         );
         c.nodes[fresh].daemon.restart();
         let np = c.wait_primary(&[fresh], ELECTION_TIMEOUT);
@@ -685,5 +773,129 @@ mod failover {
             "the demo exited with {st}; it printed:\n{}",
             demo.seen.join("\n")
         );
+    }
+
+    /// The event log tells a failover step by step, and `mirrorblk events
+    /// --json` parses every line: the first primary's lease-granted,
+    /// campaign-won, role-change to primary and in-sync-published naming
+    /// both replicas; after its `kill -9`, the successor's leader-seen,
+    /// campaign-won, role-change and in-sync-published without the dead
+    /// node; the old primary, restarted, starts as a replica (role-change
+    /// to replica) and sees the successor lead.
+    #[test]
+    fn the_event_log_records_each_step_of_a_failover_in_order() {
+        let dir = TestDir::new();
+        let etcd = Etcd::start(dir.path());
+        let (mut c, p) = three_nodes(&dir, &etcd, "sync", &[]);
+        let old = c.nodes[p].name().to_string();
+        let others: Vec<String> = (0..3)
+            .filter(|&i| i != p)
+            .map(|i| c.nodes[i].name().to_string())
+            .collect();
+        c.nodes[p].daemon.kill9();
+        let np = c.wait_primary(
+            &(0..3).filter(|&i| i != p).collect::<Vec<_>>(),
+            FAILOVER_BOUND,
+        );
+        let new = c.nodes[np].name().to_string();
+        c.wait_in_sync(np, IN_SYNC_TIMEOUT);
+        let first = events_of(&c.nodes[p]);
+        assert_in_order(
+            &old,
+            &first,
+            0,
+            &[
+                ("lease-granted", &|k| {
+                    matches!(k, EventKind::LeaseGranted { .. })
+                }),
+                ("campaign-won", &|k| {
+                    matches!(k, EventKind::CampaignWon { .. })
+                }),
+                ("role-change to primary", &|k| {
+                    matches!(
+                        k,
+                        EventKind::RoleChange {
+                            to: Role::Primary,
+                            ..
+                        }
+                    )
+                }),
+                (
+                    "in-sync-published with both replicas",
+                    &|k| matches!(k, EventKind::InSyncPublished { replicas, .. } if others.iter().all(|o| replicas.contains(o))),
+                ),
+            ],
+        );
+        let second = events_of(&c.nodes[np]);
+        let seen = assert_in_order(
+            &new,
+            &second,
+            0,
+            &[(
+                "leader-seen naming the first primary",
+                &|k| matches!(k, EventKind::LeaderSeen { leader, .. } if *leader == old),
+            )],
+        );
+        assert_in_order(
+            &new,
+            &second,
+            seen,
+            &[
+                ("campaign-won", &|k| {
+                    matches!(k, EventKind::CampaignWon { .. })
+                }),
+                ("role-change to primary", &|k| {
+                    matches!(
+                        k,
+                        EventKind::RoleChange {
+                            from: Role::Replica,
+                            to: Role::Primary,
+                            ..
+                        }
+                    )
+                }),
+                (
+                    "in-sync-published without the dead primary",
+                    &|k| matches!(k, EventKind::InSyncPublished { replicas, .. } if !replicas.contains(&old)),
+                ),
+            ],
+        );
+        c.nodes[p].daemon.restart();
+        c.nodes[p].wait_status(
+            Duration::from_secs(30),
+            "the old primary back as a replica",
+            |s| s.role == Role::Replica,
+        );
+        c.wait_in_sync(np, IN_SYNC_TIMEOUT);
+        let again = events_of(&c.nodes[p]);
+        let restart = assert_in_order(
+            &old,
+            &again,
+            first.len(),
+            &[("daemon-start", &|k| {
+                matches!(k, EventKind::DaemonStart { .. })
+            })],
+        );
+        assert!(
+            !again[restart..].iter().any(|e| matches!(
+                e.kind,
+                EventKind::RoleChange {
+                    to: Role::Primary,
+                    ..
+                }
+            )),
+            "the restarted old primary became primary again: {:?}",
+            &again[restart..]
+        );
+        assert_in_order(
+            &old,
+            &again,
+            restart,
+            &[(
+                "leader-seen naming the successor",
+                &|k| matches!(k, EventKind::LeaderSeen { leader, .. } if *leader == new),
+            )],
+        );
+        verify_and_compare(&mut c, np);
     }
 }
