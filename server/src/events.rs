@@ -114,16 +114,25 @@ pub fn emit(kind: EventKind) {
         return;
     };
     crate::telemetry::event_emitted(kind.name());
+    hand_over(&log.tx, kind);
+}
+
+/// Queues `kind`, stamped now, for the writer; drops it (counted and
+/// logged) rather than wait when the queue is full. Returns whether it
+/// was queued.
+fn hand_over(tx: &SyncSender<Msg>, kind: EventKind) -> bool {
     let ts = mirrorblk_admin::events::rfc3339_millis(SystemTime::now());
-    match log.tx.try_send(Msg::Event(ts, kind)) {
-        Ok(()) => {}
+    match tx.try_send(Msg::Event(ts, kind)) {
+        Ok(()) => true,
         Err(TrySendError::Full(Msg::Event(_, kind))) => {
             crate::telemetry::event_dropped();
             tracing::warn!("event log queue full: dropped a {} event", kind.name());
+            false
         }
         Err(_) => {
             crate::telemetry::event_dropped();
             tracing::warn!("event log writer is gone: dropped an event");
+            false
         }
     }
 }
@@ -441,6 +450,41 @@ mod tests {
         drop(w);
         let mut w = EventWriter::open(cfg).unwrap();
         assert_eq!(w.append("t".into(), kind(3)).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_full_queue_drops_instead_of_blocking() {
+        let (tx, rx) = sync_channel(1);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        // On a thread: a hand-over that blocked would hang this test, so
+        // it is given 5 s.
+        std::thread::spawn(move || {
+            let queued = [hand_over(&tx, kind(1)), hand_over(&tx, kind(2))];
+            let _ = done_tx.send(queued);
+        });
+        let queued = done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("handing an event over blocked on a full queue");
+        assert_eq!(queued, [true, false]);
+        assert!(matches!(rx.try_recv(), Ok(Msg::Event(_, k)) if k == kind(1)));
+    }
+
+    #[test]
+    fn flush_answers_once_the_events_before_it_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1 << 20);
+        let w = EventWriter::open(cfg.clone()).unwrap();
+        let (tx, rx) = sync_channel(QUEUE);
+        let writer = std::thread::spawn(move || write_loop(w, rx));
+        for i in 0..50 {
+            assert!(hand_over(&tx, kind(i)));
+        }
+        let (ack_tx, ack_rx) = sync_channel(1);
+        tx.send(Msg::Flush(ack_tx)).unwrap();
+        ack_rx.recv_timeout(FLUSH_WAIT).expect("flush answered");
+        assert_eq!(events_in(&cfg.path).len(), 50);
+        drop(tx);
+        writer.join().unwrap();
     }
 
     #[test]
