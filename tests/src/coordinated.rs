@@ -49,6 +49,20 @@ impl Coordinated {
         mode: &str,
         extra: &[&str],
     ) -> Coordinated {
+        let urls = vec![etcd.to_string(); names.len()];
+        Coordinated::start_each(dir, secret, &urls, names, mode, extra)
+    }
+
+    /// Like [`Coordinated::start`], node `i` with `--etcd etcd[i]`.
+    #[track_caller]
+    pub fn start_each(
+        dir: &TestDir,
+        secret: &Path,
+        etcd: &[String],
+        names: &[&str],
+        mode: &str,
+        extra: &[&str],
+    ) -> Coordinated {
         let addrs: Vec<SocketAddr> = names
             .iter()
             .map(|_| ([127, 0, 0, 1], pick_port()).into())
@@ -64,7 +78,7 @@ impl Coordinated {
                     .filter(|&j| j != i)
                     .map(|j| (names[j].to_string(), addrs[j].to_string()))
                     .collect();
-                let args = files.coordinated_args(secret, addrs[i], &peers, etcd, &flags);
+                let args = files.coordinated_args(secret, addrs[i], &peers, &etcd[i], &flags);
                 let daemon = Daemon::try_start(args)
                     .unwrap_or_else(|e| panic!("{name} (under etcd) did not start: {e}"));
                 Node {

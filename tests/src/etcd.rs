@@ -12,9 +12,12 @@
 //! talked to from a thread that joined that namespace (`setns(2)` moves the
 //! calling thread only), so the test process stays in the host's.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use mirrorblk_etcd::records::{decode, LeaderRecord, VolumeKeys};
@@ -326,4 +329,120 @@ pub fn in_netns<T: Send + 'static>(
     .join()
     .map_err(|_| fail("the thread in the namespace panicked".into()))?;
     joined.map_err(fail)
+}
+
+/// Answered keep-alives: how many, the last one's time, and a wake-up.
+type Renewals = (Mutex<(u64, Option<Instant>)>, Condvar);
+
+/// A TCP proxy in front of etcd for one node, which notes each answered
+/// lease keep-alive of that node (etcd's client sends one HTTP request per
+/// connection, so a connection whose request names `/v3/lease/keepalive`
+/// is answered when etcd closes it). A test can then kill etcd right after
+/// a renewal, when the node's lease has its whole TTL left: the moment its
+/// fencing deadline is known to within a round trip.
+pub struct KeepAliveWatch {
+    addr: SocketAddr,
+    answered: Arc<Renewals>,
+    stop: Arc<AtomicBool>,
+}
+
+impl KeepAliveWatch {
+    /// Listens on a free loopback port and relays each connection to `etcd`.
+    pub fn start(etcd: SocketAddr) -> KeepAliveWatch {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        let addr = l.local_addr().expect("local address");
+        l.set_nonblocking(true).expect("nonblocking listener");
+        let answered = Arc::new((Mutex::new((0, None)), Condvar::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (answered.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((c, _)) => {
+                        let a = a.clone();
+                        std::thread::spawn(move || relay(c, etcd, &a));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        KeepAliveWatch {
+            addr,
+            answered,
+            stop,
+        }
+    }
+
+    /// The URL to give the node as `--etcd`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// How many keep-alives were answered so far.
+    pub fn count(&self) -> u64 {
+        self.answered.0.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// Waits (at most `timeout`) for a keep-alive answered after the
+    /// `after`-th one and returns when it was answered.
+    pub fn wait_answered(&self, after: u64, timeout: Duration) -> Option<Instant> {
+        let (lock, cond) = &*self.answered;
+        let deadline = Instant::now() + timeout;
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while g.0 <= after {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            g = cond
+                .wait_timeout(g, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        g.1
+    }
+}
+
+impl Drop for KeepAliveWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Relays one connection; notes it when it carried an answered keep-alive.
+fn relay(client: TcpStream, etcd: SocketAddr, answered: &Renewals) {
+    let Ok(server) = TcpStream::connect_timeout(&etcd, REQUEST_TIMEOUT) else {
+        return;
+    };
+    let (Ok(mut c_in), Ok(mut s_out)) = (client.try_clone(), server.try_clone()) else {
+        return;
+    };
+    let upstream = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut keepalive = false;
+        while let Ok(n) = c_in.read(&mut buf) {
+            if n == 0 || s_out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            keepalive |= buf[..n].windows(19).any(|w| w == b"/v3/lease/keepalive");
+        }
+        let _ = s_out.shutdown(Shutdown::Write);
+        keepalive
+    });
+    let (mut s_in, mut c_out) = (server, client);
+    let mut buf = [0u8; 4096];
+    let mut got = 0usize;
+    while let Ok(n) = s_in.read(&mut buf) {
+        if n == 0 || c_out.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        got += n;
+    }
+    let _ = c_out.shutdown(Shutdown::Both);
+    if upstream.join().unwrap_or(false) && got > 0 {
+        let (lock, cond) = answered;
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        *g = (g.0 + 1, Some(Instant::now()));
+        cond.notify_all();
+    }
 }

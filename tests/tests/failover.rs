@@ -23,7 +23,7 @@ mod failover {
     };
     use mirrorblk_tests::coordinated::{target_of, Coordinated, ELECTION_TIMEOUT, IN_SYNC_TIMEOUT};
     use mirrorblk_tests::daemon::Daemon;
-    use mirrorblk_tests::etcd::Etcd;
+    use mirrorblk_tests::etcd::{Etcd, KeepAliveWatch};
     use mirrorblk_tests::netns::{Net, PRIMARY_IP, REPLICA_IP};
     use mirrorblk_tests::util::MIB;
     use mirrorblk_tests::writer::{check_through, connect, Writer, WriterConfig, Written};
@@ -33,8 +33,8 @@ mod failover {
     const LEASE_TTL: Duration = Duration::from_secs(2);
     /// The least fencing margin the tests accept: a primary must stop
     /// acknowledging this long before its lease can expire (counted from
-    /// etcd's death, which is no earlier than its last renewal).
-    const MIN_FENCE_MARGIN: Duration = Duration::from_millis(200);
+    /// when etcd answered its last renewal).
+    const MIN_FENCE_MARGIN: Duration = Duration::from_millis(250);
     /// The goal for kill → first write acknowledged by the new
     /// primary (printed, not asserted).
     const FAILOVER_GOAL: Duration = Duration::from_secs(3);
@@ -73,8 +73,25 @@ mod failover {
     /// clients, `mirrorblk status --json` shows the roles, and the leader
     /// key names the primary.
     fn three_nodes(dir: &TestDir, etcd: &Etcd, mode: &str, extra: &[&str]) -> (Coordinated, usize) {
+        three_nodes_via(
+            dir,
+            etcd,
+            &[etcd.url(), etcd.url(), etcd.url()],
+            mode,
+            extra,
+        )
+    }
+
+    /// [`three_nodes`], each node given its own etcd URL (a proxy of etcd's).
+    fn three_nodes_via(
+        dir: &TestDir,
+        etcd: &Etcd,
+        urls: &[String],
+        mode: &str,
+        extra: &[&str],
+    ) -> (Coordinated, usize) {
         let secret = write_secret(dir, "secret");
-        let mut c = Coordinated::start(dir, &secret, &etcd.url(), &NAMES, mode, extra);
+        let mut c = Coordinated::start_each(dir, &secret, urls, &NAMES, mode, extra);
         let p = c.wait_primary(&[0, 1, 2], ELECTION_TIMEOUT);
         for (i, n) in c.nodes.iter().enumerate() {
             let out = n.cli(&["status", "--json"], Duration::from_secs(20));
@@ -307,19 +324,24 @@ mod failover {
             .collect()
     }
 
-    /// etcd killed with -9 under write load for three lease TTLs, then
-    /// restarted: while it is down no node becomes a second primary, the
-    /// primary acknowledges nothing from [`MIN_FENCE_MARGIN`] before its
-    /// lease may have lapsed (one TTL after the kill at the latest) until
-    /// etcd is back, and fails nothing either (the writes
-    /// are held on the same connection), and after the restart writes are
+    /// etcd killed with -9 under write load, right after it answered the
+    /// primary's lease renewal (seen through a proxy per node), for three
+    /// lease TTLs, then restarted: while it is down no node becomes a second
+    /// primary; the primary acknowledges nothing from [`MIN_FENCE_MARGIN`]
+    /// before its lease lapses (one TTL after that renewal) until etcd is
+    /// back, and fails nothing either (the writes are held on the same
+    /// connection); after the restart writes are
     /// acknowledged again within a bounded time. Nothing acknowledged is
     /// lost; verify and the stopped stores agree.
     #[test]
     fn etcd_killed_under_load_holds_writes_and_loses_nothing() {
         let dir = TestDir::new();
         let mut etcd = Etcd::start(dir.path());
-        let (mut c, _) = three_nodes(&dir, &etcd, "sync", &[]);
+        let watches: Vec<KeepAliveWatch> = (0..3)
+            .map(|_| KeepAliveWatch::start(etcd.client_addr()))
+            .collect();
+        let urls: Vec<String> = watches.iter().map(KeepAliveWatch::url).collect();
+        let (mut c, p) = three_nodes_via(&dir, &etcd, &urls, "sync", &[]);
         let config = WriterConfig::default();
         let limit = config.base + config.room;
         let writer = Writer::start(c.targets(), config);
@@ -327,8 +349,17 @@ mod failover {
             .wait_until(Duration::from_secs(20), |w| w.acked.len() >= 100)
             .expect("100 writes acknowledged before etcd is killed");
         let connections = writer.snapshot().connections.len();
-        let killed = Instant::now();
+        // Right after a renewal: the lease then lasts a whole TTL from
+        // `renewed`, and the primary must stop acknowledging a margin before.
+        let renewed = watches[p]
+            .wait_answered(watches[p].count(), Duration::from_secs(5))
+            .expect("the primary renews its lease through its proxy");
         etcd.kill9();
+        let killed = Instant::now();
+        eprintln!(
+            "etcd killed {:?} after the primary's last renewal",
+            killed - renewed
+        );
         let mut most_primaries = 0;
         while killed.elapsed() < 3 * LEASE_TTL {
             most_primaries = most_primaries.max(c.primaries().len());
@@ -372,10 +403,10 @@ mod failover {
             most_primaries <= 1,
             "{most_primaries} nodes said primary while etcd was down"
         );
-        let fenced = acks_between(&w, killed + LEASE_TTL - MIN_FENCE_MARGIN, restarted);
+        let fenced = acks_between(&w, renewed + LEASE_TTL - MIN_FENCE_MARGIN, restarted);
         assert!(
             fenced.is_empty(),
-            "{} writes acknowledged within {MIN_FENCE_MARGIN:?} of the lease's possible expiry ({LEASE_TTL:?} after etcd's kill) or later, before etcd came back:\n{}",
+            "{} writes acknowledged within {MIN_FENCE_MARGIN:?} of the lease's expiry ({LEASE_TTL:?} after its last renewal, just before etcd's kill) or later, before etcd came back:\n{}",
             fenced.len(),
             first_lines(&fenced)
         );
