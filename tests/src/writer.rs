@@ -271,6 +271,16 @@ impl Writer {
         }
     }
 
+    /// Waits (at most `limit`) until it has used up its room and every
+    /// write is answered, and returns what it saw (stopping it at `limit`).
+    pub fn finish_when_out_of_room(self, limit: Duration) -> Written {
+        let deadline = Instant::now() + limit;
+        while !self.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.finish(Duration::from_secs(1))
+    }
+
     /// Stops sending, waits up to `grace` for the writes in flight to be
     /// answered, then cuts the connection; returns what it saw.
     pub fn finish(mut self, grace: Duration) -> Written {

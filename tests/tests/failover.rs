@@ -929,4 +929,76 @@ mod failover {
         );
         verify_and_compare(&mut c, np);
     }
+
+    /// A replica in the middle of a resync is never promoted: n3 comes back
+    /// with a new, empty store (a replaced disk) after 8 MiB were written
+    /// without it, and is resynced at 4 MiB/s; while it is Inconsistent the
+    /// primary and the other replica are killed. For three lease TTLs it
+    /// stays a replica and serves no client, and its event log says why
+    /// (campaign-refused: Inconsistent). The other replica, restarted,
+    /// takes over with every acknowledged write and finishes the resync.
+    #[test]
+    fn a_replica_in_the_middle_of_a_resync_is_never_promoted() {
+        let dir = TestDir::new();
+        let etcd = Etcd::start(dir.path());
+        let (mut c, p) = three_nodes(&dir, &etcd, "sync", &["--resync-rate", "4M"]);
+        let others: Vec<usize> = (0..3).filter(|&i| i != p).collect();
+        let (fresh, resyncing) = (others[0], others[1]);
+        let name = c.nodes[resyncing].name().to_string();
+        c.nodes[resyncing].daemon.kill9();
+        let writer = Writer::start(
+            vec![target_of(&c.nodes[p])],
+            WriterConfig {
+                reconnect: false,
+                bytes_per_second: 16 * MIB,
+                room: 8 * MIB,
+                ..WriterConfig::default()
+            },
+        );
+        let w = writer.finish_when_out_of_room(Duration::from_secs(30));
+        assert!(w.errors.is_empty(), "write errors: {:#?}", w.errors);
+        for f in [
+            &c.nodes[resyncing].files.data,
+            &c.nodes[resyncing].files.journal,
+        ] {
+            std::fs::remove_file(f).unwrap_or_else(|e| panic!("remove {}: {e}", f.display()));
+        }
+        c.nodes[resyncing].daemon.restart();
+        c.nodes[resyncing].wait_status(Duration::from_secs(30), "a resync under way", |s| {
+            s.inconsistent
+        });
+        c.nodes[p].daemon.kill9();
+        c.nodes[fresh].daemon.kill9();
+        let watched = Instant::now();
+        while watched.elapsed() < 3 * LEASE_TTL {
+            let s = c.nodes[resyncing].status();
+            assert_eq!(
+                s.role,
+                Role::Replica,
+                "{name}, resyncing, became primary: {s:#?}"
+            );
+            assert!(
+                connect(&target_of(&c.nodes[resyncing])).is_none(),
+                "{name}, resyncing, accepted an NBD client"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let refused: Vec<String> = events_of(&c.nodes[resyncing])
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                EventKind::CampaignRefused { reason, .. } => Some(reason),
+                _ => None,
+            })
+            .collect();
+        eprintln!("{name}'s campaign-refused events: {refused:?}");
+        assert!(
+            refused.iter().any(|r| r.contains("Inconsistent")),
+            "{name}'s event log has no campaign-refused saying it is Inconsistent: {refused:?}"
+        );
+        c.nodes[fresh].daemon.restart();
+        let np = c.wait_primary(&[fresh], ELECTION_TIMEOUT);
+        assert_holds_every_write(&c, np, &w, w.end, "the in-sync replica, promoted");
+        c.nodes[p].daemon.restart();
+        verify_and_compare(&mut c, np);
+    }
 }
