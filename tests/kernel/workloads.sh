@@ -12,7 +12,6 @@ PORT=10809
 
 # nbd-client ignores the block size the server advertises and would use
 # 512-byte blocks: -b 4096 is what mirrorblk's README tells users to pass.
-# Extra arguments (the failover workload's -nonetlink) are passed through.
 connect() {
     nbd-client "$SERVER" "$PORT" "$DEV" -N vol0 -b 4096 "$@"
 }
@@ -170,81 +169,120 @@ workload_raw() {
     pass raw-workload
 }
 
-# Arguments for nbd-client in the failover workload (from mb.connect= on
-# the kernel command line, commas for spaces), so the reconnect mechanism
-# can be chosen by the harness.
-connect_args() {
+# ---------------------------------------------------------------------------
+# mirrorblk attach: a device that follows the primary.
+
+# Arguments for mirrorblk attach (from mb.attach= on the kernel command
+# line, commas for spaces): the --server list and timeouts the host chose.
+attach_args() {
     for arg in $(cat /proc/cmdline); do
         case "$arg" in
-        mb.connect=*) echo "${arg#mb.connect=}" | tr ',' ' ' ;;
+        mb.attach=*) echo "${arg#mb.attach=}" | tr ',' ' ' ;;
         esac
     done
 }
 
-# Writes files $1$2..$1$3 (64 KiB of random data each) with dd conv=fsync;
-# every file whose fsync returned is reported as `FSYNCED name sha256` on the
-# result port (how the host knows when to kill the primary) and listed in
-# /tmp/fsynced (what must survive). Stops at the first write error and
-# reports it as `WRITE-ERROR name: why`; returns 1 then.
-write_files() {
-    i=$2
-    while [ "$i" -le "$3" ]; do
-        dd if=/dev/urandom of=/tmp/data bs=4096 count=16 2>/dev/null
-        if ! dd if=/tmp/data of=$MNT/$1$i bs=4096 conv=fsync 2>/tmp/dd.err; then
-            report "WRITE-ERROR $1$i: $(tail -1 /tmp/dd.err)"
-            return 1
-        fi
-        sum=$(sha256sum </tmp/data | cut -d' ' -f1)
-        echo "$sum  $1$i" >>/tmp/fsynced
-        report "FSYNCED $1$i $sum"
-        i=$((i + 1))
-    done
-    return 0
+# Milliseconds since boot (10 ms resolution): /proc/uptime without its dot.
+now_ms() {
+    read -r up _ </proc/uptime
+    echo $(((${up%.*}${up#*.}) * 10))
 }
 
-# The failover workload. The host kills the primary once f10 is reported
-# and points the relay at the promoted replica. nbd-client 3.24 cannot
-# carry the mounted filesystem across that (the kernel fails the requests
-# in flight with EIO and ext4 aborts its journal; see tests/kernel/README.md),
-# so the next best is checked: the first write error ends the first loop,
-# the filesystem is unmounted, nbd-client attaches again (through the relay,
-# to the new primary), the mount replays the journal, and more files are
-# written. In the end the filesystem must be clean and every file whose
-# fsync returned, before or after the failover, must have its checksum.
-workload_failover() {
-    connect $(connect_args) || fail "connect: nbd-client exited with $?"
-    wait_size || fail "connect: /dev/nbd0 has size 0 5 s after nbd-client"
-    pass connect
+# Starts `mirrorblk attach` in the background (its JSON events in
+# /tmp/attach.out, its log in /tmp/attach.log) and waits up to 30 s for its
+# "attached" event.
+start_attach() {
+    # shellcheck disable=SC2046 # word splitting of the arguments is wanted
+    mirrorblk attach $(attach_args) --export vol0 --json "$DEV" >/tmp/attach.out 2>/tmp/attach.log &
+    ATTACH_PID=$!
+    n=0
+    until grep -q '"event":"attached"' /tmp/attach.out 2>/dev/null; do
+        n=$((n + 1))
+        if [ $n -gt 300 ] || ! kill -0 $ATTACH_PID 2>/dev/null; then
+            fail "attach: mirrorblk attach did not attach within 30 s: $(tail -5 /tmp/attach.log)"
+        fi
+        sleep 0.1
+    done
+    [ "$(cat /sys/block/nbd0/queue/logical_block_size)" = 4096 ] ||
+        fail "attach: logical block size $(cat /sys/block/nbd0/queue/logical_block_size), want 4096"
+    [ "$(dev_blocks)" -gt 0 ] || fail "attach: /dev/nbd0 has no size after the attached event"
+    pass attach
+}
+
+# Writes 64 KiB files f1, f2, ... with dd conv=fsync until the attach
+# process has reported a reconnect and 10 more files were fsynced after
+# it (at most 120 files). Every file whose fsync returned is reported as
+# `FSYNCED name sha256 ms` (ms: how long its write and fsync took) and
+# listed in /tmp/fsynced. Any write error fails the run: the device must
+# hide the server's death.
+write_through_reconnect() {
+    : >/tmp/fsynced
+    max=0
+    after=0
+    i=0
+    while [ $i -lt 120 ]; do
+        i=$((i + 1))
+        dd if=/dev/urandom of=/tmp/data bs=4096 count=16 2>/dev/null
+        t0=$(now_ms)
+        if ! dd if=/tmp/data of=$MNT/f$i bs=4096 conv=fsync 2>/tmp/dd.err; then
+            fail "loop: writing f$i failed: $(tail -1 /tmp/dd.err); kernel: $(dmesg | grep -iE 'error|nbd' | tail -3 | tr '\n' ' ')"
+        fi
+        ms=$(($(now_ms) - t0))
+        [ $ms -gt $max ] && max=$ms
+        sum=$(sha256sum </tmp/data | cut -d' ' -f1)
+        echo "$sum  f$i" >>/tmp/fsynced
+        report "FSYNCED f$i $sum $ms"
+        if grep -q '"event":"reconnected"' /tmp/attach.out; then
+            after=$((after + 1))
+            [ $after -ge 10 ] && break
+        fi
+    done
+    [ $after -ge 10 ] || fail "loop: no reconnect reported within $i files; attach log: $(tail -3 /tmp/attach.log | tr '\n' ' ')"
+    report "STALL $max"
+    pass "loop: $i files, longest write+fsync $max ms"
+}
+
+# No I/O error reached the block layer or ext4.
+check_kernel_log() {
+    dmesg >/tmp/dmesg
+    grep nbd0 /tmp/dmesg | tail -8 >/dev/console
+    if grep -E 'I/O error|EXT4-fs error|Aborting journal|Remounting filesystem read-only|Buffer I/O' /tmp/dmesg >/tmp/bad; then
+        fail "no-io-errors: $(head -3 /tmp/bad | tr '\n' ' ')"
+    fi
+    pass no-io-errors
+}
+
+# The attach workload: attach, mkfs, mount, write and fsync files while the
+# host kills or restarts the server (after FSYNCED f10), then check that no
+# write failed, the kernel logged no I/O error, e2fsck is clean and every
+# fsynced file is intact; detach ends the attach process with status 0.
+workload_attach() {
+    start_attach
     step_mkfs
     do_mount mount
     pass mount
-    : >/tmp/fsynced
-    # Bounded: 40 files take ~20 s under TCG; the host kills the primary
-    # after the 10th, so a run without a write error fails (no PASS
-    # umount-after-error).
-    if write_files f 1 40; then
-        report "NO-WRITE-ERROR: 40 files written, the failover was not seen"
-    else
-        umount $MNT || fail "umount-after-error: $(dmesg | tail -3)"
-        pass umount-after-error
-        # Drop what is left of the dead connection, then attach again; the
-        # relay holds the new connection until the promoted replica accepts.
-        nbd-client -d "$DEV" >/dev/null 2>&1
-        connect $(connect_args) || fail "reconnect: nbd-client exited with $?"
-        wait_size || fail "reconnect: /dev/nbd0 has size 0 5 s after nbd-client"
-        pass reconnect
-        do_mount remount
-        pass remount
-        write_files g 1 10 || fail "write-after-failover: a write to the promoted replica failed"
-        pass write-after-failover
-    fi
-    umount $MNT || fail "umount"
-    step_fsck "-after-failover"
+    write_through_reconnect
+    check_kernel_log
+    umount $MNT || fail "umount: $(dmesg | tail -3)"
+    step_fsck "-after-reconnect"
+    drop_caches
     do_mount verify
     n=$(wc -l </tmp/fsynced)
     (cd $MNT && sha256sum -c -s /tmp/fsynced) || fail "verify: a file whose fsync returned is missing or differs"
     umount $MNT || fail "verify: umount"
     pass "verify: $n fsynced files"
-    nbd-client -d "$DEV" >/dev/null 2>&1
-    pass failover
+    grep '"event":"reconnected"' /tmp/attach.out | while read -r l; do report "RECONNECTED $l"; done
+    cat /tmp/attach.log >/dev/console
+    mirrorblk detach "$DEV" >/tmp/detach.out 2>&1 || fail "detach: $(cat /tmp/detach.out)"
+    wait $ATTACH_PID
+    rc=$?
+    [ $rc -eq 0 ] || fail "detach: mirrorblk attach exited with $rc: $(tail -3 /tmp/attach.log)"
+    n=0
+    while [ "$(dev_blocks)" -gt 0 ]; do
+        n=$((n + 1))
+        [ $n -le 50 ] || fail "detach: /dev/nbd0 still has a size 5 s after mirrorblk detach"
+        sleep 0.1
+    done
+    pass detach
+    pass attach-workload
 }

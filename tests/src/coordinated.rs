@@ -63,6 +63,24 @@ impl Coordinated {
         mode: &str,
         extra: &[&str],
     ) -> Coordinated {
+        Coordinated::start_listening(dir, secret, etcd, names, mode, extra, None)
+    }
+
+    /// Like [`Coordinated::start_each`]; with `nbd_ports`, node `i` serves
+    /// NBD clients on 127.0.0.1:`nbd_ports[i]` (a fixed port a client can be
+    /// pointed at before the node starts, and that a restart keeps) instead
+    /// of an ephemeral one.
+    #[track_caller]
+    pub fn start_listening(
+        dir: &TestDir,
+        secret: &Path,
+        etcd: &[String],
+        names: &[&str],
+        mode: &str,
+        extra: &[&str],
+        nbd_ports: Option<&[u16]>,
+    ) -> Coordinated {
+        assert!(nbd_ports.is_none_or(|p| p.len() == names.len()), "one NBD port per node");
         let addrs: Vec<SocketAddr> = names
             .iter()
             .map(|_| ([127, 0, 0, 1], pick_port()).into())
@@ -78,7 +96,10 @@ impl Coordinated {
                     .filter(|&j| j != i)
                     .map(|j| (names[j].to_string(), addrs[j].to_string()))
                     .collect();
-                let args = files.coordinated_args(secret, addrs[i], &peers, &etcd[i], &flags);
+                let mut args = files.coordinated_args(secret, addrs[i], &peers, &etcd[i], &flags);
+                if let Some(ports) = nbd_ports {
+                    crate::daemon::set_listen(&mut args, &format!("127.0.0.1:{}", ports[i]));
+                }
                 let daemon = Daemon::try_start(args)
                     .unwrap_or_else(|e| panic!("{name} (under etcd) did not start: {e}"));
                 Node {

@@ -251,6 +251,17 @@ impl Drop for TestDir {
     }
 }
 
+/// Replaces the value of `--listen` in a daemon's `args` with `addr`.
+/// Panics if there is no `--listen` (every argument list the harness
+/// builds has one).
+pub fn set_listen(args: &mut [OsString], addr: &str) {
+    let i = args
+        .iter()
+        .position(|a| a == "--listen")
+        .expect("the daemon arguments have --listen");
+    args[i + 1] = addr.into();
+}
+
 /// Converts anything string-like into an argument list.
 pub fn args<I, S>(items: I) -> Vec<OsString>
 where

@@ -29,6 +29,10 @@ use crate::daemon::{workspace_root, TestDir};
 
 /// The guest address the workloads connect to (see `workloads.sh`).
 pub const GUEST_ENDPOINT: &str = "tcp:10.0.2.100:10809";
+/// The guest-side address of every relay (one guest port per relay).
+pub const GUEST_HOST: &str = "10.0.2.100";
+/// The guest port of the first relay (the one [`Guest::boot`] uses).
+pub const GUEST_PORT: u16 = 10809;
 
 /// How long `prepare.sh` may take (first run: ~75 MB of packages).
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -249,9 +253,15 @@ impl Relay {
     /// nothing accepts on the port waits up to `wait` for a server (a
     /// reconnect during failover), then is closed.
     pub fn new(program: &Path, dir: &TestDir, port: u16, wait: Duration) -> Relay {
+        Relay::named(program, dir, "relay-port", port, wait)
+    }
+
+    /// Like [`Relay::new`], with its own port file `name` in `dir` (one
+    /// relay per node when the guest reaches several).
+    pub fn named(program: &Path, dir: &TestDir, name: &str, port: u16, wait: Duration) -> Relay {
         let r = Relay {
             program: program.to_path_buf(),
-            port_file: dir.join("relay-port"),
+            port_file: dir.join(name),
             wait,
         };
         r.point_at(port);
@@ -267,8 +277,8 @@ impl Relay {
         fs::rename(&tmp, &self.port_file).expect("rename the relay port file");
     }
 
-    /// The `-netdev` option: user mode, no address but the forwarded one.
-    fn netdev(&self) -> String {
+    /// The `guestfwd=` of this relay for guest port `guest_port` on 10.0.2.100.
+    fn guestfwd(&self, guest_port: u16) -> String {
         let cmd = format!(
             "{} {} {}",
             self.program.display(),
@@ -281,8 +291,106 @@ impl Relay {
             !cmd.contains(',') && !cmd.contains('\'') && !cmd.contains('"'),
             "relay command {cmd:?} has characters qemu or the shell would split on"
         );
-        format!("user,id=n0,restrict=on,guestfwd={GUEST_ENDPOINT}-cmd:{cmd}")
+        format!("guestfwd=tcp:{GUEST_HOST}:{guest_port}-cmd:{cmd}")
     }
+}
+
+/// The `-netdev` option: user mode, no address but the forwarded ones.
+fn netdev(relays: &[(u16, &Relay)]) -> String {
+    let mut s = "user,id=n0,restrict=on".to_string();
+    for (port, r) in relays {
+        s.push(',');
+        s.push_str(&r.guestfwd(*port));
+    }
+    s
+}
+
+/// What a guest boots with.
+#[derive(Debug)]
+pub struct Boot<'a> {
+    /// The `workload_NAME` of `tests/kernel/workloads.sh` to run.
+    pub workload: &'a str,
+    /// More kernel command line parameters (`mb.KEY`, value; no spaces:
+    /// workloads read commas as spaces).
+    pub params: Vec<(&'a str, String)>,
+    /// Relays by guest port: `10.0.2.100:PORT` reaches the relay's server.
+    pub relays: Vec<(u16, &'a Relay)>,
+    /// Put the `mirrorblk` CLI (stripped, with the libraries `ldd` names)
+    /// into the guest as `/usr/sbin/mirrorblk`.
+    pub mirrorblk: bool,
+}
+
+/// One file of the per-boot archive: path (under the image's existing
+/// folders), mode, contents.
+type CpioFile = (String, u32, Vec<u8>);
+
+/// The initrd of one boot: the cached image, then (a second cpio archive,
+/// which the kernel unpacks over the first) `workloads.sh` read fresh, and
+/// `extra` files.
+fn write_initrd(initrd: &Path, image: &Image, extra: Option<Vec<CpioFile>>) {
+    let mut out = fs::File::create(initrd).expect("create the initrd");
+    let mut base = fs::read(&image.initramfs).expect("read the initramfs");
+    // Each archive of the concatenation must start 4-byte aligned
+    // (the kernel skips zero padding between them).
+    base.resize(base.len().next_multiple_of(4), 0);
+    out.write_all(&base).expect("write the initrd");
+    let mut files: Vec<CpioFile> = vec![(
+        "workloads.sh".into(),
+        0o100644,
+        fs::read(workspace_root().join("tests/kernel/workloads.sh"))
+            .expect("read tests/kernel/workloads.sh"),
+    )];
+    files.extend(extra.unwrap_or_default());
+    let refs: Vec<(&str, u32, &[u8])> = files
+        .iter()
+        .map(|(p, m, d)| (p.as_str(), *m, d.as_slice()))
+        .collect();
+    out.write_all(&cpio_newc_modes(&refs))
+        .expect("write the initrd");
+}
+
+/// The `mirrorblk` CLI of this build, stripped (a debug build is large; the
+/// guest needs no symbols), and every library `ldd` says it loads, for the
+/// guest. Built per boot from the current binary, so the guest always runs
+/// the code under test (strip takes a second; the image cache stays
+/// independent of the workspace's code).
+fn mirrorblk_files(dir: &TestDir) -> Vec<CpioFile> {
+    let cli = crate::cluster::mirrorblk_cli();
+    let stripped = dir.join("mirrorblk.stripped");
+    let st = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(&cli)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run strip (apt-get install binutils): {e}"));
+    assert!(st.success(), "strip {} failed: {st}", cli.display());
+    let mut files = vec![(
+        "usr/sbin/mirrorblk".to_string(),
+        0o100755,
+        fs::read(&stripped).expect("read the stripped mirrorblk"),
+    )];
+    let out = Command::new("ldd")
+        .arg(&cli)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ldd: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("not found"),
+        "ldd {}: {text}",
+        cli.display()
+    );
+    // "libx.so.6 => /lib/x86_64-linux-gnu/libx.so.6 (0x...)"; the loader
+    // and the vDSO have no "=>" and are already there or virtual.
+    for lib in text.lines().filter_map(|l| l.split("=> ").nth(1)?.split(' ').next()) {
+        let name = Path::new(lib)
+            .file_name()
+            .expect("a library path")
+            .to_string_lossy()
+            .into_owned();
+        let data = fs::read(lib).unwrap_or_else(|e| panic!("read {lib}: {e}"));
+        files.push((format!("lib/x86_64-linux-gnu/{name}"), 0o100755, data));
+    }
+    files
 }
 
 /// A running guest.
@@ -316,29 +424,30 @@ pub struct Outcome {
 impl Guest {
     /// Boots the guest in `dir` running `workload` (a `workload_NAME` of
     /// `tests/kernel/workloads.sh`), with `nbd_args` (extra nbd-client
-    /// arguments for the failover workload, e.g. `-nonetlink`) and its
-    /// network through `relay`.
+    /// arguments, passed as `mb.connect=`) and its network through `relay`
+    /// (guest port 10809).
     pub fn boot(dir: &TestDir, workload: &str, nbd_args: &[&str], relay: &Relay) -> Guest {
+        let mut params = Vec::new();
+        if !nbd_args.is_empty() {
+            params.push(("mb.connect", nbd_args.join(",")));
+        }
+        Guest::start(
+            dir,
+            &Boot {
+                workload,
+                params,
+                relays: vec![(GUEST_PORT, relay)],
+                mirrorblk: false,
+            },
+        )
+    }
+
+    /// Boots the guest as `boot` says.
+    pub fn start(dir: &TestDir, boot: &Boot<'_>) -> Guest {
         let image = image();
         let accel = accel(&image);
-        // The workloads ride in a second cpio archive appended to the
-        // cached initramfs (the kernel unpacks both), so this file is read
-        // fresh at every boot.
         let initrd = dir.join("initrd.img");
-        {
-            let mut out = fs::File::create(&initrd).expect("create the initrd");
-            let mut base = fs::read(&image.initramfs).expect("read the initramfs");
-            // Each archive of the concatenation must start 4-byte aligned
-            // (the kernel skips zero padding between them).
-            base.resize(base.len().next_multiple_of(4), 0);
-            out.write_all(&base).expect("write the initrd");
-            out.write_all(&cpio_newc(&[(
-                "workloads.sh",
-                &fs::read(workspace_root().join("tests/kernel/workloads.sh"))
-                    .expect("read tests/kernel/workloads.sh"),
-            )]))
-            .expect("write the initrd");
-        }
+        write_initrd(&initrd, &image, boot.mirrorblk.then(|| mirrorblk_files(dir)));
         let results = dir.join("guest-results.log");
         let console = dir.join("guest-console.log");
         let qemu_log = dir.join("qemu.log");
@@ -349,9 +458,13 @@ impl Guest {
                 p.display()
             );
         }
-        let mut append = format!("console=ttyS0 panic=-1 loglevel=4 mb.workload={workload}");
-        if !nbd_args.is_empty() {
-            append.push_str(&format!(" mb.connect={}", nbd_args.join(",")));
+        let mut append = format!(
+            "console=ttyS0 panic=-1 loglevel=4 mb.workload={}",
+            boot.workload
+        );
+        for (k, v) in &boot.params {
+            assert!(!v.contains(' '), "kernel parameter {k}={v:?} has a space");
+            append.push_str(&format!(" {k}={v}"));
         }
         let accel_args: &[&str] = match accel {
             Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
@@ -384,7 +497,7 @@ impl Guest {
         args.push("-serial".into());
         args.push(format!("file:{}", results.display()).into());
         args.push("-netdev".into());
-        args.push(relay.netdev().into());
+        args.push(netdev(&boot.relays).into());
         args.push("-device".into());
         args.push("virtio-net-pci,netdev=n0".into());
         let log = fs::File::create(&qemu_log).expect("create qemu.log");
@@ -546,6 +659,14 @@ fn tail(text: &str, n: usize) -> String {
 /// A cpio archive (`newc` format, what the kernel unpacks as initramfs) of
 /// regular files at the root, mode 0644.
 pub fn cpio_newc(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let with_modes: Vec<(&str, u32, &[u8])> =
+        files.iter().map(|(n, d)| (*n, 0o100644, *d)).collect();
+    cpio_newc_modes(&with_modes)
+}
+
+/// A cpio archive (`newc`) of regular files with their modes; a path's
+/// folders must exist already (in an archive unpacked before this one).
+pub fn cpio_newc_modes(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
     fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
         let header = format!(
             "070701{ino:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
@@ -573,8 +694,8 @@ pub fn cpio_newc(files: &[(&str, &[u8])]) -> Vec<u8> {
         }
     }
     let mut out = Vec::new();
-    for (i, (name, data)) in files.iter().enumerate() {
-        entry(&mut out, i as u32 + 1, name, 0o100644, data);
+    for (i, (name, mode, data)) in files.iter().enumerate() {
+        entry(&mut out, i as u32 + 1, name, *mode, data);
     }
     entry(&mut out, 0, "TRAILER!!!", 0, &[]);
     out

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+mod attach;
 mod demo;
 mod demo_etcd;
 mod demo_failover;
@@ -185,6 +186,92 @@ enum Cmd {
         /// The event log to read, instead of asking the daemon where it is.
         #[arg(long, value_name = "PATH")]
         file: Option<PathBuf>,
+    },
+    /// Attach a kernel nbd device (/dev/nbdN) to a mirrorblk volume and
+    /// keep it attached across failovers and restarts.
+    ///
+    /// Does the NBD handshake itself, configures the device through the
+    /// kernel's generic netlink nbd interface, and keeps running (in the
+    /// foreground; see systemd/mirrorblk-attach@.service). When the
+    /// connection dies (the node was killed, restarted or lost its role, or
+    /// the network broke) the kernel holds the device's I/O and tells
+    /// attach, which finds the current primary and hands the kernel a new
+    /// connection; the kernel then resends what was in flight. Applications
+    /// and file systems see a pause, not an error.
+    ///
+    /// Where the primary is looked for, each time, in this order: with
+    /// --etcd, the address in the volume's leader record (what `mirrorblk
+    /// primary` prints); then every --server in the order given. A replica
+    /// refuses NBD clients, so listing every node of the volume works
+    /// without etcd. Each try is bounded by --connect-timeout; attach
+    /// retries (every second at most) until a primary answers.
+    ///
+    /// Timeouts (whole seconds):
+    ///
+    ///   --io-timeout (default 10s): a request unanswered this long marks
+    ///   the connection dead and is resent on the next one. It bounds the
+    ///   stall of requests that were in flight when the server died; set
+    ///   it above the slowest healthy request (a flush under load).
+    ///
+    ///   --dead-conn-timeout (default 120s): how long the kernel holds I/O
+    ///   while no connection is alive. Past it, requests fail with EIO
+    ///   (and file systems may abort), so set it above the longest failover
+    ///   you plan for.
+    ///
+    /// Every reconnect is logged on stderr (which server, how long it took;
+    /// with --json also as a line on stdout). Needs root (CAP_SYS_ADMIN)
+    /// and the nbd module (modprobe nbd). Stop it with `mirrorblk detach
+    /// /dev/nbdN` or SIGTERM: both disconnect the device. The pid file is
+    /// /run/mirrorblk/nbdN.attach.pid. Under systemd (Type=notify) it
+    /// reports readiness once the device is attached.
+    ///
+    /// Exit status: 0 after a detach, 1 when attaching failed (no server
+    /// serves the export: each tried and why; device in use; no nbd
+    /// module), 2 on a usage error.
+    ///
+    /// Examples:
+    ///
+    ///   mirrorblk attach --server n1:10809 --server n2:10809 --server n3:10809 --export vol0 /dev/nbd0
+    ///
+    ///   mirrorblk attach --etcd http://etcd1:2379 --server n1:10809 --export vol0 --json /dev/nbd0
+    #[command(verbatim_doc_comment)]
+    Attach {
+        /// A node serving the volume (repeat for every node; tried in order).
+        #[arg(long = "server", value_name = "HOST:PORT")]
+        servers: Vec<String>,
+        /// etcd client URLs: the volume's leader record names the primary.
+        #[arg(long, value_name = "URL", value_delimiter = ',', env = "MIRRORBLK_ETCD")]
+        etcd: Vec<String>,
+        /// The export (volume) name.
+        #[arg(long, value_name = "NAME")]
+        export: String,
+        /// I/O timeout: an unanswered request is resent on a new connection after this.
+        #[arg(long, value_name = "DURATION", default_value = "10s")]
+        io_timeout: mirrorblk_server::units::Interval,
+        /// How long the kernel holds I/O with no live connection before failing it.
+        #[arg(long, value_name = "DURATION", default_value = "120s")]
+        dead_conn_timeout: mirrorblk_server::units::Interval,
+        /// Bound of one TCP connect and of one NBD handshake.
+        #[arg(long, value_name = "DURATION", default_value = "3s")]
+        connect_timeout: mirrorblk_server::units::Interval,
+        /// Connections to the primary (more than 1 needs its multi-conn flag).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        connections: u32,
+        /// Print events (attached, reconnected, detached) as JSON lines on stdout.
+        #[arg(long)]
+        json: bool,
+        /// The kernel device, /dev/nbdN.
+        device: PathBuf,
+    },
+    /// Detach a kernel nbd device: stops its `mirrorblk attach` process
+    /// (found by /run/mirrorblk/nbdN.attach.pid; it disconnects the device
+    /// and exits) and disconnects the device in any case, so it also
+    /// detaches a device nbd-client attached. Unmount first: a mounted file
+    /// system loses its device. Exit status 0 when the device is detached
+    /// (or was not attached), 1 on failure.
+    Detach {
+        /// The kernel device, /dev/nbdN.
+        device: PathBuf,
     },
     /// Configuration tools.
     Config {
@@ -845,6 +932,28 @@ fn main() -> ExitCode {
             wait,
             volume,
         } => primary::run(&etcd, &volume, json, wait.0),
+        Cmd::Attach {
+            servers,
+            etcd,
+            export,
+            io_timeout,
+            dead_conn_timeout,
+            connect_timeout,
+            connections,
+            json,
+            device,
+        } => attach::attach(attach::AttachArgs {
+            servers,
+            etcd,
+            export,
+            device,
+            io_timeout: io_timeout.0,
+            dead_conn_timeout: dead_conn_timeout.0,
+            connect_timeout: connect_timeout.0,
+            connections,
+            json,
+        }),
+        Cmd::Detach { device } => attach::detach(&device),
         Cmd::Events { follow, json, file } => {
             events::run(&cli.admin_socket, &events::Options { follow, json, file })
         }
