@@ -68,7 +68,7 @@ fn install_signals() -> Result<(), AttachError> {
     for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
         unsafe { sigaction(sig, &act) }
-            .map_err(|e| AttachError::Setup(format!("cannot handle {sig}: {e}")))?;
+            .map_err(|e| AttachError::Setup(format!("cannot handle {sig:?}: {e}")))?;
     }
     Ok(())
 }
@@ -106,7 +106,7 @@ pub enum AttachError {
     #[error(transparent)]
     Device(#[from] DeviceError),
     /// No candidate served the export.
-    #[error("no server serves export '{export}'; tried:\n{}", list(tried))]
+    #[error("no server serves export '{export}'; tried:\n{}", list(.tried))]
     NoServer {
         /// The export.
         export: String,
@@ -137,16 +137,23 @@ pub fn pid_file(index: u32) -> PathBuf {
     Path::new(RUN_DIR).join(format!("nbd{index}.attach.pid"))
 }
 
-/// The logical block size to give the kernel: the server's minimum block
-/// size, at least 512; the kernel takes powers of two up to 4096 (a page).
-pub fn block_size(min_block: u32) -> Result<u64, String> {
-    let b = u64::from(min_block.max(512));
-    if !b.is_power_of_two() || b > 4096 {
+/// The logical block size to give the kernel: the server's preferred
+/// block size (so the kernel never splits below it; 4096 for mirrorblk),
+/// else its minimum, at least 512. The kernel takes powers of two from 512
+/// to 4096 (a page).
+pub fn block_size(min_block: u32, preferred: u32) -> Result<u64, String> {
+    let min = u64::from(min_block.max(512));
+    if !min.is_power_of_two() || min > 4096 {
         return Err(format!(
             "the export's minimum block size is {min_block} bytes; the kernel's nbd driver takes a power of two from 512 to 4096"
         ));
     }
-    Ok(b)
+    let p = u64::from(preferred);
+    Ok(if p.is_power_of_two() && (min..=4096).contains(&p) {
+        p
+    } else {
+        min
+    })
 }
 
 /// Runs `mirrorblk attach`; prints the error and returns 1 (2 for usage).
@@ -205,7 +212,7 @@ fn run_attach(a: &AttachArgs) -> Result<(), AttachError> {
         None
     } else {
         Some(
-            mirrorblk_etcd::Client::new(&a.etcd, a.connect_timeout)
+            mirrorblk_etcd::Client::new(&a.etcd[..], a.connect_timeout)
                 .map_err(|e| AttachError::Usage(format!("--etcd: {e}")))?,
         )
     };
@@ -223,7 +230,8 @@ fn run_attach(a: &AttachArgs) -> Result<(), AttachError> {
     let cfg = DeviceConfig {
         index,
         size: first.size,
-        block_size: block_size(first.min_block).map_err(AttachError::Export)?,
+        block_size: block_size(first.min_block, first.preferred_block)
+            .map_err(AttachError::Export)?,
         server_flags: first.flags,
         io_timeout: a.io_timeout.as_secs(),
         dead_conn_timeout: a.dead_conn_timeout.as_secs(),
@@ -261,7 +269,7 @@ fn open_connections(
         export: sources.export.clone(),
         tried,
     })?;
-    if n > 1 && first.flags & mirrorblk_nbd::consts::FLAG_CAN_MULTI_CONN == 0 {
+    if n > 1 && first.flags & nbd::consts::FLAG_CAN_MULTI_CONN == 0 {
         return Err(AttachError::Export(format!(
             "{} does not allow several connections to '{}' (no multi-conn flag): use --connections 1",
             first.server, sources.export
@@ -537,11 +545,13 @@ mod tests {
 
     #[test]
     fn block_sizes_the_kernel_takes() {
-        assert_eq!(block_size(1), Ok(512));
-        assert_eq!(block_size(512), Ok(512));
-        assert_eq!(block_size(4096), Ok(4096));
-        assert!(block_size(8192).is_err());
-        assert!(block_size(3000).is_err());
+        assert_eq!(block_size(1, 4096), Ok(4096));
+        assert_eq!(block_size(512, 1 << 20), Ok(512));
+        assert_eq!(block_size(1, 0), Ok(512));
+        assert_eq!(block_size(4096, 4096), Ok(4096));
+        assert_eq!(block_size(4096, 512), Ok(4096));
+        assert!(block_size(8192, 8192).is_err());
+        assert!(block_size(3000, 4096).is_err());
     }
 
     #[test]

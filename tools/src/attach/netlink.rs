@@ -88,7 +88,8 @@ impl Message {
         self
     }
 
-    /// A `u8` attribute.
+    /// A `u8` attribute (what the kernel sends in status answers).
+    #[cfg(test)]
     pub fn u8(&mut self, kind: u16, v: u8) -> &mut Self {
         self.attr(kind, &[v])
     }
@@ -536,7 +537,7 @@ mod tests {
         assert_eq!(attrs[0].u32().unwrap(), 7);
         assert_eq!(attrs[1].payload, &(1u64 << 33).to_ne_bytes());
         // The nest: flag set on the wire, masked in the parse, length covers the inner item.
-        assert_eq!(u16::from_ne_bytes([b[34], b[35]]), 7 | NLA_F_NESTED);
+        assert_eq!(u16::from_ne_bytes([b[42], b[43]]), 7 | NLA_F_NESTED);
         assert_eq!(attrs[2].kind, 7);
         let items = attrs[2].nested().unwrap();
         assert_eq!(items.len(), 1);

@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use mirrorblk_etcd::{records, LeaderRecord, VolumeKeys};
-use mirrorblk_nbd::{consts, Client, ClientError};
+use nbd::{consts, Client, ClientError};
 
 use super::netlink::setsockopt;
 
@@ -39,6 +39,8 @@ pub struct Negotiated {
     pub flags: u16,
     /// The server's minimum block size (1 if it sent none).
     pub min_block: u32,
+    /// The server's preferred block size.
+    pub preferred_block: u32,
 }
 
 /// One candidate that did not work, and why.
@@ -165,6 +167,7 @@ pub fn handshake(server: &str, export: &str, t: Timeouts) -> Result<Negotiated, 
         size: info.size,
         flags,
         min_block: info.min_block.max(1),
+        preferred_block: info.preferred_block,
     })
 }
 
