@@ -80,7 +80,10 @@ impl Coordinated {
         extra: &[&str],
         nbd_ports: Option<&[u16]>,
     ) -> Coordinated {
-        assert!(nbd_ports.is_none_or(|p| p.len() == names.len()), "one NBD port per node");
+        assert!(
+            nbd_ports.is_none_or(|p| p.len() == names.len()),
+            "one NBD port per node"
+        );
         let addrs: Vec<SocketAddr> = names
             .iter()
             .map(|_| ([127, 0, 0, 1], pick_port()).into())

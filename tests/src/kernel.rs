@@ -381,7 +381,10 @@ fn mirrorblk_files(dir: &TestDir) -> Vec<CpioFile> {
     );
     // "libx.so.6 => /lib/x86_64-linux-gnu/libx.so.6 (0x...)"; the loader
     // and the vDSO have no "=>" and are already there or virtual.
-    for lib in text.lines().filter_map(|l| l.split("=> ").nth(1)?.split(' ').next()) {
+    for lib in text
+        .lines()
+        .filter_map(|l| l.split("=> ").nth(1)?.split(' ').next())
+    {
         let name = Path::new(lib)
             .file_name()
             .expect("a library path")
@@ -447,7 +450,11 @@ impl Guest {
         let image = image();
         let accel = accel(&image);
         let initrd = dir.join("initrd.img");
-        write_initrd(&initrd, &image, boot.mirrorblk.then(|| mirrorblk_files(dir)));
+        write_initrd(
+            &initrd,
+            &image,
+            boot.mirrorblk.then(|| mirrorblk_files(dir)),
+        );
         let results = dir.join("guest-results.log");
         let console = dir.join("guest-console.log");
         let qemu_log = dir.join("qemu.log");

@@ -241,7 +241,11 @@ fn attach_survives_kill9_and_restart_of_single_node() {
         killed_at.elapsed().as_secs_f64()
     );
     let out = guest.wait(GUEST_TIMEOUT);
-    report_attach("attach across kill -9 and restart of one node", &out, killed_after);
+    report_attach(
+        "attach across kill -9 and restart of one node",
+        &out,
+        killed_after,
+    );
     if let Err(e) = out.check(ATTACH_STEPS) {
         panic!("attach across a kill -9 and restart failed:\n{e}");
     }

@@ -240,7 +240,12 @@ enum Cmd {
         #[arg(long = "server", value_name = "HOST:PORT")]
         servers: Vec<String>,
         /// etcd client URLs: the volume's leader record names the primary.
-        #[arg(long, value_name = "URL", value_delimiter = ',', env = "MIRRORBLK_ETCD")]
+        #[arg(
+            long,
+            value_name = "URL",
+            value_delimiter = ',',
+            env = "MIRRORBLK_ETCD"
+        )]
         etcd: Vec<String>,
         /// The export (volume) name.
         #[arg(long, value_name = "NAME")]

@@ -229,7 +229,12 @@ impl Nbd {
         Ok(s)
     }
 
-    fn call(&mut self, op: &'static str, index: u32, m: &Message) -> Result<Vec<Received>, DeviceError> {
+    fn call(
+        &mut self,
+        op: &'static str,
+        index: u32,
+        m: &Message,
+    ) -> Result<Vec<Received>, DeviceError> {
         self.sock.request(m).map_err(|e| match e.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => DeviceError::Permission { op, index },
             Some(libc::EBUSY) if op == "attaching" => DeviceError::Busy(index),
@@ -301,7 +306,10 @@ mod tests {
         };
         let b = connect_message(0x21, &cfg, &[5, 6]).finish(3);
         let msgs = parse_messages(&b).unwrap();
-        let Received::Genl { family, cmd, attrs, .. } = &msgs[0] else {
+        let Received::Genl {
+            family, cmd, attrs, ..
+        } = &msgs[0]
+        else {
             panic!("{msgs:?}")
         };
         assert_eq!((*family, *cmd), (0x21, CMD_CONNECT));
@@ -313,7 +321,12 @@ mod tests {
         assert_eq!(get(ATTR_SERVER_FLAGS), 0x1edu64.to_ne_bytes());
         assert_eq!(get(ATTR_TIMEOUT), 10u64.to_ne_bytes());
         assert_eq!(get(ATTR_DEAD_CONN_TIMEOUT), 120u64.to_ne_bytes());
-        let socks = a.iter().find(|x| x.kind == ATTR_SOCKETS).unwrap().nested().unwrap();
+        let socks = a
+            .iter()
+            .find(|x| x.kind == ATTR_SOCKETS)
+            .unwrap()
+            .nested()
+            .unwrap();
         let fds: Vec<u32> = socks
             .iter()
             .map(|item| {

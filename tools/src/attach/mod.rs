@@ -162,7 +162,11 @@ pub fn attach(a: AttachArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mirrorblk attach {}: {e}", a.device.display());
-            ExitCode::from(if matches!(e, AttachError::Usage(_)) { 2 } else { 1 })
+            ExitCode::from(if matches!(e, AttachError::Usage(_)) {
+                2
+            } else {
+                1
+            })
         }
     }
 }
@@ -422,7 +426,10 @@ impl Attached<'_> {
     /// (backing off to [`MAX_BACKOFF`]) until it works or attach is stopped.
     fn reconnect(&mut self, why: &str) -> Result<(), AttachError> {
         let started = Instant::now();
-        log(self.args, &format!("{why}; looking for the primary of '{}'", self.args.export));
+        log(
+            self.args,
+            &format!("{why}; looking for the primary of '{}'", self.args.export),
+        );
         let mut backoff = Duration::from_millis(50);
         let mut reported = Instant::now();
         let mut attempts = 0u32;
@@ -434,13 +441,19 @@ impl Attached<'_> {
                         self.reconnected(&conns[0], started, attempts, why);
                         return Ok(());
                     }
-                    Err(e) => log(self.args, &format!("handing the new connection over failed: {e}")),
+                    Err(e) => log(
+                        self.args,
+                        &format!("handing the new connection over failed: {e}"),
+                    ),
                 },
                 Err(e) if reported.elapsed() >= REPORT_EVERY => {
                     reported = Instant::now();
                     log(
                         self.args,
-                        &format!("still no primary after {:.1} s: {e}", started.elapsed().as_secs_f64()),
+                        &format!(
+                            "still no primary after {:.1} s: {e}",
+                            started.elapsed().as_secs_f64()
+                        ),
                     );
                 }
                 Err(_) => {}
@@ -499,9 +512,7 @@ fn attach_pid(path: &Path) -> Option<i32> {
     // A stale file may name a pid reused by another program: check it.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-    let is_mirrorblk = args
-        .first()
-        .is_some_and(|a0| a0.ends_with(b"mirrorblk"));
+    let is_mirrorblk = args.first().is_some_and(|a0| a0.ends_with(b"mirrorblk"));
     (is_mirrorblk && args.iter().any(|a| *a == b"attach") && pid > 1).then_some(pid)
 }
 
@@ -528,7 +539,10 @@ fn run_detach(dev: &Path) -> Result<String, AttachError> {
     }
     match nbd.status(index)? {
         None if stopped.is_none() => {
-            return Ok(format!("{} is not attached (no such nbd device)", dev.display()))
+            return Ok(format!(
+                "{} is not attached (no such nbd device)",
+                dev.display()
+            ))
         }
         Some(false) | None => {}
         Some(true) => nbd.disconnect(index)?,
@@ -577,7 +591,10 @@ mod tests {
             device: "/dev/sda".into(),
             ..ok.clone()
         };
-        assert!(matches!(check_args(&bad_dev), Err(AttachError::Device(DeviceError::NotNbd(_)))));
+        assert!(matches!(
+            check_args(&bad_dev),
+            Err(AttachError::Device(DeviceError::NotNbd(_)))
+        ));
         let zero = AttachArgs {
             io_timeout: Duration::from_millis(500),
             ..ok

@@ -292,13 +292,13 @@ pub fn parse_messages(mut buf: &[u8]) -> Result<Vec<Received>, ParseError> {
         let body = &buf[NLMSG_HDRLEN..len];
         out.push(match kind {
             NLMSG_ERROR => {
-                let b: [u8; 4] = body
-                    .get(..4)
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or(ParseError::Truncated {
-                        what: "error message",
-                        len: body.len(),
-                    })?;
+                let b: [u8; 4] =
+                    body.get(..4)
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or(ParseError::Truncated {
+                            what: "error message",
+                            len: body.len(),
+                        })?;
                 Received::Ack {
                     seq,
                     error: i32::from_ne_bytes(b),
@@ -416,7 +416,12 @@ impl Socket {
                 tv_usec: libc::suseconds_t::from(d.subsec_micros().max(1)),
             },
         );
-        setsockopt(self.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)
+        setsockopt(
+            self.fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv,
+        )
     }
 
     /// Joins multicast group `group`.
@@ -459,7 +464,9 @@ impl Socket {
                 }
             }
         }
-        Err(io::Error::other("no netlink acknowledgement after 64 messages"))
+        Err(io::Error::other(
+            "no netlink acknowledgement after 64 messages",
+        ))
     }
 
     /// Receives one datagram (blocking up to the timeout) and parses it.
@@ -524,10 +531,19 @@ mod tests {
     #[test]
     fn message_layout_matches_the_kernel_headers() {
         let mut m = Message::new(0x1c, 3, 1);
-        m.u32(1, 7).u64(2, 1 << 33).nest(7).nest(1).u32(1, 9).end_nest().end_nest();
+        m.u32(1, 7)
+            .u64(2, 1 << 33)
+            .nest(7)
+            .nest(1)
+            .u32(1, 9)
+            .end_nest()
+            .end_nest();
         let b = m.finish(42);
         assert_eq!(b.len(), 16 + 4 + 8 + 12 + 4 + 4 + 8);
-        assert_eq!(u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize, b.len());
+        assert_eq!(
+            u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize,
+            b.len()
+        );
         assert_eq!(u16::from_ne_bytes([b[4], b[5]]), 0x1c);
         assert_eq!(u16::from_ne_bytes([b[6], b[7]]), NLM_F_REQUEST | NLM_F_ACK);
         assert_eq!(u32::from_ne_bytes(b[8..12].try_into().unwrap()), 42);
@@ -608,7 +624,12 @@ mod tests {
         assert!(parse_attrs(&[8, 0, 1]).is_err());
         assert!(parse_attrs(&[3, 0, 1, 0]).is_err());
         assert!(parse_attrs(&[12, 0, 1, 0, 0, 0, 0, 0]).is_err());
-        assert!(Attr { kind: 1, payload: &[1, 2] }.u32().is_err());
+        assert!(Attr {
+            kind: 1,
+            payload: &[1, 2]
+        }
+        .u32()
+        .is_err());
     }
 
     proptest! {

@@ -257,7 +257,10 @@ mod tests {
             let _ = s.read(&mut b);
         });
         let err = handshake(&addr, "vol0", T).unwrap_err();
-        assert!(err.contains("closed the connection") || err.contains("no NBD handshake"), "{err}");
+        assert!(
+            err.contains("closed the connection") || err.contains("no NBD handshake"),
+            "{err}"
+        );
         t.join().unwrap();
     }
 
