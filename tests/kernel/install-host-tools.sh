@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the kernel tests run on this host (./run-tests calls it):
-# qemu-system-x86, busybox-static and cpio. Nothing for the guest is
+# qemu-system-x86, busybox-static, cpio and binutils (strip: the mirrorblk
+# CLI goes into the guest stripped). Nothing for the guest is
 # installed here: tests/kernel/prepare.sh downloads those packages.
 #
 # qemu-system-x86 must be the version of the installed qemu-utils (they
@@ -18,10 +19,11 @@ if ! command -v busybox >/dev/null 2>&1 || ldd "$(command -v busybox)" >/dev/nul
     need+=(busybox-static)
 fi
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
+command -v strip >/dev/null 2>&1 || need+=(binutils)
 [ "${#need[@]}" -gt 0 ] || exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
-    echo "kernel tests: missing ${need[*]}; run as root or install them (apt-get install -y qemu-system-x86 qemu-utils busybox-static cpio)" >&2
+    echo "kernel tests: missing ${need[*]}; run as root or install them (apt-get install -y qemu-system-x86 qemu-utils busybox-static cpio binutils)" >&2
     exit 2
 fi
 export DEBIAN_FRONTEND=noninteractive
