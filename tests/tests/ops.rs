@@ -56,34 +56,44 @@ fn systemd_unit_verifies() {
         panic!("systemd-analyze is missing: install the systemd package (run-tests does)");
     };
     let dir = TestDir::new();
-    let unit = std::fs::read_to_string(workspace_root().join("systemd/mirrorblkd@.service"))
-        .expect("unit file");
     // Verify checks that ExecStart's binary exists: point it at the build.
-    let daemon = mirrorblk_tests::daemon::mirrorblkd_path();
-    let unit = unit.replace(
-        "/usr/local/bin/mirrorblkd",
-        daemon.to_str().expect("utf-8 path"),
-    );
-    let path = dir.join("mirrorblkd@.service");
-    std::fs::write(&path, unit).expect("write unit");
-    let out = Command::new(analyze)
-        .arg("verify")
-        .arg(&path)
-        .output()
-        .expect("run systemd-analyze");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "systemd-analyze verify failed:\n{text}"
-    );
-    assert!(
-        !text.contains("Unknown key"),
-        "unit has unknown keys:\n{text}"
-    );
+    let units = [
+        (
+            "mirrorblkd@.service",
+            "/usr/local/bin/mirrorblkd",
+            mirrorblk_tests::daemon::mirrorblkd_path(),
+        ),
+        (
+            "mirrorblk-attach@.service",
+            "/usr/local/bin/mirrorblk",
+            mirrorblk_cli(),
+        ),
+    ];
+    for (name, installed, built) in units {
+        let unit = std::fs::read_to_string(workspace_root().join("systemd").join(name))
+            .expect("unit file");
+        let unit = unit.replace(installed, built.to_str().expect("utf-8 path"));
+        let path = dir.join(name);
+        std::fs::write(&path, unit).expect("write unit");
+        let out = Command::new(analyze)
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .expect("run systemd-analyze");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "systemd-analyze verify {name} failed:\n{text}"
+        );
+        assert!(
+            !text.contains("Unknown key"),
+            "{name} has unknown keys:\n{text}"
+        );
+    }
 }
 
 #[test]
