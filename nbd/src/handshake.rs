@@ -163,6 +163,21 @@ pub trait ExportCatalog {
     fn lookup(&self, name: &str) -> Option<ExportInfo>;
     /// `(name, description)` of every export, for `NBD_OPT_LIST`.
     fn list(&self) -> Vec<(String, String)>;
+    /// Why `name` is not served here, when the catalog knows (a replica of
+    /// a replicated volume): the message of the `NBD_REP_ERR_UNKNOWN` reply
+    /// instead of "unknown export", so a client can tell "not here, ask the
+    /// primary" from "no such volume". None by default.
+    fn refusal(&self, name: &str) -> Option<String> {
+        let _ = name;
+        None
+    }
+}
+
+/// The message of the `NBD_REP_ERR_UNKNOWN` reply for `name`.
+fn unknown_export(catalog: &dyn ExportCatalog, name: &str) -> String {
+    catalog
+        .refusal(name)
+        .unwrap_or_else(|| format!("unknown export {}", quote_name(name)))
 }
 
 /// A plain list of exports is a catalog whose first entry is the default.
@@ -765,7 +780,7 @@ impl Handshake {
             self.error_reply(
                 option,
                 consts::REP_ERR_UNKNOWN,
-                &format!("unknown export {}", quote_name(name)),
+                &unknown_export(catalog, name),
             );
             return;
         };
@@ -842,7 +857,7 @@ impl Handshake {
             self.error_reply(
                 option,
                 consts::REP_ERR_UNKNOWN,
-                &format!("unknown export {}", quote_name(req.export)),
+                &unknown_export(catalog, req.export),
             );
             return;
         };
@@ -1042,6 +1057,37 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].1, consts::REP_ERR_UNKNOWN);
         assert_eq!(hs.status(), Status::InProgress);
+    }
+
+    /// A catalog that knows why it does not serve "replica0".
+    struct Refusing;
+
+    impl ExportCatalog for Refusing {
+        fn lookup(&self, _: &str) -> Option<ExportInfo> {
+            None
+        }
+        fn list(&self) -> Vec<(String, String)> {
+            Vec::new()
+        }
+        fn refusal(&self, name: &str) -> Option<String> {
+            (name == "replica0").then(|| "a replica here".to_string())
+        }
+    }
+
+    #[test]
+    fn go_refused_export_says_why() {
+        let mut hs = started(1);
+        let mut input = opt(consts::OPT_GO, &go_data("replica0"));
+        input.extend(opt(consts::OPT_GO, &go_data("nope")));
+        hs.receive(&input, &Refusing).unwrap();
+        let r = replies(hs.output());
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            (r[0].1, &r[0].2[..]),
+            (consts::REP_ERR_UNKNOWN, &b"a replica here"[..])
+        );
+        assert_eq!(r[1].1, consts::REP_ERR_UNKNOWN);
+        assert!(String::from_utf8_lossy(&r[1].2).starts_with("unknown export"));
     }
 
     #[test]

@@ -25,6 +25,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Catalog {
     /// In configuration order; the first is the default export.
     pub exports: Vec<ExportInfo>,
+    /// Volumes this node holds as a replica: not served, and a client
+    /// asking for one is told so (and to ask the primary).
+    pub replicas: Vec<String>,
 }
 
 impl ExportCatalog for Catalog {
@@ -40,6 +43,14 @@ impl ExportCatalog for Catalog {
             .iter()
             .map(|e| (e.name.clone(), e.description.clone()))
             .collect()
+    }
+
+    fn refusal(&self, name: &str) -> Option<String> {
+        self.replicas.iter().any(|r| r == name).then(|| {
+            format!(
+                "this node is a replica of volume '{name}' and serves no NBD clients; connect to its primary (`mirrorblk primary` names it)"
+            )
+        })
     }
 }
 

@@ -564,6 +564,11 @@ fn primary_catalog(prepared: &[PreparedVolume]) -> Catalog {
             .filter(|p| p.role == Role::Primary)
             .map(|p| p.export.clone())
             .collect(),
+        replicas: prepared
+            .iter()
+            .filter(|p| p.role != Role::Primary)
+            .map(|p| p.export.name.clone())
+            .collect(),
     }
 }
 

@@ -95,16 +95,41 @@ const ATTACH_STEPS: &[&str] = &[
     "attach-workload",
 ];
 
-/// `mb.attach=`: a `--server` per guest port, and a dead-connection timeout
-/// that a failover fits in but that a missing reconnect exceeds well
-/// within the guest's time limit (then the queued writes fail with EIO).
-fn attach_param(ports: &[u16]) -> String {
+/// attach's default `--io-timeout`, in seconds.
+const DEFAULT_IO_TIMEOUT: u64 = 10;
+/// What a reconnect may add to the I/O timeout in the longest write+fsync
+/// (finding the primary, the election, a loaded TCG guest).
+const STALL_MARGIN_MS: u64 = 10_000;
+
+/// `mb.attach=`: a `--server` per guest port, the I/O timeout, and a
+/// dead-connection timeout that a failover fits in but that a missing
+/// reconnect exceeds well within the guest's time limit (then the queued
+/// writes fail with EIO).
+fn attach_param(ports: &[u16], io_timeout: u64) -> String {
     let mut args: Vec<String> = ports
         .iter()
         .flat_map(|p| ["--server".to_string(), format!("10.0.2.100:{p}")])
         .collect();
     args.extend(["--dead-conn-timeout".into(), "30s".into()]);
+    args.extend(["--io-timeout".into(), format!("{io_timeout}s")]);
     args.join(",")
+}
+
+/// The longest write+fsync the guest measured (its `STALL ms` line).
+fn stall_ms(out: &Outcome) -> Option<u64> {
+    out.lines
+        .iter()
+        .find_map(|l| l.strip_prefix("STALL ")?.trim().parse().ok())
+}
+
+/// The I/O timeout bounds the stall: requests in flight on the dead
+/// connection are resent when it expires, the others wait for the reconnect.
+fn assert_stall_bounded(out: &Outcome, io_timeout: u64) {
+    let stall = stall_ms(out).expect("the guest reported its STALL");
+    assert!(
+        stall <= io_timeout * 1000 + STALL_MARGIN_MS,
+        "the longest write+fsync took {stall} ms with --io-timeout {io_timeout}s"
+    );
 }
 
 /// Prints the guest's account of the attach workload: the stall and the
@@ -150,13 +175,13 @@ fn fsynced(guest: &Guest) -> usize {
 
 /// Boots the attach workload reaching `relays` (guest port, relay) and
 /// waits until it has fsynced 10 files; returns the guest.
-fn boot_attach(dir: &TestDir, relays: Vec<(u16, &Relay)>) -> Guest {
+fn boot_attach(dir: &TestDir, relays: Vec<(u16, &Relay)>, io_timeout: u64) -> Guest {
     let ports: Vec<u16> = relays.iter().map(|(p, _)| *p).collect();
     let mut guest = Guest::start(
         dir,
         &Boot {
             workload: "attach",
-            params: vec![("mb.attach", attach_param(&ports))],
+            params: vec![("mb.attach", attach_param(&ports, io_timeout))],
             relays,
             mirrorblk: true,
         },
@@ -193,7 +218,11 @@ fn attach_survives_failover_under_etcd() {
             Relay::named(Path::new(RELAY), &dir, &file, *port, Duration::from_secs(1))
         })
         .collect();
-    let guest = boot_attach(&dir, GUEST_PORTS.iter().copied().zip(&relays).collect());
+    let guest = boot_attach(
+        &dir,
+        GUEST_PORTS.iter().copied().zip(&relays).collect(),
+        DEFAULT_IO_TIMEOUT,
+    );
     let killed_at = Instant::now();
     let killed_after = fsynced(&guest);
     c.nodes[p].daemon.kill9();
@@ -210,6 +239,7 @@ fn attach_survives_failover_under_etcd() {
     if let Err(e) = out.check(ATTACH_STEPS) {
         panic!("attach across a failover failed:\n{e}");
     }
+    assert_stall_bounded(&out, DEFAULT_IO_TIMEOUT);
     let new_primary = format!("10.0.2.100:{}", GUEST_PORTS[q]);
     assert!(
         out.lines
@@ -222,7 +252,8 @@ fn attach_survives_failover_under_etcd() {
 }
 
 /// Issue 14: the same with one node and no replication: kill -9, restart
-/// on the same port (journal recovery), and the guest goes on.
+/// on the same port (journal recovery), and the guest goes on; with a 4 s
+/// I/O timeout the stall is about 4 s (10 s with the default).
 #[test]
 fn attach_survives_kill9_and_restart_of_single_node() {
     let dir = TestDir::new();
@@ -231,7 +262,9 @@ fn attach_survives_kill9_and_restart_of_single_node() {
     set_listen(&mut args, &format!("127.0.0.1:{port}"));
     let mut d = Daemon::start(args);
     let relay = Relay::new(Path::new(RELAY), &dir, port, Duration::from_secs(1));
-    let guest = boot_attach(&dir, vec![(GUEST_PORTS[0], &relay)]);
+    // A shorter I/O timeout than the default: the stall follows it.
+    let io_timeout = 4;
+    let guest = boot_attach(&dir, vec![(GUEST_PORTS[0], &relay)], io_timeout);
     let killed_after = fsynced(&guest);
     let killed_at = Instant::now();
     d.kill9();
@@ -249,6 +282,7 @@ fn attach_survives_kill9_and_restart_of_single_node() {
     if let Err(e) = out.check(ATTACH_STEPS) {
         panic!("attach across a kill -9 and restart failed:\n{e}");
     }
+    assert_stall_bounded(&out, io_timeout);
 }
 
 /// `nbdkit null`: accepts every write and throws it away, reads zeros.

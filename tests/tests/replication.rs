@@ -866,7 +866,8 @@ mod replication {
     }
 
     /// A replica does not offer its export: the protocol client and nbdinfo get
-    /// a prompt refusal (export unknown, or connection refused), never a hang,
+    /// a prompt refusal (that names the node a replica, or connection
+    /// refused), never a hang,
     /// while the primary serves the volume and the replica keeps replicating.
     #[test]
     fn replica_refuses_nbd_clients() {
@@ -892,6 +893,12 @@ mod replication {
                 Ok(c) => panic!(
                     "the replica accepted an NBD client for export {export:?} (size {})",
                     c.size()
+                ),
+                // Named: the refusal says why (a client such as `mirrorblk
+                // attach` then tries the next node).
+                Err(ClientError::OptionRejected { message, .. }) if export == EXPORT => assert!(
+                    message.contains("replica") && message.contains("primary"),
+                    "the replica's refusal does not say it is a replica: {message:?}"
                 ),
                 Err(ClientError::OptionRejected { .. }) => {}
                 Err(ClientError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}

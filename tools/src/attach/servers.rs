@@ -6,7 +6,7 @@
 //! Each is given a bounded TCP connect and a bounded handshake
 //! (fixed newstyle, `NBD_OPT_GO`, no structured replies: the kernel's nbd
 //! driver reads simple replies only). A replica answers `NBD_OPT_GO` with
-//! an error reply (it serves no clients), which names it as not the primary.
+//! an error reply that says it is a replica (server/src/listener.rs).
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
@@ -195,9 +195,9 @@ fn describe(e: &ClientError, export: &str, t: Timeouts) -> String {
             reply_type,
             message,
             ..
-        } if *reply_type == consts::REP_ERR_UNKNOWN => format!(
-            "does not serve export '{export}' (a replica, or no such volume there): the server says {message:?}"
-        ),
+        } if *reply_type == consts::REP_ERR_UNKNOWN => {
+            format!("does not serve export '{export}': {message}")
+        }
         ClientError::OptionRejected { message, .. } => {
             format!("refused export '{export}': the server says {message:?}")
         }
