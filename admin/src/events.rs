@@ -42,6 +42,9 @@ pub enum EventKind {
         version: String,
         /// The volumes it serves.
         volumes: Vec<String>,
+        /// The process it took over from at a live restart.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        took_over_from: Option<u32>,
     },
     /// The daemon is stopping.
     DaemonStop {
@@ -226,6 +229,28 @@ pub enum EventKind {
         /// Why (a clean disconnect, an error).
         reason: String,
     },
+    /// A live restart was asked for (`mirrorblk restart`).
+    RestartRequested {
+        /// The binary to start.
+        binary: String,
+    },
+    /// A live restart did not happen with the asked binary: the old process
+    /// serves on (it failed before the hand-over) or the running binary
+    /// took over instead.
+    RestartFailed {
+        /// Why, and what serves now.
+        reason: String,
+    },
+    /// This process took over a live restart's listeners and connections
+    /// (written by the new process once it serves).
+    HandedOver {
+        /// The process that handed over.
+        from_pid: u32,
+        /// NBD connections taken over.
+        connections: usize,
+        /// How long clients waited, in milliseconds.
+        pause_ms: u64,
+    },
     /// A request on the admin socket was carried out or refused.
     AdminCommand {
         /// The request, as its JSON line.
@@ -265,6 +290,9 @@ impl EventKind {
             EventKind::ClientAttach { .. } => "client-attach",
             EventKind::ClientDetach { .. } => "client-detach",
             EventKind::AdminCommand { .. } => "admin-command",
+            EventKind::RestartRequested { .. } => "restart-requested",
+            EventKind::RestartFailed { .. } => "restart-failed",
+            EventKind::HandedOver { .. } => "handed-over",
         }
     }
 }
@@ -437,6 +465,7 @@ mod tests {
                 pid: 42,
                 version: s("0.1.0"),
                 volumes: vec![v()],
+                took_over_from: Some(41),
             },
             EventKind::DaemonStop {
                 reason: s("SIGTERM"),
@@ -544,6 +573,17 @@ mod tests {
                 ok: true,
                 error: None,
             },
+            EventKind::RestartRequested {
+                binary: s("/usr/local/bin/mirrorblkd"),
+            },
+            EventKind::RestartFailed {
+                reason: s("exited (exit status: 1) before serving"),
+            },
+            EventKind::HandedOver {
+                from_pid: 41,
+                connections: 3,
+                pause_ms: 120,
+            },
         ]
     }
 
@@ -575,6 +615,9 @@ mod tests {
             EventKind::ClientAttach { .. } => 21,
             EventKind::ClientDetach { .. } => 22,
             EventKind::AdminCommand { .. } => 23,
+            EventKind::RestartRequested { .. } => 24,
+            EventKind::RestartFailed { .. } => 25,
+            EventKind::HandedOver { .. } => 26,
         }
     }
 
@@ -582,7 +625,7 @@ mod tests {
     fn every_kind_round_trips_under_its_name() {
         let kinds = every_kind();
         let ordinals: Vec<usize> = kinds.iter().map(ordinal).collect();
-        assert_eq!(ordinals, (0..24).collect::<Vec<_>>(), "one of each kind");
+        assert_eq!(ordinals, (0..27).collect::<Vec<_>>(), "one of each kind");
         for (seq, kind) in kinds.into_iter().enumerate() {
             let e = Event {
                 ts: s("2026-12-04T20:30:16.123Z"),

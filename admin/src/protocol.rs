@@ -35,6 +35,30 @@ pub enum Request {
         #[serde(default)]
         repair: bool,
     },
+    /// Live restart: hand every listener and NBD connection over to a new
+    /// process of `binary` (default: the daemon's own path), which serves
+    /// them on; answered once it serves.
+    Restart {
+        /// The binary to run.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<PathBuf>,
+    },
+}
+
+/// How a live restart went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestartOutcome {
+    /// The process that handed over.
+    pub from_pid: u32,
+    /// The process that serves now.
+    pub pid: u32,
+    /// The binary it runs.
+    pub binary: PathBuf,
+    /// NBD connections handed over.
+    pub connections: usize,
+    /// How long clients waited: from the moment the old process stopped
+    /// taking requests until the new one served, in milliseconds.
+    pub pause_ms: u64,
 }
 
 /// The state of one volume, as `status` reports it.
@@ -168,6 +192,9 @@ pub struct Response {
     /// `mirrorblk events` reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_log: Option<PathBuf>,
+    /// How a `restart` went (in its answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartOutcome>,
 }
 
 /// What a node run with `--etcd` knows of its coordination.
@@ -222,6 +249,7 @@ impl Response {
             listen: None,
             coordinator: None,
             event_log: None,
+            restart: None,
         }
     }
 }

@@ -93,13 +93,8 @@ impl Default for Readiness {
     }
 }
 
-/// Serves the admin socket at `path` until the process ends.
-pub fn spawn(
-    path: &Path,
-    node: String,
-    cores: Vec<mpsc::Sender<crate::control::CoreMsg>>,
-    readiness: Arc<Readiness>,
-) -> std::io::Result<()> {
+/// Binds the admin socket at `path` (mode 0600), replacing a stale one.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if let Ok(m) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if m.file_type().is_socket() {
@@ -112,13 +107,29 @@ pub fn spawn(
     let listener = UnixListener::bind(path)?;
     // Only the owner may steer the node.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the admin socket `listener` (bound at `path`) until `stop` is
+/// set (a hand-over passes the listener on) or the process ends.
+pub fn spawn(
+    listener: UnixListener,
+    path: &Path,
+    node: String,
+    cores: Vec<mpsc::Sender<crate::control::CoreMsg>>,
+    readiness: Arc<Readiness>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    use std::os::fd::AsFd;
+    listener.set_nonblocking(true)?;
     let path: PathBuf = path.to_path_buf();
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(s) => {
+            while crate::sockio::wait_acceptable(listener.as_fd(), &stop) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let _ = s.set_nonblocking(false);
                         let node = node.clone();
                         let cores = cores.clone();
                         let readiness = readiness.clone();
@@ -126,14 +137,14 @@ pub fn spawn(
                             .name("admin-conn".into())
                             .spawn(move || serve(s, &node, &cores, &readiness));
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => {
                         tracing::warn!("admin socket {}: accept failed: {e}", path.display());
                         std::thread::sleep(Duration::from_millis(100));
                     }
                 }
             }
-        })?;
-    Ok(())
+        })
 }
 
 fn serve(
@@ -154,15 +165,19 @@ fn serve(
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let (resp, restart) = answer(line.trim(), node, cores, readiness);
+        let (resp, after) = answer(line.trim(), node, cores, readiness);
         let mut text = serde_json::to_string(&resp)
             .unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"));
         text.push('\n');
         let written = out.write_all(text.as_bytes()).and_then(|()| out.flush());
         // The restart closes this socket: it comes only after the answer
         // is on its way.
-        if let Some(role) = restart {
-            crate::lifecycle::request_restart(role);
+        match after {
+            After::Nothing => {}
+            After::Restart(role) => crate::lifecycle::request_restart(role),
+            After::HandedOver(done) => {
+                let _ = done.send(());
+            }
         }
         if written.is_err() {
             return;
@@ -170,15 +185,31 @@ fn serve(
     }
 }
 
-/// The answer to one request line, and the role to restart with once it
-/// is sent. Every request but `status` (monitors poll it) is recorded in
-/// the event log with its outcome.
+/// What the connection does once an answer is written.
+enum After {
+    /// Nothing.
+    Nothing,
+    /// Restart with this role (promote, demote).
+    Restart(mirrorblk_admin::Role),
+    /// Tell the main thread the restart's answer is out (it then exits).
+    HandedOver(std::sync::mpsc::SyncSender<()>),
+}
+
+impl From<Option<mirrorblk_admin::Role>> for After {
+    fn from(r: Option<mirrorblk_admin::Role>) -> After {
+        r.map_or(After::Nothing, After::Restart)
+    }
+}
+
+/// The answer to one request line, and what to do once it is sent. Every
+/// request but `status` (monitors poll it) is recorded in the event log
+/// with its outcome.
 fn answer(
     line: &str,
     node: &str,
     cores: &[mpsc::Sender<crate::control::CoreMsg>],
     readiness: &Readiness,
-) -> (Response, Option<mirrorblk_admin::Role>) {
+) -> (Response, After) {
     let req = match serde_json::from_str::<Request>(line) {
         Ok(req) => req,
         Err(e) => {
@@ -186,7 +217,7 @@ fn answer(
                 Response::error(format!(
             "cannot parse request ({e}); send one JSON object per line, e.g. {{\"cmd\":\"status\"}}"
         )),
-                None,
+                After::Nothing,
             )
         }
     };
@@ -195,7 +226,12 @@ fn answer(
         if resp.ok {
             readiness.stamp(&mut resp);
         }
-        return (resp, restart);
+        return (resp, restart.into());
+    }
+    if let Request::Restart { binary } = req {
+        // Recorded as restart events: after a hand-over the new process
+        // owns the event log.
+        return restart(binary, node, readiness);
     }
     // As parsed, not as sent: bounded, and without fields the daemon ignored.
     let command = serde_json::to_string(&req).unwrap_or_default();
@@ -206,7 +242,7 @@ fn answer(
         req => handle(req, node, cores),
     };
     record(command, &resp);
-    (resp, restart)
+    (resp, restart.into())
 }
 
 /// Records an admin command and its outcome in the event log (not status
@@ -253,7 +289,10 @@ fn handle(
     let restart = match req {
         Request::Promote { .. } => Some(mirrorblk_admin::Role::Primary),
         Request::Demote => Some(mirrorblk_admin::Role::Replica),
-        Request::Status | Request::SetResyncRate { .. } | Request::Verify { .. } => None,
+        Request::Status
+        | Request::SetResyncRate { .. }
+        | Request::Verify { .. }
+        | Request::Restart { .. } => None,
     };
     let resp = Response {
         ok: true,
@@ -265,6 +304,78 @@ fn handle(
         listen: None,
         coordinator: None,
         event_log: None,
+        restart: None,
     };
     (resp, restart)
+}
+
+/// How long the admin connection waits for the main thread's hand-over.
+const HAND_OVER_LIMIT: Duration = Duration::from_secs(240);
+
+/// Live restart: starts `binary` (default: the daemon's own path) and, once
+/// it says HELLO, has the main thread hand the node over to it. A binary
+/// that fails to start leaves this process serving, untouched.
+fn restart(binary: Option<PathBuf>, node: &str, readiness: &Readiness) -> (Response, After) {
+    let binary = binary.unwrap_or_else(crate::handover::own_path);
+    crate::events::emit(crate::events::EventKind::RestartRequested {
+        binary: binary.display().to_string(),
+    });
+    let failed = |why: String| {
+        tracing::error!("restart: {why}");
+        crate::events::emit(crate::events::EventKind::RestartFailed {
+            reason: why.clone(),
+        });
+        (Response::error(why), After::Nothing)
+    };
+    if readiness.coordinated() {
+        return failed("a node run with --etcd cannot restart live yet: its etcd lease is not handed over; stop it and let a replica take over, or restart it with systemctl".into());
+    }
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let mut successor = match crate::handover::Successor::spawn(&binary, &args) {
+        Ok(s) => s,
+        Err(e) => {
+            return failed(format!(
+                "{e}; this process (pid {}) serves on",
+                std::process::id()
+            ))
+        }
+    };
+    tracing::info!(
+        "restart: started {} (pid {}); waiting for it to parse its configuration",
+        binary.display(),
+        successor.pid()
+    );
+    if let Err(e) = successor.wait_hello() {
+        return failed(format!(
+            "{e}; this process (pid {}) serves on",
+            std::process::id()
+        ));
+    }
+    let (answer, outcome) = std::sync::mpsc::sync_channel(1);
+    let (written_tx, written) = std::sync::mpsc::sync_channel(1);
+    let order = crate::lifecycle::HandOverOrder {
+        successor,
+        binary,
+        answer,
+        written,
+    };
+    if let Err(order) = crate::lifecycle::request_hand_over(order) {
+        order.successor.abandon();
+        return failed("a role change or another restart is already under way".into());
+    }
+    let resp = match outcome.recv_timeout(HAND_OVER_LIMIT) {
+        Ok(Ok(o)) => {
+            let mut r = Response::error("");
+            r.ok = true;
+            r.error = None;
+            r.node = node.to_string();
+            r.pid = Some(o.pid);
+            r.restart = Some(o);
+            r
+        }
+        Ok(Err(why)) => Response::error(why),
+        Err(_) => Response::error("the hand-over did not finish in time; see the daemon's log"),
+    };
+    // The main thread ends the process once this answer is on its way.
+    (resp, After::HandedOver(written_tx))
 }

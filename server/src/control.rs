@@ -33,6 +33,18 @@ pub enum CoreMsg {
     SetResyncRate(u64),
     /// The coordinator's question or order about one of its volumes.
     Coordinate(CoordQuery),
+    /// Live restart: stop every connection at a request boundary, finish
+    /// what is in flight, close the volumes durably, and send the
+    /// connections here (the core then ends).
+    HandOver(std::sync::mpsc::Sender<HandedCore>),
+}
+
+/// What a core hands over at a live restart.
+pub struct HandedCore {
+    /// Its connections, stopped at a request boundary.
+    pub conns: Vec<crate::export::Quiesced>,
+    /// Whether its volumes were drained and checkpointed within the limit.
+    pub clean: bool,
 }
 
 /// What the coordinator asks of a volume's core.

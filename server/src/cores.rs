@@ -7,6 +7,7 @@
 //! primary returns [`Fenced`], and the core demotes the volume and asks for
 //! a restart.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -16,11 +17,11 @@ use tokio::sync::mpsc;
 
 use crate::buffer::{BufPool, PoolConfig};
 use crate::control::{
-    ClientStream, CoordAnswer, CoordQuery, CoordRequest, CoreMsg, CoreQuery, Heartbeats, NewConn,
-    Position, PreparedVolume,
+    ClientStream, CoordAnswer, CoordQuery, CoordRequest, CoreMsg, CoreQuery, HandedCore,
+    Heartbeats, NewConn, Position, PreparedVolume,
 };
 use crate::engine::{Engine, Tuning, VolumeInfo};
-use crate::export::serve;
+use crate::export::{serve, Quiesced};
 use crate::journal::format::Role;
 use crate::journal::Journal;
 use crate::lease_fence::LeaseFence;
@@ -68,6 +69,20 @@ struct Core {
     index: usize,
     volumes: HashMap<String, Served>,
     session_ctx: Option<Rc<SessionContext>>,
+    /// Set to stop every connection at a request boundary (live restart).
+    quiesce: tokio::sync::watch::Sender<bool>,
+    /// Where each connection's serving task leaves its quiesced socket;
+    /// taken (so the channel closes once every task is done) by a hand-over.
+    handed: RefCell<Option<mpsc::UnboundedSender<Quiesced>>>,
+    handed_rx: RefCell<Option<mpsc::UnboundedReceiver<Quiesced>>>,
+}
+
+/// Why a core's message loop ended.
+enum Ending {
+    /// Stop (signal, or every sender gone).
+    Stop,
+    /// Hand the connections over; where to send them.
+    HandOver(std::sync::mpsc::Sender<HandedCore>),
 }
 
 /// Runs core `index` with `vols` until told to stop; then drains them.
@@ -84,8 +99,15 @@ pub fn run_core(
         tracing::debug!("core {index} serving {} volume(s)", core.volumes.len());
         spawn_heartbeat(&ctl.heartbeats);
         let mut ctl = ctl;
-        core.serve(rx, &mut ctl.stop).await;
+        let ending = core.serve(rx, &mut ctl.stop).await;
+        let conns = match ending {
+            Ending::HandOver(_) => core.quiesce().await,
+            Ending::Stop => Vec::new(),
+        };
         let clean = core.shutdown().await;
+        if let Ending::HandOver(to) = ending {
+            let _ = to.send(HandedCore { conns, clean });
+        }
         let _ = ctl.stopped.send((index, clean));
     });
 }
@@ -240,11 +262,40 @@ impl Core {
                 heartbeat_timeout: r.heartbeat_timeout,
             })
         });
+        let (handed, handed_rx) = mpsc::unbounded_channel();
         Core {
             index,
             volumes,
             session_ctx,
+            quiesce: tokio::sync::watch::channel(false).0,
+            handed: RefCell::new(Some(handed)),
+            handed_rx: RefCell::new(Some(handed_rx)),
         }
+    }
+
+    /// Stops every connection at a request boundary once its in-flight
+    /// requests are answered, and collects them (those that end otherwise
+    /// are not); bounded by the stop limit.
+    async fn quiesce(&self) -> Vec<Quiesced> {
+        drop(self.handed.borrow_mut().take());
+        self.quiesce.send_replace(true);
+        let Some(mut rx) = self.handed_rx.borrow_mut().take() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let all = async {
+            while let Some(q) = rx.recv().await {
+                out.push(q);
+            }
+        };
+        if tokio::time::timeout(STOP_LIMIT, all).await.is_err() {
+            tracing::error!(
+                "core {}: some connections did not reach a request boundary within {} s; they are closed",
+                self.index,
+                STOP_LIMIT.as_secs()
+            );
+        }
+        out
     }
 
     /// Serves messages until the stop signal or until every sender is gone.
@@ -252,14 +303,15 @@ impl Core {
         &self,
         mut rx: mpsc::Receiver<CoreMsg>,
         stop: &mut tokio::sync::watch::Receiver<bool>,
-    ) {
+    ) -> Ending {
         loop {
             let msg = tokio::select! {
                 msg = rx.recv() => msg,
                 _ = stop.wait_for(|s| *s) => None,
             };
             match msg {
-                None => return,
+                None => return Ending::Stop,
+                Some(CoreMsg::HandOver(to)) => return Ending::HandOver(to),
                 Some(CoreMsg::Admin(q)) => self.on_admin(q).await,
                 Some(CoreMsg::Replica(inc)) => self.on_primary(inc),
                 Some(CoreMsg::SetResyncRate(rate)) => self.set_resync_rate(rate),
@@ -292,6 +344,8 @@ impl Core {
                     Ok(())
                 }
                 Request::Verify { repair } => vol.request_verify(repair),
+                // The admin thread and the main thread carry it out.
+                Request::Restart { .. } => Ok(()),
             };
             r.map_err(|e| e.to_string())?;
         }
@@ -372,8 +426,13 @@ impl Core {
             ClientStream::Unix(s) => Socket::Unix(tokio_uring::net::UnixStream::from_std(s)),
         };
         let guard = nc.guard;
+        let handed = self.handed.borrow().clone();
+        let quiesce = self.quiesce.subscribe();
         tokio_uring::spawn(async move {
-            serve(sock, nc.neg, vol, nc.leftover, nc.peer).await;
+            let q = serve(sock, nc.neg, vol, nc.leftover, nc.peer, quiesce).await;
+            if let (Some(q), Some(to)) = (q, handed) {
+                let _ = to.send(q);
+            }
             drop(guard);
         });
     }

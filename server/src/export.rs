@@ -56,6 +56,27 @@ enum End {
     Io(#[from] io::Error),
     #[error("client sent NBD_CMD_DISC")]
     Disc,
+    /// Stopped at a request boundary for a hand-over to a new daemon
+    /// process; the bytes read past the last served request.
+    #[error("handed over to a new daemon process")]
+    HandOver(Vec<u8>),
+}
+
+/// A connection stopped at a request boundary, every reply written, ready
+/// to move to a new daemon process (live restart).
+#[derive(Debug)]
+pub struct Quiesced {
+    /// A duplicate of the client socket.
+    pub fd: std::os::fd::OwnedFd,
+    /// Whether it is a Unix-domain socket (else TCP).
+    pub unix: bool,
+    /// What was negotiated.
+    pub neg: Negotiated,
+    /// Bytes read from the client past the last request served (a partial
+    /// header, or what the handshake read ahead).
+    pub leftover: Vec<u8>,
+    /// Peer address, for logs.
+    pub peer: String,
 }
 
 /// Reads exactly `buf[from..to]`, with the connection's end reasons.
@@ -119,6 +140,9 @@ type Reply = Vec<OutBuf>;
 
 struct Conn {
     sock: Rc<Socket>,
+    /// The socket's readiness, so the reader waits for a request header
+    /// where a hand-over may stop it without losing a byte.
+    ready: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
     /// The same socket as a file, for `readv` (tokio-uring has no socket readv).
     sock_file: tokio_uring::fs::File,
     vol: Rc<Volume>,
@@ -177,30 +201,59 @@ fn client_event(conn: &Conn, end: Option<&End>) {
     });
 }
 
+/// The connection's extra handles on its socket: a file for `readv` and a
+/// readiness registration.
+fn socket_handles(
+    sock: &Socket,
+) -> io::Result<(
+    tokio_uring::fs::File,
+    tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+)> {
+    let file = sock.dup_as_file()?;
+    // SAFETY: the AsyncFd owns this duplicate and nothing else closes or
+    // replaces it while registered (it deregisters before closing).
+    let ready = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            sock.dup_fd()?,
+            tokio::io::Interest::READABLE,
+        )?
+    };
+    Ok((file, ready))
+}
+
 /// Serves a negotiated connection until the client leaves or breaks the
-/// protocol. `leftover` holds bytes read past the handshake.
+/// protocol, or `quiesce` turns true: then it stops at the next request
+/// boundary, lets what is in flight finish and its replies go out, and
+/// answers the socket and its state for a new daemon process instead of
+/// closing it. `leftover` holds bytes read past the handshake (or, for a
+/// handed-over connection, past the last request the old process served).
 pub async fn serve(
     sock: Socket,
     neg: Negotiated,
     vol: Rc<Volume>,
     leftover: Vec<u8>,
     peer: String,
-) {
+    quiesce: tokio::sync::watch::Receiver<bool>,
+) -> Option<Quiesced> {
     let sock = Rc::new(sock);
     let open = crate::telemetry::connections();
     open.increment(1.0);
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio_uring::spawn(run_writer(sock.clone(), rx));
-    let sock_file = match sock.dup_as_file() {
-        Ok(f) => f,
+    let (sock_file, ready) = match socket_handles(&sock) {
+        Ok(h) => h,
         Err(e) => {
             tracing::warn!(%peer, "cannot duplicate the client socket: {e}; closing");
             sock.shutdown();
-            return;
+            open.decrement(1.0);
+            return None;
         }
     };
+    let unix = matches!(*sock, Socket::Unix(_));
+    let (neg_kept, peer_kept) = (neg.clone(), peer.clone());
     let conn = Rc::new(Conn {
         sock: sock.clone(),
+        ready,
         sock_file,
         vol,
         neg,
@@ -209,7 +262,25 @@ pub async fn serve(
         peer,
     });
     client_event(&conn, None);
-    let end = read_loop(&conn, leftover).await;
+    let end = read_loop(&conn, leftover, quiesce).await;
+    if let End::HandOver(rest) = end {
+        finish_inflight(conn, writer).await;
+        open.decrement(1.0);
+        return match sock.dup_fd() {
+            Ok(fd) => Some(Quiesced {
+                fd,
+                unix,
+                neg: neg_kept,
+                leftover: rest,
+                peer: peer_kept,
+            }),
+            Err(e) => {
+                tracing::warn!(peer = %peer_kept, "cannot keep the client socket for the hand-over: {e}; closing");
+                sock.shutdown();
+                None
+            }
+        };
+    }
     client_event(&conn, Some(&end));
     match &end {
         End::Eof | End::Disc => tracing::debug!(peer = %conn.peer, "connection closed: {end}"),
@@ -217,13 +288,19 @@ pub async fn serve(
             tracing::warn!(peer = %conn.peer, export = %conn.vol.info().name, "closing connection: {end}")
         }
     }
-    // Let in-flight requests finish and their replies go out.
-    let _all = conn.inflight.acquire_many(MAX_INFLIGHT as u32).await;
-    drop(_all);
-    drop(conn);
-    let _ = writer.await;
+    finish_inflight(conn, writer).await;
     sock.shutdown();
     open.decrement(1.0);
+    None
+}
+
+/// Lets in-flight requests finish and their replies go out.
+async fn finish_inflight(conn: Rc<Conn>, writer: tokio::task::JoinHandle<()>) {
+    let all = conn.inflight.acquire_many(MAX_INFLIGHT as u32).await;
+    drop(all);
+    // The writer ends once every reply sender (each request's `Conn`) is gone.
+    drop(conn);
+    let _ = writer.await;
 }
 
 async fn run_writer(sock: Rc<Socket>, mut rx: mpsc::UnboundedReceiver<Reply>) {
@@ -255,6 +332,11 @@ impl Prefix {
         self.at >= self.bytes.len()
     }
 
+    /// What is left unconsumed.
+    fn rest(&self) -> &[u8] {
+        &self.bytes[self.at.min(self.bytes.len())..]
+    }
+
     fn take(&mut self, dst: &mut [u8]) -> usize {
         let n = (self.bytes.len() - self.at).min(dst.len());
         dst[..n].copy_from_slice(&self.bytes[self.at..self.at + n]);
@@ -263,10 +345,65 @@ impl Prefix {
     }
 }
 
+/// Fills `hdr[have..]` with the next request header without ever leaving a
+/// read pending on the socket: it receives what has arrived and otherwise
+/// waits for readiness, which a hand-over may cancel. Stops (with the bytes
+/// read so far) when `quiesce` is set: a request boundary, since every
+/// earlier request was read whole.
+async fn read_header(
+    conn: &Conn,
+    hdr: &mut [u8],
+    mut have: usize,
+    quiesce: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), End> {
+    use std::os::fd::AsFd;
+    loop {
+        if *quiesce.borrow() {
+            return Err(End::HandOver(hdr[..have].to_vec()));
+        }
+        if have == hdr.len() {
+            return Ok(());
+        }
+        match sockio::recv_now(conn.ready.get_ref().as_fd(), &mut hdr[have..]) {
+            Ok(0) if have == 0 => return Err(End::Eof),
+            Ok(0) => {
+                return Err(End::Truncated {
+                    what: "request header",
+                    got: have,
+                    want: hdr.len(),
+                })
+            }
+            Ok(n) => {
+                have += n;
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(End::Io(e)),
+        }
+        tokio::select! {
+            _ = quiesce_signalled(quiesce) => {}
+            r = conn.ready.readable() => match r {
+                Ok(mut g) => g.clear_ready(),
+                Err(e) => return Err(End::Io(e)),
+            },
+        }
+    }
+}
+
+/// Resolves once `quiesce` is true; never, when its sender is gone.
+async fn quiesce_signalled(quiesce: &mut tokio::sync::watch::Receiver<bool>) {
+    if quiesce.wait_for(|q| *q).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Reads requests until the connection ends, and runs each served one as
 /// its own task (at most the in-flight limit at once).
-async fn read_loop(conn: &Rc<Conn>, leftover: Vec<u8>) -> End {
-    let sock = &conn.sock;
+async fn read_loop(
+    conn: &Rc<Conn>,
+    leftover: Vec<u8>,
+    mut quiesce: tokio::sync::watch::Receiver<bool>,
+) -> End {
     let mut prefix = Prefix {
         bytes: leftover,
         at: 0,
@@ -277,19 +414,15 @@ async fn read_loop(conn: &Rc<Conn>, leftover: Vec<u8>) -> End {
     let mut hdr_have = 0usize;
     loop {
         hdr_have += prefix.take(&mut hdr[hdr_have..]);
-        let (res, h) = read_exact(
-            sock,
-            hdr,
-            hdr_have,
-            REQUEST_HEADER_LEN,
-            "request header",
-            false,
-        )
-        .await;
-        hdr = h;
+        let res = read_header(conn, &mut hdr, hdr_have, &mut quiesce).await;
         hdr_have = 0;
-        if let Err(e) = res {
-            return e;
+        match res {
+            Ok(()) => {}
+            Err(End::HandOver(mut rest)) => {
+                rest.extend_from_slice(prefix.rest());
+                return End::HandOver(rest);
+            }
+            Err(e) => return e,
         }
         let started = Instant::now();
         let mut raw = [0u8; REQUEST_HEADER_LEN];

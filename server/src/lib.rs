@@ -17,6 +17,7 @@ pub mod cores;
 pub mod engine;
 pub mod events;
 pub mod export;
+pub mod handover;
 pub mod journal;
 pub mod lease_fence;
 pub mod lifecycle;

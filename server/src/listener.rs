@@ -64,6 +64,19 @@ pub struct AcceptContext {
     pub conns: Arc<AtomicUsize>,
     /// Limit on live connections.
     pub max_connections: usize,
+    /// Handshakes under way (a hand-over waits for them to finish).
+    pub handshaking: Arc<AtomicUsize>,
+    /// Set to stop accepting (a hand-over passes the listeners on).
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Counts a handshake under way while it lives.
+struct Handshaking(Arc<AtomicUsize>);
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Why a handshake did not produce a connection.
@@ -141,10 +154,13 @@ fn admit(ctx: &'static AcceptContext, stream: ClientStream, peer: String) {
         tracing::warn!(%peer, "refusing connection: {} connections already open (--max-connections)", n);
         return;
     }
+    ctx.handshaking.fetch_add(1, Ordering::AcqRel);
+    let busy = Handshaking(ctx.handshaking.clone());
     let spawned = std::thread::Builder::new()
         .name("nbd-handshake".into())
         .spawn(move || {
             handshake_and_route(ctx, stream, peer, guard);
+            drop(busy);
         });
     if let Err(e) = spawned {
         tracing::error!("cannot start a handshake thread: {e}");
@@ -191,39 +207,74 @@ fn handshake_and_route(
     }
 }
 
-/// Starts the accept threads. The context is kept for the life of the process.
+/// Starts the accept threads; they end once `ctx.stop` is set (their
+/// listeners stay open for a hand-over).
 pub fn spawn_acceptors(
-    ctx: AcceptContext,
+    ctx: &'static AcceptContext,
     tcp: TcpListener,
     unix: Option<UnixListener>,
-) -> io::Result<()> {
-    let ctx: &'static AcceptContext = Box::leak(Box::new(ctx));
-    std::thread::Builder::new()
+) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
+    use std::os::fd::AsFd;
+    tcp.set_nonblocking(true)?;
+    let mut threads = vec![std::thread::Builder::new()
         .name("nbd-accept-tcp".into())
-        .spawn(move || loop {
-            match tcp.accept() {
-                Ok((s, addr)) => {
-                    let _ = s.set_nodelay(true);
-                    admit(ctx, ClientStream::Tcp(s), addr.to_string());
-                }
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
+        .spawn(move || {
+            while crate::sockio::wait_acceptable(tcp.as_fd(), &ctx.stop) {
+                match tcp.accept() {
+                    Ok((s, addr)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_nodelay(true);
+                        admit(ctx, ClientStream::Tcp(s), addr.to_string());
+                    }
+                    Err(e) => accept_failed(e),
                 }
             }
-        })?;
+        })?];
     if let Some(u) = unix {
-        std::thread::Builder::new()
-            .name("nbd-accept-unix".into())
-            .spawn(move || loop {
-                match u.accept() {
-                    Ok((s, _)) => admit(ctx, ClientStream::Unix(s), "unix".into()),
-                    Err(e) => {
-                        tracing::warn!("accept failed: {e}");
-                        std::thread::sleep(Duration::from_millis(50));
+        u.set_nonblocking(true)?;
+        threads.push(
+            std::thread::Builder::new()
+                .name("nbd-accept-unix".into())
+                .spawn(move || {
+                    while crate::sockio::wait_acceptable(u.as_fd(), &ctx.stop) {
+                        match u.accept() {
+                            Ok((s, _)) => {
+                                let _ = s.set_nonblocking(false);
+                                admit(ctx, ClientStream::Unix(s), "unix".into())
+                            }
+                            Err(e) => accept_failed(e),
+                        }
                     }
-                }
-            })?;
+                })?,
+        );
     }
-    Ok(())
+    Ok(threads)
+}
+
+/// Logs a failed accept (not a connection another process took first) and
+/// backs off.
+fn accept_failed(e: io::Error) {
+    if e.kind() != io::ErrorKind::WouldBlock {
+        tracing::warn!("accept failed: {e}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Routes a connection handed over by the old daemon process to its
+/// volume's core, as if its handshake had just ended here.
+pub fn adopt(ctx: &'static AcceptContext, nc: NewConn) -> Result<(), String> {
+    let route = ctx
+        .routes
+        .get(&nc.neg.export.name)
+        .ok_or_else(|| format!("export '{}' is not served here", nc.neg.export.name))?;
+    route
+        .blocking_send(crate::control::CoreMsg::Conn(nc))
+        .map_err(|_| "its core is gone".to_string())
+}
+
+/// A slot for a connection handed over by the old process (counted like an
+/// accepted one; the limit does not refuse it: it was admitted already).
+pub fn adopted_slot(ctx: &AcceptContext) -> ConnGuard {
+    ctx.conns.fetch_add(1, Ordering::Relaxed);
+    ConnGuard::new(ctx.conns.clone())
 }

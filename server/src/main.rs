@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use mirrorblk_server::config::{Cli, Config, LogFormat};
-use mirrorblk_server::{events, node};
+use mirrorblk_server::{events, handover, node};
 use nix::sys::signal::{SigSet, Signal};
 
 /// Changes the log filter at run time (SIGHUP).
@@ -61,18 +61,29 @@ fn main() -> ExitCode {
         eprintln!("mirrorblkd: cannot block signals: {e}");
         return ExitCode::from(1);
     }
-    let node = match node::start(&cfg) {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("mirrorblkd: {e}");
-            return ExitCode::from(2);
-        }
+    let predecessor = match take_over_channel() {
+        Ok(p) => p,
+        Err(code) => return code,
     };
-    mirrorblk_server::notify::notify("READY=1\nSTATUS=serving");
+    let node = match start_node(&cfg, predecessor.as_ref()) {
+        Ok(n) => n,
+        Err(code) => return code,
+    };
+    if let Some(p) = &predecessor {
+        // The old process makes this one systemd's main process (MAINPID).
+        if let Err(e) = p.serving() {
+            tracing::error!("cannot tell the old process this one serves: {e}");
+        }
+    } else {
+        mirrorblk_server::notify::notify("READY=1\nSTATUS=serving");
+    }
     if let Some(every) = mirrorblk_server::notify::watchdog_interval() {
         spawn_watchdog(node.heartbeats(), every);
     }
     let why = wait_for_stop(&stop, &cli, &node, &reload_log);
+    if let Some(order) = mirrorblk_server::lifecycle::take_hand_over() {
+        return ExitCode::from(mirrorblk_server::handover::sequence::complete(node, order));
+    }
     mirrorblk_server::notify::notify("STOPPING=1");
     let restart = mirrorblk_server::lifecycle::take_restart();
     events::emit(events::EventKind::DaemonStop {
@@ -99,6 +110,57 @@ fn main() -> ExitCode {
         );
         ExitCode::from(1)
     }
+}
+
+/// The channel to the old process, when this one was started by a live
+/// restart: HELLO is said at once (the configuration parsed).
+fn take_over_channel() -> Result<Option<handover::Predecessor>, ExitCode> {
+    let Some(p) = handover::Predecessor::from_env() else {
+        return Ok(None);
+    };
+    let p = p.map_err(|e| {
+        eprintln!("mirrorblkd: {e}");
+        ExitCode::from(2)
+    })?;
+    if let Err(e) = p.hello() {
+        eprintln!("mirrorblkd: {e}");
+        return Err(ExitCode::from(2));
+    }
+    Ok(Some(p))
+}
+
+/// Starts the node: plainly, or (with a predecessor) once the old process
+/// handed its listeners and connections over. A failure is told to the old
+/// process, which then hands over to its own binary.
+fn start_node(
+    cfg: &Config,
+    predecessor: Option<&handover::Predecessor>,
+) -> Result<node::RunningNode, ExitCode> {
+    let inherited = match predecessor.map(|p| p.receive()).transpose() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("mirrorblkd: {e}");
+            if let Some(p) = predecessor {
+                p.failed(&e.to_string());
+            }
+            return Err(ExitCode::from(2));
+        }
+    };
+    if let Some(i) = &inherited {
+        tracing::info!(
+            "taking over from pid {}: {} listeners, {} NBD connections",
+            i.state.from_pid,
+            i.state.listeners.len(),
+            i.state.conns.len()
+        );
+    }
+    node::start_with(cfg, inherited).map_err(|e| {
+        eprintln!("mirrorblkd: {e}");
+        if let Some(p) = predecessor {
+            p.failed(&e.to_string());
+        }
+        ExitCode::from(2)
+    })
 }
 
 /// Pings the systemd watchdog only while every core keeps ticking: a stuck

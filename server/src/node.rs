@@ -6,10 +6,11 @@
 //! volume, a port in use. Only then do the cores start.
 
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,17 +19,20 @@ use tokio::sync::mpsc;
 
 use crate::buffer::PoolConfig;
 use crate::config::{Config, VolumeConfig};
+use crate::control::{ClientStream, NewConn};
 use crate::control::{CoreMsg, Routes, CORE_QUEUE};
 pub use crate::control::{Heartbeats, PreparedVolume};
 use crate::cores::{run_core, CoreControl};
 use crate::engine::Tuning;
+use crate::handover::wire::ListenerKind;
+use crate::handover::Inherited;
 use crate::journal::format::Role;
 use crate::journal::recovery::{
     open_and_recover, FileReplay, JournalOpenError, JournalSpec, OpenedJournal, RecoveryReport,
     ReplayTarget,
 };
 use crate::lease_fence::LeaseFence;
-use crate::listener::{spawn_acceptors, AcceptContext, Catalog};
+use crate::listener::{adopt, adopted_slot, spawn_acceptors, AcceptContext, Catalog};
 use crate::replication::bitmap::OutOfSync;
 use crate::store::{open_store, OpenedStore, StoreError};
 use crate::units::ByteSize;
@@ -71,6 +75,9 @@ pub enum StartError {
     /// A thread could not be started.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    /// A listening socket could not be duplicated (kept for a hand-over).
+    #[error("cannot duplicate a listening socket: {0}")]
+    Dup(std::io::Error),
     /// The event log cannot be opened.
     #[error("{0}; choose another --event-log path")]
     Events(#[from] crate::events::EventLogError),
@@ -368,6 +375,13 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener, StartError> {
 pub struct RunningNode {
     /// The TCP address actually bound (useful with port 0).
     pub listen: std::net::SocketAddr,
+    /// Duplicates of every listening socket, for a hand-over.
+    listeners: Vec<(ListenerKind, OwnedFd)>,
+    /// The accept threads, and the flag that ends them.
+    acceptors: Vec<std::thread::JoinHandle<()>>,
+    accept_stop: Arc<AtomicBool>,
+    /// Handshakes under way.
+    handshaking: Arc<AtomicUsize>,
     stop: tokio::sync::watch::Sender<bool>,
     stopped: std::sync::mpsc::Receiver<(usize, bool)>,
     cores: usize,
@@ -388,6 +402,53 @@ impl RunningNode {
         self.heartbeats.clone()
     }
 
+    /// Live restart, the old process's part: stops accepting (the listeners
+    /// stay open), lets handshakes under way finish, then has every core stop
+    /// its connections at a request boundary, finish what is in flight and
+    /// close its volumes durably. Answers the listeners and connections to
+    /// pass on.
+    pub fn hand_over(self) -> HandOff {
+        self.accept_stop
+            .store(true, std::sync::atomic::Ordering::Release);
+        for t in self.acceptors {
+            let _ = t.join();
+        }
+        let deadline = std::time::Instant::now() + HANDSHAKE_WAIT;
+        while self.handshaking.load(std::sync::atomic::Ordering::Acquire) > 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut asked = 0;
+        for c in &self.core_senders {
+            if c.blocking_send(CoreMsg::HandOver(tx.clone())).is_ok() {
+                asked += 1;
+            }
+        }
+        drop(tx);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut off = HandOff {
+            listeners: self.listeners,
+            conns: Vec::new(),
+            clean: asked == self.core_senders.len(),
+        };
+        for _ in 0..asked {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(h) => {
+                    off.conns.extend(h.conns);
+                    off.clean &= h.clean;
+                }
+                Err(_) => {
+                    off.clean = false;
+                    break;
+                }
+            }
+        }
+        off
+    }
+
     /// Graceful stop: every core refuses new mutations, finishes what is in
     /// flight, applies and checkpoints its volumes. Returns whether all did
     /// so within `limit`.
@@ -404,6 +465,42 @@ impl RunningNode {
         }
         clean
     }
+}
+
+/// How long a hand-over waits for handshakes under way to finish.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(3);
+
+/// What a node hands over at a live restart.
+pub struct HandOff {
+    /// Its listening sockets.
+    pub listeners: Vec<(ListenerKind, OwnedFd)>,
+    /// Its NBD connections, stopped at a request boundary.
+    pub conns: Vec<crate::export::Quiesced>,
+    /// Whether every core drained and checkpointed in time.
+    pub clean: bool,
+}
+
+/// The listener of `kind` handed over by the old process, if any.
+fn inherited_listener(inh: &mut Option<Inherited>, kind: ListenerKind) -> Option<OwnedFd> {
+    let inh = inh.as_mut()?;
+    let index = inh
+        .state
+        .listeners
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, i)| *i)?;
+    inh.take_fd(index)
+}
+
+/// Keeps a duplicate of a listener for a later hand-over.
+fn keep(
+    kept: &mut Vec<(ListenerKind, OwnedFd)>,
+    kind: ListenerKind,
+    fd: BorrowedFd<'_>,
+) -> Result<(), StartError> {
+    let dup = fd.try_clone_to_owned().map_err(StartError::Dup)?;
+    kept.push((kind, dup));
+    Ok(())
 }
 
 /// With a coordinator: the node's starting role, decided with etcd (one
@@ -461,9 +558,24 @@ fn spawn_coordinator(
 
 /// Opens everything, binds the listeners, starts cores and acceptors.
 pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
+    start_with(cfg, None)
+}
+
+/// [`start`], taking over the listeners and connections a live restart
+/// handed over (`inherited`) instead of binding.
+pub fn start_with(
+    cfg: &Config,
+    mut inherited: Option<Inherited>,
+) -> Result<RunningNode, StartError> {
+    let took_over = inherited.as_ref().map(|i| i.state.from_pid);
+    let mut kept = Vec::new();
     // Bind first: a port in use must fail before any file is created.
-    let tcp = bind_tcp(cfg)?;
-    open_event_log(cfg)?;
+    let tcp = match inherited_listener(&mut inherited, ListenerKind::Nbd) {
+        Some(fd) => TcpListener::from(fd),
+        None => bind_tcp(cfg)?,
+    };
+    keep(&mut kept, ListenerKind::Nbd, tcp.as_fd())?;
+    open_event_log(cfg, took_over)?;
     let fence = Arc::new(match cfg.coordinator {
         Some(_) => LeaseFence::closed(),
         None => LeaseFence::open(),
@@ -471,7 +583,12 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     let startup = coordinated_start(cfg, &fence)?;
     let prepared = prepare_volumes(cfg, startup.map(|s| s.role).or(cfg.role))?;
     if let Some(addr) = cfg.metrics_listen {
-        crate::telemetry::install(addr)?;
+        let l = match inherited_listener(&mut inherited, ListenerKind::Metrics) {
+            Some(fd) => TcpListener::from(fd),
+            None => crate::telemetry::bind(addr)?,
+        };
+        keep(&mut kept, ListenerKind::Metrics, l.as_fd())?;
+        crate::telemetry::install(l, addr)?;
         tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
     }
     let listen = tcp.local_addr().map_err(|e| StartError::Bind {
@@ -479,32 +596,49 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
         source: e,
         hint: "",
     })?;
-    let unix = cfg.unix.as_ref().map(bind_unix).transpose()?;
+    let unix = match inherited_listener(&mut inherited, ListenerKind::NbdUnix) {
+        Some(fd) => Some(UnixListener::from(fd)),
+        None => cfg.unix.as_ref().map(bind_unix).transpose()?,
+    };
+    if let Some(u) = &unix {
+        keep(&mut kept, ListenerKind::NbdUnix, u.as_fd())?;
+    }
     let catalog = primary_catalog(&prepared);
     let cores = spawn_cores(cfg, prepared, &fence)?;
-    let ctx = AcceptContext {
+    let accept_stop = Arc::new(AtomicBool::new(false));
+    let ctx: &'static AcceptContext = Box::leak(Box::new(AcceptContext {
         catalog,
         routes: cores.routes.clone(),
         conns: Arc::new(AtomicUsize::new(0)),
         max_connections: cfg.max_connections,
-    };
-    let replication_listen = accept_replication(cfg, &cores.routes)?;
+        handshaking: Arc::new(AtomicUsize::new(0)),
+        stop: accept_stop.clone(),
+    }));
+    let mut acceptors = Vec::new();
+    let repl = inherited_listener(&mut inherited, ListenerKind::Replication);
+    let replication_listen = accept_replication(
+        cfg,
+        &cores.routes,
+        repl,
+        (&accept_stop, &mut acceptors, &mut kept),
+    )?;
     let readiness = Arc::new(crate::admin::Readiness::new());
     if let Some(path) = &cfg.admin_socket {
-        crate::admin::spawn(
+        let admin_fd = inherited_listener(&mut inherited, ListenerKind::Admin);
+        let t = serve_admin(
+            cfg,
             path,
-            cfg.node.clone(),
-            cores.senders.clone(),
-            readiness.clone(),
-        )
-        .map_err(|source| StartError::Bind {
-            addr: path.display().to_string(),
-            source,
-            hint: "; choose another --admin-socket path",
-        })?;
+            admin_fd,
+            (&cores, &readiness, &accept_stop),
+            &mut kept,
+        )?;
+        acceptors.push(t);
         tracing::info!("admin socket on {}", path.display());
     }
-    spawn_acceptors(ctx, tcp, unix).map_err(StartError::Thread)?;
+    acceptors.extend(spawn_acceptors(ctx, tcp, unix).map_err(StartError::Thread)?);
+    if let Some(inh) = inherited {
+        take_over_conns(ctx, inh);
+    }
     tracing::info!(
         "serving NBD on {listen}{}",
         cfg.unix
@@ -520,6 +654,10 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
     spawn_coordinator(cfg, startup, (&cores.routes, &fence, &readiness, listen))?;
     Ok(RunningNode {
         listen,
+        listeners: kept,
+        acceptors,
+        accept_stop,
+        handshaking: ctx.handshaking.clone(),
         stop: cores.stop,
         stopped: cores.stopped,
         cores: cores.running,
@@ -529,15 +667,108 @@ pub fn start(cfg: &Config) -> Result<RunningNode, StartError> {
 }
 
 /// Opens the event log and records this start in it.
-fn open_event_log(cfg: &Config) -> Result<(), StartError> {
+fn open_event_log(cfg: &Config, took_over_from: Option<u32>) -> Result<(), StartError> {
     crate::events::init(cfg.event_log_config())?;
     tracing::info!("event log {}", cfg.event_log.display());
     crate::events::emit(crate::events::EventKind::DaemonStart {
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         volumes: cfg.volumes.iter().map(|v| v.name.clone()).collect(),
+        took_over_from,
     });
     Ok(())
+}
+
+/// Serves the admin socket on the handed-over listener, or binds it.
+fn serve_admin(
+    cfg: &Config,
+    path: &std::path::Path,
+    inherited: Option<OwnedFd>,
+    (cores, readiness, stop): (&Cores, &Arc<crate::admin::Readiness>, &Arc<AtomicBool>),
+    kept: &mut Vec<(ListenerKind, OwnedFd)>,
+) -> Result<std::thread::JoinHandle<()>, StartError> {
+    let bind_err = |source| StartError::Bind {
+        addr: path.display().to_string(),
+        source,
+        hint: "; choose another --admin-socket path",
+    };
+    let l = match inherited {
+        Some(fd) => UnixListener::from(fd),
+        None => crate::admin::bind(path).map_err(bind_err)?,
+    };
+    keep(kept, ListenerKind::Admin, l.as_fd())?;
+    crate::admin::spawn(
+        l,
+        path,
+        cfg.node.clone(),
+        cores.senders.clone(),
+        readiness.clone(),
+        stop.clone(),
+    )
+    .map_err(bind_err)
+}
+
+/// Routes every connection the old process handed over to its core, and
+/// records the hand-over with the pause clients saw.
+fn take_over_conns(ctx: &'static AcceptContext, mut inh: Inherited) {
+    let conns = std::mem::take(&mut inh.state.conns);
+    let total = conns.len();
+    let mut adopted = 0;
+    for c in conns {
+        let Some(fd) = inh.take_fd(c.fd) else {
+            continue;
+        };
+        let Some(export) = ctx
+            .catalog
+            .exports
+            .iter()
+            .find(|e| e.name == c.export)
+            .cloned()
+        else {
+            tracing::error!(peer = %c.peer, "a handed-over connection uses export '{}', which this configuration does not serve as primary; closing it", c.export);
+            continue;
+        };
+        if export.size != c.size {
+            tracing::warn!(peer = %c.peer, "export '{}' is {} bytes now; the client negotiated {}", c.export, export.size, c.size);
+        }
+        let stream = if c.unix {
+            ClientStream::Unix(std::os::unix::net::UnixStream::from(fd))
+        } else {
+            ClientStream::Tcp(std::net::TcpStream::from(fd))
+        };
+        let nc = NewConn {
+            stream,
+            neg: nbd::Negotiated {
+                export,
+                transmission_flags: c.transmission_flags,
+                structured_replies: c.structured_replies,
+                base_allocation: c.base_allocation,
+                no_zeroes: c.no_zeroes,
+            },
+            leftover: c.leftover,
+            peer: c.peer.clone(),
+            guard: adopted_slot(ctx),
+        };
+        match adopt(ctx, nc) {
+            Ok(()) => adopted += 1,
+            Err(e) => tracing::error!(peer = %c.peer, "cannot take over a connection: {e}"),
+        }
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let pause_ms = now_ms.saturating_sub(inh.state.paused_at_ms);
+    crate::telemetry::restart_pause(pause_ms);
+    tracing::info!(
+        "took over from pid {}: {adopted} of {total} NBD connections, clients paused {pause_ms} ms",
+        inh.state.from_pid
+    );
+    crate::events::emit(crate::events::EventKind::HandedOver {
+        from_pid: inh.state.from_pid,
+        connections: adopted,
+        pause_ms,
+    });
 }
 
 /// Opens and recovers every configured volume, in order, as `role` (None:
@@ -636,20 +867,31 @@ fn spawn_cores(
     Ok(cores)
 }
 
-/// Binds the replication listener, if configured, and hands each primary
-/// connecting on it to its volume's core; returns the bound address.
+/// Binds the replication listener (or takes the handed-over one), if
+/// configured, and hands each primary connecting on it to its volume's
+/// core; returns the bound address.
 fn accept_replication(
     cfg: &Config,
     routes: &Routes,
+    inherited: Option<OwnedFd>,
+    (stop, threads, kept): (
+        &Arc<AtomicBool>,
+        &mut Vec<std::thread::JoinHandle<()>>,
+        &mut Vec<(ListenerKind, OwnedFd)>,
+    ),
 ) -> Result<Option<std::net::SocketAddr>, StartError> {
     let Some(addr) = cfg.replication.as_ref().and_then(|r| r.listen) else {
         return Ok(None);
     };
-    let l = TcpListener::bind(addr).map_err(|source| StartError::Bind {
-        addr: addr.to_string(),
-        source,
-        hint: "; another process uses that port: choose another --replication-listen",
-    })?;
+    let l = match inherited {
+        Some(fd) => TcpListener::from(fd),
+        None => TcpListener::bind(addr).map_err(|source| StartError::Bind {
+            addr: addr.to_string(),
+            source,
+            hint: "; another process uses that port: choose another --replication-listen",
+        })?,
+    };
+    keep(kept, ListenerKind::Replication, l.as_fd())?;
     let bound = l.local_addr().unwrap_or(addr);
     let to_core = routes.clone();
     let route = move |inc: crate::replication::accept::IncomingPrimary| {
@@ -661,7 +903,9 @@ fn accept_replication(
         }
         Ok(())
     };
-    crate::replication::accept::spawn(l, route, cfg.node.clone()).map_err(StartError::Thread)?;
+    let t = crate::replication::accept::spawn(l, route, cfg.node.clone(), stop.clone())
+        .map_err(StartError::Thread)?;
+    threads.push(t);
     tracing::info!("accepting replication on {addr}");
     Ok(Some(bound))
 }

@@ -81,6 +81,18 @@ impl Socket {
         Ok(tokio_uring::fs::File::from_std(std::fs::File::from(owned)))
     }
 
+    /// A duplicate of the socket's descriptor: it outlives this `Socket`
+    /// (readiness waits, and the hand-over to a new daemon process).
+    pub fn dup_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        let raw = match self {
+            Socket::Tcp(s) => s.as_raw_fd(),
+            Socket::Unix(s) => s.as_raw_fd(),
+        };
+        // SAFETY: the socket outlives this call; we only duplicate it.
+        unsafe { BorrowedFd::borrow_raw(raw) }.try_clone_to_owned()
+    }
+
     /// Shuts both directions down.
     pub fn shutdown(&self) {
         let _ = match self {
@@ -265,4 +277,46 @@ pub async fn write_all(sock: &Socket, mut bufs: Vec<OutBuf>) -> io::Result<()> {
         bufs = rest;
     }
     Ok(())
+}
+
+/// Receives into `buf` without blocking (`MSG_DONTWAIT`): `WouldBlock` when
+/// nothing has arrived. Lets a reader wait for readiness (cancellable) rather
+/// than for a read (whose bytes a cancellation could lose).
+pub fn recv_now(fd: std::os::fd::BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    loop {
+        match nix::sys::socket::recv(
+            fd.as_raw_fd(),
+            buf,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io::Error::from(e)),
+            Ok(n) => return Ok(n),
+        }
+    }
+}
+
+/// Waits until `listener` has a connection to accept (true) or `stop` is
+/// set (false), checking `stop` every 100 ms. Accept loops use it so that a
+/// hand-over can stop them without closing the listener it passes on.
+pub fn wait_acceptable(
+    listener: std::os::fd::BorrowedFd<'_>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    loop {
+        if stop.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        let mut fds = [PollFd::new(listener, PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(100u16)) {
+            Ok(n) if n > 0 => return !stop.load(std::sync::atomic::Ordering::Acquire),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                tracing::warn!("poll on a listener failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
 }

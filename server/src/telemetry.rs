@@ -24,11 +24,26 @@ pub struct MetricsError {
     reason: String,
 }
 
-/// Starts the Prometheus exporter on `addr` (`GET /metrics`).
-pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
+/// Binds the metrics listener on `addr`.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MetricsError> {
+    std::net::TcpListener::bind(addr).map_err(|e| MetricsError {
+        addr,
+        reason: e.to_string(),
+    })
+}
+
+/// How long a scraper may take to send its request.
+const SCRAPE_READ_LIMIT: Duration = Duration::from_secs(5);
+/// Longest scrape request read.
+const MAX_SCRAPE_REQUEST: usize = 8 << 10;
+
+/// Installs the Prometheus recorder and serves `GET /metrics` on
+/// `listener` (bound at `addr`). The daemon serves the endpoint itself,
+/// rather than letting the exporter bind, so that a live restart can hand
+/// the listening socket over like the others: no gap, no port race.
+pub fn install(listener: std::net::TcpListener, addr: SocketAddr) -> Result<(), MetricsError> {
     let err = |reason: String| MetricsError { addr, reason };
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&LATENCY_BUCKETS)
         .map_err(|e| err(e.to_string()))?
         .set_buckets_for_metric(
@@ -38,10 +53,74 @@ pub fn install(addr: SocketAddr) -> Result<(), MetricsError> {
             ],
         )
         .map_err(|e| err(e.to_string()))?
-        .install()
+        .install_recorder()
         .map_err(|e| err(e.to_string()))?;
     describe();
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(5));
+            upkeep.run_upkeep();
+        })
+        .map_err(|e| err(e.to_string()))?;
+    std::thread::Builder::new()
+        .name("metrics-http".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(s) => answer_scrape(s, &handle),
+                    Err(e) => {
+                        tracing::warn!("metrics accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .map_err(|e| err(e.to_string()))?;
     Ok(())
+}
+
+/// Answers one HTTP request: the metrics for `GET /metrics` (or `/`), 404
+/// for other paths, 405 for other methods; then closes.
+fn answer_scrape(
+    mut s: std::net::TcpStream,
+    handle: &metrics_exporter_prometheus::PrometheusHandle,
+) {
+    use std::io::{Read, Write};
+    let _ = s.set_read_timeout(Some(SCRAPE_READ_LIMIT));
+    let _ = s.set_write_timeout(Some(SCRAPE_READ_LIMIT));
+    let mut req = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < MAX_SCRAPE_REQUEST {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&req);
+    let mut words = line.split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, body) = match (method, path) {
+        ("GET", "/metrics" | "/") => ("200 OK", handle.render()),
+        ("GET", _) => ("404 Not Found", "not found: scrape /metrics\n".to_string()),
+        _ => ("405 Method Not Allowed", "only GET\n".to_string()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = s
+        .write_all(head.as_bytes())
+        .and_then(|()| s.write_all(body.as_bytes()));
+}
+
+/// Records the pause clients saw at the live restart that started this
+/// process.
+pub fn restart_pause(ms: u64) {
+    gauge!("mirrorblk_restart_pause_seconds").set(ms as f64 / 1000.0);
+    counter!("mirrorblk_restarts_taken_over_total").increment(1);
 }
 
 /// Registers the help text of every metric the daemon exports.
@@ -54,7 +133,15 @@ fn describe() {
 
 /// Metrics of the event log.
 fn describe_event_metrics() {
-    use metrics::describe_counter;
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!(
+        "mirrorblk_restart_pause_seconds",
+        "How long clients waited at the live restart that started this process (from the old process's last request taken to this one serving)"
+    );
+    describe_counter!(
+        "mirrorblk_restarts_taken_over_total",
+        "Live restarts this process took over (1 when it was started by mirrorblk restart)"
+    );
     describe_counter!(
         "mirrorblk_events_total",
         "Events recorded in the node's event log, by event (role-change, peer-connect, ...)"

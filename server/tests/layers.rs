@@ -29,6 +29,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("config", 2),
     ("control", 2),
     ("coordinator", 2),
+    ("handover", 2),
     ("cores", 2),
     ("lifecycle", 2),
     ("listener", 2),

@@ -278,6 +278,49 @@ enum Cmd {
         /// The kernel device, /dev/nbdN.
         device: PathBuf,
     },
+    /// Upgrade or restart the daemon live, without disconnecting a client.
+    ///
+    /// The daemon starts BINARY (by default the file at its own path, so
+    /// installing a new mirrorblkd there and running `mirrorblk restart`
+    /// upgrades it) with its own command line, and waits until the new
+    /// process has parsed its configuration; meanwhile it serves as usual.
+    /// Then it stops taking requests at a request boundary, finishes what is
+    /// in flight and writes every reply, closes its volumes durably
+    /// (journal applied and checkpointed), and passes its listening sockets
+    /// (NBD, admin, replication, metrics) and every NBD connection (socket,
+    /// negotiated options, bytes read past the last request) to the new
+    /// process over SCM_RIGHTS. The new process recovers the journals and
+    /// serves the same connections. Clients see a pause (printed), never an
+    /// error or a disconnect; a replica's link reconnects and catches up
+    /// from the journal, without a resync.
+    ///
+    /// If the new binary fails to start (exits, or says nothing within
+    /// 15 s), the daemon goes on serving untouched and this command fails
+    /// with the reason. If it fails after the hand-over, the daemon hands
+    /// the same connections to the binary it runs itself instead, and this
+    /// command fails saying so. Under systemd the new process becomes the
+    /// service's main process (MAINPID). Not available on a node run with
+    /// --etcd yet.
+    ///
+    /// Exit status 0 once the new process serves, 1 when it does not (the
+    /// message says which process serves), 2 on a usage error.
+    ///
+    /// Examples:
+    ///
+    ///   install -m 755 target/release/mirrorblkd /usr/local/bin/mirrorblkd
+    ///   mirrorblk --admin-socket /run/mirrorblk/admin.sock restart
+    ///
+    ///   mirrorblk restart --binary /opt/mirrorblk-0.2/mirrorblkd --json
+    #[command(verbatim_doc_comment)]
+    Restart {
+        /// The mirrorblkd binary to run (default: the daemon's own path).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// Print the outcome as JSON: {"from_pid", "pid", "binary",
+        /// "connections", "pause_ms"}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -887,6 +930,57 @@ fn role_change(socket: &Path, req: &admin::Request, done: &str) -> ExitCode {
     }
 }
 
+/// How long a restart may take: the new process's start, the drain and
+/// checkpoint, the hand-over and the journal recovery.
+const RESTART_LIMIT: Duration = Duration::from_secs(300);
+
+fn restart(socket: &Path, binary: Option<PathBuf>, json: bool) -> ExitCode {
+    let binary = match binary
+        .map(|b| std::path::absolute(&b).map_err(|e| (b, e)))
+        .transpose()
+    {
+        Ok(b) => b,
+        Err((b, e)) => {
+            eprintln!("mirrorblk: --binary {}: {e}", b.display());
+            return ExitCode::from(2);
+        }
+    };
+    let req = admin::Request::Restart { binary };
+    match admin::call_within(socket, &req, RESTART_LIMIT) {
+        Ok(r) if r.ok => {
+            let Some(o) = r.restart else {
+                eprintln!("mirrorblk: the daemon answered without the restart's outcome");
+                return ExitCode::from(1);
+            };
+            if json {
+                println!("{}", serde_json::to_string(&o).unwrap_or_default());
+            } else {
+                println!(
+                    "restarted: pid {} handed {} connection{} over to pid {} ({}); clients paused {} ms",
+                    o.from_pid,
+                    o.connections,
+                    if o.connections == 1 { "" } else { "s" },
+                    o.pid,
+                    o.binary.display(),
+                    o.pause_ms
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!(
+                "mirrorblk: restart failed: {}",
+                r.error.unwrap_or_else(|| "the daemon refused".into())
+            );
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("mirrorblk: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn status(socket: &Path, json: bool, watch: bool) -> ExitCode {
     loop {
         match status_once(socket, json) {
@@ -931,6 +1025,7 @@ fn main() -> ExitCode {
             auto_failover,
         } => demo::run(&dir, &listen, &size, &daemon_path(), auto_failover),
         Cmd::Verify { repair, json } => verify(&cli.admin_socket, repair, json),
+        Cmd::Restart { binary, json } => restart(&cli.admin_socket, binary, json),
         Cmd::Primary {
             etcd,
             json,

@@ -52,22 +52,28 @@ fn refuse_unknown(s: &mut TcpStream, volume: &str, node: &str) {
 }
 
 /// Starts the listener thread. `route` hands each primary to its volume's
-/// core, or gives it back when this node has no such volume.
+/// core, or gives it back when this node has no such volume. It ends once
+/// `stop` is set, leaving the listener open (a hand-over passes it on).
 pub fn spawn(
     listener: TcpListener,
     route: impl Fn(IncomingPrimary) -> Result<(), Box<IncomingPrimary>> + Send + 'static,
     node: String,
-) -> std::io::Result<()> {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    use std::os::fd::AsFd;
+    listener.set_nonblocking(true)?;
     std::thread::Builder::new().name("repl-accept".into()).spawn(move || {
-        for conn in listener.incoming() {
-            let mut s = match conn {
-                Ok(s) => s,
+        while crate::sockio::wait_acceptable(listener.as_fd(), &stop) {
+            let mut s = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
                     tracing::warn!("replication accept failed: {e}");
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 }
             };
+            let _ = s.set_nonblocking(false);
             let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             let _ = s.set_nodelay(true);
             let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
@@ -84,6 +90,5 @@ pub fn spawn(
                 refuse_unknown(&mut inc.stream, &inc.hello.volume, &node);
             }
         }
-    })?;
-    Ok(())
+    })
 }
