@@ -369,6 +369,47 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
+/// The exit status of `pid` (a child, or an orphan this subreaper
+/// inherited), if it has exited; reaps it.
+fn try_wait_pid(pid: u32) -> Option<ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status = 0;
+    // SAFETY: waitpid on one pid with WNOHANG; `status` is ours.
+    let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+    (r == pid as libc::pid_t).then(|| ExitStatus::from_raw(status))
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+}
+
+/// Waits up to `timeout` for `pid` to exit and reaps it: its status when
+/// this process could reap it, a stand-in (killed) when another did.
+fn wait_pid(pid: u32, timeout: Duration) -> Option<ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = try_wait_pid(pid) {
+            return Some(st);
+        }
+        if !pid_alive(pid) {
+            // A zombie since the first look: reap it if it is ours.
+            return Some(try_wait_pid(pid).unwrap_or(ExitStatus::from_raw(libc::SIGKILL)));
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Waits up to `timeout` for `child` to exit.
 fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
@@ -430,6 +471,9 @@ pub struct Daemon {
     /// The current run, as its admin socket reported it.
     ready: Option<Ready>,
     last_exit: Option<ExitStatus>,
+    /// The process serving since a live restart (`mirrorblk restart`): the
+    /// old one's child, which the harness (a subreaper) inherits and reaps.
+    adopted: Option<u32>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -490,6 +534,7 @@ impl Daemon {
             own_admin: harness_admin_socket(),
             ready: None,
             last_exit: None,
+            adopted: None,
         };
         d.spawn()?;
         Ok(d)
@@ -578,11 +623,53 @@ impl Daemon {
 
     /// PID of the running daemon.
     pub fn pid(&self) -> u32 {
+        if let Some(pid) = self.adopted {
+            return pid;
+        }
         self.child.as_ref().expect("daemon is not running").id()
+    }
+
+    /// Makes this harness process a child subreaper, so that a daemon's
+    /// successor at a live restart becomes its child once the old daemon
+    /// exits (and can be waited for and reaped here).
+    pub fn become_subreaper() {
+        // SAFETY: prctl with integer arguments only.
+        let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        assert_eq!(r, 0, "prctl(PR_SET_CHILD_SUBREAPER)");
+    }
+
+    /// After a live restart that answered `pid`: waits (up to `timeout`)
+    /// for the old process to exit, then follows `pid` as this daemon (the
+    /// same log: it inherited the old one's stderr). Returns the old
+    /// process's exit status.
+    #[track_caller]
+    pub fn follow_successor(&mut self, pid: u32, timeout: Duration) -> ExitStatus {
+        if let Some(old) = self.adopted.take() {
+            let st = wait_pid(old, timeout).unwrap_or_else(|| {
+                panic!("the old daemon (pid {old}) did not exit within {timeout:?}")
+            });
+            self.adopted = Some(pid);
+            self.last_exit = Some(st);
+            return st;
+        }
+        let mut child = self.child.take().expect("daemon is not running");
+        let st = wait_timeout(&mut child, timeout).unwrap_or_else(|| {
+            panic!(
+                "the old daemon (pid {}) did not exit within {timeout:?}; its log:\n{}",
+                child.id(),
+                self.log()
+            )
+        });
+        self.adopted = Some(pid);
+        self.last_exit = Some(st);
+        st
     }
 
     /// Whether the process is still alive.
     pub fn is_running(&mut self) -> bool {
+        if let Some(pid) = self.adopted {
+            return try_wait_pid(pid).is_none() && pid_alive(pid);
+        }
         match self.child.as_mut() {
             Some(c) => matches!(c.try_wait(), Ok(None)),
             None => false,
@@ -592,6 +679,14 @@ impl Daemon {
     /// Panics (with the log) if the daemon has died, e.g. crashed on bad input.
     #[track_caller]
     pub fn assert_running(&mut self) {
+        if let Some(pid) = self.adopted {
+            assert!(
+                self.is_running(),
+                "mirrorblkd (pid {pid}, taken over at a live restart) died; its log:\n{}",
+                self.log()
+            );
+            return;
+        }
         if let Some(c) = self.child.as_mut() {
             if let Ok(Some(st)) = c.try_wait() {
                 let log = self.runs.last().map(|l| {
@@ -735,6 +830,14 @@ impl Daemon {
 
     /// `kill -9` (by PID) and reap it. The log is complete afterwards.
     pub fn kill9(&mut self) {
+        if let Some(pid) = self.adopted.take() {
+            signal(pid, libc::SIGKILL);
+            self.last_exit = wait_pid(pid, STOP_TIMEOUT);
+            if let Some(l) = self.runs.last() {
+                l.wait_closed(Duration::from_secs(5));
+            }
+            return;
+        }
         let mut child = self.child.take().expect("daemon is not running");
         signal(child.id(), libc::SIGKILL);
         let st = child.wait().expect("wait for killed daemon");
@@ -748,6 +851,19 @@ impl Daemon {
     /// Panics if it does not exit within [`STOP_TIMEOUT`] (it is then killed).
     #[track_caller]
     pub fn terminate(&mut self) -> ExitStatus {
+        if let Some(pid) = self.adopted.take() {
+            signal(pid, libc::SIGTERM);
+            let st = wait_pid(pid, STOP_TIMEOUT).unwrap_or_else(|| {
+                signal(pid, libc::SIGKILL);
+                let _ = wait_pid(pid, STOP_TIMEOUT);
+                panic!("mirrorblkd (pid {pid}) did not exit within {STOP_TIMEOUT:?} of SIGTERM; its log:\n{}", self.log())
+            });
+            self.last_exit = Some(st);
+            if let Some(l) = self.runs.last() {
+                l.wait_closed(Duration::from_secs(5));
+            }
+            return st;
+        }
         let mut child = self.child.take().expect("daemon is not running");
         signal(child.id(), libc::SIGTERM);
         let st = match wait_timeout(&mut child, STOP_TIMEOUT) {
@@ -776,6 +892,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if let Some(pid) = self.adopted.take() {
+            signal(pid, libc::SIGKILL);
+            let _ = wait_pid(pid, Duration::from_secs(10));
+        }
         if let Some(mut child) = self.child.take() {
             signal(child.id(), libc::SIGKILL);
             let _ = child.wait();

@@ -1,0 +1,332 @@
+//! Live restart (`mirrorblk restart`): the daemon hands its listeners and its
+//! NBD connections to a new process, and clients never notice more than a
+//! pause. fio's nbd engine (libnbd, which never reconnects) writes with
+//! crc32c verification across the restarts, alone and with a replica (which
+//! catches up without a resync); a new binary that exits at start leaves
+//! the old process serving; one that fails after the hand-over is replaced
+//! by the running binary.
+
+mod restart {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use mirrorblk_admin::{Event, EventKind, RestartOutcome};
+    use mirrorblk_tests::cluster::{write_secret, Node, NodeFiles};
+    use mirrorblk_tests::tools::{self, Tool};
+    use mirrorblk_tests::{Daemon, TestDir};
+
+    /// Bound on one `mirrorblk restart` (start, drain, hand-over, recovery).
+    const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Bound on the old process exiting after it answered.
+    const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Bound on a fio run (64 MiB written and verified, debug build).
+    const FIO_TIMEOUT: Duration = Duration::from_secs(180);
+    /// Bound on fio getting under way, and on replicas reaching in-sync.
+    const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Bound on one `mirrorblk events` or `status` run.
+    const CLI_TIMEOUT: Duration = Duration::from_secs(20);
+
+    /// fio through the nbd engine: 64 MiB of random writes (4-64 KiB, queue
+    /// depth 8), every block verified with crc32c (inline every 256 blocks,
+    /// and all at the end), any mismatch fatal.
+    fn start_fio(dir: &TestDir, uri: &str, name: &str) -> (tools::Background, std::path::PathBuf) {
+        let out = dir.join(&format!("{name}.json"));
+        let args = vec![
+            "--name=restart".to_string(),
+            "--ioengine=nbd".into(),
+            format!("--uri={uri}"),
+            "--rw=randwrite".into(),
+            "--bsrange=4k-64k".into(),
+            "--size=64m".into(),
+            "--iodepth=8".into(),
+            "--verify=crc32c".into(),
+            "--verify_fatal=1".into(),
+            "--verify_backlog=256".into(),
+            "--do_verify=1".into(),
+            "--verify_state_save=0".into(),
+            "--output-format=json".into(),
+            format!("--output={}", out.display()),
+        ];
+        (tools::spawn(Tool::Fio, &args), out)
+    }
+
+    /// Waits for fio's end and checks it wrote and verified everything with
+    /// no error; returns the largest write completion latency (ms).
+    #[track_caller]
+    fn finish_fio(fio: tools::Background, out: &Path) -> f64 {
+        let run = fio.wait(FIO_TIMEOUT);
+        let v = tools::fio_report(out, &run);
+        let job = &v["jobs"][0];
+        assert_eq!(
+            job["error"].as_i64(),
+            Some(0),
+            "fio reported an error: {job:#}"
+        );
+        assert_eq!(
+            job["write"]["io_bytes"].as_u64(),
+            Some(64 << 20),
+            "fio did not write everything: {job:#}"
+        );
+        assert!(
+            job["read"]["io_bytes"].as_u64().unwrap_or(0) >= 64 << 20,
+            "fio did not verify everything: {job:#}"
+        );
+        job["write"]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6
+    }
+
+    /// Waits until the volume has taken `records` writes (fio is under way).
+    fn wait_writing(node: &Node, records: u64) {
+        node.wait_status(SETTLE_TIMEOUT, "fio under way", |s| s.last_lsn >= records);
+    }
+
+    /// `mirrorblk restart --json` on `node` (with `--binary` if given): the
+    /// outcome, or the CLI's exit code and stderr.
+    fn restart(node: &Node, binary: Option<&Path>) -> Result<RestartOutcome, (i32, String)> {
+        let mut args = vec!["restart", "--json"];
+        let b;
+        if let Some(p) = binary {
+            b = p.display().to_string();
+            args.extend(["--binary", b.as_str()]);
+        }
+        let run = node.cli(&args, RESTART_TIMEOUT);
+        if run.code != 0 {
+            return Err((run.code, run.stderr));
+        }
+        Ok(serde_json::from_str(run.stdout.trim())
+            .unwrap_or_else(|e| panic!("restart --json printed no outcome ({e}): {run:?}")))
+    }
+
+    /// Restarts `node` live and checks the new process serves: another pid
+    /// in the outcome and in `status --json`, a later start, and the old
+    /// process gone with status 0. Returns the outcome.
+    #[track_caller]
+    fn restart_live(node: &mut Node) -> RestartOutcome {
+        let before = node.daemon.ready().clone();
+        let old = node.daemon.pid();
+        let o = restart(node, None).unwrap_or_else(|(code, err)| {
+            panic!("restart failed ({code}): {err}\n{}", node.daemon.full_log())
+        });
+        assert_eq!(o.from_pid, old, "{o:?}");
+        assert_ne!(o.pid, old, "a new process serves: {o:?}");
+        let st = node.daemon.follow_successor(o.pid, EXIT_TIMEOUT);
+        assert!(st.success(), "the old process exited with {st}");
+        let status = node.cli(&["status", "--json"], CLI_TIMEOUT);
+        let v: serde_json::Value = serde_json::from_str(&status.stdout)
+            .unwrap_or_else(|e| panic!("status --json: {e}: {status:?}"));
+        assert_eq!(
+            v["pid"].as_u64(),
+            Some(o.pid as u64),
+            "status names the new pid: {v}"
+        );
+        let started = v["started_at"].as_f64().unwrap_or(0.0);
+        assert!(
+            started > before.started_at,
+            "status gives the new start time: {v}"
+        );
+        o
+    }
+
+    /// Every event of `node`'s log (`mirrorblk events --json`).
+    fn events_of(node: &Node) -> Vec<Event> {
+        let out = node.cli(&["events", "--json"], CLI_TIMEOUT);
+        assert_eq!(out.code, 0, "mirrorblk events failed: {out:#?}");
+        out.stdout
+            .lines()
+            .map(|l| Event::from_line(l).unwrap_or_else(|e| panic!("{l:?} is no event: {e}")))
+            .collect()
+    }
+
+    /// The events after the last `daemon-start` that took over from `pid`.
+    fn events_since_take_over(node: &Node, pid: u32) -> Vec<EventKind> {
+        let all = events_of(node);
+        let at = all
+            .iter()
+            .rposition(|e| matches!(e.kind, EventKind::DaemonStart { took_over_from: Some(p), .. } if p == pid))
+            .unwrap_or_else(|| panic!("no daemon-start taking over from pid {pid}: {all:#?}"));
+        all[at..].iter().map(|e| e.kind.clone()).collect()
+    }
+
+    /// A standalone primary on `dir`'s files, with an admin socket.
+    fn standalone(dir: &TestDir) -> Node {
+        let files = NodeFiles::new(dir, "n1");
+        let daemon = Daemon::start(files.standalone_primary_args("64M"));
+        Node {
+            files,
+            daemon,
+            replication: None,
+        }
+    }
+
+    /// fio writes and verifies 64 MiB through a standalone primary that is
+    /// restarted live twice under load: fio exits 0 with no error, each
+    /// restart hands fio's connection over, another pid serves each time,
+    /// and the event log shows the take-over with the pause.
+    #[test]
+    fn fio_verifies_across_two_live_restarts() {
+        Daemon::become_subreaper();
+        let dir = TestDir::new();
+        let mut n1 = standalone(&dir);
+        let (fio, out) = start_fio(&dir, &n1.daemon.uri("vol0"), "fio");
+        wait_writing(&n1, 500);
+        let first = restart_live(&mut n1);
+        assert_eq!(
+            first.connections, 1,
+            "fio's connection was handed over: {first:?}"
+        );
+        wait_writing(&n1, n1.status().last_lsn + 500);
+        let second = restart_live(&mut n1);
+        assert_eq!(second.connections, 1, "{second:?}");
+        let max_ms = finish_fio(fio, &out);
+        eprintln!(
+            "live restarts under fio: pauses {} ms and {} ms; largest write latency {max_ms:.1} ms",
+            first.pause_ms, second.pause_ms
+        );
+        let ev = events_since_take_over(&n1, first.pid);
+        assert!(
+            ev.iter().any(|k| matches!(k, EventKind::HandedOver { from_pid, connections: 1, .. } if *from_pid == second.from_pid || *from_pid == first.from_pid)),
+            "a handed-over event: {ev:#?}"
+        );
+        n1.daemon.terminate();
+    }
+
+    /// The same with a replica (sync mode): the primary is restarted live
+    /// under fio, then the replica (its replication listener handed over).
+    /// fio exits 0 with no error; each time the replica is in sync again
+    /// by catching up from the journal: no resync pass starts, and no
+    /// region is out of sync.
+    #[test]
+    fn fio_verifies_across_live_restarts_of_primary_and_replica_without_resync() {
+        Daemon::become_subreaper();
+        let dir = TestDir::new();
+        let secret = write_secret(&dir, "secret");
+        let mut n2 = Node::start_replica(&dir, "n2", &secret, "64M", &[]);
+        let mut n1 = Node::start_primary(&dir, "n1", &secret, &[&n2], "64M", &[]);
+        n1.wait_replicas_in_sync(SETTLE_TIMEOUT);
+        let (fio, out) = start_fio(&dir, &n1.daemon.uri("vol0"), "fio");
+        wait_writing(&n1, 500);
+        let primary = restart_live(&mut n1);
+        assert_eq!(primary.connections, 1, "{primary:?}");
+        let s = n1.wait_replicas_in_sync(SETTLE_TIMEOUT);
+        assert_eq!(s.replicas[0].out_of_sync_bytes, 0, "{s:#?}");
+        wait_writing(&n1, n1.status().last_lsn + 500);
+        let replica = restart_live(&mut n2);
+        assert_eq!(
+            replica.connections, 0,
+            "a replica serves no NBD client: {replica:?}"
+        );
+        let s = n1.wait_replicas_in_sync(SETTLE_TIMEOUT);
+        assert_eq!(s.replicas[0].out_of_sync_bytes, 0, "{s:#?}");
+        let max_ms = finish_fio(fio, &out);
+        eprintln!(
+            "live restarts with a replica under fio: primary pause {} ms, replica pause {} ms; largest write latency {max_ms:.1} ms",
+            primary.pause_ms, replica.pause_ms
+        );
+        let ev = events_since_take_over(&n1, primary.from_pid);
+        assert!(
+            ev.iter()
+                .any(|k| matches!(k, EventKind::PeerConnect { .. })),
+            "the new primary reconnected to n2: {ev:#?}"
+        );
+        let resyncs: Vec<_> = ev
+            .iter()
+            .filter(|k| matches!(k, EventKind::ResyncStart { .. }))
+            .collect();
+        assert!(
+            resyncs.is_empty(),
+            "no resync after the restarts: {resyncs:#?}"
+        );
+        let caught_up = n1.log_lines_with("replica connected at LSN");
+        assert!(
+            caught_up.len() >= 2,
+            "n2 caught up after each restart: {caught_up:#?}"
+        );
+        n1.daemon.terminate();
+        n2.daemon.terminate();
+    }
+
+    /// A `--binary` that exits 1 at start: the restart fails naming the
+    /// exit status, the old process (same pid) serves on, and fio, writing
+    /// and verifying through it meanwhile, sees no error.
+    #[test]
+    fn a_binary_that_exits_at_start_leaves_the_old_process_serving() {
+        let dir = TestDir::new();
+        let mut n1 = standalone(&dir);
+        let bad = dir.join("exits.sh");
+        std::fs::write(&bad, "#!/bin/sh\nexit 1\n").expect("write the script");
+        std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let pid = n1.daemon.pid();
+        let (fio, out) = start_fio(&dir, &n1.daemon.uri("vol0"), "fio");
+        wait_writing(&n1, 500);
+        let (code, err) = restart(&n1, Some(&bad)).expect_err("the restart fails");
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("exited (exit status: 1) before serving"),
+            "{err}"
+        );
+        assert!(err.contains(&format!("pid {pid}) serves on")), "{err}");
+        n1.daemon.assert_running();
+        assert_eq!(n1.daemon.pid(), pid);
+        let max_ms = finish_fio(fio, &out);
+        eprintln!("failed restart under fio: largest write latency {max_ms:.1} ms");
+        let status = n1.cli(&["status", "--json"], CLI_TIMEOUT);
+        assert!(
+            status.stdout.contains(&format!("\"pid\": {pid}")),
+            "{status:?}"
+        );
+        let all = events_of(&n1);
+        assert!(
+            all.iter().any(|e| matches!(&e.kind, EventKind::RestartFailed { reason } if reason.contains("exited"))),
+            "a restart-failed event: {all:#?}"
+        );
+        n1.daemon.terminate();
+    }
+
+    /// A `--binary` that starts but cannot serve (its event log cannot be
+    /// created): it fails after the old process let go of its volumes, so
+    /// the old process hands the same connections to the binary it runs.
+    /// The restart says so; fio sees no error; another pid serves.
+    #[test]
+    fn a_binary_that_fails_after_the_hand_over_is_replaced_by_the_running_one() {
+        Daemon::become_subreaper();
+        let dir = TestDir::new();
+        let mut n1 = standalone(&dir);
+        let wrapper = dir.join("fails-late.sh");
+        let daemon = mirrorblk_tests::daemon::mirrorblkd_path();
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec {} \"$@\" --event-log /proc/no-such-dir/events.jsonl\n",
+                daemon.display()
+            ),
+        )
+        .expect("write the wrapper");
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
+        let old = n1.daemon.pid();
+        let (fio, out) = start_fio(&dir, &n1.daemon.uri("vol0"), "fio");
+        wait_writing(&n1, 500);
+        let started = Instant::now();
+        let (code, err) = restart(&n1, Some(&wrapper)).expect_err("the asked binary fails");
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("the running binary took over as pid"), "{err}");
+        let pid: u32 = err
+            .split("took over as pid ")
+            .nth(1)
+            .and_then(|t| t.split(':').next())
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {err}"));
+        assert_ne!(pid, old);
+        n1.daemon.follow_successor(pid, EXIT_TIMEOUT);
+        n1.daemon.assert_running();
+        let max_ms = finish_fio(fio, &out);
+        eprintln!(
+            "fallback restart under fio took {:?}; largest write latency {max_ms:.1} ms",
+            started.elapsed()
+        );
+        n1.daemon.terminate();
+    }
+}
