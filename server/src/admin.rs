@@ -353,13 +353,13 @@ fn restart(binary: Option<PathBuf>, node: &str, readiness: &Readiness) -> (Respo
     }
     let (answer, outcome) = std::sync::mpsc::sync_channel(1);
     let (written_tx, written) = std::sync::mpsc::sync_channel(1);
-    let order = crate::lifecycle::HandOverOrder {
+    let order = crate::handover::HandOverOrder {
         successor,
         binary,
         answer,
         written,
     };
-    if let Err(order) = crate::lifecycle::request_hand_over(order) {
+    if let Err(order) = crate::handover::request_hand_over(order) {
         order.successor.abandon();
         return failed("a role change or another restart is already under way".into());
     }

@@ -27,6 +27,7 @@ pub mod node;
 pub mod notify;
 pub mod overlay;
 pub mod replication;
+pub mod restart;
 pub mod sockio;
 pub mod status;
 pub mod store;

@@ -36,11 +36,7 @@ pub fn hand_over_lease(lease: i64) {
 /// Asks the main thread to stop and come back with `role`.
 pub fn request_restart(role: Role) {
     let mut r = RESTART.lock().unwrap_or_else(|e| e.into_inner());
-    let handing_over = HAND_OVER
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .is_some();
-    if r.is_some() || handing_over {
+    if r.is_some() {
         // Already on its way; a second signal would stay pending across
         // exec and stop the restarted daemon at once.
         return;
@@ -49,47 +45,6 @@ pub fn request_restart(role: Role) {
     drop(r);
     // Process-directed, so the main thread's sigwait receives it.
     let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM);
-}
-
-/// A live restart the admin socket asked for, for the main thread to carry
-/// out: the started successor, and where to answer.
-pub struct HandOverOrder {
-    /// The new process, waiting for the state.
-    pub successor: crate::handover::Successor,
-    /// The binary it runs.
-    pub binary: std::path::PathBuf,
-    /// Where the outcome goes (the admin connection answers with it).
-    pub answer: std::sync::mpsc::SyncSender<Result<mirrorblk_admin::RestartOutcome, String>>,
-    /// Signalled once that answer is written (the process may then end).
-    pub written: std::sync::mpsc::Receiver<()>,
-}
-
-static HAND_OVER: Mutex<Option<HandOverOrder>> = Mutex::new(None);
-
-/// Asks the main thread to hand the node over to `order.successor`.
-/// Refused (the order given back) while a role-change restart or another
-/// hand-over is on its way.
-pub fn request_hand_over(order: HandOverOrder) -> Result<(), Box<HandOverOrder>> {
-    let restart = RESTART.lock().unwrap_or_else(|e| e.into_inner());
-    let mut h = HAND_OVER.lock().unwrap_or_else(|e| e.into_inner());
-    if restart.is_some() || h.is_some() {
-        return Err(Box::new(order));
-    }
-    *h = Some(order);
-    drop(h);
-    drop(restart);
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM);
-    Ok(())
-}
-
-/// The hand-over asked for, if any.
-pub fn take_hand_over() -> Option<HandOverOrder> {
-    HAND_OVER.lock().unwrap_or_else(|e| e.into_inner()).take()
-}
-
-/// Whether etcd decides this node's role.
-pub fn coordinated() -> bool {
-    COORDINATED.load(Ordering::Relaxed)
 }
 
 /// The role a restart was requested with, if any. It stays set: a later

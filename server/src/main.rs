@@ -81,8 +81,8 @@ fn main() -> ExitCode {
         spawn_watchdog(node.heartbeats(), every);
     }
     let why = wait_for_stop(&stop, &cli, &node, &reload_log);
-    if let Some(order) = mirrorblk_server::lifecycle::take_hand_over() {
-        return ExitCode::from(mirrorblk_server::handover::sequence::complete(node, order));
+    if let Some(order) = mirrorblk_server::handover::take_hand_over() {
+        return ExitCode::from(mirrorblk_server::restart::complete(node, order));
     }
     mirrorblk_server::notify::notify("STOPPING=1");
     let restart = mirrorblk_server::lifecycle::take_restart();
@@ -190,6 +190,7 @@ fn wait_for_stop(
     loop {
         match stop.wait() {
             Ok(Signal::SIGHUP) => reload(cli, node, reload_log),
+            Ok(_) if handover::hand_over_pending() => return "live restart".into(),
             Ok(sig) => {
                 tracing::info!("received {sig:?}: finishing in-flight requests, applying and checkpointing the journal");
                 return sig.as_str().to_string();

@@ -467,6 +467,11 @@ impl RunningNode {
     }
 }
 
+/// Duplicates of the listening sockets, kept for a hand-over.
+type Kept = Vec<(ListenerKind, OwnedFd)>;
+/// The accept threads.
+type Threads = Vec<std::thread::JoinHandle<()>>;
+
 /// How long a hand-over waits for handshakes under way to finish.
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(3);
 
@@ -874,11 +879,7 @@ fn accept_replication(
     cfg: &Config,
     routes: &Routes,
     inherited: Option<OwnedFd>,
-    (stop, threads, kept): (
-        &Arc<AtomicBool>,
-        &mut Vec<std::thread::JoinHandle<()>>,
-        &mut Vec<(ListenerKind, OwnedFd)>,
-    ),
+    (stop, threads, kept): (&Arc<AtomicBool>, &mut Threads, &mut Kept),
 ) -> Result<Option<std::net::SocketAddr>, StartError> {
     let Some(addr) = cfg.replication.as_ref().and_then(|r| r.listen) else {
         return Ok(None);

@@ -34,6 +34,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("lifecycle", 2),
     ("listener", 2),
     ("node", 2),
+    ("restart", 2),
     ("notify", 2),
     ("status", 2),
 ];

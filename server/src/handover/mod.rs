@@ -9,7 +9,6 @@
 //! [`Predecessor`] the new one's.
 
 pub mod channel;
-pub mod sequence;
 pub mod wire;
 
 use std::ffi::OsString;
@@ -372,6 +371,48 @@ impl Predecessor {
         }
         let _ = self.chan.send(FAILED, b, &[]);
     }
+}
+
+/// A live restart the admin socket asked for, for the main thread to carry
+/// out: the started successor, and where to answer.
+pub struct HandOverOrder {
+    /// The new process, waiting for the state.
+    pub successor: Successor,
+    /// The binary it runs.
+    pub binary: std::path::PathBuf,
+    /// Where the outcome goes (the admin connection answers with it).
+    pub answer: std::sync::mpsc::SyncSender<Result<mirrorblk_admin::RestartOutcome, String>>,
+    /// Signalled once that answer is written (the process may then end).
+    pub written: std::sync::mpsc::Receiver<()>,
+}
+
+static HAND_OVER: std::sync::Mutex<Option<HandOverOrder>> = std::sync::Mutex::new(None);
+
+/// Asks the main thread to hand the node over to `order.successor`.
+/// Refused (the order given back) while a role-change restart or another
+/// hand-over is on its way.
+pub fn request_hand_over(order: HandOverOrder) -> Result<(), Box<HandOverOrder>> {
+    let mut h = HAND_OVER.lock().unwrap_or_else(|e| e.into_inner());
+    if crate::lifecycle::take_restart().is_some() || h.is_some() {
+        return Err(Box::new(order));
+    }
+    *h = Some(order);
+    drop(h);
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM);
+    Ok(())
+}
+
+/// Whether a hand-over was asked for and not taken yet.
+pub fn hand_over_pending() -> bool {
+    HAND_OVER
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some()
+}
+
+/// The hand-over asked for, if any.
+pub fn take_hand_over() -> Option<HandOverOrder> {
+    HAND_OVER.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 /// The binary at this process's own path: what `restart` starts by

@@ -1,6 +1,7 @@
-//! The old process's side of a live restart, run on the main thread once
-//! the admin socket's `restart` has a successor that said HELLO: quiesce
-//! the node, pass everything on, and end once the successor serves.
+//! Live restart, the old process's sequence: run on the main thread once
+//! the admin socket's `restart` has a successor that said HELLO, it
+//! quiesces the node, passes everything on (see [`crate::handover`]), and
+//! ends the process once the successor serves.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
@@ -8,9 +9,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use mirrorblk_admin::RestartOutcome;
 
-use super::wire::{ConnState, State};
-use super::{RestartError, Successor};
-use crate::lifecycle::HandOverOrder;
+use crate::handover::wire::{ConnState, State};
+use crate::handover::{HandOverOrder, RestartError, Successor};
 use crate::node::{HandOff, RunningNode};
 
 /// How long the process waits for the admin connection to write the
@@ -94,7 +94,7 @@ pub fn complete(node: RunningNode, order: HandOverOrder) -> u8 {
     };
     let pause_ms = paused.elapsed().as_millis() as u64;
     let (status, reply) = match outcome {
-        Ok((pid, binary)) if binary.as_path() != super::running_binary() => {
+        Ok((pid, binary)) if binary.as_path() != crate::handover::running_binary() => {
             crate::notify::notify(&format!("MAINPID={pid}\nREADY=1"));
             tracing::info!(
                 "restart: pid {pid} serves {connections} connections; clients paused {pause_ms} ms"
@@ -127,7 +127,7 @@ fn fall_back(
     state: &State,
     fds: &[BorrowedFd<'_>],
 ) -> Result<(u32, std::path::PathBuf), String> {
-    let running = super::running_binary();
+    let running = crate::handover::running_binary();
     let why = format!("{e}; handing over to the running binary instead");
     tracing::error!("restart: {why}");
     crate::events::emit(crate::events::EventKind::RestartFailed {
