@@ -63,7 +63,8 @@ impl VolumeKeys {
 pub struct LeaderRecord {
     /// Its node name.
     pub node: String,
-    /// Where it serves NBD clients (its `--listen`, e.g. `127.0.0.1:10809`).
+    /// Where clients reach it (its `--advertise`, else its `--listen`, e.g.
+    /// `127.0.0.1:10809`).
     pub nbd: String,
     /// Its epoch.
     pub epoch: u64,

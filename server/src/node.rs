@@ -553,7 +553,8 @@ fn spawn_coordinator(
         cfg: c.clone(),
         node: cfg.node.clone(),
         volume,
-        nbd: nbd.to_string(),
+        // What clients are told: the advertised address, else the bound one.
+        nbd: cfg.advertise.clone().unwrap_or_else(|| nbd.to_string()),
         core,
         fence: fence.clone(),
         readiness: readiness.clone(),

@@ -29,6 +29,16 @@ pub const ELECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a node may take to be back in sync after a restart.
 pub const IN_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Where a node serves NBD clients and what it tells them (see
+/// [`Coordinated::start_listening`]).
+#[derive(Debug, Clone)]
+pub struct NbdAddr {
+    /// Its fixed port on 127.0.0.1.
+    pub port: u16,
+    /// Its `--advertise` address, if any.
+    pub advertise: Option<String>,
+}
+
 /// The nodes of one volume under etcd.
 #[derive(Debug)]
 pub struct Coordinated {
@@ -66,10 +76,11 @@ impl Coordinated {
         Coordinated::start_listening(dir, secret, etcd, names, mode, extra, None)
     }
 
-    /// Like [`Coordinated::start_each`]; with `nbd_ports`, node `i` serves
-    /// NBD clients on 127.0.0.1:`nbd_ports[i]` (a fixed port a client can be
+    /// Like [`Coordinated::start_each`]; with `nbd`, node `i` serves NBD
+    /// clients on 127.0.0.1:`nbd[i].port` (a fixed port a client can be
     /// pointed at before the node starts, and that a restart keeps) instead
-    /// of an ephemeral one.
+    /// of an ephemeral one, and publishes `nbd[i].advertise` (when given) in
+    /// etcd's leader record as where clients reach it.
     #[track_caller]
     pub fn start_listening(
         dir: &TestDir,
@@ -78,11 +89,11 @@ impl Coordinated {
         names: &[&str],
         mode: &str,
         extra: &[&str],
-        nbd_ports: Option<&[u16]>,
+        nbd: Option<&[NbdAddr]>,
     ) -> Coordinated {
         assert!(
-            nbd_ports.is_none_or(|p| p.len() == names.len()),
-            "one NBD port per node"
+            nbd.is_none_or(|p| p.len() == names.len()),
+            "one NBD address per node"
         );
         let addrs: Vec<SocketAddr> = names
             .iter()
@@ -100,8 +111,11 @@ impl Coordinated {
                     .map(|j| (names[j].to_string(), addrs[j].to_string()))
                     .collect();
                 let mut args = files.coordinated_args(secret, addrs[i], &peers, &etcd[i], &flags);
-                if let Some(ports) = nbd_ports {
-                    crate::daemon::set_listen(&mut args, &format!("127.0.0.1:{}", ports[i]));
+                if let Some(nbd) = nbd {
+                    crate::daemon::set_listen(&mut args, &format!("127.0.0.1:{}", nbd[i].port));
+                    if let Some(a) = &nbd[i].advertise {
+                        args.extend(["--advertise".into(), a.into()]);
+                    }
                 }
                 let daemon = Daemon::try_start(args)
                     .unwrap_or_else(|e| panic!("{name} (under etcd) did not start: {e}"));

@@ -9,8 +9,9 @@
 //!   writes read back (first, middle and last blocks), mkfs.ext4, files
 //!   with checksums, umount, `e2fsck -fn`, remount and verify, disconnect,
 //!   reconnect, verify again.
-//! - `attach_survives_failover_under_etcd`: `mirrorblk attach` in the
-//!   guest (one relay per node of three under a real etcd), ext4, files
+//! - `attach_survives_failover_under_etcd`: `mirrorblk attach --etcd` in
+//!   the guest (a relay per node of three under a real etcd and one to
+//!   etcd; the nodes `--advertise` their relay's address), ext4, files
 //!   written and fsynced in a loop; the primary is `kill -9`ed mid-loop and
 //!   a replica takes over by itself: no write may fail, the kernel may log
 //!   no I/O error, e2fsck is clean and every fsynced file is intact.
@@ -29,7 +30,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mirrorblk_tests::cluster::{pick_port, write_secret, EXPORT};
-use mirrorblk_tests::coordinated::{Coordinated, ELECTION_TIMEOUT, IN_SYNC_TIMEOUT};
+use mirrorblk_tests::coordinated::{Coordinated, NbdAddr, ELECTION_TIMEOUT, IN_SYNC_TIMEOUT};
 use mirrorblk_tests::daemon::set_listen;
 use mirrorblk_tests::etcd::Etcd;
 use mirrorblk_tests::kernel::{Boot, Guest, Outcome, Relay};
@@ -101,15 +102,20 @@ const DEFAULT_IO_TIMEOUT: u64 = 10;
 /// (finding the primary, the election, a loaded TCG guest).
 const STALL_MARGIN_MS: u64 = 10_000;
 
-/// `mb.attach=`: a `--server` per guest port, the I/O timeout, and a
-/// dead-connection timeout that a failover fits in but that a missing
-/// reconnect exceeds well within the guest's time limit (then the queued
-/// writes fail with EIO).
-fn attach_param(ports: &[u16], io_timeout: u64) -> String {
-    let mut args: Vec<String> = ports
+/// `--server 10.0.2.100:PORT` for each guest port.
+fn servers(ports: &[u16]) -> Vec<String> {
+    ports
         .iter()
         .flat_map(|p| ["--server".to_string(), format!("10.0.2.100:{p}")])
-        .collect();
+        .collect()
+}
+
+/// `mb.attach=`: where attach looks for the primary (`locate`: `--server`s
+/// or `--etcd`), the I/O timeout, and a dead-connection timeout that a
+/// failover fits in but that a missing reconnect exceeds well within the
+/// guest's time limit (then the queued writes fail with EIO).
+fn attach_param(locate: &[String], io_timeout: u64) -> String {
+    let mut args = locate.to_vec();
     args.extend(["--dead-conn-timeout".into(), "30s".into()]);
     args.extend(["--io-timeout".into(), format!("{io_timeout}s")]);
     args.join(",")
@@ -173,15 +179,20 @@ fn fsynced(guest: &Guest) -> usize {
         .count()
 }
 
-/// Boots the attach workload reaching `relays` (guest port, relay) and
-/// waits until it has fsynced 10 files; returns the guest.
-fn boot_attach(dir: &TestDir, relays: Vec<(u16, &Relay)>, io_timeout: u64) -> Guest {
-    let ports: Vec<u16> = relays.iter().map(|(p, _)| *p).collect();
+/// Boots the attach workload reaching `relays` (guest port, relay), attach
+/// finding the primary as `locate` says, and waits until it has fsynced 10
+/// files; returns the guest.
+fn boot_attach(
+    dir: &TestDir,
+    relays: Vec<(u16, &Relay)>,
+    locate: &[String],
+    io_timeout: u64,
+) -> Guest {
     let mut guest = Guest::start(
         dir,
         &Boot {
             workload: "attach",
-            params: vec![("mb.attach", attach_param(&ports, io_timeout))],
+            params: vec![("mb.attach", attach_param(locate, io_timeout))],
             relays,
             mirrorblk: true,
         },
@@ -192,35 +203,70 @@ fn boot_attach(dir: &TestDir, relays: Vec<(u16, &Relay)>, io_timeout: u64) -> Gu
     guest
 }
 
+/// The guest port of the relay to etcd's client port.
+const ETCD_GUEST_PORT: u16 = 2379;
+
 /// Issue 14: ext4 on `mirrorblk attach` in the guest, files written and
 /// fsynced in a loop; the host kill -9s the primary of three nodes under a
 /// real etcd and a replica takes over by itself. The guest must see no
-/// I/O error at all: attach finds the new primary among its --servers and
-/// hands the kernel the new connection.
+/// I/O error at all. attach is given only `--etcd` (no `--server`): it
+/// finds each primary in the volume's leader record, where the nodes
+/// publish (`--advertise`) the guest-side address of their relay.
 #[test]
 fn attach_survives_failover_under_etcd() {
     let dir = TestDir::new();
     let etcd = Etcd::start(dir.path());
     let secret = write_secret(&dir, "secret");
-    let ports: Vec<u16> = (0..3).map(|_| pick_port()).collect();
-    let urls = vec![etcd.url(); 3];
-    let names = ["n1", "n2", "n3"];
-    let mut c =
-        Coordinated::start_listening(&dir, &secret, &urls, &names, "sync", &[], Some(&ports));
-    let p = c.wait_primary(&[0, 1, 2], ELECTION_TIMEOUT);
-    c.wait_in_sync(p, IN_SYNC_TIMEOUT);
-    // A dead node's relay gives up after 1 s, so attach moves on to the next.
-    let relays: Vec<Relay> = ports
+    let nbd: Vec<NbdAddr> = GUEST_PORTS
         .iter()
-        .zip(names)
-        .map(|(port, n)| {
-            let file = format!("relay-{n}");
-            Relay::named(Path::new(RELAY), &dir, &file, *port, Duration::from_secs(1))
+        .map(|g| NbdAddr {
+            port: pick_port(),
+            advertise: Some(format!("10.0.2.100:{g}")),
         })
         .collect();
+    let urls = vec![etcd.url(); 3];
+    let names = ["n1", "n2", "n3"];
+    let mut c = Coordinated::start_listening(&dir, &secret, &urls, &names, "sync", &[], Some(&nbd));
+    let p = c.wait_primary(&[0, 1, 2], ELECTION_TIMEOUT);
+    c.wait_in_sync(p, IN_SYNC_TIMEOUT);
+    // A dead node's relay gives up after 1 s, so attach moves on.
+    let mut relays: Vec<(u16, Relay)> = nbd
+        .iter()
+        .zip(names)
+        .zip(GUEST_PORTS)
+        .map(|((a, n), g)| {
+            let file = format!("relay-{n}");
+            (
+                g,
+                Relay::named(
+                    Path::new(RELAY),
+                    &dir,
+                    &file,
+                    a.port,
+                    Duration::from_secs(1),
+                ),
+            )
+        })
+        .collect();
+    let etcd_port = etcd.client_addr().port();
+    relays.push((
+        ETCD_GUEST_PORT,
+        Relay::named(
+            Path::new(RELAY),
+            &dir,
+            "relay-etcd",
+            etcd_port,
+            Duration::from_secs(1),
+        ),
+    ));
+    let locate = [
+        "--etcd".to_string(),
+        format!("http://10.0.2.100:{ETCD_GUEST_PORT}"),
+    ];
     let guest = boot_attach(
         &dir,
-        GUEST_PORTS.iter().copied().zip(&relays).collect(),
+        relays.iter().map(|(g, r)| (*g, r)).collect(),
+        &locate,
         DEFAULT_IO_TIMEOUT,
     );
     let killed_at = Instant::now();
@@ -264,7 +310,12 @@ fn attach_survives_kill9_and_restart_of_single_node() {
     let relay = Relay::new(Path::new(RELAY), &dir, port, Duration::from_secs(1));
     // A shorter I/O timeout than the default: the stall follows it.
     let io_timeout = 4;
-    let guest = boot_attach(&dir, vec![(GUEST_PORTS[0], &relay)], io_timeout);
+    let guest = boot_attach(
+        &dir,
+        vec![(GUEST_PORTS[0], &relay)],
+        &servers(&GUEST_PORTS[..1]),
+        io_timeout,
+    );
     let killed_after = fsynced(&guest);
     let killed_at = Instant::now();
     d.kill9();

@@ -585,6 +585,9 @@ fn config_check(file: &Path) -> ExitCode {
                     .map(|u| format!(" and {}", u.display()))
                     .unwrap_or_default()
             );
+            if let Some(a) = &c.advertise {
+                println!("advertised to clients (etcd's leader record) as {a}");
+            }
             for v in &c.volumes {
                 println!(
                     "volume {}: data {} journal {} size {}{}",

@@ -110,6 +110,9 @@ pub enum ConfigError {
     /// A malformed etcd URL.
     #[error("--etcd: {0}")]
     EtcdEndpoint(String),
+    /// A malformed `--advertise`.
+    #[error("--advertise '{0}' is not HOST:PORT (e.g. 192.0.2.10:10809)")]
+    Advertise(String),
     /// A lease TTL etcd cannot honour.
     #[error(
         "--lease-ttl must be whole seconds, at least {}",

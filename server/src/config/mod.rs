@@ -58,6 +58,9 @@ pub struct Config {
     pub admin_socket: Option<PathBuf>,
     /// NBD TCP address.
     pub listen: SocketAddr,
+    /// The NBD address published in etcd's leader record, when it is not
+    /// `listen` (`HOST:PORT`, checked).
+    pub advertise: Option<String>,
     /// NBD Unix socket.
     pub unix: Option<PathBuf>,
     /// Worker cores.

@@ -35,6 +35,7 @@ pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
         node: s.node.unwrap_or_else(hostname),
         admin_socket: s.admin_socket,
         listen: s.listen.unwrap_or(defaults::LISTEN),
+        advertise: s.advertise.as_deref().map(advertise).transpose()?,
         unix: s.unix,
         cores,
         buffer_memory: buffer_memory.0,
@@ -77,6 +78,18 @@ fn coordinator(
         endpoints: s.etcd.clone(),
         lease_ttl,
     }))
+}
+
+/// `--advertise`: `HOST:PORT` with a host and a port number.
+fn advertise(a: &str) -> Result<String, ConfigError> {
+    let ok = a
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if ok {
+        Ok(a.to_string())
+    } else {
+        Err(ConfigError::Advertise(a.to_string()))
+    }
 }
 
 /// The lease TTL: whole seconds, at least the minimum.

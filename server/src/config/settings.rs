@@ -64,6 +64,14 @@ pub struct Settings {
     #[arg(long, value_name = "HOST:PORT", help_default = defaults::LISTEN)]
     pub listen: Option<SocketAddr>,
 
+    /// The NBD address this node publishes in etcd's leader record when it
+    /// is primary, for clients that look the primary up there (`mirrorblk
+    /// primary`, `mirrorblk attach --etcd`): where clients reach it, when
+    /// that is not --listen (NAT, a proxy, a listen address of 0.0.0.0).
+    /// [default: the --listen address]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+
     /// Also serve NBD on this Unix socket path (replaced if it exists).
     #[arg(long, value_name = "PATH")]
     pub unix: Option<PathBuf>,
@@ -226,6 +234,7 @@ impl Settings {
             config: _,
             volume: _,
             listen,
+            advertise,
             unix,
             cores,
             buffer_memory,
@@ -258,6 +267,7 @@ impl Settings {
             config: flags.config,
             volume: flags.volume,
             listen: flags.listen.or(listen),
+            advertise: flags.advertise.or(advertise),
             unix: flags.unix.or(unix),
             cores: flags.cores.or(cores),
             buffer_memory: flags.buffer_memory.or(buffer_memory),

@@ -123,6 +123,11 @@ const NODE_SETTINGS: &[Case] = &[
         "metrics_listen",
         ["127.0.0.1:3", "127.0.0.1:4"],
     ),
+    case(
+        "--advertise",
+        "advertise",
+        ["192.0.2.1:10809", "nbd.example:10810"],
+    ),
     case("--max-connections", "max_connections", ["7", "8"]),
     case(
         "--checkpoint-interval",
@@ -465,4 +470,17 @@ fn the_event_log_lies_beside_the_first_journal_unless_given() {
         Config::from_cli(&cli(&given)).unwrap().event_log,
         std::path::Path::new("/x/e")
     );
+}
+
+#[test]
+fn advertise_must_be_host_and_port() {
+    let scene = Scene::new();
+    for bad in ["nohost", ":10809", "h:", "h:0", "h:99999"] {
+        let r = scene.resolve(&scene.file(&[]), &[format!("--advertise={bad}")]);
+        assert!(matches!(r, Err(ConfigError::Advertise(_))), "{bad}: {r:?}");
+    }
+    let ok = scene
+        .resolve(&scene.file(&[]), &["--advertise=[::1]:10809".into()])
+        .unwrap();
+    assert_eq!(ok.advertise.as_deref(), Some("[::1]:10809"));
 }
