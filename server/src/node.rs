@@ -133,6 +133,10 @@ fn resolve_role(
 struct MarkingReplay<'a> {
     inner: FileReplay<'a>,
     bitmaps: Vec<OutOfSync>,
+    /// The previous process closed the volume cleanly (a live restart): no
+    /// in-place write can have been under way, so the journal need not be
+    /// swept for their intents (a read of the whole journal).
+    closed_cleanly: bool,
 }
 
 impl ReplayTarget for MarkingReplay<'_> {
@@ -151,7 +155,7 @@ impl ReplayTarget for MarkingReplay<'_> {
     }
 
     fn wants_intents(&self) -> bool {
-        !self.bitmaps.is_empty()
+        !self.bitmaps.is_empty() && !self.closed_cleanly
     }
 
     fn placed(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -170,12 +174,14 @@ impl ReplayTarget for MarkingReplay<'_> {
     }
 }
 
-/// Opens, validates and recovers one volume.
+/// Opens, validates and recovers one volume; `closed_cleanly` when a live
+/// restart's old process drained and checkpointed it.
 pub fn prepare_volume(
     cfg: &VolumeConfig,
     role: Option<Role>,
     replicated: bool,
     peers: &[String],
+    closed_cleanly: bool,
 ) -> Result<PreparedVolume, StartError> {
     let store = open_volume_store(cfg)?;
     // Replay through a buffered handle: records may be unaligned, and one
@@ -191,6 +197,7 @@ pub fn prepare_volume(
             block_device: store.block_device,
         },
         bitmaps: load_bitmaps(cfg, peers, store.size),
+        closed_cleanly,
     };
     let spec = JournalSpec {
         path: &cfg.journal,
@@ -587,7 +594,8 @@ pub fn start_with(
         None => LeaseFence::open(),
     });
     let startup = coordinated_start(cfg, &fence)?;
-    let prepared = prepare_volumes(cfg, startup.map(|s| s.role).or(cfg.role))?;
+    let clean = inherited.as_ref().is_some_and(|i| i.state.closed_cleanly);
+    let prepared = prepare_volumes(cfg, startup.map(|s| s.role).or(cfg.role), clean)?;
     if let Some(addr) = cfg.metrics_listen {
         let l = match inherited_listener(&mut inherited, ListenerKind::Metrics) {
             Some(fd) => TcpListener::from(fd),
@@ -778,8 +786,13 @@ fn take_over_conns(ctx: &'static AcceptContext, mut inh: Inherited) {
 }
 
 /// Opens and recovers every configured volume, in order, as `role` (None:
-/// each as it last was).
-fn prepare_volumes(cfg: &Config, role: Option<Role>) -> Result<Vec<PreparedVolume>, StartError> {
+/// each as it last was); `clean` after a live restart whose old process
+/// closed them all cleanly.
+fn prepare_volumes(
+    cfg: &Config,
+    role: Option<Role>,
+    clean: bool,
+) -> Result<Vec<PreparedVolume>, StartError> {
     let mut prepared = Vec::new();
     for v in &cfg.volumes {
         let peers: Vec<String> = cfg
@@ -787,7 +800,13 @@ fn prepare_volumes(cfg: &Config, role: Option<Role>) -> Result<Vec<PreparedVolum
             .iter()
             .flat_map(|r| r.peers.iter().map(|p| p.name.clone()))
             .collect();
-        prepared.push(prepare_volume(v, role, cfg.replication.is_some(), &peers)?);
+        prepared.push(prepare_volume(
+            v,
+            role,
+            cfg.replication.is_some(),
+            &peers,
+            clean,
+        )?);
     }
     Ok(prepared)
 }

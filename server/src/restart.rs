@@ -44,6 +44,7 @@ fn state_of(off: &HandOff, paused_at_ms: u64) -> (State, Vec<BorrowedFd<'_>>) {
     let state = State {
         from_pid: std::process::id(),
         paused_at_ms,
+        closed_cleanly: off.clean,
         listeners,
         conns,
     };

@@ -110,6 +110,8 @@ pub struct State {
     /// When it stopped taking requests (ms since the Unix epoch): the pause
     /// clients see runs from here until the successor serves.
     pub paused_at_ms: u64,
+    /// Every volume was drained and checkpointed (no write under way).
+    pub closed_cleanly: bool,
     /// Listening sockets, each with its descriptor index.
     pub listeners: Vec<(ListenerKind, u32)>,
     /// Connections.
@@ -211,6 +213,7 @@ impl State {
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&self.from_pid.to_le_bytes());
         out.extend_from_slice(&self.paused_at_ms.to_le_bytes());
+        out.push(self.closed_cleanly as u8);
         out.push(self.listeners.len() as u8);
         for (kind, fd) in &self.listeners {
             out.push(kind.code());
@@ -256,6 +259,7 @@ impl State {
         let mut fd_seen = FdUse::new(fds);
         let from_pid = r.u32("pid")?;
         let paused_at_ms = r.u64("pause start")?;
+        let closed_cleanly = r.flag("closed cleanly")?;
         let listeners = decode_listeners(&mut r, &mut fd_seen)?;
         let n = r.u32("connection count")? as usize;
         if n > MAX_CONNS {
@@ -276,6 +280,7 @@ impl State {
         Ok(State {
             from_pid,
             paused_at_ms,
+            closed_cleanly,
             listeners,
             conns,
         })
@@ -449,6 +454,7 @@ mod tests {
         State {
             from_pid: 4242,
             paused_at_ms: 1_764_900_000_123,
+            closed_cleanly: true,
             listeners: vec![(ListenerKind::Nbd, 0), (ListenerKind::Admin, 1)],
             conns: vec![ConnState {
                 fd: 2,
@@ -503,7 +509,7 @@ mod tests {
         ));
         let mut b = sample().encode();
         // The connection count sits after the header and two listeners.
-        let at = 4 + 2 + 4 + 8 + 1 + 2 * 5;
+        let at = 4 + 2 + 4 + 8 + 1 + 1 + 2 * 5;
         b[at..at + 4].copy_from_slice(&(MAX_CONNS as u32 + 1).to_le_bytes());
         assert!(matches!(
             State::decode(&b, 3),
@@ -555,6 +561,7 @@ mod tests {
         fn any_state_round_trips(
             pid in any::<u32>(),
             at in any::<u64>(),
+            clean in any::<bool>(),
             kinds in proptest::collection::hash_set(kind().prop_map(|k| k.code()), 0..5),
             mut conns in proptest::collection::vec(conn(), 0..8),
         ) {
@@ -568,7 +575,7 @@ mod tests {
                 c.fd = next;
                 next += 1;
             }
-            let s = State { from_pid: pid, paused_at_ms: at, listeners, conns };
+            let s = State { from_pid: pid, paused_at_ms: at, closed_cleanly: clean, listeners, conns };
             let b = s.encode();
             prop_assert_eq!(State::decode(&b, next as usize), Ok(s));
             // Every strict prefix is refused, never accepted or a panic.
