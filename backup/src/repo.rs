@@ -261,11 +261,7 @@ impl Repository {
 
     /// The newest backup of `volume`.
     pub fn latest(&self, volume: &str) -> Result<Option<BackupId>, RepoError> {
-        Ok(self
-            .backups()?
-            .into_iter()
-            .filter(|id| id.volume == volume)
-            .next_back())
+        Ok(self.backups()?.into_iter().rfind(|id| id.volume == volume))
     }
 
     /// Reads and decodes one backup's index.

@@ -3,6 +3,9 @@
 //! loopback, stopped by PID. Prints SKIP with the reason when moto cannot
 //! be installed or started.
 
+// Changed ranges are lists of ranges; a list of one is meant.
+#![allow(clippy::single_range_in_vec_init)]
+
 mod common;
 
 use std::io::{Cursor, Read, Write};
