@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 mod attach;
+mod backup;
 mod demo;
 mod demo_etcd;
 mod demo_failover;
@@ -330,6 +331,50 @@ enum Cmd {
     Journal {
         #[command(subcommand)]
         command: JournalCmd,
+    },
+    /// Backup repository tools (docs/BACKUP.md): list, verify, prune.
+    Backup {
+        #[command(subcommand)]
+        command: BackupCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupCmd {
+    /// List the backups in a repository.
+    List {
+        /// The repository: a directory or s3://BUCKET/PREFIX.
+        #[arg(long, value_name = "REPO")]
+        repo: String,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that every chunk of one backup (or of all) is present and
+    /// hashes to its name. Exit 1 naming each damaged backup and byte range.
+    Verify {
+        /// The repository: a directory or s3://BUCKET/PREFIX.
+        #[arg(long, value_name = "REPO")]
+        repo: String,
+        /// The backup (VOLUME/CREATED_MS, as `backup list` prints it).
+        id: Option<String>,
+    },
+    /// Delete all but the newest N backups of each volume, then remove the
+    /// chunks no backup references (safe while backups run).
+    Prune {
+        /// The repository: a directory or s3://BUCKET/PREFIX.
+        #[arg(long, value_name = "REPO")]
+        repo: String,
+        /// How many backups of each volume to keep.
+        #[arg(long, value_name = "N")]
+        keep_last: usize,
+        /// Only this volume's backups.
+        #[arg(long, value_name = "VOLUME")]
+        volume: Option<String>,
+        /// Keep unreferenced chunks younger than this many seconds (for
+        /// clocks that disagree, e.g. an S3 server's and this host's).
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        gc_margin: u64,
     },
 }
 
@@ -1069,5 +1114,20 @@ fn main() -> ExitCode {
         Cmd::Journal {
             command: JournalCmd::Dump { path },
         } => journal_inspect(&path, true),
+        Cmd::Backup { command } => match command {
+            BackupCmd::List { repo, json } => backup::list(&repo, json),
+            BackupCmd::Verify { repo, id } => backup::verify(&repo, id.as_deref()),
+            BackupCmd::Prune {
+                repo,
+                keep_last,
+                volume,
+                gc_margin,
+            } => backup::prune(
+                &repo,
+                volume.as_deref(),
+                keep_last,
+                Duration::from_secs(gc_margin),
+            ),
+        },
     }
 }
