@@ -153,10 +153,13 @@ mod restart {
         all[at..].iter().map(|e| e.kind.clone()).collect()
     }
 
-    /// A standalone primary on `dir`'s files, with an admin socket.
-    fn standalone(dir: &TestDir) -> Node {
+    /// A standalone primary on `dir`'s files, with an admin socket and
+    /// `extra` flags.
+    fn standalone(dir: &TestDir, extra: &[&std::ffi::OsStr]) -> Node {
         let files = NodeFiles::new(dir, "n1");
-        let daemon = Daemon::start(files.standalone_primary_args("64M"));
+        let mut args = files.standalone_primary_args("64M");
+        args.extend(extra.iter().map(|a| a.to_os_string()));
+        let daemon = Daemon::start(args);
         Node {
             files,
             daemon,
@@ -164,33 +167,65 @@ mod restart {
         }
     }
 
-    /// fio writes and verifies 64 MiB through a standalone primary that is
-    /// restarted live twice under load: fio exits 0 with no error, each
-    /// restart hands fio's connection over, another pid serves each time,
-    /// and the event log shows the take-over with the pause.
+    /// `GET /metrics` on `port`: the body (bounded).
+    fn scrape(port: u16) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("metrics port {port}: {e}"));
+        s.set_read_timeout(Some(CLI_TIMEOUT)).expect("timeout");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .expect("send the scrape");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read the scrape");
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        out
+    }
+
+    /// fio writes and verifies 64 MiB through a standalone primary, over
+    /// TCP and over its Unix socket at once, while it is restarted live
+    /// twice: both fio runs exit 0 with no error, each restart hands both
+    /// connections over, another pid serves each time, the metrics port
+    /// answers the new process (handed over, never rebound) with the pause,
+    /// and the event log shows the take-over.
     #[test]
     fn fio_verifies_across_two_live_restarts() {
         Daemon::become_subreaper();
         let dir = TestDir::new();
-        let mut n1 = standalone(&dir);
+        let sock = dir.join("n1.nbd");
+        let port = mirrorblk_tests::cluster::pick_port();
+        let metrics = format!("127.0.0.1:{port}");
+        let mut n1 = standalone(
+            &dir,
+            &[
+                "--unix".as_ref(),
+                sock.as_os_str(),
+                "--metrics-listen".as_ref(),
+                metrics.as_ref(),
+            ],
+        );
         let (fio, out) = start_fio(&dir, &n1.daemon.uri("vol0"), "fio");
+        let unix_uri = format!("nbd+unix:///vol0?socket={}", sock.display());
+        let (fio_unix, out_unix) = start_fio(&dir, &unix_uri, "fio-unix");
         wait_writing(&n1, 300);
         let first = restart_live(&mut n1);
         assert_eq!(
-            first.connections, 1,
-            "fio's connection was handed over: {first:?}"
+            first.connections, 2,
+            "both fio connections were handed over: {first:?}"
         );
+        let m = scrape(port);
+        assert!(m.contains("mirrorblk_restart_pause_seconds"), "{m}");
         wait_writing(&n1, n1.status().last_lsn + 300);
         let second = restart_live(&mut n1);
-        assert_eq!(second.connections, 1, "{second:?}");
+        assert_eq!(second.connections, 2, "{second:?}");
         let max_ms = finish_fio(fio, &out);
+        let max_unix_ms = finish_fio(fio_unix, &out_unix);
         eprintln!(
-            "live restarts under fio: pauses {} ms and {} ms; largest write latency {max_ms:.1} ms",
+            "live restarts under fio: pauses {} ms and {} ms; largest write latency {max_ms:.1} ms (TCP), {max_unix_ms:.1} ms (Unix)",
             first.pause_ms, second.pause_ms
         );
         let ev = events_since_take_over(&n1, first.pid);
         assert!(
-            ev.iter().any(|k| matches!(k, EventKind::HandedOver { from_pid, connections: 1, .. } if *from_pid == second.from_pid || *from_pid == first.from_pid)),
+            ev.iter().any(|k| matches!(k, EventKind::HandedOver { from_pid, connections: 2, .. } if *from_pid == second.from_pid)),
             "a handed-over event: {ev:#?}"
         );
         n1.daemon.terminate();
@@ -257,7 +292,7 @@ mod restart {
     #[test]
     fn a_binary_that_exits_at_start_leaves_the_old_process_serving() {
         let dir = TestDir::new();
-        let mut n1 = standalone(&dir);
+        let mut n1 = standalone(&dir, &[]);
         let bad = dir.join("exits.sh");
         std::fs::write(&bad, "#!/bin/sh\nexit 1\n").expect("write the script");
         std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o755))
@@ -297,7 +332,7 @@ mod restart {
     fn a_binary_that_fails_after_the_hand_over_is_replaced_by_the_running_one() {
         Daemon::become_subreaper();
         let dir = TestDir::new();
-        let mut n1 = standalone(&dir);
+        let mut n1 = standalone(&dir, &[]);
         let wrapper = dir.join("fails-late.sh");
         let daemon = mirrorblk_tests::daemon::mirrorblkd_path();
         std::fs::write(
