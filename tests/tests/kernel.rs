@@ -17,6 +17,8 @@
 //!   no I/O error, e2fsck is clean and every fsynced file is intact.
 //! - `attach_survives_kill9_and_restart_of_single_node`: the same across a
 //!   kill -9 and restart of a single node.
+//! - `attach_survives_live_restart_of_single_node`: the same across
+//!   `mirrorblk restart` (live hand-over): not even a reconnect.
 //! - `harness_fails_*`: the same harness fails against a server that drops
 //!   writes (`nbdkit null`) and when no server is there, so a green run
 //!   means something.
@@ -29,7 +31,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mirrorblk_tests::cluster::{pick_port, write_secret, EXPORT};
+use mirrorblk_admin::RestartOutcome;
+use mirrorblk_tests::cluster::{pick_port, write_secret, Node, NodeFiles, EXPORT};
 use mirrorblk_tests::coordinated::{Coordinated, NbdAddr, ELECTION_TIMEOUT, IN_SYNC_TIMEOUT};
 use mirrorblk_tests::daemon::set_listen;
 use mirrorblk_tests::etcd::Etcd;
@@ -188,11 +191,27 @@ fn boot_attach(
     locate: &[String],
     io_timeout: u64,
 ) -> Guest {
+    boot_attach_with(dir, relays, locate, io_timeout, None)
+}
+
+/// [`boot_attach`]; with `files`, the guest's loop writes exactly that many
+/// files instead of waiting for a reconnect.
+fn boot_attach_with(
+    dir: &TestDir,
+    relays: Vec<(u16, &Relay)>,
+    locate: &[String],
+    io_timeout: u64,
+    files: Option<usize>,
+) -> Guest {
+    let mut params = vec![("mb.attach", attach_param(locate, io_timeout))];
+    if let Some(n) = files {
+        params.push(("mb.files", n.to_string()));
+    }
     let mut guest = Guest::start(
         dir,
         &Boot {
             workload: "attach",
-            params: vec![("mb.attach", attach_param(locate, io_timeout))],
+            params,
             relays,
             mirrorblk: true,
         },
@@ -334,6 +353,72 @@ fn attach_survives_kill9_and_restart_of_single_node() {
         panic!("attach across a kill -9 and restart failed:\n{e}");
     }
     assert_stall_bounded(&out, io_timeout);
+}
+
+/// Files the guest writes across a live restart: the restart must finish
+/// while it is still writing (~0.2 s a file under TCG).
+const RESTART_FILES: usize = 60;
+
+/// Issue 14: the same across `mirrorblk --admin-socket A restart` of a
+/// single node: the daemon hands its listener and the guest's NBD
+/// connection to a new process, so the kernel's connection never dies:
+/// attach must not even have to reconnect, and no write may fail.
+#[test]
+fn attach_survives_live_restart_of_single_node() {
+    let dir = TestDir::new();
+    let port = pick_port();
+    let files = NodeFiles::new(&dir, "n1");
+    let mut args = files.standalone_primary_args("64M");
+    set_listen(&mut args, &format!("127.0.0.1:{port}"));
+    let mut node = Node {
+        files,
+        daemon: Daemon::start(args),
+        replication: None,
+    };
+    let relay = Relay::new(Path::new(RELAY), &dir, port, Duration::from_secs(1));
+    let guest = boot_attach_with(
+        &dir,
+        vec![(GUEST_PORTS[0], &relay)],
+        &servers(&GUEST_PORTS[..1]),
+        DEFAULT_IO_TIMEOUT,
+        Some(RESTART_FILES),
+    );
+    let before = fsynced(&guest);
+    let old = node.daemon.pid();
+    let started = Instant::now();
+    let run = node.cli(&["restart", "--json"], Duration::from_secs(60));
+    assert_eq!(run.code, 0, "mirrorblk restart failed: {run:?}");
+    let o: RestartOutcome = serde_json::from_str(run.stdout.trim())
+        .unwrap_or_else(|e| panic!("restart --json printed no outcome ({e}): {run:?}"));
+    assert_ne!(o.pid, old, "a new process serves: {o:?}");
+    let st = node.daemon.follow_successor(o.pid, Duration::from_secs(10));
+    assert!(st.success(), "the old process exited with {st}");
+    let during = fsynced(&guest);
+    eprintln!(
+        "live restart: pid {old} -> {} in {:.1} s while the guest fsynced files {before}..{during}",
+        o.pid,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        during < RESTART_FILES,
+        "the guest had written all {RESTART_FILES} files before the restart finished: it proves nothing"
+    );
+    let out = guest.wait(GUEST_TIMEOUT);
+    report_attach("attach across a live restart", &out, before);
+    if let Err(e) = out.check(ATTACH_STEPS) {
+        panic!("attach across a live restart failed:\n{e}");
+    }
+    // The hand-over kept the connection: the kernel never saw it die.
+    let reconnects: Vec<&String> = out
+        .lines
+        .iter()
+        .filter(|l| l.starts_with("RECONNECTED "))
+        .collect();
+    assert!(
+        reconnects.is_empty(),
+        "attach had to reconnect across a live restart (the connection was not handed over): {reconnects:?}"
+    );
+    assert_stall_bounded(&out, DEFAULT_IO_TIMEOUT);
 }
 
 /// `nbdkit null`: accepts every write and throws it away, reads zeros.
