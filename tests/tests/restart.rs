@@ -286,9 +286,11 @@ mod restart {
         n2.daemon.terminate();
     }
 
-    /// A `--binary` that exits 1 at start: the restart fails naming the
-    /// exit status, the old process (same pid) serves on, and fio, writing
-    /// and verifying through it meanwhile, sees no error.
+    /// A `--binary` that does not exist, then one that exits 1 at start:
+    /// each restart fails saying why (the exit status), the old process
+    /// (same pid) serves on, the event log has restart-requested and
+    /// restart-failed, and fio, writing and verifying through it meanwhile,
+    /// sees no error.
     #[test]
     fn a_binary_that_exits_at_start_leaves_the_old_process_serving() {
         let dir = TestDir::new();
@@ -300,6 +302,13 @@ mod restart {
         let pid = n1.daemon.pid();
         let (fio, out) = start_fio(&dir, &n1.daemon.uri("vol0"), "fio");
         wait_writing(&n1, 300);
+        let missing = dir.join("no-such-binary");
+        let (code, err) = restart(&n1, Some(&missing)).expect_err("a missing binary");
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("cannot start") && err.contains("serves on"),
+            "{err}"
+        );
         let (code, err) = restart(&n1, Some(&bad)).expect_err("the restart fails");
         assert_eq!(code, 1, "{err}");
         assert!(
@@ -317,6 +326,10 @@ mod restart {
             "{status:?}"
         );
         let all = events_of(&n1);
+        assert!(
+            all.iter().any(|e| matches!(&e.kind, EventKind::RestartRequested { binary } if binary.ends_with("exits.sh"))),
+            "a restart-requested event: {all:#?}"
+        );
         assert!(
             all.iter().any(|e| matches!(&e.kind, EventKind::RestartFailed { reason } if reason.contains("exited"))),
             "a restart-failed event: {all:#?}"
