@@ -506,21 +506,51 @@ pub fn detach(dev: &Path) -> ExitCode {
     }
 }
 
+/// Whether the NUL-separated `cmdline` is `mirrorblk attach` (of `dev`,
+/// when given: its last argument).
+fn is_attach(cmdline: &[u8], dev: Option<&Path>) -> bool {
+    let args: Vec<&[u8]> = cmdline
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .collect();
+    let is_mirrorblk = args.first().is_some_and(|a0| a0.ends_with(b"mirrorblk"));
+    let of_dev = dev.is_none_or(|d| {
+        args.last()
+            .is_some_and(|a| *a == d.as_os_str().as_encoded_bytes())
+    });
+    is_mirrorblk && args.iter().any(|a| *a == b"attach") && of_dev
+}
+
 /// The pid in `path` if that process is a running `mirrorblk attach`.
 fn attach_pid(path: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
     // A stale file may name a pid reused by another program: check it.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-    let is_mirrorblk = args.first().is_some_and(|a0| a0.ends_with(b"mirrorblk"));
-    (is_mirrorblk && args.iter().any(|a| *a == b"attach") && pid > 1).then_some(pid)
+    (pid > 1 && is_attach(&cmdline, None)).then_some(pid)
+}
+
+/// The `mirrorblk attach` process of `dev`, found by its pid file, else
+/// by its command line (the pid file's folder may have been removed, e.g.
+/// by another unit's RuntimeDirectory= cleanup).
+fn find_attach(index: u32, dev: &Path) -> Option<i32> {
+    if let Some(pid) = attach_pid(&pid_file(index)) {
+        return Some(pid);
+    }
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid > 1 && pid != me)
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| is_attach(&c, Some(dev)))
+        })
 }
 
 fn run_detach(dev: &Path) -> Result<String, AttachError> {
     let index = device::parse_device(dev)?;
     let mut nbd = Nbd::open()?;
     let mut stopped = None;
-    if let Some(pid) = attach_pid(&pid_file(index)) {
+    if let Some(pid) = find_attach(index, dev) {
         use nix::sys::signal::{kill, Signal};
         use nix::unistd::Pid;
         // It disconnects the device and exits.
@@ -600,6 +630,20 @@ mod tests {
             ..ok
         };
         assert!(matches!(check_args(&zero), Err(AttachError::Usage(_))));
+    }
+
+    #[test]
+    fn attach_command_lines_are_recognised() {
+        let dev = Path::new("/dev/nbd3");
+        let attach = b"/usr/local/bin/mirrorblk\0attach\0--server\0h:1\0--export\0v\0/dev/nbd3\0";
+        assert!(is_attach(attach, Some(dev)));
+        assert!(is_attach(attach, None));
+        assert!(!is_attach(attach, Some(Path::new("/dev/nbd1"))));
+        assert!(!is_attach(b"mirrorblk\0detach\0/dev/nbd3\0", Some(dev)));
+        assert!(!is_attach(
+            b"/bin/cargo\0test\0attach\0/dev/nbd3\0",
+            Some(dev)
+        ));
     }
 
     #[test]
