@@ -281,9 +281,9 @@ enum Cmd {
     },
     /// Upgrade or restart the daemon live, without disconnecting a client.
     ///
-    /// The daemon starts BINARY (by default the file at its own path, so
-    /// installing a new mirrorblkd there and running `mirrorblk restart`
-    /// upgrades it) with its own command line, and waits until the new
+    /// The daemon starts the --binary PATH (by default the file at its own
+    /// path, so installing a new mirrorblkd there and running `mirrorblk
+    /// restart` upgrades it) with its own command line, and waits until the new
     /// process has parsed its configuration; meanwhile it serves as usual.
     /// Then it stops taking requests at a request boundary, finishes what is
     /// in flight and writes every reply, closes its volumes durably
