@@ -199,6 +199,9 @@ pub struct NewConn {
     pub peer: String,
     /// The connection's slot.
     pub guard: ConnGuard,
+    /// Handed over by the old process at a live restart (the client
+    /// attached before; no new attach to record).
+    pub handed_over: bool,
 }
 
 /// A volume opened and recovered, waiting for its core.

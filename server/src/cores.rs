@@ -429,7 +429,8 @@ impl Core {
         let handed = self.handed.borrow().clone();
         let quiesce = self.quiesce.subscribe();
         tokio_uring::spawn(async move {
-            let q = serve(sock, nc.neg, vol, nc.leftover, nc.peer, quiesce).await;
+            let attach = !nc.handed_over;
+            let q = serve(sock, nc.neg, vol, nc.leftover, nc.peer, (quiesce, attach)).await;
             if let (Some(q), Some(to)) = (q, handed) {
                 let _ = to.send(q);
             }

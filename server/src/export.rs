@@ -227,13 +227,15 @@ fn socket_handles(
 /// answers the socket and its state for a new daemon process instead of
 /// closing it. `leftover` holds bytes read past the handshake (or, for a
 /// handed-over connection, past the last request the old process served).
+/// `attach` records the client's attach in the event log (not for a
+/// connection handed over: it attached before).
 pub async fn serve(
     sock: Socket,
     neg: Negotiated,
     vol: Rc<Volume>,
     leftover: Vec<u8>,
     peer: String,
-    quiesce: tokio::sync::watch::Receiver<bool>,
+    (quiesce, attach): (tokio::sync::watch::Receiver<bool>, bool),
 ) -> Option<Quiesced> {
     let sock = Rc::new(sock);
     let open = crate::telemetry::connections();
@@ -261,7 +263,9 @@ pub async fn serve(
         inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
         peer,
     });
-    client_event(&conn, None);
+    if attach {
+        client_event(&conn, None);
+    }
     let end = read_loop(&conn, leftover, quiesce).await;
     if let End::HandOver(rest) = end {
         finish_inflight(conn, writer).await;

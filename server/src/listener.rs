@@ -200,6 +200,7 @@ fn handshake_and_route(
             leftover,
             peer: peer.clone(),
             guard,
+            handed_over: false,
         }))
         .is_err()
     {

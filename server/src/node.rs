@@ -762,6 +762,7 @@ fn take_over_conns(ctx: &'static AcceptContext, mut inh: Inherited) {
             leftover: c.leftover,
             peer: c.peer.clone(),
             guard: adopted_slot(ctx),
+            handed_over: true,
         };
         match adopt(ctx, nc) {
             Ok(()) => adopted += 1,

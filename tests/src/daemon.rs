@@ -400,8 +400,16 @@ fn wait_pid(pid: u32, timeout: Duration) -> Option<ExitStatus> {
             return Some(st);
         }
         if !pid_alive(pid) {
-            // A zombie since the first look: reap it if it is ours.
-            return Some(try_wait_pid(pid).unwrap_or(ExitStatus::from_raw(libc::SIGKILL)));
+            // Exiting since the first look: reap it once it is waitable (if
+            // it is ours; another reaper leaves a stand-in status).
+            let until = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < until {
+                if let Some(st) = try_wait_pid(pid) {
+                    return Some(st);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            return Some(ExitStatus::from_raw(libc::SIGKILL));
         }
         if Instant::now() >= deadline {
             return None;
