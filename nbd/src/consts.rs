@@ -113,7 +113,7 @@ pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
 /// Option: withdrawn `PEEK_EXPORT` extension; never valid.
 pub const OPT_PEEK_EXPORT: u32 = 4;
-/// Option: upgrade to TLS (this crate is NOTLS, so it answers `ERR_UNSUP`).
+/// Option: upgrade to TLS (see `handshake::TlsPolicy`).
 pub const OPT_STARTTLS: u32 = 5;
 /// Option: describe an export without entering transmission.
 pub const OPT_INFO: u32 = 6;

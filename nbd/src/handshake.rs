@@ -15,8 +15,16 @@
 //! The machine answers `EXPORT_NAME`, `GO`, `INFO`, `LIST`, `ABORT`,
 //! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and `SET_META_CONTEXT`
 //! (`base:allocation` only); anything else gets `NBD_REP_ERR_UNSUP` and the
-//! negotiation continues. TLS is not offered (the spec's NOTLS mode), so
-//! `STARTTLS` is unsupported too.
+//! negotiation continues.
+//!
+//! TLS follows a [`TlsPolicy`]: with [`TlsPolicy::Off`] (the spec's NOTLS
+//! mode) `STARTTLS` is unsupported; otherwise it is acknowledged and the
+//! status becomes [`Status::StartTls`]: the caller writes the output, runs
+//! the TLS handshake on its socket, calls [`Handshake::tls_established`] and
+//! goes on feeding the decrypted bytes. Nothing negotiated before it
+//! survives (the spec's rule: a man in the middle could have forged it). With
+//! [`TlsPolicy::Required`] every option before `STARTTLS` except `ABORT` is
+//! answered `NBD_REP_ERR_TLS_REQD`, and `EXPORT_NAME` closes the session.
 
 use std::ops::ControlFlow;
 
@@ -225,11 +233,28 @@ pub struct Negotiated {
     pub no_zeroes: bool,
 }
 
+/// Whether and how the server offers TLS (`--tls off|on|require`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsPolicy {
+    /// No TLS: `STARTTLS` is unsupported (the spec's NOTLS mode).
+    #[default]
+    Off,
+    /// `STARTTLS` is accepted; clear-text clients are served too.
+    Optional,
+    /// Nothing but `STARTTLS` and `ABORT` is accepted before TLS (the spec's
+    /// FORCEDTLS mode).
+    Required,
+}
+
 /// Where the handshake stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     /// Still negotiating.
     InProgress,
+    /// `STARTTLS` was acknowledged: write [`Handshake::output`] out, then run
+    /// the TLS handshake, then call [`Handshake::tls_established`]. No byte
+    /// after the `STARTTLS` option has been consumed.
+    StartTls,
     /// Transmission phase reached; see [`Handshake::negotiated`].
     Ready,
     /// The session is over (client abort, unusable `EXPORT_NAME`, protocol
@@ -249,6 +274,8 @@ enum Phase {
     OptionData { option: u32, len: usize },
     /// Header announced more than [`MAX_OPTION_DATA`]; skipping it.
     Drain { option: u32, remaining: u64 },
+    /// `STARTTLS` acknowledged; waiting for the caller's TLS handshake.
+    StartTls,
     /// Transmission reached.
     Ready,
     /// Session over.
@@ -272,6 +299,9 @@ pub struct Handshake {
     meta_export: Option<String>,
     negotiated: Option<Negotiated>,
     close_reason: Option<String>,
+    tls: TlsPolicy,
+    /// The TLS session is up: options now travel encrypted.
+    tls_active: bool,
 }
 
 impl Default for Handshake {
@@ -384,9 +414,15 @@ fn option_name(option: u32) -> &'static str {
 }
 
 impl Handshake {
-    /// A new handshake with the server greeting (NBDMAGIC, IHAVEOPT,
-    /// `FIXED_NEWSTYLE | NO_ZEROES`) already queued in [`Self::output`].
+    /// A new handshake without TLS; see [`Self::with_tls`].
     pub fn new() -> Handshake {
+        Handshake::with_tls(TlsPolicy::Off)
+    }
+
+    /// A new handshake with the server greeting (NBDMAGIC, IHAVEOPT,
+    /// `FIXED_NEWSTYLE | NO_ZEROES`) already queued in [`Self::output`],
+    /// treating `STARTTLS` as `tls` says.
+    pub fn with_tls(tls: TlsPolicy) -> Handshake {
         let mut out = Vec::with_capacity(consts::GREETING_LEN);
         out.extend_from_slice(&consts::NBDMAGIC.to_be_bytes());
         out.extend_from_slice(&consts::IHAVEOPT.to_be_bytes());
@@ -402,7 +438,30 @@ impl Handshake {
             meta_export: None,
             negotiated: None,
             close_reason: None,
+            tls,
+            tls_active: false,
         }
+    }
+
+    /// The caller's TLS handshake succeeded after [`Status::StartTls`]:
+    /// negotiation resumes over the encrypted stream, forgetting everything
+    /// agreed in clear text (structured replies, the metadata context
+    /// selection), as the spec requires.
+    pub fn tls_established(&mut self) {
+        assert_eq!(
+            self.phase,
+            Phase::StartTls,
+            "tls_established without STARTTLS"
+        );
+        self.tls_active = true;
+        self.structured = false;
+        self.meta_export = None;
+        self.phase = Phase::OptionHeader;
+    }
+
+    /// Options now travel inside TLS.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
     }
 
     /// Feeds bytes received from the client and returns how many were used.
@@ -427,7 +486,7 @@ impl Handshake {
         let mut pos = 0usize;
         loop {
             let step = match self.phase {
-                Phase::Ready | Phase::Closed => return Ok(pos),
+                Phase::Ready | Phase::Closed | Phase::StartTls => return Ok(pos),
                 Phase::ClientFlags => self.receive_client_flags(input, &mut pos)?,
                 Phase::OptionHeader => self.receive_option_header(input, &mut pos)?,
                 Phase::OptionData { option, len } => {
@@ -580,6 +639,7 @@ impl Handshake {
         match self.phase {
             Phase::Ready => Status::Ready,
             Phase::Closed => Status::Closed,
+            Phase::StartTls => Status::StartTls,
             _ => Status::InProgress,
         }
     }
@@ -674,7 +734,29 @@ impl Handshake {
     }
 
     fn handle_option(&mut self, option: u32, data: &[u8], catalog: &dyn ExportCatalog) {
+        if self.tls == TlsPolicy::Required && !self.tls_active {
+            match option {
+                consts::OPT_STARTTLS | consts::OPT_ABORT => {}
+                consts::OPT_EXPORT_NAME => {
+                    // EXPORT_NAME has no error reply: the spec says close.
+                    self.close(
+                        "client sent NBD_OPT_EXPORT_NAME before STARTTLS (TLS is required)"
+                            .to_string(),
+                    );
+                    return;
+                }
+                _ => {
+                    self.error_reply(
+                        option,
+                        consts::REP_ERR_TLS_REQD,
+                        "this server requires TLS: send NBD_OPT_STARTTLS first",
+                    );
+                    return;
+                }
+            }
+        }
         match option {
+            consts::OPT_STARTTLS => self.start_tls(data),
             consts::OPT_EXPORT_NAME => self.export_name(data, catalog),
             consts::OPT_ABORT => {
                 self.ack(option);
@@ -704,6 +786,28 @@ impl Handshake {
                 consts::REP_ERR_UNSUP,
                 &format!("{} ({option}) is not supported", option_name(option)),
             ),
+        }
+    }
+
+    fn start_tls(&mut self, data: &[u8]) {
+        let option = consts::OPT_STARTTLS;
+        if self.tls == TlsPolicy::Off {
+            self.error_reply(
+                option,
+                consts::REP_ERR_UNSUP,
+                "TLS is not enabled on this server",
+            );
+        } else if self.tls_active {
+            self.error_reply(option, consts::REP_ERR_INVALID, "TLS is already active");
+        } else if !data.is_empty() {
+            self.error_reply(
+                option,
+                consts::REP_ERR_INVALID,
+                "NBD_OPT_STARTTLS takes no data",
+            );
+        } else {
+            self.ack(option);
+            self.phase = Phase::StartTls;
         }
     }
 
@@ -1352,5 +1456,90 @@ mod tests {
     fn truncation_respects_char_boundaries() {
         assert_eq!(truncate_str("héllo", 2), "h");
         assert_eq!(truncate_str("abc", 10), "abc");
+    }
+
+    fn started_tls(policy: TlsPolicy) -> Handshake {
+        let mut hs = Handshake::with_tls(policy);
+        hs.consume_output(18);
+        hs.receive(&consts::FLAG_C_FIXED_NEWSTYLE.to_be_bytes(), &catalog())
+            .unwrap();
+        hs
+    }
+
+    #[test]
+    fn starttls_off_is_unsupported() {
+        let mut hs = started_tls(TlsPolicy::Off);
+        hs.receive(&opt(consts::OPT_STARTTLS, &[]), &catalog())
+            .unwrap();
+        let r = replies(hs.output());
+        assert_eq!(r[0].1, consts::REP_ERR_UNSUP);
+        assert_eq!(hs.status(), Status::InProgress);
+    }
+
+    #[test]
+    fn required_refuses_every_option_before_starttls() {
+        let mut hs = started_tls(TlsPolicy::Required);
+        let mut input = opt(consts::OPT_STRUCTURED_REPLY, &[]);
+        input.extend(opt(consts::OPT_LIST, &[]));
+        input.extend(opt(consts::OPT_INFO, &go_data("disk")));
+        input.extend(opt(consts::OPT_GO, &go_data("disk")));
+        hs.receive(&input, &catalog()).unwrap();
+        let r = replies(hs.output());
+        assert_eq!(r.len(), 4);
+        assert!(r.iter().all(|x| x.1 == consts::REP_ERR_TLS_REQD), "{r:?}");
+        assert_eq!(hs.status(), Status::InProgress);
+        assert!(hs.negotiated().is_none());
+    }
+
+    #[test]
+    fn required_export_name_closes() {
+        let mut hs = started_tls(TlsPolicy::Required);
+        hs.receive(&opt(consts::OPT_EXPORT_NAME, b"disk"), &catalog())
+            .unwrap();
+        assert_eq!(hs.status(), Status::Closed);
+        assert!(hs.output().is_empty());
+    }
+
+    #[test]
+    fn starttls_stops_at_the_option_and_forgets_clear_text() {
+        let mut hs = started_tls(TlsPolicy::Optional);
+        let mut input = opt(consts::OPT_STRUCTURED_REPLY, &[]);
+        input.extend(opt(consts::OPT_STARTTLS, &[]));
+        let before_tail = input.len();
+        // A client must not pipeline past STARTTLS; the machine leaves such
+        // bytes to the caller.
+        input.extend(opt(consts::OPT_GO, &go_data("disk")));
+        let used = hs.receive(&input, &catalog()).unwrap();
+        assert_eq!(used, before_tail);
+        assert_eq!(hs.status(), Status::StartTls);
+        let r = replies(hs.output());
+        assert_eq!((r[1].0, r[1].1), (consts::OPT_STARTTLS, consts::REP_ACK));
+        hs.consume_output(hs.output().len());
+        hs.tls_established();
+        assert!(hs.tls_active());
+        // Structured replies were negotiated in clear text: forgotten.
+        hs.receive(&opt(consts::OPT_STARTTLS, &[]), &catalog())
+            .unwrap();
+        assert_eq!(replies(hs.output())[0].1, consts::REP_ERR_INVALID);
+        hs.consume_output(hs.output().len());
+        hs.receive(&opt(consts::OPT_GO, &go_data("disk")), &catalog())
+            .unwrap();
+        let neg = hs.negotiated().unwrap();
+        assert!(!neg.structured_replies);
+    }
+
+    #[test]
+    fn required_serves_after_tls() {
+        let mut hs = started_tls(TlsPolicy::Required);
+        hs.receive(&opt(consts::OPT_STARTTLS, &[]), &catalog())
+            .unwrap();
+        assert_eq!(hs.status(), Status::StartTls);
+        hs.consume_output(hs.output().len());
+        hs.tls_established();
+        let mut input = opt(consts::OPT_STRUCTURED_REPLY, &[]);
+        input.extend(opt(consts::OPT_GO, &go_data("disk")));
+        hs.receive(&input, &catalog()).unwrap();
+        assert_eq!(hs.status(), Status::Ready);
+        assert!(hs.negotiated().unwrap().structured_replies);
     }
 }

@@ -30,7 +30,7 @@ pub mod reply;
 pub mod request;
 
 pub use error::{ErrorCode, ProtocolError};
-pub use handshake::{ExportCatalog, ExportInfo, Handshake, Negotiated, Status};
+pub use handshake::{ExportCatalog, ExportInfo, Handshake, Negotiated, Status, TlsPolicy};
 pub use request::{Command, CommandFlags, Request, Verdict};
 
 // Convenience re-exports beyond the contract: the reply extent type and the

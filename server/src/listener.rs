@@ -123,6 +123,8 @@ pub fn negotiate<S: Read + Write>(
                 return Ok(None);
             }
             Status::InProgress => {}
+            // Not offered by `Handshake::new()` (TLS off).
+            Status::StartTls => return Ok(None),
         }
         if have > 0 {
             let used = hs.receive(&buf[..have], catalog)?;

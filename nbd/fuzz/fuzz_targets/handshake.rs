@@ -1,7 +1,8 @@
 //! Arbitrary bytes, fed to the server handshake in arbitrary chunks.
 //!
-//! The first input byte seeds the chunk sizes; the rest is the client's byte
-//! stream. Besides "no panic", it checks the crate's promises: `receive`
+//! The first input byte seeds the chunk sizes and picks the TLS policy; the
+//! rest is the client's byte stream (after `STARTTLS` the same stream goes
+//! on as if decrypted). Besides "no panic", it checks the crate's promises: `receive`
 //! never claims more than it was given, input buffering stays within
 //! `MAX_BUFFERED_INPUT`, queued output stays near `OUTPUT_HIGH_WATER`, and a
 //! protocol error always leaves the handshake `Closed`.
@@ -10,7 +11,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use nbd::handshake::{MAX_BUFFERED_INPUT, OUTPUT_HIGH_WATER};
-use nbd::{ExportInfo, Handshake, Status};
+use nbd::{ExportInfo, Handshake, Status, TlsPolicy};
 
 fn catalog() -> Vec<ExportInfo> {
     let mut disk = ExportInfo::new("disk", 1 << 30);
@@ -30,9 +31,17 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let catalog = catalog();
-    let mut hs = Handshake::new();
+    let policy = [TlsPolicy::Off, TlsPolicy::Optional, TlsPolicy::Required][usize::from(seed % 3)];
+    let mut hs = Handshake::with_tls(policy);
     let mut rng = u32::from(seed) | 1;
-    while !stream.is_empty() && hs.status() == Status::InProgress {
+    loop {
+        if hs.status() == Status::StartTls {
+            assert_ne!(policy, TlsPolicy::Off);
+            hs.tls_established();
+        }
+        if stream.is_empty() || hs.status() != Status::InProgress {
+            break;
+        }
         // xorshift: cheap, deterministic chunk sizes from the seed.
         rng ^= rng << 13;
         rng ^= rng >> 17;
@@ -57,6 +66,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(hs.output().len() <= OUTPUT_HIGH_WATER + 64 * 1024);
         if hs.status() == Status::Ready {
             assert!(hs.negotiated().is_some());
+            // Required: nothing is served before TLS.
+            assert!(policy != TlsPolicy::Required || hs.tls_active());
         }
         // Write out a varying part of the output, like a slow socket.
         let written = hs.output().len() / 2 + 1;
