@@ -251,6 +251,21 @@ pub enum EventKind {
         /// How long clients waited, in milliseconds.
         pause_ms: u64,
     },
+    /// A connection still negotiating (NBD) or authenticating
+    /// (replication) was dropped: to make room for a newcomer, at its
+    /// deadline or byte bound. Rate-limited: `suppressed` drops since the
+    /// previous such event were counted in metrics only.
+    ConnectionDropped {
+        /// `nbd` or `replication`.
+        port: String,
+        /// The peer's address.
+        peer: String,
+        /// `evicted`, `source-share`, `deadline`, `too-many-bytes`,
+        /// `serving-full`.
+        reason: String,
+        /// Drops not recorded since the previous event.
+        suppressed: u64,
+    },
     /// A request on the admin socket was carried out or refused.
     AdminCommand {
         /// The request, as its JSON line.
@@ -293,6 +308,7 @@ impl EventKind {
             EventKind::RestartRequested { .. } => "restart-requested",
             EventKind::RestartFailed { .. } => "restart-failed",
             EventKind::HandedOver { .. } => "handed-over",
+            EventKind::ConnectionDropped { .. } => "connection-dropped",
         }
     }
 }
@@ -584,6 +600,12 @@ mod tests {
                 connections: 3,
                 pause_ms: 120,
             },
+            EventKind::ConnectionDropped {
+                port: s("nbd"),
+                peer: s("127.0.0.1:5000"),
+                reason: s("evicted"),
+                suppressed: 2,
+            },
         ]
     }
 
@@ -618,6 +640,7 @@ mod tests {
             EventKind::RestartRequested { .. } => 24,
             EventKind::RestartFailed { .. } => 25,
             EventKind::HandedOver { .. } => 26,
+            EventKind::ConnectionDropped { .. } => 27,
         }
     }
 
@@ -625,7 +648,7 @@ mod tests {
     fn every_kind_round_trips_under_its_name() {
         let kinds = every_kind();
         let ordinals: Vec<usize> = kinds.iter().map(ordinal).collect();
-        assert_eq!(ordinals, (0..27).collect::<Vec<_>>(), "one of each kind");
+        assert_eq!(ordinals, (0..28).collect::<Vec<_>>(), "one of each kind");
         for (seq, kind) in kinds.into_iter().enumerate() {
             let e = Event {
                 ts: s("2026-12-04T20:30:16.123Z"),

@@ -1,24 +1,32 @@
 //! Accepting clients and negotiating the NBD handshake.
 //!
-//! Each accepted socket gets a short-lived thread that runs the option
-//! haggling with blocking I/O and a timeout (the handshake is not the hot
-//! path, and a slow or hostile client there cannot stall any core). Once the
-//! client has chosen an export, the socket moves to that volume's core, where
-//! all its requests are served.
+//! One thread ("nbd-accept") runs a single-threaded tokio runtime: it
+//! accepts on the TCP and Unix listeners and negotiates every handshake as a
+//! task of its own, so the thread count does not grow with the connections.
+//! Connections still negotiating sit in an [`admission::Pool`]: a deadline
+//! and a byte bound for the whole negotiation, a per-source share, and a full
+//! pool drops its most stalled member for a newcomer. Once the client has
+//! chosen an export, the socket moves to that volume's core, where all its
+//! requests are served (bounded by `--max-connections`).
+//!
+//! The handshake's I/O goes through [`NegotiationStream`], the one seam a
+//! stream upgraded mid-negotiation (STARTTLS) plugs into: [`negotiate`]
+//! only needs `AsyncRead + AsyncWrite`.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use nbd::{ExportCatalog, ExportInfo, Handshake, Negotiated, Status};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use crate::admission::{self, DropReason, Source, Ticket};
 use crate::control::{ClientStream, ConnGuard, NewConn};
-
-/// How long a client may take over the whole handshake's each read.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The exports this node serves.
 #[derive(Debug, Clone, Default)]
@@ -60,10 +68,12 @@ pub struct AcceptContext {
     pub catalog: Catalog,
     /// Export name → the sender of its core.
     pub routes: crate::control::Routes,
-    /// Live connections.
+    /// Live serving connections.
     pub conns: Arc<AtomicUsize>,
-    /// Limit on live connections.
+    /// Limit on serving connections.
     pub max_connections: usize,
+    /// The bounds on connections still negotiating.
+    pub handshake: admission::Limits,
     /// Handshakes under way (a hand-over waits for them to finish).
     pub handshaking: Arc<AtomicUsize>,
     /// Set to stop accepting (a hand-over passes the listeners on).
@@ -72,6 +82,13 @@ pub struct AcceptContext {
 
 /// Counts a handshake under way while it lives.
 struct Handshaking(Arc<AtomicUsize>);
+
+impl Handshaking {
+    fn new(n: &Arc<AtomicUsize>) -> Handshaking {
+        n.fetch_add(1, Ordering::AcqRel);
+        Handshaking(n.clone())
+    }
+}
 
 impl Drop for Handshaking {
     fn drop(&mut self) {
@@ -82,39 +99,111 @@ impl Drop for Handshaking {
 /// Why a handshake did not produce a connection.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeFailure {
-    /// Socket error or timeout.
+    /// Socket error.
     #[error("socket error during handshake: {0}")]
     Io(#[from] io::Error),
     /// The client broke the protocol.
     #[error("handshake protocol violation: {0}")]
     Protocol(#[from] nbd::ProtocolError),
+    /// The client sent more than a negotiation may.
+    #[error("sent more than {0} bytes without finishing the handshake")]
+    TooManyBytes(usize),
 }
 
-/// Runs the server side of the handshake over a blocking stream. Returns the
-/// negotiation and any bytes read past it, or None if the client ended the
-/// handshake (ABORT, disconnect, unknown export with EXPORT_NAME).
-pub fn negotiate<S: Read + Write>(
+/// A client socket during negotiation, on the acceptor's runtime.
+pub enum NegotiationStream {
+    /// TCP.
+    Tcp(tokio::net::TcpStream),
+    /// Unix domain.
+    Unix(tokio::net::UnixStream),
+}
+
+impl NegotiationStream {
+    /// The blocking socket the core takes over.
+    pub fn into_client_stream(self) -> io::Result<ClientStream> {
+        Ok(match self {
+            NegotiationStream::Tcp(s) => {
+                let s = s.into_std()?;
+                s.set_nonblocking(false)?;
+                ClientStream::Tcp(s)
+            }
+            NegotiationStream::Unix(s) => {
+                let s = s.into_std()?;
+                s.set_nonblocking(false)?;
+                ClientStream::Unix(s)
+            }
+        })
+    }
+}
+
+impl AsyncRead for NegotiationStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            NegotiationStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            NegotiationStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for NegotiationStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            NegotiationStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            NegotiationStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            NegotiationStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            NegotiationStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            NegotiationStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            NegotiationStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Bytes read per call during negotiation (grown only while an option needs
+/// more, up to the handshake's own bound).
+const READ_CHUNK: usize = 1024;
+
+/// Runs the server side of the handshake over `s`. Returns the negotiation
+/// and any bytes read past it, or None if the client ended the handshake
+/// (ABORT, disconnect, unknown export with EXPORT_NAME). Each completed
+/// message counts as progress on `ticket`, and every byte read against its
+/// bound; the caller bounds the time.
+pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     catalog: &dyn ExportCatalog,
+    ticket: &Ticket,
 ) -> Result<Option<(Negotiated, Vec<u8>)>, HandshakeFailure> {
     let mut hs = Handshake::new();
-    let mut buf = vec![0u8; 16 << 10];
-    let mut have = 0usize;
+    // Empty until the client sends something: an idle connection costs no
+    // buffer.
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        while !hs.output().is_empty() {
-            let n = s.write(hs.output())?;
-            if n == 0 {
-                return Err(
-                    io::Error::new(io::ErrorKind::WriteZero, "client stopped reading").into(),
-                );
-            }
+        if !hs.output().is_empty() {
+            s.write_all(hs.output()).await?;
+            s.flush().await?;
+            let n = hs.output().len();
             hs.consume_output(n);
+            ticket.progress();
         }
         match hs.status() {
-            Status::Ready => {
-                let leftover = buf[..have].to_vec();
-                return Ok(hs.into_negotiated().map(|n| (n, leftover)));
-            }
+            Status::Ready => return Ok(hs.into_negotiated().map(|n| (n, buf))),
             Status::Closed => {
                 tracing::debug!(
                     "handshake closed: {}",
@@ -126,140 +215,187 @@ pub fn negotiate<S: Read + Write>(
             // Not offered by `Handshake::new()` (TLS off).
             Status::StartTls => return Ok(None),
         }
-        if have > 0 {
-            let used = hs.receive(&buf[..have], catalog)?;
+        if !buf.is_empty() {
+            let used = hs.receive(&buf, catalog)?;
             if used > 0 {
-                buf.copy_within(used..have, 0);
-                have -= used;
+                buf.drain(..used);
+                ticket.progress();
                 continue;
             }
         }
-        if have == buf.len() {
-            // The protocol crate bounds what it buffers; this cannot grow.
-            buf.resize(buf.len() * 2, 0);
+        // The protocol crate consumes every complete message and buffers at
+        // most one option: more unconsumed input than that is its bug.
+        if buf.len() > nbd::handshake::MAX_BUFFERED_INPUT {
+            return Err(io::Error::other("handshake input not consumed").into());
         }
-        let n = s.read(&mut buf[have..])?;
+        buf.reserve(READ_CHUNK);
+        let n = s.read_buf(&mut buf).await?;
         if n == 0 {
             return Ok(None);
         }
-        have += n;
-        let used = hs.receive(&buf[..have], catalog)?;
-        buf.copy_within(used..have, 0);
-        have -= used;
+        if !ticket.read(n) {
+            return Err(HandshakeFailure::TooManyBytes(
+                ticket.pool().limits().max_bytes,
+            ));
+        }
     }
 }
 
-fn admit(ctx: &'static AcceptContext, stream: ClientStream, peer: String) {
-    let n = ctx.conns.fetch_add(1, Ordering::Relaxed);
-    let guard = ConnGuard::new(ctx.conns.clone());
-    if n >= ctx.max_connections {
-        tracing::warn!(%peer, "refusing connection: {} connections already open (--max-connections)", n);
-        return;
-    }
-    ctx.handshaking.fetch_add(1, Ordering::AcqRel);
-    let busy = Handshaking(ctx.handshaking.clone());
-    let spawned = std::thread::Builder::new()
-        .name("nbd-handshake".into())
-        .spawn(move || {
-            handshake_and_route(ctx, stream, peer, guard);
-            drop(busy);
-        });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start a handshake thread: {e}");
-    }
-}
-
-fn handshake_and_route(
+/// Negotiates with one client under the pool's deadline, then routes it to
+/// its volume's core.
+async fn handshake_and_route(
     ctx: &'static AcceptContext,
-    mut stream: ClientStream,
+    mut stream: NegotiationStream,
     peer: String,
-    guard: ConnGuard,
+    ticket: Ticket,
 ) {
-    if let Err(e) = stream.set_timeout(Some(HANDSHAKE_TIMEOUT)) {
-        tracing::debug!(%peer, "cannot set handshake timeout: {e}");
-        return;
-    }
-    let (neg, leftover) = match negotiate(&mut stream, &ctx.catalog) {
-        Ok(Some(x)) => x,
-        Ok(None) => return,
-        Err(e) => {
+    let deadline = ticket.pool().limits().deadline;
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(deadline, negotiate(&mut stream, &ctx.catalog, &ticket)) => r,
+        () = ticket.evicted() => return,
+    };
+    let (neg, leftover) = match outcome {
+        Ok(Ok(Some(x))) => x,
+        Ok(Ok(None)) => return,
+        Ok(Err(HandshakeFailure::TooManyBytes(_))) => {
+            return ticket.pool().report(&peer, DropReason::TooManyBytes)
+        }
+        Ok(Err(e)) => {
             tracing::info!(%peer, "handshake failed: {e}");
             return;
         }
+        Err(_) => return ticket.pool().report(&peer, DropReason::Deadline),
     };
-    if stream.set_timeout(None).is_err() {
-        return;
+    let n = ctx.conns.fetch_add(1, Ordering::Relaxed);
+    let guard = ConnGuard::new(ctx.conns.clone());
+    if n >= ctx.max_connections {
+        return ticket.pool().report(&peer, DropReason::ServingFull);
     }
+    drop(ticket);
     let Some(route) = ctx.routes.get(&neg.export.name) else {
         tracing::error!(%peer, "negotiated export '{}' has no core", neg.export.name);
         return;
     };
+    let stream = match stream.into_client_stream() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%peer, "cannot hand the socket to its core: {e}");
+            return;
+        }
+    };
     tracing::debug!(%peer, export = %neg.export.name, structured = neg.structured_replies, "client attached");
-    if route
-        .blocking_send(crate::control::CoreMsg::Conn(NewConn {
-            stream,
-            neg,
-            leftover,
-            peer: peer.clone(),
-            guard,
-            handed_over: false,
-        }))
-        .is_err()
-    {
+    let msg = crate::control::CoreMsg::Conn(NewConn {
+        stream,
+        neg,
+        leftover,
+        peer: peer.clone(),
+        guard,
+        handed_over: false,
+    });
+    if route.send(msg).await.is_err() {
         tracing::warn!(%peer, "core is gone; dropping connection");
     }
 }
 
-/// Starts the accept threads; they end once `ctx.stop` is set (their
-/// listeners stay open for a hand-over).
+/// Takes one accepted socket into the pool and starts its handshake.
+fn admit(
+    ctx: &'static AcceptContext,
+    pool: &Arc<admission::Pool>,
+    stream: NegotiationStream,
+    source: Source,
+    peer: String,
+) {
+    let ticket = pool.admit(source, peer.clone());
+    let busy = Handshaking::new(&ctx.handshaking);
+    tokio::task::spawn_local(async move {
+        handshake_and_route(ctx, stream, peer, ticket).await;
+        drop(busy);
+    });
+}
+
+/// How often the accept loop looks at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(20);
+
+/// How long handshakes under way may finish once accepting stopped (a
+/// hand-over); the rest are closed, and their clients reconnect.
+pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
+
+/// Accepts on both listeners until `ctx.stop` is set.
+async fn accept_loop(
+    ctx: &'static AcceptContext,
+    tcp: tokio::net::TcpListener,
+    unix: Option<tokio::net::UnixListener>,
+) {
+    let pool = admission::Pool::new("nbd", ctx.handshake);
+    while !ctx.stop.load(Ordering::Acquire) {
+        let unix_accept = async {
+            match &unix {
+                Some(u) => u.accept().await.map(|(s, _)| s),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = tcp.accept() => match r {
+                Ok((s, addr)) => {
+                    let _ = s.set_nodelay(true);
+                    admit(ctx, &pool, NegotiationStream::Tcp(s), Source::Ip(addr.ip()), addr.to_string());
+                }
+                Err(e) => accept_failed(e).await,
+            },
+            r = unix_accept => match r {
+                Ok(s) => admit(ctx, &pool, NegotiationStream::Unix(s), Source::Local, "unix".into()),
+                Err(e) => accept_failed(e).await,
+            },
+            () = tokio::time::sleep(STOP_POLL) => {}
+        }
+    }
+    let until = Instant::now() + HANDSHAKE_GRACE;
+    while ctx.handshaking.load(Ordering::Acquire) > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Starts the accept thread; it ends once `ctx.stop` is set (its listeners
+/// stay open for a hand-over) and the handshakes under way finished or
+/// [`HANDSHAKE_GRACE`] passed.
 pub fn spawn_acceptors(
     ctx: &'static AcceptContext,
     tcp: TcpListener,
     unix: Option<UnixListener>,
 ) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
-    use std::os::fd::AsFd;
     tcp.set_nonblocking(true)?;
-    let mut threads = vec![std::thread::Builder::new()
-        .name("nbd-accept-tcp".into())
-        .spawn(move || {
-            while crate::sockio::wait_acceptable(tcp.as_fd(), &ctx.stop) {
-                match tcp.accept() {
-                    Ok((s, addr)) => {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.set_nodelay(true);
-                        admit(ctx, ClientStream::Tcp(s), addr.to_string());
-                    }
-                    Err(e) => accept_failed(e),
-                }
-            }
-        })?];
-    if let Some(u) = unix {
+    if let Some(u) = &unix {
         u.set_nonblocking(true)?;
-        threads.push(
-            std::thread::Builder::new()
-                .name("nbd-accept-unix".into())
-                .spawn(move || {
-                    while crate::sockio::wait_acceptable(u.as_fd(), &ctx.stop) {
-                        match u.accept() {
-                            Ok((s, _)) => {
-                                let _ = s.set_nonblocking(false);
-                                admit(ctx, ClientStream::Unix(s), "unix".into())
-                            }
-                            Err(e) => accept_failed(e),
-                        }
-                    }
-                })?,
-        );
     }
-    Ok(threads)
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    let thread = std::thread::Builder::new()
+        .name("nbd-accept".into())
+        .spawn(move || {
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let tcp = match tokio::net::TcpListener::from_std(tcp) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!("cannot accept on the NBD port: {e}"),
+                };
+                let unix = match unix.map(tokio::net::UnixListener::from_std).transpose() {
+                    Ok(u) => u,
+                    Err(e) => return tracing::error!("cannot accept on the NBD socket: {e}"),
+                };
+                accept_loop(ctx, tcp, unix).await;
+            });
+        })?;
+    Ok(vec![thread])
 }
 
 /// Logs a failed accept (not a connection another process took first) and
 /// backs off.
-fn accept_failed(e: io::Error) {
+async fn accept_failed(e: io::Error) {
     if e.kind() != io::ErrorKind::WouldBlock {
         tracing::warn!("accept failed: {e}");
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

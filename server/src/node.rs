@@ -625,6 +625,7 @@ pub fn start_with(
         routes: cores.routes.clone(),
         conns: Arc::new(AtomicUsize::new(0)),
         max_connections: cfg.max_connections,
+        handshake: cfg.handshake,
         handshaking: Arc::new(AtomicUsize::new(0)),
         stop: accept_stop.clone(),
     }));
@@ -925,8 +926,9 @@ fn accept_replication(
         }
         Ok(())
     };
-    let t = crate::replication::accept::spawn(l, route, cfg.node.clone(), stop.clone())
-        .map_err(StartError::Thread)?;
+    let t =
+        crate::replication::accept::spawn(l, cfg.handshake, route, cfg.node.clone(), stop.clone())
+            .map_err(StartError::Thread)?;
     threads.push(t);
     tracing::info!("accepting replication on {addr}");
     Ok(Some(bound))

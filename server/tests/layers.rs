@@ -11,6 +11,7 @@ use std::path::Path;
 /// Every top-level module of `server/src` and its layer (0 engine,
 /// 1 replication, 2 control). A new module must be placed here.
 const LAYERS: &[(&str, u8)] = &[
+    ("admission", 0),
     ("buffer", 0),
     ("engine", 0),
     ("events", 0),

@@ -23,6 +23,16 @@ pub const LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALH
 pub const BUFFER_MEMORY: ByteSize = ByteSize(128 << 20);
 /// `max_connections`.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// `max_handshakes`: per port.
+pub const MAX_HANDSHAKES: usize = 256;
+/// `max_handshakes_per_source`.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 32;
+/// `handshake_timeout`: every real client negotiates in milliseconds.
+pub const HANDSHAKE_TIMEOUT: Interval = Interval(Duration::from_secs(10));
+/// Most bytes a connection may send before its negotiation completes (not a
+/// setting: every legitimate negotiation is far below it, and an option
+/// bigger than the handshake buffers is skipped, not stored).
+pub const HANDSHAKE_MAX_BYTES: usize = 256 << 10;
 /// `checkpoint_interval`.
 pub const CHECKPOINT_INTERVAL: Interval = Interval(Duration::from_secs(1));
 /// `in_place_min`: writes at least this large go in place.

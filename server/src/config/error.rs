@@ -68,6 +68,12 @@ pub enum ConfigError {
     /// `max_connections = 0`.
     #[error("--max-connections must be at least 1")]
     NoConnections,
+    /// `max_handshakes`, `max_handshakes_per_source` or `handshake_timeout`
+    /// is zero.
+    #[error(
+        "--max-handshakes, --max-handshakes-per-source and --handshake-timeout must be above zero"
+    )]
+    NoHandshakes,
     /// Replication without a secret file.
     #[error("replication needs --secret-file PATH: a file with the same secret (at least 16 bytes) on every node, e.g. head -c 32 /dev/urandom | base64 > /etc/mirrorblk/secret")]
     NoSecretFile,

@@ -67,8 +67,10 @@ pub struct Config {
     pub cores: usize,
     /// Buffer memory per core.
     pub buffer_memory: u64,
-    /// Connection limit.
+    /// Connection limit (serving connections).
     pub max_connections: usize,
+    /// The bounds on connections still negotiating or authenticating.
+    pub handshake: crate::admission::Limits,
     /// Prometheus endpoint.
     pub metrics_listen: Option<SocketAddr>,
     /// Log level filter.

@@ -24,6 +24,7 @@ pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
         .map(|t| t.resolve("checkpoint_interval"))
         .transpose()?
         .unwrap_or(defaults::CHECKPOINT_INTERVAL);
+    let handshake = handshake(&s)?;
     let replication = replication(&s)?;
     let (event_log, event_log_max_bytes) = event_log(&s, &volumes)?;
     if s.role == Some(Role::Replica) && replication.as_ref().and_then(|r| r.listen).is_none() {
@@ -40,6 +41,7 @@ pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
         cores,
         buffer_memory: buffer_memory.0,
         max_connections,
+        handshake,
         metrics_listen: s.metrics_listen,
         log_level: s.log_level.unwrap_or_else(|| defaults::LOG_LEVEL.into()),
         checkpoint_interval: checkpoint_interval.0,
@@ -215,6 +217,32 @@ fn max_connections(given: Option<usize>) -> Result<usize, ConfigError> {
         0 => Err(ConfigError::NoConnections),
         n => Ok(n),
     }
+}
+
+/// The bounds on connections on probation.
+fn handshake(s: &Settings) -> Result<crate::admission::Limits, ConfigError> {
+    let max_pending = s.max_handshakes.unwrap_or(defaults::MAX_HANDSHAKES);
+    let per_source = s
+        .max_handshakes_per_source
+        .unwrap_or(defaults::MAX_HANDSHAKES_PER_SOURCE);
+    if max_pending == 0 || per_source == 0 {
+        return Err(ConfigError::NoHandshakes);
+    }
+    let deadline = s
+        .handshake_timeout
+        .clone()
+        .map(|t| t.resolve("handshake_timeout"))
+        .transpose()?
+        .unwrap_or(defaults::HANDSHAKE_TIMEOUT);
+    if deadline.0.is_zero() {
+        return Err(ConfigError::NoHandshakes);
+    }
+    Ok(crate::admission::Limits {
+        max_pending,
+        per_source,
+        deadline: deadline.0,
+        max_bytes: defaults::HANDSHAKE_MAX_BYTES,
+    })
 }
 
 /// Replication, when peers or a replication listener are configured.

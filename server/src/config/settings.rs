@@ -94,6 +94,23 @@ pub struct Settings {
     #[arg(long, value_name = "N", help_default = defaults::MAX_CONNECTIONS)]
     pub max_connections: Option<usize>,
 
+    /// Most connections still negotiating (NBD) or authenticating
+    /// (replication) at once, per port. When full, the one that has gone
+    /// longest without progress is dropped to make room: a newcomer is never
+    /// refused because of idle strangers.
+    #[arg(long, value_name = "N", help_default = defaults::MAX_HANDSHAKES)]
+    pub max_handshakes: Option<usize>,
+
+    /// Most connections still negotiating from one source address; the
+    /// source's own most stalled one makes room for its next.
+    #[arg(long, value_name = "N", help_default = defaults::MAX_HANDSHAKES_PER_SOURCE)]
+    pub max_handshakes_per_source: Option<usize>,
+
+    /// Longest time a connection may take to negotiate (NBD) or to send its
+    /// HELLO (replication) before it is dropped.
+    #[arg(long, value_name = "DURATION", help_default = defaults::HANDSHAKE_TIMEOUT)]
+    pub handshake_timeout: Option<Deferred<Interval>>,
+
     /// Longest time applied writes stay in the journal before a checkpoint
     /// (store fdatasync + superblock update) releases them. A checkpoint also
     /// happens whenever a quarter of the journal is applied. Shorter means
@@ -240,6 +257,9 @@ impl Settings {
             buffer_memory,
             metrics_listen,
             max_connections,
+            max_handshakes,
+            max_handshakes_per_source,
+            handshake_timeout,
             checkpoint_interval,
             in_place_min,
             replication_listen,
@@ -273,6 +293,11 @@ impl Settings {
             buffer_memory: flags.buffer_memory.or(buffer_memory),
             metrics_listen: flags.metrics_listen.or(metrics_listen),
             max_connections: flags.max_connections.or(max_connections),
+            max_handshakes: flags.max_handshakes.or(max_handshakes),
+            max_handshakes_per_source: flags
+                .max_handshakes_per_source
+                .or(max_handshakes_per_source),
+            handshake_timeout: flags.handshake_timeout.or(handshake_timeout),
             checkpoint_interval: flags.checkpoint_interval.or(checkpoint_interval),
             in_place_min: flags.in_place_min.or(in_place_min),
             replication_listen: flags.replication_listen.or(replication_listen),

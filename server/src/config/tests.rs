@@ -129,6 +129,13 @@ const NODE_SETTINGS: &[Case] = &[
         ["192.0.2.1:10809", "nbd.example:10810"],
     ),
     case("--max-connections", "max_connections", ["7", "8"]),
+    case("--max-handshakes", "max_handshakes", ["7", "8"]),
+    case(
+        "--max-handshakes-per-source",
+        "max_handshakes_per_source",
+        ["3", "4"],
+    ),
+    case("--handshake-timeout", "handshake_timeout", ["250ms", "2m"]),
     case(
         "--checkpoint-interval",
         "checkpoint_interval",
@@ -346,6 +353,15 @@ fn the_default_in_help_is_the_default_applied() {
         ("--listen", c.listen.to_string()),
         ("--buffer-memory", size(c.buffer_memory)),
         ("--max-connections", c.max_connections.to_string()),
+        ("--max-handshakes", c.handshake.max_pending.to_string()),
+        (
+            "--max-handshakes-per-source",
+            c.handshake.per_source.to_string(),
+        ),
+        (
+            "--handshake-timeout",
+            Interval(c.handshake.deadline).to_string(),
+        ),
         (
             "--checkpoint-interval",
             Interval(c.checkpoint_interval).to_string(),

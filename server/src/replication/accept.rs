@@ -1,10 +1,13 @@
-//! The replication listener: accepts primaries, reads their HELLO (with a
-//! timeout, off the cores), and hands the connection to the core of the
-//! volume it names, where the session runs.
+//! The replication listener: accepts primaries, reads their HELLO (under a
+//! deadline, in a bounded pool of connections on probation, off the cores),
+//! and hands the connection to the core of the volume it names, where the
+//! session runs.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
+
+use crate::admission::{DropReason, Limits, Pool, Source, Ticket};
 
 use super::wire::{self, Hello, HelloReply, Kind, ReplyStatus, FRAME_HEADER_LEN};
 
@@ -18,21 +21,6 @@ pub struct IncomingPrimary {
     pub hello_body: Vec<u8>,
     /// Peer address, for logs.
     pub peer: String,
-}
-
-fn read_hello(s: &mut TcpStream) -> Result<(Hello, Vec<u8>), String> {
-    let mut h = [0u8; FRAME_HEADER_LEN];
-    s.read_exact(&mut h)
-        .map_err(|e| format!("reading HELLO: {e}"))?;
-    let fh = wire::decode_frame_header(&h).map_err(|e| e.to_string())?;
-    if fh.kind != Kind::Hello {
-        return Err(format!("expected HELLO, got {:?}", fh.kind));
-    }
-    let mut body = vec![0u8; fh.len as usize];
-    s.read_exact(&mut body)
-        .map_err(|e| format!("reading HELLO: {e}"))?;
-    let hello = Hello::decode(&body).map_err(|e| e.to_string())?;
-    Ok((hello, body))
 }
 
 fn refuse_unknown(s: &mut TcpStream, volume: &str, node: &str) {
@@ -51,44 +39,125 @@ fn refuse_unknown(s: &mut TcpStream, volume: &str, node: &str) {
     let _ = s.write_all(&wire::frame(Kind::HelloReply, &r.encode()));
 }
 
-/// Starts the listener thread. `route` hands each primary to its volume's
-/// core, or gives it back when this node has no such volume. It ends once
-/// `stop` is set, leaving the listener open (a hand-over passes it on).
+/// Reads a HELLO on the acceptor's runtime: bounded by the frame's own
+/// limit on its length.
+async fn read_hello_async(s: &mut tokio::net::TcpStream) -> Result<(Hello, Vec<u8>), String> {
+    use tokio::io::AsyncReadExt;
+    let mut h = [0u8; FRAME_HEADER_LEN];
+    s.read_exact(&mut h)
+        .await
+        .map_err(|e| format!("reading HELLO: {e}"))?;
+    let fh = wire::decode_frame_header(&h).map_err(|e| e.to_string())?;
+    if fh.kind != Kind::Hello {
+        return Err(format!("expected HELLO, got {:?}", fh.kind));
+    }
+    let mut body = vec![0u8; fh.len as usize];
+    s.read_exact(&mut body)
+        .await
+        .map_err(|e| format!("reading HELLO: {e}"))?;
+    let hello = Hello::decode(&body).map_err(|e| e.to_string())?;
+    Ok((hello, body))
+}
+
+/// Waits for one connection's HELLO in the pool (deadline, eviction), then
+/// passes it to the routing thread.
+async fn probation(
+    mut s: tokio::net::TcpStream,
+    peer: String,
+    ticket: Ticket,
+    to_route: std::sync::mpsc::Sender<IncomingPrimary>,
+) {
+    let deadline = ticket.pool().limits().deadline;
+    let r = tokio::select! {
+        r = tokio::time::timeout(deadline, read_hello_async(&mut s)) => r,
+        () = ticket.evicted() => return,
+    };
+    let (hello, hello_body) = match r {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return tracing::warn!(%peer, "replication connection refused: {e}"),
+        Err(_) => return ticket.pool().report(&peer, DropReason::Deadline),
+    };
+    drop(ticket);
+    let stream = match s
+        .into_std()
+        .and_then(|s| s.set_nonblocking(false).map(|()| s))
+    {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!(%peer, "cannot hand a replication socket on: {e}"),
+    };
+    let _ = to_route.send(IncomingPrimary {
+        stream,
+        hello,
+        hello_body,
+        peer,
+    });
+}
+
+/// Accepts until `stop` is set, each connection a task on probation.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    limits: Limits,
+    to_route: std::sync::mpsc::Sender<IncomingPrimary>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let pool = Pool::new("replication", limits);
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, addr)) => {
+                    let _ = s.set_nodelay(true);
+                    let ticket = pool.admit(Source::Ip(addr.ip()), addr.to_string());
+                    tokio::task::spawn_local(probation(s, addr.to_string(), ticket, to_route.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!("replication accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+}
+
+/// Starts the listener: one thread runs a single-threaded runtime where
+/// every connection waits for its HELLO as a task in a bounded
+/// [`Pool`] (a flood of connections that never authenticate cannot delay
+/// the primary's), and one thread hands each primary to its volume's core
+/// with `route`, or refuses it when this node has no such volume. It ends
+/// once `stop` is set, leaving the listener open (a hand-over passes it on).
 pub fn spawn(
     listener: TcpListener,
+    limits: Limits,
     route: impl Fn(IncomingPrimary) -> Result<(), Box<IncomingPrimary>> + Send + 'static,
     node: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    use std::os::fd::AsFd;
     listener.set_nonblocking(true)?;
-    std::thread::Builder::new().name("repl-accept".into()).spawn(move || {
-        while crate::sockio::wait_acceptable(listener.as_fd(), &stop) {
-            let mut s = match listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => {
-                    tracing::warn!("replication accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
+    let (tx, rx) = std::sync::mpsc::channel::<IncomingPrimary>();
+    std::thread::Builder::new()
+        .name("repl-route".into())
+        .spawn(move || {
+            // Ends when the accept thread (the only sender) is gone.
+            for inc in rx {
+                if let Err(mut inc) = route(inc) {
+                    tracing::warn!(peer = %inc.peer, "primary {} asked for unknown volume '{}'", inc.hello.node, inc.hello.volume);
+                    refuse_unknown(&mut inc.stream, &inc.hello.volume, &node);
                 }
-            };
-            let _ = s.set_nonblocking(false);
-            let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-            let _ = s.set_nodelay(true);
-            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-            let (hello, hello_body) = match read_hello(&mut s) {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(%peer, "replication connection refused: {e}");
-                    continue;
-                }
-            };
-            let _ = s.set_read_timeout(None);
-            if let Err(mut inc) = route(IncomingPrimary { stream: s, hello, hello_body, peer }) {
-                tracing::warn!(peer = %inc.peer, "primary {} asked for unknown volume '{}'", inc.hello.node, inc.hello.volume);
-                refuse_unknown(&mut inc.stream, &inc.hello.volume, &node);
             }
-        }
-    })
+        })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    std::thread::Builder::new()
+        .name("repl-accept".into())
+        .spawn(move || {
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => accept_loop(l, limits, tx, &stop).await,
+                    Err(e) => tracing::error!("cannot accept on the replication port: {e}"),
+                }
+            });
+        })
 }
