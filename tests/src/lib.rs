@@ -20,6 +20,8 @@
 //! - [`etcd`]: a real etcd (Debian's `etcd-server`) on loopback ports in
 //!   the test's directory, killed and restarted at will, and its keys read
 //!   through the JSON gateway.
+//! - [`flood`]: crowds of idle and slowloris connections from many
+//!   loopback addresses, the open-file limit, a process's thread count.
 //! - [`netns`]: two network namespaces joined by a veth pair, for partitions.
 //! - [`proxy`]: a TCP proxy adding a fixed delay each way (cross-site links);
 //!   also the `delay-proxy` binary, which the benchmarks use.
@@ -40,6 +42,7 @@ pub mod cluster;
 pub mod coordinated;
 pub mod daemon;
 pub mod etcd;
+pub mod flood;
 pub mod kernel;
 pub mod netns;
 pub mod proxy;
