@@ -10,7 +10,7 @@
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nbd::request::{check_request, decode_request, REQUEST_HEADER_LEN};
 use nbd::{Command, CommandFlags, ErrorCode, Negotiated, Request, Verdict};
@@ -25,6 +25,15 @@ use crate::volume::Volume;
 /// Most requests in flight on one connection; the reader stops reading
 /// while this many are outstanding (backpressure to the client).
 pub const MAX_INFLIGHT: usize = 256;
+
+/// How long a client may leave its replies unread before it is dropped:
+/// the replies it does not take hold pool buffers (read data) the other
+/// clients of the core need.
+pub const REPLY_STALL: Duration = Duration::from_secs(10);
+
+/// Bytes per second a reading client is assumed to take at least (a large
+/// reply gets this much more time).
+const SLOWEST_READER: usize = 1 << 20;
 
 /// Most iovecs in one `writev` (the kernel's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
@@ -138,6 +147,16 @@ async fn read_payload_and_header(
 
 type Reply = Vec<OutBuf>;
 
+/// What the writer task receives: replies, and the in-flight permits of the
+/// requests they answer, released only once everything before them was
+/// written. A client that never reads its replies thus stops the reader at
+/// [`MAX_INFLIGHT`] unwritten requests (backpressure), instead of growing
+/// the queue.
+enum Queued {
+    Reply(Reply),
+    Release(tokio::sync::OwnedSemaphorePermit),
+}
+
 struct Conn {
     sock: Rc<Socket>,
     /// The socket's readiness, so the reader waits for a request header
@@ -147,7 +166,7 @@ struct Conn {
     sock_file: tokio_uring::fs::File,
     vol: Rc<Volume>,
     neg: Negotiated,
-    replies: mpsc::UnboundedSender<Reply>,
+    replies: mpsc::UnboundedSender<Queued>,
     inflight: Arc<Semaphore>,
     peer: String,
 }
@@ -155,7 +174,13 @@ struct Conn {
 impl Conn {
     fn reply(&self, r: Reply) {
         // The writer is gone only when the socket failed; the reader sees that too.
-        let _ = self.replies.send(r);
+        let _ = self.replies.send(Queued::Reply(r));
+    }
+
+    /// Frees a request's in-flight slot once its replies are written.
+    fn release(&self, permit: tokio::sync::OwnedSemaphorePermit) {
+        // A gone writer dropped its queue: the permit drops here too.
+        let _ = self.replies.send(Queued::Release(permit));
     }
 
     fn simple(&self, cookie: u64, err: Option<ErrorCode>) {
@@ -307,21 +332,43 @@ async fn finish_inflight(conn: Rc<Conn>, writer: tokio::task::JoinHandle<()>) {
     let _ = writer.await;
 }
 
-async fn run_writer(sock: Rc<Socket>, mut rx: mpsc::UnboundedReceiver<Reply>) {
-    while let Some(mut bufs) = rx.recv().await {
-        while bufs.len() < MAX_IOVECS {
-            match rx.try_recv() {
-                Ok(more) => bufs.extend(more),
-                Err(_) => break,
+async fn run_writer(sock: Rc<Socket>, mut rx: mpsc::UnboundedReceiver<Queued>) {
+    let mut written = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut bufs = Vec::new();
+        let mut next = Some(first);
+        while let Some(q) = next.take() {
+            match q {
+                Queued::Reply(r) => bufs.extend(r),
+                Queued::Release(p) => written.push(p),
+            }
+            if bufs.len() < MAX_IOVECS {
+                next = rx.try_recv().ok();
             }
         }
-        if let Err(e) = write_all(&sock, bufs).await {
-            tracing::debug!("reply write failed: {e}");
+        if bufs.is_empty() {
+            written.clear();
+            continue;
+        }
+        let bytes: usize = bufs.iter().map(OutBuf::remaining).sum();
+        let limit = REPLY_STALL + Duration::from_secs((bytes / SLOWEST_READER) as u64);
+        let res = match tokio::time::timeout(limit, write_all(&sock, bufs)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client stopped reading its replies",
+            )),
+        };
+        if let Err(e) = res {
+            tracing::info!("closing the connection: reply write failed: {e}");
             sock.shutdown();
-            // Drain so senders never block; replies are dropped.
+            drop(written);
+            // Drain so senders never block; replies and permits are dropped.
             while rx.recv().await.is_some() {}
             return;
         }
+        // Everything queued before these permits is on the wire.
+        written.clear();
     }
 }
 
@@ -435,9 +482,17 @@ async fn read_loop(
             Ok(r) => r,
             Err(e) => return End::Protocol(e),
         };
+        // Taken before the request is read further, returned once its reply
+        // is written: at most MAX_INFLIGHT requests unanswered on the wire.
+        let Ok(permit) = conn.inflight.clone().acquire_owned().await else {
+            return End::Eof;
+        };
         match admit(conn, &req, &mut prefix).await {
             Ok(true) => {}
-            Ok(false) => continue,
+            Ok(false) => {
+                conn.release(permit);
+                continue;
+            }
             Err(e) => return e,
         }
         if req.command == Command::Disc {
@@ -456,15 +511,12 @@ async fn read_loop(
         } else {
             None
         };
-        let Ok(permit) = conn.inflight.clone().acquire_owned().await else {
-            return End::Eof;
-        };
         spawn_request(conn.clone(), req, payload, permit, started);
     }
 }
 
-/// Runs a request as its own task, holding its in-flight permit until its
-/// reply is queued, then records its latency.
+/// Runs a request as its own task, then hands its in-flight permit to the
+/// writer (released once its reply is written) and records its latency.
 fn spawn_request(
     conn: Rc<Conn>,
     req: Request,
@@ -481,7 +533,7 @@ fn spawn_request(
             };
             m.record(bytes, started.elapsed());
         }
-        drop(permit);
+        conn.release(permit);
     });
 }
 
