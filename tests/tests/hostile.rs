@@ -11,9 +11,14 @@ mod hostile {
 
     use mirrorblk_admin::ReplicaState;
     use mirrorblk_tests::cluster::{write_secret, Node, EXPORT};
+    use mirrorblk_tests::daemon::args;
     use mirrorblk_tests::flood::{raise_nofile, threads, Flood};
-    use mirrorblk_tests::util::{pattern, MIB};
+    use mirrorblk_tests::util::{assert_bytes_eq, pattern, MIB};
     use mirrorblk_tests::{Daemon, TestDir};
+    use nbd::client::encode_request;
+    use nbd::{Command, CommandFlags, Request};
+    use std::io::Write;
+    use std::net::TcpStream;
 
     const IDLE: usize = 3000;
     const SLOW: usize = 300;
@@ -24,6 +29,12 @@ mod hostile {
     /// Most threads the daemon may gain under the crowd (none expected; a
     /// runtime may start one helper lazily).
     const THREAD_SLACK: u64 = 2;
+    /// Clients in the memory test that never read their replies.
+    const HOGS: usize = 24;
+    /// How long each of them keeps sending.
+    const HOG_TIME: Duration = Duration::from_secs(4);
+    /// The per-connection term of the bound in docs/OPERATIONS.md.
+    const RSS_PER_CONNECTION: u64 = MIB;
     /// A little over the primary's longest reconnect interval.
     const BACKOFF: Duration = Duration::from_millis(2500);
 
@@ -147,5 +158,121 @@ mod hostile {
         );
         legitimate_round(&p.daemon, EXPORT, 20);
         drop(flood);
+    }
+
+    /// Sends `reqs` headers (and `payload` bytes after each) on `s` without
+    /// reading a reply, until the server stops taking them or `limit`
+    /// passes; answers the bytes sent.
+    fn pipeline(s: &mut TcpStream, reqs: &[Request], payload: usize, limit: Duration) -> usize {
+        s.set_nonblocking(true).expect("nonblocking");
+        let body = vec![0x5au8; payload.min(1 << 20)];
+        let deadline = Instant::now() + limit;
+        let mut sent = 0;
+        'all: for r in reqs.iter().cycle() {
+            let hdr = encode_request(r);
+            let mut parts: Vec<&[u8]> = vec![&hdr];
+            let mut left = payload;
+            while left > 0 {
+                let n = left.min(body.len());
+                parts.push(&body[..n]);
+                left -= n;
+            }
+            for part in parts {
+                let mut at = 0;
+                while at < part.len() {
+                    if Instant::now() >= deadline {
+                        break 'all;
+                    }
+                    match s.write(&part[at..]) {
+                        Ok(n) => at += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(5))
+                        }
+                        Err(_) => break 'all,
+                    }
+                }
+                sent += part.len();
+            }
+        }
+        sent
+    }
+
+    fn request(command: Command, offset: u64, length: u32) -> Request {
+        Request {
+            flags: CommandFlags::empty(),
+            command,
+            cookie: 1,
+            offset,
+            length,
+        }
+    }
+
+    /// Clients that pipeline the most requests of the largest size and
+    /// never read a reply, a client that spams requests answered with an
+    /// error, and a read of the whole volume: RSS stays within the bound
+    /// docs/OPERATIONS.md computes from the configuration, and a client
+    /// already attached is served again once the stalled ones are dropped.
+    #[test]
+    fn clients_that_never_read_cannot_grow_memory() {
+        raise_nofile(4096);
+        let dir = TestDir::new();
+        let mut a = dir.volume_args("vol0", "64M");
+        a.extend(args(["--cores", "1", "--buffer-memory", "64M"]));
+        let d = Daemon::start(a);
+        let mut witness = d.connect("vol0");
+        let max = witness.info().max_payload;
+        witness
+            .write(0, &pattern(1, 4096), true)
+            .expect("witness write");
+        let rss0 = d.rss_bytes();
+        eprintln!("largest request: {max} bytes");
+        let mut hogs = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..HOGS {
+            let mut s = d.connect("vol0").into_inner();
+            hogs.push(s.try_clone().expect("clone"));
+            threads.push(std::thread::spawn(move || match i % 3 {
+                // Reads of the largest size.
+                0 => pipeline(&mut s, &[request(Command::Read, 0, max)], 0, HOG_TIME),
+                // Writes of the largest size.
+                1 => pipeline(
+                    &mut s,
+                    &[request(Command::Write, 32 * MIB, max)],
+                    max as usize,
+                    HOG_TIME,
+                ),
+                // Requests answered at once with an error (out of range).
+                _ => pipeline(
+                    &mut s,
+                    &[request(Command::Read, 1 << 40, 4096)],
+                    0,
+                    HOG_TIME,
+                ),
+            }));
+        }
+        let sent: usize = threads.into_iter().map(|t| t.join().expect("hog")).sum();
+        let rss1 = d.rss_bytes();
+        let bound = RSS_PER_CONNECTION * (HOGS as u64 + 1) + 16 * MIB;
+        eprintln!(
+            "{HOGS} clients sent {} MiB without reading; RSS {} -> {} MiB (bound: +{} MiB)",
+            sent as u64 / MIB,
+            rss0 / MIB,
+            rss1 / MIB,
+            bound / MIB
+        );
+        assert!(
+            rss1.saturating_sub(rss0) <= bound,
+            "RSS grew by {} MiB with {HOGS} clients that never read (bound {} MiB)",
+            (rss1 - rss0) / MIB,
+            bound / MIB
+        );
+        let t = Instant::now();
+        witness
+            .write(4096, &pattern(2, 4096), true)
+            .expect("witness served again");
+        let got = witness.read(0, 4096).expect("witness read");
+        assert_bytes_eq("witness block", 0, &pattern(1, 4096), &got);
+        eprintln!("the witness was served after {:?}", t.elapsed());
+        drop(hogs);
     }
 }
