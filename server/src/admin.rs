@@ -231,7 +231,7 @@ fn answer(
     if let Request::Restart { binary } = req {
         // Recorded as restart events: after a hand-over the new process
         // owns the event log.
-        return restart(binary, node, readiness);
+        return restart(binary, node);
     }
     // As parsed, not as sent: bounded, and without fields the daemon ignored.
     let command = serde_json::to_string(&req).unwrap_or_default();
@@ -315,7 +315,7 @@ const HAND_OVER_LIMIT: Duration = Duration::from_secs(240);
 /// Live restart: starts `binary` (default: the daemon's own path) and, once
 /// it says HELLO, has the main thread hand the node over to it. A binary
 /// that fails to start leaves this process serving, untouched.
-fn restart(binary: Option<PathBuf>, node: &str, readiness: &Readiness) -> (Response, After) {
+fn restart(binary: Option<PathBuf>, node: &str) -> (Response, After) {
     let binary = binary.unwrap_or_else(crate::handover::own_path);
     crate::events::emit(crate::events::EventKind::RestartRequested {
         binary: binary.display().to_string(),
@@ -327,9 +327,6 @@ fn restart(binary: Option<PathBuf>, node: &str, readiness: &Readiness) -> (Respo
         });
         (Response::error(why), After::Nothing)
     };
-    if readiness.coordinated() {
-        return failed("a node run with --etcd cannot restart live yet: its etcd lease is not handed over; stop it and let a replica take over, or restart it with systemctl".into());
-    }
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let mut successor = match crate::handover::Successor::spawn(&binary, &args) {
         Ok(s) => s,

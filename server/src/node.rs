@@ -394,6 +394,8 @@ pub struct RunningNode {
     cores: usize,
     heartbeats: Heartbeats,
     core_senders: Vec<mpsc::Sender<CoreMsg>>,
+    /// The coordinator, on a node run with `--etcd`.
+    coordinator: Option<Arc<crate::coordinator::Handle>>,
 }
 
 impl RunningNode {
@@ -415,6 +417,12 @@ impl RunningNode {
     /// close its volumes durably. Answers the listeners and connections to
     /// pass on.
     pub fn hand_over(self) -> HandOff {
+        // First, so no campaign or step-down starts while the cores stop.
+        let etcd_lease = self
+            .coordinator
+            .as_ref()
+            .and_then(|c| c.hand_over())
+            .map(|id| id.0);
         self.accept_stop
             .store(true, std::sync::atomic::Ordering::Release);
         for t in self.acceptors {
@@ -439,6 +447,7 @@ impl RunningNode {
             listeners: self.listeners,
             conns: Vec::new(),
             clean: asked == self.core_senders.len(),
+            etcd_lease,
         };
         for _ in 0..asked {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -490,6 +499,8 @@ pub struct HandOff {
     pub conns: Vec<crate::export::Quiesced>,
     /// Whether every core drained and checkpointed in time.
     pub clean: bool,
+    /// The coordinator's etcd lease, for the successor to keep.
+    pub etcd_lease: Option<i64>,
 }
 
 /// The listener of `kind` handed over by the old process, if any.
@@ -520,6 +531,7 @@ fn keep(
 fn coordinated_start(
     cfg: &Config,
     fence: &LeaseFence,
+    live: Option<i64>,
 ) -> Result<Option<crate::coordinator::Startup>, StartError> {
     let Some(c) = &cfg.coordinator else {
         return Ok(None);
@@ -532,7 +544,11 @@ fn coordinated_start(
     };
     crate::lifecycle::set_coordinated();
     Ok(Some(crate::coordinator::starting_role(
-        c, &cfg.node, &v.name, fence,
+        c,
+        &cfg.node,
+        &v.name,
+        fence,
+        live.map(mirrorblk_etcd::LeaseId),
     )))
 }
 
@@ -546,9 +562,9 @@ fn spawn_coordinator(
         &Arc<crate::admin::Readiness>,
         SocketAddr,
     ),
-) -> Result<(), StartError> {
+) -> Result<Option<Arc<crate::coordinator::Handle>>, StartError> {
     let (Some(c), Some(start)) = (&cfg.coordinator, start) else {
-        return Ok(());
+        return Ok(None);
     };
     let (routes, fence, readiness, nbd) = wiring;
     let volume = cfg.volumes[0].name.clone();
@@ -566,7 +582,9 @@ fn spawn_coordinator(
         fence: fence.clone(),
         readiness: readiness.clone(),
     };
-    crate::coordinator::spawn(w, start).map_err(StartError::Thread)
+    crate::coordinator::spawn(w, start)
+        .map(Some)
+        .map_err(StartError::Thread)
 }
 
 /// Opens everything, binds the listeners, starts cores and acceptors.
@@ -593,7 +611,8 @@ pub fn start_with(
         Some(_) => LeaseFence::closed(),
         None => LeaseFence::open(),
     });
-    let startup = coordinated_start(cfg, &fence)?;
+    let live_lease = inherited.as_ref().and_then(|i| i.state.etcd_lease);
+    let startup = coordinated_start(cfg, &fence, live_lease)?;
     let clean = inherited.as_ref().is_some_and(|i| i.state.closed_cleanly);
     let prepared = prepare_volumes(cfg, startup.map(|s| s.role).or(cfg.role), clean)?;
     if let Some(addr) = cfg.metrics_listen {
@@ -666,8 +685,9 @@ pub fn start_with(
         unix: cfg.unix.clone(),
         replication: replication_listen,
     });
-    spawn_coordinator(cfg, startup, (&cores.routes, &fence, &readiness, listen))?;
+    let coordinator = spawn_coordinator(cfg, startup, (&cores.routes, &fence, &readiness, listen))?;
     Ok(RunningNode {
+        coordinator,
         listen,
         listeners: kept,
         acceptors,

@@ -45,6 +45,7 @@ fn state_of(off: &HandOff, paused_at_ms: u64) -> (State, Vec<BorrowedFd<'_>>) {
         from_pid: std::process::id(),
         paused_at_ms,
         closed_cleanly: off.clean,
+        etcd_lease: off.etcd_lease,
         listeners,
         conns,
     };

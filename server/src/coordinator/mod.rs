@@ -21,8 +21,9 @@ mod follow;
 mod lead;
 pub mod startup;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mirrorblk_admin::CoordinatorStatus;
@@ -68,9 +69,38 @@ pub struct Wiring {
     pub readiness: Arc<Readiness>,
 }
 
+/// What a live restart asks of a running coordinator (docs/RESTART.md).
+#[derive(Debug, Default)]
+pub struct Handle {
+    /// The lease as of the last finished round; locked while a round runs,
+    /// so [`Handle::hand_over`] never sees one half done.
+    lease: Mutex<Option<LeaseId>>,
+    /// The node is being handed over to a successor.
+    handing_over: AtomicBool,
+}
+
+impl Handle {
+    /// Freezes the coordinator for a live restart and returns its lease for
+    /// the successor. From the next round on it only renews the lease —
+    /// no campaign, no publication, no step-down: the successor decides
+    /// from here — and goes on renewing until this process ends, so the
+    /// lease cannot lapse however long the hand-over takes. Waits for a
+    /// round under way (each is bounded by the etcd call timeouts).
+    pub fn hand_over(&self) -> Option<LeaseId> {
+        let lease = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        self.handing_over.store(true, Ordering::SeqCst);
+        *lease
+    }
+
+    fn handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::SeqCst)
+    }
+}
+
 /// The coordinator's state.
 struct Coordinator {
     w: Wiring,
+    handle: Arc<Handle>,
     client: Client,
     keys: VolumeKeys,
     role: Role,
@@ -93,12 +123,16 @@ struct Coordinator {
     done: bool,
 }
 
-/// Starts the coordinator thread of a node that started as `start` says.
-pub fn spawn(w: Wiring, start: Startup) -> std::io::Result<()> {
+/// Starts the coordinator thread of a node that started as `start` says;
+/// the handle freezes it for a live restart.
+pub fn spawn(w: Wiring, start: Startup) -> std::io::Result<Arc<Handle>> {
     let client = Client::new(&w.cfg.endpoints, call_timeout(w.cfg.lease_ttl))
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let keys = VolumeKeys::new(&w.volume);
+    let handle = Arc::new(Handle::default());
+    *handle.lease.lock().unwrap_or_else(|e| e.into_inner()) = start.lease.map(|(id, _)| id);
     let c = Coordinator {
+        handle: handle.clone(),
         client,
         keys,
         role: start.role,
@@ -117,14 +151,19 @@ pub fn spawn(w: Wiring, start: Startup) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("coordinator".into())
         .spawn(move || c.run())
-        .map(|_| ())
+        .map(|_| handle)
 }
 
 impl Coordinator {
     fn run(mut self) {
+        let handle = self.handle.clone();
         loop {
-            if !self.done {
-                self.step(Instant::now());
+            {
+                let mut lease = handle.lease.lock().unwrap_or_else(|e| e.into_inner());
+                if !self.done {
+                    self.step(Instant::now());
+                }
+                *lease = self.lease.map(|(id, _)| id);
             }
             self.publish_status();
             std::thread::sleep(decide::tick(self.w.cfg.lease_ttl));
@@ -134,7 +173,7 @@ impl Coordinator {
     /// One round: the lease, then what the role asks.
     fn step(&mut self, now: Instant) {
         self.keep_lease(now);
-        if self.done {
+        if self.done || self.handle.handing_over() {
             return;
         }
         match self.role {
@@ -145,10 +184,13 @@ impl Coordinator {
     }
 
     /// Grants a lease when there is none (not on a primary: its lease is its
-    /// leadership), renews it when due, and publishes this node's position.
+    /// leadership), renews it when due, and publishes this node's position
+    /// (not while handing over: the cores are stopping, and the successor
+    /// publishes its own).
     fn keep_lease(&mut self, now: Instant) {
+        let over = self.handle.handing_over();
         let Some((id, _)) = self.lease else {
-            if self.role != Role::Primary {
+            if self.role != Role::Primary && !over {
                 self.grant();
             }
             return;
@@ -164,7 +206,9 @@ impl Coordinator {
                     self.w.fence.extend_until(decide::fence_deadline(now, ttl));
                 }
                 self.set_reachable(true, "");
-                self.publish_position(id);
+                if !over {
+                    self.publish_position(id);
+                }
             }
             Ok(None) => self.lease_expired(),
             Err(e) => {
@@ -200,7 +244,9 @@ impl Coordinator {
             reason: "it expired in etcd".into(),
         });
         self.lease = None;
-        if self.role == Role::Primary {
+        // While handing over, the successor finds the lease gone and starts
+        // as a replica itself: nothing to demote here.
+        if self.role == Role::Primary && !self.handle.handing_over() {
             self.step_down("its etcd lease expired");
         }
     }

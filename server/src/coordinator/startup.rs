@@ -35,17 +35,20 @@ impl Startup {
 }
 
 /// Decides the starting role of `node` for `volume`; on a primary, opens
-/// `fence` for the lease just renewed.
+/// `fence` for the lease just renewed. `live` is the lease a live restart
+/// handed over (else the role-change restart's, from the environment).
 pub fn starting_role(
     cfg: &CoordinatorConfig,
     node: &str,
     volume: &str,
     fence: &LeaseFence,
+    live: Option<LeaseId>,
 ) -> Startup {
-    let handed = std::env::var(LEASE_ENV)
+    let from_env = std::env::var(LEASE_ENV)
         .ok()
-        .and_then(|s| i64::from_str_radix(&s, 16).ok());
-    let Some(id) = handed.map(LeaseId) else {
+        .and_then(|s| i64::from_str_radix(&s, 16).ok())
+        .map(LeaseId);
+    let Some(id) = live.or(from_env) else {
         return Startup::REPLICA;
     };
     let client = match Client::new(&cfg.endpoints, call_timeout(cfg.lease_ttl)) {
@@ -74,12 +77,33 @@ pub fn starting_role(
                 epoch,
             }
         }
-        Err(why) => {
+        // A live restart of a replica: its lease carries its position
+        // record, and keeping it leaves no gap an election could see.
+        Err(NotLeader::Elsewhere { ttl, why }) if live.is_some() => {
+            tracing::info!(volume, "etcd lease {id} handed over: a replica ({why})");
+            Startup {
+                role: Role::Replica,
+                lease: Some((id, ttl)),
+                epoch: 0,
+            }
+        }
+        Err(NotLeader::Elsewhere { why, .. } | NotLeader::Lost(why)) => {
             tracing::warn!(volume, "not starting as primary: {why}");
             let _ = client.revoke(id);
             Startup::REPLICA
         }
     }
+}
+
+/// Why a handed-over lease does not make this node the primary.
+#[derive(Debug)]
+enum NotLeader {
+    /// The lease is alive, and the leader key is absent or under another
+    /// lease: the lease may go on as a replica's.
+    Elsewhere { ttl: Duration, why: String },
+    /// Expired, etcd unreachable, or a leader key under this lease that
+    /// names another node or cannot be read: the lease must go.
+    Lost(String),
 }
 
 /// Renews lease `id` and checks that the leader key holds it and names
@@ -89,21 +113,31 @@ fn still_ours(
     id: LeaseId,
     node: &str,
     volume: &str,
-) -> Result<(Duration, u64), String> {
+) -> Result<(Duration, u64), NotLeader> {
+    let lost = |e: String| NotLeader::Lost(e);
     let ttl = client
         .keep_alive(id)
-        .map_err(|e| e.to_string())?
-        .ok_or("the handed-over lease expired during the restart")?;
+        .map_err(|e| lost(e.to_string()))?
+        .ok_or_else(|| lost("the handed-over lease expired during the restart".into()))?;
     let kv = client
         .get(&VolumeKeys::new(volume).leader())
-        .map_err(|e| e.to_string())?
-        .ok_or("no leader key")?;
-    let rec: LeaderRecord = records::decode(&kv).map_err(|e| e.to_string())?;
-    if kv.lease != id.0 || rec.node != node {
-        return Err(format!(
-            "the leader key names {} under another lease",
+        .map_err(|e| lost(e.to_string()))?
+        .ok_or_else(|| NotLeader::Elsewhere {
+            ttl,
+            why: "no leader key".into(),
+        })?;
+    if kv.lease != id.0 {
+        return Err(NotLeader::Elsewhere {
+            ttl,
+            why: "the leader key is under another lease".into(),
+        });
+    }
+    let rec: LeaderRecord = records::decode(&kv).map_err(|e| lost(e.to_string()))?;
+    if rec.node != node {
+        return Err(lost(format!(
+            "the leader key under this lease names {}",
             rec.node
-        ));
+        )));
     }
     Ok((ttl, rec.epoch))
 }

@@ -105,6 +105,9 @@ impl Successor {
             // The watchdog is this process's until the new one becomes the
             // service's main process; then systemd takes its pings.
             .env_remove("WATCHDOG_PID")
+            // The etcd lease travels in the state (this process's current
+            // one), never as the role-change restart's stale variable.
+            .env_remove(crate::lifecycle::LEASE_ENV)
             .stdin(Stdio::null());
         // SAFETY: fcntl is async-signal-safe, and `fd` is open in the child
         // (inherited across fork) until exec.

@@ -11,8 +11,11 @@ use std::fmt;
 
 /// Leading bytes of every message.
 pub const MAGIC: [u8; 4] = *b"MBHO";
-/// The encoding's version; a successor refuses another.
-pub const VERSION: u16 = 1;
+/// The encoding's version. A successor reads this one and every older one
+/// it lists in [`READS`], so an upgrade can hand over to a newer binary.
+pub const VERSION: u16 = 2;
+/// Versions this binary decodes: 1 lacks the etcd lease.
+pub const READS: [u16; 2] = [1, 2];
 /// Most connections one message carries.
 pub const MAX_CONNS: usize = 65_536;
 /// Most listeners one message carries.
@@ -112,6 +115,10 @@ pub struct State {
     pub paused_at_ms: u64,
     /// Every volume was drained and checkpointed (no write under way).
     pub closed_cleanly: bool,
+    /// On a node run with `--etcd`: its etcd lease (the leader key's, on a
+    /// primary), which the successor renews and keeps, so a restart is no
+    /// failover (version 2 on).
+    pub etcd_lease: Option<i64>,
     /// Listening sockets, each with its descriptor index.
     pub listeners: Vec<(ListenerKind, u32)>,
     /// Connections.
@@ -135,7 +142,7 @@ pub enum DecodeError {
     #[error("not a hand-over message (bad magic)")]
     Magic,
     /// Another version of the format.
-    #[error("hand-over format version {0}; this binary reads version {VERSION}")]
+    #[error("hand-over format version {0}; this binary reads versions {READS:?}")]
     Version(u16),
     /// A count over its bound.
     #[error("{count} {what}, more than the {max} allowed")]
@@ -214,6 +221,8 @@ impl State {
         out.extend_from_slice(&self.from_pid.to_le_bytes());
         out.extend_from_slice(&self.paused_at_ms.to_le_bytes());
         out.push(self.closed_cleanly as u8);
+        out.push(self.etcd_lease.is_some() as u8);
+        out.extend_from_slice(&self.etcd_lease.unwrap_or(0).to_le_bytes());
         out.push(self.listeners.len() as u8);
         for (kind, fd) in &self.listeners {
             out.push(kind.code());
@@ -253,13 +262,20 @@ impl State {
             return Err(DecodeError::Magic);
         }
         let version = r.u16("version")?;
-        if version != VERSION {
+        if !READS.contains(&version) {
             return Err(DecodeError::Version(version));
         }
         let mut fd_seen = FdUse::new(fds);
         let from_pid = r.u32("pid")?;
         let paused_at_ms = r.u64("pause start")?;
         let closed_cleanly = r.flag("closed cleanly")?;
+        let etcd_lease = if version >= 2 {
+            let some = r.flag("etcd lease present")?;
+            let id = i64::from_le_bytes(r.array("etcd lease")?);
+            some.then_some(id)
+        } else {
+            None
+        };
         let listeners = decode_listeners(&mut r, &mut fd_seen)?;
         let n = r.u32("connection count")? as usize;
         if n > MAX_CONNS {
@@ -281,6 +297,7 @@ impl State {
             from_pid,
             paused_at_ms,
             closed_cleanly,
+            etcd_lease,
             listeners,
             conns,
         })
@@ -455,6 +472,7 @@ mod tests {
             from_pid: 4242,
             paused_at_ms: 1_764_900_000_123,
             closed_cleanly: true,
+            etcd_lease: Some(0x7a3f_0011_2233),
             listeners: vec![(ListenerKind::Nbd, 0), (ListenerKind::Admin, 1)],
             conns: vec![ConnState {
                 fd: 2,
@@ -475,6 +493,20 @@ mod tests {
     fn a_state_round_trips() {
         let s = sample();
         assert_eq!(State::decode(&s.encode(), 3), Ok(s));
+    }
+
+    /// A version-1 message (an older daemon handing over to this one) has no
+    /// lease field and still decodes.
+    #[test]
+    fn a_version_1_message_decodes_without_a_lease() {
+        let mut s = sample();
+        s.etcd_lease = None;
+        let v2 = s.encode();
+        let mut v1 = v2.clone();
+        v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+        let lease_at = 4 + 2 + 4 + 8 + 1;
+        v1.drain(lease_at..lease_at + 9);
+        assert_eq!(State::decode(&v1, 3), Ok(s));
     }
 
     #[test]
@@ -509,7 +541,7 @@ mod tests {
         ));
         let mut b = sample().encode();
         // The connection count sits after the header and two listeners.
-        let at = 4 + 2 + 4 + 8 + 1 + 1 + 2 * 5;
+        let at = 4 + 2 + 4 + 8 + 1 + 9 + 1 + 2 * 5;
         b[at..at + 4].copy_from_slice(&(MAX_CONNS as u32 + 1).to_le_bytes());
         assert!(matches!(
             State::decode(&b, 3),
@@ -562,6 +594,7 @@ mod tests {
             pid in any::<u32>(),
             at in any::<u64>(),
             clean in any::<bool>(),
+            lease in any::<Option<i64>>(),
             kinds in proptest::collection::hash_set(kind().prop_map(|k| k.code()), 0..5),
             mut conns in proptest::collection::vec(conn(), 0..8),
         ) {
@@ -575,7 +608,7 @@ mod tests {
                 c.fd = next;
                 next += 1;
             }
-            let s = State { from_pid: pid, paused_at_ms: at, closed_cleanly: clean, listeners, conns };
+            let s = State { from_pid: pid, paused_at_ms: at, closed_cleanly: clean, etcd_lease: lease, listeners, conns };
             let b = s.encode();
             prop_assert_eq!(State::decode(&b, next as usize), Ok(s));
             // Every strict prefix is refused, never accepted or a panic.
