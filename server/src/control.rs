@@ -150,6 +150,30 @@ impl ClientStream {
     }
 }
 
+impl std::os::fd::AsFd for ClientStream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            ClientStream::Tcp(s) => s.as_fd(),
+            ClientStream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+impl crate::tls::Transport for ClientStream {
+    fn set_blocking(&self, blocking: bool, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            ClientStream::Tcp(s) => s.set_blocking(blocking, t),
+            ClientStream::Unix(s) => s.set_blocking(blocking, t),
+        }
+    }
+    fn shutdown_both(&self) {
+        match self {
+            ClientStream::Tcp(s) => s.shutdown_both(),
+            ClientStream::Unix(s) => s.shutdown_both(),
+        }
+    }
+}
+
 impl Read for ClientStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -202,6 +226,9 @@ pub struct NewConn {
     /// Handed over by the old process at a live restart (the client
     /// attached before; no new attach to record).
     pub handed_over: bool,
+    /// The client speaks TLS: `stream` is the clear-text end of its relay
+    /// (such a connection cannot be handed over at a live restart).
+    pub tls: bool,
 }
 
 /// A volume opened and recovered, waiting for its core.

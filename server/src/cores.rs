@@ -428,11 +428,24 @@ impl Core {
         let guard = nc.guard;
         let handed = self.handed.borrow().clone();
         let quiesce = self.quiesce.subscribe();
+        let tls = nc.tls;
         tokio_uring::spawn(async move {
             let attach = !nc.handed_over;
+            let peer = nc.peer.clone();
             let q = serve(sock, nc.neg, vol, nc.leftover, nc.peer, (quiesce, attach)).await;
-            if let (Some(q), Some(to)) = (q, handed) {
-                let _ = to.send(q);
+            match (q, handed) {
+                // A rustls session lives in this process's relay thread: its
+                // socket cannot be handed over. Stopped at a request boundary
+                // with nothing in flight, it is closed (the relay sends
+                // close_notify) and the client reconnects (docs/RESTART.md).
+                (Some(_), Some(_)) if tls => tracing::warn!(
+                    %peer,
+                    "closing a TLS connection at the live restart (a TLS session cannot be handed over); the client must reconnect"
+                ),
+                (Some(q), Some(to)) => {
+                    let _ = to.send(q);
+                }
+                _ => {}
             }
             drop(guard);
         });

@@ -33,5 +33,6 @@ pub mod sockio;
 pub mod status;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod units;
 pub mod volume;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use nbd::{ExportCatalog, ExportInfo, Handshake, Negotiated, Status};
+use nbd::{ExportCatalog, ExportInfo, Handshake, Negotiated, Status, TlsPolicy};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::admission::{self, DropReason, Source, Ticket};
@@ -78,6 +78,17 @@ pub struct AcceptContext {
     pub handshaking: Arc<AtomicUsize>,
     /// Set to stop accepting (a hand-over passes the listeners on).
     pub stop: Arc<std::sync::atomic::AtomicBool>,
+    /// TLS for TCP clients (`--tls`); the Unix socket stays clear text.
+    pub tls: Option<NbdTls>,
+}
+
+/// How TCP clients get TLS.
+#[derive(Clone)]
+pub struct NbdTls {
+    /// `on` or `require`.
+    pub policy: TlsPolicy,
+    /// The server configuration (`--tls-certificates`, `--tls-verify-peer`).
+    pub config: Arc<rustls::ServerConfig>,
 }
 
 /// Counts a handshake under way while it lives.
@@ -116,11 +127,42 @@ pub enum NegotiationStream {
     Tcp(tokio::net::TcpStream),
     /// Unix domain.
     Unix(tokio::net::UnixStream),
+    /// Inside TLS, after `NBD_OPT_STARTTLS`.
+    Tls(Box<tokio_rustls::server::TlsStream<NegotiationStream>>),
+    /// A failed upgrade left nothing to talk over.
+    Closed,
 }
 
 impl NegotiationStream {
+    /// Runs the TLS handshake on the clear socket (STARTTLS was answered).
+    pub async fn start_tls(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
+        let clear = std::mem::replace(self, NegotiationStream::Closed);
+        if matches!(clear, NegotiationStream::Tls(_) | NegotiationStream::Closed) {
+            return Err(io::Error::other(
+                "STARTTLS on a stream that is not clear text",
+            ));
+        }
+        let tls = tokio_rustls::TlsAcceptor::from(config)
+            .accept(clear)
+            .await?;
+        *self = NegotiationStream::Tls(Box::new(tls));
+        Ok(())
+    }
+
+    /// The blocking socket the core takes over, and whether it is the
+    /// clear-text end of a TLS relay (see [`crate::tls`]).
+    pub fn into_served(self, peer: &str) -> io::Result<(ClientStream, bool)> {
+        let NegotiationStream::Tls(tls) = self else {
+            return self.into_client_stream().map(|s| (s, false));
+        };
+        let (inner, conn) = tls.into_inner();
+        let sock = inner.into_client_stream()?;
+        let plain = crate::tls::relay::spawn(rustls::Connection::Server(conn), sock, peer)?;
+        Ok((ClientStream::Unix(plain), true))
+    }
+
     /// The blocking socket the core takes over.
-    pub fn into_client_stream(self) -> io::Result<ClientStream> {
+    fn into_client_stream(self) -> io::Result<ClientStream> {
         Ok(match self {
             NegotiationStream::Tcp(s) => {
                 let s = s.into_std()?;
@@ -131,6 +173,9 @@ impl NegotiationStream {
                 let s = s.into_std()?;
                 s.set_nonblocking(false)?;
                 ClientStream::Unix(s)
+            }
+            NegotiationStream::Tls(_) | NegotiationStream::Closed => {
+                return Err(io::Error::other("not a clear-text socket"))
             }
         })
     }
@@ -145,6 +190,8 @@ impl AsyncRead for NegotiationStream {
         match self.get_mut() {
             NegotiationStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             NegotiationStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            NegotiationStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            NegotiationStream::Closed => closed(),
         }
     }
 }
@@ -158,6 +205,8 @@ impl AsyncWrite for NegotiationStream {
         match self.get_mut() {
             NegotiationStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             NegotiationStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            NegotiationStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            NegotiationStream::Closed => closed(),
         }
     }
 
@@ -165,6 +214,8 @@ impl AsyncWrite for NegotiationStream {
         match self.get_mut() {
             NegotiationStream::Tcp(s) => Pin::new(s).poll_flush(cx),
             NegotiationStream::Unix(s) => Pin::new(s).poll_flush(cx),
+            NegotiationStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            NegotiationStream::Closed => closed(),
         }
     }
 
@@ -172,8 +223,15 @@ impl AsyncWrite for NegotiationStream {
         match self.get_mut() {
             NegotiationStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             NegotiationStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            NegotiationStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            NegotiationStream::Closed => closed(),
         }
     }
+}
+
+/// What a stream left closed by a failed upgrade answers.
+fn closed<T>() -> Poll<io::Result<T>> {
+    Poll::Ready(Err(io::ErrorKind::NotConnected.into()))
 }
 
 /// Bytes read per call during negotiation (grown only while an option needs
@@ -184,13 +242,15 @@ const READ_CHUNK: usize = 1024;
 /// and any bytes read past it, or None if the client ended the handshake
 /// (ABORT, disconnect, unknown export with EXPORT_NAME). Each completed
 /// message counts as progress on `ticket`, and every byte read against its
-/// bound; the caller bounds the time.
-pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
+/// bound; the caller bounds the time. With `tls`, a client's STARTTLS
+/// upgrades `s` in place.
+pub async fn negotiate(
+    s: &mut NegotiationStream,
     catalog: &dyn ExportCatalog,
     ticket: &Ticket,
+    tls: Option<&NbdTls>,
 ) -> Result<Option<(Negotiated, Vec<u8>)>, HandshakeFailure> {
-    let mut hs = Handshake::new();
+    let mut hs = Handshake::with_tls(tls.map_or(TlsPolicy::Off, |t| t.policy));
     // Empty until the client sends something: an idle connection costs no
     // buffer.
     let mut buf: Vec<u8> = Vec::new();
@@ -212,8 +272,24 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(None);
             }
             Status::InProgress => {}
-            // Not offered by `Handshake::new()` (TLS off).
-            Status::StartTls => return Ok(None),
+            Status::StartTls => {
+                // The machine offers STARTTLS only when `tls` is set.
+                let Some(t) = tls else { return Ok(None) };
+                if !buf.is_empty() {
+                    // Clear text sent after STARTTLS before its answer
+                    // could be injected; the spec forbids sending it.
+                    tracing::info!(
+                        "client sent data after NBD_OPT_STARTTLS before the TLS handshake; closing"
+                    );
+                    return Ok(None);
+                }
+                s.start_tls(t.config.clone())
+                    .await
+                    .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
+                hs.tls_established();
+                ticket.progress();
+                continue;
+            }
         }
         if !buf.is_empty() {
             let used = hs.receive(&buf, catalog)?;
@@ -250,8 +326,12 @@ async fn handshake_and_route(
     ticket: Ticket,
 ) {
     let deadline = ticket.pool().limits().deadline;
+    let tls = match stream {
+        NegotiationStream::Tcp(_) => ctx.tls.as_ref(),
+        _ => None,
+    };
     let outcome = tokio::select! {
-        r = tokio::time::timeout(deadline, negotiate(&mut stream, &ctx.catalog, &ticket)) => r,
+        r = tokio::time::timeout(deadline, negotiate(&mut stream, &ctx.catalog, &ticket, tls)) => r,
         () = ticket.evicted() => return,
     };
     let (neg, leftover) = match outcome {
@@ -276,14 +356,14 @@ async fn handshake_and_route(
         tracing::error!(%peer, "negotiated export '{}' has no core", neg.export.name);
         return;
     };
-    let stream = match stream.into_client_stream() {
+    let (stream, tls) = match stream.into_served(&peer) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(%peer, "cannot hand the socket to its core: {e}");
             return;
         }
     };
-    tracing::debug!(%peer, export = %neg.export.name, structured = neg.structured_replies, "client attached");
+    tracing::debug!(%peer, export = %neg.export.name, structured = neg.structured_replies, tls, "client attached");
     let msg = crate::control::CoreMsg::Conn(NewConn {
         stream,
         neg,
@@ -291,6 +371,7 @@ async fn handshake_and_route(
         peer: peer.clone(),
         guard,
         handed_over: false,
+        tls,
     });
     if route.send(msg).await.is_err() {
         tracing::warn!(%peer, "core is gone; dropping connection");

@@ -647,6 +647,10 @@ pub fn start_with(
         handshake: cfg.handshake,
         handshaking: Arc::new(AtomicUsize::new(0)),
         stop: accept_stop.clone(),
+        tls: cfg.tls.as_ref().map(|t| crate::listener::NbdTls {
+            policy: t.policy,
+            config: t.material.nbd.clone(),
+        }),
     }));
     let mut acceptors = Vec::new();
     let repl = inherited_listener(&mut inherited, ListenerKind::Replication);
@@ -784,6 +788,7 @@ fn take_over_conns(ctx: &'static AcceptContext, mut inh: Inherited) {
             peer: c.peer.clone(),
             guard: adopted_slot(ctx),
             handed_over: true,
+            tls: false,
         };
         match adopt(ctx, nc) {
             Ok(()) => adopted += 1,

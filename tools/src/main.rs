@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 mod attach;
 mod backup;
+mod certs;
 mod demo;
 mod demo_etcd;
 mod demo_failover;
@@ -336,6 +337,35 @@ enum Cmd {
     Backup {
         #[command(subcommand)]
         command: BackupCmd,
+    },
+    /// TLS certificates (docs/OPERATIONS.md, "TLS").
+    Certs {
+        #[command(subcommand)]
+        command: CertsCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCmd {
+    /// Write a new CA (ca-cert.pem, ca-key.pem), a server certificate
+    /// (server-cert.pem, server-key.pem; also each node's client certificate
+    /// for --replication-tls) and a client certificate (client-cert.pem,
+    /// client-key.pem) into DIR: the layout mirrorblkd --tls-certificates,
+    /// qemu's tls-creds-x509 dir=, nbdkit and libnbd's tls-certificates= read.
+    Init {
+        /// The directory (created if missing).
+        dir: PathBuf,
+        /// Host names and IP addresses the server certificate is valid for
+        /// (comma-separated or repeated); clients check the one they dial.
+        /// [default: localhost, 127.0.0.1, ::1 and this host's name]
+        #[arg(long, value_name = "HOST", value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// Validity of every certificate, in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Replace certificates already in DIR.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -1114,6 +1144,24 @@ fn main() -> ExitCode {
         Cmd::Journal {
             command: JournalCmd::Dump { path },
         } => journal_inspect(&path, true),
+        Cmd::Certs {
+            command:
+                CertsCmd::Init {
+                    dir,
+                    hosts,
+                    days,
+                    force,
+                },
+        } => certs::init(&certs::InitArgs {
+            dir: &dir,
+            hosts: &if hosts.is_empty() {
+                certs::default_hosts()
+            } else {
+                hosts
+            },
+            days,
+            force,
+        }),
         Cmd::Backup { command } => match command {
             BackupCmd::List { repo, json } => backup::list(&repo, json),
             BackupCmd::Verify { repo, id } => backup::verify(&repo, id.as_deref()),

@@ -125,6 +125,15 @@ pub enum ConfigError {
         super::defaults::MIN_LEASE_TTL
     )]
     LeaseTtl,
+    /// `--tls on|require` or `--replication-tls` without certificates.
+    #[error("{0} needs --tls-certificates DIR (ca-cert.pem, server-cert.pem, server-key.pem; `mirrorblk certs init DIR` writes them)")]
+    TlsWithoutCertificates(&'static str),
+    /// The certificates cannot be used.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    /// `--replication-tls` without replication.
+    #[error("--replication-tls needs replication: give --replication-listen or --peer too")]
+    ReplicationTlsWithoutReplication,
     /// A replica that no primary could reach.
     #[error("--role replica needs --replication-listen HOST:PORT, where the primary connects")]
     ReplicaWithoutListen,

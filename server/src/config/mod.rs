@@ -15,7 +15,7 @@ mod resolve;
 pub mod settings;
 
 pub use error::ConfigError;
-pub use settings::{Cli, LogFormat, Settings, VolumeSettings};
+pub use settings::{Cli, LogFormat, Settings, TlsMode, VolumeSettings};
 
 /// A validated volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +49,15 @@ pub struct CoordinatorConfig {
     pub lease_ttl: std::time::Duration,
 }
 
+/// NBD over TLS, validated: the policy and the loaded certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdTlsConfig {
+    /// Optional or required.
+    pub policy: nbd::TlsPolicy,
+    /// The certificates (`--tls-certificates`, `--tls-verify-peer`).
+    pub material: crate::tls::Material,
+}
+
 /// A validated node configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -71,6 +80,8 @@ pub struct Config {
     pub max_connections: usize,
     /// The bounds on connections still negotiating or authenticating.
     pub handshake: crate::admission::Limits,
+    /// NBD over TLS, when `--tls` is on or require.
+    pub tls: Option<NbdTlsConfig>,
     /// Prometheus endpoint.
     pub metrics_listen: Option<SocketAddr>,
     /// Log level filter.

@@ -25,7 +25,13 @@ pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
         .transpose()?
         .unwrap_or(defaults::CHECKPOINT_INTERVAL);
     let handshake = handshake(&s)?;
-    let replication = replication(&s)?;
+    let mut replication = replication(&s)?;
+    let (tls, replication_tls) = tls(&s)?;
+    match (&mut replication, replication_tls) {
+        (Some(r), Some(m)) => r.tls = Some(m),
+        (None, Some(_)) => return Err(ConfigError::ReplicationTlsWithoutReplication),
+        (_, None) => {}
+    }
     let (event_log, event_log_max_bytes) = event_log(&s, &volumes)?;
     if s.role == Some(Role::Replica) && replication.as_ref().and_then(|r| r.listen).is_none() {
         return Err(ConfigError::ReplicaWithoutListen);
@@ -42,6 +48,7 @@ pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
         buffer_memory: buffer_memory.0,
         max_connections,
         handshake,
+        tls,
         metrics_listen: s.metrics_listen,
         log_level: s.log_level.unwrap_or_else(|| defaults::LOG_LEVEL.into()),
         checkpoint_interval: checkpoint_interval.0,
@@ -278,7 +285,40 @@ fn replication(s: &Settings) -> Result<Option<ReplicationConfig>, ConfigError> {
         on_replica_loss: s.on_replica_loss.unwrap_or(defaults::ON_REPLICA_LOSS),
         max_lag: s.max_lag.unwrap_or(defaults::MAX_LAG).0,
         resync_rate: s.resync_rate.unwrap_or(defaults::RESYNC_RATE).0,
+        tls: None,
     }))
+}
+
+/// `--tls`, `--tls-verify-peer` and `--replication-tls` with the
+/// certificates they need, loaded once (so `config check` finds a bad key).
+fn tls(
+    s: &Settings,
+) -> Result<(Option<super::NbdTlsConfig>, Option<crate::tls::Material>), ConfigError> {
+    use super::settings::TlsMode;
+    let policy = match s.tls.unwrap_or(TlsMode::Off) {
+        TlsMode::Off => None,
+        TlsMode::On => Some(nbd::TlsPolicy::Optional),
+        TlsMode::Require => Some(nbd::TlsPolicy::Required),
+    };
+    let replication_tls = s.replication_tls.unwrap_or(false);
+    if policy.is_none() && !replication_tls {
+        return Ok((None, None));
+    }
+    let dir = s
+        .tls_certificates
+        .as_deref()
+        .ok_or(ConfigError::TlsWithoutCertificates(if policy.is_some() {
+            "--tls"
+        } else {
+            "--replication-tls"
+        }))?;
+    let verify_peer = s.tls_verify_peer.unwrap_or(false);
+    let material = crate::tls::Material::load(dir, verify_peer)?;
+    let nbd = policy.map(|policy| super::NbdTlsConfig {
+        policy,
+        material: material.clone(),
+    });
+    Ok((nbd, replication_tls.then_some(material)))
 }
 
 /// The shared secret: the file's contents without surrounding white space,

@@ -90,6 +90,32 @@ pub struct Settings {
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// NBD over TLS for TCP clients: off, on (clients choose with
+    /// NBD_OPT_STARTTLS) or require (a clear-text client gets
+    /// NBD_REP_ERR_TLS_REQD for every option and is never served). The
+    /// --unix socket stays clear text (its file mode guards it).
+    #[arg(long, value_enum, value_name = "MODE", help_default = "off")]
+    pub tls: Option<TlsMode>,
+
+    /// Directory with ca-cert.pem, server-cert.pem, server-key.pem and an
+    /// optional ca-crl.pem (the layout qemu, nbdkit and libnbd use; `mirrorblk
+    /// certs init DIR` writes one). Needed by --tls on|require and
+    /// --replication-tls.
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+
+    /// With --tls: NBD clients must present a certificate signed by
+    /// ca-cert.pem (and not revoked in ca-crl.pem).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub tls_verify_peer: Option<bool>,
+
+    /// The replication link runs mutual TLS with --tls-certificates: each
+    /// node presents server-cert.pem and accepts only a peer whose
+    /// certificate ca-cert.pem signed (unexpired, not in ca-crl.pem). The
+    /// shared secret is still proved inside it. Every node must agree.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub replication_tls: Option<bool>,
+
     /// Most client connections at once; more are refused at accept.
     #[arg(long, value_name = "N", help_default = defaults::MAX_CONNECTIONS)]
     pub max_connections: Option<usize>,
@@ -260,6 +286,10 @@ impl Settings {
             max_handshakes,
             max_handshakes_per_source,
             handshake_timeout,
+            tls,
+            tls_certificates,
+            tls_verify_peer,
+            replication_tls,
             checkpoint_interval,
             in_place_min,
             replication_listen,
@@ -298,6 +328,10 @@ impl Settings {
                 .max_handshakes_per_source
                 .or(max_handshakes_per_source),
             handshake_timeout: flags.handshake_timeout.or(handshake_timeout),
+            tls: flags.tls.or(tls),
+            tls_certificates: flags.tls_certificates.or(tls_certificates),
+            tls_verify_peer: flags.tls_verify_peer.or(tls_verify_peer),
+            replication_tls: flags.replication_tls.or(replication_tls),
             checkpoint_interval: flags.checkpoint_interval.or(checkpoint_interval),
             in_place_min: flags.in_place_min.or(in_place_min),
             replication_listen: flags.replication_listen.or(replication_listen),
@@ -419,6 +453,18 @@ where
     T: Deserialize<'de>,
 {
     T::deserialize(d).map(Some)
+}
+
+/// `--tls`: whether NBD clients may or must use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// No TLS.
+    Off,
+    /// TLS for clients that ask (NBD_OPT_STARTTLS); clear text otherwise.
+    On,
+    /// TLS or nothing.
+    Require,
 }
 
 /// How log lines are written.

@@ -136,6 +136,10 @@ const NODE_SETTINGS: &[Case] = &[
         ["3", "4"],
     ),
     case("--handshake-timeout", "handshake_timeout", ["250ms", "2m"]),
+    case("--tls", "tls", ["require", "on"]),
+    case("--tls-certificates", "tls_certificates", ["@/c2", "@/c1"]),
+    case("--tls-verify-peer", "tls_verify_peer", ["true", "false"]),
+    case("--replication-tls", "replication_tls", ["false", "true"]),
     case(
         "--checkpoint-interval",
         "checkpoint_interval",
@@ -199,6 +203,9 @@ impl Scene {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("s1"), "0123456789abcdef-one").unwrap();
         std::fs::write(dir.path().join("s2"), "0123456789abcdef-two").unwrap();
+        for c in ["c1", "c2"] {
+            write_certificates(&dir.path().join(c));
+        }
         Scene { dir }
     }
 
@@ -221,6 +228,10 @@ impl Scene {
         let mut base = vec![
             self.line("replication_listen", "127.0.0.1:9"),
             self.line("secret_file", "@/s1"),
+            // The TLS settings all change something once certificates are
+            // in use.
+            self.line("tls_certificates", "@/c1"),
+            self.line("replication_tls", "true"),
             "peers = [\"p=127.0.0.1:10\", \"q=127.0.0.1:11\"]".to_string(),
         ];
         for l in lines {
@@ -304,6 +315,45 @@ fn every_volume_flag_resolves_alike_from_its_key() {
         let by_table = s.resolve(&table, &[]).unwrap().volumes;
         assert_eq!(by_flags, by_table, "{flags:?} and {table}");
     }
+}
+
+/// A CA and a server certificate it signed, in `dir`.
+fn write_certificates(dir: &std::path::Path) {
+    use rcgen::{CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    std::fs::write(dir.join(crate::tls::CA_CERT), ca.pem()).unwrap();
+    std::fs::write(dir.join(crate::tls::SERVER_CERT), cert.pem()).unwrap();
+    std::fs::write(dir.join(crate::tls::SERVER_KEY), key.serialize_pem()).unwrap();
+}
+
+#[test]
+fn tls_needs_certificates_that_load() {
+    let s = Scene::new();
+    let no_certs = |l: &str| vec![s.line("tls_certificates", l)];
+    let r = s.resolve(
+        &s.file(&[]),
+        &["--tls-certificates".into(), s.value("@/none")],
+    );
+    assert!(matches!(r, Err(ConfigError::Tls(_))), "{r:?}");
+    std::fs::write(s.dir.path().join("c1").join(crate::tls::SERVER_KEY), "junk").unwrap();
+    let r = s.resolve(&s.file(&no_certs("@/c1")), &[]);
+    assert!(matches!(r, Err(ConfigError::Tls(_))), "{r:?}");
+    let r = s.resolve(
+        &s.file(&[]).replace("tls_certificates", "#"),
+        &["--tls=require".into()],
+    );
+    assert!(
+        matches!(r, Err(ConfigError::TlsWithoutCertificates(_))),
+        "{r:?}"
+    );
 }
 
 #[test]

@@ -71,6 +71,8 @@ pub struct ReplicationConfig {
     pub max_lag: u64,
     /// Resync bandwidth per replica, bytes per second.
     pub resync_rate: u64,
+    /// Mutual TLS on every link (`--replication-tls`).
+    pub tls: Option<crate::tls::Material>,
 }
 
 use std::cell::{Cell, RefCell};
@@ -763,6 +765,7 @@ mod tests {
             on_replica_loss: OnReplicaLoss::Degrade,
             max_lag: 0,
             resync_rate: 1,
+            tls: None,
         };
         let p = Primary::new(cfg, Lsn(10), "v", 1 << 20, 1, &dir.join("journal"));
         for l in &p.links {
