@@ -12,6 +12,7 @@ mod demo_etcd;
 mod demo_failover;
 mod events;
 mod primary;
+mod restore;
 
 use clap::{Parser, Subcommand};
 use mirrorblk_admin as admin;
@@ -333,7 +334,7 @@ enum Cmd {
         #[command(subcommand)]
         command: JournalCmd,
     },
-    /// Backup repository tools (docs/BACKUP.md): list, verify, prune.
+    /// Backup repository tools (docs/BACKUP.md): list, verify, restore, prune.
     Backup {
         #[command(subcommand)]
         command: BackupCmd,
@@ -388,6 +389,33 @@ enum BackupCmd {
         repo: String,
         /// The backup (VOLUME/CREATED_MS, as `backup list` prints it).
         id: Option<String>,
+    },
+    /// Write one backup onto a file, a block device or an NBD export,
+    /// checking every chunk against its SHA-256 name before writing it.
+    /// A chunk that is damaged or missing is not written: its range keeps
+    /// what the target had, and the command exits 1 naming every such
+    /// range. The target is made durable (fsync, or an NBD FLUSH) before
+    /// the command reports success. A progress bar shows on a terminal.
+    Restore {
+        /// The repository: a directory or s3://BUCKET/PREFIX.
+        #[arg(long, value_name = "REPO")]
+        repo: String,
+        /// The backup (VOLUME/CREATED_MS, as `backup list` prints it).
+        id: String,
+        /// Where to: a file path (created, sparse where the backup is zero),
+        /// a block device (at least the backup's size),
+        /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (an
+        /// export at least the backup's size; zero stretches are sent as
+        /// WRITE_ZEROES).
+        #[arg(long, value_name = "TARGET")]
+        to: String,
+        /// Replace an existing regular file that holds data.
+        #[arg(long)]
+        force: bool,
+        /// One JSON object: id, target, size, bytes_written,
+        /// chunks_restored, chunks_zero, seconds.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete all but the newest N backups of each volume, then remove the
     /// chunks no backup references (safe while backups run).
@@ -1165,6 +1193,13 @@ fn main() -> ExitCode {
         Cmd::Backup { command } => match command {
             BackupCmd::List { repo, json } => backup::list(&repo, json),
             BackupCmd::Verify { repo, id } => backup::verify(&repo, id.as_deref()),
+            BackupCmd::Restore {
+                repo,
+                id,
+                to,
+                force,
+                json,
+            } => restore::restore(&repo, &id, &to, force, json),
             BackupCmd::Prune {
                 repo,
                 keep_last,
