@@ -404,9 +404,9 @@ enum BackupCmd {
         id: String,
         /// Where to: a file path (created, sparse where the backup is zero),
         /// a block device (at least the backup's size),
-        /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (an
-        /// export at least the backup's size; zero stretches are sent as
-        /// WRITE_ZEROES).
+        /// nbd://HOST:PORT/EXPORT (the port defaults to 10809) or
+        /// nbd+unix:///EXPORT?socket=PATH (an export at least the backup's
+        /// size; zero stretches are sent as WRITE_ZEROES).
         #[arg(long, value_name = "TARGET")]
         to: String,
         /// Replace an existing regular file that holds data.
