@@ -388,7 +388,7 @@ impl Core {
             );
             return;
         };
-        let sock = Socket::Tcp(tokio_uring::net::TcpStream::from_std(inc.stream));
+        let sock = inc.stream.into_socket();
         let target = ReplicaVolume {
             engine: s.vol.engine().clone(),
             role: s.vol.role(),

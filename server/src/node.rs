@@ -951,9 +951,18 @@ fn accept_replication(
         }
         Ok(())
     };
-    let t =
-        crate::replication::accept::spawn(l, cfg.handshake, route, cfg.node.clone(), stop.clone())
-            .map_err(StartError::Thread)?;
+    let t = crate::replication::accept::spawn(
+        l,
+        cfg.handshake,
+        route,
+        cfg.node.clone(),
+        stop.clone(),
+        cfg.replication
+            .as_ref()
+            .and_then(|r| r.tls.as_ref())
+            .map(|m| m.peer_server.clone()),
+    )
+    .map_err(StartError::Thread)?;
     threads.push(t);
     tracing::info!("accepting replication on {addr}");
     Ok(Some(bound))

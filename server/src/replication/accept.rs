@@ -5,6 +5,8 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admission::{DropReason, Limits, Pool, Source, Ticket};
@@ -14,7 +16,7 @@ use super::wire::{self, Hello, HelloReply, Kind, ReplyStatus, FRAME_HEADER_LEN};
 /// A primary's connection on its way to a volume's core.
 pub struct IncomingPrimary {
     /// The socket.
-    pub stream: TcpStream,
+    pub stream: PeerStream,
     /// Its HELLO.
     pub hello: Hello,
     /// The HELLO body bytes (the MACs cover them).
@@ -23,7 +25,39 @@ pub struct IncomingPrimary {
     pub peer: String,
 }
 
-fn refuse_unknown(s: &mut TcpStream, volume: &str, node: &str) {
+/// A primary's socket: TCP, or the clear-text end of the relay of its
+/// mutual-TLS session (`--replication-tls`).
+pub enum PeerStream {
+    /// Clear text.
+    Tcp(TcpStream),
+    /// Inside TLS.
+    Tls(UnixStream),
+}
+
+impl PeerStream {
+    /// The socket on a core's ring.
+    pub fn into_socket(self) -> crate::sockio::Socket {
+        use crate::sockio::Socket;
+        match self {
+            PeerStream::Tcp(s) => Socket::Tcp(tokio_uring::net::TcpStream::from_std(s)),
+            PeerStream::Tls(s) => Socket::Unix(tokio_uring::net::UnixStream::from_std(s)),
+        }
+    }
+}
+
+impl Write for PeerStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            PeerStream::Tcp(s) => s.write(buf),
+            PeerStream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn refuse_unknown(s: &mut PeerStream, volume: &str, node: &str) {
     let r = HelloReply {
         version: wire::VERSION,
         status: ReplyStatus::UnknownVolume,
@@ -41,7 +75,9 @@ fn refuse_unknown(s: &mut TcpStream, volume: &str, node: &str) {
 
 /// Reads a HELLO on the acceptor's runtime: bounded by the frame's own
 /// limit on its length.
-async fn read_hello_async(s: &mut tokio::net::TcpStream) -> Result<(Hello, Vec<u8>), String> {
+async fn read_hello_async<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+) -> Result<(Hello, Vec<u8>), String> {
     use tokio::io::AsyncReadExt;
     let mut h = [0u8; FRAME_HEADER_LEN];
     s.read_exact(&mut h)
@@ -59,32 +95,65 @@ async fn read_hello_async(s: &mut tokio::net::TcpStream) -> Result<(Hello, Vec<u
     Ok((hello, body))
 }
 
+/// Blocking mode for the core that takes `s` over.
+fn blocking_std(s: tokio::net::TcpStream) -> Result<TcpStream, String> {
+    s.into_std()
+        .and_then(|s| s.set_nonblocking(false).map(|()| s))
+        .map_err(|e| format!("cannot hand a replication socket on: {e}"))
+}
+
+/// The HELLO, read in clear text or, with `tls`, after a mutual-TLS
+/// handshake: a primary without a certificate the cluster CA signed (or
+/// with an expired or revoked one) is refused here, before any frame, with
+/// a log line and a `peer-auth-failed` event.
+async fn hello_in(
+    mut s: tokio::net::TcpStream,
+    peer: &str,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<(PeerStream, Hello, Vec<u8>), String> {
+    let Some(config) = tls else {
+        let (hello, body) = read_hello_async(&mut s).await?;
+        return Ok((PeerStream::Tcp(blocking_std(s)?), hello, body));
+    };
+    let mut t = match tokio_rustls::TlsAcceptor::from(config).accept(s).await {
+        Ok(t) => t,
+        Err(e) => {
+            let reason = format!("TLS handshake: {e}");
+            crate::events::emit(crate::events::EventKind::PeerAuthFailed {
+                addr: peer.to_string(),
+                peer: None,
+                reason: reason.clone(),
+            });
+            return Err(reason);
+        }
+    };
+    let (hello, body) = read_hello_async(&mut t).await?;
+    let (s, conn) = t.into_inner();
+    let plain = crate::tls::relay::spawn(rustls::Connection::Server(conn), blocking_std(s)?, peer)
+        .map_err(|e| format!("cannot start the TLS relay: {e}"))?;
+    Ok((PeerStream::Tls(plain), hello, body))
+}
+
 /// Waits for one connection's HELLO in the pool (deadline, eviction), then
 /// passes it to the routing thread.
 async fn probation(
-    mut s: tokio::net::TcpStream,
+    s: tokio::net::TcpStream,
     peer: String,
     ticket: Ticket,
     to_route: std::sync::mpsc::Sender<IncomingPrimary>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) {
     let deadline = ticket.pool().limits().deadline;
     let r = tokio::select! {
-        r = tokio::time::timeout(deadline, read_hello_async(&mut s)) => r,
+        r = tokio::time::timeout(deadline, hello_in(s, &peer, tls)) => r,
         () = ticket.evicted() => return,
     };
-    let (hello, hello_body) = match r {
+    let (stream, hello, hello_body) = match r {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => return tracing::warn!(%peer, "replication connection refused: {e}"),
         Err(_) => return ticket.pool().report(&peer, DropReason::Deadline),
     };
     drop(ticket);
-    let stream = match s
-        .into_std()
-        .and_then(|s| s.set_nonblocking(false).map(|()| s))
-    {
-        Ok(s) => s,
-        Err(e) => return tracing::warn!(%peer, "cannot hand a replication socket on: {e}"),
-    };
     let _ = to_route.send(IncomingPrimary {
         stream,
         hello,
@@ -99,6 +168,7 @@ async fn accept_loop(
     limits: Limits,
     to_route: std::sync::mpsc::Sender<IncomingPrimary>,
     stop: &std::sync::atomic::AtomicBool,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) {
     let pool = Pool::new("replication", limits);
     while !stop.load(std::sync::atomic::Ordering::Acquire) {
@@ -107,7 +177,7 @@ async fn accept_loop(
                 Ok((s, addr)) => {
                     let _ = s.set_nodelay(true);
                     let ticket = pool.admit(Source::Ip(addr.ip()), addr.to_string());
-                    tokio::task::spawn_local(probation(s, addr.to_string(), ticket, to_route.clone()));
+                    tokio::task::spawn_local(probation(s, addr.to_string(), ticket, to_route.clone(), tls.clone()));
                 }
                 Err(e) => {
                     tracing::warn!("replication accept failed: {e}");
@@ -131,6 +201,7 @@ pub fn spawn(
     route: impl Fn(IncomingPrimary) -> Result<(), Box<IncomingPrimary>> + Send + 'static,
     node: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     let (tx, rx) = std::sync::mpsc::channel::<IncomingPrimary>();
@@ -155,7 +226,7 @@ pub fn spawn(
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => accept_loop(l, limits, tx, &stop).await,
+                    Ok(l) => accept_loop(l, limits, tx, &stop, tls).await,
                     Err(e) => tracing::error!("cannot accept on the replication port: {e}"),
                 }
             });

@@ -40,6 +40,17 @@ pub enum LinkError {
     /// This node refused the peer's HELLO (the message it was sent).
     #[error("refused: {0}")]
     RefusedPeer(String),
+    /// The TLS handshake with the peer failed (its certificate is not
+    /// signed by the cluster CA, expired or revoked; or it speaks no TLS).
+    #[error("TLS with {peer} at {addr} failed: {reason}")]
+    Tls {
+        /// The peer's node name.
+        peer: String,
+        /// Its replication address.
+        addr: std::net::SocketAddr,
+        /// rustls's reason.
+        reason: String,
+    },
     /// The peer's MAC does not prove the shared secret.
     #[error(
         "{peer} failed authentication: wrong shared secret (check --secret-file on both nodes)"

@@ -70,7 +70,10 @@ async fn connect_and_stream(
     node: &str,
 ) -> Result<(), LinkError> {
     let hb = primary.cfg.heartbeat_timeout;
-    let sock = connect(link, hb).await?;
+    let sock = match &primary.cfg.tls {
+        Some(m) => connect_tls(link, hb, m).await?,
+        None => connect(link, hb).await?,
+    };
     let hello_body = hello(vol, primary, node).encode();
     frames::send(&sock, Kind::Hello, &hello_body).await?;
     let reply_body = frames::expect(&sock, Kind::HelloReply, hb).await?;
@@ -173,6 +176,68 @@ async fn connect(link: &LinkState, hb: Duration) -> Result<Rc<Socket>, LinkError
         })?;
     let _ = stream.set_nodelay(true);
     Ok(Rc::new(Socket::Tcp(stream)))
+}
+
+/// Opens the connection to the replica inside mutual TLS: connect and
+/// handshake on a thread of their own (blocking, bounded by the heartbeat
+/// timeout), then the core talks to the session's relay. The replica's
+/// certificate must be signed by the cluster CA and name the address
+/// dialled; a refusal is logged and recorded before any record flows.
+async fn connect_tls(
+    link: &LinkState,
+    hb: Duration,
+    m: &crate::tls::Material,
+) -> Result<Rc<Socket>, LinkError> {
+    let (addr, name, config) = (
+        link.peer.addr,
+        link.peer.name.clone(),
+        m.peer_client.clone(),
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let who = name.clone();
+    std::thread::Builder::new()
+        .name("repl-tls-connect".into())
+        .spawn(move || {
+            let r = (|| {
+                let s = std::net::TcpStream::connect_timeout(&addr, hb).map_err(|e| (true, e))?;
+                let _ = s.set_nodelay(true);
+                crate::tls::Transport::set_blocking(&s, true, Some(hb)).map_err(|e| (true, e))?;
+                let server = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let session =
+                    crate::tls::Session::connect(config, server, s).map_err(|e| (false, e))?;
+                session.into_relay(&who).map_err(|e| (false, e))
+            })();
+            let _ = tx.send(r);
+        })
+        .map_err(LinkError::Io)?;
+    let r = tokio::time::timeout(hb * 2, rx)
+        .await
+        .map_err(|_| LinkError::Timeout(hb))?
+        .map_err(|_| LinkError::Io(std::io::Error::other("the TLS connect thread died")))?;
+    match r {
+        Ok(plain) => Ok(Rc::new(Socket::Unix(
+            tokio_uring::net::UnixStream::from_std(plain),
+        ))),
+        Err((true, source)) => Err(LinkError::Connect {
+            peer: name,
+            addr,
+            source,
+        }),
+        Err((false, e)) => {
+            let reason = format!("TLS handshake: {e}");
+            tracing::warn!(peer = %name, %addr, "replication peer refused: {reason}");
+            events::emit(EventKind::PeerAuthFailed {
+                addr: addr.to_string(),
+                peer: Some(name.clone()),
+                reason: reason.clone(),
+            });
+            Err(LinkError::Tls {
+                peer: name,
+                addr,
+                reason,
+            })
+        }
+    }
 }
 
 /// This primary's HELLO.
