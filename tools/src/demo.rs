@@ -84,7 +84,13 @@ fn nodes(dir: &Path, ports: &Ports, size: &str) -> Vec<NodeSpec> {
 
 /// Runs the demo in `dir` with the primary on `listen`; with
 /// `auto_failover`, etcd decides the roles (see [`crate::demo_failover`]).
-pub fn run(dir: &Path, listen: &str, size: &str, daemon: &Path, auto_failover: bool) -> ExitCode {
+pub fn run(
+    dir: &Path,
+    listen: &str,
+    size: &str,
+    daemon: &Path,
+    (auto_failover, tls): (bool, bool),
+) -> ExitCode {
     if let Err(e) = std::fs::create_dir_all(dir) {
         eprintln!("mirrorblk: cannot create {}: {e}", dir.display());
         return ExitCode::from(1);
@@ -93,7 +99,12 @@ pub fn run(dir: &Path, listen: &str, size: &str, daemon: &Path, auto_failover: b
         eprintln!("mirrorblk: --listen must be HOST:PORT");
         return ExitCode::from(2);
     };
-    let nodes = nodes(dir, &ports, size);
+    let mut nodes = nodes(dir, &ports, size);
+    if tls {
+        if let Err(code) = with_tls(dir, &mut nodes) {
+            return code;
+        }
+    }
     let secret = dir.join("secret");
     if !secret.exists() {
         if let Err(e) = write_secret(&secret) {
@@ -119,6 +130,18 @@ pub fn run(dir: &Path, listen: &str, size: &str, daemon: &Path, auto_failover: b
         return code;
     }
     print_banner(dir, listen, &ports, size);
+    if tls {
+        let pki = dir.join("pki");
+        println!(
+            "\nTLS is required (--tls require, --replication-tls); clear-text nbd:// is refused. Use:\n  \
+             nbdinfo 'nbds://{listen}/vol0?tls-certificates={pki}'\n  \
+             qemu-io --object tls-creds-x509,id=tls0,dir={pki},endpoint=client --image-opts \
+             'driver=nbd,host={host},port={port},export=vol0,tls-creds=tls0' -c 'read 0 1M'",
+            pki = pki.display(),
+            host = ports.host,
+            port = ports.port,
+        );
+    }
     let _ = stop.wait();
     println!("stopping the demo nodes...");
     if stop_all(&mut children) {
@@ -126,6 +149,33 @@ pub fn run(dir: &Path, listen: &str, size: &str, daemon: &Path, auto_failover: b
     } else {
         ExitCode::from(1)
     }
+}
+
+/// `--tls`: certificates in `DIR/pki` (made once with `certs init`), NBD
+/// TLS required and the replication links in mutual TLS on every node.
+fn with_tls(dir: &Path, nodes: &mut [NodeSpec]) -> Result<(), ExitCode> {
+    let pki = dir.join("pki");
+    if !pki.join("ca-cert.pem").exists() {
+        let code = crate::certs::init(&crate::certs::InitArgs {
+            dir: &pki,
+            hosts: &crate::certs::default_hosts(),
+            days: 825,
+            force: false,
+        });
+        if code != ExitCode::SUCCESS {
+            return Err(code);
+        }
+    }
+    for n in nodes {
+        n.extra.extend([
+            "--tls".into(),
+            "require".into(),
+            "--tls-certificates".into(),
+            pki.clone().into(),
+            "--replication-tls".into(),
+        ]);
+    }
+    Ok(())
 }
 
 /// Starts every node, replicas first so the primary finds them at once;

@@ -63,6 +63,10 @@ enum Cmd {
         /// --role; `kill -9` the primary and watch a replica take over.
         #[arg(long)]
         auto_failover: bool,
+        /// Require TLS: certificates from `mirrorblk certs init DIR/pki`,
+        /// NBD clients over nbds:// only, replication in mutual TLS.
+        #[arg(long)]
+        tls: bool,
     },
     /// Show the node's volumes: role, epoch, LSNs, journal fill.
     Status {
@@ -1129,7 +1133,8 @@ fn main() -> ExitCode {
             listen,
             size,
             auto_failover,
-        } => demo::run(&dir, &listen, &size, &daemon_path(), auto_failover),
+            tls,
+        } => demo::run(&dir, &listen, &size, &daemon_path(), (auto_failover, tls)),
         Cmd::Verify { repair, json } => verify(&cli.admin_socket, repair, json),
         Cmd::Restart { binary, json } => restart(&cli.admin_socket, binary, json),
         Cmd::Primary {
