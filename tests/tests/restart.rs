@@ -486,4 +486,63 @@ mod restart {
             n.daemon.terminate();
         }
     }
+
+    /// `--tls on` with a TLS client (fio over nbds://) and a clear-text one
+    /// (fio over nbd://) writing at once across a live restart: only the
+    /// clear-text connection is handed over (a TLS session's keys stay in
+    /// the old process); the TLS one is closed at a request boundary and
+    /// named in the log, never carried over broken; the clear fio verifies.
+    #[test]
+    fn a_live_restart_closes_tls_connections_and_hands_over_the_rest() {
+        Daemon::become_subreaper();
+        let dir = TestDir::new();
+        let certs = dir.join("pki");
+        let init = std::process::Command::new(mirrorblk_tests::cluster::mirrorblk_cli())
+            .args(["certs", "init"])
+            .arg(&certs)
+            .output()
+            .expect("certs init");
+        assert!(init.status.success(), "{init:?}");
+        let mut n1 = standalone(
+            &dir,
+            &[
+                "--tls".as_ref(),
+                "on".as_ref(),
+                "--tls-certificates".as_ref(),
+                certs.as_os_str(),
+            ],
+        );
+        let (fio, out) = start_fio(&dir, &n1.daemon.uri("vol0"), "fio");
+        let tls_uri = format!(
+            "nbds://127.0.0.1:{}/vol0?tls-verify-peer=false",
+            n1.daemon.port()
+        );
+        let (fio_tls, _) = start_fio(&dir, &tls_uri, "fio-tls");
+        wait_writing(&n1, 600);
+        let o = restart_live(&mut n1);
+        assert_eq!(
+            o.connections, 1,
+            "only the clear-text connection is handed over: {o:?}"
+        );
+        let closed = n1.log_lines_with("closing a TLS connection at the live restart");
+        assert_eq!(closed.len(), 1, "{}", n1.daemon.full_log());
+        let tls_run = fio_tls.wait(FIO_TIMEOUT);
+        assert!(
+            !tls_run.success(),
+            "fio over TLS went on across the restart: {tls_run}"
+        );
+        finish_fio(fio, &out);
+        // The TLS port itself was handed over: a new TLS client is served.
+        tools::run(
+            Tool::NbdInfo,
+            [format!(
+                "nbds://127.0.0.1:{}/vol0?tls-certificates={}",
+                n1.daemon.port(),
+                certs.display()
+            )],
+            CLI_TIMEOUT,
+        )
+        .expect_success();
+        n1.daemon.terminate();
+    }
 }
