@@ -3,9 +3,10 @@
 # Usage: DIR=/tmp/tlsbench benches/tls-ab.sh  (DIR holds pki/ from `mirrorblk certs init DIR/pki`;
 # fio with its nbd engine and libnbd built with GnuTLS). Prints one line per run.
 DIR=${DIR:?set DIR}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$DIR" || exit 1
 set -u
-BIN=${MIRRORBLKD:-./target/release/mirrorblkd}
+BIN=${MIRRORBLKD:-$ROOT/target/release/mirrorblkd}
 PORT=22809
 $BIN --export vol0 --data $DIR/d.img --journal $DIR/j.img --size 1G --journal-size 256M \
   --listen 127.0.0.1:$PORT --tls on --tls-certificates $DIR/pki --log-level warn 2> d.log &
