@@ -40,6 +40,7 @@ fn negotiated() -> Negotiated {
         transmission_flags: export.transmission_flags(),
         export,
         structured_replies: true,
+        extended_headers: false,
         base_allocation: Some(1),
         no_zeroes: true,
     }
@@ -51,7 +52,7 @@ fn header(command: Command, flags: CommandFlags, len: u32) -> [u8; REQUEST_HEADE
         command,
         cookie: 0x1234_5678_9abc_def0,
         offset: 123 * 4096,
-        length: len,
+        length: u64::from(len),
     })
 }
 

@@ -13,7 +13,7 @@ use std::io::{self, Read, Write};
 use crate::consts;
 use crate::error::{ErrorCode, ProtocolError};
 use crate::handshake::ExportInfo;
-use crate::reply::Extent;
+use crate::reply::{Extent, ExtentExt};
 use crate::request::{Command, CommandFlags, Request, REQUEST_HEADER_LEN};
 
 /// Largest option reply payload the client accepts. Server replies carry at
@@ -244,6 +244,46 @@ pub fn decode_chunk_header(header: &[u8; 20]) -> Result<ChunkHeader, ProtocolErr
     })
 }
 
+/// A decoded extended reply chunk header (`NBD_OPT_EXTENDED_HEADERS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtendedChunkHeader {
+    /// The fields a structured chunk header has too; `length` is the 64-bit
+    /// payload length cut to 32 bits only after [`MAX_CHUNK_PAYLOAD`] was
+    /// checked (see [`decode_extended_chunk_header`]).
+    pub chunk: ChunkHeader,
+    /// The request's offset, echoed.
+    pub offset: u64,
+}
+
+/// Decodes an extended reply chunk header; fails on a wrong magic or a
+/// payload longer than [`MAX_CHUNK_PAYLOAD`] plus a READ's worth
+/// (`max_data`), which this client never asks for.
+pub fn decode_extended_chunk_header(
+    header: &[u8; 32],
+    max_data: u64,
+) -> Result<ExtendedChunkHeader, ProtocolError> {
+    let mut c = Cursor::new(header);
+    let magic = c.u32()?;
+    if magic != consts::EXTENDED_REPLY_MAGIC {
+        return Err(ProtocolError::BadReplyMagic(magic));
+    }
+    let (flags, chunk_type, cookie, offset) = (c.u16()?, c.u16()?, c.u64()?, c.u64()?);
+    let length = c.u64()?;
+    let max = max_data.max(u64::from(MAX_CHUNK_PAYLOAD));
+    let Some(length) = u32::try_from(length).ok().filter(|l| u64::from(*l) <= max) else {
+        return Err(ProtocolError::ReplyTooLarge { length, max });
+    };
+    Ok(ExtendedChunkHeader {
+        chunk: ChunkHeader {
+            flags,
+            chunk_type,
+            cookie,
+            length,
+        },
+        offset,
+    })
+}
+
 /// Which kind of transmission reply starts with a given magic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyKind {
@@ -251,6 +291,8 @@ pub enum ReplyKind {
     Simple,
     /// 20-byte structured chunk header.
     Structured,
+    /// 32-byte extended chunk header.
+    Extended,
 }
 
 /// Classifies the first four bytes of a transmission reply.
@@ -258,6 +300,7 @@ pub fn reply_kind(magic: [u8; 4]) -> Result<ReplyKind, ProtocolError> {
     match u32::from_be_bytes(magic) {
         consts::SIMPLE_REPLY_MAGIC => Ok(ReplyKind::Simple),
         consts::STRUCTURED_REPLY_MAGIC => Ok(ReplyKind::Structured),
+        consts::EXTENDED_REPLY_MAGIC => Ok(ReplyKind::Extended),
         other => Err(ProtocolError::BadReplyMagic(other)),
     }
 }
@@ -353,6 +396,31 @@ pub fn decode_block_status(payload: &[u8]) -> Result<(u32, Vec<Extent>), Protoco
             return Err(ProtocolError::MalformedReply("extent of length zero"));
         }
         extents.push(Extent { length, flags });
+    }
+    Ok((id, extents))
+}
+
+/// Decodes a `BLOCK_STATUS_EXT` payload into its context id and extents (at
+/// least one, none of length zero, as many as the count field says).
+pub fn decode_block_status_ext(payload: &[u8]) -> Result<(u32, Vec<ExtentExt>), ProtocolError> {
+    let mut c = Cursor::new(payload);
+    let id = c.u32()?;
+    let count = c.u32()?;
+    let rest = c.rest();
+    if count == 0 || rest.len() % 16 != 0 || rest.len() / 16 != count as usize {
+        return Err(ProtocolError::MalformedReply(
+            "BLOCK_STATUS_EXT payload is not 8 + 16 × its non-zero descriptor count",
+        ));
+    }
+    let mut extents = Vec::with_capacity(rest.len() / 16);
+    let mut c = Cursor::new(rest);
+    while !c.rest.is_empty() {
+        let length = c.u64()?;
+        let flags = c.u64()?;
+        if length == 0 {
+            return Err(ProtocolError::MalformedReply("extent of length zero"));
+        }
+        extents.push(ExtentExt { length, flags });
     }
     Ok((id, extents))
 }
@@ -518,6 +586,7 @@ pub struct ClientHandshake<S: Read + Write> {
     server_flags: u16,
     no_zeroes: bool,
     structured: bool,
+    extended: bool,
     /// Export name and context id of the last `base:allocation` selection.
     meta: Option<(String, u32)>,
 }
@@ -549,6 +618,7 @@ impl<S: Read + Write> ClientHandshake<S> {
             server_flags,
             no_zeroes: flags & consts::FLAG_C_NO_ZEROES != 0,
             structured: false,
+            extended: false,
             meta: None,
         })
     }
@@ -644,6 +714,30 @@ impl<S: Read + Write> ClientHandshake<S> {
             }
             .into());
         }
+        self.structured = true;
+        Ok(true)
+    }
+
+    /// `NBD_OPT_EXTENDED_HEADERS`: `true` if acknowledged (then requests and
+    /// replies use 32-byte headers and chunked replies are on), `false` if
+    /// the server does not support it.
+    pub fn extended_headers(&mut self) -> Result<bool, ClientError> {
+        let option = consts::OPT_EXTENDED_HEADERS;
+        let replies = self.option(option, &[])?;
+        if replies.len() == 1
+            && replies.first().map(|r| r.reply_type) == Some(consts::REP_ERR_UNSUP)
+        {
+            return Ok(false);
+        }
+        let rest = Self::expect_ack(option, replies)?;
+        if let Some(r) = rest.first() {
+            return Err(ProtocolError::UnexpectedOptionReply {
+                option,
+                reply_type: r.reply_type,
+            }
+            .into());
+        }
+        self.extended = true;
         self.structured = true;
         Ok(true)
     }
@@ -805,11 +899,15 @@ impl<S: Read + Write> ClientHandshake<S> {
     pub fn go(mut self, name: &str) -> Result<Client<S>, ClientError> {
         let (info, flags) = self.info_request(consts::OPT_GO, name)?;
         let base_allocation = self.base_allocation_for(name);
+        let style = Style {
+            structured: self.structured,
+            extended: self.extended,
+        };
         Ok(Client::new(
             self.stream,
             info,
             flags,
-            self.structured,
+            style,
             base_allocation,
         ))
     }
@@ -839,11 +937,15 @@ impl<S: Read + Write> ClientHandshake<S> {
             DEFAULT_BLOCK_SIZES,
             base_allocation.is_some(),
         );
+        let style = Style {
+            structured: self.structured,
+            extended: self.extended,
+        };
         Ok(Client::new(
             self.stream,
             info,
             flags,
-            self.structured,
+            style,
             base_allocation,
         ))
     }
@@ -869,8 +971,9 @@ pub struct Response {
     pub error: Option<u32>,
     /// Data read (READ only; empty on error).
     pub data: Vec<u8>,
-    /// `base:allocation` extents (BLOCK_STATUS only).
-    pub extents: Vec<Extent>,
+    /// `base:allocation` extents (BLOCK_STATUS only), from either chunk
+    /// type (compact ones widened to 64 bits).
+    pub extents: Vec<ExtentExt>,
 }
 
 /// What the client remembers about a request until its reply is complete.
@@ -878,7 +981,14 @@ pub struct Response {
 struct InFlight {
     command: Command,
     offset: u64,
-    length: u32,
+    length: u64,
+}
+
+/// Reply framing negotiated in the handshake.
+#[derive(Debug, Clone, Copy)]
+struct Style {
+    structured: bool,
+    extended: bool,
 }
 
 /// A connected client in the transmission phase.
@@ -891,6 +1001,7 @@ pub struct Client<S: Read + Write> {
     info: ExportInfo,
     flags: u16,
     structured: bool,
+    extended: bool,
     base_allocation: Option<u32>,
     next_cookie: u64,
     in_flight: HashMap<u64, InFlight>,
@@ -906,6 +1017,7 @@ impl<S: Read + Write> std::fmt::Debug for Client<S> {
             .field("info", &self.info)
             .field("flags", &self.flags)
             .field("structured", &self.structured)
+            .field("extended", &self.extended)
             .field("base_allocation", &self.base_allocation)
             .field("in_flight", &self.in_flight.len())
             .finish_non_exhaustive()
@@ -917,14 +1029,15 @@ impl<S: Read + Write> Client<S> {
         stream: S,
         info: ExportInfo,
         flags: u16,
-        structured: bool,
+        style: Style,
         base_allocation: Option<u32>,
     ) -> Self {
         Client {
             stream,
             info,
             flags,
-            structured,
+            structured: style.structured,
+            extended: style.extended,
             base_allocation,
             next_cookie: 1,
             in_flight: HashMap::new(),
@@ -939,6 +1052,16 @@ impl<S: Read + Write> Client<S> {
     pub fn connect(stream: S, export: &str, structured: bool) -> Result<Client<S>, ClientError> {
         let mut hs = ClientHandshake::start(stream, true)?;
         if structured && hs.structured_reply()? {
+            hs.set_meta_context(export, &[consts::META_BASE_ALLOCATION])?;
+        }
+        hs.go(export)
+    }
+
+    /// Like [`Client::connect`] with `structured`, but asks for extended
+    /// headers first (structured replies if the server refuses them).
+    pub fn connect_extended(stream: S, export: &str) -> Result<Client<S>, ClientError> {
+        let mut hs = ClientHandshake::start(stream, true)?;
+        if hs.extended_headers()? || hs.structured_reply()? {
             hs.set_meta_context(export, &[consts::META_BASE_ALLOCATION])?;
         }
         hs.go(export)
@@ -960,9 +1083,14 @@ impl<S: Read + Write> Client<S> {
         &self.info
     }
 
-    /// Whether structured replies were negotiated.
+    /// Whether structured replies (or extended headers) were negotiated.
     pub fn structured_replies(&self) -> bool {
         self.structured
+    }
+
+    /// Whether extended headers were negotiated.
+    pub fn extended_headers(&self) -> bool {
+        self.extended
     }
 
     /// Context id of `base:allocation`, if negotiated.
@@ -998,13 +1126,18 @@ impl<S: Read + Write> Client<S> {
         self.stream
     }
 
-    /// Sends a request header and its payload as given (no validation, so
-    /// tests can send invalid requests) and remembers it for
-    /// [`Client::receive`]. `DISC` is not remembered: it has no reply.
+    /// Sends a request header (32-byte once extended headers are on) and its
+    /// payload as given (no validation, so tests can send invalid requests)
+    /// and remembers it for [`Client::receive`]. `DISC` is not remembered:
+    /// it has no reply.
     pub fn submit(&mut self, req: &Request, payload: Option<&[u8]>) -> io::Result<()> {
         let payload = payload.unwrap_or(&[]);
-        let mut buf = Vec::with_capacity(REQUEST_HEADER_LEN.saturating_add(payload.len()));
-        buf.extend_from_slice(&encode_request(req));
+        let mut buf = Vec::with_capacity(32usize.saturating_add(payload.len()));
+        if self.extended {
+            buf.extend_from_slice(&req.encode_extended());
+        } else {
+            buf.extend_from_slice(&encode_request(req));
+        }
         buf.extend_from_slice(payload);
         self.stream.write_all(&buf)?;
         self.stream.flush()?;
@@ -1053,7 +1186,7 @@ impl<S: Read + Write> Client<S> {
         command: Command,
         flags: CommandFlags,
         offset: u64,
-        length: u32,
+        length: u64,
         payload: Option<&[u8]>,
     ) -> Result<Response, ClientError> {
         let cookie = self.next_cookie();
@@ -1073,7 +1206,7 @@ impl<S: Read + Write> Client<S> {
         command: Command,
         flags: CommandFlags,
         offset: u64,
-        length: u32,
+        length: u64,
         payload: Option<&[u8]>,
     ) -> Result<Response, ClientError> {
         let r = self.execute(command, flags, offset, length, payload)?;
@@ -1085,20 +1218,29 @@ impl<S: Read + Write> Client<S> {
 
     /// Reads `len` bytes at `offset`.
     pub fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
-        self.execute_ok(Command::Read, CommandFlags::empty(), offset, len, None)
-            .map(|r| r.data)
+        self.execute_ok(
+            Command::Read,
+            CommandFlags::empty(),
+            offset,
+            u64::from(len),
+            None,
+        )
+        .map(|r| r.data)
     }
 
     /// Writes `data` at `offset`, with `FUA` if asked.
     pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<(), ClientError> {
         let len = u32::try_from(data.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "write larger than 4 GiB"))?;
-        let flags = if fua {
+        let mut flags = if fua {
             CommandFlags::FUA
         } else {
             CommandFlags::empty()
         };
-        self.execute_ok(Command::Write, flags, offset, len, Some(data))
+        if self.extended {
+            flags |= CommandFlags::PAYLOAD_LEN;
+        }
+        self.execute_ok(Command::Write, flags, offset, u64::from(len), Some(data))
             .map(drop)
     }
 
@@ -1109,13 +1251,13 @@ impl<S: Read + Write> Client<S> {
     }
 
     /// Trims `len` bytes at `offset`.
-    pub fn trim(&mut self, offset: u64, len: u32) -> Result<(), ClientError> {
+    pub fn trim(&mut self, offset: u64, len: u64) -> Result<(), ClientError> {
         self.execute_ok(Command::Trim, CommandFlags::empty(), offset, len, None)
             .map(drop)
     }
 
     /// Asks the server to cache `len` bytes at `offset`.
-    pub fn cache(&mut self, offset: u64, len: u32) -> Result<(), ClientError> {
+    pub fn cache(&mut self, offset: u64, len: u64) -> Result<(), ClientError> {
         self.execute_ok(Command::Cache, CommandFlags::empty(), offset, len, None)
             .map(drop)
     }
@@ -1125,7 +1267,7 @@ impl<S: Read + Write> Client<S> {
     pub fn write_zeroes(
         &mut self,
         offset: u64,
-        len: u32,
+        len: u64,
         flags: CommandFlags,
     ) -> Result<(), ClientError> {
         self.execute_ok(Command::WriteZeroes, flags, offset, len, None)
@@ -1133,7 +1275,7 @@ impl<S: Read + Write> Client<S> {
     }
 
     /// `base:allocation` extents for `len` bytes at `offset`.
-    pub fn block_status(&mut self, offset: u64, len: u32) -> Result<Vec<Extent>, ClientError> {
+    pub fn block_status(&mut self, offset: u64, len: u64) -> Result<Vec<ExtentExt>, ClientError> {
         self.execute_ok(
             Command::BlockStatus,
             CommandFlags::empty(),
@@ -1164,13 +1306,13 @@ impl<S: Read + Write> Client<S> {
         loop {
             let mut magic = [0u8; 4];
             self.stream.read_exact(&mut magic)?;
-            match reply_kind(magic)? {
+            let done = match reply_kind(magic)? {
                 ReplyKind::Simple => return self.read_simple(magic),
-                ReplyKind::Structured => {
-                    if let Some(done) = self.read_chunk(magic)? {
-                        return Ok(done);
-                    }
-                }
+                ReplyKind::Structured => self.read_chunk(magic)?,
+                ReplyKind::Extended => self.read_extended_chunk(magic)?,
+            };
+            if let Some(done) = done {
+                return Ok(done);
             }
         }
     }
@@ -1184,7 +1326,9 @@ impl<S: Read + Write> Client<S> {
         let Some(req) = self.in_flight.remove(&h.cookie) else {
             return Err(ProtocolError::UnknownCookie(h.cookie).into());
         };
-        if (self.structured && req.command == Command::Read) || self.partial.contains_key(&h.cookie)
+        if (self.structured && req.command == Command::Read)
+            || self.extended
+            || self.partial.contains_key(&h.cookie)
         {
             return Err(ProtocolError::WrongReplyStyle(h.cookie).into());
         }
@@ -1208,13 +1352,47 @@ impl<S: Read + Write> Client<S> {
         head.copy_from_slice(&magic);
         self.stream.read_exact(tail)?;
         let h = decode_chunk_header(&h)?;
-        if !self.structured {
+        if !self.structured || self.extended {
             return Err(ProtocolError::WrongReplyStyle(h.cookie).into());
         }
         let Some(req) = self.in_flight.get(&h.cookie).copied() else {
             return Err(ProtocolError::UnknownCookie(h.cookie).into());
         };
         check_chunk_length(&h, &req)?;
+        self.finish_chunk(h, req)
+    }
+
+    /// Reads one extended chunk; returns the response if it was the last.
+    fn read_extended_chunk(&mut self, magic: [u8; 4]) -> Result<Option<Response>, ClientError> {
+        let mut h = [0u8; 32];
+        let (head, tail) = h.split_at_mut(4);
+        head.copy_from_slice(&magic);
+        self.stream.read_exact(tail)?;
+        let x = decode_extended_chunk_header(&h, u64::from(u32::MAX))?;
+        let h = x.chunk;
+        if !self.extended {
+            return Err(ProtocolError::WrongReplyStyle(h.cookie).into());
+        }
+        let Some(req) = self.in_flight.get(&h.cookie).copied() else {
+            return Err(ProtocolError::UnknownCookie(h.cookie).into());
+        };
+        if x.offset != req.offset {
+            return Err(ProtocolError::MalformedReply(
+                "extended reply offset differs from the request's",
+            )
+            .into());
+        }
+        check_chunk_length(&h, &req)?;
+        self.finish_chunk(h, req)
+    }
+
+    /// Reads a chunk's payload and folds it into its response; returns the
+    /// response if the chunk was the last.
+    fn finish_chunk(
+        &mut self,
+        h: ChunkHeader,
+        req: InFlight,
+    ) -> Result<Option<Response>, ClientError> {
         let mut payload = vec![0u8; usize::try_from(h.length).unwrap_or(0)];
         self.stream.read_exact(&mut payload)?;
 
@@ -1242,7 +1420,7 @@ impl<S: Read + Write> Client<S> {
 /// Bounds a chunk's payload by what its request can legitimately produce.
 fn check_chunk_length(h: &ChunkHeader, req: &InFlight) -> Result<(), ProtocolError> {
     let max = if h.chunk_type == consts::REPLY_TYPE_OFFSET_DATA {
-        u64::from(req.length).saturating_add(8)
+        req.length.saturating_add(8)
     } else {
         u64::from(MAX_CHUNK_PAYLOAD)
     };
@@ -1316,6 +1494,18 @@ fn apply_chunk(
             }
             let (id, extents) = decode_block_status(payload)?;
             if Some(id) == base_allocation {
+                resp.extents.extend(extents.into_iter().map(|e| ExtentExt {
+                    length: u64::from(e.length),
+                    flags: u64::from(e.flags),
+                }));
+            }
+        }
+        consts::REPLY_TYPE_BLOCK_STATUS_EXT => {
+            if req.command != Command::BlockStatus {
+                return Err(unexpected());
+            }
+            let (id, extents) = decode_block_status_ext(payload)?;
+            if Some(id) == base_allocation {
                 resp.extents.extend(extents);
             }
         }
@@ -1338,7 +1528,7 @@ fn content_range(req: &InFlight, offset: u64, len: u64) -> Result<(usize, usize)
         ))?;
     let end = start
         .checked_add(len)
-        .filter(|end| *end <= u64::from(req.length))
+        .filter(|end| *end <= req.length)
         .ok_or(ProtocolError::MalformedReply(
             "content chunk past the request",
         ))?;

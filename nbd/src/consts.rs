@@ -23,6 +23,12 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Magic that starts every structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Magic that starts every 32-byte request once extended headers are
+/// negotiated (`NBD_EXTENDED_REQUEST_MAGIC`).
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Magic that starts every 32-byte reply chunk once extended headers are
+/// negotiated (`NBD_EXTENDED_REPLY_MAGIC`).
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 // ---------------------------------------------------------------------------
 // Handshake flags (server → client, 16 bits)
@@ -125,7 +131,8 @@ pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 /// Option: select the metadata contexts `NBD_CMD_BLOCK_STATUS` reports.
 pub const OPT_SET_META_CONTEXT: u32 = 10;
-/// Option: 64-bit extended headers (newer extension, not supported here).
+/// Option: 64-bit extended headers: 32-byte request and reply headers and
+/// 64-bit effect lengths (the `EXTENDED_HEADERS` extension).
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 // ---------------------------------------------------------------------------
@@ -161,6 +168,9 @@ pub const REP_ERR_SHUTDOWN: u32 = REP_FLAG_ERROR | 7;
 pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_FLAG_ERROR | 8;
 /// Option error: the request or its reply is too large to process.
 pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
+/// Option error: extended headers are required (also the answer to
+/// `NBD_OPT_STRUCTURED_REPLY` once extended headers are on).
+pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_FLAG_ERROR | 10;
 
 // ---------------------------------------------------------------------------
 // Information types inside NBD_REP_INFO (16 bits)
@@ -212,9 +222,16 @@ pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 /// Command flag (WRITE_ZEROES): fail with `ENOTSUP` unless zeroing is fast.
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Command flag (extended headers only): *length* is the length of a
+/// payload that follows the header, not an effect length.
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 /// Every command flag this crate knows; other bits are rejected with `EINVAL`.
-pub const KNOWN_CMD_FLAGS: u16 =
-    CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
+pub const KNOWN_CMD_FLAGS: u16 = CMD_FLAG_FUA
+    | CMD_FLAG_NO_HOLE
+    | CMD_FLAG_DF
+    | CMD_FLAG_REQ_ONE
+    | CMD_FLAG_FAST_ZERO
+    | CMD_FLAG_PAYLOAD_LEN;
 
 // ---------------------------------------------------------------------------
 // Structured replies (server → client)
@@ -231,6 +248,9 @@ pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 /// Chunk type: u32 context id followed by (u32 length, u32 flags) extents.
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Chunk type (extended headers only): u32 context id, u32 descriptor
+/// count, then (u64 length, u64 flags) extents.
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 /// Bit set in every error chunk type.
 pub const REPLY_TYPE_FLAG_ERROR: u16 = 1 << 15;
 /// Chunk type: u32 error, u16 message length, message.

@@ -97,10 +97,25 @@ pub enum ProtocolError {
     RequestTooLong {
         /// Raw command code of the request.
         command: u16,
-        /// Length the client asked for.
-        length: u32,
+        /// Length the client asked for (or announced as payload).
+        length: u64,
         /// Maximum payload the server advertised.
         max: u32,
+    },
+
+    /// With extended headers, a WRITE without `NBD_CMD_FLAG_PAYLOAD_LEN`:
+    /// whether its payload follows is unknowable, so the stream is lost.
+    #[error("extended-header WRITE of {0} bytes without NBD_CMD_FLAG_PAYLOAD_LEN")]
+    WriteWithoutPayloadLen(u64),
+
+    /// A request header handed to the decoder had the wrong size for the
+    /// negotiated header style (a caller bug, reported rather than panicking).
+    #[error("request header of {got} bytes, expected {want}")]
+    BadHeaderLength {
+        /// Bytes given.
+        got: usize,
+        /// Bytes the negotiated style needs.
+        want: usize,
     },
 
     /// The server greeting did not start with `NBDMAGIC` + `IHAVEOPT`.

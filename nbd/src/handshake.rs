@@ -13,8 +13,8 @@
 //! ```
 //!
 //! The machine answers `EXPORT_NAME`, `GO`, `INFO`, `LIST`, `ABORT`,
-//! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and `SET_META_CONTEXT`
-//! (`base:allocation` only); anything else gets `NBD_REP_ERR_UNSUP` and the
+//! `STRUCTURED_REPLY`, `EXTENDED_HEADERS`, `LIST_META_CONTEXT` and
+//! `SET_META_CONTEXT` (`base:allocation` only); anything else gets `NBD_REP_ERR_UNSUP` and the
 //! negotiation continues.
 //!
 //! TLS follows a [`TlsPolicy`]: with [`TlsPolicy::Off`] (the spec's NOTLS
@@ -222,9 +222,15 @@ pub struct Negotiated {
     pub export: ExportInfo,
     /// Transmission flags exactly as sent to the client.
     pub transmission_flags: u16,
-    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged: READ must be answered with
-    /// structured replies.
+    /// `NBD_OPT_STRUCTURED_REPLY` or `NBD_OPT_EXTENDED_HEADERS` was
+    /// acknowledged: READ must be answered with chunked replies (structured,
+    /// or extended when `extended_headers`).
     pub structured_replies: bool,
+    /// `NBD_OPT_EXTENDED_HEADERS` was acknowledged: requests and replies use
+    /// 32-byte headers, every reply is an extended chunk, and lengths of
+    /// TRIM, WRITE_ZEROES and BLOCK_STATUS are 64-bit. Implies
+    /// `structured_replies`.
+    pub extended_headers: bool,
     /// Context id of `base:allocation` if the client selected it (with
     /// `SET_META_CONTEXT` naming the same export it then chose); BLOCK_STATUS
     /// is only valid when this is `Some`.
@@ -294,6 +300,8 @@ pub struct Handshake {
     out: Vec<u8>,
     no_zeroes: bool,
     structured: bool,
+    /// `EXTENDED_HEADERS` was acknowledged (then `structured` is set too).
+    extended: bool,
     /// Export name given in the last successful `SET_META_CONTEXT` that
     /// selected `base:allocation`.
     meta_export: Option<String>,
@@ -435,6 +443,7 @@ impl Handshake {
             out,
             no_zeroes: false,
             structured: false,
+            extended: false,
             meta_export: None,
             negotiated: None,
             close_reason: None,
@@ -455,6 +464,7 @@ impl Handshake {
         );
         self.tls_active = true;
         self.structured = false;
+        self.extended = false;
         self.meta_export = None;
         self.phase = Phase::OptionHeader;
     }
@@ -764,8 +774,15 @@ impl Handshake {
             }
             consts::OPT_LIST => self.list(data, catalog),
             consts::OPT_INFO | consts::OPT_GO => self.info_go(option, data, catalog),
+            consts::OPT_EXTENDED_HEADERS => self.extended_headers(data),
             consts::OPT_STRUCTURED_REPLY => {
-                if data.is_empty() {
+                if self.extended {
+                    self.error_reply(
+                        option,
+                        consts::REP_ERR_EXT_HEADER_REQD,
+                        "extended headers are already on; they take precedence over structured replies",
+                    );
+                } else if data.is_empty() {
                     // A repeat is harmless, so it is acknowledged again
                     // rather than failed.
                     self.structured = true;
@@ -811,7 +828,34 @@ impl Handshake {
         }
     }
 
+    /// `NBD_OPT_EXTENDED_HEADERS`: on success every later request and reply
+    /// uses 32-byte headers, and chunked replies are on (extended headers
+    /// take the place of structured replies, so they imply them here).
+    fn extended_headers(&mut self, data: &[u8]) {
+        let option = consts::OPT_EXTENDED_HEADERS;
+        if !data.is_empty() {
+            self.error_reply(
+                option,
+                consts::REP_ERR_INVALID,
+                "NBD_OPT_EXTENDED_HEADERS takes no data",
+            );
+            return;
+        }
+        // A repeat is harmless, so it is acknowledged again.
+        self.extended = true;
+        self.structured = true;
+        self.ack(option);
+    }
+
     fn export_name(&mut self, data: &[u8], catalog: &dyn ExportCatalog) {
+        if self.extended {
+            // The spec forbids it; EXPORT_NAME has no error reply and no way
+            // to agree on the header style, so the session ends.
+            self.close(
+                "client sent NBD_OPT_EXPORT_NAME after negotiating extended headers".to_string(),
+            );
+            return;
+        }
         let name = match std::str::from_utf8(data) {
             Ok(name) => name,
             Err(_) => {
@@ -1003,6 +1047,7 @@ impl Handshake {
             export,
             transmission_flags: flags,
             structured_replies: self.structured,
+            extended_headers: self.extended,
             base_allocation,
             no_zeroes: self.no_zeroes,
         });
@@ -1244,6 +1289,48 @@ mod tests {
         assert_eq!(r[0].1, consts::REP_ERR_UNSUP);
         assert_eq!(r[1].1, consts::REP_ERR_UNSUP);
         assert_eq!(hs.status(), Status::InProgress);
+    }
+
+    #[test]
+    fn extended_headers_negotiate_and_take_precedence() {
+        let mut hs = started(3);
+        hs.receive(&opt(consts::OPT_EXTENDED_HEADERS, &[]), &catalog())
+            .unwrap();
+        hs.receive(&opt(consts::OPT_STRUCTURED_REPLY, &[]), &catalog())
+            .unwrap();
+        let mut input = opt(
+            consts::OPT_SET_META_CONTEXT,
+            &meta_data("disk", &[consts::META_BASE_ALLOCATION]),
+        );
+        input.extend_from_slice(&opt(consts::OPT_GO, &go_data("disk")));
+        hs.receive(&input, &catalog()).unwrap();
+        let r = replies(hs.output());
+        assert_eq!(r[0].0, consts::OPT_EXTENDED_HEADERS);
+        assert_eq!(r[0].1, consts::REP_ACK);
+        assert_eq!(r[1].1, consts::REP_ERR_EXT_HEADER_REQD);
+        assert_eq!(r[2].1, consts::REP_META_CONTEXT);
+        assert_eq!(hs.status(), Status::Ready);
+        let neg = hs.negotiated().unwrap();
+        assert!(neg.extended_headers && neg.structured_replies);
+        assert_eq!(neg.base_allocation, Some(BASE_ALLOCATION_ID));
+        assert_ne!(neg.transmission_flags & consts::FLAG_SEND_DF, 0);
+
+        // Data is invalid; EXPORT_NAME after extended headers closes.
+        let mut hs = started(3);
+        hs.receive(&opt(consts::OPT_EXTENDED_HEADERS, b"x"), &catalog())
+            .unwrap();
+        assert_eq!(replies(hs.output())[0].1, consts::REP_ERR_INVALID);
+        hs.receive(&opt(consts::OPT_EXTENDED_HEADERS, &[]), &catalog())
+            .unwrap();
+        hs.receive(&opt(consts::OPT_EXPORT_NAME, b"disk"), &catalog())
+            .unwrap();
+        assert_eq!(hs.status(), Status::Closed);
+
+        // Without the option, compact headers.
+        let mut hs = started(3);
+        hs.receive(&opt(consts::OPT_GO, &go_data("disk")), &catalog())
+            .unwrap();
+        assert!(!hs.negotiated().unwrap().extended_headers);
     }
 
     #[test]
@@ -1503,7 +1590,7 @@ mod tests {
     #[test]
     fn starttls_stops_at_the_option_and_forgets_clear_text() {
         let mut hs = started_tls(TlsPolicy::Optional);
-        let mut input = opt(consts::OPT_STRUCTURED_REPLY, &[]);
+        let mut input = opt(consts::OPT_EXTENDED_HEADERS, &[]);
         input.extend(opt(consts::OPT_STARTTLS, &[]));
         let before_tail = input.len();
         // A client must not pipeline past STARTTLS; the machine leaves such
@@ -1517,7 +1604,7 @@ mod tests {
         hs.consume_output(hs.output().len());
         hs.tls_established();
         assert!(hs.tls_active());
-        // Structured replies were negotiated in clear text: forgotten.
+        // Extended headers were negotiated in clear text: forgotten.
         hs.receive(&opt(consts::OPT_STARTTLS, &[]), &catalog())
             .unwrap();
         assert_eq!(replies(hs.output())[0].1, consts::REP_ERR_INVALID);
@@ -1525,7 +1612,7 @@ mod tests {
         hs.receive(&opt(consts::OPT_GO, &go_data("disk")), &catalog())
             .unwrap();
         let neg = hs.negotiated().unwrap();
-        assert!(!neg.structured_replies);
+        assert!(!neg.structured_replies && !neg.extended_headers);
     }
 
     #[test]

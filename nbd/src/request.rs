@@ -1,8 +1,9 @@
-//! Transmission-phase requests: decoding the 28-byte header and deciding,
-//! from the negotiated export alone, whether a request may be served.
+//! Transmission-phase requests: decoding the 28-byte compact header or the
+//! 32-byte extended one and deciding, from the negotiated export alone,
+//! whether a request may be served.
 //!
-//! The server reads [`REQUEST_HEADER_LEN`] bytes, calls [`decode_request`],
-//! then [`check_request`]. A [`Verdict::Reject`] is answered with an error
+//! The server reads [`header_len`] bytes (28, or 32 once extended headers
+//! are negotiated), calls [`decode_header`], then [`check_request`]. A [`Verdict::Reject`] is answered with an error
 //! reply and the session goes on; a [`Verdict::Close`] means the stream can no
 //! longer be trusted and the connection must be dropped.
 
@@ -10,9 +11,22 @@ use crate::consts;
 use crate::error::{ErrorCode, ProtocolError};
 use crate::handshake::Negotiated;
 
-/// Size of a request header on the wire: magic, flags, type, cookie, offset,
-/// length.
+/// Size of a compact request header on the wire: magic, flags, type,
+/// cookie, offset, 32-bit length.
 pub const REQUEST_HEADER_LEN: usize = 28;
+
+/// Size of an extended request header (`NBD_OPT_EXTENDED_HEADERS`): magic,
+/// flags, type, cookie, offset, 64-bit length.
+pub const EXTENDED_REQUEST_HEADER_LEN: usize = 32;
+
+/// Length of the request headers of a session: extended or compact.
+pub fn header_len(extended: bool) -> usize {
+    if extended {
+        EXTENDED_REQUEST_HEADER_LEN
+    } else {
+        REQUEST_HEADER_LEN
+    }
+}
 
 /// The command a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +107,8 @@ impl CommandFlags {
     pub const REQ_ONE: CommandFlags = CommandFlags(consts::CMD_FLAG_REQ_ONE);
     /// WRITE_ZEROES must fail with `ENOTSUP` unless it is fast.
     pub const FAST_ZERO: CommandFlags = CommandFlags(consts::CMD_FLAG_FAST_ZERO);
+    /// Extended headers only: `length` counts payload bytes that follow.
+    pub const PAYLOAD_LEN: CommandFlags = CommandFlags(consts::CMD_FLAG_PAYLOAD_LEN);
 
     /// No flags.
     pub const fn empty() -> CommandFlags {
@@ -134,31 +150,58 @@ pub struct Request {
     pub cookie: u64,
     /// Byte offset into the export.
     pub offset: u64,
-    /// Byte length of the range (and of the payload, for writes).
-    pub length: u32,
+    /// Byte length of the range (and of the payload, for writes). Compact
+    /// headers carry 32 bits of it; extended headers all 64.
+    pub length: u64,
 }
 
 impl Request {
-    /// Number of payload bytes that follow this header on the wire: `length`
-    /// for WRITE, zero for everything else. The server must consume exactly
-    /// this many bytes before the next header, even when it rejects the
-    /// request.
-    pub fn payload_len(&self) -> u32 {
-        match self.command {
-            Command::Write => self.length,
-            _ => 0,
+    /// Number of payload bytes that follow this header on the wire. The
+    /// server must consume exactly this many bytes before the next header,
+    /// even when it rejects the request.
+    ///
+    /// Compact headers: `length` for WRITE, zero for everything else.
+    /// Extended headers: `length` when `PAYLOAD_LEN` is set, else zero (a
+    /// WRITE without it is closed by [`check_request`] before anything is
+    /// read).
+    pub fn payload_len(&self, extended: bool) -> u64 {
+        let has_payload = if extended {
+            self.flags.contains(CommandFlags::PAYLOAD_LEN)
+        } else {
+            self.command == Command::Write
+        };
+        if has_payload {
+            self.length
+        } else {
+            0
         }
     }
 
-    /// Encodes the header as a client sends it.
+    /// Encodes the compact header as a client sends it. A `length` above
+    /// `u32::MAX` does not fit and is sent as `u32::MAX` (a compact client
+    /// cannot ask for more).
     pub fn encode(&self) -> [u8; REQUEST_HEADER_LEN] {
         let mut b = [0u8; REQUEST_HEADER_LEN];
+        let length = u32::try_from(self.length).unwrap_or(u32::MAX);
         b[0..4].copy_from_slice(&consts::REQUEST_MAGIC.to_be_bytes());
         b[4..6].copy_from_slice(&self.flags.0.to_be_bytes());
         b[6..8].copy_from_slice(&self.command.code().to_be_bytes());
         b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..28].copy_from_slice(&self.length.to_be_bytes());
+        b[24..28].copy_from_slice(&length.to_be_bytes());
+        b
+    }
+
+    /// Encodes the extended (32-byte) header as a client sends it, flags
+    /// as given (a WRITE needs `PAYLOAD_LEN`).
+    pub fn encode_extended(&self) -> [u8; EXTENDED_REQUEST_HEADER_LEN] {
+        let mut b = [0u8; EXTENDED_REQUEST_HEADER_LEN];
+        b[0..4].copy_from_slice(&consts::EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.0.to_be_bytes());
+        b[6..8].copy_from_slice(&self.command.code().to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..32].copy_from_slice(&self.length.to_be_bytes());
         b
     }
 }
@@ -173,27 +216,67 @@ fn take<const N: usize>(bytes: &[u8]) -> ([u8; N], &[u8]) {
     (head, rest)
 }
 
-/// Decodes a request header. The only failure is a wrong magic number, after
-/// which the stream is out of sync and must be dropped; every other oddity
-/// is left to [`check_request`] so it can be answered with an error reply.
+/// Decodes a compact request header. The only failure is a wrong magic
+/// number, after which the stream is out of sync and must be dropped; every
+/// other oddity is left to [`check_request`] so it can be answered with an
+/// error reply.
 pub fn decode_request(header: &[u8; REQUEST_HEADER_LEN]) -> Result<Request, ProtocolError> {
-    let (magic, rest) = take::<4>(header);
+    let (head, rest) = decode_common(header, consts::REQUEST_MAGIC)?;
+    let (length, _) = take::<4>(rest);
+    Ok(Request {
+        length: u64::from(u32::from_be_bytes(length)),
+        ..head
+    })
+}
+
+/// Decodes an extended (32-byte) request header; like [`decode_request`],
+/// only a wrong magic fails.
+pub fn decode_extended_request(
+    header: &[u8; EXTENDED_REQUEST_HEADER_LEN],
+) -> Result<Request, ProtocolError> {
+    let (head, rest) = decode_common(header, consts::EXTENDED_REQUEST_MAGIC)?;
+    let (length, _) = take::<8>(rest);
+    Ok(Request {
+        length: u64::from_be_bytes(length),
+        ..head
+    })
+}
+
+/// Decodes the header of a session that did (`extended`) or did not
+/// negotiate extended headers. `header` must hold [`header_len`] bytes;
+/// fewer (or more) is a [`ProtocolError::BadHeaderLength`].
+pub fn decode_header(header: &[u8], extended: bool) -> Result<Request, ProtocolError> {
+    let bad = || ProtocolError::BadHeaderLength {
+        got: header.len(),
+        want: header_len(extended),
+    };
+    if extended {
+        decode_extended_request(header.try_into().map_err(|_| bad())?)
+    } else {
+        decode_request(header.try_into().map_err(|_| bad())?)
+    }
+}
+
+/// The fields both header forms share, and the bytes after them (the
+/// length field). Fails on a magic other than `magic`.
+fn decode_common(header: &[u8], magic: u32) -> Result<(Request, &[u8]), ProtocolError> {
+    let (got, rest) = take::<4>(header);
     let (flags, rest) = take::<2>(rest);
     let (command, rest) = take::<2>(rest);
     let (cookie, rest) = take::<8>(rest);
     let (offset, rest) = take::<8>(rest);
-    let (length, _) = take::<4>(rest);
-    let magic = u32::from_be_bytes(magic);
-    if magic != consts::REQUEST_MAGIC {
-        return Err(ProtocolError::BadRequestMagic(magic));
+    let got = u32::from_be_bytes(got);
+    if got != magic {
+        return Err(ProtocolError::BadRequestMagic(got));
     }
-    Ok(Request {
+    let req = Request {
         flags: CommandFlags(u16::from_be_bytes(flags)),
         command: Command::from_code(u16::from_be_bytes(command)),
         cookie: u64::from_be_bytes(cookie),
         offset: u64::from_be_bytes(offset),
-        length: u32::from_be_bytes(length),
-    })
+        length: 0,
+    };
+    Ok((req, rest))
 }
 
 /// What the server should do with a decoded request.
@@ -215,17 +298,21 @@ pub enum Verdict {
 ///
 /// 1. Unknown command → `Reject(EINVAL)`. `DISC` → `Serve` whatever its
 ///    fields, because it gets no reply and the server closes anyway.
-/// 2. READ/WRITE longer than the maximum payload → `Close`: the spec lets a
-///    server treat oversized payloads as denial of service, and checking this
-///    first guarantees a rejected WRITE never has more than the maximum
-///    payload left to drain.
+/// 2. READ/WRITE longer than the maximum payload, or (extended headers) any
+///    `PAYLOAD_LEN` payload longer than it → `Close`: the spec lets a server
+///    treat oversized payloads as denial of service, and checking this first
+///    guarantees a rejected request never has more than the maximum payload
+///    left to drain. An extended WRITE without `PAYLOAD_LEN` → `Close` too:
+///    whether a payload follows is unknowable, so the stream is lost.
 /// 3. Unknown flag bits → `Reject(EINVAL)`.
 /// 4. A command the transmission flags did not expose (FLUSH, TRIM,
 ///    WRITE_ZEROES, CACHE) or BLOCK_STATUS without a negotiated
 ///    `base:allocation` → `Reject(EINVAL)`.
 /// 5. A flag that does not fit: `FUA` without `SEND_FUA`; `NO_HOLE` or
 ///    `FAST_ZERO` off WRITE_ZEROES; `DF` off READ or without `SEND_DF`;
-///    `REQ_ONE` off BLOCK_STATUS → `Reject(EINVAL)`. `FAST_ZERO` on
+///    `REQ_ONE` off BLOCK_STATUS; `PAYLOAD_LEN` off WRITE or without
+///    extended headers → `Reject(EINVAL)` (a payload announced with it is
+///    drained first: [`Request::payload_len`]). `FAST_ZERO` on
 ///    WRITE_ZEROES when `SEND_FAST_ZERO` was not advertised →
 ///    `Reject(ENOTSUP)`. `FUA` is accepted on every command once `SEND_FUA`
 ///    is advertised, as the spec requires.
@@ -239,12 +326,14 @@ pub enum Verdict {
 ///    `Reject(EINVAL)`.
 /// 10. Zero-length BLOCK_STATUS → `Reject(EINVAL)` (no valid reply exists:
 ///     every extent must be non-empty). Other zero-length requests are
-///     served as no-ops, since the spec asks servers not to disconnect.
+///     served as no-ops, since the spec asks servers not to disconnect (a
+///     zero-length READ under structured or extended replies is answered
+///     with a lone `NONE` chunk: an `OFFSET_DATA` chunk must carry data).
 ///
 /// Lengths of TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS are not held to the
 /// maximum payload: they carry no payload, and Linux clients send
 /// multi-gigabyte discards and zeroing requests regardless of advertised
-/// limits.
+/// limits. With extended headers they are 64-bit effect lengths.
 pub fn check_request(req: &Request, neg: &Negotiated) -> Verdict {
     let checks = check_command(req, neg)
         .and_then(|()| check_permission(req, neg))
@@ -268,16 +357,26 @@ pub fn check_request(req: &Request, neg: &Negotiated) -> Verdict {
 fn check_command(req: &Request, neg: &Negotiated) -> Result<(), Verdict> {
     let (_, _, max_payload) = neg.export.block_sizes();
     let cmd = req.command;
+    let payload = req.payload_len(neg.extended_headers);
+    let too_long = |length| {
+        Err(Verdict::Close(ProtocolError::RequestTooLong {
+            command: cmd.code(),
+            length,
+            max: max_payload,
+        }))
+    };
     // 1 + 2: commands that never get further.
     match cmd {
-        Command::Unknown(_) => return Err(Verdict::Reject(ErrorCode::Inval)),
         Command::Disc => return Err(Verdict::Serve),
-        Command::Read | Command::Write if req.length > max_payload => {
-            return Err(Verdict::Close(ProtocolError::RequestTooLong {
-                command: cmd.code(),
-                length: req.length,
-                max: max_payload,
-            }))
+        _ if payload > u64::from(max_payload) => return too_long(payload),
+        Command::Unknown(_) => return Err(Verdict::Reject(ErrorCode::Inval)),
+        Command::Read | Command::Write if req.length > u64::from(max_payload) => {
+            return too_long(req.length)
+        }
+        Command::Write if neg.extended_headers && payload == 0 && req.length > 0 => {
+            return Err(Verdict::Close(ProtocolError::WriteWithoutPayloadLen(
+                req.length,
+            )))
         }
         _ => {}
     }
@@ -343,6 +442,10 @@ fn check_command_flags(req: &Request, neg: &Negotiated) -> Result<(), Verdict> {
     if flags.contains(CommandFlags::REQ_ONE) && cmd != Command::BlockStatus {
         return inval;
     }
+    if flags.contains(CommandFlags::PAYLOAD_LEN) && (cmd != Command::Write || !neg.extended_headers)
+    {
+        return inval;
+    }
     if flags.contains(CommandFlags::FAST_ZERO) {
         if cmd != Command::WriteZeroes {
             return inval;
@@ -361,7 +464,7 @@ fn check_range(req: &Request, export: &crate::handshake::ExportInfo) -> Result<(
     //    around into range.
     let in_bounds = req
         .offset
-        .checked_add(u64::from(req.length))
+        .checked_add(req.length)
         .is_some_and(|end| end <= export.size);
     if !in_bounds {
         return Err(Verdict::Reject(match cmd {
@@ -372,7 +475,7 @@ fn check_range(req: &Request, export: &crate::handshake::ExportInfo) -> Result<(
     // 9. Alignment to the advertised minimum block size (never zero).
     let (min_block, _, _) = export.block_sizes();
     let min = u64::from(min_block.max(1));
-    if req.offset % min != 0 || u64::from(req.length) % min != 0 {
+    if req.offset % min != 0 || req.length % min != 0 {
         return Err(Verdict::Reject(ErrorCode::Inval));
     }
     // 10. An empty BLOCK_STATUS cannot be answered with a valid extent.
@@ -416,13 +519,21 @@ mod tests {
         Negotiated {
             transmission_flags: flags,
             structured_replies: structured,
+            extended_headers: false,
             base_allocation: structured.then_some(1),
             no_zeroes: true,
             export,
         }
     }
 
-    fn req(command: Command, flags: u16, offset: u64, length: u32) -> Request {
+    fn extended(export: ExportInfo) -> Negotiated {
+        Negotiated {
+            extended_headers: true,
+            ..neg_with(export, true)
+        }
+    }
+
+    fn req(command: Command, flags: u16, offset: u64, length: u64) -> Request {
         Request {
             flags: CommandFlags(flags),
             command,
@@ -454,9 +565,98 @@ mod tests {
 
     #[test]
     fn payload_len_only_for_writes() {
-        assert_eq!(req(Command::Write, 0, 0, 512).payload_len(), 512);
-        assert_eq!(req(Command::Read, 0, 0, 512).payload_len(), 0);
-        assert_eq!(req(Command::WriteZeroes, 0, 0, 512).payload_len(), 0);
+        assert_eq!(req(Command::Write, 0, 0, 512).payload_len(false), 512);
+        assert_eq!(req(Command::Read, 0, 0, 512).payload_len(false), 0);
+        assert_eq!(req(Command::WriteZeroes, 0, 0, 512).payload_len(false), 0);
+        // Compact headers ignore PAYLOAD_LEN; extended ones follow only it.
+        let p = consts::CMD_FLAG_PAYLOAD_LEN;
+        assert_eq!(req(Command::Read, p, 0, 512).payload_len(false), 0);
+        assert_eq!(req(Command::Read, p, 0, 512).payload_len(true), 512);
+        assert_eq!(req(Command::Write, p, 0, 512).payload_len(true), 512);
+        assert_eq!(req(Command::Write, 0, 0, 512).payload_len(true), 0);
+    }
+
+    #[test]
+    fn extended_header_round_trip_and_dispatch() {
+        let r = req(Command::WriteZeroes, 0, 4096, 5 << 30);
+        let b = r.encode_extended();
+        assert_eq!(&b[0..4], &consts::EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        assert_eq!(&b[24..32], &(5u64 << 30).to_be_bytes());
+        assert_eq!(decode_extended_request(&b), Ok(r));
+        assert_eq!(decode_header(&b, true), Ok(r));
+        // Each style refuses the other's magic and size.
+        assert!(matches!(
+            decode_request(&b[..28].try_into().unwrap()),
+            Err(ProtocolError::BadRequestMagic(_))
+        ));
+        assert!(matches!(
+            decode_header(&b, false),
+            Err(ProtocolError::BadHeaderLength { got: 32, want: 28 })
+        ));
+        let compact = req(Command::Read, 0, 0, 512).encode();
+        assert!(matches!(
+            decode_header(&compact, true),
+            Err(ProtocolError::BadHeaderLength { got: 28, want: 32 })
+        ));
+        assert_eq!(header_len(false), 28);
+        assert_eq!(header_len(true), 32);
+    }
+
+    #[test]
+    fn extended_rules() {
+        use ErrorCode::*;
+        let mut e = export();
+        e.size = 16 << 30;
+        let n = extended(e.clone());
+        let p = consts::CMD_FLAG_PAYLOAD_LEN;
+        // 64-bit effect lengths for commands without payload.
+        for r in [
+            req(Command::Trim, 0, 0, 8 << 30),
+            req(Command::WriteZeroes, 0, 0, 8 << 30),
+            req(Command::BlockStatus, 0, 0, 8 << 30),
+            req(Command::Write, p, 0, 4096),
+            req(Command::Write, 0, 0, 0),
+            req(Command::Read, 0, 0, 0),
+        ] {
+            assert_eq!(check_request(&r, &n), Verdict::Serve, "{r:?}");
+        }
+        // READ and WRITE stay bounded by the maximum payload.
+        for r in [
+            req(Command::Read, 0, 0, 8 << 30),
+            req(Command::Write, p, 0, 128 * 1024),
+            req(Command::Trim, p, 0, 128 * 1024),
+        ] {
+            assert!(
+                matches!(
+                    check_request(&r, &n),
+                    Verdict::Close(ProtocolError::RequestTooLong { .. })
+                ),
+                "{r:?}"
+            );
+        }
+        // A write whose payload cannot be known.
+        assert!(matches!(
+            check_request(&req(Command::Write, 0, 0, 4096), &n),
+            Verdict::Close(ProtocolError::WriteWithoutPayloadLen(4096))
+        ));
+        // PAYLOAD_LEN where no payload form exists, or in compact mode.
+        assert_eq!(
+            check_request(&req(Command::BlockStatus, p, 0, 512), &n),
+            Verdict::Reject(Inval)
+        );
+        assert_eq!(
+            check_request(&req(Command::Write, p, 0, 512), &neg_with(e.clone(), true)),
+            Verdict::Reject(Inval)
+        );
+        // Ranges are still checked with 64-bit lengths, overflow-safe.
+        assert_eq!(
+            check_request(&req(Command::WriteZeroes, 0, 0, 17 << 30), &n),
+            Verdict::Reject(NoSpc)
+        );
+        assert_eq!(
+            check_request(&req(Command::Trim, 0, 4096, u64::MAX - 511), &n),
+            Verdict::Reject(Inval)
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::thread;
 
 use nbd::client::{ClientHandshake, Response};
 use nbd::consts;
-use nbd::reply::{self, Extent};
+use nbd::reply::{self, Extent, ExtentExt};
 use nbd::request::{self, Command, CommandFlags, Request, Verdict, REQUEST_HEADER_LEN};
 use nbd::{ClientError, ErrorCode, ExportInfo, Handshake, Negotiated, ProtocolError, Status};
 
@@ -117,7 +117,7 @@ fn transmission(
             Verdict::Reject(e) => {
                 // A rejected write still has its payload on the wire.
                 io::copy(
-                    &mut input.by_ref().take(u64::from(req.payload_len())),
+                    &mut input.by_ref().take(req.payload_len(false)),
                     &mut io::sink(),
                 )?;
                 send_error(out, neg, &req, e)?;
@@ -295,7 +295,7 @@ fn go_structured_replies_and_pipelining() {
         let data = vec![0xABu8; 4096];
         let cookies: Vec<u64> = (0..4).map(|_| c.next_cookie()).collect();
         let reqs = [
-            (Command::Write, CommandFlags::FUA, 8192u64, 4096u32),
+            (Command::Write, CommandFlags::FUA, 8192u64, 4096u64),
             (Command::Read, CommandFlags::DF, 4096, 12288),
             (Command::BlockStatus, CommandFlags::empty(), 0, 65536),
             (Command::Read, CommandFlags(0x40), 0, 512),
@@ -321,17 +321,17 @@ fn go_structured_replies_and_pipelining() {
         assert_eq!(
             responses[2].extents,
             vec![
-                Extent {
+                ExtentExt {
                     length: 8192,
-                    flags: consts::STATE_HOLE | consts::STATE_ZERO
+                    flags: u64::from(consts::STATE_HOLE | consts::STATE_ZERO)
                 },
-                Extent {
+                ExtentExt {
                     length: 4096,
                     flags: 0
                 },
-                Extent {
+                ExtentExt {
                     length: 65536 - 12288,
-                    flags: consts::STATE_HOLE | consts::STATE_ZERO
+                    flags: u64::from(consts::STATE_HOLE | consts::STATE_ZERO)
                 },
             ]
         );
@@ -462,11 +462,15 @@ fn abort() {
 fn unknown_option_then_go() {
     let (res, end) = run(|s| -> Result<(), ClientError> {
         let mut hs = ClientHandshake::start(s, true)?;
-        for option in [0, 4, 5, 11, 12345, u32::MAX] {
+        for option in [0, 4, 5, 12345, u32::MAX] {
             let r = hs.option(option, b"some data")?;
             assert_eq!(r.len(), 1);
             assert_eq!(r[0].reply_type, consts::REP_ERR_UNSUP, "option {option}");
         }
+        // EXTENDED_HEADERS is known but takes no data.
+        let r = hs.option(consts::OPT_EXTENDED_HEADERS, b"some data")?;
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].reply_type, consts::REP_ERR_INVALID);
         let mut c = hs.go("disk")?;
         c.write(0, &[5; 512], false)?;
         assert_eq!(c.read(0, 512)?, vec![5; 512]);

@@ -63,6 +63,12 @@ fn every_command_and_flag_combination_round_trips() {
             };
             let decoded = request::decode_request(&client::encode_request(&req)).unwrap();
             assert_eq!(decoded, req);
+            let long = Request {
+                length: 0x1_dead_beef,
+                ..req
+            };
+            let decoded = request::decode_extended_request(&long.encode_extended()).unwrap();
+            assert_eq!(decoded, long);
         }
     }
 }
@@ -100,8 +106,15 @@ fn arb_export() -> impl Strategy<Value = ExportInfo> {
 }
 
 fn arb_negotiated() -> impl Strategy<Value = Negotiated> {
-    (arb_export(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
-        |(export, structured, meta, no_zeroes)| {
+    (
+        arb_export(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(export, structured, meta, no_zeroes, extended)| {
+            let structured = structured || extended;
             let mut flags = export.transmission_flags();
             if !structured {
                 flags &= !consts::FLAG_SEND_DF;
@@ -110,11 +123,11 @@ fn arb_negotiated() -> impl Strategy<Value = Negotiated> {
                 base_allocation: (structured && meta && export.can_block_status).then_some(1),
                 transmission_flags: flags,
                 structured_replies: structured,
+                extended_headers: extended,
                 no_zeroes,
                 export,
             }
-        },
-    )
+        })
 }
 
 fn arb_request() -> impl Strategy<Value = Request> {
@@ -123,7 +136,12 @@ fn arb_request() -> impl Strategy<Value = Request> {
         arb_command(),
         any::<u64>(),
         prop_oneof![any::<u64>(), (0u64..(1 << 31)).prop_map(|o| o & !511)],
-        prop_oneof![any::<u32>(), (0u32..(1 << 21)).prop_map(|l| l & !511)],
+        prop_oneof![
+            any::<u32>().prop_map(u64::from),
+            (0u64..(1 << 21)).prop_map(|l| l & !511),
+            any::<u64>(),
+            (0u64..(1 << 34)).prop_map(|l| l & !511),
+        ],
     )
         .prop_map(|(flags, command, cookie, offset, length)| Request {
             flags: CommandFlags(flags),
@@ -139,8 +157,22 @@ proptest! {
 
     #[test]
     fn request_round_trip(req in arb_request()) {
-        let bytes = client::encode_request(&req);
-        prop_assert_eq!(request::decode_request(&bytes), Ok(req));
+        let compact = Request { length: req.length & u64::from(u32::MAX), ..req };
+        let bytes = client::encode_request(&compact);
+        prop_assert_eq!(request::decode_request(&bytes), Ok(compact));
+        prop_assert_eq!(request::decode_header(&bytes, false), Ok(compact));
+        let bytes = req.encode_extended();
+        prop_assert_eq!(request::decode_extended_request(&bytes), Ok(req));
+        prop_assert_eq!(request::decode_header(&bytes, true), Ok(req));
+        // A header of the other style's size is refused, not misread.
+        prop_assert!(request::decode_header(&bytes, false).is_err());
+    }
+
+    #[test]
+    fn decode_extended_request_never_panics(bytes in any::<[u8; 32]>()) {
+        let r = request::decode_extended_request(&bytes);
+        let magic = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        prop_assert_eq!(r.is_ok(), magic == consts::EXTENDED_REQUEST_MAGIC);
     }
 
     #[test]
@@ -156,10 +188,16 @@ proptest! {
     fn check_request_serves_only_valid_requests(req in arb_request(), neg in arb_negotiated()) {
         let verdict = request::check_request(&req, &neg);
         let (min, _, max) = neg.export.block_sizes();
-        let end = req.offset.checked_add(u64::from(req.length));
+        let end = req.offset.checked_add(req.length);
+        let ext = neg.extended_headers;
+        let max = u64::from(max);
         if let Verdict::Close(_) = verdict {
-            prop_assert!(matches!(req.command, Command::Read | Command::Write));
-            prop_assert!(req.length > max);
+            let oversized = matches!(req.command, Command::Read | Command::Write) && req.length > max;
+            let payload_too_long = req.payload_len(ext) > max;
+            let write_without_flag = ext
+                && req.command == Command::Write
+                && !req.flags.contains(CommandFlags::PAYLOAD_LEN);
+            prop_assert!(oversized || payload_too_long || write_without_flag);
         }
         if verdict == Verdict::Serve {
             match req.command {
@@ -169,7 +207,7 @@ proptest! {
                 cmd => {
                     prop_assert!(end.is_some_and(|e| e <= neg.export.size));
                     prop_assert_eq!(req.offset % u64::from(min), 0);
-                    prop_assert_eq!(u64::from(req.length) % u64::from(min), 0);
+                    prop_assert_eq!(req.length % u64::from(min), 0);
                     prop_assert_eq!(req.flags.unknown_bits(), 0);
                     if matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes) {
                         prop_assert!(!neg.export.read_only);
@@ -179,6 +217,13 @@ proptest! {
                     }
                     if cmd == Command::BlockStatus {
                         prop_assert!(neg.base_allocation.is_some());
+                    }
+                    if req.flags.contains(CommandFlags::PAYLOAD_LEN) {
+                        prop_assert_eq!(cmd, Command::Write);
+                        prop_assert!(ext);
+                    }
+                    if ext && cmd == Command::Write && req.length > 0 {
+                        prop_assert!(req.flags.contains(CommandFlags::PAYLOAD_LEN));
                     }
                     if req.flags.contains(CommandFlags::DF) {
                         prop_assert_eq!(cmd, Command::Read);

@@ -1,7 +1,7 @@
 //! Serving one negotiated NBD connection on the volume's core.
 //!
-//! The reader takes each 28-byte request header, checks it with the protocol
-//! crate, reads a write's payload straight into pool buffers (`READ_FIXED`
+//! The reader takes each request header (28 bytes, or 32 once extended
+//! headers are negotiated), checks it with the protocol crate, reads a write's payload straight into pool buffers (`READ_FIXED`
 //! into registered memory: no copy), and spawns the request. Requests run
 //! concurrently, bounded per connection; their replies go to one writer task
 //! that sends everything queued in one vectored write, so replies leave as
@@ -12,7 +12,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nbd::request::{check_request, decode_request, REQUEST_HEADER_LEN};
+use nbd::reply::{ReplyStyle, ReplyTo};
+use nbd::request::{check_request, decode_header, header_len};
 use nbd::{Command, CommandFlags, ErrorCode, Negotiated, Request, Verdict};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_uring::buf::fixed::FixedBuf;
@@ -112,7 +113,7 @@ async fn read_payload_and_header(
     hdr: Vec<u8>,
     fixed: bool,
 ) -> (Result<usize, End>, FixedBuf, Vec<u8>) {
-    debug_assert_eq!(hdr.len(), REQUEST_HEADER_LEN);
+    debug_assert_eq!(hdr.len(), header_len(conn.neg.extended_headers));
     let (res, chunk, hdr) = sockio::readv_payload_and_tail(&conn.sock_file, chunk, want, hdr).await;
     let n = match res {
         Ok(0) => {
@@ -166,6 +167,8 @@ struct Conn {
     sock_file: tokio_uring::fs::File,
     vol: Rc<Volume>,
     neg: Negotiated,
+    /// How replies are framed (from `neg`).
+    style: ReplyStyle,
     replies: mpsc::UnboundedSender<Queued>,
     inflight: Arc<Semaphore>,
     peer: String,
@@ -183,32 +186,28 @@ impl Conn {
         let _ = self.replies.send(Queued::Release(permit));
     }
 
-    fn simple(&self, cookie: u64, err: Option<ErrorCode>) {
-        self.reply(vec![OutBuf::Bytes(
-            nbd::reply::simple_reply(cookie, err).to_vec(),
-            0,
-        )]);
-    }
-
     fn error(&self, req: &Request, code: ErrorCode, msg: &str) {
         self.vol.metrics().error(req.command, code);
-        if self.neg.structured_replies
-            && matches!(req.command, Command::Read | Command::BlockStatus)
-        {
-            self.reply(vec![OutBuf::Bytes(
-                nbd::reply::error_chunk(req.cookie, code, msg, true),
-                0,
-            )]);
-        } else {
-            self.simple(req.cookie, Some(code));
-        }
+        let b = nbd::reply::failure(self.style, reply_to(req), req.command, code, msg);
+        self.reply(vec![OutBuf::Bytes(b, 0)]);
     }
 
     fn done(&self, req: &Request, res: Result<(), ErrorCode>) {
         match res {
-            Ok(()) => self.simple(req.cookie, None),
+            Ok(()) => {
+                let b = nbd::reply::success(self.style, reply_to(req));
+                self.reply(vec![OutBuf::Bytes(b, 0)]);
+            }
             Err(code) => self.error(req, code, "request failed"),
         }
+    }
+}
+
+/// The request a reply answers.
+fn reply_to(req: &Request) -> ReplyTo {
+    ReplyTo {
+        cookie: req.cookie,
+        offset: req.offset,
     }
 }
 
@@ -283,6 +282,7 @@ pub async fn serve(
         ready,
         sock_file,
         vol,
+        style: ReplyStyle::of(&neg),
         neg,
         replies: tx,
         inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
@@ -459,7 +459,8 @@ async fn read_loop(
         bytes: leftover,
         at: 0,
     };
-    let mut hdr = vec![0u8; REQUEST_HEADER_LEN];
+    let extended = conn.neg.extended_headers;
+    let mut hdr = vec![0u8; header_len(extended)];
     let fixed = conn.vol.pool().registered();
     // Bytes of the next header already read along with a write's payload.
     let mut hdr_have = 0usize;
@@ -476,9 +477,7 @@ async fn read_loop(
             Err(e) => return e,
         }
         let started = Instant::now();
-        let mut raw = [0u8; REQUEST_HEADER_LEN];
-        raw.copy_from_slice(&hdr);
-        let req = match decode_request(&raw) {
+        let req = match decode_header(&hdr, extended) {
             Ok(r) => r,
             Err(e) => return End::Protocol(e),
         };
@@ -528,7 +527,7 @@ fn spawn_request(
         handle(&conn, req, payload).await;
         if let Some(m) = conn.vol.metrics().op(req.command) {
             let bytes = match req.command {
-                Command::Read | Command::Write => req.length as u64,
+                Command::Read | Command::Write => req.length,
                 _ => 0,
             };
             m.record(bytes, started.elapsed());
@@ -544,8 +543,10 @@ async fn admit(conn: &Conn, req: &Request, prefix: &mut Prefix) -> Result<bool, 
     match check_request(req, &conn.neg) {
         Verdict::Close(e) => Err(End::Protocol(e)),
         Verdict::Reject(code) => {
-            if req.command == Command::Write {
-                discard(&conn.sock, prefix, req.length as usize).await?;
+            // Bounded by the maximum payload: check_request closes longer.
+            let payload = req.payload_len(conn.neg.extended_headers) as usize;
+            if payload > 0 {
+                discard(&conn.sock, prefix, payload).await?;
             }
             tracing::debug!(peer = %conn.peer, "rejected {:?} at {}+{}: {:?}", req.command, req.offset, req.length, code);
             conn.error(req, code, "invalid request");
@@ -655,18 +656,18 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
             };
             conn.done(&req, res);
         }
-        Command::Read => match vol.read(req.offset, req.length as u64).await {
+        Command::Read if req.length == 0 => reply_read(conn, &req, ReadData { parts: Vec::new() }),
+        Command::Read => match vol.read(req.offset, req.length).await {
             Ok(data) => reply_read(conn, &req, data),
             Err(code) => conn.error(&req, code, "read failed"),
         },
         Command::Flush => conn.done(&req, vol.flush().await),
-        Command::Trim => conn.done(&req, vol.trim(req.offset, req.length as u64).await),
+        Command::Trim => conn.done(&req, vol.trim(req.offset, req.length).await),
         Command::WriteZeroes => {
             let no_hole = req.flags.contains(CommandFlags::NO_HOLE);
             conn.done(
                 &req,
-                vol.write_zeroes(req.offset, req.length as u64, no_hole)
-                    .await,
+                vol.write_zeroes(req.offset, req.length, no_hole).await,
             )
         }
         // O_DIRECT keeps no page cache to warm; prefetch is advisory.
@@ -679,14 +680,12 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
 }
 
 /// Answers a READ with the data read, behind a header of the negotiated
-/// reply style.
+/// reply style (a zero-length READ gets a complete reply with no data).
 fn reply_read(conn: &Conn, req: &Request, data: ReadData) {
     let mut out = Vec::with_capacity(data.parts.len() + 1);
-    let head = if conn.neg.structured_replies {
-        nbd::reply::offset_data_header(req.cookie, req.offset, req.length, true).to_vec()
-    } else {
-        nbd::reply::simple_reply(req.cookie, None).to_vec()
-    };
+    // READ lengths are bounded by the maximum payload (check_request).
+    let len = u32::try_from(req.length).unwrap_or(u32::MAX);
+    let head = nbd::reply::read_header(conn.style, reply_to(req), len);
     out.push(OutBuf::Bytes(head, 0));
     out.extend(
         data.parts
@@ -702,25 +701,32 @@ fn reply_block_status(conn: &Conn, req: &Request) {
         conn.error(req, ErrorCode::Inval, "base:allocation was not negotiated");
         return;
     };
-    let mut extents: Vec<nbd::reply::Extent> = conn
+    let mut extents: Vec<nbd::reply::ExtentExt> = conn
         .vol
-        .allocation(req.offset, req.length as u64)
+        .allocation(req.offset, req.length)
         .into_iter()
         .filter(|a| a.length > 0)
-        .map(|a| nbd::reply::Extent {
-            length: a.length.min(u32::MAX as u64) as u32,
-            flags: if a.hole {
+        .map(|a| nbd::reply::ExtentExt {
+            length: a.length,
+            flags: u64::from(if a.hole {
                 nbd::consts::STATE_HOLE | nbd::consts::STATE_ZERO
             } else {
                 0
-            },
+            }),
         })
         .collect();
     if req.flags.contains(CommandFlags::REQ_ONE) {
         extents.truncate(1);
     }
+    if extents.is_empty() {
+        // check_request refuses empty ranges, so the allocation map has at
+        // least one extent; an empty chunk would be a protocol violation.
+        conn.error(req, ErrorCode::Io, "no allocation extents for the range");
+        return;
+    }
+    let (min_block, _, _) = conn.neg.export.block_sizes();
     conn.reply(vec![OutBuf::Bytes(
-        nbd::reply::block_status_chunk(req.cookie, ctx, &extents, true),
+        nbd::reply::block_status(conn.style, reply_to(req), ctx, &extents, min_block),
         0,
     )]);
 }

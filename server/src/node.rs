@@ -781,6 +781,7 @@ fn take_over_conns(ctx: &'static AcceptContext, mut inh: Inherited) {
                 export,
                 transmission_flags: c.transmission_flags,
                 structured_replies: c.structured_replies,
+                extended_headers: c.extended_headers,
                 base_allocation: c.base_allocation,
                 no_zeroes: c.no_zeroes,
             },

@@ -34,6 +34,7 @@ fn state_of(off: &HandOff, paused_at_ms: u64) -> (State, Vec<BorrowedFd<'_>>) {
             size: q.neg.export.size,
             transmission_flags: q.neg.transmission_flags,
             structured_replies: q.neg.structured_replies,
+            extended_headers: q.neg.extended_headers,
             base_allocation: q.neg.base_allocation,
             no_zeroes: q.neg.no_zeroes,
             leftover: q.leftover.clone(),

@@ -436,7 +436,7 @@ fn write_on(
                 command: Command::Write,
                 cookie: c.next_cookie(),
                 offset: r.offset,
-                length: r.len,
+                length: u64::from(r.len),
             };
             inflight.insert(req.cookie, r);
             if c.submit(&req, Some(&pattern(r.seed, r.len as usize)))

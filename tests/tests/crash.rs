@@ -232,7 +232,7 @@ fn writer(
                 command,
                 cookie,
                 offset: first * BS as u64,
-                length: (count as usize * BS) as u32,
+                length: (count as usize * BS) as u64,
             };
             st.submitted += 1;
             if c.submit(&req, payload.as_deref()).is_err() {
@@ -660,7 +660,7 @@ fn sequential_writes(c: &mut Client<TcpStream>, start: u64, count: u64, depth: u
                 command: Command::Write,
                 cookie: c.next_cookie(),
                 offset: block * BS as u64,
-                length: BS as u32,
+                length: BS as u64,
             };
             c.submit(&req, Some(&block_content(block, next + 1)))
                 .expect("submit");
@@ -765,7 +765,7 @@ fn in_place_writes_are_not_overwritten_by_older_records() {
             command: Command::Write,
             cookie: c.next_cookie(),
             offset: b * BS as u64,
-            length: BS as u32,
+            length: BS as u64,
         };
         c.submit(&old, Some(&block_content(b, 2 * round)))
             .expect("submit the journaled write");
@@ -778,7 +778,7 @@ fn in_place_writes_are_not_overwritten_by_older_records() {
             command: Command::Write,
             cookie: c.next_cookie(),
             offset: first * BS as u64,
-            length: big.len() as u32,
+            length: big.len() as u64,
         };
         c.submit(&new, Some(&big))
             .expect("submit the in-place write");

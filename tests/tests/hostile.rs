@@ -203,7 +203,7 @@ mod hostile {
             command,
             cookie: 1,
             offset,
-            length,
+            length: u64::from(length),
         }
     }
 

@@ -297,7 +297,7 @@ fn nbdinfo_map_shows_holes_after_trim() {
     let uri = d.uri("vol0");
     let mut c = d.connect("vol0");
     c.write(0, &pattern(1, (4 * MIB) as usize), true).unwrap();
-    c.trim(MIB, MIB as u32).unwrap();
+    c.trim(MIB, MIB).unwrap();
     assert_eq!(
         c.read(MIB, MIB as u32).unwrap(),
         vec![0u8; MIB as usize],

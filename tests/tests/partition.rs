@@ -75,7 +75,7 @@ mod partition {
                     command: NbdCommand::Write,
                     cookie,
                     offset: r.offset,
-                    length: r.len,
+                    length: u64::from(r.len),
                 };
                 c.submit(&req, Some(&pattern(r.seed, len as usize)))
                     .unwrap_or_else(|e| panic!("submit {r:?}: {e}"));

@@ -486,7 +486,7 @@ mod replication {
                     command: Command::Write,
                     cookie,
                     offset: r.offset,
-                    length: r.len,
+                    length: u64::from(r.len),
                 };
                 w.end += u64::from(len);
                 inflight.insert(cookie, r);
@@ -614,7 +614,7 @@ mod replication {
                                 command: Command::Write,
                                 cookie: c.next_cookie(),
                                 offset: base + sent * MIB,
-                                length: MIB as u32,
+                                length: MIB,
                             };
                             if c.submit(&req, Some(&pattern(seed ^ sent, MIB as usize)))
                                 .is_err()
@@ -958,7 +958,7 @@ mod replication {
                     command: Command::Write,
                     cookie,
                     offset: next * KIB4,
-                    length: KIB4 as u32,
+                    length: KIB4,
                 };
                 c.submit(&req, Some(&pattern(seed ^ next, KIB4 as usize)))
                     .unwrap_or_else(|e| panic!("submit write {next}: {e}"));
@@ -1084,7 +1084,7 @@ mod replication {
             command: Command::Write,
             cookie,
             offset: WRITES * KIB4,
-            length: KIB4 as u32,
+            length: KIB4,
         };
         let submitted = c.submit(&req, Some(&pattern(0x66726f7a, KIB4 as usize)));
         let answered = submitted.is_ok() && reply_within(&c, Duration::from_secs(1));

@@ -197,7 +197,7 @@ fn write_of_4_gib_is_refused_without_buffering() {
         command: Command::Write,
         cookie: 9,
         offset: 0,
-        length: u32::MAX,
+        length: u64::from(u32::MAX),
     });
     c.get_mut().write_all(&hdr).unwrap();
     // The server may close before all of this arrives; that is the point.
@@ -232,7 +232,7 @@ fn disconnect_in_the_middle_of_a_write_payload() {
         command: Command::Write,
         cookie: 3,
         offset: off,
-        length: MIB as u32,
+        length: MIB,
     });
     c.get_mut().write_all(&hdr).unwrap();
     c.get_mut().write_all(&vec![0x99u8; 100 * 1024]).unwrap();
@@ -411,7 +411,13 @@ fn out_of_range_requests_get_the_right_errors() {
         for (what, cmd, off, len, want) in cases {
             let payload = (cmd == Command::Write).then(|| vec![0xabu8; len as usize]);
             let r = c
-                .execute(cmd, CommandFlags::empty(), off, len, payload.as_deref())
+                .execute(
+                    cmd,
+                    CommandFlags::empty(),
+                    off,
+                    u64::from(len),
+                    payload.as_deref(),
+                )
                 .unwrap_or_else(|e| {
                     panic!("{what} (structured={structured}): connection failed: {e}")
                 });

@@ -247,7 +247,7 @@ impl Writer {
             let off = self.at + (i * NBD_PIECE) as u64;
             let zero = *write_zeroes && piece == &self.zeros[..piece.len()];
             let r = if zero {
-                client.write_zeroes(off, piece.len() as u32, CommandFlags::empty())
+                client.write_zeroes(off, piece.len() as u64, CommandFlags::empty())
             } else {
                 client.write(off, piece, false)
             };

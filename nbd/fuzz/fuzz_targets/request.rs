@@ -21,6 +21,7 @@ fn negotiated(export: ExportInfo, structured: bool, meta: bool) -> Negotiated {
         base_allocation: (structured && meta && export.can_block_status).then_some(1),
         transmission_flags: flags,
         structured_replies: structured,
+        extended_headers: false,
         no_zeroes: true,
         export,
     }
@@ -81,7 +82,7 @@ fuzz_target!(|data: &[u8]| {
         match verdict {
             Verdict::Close(_) => {
                 assert!(matches!(req.command, Command::Read | Command::Write));
-                assert!(req.length > max);
+                assert!(req.length > u64::from(max));
             }
             Verdict::Reject(_) => {}
             Verdict::Serve => match req.command {
@@ -91,13 +92,14 @@ fuzz_target!(|data: &[u8]| {
                     assert!(neg.transmission_flags & consts::FLAG_SEND_FLUSH != 0)
                 }
                 cmd => {
-                    let end = req.offset.checked_add(u64::from(req.length));
+                    let end = req.offset.checked_add(req.length);
                     assert!(end.is_some_and(|e| e <= neg.export.size));
                     assert_eq!(req.offset % u64::from(min), 0);
-                    assert_eq!(u64::from(req.length) % u64::from(min), 0);
+                    assert_eq!(req.length % u64::from(min), 0);
                     assert_eq!(req.flags.unknown_bits(), 0);
+                    assert!(!req.flags.contains(CommandFlags::PAYLOAD_LEN));
                     if matches!(cmd, Command::Read | Command::Write) {
-                        assert!(req.length <= max);
+                        assert!(req.length <= u64::from(max));
                     }
                     if matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes) {
                         assert!(!neg.export.read_only);

@@ -13,9 +13,10 @@ use std::fmt;
 pub const MAGIC: [u8; 4] = *b"MBHO";
 /// The encoding's version. A successor reads this one and every older one
 /// it lists in [`READS`], so an upgrade can hand over to a newer binary.
-pub const VERSION: u16 = 2;
-/// Versions this binary decodes: 1 lacks the etcd lease.
-pub const READS: [u16; 2] = [1, 2];
+pub const VERSION: u16 = 3;
+/// Versions this binary decodes: 1 lacks the etcd lease, 1 and 2 each
+/// connection's extended-headers flag (their connections negotiated none).
+pub const READS: [u16; 3] = [1, 2, 3];
 /// Most connections one message carries.
 pub const MAX_CONNS: usize = 65_536;
 /// Most listeners one message carries.
@@ -95,6 +96,8 @@ pub struct ConnState {
     pub transmission_flags: u16,
     /// Structured replies were negotiated.
     pub structured_replies: bool,
+    /// Extended (32-byte) headers were negotiated (version 3 on).
+    pub extended_headers: bool,
     /// The `base:allocation` context id, if selected.
     pub base_allocation: Option<u32>,
     /// The client set `NBD_FLAG_C_NO_ZEROES`.
@@ -241,6 +244,7 @@ impl State {
             out.push(c.base_allocation.is_some() as u8);
             out.extend_from_slice(&c.base_allocation.unwrap_or(0).to_le_bytes());
             out.push(c.no_zeroes as u8);
+            out.push(c.extended_headers as u8);
             out.extend_from_slice(&(c.leftover.len() as u32).to_le_bytes());
             out.extend_from_slice(&c.leftover);
             put_bytes16(&mut out, c.peer.as_bytes());
@@ -287,7 +291,7 @@ impl State {
         }
         let mut conns = Vec::with_capacity(n.min(1024));
         for _ in 0..n {
-            conns.push(decode_conn(&mut r, &mut fd_seen)?);
+            conns.push(decode_conn(&mut r, &mut fd_seen, version)?);
         }
         if r.at != buf.len() {
             return Err(DecodeError::Trailing(buf.len() - r.at));
@@ -330,7 +334,11 @@ fn decode_listeners(
     Ok(out)
 }
 
-fn decode_conn(r: &mut Reader<'_>, fd_seen: &mut FdUse) -> Result<ConnState, DecodeError> {
+fn decode_conn(
+    r: &mut Reader<'_>,
+    fd_seen: &mut FdUse,
+    version: u16,
+) -> Result<ConnState, DecodeError> {
     let fd = r.u32("connection descriptor")?;
     fd_seen.mark(fd)?;
     let unix = r.flag("socket family")?;
@@ -341,6 +349,15 @@ fn decode_conn(r: &mut Reader<'_>, fd_seen: &mut FdUse) -> Result<ConnState, Dec
     let has_ctx = r.flag("base:allocation flag")?;
     let ctx = r.u32("base:allocation id")?;
     let no_zeroes = r.flag("no-zeroes")?;
+    let extended_headers = version >= 3 && r.flag("extended headers")?;
+    if extended_headers && !structured_replies {
+        // Extended headers imply chunked replies; the predecessor never
+        // sends one without the other.
+        return Err(DecodeError::Flag {
+            what: "structured replies (extended headers need them)",
+            value: 0,
+        });
+    }
     let len = r.u32("leftover length")? as usize;
     if len > MAX_LEFTOVER {
         return Err(DecodeError::TooLong {
@@ -358,6 +375,7 @@ fn decode_conn(r: &mut Reader<'_>, fd_seen: &mut FdUse) -> Result<ConnState, Dec
         size,
         transmission_flags,
         structured_replies,
+        extended_headers,
         base_allocation: has_ctx.then_some(ctx),
         no_zeroes,
         leftover,
@@ -481,6 +499,7 @@ mod tests {
                 size: 1 << 30,
                 transmission_flags: 0x1ff,
                 structured_replies: true,
+                extended_headers: false,
                 base_allocation: Some(1),
                 no_zeroes: true,
                 leftover: vec![0x25, 0x60, 0x95],
@@ -506,7 +525,38 @@ mod tests {
         v1[4..6].copy_from_slice(&1u16.to_le_bytes());
         let lease_at = 4 + 2 + 4 + 8 + 1;
         v1.drain(lease_at..lease_at + 9);
+        // Nor the connection's extended-headers flag (version 3): counted
+        // from the end, past the peer and the leftover.
+        let c = &s.conns[0];
+        let flag_at = v1.len() - (2 + c.peer.len()) - c.leftover.len() - 4 - 1;
+        assert_eq!(v1.remove(flag_at), 0);
         assert_eq!(State::decode(&v1, 3), Ok(s));
+    }
+
+    /// A version-2 message (from a daemon built before extended headers)
+    /// has no extended-headers flag and still decodes; version 3 carries it.
+    #[test]
+    fn extended_headers_travel_from_version_3() {
+        let mut s = sample();
+        s.conns[0].extended_headers = true;
+        let v3 = s.encode();
+        assert_eq!(State::decode(&v3, 3), Ok(s.clone()));
+        s.conns[0].extended_headers = false;
+        let v3 = s.encode();
+        let mut v2 = v3.clone();
+        v2[4..6].copy_from_slice(&2u16.to_le_bytes());
+        // Counted from the end: the flag, the leftover's length and bytes,
+        // the peer's length and text.
+        let flag_at = v3.len() - (2 + s.conns[0].peer.len()) - s.conns[0].leftover.len() - 4 - 1;
+        assert_eq!(v2.remove(flag_at), 0);
+        assert_eq!(State::decode(&v2, 3), Ok(s.clone()));
+        // Extended without structured is refused.
+        s.conns[0].extended_headers = true;
+        s.conns[0].structured_replies = false;
+        assert!(matches!(
+            State::decode(&s.encode(), 3),
+            Err(DecodeError::Flag { .. })
+        ));
     }
 
     #[test]
@@ -568,18 +618,19 @@ mod tests {
             "[a-z0-9]{0,20}",
             any::<u64>(),
             any::<u16>(),
-            any::<(bool, Option<u32>, bool)>(),
+            any::<(bool, bool, Option<u32>, bool)>(),
             proptest::collection::vec(any::<u8>(), 0..64),
             "[0-9.:]{0,30}",
         )
             .prop_map(
-                |(unix, export, size, tf, (sr, ba, nz), leftover, peer)| ConnState {
+                |(unix, export, size, tf, (sr, eh, ba, nz), leftover, peer)| ConnState {
                     fd: 0,
                     unix,
                     export,
                     size,
                     transmission_flags: tf,
-                    structured_replies: sr,
+                    structured_replies: sr || eh,
+                    extended_headers: eh,
                     base_allocation: ba,
                     no_zeroes: nz,
                     leftover,
