@@ -103,11 +103,6 @@ pub enum ProtocolError {
         max: u32,
     },
 
-    /// With extended headers, a WRITE without `NBD_CMD_FLAG_PAYLOAD_LEN`:
-    /// whether its payload follows is unknowable, so the stream is lost.
-    #[error("extended-header WRITE of {0} bytes without NBD_CMD_FLAG_PAYLOAD_LEN")]
-    WriteWithoutPayloadLen(u64),
-
     /// A request header handed to the decoder had the wrong size for the
     /// negotiated header style (a caller bug, reported rather than panicking).
     #[error("request header of {got} bytes, expected {want}")]

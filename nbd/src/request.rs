@@ -161,15 +161,14 @@ impl Request {
     /// even when it rejects the request.
     ///
     /// Compact headers: `length` for WRITE, zero for everything else.
-    /// Extended headers: `length` when `PAYLOAD_LEN` is set, else zero (a
-    /// WRITE without it is closed by [`check_request`] before anything is
-    /// read).
+    /// Extended headers: `length` for WRITE and for any command with
+    /// `PAYLOAD_LEN`, else zero. The spec has clients set `PAYLOAD_LEN` on
+    /// every extended WRITE, but qemu 10 does not (observed: its extended
+    /// WRITEs carry only `FUA`), and a WRITE's length can only mean its
+    /// payload, so a WRITE is read the same with or without the flag.
     pub fn payload_len(&self, extended: bool) -> u64 {
-        let has_payload = if extended {
-            self.flags.contains(CommandFlags::PAYLOAD_LEN)
-        } else {
-            self.command == Command::Write
-        };
+        let has_payload = self.command == Command::Write
+            || (extended && self.flags.contains(CommandFlags::PAYLOAD_LEN));
         if has_payload {
             self.length
         } else {
@@ -302,8 +301,7 @@ pub enum Verdict {
 ///    `PAYLOAD_LEN` payload longer than it → `Close`: the spec lets a server
 ///    treat oversized payloads as denial of service, and checking this first
 ///    guarantees a rejected request never has more than the maximum payload
-///    left to drain. An extended WRITE without `PAYLOAD_LEN` → `Close` too:
-///    whether a payload follows is unknowable, so the stream is lost.
+///    left to drain.
 /// 3. Unknown flag bits → `Reject(EINVAL)`.
 /// 4. A command the transmission flags did not expose (FLUSH, TRIM,
 ///    WRITE_ZEROES, CACHE) or BLOCK_STATUS without a negotiated
@@ -372,11 +370,6 @@ fn check_command(req: &Request, neg: &Negotiated) -> Result<(), Verdict> {
         Command::Unknown(_) => return Err(Verdict::Reject(ErrorCode::Inval)),
         Command::Read | Command::Write if req.length > u64::from(max_payload) => {
             return too_long(req.length)
-        }
-        Command::Write if neg.extended_headers && payload == 0 && req.length > 0 => {
-            return Err(Verdict::Close(ProtocolError::WriteWithoutPayloadLen(
-                req.length,
-            )))
         }
         _ => {}
     }
@@ -573,7 +566,7 @@ mod tests {
         assert_eq!(req(Command::Read, p, 0, 512).payload_len(false), 0);
         assert_eq!(req(Command::Read, p, 0, 512).payload_len(true), 512);
         assert_eq!(req(Command::Write, p, 0, 512).payload_len(true), 512);
-        assert_eq!(req(Command::Write, 0, 0, 512).payload_len(true), 0);
+        assert_eq!(req(Command::Write, 0, 0, 512).payload_len(true), 512);
     }
 
     #[test]
@@ -634,11 +627,12 @@ mod tests {
                 "{r:?}"
             );
         }
-        // A write whose payload cannot be known.
-        assert!(matches!(
+        // A WRITE without PAYLOAD_LEN (qemu 10 sends them) still has its
+        // payload.
+        assert_eq!(
             check_request(&req(Command::Write, 0, 0, 4096), &n),
-            Verdict::Close(ProtocolError::WriteWithoutPayloadLen(4096))
-        ));
+            Verdict::Serve
+        );
         // PAYLOAD_LEN where no payload form exists, or in compact mode.
         assert_eq!(
             check_request(&req(Command::BlockStatus, p, 0, 512), &n),

@@ -194,10 +194,7 @@ proptest! {
         if let Verdict::Close(_) = verdict {
             let oversized = matches!(req.command, Command::Read | Command::Write) && req.length > max;
             let payload_too_long = req.payload_len(ext) > max;
-            let write_without_flag = ext
-                && req.command == Command::Write
-                && !req.flags.contains(CommandFlags::PAYLOAD_LEN);
-            prop_assert!(oversized || payload_too_long || write_without_flag);
+            prop_assert!(oversized || payload_too_long);
         }
         if verdict == Verdict::Serve {
             match req.command {
@@ -221,9 +218,6 @@ proptest! {
                     if req.flags.contains(CommandFlags::PAYLOAD_LEN) {
                         prop_assert_eq!(cmd, Command::Write);
                         prop_assert!(ext);
-                    }
-                    if ext && cmd == Command::Write && req.length > 0 {
-                        prop_assert!(req.flags.contains(CommandFlags::PAYLOAD_LEN));
                     }
                     if req.flags.contains(CommandFlags::DF) {
                         prop_assert_eq!(cmd, Command::Read);

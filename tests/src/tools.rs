@@ -27,6 +27,9 @@ pub enum Tool {
     NbdCopy,
     /// `fio`, with its `nbd` engine.
     Fio,
+    /// Debian's `python3` (which has libnbd's Python bindings, the module
+    /// `nbdsh` runs), for scripted libnbd clients.
+    LibnbdPython,
 }
 
 impl Tool {
@@ -38,6 +41,7 @@ impl Tool {
             Tool::NbdInfo => "nbdinfo",
             Tool::NbdCopy => "nbdcopy",
             Tool::Fio => "fio",
+            Tool::LibnbdPython => "python3",
         }
     }
 
@@ -47,12 +51,19 @@ impl Tool {
             Tool::QemuIo | Tool::QemuImg => "qemu-utils",
             Tool::NbdInfo | Tool::NbdCopy => "libnbd-bin",
             Tool::Fio => "fio",
+            Tool::LibnbdPython => "python3-libnbd",
         }
     }
 
     /// Its full path; panics naming the package if it is not installed.
     #[track_caller]
     pub fn path(self) -> PathBuf {
+        // The distribution's interpreter, not one earlier on PATH (a pyenv
+        // build has no libnbd module).
+        let system = Path::new("/usr/bin/python3");
+        if self == Tool::LibnbdPython && is_executable(system) {
+            return system.to_path_buf();
+        }
         find_in_path(self.program()).unwrap_or_else(|| {
             panic!(
                 "{} is not installed (not found on PATH); install it with: apt-get install {}",

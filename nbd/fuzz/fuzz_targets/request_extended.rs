@@ -5,14 +5,14 @@
 //! Beyond "no panic": a `Serve` verdict only for a request that is in
 //! bounds (64-bit lengths, overflow-safe), aligned, and whose payload (if
 //! any) is a WRITE's within the payload limit; a `Close` only for a payload
-//! or READ/WRITE past the limit or a WRITE without `PAYLOAD_LEN`; and what
+//! or READ/WRITE past the limit; and what
 //! a `Reject` leaves to drain never exceeds the limit.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use nbd::consts;
-use nbd::request::{check_request, decode_extended_request, Command, CommandFlags, Verdict};
+use nbd::request::{check_request, decode_extended_request, Command, Verdict};
 use nbd::{ExportInfo, Negotiated};
 
 fn negotiated(export: ExportInfo, meta: bool) -> Negotiated {
@@ -81,8 +81,6 @@ fuzz_target!(|data: &[u8]| {
             Verdict::Close(_) => assert!(
                 payload > max
                     || (matches!(req.command, Command::Read | Command::Write) && req.length > max)
-                    || (req.command == Command::Write
-                        && !req.flags.contains(CommandFlags::PAYLOAD_LEN))
             ),
             Verdict::Reject(_) => assert!(payload <= max),
             Verdict::Serve => match req.command {
