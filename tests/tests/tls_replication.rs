@@ -1,7 +1,7 @@
 //! Replication over mutual TLS (`--replication-tls`): a failover under fio
 //! load with every link inside TLS, and a primary whose certificate another
-//! CA signed, or with none at all, refused before any record flows, with a
-//! log line and a `peer-auth-failed` event.
+//! CA signed, an expired or a revoked one, or none at all, refused before
+//! any record flows, with a log line and a `peer-auth-failed` event.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -212,4 +212,93 @@ fn a_replica_refuses_a_primary_with_a_wrong_certificate() {
         events.matches("peer-auth-failed").count() >= 2,
         "no peer-auth-failed events on n2:\n{events}"
     );
+}
+
+/// One CA (with a CRL) and three node certificates for 127.0.0.1 in
+/// `good/`, `expired/` and `revoked/`, each a `--tls-certificates` directory:
+/// valid; valid only in 2020; revoked in `ca-crl.pem` (every directory has
+/// the CRL).
+fn pki_with_bad_certificates(root: &Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer,
+        ExtendedKeyUsagePurpose as Eku, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose,
+        RevocationReason, RevokedCertParams, SerialNumber,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |serial: u64, expired: bool| {
+        let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        p.serial_number = Some(SerialNumber::from(serial));
+        p.extended_key_usages = vec![Eku::ServerAuth, Eku::ClientAuth];
+        if expired {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2020, 12, 31);
+        }
+        let key = KeyPair::generate().unwrap();
+        (p.signed_by(&key, &ca).unwrap().pem(), key.serialize_pem())
+    };
+    let crl = CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2024, 1, 1),
+        next_update: rcgen::date_time_ymd(2100, 1, 1),
+        crl_number: SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![RevokedCertParams {
+            serial_number: SerialNumber::from(3u64),
+            revocation_time: rcgen::date_time_ymd(2024, 1, 1),
+            reason_code: Some(RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        }],
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&ca)
+    .unwrap()
+    .pem()
+    .unwrap();
+    for (name, (cert, key)) in [
+        ("good", leaf(1, false)),
+        ("expired", leaf(2, true)),
+        ("revoked", leaf(3, false)),
+    ] {
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("ca-cert.pem"), ca.pem()).unwrap();
+        std::fs::write(d.join("ca-crl.pem"), &crl).unwrap();
+        std::fs::write(d.join("server-cert.pem"), cert).unwrap();
+        std::fs::write(d.join("server-key.pem"), key).unwrap();
+    }
+}
+
+/// A replica whose CA signed the primary's certificate still refuses it
+/// when that certificate has expired or is revoked in the CA's CRL: logged,
+/// recorded as `peer-auth-failed`, and no record reaches the replica; the
+/// same CA's valid certificate is accepted.
+#[test]
+fn a_replica_refuses_an_expired_or_revoked_certificate() {
+    let dir = TestDir::new();
+    let pki = dir.join("pki");
+    pki_with_bad_certificates(&pki);
+    let addrs = addrs();
+    let n2 = start(&dir, 1, &addrs, false, &tls_flags(&pki.join("good")));
+    let lsn = n2.status().last_lsn;
+    for bad in ["expired", "revoked"] {
+        let refused_before = n2.log_lines_with("TLS handshake").len();
+        let mut n1 = start(&dir, 0, &addrs, true, &tls_flags(&pki.join(bad)));
+        poll_until(Duration::from_secs(20), "n2 refuses n1", || {
+            (n2.log_lines_with("TLS handshake").len() > refused_before).then_some(())
+        });
+        assert_eq!(n2.status().last_lsn, lsn, "{bad}: a record reached n2");
+        assert_ne!(
+            view_of(&n1.status(), "n2").state,
+            ReplicaState::InSync,
+            "{bad}: in sync"
+        );
+        n1.daemon.kill9();
+    }
+    let events = std::fs::read_to_string(n2.files.journal.with_extension("journal.events.jsonl"))
+        .unwrap_or_default();
+    assert!(events.matches("peer-auth-failed").count() >= 2, "{events}");
+    let n1 = start(&dir, 0, &addrs, true, &tls_flags(&pki.join("good")));
+    n1.wait_replicas_in_sync(Duration::from_secs(30));
 }
