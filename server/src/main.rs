@@ -51,6 +51,7 @@ fn main() -> ExitCode {
         }
     };
     let reload_log = init_logging(&cfg.log_level, cli.log_format);
+    raise_fd_limit(&cfg);
     // Block the stop signals in every thread (threads inherit the mask), so
     // the main thread alone receives them with sigwait.
     let mut stop = SigSet::empty();
@@ -109,6 +110,43 @@ fn main() -> ExitCode {
             "could not finish and checkpoint within 30 s; the next start will replay the journal"
         );
         ExitCode::from(1)
+    }
+}
+
+/// Descriptors the daemon holds besides its client connections: volumes,
+/// journals, the event log, listeners, runtimes, replication links.
+const FD_RESERVE: u64 = 256;
+
+/// Raises the soft open-file limit to the hard one (systemd starts services
+/// with a soft limit of 1024 and a hard one of 524288): every serving
+/// connection (three descriptors with TLS: the socket and the relay's
+/// pair) and every connection still negotiating on each port holds one.
+/// Warns when even the hard limit is below what the configuration allows.
+fn raise_fd_limit(cfg: &Config) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let per_conn = if cfg.tls.is_some() { 3 } else { 1 };
+    let need =
+        cfg.max_connections as u64 * per_conn + 2 * cfg.handshake.max_pending as u64 + FD_RESERVE;
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("cannot read the open-file limit: {e}");
+            return;
+        }
+    };
+    let mut limit = soft;
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => limit = hard,
+            Err(e) => tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}"),
+        }
+    }
+    if limit < need {
+        tracing::warn!(
+            "open-file limit {limit} is below the {need} descriptors --max-connections {} and --max-handshakes {} may need: accepts will fail with EMFILE before those bounds; raise LimitNOFILE= (systemd) or `ulimit -n`, or lower the bounds",
+            cfg.max_connections,
+            cfg.handshake.max_pending
+        );
     }
 }
 

@@ -483,3 +483,35 @@ fn sigterm_under_load_drains_and_restart_replays_nothing() {
         );
     }
 }
+
+/// The soft open-file limit of a process, from /proc/PID/limits.
+fn soft_nofile(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    line.split_whitespace()
+        .nth(3)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no soft limit in {line:?}"))
+}
+
+/// Started with systemd's usual soft open-file limit (1024, below what the
+/// default --max-connections and --max-handshakes may hold), the daemon
+/// raises its soft limit to the hard one.
+#[test]
+fn daemon_raises_its_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    assert!(
+        hard > 1024,
+        "this host's hard limit {hard} leaves nothing to raise"
+    );
+    // nextest runs each test in its own process: only this one is lowered,
+    // and the daemon inherits it.
+    setrlimit(Resource::RLIMIT_NOFILE, 1024, hard).expect("lower the soft limit");
+    let dir = TestDir::new();
+    let d = Daemon::start(dir.volume_args("vol0", "64M"));
+    assert_eq!(soft_nofile(d.pid()), hard, "the daemon's soft limit");
+}
