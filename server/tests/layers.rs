@@ -21,6 +21,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("sockio", 0),
     ("store", 0),
     ("telemetry", 0),
+    ("tls", 0),
     ("units", 0),
     ("export", 1),
     ("lease_fence", 1),
