@@ -10,10 +10,21 @@ MNT=/mnt
 SERVER=10.0.2.100
 PORT=10809
 
+# More nbd-client arguments from the host (mb.connect=, commas for spaces),
+# e.g. the TLS ones: -x -cacertfile F -certfile F -keyfile F.
+connect_args() {
+    for arg in $(cat /proc/cmdline); do
+        case "$arg" in
+        mb.connect=*) echo "${arg#mb.connect=}" | tr ',' ' ' ;;
+        esac
+    done
+}
+
 # nbd-client ignores the block size the server advertises and would use
 # 512-byte blocks: -b 4096 is what mirrorblk's README tells users to pass.
 connect() {
-    nbd-client "$SERVER" "$PORT" "$DEV" -N vol0 -b 4096 "$@"
+    # shellcheck disable=SC2046 # the host's arguments are words on purpose
+    nbd-client "$SERVER" "$PORT" "$DEV" -N vol0 -b 4096 $(connect_args) "$@"
 }
 
 # Size of the device in 4 KiB blocks (0 when nothing is attached).

@@ -318,16 +318,19 @@ pub struct Boot<'a> {
     /// Put the `mirrorblk` CLI (stripped, with the libraries `ldd` names)
     /// into the guest as `/usr/sbin/mirrorblk`.
     pub mirrorblk: bool,
+    /// More files for the guest (path under the image's folders, mode,
+    /// contents), e.g. TLS certificates.
+    pub files: Vec<CpioFile>,
 }
 
 /// One file of the per-boot archive: path (under the image's existing
 /// folders), mode, contents.
-type CpioFile = (String, u32, Vec<u8>);
+pub type CpioFile = (String, u32, Vec<u8>);
 
 /// The initrd of one boot: the cached image, then (a second cpio archive,
 /// which the kernel unpacks over the first) `workloads.sh` read fresh, and
 /// `extra` files.
-fn write_initrd(initrd: &Path, image: &Image, extra: Option<Vec<CpioFile>>) {
+fn write_initrd(initrd: &Path, image: &Image, extra: Vec<CpioFile>) {
     let mut out = fs::File::create(initrd).expect("create the initrd");
     let mut base = fs::read(&image.initramfs).expect("read the initramfs");
     // Each archive of the concatenation must start 4-byte aligned
@@ -340,7 +343,7 @@ fn write_initrd(initrd: &Path, image: &Image, extra: Option<Vec<CpioFile>>) {
         fs::read(workspace_root().join("tests/kernel/workloads.sh"))
             .expect("read tests/kernel/workloads.sh"),
     )];
-    files.extend(extra.unwrap_or_default());
+    files.extend(extra);
     let refs: Vec<(&str, u32, &[u8])> = files
         .iter()
         .map(|(p, m, d)| (p.as_str(), *m, d.as_slice()))
@@ -430,6 +433,17 @@ impl Guest {
     /// arguments, passed as `mb.connect=`) and its network through `relay`
     /// (guest port 10809).
     pub fn boot(dir: &TestDir, workload: &str, nbd_args: &[&str], relay: &Relay) -> Guest {
+        Guest::boot_with_files(dir, workload, nbd_args, relay, Vec::new())
+    }
+
+    /// [`Guest::boot`] with `files` added to the guest's initramfs.
+    pub fn boot_with_files(
+        dir: &TestDir,
+        workload: &str,
+        nbd_args: &[&str],
+        relay: &Relay,
+        files: Vec<CpioFile>,
+    ) -> Guest {
         let mut params = Vec::new();
         if !nbd_args.is_empty() {
             params.push(("mb.connect", nbd_args.join(",")));
@@ -441,6 +455,7 @@ impl Guest {
                 params,
                 relays: vec![(GUEST_PORT, relay)],
                 mirrorblk: false,
+                files,
             },
         )
     }
@@ -450,11 +465,11 @@ impl Guest {
         let image = image();
         let accel = accel(&image);
         let initrd = dir.join("initrd.img");
-        write_initrd(
-            &initrd,
-            &image,
-            boot.mirrorblk.then(|| mirrorblk_files(dir)),
-        );
+        let mut extra = boot.files.clone();
+        if boot.mirrorblk {
+            extra.extend(mirrorblk_files(dir));
+        }
+        write_initrd(&initrd, &image, extra);
         let results = dir.join("guest-results.log");
         let console = dir.join("guest-console.log");
         let qemu_log = dir.join("qemu.log");
