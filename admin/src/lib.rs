@@ -27,8 +27,8 @@ pub mod states;
 pub use client::{call, call_within, CallError};
 pub use events::{Event, EventKind};
 pub use protocol::{
-    CoordinatorStatus, Listening, ReplicaStatus, Request, Response, RestartOutcome, VerifyStatus,
-    VolumeStatus,
+    ByteRange, Changes, CoordinatorStatus, Listening, ReplicaStatus, Request, Response,
+    RestartOutcome, VerifyStatus, VolumeStatus,
 };
 pub use readiness::{probe, Ready};
 pub use states::{Mode, OnReplicaLoss, ReplicaState, Role, UnknownName};

@@ -43,6 +43,55 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         binary: Option<PathBuf>,
     },
+    /// Changed-block tracking: the byte ranges of `volume` changed by
+    /// records after LSN `since` (on any node of the volume: LSNs are the
+    /// same on all of them). Answered in [`Response::changes`].
+    Changes {
+        /// The volume.
+        volume: String,
+        /// The last LSN the base (a previous backup) includes; 0 for every
+        /// change ever tracked.
+        since: u64,
+    },
+}
+
+/// One byte range of a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteRange {
+    /// Volume byte offset.
+    pub offset: u64,
+    /// Bytes.
+    pub length: u64,
+}
+
+/// What changed in a volume after an LSN (the answer to `changes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changes {
+    /// The volume.
+    pub volume: String,
+    /// Its UUID (the same on every node), 8-4-4-4-12 hex.
+    pub uuid: String,
+    /// The LSN asked about.
+    pub since: u64,
+    /// The last LSN the answer covers: every record up to it is included.
+    /// The next incremental asks `since` the LSN its own base includes.
+    pub lsn: u64,
+    /// True when the ranges are exact (a superset of what changed after
+    /// `since`, at region granularity). False when `since` is older than
+    /// what the table knows (`known_since`): the ranges are then the whole
+    /// volume, and a full backup is needed.
+    pub complete: bool,
+    /// The oldest `since` answered exactly.
+    pub known_since: u64,
+    /// Granularity of the tracking in bytes.
+    pub region_size: u64,
+    /// Volume size in bytes.
+    pub size: u64,
+    /// Sum of the ranges' lengths.
+    pub bytes: u64,
+    /// Changed ranges: sorted, disjoint, merged, region-aligned (the last
+    /// one ends at the volume's end).
+    pub ranges: Vec<ByteRange>,
 }
 
 /// How a live restart went.
@@ -195,6 +244,9 @@ pub struct Response {
     /// How a `restart` went (in its answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<RestartOutcome>,
+    /// What changed (in the answer to `changes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<Changes>,
 }
 
 /// What a node run with `--etcd` knows of its coordination.
@@ -250,6 +302,7 @@ impl Response {
             coordinator: None,
             event_log: None,
             restart: None,
+            changes: None,
         }
     }
 }

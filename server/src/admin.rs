@@ -228,6 +228,10 @@ fn answer(
         }
         return (resp, restart.into());
     }
+    if let Request::Changes { volume, since } = &req {
+        // A query (backup tools run it before every backup): not an event.
+        return (changes(volume, *since, node, cores), After::Nothing);
+    }
     if let Request::Restart { binary } = req {
         // Recorded as restart events: after a hand-over the new process
         // owns the event log.
@@ -292,7 +296,8 @@ fn handle(
         Request::Status
         | Request::SetResyncRate { .. }
         | Request::Verify { .. }
-        | Request::Restart { .. } => None,
+        | Request::Restart { .. }
+        | Request::Changes { .. } => None,
     };
     let resp = Response {
         ok: true,
@@ -305,8 +310,52 @@ fn handle(
         coordinator: None,
         event_log: None,
         restart: None,
+        changes: None,
     };
     (resp, restart)
+}
+
+/// Asks every core what changed in `volume` after LSN `since`; the core
+/// serving it answers.
+fn changes(
+    volume: &str,
+    since: u64,
+    node: &str,
+    cores: &[mpsc::Sender<crate::control::CoreMsg>],
+) -> Response {
+    for core in cores {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let q = crate::control::ChangesQuery {
+            volume: volume.to_string(),
+            since,
+            reply: tx,
+        };
+        if core
+            .blocking_send(crate::control::CoreMsg::Changes(q))
+            .is_err()
+        {
+            return Response::error("a core has stopped; the node is shutting down");
+        }
+        match rx.recv_timeout(CORE_TIMEOUT) {
+            Ok(Some(c)) => {
+                let mut r = Response::error("");
+                r.ok = true;
+                r.error = None;
+                r.node = node.to_string();
+                r.changes = Some(c);
+                return r;
+            }
+            Ok(None) => {}
+            Err(_) => {
+                return Response::error(
+                    "a core did not answer within 5 s; the node may be overloaded",
+                )
+            }
+        }
+    }
+    Response::error(format!(
+        "no volume '{volume}' on node {node}: `mirrorblk status` lists its volumes"
+    ))
 }
 
 /// How long the admin connection waits for the main thread's hand-over.

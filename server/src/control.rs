@@ -37,6 +37,19 @@ pub enum CoreMsg {
     /// what is in flight, close the volumes durably, and send the
     /// connections here (the core then ends).
     HandOver(std::sync::mpsc::Sender<HandedCore>),
+    /// Changed-block tracking: what changed in a volume after an LSN.
+    Changes(ChangesQuery),
+}
+
+/// "What changed in `volume` after LSN `since`", to every core; the one
+/// serving the volume answers `Some`.
+pub struct ChangesQuery {
+    /// The volume.
+    pub volume: String,
+    /// The LSN.
+    pub since: u64,
+    /// Where the core answers (None: not on this core).
+    pub reply: std::sync::mpsc::SyncSender<Option<mirrorblk_admin::Changes>>,
 }
 
 /// What a core hands over at a live restart.

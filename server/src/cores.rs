@@ -317,6 +317,13 @@ impl Core {
                 Some(CoreMsg::SetResyncRate(rate)) => self.set_resync_rate(rate),
                 Some(CoreMsg::Conn(nc)) => self.on_client(nc),
                 Some(CoreMsg::Coordinate(q)) => self.on_coordinator(q).await,
+                Some(CoreMsg::Changes(q)) => {
+                    let answer = self
+                        .volumes
+                        .get(&q.volume)
+                        .map(|s| crate::status::changes(&s.vol, q.since));
+                    let _ = q.reply.send(answer);
+                }
             }
         }
     }
@@ -345,7 +352,7 @@ impl Core {
                 }
                 Request::Verify { repair } => vol.request_verify(repair),
                 // The admin thread and the main thread carry it out.
-                Request::Restart { .. } => Ok(()),
+                Request::Restart { .. } | Request::Changes { .. } => Ok(()),
             };
             r.map_err(|e| e.to_string())?;
         }

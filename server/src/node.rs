@@ -23,7 +23,7 @@ use crate::control::{ClientStream, NewConn};
 use crate::control::{CoreMsg, Routes, CORE_QUEUE};
 pub use crate::control::{Heartbeats, PreparedVolume};
 use crate::cores::{run_core, CoreControl};
-use crate::engine::Tuning;
+use crate::engine::{ReplayMarks, Tuning};
 use crate::handover::wire::ListenerKind;
 use crate::handover::Inherited;
 use crate::journal::format::Role;
@@ -133,6 +133,8 @@ fn resolve_role(
 struct MarkingReplay<'a> {
     inner: FileReplay<'a>,
     bitmaps: Vec<OutOfSync>,
+    /// Changed-block tracking: every replayed record is marked.
+    changes: ReplayMarks,
     /// The previous process closed the volume cleanly (a live restart): no
     /// in-place write can have been under way, so the journal need not be
     /// swept for their intents (a read of the whole journal).
@@ -162,7 +164,16 @@ impl ReplayTarget for MarkingReplay<'_> {
         for b in &mut self.bitmaps {
             b.mark(offset, len);
         }
+        self.changes.unrecorded(offset, len);
         Ok(())
+    }
+
+    fn begin(&mut self, sb: &crate::journal::format::Superblock) {
+        self.changes.begin(sb);
+    }
+
+    fn record(&mut self, lsn: crate::units::Lsn, offset: u64, len: u64) {
+        self.changes.record(lsn, offset, len);
     }
 
     fn sync(&mut self) -> std::io::Result<()> {
@@ -170,7 +181,7 @@ impl ReplayTarget for MarkingReplay<'_> {
         for b in &mut self.bitmaps {
             b.persist_if_dirty()?;
         }
-        Ok(())
+        self.changes.save()
     }
 }
 
@@ -197,6 +208,7 @@ pub fn prepare_volume(
             block_device: store.block_device,
         },
         bitmaps: load_bitmaps(cfg, peers, store.size),
+        changes: ReplayMarks::new(&cfg.journal, &cfg.name),
         closed_cleanly,
     };
     let spec = JournalSpec {

@@ -37,6 +37,43 @@ pub fn volume_status(vol: &Volume) -> VolumeStatus {
     }
 }
 
+/// What changed in `vol` after LSN `since` (changed-block tracking).
+pub fn changes(vol: &Volume, since: u64) -> mirrorblk_admin::Changes {
+    let info = vol.info();
+    let report = vol.engine().changed_since(since);
+    let c = report.changed;
+    let ranges: Vec<mirrorblk_admin::ByteRange> = c
+        .ranges
+        .iter()
+        .map(|&(offset, length)| mirrorblk_admin::ByteRange { offset, length })
+        .collect();
+    mirrorblk_admin::Changes {
+        volume: info.name.clone(),
+        uuid: uuid_text(&report.uuid),
+        since,
+        lsn: report.lsn,
+        complete: c.complete,
+        known_since: c.floor,
+        region_size: crate::engine::changes::REGION,
+        size: info.size,
+        bytes: ranges.iter().map(|r| r.length).sum(),
+        ranges,
+    }
+}
+
+/// A UUID in its usual 8-4-4-4-12 hex form.
+pub fn uuid_text(u: &[u8; 16]) -> String {
+    let hex: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 /// A primary's view of one replica.
 fn replica_status(l: &LinkState, journal: &Journal) -> ReplicaStatus {
     let phase = l.phase.borrow().clone();

@@ -210,7 +210,8 @@ impl Engine {
     /// Makes the store durable, then moves the journal checkpoint to the
     /// target and releases the space.
     async fn checkpoint(&self) {
-        let target = self.checkpoint_target();
+        let pressure = self.journal.fill_ratio() > PRESSURE_FILL;
+        let target = self.changes_allow(self.checkpoint_target(), pressure).await;
         if let Err(e) = self.store.sync().await {
             tracing::error!(volume = %self.info.name, "syncing the data store failed: {e}; checkpoint postponed");
             return;

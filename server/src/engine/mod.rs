@@ -18,9 +18,11 @@
 //! `region` holds the stream-point operations a replica's resync needs.
 
 mod applier;
+pub mod changes;
 mod error;
 pub mod read;
 mod region;
+mod tracking;
 pub mod write;
 
 use std::cell::{Cell, RefCell};
@@ -33,6 +35,7 @@ use tokio::sync::Notify;
 
 pub use error::{nbd_error, EngineError};
 pub use read::ReadData;
+pub use tracking::{ChangeReport, ReplayMarks};
 
 use crate::buffer::{AlignedBuf, BufPool, MAX_CHUNK};
 use crate::journal::format::Role;
@@ -144,6 +147,19 @@ pub struct Engine {
     /// Set by the applier once everything is applied and checkpointed after `stopping`.
     stopped: Cell<bool>,
     stop_done: Notify,
+    /// Changed-block tracking: the last LSN that changed each region.
+    changes: RefCell<changes::ChangeTable>,
+    /// Where the table is persisted.
+    changes_path: std::path::PathBuf,
+    /// The persisted table holds every record below this LSN: the journal
+    /// checkpoint never moves past it.
+    changes_saved: Cell<Lsn>,
+    /// When the table was last persisted.
+    changes_saved_at: Cell<std::time::Instant>,
+    /// One save at a time (the applier's checkpoint, a resync's sync).
+    changes_saving: tokio::sync::Mutex<()>,
+    /// A resync wrote regions since the table was last persisted.
+    resync_marked: Cell<bool>,
 }
 
 impl Engine {
@@ -157,6 +173,8 @@ impl Engine {
         tuning: Tuning,
     ) -> Rc<Engine> {
         let applied_next = journal.next_lsn();
+        let (table, saved) = tracking::open_table(&info, &journal);
+        let changes_path = changes::table_path(&info.journal);
         let metrics = VolumeMetrics::new(&info.name);
         metrics.journal_size.set(journal.area_len() as f64);
         let e = Rc::new_cyclic(|me| Engine {
@@ -180,6 +198,12 @@ impl Engine {
             store_full: Cell::new(false),
             stopped: Cell::new(false),
             stop_done: Notify::new(),
+            changes_path,
+            changes: RefCell::new(table),
+            changes_saved: Cell::new(saved),
+            changes_saved_at: Cell::new(std::time::Instant::now()),
+            changes_saving: tokio::sync::Mutex::new(()),
+            resync_marked: Cell::new(false),
         });
         let a = e.clone();
         tokio_uring::spawn(async move {

@@ -37,6 +37,12 @@ impl Engine {
                 source,
             })?;
         self.applied_next.set(start);
+        self.rebase_changes(start, volume_uuid)
+            .await
+            .map_err(|source| EngineError::Io {
+                what: "saving the changed-block table",
+                source,
+            })?;
         Ok(())
     }
 
@@ -62,12 +68,14 @@ impl Engine {
             let slice = SharedSlice::new(data.clone(), i, 0, len);
             self.store.write_all(slice, offset + (i * MAX_CHUNK) as u64)
         });
+        let len = data.len() as u64;
         for (res, _) in futures_util::future::join_all(writes).await {
             res.map_err(|source| EngineError::Io {
                 what: "writing a resync region",
                 source,
             })?;
         }
+        self.mark_resynced(offset, len);
         Ok(())
     }
 
@@ -87,12 +95,19 @@ impl Engine {
         Ok(data.xxh3())
     }
 
-    /// Makes every region written so far durable.
+    /// Makes every region written so far durable, and their marks in the
+    /// changed-block table.
     pub async fn sync_store(&self) -> Result<(), EngineError> {
         self.store.sync().await.map_err(|source| EngineError::Io {
             what: "syncing the store",
             source,
-        })
+        })?;
+        self.save_resync_marks()
+            .await
+            .map_err(|source| EngineError::Io {
+                what: "saving the changed-block table",
+                source,
+            })
     }
 
     /// The resync is complete: make it durable and clear the mark.

@@ -157,6 +157,7 @@ impl Engine {
         let hooks = self.hooks();
         self.journal
             .reserve(new, |rec| {
+                self.mark_changed(rec.offset, rec.length, rec.lsn);
                 self.enter_overlay(rec, in_place);
                 if let Some(h) = &hooks {
                     h.reserved(rec);

@@ -236,6 +236,16 @@ pub trait ReplayTarget {
     fn wants_intents(&self) -> bool {
         false
     }
+    /// Recovery is about to replay from `sb`'s checkpoint (the superblock
+    /// found, checked to belong to the volume).
+    fn begin(&mut self, sb: &Superblock) {
+        let _ = sb;
+    }
+    /// Record `lsn` is replayed over `[offset, offset + len)` (called before
+    /// its data, for every record kind that changes the volume).
+    fn record(&mut self, lsn: Lsn, offset: u64, len: u64) {
+        let _ = (lsn, offset, len);
+    }
     /// Makes everything written durable.
     fn sync(&mut self) -> io::Result<()>;
 }
@@ -521,6 +531,7 @@ pub fn open_and_recover(
         .map_err(io_err("cannot open journal", path))?;
     let mut sb = read_superblock(&file, path)?;
     check_volume(&sb, spec)?;
+    target.begin(&sb);
     let start = Instant::now();
     let mut report = RecoveryReport::default();
     // First pass: where the valid records end and which ranges in-place
@@ -534,6 +545,9 @@ pub fn open_and_recover(
     // Second pass: replay, in LSN order, what no later in-place write covers.
     let (next_lsn, head, stop) = scan(&file, &sb, |rec, data| {
         let h = &rec.header;
+        if matches!(h.kind, EntryKind::Mutation(_) | EntryKind::WriteInPlace) {
+            target.record(h.lsn, h.offset, h.length);
+        }
         for (a, b) in in_place.replayable(h.offset, h.offset + h.length, h.lsn) {
             replay_part(target, h, data, a, b)?;
         }
