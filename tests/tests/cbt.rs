@@ -109,3 +109,57 @@ fn a_missing_table_answers_everything_and_says_it_is_not_complete() {
     assert!(new.complete);
     assert_eq!(ranges(&new), vec![(2 * MIB, K64)]);
 }
+
+/// The same question on a replica, and on it after it is promoted (the old
+/// primary killed): the same volume UUID, the same LSNs, the same ranges,
+/// so an incremental chain started on the old primary goes on.
+#[test]
+fn a_promoted_replica_answers_the_same_changes() {
+    use mirrorblk_admin::Role;
+    use mirrorblk_tests::cluster::{write_secret, Node, EXPORT};
+    use std::time::Duration;
+    let dir = TestDir::new();
+    let secret = write_secret(&dir, "secret");
+    let mut r = Node::start_replica(&dir, "n2", &secret, "16M", &[]);
+    let mut p = Node::start_primary(&dir, "n1", &secret, &[&r], "16M", &["--mode", "sync"]);
+    p.wait_replicas_in_sync(Duration::from_secs(60));
+    let base = changes(&p.files.admin, EXPORT, 0).lsn;
+    qemu_io_ok(
+        &p.daemon.uri(EXPORT),
+        &["write -P 1 0 4k", "write -P 2 2M 192k", "write -z 6M 4k"],
+    );
+    let on_primary = changes(&p.files.admin, EXPORT, base);
+    let written = vec![(0, K64), (2 * MIB, 3 * K64), (6 * MIB, K64)];
+    assert_eq!(ranges(&on_primary), written);
+    // Sync mode: the replica has every acknowledged record, with its LSN.
+    let on_replica = changes(&r.files.admin, EXPORT, base);
+    assert_eq!(
+        on_replica.uuid, on_primary.uuid,
+        "the table's key is the volume's UUID"
+    );
+    assert_eq!(on_replica.lsn, on_primary.lsn);
+    assert_eq!(ranges(&on_replica), written);
+
+    // A backup taken at on_primary.lsn; then more writes, the primary dies.
+    qemu_io_ok(
+        &p.daemon.uri(EXPORT),
+        &["write -P 3 9M 4k", "discard 2M 64k"],
+    );
+    p.daemon.kill9();
+    let before = r.daemon.ready().clone();
+    let out = r.cli(&["promote"], Duration::from_secs(30));
+    assert_eq!(out.code, 0, "mirrorblk promote failed: {out:#?}");
+    r.daemon
+        .wait_serving_again(&before, Duration::from_secs(30));
+    r.wait_status(Duration::from_secs(30), "n2 primary", |s| {
+        s.role == Role::Primary
+    });
+    let next = changes(&r.files.admin, EXPORT, on_primary.lsn);
+    assert!(next.complete, "{next:?}");
+    assert_eq!(next.uuid, on_primary.uuid);
+    assert_eq!(ranges(&next), vec![(2 * MIB, K64), (9 * MIB, K64)]);
+    // The chain goes on from the new primary's own writes.
+    qemu_io_ok(&r.daemon.uri(EXPORT), &["write -P 4 12M 4k"]);
+    let last = changes(&r.files.admin, EXPORT, next.lsn);
+    assert_eq!(ranges(&last), vec![(12 * MIB, K64)]);
+}
