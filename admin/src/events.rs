@@ -266,6 +266,19 @@ pub enum EventKind {
         /// Drops not recorded since the previous event.
         suppressed: u64,
     },
+    /// A volume's size changed on this node: its resize record was applied
+    /// (on the primary and on each replica), or a replica took the
+    /// primary's size for a resync.
+    Resize {
+        /// The volume.
+        volume: String,
+        /// Its size before, in bytes.
+        from: u64,
+        /// Its size now, in bytes.
+        to: u64,
+        /// The resize record's LSN (0: taken for a resync).
+        lsn: u64,
+    },
     /// A request on the admin socket was carried out or refused.
     AdminCommand {
         /// The request, as its JSON line.
@@ -309,6 +322,7 @@ impl EventKind {
             EventKind::RestartFailed { .. } => "restart-failed",
             EventKind::HandedOver { .. } => "handed-over",
             EventKind::ConnectionDropped { .. } => "connection-dropped",
+            EventKind::Resize { .. } => "resize",
         }
     }
 }
@@ -606,6 +620,12 @@ mod tests {
                 reason: s("evicted"),
                 suppressed: 2,
             },
+            EventKind::Resize {
+                volume: v(),
+                from: 1 << 30,
+                to: 2 << 30,
+                lsn: 77,
+            },
         ]
     }
 
@@ -641,6 +661,7 @@ mod tests {
             EventKind::RestartFailed { .. } => 25,
             EventKind::HandedOver { .. } => 26,
             EventKind::ConnectionDropped { .. } => 27,
+            EventKind::Resize { .. } => 28,
         }
     }
 
@@ -648,7 +669,7 @@ mod tests {
     fn every_kind_round_trips_under_its_name() {
         let kinds = every_kind();
         let ordinals: Vec<usize> = kinds.iter().map(ordinal).collect();
-        assert_eq!(ordinals, (0..28).collect::<Vec<_>>(), "one of each kind");
+        assert_eq!(ordinals, (0..29).collect::<Vec<_>>(), "one of each kind");
         for (seq, kind) in kinds.into_iter().enumerate() {
             let e = Event {
                 ts: s("2026-12-04T20:30:16.123Z"),

@@ -35,6 +35,18 @@ pub enum Request {
         #[serde(default)]
         repair: bool,
     },
+    /// On the primary: resize VOLUME to `size` bytes (a multiple of 4 KiB),
+    /// on this node and, in the replication stream, on every replica.
+    /// Shrinking discards the data past the new end and needs `force`.
+    Resize {
+        /// The volume.
+        volume: String,
+        /// Its new size in bytes.
+        size: u64,
+        /// Allow a shrink.
+        #[serde(default)]
+        force: bool,
+    },
     /// Live restart: hand every listener and NBD connection over to a new
     /// process of `binary` (default: the daemon's own path), which serves
     /// them on; answered once it serves.
@@ -352,6 +364,14 @@ mod tests {
             (
                 Request::Verify { repair: false },
                 r#"{"cmd":"verify","repair":false}"#,
+            ),
+            (
+                Request::Resize {
+                    volume: "vol0".into(),
+                    size: 2 << 30,
+                    force: false,
+                },
+                r#"{"cmd":"resize","volume":"vol0","size":2147483648,"force":false}"#,
             ),
         ];
         for (req, line) in lines {

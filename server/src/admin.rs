@@ -24,6 +24,9 @@ const COORDINATED_ROLE: &str = "this node's role is decided by etcd (--etcd): pr
 
 /// How long a core may take to answer.
 const CORE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a core may take over a resize: a grow zeroes the new part of a
+/// block device, and the replicas acknowledge the record like a write.
+const RESIZE_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub use mirrorblk_admin::{
     call, Listening, ReplicaStatus, Request, Response, VerifyStatus, VolumeStatus,
@@ -280,11 +283,23 @@ fn handle(
             let why = "a core has stopped; the node is shutting down";
             return (Response::error(why), None);
         }
-        match rx.recv_timeout(CORE_TIMEOUT) {
+        let limit = match req {
+            Request::Resize { .. } => RESIZE_TIMEOUT,
+            _ => CORE_TIMEOUT,
+        };
+        match rx.recv_timeout(limit) {
             Ok(Ok(mut v)) => volumes.append(&mut v),
             Ok(Err(why)) => return (Response::error(why), None),
             Err(_) => {
-                let why = "a core did not answer within 5 s; the node may be overloaded";
+                let why = format!(
+                    "a core did not answer within {} s; the node may be overloaded{}",
+                    limit.as_secs(),
+                    if limit == RESIZE_TIMEOUT {
+                        " (the resize goes on: mirrorblk status shows the size)"
+                    } else {
+                        ""
+                    }
+                );
                 return (Response::error(why), None);
             }
         }
@@ -296,9 +311,20 @@ fn handle(
         Request::Status
         | Request::SetResyncRate { .. }
         | Request::Verify { .. }
+        | Request::Resize { .. }
         | Request::Restart { .. }
         | Request::Changes { .. } => None,
     };
+    if let Request::Resize { volume, .. } = &req {
+        if !volumes.iter().any(|v| v.name == *volume) {
+            let known: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+            let why = format!(
+                "this node has no volume '{volume}' (it has: {}); check the name with mirrorblk status",
+                known.join(", ")
+            );
+            return (Response::error(why), None);
+        }
+    }
     let resp = Response {
         ok: true,
         error: None,

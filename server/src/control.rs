@@ -254,8 +254,11 @@ pub struct PreparedVolume {
     pub store: OpenedStore,
     /// The recovered journal.
     pub journal: OpenedJournal,
-    /// What clients are told about it.
+    /// What clients are told about it (its size as of start-up: `size`
+    /// is the current one).
     pub export: ExportInfo,
+    /// The volume's size, which a resize changes.
+    pub size: crate::units::SharedSize,
 }
 
 /// Per-core liveness: each core stores the time of its latest tick.

@@ -130,7 +130,7 @@ fn start_volume(v: PreparedVolume, pool: &Rc<BufPool>, ctl: &CoreControl) -> Rc<
         journal: v.config.journal.clone(),
         name: v.config.name.clone(),
         description: v.config.description.clone(),
-        size: v.store.size,
+        size: v.size.clone(),
         read_only: v.config.read_only,
     };
     let (records, millis) = (v.journal.report.records, v.journal.report.millis);
@@ -141,7 +141,7 @@ fn start_volume(v: PreparedVolume, pool: &Rc<BufPool>, ctl: &CoreControl) -> Rc<
                 cfg.clone(),
                 journal.next_lsn(),
                 &info.name,
-                info.size,
+                info.size.get(),
                 journal.epoch().0,
                 &info.journal,
             )))
@@ -351,6 +351,12 @@ impl Core {
                     Ok(())
                 }
                 Request::Verify { repair } => vol.request_verify(repair),
+                Request::Resize {
+                    ref volume,
+                    size,
+                    force,
+                } if *volume == vol.info().name => vol.resize(size, force).await.map(|_| ()),
+                Request::Resize { .. } => Ok(()),
                 // The admin thread and the main thread carry it out.
                 Request::Restart { .. } | Request::Changes { .. } => Ok(()),
             };

@@ -33,6 +33,9 @@ use crate::control::{ClientStream, ConnGuard, NewConn};
 pub struct Catalog {
     /// In configuration order; the first is the default export.
     pub exports: Vec<ExportInfo>,
+    /// The current size of each export, in the same order (a resize
+    /// changes it; new connections are told the current size).
+    pub sizes: Vec<crate::units::SharedSize>,
     /// Volumes this node holds as a replica: not served, and a client
     /// asking for one is told so (and to ask the primary).
     pub replicas: Vec<String>,
@@ -40,10 +43,16 @@ pub struct Catalog {
 
 impl ExportCatalog for Catalog {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        if name.is_empty() {
-            return self.exports.first().cloned();
+        let i = if name.is_empty() {
+            0
+        } else {
+            self.exports.iter().position(|e| e.name == name)?
+        };
+        let mut e = self.exports.get(i)?.clone();
+        if let Some(s) = self.sizes.get(i) {
+            e.size = s.get();
         }
-        self.exports.iter().find(|e| e.name == name).cloned()
+        Some(e)
     }
 
     fn list(&self) -> Vec<(String, String)> {

@@ -176,6 +176,14 @@ impl ReplayTarget for MarkingReplay<'_> {
         self.changes.record(lsn, offset, len);
     }
 
+    fn resize(&mut self, size: u64) -> std::io::Result<()> {
+        self.changes.resize(size);
+        for b in &mut self.bitmaps {
+            b.resize(size);
+        }
+        self.inner.resize(size)
+    }
+
     fn sync(&mut self) -> std::io::Result<()> {
         self.inner.sync()?;
         for b in &mut self.bitmaps {
@@ -194,7 +202,8 @@ pub fn prepare_volume(
     peers: &[String],
     closed_cleanly: bool,
 ) -> Result<PreparedVolume, StartError> {
-    let store = open_volume_store(cfg)?;
+    let recorded = crate::journal::recovery::recorded_volume_size(&cfg.journal);
+    let mut store = open_volume_store(cfg, recorded)?;
     // Replay through a buffered handle: records may be unaligned, and one
     // fdatasync at the end makes the whole replay durable.
     let replay_file = std::fs::OpenOptions::new()
@@ -223,28 +232,40 @@ pub fn prepare_volume(
             source,
         })?;
     log_recovery(&cfg.name, &journal.report);
+    // The journal records the size (a resize may have been replayed).
+    store.size = journal.superblock.volume_size;
     let role = resolve_role(role, journal.superblock.role, replicated, &cfg.name)?;
     record_role(cfg, &mut journal, role)?;
     tracing::info!(volume = %cfg.name, "role {role}, epoch {}", journal.superblock.epoch);
     let export = export_info(cfg, store.size, journal.superblock.area_len);
     log_volume_ready(cfg, &store, &journal, &export);
+    let store_size = store.size;
     Ok(PreparedVolume {
         config: cfg.clone(),
         role,
         store,
         journal,
         export,
+        size: crate::units::SharedSize::new(store_size),
     })
 }
 
 /// A volume's data store, reading through the page cache if asked and safe.
-fn open_volume_store(cfg: &VolumeConfig) -> Result<OpenedStore, StartError> {
-    let mut store = open_store(&cfg.data, cfg.size, false, cfg.preallocate).map_err(|source| {
-        StartError::Store {
-            volume: cfg.name.clone(),
-            source,
+/// Its size is the one its journal records (`recorded`, which a resize
+/// changes) or, for a new volume, the configured one.
+fn open_volume_store(cfg: &VolumeConfig, recorded: Option<u64>) -> Result<OpenedStore, StartError> {
+    if let (Some(r), Some(c)) = (recorded, cfg.size) {
+        if r != c {
+            tracing::warn!(volume = %cfg.name, "the journal records a volume size of {} ({r} bytes), not the configured {} ({c} bytes): it was resized (mirrorblk resize); --size only sizes a new volume, so update the configuration to match", ByteSize(r), ByteSize(c));
         }
-    })?;
+    }
+    let mut store =
+        open_store(&cfg.data, recorded.or(cfg.size), false, cfg.preallocate).map_err(|source| {
+            StartError::Store {
+                volume: cfg.name.clone(),
+                source,
+            }
+        })?;
     // On a block device the kernel drops cached pages only before an
     // asynchronous direct write, not after it: a read racing the write
     // could leave stale pages behind. Files (iomap filesystems) drop them
@@ -779,8 +800,13 @@ fn take_over_conns(ctx: &'static AcceptContext, mut inh: Inherited) {
             tracing::error!(peer = %c.peer, "a handed-over connection uses export '{}', which this configuration does not serve as primary; closing it", c.export);
             continue;
         };
+        let mut export = export;
         if export.size != c.size {
-            tracing::warn!(peer = %c.peer, "export '{}' is {} bytes now; the client negotiated {}", c.export, export.size, c.size);
+            // NBD cannot tell a client its export changed size: the
+            // connection keeps what it negotiated (the engine refuses what
+            // lies past a shrunk end).
+            tracing::info!(peer = %c.peer, "export '{}' is {} bytes now; the handed-over connection keeps the {} it negotiated", c.export, export.size, c.size);
+            export.size = c.size;
         }
         let stream = if c.unix {
             ClientStream::Unix(std::os::unix::net::UnixStream::from(fd))
@@ -859,6 +885,11 @@ fn primary_catalog(prepared: &[PreparedVolume]) -> Catalog {
             .iter()
             .filter(|p| p.role == Role::Primary)
             .map(|p| p.export.clone())
+            .collect(),
+        sizes: prepared
+            .iter()
+            .filter(|p| p.role == Role::Primary)
+            .map(|p| p.size.clone())
             .collect(),
         replicas: prepared
             .iter()

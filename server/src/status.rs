@@ -15,7 +15,7 @@ pub fn volume_status(vol: &Volume) -> VolumeStatus {
     let journal = vol.engine().journal();
     VolumeStatus {
         name: info.name.clone(),
-        size: info.size,
+        size: info.size.get(),
         read_only: info.read_only,
         role: vol.role(),
         epoch: e.epoch.0,
@@ -55,7 +55,7 @@ pub fn changes(vol: &Volume, since: u64) -> mirrorblk_admin::Changes {
         complete: c.complete,
         known_since: c.floor,
         region_size: crate::engine::changes::REGION,
-        size: info.size,
+        size: info.size.get(),
         bytes: ranges.iter().map(|r| r.length).sum(),
         ranges,
     }

@@ -323,7 +323,8 @@ pub struct Store {
     durable: Option<tokio_uring::fs::File>,
     cached: Option<tokio_uring::fs::File>,
     fd: RawFd,
-    size: u64,
+    /// The volume size (a resize changes it on the volume's core).
+    size: std::cell::Cell<u64>,
     block_device: bool,
 }
 
@@ -345,14 +346,77 @@ impl Store {
             durable: opened.durable_file.map(tokio_uring::fs::File::from_std),
             cached: opened.cached_file.map(tokio_uring::fs::File::from_std),
             fd,
-            size: opened.size,
+            size: std::cell::Cell::new(opened.size),
             block_device: opened.block_device,
         }
     }
 
     /// Volume size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.get()
+    }
+
+    /// The bytes the file or device holds now.
+    fn capacity(&self) -> io::Result<u64> {
+        // SAFETY: the descriptor stays open while `self.file` lives; the
+        // borrowed File is never closed (ManuallyDrop).
+        let f = std::mem::ManuallyDrop::new(unsafe {
+            <File as std::os::fd::FromRawFd>::from_raw_fd(self.fd)
+        });
+        if self.block_device {
+            block_device_size(&f)
+        } else {
+            Ok(f.metadata()?.len())
+        }
+    }
+
+    /// Makes the store ready, durably, to hold a volume grown from `old` to
+    /// `new` bytes, before the resize record is journaled: the new part
+    /// reads as zeroes (data a shrink cut off, or a device's old contents,
+    /// never reappears), and a data file is extended. A block device must
+    /// already be large enough.
+    pub async fn grow(&self, old: u64, new: u64) -> io::Result<()> {
+        assert!(is_aligned(old) && is_aligned(new) && new > old);
+        let held = self.capacity()?;
+        if self.block_device && held < new {
+            return Err(io::Error::other(format!(
+                "the data device holds {held} bytes ({}), less than {new} ({}): give the volume a larger device first",
+                ByteSize(held),
+                ByteSize(new)
+            )));
+        }
+        let stale_end = held.min(new);
+        if stale_end > old {
+            self.zero(
+                old,
+                crate::units::align_up(stale_end) - old,
+                !self.block_device,
+            )
+            .await?;
+        }
+        if held < new {
+            // SAFETY: ftruncate on a descriptor we own.
+            if unsafe { libc::ftruncate(self.fd, new as libc::off_t) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        self.sync().await?;
+        self.size.set(new);
+        Ok(())
+    }
+
+    /// A shrink to `new` bytes was applied: a data file is cut there (the
+    /// space goes back to the filesystem); a device keeps its contents,
+    /// which a later grow zeroes first.
+    pub fn shrink(&self, new: u64) -> io::Result<()> {
+        if !self.block_device && self.capacity()? > new {
+            // SAFETY: ftruncate on a descriptor we own.
+            if unsafe { libc::ftruncate(self.fd, new as libc::off_t) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        self.size.set(new);
+        Ok(())
     }
 
     /// Reads `[pos, pos + len)` into the start of `buf` (block aligned).
@@ -363,7 +427,7 @@ impl Store {
         len: usize,
     ) -> (io::Result<()>, T) {
         debug_assert!(is_aligned(pos) && is_aligned(len as u64));
-        debug_assert!(pos + len as u64 <= self.size);
+        debug_assert!(pos + len as u64 <= self.size.get());
         let file = self.cached.as_ref().unwrap_or(&self.file);
         let (res, slice) = file.read_exact_at(buf.slice(0..len), pos).await;
         (res, slice.into_inner())
@@ -427,7 +491,7 @@ impl Store {
     /// The allocation map of `[off, off + len)`: holes and data, by
     /// `SEEK_DATA`/`SEEK_HOLE`. Block devices report everything as data.
     pub fn allocation(&self, off: u64, len: u64) -> Vec<Allocation> {
-        let end = off.saturating_add(len).min(self.size);
+        let end = off.saturating_add(len).min(self.size.get());
         if self.block_device || off >= end {
             return vec![Allocation {
                 length: end.saturating_sub(off),

@@ -324,6 +324,10 @@ pub struct VolumeMetrics {
     pub journal_used: Gauge,
     /// Journal area size.
     pub journal_size: Gauge,
+    /// The volume's size (a resize changes it).
+    pub volume_size: Gauge,
+    /// Resizes carried out on this node.
+    pub resizes: Counter,
     /// Durable but unapplied records.
     pub apply_lag: Gauge,
     /// Checkpoints taken.
@@ -370,6 +374,8 @@ impl VolumeMetrics {
             replica_wait: histogram!("mirrorblk_replica_wait_seconds", "volume" => v()),
             journal_used: gauge!("mirrorblk_journal_used_bytes", "volume" => v()),
             journal_size: gauge!("mirrorblk_journal_size_bytes", "volume" => v()),
+            volume_size: gauge!("mirrorblk_volume_size_bytes", "volume" => v()),
+            resizes: counter!("mirrorblk_resizes_total", "volume" => v()),
             apply_lag: gauge!("mirrorblk_apply_lag_records", "volume" => v()),
             checkpoints: counter!("mirrorblk_checkpoints_total", "volume" => v()),
             payload_copies: counter!("mirrorblk_payload_copies_total", "volume" => v()),

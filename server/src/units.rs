@@ -59,6 +59,31 @@ impl fmt::Display for Epoch {
     }
 }
 
+/// A volume's size in bytes, shared between its core (which changes it at
+/// a resize) and the acceptors (a new NBD connection negotiates the
+/// current size; an existing one keeps the size it negotiated).
+#[derive(Debug, Clone, Default)]
+pub struct SharedSize(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl SharedSize {
+    /// A size of `bytes`.
+    pub fn new(bytes: u64) -> SharedSize {
+        SharedSize(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+            bytes,
+        )))
+    }
+
+    /// The size now.
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Changes it (on the volume's core, at a resize).
+    pub fn set(&self, bytes: u64) {
+        self.0.store(bytes, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// A size in bytes, parsed from text with optional binary suffixes
 /// (`K`, `M`, `G`, `T`, each a power of 1024; `1G` is 1 GiB). A trailing `B`
 /// or `iB` is accepted (`4KiB`, `1GB` both mean powers of 1024).

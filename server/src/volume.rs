@@ -15,7 +15,7 @@ use nbd::ErrorCode;
 
 use crate::buffer::{BufPool, Payload};
 use crate::engine::write::Change;
-use crate::engine::{Engine, EngineError, ReadData, ReplicationHooks, VolumeInfo};
+use crate::engine::{Engine, EngineError, ReadData, ReplicationHooks, ResizeError, VolumeInfo};
 use crate::journal::format::Role;
 use crate::lease_fence::LeaseFence;
 use crate::replication::{Mode, Primary};
@@ -58,6 +58,20 @@ pub enum VolumeError {
         /// This node's.
         current: Epoch,
     },
+    /// A resize asked of a node that is not the volume's primary.
+    #[error("volume '{0}' is not primary on this node: resize it on its primary (the replicas follow in the replication stream)")]
+    NotPrimary(String),
+    /// A resize asked while a resync or verify pass runs.
+    #[error("cannot resize volume '{volume}' now: {why}; wait until it ends (mirrorblk status) and try again")]
+    ResizeNotReady {
+        /// Volume name.
+        volume: String,
+        /// Which passes run.
+        why: String,
+    },
+    /// The resize was refused or failed.
+    #[error("{0}")]
+    Resize(#[from] ResizeError),
     /// The engine failed.
     #[error("{0}")]
     Engine(#[from] EngineError),
@@ -289,8 +303,40 @@ impl Volume {
                 why: blockers.join(", "),
             });
         }
-        p.start_verify(repair, self.info().size);
+        p.start_verify(repair, self.engine.size());
         Ok(())
+    }
+
+    /// Resizes the volume to `size` bytes (on its primary): the resize
+    /// record is ordered among the writes, replicated like them, and
+    /// acknowledged as the mode acknowledges a FUA write. Refused while a
+    /// resync or verify pass runs (passes are planned over the regions of
+    /// their start). Returns the size before.
+    pub async fn resize(&self, size: u64, force: bool) -> Result<u64, VolumeError> {
+        let name = &self.info().name;
+        if self.role != Role::Primary {
+            return Err(VolumeError::NotPrimary(name.clone()));
+        }
+        if let Some(p) = &self.primary {
+            let blockers = p.resize_blockers();
+            if !blockers.is_empty() {
+                return Err(VolumeError::ResizeNotReady {
+                    volume: name.clone(),
+                    why: blockers.join(", "),
+                });
+            }
+        }
+        let old = self.engine.size();
+        let Some(lsn) = self.engine.resize(size, force).await? else {
+            return Ok(old);
+        };
+        self.wait_replicas(lsn, true).await;
+        self.fence.wait_valid().await;
+        if let Some(p) = &self.primary {
+            p.note_acked(lsn);
+        }
+        tracing::warn!(volume = %name, "resized from {old} to {size} bytes (LSN {lsn}); connections negotiated before keep their size: clients reconnect (or qemu block_resize) to see it");
+        Ok(old)
     }
 
     /// Graceful stop (see [`Engine::shutdown`]).

@@ -113,6 +113,28 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// On the primary: resize VOLUME to SIZE, here and on every replica
+    /// (the resize is a record in the journal and the replication stream,
+    /// ordered among the writes, and acknowledged like one). Connections
+    /// open now keep the size they negotiated (NBD cannot tell them);
+    /// new connections see SIZE. qemu: `block_resize` after reconnecting,
+    /// or reopen the drive. Refused while a resync or verify runs.
+    ///
+    /// Exit status 0 once every replica the mode waits for has it, 1 when
+    /// refused or failed, 2 on a usage error.
+    Resize {
+        /// The volume (its export name).
+        volume: String,
+        /// New size: bytes, or with a K, M, G or T suffix (powers of
+        /// 1024), a multiple of 4 KiB, e.g. 2G.
+        size: ByteSize,
+        /// Allow shrinking: every byte past SIZE is discarded, on every node.
+        #[arg(long)]
+        force: bool,
+        /// Print the daemon's JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print where VOLUME's primary serves NBD clients, as etcd says (for
     /// nodes run with --etcd): its HOST:PORT on one line, or with --json the
     /// leader record {"node", "nbd", "epoch"}. Needs no admin socket, so
@@ -577,6 +599,7 @@ fn entry_name(kind: EntryKind) -> &'static str {
         EntryKind::Mutation(MutationOp::Write) => "write",
         EntryKind::Mutation(MutationOp::Trim) => "trim",
         EntryKind::Mutation(MutationOp::WriteZeroes) => "zero",
+        EntryKind::Mutation(MutationOp::Resize) => "resize (offset = new size)",
         EntryKind::Pad => "pad",
         EntryKind::WriteInPlace => "write (in place)",
         EntryKind::InPlaceIntent => "in-place intent",
@@ -916,6 +939,53 @@ impl ResyncView {
     }
 }
 
+fn resize(socket: &Path, volume: String, size: ByteSize, force: bool, json: bool) -> ExitCode {
+    if size.0 == 0 || size.0 % 4096 != 0 {
+        eprintln!(
+            "mirrorblk: size {} ({} bytes) is not a non-zero multiple of 4 KiB; choose e.g. {}",
+            size,
+            size.0,
+            ByteSize(mirrorblk_server::units::align_up(size.0.max(1)))
+        );
+        return ExitCode::from(2);
+    }
+    let before = admin::call(socket, &admin::Request::Status)
+        .ok()
+        .and_then(|r| r.volumes.into_iter().find(|v| v.name == volume))
+        .map(|v| v.size);
+    let req = admin::Request::Resize {
+        volume: volume.clone(),
+        size: size.0,
+        force,
+    };
+    let resp = match request(socket, &req, "resize") {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&resp).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let now = resp
+        .volumes
+        .iter()
+        .find(|v| v.name == volume)
+        .map(|v| v.size);
+    match (before, now) {
+        (Some(b), Some(n)) if b == n => println!("volume {volume} is already {} ({n} bytes)", ByteSize(n)),
+        (Some(b), Some(n)) => println!(
+            "volume {volume} resized from {} to {} ({n} bytes); connections opened before keep their old size: reconnect clients (qemu: block_resize) to see it",
+            ByteSize(b),
+            ByteSize(n)
+        ),
+        (_, n) => println!("volume {volume} is {} now", ByteSize(n.unwrap_or(size.0))),
+    }
+    ExitCode::SUCCESS
+}
+
 fn verify(socket: &Path, repair: bool, json: bool) -> ExitCode {
     if let Err(code) = request(socket, &admin::Request::Verify { repair }, "verify") {
         return code;
@@ -1195,6 +1265,12 @@ fn main() -> ExitCode {
             tls,
         } => demo::run(&dir, &listen, &size, &daemon_path(), (auto_failover, tls)),
         Cmd::Verify { repair, json } => verify(&cli.admin_socket, repair, json),
+        Cmd::Resize {
+            volume,
+            size,
+            force,
+            json,
+        } => resize(&cli.admin_socket, volume, size, force, json),
         Cmd::Restart { binary, json } => restart(&cli.admin_socket, binary, json),
         Cmd::Changes {
             volume,

@@ -200,10 +200,12 @@ impl Engine {
 
     fn take_apply_batch(&self) -> Vec<Rc<Record>> {
         let mut q = self.apply_queue.borrow_mut();
-        let n = batch_len(
-            q.iter()
-                .map(|r| (align_down(r.offset), align_up(r.offset + r.length))),
-        );
+        // A resize overlaps everything: it is applied alone, after every
+        // record before it and before any after it.
+        let n = batch_len(q.iter().map(|r| match r.op {
+            MutationOp::Resize => (0, u64::MAX),
+            _ => (align_down(r.offset), align_up(r.offset + r.length)),
+        }));
         q.drain(..n).collect()
     }
 
@@ -254,6 +256,7 @@ impl Engine {
                 let punch = r.flags & FLAG_NO_HOLE == 0;
                 self.apply_zeroes(start, end, punch).await
             }
+            MutationOp::Resize => self.apply_resize(r.offset, r.lsn).await,
         }
     }
 

@@ -135,6 +135,18 @@ impl ChangeTable {
         }
     }
 
+    /// The volume is `size` bytes from record `lsn` on (a resize): regions
+    /// past a shrunk end are dropped; the grown part (and a partial last
+    /// region) counts as changed by `lsn`, so a backup copies it.
+    pub fn resize(&mut self, size: u64, lsn: Lsn) {
+        let old = self.size;
+        self.last.resize(regions(size), lsn.0);
+        self.size = size;
+        if size > old {
+            self.mark(old, size - old, lsn);
+        }
+    }
+
     /// Starts over for another volume (a full resync from a primary of
     /// another UUID): nothing known before `floor`.
     pub fn reset(&mut self, uuid: [u8; 16], floor: u64) {

@@ -22,6 +22,7 @@ pub mod changes;
 mod error;
 pub mod read;
 mod region;
+mod resize;
 mod tracking;
 pub mod write;
 
@@ -35,6 +36,7 @@ use tokio::sync::Notify;
 
 pub use error::{nbd_error, EngineError};
 pub use read::ReadData;
+pub use resize::ResizeError;
 pub use tracking::{ChangeReport, ReplayMarks};
 
 use crate::buffer::{AlignedBuf, BufPool, MAX_CHUNK};
@@ -61,8 +63,9 @@ pub struct VolumeInfo {
     pub name: String,
     /// Human description for NBD_INFO_DESCRIPTION.
     pub description: String,
-    /// Size in bytes.
-    pub size: u64,
+    /// Size in bytes now (a resize record changes it when reserved, so
+    /// every record after it is checked against the new size).
+    pub size: crate::units::SharedSize,
     /// Whether clients may only read.
     pub read_only: bool,
     /// Its journal's path (replica bitmaps live beside it).
@@ -160,6 +163,8 @@ pub struct Engine {
     changes_saving: tokio::sync::Mutex<()>,
     /// A resync wrote regions since the table was last persisted.
     resync_marked: Cell<bool>,
+    /// A resize is under way (one at a time).
+    resizing: Cell<bool>,
 }
 
 impl Engine {
@@ -177,6 +182,7 @@ impl Engine {
         let changes_path = changes::table_path(&info.journal);
         let metrics = VolumeMetrics::new(&info.name);
         metrics.journal_size.set(journal.area_len() as f64);
+        metrics.volume_size.set(info.size.get() as f64);
         let e = Rc::new_cyclic(|me| Engine {
             me: me.clone(),
             metrics,
@@ -204,6 +210,7 @@ impl Engine {
             changes_saved_at: Cell::new(std::time::Instant::now()),
             changes_saving: tokio::sync::Mutex::new(()),
             resync_marked: Cell::new(false),
+            resizing: Cell::new(false),
         });
         let a = e.clone();
         tokio_uring::spawn(async move {
@@ -313,6 +320,11 @@ impl Engine {
     /// Static description.
     pub fn info(&self) -> &VolumeInfo {
         &self.info
+    }
+
+    /// The volume's size in bytes now.
+    pub fn size(&self) -> u64 {
+        self.info.size.get()
     }
 
     /// The core's buffer pool.

@@ -48,6 +48,11 @@ impl Engine {
         if len == 0 {
             return Ok(ReadData { parts });
         }
+        // A connection negotiated before a shrink may still ask for bytes
+        // past the new end: they are gone.
+        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            return Err(ErrorCode::Inval);
+        }
         let pieces = pieces(offset, offset + len);
         // Buffers for a multi-piece read are taken at once (the pool
         // serialises large takes, so two big requests never hold half each

@@ -20,13 +20,19 @@ impl Engine {
         is_aligned(offset)
             && offset
                 .checked_add(len)
-                .is_some_and(|end| end <= self.info.size)
+                .is_some_and(|end| end <= self.size())
     }
 
     /// Prepares a full resync: everything received so far is applied, then
     /// the journal continues at `start` and the store is marked inconsistent
-    /// (persisted: a crash mid-resync restarts it).
-    pub async fn rebase(&self, start: Lsn, volume_uuid: [u8; 16]) -> Result<(), EngineError> {
+    /// (persisted: a crash mid-resync restarts it). The volume takes the
+    /// primary's `size`: a resize this replica missed is not in the stream.
+    pub async fn rebase(
+        &self,
+        start: Lsn,
+        volume_uuid: [u8; 16],
+        size: u64,
+    ) -> Result<(), EngineError> {
         let reserved = self.journal.next_lsn();
         self.wait_applied(reserved, STREAM_POINT_WAIT).await?;
         self.journal
@@ -43,7 +49,7 @@ impl Engine {
                 what: "saving the changed-block table",
                 source,
             })?;
-        Ok(())
+        self.adopt_size(size).await
     }
 
     /// Writes one region, which is the primary's data as of after `after`;

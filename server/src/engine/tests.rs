@@ -38,7 +38,7 @@ fn open(dir: &Path, pool: &Rc<BufPool>) -> Rc<Engine> {
     let info = VolumeInfo {
         name: "v".into(),
         description: String::new(),
-        size: SIZE,
+        size: crate::units::SharedSize::new(SIZE),
         read_only: false,
         journal: dir.join("journal"),
     };

@@ -36,8 +36,12 @@ pub struct ChangeReport {
 pub(super) fn open_table(info: &VolumeInfo, journal: &Journal) -> (ChangeTable, Lsn) {
     let path = changes::table_path(&info.journal);
     let from = journal.checkpoint_lsn();
-    let (table, saved, why) =
-        changes::adopt(changes::load(&path), journal.volume_uuid(), info.size, from);
+    let (table, saved, why) = changes::adopt(
+        changes::load(&path),
+        journal.volume_uuid(),
+        info.size.get(),
+        from,
+    );
     if let Some(why) = why.filter(|_| from.0 > 1) {
         tracing::warn!(
             volume = %info.name,
@@ -52,6 +56,11 @@ impl Engine {
     /// Record `lsn` (just reserved) changed `[offset, offset + len)`.
     pub(super) fn mark_changed(&self, offset: u64, len: u64, lsn: Lsn) {
         self.changes.borrow_mut().mark(offset, len, lsn);
+    }
+
+    /// Record `lsn` (just reserved) resized the volume to `size` bytes.
+    pub(super) fn resize_changes(&self, size: u64, lsn: Lsn) {
+        self.changes.borrow_mut().resize(size, lsn);
     }
 
     /// A resync wrote `[offset, offset + len)`: marked with the next LSN, at
@@ -203,6 +212,14 @@ impl ReplayMarks {
             t.mark(offset, len, lsn);
         }
         self.next = self.next.max(lsn.next());
+    }
+
+    /// The record replayed last resized the volume to `size` bytes.
+    pub fn resize(&mut self, size: u64) {
+        let lsn = Lsn(self.next.0.saturating_sub(1));
+        if let Some(t) = &mut self.table {
+            t.resize(size, lsn);
+        }
     }
 
     /// A range changed with no record (an in-place write under way at the

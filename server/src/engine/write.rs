@@ -57,6 +57,17 @@ impl Change {
         }
     }
 
+    /// The volume becomes `size` bytes (the record touches no range).
+    pub fn resize(size: u64) -> Change {
+        Change {
+            op: MutationOp::Resize,
+            flags: 0,
+            offset: size,
+            length: 0,
+            payload: None,
+        }
+    }
+
     /// Zeroes over `[offset, offset + length)`, kept allocated with `no_hole`.
     pub fn write_zeroes(offset: u64, length: u64, no_hole: bool) -> Change {
         Change {
@@ -116,9 +127,14 @@ impl Engine {
         if lsn != want {
             return Err(EngineError::OutOfOrder { got: lsn.0, want });
         }
+        if m.op == MutationOp::Resize {
+            let rec = self.journal_resize(m.offset).await?;
+            assert_eq!(rec.lsn, lsn, "replica journal assigned a different LSN");
+            return Ok(rec.lsn);
+        }
         if m.offset
             .checked_add(m.length)
-            .is_none_or(|end| end > self.info.size)
+            .is_none_or(|end| end > self.size())
         {
             return Err(EngineError::OutOfRange {
                 what: "record",
@@ -142,10 +158,24 @@ impl Engine {
 
     /// Reserves an LSN and journal space for a mutation and records it in
     /// the overlay (and, on a primary, hands it to replication), in one
-    /// step, so LSN order, journal order and overlay order agree.
-    async fn reserve(&self, m: Change) -> Result<Rc<Record>, ErrorCode> {
+    /// step, so LSN order, journal order and overlay order agree. A
+    /// mutation past the volume's end (a connection negotiated before a
+    /// shrink) is refused in that same step; a resize changes the size in
+    /// it, so every later record is checked against the new size.
+    pub(super) async fn reserve(&self, m: Change) -> Result<Rc<Record>, ErrorCode> {
         let in_place = self.goes_in_place(&m);
         let (offset, length) = (m.offset, m.length);
+        let new_size = (m.op == MutationOp::Resize).then_some(offset);
+        let beyond_end = match m.op {
+            MutationOp::Trim => ErrorCode::Inval,
+            _ => ErrorCode::NoSpc,
+        };
+        let fits = || {
+            new_size.is_some()
+                || offset
+                    .checked_add(length)
+                    .is_some_and(|end| end <= self.size())
+        };
         let new = NewRecord {
             op: m.op,
             flags: m.flags,
@@ -156,7 +186,11 @@ impl Engine {
         };
         let hooks = self.hooks();
         self.journal
-            .reserve(new, |rec| {
+            .reserve(new, fits, |rec| {
+                if let Some(size) = new_size {
+                    self.info.size.set(size);
+                    self.resize_changes(size, rec.lsn);
+                }
                 self.mark_changed(rec.offset, rec.length, rec.lsn);
                 self.enter_overlay(rec, in_place);
                 if let Some(h) = &hooks {
@@ -167,7 +201,8 @@ impl Engine {
             .map_err(|e| {
                 tracing::error!(volume = %self.info.name, "{e}");
                 ErrorCode::Io
-            })
+            })?
+            .ok_or(beyond_end)
     }
 
     /// Makes a freshly reserved record visible to reads (and starts its
@@ -198,8 +233,9 @@ impl Engine {
             (MutationOp::Trim, _) => {
                 ov.insert(align_up(offset), align_down(end), rec.lsn, Source::Zero)
             }
-            // A write of no bytes (no payload) changes nothing.
-            (MutationOp::Write, None) => {}
+            // A write of no bytes (no payload) changes nothing; a resize
+            // touches no range.
+            (MutationOp::Write, None) | (MutationOp::Resize, _) => {}
         }
     }
 

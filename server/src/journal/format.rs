@@ -27,8 +27,13 @@ use crate::units::{align_up, Epoch, Lsn, BLOCK};
 pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"MBLKJSB1");
 /// Magic of a record header: "MBLKJREC".
 pub const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"MBLKJREC");
-/// The format version this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this code writes. Version 2 added the resize record
+/// ([`MutationOp::Resize`], code 7); a version-1 journal has none and reads
+/// the same, so both open. An older build refuses a version-2 journal by its
+/// version instead of taking a resize record for a torn tail.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this code reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Size of one superblock copy and of a record header.
 pub const HEADER_BLOCK: usize = BLOCK as usize;
 /// Where the record area starts in the journal.
@@ -70,7 +75,7 @@ pub enum FormatError {
         computed: u64,
     },
     /// Written by a format version we do not read.
-    #[error("unsupported journal format version {0} (this build reads version {FORMAT_VERSION})")]
+    #[error("unsupported journal format version {0} (this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}); run the mirrorblkd that wrote it")]
     BadVersion(u32),
     /// A field holds a value that cannot be right.
     #[error("invalid field: {0}")]
@@ -203,7 +208,7 @@ impl Superblock {
         }
         verify_checksum(b)?;
         let version = get_u32(b, 8);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(FormatError::BadVersion(version));
         }
         let name_len = get_u32(b, 88) as usize;
@@ -392,6 +397,16 @@ impl RecordHeader {
                     return Err(FormatError::BadField("zero/trim record lengths"));
                 }
             }
+            EntryKind::Mutation(MutationOp::Resize) => {
+                if h.payload_len != 0
+                    || h.record_len != BLOCK
+                    || h.length != 0
+                    || h.offset == 0
+                    || h.offset % BLOCK != 0
+                {
+                    return Err(FormatError::BadField("resize record fields"));
+                }
+            }
             EntryKind::Pad => {
                 if h.payload_len != 0 || h.record_len < BLOCK || h.record_len % BLOCK != 0 {
                     return Err(FormatError::BadField("pad record lengths"));
@@ -425,6 +440,7 @@ mod tests {
             Just(EntryKind::Mutation(MutationOp::Write)),
             Just(EntryKind::Mutation(MutationOp::Trim)),
             Just(EntryKind::Mutation(MutationOp::WriteZeroes)),
+            Just(EntryKind::Mutation(MutationOp::Resize)),
             Just(EntryKind::Pad),
             Just(EntryKind::WriteInPlace),
             Just(EntryKind::InPlaceIntent)
@@ -452,18 +468,20 @@ mod tests {
                         EntryKind::Mutation(MutationOp::Trim | MutationOp::WriteZeroes) => {
                             (len, 0, BLOCK)
                         }
+                        EntryKind::Mutation(MutationOp::Resize) => (0, 0, BLOCK),
                         EntryKind::Pad => (0, 0, pad_blocks * BLOCK),
                         EntryKind::WriteInPlace | EntryKind::InPlaceIntent => {
                             let len = (len / BLOCK).max(1) * BLOCK;
                             (len, 0, RecordHeader::record_len_for(len))
                         }
                     };
-                    let offset =
-                        if matches!(kind, EntryKind::WriteInPlace | EntryKind::InPlaceIntent) {
+                    let offset = match kind {
+                        EntryKind::WriteInPlace | EntryKind::InPlaceIntent => {
                             offset / BLOCK * BLOCK
-                        } else {
-                            offset
-                        };
+                        }
+                        EntryKind::Mutation(MutationOp::Resize) => (offset / BLOCK).max(1) * BLOCK,
+                        _ => offset,
+                    };
                     RecordHeader {
                         lsn: Lsn(lsn),
                         epoch: Epoch(epoch),
@@ -489,10 +507,11 @@ mod tests {
             EntryKind::Pad,
             EntryKind::WriteInPlace,
             EntryKind::InPlaceIntent,
+            EntryKind::Mutation(MutationOp::Resize),
         ];
-        // Existing journals depend on these bytes (format version 1).
+        // Existing journals depend on these bytes (format version 1; 7 since version 2).
         let codes: Vec<u8> = kinds.iter().map(|k| k.code()).collect();
-        assert_eq!(codes, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(codes, [1, 2, 3, 4, 5, 6, 7]);
         for k in kinds {
             assert_eq!(EntryKind::from_code(k.code()), Some(k));
         }
@@ -534,6 +553,67 @@ mod tests {
             let mut b = vec![0u8; HEADER_BLOCK];
             sb.encode(&mut b);
             prop_assert_eq!(Superblock::decode(&b), Ok(sb));
+        }
+    }
+
+    #[test]
+    fn version_1_superblocks_still_open_and_unknown_versions_are_named() {
+        let sb = Superblock {
+            volume_uuid: [7; 16],
+            volume_name: "v".into(),
+            volume_size: 1 << 30,
+            area_len: MIN_AREA,
+            epoch: Epoch(1),
+            checkpoint_lsn: Lsn(1),
+            checkpoint_pos: 0,
+            session: 1,
+            generation: 1,
+            role: Role::Primary,
+            inconsistent: false,
+        };
+        let with_version = |v: u32| {
+            let mut b = vec![0u8; HEADER_BLOCK];
+            sb.encode(&mut b);
+            put_u32(&mut b, 8, v);
+            let sum = block_checksum(&b);
+            put_u64(&mut b, CHECKSUM_AT, sum);
+            b
+        };
+        assert_eq!(Superblock::decode(&with_version(1)), Ok(sb.clone()));
+        assert_eq!(Superblock::decode(&with_version(2)), Ok(sb));
+        assert_eq!(
+            Superblock::decode(&with_version(3)),
+            Err(FormatError::BadVersion(3))
+        );
+    }
+
+    #[test]
+    fn a_resize_record_carries_an_aligned_nonzero_size_and_no_range() {
+        let h = RecordHeader {
+            lsn: Lsn(9),
+            epoch: Epoch(1),
+            session: 1,
+            kind: EntryKind::Mutation(MutationOp::Resize),
+            flags: 0,
+            offset: 2 << 30,
+            length: 0,
+            payload_len: 0,
+            record_len: BLOCK,
+            payload_hash: 0,
+        };
+        let mut b = vec![0u8; HEADER_BLOCK];
+        h.encode(&mut b);
+        assert_eq!(RecordHeader::decode(&b), Ok(h));
+        for bad in [
+            RecordHeader { offset: 0, ..h },
+            RecordHeader { offset: 4097, ..h },
+            RecordHeader { length: 4096, ..h },
+        ] {
+            bad.encode(&mut b);
+            assert_eq!(
+                RecordHeader::decode(&b),
+                Err(FormatError::BadField("resize record fields"))
+            );
         }
     }
 }

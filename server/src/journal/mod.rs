@@ -332,20 +332,26 @@ impl Journal {
     }
 
     /// Waits until the journal has room, then reserves (see [`Journal::try_reserve`]).
-    /// `on_reserved` runs synchronously with the reservation.
+    /// `admit` is asked in the same step (None when it says no: the record
+    /// no longer fits the volume); `on_reserved` runs synchronously with the
+    /// reservation.
     pub async fn reserve(
         &self,
         new: NewRecord,
+        admit: impl Fn() -> bool,
         on_reserved: impl FnOnce(&Rc<Record>),
-    ) -> Result<Rc<Record>, JournalFailed> {
+    ) -> Result<Option<Rc<Record>>, JournalFailed> {
         loop {
             if let Some(f) = &self.progress.borrow().failed {
                 return Err(JournalFailed(f.clone()));
             }
+            if !admit() {
+                return Ok(None);
+            }
             let notified = self.space.notified();
             if let Some(r) = self.try_reserve(&new) {
                 on_reserved(&r);
-                return Ok(r);
+                return Ok(Some(r));
             }
             notified.await;
         }
@@ -630,6 +636,29 @@ impl Journal {
         self.write_superblock(&sb).await?;
         self.epoch.set(epoch);
         Ok(())
+    }
+
+    /// The volume size the superblock records (as of the last applied resize).
+    pub fn volume_size(&self) -> u64 {
+        self.state.borrow().superblock.volume_size
+    }
+
+    /// Records the volume's size in the superblock once its resize record
+    /// is applied: durably now with `persist` (a shrink, before the store is
+    /// cut, so the superblock never records more than the store holds),
+    /// else with the next superblock write (the checkpoint, which never
+    /// passes an unapplied record; until then recovery replays the record).
+    pub async fn set_volume_size(&self, size: u64, persist: bool) -> io::Result<()> {
+        let sb = {
+            let mut st = self.state.borrow_mut();
+            st.superblock.volume_size = size;
+            if !persist {
+                return Ok(());
+            }
+            st.superblock.generation += 1;
+            st.superblock.clone()
+        };
+        self.write_superblock(&sb).await
     }
 
     /// Persists the inconsistent mark.

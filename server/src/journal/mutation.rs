@@ -17,11 +17,20 @@ pub enum MutationOp {
     Trim,
     /// Make `[offset, offset+length)` read as zeroes.
     WriteZeroes,
+    /// Change the volume's size to `offset` bytes (`length` is 0, so the
+    /// record touches no range): ordered among the writes like any other
+    /// record. A shrink discards the data past the new end.
+    Resize,
 }
 
 impl MutationOp {
     /// Every op, in code order.
-    pub const ALL: [MutationOp; 3] = [MutationOp::Write, MutationOp::Trim, MutationOp::WriteZeroes];
+    pub const ALL: [MutationOp; 4] = [
+        MutationOp::Write,
+        MutationOp::Trim,
+        MutationOp::WriteZeroes,
+        MutationOp::Resize,
+    ];
 
     /// The op's code on disk and on the wire.
     pub const fn code(self) -> u8 {
@@ -29,6 +38,8 @@ impl MutationOp {
             MutationOp::Write => 1,
             MutationOp::Trim => 2,
             MutationOp::WriteZeroes => 3,
+            // 4, 5 and 6 are the journal's own entry kinds.
+            MutationOp::Resize => 7,
         }
     }
 
@@ -38,6 +49,7 @@ impl MutationOp {
             1 => MutationOp::Write,
             2 => MutationOp::Trim,
             3 => MutationOp::WriteZeroes,
+            7 => MutationOp::Resize,
             _ => return None,
         })
     }
@@ -47,7 +59,7 @@ impl MutationOp {
     pub const fn payload_len(self, length: u64) -> u64 {
         match self {
             MutationOp::Write => length,
-            MutationOp::Trim | MutationOp::WriteZeroes => 0,
+            MutationOp::Trim | MutationOp::WriteZeroes | MutationOp::Resize => 0,
         }
     }
 }
@@ -78,6 +90,11 @@ impl Mutation {
     pub fn payload_len(&self) -> u64 {
         self.op.payload_len(self.length)
     }
+
+    /// The new volume size, if it is a resize.
+    pub fn new_size(&self) -> Option<u64> {
+        (self.op == MutationOp::Resize).then_some(self.offset)
+    }
 }
 
 #[cfg(test)]
@@ -101,5 +118,6 @@ mod tests {
         assert_eq!(MutationOp::Write.code(), 1);
         assert_eq!(MutationOp::Trim.code(), 2);
         assert_eq!(MutationOp::WriteZeroes.code(), 3);
+        assert_eq!(MutationOp::Resize.code(), 7);
     }
 }

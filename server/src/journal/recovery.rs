@@ -38,18 +38,14 @@ pub enum JournalOpenError {
         path: PathBuf,
     },
     /// The journal belongs to a different volume.
-    #[error("journal {path} belongs to volume '{found_name}' of {found_size} bytes, not to '{name}' of {size} bytes; point --journal at this volume's journal, or delete the file to start a new one (its unapplied writes would be lost)")]
+    #[error("journal {path} belongs to volume '{found_name}', not to '{name}'; point --journal at this volume's journal, or delete the file to start a new one (its unapplied writes would be lost)")]
     WrongVolume {
         /// Journal path.
         path: PathBuf,
         /// Volume name in the superblock.
         found_name: String,
-        /// Volume size in the superblock.
-        found_size: u64,
         /// The configured volume name.
         name: String,
-        /// The configured size.
-        size: u64,
     },
     /// Neither superblock copy is valid, and the file is not blank.
     #[error("journal {path} has no valid superblock (copy A: {a}; copy B: {b}); it is not a mirrorblk journal or is damaged. Move it away to start a new journal")]
@@ -145,7 +141,8 @@ pub struct JournalSpec<'a> {
     pub size: u64,
     /// Volume name.
     pub volume_name: &'a str,
-    /// Volume size in bytes.
+    /// Volume size in bytes to create it with (an existing journal records
+    /// its own: a resize changes it).
     pub volume_size: u64,
 }
 
@@ -245,6 +242,13 @@ pub trait ReplayTarget {
     /// its data, for every record kind that changes the volume).
     fn record(&mut self, lsn: Lsn, offset: u64, len: u64) {
         let _ = (lsn, offset, len);
+    }
+    /// A resize record: the volume is `size` bytes from here on. Data past
+    /// a shrunk end is gone; a grown part was zeroed before the record was
+    /// written, so replay only makes sure the store holds it.
+    fn resize(&mut self, size: u64) -> io::Result<()> {
+        let _ = size;
+        Ok(())
     }
     /// Makes everything written durable.
     fn sync(&mut self) -> io::Result<()>;
@@ -462,18 +466,26 @@ fn read_payload(
     Ok(Ok(Some(p)))
 }
 
-/// Refuses a journal that belongs to another volume.
+/// Refuses a journal that belongs to another volume. Its size is not part
+/// of its identity: a resize changes it, and the journal is where the
+/// current size is recorded.
 fn check_volume(sb: &Superblock, spec: &JournalSpec<'_>) -> Result<(), JournalOpenError> {
-    if sb.volume_name == spec.volume_name && sb.volume_size == spec.volume_size {
+    if sb.volume_name == spec.volume_name {
         return Ok(());
     }
     Err(JournalOpenError::WrongVolume {
         path: spec.path.to_path_buf(),
         found_name: sb.volume_name.clone(),
-        found_size: sb.volume_size,
         name: spec.volume_name.to_string(),
-        size: spec.volume_size,
     })
+}
+
+/// The volume size an existing journal records (None without a journal or
+/// a readable superblock): the store is opened at this size, which a
+/// replayed resize may then change.
+pub fn recorded_volume_size(path: &Path) -> Option<u64> {
+    let f = File::open(path).ok()?;
+    read_superblock(&f, path).ok().map(|sb| sb.volume_size)
 }
 
 /// Replays `[a, b)` of record `h` (whose payload is `data`) into `target`.
@@ -494,6 +506,8 @@ fn replay_part(
             target.zero(a, b - a, false, h.flags & FLAG_NO_HOLE != 0)
         }
         EntryKind::WriteInPlace => target.placed(a, b - a),
+        // Touches no range: `open_and_recover` replays it.
+        EntryKind::Mutation(MutationOp::Resize) => Ok(()),
         // Never visited: the scan stops at an intent.
         EntryKind::Pad | EntryKind::InPlaceIntent => Ok(()),
     }
@@ -543,10 +557,15 @@ pub fn open_and_recover(
     })
     .map_err(io_err("cannot read journal", path))?;
     // Second pass: replay, in LSN order, what no later in-place write covers.
+    let mut volume_size = sb.volume_size;
     let (next_lsn, head, stop) = scan(&file, &sb, |rec, data| {
         let h = &rec.header;
         if matches!(h.kind, EntryKind::Mutation(_) | EntryKind::WriteInPlace) {
             target.record(h.lsn, h.offset, h.length);
+        }
+        if h.kind == EntryKind::Mutation(MutationOp::Resize) {
+            target.resize(h.offset)?;
+            volume_size = h.offset;
         }
         for (a, b) in in_place.replayable(h.offset, h.offset + h.length, h.lsn) {
             replay_part(target, h, data, a, b)?;
@@ -568,6 +587,15 @@ pub fn open_and_recover(
         "cannot sync the data store after replaying journal",
         path,
     ))?;
+    if volume_size != sb.volume_size {
+        tracing::info!(
+            "journal {} resized the volume from {} to {} bytes",
+            path.display(),
+            sb.volume_size,
+            volume_size
+        );
+        sb.volume_size = volume_size;
+    }
     report.next_lsn = next_lsn;
     report.stop_reason = stop;
     // New session: records of the old one past the head can never be replayed.
@@ -634,6 +662,25 @@ impl ReplayTarget for FileReplay<'_> {
             pos += n as u64;
         }
         Ok(())
+    }
+
+    fn resize(&mut self, size: u64) -> io::Result<()> {
+        let actual = if self.block_device {
+            crate::store::block_device_size(self.file)?
+        } else {
+            self.file.metadata()?.len()
+        };
+        if actual >= size {
+            return Ok(());
+        }
+        if self.block_device {
+            return Err(io::Error::other(format!(
+                "the volume was resized to {size} bytes but its data device holds only {actual}: give it a device at least that large"
+            )));
+        }
+        // The grow zeroed and extended the file before its record was
+        // written; a later shrink may have cut it since.
+        self.file.set_len(size)
     }
 
     fn sync(&mut self) -> io::Result<()> {

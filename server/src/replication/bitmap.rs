@@ -273,6 +273,29 @@ impl OutOfSync {
         first..last + 1
     }
 
+    /// The volume is `volume_size` bytes from now on (a resize record):
+    /// regions past a shrunk end are dropped, new ones start clear (a grow
+    /// zeroes its new part on every node before its record is written, and
+    /// every write after it is marked as usual). The next persist writes the
+    /// new layout; until then a crash leaves a bitmap of the old size,
+    /// which loads as invalid (a full checksum resync: safe).
+    pub fn resize(&mut self, volume_size: u64) {
+        if volume_size == self.volume_size {
+            return;
+        }
+        let regions = regions_of(volume_size);
+        let mut words = vec![0u64; regions.div_ceil(64)];
+        for i in 0..regions.min(self.regions) {
+            if self.words[i / 64] & (1 << (i % 64)) != 0 {
+                words[i / 64] |= 1 << (i % 64);
+            }
+        }
+        self.words = words;
+        self.regions = regions;
+        self.volume_size = volume_size;
+        self.dirty = true;
+    }
+
     /// Every region out of sync, valid from now on (a full resync).
     pub fn set_all(&mut self) {
         for i in 0..self.regions {
@@ -358,6 +381,36 @@ mod tests {
         assert!(!b.mark(11 * REGION, 10), "beyond the volume");
         b.clear(1);
         assert_eq!(b.count(), 2);
+    }
+
+    #[test]
+    fn a_resize_keeps_the_marks_inside_both_sizes_and_persists_the_new_layout() {
+        let p = tmp("resize");
+        let mut b = OutOfSync::new(p.clone(), 100 * REGION, 2);
+        b.clear_all();
+        b.mark(3 * REGION, 1);
+        b.mark(99 * REGION, 1);
+        b.resize(300 * REGION);
+        assert_eq!(b.regions(), 300);
+        assert_eq!(b.next_set(0), Some(3));
+        assert_eq!(b.next_set(4), Some(99));
+        assert_eq!(b.next_set(100), None, "grown regions start clear");
+        assert!(b.mark(250 * REGION, 1), "the grown part can be marked");
+        b.persist().unwrap();
+        let loaded = OutOfSync::load(p.clone(), 300 * REGION, 2).unwrap();
+        assert!(loaded.is_valid());
+        assert_eq!(loaded.next_set(100), Some(250));
+        assert!(
+            !OutOfSync::load(p.clone(), 100 * REGION, 2)
+                .unwrap()
+                .is_valid(),
+            "a bitmap of another size is not trusted"
+        );
+        b.resize(50 * REGION);
+        assert_eq!(b.regions(), 50);
+        assert_eq!(b.next_set(0), Some(3));
+        assert_eq!(b.next_set(4), None, "regions past a shrunk end are gone");
+        let _ = std::fs::remove_file(&p);
     }
 
     #[test]

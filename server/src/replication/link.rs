@@ -74,11 +74,20 @@ async fn connect_and_stream(
         Some(m) => connect_tls(link, hb, m).await?,
         None => connect(link, hb).await?,
     };
-    let hello_body = hello(vol, primary, node).encode();
+    let hello = hello(vol, primary, node);
+    let hello_body = hello.encode();
     frames::send(&sock, Kind::Hello, &hello_body).await?;
     let reply_body = frames::expect(&sock, Kind::HelloReply, hb).await?;
     let reply = HelloReply::decode(&reply_body)?;
     check_reply(vol, primary, link, &reply, &hello_body)?;
+    if vol.size() != hello.size {
+        // A resync would rebase the replica to the size HELLO told it, and
+        // stream from after the resize record: connect again instead.
+        return Err(LinkError::Local(format!(
+            "the volume was resized to {} bytes during the handshake; connecting again",
+            vol.size()
+        )));
+    }
     let (start, resync) = plan_start(vol, primary, link, &reply)?;
     let auth = Auth {
         mac: wire::mac(
@@ -246,7 +255,7 @@ fn hello(vol: &Engine, primary: &Primary, node: &str) -> Hello {
         version: wire::VERSION,
         volume: vol.info().name.clone(),
         uuid: vol.journal().volume_uuid(),
-        size: vol.info().size,
+        size: vol.size(),
         epoch: vol.journal().epoch().0,
         node: node.to_string(),
         nonce: frames::nonce(),
@@ -418,7 +427,7 @@ fn plan_start(
         );
     }
     link.resync_seq.set(1);
-    *link.job.borrow_mut() = kind.map(|k| Job::new(k, &oos, vol.info().size, 1));
+    *link.job.borrow_mut() = kind.map(|k| Job::new(k, &oos, vol.size(), 1));
     Ok((start, rebase))
 }
 
@@ -612,7 +621,7 @@ fn start_requested_verify(vol: &Engine, link: &LinkState) -> bool {
     let job = Job::new(
         JobKind::Verify { repair },
         &link.oos.borrow(),
-        vol.info().size,
+        vol.size(),
         link.resync_seq.get(),
     );
     tracing::info!(volume = %vol.info().name, peer = %link.peer.name, "verify of {} started{}", link.peer.name, if repair { " (repairing differences)" } else { "" });
@@ -638,7 +647,14 @@ async fn resync_frame(
     check: bool,
 ) -> Result<bool, LinkError> {
     let offset = region as u64 * REGION;
-    let len = REGION.min(vol.info().size - offset);
+    let len = REGION.min(vol.size().saturating_sub(offset));
+    if len == 0 {
+        // Resizes wait for passes to end; a pass outliving one ends here,
+        // and the next handshake plans with the new size.
+        return Err(LinkError::Local(format!(
+            "resync region at {offset} is past the volume's end (it was resized)"
+        )));
+    }
     let sent_next = link.sent_next.get();
     let after = sent_next.0.saturating_sub(1);
     let data = vol
@@ -768,7 +784,7 @@ async fn job_step(
             let check = matches!(step, Step::Check(_));
             // A check moves 48 bytes but costs a region read on each side:
             // it spends a sixteenth of a region of the budget.
-            let len = REGION.min(vol.info().size - r as u64 * REGION);
+            let len = REGION.min(vol.size().saturating_sub(r as u64 * REGION));
             budget.spend(if check { len / 16 } else { len });
             resync_frame(vol, primary, link, sock, r, check).await
         }

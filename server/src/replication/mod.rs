@@ -585,6 +585,23 @@ impl Primary {
             .collect()
     }
 
+    /// Why a resize cannot start now: a resync or verify pass runs (or is
+    /// asked for) on some link, and passes are planned over the volume's
+    /// regions as of their start. One phrase per such replica.
+    pub fn resize_blockers(&self) -> Vec<String> {
+        self.links
+            .iter()
+            .filter(|l| l.job.borrow().is_some() || l.verify_request.get().is_some())
+            .map(|l| {
+                let what = match l.job.borrow().as_ref().map(|j| j.kind) {
+                    Some(resync::JobKind::Verify { .. }) | None => "verify",
+                    Some(resync::JobKind::Resync { .. }) => "resync",
+                };
+                format!("a {what} of {} is running", l.peer.name)
+            })
+            .collect()
+    }
+
     /// Asks each link to run a verify pass of a volume of `size` bytes
     /// (the send loop starts it); the caller checked
     /// [`Primary::verify_blockers`].
@@ -610,6 +627,13 @@ impl Primary {
 
 impl ReplicationHooks for Primary {
     fn reserved(&self, rec: &Rc<Record>) {
+        if let Some(size) = rec.new_size() {
+            // Every record after this one may touch the new regions: each
+            // replica's bitmap must cover them before any is released.
+            for l in &self.links {
+                l.oos.borrow_mut().resize(size);
+            }
+        }
         self.push(rec);
     }
 

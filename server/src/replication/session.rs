@@ -206,9 +206,7 @@ async fn fence_or_adopt(
     ctx: &SessionContext,
 ) -> Result<(), LinkError> {
     let engine = &vol.engine;
-    let newer = hello.epoch > engine.journal().epoch().0
-        && hello.version == wire::VERSION
-        && hello.size == engine.info().size;
+    let newer = hello.epoch > engine.journal().epoch().0 && hello.version == wire::VERSION;
     if !newer {
         return Ok(());
     }
@@ -253,13 +251,15 @@ fn refusal_for(
             ),
         );
     }
-    if hello.size != engine.info().size {
+    // A size that differs is a resize one of the two has not seen yet: a
+    // replica that catches up gets its record in the stream, one that is
+    // resynced takes the primary's size as it rebases.
+    if hello.size == 0 || hello.size % crate::units::BLOCK != 0 {
         return refuse(
             ReplyStatus::SizeMismatch,
             format!(
-                "volume size {} differs from this node's {}",
-                hello.size,
-                engine.info().size
+                "volume size {} is not a non-zero multiple of 4 KiB",
+                hello.size
             ),
         );
     }
@@ -338,7 +338,9 @@ async fn accept(
         });
     }
     if auth.resync {
-        engine.rebase(Lsn(auth.start_lsn), hello.uuid).await?;
+        engine
+            .rebase(Lsn(auth.start_lsn), hello.uuid, hello.size)
+            .await?;
         tracing::warn!(volume = %engine.info().name, "resyncing from the primary, whose stream continues at LSN {}: this node is Inconsistent until the resync completes", auth.start_lsn);
         return Ok(auth.start_lsn.saturating_sub(1));
     }
