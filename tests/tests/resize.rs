@@ -22,9 +22,18 @@ mod resize {
 
     fn three_nodes(dir: &TestDir) -> (Node, Node, Node) {
         let secret = write_secret(dir, "secret");
-        let r2 = Node::start_replica(dir, "n2", &secret, "64M", &[]);
-        let r3 = Node::start_replica(dir, "n3", &secret, "64M", &[]);
-        let p = Node::start_primary(dir, "n1", &secret, &[&r2, &r3], "64M", &["--mode", "sync"]);
+        // Sparse stores: writing 3 × 256M of zeroes is most of a start.
+        let sparse = ["--preallocate", "sparse"];
+        let r2 = Node::start_replica(dir, "n2", &secret, "64M", &sparse);
+        let r3 = Node::start_replica(dir, "n3", &secret, "64M", &sparse);
+        let p = Node::start_primary(
+            dir,
+            "n1",
+            &secret,
+            &[&r2, &r3],
+            "64M",
+            &["--mode", "sync", "--preallocate", "sparse"],
+        );
         p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
         (p, r2, r3)
     }
