@@ -315,15 +315,8 @@ fn handle(
         | Request::Restart { .. }
         | Request::Changes { .. } => None,
     };
-    if let Request::Resize { volume, .. } = &req {
-        if !volumes.iter().any(|v| v.name == *volume) {
-            let known: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
-            let why = format!(
-                "this node has no volume '{volume}' (it has: {}); check the name with mirrorblk status",
-                known.join(", ")
-            );
-            return (Response::error(why), None);
-        }
+    if let Some(why) = unknown_volume(&req, &volumes) {
+        return (Response::error(why), None);
     }
     let resp = Response {
         ok: true,
@@ -381,6 +374,21 @@ fn changes(
     }
     Response::error(format!(
         "no volume '{volume}' on node {node}: `mirrorblk status` lists its volumes"
+    ))
+}
+
+/// Why a request naming a volume (resize) names none of this node's.
+fn unknown_volume(req: &Request, volumes: &[VolumeStatus]) -> Option<String> {
+    let Request::Resize { volume, .. } = req else {
+        return None;
+    };
+    if volumes.iter().any(|v| v.name == *volume) {
+        return None;
+    }
+    let known: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+    Some(format!(
+        "this node has no volume '{volume}' (it has: {}); check the name with mirrorblk status",
+        known.join(", ")
     ))
 }
 

@@ -580,7 +580,7 @@ mod tests {
             b
         };
         assert_eq!(Superblock::decode(&with_version(1)), Ok(sb.clone()));
-        assert_eq!(Superblock::decode(&with_version(2)), Ok(sb));
+        assert_eq!(Superblock::decode(&with_version(2)), Ok(sb.clone()));
         assert_eq!(
             Superblock::decode(&with_version(3)),
             Err(FormatError::BadVersion(3))

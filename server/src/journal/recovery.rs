@@ -530,6 +530,19 @@ fn mark_intents(
     Ok(())
 }
 
+/// Records in the superblock the size the replayed resize records left.
+fn note_size(path: &Path, sb: &mut Superblock, volume_size: u64) {
+    if volume_size != sb.volume_size {
+        tracing::info!(
+            "journal {} resized the volume from {} to {} bytes",
+            path.display(),
+            sb.volume_size,
+            volume_size
+        );
+        sb.volume_size = volume_size;
+    }
+}
+
 /// Opens (or creates) the journal of a volume, checks that it belongs to it,
 /// replays it into `target`, and starts a new session. The returned journal's
 /// superblock has its checkpoint at the recovered head.
@@ -587,15 +600,7 @@ pub fn open_and_recover(
         "cannot sync the data store after replaying journal",
         path,
     ))?;
-    if volume_size != sb.volume_size {
-        tracing::info!(
-            "journal {} resized the volume from {} to {} bytes",
-            path.display(),
-            sb.volume_size,
-            volume_size
-        );
-        sb.volume_size = volume_size;
-    }
+    note_size(path, &mut sb, volume_size);
     report.next_lsn = next_lsn;
     report.stop_reason = stop;
     // New session: records of the old one past the head can never be replayed.

@@ -630,6 +630,19 @@ fn start_requested_verify(vol: &Engine, link: &LinkState) -> bool {
     true
 }
 
+/// Where region `region` lies in the volume. Resizes wait for passes to
+/// end; a pass outliving one ends here, and the next handshake plans with
+/// the new size.
+fn region_extent(vol: &Engine, region: usize) -> Result<(u64, u64), LinkError> {
+    let offset = region as u64 * REGION;
+    match REGION.min(vol.size().saturating_sub(offset)) {
+        0 => Err(LinkError::Local(format!(
+            "resync region at {offset} is past the volume's end (it was resized)"
+        ))),
+        len => Ok((offset, len)),
+    }
+}
+
 /// Sends one resync region (RESYNC_DATA) or its checksum (RESYNC_CHECK):
 /// the primary's data as of after the last record sent. Runs inside the
 /// send loop, so no record can slip between the snapshot and its place in
@@ -646,15 +659,7 @@ async fn resync_frame(
     region: usize,
     check: bool,
 ) -> Result<bool, LinkError> {
-    let offset = region as u64 * REGION;
-    let len = REGION.min(vol.size().saturating_sub(offset));
-    if len == 0 {
-        // Resizes wait for passes to end; a pass outliving one ends here,
-        // and the next handshake plans with the new size.
-        return Err(LinkError::Local(format!(
-            "resync region at {offset} is past the volume's end (it was resized)"
-        )));
-    }
+    let (offset, len) = region_extent(vol, region)?;
     let sent_next = link.sent_next.get();
     let after = sent_next.0.saturating_sub(1);
     let data = vol
