@@ -323,6 +323,28 @@ mod tests {
     const U: [u8; 16] = [7; 16];
 
     #[test]
+    fn a_resize_reports_the_grown_part_changed_and_forgets_a_shrunk_one() {
+        let r = REGION;
+        let mut t = ChangeTable::new(U, 4 * r, 0);
+        t.mark(r, 1, Lsn(5));
+        t.resize(8 * r + 4096, Lsn(9));
+        assert_eq!(t.size(), 8 * r + 4096);
+        let c = t.changed_since(5);
+        assert_eq!(
+            c.ranges,
+            vec![(4 * r, 4 * r + 4096)],
+            "the grown part changed at LSN 9"
+        );
+        assert_eq!(t.changed_since(4).ranges[0], (r, r));
+        t.resize(2 * r, Lsn(10));
+        assert_eq!(
+            t.changed_since(0).ranges,
+            vec![(r, r)],
+            "nothing past a shrunk end"
+        );
+    }
+
+    #[test]
     fn region_spans_cover_exactly_the_touched_regions() {
         let r = REGION;
         for (off, len, want) in [
