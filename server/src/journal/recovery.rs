@@ -530,6 +530,19 @@ fn mark_intents(
     Ok(())
 }
 
+/// Tells `target` a record is replayed (and a resize what size it sets)
+/// before its data.
+fn announce(target: &mut dyn ReplayTarget, h: &RecordHeader, size: &mut u64) -> io::Result<()> {
+    if matches!(h.kind, EntryKind::Mutation(_) | EntryKind::WriteInPlace) {
+        target.record(h.lsn, h.offset, h.length);
+    }
+    if h.kind == EntryKind::Mutation(MutationOp::Resize) {
+        target.resize(h.offset)?;
+        *size = h.offset;
+    }
+    Ok(())
+}
+
 /// Records in the superblock the size the replayed resize records left.
 fn note_size(path: &Path, sb: &mut Superblock, volume_size: u64) {
     if volume_size != sb.volume_size {
@@ -573,13 +586,7 @@ pub fn open_and_recover(
     let mut volume_size = sb.volume_size;
     let (next_lsn, head, stop) = scan(&file, &sb, |rec, data| {
         let h = &rec.header;
-        if matches!(h.kind, EntryKind::Mutation(_) | EntryKind::WriteInPlace) {
-            target.record(h.lsn, h.offset, h.length);
-        }
-        if h.kind == EntryKind::Mutation(MutationOp::Resize) {
-            target.resize(h.offset)?;
-            volume_size = h.offset;
-        }
+        announce(target, h, &mut volume_size)?;
         for (a, b) in in_place.replayable(h.offset, h.offset + h.length, h.lsn) {
             replay_part(target, h, data, a, b)?;
         }
