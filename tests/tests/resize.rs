@@ -4,7 +4,8 @@
 //! and read back, `mirrorblk verify` finds all identical, and a shrink
 //! without `--force` is refused; a forced shrink reaches the replicas too,
 //! and a primary killed with `kill -9` right after a resize recovers the
-//! new size from its journal.
+//! new size from its journal; a replica that missed a resize gets it from
+//! the journal or takes the size in a resync.
 
 mod resize {
     use std::time::Duration;
@@ -184,6 +185,51 @@ mod resize {
         tools::qemu_io_ok(&uri, &[format!("read -P 0x3d {at} 1M")]);
         p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
         assert_size(&[&r2, &r3], 384 * MIB, "the replicas at the grown size");
+        p.stop();
+        r2.stop();
+        r3.stop();
+        assert_stores_identical(&[&p, &r2, &r3]);
+    }
+
+    /// A replica away during a resize gets it on its return: from the
+    /// journal when the primary still holds the record (the handshake
+    /// accepts the differing size), or, after losing its journal, by a full
+    /// checksum resync that first takes the primary's size.
+    #[test]
+    fn a_replica_that_missed_a_resize_catches_up_or_takes_the_size_in_a_resync() {
+        let dir = TestDir::new();
+        let (mut p, mut r2, mut r3) = three_nodes(&dir);
+        let uri = p.daemon.uri(EXPORT);
+        tools::qemu_io_ok(&uri, &["write -P 0x60 0 1M"]);
+        r3.stop();
+        let grow = p.cli(&["resize", EXPORT, "384M"], CLI_TIMEOUT);
+        assert_eq!(grow.code, 0, "grow with n3 away: {grow:#?}");
+        // Small writes: a large one goes in place, and catch-up cannot
+        // resend those from the journal (a bitmap resync would).
+        tools::qemu_io_ok(&uri, &["write -P 0x61 300M 64k"]);
+        r3.daemon.restart();
+        p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
+        assert_size(&[&r3], 384 * MIB, "n3 caught up with the resize");
+        // (The log of n3's current run.)
+        assert_eq!(
+            r3.log_lines_with("resyncing from the primary"),
+            Vec::<String>::new(),
+            "n3 should catch up from the journal, not resync"
+        );
+
+        r3.stop();
+        std::fs::remove_file(&r3.files.journal).expect("remove n3's journal");
+        let grow = p.cli(&["resize", EXPORT, "512M"], CLI_TIMEOUT);
+        assert_eq!(grow.code, 0, "second grow with n3 away: {grow:#?}");
+        tools::qemu_io_ok(&uri, &["write -P 0x62 450M 1M"]);
+        // n3 comes back with a new journal at its configured 256M.
+        r3.daemon.restart();
+        p.wait_status(Duration::from_secs(60), "n3 resynced", |s| {
+            s.replicas.iter().all(|r| r.is_settled())
+        });
+        assert_size(&[&r3], GROWN, "n3 took the primary's size for its resync");
+        let v = p.cli(&["verify"], CLI_TIMEOUT);
+        assert_eq!(v.code, 0, "verify after n3's resync: {v:#?}");
         p.stop();
         r2.stop();
         r3.stop();
