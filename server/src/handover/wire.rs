@@ -181,6 +181,10 @@ pub enum DecodeError {
         /// Its value.
         value: u8,
     },
+    /// An absent optional value whose bytes are not zero (one encoding
+    /// per state: the re-encoded message would differ).
+    #[error("{0} is absent but its bytes are not zero")]
+    AbsentNotZero(&'static str),
     /// A descriptor index past those received.
     #[error("descriptor index {index}, but {fds} descriptors arrived")]
     FdIndex {
@@ -276,6 +280,9 @@ impl State {
         let etcd_lease = if version >= 2 {
             let some = r.flag("etcd lease present")?;
             let id = i64::from_le_bytes(r.array("etcd lease")?);
+            if !some && id != 0 {
+                return Err(DecodeError::AbsentNotZero("etcd lease"));
+            }
             some.then_some(id)
         } else {
             None
@@ -348,6 +355,9 @@ fn decode_conn(
     let structured_replies = r.flag("structured replies")?;
     let has_ctx = r.flag("base:allocation flag")?;
     let ctx = r.u32("base:allocation id")?;
+    if !has_ctx && ctx != 0 {
+        return Err(DecodeError::AbsentNotZero("base:allocation id"));
+    }
     let no_zeroes = r.flag("no-zeroes")?;
     let extended_headers = version >= 3 && r.flag("extended headers")?;
     if extended_headers && !structured_replies {
@@ -531,6 +541,22 @@ mod tests {
         let flag_at = v1.len() - (2 + c.peer.len()) - c.leftover.len() - 4 - 1;
         assert_eq!(v1.remove(flag_at), 0);
         assert_eq!(State::decode(&v1, 3), Ok(s));
+    }
+
+    /// Found by the fuzzer: an absent lease with non-zero bytes decoded,
+    /// and re-encoded to other bytes. It is refused: one encoding per state.
+    #[test]
+    fn an_absent_lease_with_bytes_is_refused() {
+        let mut s = sample();
+        s.etcd_lease = None;
+        let mut buf = s.encode();
+        let lease_at = 4 + 2 + 4 + 8 + 1;
+        assert_eq!(buf[lease_at], 0);
+        buf[lease_at + 1] = 0x4d;
+        assert_eq!(
+            State::decode(&buf, 3),
+            Err(DecodeError::AbsentNotZero("etcd lease"))
+        );
     }
 
     /// A version-2 message (from a daemon built before extended headers)
