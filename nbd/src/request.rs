@@ -333,6 +333,14 @@ pub enum Verdict {
 /// multi-gigabyte discards and zeroing requests regardless of advertised
 /// limits. With extended headers they are 64-bit effect lengths.
 pub fn check_request(req: &Request, neg: &Negotiated) -> Verdict {
+    check_request_at(req, neg, neg.export.size)
+}
+
+/// [`check_request`] against the export's size now, `size`, rather than
+/// the size negotiated: after an online resize a server serves a
+/// connection's requests up to the new end (a kernel client learns the new
+/// size without a new handshake) and refuses those past a shrunk one.
+pub fn check_request_at(req: &Request, neg: &Negotiated, size: u64) -> Verdict {
     let checks = check_command(req, neg)
         .and_then(|()| check_permission(req, neg))
         .and_then(|()| check_exposed(req, neg))
@@ -344,7 +352,7 @@ pub fn check_request(req: &Request, neg: &Negotiated) -> Verdict {
     if req.command == Command::Flush {
         return Verdict::Serve;
     }
-    match check_range(req, &neg.export) {
+    match check_range(req, &neg.export, size) {
         Ok(()) => Verdict::Serve,
         Err(verdict) => verdict,
     }
@@ -451,14 +459,18 @@ fn check_command_flags(req: &Request, neg: &Negotiated) -> Result<(), Verdict> {
 }
 
 /// Steps 8 to 10 of [`check_request`]: the range of a command that has one.
-fn check_range(req: &Request, export: &crate::handshake::ExportInfo) -> Result<(), Verdict> {
+fn check_range(
+    req: &Request,
+    export: &crate::handshake::ExportInfo,
+    size: u64,
+) -> Result<(), Verdict> {
     let cmd = req.command;
     // 8. Range within the export; checked_add so a huge offset cannot wrap
     //    around into range.
     let in_bounds = req
         .offset
         .checked_add(req.length)
-        .is_some_and(|end| end <= export.size);
+        .is_some_and(|end| end <= size);
     if !in_bounds {
         return Err(Verdict::Reject(match cmd {
             Command::Write | Command::WriteZeroes => ErrorCode::NoSpc,
@@ -593,6 +605,31 @@ mod tests {
         ));
         assert_eq!(header_len(false), 28);
         assert_eq!(header_len(true), 32);
+    }
+
+    #[test]
+    fn ranges_follow_the_size_now_after_a_resize() {
+        use ErrorCode::*;
+        let mut e = export();
+        e.size = 1 << 20;
+        let n = neg_with(e, true);
+        let past = req(Command::Read, 0, 1 << 20, 4096);
+        let write_past = req(Command::Write, 0, 1 << 20, 4096);
+        assert_eq!(check_request(&past, &n), Verdict::Reject(Inval));
+        // Grown: past the negotiated end, inside the new one.
+        assert_eq!(check_request_at(&past, &n, 2 << 20), Verdict::Serve);
+        assert_eq!(check_request_at(&write_past, &n, 2 << 20), Verdict::Serve);
+        assert_eq!(
+            check_request_at(&req(Command::Read, 0, 2 << 20, 4096), &n, 2 << 20),
+            Verdict::Reject(Inval)
+        );
+        // Shrunk: inside the negotiated end, past the new one.
+        let tail = req(Command::Write, 0, (1 << 20) - 4096, 4096);
+        assert_eq!(check_request(&tail, &n), Verdict::Serve);
+        assert_eq!(
+            check_request_at(&tail, &n, 512 << 10),
+            Verdict::Reject(NoSpc)
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nbd::reply::{ReplyStyle, ReplyTo};
-use nbd::request::{check_request, decode_header, header_len};
+use nbd::request::{check_request_at, decode_header, header_len};
 use nbd::{Command, CommandFlags, ErrorCode, Negotiated, Request, Verdict};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_uring::buf::fixed::FixedBuf;
@@ -540,7 +540,7 @@ fn spawn_request(
 /// it; `Ok(false)` means it was answered with an error (a rejected write's
 /// payload drained) and the next request follows.
 async fn admit(conn: &Conn, req: &Request, prefix: &mut Prefix) -> Result<bool, End> {
-    match check_request(req, &conn.neg) {
+    match check_request_at(req, &conn.neg, conn.vol.info().size.get()) {
         Verdict::Close(e) => Err(End::Protocol(e)),
         Verdict::Reject(code) => {
             // Bounded by the maximum payload: check_request closes longer.

@@ -335,7 +335,7 @@ impl Volume {
         if let Some(p) = &self.primary {
             p.note_acked(lsn);
         }
-        tracing::warn!(volume = %name, "resized from {old} to {size} bytes (LSN {lsn}); connections negotiated before keep their size: clients reconnect (or qemu block_resize) to see it");
+        tracing::warn!(volume = %name, "resized from {old} to {size} bytes (LSN {lsn}); open connections are served up to the new end; their clients learn the size from mirrorblk attach (kernel), a reconnect, or qemu's block_resize");
         Ok(old)
     }
 

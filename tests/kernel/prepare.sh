@@ -131,10 +131,10 @@ add_module() {
 }
 for m in "${wanted[@]}"; do add_module "$m"; done
 
-# nbd-client and e2fsprogs, with every library they load. The unpacked
+# nbd-client and e2fsprogs (resize2fs for the online-resize test), with every library they load. The unpacked
 # packages come first on the search path, then the host's (same Debian
 # release); a library found in neither fails the build.
-bins=(sbin/nbd-client sbin/mke2fs sbin/e2fsck)
+bins=(sbin/nbd-client sbin/mke2fs sbin/e2fsck sbin/resize2fs)
 libpath="$root/lib/x86_64-linux-gnu:$root/usr/lib/x86_64-linux-gnu"
 for b in "${bins[@]}"; do
     cp "$root/$b" "$stage/usr/sbin/"

@@ -310,3 +310,64 @@ workload_attach() {
     pass detach
     pass attach-workload
 }
+
+# ---------------------------------------------------------------------------
+# Online resize under mirrorblk attach.
+
+# Writes N 64 KiB files named PREFIX1..PREFIXN with fsync, their checksums
+# appended to /tmp/fsynced.
+write_files() {
+    n=0
+    while [ $n -lt "$1" ]; do
+        n=$((n + 1))
+        dd if=/dev/urandom of=/tmp/data bs=4096 count=16 2>/dev/null
+        dd if=/tmp/data of=$MNT/"$2$n" bs=4096 conv=fsync 2>/tmp/dd.err ||
+            fail "files: writing $2$n failed: $(tail -1 /tmp/dd.err)"
+        echo "$(sha256sum </tmp/data | cut -d' ' -f1)  $2$n" >>/tmp/fsynced
+    done
+}
+
+# ext4 on the attached device with files in it; the host grows the volume
+# (`mirrorblk resize`) once it reads RESIZE-READY. attach must give the
+# kernel the new size without a reconnect, resize2fs grows the mounted
+# file system, files written after it and before it all check out after
+# e2fsck, and no I/O error is logged.
+workload_attach_resize() {
+    start_attach
+    step_mkfs
+    do_mount mount
+    pass mount
+    : >/tmp/fsynced
+    write_files 8 before
+    before=$(dev_blocks)
+    fs_before=$(df -k $MNT | awk 'NR==2 {print $2}')
+    report "RESIZE-READY $before"
+    n=0
+    while [ "$(dev_blocks)" -le "$before" ]; do
+        n=$((n + 1))
+        [ $n -le 600 ] || fail "grown: /dev/nbd0 still has $before blocks 60 s after RESIZE-READY; attach log: $(tail -3 /tmp/attach.log | tr '\n' ' ')"
+        sleep 0.1
+    done
+    after=$(dev_blocks)
+    grep -q '"event":"resized"' /tmp/attach.out || fail "grown: attach printed no resized event"
+    grep -q '"event":"reconnected"' /tmp/attach.out && fail "grown: attach reconnected to resize"
+    pass "grown: $before -> $after blocks"
+    resize2fs $DEV >/tmp/resize2fs.log 2>&1 || fail "resize2fs: $(tail -2 /tmp/resize2fs.log | tr '\n' ' ')"
+    fs_after=$(df -k $MNT | awk 'NR==2 {print $2}')
+    [ "$fs_after" -gt "$fs_before" ] || fail "resize2fs: ext4 still has $fs_after KiB (was $fs_before)"
+    pass "resize2fs: $fs_before -> $fs_after KiB"
+    write_files 8 after
+    check_kernel_log
+    umount $MNT || fail "umount: $(dmesg | tail -3)"
+    step_fsck "-after-resize"
+    drop_caches
+    do_mount verify
+    (cd $MNT && sha256sum -c -s /tmp/fsynced) || fail "verify: a file written before or after the resize is missing or differs"
+    umount $MNT || fail "verify: umount"
+    pass "verify: $(wc -l </tmp/fsynced) files"
+    cat /tmp/attach.log >/dev/console
+    mirrorblk detach "$DEV" >/tmp/detach.out 2>&1 || fail "detach: $(cat /tmp/detach.out)"
+    wait $ATTACH_PID
+    pass detach
+    pass attach-resize-workload
+}

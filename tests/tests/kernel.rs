@@ -19,6 +19,9 @@
 //!   kill -9 and restart of a single node.
 //! - `attach_survives_live_restart_of_single_node`: the same across
 //!   `mirrorblk restart` (live hand-over): not even a reconnect.
+//! - `attach_follows_online_resize`: `mirrorblk resize` of the volume
+//!   mounted through attach: the device grows without a reconnect,
+//!   resize2fs grows ext4 online, e2fsck is clean, every file intact.
 //! - `standard_workload_over_tls`: the standard workload with `nbd-client
 //!   -x -cacertfile -certfile -keyfile` against `--tls require
 //!   --tls-verify-peer` (certificates from `mirrorblk certs init`).
@@ -508,6 +511,74 @@ fn attach_survives_live_restart_of_single_node() {
         "attach had to reconnect across a live restart (the connection was not handed over): {reconnects:?}"
     );
     assert_stall_bounded(&out, DEFAULT_IO_TIMEOUT);
+}
+
+/// The online-resize workload's steps, in order.
+const RESIZE_STEPS: &[&str] = &[
+    "boot",
+    "attach",
+    "mkfs",
+    "mount",
+    "grown",
+    "resize2fs",
+    "no-io-errors",
+    "fsck-after-resize",
+    "verify",
+    "detach",
+    "attach-resize-workload",
+];
+
+/// Issue 16: `mirrorblk resize` of a volume mounted in the guest through
+/// `mirrorblk attach`: attach notices the new size (its --size-check) and
+/// gives it to the kernel over netlink without reconnecting; resize2fs
+/// grows the mounted ext4; files written before and after check out after
+/// e2fsck.
+#[test]
+fn attach_follows_online_resize() {
+    let dir = TestDir::new();
+    let port = pick_port();
+    let files = NodeFiles::new(&dir, "n1");
+    let mut args = files.standalone_primary_args("64M");
+    set_listen(&mut args, &format!("127.0.0.1:{port}"));
+    let node = Node {
+        files,
+        daemon: Daemon::start(args),
+        replication: None,
+    };
+    let relay = Relay::new(Path::new(RELAY), &dir, port, Duration::from_secs(1));
+    let mut attach = servers(&GUEST_PORTS[..1]);
+    attach.extend(["--size-check".into(), "1s".into()]);
+    let mut guest = Guest::start(
+        &dir,
+        &Boot {
+            workload: "attach_resize",
+            params: vec![("mb.attach", attach_param(&attach, DEFAULT_IO_TIMEOUT))],
+            relays: vec![(GUEST_PORTS[0], &relay)],
+            mirrorblk: true,
+            files: Vec::new(),
+        },
+    );
+    if let Err(e) = guest.wait_for_line("RESIZE-READY ", Duration::from_secs(120)) {
+        panic!("the guest did not get ext4 mounted on mirrorblk attach: {e}");
+    }
+    // The volume is 256M (the node's default): grow it by half.
+    let run = node.cli(&["resize", EXPORT, "384M"], Duration::from_secs(60));
+    assert_eq!(run.code, 0, "mirrorblk resize failed: {run:?}");
+    let out = guest.wait(GUEST_TIMEOUT);
+    if let Err(e) = out.check(RESIZE_STEPS) {
+        panic!("attach across an online resize failed:\n{e}");
+    }
+    let grown = out
+        .lines
+        .iter()
+        .find(|l| l.starts_with("PASS grown"))
+        .cloned()
+        .unwrap_or_default();
+    eprintln!("online resize under attach: {grown}");
+    assert!(
+        grown.ends_with(&format!("-> {} blocks", (384u64 << 20) / 4096)),
+        "the device did not take the volume's new size: {grown}"
+    );
 }
 
 /// `nbdkit null`: accepts every write and throws it away, reads zeros.

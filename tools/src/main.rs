@@ -247,8 +247,15 @@ enum Cmd {
     ///   (and file systems may abort), so set it above the longest failover
     ///   you plan for.
     ///
-    /// Every reconnect is logged on stderr (which server, how long it took;
-    /// with --json also as a line on stdout). Needs root (CAP_SYS_ADMIN)
+    /// Online resize: every --size-check (default 5s) attach asks the
+    /// server for the export's size (an NBD_OPT_INFO handshake that serves
+    /// no client) and, when `mirrorblk resize` changed it, tells the kernel
+    /// (the device's capacity changes in place; grow the file system with
+    /// resize2fs or xfs_growfs). A size changed while the connection was
+    /// down goes to the kernel with the new connection.
+    ///
+    /// Every reconnect and resize is logged on stderr (which server, how
+    /// long it took; with --json also as a line on stdout). Needs root (CAP_SYS_ADMIN)
     /// and the nbd module (modprobe nbd). Stop it with `mirrorblk detach
     /// /dev/nbdN` or SIGTERM: both disconnect the device. The pid file is
     /// /run/mirrorblk/nbdN.attach.pid. Under systemd (Type=notify) it
@@ -291,7 +298,11 @@ enum Cmd {
         /// Connections to the primary (more than 1 needs its multi-conn flag).
         #[arg(long, value_name = "N", default_value_t = 1)]
         connections: u32,
-        /// Print events (attached, reconnected, detached) as JSON lines on stdout.
+        /// How often to ask the server for the export's size, so an online
+        /// `mirrorblk resize` reaches the kernel (0s: never).
+        #[arg(long, value_name = "DURATION", default_value = "5s")]
+        size_check: mirrorblk_server::units::Interval,
+        /// Print events (attached, reconnected, resized, detached) as JSON lines on stdout.
         #[arg(long)]
         json: bool,
         /// The kernel device, /dev/nbdN.
@@ -1291,6 +1302,7 @@ fn main() -> ExitCode {
             dead_conn_timeout,
             connect_timeout,
             connections,
+            size_check,
             json,
             device,
         } => attach::attach(attach::AttachArgs {
@@ -1303,6 +1315,7 @@ fn main() -> ExitCode {
             connect_timeout: connect_timeout.0,
             connections,
             json,
+            size_check: size_check.0,
         }),
         Cmd::Detach { device } => attach::detach(&device),
         Cmd::Events { follow, json, file } => {

@@ -130,12 +130,26 @@ pub fn connect_message(family: u16, cfg: &DeviceConfig, fds: &[RawFd]) -> Messag
     m
 }
 
-/// The `NBD_CMD_RECONFIGURE` request handing device `index` new sockets.
-pub fn reconfigure_message(family: u16, index: u32, fds: &[RawFd]) -> Message {
+/// The `NBD_CMD_RECONFIGURE` request handing device `index` new sockets
+/// and, when the export's size changed (a resize), its new size.
+pub fn reconfigure_message(family: u16, index: u32, fds: &[RawFd], size: Option<u64>) -> Message {
     assert!(!fds.is_empty(), "reconfigure needs at least one socket");
     let mut m = Message::new(family, CMD_RECONFIGURE, VERSION);
     m.u32(ATTR_INDEX, index);
+    if let Some(size) = size {
+        m.u64(ATTR_SIZE_BYTES, size);
+    }
     sockets(&mut m, fds);
+    m
+}
+
+/// The `NBD_CMD_RECONFIGURE` request giving device `index` a new size and
+/// nothing else: the kernel (`nbd_genl_size_set`) updates the capacity and
+/// tells user space (a udev change event), the connection stays.
+pub fn resize_message(family: u16, index: u32, size: u64) -> Message {
+    assert!(size > 0, "a device is resized to a size");
+    let mut m = Message::new(family, CMD_RECONFIGURE, VERSION);
+    m.u32(ATTR_INDEX, index).u64(ATTR_SIZE_BYTES, size);
     m
 }
 
@@ -253,10 +267,21 @@ impl Nbd {
     }
 
     /// `NBD_CMD_RECONFIGURE` with new sockets (the kernel replaces dead
-    /// ones; with none dead it drops them).
-    pub fn reconfigure(&mut self, index: u32, fds: &[RawFd]) -> Result<(), DeviceError> {
-        let m = reconfigure_message(self.family.id, index, fds);
+    /// ones; with none dead it drops them) and, with `size`, a new size.
+    pub fn reconfigure(
+        &mut self,
+        index: u32,
+        fds: &[RawFd],
+        size: Option<u64>,
+    ) -> Result<(), DeviceError> {
+        let m = reconfigure_message(self.family.id, index, fds, size);
         self.call("reconfiguring", index, &m).map(drop)
+    }
+
+    /// `NBD_CMD_RECONFIGURE` with only a new size.
+    pub fn resize(&mut self, index: u32, size: u64) -> Result<(), DeviceError> {
+        let m = resize_message(self.family.id, index, size);
+        self.call("resizing", index, &m).map(drop)
     }
 
     /// `NBD_CMD_DISCONNECT`.
@@ -339,14 +364,29 @@ mod tests {
 
     #[test]
     fn reconfigure_names_the_device_and_sockets_only() {
-        let b = reconfigure_message(0x21, 7, &[9]).finish(1);
-        let msgs = parse_messages(&b).unwrap();
-        let Received::Genl { cmd, attrs, .. } = &msgs[0] else {
-            panic!()
+        let kinds = |m: &Message| {
+            let Received::Genl { cmd, attrs, .. } = genl(m) else {
+                panic!()
+            };
+            assert_eq!(cmd, CMD_RECONFIGURE);
+            let attrs = parse_attrs(&attrs).unwrap();
+            let size = attrs
+                .iter()
+                .find(|a| a.kind == ATTR_SIZE_BYTES)
+                .map(|a| a.payload.to_vec());
+            (attrs.iter().map(|a| a.kind).collect::<Vec<u16>>(), size)
         };
-        assert_eq!(*cmd, CMD_RECONFIGURE);
-        let kinds: Vec<u16> = parse_attrs(attrs).unwrap().iter().map(|a| a.kind).collect();
-        assert_eq!(kinds, vec![ATTR_INDEX, ATTR_SOCKETS]);
+        let (plain, size) = kinds(&reconfigure_message(0x21, 7, &[9], None));
+        assert_eq!(plain, vec![ATTR_INDEX, ATTR_SOCKETS]);
+        assert_eq!(size, None);
+        // After a resize while disconnected: the new size goes with the socket.
+        let (resized, size) = kinds(&reconfigure_message(0x21, 7, &[9], Some(1 << 30)));
+        assert_eq!(resized, vec![ATTR_INDEX, ATTR_SIZE_BYTES, ATTR_SOCKETS]);
+        assert_eq!(size, Some((1u64 << 30).to_ne_bytes().to_vec()));
+        // A resize alone touches no socket.
+        let (only, size) = kinds(&resize_message(0x21, 7, 3 << 20));
+        assert_eq!(only, vec![ATTR_INDEX, ATTR_SIZE_BYTES]);
+        assert_eq!(size, Some((3u64 << 20).to_ne_bytes().to_vec()));
     }
 
     fn genl(m: &Message) -> Received {

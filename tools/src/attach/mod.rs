@@ -94,6 +94,9 @@ pub struct AttachArgs {
     pub connections: u32,
     /// `--json`: events as JSON lines on stdout.
     pub json: bool,
+    /// `--size-check`: how often the server is asked for the export's size
+    /// (zero: never).
+    pub size_check: Duration,
 }
 
 /// Why attach stopped.
@@ -198,6 +201,8 @@ struct Attached<'a> {
     notes: netlink::Socket,
     sources: Sources,
     cfg: DeviceConfig,
+    /// The server the device's connection goes to now.
+    server: String,
 }
 
 fn run_attach(a: &AttachArgs) -> Result<(), AttachError> {
@@ -229,7 +234,7 @@ fn run_attach(a: &AttachArgs) -> Result<(), AttachError> {
             handshake: a.connect_timeout,
         },
     };
-    let conns = open_connections(&sources, a.connections, None)?;
+    let conns = open_connections(&sources, a.connections)?;
     let first = &conns[0];
     let cfg = DeviceConfig {
         index,
@@ -252,6 +257,7 @@ fn run_attach(a: &AttachArgs) -> Result<(), AttachError> {
         notes,
         sources,
         cfg,
+        server,
     };
     let r = att.serve();
     let _ = std::fs::remove_file(pid);
@@ -262,14 +268,10 @@ fn fds(conns: &[Negotiated]) -> Vec<RawFd> {
     conns.iter().map(|c| c.stream.as_raw_fd()).collect()
 }
 
-/// `n` connections to the first candidate that serves the export (with
-/// `size`, when given). More than one needs the server's multi-conn flag.
-fn open_connections(
-    sources: &Sources,
-    n: u32,
-    size: Option<u64>,
-) -> Result<Vec<Negotiated>, AttachError> {
-    let first = sources.find(size).map_err(|tried| AttachError::NoServer {
+/// `n` connections to the first candidate that serves the export. More
+/// than one needs the server's multi-conn flag.
+fn open_connections(sources: &Sources, n: u32) -> Result<Vec<Negotiated>, AttachError> {
+    let first = sources.find().map_err(|tried| AttachError::NoServer {
         export: sources.export.clone(),
         tried,
     })?;
@@ -370,6 +372,7 @@ impl Attached<'_> {
         let index = self.cfg.index;
         let family = self.nbd.family_id();
         let mut last_status = Instant::now();
+        let mut last_size_check = Instant::now();
         loop {
             if STOP.load(Ordering::SeqCst) {
                 return self.stop();
@@ -405,7 +408,46 @@ impl Attached<'_> {
                     return Ok(());
                 }
             }
+            if size_check_due(self.args.size_check, last_size_check.elapsed()) {
+                last_size_check = Instant::now();
+                self.follow_size()?;
+            }
         }
+    }
+
+    /// Asks the server for the export's size and, when it changed (a
+    /// `mirrorblk resize`), gives the kernel the new size. A server that
+    /// cannot be asked is not an error here: a dead connection is the
+    /// kernel's to report (LINK_DEAD), and the next check asks again.
+    fn follow_size(&mut self) -> Result<(), AttachError> {
+        let size = match servers::probe_size(&self.server, &self.args.export, self.sources.timeouts)
+        {
+            Ok(size) => size,
+            Err(_) => return Ok(()),
+        };
+        if size == self.cfg.size {
+            return Ok(());
+        }
+        self.nbd.resize(self.cfg.index, size)?;
+        self.resized(size, "the export was resized");
+        Ok(())
+    }
+
+    /// Records a new device size (already given to the kernel).
+    fn resized(&mut self, size: u64, why: &str) {
+        let from = self.cfg.size;
+        self.cfg.size = size;
+        let how = if size < from { "shrunk" } else { "grown" };
+        log(
+            self.args,
+            &format!("{why}: the device is {how} from {from} to {size} bytes"),
+        );
+        self.event(serde_json::json!({
+            "event": "resized",
+            "from": from,
+            "size": size,
+            "server": self.server,
+        }));
     }
 
     /// On a signal: disconnect the device and return.
@@ -435,10 +477,18 @@ impl Attached<'_> {
         let mut attempts = 0u32;
         while !STOP.load(Ordering::SeqCst) {
             attempts += 1;
-            match open_connections(&self.sources, self.args.connections, Some(self.cfg.size)) {
-                Ok(conns) => match self.nbd.reconfigure(self.cfg.index, &fds(&conns)) {
+            match open_connections(&self.sources, self.args.connections) {
+                Ok(conns) => match self.nbd.reconfigure(
+                    self.cfg.index,
+                    &fds(&conns),
+                    (conns[0].size != self.cfg.size).then_some(conns[0].size),
+                ) {
                     Ok(()) => {
+                        self.server.clone_from(&conns[0].server);
                         self.reconnected(&conns[0], started, attempts, why);
+                        if conns[0].size != self.cfg.size {
+                            self.resized(conns[0].size, "resized while the connection was down");
+                        }
                         return Ok(());
                     }
                     Err(e) => log(
@@ -490,6 +540,12 @@ impl Attached<'_> {
             "reason": why,
         }));
     }
+}
+
+/// Whether to ask the server for the export's size again: `every` has
+/// passed since the last check (never when `every` is zero).
+fn size_check_due(every: Duration, since: Duration) -> bool {
+    !every.is_zero() && since >= every
 }
 
 /// Runs `mirrorblk detach`.
@@ -588,6 +644,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn size_checks_come_every_interval_and_never_when_off() {
+        let s = Duration::from_secs;
+        for (every, since, due) in [
+            (s(5), s(0), false),
+            (s(5), s(4), false),
+            (s(5), s(5), true),
+            (s(5), s(60), true),
+            (s(0), s(0), false),
+            (s(0), s(3600), false),
+        ] {
+            assert_eq!(size_check_due(every, since), due, "{every:?} {since:?}");
+        }
+    }
+
+    #[test]
     fn block_sizes_the_kernel_takes() {
         assert_eq!(block_size(1, 4096), Ok(4096));
         assert_eq!(block_size(512, 1 << 20), Ok(512));
@@ -607,6 +678,7 @@ mod tests {
             device: "/dev/nbd0".into(),
             io_timeout: Duration::from_secs(10),
             dead_conn_timeout: Duration::from_secs(120),
+            size_check: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
             connections: 1,
             json: false,

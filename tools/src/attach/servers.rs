@@ -13,6 +13,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use mirrorblk_etcd::{records, LeaderRecord, VolumeKeys};
+use nbd::client::ClientHandshake;
 use nbd::{consts, Client, ClientError};
 
 use super::netlink::setsockopt;
@@ -101,19 +102,10 @@ impl Sources {
 
     /// Tries every candidate in turn; the first that completes the
     /// handshake (with `size`, when given) wins. Err lists each tried and why.
-    pub fn find(&self, size: Option<u64>) -> Result<Negotiated, Vec<Tried>> {
+    pub fn find(&self) -> Result<Negotiated, Vec<Tried>> {
         let mut tried = Vec::new();
         for server in self.candidates(&mut tried) {
             match handshake(&server, &self.export, self.timeouts) {
-                Ok(n) if size.is_some_and(|s| s != n.size) => tried.push(Tried {
-                    server,
-                    why: format!(
-                        "export '{}' has {} bytes there, the device {} (not the same volume)",
-                        self.export,
-                        n.size,
-                        size.unwrap_or_default()
-                    ),
-                }),
                 Ok(n) => return Ok(n),
                 Err(why) => tried.push(Tried { server, why }),
             }
@@ -139,7 +131,7 @@ fn resolve(server: &str) -> Result<SocketAddr, String> {
 }
 
 /// Connects to `server` and negotiates `export` for the kernel. Err says
-/// why in words (refused, timed out, a replica, another volume size…).
+/// why in words (refused, timed out, a replica…).
 pub fn handshake(server: &str, export: &str, t: Timeouts) -> Result<Negotiated, String> {
     let addr = resolve(server)?;
     let stream = TcpStream::connect_timeout(&addr, t.connect).map_err(|e| match e.kind() {
@@ -169,6 +161,25 @@ pub fn handshake(server: &str, export: &str, t: Timeouts) -> Result<Negotiated, 
         min_block: info.min_block.max(1),
         preferred_block: info.preferred_block,
     })
+}
+
+/// Asks `server` for the size of `export` with `NBD_OPT_INFO`, then ends
+/// the handshake with `NBD_OPT_ABORT`: no transmission phase, so the
+/// server serves no client for it. How attach notices a `mirrorblk resize`
+/// (NBD has no way for a server to tell a connected client). Err says why
+/// in words.
+pub fn probe_size(server: &str, export: &str, t: Timeouts) -> Result<u64, String> {
+    let addr = resolve(server)?;
+    let stream =
+        TcpStream::connect_timeout(&addr, t.connect).map_err(|e| format!("cannot connect: {e}"))?;
+    let io = |e: std::io::Error| format!("socket setup: {e}");
+    stream.set_read_timeout(Some(t.handshake)).map_err(io)?;
+    stream.set_write_timeout(Some(t.handshake)).map_err(io)?;
+    let mut hs = ClientHandshake::start(stream, false).map_err(|e| describe(&e, export, t))?;
+    let info = hs.info(export).map_err(|e| describe(&e, export, t))?;
+    // A courtesy: the server closes either way, and the size is known.
+    let _ = hs.option(consts::OPT_ABORT, &[]);
+    Ok(info.size)
 }
 
 /// TCP keepalive on the socket the kernel will own, so a peer that
@@ -275,7 +286,7 @@ mod tests {
             export: "vol0".into(),
             timeouts: T,
         };
-        let tried = s.find(None).unwrap_err();
+        let tried = s.find().unwrap_err();
         assert_eq!(tried.len(), 2, "{tried:?}");
         assert_eq!(tried[0].server, a);
         assert!(tried[1].why.contains("resolve"), "{tried:?}");
