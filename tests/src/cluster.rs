@@ -493,6 +493,22 @@ pub fn mirrorblk_cli() -> PathBuf {
     cli
 }
 
+/// `mirrorblk certs init DIR EXTRA…`: a CA and server and client
+/// certificates in the layout qemu, nbdkit and libnbd share; panics with
+/// the CLI's message when it fails.
+pub fn certs_init(dir: &std::path::Path, extra: &[&str]) {
+    let o = std::process::Command::new(mirrorblk_cli())
+        .args(["certs", "init"])
+        .arg(dir)
+        .args(extra)
+        .output()
+        .expect("run mirrorblk certs init");
+    assert!(
+        o.status.success(),
+        "certs init failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
 /// What a `mirrorblk` run printed and how it ended.
 #[derive(Debug)]
 pub struct CliRun {

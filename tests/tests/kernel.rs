@@ -38,7 +38,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mirrorblk_admin::RestartOutcome;
-use mirrorblk_tests::cluster::mirrorblk_cli;
+use mirrorblk_tests::cluster::certs_init;
 use mirrorblk_tests::cluster::{pick_port, write_secret, Node, NodeFiles, EXPORT};
 use mirrorblk_tests::coordinated::{Coordinated, NbdAddr, ELECTION_TIMEOUT, IN_SYNC_TIMEOUT};
 use mirrorblk_tests::daemon::set_listen;
@@ -95,21 +95,6 @@ const GUEST_CA: &str = "/mb-ca-cert.pem";
 const GUEST_CERT: &str = "/mb-client-cert.pem";
 const GUEST_KEY: &str = "/mb-client-key.pem";
 
-/// `mirrorblk certs init DIR` for a server the guest dials as 10.0.2.100.
-fn certs_for_guest(dir: &Path) {
-    let o = Command::new(mirrorblk_cli())
-        .args(["certs", "init"])
-        .arg(dir)
-        .args(["--hosts", "10.0.2.100"])
-        .output()
-        .expect("run mirrorblk certs init");
-    assert!(
-        o.status.success(),
-        "certs init failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// The CA and the client certificate and key of `pki`, as guest files.
 fn tls_files(pki: &Path) -> Vec<CpioFile> {
     [
@@ -161,7 +146,7 @@ fn tls_guest(dir: &TestDir, pki: &Path) -> Outcome {
 fn standard_workload_over_tls() {
     let dir = TestDir::new();
     let pki = dir.join("pki");
-    certs_for_guest(&pki);
+    certs_init(&pki, &["--hosts", "10.0.2.100"]);
     let out = tls_guest(&dir, &pki);
     eprintln!(
         "standard workload over TLS: {:.1} s ({:?})",

@@ -7,29 +7,13 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use mirrorblk_tests::cluster::mirrorblk_cli;
+use mirrorblk_tests::cluster::certs_init;
 use mirrorblk_tests::daemon::args;
 use mirrorblk_tests::tools::{self, Tool, TOOL_TIMEOUT};
 use mirrorblk_tests::util::{Rng, MIB};
 use mirrorblk_tests::{Daemon, TestDir};
-
-/// `mirrorblk certs init DIR`.
-fn certs_init(dir: &Path) {
-    let o = Command::new(mirrorblk_cli())
-        .arg("certs")
-        .arg("init")
-        .arg(dir)
-        .output()
-        .expect("run mirrorblk certs init");
-    assert!(
-        o.status.success(),
-        "certs init failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 /// A daemon serving vol0 (64M) with `--tls MODE --tls-certificates DIR` and
 /// `extra` flags.
@@ -78,7 +62,7 @@ fn qemu_io_tls(d: &Daemon, certs: &Path, commands: &[String]) -> tools::ToolOutp
 fn tls_clients_read_back_what_others_wrote() {
     let dir = TestDir::new();
     let certs = dir.join("pki");
-    certs_init(&certs);
+    certs_init(&certs, &[]);
     let d = tls_daemon(&dir, "require", &certs, &[]);
     let uri = nbds(&d, &certs);
 
@@ -197,7 +181,7 @@ fn require_refuses_every_clear_text_option() {
     use nbd::consts;
     let dir = TestDir::new();
     let certs = dir.join("pki");
-    certs_init(&certs);
+    certs_init(&certs, &[]);
     let d = tls_daemon(&dir, "require", &certs, &[]);
 
     let mut s = d.tcp();
@@ -248,7 +232,7 @@ fn require_refuses_every_clear_text_option() {
 fn tls_on_serves_clear_text_and_tls() {
     let dir = TestDir::new();
     let certs = dir.join("pki");
-    certs_init(&certs);
+    certs_init(&certs, &[]);
     let d = tls_daemon(&dir, "on", &certs, &[]);
     let clear = tools::nbdinfo_json(&d.uri("vol0"));
     assert_eq!(clear["TLS"], false, "{clear:#}");
@@ -262,12 +246,12 @@ fn tls_on_serves_clear_text_and_tls() {
 fn verify_peer_refuses_a_client_certificate_from_another_ca() {
     let dir = TestDir::new();
     let certs = dir.join("pki");
-    certs_init(&certs);
+    certs_init(&certs, &[]);
     let d = tls_daemon(&dir, "require", &certs, &["--tls-verify-peer"]);
 
     // Trusts the server's CA but presents a certificate another CA signed.
     let other = dir.join("other");
-    certs_init(&other);
+    certs_init(&other, &[]);
     let foreign = dir.join("foreign");
     std::fs::create_dir(&foreign).unwrap();
     std::fs::copy(certs.join("ca-cert.pem"), foreign.join("ca-cert.pem")).unwrap();

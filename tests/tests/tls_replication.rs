@@ -5,13 +5,11 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use mirrorblk_admin::{ReplicaState, Role};
 use mirrorblk_tests::cluster::{
-    assert_stores_identical, mirrorblk_cli, pick_port, view_of, write_secret, Node, NodeFiles,
-    EXPORT,
+    assert_stores_identical, certs_init, pick_port, view_of, write_secret, Node, NodeFiles, EXPORT,
 };
 use mirrorblk_tests::daemon::Daemon;
 use mirrorblk_tests::tools::{self, Tool};
@@ -19,16 +17,6 @@ use mirrorblk_tests::util::poll_until;
 use mirrorblk_tests::TestDir;
 
 const J64: &str = "64M";
-
-fn certs_init(dir: &Path, extra: &[&str]) {
-    let o = Command::new(mirrorblk_cli())
-        .args(["certs", "init"])
-        .arg(dir)
-        .args(extra)
-        .output()
-        .expect("run mirrorblk certs init");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
 
 /// `--replication-tls --tls-certificates DIR`.
 fn tls_flags(certs: &Path) -> Vec<String> {
