@@ -21,6 +21,7 @@ use tokio_uring::buf::fixed::FixedBuf;
 use crate::buffer::{OutBuf, Payload};
 use crate::engine::ReadData;
 use crate::sockio::{self, write_all, ReadFail, SockBuf, Socket};
+use crate::store::Allocation;
 use crate::volume::Volume;
 
 /// Most requests in flight on one connection; the reader stops reading
@@ -695,6 +696,17 @@ fn reply_read(conn: &Conn, req: &Request, data: ReadData) {
     conn.reply(out);
 }
 
+/// The `base:allocation` flags of a run: a hole reads as zeroes too.
+fn allocation_flags(a: &Allocation) -> u32 {
+    let hole = if a.hole { nbd::consts::STATE_HOLE } else { 0 };
+    let zero = if a.zero || a.hole {
+        nbd::consts::STATE_ZERO
+    } else {
+        0
+    };
+    hole | zero
+}
+
 /// Answers a BLOCK_STATUS with the range's `base:allocation` extents.
 fn reply_block_status(conn: &Conn, req: &Request) {
     let Some(ctx) = conn.neg.base_allocation else {
@@ -708,11 +720,7 @@ fn reply_block_status(conn: &Conn, req: &Request) {
         .filter(|a| a.length > 0)
         .map(|a| nbd::reply::ExtentExt {
             length: a.length,
-            flags: u64::from(if a.hole {
-                nbd::consts::STATE_HOLE | nbd::consts::STATE_ZERO
-            } else {
-                0
-            }),
+            flags: u64::from(allocation_flags(&a)),
         })
         .collect();
     if req.flags.contains(CommandFlags::REQ_ONE) {

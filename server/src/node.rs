@@ -232,6 +232,14 @@ pub fn prepare_volume(
             source,
         })?;
     log_recovery(&cfg.name, &journal.report);
+    crate::engine::seed_new_volume(
+        &cfg.journal,
+        journal.superblock.volume_uuid,
+        journal.superblock.volume_size,
+        store.created,
+        journal.report.next_lsn,
+    )
+    .map_err(|e| store_io_error(cfg, e))?;
     // The journal records the size (a resize may have been replayed).
     store.size = journal.superblock.volume_size;
     let role = resolve_role(role, journal.superblock.role, replicated, &cfg.name)?;

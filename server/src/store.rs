@@ -79,6 +79,8 @@ pub struct OpenedStore {
     pub direct: bool,
     /// Where it is.
     pub path: PathBuf,
+    /// Created (all zeroes) by this open.
+    pub created: bool,
 }
 
 mod ioctl {
@@ -192,6 +194,7 @@ pub fn open_store(
         block_device,
         direct,
         path: path.to_path_buf(),
+        created: meta.is_none(),
     })
 }
 
@@ -335,6 +338,42 @@ pub struct Allocation {
     pub length: u64,
     /// True for a hole (reads as zeroes, no storage behind it).
     pub hole: bool,
+    /// True when the range reads as zeroes (always so for a hole).
+    pub zero: bool,
+}
+
+impl Allocation {
+    /// A run of data (or of bytes not known to be zero).
+    pub fn data(length: u64) -> Allocation {
+        Allocation {
+            length,
+            hole: false,
+            zero: false,
+        }
+    }
+
+    /// A run of a hole, which reads as zeroes.
+    pub fn hole(length: u64) -> Allocation {
+        Allocation {
+            length,
+            hole: true,
+            zero: true,
+        }
+    }
+
+    /// A run that reads as zeroes but has storage behind it (or may).
+    pub fn zero(length: u64) -> Allocation {
+        Allocation {
+            length,
+            hole: false,
+            zero: true,
+        }
+    }
+
+    /// Whether `other` describes bytes the same way.
+    pub fn same_state(&self, other: &Allocation) -> bool {
+        self.hole == other.hole && self.zero == other.zero
+    }
 }
 
 impl Store {
@@ -493,10 +532,7 @@ impl Store {
     pub fn allocation(&self, off: u64, len: u64) -> Vec<Allocation> {
         let end = off.saturating_add(len).min(self.size.get());
         if self.block_device || off >= end {
-            return vec![Allocation {
-                length: end.saturating_sub(off),
-                hole: false,
-            }];
+            return vec![Allocation::data(end.saturating_sub(off))];
         }
         let mut out = Vec::new();
         let mut pos = off;
@@ -507,19 +543,17 @@ impl Store {
                 // ENXIO: no data after pos, the rest is a hole. Any other
                 // error: report data, which is always a safe answer.
                 let hole = io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-                out.push(Allocation {
-                    length: end - pos,
-                    hole,
+                out.push(if hole {
+                    Allocation::hole(end - pos)
+                } else {
+                    Allocation::data(end - pos)
                 });
                 break;
             }
             let data = (data as u64).max(pos);
             if data > pos {
                 let n = data.min(end) - pos;
-                out.push(Allocation {
-                    length: n,
-                    hole: true,
-                });
+                out.push(Allocation::hole(n));
                 pos += n;
                 continue;
             }
@@ -531,17 +565,11 @@ impl Store {
                 (hole as u64).max(pos + 1)
             };
             let n = hole_at.min(end) - pos;
-            out.push(Allocation {
-                length: n,
-                hole: false,
-            });
+            out.push(Allocation::data(n));
             pos += n;
         }
         if pos < end && out.len() >= 1024 {
-            out.push(Allocation {
-                length: end - pos,
-                hole: false,
-            });
+            out.push(Allocation::data(end - pos));
         }
         out
     }

@@ -26,9 +26,17 @@ use crate::units::Lsn;
 pub const REGION: u64 = 64 << 10;
 
 const MAGIC: &[u8; 8] = b"MBCHANGE";
-const VERSION: u32 = 1;
-/// Fixed header bytes before the per-region LSNs.
-const HEADER: usize = 8 + 4 + 4 + 16 + 8 + 8 + 8 + 8;
+/// Version 2 adds the flags word ([`FLAG_BORN_ZERO`]); version 1 tables
+/// still load (without the flag).
+const VERSION: u32 = 2;
+const VERSION_1: u32 = 1;
+/// Fixed header bytes before the per-region LSNs (version 1).
+const HEADER_V1: usize = 8 + 4 + 4 + 16 + 8 + 8 + 8 + 8;
+/// Fixed header bytes before the per-region LSNs (version 2: a flags word).
+const HEADER: usize = HEADER_V1 + 8;
+/// Flags bit: the store read as zeroes everywhere when the table began, so
+/// a region no record changed since is known to read as zeroes.
+const FLAG_BORN_ZERO: u64 = 1;
 
 /// Why a persisted table cannot be used (the volume then starts a new one,
 /// which cannot answer for older LSNs).
@@ -68,6 +76,9 @@ pub struct ChangeTable {
     /// Changes by records at or below this LSN are unknown: a query since an
     /// older LSN must answer everything.
     floor: u64,
+    /// The table began (floor 0) on a store that read as zeroes everywhere
+    /// (created by this volume): an unchanged region reads as zeroes.
+    born_zero: bool,
 }
 
 /// The answer to "what changed since LSN X".
@@ -106,7 +117,37 @@ impl ChangeTable {
             size,
             last: vec![0; regions(size)],
             floor,
+            born_zero: false,
         }
+    }
+
+    /// An empty table for a volume whose store was just created (all
+    /// zeroes) and whose journal holds no record yet.
+    pub fn born_zero(uuid: [u8; 16], size: u64) -> ChangeTable {
+        ChangeTable {
+            born_zero: true,
+            ..ChangeTable::new(uuid, size, 0)
+        }
+    }
+
+    /// Calls `extent(offset, length, never_written)` for maximal runs of
+    /// `[offset, offset + len)` (clipped to the volume); `never_written`
+    /// runs are known to read as zeroes (no record ever changed them on a
+    /// store born zero). Without that knowledge every run is `false`.
+    pub fn walk_never_written(
+        &self,
+        offset: u64,
+        len: u64,
+        mut extent: impl FnMut(u64, u64, bool),
+    ) {
+        if !self.born_zero || self.floor != 0 {
+            let end = offset.saturating_add(len).min(self.size);
+            if end > offset {
+                extent(offset, end - offset, false);
+            }
+            return;
+        }
+        self.walk(0, offset, len, |o, l, changed| extent(o, l, !changed));
     }
 
     /// The volume UUID it belongs to.
@@ -150,6 +191,9 @@ impl ChangeTable {
     /// Starts over for another volume (a full resync from a primary of
     /// another UUID): nothing known before `floor`.
     pub fn reset(&mut self, uuid: [u8; 16], floor: u64) {
+        // A table no record ever marked still describes a zero store.
+        let pristine = self.floor == 0 && self.last.iter().all(|&l| l == 0);
+        self.born_zero &= pristine;
         self.uuid = uuid;
         self.floor = floor;
         self.last.fill(0);
@@ -205,6 +249,8 @@ impl ChangeTable {
         b.extend_from_slice(&self.floor.to_le_bytes());
         b.extend_from_slice(&complete_next.0.to_le_bytes());
         b.extend_from_slice(&(self.last.len() as u64).to_le_bytes());
+        let flags = if self.born_zero { FLAG_BORN_ZERO } else { 0 };
+        b.extend_from_slice(&flags.to_le_bytes());
         for l in &self.last {
             b.extend_from_slice(&l.to_le_bytes());
         }
@@ -221,11 +267,16 @@ impl ChangeTable {
             x.copy_from_slice(&b[at..at + 8]);
             u64::from_le_bytes(x)
         };
-        if b.len() < HEADER + 8 || &b[..8] != MAGIC {
+        if b.len() < HEADER_V1 + 8 || &b[..8] != MAGIC {
             return Err(LoadError::Damaged("not a changed-block table"));
         }
         let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        if word(8) != VERSION || u64::from(word(12)) != u64::from(REGION.trailing_zeros()) {
+        let header = match word(8) {
+            VERSION_1 => HEADER_V1,
+            VERSION if b.len() >= HEADER + 8 => HEADER,
+            _ => return Err(LoadError::Damaged("unknown version or region size")),
+        };
+        if u64::from(word(12)) != u64::from(REGION.trailing_zeros()) {
             return Err(LoadError::Damaged("unknown version or region size"));
         }
         let body = b.len() - 8;
@@ -236,10 +287,15 @@ impl ChangeTable {
         uuid.copy_from_slice(&b[16..32]);
         let (size, floor, complete, count) = (field(32), field(40), field(48), field(56));
         let want = u64::try_from(regions(size.min(1 << 56))).unwrap_or(u64::MAX);
-        if count != want || (body - HEADER) as u64 != count * 8 {
+        if count != want || (body - header) as u64 != count * 8 {
             return Err(LoadError::Damaged("region count does not match its size"));
         }
-        let last = b[HEADER..body]
+        let flags = if header == HEADER {
+            field(HEADER_V1)
+        } else {
+            0
+        };
+        let last = b[header..body]
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
@@ -248,6 +304,7 @@ impl ChangeTable {
             size,
             last,
             floor,
+            born_zero: flags & FLAG_BORN_ZERO != 0 && floor == 0,
         };
         Ok((t, Lsn(complete)))
     }
@@ -419,6 +476,51 @@ mod tests {
         seen.clear();
         t.walk(3, 7 * r, 10 * r, |o, l, d| seen.push((o, l, d)));
         assert_eq!(seen, vec![(7 * r, r, false)]);
+    }
+
+    #[test]
+    fn only_a_table_born_zero_knows_never_written_regions() {
+        let r = REGION;
+        let runs = |t: &ChangeTable| {
+            let mut seen = Vec::new();
+            t.walk_never_written(0, 4 * r, |o, l, z| seen.push((o, l, z)));
+            seen
+        };
+        let mut t = ChangeTable::born_zero(U, 4 * r);
+        assert_eq!(runs(&t), vec![(0, 4 * r, true)]);
+        t.mark(r + 7, 1, Lsn(3));
+        assert_eq!(
+            runs(&t),
+            vec![(0, r, true), (r, r, false), (2 * r, 2 * r, true)]
+        );
+        // The flag survives the file image (and a version-1 image has none).
+        let (back, _) = ChangeTable::decode(&t.encode(Lsn(4))).unwrap();
+        assert_eq!(back, t);
+        // A table not born zero, or one starting over on another volume
+        // after a mark, knows nothing about zeroes.
+        let plain = ChangeTable::new(U, 4 * r, 0);
+        assert_eq!(runs(&plain), vec![(0, 4 * r, false)]);
+        t.reset([9; 16], 0);
+        assert_eq!(runs(&t), vec![(0, 4 * r, false)]);
+        // A pristine one (a fresh replica's first resync) keeps it.
+        let mut fresh = ChangeTable::born_zero(U, 4 * r);
+        fresh.reset([9; 16], 0);
+        assert_eq!(runs(&fresh), vec![(0, 4 * r, true)]);
+    }
+
+    #[test]
+    fn a_version_1_image_loads_without_the_zero_flag() {
+        let t = ChangeTable::born_zero(U, 2 * REGION);
+        let mut v1 = t.encode(Lsn(1));
+        // Drop the flags word and the checksum, re-stamp as version 1.
+        v1.truncate(v1.len() - 8);
+        v1.drain(HEADER_V1..HEADER);
+        v1[8..12].copy_from_slice(&VERSION_1.to_le_bytes());
+        let sum = xxhash_rust::xxh3::xxh3_64(&v1);
+        v1.extend_from_slice(&sum.to_le_bytes());
+        let (back, complete) = ChangeTable::decode(&v1).unwrap();
+        assert_eq!(complete, Lsn(1));
+        assert_eq!(back, ChangeTable::new(U, 2 * REGION, 0));
     }
 
     #[test]

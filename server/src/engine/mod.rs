@@ -37,7 +37,7 @@ use tokio::sync::Notify;
 pub use error::{nbd_error, EngineError};
 pub use read::ReadData;
 pub use resize::ResizeError;
-pub use tracking::{ChangeReport, ReplayMarks};
+pub use tracking::{seed_new_volume, ChangeReport, ReplayMarks};
 
 use crate::buffer::{AlignedBuf, BufPool, MAX_CHUNK};
 use crate::journal::format::Role;

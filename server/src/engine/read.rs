@@ -100,33 +100,224 @@ impl Engine {
         Ok((buf, (p0 - a0) as usize, (p1 - a0) as usize))
     }
 
-    /// Allocation of `[offset, offset+len)`: (length, hole) runs. Unapplied
-    /// extents count as data (always a safe answer).
+    /// Allocation of `[offset, offset+len)` (or of a prefix of it): the
+    /// store's holes and data, with each unapplied extent reported by itself
+    /// (a pending write as data, a pending trim or write-zeroes as zero).
     pub fn allocation(&self, offset: u64, len: u64) -> Vec<Allocation> {
-        let end = offset + len;
-        let pending = self.overlay.borrow().lookup(offset, end);
-        if pending.is_empty() {
-            return self.store.allocation(offset, len);
-        }
-        // Conservative: the first extent up to the first pending byte from
-        // the store, the rest as data.
-        let first = pending[0].start;
-        let mut out = if first > offset {
-            self.store.allocation(offset, first - offset)
-        } else {
-            Vec::new()
-        };
-        out.push(Allocation {
-            length: end - first,
-            hole: false,
-        });
+        let end = offset.saturating_add(len).min(self.size());
+        let pending: Vec<Pending> = self
+            .overlay
+            .borrow()
+            .lookup(offset, end)
+            .iter()
+            .map(|p| Pending {
+                start: p.start,
+                end: p.end,
+                zero: matches!(p.src, Source::Zero),
+            })
+            .collect();
+        merge_allocation(offset, end, &pending, |o, l| self.settled_allocation(o, l))
+    }
+
+    /// Allocation of applied bytes: regions no record ever changed on a
+    /// store born zero are holes (a preallocated store has no holes of its
+    /// own); the rest as the store's `SEEK_HOLE` says (trims punch holes).
+    fn settled_allocation(&self, offset: u64, len: u64) -> Vec<Allocation> {
+        let mut out = Vec::new();
+        self.changes
+            .borrow()
+            .walk_never_written(offset, len, |o, l, never| {
+                if never {
+                    out.push(Allocation::hole(l));
+                } else {
+                    out.extend(self.store.allocation(o, l));
+                }
+            });
         out
     }
+}
+
+/// Most runs one allocation answer holds; the rest of the range is left to
+/// the client's next BLOCK_STATUS (the spec lets a reply cover a prefix).
+pub const MAX_ALLOCATION_RUNS: usize = 1024;
+
+/// An unapplied extent, as the allocation map sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pending {
+    start: u64,
+    end: u64,
+    /// It reads as zeroes (a trim or write-zeroes not yet applied).
+    zero: bool,
+}
+
+/// Appends `a`, joining it to the last run when both describe bytes alike.
+fn push_run(out: &mut Vec<Allocation>, a: Allocation) {
+    if a.length == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.same_state(&a) => last.length += a.length,
+        _ => out.push(a),
+    }
+}
+
+/// The allocation runs of `[offset, end)`: `pending` (sorted, disjoint,
+/// inside the range) each by itself, the gaps between them as `store`
+/// says. At most [`MAX_ALLOCATION_RUNS`] runs, covering a prefix of the
+/// range from `offset`.
+fn merge_allocation(
+    offset: u64,
+    end: u64,
+    pending: &[Pending],
+    mut store: impl FnMut(u64, u64) -> Vec<Allocation>,
+) -> Vec<Allocation> {
+    let mut out: Vec<Allocation> = Vec::new();
+    let mut pos = offset;
+    let mut next = pending.iter().peekable();
+    while pos < end && out.len() < MAX_ALLOCATION_RUNS {
+        match next.peek() {
+            Some(p) if p.start <= pos => {
+                assert!(
+                    p.start == pos && p.end > pos && p.end <= end,
+                    "pending extents are disjoint, sorted and inside the range"
+                );
+                let length = p.end - pos;
+                push_run(
+                    &mut out,
+                    if p.zero {
+                        Allocation::zero(length)
+                    } else {
+                        Allocation::data(length)
+                    },
+                );
+                pos = p.end;
+                next.next();
+            }
+            p => {
+                let gap_end = p.map_or(end, |p| p.start);
+                let mut covered = 0;
+                for a in store(pos, gap_end - pos) {
+                    let a = Allocation {
+                        length: a.length.min(gap_end - pos - covered),
+                        ..a
+                    };
+                    covered += a.length;
+                    push_run(&mut out, a);
+                }
+                // A store answer short of the gap leaves the rest unknown: data.
+                push_run(&mut out, Allocation::data(gap_end - pos - covered));
+                pos = gap_end;
+            }
+        }
+    }
+    out.truncate(MAX_ALLOCATION_RUNS);
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run(length: u64, hole: bool, zero: bool) -> Allocation {
+        Allocation { length, hole, zero }
+    }
+
+    /// A store of 4 KiB blocks: `H` hole, `D` data.
+    fn store_of(map: &'static str) -> impl FnMut(u64, u64) -> Vec<Allocation> {
+        move |off, len| {
+            let mut out = Vec::new();
+            for i in off / 4096..(off + len).div_ceil(4096) {
+                let a = (i * 4096).max(off);
+                let b = ((i + 1) * 4096).min(off + len);
+                let hole = map.as_bytes()[i as usize] == b'H';
+                push_run(
+                    &mut out,
+                    if hole {
+                        Allocation::hole(b - a)
+                    } else {
+                        Allocation::data(b - a)
+                    },
+                );
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn pending_extents_are_reported_each_by_itself() {
+        let p = |start, end, zero| Pending { start, end, zero };
+        let k = 4096;
+        // (store, range, pending, expected runs)
+        type Case = (&'static str, (u64, u64), Vec<Pending>, Vec<Allocation>);
+        let cases: Vec<Case> = vec![
+            ("HHHH", (0, 4 * k), vec![], vec![run(4 * k, true, true)]),
+            (
+                "HDDH",
+                (0, 4 * k),
+                vec![],
+                vec![
+                    run(k, true, true),
+                    run(2 * k, false, false),
+                    run(k, true, true),
+                ],
+            ),
+            // A pending write in a hole is data; the hole after it stays a hole.
+            (
+                "HHHH",
+                (0, 4 * k),
+                vec![p(k, 2 * k, false)],
+                vec![
+                    run(k, true, true),
+                    run(k, false, false),
+                    run(2 * k, true, true),
+                ],
+            ),
+            // A pending trim over data reads as zero (not yet a hole).
+            (
+                "DDDD",
+                (0, 4 * k),
+                vec![p(k, 3 * k, true)],
+                vec![
+                    run(k, false, false),
+                    run(2 * k, false, true),
+                    run(k, false, false),
+                ],
+            ),
+            // Two pending extents, clipped range, partial blocks.
+            (
+                "HHHH",
+                (100, 4 * k - 100),
+                vec![p(100, 200, false), p(3 * k, 4 * k - 100, true)],
+                vec![
+                    run(100, false, false),
+                    run(3 * k - 200, true, true),
+                    run(k - 100, false, true),
+                ],
+            ),
+        ];
+        for (map, (a, b), pending, want) in cases {
+            let got = merge_allocation(a, b, &pending, store_of(map));
+            assert_eq!(got, want, "store {map} range {a}..{b} pending {pending:?}");
+            assert_eq!(got.iter().map(|r| r.length).sum::<u64>(), b - a);
+        }
+    }
+
+    #[test]
+    fn many_pending_extents_answer_a_prefix() {
+        let k = 4096;
+        let n = MAX_ALLOCATION_RUNS as u64 + 10;
+        // Alternating pending writes and holes: every run differs.
+        let pending: Vec<Pending> = (0..n)
+            .map(|i| Pending {
+                start: 2 * i * k,
+                end: (2 * i + 1) * k,
+                zero: false,
+            })
+            .collect();
+        let got = merge_allocation(0, 2 * n * k, &pending, |_, l| vec![Allocation::hole(l)]);
+        assert_eq!(got.len(), MAX_ALLOCATION_RUNS);
+        assert!(got.iter().all(|r| r.length == k));
+    }
 
     #[test]
     fn pieces_cover_the_range_and_each_fits_one_buffer() {

