@@ -18,10 +18,10 @@ job() { # name uri rw bs qd
   fio --name=b --ioengine=nbd --uri="$2" --rw=$3 --bs=$4 --iodepth=$5 --size=1g --time_based --ramp_time=1 --runtime=5 \
       --output-format=json --output=$DIR/$1.json >/dev/null 2>&1
   local t1=$(ticks)
-  python3 - "$1" "$t0" "$t1" <<'PY'
+  python3 - "$1" "$t0" "$t1" "$DIR" <<'PY'
 import json,sys
-n,t0,t1=sys.argv[1],int(sys.argv[2]),int(sys.argv[3])
-j=json.load(open(f"$DIR/{n}.json"))["jobs"][0]
+n,t0,t1,d=sys.argv[1],int(sys.argv[2]),int(sys.argv[3]),sys.argv[4]
+j=json.load(open(f"{d}/{n}.json"))["jobs"][0]
 w=j["write"]; gib=w["io_bytes"]/2**30
 # io_bytes excludes the ramp; CPU includes it: per GiB of everything written is approximated by runtime share
 cpu=(t1-t0)/100.0
