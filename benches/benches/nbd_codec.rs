@@ -32,6 +32,7 @@ fn negotiated() -> Negotiated {
         can_df: true,
         can_multi_conn: true,
         can_block_status: true,
+        can_dirty_bitmap: true,
         min_block: 4096,
         preferred_block: 4096,
         max_payload: 32 << 20,
@@ -42,6 +43,7 @@ fn negotiated() -> Negotiated {
         structured_replies: true,
         extended_headers: false,
         base_allocation: Some(1),
+        dirty_bitmap: None,
         no_zeroes: true,
     }
 }

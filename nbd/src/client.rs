@@ -567,6 +567,7 @@ fn export_from_wire(
         can_df: has(consts::FLAG_SEND_DF),
         can_multi_conn: has(consts::FLAG_CAN_MULTI_CONN),
         can_block_status: block_status,
+        can_dirty_bitmap: false,
         min_block,
         preferred_block,
         max_payload,

@@ -268,6 +268,11 @@ pub const META_BASE_ALLOCATION: &str = "base:allocation";
 pub const STATE_HOLE: u32 = 1 << 0;
 /// `base:allocation` status bit: the extent reads as zeroes.
 pub const STATE_ZERO: u32 = 1 << 1;
+/// Namespace and leaf prefix of qemu's dirty-bitmap contexts
+/// (`qemu:dirty-bitmap:NAME`).
+pub const META_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// `qemu:dirty-bitmap:*` status bit: the extent is dirty (changed).
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 // ---------------------------------------------------------------------------
 // Errors (transmission phase, 32 bits) — see also [`crate::ErrorCode`]

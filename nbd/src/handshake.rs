@@ -14,7 +14,8 @@
 //!
 //! The machine answers `EXPORT_NAME`, `GO`, `INFO`, `LIST`, `ABORT`,
 //! `STRUCTURED_REPLY`, `EXTENDED_HEADERS`, `LIST_META_CONTEXT` and
-//! `SET_META_CONTEXT` (`base:allocation` only); anything else gets `NBD_REP_ERR_UNSUP` and the
+//! `SET_META_CONTEXT` (`base:allocation` and, where the export offers it,
+//! `qemu:dirty-bitmap:since-LSN`, see [`crate::meta`]); anything else gets `NBD_REP_ERR_UNSUP` and the
 //! negotiation continues.
 //!
 //! TLS follows a [`TlsPolicy`]: with [`TlsPolicy::Off`] (the spec's NOTLS
@@ -51,6 +52,19 @@ pub const OUTPUT_HIGH_WATER: usize = 128 * 1024;
 /// works; clients must treat it as opaque.
 pub const BASE_ALLOCATION_ID: u32 = 1;
 
+/// Metadata context id this server gives the selected
+/// `qemu:dirty-bitmap:since-LSN` (at most one per session).
+pub const DIRTY_BITMAP_ID: u32 = 2;
+
+/// The dirty-bitmap context a session selected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    /// Its context id in BLOCK_STATUS replies.
+    pub id: u32,
+    /// Regions changed by records after this LSN are dirty.
+    pub since: u64,
+}
+
 /// Default block sizes from the spec, used for fields left at zero.
 const DEFAULT_PREFERRED_BLOCK: u32 = 4096;
 
@@ -85,6 +99,9 @@ pub struct ExportInfo {
     pub can_multi_conn: bool,
     /// The server can answer `NBD_CMD_BLOCK_STATUS` for `base:allocation`.
     pub can_block_status: bool,
+    /// The server also offers `qemu:dirty-bitmap:since-LSN` (needs
+    /// `can_block_status`).
+    pub can_dirty_bitmap: bool,
     /// Minimum block size: offsets and lengths must be multiples of it.
     /// A power of two ≤ 65536; zero means 1.
     pub min_block: u32,
@@ -113,6 +130,7 @@ impl ExportInfo {
             can_df: false,
             can_multi_conn: false,
             can_block_status: false,
+            can_dirty_bitmap: false,
             min_block: 1,
             preferred_block: DEFAULT_PREFERRED_BLOCK,
             max_payload: 32 * 1024 * 1024,
@@ -235,6 +253,9 @@ pub struct Negotiated {
     /// `SET_META_CONTEXT` naming the same export it then chose); BLOCK_STATUS
     /// is only valid when this is `Some`.
     pub base_allocation: Option<u32>,
+    /// The `qemu:dirty-bitmap:since-LSN` context, if the client selected it
+    /// (same rules as `base_allocation`).
+    pub dirty_bitmap: Option<DirtyBitmap>,
     /// The client set `NBD_FLAG_C_NO_ZEROES`.
     pub no_zeroes: bool,
 }
@@ -303,8 +324,9 @@ pub struct Handshake {
     /// `EXTENDED_HEADERS` was acknowledged (then `structured` is set too).
     extended: bool,
     /// Export name given in the last successful `SET_META_CONTEXT` that
-    /// selected `base:allocation`.
+    /// selected a context, and what it selected.
     meta_export: Option<String>,
+    meta_selected: Selection,
     negotiated: Option<Negotiated>,
     close_reason: Option<String>,
     tls: TlsPolicy,
@@ -382,6 +404,76 @@ fn parse_meta_request(data: &[u8]) -> Option<MetaRequest<'_>> {
     r.is_empty().then_some(MetaRequest { export, queries })
 }
 
+/// What one `SET_META_CONTEXT` selected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Selection {
+    base_allocation: bool,
+    /// The LSN of the selected `qemu:dirty-bitmap:since-LSN`.
+    dirty_since: Option<u64>,
+}
+
+impl Selection {
+    /// The selection the contexts a SET replied with make.
+    fn of(contexts: &[(u32, String)]) -> Selection {
+        let mut sel = Selection::default();
+        for (id, name) in contexts {
+            match *id {
+                BASE_ALLOCATION_ID => sel.base_allocation = true,
+                DIRTY_BITMAP_ID => sel.dirty_since = crate::meta::parse_dirty_bitmap(name),
+                _ => {}
+            }
+        }
+        sel
+    }
+}
+
+/// The contexts of `export` a LIST (ids 0, as the spec reserves) or SET
+/// (ids [`BASE_ALLOCATION_ID`], [`DIRTY_BITMAP_ID`]) with `queries`
+/// names, in reply order. A LIST with no query, or with a namespace or
+/// family query, names `qemu:dirty-bitmap:since-0` for the family (every
+/// LSN is valid); a SET selects at most one dirty bitmap, the first valid
+/// name.
+fn matching_contexts(export: &ExportInfo, set: bool, queries: &[&str]) -> Vec<(u32, String)> {
+    let mut out: Vec<(u32, String)> = Vec::new();
+    if !export.can_block_status {
+        return out;
+    }
+    let base = if set {
+        // Only the full name selects; "base:" is ignored for SET.
+        queries.contains(&consts::META_BASE_ALLOCATION)
+    } else {
+        queries.is_empty()
+            || queries
+                .iter()
+                .any(|q| *q == "base:" || *q == consts::META_BASE_ALLOCATION)
+    };
+    if base {
+        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+        out.push((id, consts::META_BASE_ALLOCATION.to_string()));
+    }
+    if !export.can_dirty_bitmap {
+        return out;
+    }
+    let named = queries
+        .iter()
+        .filter(|q| crate::meta::parse_dirty_bitmap(q).is_some());
+    if set {
+        if let Some(q) = named.into_iter().next() {
+            out.push((DIRTY_BITMAP_ID, q.to_string()));
+        }
+        return out;
+    }
+    if queries.is_empty() || queries.iter().any(|q| crate::meta::lists_dirty_bitmaps(q)) {
+        out.push((0, crate::meta::dirty_bitmap_name(0)));
+    }
+    for q in named {
+        if !out.iter().any(|(_, n)| n == q) {
+            out.push((0, q.to_string()));
+        }
+    }
+    out
+}
+
 /// Cuts `s` to at most `max` bytes on a character boundary.
 fn truncate_str(s: &str, max: usize) -> &str {
     if s.len() <= max {
@@ -445,6 +537,7 @@ impl Handshake {
             structured: false,
             extended: false,
             meta_export: None,
+            meta_selected: Selection::default(),
             negotiated: None,
             close_reason: None,
             tls,
@@ -466,6 +559,7 @@ impl Handshake {
         self.structured = false;
         self.extended = false;
         self.meta_export = None;
+        self.meta_selected = Selection::default();
         self.phase = Phase::OptionHeader;
     }
 
@@ -1009,46 +1103,42 @@ impl Handshake {
             );
             return;
         };
-        let matched = export.can_block_status
-            && if set {
-                // Only the full name selects; "base:" is ignored for SET.
-                req.queries.contains(&consts::META_BASE_ALLOCATION)
-            } else {
-                req.queries.is_empty()
-                    || req
-                        .queries
-                        .iter()
-                        .any(|q| *q == "base:" || *q == consts::META_BASE_ALLOCATION)
-            };
-        if matched {
-            // LIST replies carry the reserved id 0.
-            let id = if set { BASE_ALLOCATION_ID } else { 0 };
-            let name = consts::META_BASE_ALLOCATION.as_bytes();
+        let contexts = matching_contexts(&export, set, &req.queries);
+        for (id, name) in &contexts {
             let mut p = Vec::with_capacity(4 + name.len());
             p.extend_from_slice(&id.to_be_bytes());
-            p.extend_from_slice(name);
+            p.extend_from_slice(name.as_bytes());
             self.reply(option, consts::REP_META_CONTEXT, &p);
-            if set {
-                self.meta_export = Some(req.export.to_string());
-            }
+        }
+        if set && !contexts.is_empty() {
+            self.meta_export = Some(req.export.to_string());
+            self.meta_selected = Selection::of(&contexts);
         }
         self.ack(option);
     }
 
     fn enter_transmission(&mut self, export: ExportInfo, requested_name: &str, flags: u16) {
         // The selection only counts for the export it named (spec rule).
-        let base_allocation = match &self.meta_export {
-            Some(n) if n == requested_name && self.structured && export.can_block_status => {
-                Some(BASE_ALLOCATION_ID)
-            }
-            _ => None,
+        let selected = match &self.meta_export {
+            Some(n) if n == requested_name && self.structured => self.meta_selected,
+            _ => Selection::default(),
         };
+        let base_allocation =
+            (selected.base_allocation && export.can_block_status).then_some(BASE_ALLOCATION_ID);
+        let dirty_bitmap = selected
+            .dirty_since
+            .filter(|_| export.can_block_status && export.can_dirty_bitmap)
+            .map(|since| DirtyBitmap {
+                id: DIRTY_BITMAP_ID,
+                since,
+            });
         self.negotiated = Some(Negotiated {
             export,
             transmission_flags: flags,
             structured_replies: self.structured,
             extended_headers: self.extended,
             base_allocation,
+            dirty_bitmap,
             no_zeroes: self.no_zeroes,
         });
         self.phase = Phase::Ready;
@@ -1430,6 +1520,93 @@ mod tests {
             assert!(neg.structured_replies);
             assert_ne!(neg.transmission_flags & consts::FLAG_SEND_DF, 0);
         }
+    }
+
+    /// The names (and ids) of the contexts a LIST or SET on "bitmaps"
+    /// (an export offering dirty bitmaps) with `queries` replies with.
+    fn bitmap_contexts(option: u32, queries: &[&str]) -> (Vec<(u32, String)>, Handshake) {
+        let mut disk = ExportInfo::new("bitmaps", 1 << 20);
+        disk.can_block_status = true;
+        disk.can_dirty_bitmap = true;
+        let catalog = vec![disk];
+        let mut hs = started(3);
+        let mut input = opt(consts::OPT_STRUCTURED_REPLY, &[]);
+        input.extend(opt(option, &meta_data("bitmaps", queries)));
+        input.extend(opt(consts::OPT_GO, &go_data("bitmaps")));
+        hs.receive(&input, &catalog).unwrap();
+        let named = replies(hs.output())
+            .into_iter()
+            .filter(|r| r.1 == consts::REP_META_CONTEXT)
+            .map(|r| {
+                let id = u32::from_be_bytes(r.2[..4].try_into().unwrap());
+                (id, String::from_utf8(r.2[4..].to_vec()).unwrap())
+            })
+            .collect();
+        (named, hs)
+    }
+
+    #[test]
+    fn dirty_bitmaps_are_listed_and_selected_by_lsn() {
+        let base = || (0, "base:allocation".to_string());
+        let since = |n: u64| (0, crate::meta::dirty_bitmap_name(n));
+        type Case<'a> = (Vec<&'a str>, Vec<(u32, String)>);
+        let cases: Vec<Case> = vec![
+            (vec![], vec![base(), since(0)]),
+            (vec!["qemu:dirty-bitmap:"], vec![since(0)]),
+            (vec!["qemu:"], vec![since(0)]),
+            (vec!["qemu:dirty-bitmap:since-77"], vec![since(77)]),
+            (vec!["qemu:dirty-bitmap:since-077"], vec![]),
+            (vec!["qemu:dirty-bitmap:bitmap0"], vec![]),
+            (
+                vec!["base:", "qemu:dirty-bitmap:since-5"],
+                vec![base(), since(5)],
+            ),
+        ];
+        for (queries, want) in cases {
+            let (got, _) = bitmap_contexts(consts::OPT_LIST_META_CONTEXT, &queries);
+            assert_eq!(got, want, "LIST {queries:?}");
+        }
+        let (got, hs) = bitmap_contexts(
+            consts::OPT_SET_META_CONTEXT,
+            &[
+                "qemu:dirty-bitmap:since-1234",
+                "base:allocation",
+                "qemu:dirty-bitmap:since-9",
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![
+                (BASE_ALLOCATION_ID, "base:allocation".to_string()),
+                (DIRTY_BITMAP_ID, "qemu:dirty-bitmap:since-1234".to_string())
+            ]
+        );
+        let neg = hs.negotiated().unwrap();
+        assert_eq!(neg.base_allocation, Some(BASE_ALLOCATION_ID));
+        assert_eq!(
+            neg.dirty_bitmap,
+            Some(DirtyBitmap {
+                id: DIRTY_BITMAP_ID,
+                since: 1234
+            })
+        );
+        // The bitmap alone is a selection too; an export without bitmaps
+        // (catalog()'s "disk") never offers one.
+        let (_, hs) = bitmap_contexts(consts::OPT_SET_META_CONTEXT, &["qemu:dirty-bitmap:since-0"]);
+        let neg = hs.negotiated().unwrap();
+        assert_eq!(
+            (neg.base_allocation, neg.dirty_bitmap.map(|d| d.since)),
+            (None, Some(0))
+        );
+        let mut hs = started(3);
+        let mut input = opt(consts::OPT_STRUCTURED_REPLY, &[]);
+        input.extend(opt(
+            consts::OPT_SET_META_CONTEXT,
+            &meta_data("disk", &["qemu:dirty-bitmap:since-0"]),
+        ));
+        input.extend(opt(consts::OPT_GO, &go_data("disk")));
+        hs.receive(&input, &catalog()).unwrap();
+        assert_eq!(hs.negotiated().unwrap().dirty_bitmap, None);
     }
 
     #[test]

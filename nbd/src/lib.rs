@@ -26,11 +26,14 @@ pub mod client;
 pub mod consts;
 pub mod error;
 pub mod handshake;
+pub mod meta;
 pub mod reply;
 pub mod request;
 
 pub use error::{ErrorCode, ProtocolError};
-pub use handshake::{ExportCatalog, ExportInfo, Handshake, Negotiated, Status, TlsPolicy};
+pub use handshake::{
+    DirtyBitmap, ExportCatalog, ExportInfo, Handshake, Negotiated, Status, TlsPolicy,
+};
 pub use request::{Command, CommandFlags, Request, Verdict};
 
 // Convenience re-exports beyond the contract: the reply extent type and the

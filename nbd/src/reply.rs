@@ -420,10 +420,24 @@ pub fn block_status(
     extents: &[ExtentExt],
     align: u32,
 ) -> Vec<u8> {
+    block_status_part(style, to, context_id, extents, align, true)
+}
+
+/// One context's chunk of a BLOCK_STATUS reply that carries several (one
+/// chunk per selected context, the last with `done`); otherwise as
+/// [`block_status`].
+pub fn block_status_part(
+    style: ReplyStyle,
+    to: ReplyTo,
+    context_id: u32,
+    extents: &[ExtentExt],
+    align: u32,
+    done: bool,
+) -> Vec<u8> {
     match style {
         ReplyStyle::Simple => simple_reply(to.cookie, Some(ErrorCode::Inval)).to_vec(),
         ReplyStyle::Extended => {
-            block_status_ext_chunk(to.cookie, to.offset, context_id, extents, true)
+            block_status_ext_chunk(to.cookie, to.offset, context_id, extents, done)
         }
         ReplyStyle::Structured => {
             let max = u64::from(u32::MAX) - u64::from(u32::MAX) % u64::from(align.max(1));
@@ -438,7 +452,7 @@ pub fn block_status(
                     break;
                 }
             }
-            block_status_chunk(to.cookie, context_id, &compact, true)
+            block_status_chunk(to.cookie, context_id, &compact, done)
         }
     }
 }

@@ -414,7 +414,9 @@ fn check_exposed(req: &Request, neg: &Negotiated) -> Result<(), Verdict> {
         Command::Trim => has(consts::FLAG_SEND_TRIM),
         Command::WriteZeroes => has(consts::FLAG_SEND_WRITE_ZEROES),
         Command::Cache => has(consts::FLAG_SEND_CACHE),
-        Command::BlockStatus => neg.structured_replies && neg.base_allocation.is_some(),
+        Command::BlockStatus => {
+            neg.structured_replies && (neg.base_allocation.is_some() || neg.dirty_bitmap.is_some())
+        }
         // Handled by check_command; listed so a new variant forces a
         // decision here.
         Command::Disc | Command::Unknown(_) => true,
@@ -510,6 +512,7 @@ mod tests {
             can_df: true,
             can_multi_conn: false,
             can_block_status: true,
+            can_dirty_bitmap: true,
             min_block: 512,
             preferred_block: 4096,
             max_payload: 64 * 1024,
@@ -526,6 +529,7 @@ mod tests {
             structured_replies: structured,
             extended_headers: false,
             base_allocation: structured.then_some(1),
+            dirty_bitmap: None,
             no_zeroes: true,
             export,
         }

@@ -98,6 +98,7 @@ fn arb_export() -> impl Strategy<Value = ExportInfo> {
             can_df: b[7],
             can_multi_conn: b[8],
             can_block_status: b[9],
+            can_dirty_bitmap: b[9],
             // Include the invalid zero to prove it cannot divide by zero.
             min_block: if b[10] { 0 } else { 1 << min_shift.min(16) },
             preferred_block: 4096,
@@ -121,6 +122,7 @@ fn arb_negotiated() -> impl Strategy<Value = Negotiated> {
             }
             Negotiated {
                 base_allocation: (structured && meta && export.can_block_status).then_some(1),
+                dirty_bitmap: None,
                 transmission_flags: flags,
                 structured_replies: structured,
                 extended_headers: extended,

@@ -707,14 +707,54 @@ fn allocation_flags(a: &Allocation) -> u32 {
     hole | zero
 }
 
-/// Answers a BLOCK_STATUS with the range's `base:allocation` extents.
+/// Answers a BLOCK_STATUS with one chunk per selected context:
+/// `base:allocation`, then `qemu:dirty-bitmap:since-LSN`.
 fn reply_block_status(conn: &Conn, req: &Request) {
-    let Some(ctx) = conn.neg.base_allocation else {
-        conn.error(req, ErrorCode::Inval, "base:allocation was not negotiated");
+    let mut parts: Vec<(u32, Vec<nbd::reply::ExtentExt>)> = Vec::with_capacity(2);
+    if let Some(id) = conn.neg.base_allocation {
+        parts.push((id, allocation_extents(conn, req)));
+    }
+    if let Some(bitmap) = conn.neg.dirty_bitmap {
+        parts.push((bitmap.id, dirty_extents(conn, req, bitmap.since)));
+    }
+    if parts.is_empty() {
+        conn.error(req, ErrorCode::Inval, "no metadata context was negotiated");
         return;
-    };
-    let mut extents: Vec<nbd::reply::ExtentExt> = conn
-        .vol
+    }
+    for (_, extents) in &mut parts {
+        if req.flags.contains(CommandFlags::REQ_ONE) {
+            extents.truncate(1);
+        }
+    }
+    if parts.iter().any(|(_, e)| e.is_empty()) {
+        // check_request refuses empty ranges, so each map has at least one
+        // extent; an empty chunk would be a protocol violation.
+        conn.error(req, ErrorCode::Io, "no block status extents for the range");
+        return;
+    }
+    let (min_block, _, _) = conn.neg.export.block_sizes();
+    let last = parts.len() - 1;
+    let chunks = parts
+        .iter()
+        .enumerate()
+        .map(|(i, (id, extents))| {
+            let chunk = nbd::reply::block_status_part(
+                conn.style,
+                reply_to(req),
+                *id,
+                extents,
+                min_block,
+                i == last,
+            );
+            OutBuf::Bytes(chunk, 0)
+        })
+        .collect();
+    conn.reply(chunks);
+}
+
+/// The range's `base:allocation` extents.
+fn allocation_extents(conn: &Conn, req: &Request) -> Vec<nbd::reply::ExtentExt> {
+    conn.vol
         .allocation(req.offset, req.length)
         .into_iter()
         .filter(|a| a.length > 0)
@@ -722,19 +762,28 @@ fn reply_block_status(conn: &Conn, req: &Request) {
             length: a.length,
             flags: u64::from(allocation_flags(&a)),
         })
-        .collect();
-    if req.flags.contains(CommandFlags::REQ_ONE) {
-        extents.truncate(1);
-    }
-    if extents.is_empty() {
-        // check_request refuses empty ranges, so the allocation map has at
-        // least one extent; an empty chunk would be a protocol violation.
-        conn.error(req, ErrorCode::Io, "no allocation extents for the range");
-        return;
-    }
-    let (min_block, _, _) = conn.neg.export.block_sizes();
-    conn.reply(vec![OutBuf::Bytes(
-        nbd::reply::block_status(conn.style, reply_to(req), ctx, &extents, min_block),
-        0,
-    )]);
+        .collect()
 }
+
+/// The range's `qemu:dirty-bitmap:since-LSN` extents: dirty where a record
+/// after `since` changed a region (everywhere when the table does not
+/// reach back to `since`), at most [`MAX_DIRTY_RUNS`] of them (a reply may
+/// cover a prefix of the range).
+fn dirty_extents(conn: &Conn, req: &Request, since: u64) -> Vec<nbd::reply::ExtentExt> {
+    let mut out: Vec<nbd::reply::ExtentExt> = Vec::new();
+    conn.vol
+        .engine()
+        .changed_extents(since, req.offset, req.length, |_, length, dirty| {
+            if out.len() < MAX_DIRTY_RUNS {
+                let flags = if dirty { nbd::consts::STATE_DIRTY } else { 0 };
+                out.push(nbd::reply::ExtentExt {
+                    length,
+                    flags: u64::from(flags),
+                });
+            }
+        });
+    out
+}
+
+/// Most dirty-bitmap runs one reply carries.
+const MAX_DIRTY_RUNS: usize = 1024;

@@ -102,6 +102,8 @@ fn export_info(cfg: &VolumeConfig, size: u64, journal_area: u64) -> ExportInfo {
         // so FLUSH/FUA on one connection cover all of them.
         can_multi_conn: true,
         can_block_status: true,
+        // Every volume keeps its changed-block table.
+        can_dirty_bitmap: true,
         min_block: 1,
         preferred_block: 4096,
         max_payload,
@@ -829,6 +831,7 @@ fn take_over_conns(ctx: &'static AcceptContext, mut inh: Inherited) {
                 structured_replies: c.structured_replies,
                 extended_headers: c.extended_headers,
                 base_allocation: c.base_allocation,
+                dirty_bitmap: c.dirty_bitmap,
                 no_zeroes: c.no_zeroes,
             },
             leftover: c.leftover,

@@ -36,6 +36,7 @@ fn state_of(off: &HandOff, paused_at_ms: u64) -> (State, Vec<BorrowedFd<'_>>) {
             structured_replies: q.neg.structured_replies,
             extended_headers: q.neg.extended_headers,
             base_allocation: q.neg.base_allocation,
+            dirty_bitmap: q.neg.dirty_bitmap,
             no_zeroes: q.neg.no_zeroes,
             leftover: q.leftover.clone(),
             peer: q.peer.clone(),

@@ -177,3 +177,98 @@ fn base_allocation_reports_holes_zeroes_and_data_honestly() {
     assert!(at(MIB).3 && !at(MIB).2, "discarded: {q:?}");
     assert!(at(40 * MIB).3, "never written: {q:?}");
 }
+
+/// `mirrorblk changes VOLUME --since LSN --json`: the regions changed after
+/// `since` and the last LSN the answer covers.
+fn changes(d: &Daemon, volume: &str, since: u64) -> mirrorblk_admin::Changes {
+    let out = std::process::Command::new(mirrorblk_tests::cluster::mirrorblk_cli())
+        .arg("--admin-socket")
+        .arg(d.admin_socket())
+        .args(["changes", volume, "--since", &since.to_string(), "--json"])
+        .output()
+        .expect("run mirrorblk changes");
+    assert!(
+        out.status.success(),
+        "mirrorblk changes failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("changes JSON")
+}
+
+/// The dirty ranges of a map, merged: (offset, length).
+fn dirty_ranges(runs: impl IntoIterator<Item = (u64, u64, bool)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (off, len, _) in runs.into_iter().filter(|r| r.2) {
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == off => last.1 += len,
+            _ => out.push((off, len)),
+        }
+    }
+    out
+}
+
+/// `qemu:dirty-bitmap:since-LSN` marks dirty exactly the regions
+/// `mirrorblk changes --since LSN` reports, for nbdinfo (libnbd 1.14:
+/// compact structured replies) and for qemu-img's `x-dirty-bitmap`
+/// (qemu 10 negotiates extended headers: BLOCK_STATUS_EXT), where a dirty
+/// region shows as `"data": false`; since-0 covers every write; LIST with
+/// the family query names since-0.
+#[test]
+fn dirty_bitmap_context_marks_the_regions_changed_after_an_lsn() {
+    let dir = TestDir::new();
+    let d = Daemon::start(dir.volume_args("vol0", "64M"));
+    let uri = d.uri("vol0");
+    qemu_io_ok(&uri, &["write -P 1 1M 64k", "write -P 2 7M 4k"]);
+    let base = changes(&d, "vol0", 0).lsn;
+    qemu_io_ok(
+        &uri,
+        &[
+            "write -P 3 10M 100k",
+            "write -z 30M 64k",
+            "discard 40M 1M",
+            "write -P 4 63M 4k",
+        ],
+    );
+    let want = changes(&d, "vol0", base);
+    assert!(want.complete);
+    let want: Vec<(u64, u64)> = want.ranges.iter().map(|r| (r.offset, r.length)).collect();
+    assert_eq!(want.len(), 4, "{want:?}");
+
+    let context = format!("qemu:dirty-bitmap:since-{base}");
+    let m = nbdinfo_map(&uri, Some(&context));
+    assert_eq!(
+        dirty_ranges(m.iter().map(|r| (r.0, r.1, r.2 & 1 == 1))),
+        want,
+        "nbdinfo {m:?}"
+    );
+    let all = nbdinfo_map(&uri, Some("qemu:dirty-bitmap:since-0"));
+    let every = dirty_ranges(all.iter().map(|r| (r.0, r.1, r.2 & 1 == 1)));
+    assert_eq!(every[0], (MIB, 64 << 10), "since-0 {all:?}");
+    assert_eq!(every.len(), 6, "since-0 {all:?}");
+
+    let opts = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=vol0,x-dirty-bitmap={context}",
+        d.port()
+    );
+    let o = tools::run(
+        Tool::QemuImg,
+        ["map", "--output=json", "--image-opts", &opts],
+        TOOL_TIMEOUT,
+    )
+    .expect_success();
+    let q: serde_json::Value = serde_json::from_str(&o.stdout).expect("qemu-img map JSON");
+    let runs = q.as_array().expect("array").iter().map(|x| {
+        let (s, l) = (x["start"].as_u64().unwrap(), x["length"].as_u64().unwrap());
+        (s, l, !x["data"].as_bool().unwrap())
+    });
+    assert_eq!(dirty_ranges(runs), want, "qemu-img map {}", o.stdout);
+
+    // LIST_META_CONTEXT with the family query (libnbd's opt mode).
+    let script = format!(
+        "import nbd\nh = nbd.NBD()\nh.set_opt_mode(True)\nh.connect_uri('{uri}')\n\
+         h.add_meta_context('qemu:dirty-bitmap:')\nnames = []\n\
+         h.opt_list_meta_context(lambda n: names.append(n) or 0)\nprint(' '.join(names))\nh.opt_abort()\n"
+    );
+    let o = tools::run(Tool::LibnbdPython, ["-c", &script], TOOL_TIMEOUT).expect_success();
+    assert_eq!(o.stdout.trim(), "qemu:dirty-bitmap:since-0");
+}

@@ -20,6 +20,8 @@ fn catalog() -> Vec<ExportInfo> {
     disk.can_fua = true;
     disk.can_df = true;
     disk.can_block_status = true;
+    // Dirty-bitmap context names go through the handshake's parser too.
+    disk.can_dirty_bitmap = true;
     disk.min_block = 512;
     let mut ro = ExportInfo::new("ro", 4096);
     ro.read_only = true;

@@ -19,6 +19,7 @@ fn negotiated(export: ExportInfo, structured: bool, meta: bool) -> Negotiated {
     }
     Negotiated {
         base_allocation: (structured && meta && export.can_block_status).then_some(1),
+        dirty_bitmap: None,
         transmission_flags: flags,
         structured_replies: structured,
         extended_headers: false,

@@ -18,6 +18,7 @@ use nbd::{ExportInfo, Negotiated};
 fn negotiated(export: ExportInfo, meta: bool) -> Negotiated {
     Negotiated {
         base_allocation: (meta && export.can_block_status).then_some(1),
+        dirty_bitmap: None,
         transmission_flags: export.transmission_flags(),
         structured_replies: true,
         extended_headers: true,

@@ -13,10 +13,11 @@ use std::fmt;
 pub const MAGIC: [u8; 4] = *b"MBHO";
 /// The encoding's version. A successor reads this one and every older one
 /// it lists in [`READS`], so an upgrade can hand over to a newer binary.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Versions this binary decodes: 1 lacks the etcd lease, 1 and 2 each
-/// connection's extended-headers flag (their connections negotiated none).
-pub const READS: [u16; 3] = [1, 2, 3];
+/// connection's extended-headers flag (their connections negotiated none),
+/// 1 to 3 its dirty-bitmap context (they offered none).
+pub const READS: [u16; 4] = [1, 2, 3, 4];
 /// Most connections one message carries.
 pub const MAX_CONNS: usize = 65_536;
 /// Most listeners one message carries.
@@ -100,6 +101,8 @@ pub struct ConnState {
     pub extended_headers: bool,
     /// The `base:allocation` context id, if selected.
     pub base_allocation: Option<u32>,
+    /// The `qemu:dirty-bitmap:since-LSN` context, if selected (version 4 on).
+    pub dirty_bitmap: Option<nbd::DirtyBitmap>,
     /// The client set `NBD_FLAG_C_NO_ZEROES`.
     pub no_zeroes: bool,
     /// Bytes read past the last request served.
@@ -249,6 +252,11 @@ impl State {
             out.extend_from_slice(&c.base_allocation.unwrap_or(0).to_le_bytes());
             out.push(c.no_zeroes as u8);
             out.push(c.extended_headers as u8);
+            // An absent context is all zero bytes (one encoding per state).
+            out.push(c.dirty_bitmap.is_some() as u8);
+            let (id, since) = c.dirty_bitmap.map_or((0, 0), |d| (d.id, d.since));
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&since.to_le_bytes());
             out.extend_from_slice(&(c.leftover.len() as u32).to_le_bytes());
             out.extend_from_slice(&c.leftover);
             put_bytes16(&mut out, c.peer.as_bytes());
@@ -360,6 +368,11 @@ fn decode_conn(
     }
     let no_zeroes = r.flag("no-zeroes")?;
     let extended_headers = version >= 3 && r.flag("extended headers")?;
+    let dirty_bitmap = if version >= 4 {
+        decode_dirty_bitmap(r)?
+    } else {
+        None
+    };
     if extended_headers && !structured_replies {
         // Extended headers imply chunked replies; the predecessor never
         // sends one without the other.
@@ -387,10 +400,23 @@ fn decode_conn(
         structured_replies,
         extended_headers,
         base_allocation: has_ctx.then_some(ctx),
+        dirty_bitmap,
         no_zeroes,
         leftover,
         peer,
     })
+}
+
+/// A connection's dirty-bitmap context: a flag, then id and LSN (zero when
+/// absent).
+fn decode_dirty_bitmap(r: &mut Reader<'_>) -> Result<Option<nbd::DirtyBitmap>, DecodeError> {
+    let has = r.flag("dirty-bitmap flag")?;
+    let id = r.u32("dirty-bitmap id")?;
+    let since = r.u64("dirty-bitmap LSN")?;
+    if !has && (id != 0 || since != 0) {
+        return Err(DecodeError::AbsentNotZero("dirty-bitmap context"));
+    }
+    Ok(has.then_some(nbd::DirtyBitmap { id, since }))
 }
 
 /// Which descriptors the message referred to.
@@ -511,6 +537,7 @@ mod tests {
                 structured_replies: true,
                 extended_headers: false,
                 base_allocation: Some(1),
+                dirty_bitmap: None,
                 no_zeroes: true,
                 leftover: vec![0x25, 0x60, 0x95],
                 peer: "127.0.0.1:5555".into(),
@@ -526,11 +553,43 @@ mod tests {
 
     /// A version-1 message (an older daemon handing over to this one) has no
     /// lease field and still decodes.
+    /// `s` (one connection, no dirty bitmap) as a version-3 daemon encodes
+    /// it: without the dirty-bitmap fields, counted from the end (past the
+    /// peer, the leftover and its length).
+    fn version_3(s: &State) -> Vec<u8> {
+        let c = &s.conns[0];
+        assert!(s.conns.len() == 1 && c.dirty_bitmap.is_none());
+        let mut b = s.encode();
+        b[4..6].copy_from_slice(&3u16.to_le_bytes());
+        let at = b.len() - (2 + c.peer.len()) - c.leftover.len() - 4 - 13;
+        assert!(b.drain(at..at + 13).all(|x| x == 0));
+        b
+    }
+
+    /// A version-3 message has no dirty-bitmap context and still decodes;
+    /// version 4 carries it, and an absent one must be zero bytes.
+    #[test]
+    fn dirty_bitmaps_travel_from_version_4() {
+        let mut s = sample();
+        assert_eq!(State::decode(&version_3(&s), 3), Ok(s.clone()));
+        s.conns[0].dirty_bitmap = Some(nbd::DirtyBitmap { id: 2, since: 1234 });
+        assert_eq!(State::decode(&s.encode(), 3), Ok(s.clone()));
+        s.conns[0].dirty_bitmap = None;
+        let mut b = s.encode();
+        let c = &s.conns[0];
+        let since_at = b.len() - (2 + c.peer.len()) - c.leftover.len() - 4 - 8;
+        b[since_at] = 7;
+        assert_eq!(
+            State::decode(&b, 3),
+            Err(DecodeError::AbsentNotZero("dirty-bitmap context"))
+        );
+    }
+
     #[test]
     fn a_version_1_message_decodes_without_a_lease() {
         let mut s = sample();
         s.etcd_lease = None;
-        let v2 = s.encode();
+        let v2 = version_3(&s);
         let mut v1 = v2.clone();
         v1[4..6].copy_from_slice(&1u16.to_le_bytes());
         let lease_at = 4 + 2 + 4 + 8 + 1;
@@ -565,10 +624,10 @@ mod tests {
     fn extended_headers_travel_from_version_3() {
         let mut s = sample();
         s.conns[0].extended_headers = true;
-        let v3 = s.encode();
+        let v3 = version_3(&s);
         assert_eq!(State::decode(&v3, 3), Ok(s.clone()));
         s.conns[0].extended_headers = false;
-        let v3 = s.encode();
+        let v3 = version_3(&s);
         let mut v2 = v3.clone();
         v2[4..6].copy_from_slice(&2u16.to_le_bytes());
         // Counted from the end: the flag, the leftover's length and bytes,
@@ -644,12 +703,12 @@ mod tests {
             "[a-z0-9]{0,20}",
             any::<u64>(),
             any::<u16>(),
-            any::<(bool, bool, Option<u32>, bool)>(),
+            any::<(bool, bool, Option<u32>, bool, Option<(u32, u64)>)>(),
             proptest::collection::vec(any::<u8>(), 0..64),
             "[0-9.:]{0,30}",
         )
             .prop_map(
-                |(unix, export, size, tf, (sr, eh, ba, nz), leftover, peer)| ConnState {
+                |(unix, export, size, tf, (sr, eh, ba, nz, db), leftover, peer)| ConnState {
                     fd: 0,
                     unix,
                     export,
@@ -658,6 +717,7 @@ mod tests {
                     structured_replies: sr || eh,
                     extended_headers: eh,
                     base_allocation: ba,
+                    dirty_bitmap: db.map(|(id, since)| nbd::DirtyBitmap { id, since }),
                     no_zeroes: nz,
                     leftover,
                     peer,
