@@ -38,6 +38,9 @@ pub struct Job {
     pub iodepth: u32,
     /// fio `rwmixread=` for mixed jobs.
     pub rwmixread: Option<u32>,
+    /// fio `fsync=`: an NBD FLUSH after every this many writes (the jobs
+    /// that ask for NBD's contract: durable at FLUSH).
+    pub fsync: Option<u32>,
 }
 
 /// The jobs of the default comparison, in table order.
@@ -48,10 +51,15 @@ pub fn builtin_jobs() -> Vec<Job> {
         bs,
         iodepth,
         rwmixread,
+        fsync: None,
     };
     vec![
         j("4k-randwrite-qd1", "randwrite", "4k", 1, None),
         j("4k-randwrite-qd32", "randwrite", "4k", 32, None),
+        Job {
+            fsync: Some(32),
+            ..j("4k-randwrite-qd32-fsync32", "randwrite", "4k", 32, None)
+        },
         j("4k-randread-qd32", "randread", "4k", 32, None),
         j("64k-randrw70-qd16", "randrw", "64k", 16, Some(70)),
         j("1m-write-qd8", "write", "1m", 8, None),
@@ -68,6 +76,7 @@ pub fn precondition_job() -> Job {
         bs: "1m",
         iodepth: 8,
         rwmixread: None,
+        fsync: None,
     }
 }
 
@@ -197,6 +206,9 @@ pub fn args(job: &Job, ep: &Endpoint, t: Timing, out: &Path) -> Vec<String> {
         "--percentile_list=50:99:99.9".into(),
         "--unified_rw_reporting=mixed".into(),
     ];
+    if let Some(n) = job.fsync {
+        a.push(format!("--fsync={n}"));
+    }
     if let Some(m) = job.rwmixread {
         a.push(format!("--rwmixread={m}"));
     }

@@ -11,6 +11,7 @@ use crate::fio::{Job, RunFigures};
 use crate::machine::Machine;
 use crate::process::StopOutcome;
 use crate::stats::{summarize, Summary};
+use crate::targets::Class;
 
 /// One figure of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +222,57 @@ pub fn compute_ratios(cells: &mut [Cell], peers: &[String]) {
     }
 }
 
+/// The targets a class's table shows: its own, and for NBD's contract also
+/// the unreplicated mirrorblk targets (durable per write: a stronger promise
+/// measured against the weaker one's peers).
+pub fn class_members(targets: &[TargetRecord], class: Class) -> Vec<&TargetRecord> {
+    targets
+        .iter()
+        .filter(|t| {
+            t.class == class
+                || (class == Class::NbdContract
+                    && t.class == Class::DurablePerWrite
+                    && t.name.starts_with("mirrorblk"))
+        })
+        .collect()
+}
+
+/// `cells` of `class`'s table with their ratios to the best peer of that
+/// class (a target shown in two tables has a ratio in each).
+pub fn class_cells(cells: &[Cell], targets: &[TargetRecord], class: Class) -> Vec<Cell> {
+    let members = class_members(targets, class);
+    let peers: Vec<String> = members
+        .iter()
+        .filter(|t| t.peer && t.class == class)
+        .map(|t| t.name.clone())
+        .collect();
+    let mut out: Vec<Cell> = cells
+        .iter()
+        .filter(|c| members.iter().any(|t| t.name == c.target))
+        .cloned()
+        .collect();
+    compute_ratios(&mut out, &peers);
+    out
+}
+
+/// Fills every cell's `vs_best_peer` from the peers of its target's own
+/// class (what results.json records).
+pub fn compute_class_ratios(cells: &mut [Cell], targets: &[TargetRecord]) {
+    for class in Class::ALL {
+        for rated in class_cells(cells, targets, class) {
+            let own = targets
+                .iter()
+                .any(|t| t.name == rated.target && t.class == class);
+            if let Some(c) = cells
+                .iter_mut()
+                .find(|c| own && c.target == rated.target && c.job == rated.job)
+            {
+                c.vs_best_peer = rated.vs_best_peer;
+            }
+        }
+    }
+}
+
 /// What happened to one target.
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetRecord {
@@ -230,7 +282,9 @@ pub struct TargetRecord {
     pub command: String,
     /// When a completed write is durable.
     pub durability: String,
-    /// Whether the ratios are taken against it.
+    /// What a completed write promises; ratios are taken within the class.
+    pub class: Class,
+    /// Whether the ratios of its class are taken against it.
     pub peer: bool,
     /// Why it was not measured, if it was not.
     pub skipped: Option<String>,
@@ -382,70 +436,25 @@ fn fmt_ratio(r: f64) -> String {
 /// The markdown table, with the legend, durability and commands under it.
 pub fn markdown(rec: &RunRecord) -> String {
     let mut s = String::new();
-    let peers: Vec<&TargetRecord> = rec.targets.iter().filter(|t| t.peer).collect();
-    let legend = peers
-        .iter()
-        .map(|t| format!("{} = {}", peer_tag(&t.name), t.name))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let _ = writeln!(
-        s,
-        "| job | target | IOPS | MiB/s | p50 lat | p99 lat | p99.9 lat | server CPU s/GiB | ÷ best peer: IOPS, MiB/s, p50, p99, p99.9, CPU |"
-    );
-    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|---|");
-    let partial: Vec<&TargetRecord> = rec
-        .targets
-        .iter()
-        .filter(|t| t.jobs.is_some() && t.skipped.is_none())
-        .collect();
-    for job in &rec.jobs {
-        for t in &rec.targets {
-            let Some(c) = rec
-                .cells
-                .iter()
-                .find(|c| c.job == job.name && c.target == t.name)
-            else {
-                continue;
-            };
-            let mut row = format!("| {} | {} |", job.name, t.name);
-            for f in Figure::ALL {
-                let cell = match c.summary.get(f.key()) {
-                    None if f == Figure::Cpu && t.command.starts_with("fio ") => "n/a".into(),
-                    None if !c.errors.is_empty() => "failed".into(),
-                    None => "–".into(),
-                    Some(sm) if sm.n > 1 && sm.min != sm.max => format!(
-                        "{} ({}–{})",
-                        f.format(sm.median),
-                        f.format(sm.min),
-                        f.format(sm.max)
-                    ),
-                    Some(sm) => f.format(sm.median),
-                };
-                let _ = write!(row, " {cell} |");
-            }
-            let ratios: Vec<String> = Figure::ALL
-                .iter()
-                .map(|f| match c.vs_best_peer.get(f.key()) {
-                    Some(r) => format!("{}{}", fmt_ratio(r.ratio), peer_tag(&r.peer)),
-                    None => "–".into(),
-                })
-                .collect();
-            let _ = writeln!(row, " {} |", ratios.join(" "));
-            s.push_str(&row);
-        }
+    for class in Class::ALL {
+        s.push_str(&class_table(rec, class));
     }
-    let _ = writeln!(s);
     let _ = writeln!(
         s,
         "Cells: median over {} repetition(s) of {} s (after {} s ramp) in {} round(s) (each round starts every target afresh), (min–max) when they differ. \
          Latency is fio total latency (submission to completion, `lat_ns`). \
-         Ratios: target median ÷ best peer median for that figure, the letter says which peer was best ({legend}); \
+         Ratios: target median ÷ the best median among the peers of its table's class for that figure, the letter says which peer was best; \
          above 1 is better for IOPS and MiB/s, worse for latency and CPU. \
          Server CPU: user+system seconds of the server process tree per GiB moved, measured in a window inside fio's measured period; \
          for a replicated target, summed over the primary and every replica process (the delay proxy of a cross-site target \
          stands for the network and is not charged).",
         rec.settings.repeat, rec.settings.runtime_s, rec.settings.ramp_s, rec.settings.rounds
     );
+    let partial: Vec<&TargetRecord> = rec
+        .targets
+        .iter()
+        .filter(|t| t.jobs.is_some() && t.skipped.is_none())
+        .collect();
     if !partial.is_empty() {
         let _ = writeln!(s);
         let names: Vec<&str> = partial.iter().map(|t| t.name.as_str()).collect();
@@ -516,6 +525,75 @@ pub fn markdown(rec: &RunRecord) -> String {
     let _ = writeln!(s);
     let _ = writeln!(s, "{}", machine_markdown(rec));
     s
+}
+
+/// One class's table (empty when no target of it ran): a heading with the
+/// peers' legend, then a row per job and target.
+fn class_table(rec: &RunRecord, class: Class) -> String {
+    let members = class_members(&rec.targets, class);
+    let cells = class_cells(&rec.cells, &rec.targets, class);
+    if cells.is_empty() {
+        return String::new();
+    }
+    let legend = members
+        .iter()
+        .filter(|t| t.peer && t.class == class)
+        .map(|t| format!("{} = {}", peer_tag(&t.name), t.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut s = String::new();
+    let _ = writeln!(s, "#### {}", class.heading());
+    let _ = writeln!(s);
+    if !legend.is_empty() {
+        let _ = writeln!(s, "Peers: {legend}.");
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(
+        s,
+        "| job | target | IOPS | MiB/s | p50 lat | p99 lat | p99.9 lat | server CPU s/GiB | ÷ best peer: IOPS, MiB/s, p50, p99, p99.9, CPU |"
+    );
+    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|---|");
+    for job in &rec.jobs {
+        for t in &members {
+            if let Some(c) = cells
+                .iter()
+                .find(|c| c.job == job.name && c.target == t.name)
+            {
+                s.push_str(&row(job.name, t, c));
+            }
+        }
+    }
+    let _ = writeln!(s);
+    s
+}
+
+/// One table row: the figures' medians (min–max) and the ratios.
+fn row(job: &str, t: &TargetRecord, c: &Cell) -> String {
+    let mut row = format!("| {job} | {} |", t.name);
+    for f in Figure::ALL {
+        let cell = match c.summary.get(f.key()) {
+            None if f == Figure::Cpu && t.command.starts_with("fio ") => "n/a".into(),
+            None if !c.errors.is_empty() => "failed".into(),
+            None => "–".into(),
+            Some(sm) if sm.n > 1 && sm.min != sm.max => format!(
+                "{} ({}–{})",
+                f.format(sm.median),
+                f.format(sm.min),
+                f.format(sm.max)
+            ),
+            Some(sm) => f.format(sm.median),
+        };
+        let _ = write!(row, " {cell} |");
+    }
+    let ratios: Vec<String> = Figure::ALL
+        .iter()
+        .map(|f| match c.vs_best_peer.get(f.key()) {
+            Some(r) => format!("{}{}", fmt_ratio(r.ratio), peer_tag(&r.peer)),
+            None => "–".into(),
+        })
+        .collect();
+    let _ = writeln!(row, " {} |", ratios.join(" "));
+    row
 }
 
 /// The target replicated targets are compared with: mirrorblkd alone.
@@ -779,5 +857,75 @@ mod tests {
             (r["lat_p99_us"].ratio, r["lat_p99_us"].peer.as_str()),
             (2.0, "a")
         );
+    }
+
+    fn target(name: &str, class: Class, peer: bool) -> TargetRecord {
+        TargetRecord {
+            name: name.into(),
+            command: String::new(),
+            durability: String::new(),
+            class,
+            peer,
+            skipped: None,
+            error: None,
+            version: None,
+            ready_after_s: None,
+            precondition: None,
+            stop: None,
+            log: None,
+            log_problems: Vec::new(),
+            jobs: None,
+            processes: Vec::new(),
+            replication: None,
+            metrics: None,
+        }
+    }
+
+    #[test]
+    fn ratios_are_taken_within_a_class_and_mirrorblk_shows_in_both() {
+        let targets = vec![
+            target("nbdkit-file", Class::NbdContract, true),
+            target("qemu-nbd-directsync", Class::DurablePerWrite, true),
+            target("raw", Class::Context, false),
+            target("mirrorblk", Class::DurablePerWrite, false),
+        ];
+        let mut cells: Vec<Cell> = [
+            ("nbdkit-file", 400.0),
+            ("qemu-nbd-directsync", 100.0),
+            ("raw", 1000.0),
+            ("mirrorblk", 200.0),
+        ]
+        .iter()
+        .map(|&(t, iops)| {
+            let mut c = Cell::new(t, "j");
+            c.runs.push(RunFigures {
+                iops,
+                ..RunFigures::default()
+            });
+            c.summarize();
+            c
+        })
+        .collect();
+        compute_class_ratios(&mut cells, &targets);
+        let iops = |cells: &[Cell], t: &str| {
+            let r = &cells.iter().find(|c| c.target == t).unwrap().vs_best_peer["iops"];
+            (r.ratio, r.peer.clone())
+        };
+        // results.json: mirrorblk against the durable-per-write peer only.
+        assert_eq!(
+            iops(&cells, "mirrorblk"),
+            (2.0, "qemu-nbd-directsync".into())
+        );
+        assert!(cells
+            .iter()
+            .find(|c| c.target == "raw")
+            .unwrap()
+            .vs_best_peer
+            .is_empty());
+        // The NBD-contract table shows mirrorblk against nbdkit-file.
+        let contract = class_cells(&cells, &targets, Class::NbdContract);
+        let names: Vec<&str> = contract.iter().map(|c| c.target.as_str()).collect();
+        assert_eq!(names, ["nbdkit-file", "mirrorblk"]);
+        assert_eq!(iops(&contract, "mirrorblk"), (0.5, "nbdkit-file".into()));
     }
 }

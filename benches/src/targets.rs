@@ -17,9 +17,10 @@ use crate::process::{run_bounded, which, PortMode, Running, Server, Volume};
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The write jobs: what a replicated target runs (reads never touch the
 /// replicas: they are served by the primary alone, as with 0 replicas).
-pub const WRITE_JOBS: [&str; 4] = [
+pub const WRITE_JOBS: [&str; 5] = [
     "4k-randwrite-qd1",
     "4k-randwrite-qd32",
+    "4k-randwrite-qd32-fsync32",
     "64k-randrw70-qd16",
     "1m-write-qd8",
 ];
@@ -27,6 +28,46 @@ pub const WRITE_JOBS: [&str; 4] = [
 /// When a completed write is durable on a single mirrorblkd.
 const MIRRORBLK_DURABILITY: &str = "every write durable before its reply (journal O_DIRECT+O_DSYNC, \
      group commit; writes of 128K and more go durably in place instead); reads through the page cache";
+
+/// What a completed write promises on a target: targets are compared
+/// with the peers of their own class only (like with like), and the report
+/// has a table per class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Class {
+    /// Every write durable before its reply (power-cut safe): raw-dsync
+    /// (the disk's limit), qemu-nbd `--cache=directsync`, nbdkit `file`
+    /// behind the `fua` filter with `fuamode=force`, mirrorblk.
+    DurablePerWrite,
+    /// NBD's own contract: durable at FLUSH and FUA only: nbdkit `file`,
+    /// qemu-nbd `--cache=none`. mirrorblk (durable per write, a stronger
+    /// promise) is shown beside them.
+    NbdContract,
+    /// Replicated mirrorblk targets.
+    Replicated,
+    /// Context, no promise compared: raw O_DIRECT, nbdkit `memory`.
+    Context,
+}
+
+impl Class {
+    /// Every class, in report order.
+    pub const ALL: [Class; 4] = [
+        Class::DurablePerWrite,
+        Class::NbdContract,
+        Class::Replicated,
+        Class::Context,
+    ];
+
+    /// The report's heading for the class.
+    pub fn heading(self) -> &'static str {
+        match self {
+            Class::DurablePerWrite => "Durable per write (every write power-cut safe before its reply)",
+            Class::NbdContract => "NBD's contract (durable at FLUSH and FUA only); mirrorblk, durable per write, beside them",
+            Class::Replicated => "Replicated",
+            Class::Context => "Context (no durability compared)",
+        }
+    }
+}
 
 /// How a target is reached.
 #[derive(Debug, Clone)]
@@ -64,7 +105,11 @@ pub struct Target {
     pub export: String,
     /// One line: when is a completed write durable on this target.
     pub durability: String,
-    /// Whether this is one of the peers the ratios are taken against.
+    /// What a completed write promises: ratios are taken against the peers
+    /// of the same class.
+    pub class: Class,
+    /// Whether this is one of the peers the ratios of its class are taken
+    /// against.
     pub peer: bool,
     /// Whether it needs a journal file next to the data file.
     pub needs_journal: bool,
@@ -88,14 +133,15 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             durability: "fio io_uring O_DIRECT on the file, no server: reaches the device, \
                          durable against power loss only after a device cache flush (fio sends none)"
                 .into(),
+            class: Class::Context,
             peer: false,
             needs_journal: false,
             in_default: true,
             replication: None,
             jobs: None,
         },
-        // Not in the default run (it would push it past 10 minutes): the
-        // disk's limit for mirrorblk's promise, every write durable at completion.
+        // The disk's limit for mirrorblk's promise, every write durable at
+        // completion.
         Target {
             name: "raw-dsync".into(),
             launch: Launch::Direct {
@@ -105,9 +151,10 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             durability: "fio io_uring O_DIRECT+O_DSYNC on the file, no server: every write \
                          durable at completion (the disk's limit for mirrorblk's promise)"
                 .into(),
+            class: Class::DurablePerWrite,
             peer: false,
             needs_journal: false,
-            in_default: false,
+            in_default: true,
             replication: None,
             jobs: None,
         },
@@ -121,6 +168,7 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             },
             export: "vol0".into(),
             durability: "never durable: RAM only, lost when the server exits".into(),
+            class: Class::Context,
             peer: false,
             needs_journal: false,
             in_default: true,
@@ -136,7 +184,9 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
                 probes: vec![s(&["file", "--version"])],
             },
             export: "vol0".into(),
-            durability: "page cache: durable only after NBD FLUSH (fdatasync); fio sends none".into(),
+            durability: "page cache: durable only after NBD FLUSH (fdatasync) or a FUA write"
+                .into(),
+            class: Class::NbdContract,
             peer: true,
             needs_journal: false,
             in_default: true,
@@ -166,8 +216,69 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             },
             export: "vol0".into(),
             durability: "O_DIRECT (cache=none): in the device, durable against power loss only \
-                         after NBD FLUSH (device cache flush); fio sends none"
+                         after NBD FLUSH (device cache flush) or a FUA write"
                 .into(),
+            class: Class::NbdContract,
+            peer: true,
+            needs_journal: false,
+            in_default: true,
+            replication: None,
+            jobs: None,
+        },
+        Target {
+            name: "qemu-nbd-directsync".into(),
+            launch: Launch::Server {
+                program: "qemu-nbd".into(),
+                args: s(&[
+                    "-f",
+                    "raw",
+                    "--cache=directsync",
+                    "--aio=io_uring",
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    "{port}",
+                    "-x",
+                    "vol0",
+                    "-t",
+                    "{file}",
+                ]),
+                port: PortMode::Chosen,
+                probes: vec![],
+            },
+            export: "vol0".into(),
+            durability: "O_DIRECT|O_DSYNC (cache=directsync): every write durable before its reply"
+                .into(),
+            class: Class::DurablePerWrite,
+            peer: true,
+            needs_journal: false,
+            in_default: true,
+            replication: None,
+            jobs: None,
+        },
+        Target {
+            name: "nbdkit-file-fua".into(),
+            launch: Launch::Server {
+                program: "nbdkit".into(),
+                args: s(&[
+                    "-f",
+                    "-p",
+                    "{port}",
+                    "-i",
+                    "127.0.0.1",
+                    "--filter=fua",
+                    "file",
+                    "{file}",
+                    "fuamode=force",
+                ]),
+                port: PortMode::Chosen,
+                probes: vec![s(&["--filter=fua", "file", "--version"])],
+            },
+            export: "vol0".into(),
+            durability: "page cache plus fdatasync after every write (fua filter, fuamode=force): \
+                         every write durable before its reply"
+                .into(),
+            class: Class::DurablePerWrite,
             peer: true,
             needs_journal: false,
             in_default: true,
@@ -216,6 +327,7 @@ pub fn replicated(mirrorblkd: &Path, delay_ms: u64) -> Vec<Target> {
         .map(|(name, r)| {
             let mut t = mirrorblk_variant(&name, mirrorblkd, &[], &r.durability());
             t.in_default = false;
+            t.class = Class::Replicated;
             t.jobs = Some(WRITE_JOBS.iter().map(|j| j.to_string()).collect());
             t.replication = Some(r);
             t
@@ -292,6 +404,7 @@ pub fn mirrorblk_variant(
         },
         export: "vol0".into(),
         durability: durability.into(),
+        class: Class::DurablePerWrite,
         peer: false,
         needs_journal: true,
         in_default: true,

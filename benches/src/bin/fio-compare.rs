@@ -46,8 +46,11 @@ const FILL_BOUND_S: u64 = 300;
 /// Every target gets a fresh volume file under --dir (default: a temporary
 /// directory in /var/tmp, on the real disk, not tmpfs), is filled once with
 /// sequential 1 MiB writes so reads hit written data, then runs each job
-/// --repeat times. The table reports medians with (min–max), and each figure
-/// divided by the best of the peers nbdkit-file and qemu-nbd.
+/// --repeat times. The report has a table per durability class (durable per
+/// write: raw-dsync, qemu-nbd-directsync, nbdkit-file-fua, mirrorblk; NBD's
+/// contract: nbdkit-file, qemu-nbd, with mirrorblk beside them; replicated;
+/// context) with medians (min–max), and each figure divided by the best
+/// peer of the same class.
 ///
 /// Repetitions run in rounds: each round starts every target afresh, fills
 /// it and runs each job once, so a slow phase of a shared machine lands on
@@ -369,6 +372,7 @@ fn run(cli: Cli) -> Result<()> {
                 Launch::Server { program, args, .. } => process::shell_line(program, args),
             },
             durability: t.durability.clone(),
+            class: t.class,
             peer: t.peer,
             skipped,
             error: None,
@@ -561,12 +565,7 @@ fn run(cli: Cli) -> Result<()> {
     for c in cells.iter_mut() {
         c.summarize();
     }
-    let peers: Vec<String> = records
-        .iter()
-        .filter(|r| r.peer)
-        .map(|r| r.name.clone())
-        .collect();
-    report::compute_ratios(&mut cells, &peers);
+    report::compute_class_ratios(&mut cells, &records);
     mach.load_after = machine::loadavg();
     let record = RunRecord {
         schema: "mirrorblk-fio-compare/1",
