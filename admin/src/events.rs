@@ -279,6 +279,34 @@ pub enum EventKind {
         /// The resize record's LSN (0: taken for a resync).
         lsn: u64,
     },
+    /// A point-in-time snapshot was created (its export `VOLUME@NAME` serves).
+    SnapshotCreated {
+        /// The volume.
+        volume: String,
+        /// The snapshot.
+        name: String,
+        /// The last LSN it includes.
+        lsn: u64,
+        /// The bound on the old data it keeps aside, in bytes.
+        space: u64,
+    },
+    /// A snapshot broke: its export fails every read with EIO from now on
+    /// (writes to the volume go on). Delete it and take a new one.
+    SnapshotBroken {
+        /// The volume.
+        volume: String,
+        /// The snapshot.
+        name: String,
+        /// Why (space bound reached, a resync, a shrink, an I/O error).
+        reason: String,
+    },
+    /// A snapshot was deleted (its export and side file are gone).
+    SnapshotDeleted {
+        /// The volume.
+        volume: String,
+        /// The snapshot.
+        name: String,
+    },
     /// A request on the admin socket was carried out or refused.
     AdminCommand {
         /// The request, as its JSON line.
@@ -323,6 +351,9 @@ impl EventKind {
             EventKind::HandedOver { .. } => "handed-over",
             EventKind::ConnectionDropped { .. } => "connection-dropped",
             EventKind::Resize { .. } => "resize",
+            EventKind::SnapshotCreated { .. } => "snapshot-created",
+            EventKind::SnapshotBroken { .. } => "snapshot-broken",
+            EventKind::SnapshotDeleted { .. } => "snapshot-deleted",
         }
     }
 }
@@ -626,6 +657,21 @@ mod tests {
                 to: 2 << 30,
                 lsn: 77,
             },
+            EventKind::SnapshotCreated {
+                volume: v(),
+                name: s("b1"),
+                lsn: 41,
+                space: 1 << 30,
+            },
+            EventKind::SnapshotBroken {
+                volume: v(),
+                name: s("b1"),
+                reason: s("space bound reached"),
+            },
+            EventKind::SnapshotDeleted {
+                volume: v(),
+                name: s("b1"),
+            },
         ]
     }
 
@@ -662,6 +708,9 @@ mod tests {
             EventKind::HandedOver { .. } => 26,
             EventKind::ConnectionDropped { .. } => 27,
             EventKind::Resize { .. } => 28,
+            EventKind::SnapshotCreated { .. } => 29,
+            EventKind::SnapshotBroken { .. } => 30,
+            EventKind::SnapshotDeleted { .. } => 31,
         }
     }
 
@@ -669,7 +718,7 @@ mod tests {
     fn every_kind_round_trips_under_its_name() {
         let kinds = every_kind();
         let ordinals: Vec<usize> = kinds.iter().map(ordinal).collect();
-        assert_eq!(ordinals, (0..29).collect::<Vec<_>>(), "one of each kind");
+        assert_eq!(ordinals, (0..32).collect::<Vec<_>>(), "one of each kind");
         for (seq, kind) in kinds.into_iter().enumerate() {
             let e = Event {
                 ts: s("2026-12-04T20:30:16.123Z"),

@@ -28,7 +28,7 @@ pub use client::{call, call_within, CallError};
 pub use events::{Event, EventKind};
 pub use protocol::{
     ByteRange, Changes, CoordinatorStatus, Listening, ReplicaStatus, Request, Response,
-    RestartOutcome, VerifyStatus, VolumeStatus,
+    RestartOutcome, Snapshot, VerifyStatus, VolumeStatus,
 };
 pub use readiness::{probe, Ready};
 pub use states::{Mode, OnReplicaLoss, ReplicaState, Role, UnknownName};

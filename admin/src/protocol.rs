@@ -65,6 +65,61 @@ pub enum Request {
         /// change ever tracked.
         since: u64,
     },
+    /// Point-in-time snapshot: from now on the volume's content as of the
+    /// next LSN boundary is served read-only as the NBD export
+    /// `VOLUME@NAME` (on this node). Answered in [`Response::snapshots`].
+    SnapshotCreate {
+        /// The volume.
+        volume: String,
+        /// The snapshot's name (`[A-Za-z0-9._-]`, 1 to 64 bytes).
+        name: String,
+        /// The most bytes of old data the snapshot keeps aside (default
+        /// 1 GiB); past it the snapshot breaks, never the writes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        space: Option<u64>,
+    },
+    /// Deletes a snapshot: its export goes, its side file is removed.
+    SnapshotDelete {
+        /// The volume.
+        volume: String,
+        /// The snapshot's name.
+        name: String,
+    },
+    /// The snapshots of `volume` (every volume's when absent).
+    SnapshotList {
+        /// The volume.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        volume: Option<String>,
+    },
+}
+
+/// A point-in-time snapshot of a volume, served as a read-only NBD export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The volume.
+    pub volume: String,
+    /// The snapshot's name.
+    pub name: String,
+    /// Its NBD export name, `VOLUME@NAME`.
+    pub export: String,
+    /// The volume's UUID (the same on every node), 8-4-4-4-12 hex as
+    /// `changes` prints it.
+    pub uuid: String,
+    /// The last LSN the snapshot includes: it holds every record with an
+    /// LSN up to and including this one, and none after (0: none). The
+    /// same meaning as [`Changes::lsn`]: a backup read from this snapshot
+    /// stores this LSN, and the next incremental asks `changes --since` it.
+    pub lsn: u64,
+    /// Its size in bytes (the volume's size at `lsn`).
+    pub size: u64,
+    /// The most bytes of old data it may keep aside.
+    pub space: u64,
+    /// Bytes of old data kept aside so far.
+    pub used: u64,
+    /// Why it broke (its export then fails every read with EIO), if it did.
+    pub broken: Option<String>,
+    /// When it was created, in milliseconds since the Unix epoch.
+    pub created_ms: u64,
 }
 
 /// One byte range of a volume.
@@ -259,6 +314,10 @@ pub struct Response {
     /// What changed (in the answer to `changes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changes: Option<Changes>,
+    /// Snapshots (in the answers to `snapshot_create`, `snapshot_delete`:
+    /// the one concerned; `snapshot_list`: every one asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<Vec<Snapshot>>,
 }
 
 /// What a node run with `--etcd` knows of its coordination.
@@ -315,6 +374,7 @@ impl Response {
             event_log: None,
             restart: None,
             changes: None,
+            snapshots: None,
         }
     }
 }
@@ -372,6 +432,25 @@ mod tests {
                     force: false,
                 },
                 r#"{"cmd":"resize","volume":"vol0","size":2147483648,"force":false}"#,
+            ),
+            (
+                Request::SnapshotCreate {
+                    volume: "vol0".into(),
+                    name: "b1".into(),
+                    space: Some(1 << 20),
+                },
+                r#"{"cmd":"snapshot_create","volume":"vol0","name":"b1","space":1048576}"#,
+            ),
+            (
+                Request::SnapshotDelete {
+                    volume: "vol0".into(),
+                    name: "b1".into(),
+                },
+                r#"{"cmd":"snapshot_delete","volume":"vol0","name":"b1"}"#,
+            ),
+            (
+                Request::SnapshotList { volume: None },
+                r#"{"cmd":"snapshot_list"}"#,
             ),
         ];
         for (req, line) in lines {

@@ -235,6 +235,16 @@ fn answer(
         // A query (backup tools run it before every backup): not an event.
         return (changes(volume, *since, node, cores), After::Nothing);
     }
+    if let Request::SnapshotList { .. } = &req {
+        // A query: not an event.
+        return (snapshots(req, node, cores), After::Nothing);
+    }
+    if let Request::SnapshotCreate { .. } | Request::SnapshotDelete { .. } = &req {
+        let command = serde_json::to_string(&req).unwrap_or_default();
+        let resp = snapshots(req, node, cores);
+        record(command, &resp);
+        return (resp, After::Nothing);
+    }
     if let Request::Restart { binary } = req {
         // Recorded as restart events: after a hand-over the new process
         // owns the event log.
@@ -313,7 +323,10 @@ fn handle(
         | Request::Verify { .. }
         | Request::Resize { .. }
         | Request::Restart { .. }
-        | Request::Changes { .. } => None,
+        | Request::Changes { .. }
+        | Request::SnapshotCreate { .. }
+        | Request::SnapshotDelete { .. }
+        | Request::SnapshotList { .. } => None,
     };
     if let Some(why) = unknown_volume(&req, &volumes) {
         return (Response::error(why), None);
@@ -330,6 +343,7 @@ fn handle(
         event_log: None,
         restart: None,
         changes: None,
+        snapshots: None,
     };
     (resp, restart)
 }
@@ -375,6 +389,64 @@ fn changes(
     Response::error(format!(
         "no volume '{volume}' on node {node}: `mirrorblk status` lists its volumes"
     ))
+}
+
+/// How long a core may take to create a snapshot (it waits, bounded, for
+/// the records before it to be applied).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// Carries out a snapshot request on every core: the cores serving the
+/// volumes it names answer; a list gathers them all.
+fn snapshots(
+    req: Request,
+    node: &str,
+    cores: &[mpsc::Sender<crate::control::CoreMsg>],
+) -> Response {
+    let volume = match &req {
+        Request::SnapshotCreate { volume, .. } | Request::SnapshotDelete { volume, .. } => {
+            Some(volume.clone())
+        }
+        Request::SnapshotList { volume } => volume.clone(),
+        _ => return Response::error("not a snapshot request"),
+    };
+    let mut found = None::<Vec<mirrorblk_admin::Snapshot>>;
+    for core in cores {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let q = crate::control::SnapshotQuery {
+            request: req.clone(),
+            reply: tx,
+        };
+        if core
+            .blocking_send(crate::control::CoreMsg::Snapshot(q))
+            .is_err()
+        {
+            return Response::error("a core has stopped; the node is shutting down");
+        }
+        match rx.recv_timeout(SNAPSHOT_TIMEOUT) {
+            Ok(Some(Ok(mut list))) => found.get_or_insert_with(Vec::new).append(&mut list),
+            Ok(Some(Err(why))) => return Response::error(why),
+            Ok(None) => {}
+            Err(_) => {
+                return Response::error(format!(
+                    "a core did not answer within {} s; the node may be overloaded",
+                    SNAPSHOT_TIMEOUT.as_secs()
+                ))
+            }
+        }
+    }
+    match (found, volume) {
+        (None, Some(v)) => Response::error(format!(
+            "no volume '{v}' on node {node}: `mirrorblk status` lists its volumes"
+        )),
+        (found, _) => {
+            let mut r = Response::error("");
+            r.ok = true;
+            r.error = None;
+            r.node = node.to_string();
+            r.snapshots = Some(found.unwrap_or_default());
+            r
+        }
+    }
 }
 
 /// Why a request naming a volume (resize) names none of this node's.

@@ -39,6 +39,17 @@ pub enum CoreMsg {
     HandOver(std::sync::mpsc::Sender<HandedCore>),
     /// Changed-block tracking: what changed in a volume after an LSN.
     Changes(ChangesQuery),
+    /// Create, delete or list point-in-time snapshots.
+    Snapshot(SnapshotQuery),
+}
+
+/// A snapshot request (`SnapshotCreate`, `SnapshotDelete`, `SnapshotList`),
+/// to every core; each one serving a volume it names answers `Some`.
+pub struct SnapshotQuery {
+    /// The request.
+    pub request: Request,
+    /// Where the core answers (None: none of its volumes is concerned).
+    pub reply: std::sync::mpsc::SyncSender<Option<Result<Vec<mirrorblk_admin::Snapshot>, String>>>,
 }
 
 /// "What changed in `volume` after LSN `since`", to every core; the one
@@ -137,7 +148,27 @@ impl Routes {
     pub fn get(&self, volume: &str) -> Option<&mpsc::Sender<CoreMsg>> {
         self.0.get(volume)
     }
+
+    /// The core serving export `name`: a volume, or a snapshot export
+    /// `VOLUME@SNAPSHOT` (served by its volume's core).
+    pub fn of_export(&self, name: &str) -> Option<&mpsc::Sender<CoreMsg>> {
+        self.0.get(name).or_else(|| {
+            let (volume, _) = split_snapshot_export(name)?;
+            self.0.get(volume)
+        })
+    }
 }
+
+/// `VOLUME@SNAPSHOT` as (volume, snapshot); None for any other name.
+/// Snapshot names never hold `@`, so the last one separates them.
+pub fn split_snapshot_export(name: &str) -> Option<(&str, &str)> {
+    name.rsplit_once('@')
+        .filter(|(v, s)| !v.is_empty() && !s.is_empty())
+}
+
+/// The snapshot exports a node serves now, shared by its cores (which add
+/// and remove them) and the NBD acceptor (which offers them).
+pub type SnapshotExports = std::sync::Arc<std::sync::Mutex<Vec<ExportInfo>>>;
 
 /// An accepted client socket, before it moves to its core.
 pub enum ClientStream {

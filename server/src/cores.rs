@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::buffer::{BufPool, PoolConfig};
 use crate::control::{
     ClientStream, CoordAnswer, CoordQuery, CoordRequest, CoreMsg, CoreQuery, HandedCore,
-    Heartbeats, NewConn, Position, PreparedVolume,
+    Heartbeats, NewConn, Position, PreparedVolume, SnapshotQuery,
 };
 use crate::engine::{Engine, Tuning, VolumeInfo};
 use crate::export::{serve, Quiesced};
@@ -56,12 +56,16 @@ pub struct CoreControl {
     pub node: String,
     /// The node's lease fence (open without a coordinator).
     pub fence: Arc<LeaseFence>,
+    /// The snapshot exports the NBD acceptor offers.
+    pub snapshot_exports: crate::control::SnapshotExports,
 }
 
 /// A served volume with what its replica sessions share.
 struct Served {
     vol: Rc<Volume>,
     slot: Rc<SessionSlot>,
+    /// The volume's export, which its snapshots' exports are made from.
+    export: nbd::ExportInfo,
 }
 
 /// One core's volumes.
@@ -75,6 +79,8 @@ struct Core {
     /// taken (so the channel closes once every task is done) by a hand-over.
     handed: RefCell<Option<mpsc::UnboundedSender<Quiesced>>>,
     handed_rx: RefCell<Option<mpsc::UnboundedReceiver<Quiesced>>>,
+    /// The snapshot exports the NBD acceptor offers.
+    snapshot_exports: crate::control::SnapshotExports,
 }
 
 /// Why a core's message loop ended.
@@ -173,6 +179,54 @@ fn start_volume(v: PreparedVolume, pool: &Rc<BufPool>, ctl: &CoreControl) -> Rc<
     vol
 }
 
+/// The space bound of a snapshot created without one.
+const DEFAULT_SNAPSHOT_SPACE: u64 = crate::engine::snapshot::DEFAULT_SPACE;
+
+/// The snapshot exports, locked (a poisoned lock still holds a valid list).
+fn lock_exports(
+    exports: &crate::control::SnapshotExports,
+) -> std::sync::MutexGuard<'_, Vec<nbd::ExportInfo>> {
+    exports
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Creates snapshot `name` of `vol` and offers its export (read-only,
+/// made from the volume's export `base`).
+async fn create_snapshot(
+    vol: &Volume,
+    base: &nbd::ExportInfo,
+    exports: &crate::control::SnapshotExports,
+    name: &str,
+    space: u64,
+) -> Result<Vec<mirrorblk_admin::Snapshot>, String> {
+    let engine = vol.engine();
+    let snap = engine
+        .create_snapshot(name, space)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !engine.snapshot(name).is_some_and(|s| Rc::ptr_eq(&s, &snap)) {
+        return Err(format!(
+            "snapshot '{name}' was deleted while it was being created"
+        ));
+    }
+    let mut e = base.clone();
+    e.name = format!("{}@{name}", vol.info().name);
+    e.description = format!(
+        "snapshot '{name}' of {} as of LSN {}",
+        vol.info().name,
+        snap.info().lsn
+    );
+    e.size = snap.size();
+    e.read_only = true;
+    e.can_fua = false;
+    e.can_trim = false;
+    e.can_write_zeroes = false;
+    e.can_fast_zero = false;
+    lock_exports(exports).push(e);
+    Ok(vec![crate::status::snapshot(vol, &snap.info())])
+}
+
 /// Records in the event log that `vol` changed role (persisted; the node
 /// restarts into it).
 fn role_changed(vol: &Volume, from: Role, to: Role, reason: &str) {
@@ -248,9 +302,11 @@ impl Core {
             .into_iter()
             .map(|v| {
                 let name = v.config.name.clone();
+                let export = v.export.clone();
                 let served = Served {
                     vol: start_volume(v, pool, ctl),
                     slot: Rc::new(SessionSlot::default()),
+                    export,
                 };
                 (name, served)
             })
@@ -270,6 +326,7 @@ impl Core {
             quiesce: tokio::sync::watch::channel(false).0,
             handed: RefCell::new(Some(handed)),
             handed_rx: RefCell::new(Some(handed_rx)),
+            snapshot_exports: ctl.snapshot_exports.clone(),
         }
     }
 
@@ -324,6 +381,7 @@ impl Core {
                         .map(|s| crate::status::changes(&s.vol, q.since));
                     let _ = q.reply.send(answer);
                 }
+                Some(CoreMsg::Snapshot(q)) => self.on_snapshot(q),
             }
         }
     }
@@ -357,8 +415,13 @@ impl Core {
                     force,
                 } if *volume == vol.info().name => vol.resize(size, force).await.map(|_| ()),
                 Request::Resize { .. } => Ok(()),
-                // The admin thread and the main thread carry it out.
-                Request::Restart { .. } | Request::Changes { .. } => Ok(()),
+                // The admin thread and the main thread carry it out, or
+                // they come as their own messages.
+                Request::Restart { .. }
+                | Request::Changes { .. }
+                | Request::SnapshotCreate { .. }
+                | Request::SnapshotDelete { .. }
+                | Request::SnapshotList { .. } => Ok(()),
             };
             r.map_err(|e| e.to_string())?;
         }
@@ -423,11 +486,88 @@ impl Core {
         });
     }
 
-    /// A negotiated NBD client for one of this core's volumes.
+    /// Creates, deletes or lists snapshots of this core's volumes.
+    fn on_snapshot(&self, q: SnapshotQuery) {
+        let answer = match &q.request {
+            Request::SnapshotList { volume } => self.list_snapshots(volume.as_deref()),
+            Request::SnapshotDelete { volume, name } => self.volumes.get(volume).map(|s| {
+                let info = s
+                    .vol
+                    .engine()
+                    .delete_snapshot(name)
+                    .map_err(|e| e.to_string())?;
+                let export = format!("{volume}@{name}");
+                lock_exports(&self.snapshot_exports).retain(|e| e.name != export);
+                Ok(vec![crate::status::snapshot(&s.vol, &info)])
+            }),
+            Request::SnapshotCreate {
+                volume,
+                name,
+                space,
+            } => {
+                let Some(s) = self.volumes.get(volume) else {
+                    let _ = q.reply.send(None);
+                    return;
+                };
+                let (vol, base) = (s.vol.clone(), s.export.clone());
+                let exports = self.snapshot_exports.clone();
+                let (name, space) = (name.clone(), space.unwrap_or(DEFAULT_SNAPSHOT_SPACE));
+                // It waits for the records before it to be applied: not on
+                // the core's message loop.
+                tokio_uring::spawn(async move {
+                    let res = create_snapshot(&vol, &base, &exports, &name, space).await;
+                    let _ = q.reply.send(Some(res));
+                });
+                return;
+            }
+            _ => None,
+        };
+        let _ = q.reply.send(answer);
+    }
+
+    /// The snapshots of `volume` (of every volume of this core when None);
+    /// None when the volume is not on this core.
+    fn list_snapshots(
+        &self,
+        volume: Option<&str>,
+    ) -> Option<Result<Vec<mirrorblk_admin::Snapshot>, String>> {
+        if volume.is_some_and(|v| !self.volumes.contains_key(v)) {
+            return None;
+        }
+        let mut list: Vec<mirrorblk_admin::Snapshot> = self
+            .volumes
+            .values()
+            .filter(|s| volume.is_none_or(|v| v == s.vol.info().name))
+            .flat_map(|s| {
+                let vol = &s.vol;
+                vol.engine()
+                    .snapshot_list()
+                    .into_iter()
+                    .map(|i| crate::status::snapshot(vol, &i))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        list.sort_by(|a, b| (&a.volume, a.created_ms).cmp(&(&b.volume, b.created_ms)));
+        Some(Ok(list))
+    }
+
+    /// The volume (and snapshot) export `name` names on this core.
+    fn export_target(&self, name: &str) -> Option<(&Served, Option<Rc<crate::engine::Snapshot>>)> {
+        if let Some(s) = self.volumes.get(name) {
+            return Some((s, None));
+        }
+        let (volume, snap) = crate::control::split_snapshot_export(name)?;
+        let s = self.volumes.get(volume)?;
+        Some((s, Some(s.vol.engine().snapshot(snap)?)))
+    }
+
+    /// A negotiated NBD client for one of this core's volumes (or one of
+    /// their snapshots).
     fn on_client(&self, nc: NewConn) {
-        let Some(s) = self.volumes.get(&nc.neg.export.name) else {
-            tracing::error!(
-                "connection for unknown export '{}' reached core {}",
+        let Some((s, snap)) = self.export_target(&nc.neg.export.name) else {
+            tracing::warn!(
+                peer = %nc.peer,
+                "connection for export '{}' reached core {}, which serves no such volume or snapshot (deleted meanwhile?); closing it",
                 nc.neg.export.name,
                 self.index
             );
@@ -445,8 +585,23 @@ impl Core {
         tokio_uring::spawn(async move {
             let attach = !nc.handed_over;
             let peer = nc.peer.clone();
-            let q = serve(sock, nc.neg, vol, nc.leftover, nc.peer, (quiesce, attach)).await;
+            let snapshot = snap.is_some();
+            let q = serve(
+                sock,
+                nc.neg,
+                vol,
+                snap,
+                nc.leftover,
+                nc.peer,
+                (quiesce, attach),
+            )
+            .await;
             match (q, handed) {
+                // Snapshots do not survive a live restart.
+                (Some(_), Some(_)) if snapshot => tracing::warn!(
+                    %peer,
+                    "closing a snapshot export's connection at the live restart (snapshots do not survive it)"
+                ),
                 // A rustls session lives in this process's relay thread: its
                 // socket cannot be handed over. Stopped at a request boundary
                 // with nothing in flight, it is closed (the relay sends

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_uring::buf::fixed::FixedBuf;
 
 use crate::buffer::{OutBuf, Payload};
-use crate::engine::ReadData;
+use crate::engine::{ReadData, Snapshot};
 use crate::sockio::{self, write_all, ReadFail, SockBuf, Socket};
 use crate::store::Allocation;
 use crate::volume::Volume;
@@ -167,6 +167,8 @@ struct Conn {
     /// The same socket as a file, for `readv` (tokio-uring has no socket readv).
     sock_file: tokio_uring::fs::File,
     vol: Rc<Volume>,
+    /// The snapshot a snapshot export (`VOLUME@NAME`) serves, read-only.
+    snap: Option<Rc<Snapshot>>,
     neg: Negotiated,
     /// How replies are framed (from `neg`).
     style: ReplyStyle,
@@ -253,11 +255,13 @@ fn socket_handles(
 /// closing it. `leftover` holds bytes read past the handshake (or, for a
 /// handed-over connection, past the last request the old process served).
 /// `attach` records the client's attach in the event log (not for a
-/// connection handed over: it attached before).
+/// connection handed over: it attached before). With `snap`, the
+/// connection reads that snapshot of `vol`, and every write is refused.
 pub async fn serve(
     sock: Socket,
     neg: Negotiated,
     vol: Rc<Volume>,
+    snap: Option<Rc<Snapshot>>,
     leftover: Vec<u8>,
     peer: String,
     (quiesce, attach): (tokio::sync::watch::Receiver<bool>, bool),
@@ -283,6 +287,7 @@ pub async fn serve(
         ready,
         sock_file,
         vol,
+        snap,
         style: ReplyStyle::of(&neg),
         neg,
         replies: tx,
@@ -541,7 +546,11 @@ fn spawn_request(
 /// it; `Ok(false)` means it was answered with an error (a rejected write's
 /// payload drained) and the next request follows.
 async fn admit(conn: &Conn, req: &Request, prefix: &mut Prefix) -> Result<bool, End> {
-    match check_request_at(req, &conn.neg, conn.vol.info().size.get()) {
+    let size = match &conn.snap {
+        Some(s) => s.size(),
+        None => conn.vol.info().size.get(),
+    };
+    match check_request_at(req, &conn.neg, size) {
         Verdict::Close(e) => Err(End::Protocol(e)),
         Verdict::Reject(code) => {
             // Bounded by the maximum payload: check_request closes longer.
@@ -645,6 +654,9 @@ async fn fill_payload(
 
 async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
     tracing::trace!("request {:?}", req);
+    if let Some(snap) = &conn.snap {
+        return handle_snapshot(conn, snap, req).await;
+    }
     let vol = &conn.vol;
     match req.command {
         Command::Write => {
@@ -673,6 +685,32 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
         }
         // O_DIRECT keeps no page cache to warm; prefetch is advisory.
         Command::Cache => conn.done(&req, Ok(())),
+        Command::BlockStatus => reply_block_status(conn, &req),
+        Command::Disc | Command::Unknown(_) => {
+            conn.error(&req, ErrorCode::Inval, "unsupported command")
+        }
+    }
+}
+
+/// A request on a snapshot export: reads of the snapshot; writes of any
+/// kind refused with EPERM (the export is read-only, so `check_request`
+/// refuses them first); BLOCK_STATUS's `base:allocation` answers all data.
+async fn handle_snapshot(conn: &Conn, snap: &Snapshot, req: Request) {
+    match req.command {
+        Command::Read if req.length == 0 => reply_read(conn, &req, ReadData { parts: Vec::new() }),
+        Command::Read => match conn
+            .vol
+            .engine()
+            .read_snapshot(snap, req.offset, req.length)
+            .await
+        {
+            Ok(data) => reply_read(conn, &req, data),
+            Err(code) => conn.error(&req, code, "snapshot read failed"),
+        },
+        Command::Write | Command::Trim | Command::WriteZeroes => {
+            conn.error(&req, ErrorCode::Perm, "a snapshot is read-only")
+        }
+        Command::Flush | Command::Cache => conn.done(&req, Ok(())),
         Command::BlockStatus => reply_block_status(conn, &req),
         Command::Disc | Command::Unknown(_) => {
             conn.error(&req, ErrorCode::Inval, "unsupported command")
@@ -754,6 +792,13 @@ fn reply_block_status(conn: &Conn, req: &Request) {
 
 /// The range's `base:allocation` extents.
 fn allocation_extents(conn: &Conn, req: &Request) -> Vec<nbd::reply::ExtentExt> {
+    if let Some(snap) = &conn.snap {
+        // Conservative: all of a snapshot is data.
+        return vec![nbd::reply::ExtentExt {
+            length: req.length.min(snap.size().saturating_sub(req.offset)),
+            flags: 0,
+        }];
+    }
     conn.vol
         .allocation(req.offset, req.length)
         .into_iter()

@@ -39,6 +39,18 @@ pub struct Catalog {
     /// Volumes this node holds as a replica: not served, and a client
     /// asking for one is told so (and to ask the primary).
     pub replicas: Vec<String>,
+    /// Snapshot exports (`VOLUME@NAME`, read-only), on a primary and on a
+    /// replica alike.
+    pub snapshots: crate::control::SnapshotExports,
+}
+
+impl Catalog {
+    /// The snapshot exports now (a poisoned lock still holds a valid list).
+    fn snapshot_exports(&self) -> std::sync::MutexGuard<'_, Vec<ExportInfo>> {
+        self.snapshots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl ExportCatalog for Catalog {
@@ -46,7 +58,16 @@ impl ExportCatalog for Catalog {
         let i = if name.is_empty() {
             0
         } else {
-            self.exports.iter().position(|e| e.name == name)?
+            match self.exports.iter().position(|e| e.name == name) {
+                Some(i) => i,
+                None => {
+                    return self
+                        .snapshot_exports()
+                        .iter()
+                        .find(|e| e.name == name)
+                        .cloned()
+                }
+            }
         };
         let mut e = self.exports.get(i)?.clone();
         if let Some(s) = self.sizes.get(i) {
@@ -56,8 +77,10 @@ impl ExportCatalog for Catalog {
     }
 
     fn list(&self) -> Vec<(String, String)> {
+        let snapshots = self.snapshot_exports();
         self.exports
             .iter()
+            .chain(snapshots.iter())
             .map(|e| (e.name.clone(), e.description.clone()))
             .collect()
     }
@@ -361,7 +384,7 @@ async fn handshake_and_route(
         return ticket.pool().report(&peer, DropReason::ServingFull);
     }
     drop(ticket);
-    let Some(route) = ctx.routes.get(&neg.export.name) else {
+    let Some(route) = ctx.routes.of_export(&neg.export.name) else {
         tracing::error!(%peer, "negotiated export '{}' has no core", neg.export.name);
         return;
     };

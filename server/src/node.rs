@@ -680,7 +680,7 @@ pub fn start_with(
         keep(&mut kept, ListenerKind::NbdUnix, u.as_fd())?;
     }
     let catalog = primary_catalog(&prepared);
-    let cores = spawn_cores(cfg, prepared, &fence)?;
+    let cores = spawn_cores(cfg, prepared, &fence, &catalog.snapshots)?;
     let accept_stop = Arc::new(AtomicBool::new(false));
     let ctx: &'static AcceptContext = Box::leak(Box::new(AcceptContext {
         catalog,
@@ -907,6 +907,7 @@ fn primary_catalog(prepared: &[PreparedVolume]) -> Catalog {
             .filter(|p| p.role != Role::Primary)
             .map(|p| p.export.name.clone())
             .collect(),
+        snapshots: crate::control::SnapshotExports::default(),
     }
 }
 
@@ -927,6 +928,7 @@ fn spawn_cores(
     cfg: &Config,
     prepared: Vec<PreparedVolume>,
     fence: &Arc<LeaseFence>,
+    snapshot_exports: &crate::control::SnapshotExports,
 ) -> Result<Cores, StartError> {
     let mut per_core: Vec<Vec<PreparedVolume>> = (0..cfg.cores).map(|_| Vec::new()).collect();
     for (i, p) in prepared.into_iter().enumerate() {
@@ -964,6 +966,7 @@ fn spawn_cores(
             replication: cfg.replication.clone(),
             node: cfg.node.clone(),
             fence: fence.clone(),
+            snapshot_exports: snapshot_exports.clone(),
         };
         std::thread::Builder::new()
             .name(format!("core{i}"))

@@ -61,6 +61,23 @@ pub fn changes(vol: &Volume, since: u64) -> mirrorblk_admin::Changes {
     }
 }
 
+/// How `snapshot list` shows snapshot `info` of `vol`.
+pub fn snapshot(vol: &Volume, info: &crate::engine::SnapshotInfo) -> mirrorblk_admin::Snapshot {
+    let volume = vol.info().name.clone();
+    mirrorblk_admin::Snapshot {
+        export: format!("{volume}@{}", info.name),
+        volume,
+        name: info.name.clone(),
+        uuid: uuid_text(&vol.engine().volume_uuid()),
+        lsn: info.lsn,
+        size: info.size,
+        space: info.space,
+        used: info.used,
+        broken: info.broken.clone(),
+        created_ms: info.created_ms,
+    }
+}
+
 /// A UUID in its usual 8-4-4-4-12 hex form.
 pub fn uuid_text(u: &[u8; 16]) -> String {
     let hex: String = u.iter().map(|b| format!("{b:02x}")).collect();

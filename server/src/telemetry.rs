@@ -217,6 +217,19 @@ fn describe_journal_metrics() {
         "In-place writes whose data-store write failed and whose payload was journaled instead"
     );
     describe_gauge!(
+        "mirrorblk_snapshots",
+        "Point-in-time snapshots of the volume (broken ones included until deleted)"
+    );
+    describe_gauge!(
+        "mirrorblk_snapshot_space_used_bytes",
+        Unit::Bytes,
+        "Bytes of old data the volume's snapshots keep aside in their side files"
+    );
+    describe_counter!(
+        "mirrorblk_snapshot_broken_total",
+        "Snapshots that broke (space bound reached, a resync, a shrink, an I/O error)"
+    );
+    describe_gauge!(
         "mirrorblk_recovery_records",
         "Records replayed by the last start-up recovery"
     );
@@ -339,6 +352,12 @@ pub struct VolumeMetrics {
     pub in_place_bytes: Counter,
     /// In-place writes that failed and fell back to the journal.
     pub in_place_fallbacks: Counter,
+    /// Snapshots of the volume.
+    pub snapshots: Gauge,
+    /// Bytes of old data its snapshots keep aside.
+    pub snapshot_space_used: Gauge,
+    /// Snapshots that broke.
+    pub snapshot_broken: Counter,
 }
 
 /// The label of an NBD command.
@@ -381,6 +400,9 @@ impl VolumeMetrics {
             payload_copies: counter!("mirrorblk_payload_copies_total", "volume" => v()),
             in_place_bytes: counter!("mirrorblk_in_place_write_bytes_total", "volume" => v()),
             in_place_fallbacks: counter!("mirrorblk_in_place_fallbacks_total", "volume" => v()),
+            snapshots: gauge!("mirrorblk_snapshots", "volume" => v()),
+            snapshot_space_used: gauge!("mirrorblk_snapshot_space_used_bytes", "volume" => v()),
+            snapshot_broken: counter!("mirrorblk_snapshot_broken_total", "volume" => v()),
         }
     }
 

@@ -13,6 +13,7 @@ mod demo_failover;
 mod events;
 mod primary;
 mod restore;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 use mirrorblk_admin as admin;
@@ -380,6 +381,12 @@ enum Cmd {
         /// Print the daemon's JSON answer.
         #[arg(long)]
         json: bool,
+    },
+    /// Point-in-time snapshots, served read-only as NBD exports VOLUME@NAME
+    /// (docs/OPERATIONS.md, "Snapshots").
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot::SnapshotCmd,
     },
     /// Configuration tools.
     Config {
@@ -1288,6 +1295,7 @@ fn main() -> ExitCode {
             since,
             json,
         } => changes(&cli.admin_socket, volume, since, json),
+        Cmd::Snapshot { command } => snapshot::run(&cli.admin_socket, command),
         Cmd::Primary {
             etcd,
             json,

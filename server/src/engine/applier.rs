@@ -133,6 +133,8 @@ impl Engine {
     /// them; until then the overlay keeps serving their data) and the
     /// applier pauses a second.
     async fn apply_batch(&self, batch: &[Rc<Record>]) {
+        // Old data a snapshot needs goes aside before it is overwritten.
+        self.keep_for_snapshots(batch).await;
         let results =
             futures_util::future::join_all(batch.iter().map(|r| self.apply_record(r))).await;
         for (r, res) in batch.iter().zip(results) {
@@ -206,6 +208,12 @@ impl Engine {
             MutationOp::Resize => (0, u64::MAX),
             _ => (align_down(r.offset), align_up(r.offset + r.length)),
         }));
+        let n = if self.snapshots.borrow().is_empty() {
+            n
+        } else {
+            let starts = self.snapshot_starts();
+            super::snapshot::cut_at_starts(q.iter().take(n).map(|r| r.lsn), &starts)
+        };
         q.drain(..n).collect()
     }
 

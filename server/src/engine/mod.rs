@@ -23,6 +23,7 @@ mod error;
 pub mod read;
 mod region;
 mod resize;
+pub mod snapshot;
 mod tracking;
 pub mod write;
 
@@ -37,6 +38,7 @@ use tokio::sync::Notify;
 pub use error::{nbd_error, EngineError};
 pub use read::ReadData;
 pub use resize::ResizeError;
+pub use snapshot::{Snapshot, SnapshotError, SnapshotInfo};
 pub use tracking::{seed_new_volume, ChangeReport, ReplayMarks};
 
 use crate::buffer::{AlignedBuf, BufPool, MAX_CHUNK};
@@ -165,6 +167,8 @@ pub struct Engine {
     resync_marked: Cell<bool>,
     /// A resize is under way (one at a time).
     resizing: Cell<bool>,
+    /// Point-in-time snapshots, oldest first.
+    snapshots: RefCell<Vec<Rc<snapshot::Snapshot>>>,
 }
 
 impl Engine {
@@ -178,6 +182,7 @@ impl Engine {
         tuning: Tuning,
     ) -> Rc<Engine> {
         let applied_next = journal.next_lsn();
+        snapshot::remove_stale(&info.journal);
         let (table, saved) = tracking::open_table(&info, &journal);
         let changes_path = changes::table_path(&info.journal);
         let metrics = VolumeMetrics::new(&info.name);
@@ -211,6 +216,7 @@ impl Engine {
             changes_saving: tokio::sync::Mutex::new(()),
             resync_marked: Cell::new(false),
             resizing: Cell::new(false),
+            snapshots: RefCell::new(Vec::new()),
         });
         let a = e.clone();
         tokio_uring::spawn(async move {
@@ -349,6 +355,7 @@ impl Engine {
     /// whether it finished in time.
     pub async fn shutdown(&self, limit: Duration) -> bool {
         self.stopping.set(true);
+        self.drop_snapshots();
         let done = self.stop_done.notified();
         self.apply_work.notify_one();
         if self.stopped.get() {

@@ -29,7 +29,7 @@ impl ReadData {
 
 /// `[offset, end)` cut at MAX_CHUNK-aligned volume offsets, so each piece's
 /// aligned span fits one buffer.
-fn pieces(offset: u64, end: u64) -> Vec<(u64, u64)> {
+pub(super) fn pieces(offset: u64, end: u64) -> Vec<(u64, u64)> {
     let chunk = MAX_CHUNK as u64;
     let mut out = Vec::new();
     let mut p0 = offset;

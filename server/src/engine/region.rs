@@ -33,6 +33,7 @@ impl Engine {
         volume_uuid: [u8; 16],
         size: u64,
     ) -> Result<(), EngineError> {
+        self.break_snapshots("a full resync rebased the volume");
         let reserved = self.journal.next_lsn();
         self.wait_applied(reserved, STREAM_POINT_WAIT).await?;
         self.journal
@@ -67,6 +68,9 @@ impl Engine {
                 offset,
             });
         }
+        // The region is written past the applier: no snapshot can keep
+        // its old data.
+        self.break_snapshots("a resync writes regions directly");
         self.wait_applied(after.next(), STREAM_POINT_WAIT).await?;
         let data = Rc::new(data);
         let writes = (0..data.chunk_count()).map(|i| {

@@ -103,6 +103,11 @@ impl Engine {
         }
     }
 
+    /// The volume's UUID (the journal superblock's, the same on every node).
+    pub fn volume_uuid(&self) -> [u8; 16] {
+        self.changes.borrow().uuid()
+    }
+
     /// Calls `extent(offset, length, changed)` for the runs of
     /// `[offset, offset + len)` that did or did not change after `since`.
     pub fn changed_extents(

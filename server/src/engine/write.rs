@@ -149,6 +149,7 @@ impl Engine {
     /// Whether `m` goes to the store in place (a large aligned write).
     fn goes_in_place(&self, m: &Change) -> bool {
         self.in_place_min > 0
+            && self.snapshots.borrow().is_empty()
             && m.op == MutationOp::Write
             && m.payload.is_some()
             && m.length >= self.in_place_min
@@ -265,7 +266,9 @@ impl Engine {
     /// record applied after this write starts is newer than it, and the
     /// store ends with the newest data.
     async fn place(self: Rc<Self>, rec: Rc<Record>, after: Option<Lsn>) {
-        let go = self.wait_for_older(after).await;
+        // A snapshot created since the choice needs the old data first:
+        // the applier keeps it, so the record goes through the journal.
+        let go = !self.snapshot_after(rec.lsn) && self.wait_for_older(after).await;
         // With replicas, the intent goes first: a crash between the payload
         // write and the record's header must still tell recovery which
         // range to resync (the replicas may not have it).
