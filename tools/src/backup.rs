@@ -1,6 +1,6 @@
 //! `mirrorblk backup list|verify|prune`: the repository side of backups
-//! (docs/BACKUP.md); `restore` is in `restore.rs`. `create` comes with the
-//! server's snapshots and changed-block tracking.
+//! (docs/BACKUP.md); `restore` is in `restore.rs`, `create` in
+//! `backup_create.rs`.
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 mod attach;
 mod backup;
+mod backup_create;
 mod certs;
 mod demo;
 mod demo_etcd;
@@ -398,7 +399,7 @@ enum Cmd {
         #[command(subcommand)]
         command: JournalCmd,
     },
-    /// Backup repository tools (docs/BACKUP.md): list, verify, restore, prune.
+    /// Backups (docs/BACKUP.md): create, list, verify, restore, prune.
     Backup {
         #[command(subcommand)]
         command: BackupCmd,
@@ -436,6 +437,26 @@ enum CertsCmd {
 
 #[derive(Debug, Subcommand)]
 enum BackupCmd {
+    /// Back up VOLUME: a snapshot through the admin socket, read through
+    /// its read-only export VOLUME@NAME into the repository (created if
+    /// absent), then deleted. Full the first time; incremental after (only
+    /// the regions changed since the newest backup of the same volume UUID
+    /// are read; a full one when the node's changed-block table does not
+    /// reach back that far). Every backup is logically full. A progress bar
+    /// shows on a terminal. Exit 1, writing no backup, when the daemon is
+    /// unreachable, the volume unknown, the snapshot broke or the
+    /// repository cannot be written.
+    Create {
+        /// The repository: a directory or s3://BUCKET/PREFIX.
+        #[arg(long, value_name = "REPO")]
+        repo: String,
+        /// The volume.
+        volume: String,
+        /// One JSON object: id, lsn, incremental, bytes_read, bytes_stored,
+        /// chunks_reused, seconds.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the backups in a repository.
     List {
         /// The repository: a directory or s3://BUCKET/PREFIX.
@@ -1357,6 +1378,9 @@ fn main() -> ExitCode {
             force,
         }),
         Cmd::Backup { command } => match command {
+            BackupCmd::Create { repo, volume, json } => {
+                backup_create::create(&cli.admin_socket, &repo, &volume, json)
+            }
             BackupCmd::List { repo, json } => backup::list(&repo, json),
             BackupCmd::Verify { repo, id } => backup::verify(&repo, id.as_deref()),
             BackupCmd::Restore {

@@ -25,10 +25,10 @@ const NBD_PORT: u16 = 10809;
 /// its journal), and large enough that a request's overhead is noise.
 const NBD_PIECE: usize = 4 << 20;
 /// Bound on connecting to the NBD server and on every reply.
-const NBD_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const NBD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A connection to an NBD server, over TCP or a Unix socket.
-enum Stream {
+pub(crate) enum Stream {
     Tcp(std::net::TcpStream),
     Unix(UnixStream),
 }
