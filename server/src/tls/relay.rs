@@ -53,6 +53,7 @@ pub fn spawn<S: Transport>(
                 sock,
                 plain: relay_end,
                 down: Pending::default(),
+                wire: Pending::default(),
                 buf: vec![0u8; CHUNK],
                 sock_done: false,
                 plain_done: false,
@@ -74,6 +75,8 @@ struct Relay<S: Transport> {
     plain: UnixStream,
     /// Decrypted bytes not yet written to `plain`.
     down: Pending,
+    /// Bytes read from the peer's socket not yet handed to rustls.
+    wire: Pending,
     buf: Vec<u8>,
     /// The TLS side closed (close_notify or EOF).
     sock_done: bool,
@@ -162,8 +165,12 @@ impl<S: Transport> Relay<S> {
         }
     }
 
-    /// Waits until a socket can move what is pending.
+    /// Waits until a socket can move what is pending (not at all while
+    /// bytes already read from the peer can be decrypted).
     fn wait(&self, pending_down: usize) -> io::Result<()> {
+        if self.wire.len() > 0 && pending_down < HIGH_WATER {
+            return Ok(());
+        }
         let mut sock_ev = PollFlags::empty();
         if !self.sock_done && pending_down < HIGH_WATER {
             sock_ev |= PollFlags::POLLIN;
@@ -188,31 +195,55 @@ impl<S: Transport> Relay<S> {
         }
     }
 
-    /// Reads records from the peer and decrypts them into `down`.
+    /// Reads records from the peer and decrypts them into `down`. The
+    /// socket is read in `CHUNK`s into `wire` and rustls is fed from
+    /// memory: its own `read_tls` reads at most 4 KiB per system call,
+    /// 256 calls per 1 MiB request.
     fn pull_peer(&mut self) -> io::Result<()> {
-        if self.sock_done || self.down.len() >= HIGH_WATER {
-            return Ok(());
-        }
-        // read_tls takes about a record at a time: read a batch before
-        // going round the poll loop again.
+        self.feed()?;
         for _ in 0..READS_PER_ROUND {
-            match nonblocking(self.conn.read_tls(&mut self.sock))? {
+            if self.sock_done || self.down.len() >= HIGH_WATER || self.wire.len() > 0 {
+                break;
+            }
+            match nonblocking(self.sock.read(self.wire.spare(CHUNK)))? {
+                Some(0) => {
+                    // Tells rustls the peer closed (an empty read is EOF),
+                    // so a missing close_notify reads as such.
+                    self.sock_done = true;
+                    self.conn.read_tls(&mut io::empty())?;
+                    self.process()?;
+                }
                 Some(n) => {
-                    if n == 0 {
-                        self.sock_done = true;
-                    }
-                    self.conn
-                        .process_new_packets()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    self.decrypted()?;
+                    self.wire.filled(n);
+                    self.feed()?;
                 }
                 None => break,
             }
-            if self.sock_done || self.down.len() >= HIGH_WATER {
+        }
+        // Clear text rustls held from an earlier read (the handshake's).
+        self.decrypted()
+    }
+
+    /// Hands rustls the bytes read from the socket, record by record, and
+    /// takes out what it decrypts, until `wire` is empty or `down` full.
+    fn feed(&mut self) -> io::Result<()> {
+        while self.wire.len() > 0 && self.down.len() < HIGH_WATER {
+            let mut unread = self.wire.unsent();
+            let n = self.conn.read_tls(&mut unread)?;
+            self.wire.sent(n);
+            self.process()?;
+            if n == 0 {
                 break;
             }
         }
-        // Clear text rustls held from an earlier read (the handshake's).
+        Ok(())
+    }
+
+    /// Decrypts what rustls holds into `down`.
+    fn process(&mut self) -> io::Result<()> {
+        self.conn
+            .process_new_packets()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         self.decrypted()
     }
 
