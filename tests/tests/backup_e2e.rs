@@ -372,3 +372,153 @@ fn backup_create_fails_clearly() {
     let (code, out, _) = cli(&["backup", "list", "--repo", &repo]);
     assert_eq!((code, out.as_str()), (0, ""), "no backup was written");
 }
+
+/// `backup create --json` against the daemon at `admin`, parsed.
+fn create_backup(admin: &Path, repo: &str) -> Created {
+    let admin = admin.to_string_lossy().into_owned();
+    let (code, out, err) = cli(&[
+        "--admin-socket",
+        &admin,
+        "backup",
+        "create",
+        "--repo",
+        repo,
+        "vol0",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "backup create failed: {err}");
+    Created::parse(&out)
+}
+
+/// The byte ranges of backup `id` whose chunk is `digest`, as verify
+/// prints them (`bytes A..B`).
+fn ranges_of(repo: &backup::Repository, id: &str, digest: &backup::Digest) -> Vec<String> {
+    let index = repo
+        .load_index(&id.parse().expect("an id"))
+        .expect("the index");
+    (0..index.chunks.len())
+        .filter(|&i| index.chunks[i].as_ref() == Some(digest))
+        .map(|i| {
+            let r = index.chunk_range(i);
+            format!("bytes {}..{}", r.start, r.end)
+        })
+        .collect()
+}
+
+/// One chunk corrupted and one deleted in a repository `backup create`
+/// wrote: verify exits 1 naming each backup and byte range; restore exits
+/// 1 naming exactly the ranges it did not restore, and every other byte it
+/// wrote is right.
+#[test]
+fn a_damaged_repository_is_named_by_verify_and_restore() {
+    let dir = TestDir::new();
+    let d = Daemon::start(dir.volume_args("vol0", "64M"));
+    let mut c = d.connect("vol0");
+    for i in 0..4 {
+        c.write(i * 4 * MIB, &pattern(200 + i, (4 * MIB) as usize), true)
+            .unwrap();
+    }
+    let repo = dir.join("repo").to_string_lossy().into_owned();
+    let full = create_backup(&d.admin_socket(), &repo);
+    c.write(4 * MIB + 4096, &pattern(300, 4096), true).unwrap();
+    let inc = create_backup(&d.admin_socket(), &repo);
+    assert!(inc.incremental && inc.bytes_read == 4 * MIB, "{inc:?}");
+    let want = read_export(&d, "vol0");
+
+    let r = backup::Repository::open_location(&repo).expect("the repository");
+    let index = r.load_index(&full.id.parse().unwrap()).unwrap();
+    let (gone, bad) = (index.chunks[0].unwrap(), index.chunks[2].unwrap());
+    let path = |dg: &backup::Digest| dir.join("repo").join(dg.key());
+    std::fs::remove_file(path(&gone)).expect("delete a chunk");
+    let mut blob = std::fs::read(path(&bad)).unwrap();
+    let mid = blob.len() / 2;
+    blob[mid] ^= 0x40;
+    std::fs::write(path(&bad), blob).unwrap();
+
+    let (code, out, _) = cli(&["backup", "verify", "--repo", &repo]);
+    assert_eq!(code, 1, "verify must fail: {out}");
+    for id in [&full.id, &inc.id] {
+        for dg in [&gone, &bad] {
+            for range in ranges_of(&r, id, dg) {
+                assert!(
+                    out.contains(&format!("DAMAGED {id}: {range}")),
+                    "verify does not name {id} {range}: {out}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("DAMAGED")).count(),
+        4,
+        "{out}"
+    );
+
+    let file = dir.join("restored");
+    let (code, out, err) = restore(&repo, &inc.id, &file);
+    assert_eq!(code, 1, "restore must fail: {err}");
+    let named: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("NOT RESTORED"))
+        .collect();
+    assert_eq!(named.len(), 2, "{out}");
+    assert!(
+        out.contains("bytes 0..4194304") && out.contains("bytes 8388608..12582912"),
+        "{out}"
+    );
+    let got = std::fs::read(&file).unwrap();
+    let (lo, hi) = ((4 * MIB) as usize, (8 * MIB) as usize);
+    assert_bytes_eq(
+        "restored outside the damage",
+        lo as u64,
+        &want[lo..hi],
+        &got[lo..hi],
+    );
+    let rest = (12 * MIB) as usize;
+    assert_bytes_eq(
+        "restored outside the damage",
+        rest as u64,
+        &want[rest..],
+        &got[rest..],
+    );
+}
+
+/// kill -9 of the primary between two backups, the replica promoted: the
+/// next backup, taken on the new primary, is incremental from the backup
+/// the old primary took, and restores exactly.
+#[test]
+fn after_a_failover_the_next_backup_is_incremental_and_exact() {
+    use mirrorblk_tests::cluster::{write_secret, Node, EXPORT};
+    assert_eq!(EXPORT, "vol0");
+    let dir = TestDir::new();
+    let secret = write_secret(&dir, "secret");
+    let mut r = Node::start_replica(&dir, "n2", &secret, "64M", &[]);
+    let mut p = Node::start_primary(&dir, "n1", &secret, &[&r], "64M", &["--mode", "sync"]);
+    p.wait_replicas_in_sync(Duration::from_secs(60));
+    let repo = dir.join("repo").to_string_lossy().into_owned();
+    let mut c = p.daemon.connect(EXPORT);
+    for i in 0..SIZE / (4 * MIB) {
+        c.write(i * 4 * MIB, &pattern(400 + i, (4 * MIB) as usize), false)
+            .unwrap();
+    }
+    c.flush().unwrap();
+    let full = create_backup(&p.files.admin, &repo);
+    assert!(!full.incremental);
+    c.write(20 * MIB, &pattern(500, 65536), true).unwrap();
+    drop(c);
+    p.daemon.kill9();
+    let before = r.daemon.ready().clone();
+    let out = r.cli(&["promote"], Duration::from_secs(30));
+    assert_eq!(out.code, 0, "mirrorblk promote failed: {out:#?}");
+    r.daemon
+        .wait_serving_again(&before, Duration::from_secs(30));
+    r.wait_status(Duration::from_secs(30), "n2 primary", |s| {
+        s.role == admin::Role::Primary
+    });
+    let mut c = r.daemon.connect(EXPORT);
+    c.write(40 * MIB, &pattern(600, 65536), true).unwrap();
+    let next = create_backup(&r.files.admin, &repo);
+    assert!(next.incremental, "after the failover: {next:?}");
+    assert_eq!(next.bytes_read, 8 * MIB, "two changed chunks: {next:?}");
+    let want = read_export(&r.daemon, EXPORT);
+    assert_restores(&repo, &next.id, &want, &dir.join("restored"));
+}
