@@ -11,6 +11,7 @@ use super::*;
 use crate::buffer::{BufPool, Payload, PoolConfig};
 use crate::journal::recovery::{open_and_recover, FileReplay, JournalSpec};
 use crate::store::{open_store, Preallocate};
+use crate::units::{align_down, align_up};
 
 const SIZE: u64 = 4 << 20;
 const JOURNAL: u64 = 8 << 20;
@@ -194,5 +195,163 @@ fn replication_hooks_see_every_record_in_order_and_hold_the_checkpoint() {
         assert!(e.status().journal_used > 0);
         assert!(hooks.released.borrow().iter().all(|&t| t <= Lsn(2)));
         assert!(!hooks.released.borrow().is_empty(), "told before releasing");
+    });
+}
+
+/// A mutation of the model test, and what it does to a byte image.
+#[derive(Debug, Clone, Copy)]
+enum ModelOp {
+    Write(u64, u64, u8),
+    Zeroes(u64, u64),
+    Trim(u64, u64),
+}
+
+impl ModelOp {
+    fn apply(self, image: &mut [u8]) {
+        let fill = |image: &mut [u8], a: u64, b: u64, v: u8| {
+            if a < b {
+                image[a as usize..b as usize].fill(v);
+            }
+        };
+        match self {
+            ModelOp::Write(o, l, v) => fill(image, o, o + l, v),
+            ModelOp::Zeroes(o, l) => fill(image, o, o + l, 0),
+            // Only the whole blocks inside a trim read as zeroes.
+            ModelOp::Trim(o, l) => fill(image, align_up(o), align_down(o + l), 0),
+        }
+    }
+}
+
+/// A random mutation from `x` (xorshift state): unaligned small writes,
+/// aligned large ones, write-zeroes and trims.
+fn model_op(x: &mut u64) -> ModelOp {
+    let mut next = || {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    };
+    let kind = next() % 10;
+    let len = if kind < 5 {
+        1 + next() % 9000
+    } else {
+        4096 * (1 + next() % 64)
+    };
+    let off = (next() % (SIZE - len)) & if kind < 5 { !0 } else { !4095 };
+    match kind {
+        0..=7 => ModelOp::Write(off, len, (next() % 255 + 1) as u8),
+        8 => ModelOp::Zeroes(off, len),
+        _ => ModelOp::Trim(off, len),
+    }
+}
+
+/// The image after every logged mutation up to LSN `upto`.
+fn model_at(log: &[(Lsn, ModelOp)], upto: u64) -> Vec<u8> {
+    let mut ops: Vec<&(Lsn, ModelOp)> = log.iter().filter(|(l, _)| l.0 <= upto).collect();
+    ops.sort_by_key(|(l, _)| *l);
+    assert_eq!(ops.len() as u64, upto, "every LSN up to {upto} logged");
+    let mut image = vec![0u8; SIZE as usize];
+    for (_, op) in ops {
+        op.apply(&mut image);
+    }
+    image
+}
+
+async fn read_snapshot(e: &Engine, s: &snapshot::Snapshot) -> Result<Vec<u8>, nbd::ErrorCode> {
+    let data = e.read_snapshot(s, 0, SIZE).await?;
+    let mut out = Vec::new();
+    for (b, st, end) in &data.parts {
+        out.extend_from_slice(&b[*st..*end]);
+    }
+    Ok(out)
+}
+
+/// Mutations in concurrent batches run while snapshots are taken and read:
+/// each snapshot reads exactly the model image at its LSN, during the
+/// writes and after; one with a two-region bound breaks and fails reads.
+#[test]
+fn snapshots_read_the_model_at_their_lsn_while_mutations_go_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tokio_uring::start(async {
+        let pool = pool();
+        let e = open(dir.path(), &pool);
+        let log: Rc<RefCell<Vec<(Lsn, ModelOp)>>> = Rc::default();
+        let writer = {
+            let (e, pool, log) = (e.clone(), pool.clone(), log.clone());
+            tokio_uring::spawn(async move {
+                let mut x = 0x2545_f491_4f6c_dd1d_u64;
+                for _ in 0..40 {
+                    let ops: Vec<ModelOp> = (0..8).map(|_| model_op(&mut x)).collect();
+                    let runs = ops.into_iter().map(|op| {
+                        let (e, pool, log) = (e.clone(), pool.clone(), log.clone());
+                        async move {
+                            let m = match op {
+                                ModelOp::Write(o, l, v) => {
+                                    Change::write(o, payload(&pool, l as usize, v).await)
+                                }
+                                ModelOp::Zeroes(o, l) => Change::write_zeroes(o, l, false),
+                                ModelOp::Trim(o, l) => Change::trim(o, l),
+                            };
+                            let lsn = e.mutate(m).await.expect("mutate").expect("an LSN");
+                            log.borrow_mut().push((lsn, op));
+                        }
+                    });
+                    // Each batch in flight while the next is reserved:
+                    // the applier's queue holds records of several.
+                    for run in runs {
+                        tokio_uring::spawn(run);
+                    }
+                    tokio::task::yield_now().await;
+                }
+                while (log.borrow().len() as u64) < 40 * 8 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        };
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        let s1 = e.create_snapshot("s1", SIZE).await.expect("s1");
+        let tight = e
+            .create_snapshot("tight", 2 * snapshot::REGION)
+            .await
+            .expect("tight");
+        let lsn = s1.info().lsn;
+        assert!(lsn > 0, "taken after some writes");
+        while (log.borrow().len() as u64) < lsn {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let want = model_at(&log.borrow(), lsn);
+        let mut reads = 0;
+        while !writer.is_finished() || reads < 3 {
+            let got = read_snapshot(&e, &s1).await.expect("snapshot read");
+            assert!(
+                got == want,
+                "snapshot read {reads} differs from the model at LSN {lsn}"
+            );
+            reads += 1;
+        }
+        writer.await.expect("writer");
+        let all = log.borrow().len() as u64;
+        assert!(
+            read(&e, 0, SIZE).await == model_at(&log.borrow(), all),
+            "the volume"
+        );
+        assert!(
+            read_snapshot(&e, &s1).await.expect("read") == want,
+            "after the writes"
+        );
+        assert!(
+            s1.info().used > 0 && s1.broken().is_none(),
+            "{:?}",
+            s1.info()
+        );
+        let why = tight.broken().expect("the tight one broke");
+        assert!(why.contains("space bound"), "{why}");
+        assert_eq!(read_snapshot(&e, &tight).await, Err(nbd::ErrorCode::Io));
+        assert_eq!(e.snapshot_list().len(), 2);
+        e.delete_snapshot("s1").expect("delete");
+        assert!(read_snapshot(&e, &s1).await.is_err(), "deleted: reads fail");
+        assert!(!snapshot::side_path(&dir.path().join("journal"), "s1").exists());
     });
 }
