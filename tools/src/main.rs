@@ -118,9 +118,10 @@ enum Cmd {
     /// On the primary: resize VOLUME to SIZE, here and on every replica
     /// (the resize is a record in the journal and the replication stream,
     /// ordered among the writes, and acknowledged like one). Connections
-    /// open now keep the size they negotiated (NBD cannot tell them);
-    /// new connections see SIZE. qemu: `block_resize` after reconnecting,
-    /// or reopen the drive. Refused while a resync or verify runs.
+    /// open now are served up to SIZE, but NBD cannot tell their clients:
+    /// `mirrorblk attach` tells the kernel itself (--size-check); new
+    /// connections see SIZE; qemu: `block_resize`, or reopen the drive.
+    /// Refused while a resync or verify runs.
     ///
     /// Exit status 0 once every replica the mode waits for has it, 1 when
     /// refused or failed, 2 on a usage error.
@@ -273,43 +274,7 @@ enum Cmd {
     ///
     ///   mirrorblk attach --etcd http://etcd1:2379 --server n1:10809 --export vol0 --json /dev/nbd0
     #[command(verbatim_doc_comment)]
-    Attach {
-        /// A node serving the volume (repeat for every node; tried in order).
-        #[arg(long = "server", value_name = "HOST:PORT")]
-        servers: Vec<String>,
-        /// etcd client URLs: the volume's leader record names the primary.
-        #[arg(
-            long,
-            value_name = "URL",
-            value_delimiter = ',',
-            env = "MIRRORBLK_ETCD"
-        )]
-        etcd: Vec<String>,
-        /// The export (volume) name.
-        #[arg(long, value_name = "NAME")]
-        export: String,
-        /// I/O timeout: an unanswered request is resent on a new connection after this.
-        #[arg(long, value_name = "DURATION", default_value = "10s")]
-        io_timeout: mirrorblk_server::units::Interval,
-        /// How long the kernel holds I/O with no live connection before failing it.
-        #[arg(long, value_name = "DURATION", default_value = "120s")]
-        dead_conn_timeout: mirrorblk_server::units::Interval,
-        /// Bound of one TCP connect and of one NBD handshake.
-        #[arg(long, value_name = "DURATION", default_value = "3s")]
-        connect_timeout: mirrorblk_server::units::Interval,
-        /// Connections to the primary (more than 1 needs its multi-conn flag).
-        #[arg(long, value_name = "N", default_value_t = 1)]
-        connections: u32,
-        /// How often to ask the server for the export's size, so an online
-        /// `mirrorblk resize` reaches the kernel (0s: never).
-        #[arg(long, value_name = "DURATION", default_value = "5s")]
-        size_check: mirrorblk_server::units::Interval,
-        /// Print events (attached, reconnected, resized, detached) as JSON lines on stdout.
-        #[arg(long)]
-        json: bool,
-        /// The kernel device, /dev/nbdN.
-        device: PathBuf,
-    },
+    Attach(AttachOpts),
     /// Detach a kernel nbd device: stops its `mirrorblk attach` process
     /// (found by /run/mirrorblk/nbdN.attach.pid; it disconnects the device
     /// and exits) and disconnects the device in any case, so it also
@@ -544,6 +509,63 @@ enum JournalCmd {
         /// The journal file or device.
         path: PathBuf,
     },
+}
+
+/// `mirrorblk attach`'s flags (documented on [`Cmd::Attach`]).
+#[derive(Debug, clap::Args)]
+struct AttachOpts {
+    /// A node serving the volume (repeat for every node; tried in order).
+    #[arg(long = "server", value_name = "HOST:PORT")]
+    pub servers: Vec<String>,
+    /// etcd client URLs: the volume's leader record names the primary.
+    #[arg(
+        long,
+        value_name = "URL",
+        value_delimiter = ',',
+        env = "MIRRORBLK_ETCD"
+    )]
+    pub etcd: Vec<String>,
+    /// The export (volume) name.
+    #[arg(long, value_name = "NAME")]
+    pub export: String,
+    /// I/O timeout: an unanswered request is resent on a new connection after this.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub io_timeout: mirrorblk_server::units::Interval,
+    /// How long the kernel holds I/O with no live connection before failing it.
+    #[arg(long, value_name = "DURATION", default_value = "120s")]
+    pub dead_conn_timeout: mirrorblk_server::units::Interval,
+    /// Bound of one TCP connect and of one NBD handshake.
+    #[arg(long, value_name = "DURATION", default_value = "3s")]
+    pub connect_timeout: mirrorblk_server::units::Interval,
+    /// Connections to the primary (more than 1 needs its multi-conn flag).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub connections: u32,
+    /// How often to ask the server for the export's size, so an online
+    /// `mirrorblk resize` reaches the kernel (0s: never).
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    pub size_check: mirrorblk_server::units::Interval,
+    /// Print events (attached, reconnected, resized, detached) as JSON lines on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// The kernel device, /dev/nbdN.
+    pub device: PathBuf,
+}
+
+impl From<AttachOpts> for attach::AttachArgs {
+    fn from(o: AttachOpts) -> attach::AttachArgs {
+        attach::AttachArgs {
+            servers: o.servers,
+            etcd: o.etcd,
+            export: o.export,
+            device: o.device,
+            io_timeout: o.io_timeout.0,
+            dead_conn_timeout: o.dead_conn_timeout.0,
+            connect_timeout: o.connect_timeout.0,
+            connections: o.connections,
+            json: o.json,
+            size_check: o.size_check.0,
+        }
+    }
 }
 
 fn daemon_path() -> PathBuf {
@@ -1281,6 +1303,56 @@ fn status(socket: &Path, json: bool, watch: bool) -> ExitCode {
     }
 }
 
+/// Runs `mirrorblk backup …`.
+fn run_backup(admin_socket: &Path, command: BackupCmd) -> ExitCode {
+    match command {
+        BackupCmd::Create { repo, volume, json } => {
+            backup_create::create(admin_socket, &repo, &volume, json)
+        }
+        BackupCmd::List { repo, json } => backup::list(&repo, json),
+        BackupCmd::Verify { repo, id } => backup::verify(&repo, id.as_deref()),
+        BackupCmd::Restore {
+            repo,
+            id,
+            to,
+            force,
+            json,
+        } => restore::restore(&repo, &id, &to, force, json),
+        BackupCmd::Prune {
+            repo,
+            keep_last,
+            volume,
+            gc_margin,
+        } => backup::prune(
+            &repo,
+            volume.as_deref(),
+            keep_last,
+            Duration::from_secs(gc_margin),
+        ),
+    }
+}
+
+/// Runs `mirrorblk certs …`.
+fn run_certs(command: CertsCmd) -> ExitCode {
+    let CertsCmd::Init {
+        dir,
+        hosts,
+        days,
+        force,
+    } = command;
+    let hosts = if hosts.is_empty() {
+        certs::default_hosts()
+    } else {
+        hosts
+    };
+    certs::init(&certs::InitArgs {
+        dir: &dir,
+        hosts: &hosts,
+        days,
+        force,
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -1323,29 +1395,7 @@ fn main() -> ExitCode {
             wait,
             volume,
         } => primary::run(&etcd, &volume, json, wait.0),
-        Cmd::Attach {
-            servers,
-            etcd,
-            export,
-            io_timeout,
-            dead_conn_timeout,
-            connect_timeout,
-            connections,
-            size_check,
-            json,
-            device,
-        } => attach::attach(attach::AttachArgs {
-            servers,
-            etcd,
-            export,
-            device,
-            io_timeout: io_timeout.0,
-            dead_conn_timeout: dead_conn_timeout.0,
-            connect_timeout: connect_timeout.0,
-            connections,
-            json,
-            size_check: size_check.0,
-        }),
+        Cmd::Attach(o) => attach::attach(o.into()),
         Cmd::Detach { device } => attach::detach(&device),
         Cmd::Events { follow, json, file } => {
             events::run(&cli.admin_socket, &events::Options { follow, json, file })
@@ -1353,54 +1403,11 @@ fn main() -> ExitCode {
         Cmd::Config {
             command: ConfigCmd::Check { file },
         } => config_check(&file),
-        Cmd::Journal {
-            command: JournalCmd::Inspect { path },
-        } => journal_inspect(&path, false),
-        Cmd::Journal {
-            command: JournalCmd::Dump { path },
-        } => journal_inspect(&path, true),
-        Cmd::Certs {
-            command:
-                CertsCmd::Init {
-                    dir,
-                    hosts,
-                    days,
-                    force,
-                },
-        } => certs::init(&certs::InitArgs {
-            dir: &dir,
-            hosts: &if hosts.is_empty() {
-                certs::default_hosts()
-            } else {
-                hosts
-            },
-            days,
-            force,
-        }),
-        Cmd::Backup { command } => match command {
-            BackupCmd::Create { repo, volume, json } => {
-                backup_create::create(&cli.admin_socket, &repo, &volume, json)
-            }
-            BackupCmd::List { repo, json } => backup::list(&repo, json),
-            BackupCmd::Verify { repo, id } => backup::verify(&repo, id.as_deref()),
-            BackupCmd::Restore {
-                repo,
-                id,
-                to,
-                force,
-                json,
-            } => restore::restore(&repo, &id, &to, force, json),
-            BackupCmd::Prune {
-                repo,
-                keep_last,
-                volume,
-                gc_margin,
-            } => backup::prune(
-                &repo,
-                volume.as_deref(),
-                keep_last,
-                Duration::from_secs(gc_margin),
-            ),
+        Cmd::Journal { command } => match command {
+            JournalCmd::Inspect { path } => journal_inspect(&path, false),
+            JournalCmd::Dump { path } => journal_inspect(&path, true),
         },
+        Cmd::Certs { command } => run_certs(command),
+        Cmd::Backup { command } => run_backup(&cli.admin_socket, command),
     }
 }
