@@ -52,9 +52,15 @@ impl S3Config {
                 reason: "no bucket".into(),
             });
         }
+        // object_store reads AWS_ALLOW_HTTP too, but the builder's
+        // with_allow_http would override it: a local S3-compatible server
+        // named by AWS_ENDPOINT=http://… needs it from here.
+        let allow_http = std::env::var("AWS_ALLOW_HTTP")
+            .is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
         Ok(S3Config {
             bucket: bucket.to_owned(),
             prefix: prefix.trim_matches('/').to_owned(),
+            allow_http,
             ..S3Config::default()
         })
     }
