@@ -208,12 +208,14 @@ impl Engine {
             MutationOp::Resize => (0, u64::MAX),
             _ => (align_down(r.offset), align_up(r.offset + r.length)),
         }));
-        let n = if self.snapshots.borrow().is_empty() {
+        let snaps = self.snapshots.borrow();
+        let n = if snaps.is_empty() {
             n
         } else {
-            let starts = self.snapshot_starts();
-            super::snapshot::cut_at_starts(q.iter().take(n).map(|r| r.lsn), &starts)
+            let starts = snaps.iter().map(|s| s.start());
+            super::snapshot::cut_at_starts(q.iter().take(n).map(|r| r.lsn), starts)
         };
+        drop(snaps);
         q.drain(..n).collect()
     }
 

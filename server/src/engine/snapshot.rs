@@ -184,6 +184,11 @@ impl Snapshot {
         self.size
     }
 
+    /// The first LSN not in it.
+    pub fn start(&self) -> Lsn {
+        self.from
+    }
+
     /// Why it broke, if it did.
     pub fn broken(&self) -> Option<String> {
         self.broken.borrow().clone()
@@ -265,12 +270,15 @@ pub fn before_apply(
 /// at once: never records on both sides of a snapshot's start, so the
 /// regions of the records at or after it are kept while the store holds
 /// every record before it.
-pub fn cut_at_starts(lsns: impl Iterator<Item = Lsn>, starts: &[Lsn]) -> usize {
+pub fn cut_at_starts(
+    lsns: impl Iterator<Item = Lsn>,
+    starts: impl Iterator<Item = Lsn> + Clone,
+) -> usize {
     let mut first = None;
     let mut n = 0;
     for lsn in lsns {
         let f = *first.get_or_insert(lsn);
-        if starts.iter().any(|&s| f < s && s <= lsn) {
+        if starts.clone().any(|s| f < s && s <= lsn) {
             break;
         }
         n += 1;
@@ -560,11 +568,6 @@ impl Engine {
         }
     }
 
-    /// The snapshots' starts, for cutting the applier's batches.
-    pub(super) fn snapshot_starts(&self) -> Vec<Lsn> {
-        self.snapshots.borrow().iter().map(|s| s.from).collect()
-    }
-
     /// Before a batch is applied: for every snapshot the batch is after,
     /// keeps aside the regions its records will overwrite.
     pub(super) async fn keep_for_snapshots(&self, batch: &[Rc<Record>]) {
@@ -832,15 +835,15 @@ mod tests {
     #[test]
     fn a_batch_never_straddles_a_snapshot_start() {
         let lsns = |a: u64, b: u64| (a..b).map(Lsn);
-        assert_eq!(cut_at_starts(lsns(5, 15), &[]), 10);
+        assert_eq!(cut_at_starts(lsns(5, 15), [].into_iter()), 10);
         // Ends before the start...
-        assert_eq!(cut_at_starts(lsns(5, 15), &[Lsn(8)]), 3);
+        assert_eq!(cut_at_starts(lsns(5, 15), [Lsn(8)].into_iter()), 3);
         // ...and a batch beginning at it goes on.
-        assert_eq!(cut_at_starts(lsns(8, 15), &[Lsn(8)]), 7);
-        assert_eq!(cut_at_starts(lsns(9, 15), &[Lsn(8)]), 6);
+        assert_eq!(cut_at_starts(lsns(8, 15), [Lsn(8)].into_iter()), 7);
+        assert_eq!(cut_at_starts(lsns(9, 15), [Lsn(8)].into_iter()), 6);
         // The earliest start inside the batch wins.
-        assert_eq!(cut_at_starts(lsns(5, 15), &[Lsn(12), Lsn(7)]), 2);
-        assert_eq!(cut_at_starts(lsns(5, 5), &[Lsn(7)]), 0);
+        assert_eq!(cut_at_starts(lsns(5, 15), [Lsn(12), Lsn(7)].into_iter()), 2);
+        assert_eq!(cut_at_starts(lsns(5, 5), [Lsn(7)].into_iter()), 0);
     }
 
     #[test]
