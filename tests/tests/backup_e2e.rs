@@ -690,3 +690,49 @@ fn backup_create_round_trip_on_s3() {
         "a snapshot was left behind"
     );
 }
+
+/// A backup whose snapshot breaks (its space bound, 128 KiB here, is
+/// exceeded by the writes that go on while it is read) fails with exit 1,
+/// writes no index and leaves no snapshot; every write succeeds.
+#[test]
+fn a_broken_snapshot_fails_the_backup_and_never_the_writes() {
+    let dir = TestDir::new();
+    let d = Daemon::start(dir.volume_args("vol0", "64M"));
+    let mut c = d.connect("vol0");
+    for i in 0..SIZE / (4 * MIB) {
+        c.write(i * 4 * MIB, &pattern(900 + i, (4 * MIB) as usize), false)
+            .unwrap();
+    }
+    let repo = dir.join("repo").to_string_lossy().into_owned();
+    let admin = d.admin_socket().to_string_lossy().into_owned();
+    let mut w = BusyWriter::start(&d, 11);
+    let (code, out, err) = cli(&[
+        "--admin-socket",
+        &admin,
+        "backup",
+        "create",
+        "--repo",
+        &repo,
+        "vol0",
+        "--snapshot-space",
+        "128K",
+        "--json",
+    ]);
+    let writes = w.writes.load(Ordering::SeqCst);
+    w.stop.store(true, Ordering::SeqCst);
+    let writer = w.thread.take().expect("the writer").join();
+    assert!(writer.is_ok(), "a write failed while the snapshot broke");
+    assert!(writes > 2, "the writer wrote {writes} blocks");
+    assert_eq!(code, 1, "the backup must fail: {out} {err}");
+    assert!(err.contains("broke"), "the error names the broken snapshot: {err}");
+    let (code, out, _) = cli(&["backup", "list", "--repo", &repo]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, ""),
+        "no backup index may be written"
+    );
+    assert!(
+        snapshots(&d.admin_socket()).is_empty(),
+        "a snapshot was left behind"
+    );
+}

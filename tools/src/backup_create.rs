@@ -307,7 +307,12 @@ struct Outcome {
 
 /// Takes the snapshot, plans, reads and writes the backup; the guard
 /// deletes the snapshot on every path out.
-fn run(socket: &Path, location: &str, volume: &str) -> Result<Outcome, CreateError> {
+fn run(
+    socket: &Path,
+    location: &str,
+    volume: &str,
+    space: Option<u64>,
+) -> Result<Outcome, CreateError> {
     let started = Instant::now();
     // The daemon first, then the repository: neither is touched when the
     // other is unreachable.
@@ -319,7 +324,7 @@ fn run(socket: &Path, location: &str, volume: &str) -> Result<Outcome, CreateErr
         &admin::Request::SnapshotCreate {
             volume: volume.to_owned(),
             name: name.clone(),
-            space: None,
+            space,
         },
         "snapshot_create",
     )?;
@@ -363,8 +368,12 @@ fn run(socket: &Path, location: &str, volume: &str) -> Result<Outcome, CreateErr
         size: snap.size,
         lsn: snap.lsn,
     };
-    let stats = read_and_write(&repo, location, &status, &export, spec, &plan)?;
+    // A read that fails because the snapshot broke (EIO) says so.
+    let stats = read_and_write(&repo, location, &status, &export, spec, &plan).inspect_err(|_| {
+        eprintln!("mirrorblk backup create: reading {export} failed; checking the snapshot")
+    });
     check_not_broken(socket, volume, &name, &export)?;
+    let stats = stats?;
     let stats = stats.finish().map_err(|source| CreateError::Repo {
         repo: location.to_owned(),
         source,
@@ -475,8 +484,8 @@ fn check_not_broken(
 /// `backup create`: exit 0 with the new backup's id (or one JSON object:
 /// id, lsn, incremental, bytes_read, bytes_stored, chunks_reused,
 /// seconds); exit 1 saying why no backup was written.
-pub fn create(socket: &Path, repo: &str, volume: &str, json: bool) -> ExitCode {
-    match run(socket, repo, volume) {
+pub fn create(socket: &Path, repo: &str, volume: &str, space: Option<u64>, json: bool) -> ExitCode {
+    match run(socket, repo, volume, space) {
         Ok(o) => {
             let id = o
                 .stats

@@ -417,6 +417,11 @@ enum BackupCmd {
         repo: String,
         /// The volume.
         volume: String,
+        /// The bound on old data the backup's snapshot keeps aside while it
+        /// is read (the daemon's default when absent); past it the snapshot
+        /// breaks and the backup fails, never the volume's writes.
+        #[arg(long, value_name = "SIZE")]
+        snapshot_space: Option<ByteSize>,
         /// One JSON object: id, lsn, incremental, bytes_read, bytes_stored,
         /// chunks_reused, seconds.
         #[arg(long)]
@@ -1306,8 +1311,14 @@ fn status(socket: &Path, json: bool, watch: bool) -> ExitCode {
 /// Runs `mirrorblk backup …`.
 fn run_backup(admin_socket: &Path, command: BackupCmd) -> ExitCode {
     match command {
-        BackupCmd::Create { repo, volume, json } => {
-            backup_create::create(admin_socket, &repo, &volume, json)
+        BackupCmd::Create {
+            repo,
+            volume,
+            snapshot_space,
+            json,
+        } => {
+            let space = snapshot_space.map(|s| s.0);
+            backup_create::create(admin_socket, &repo, &volume, space, json)
         }
         BackupCmd::List { repo, json } => backup::list(&repo, json),
         BackupCmd::Verify { repo, id } => backup::verify(&repo, id.as_deref()),
