@@ -724,7 +724,10 @@ fn a_broken_snapshot_fails_the_backup_and_never_the_writes() {
     assert!(writer.is_ok(), "a write failed while the snapshot broke");
     assert!(writes > 2, "the writer wrote {writes} blocks");
     assert_eq!(code, 1, "the backup must fail: {out} {err}");
-    assert!(err.contains("broke"), "the error names the broken snapshot: {err}");
+    assert!(
+        err.contains("broke"),
+        "the error names the broken snapshot: {err}"
+    );
     let (code, out, _) = cli(&["backup", "list", "--repo", &repo]);
     assert_eq!(
         (code, out.as_str()),
