@@ -1,0 +1,44 @@
+#!/bin/bash
+# Issue 15's speed goals on one release mirrorblkd (1 GiB volume, no replica):
+#   full backup into a directory repository vs nbdcopy of the volume to a file;
+#   incremental after 1 % of the volume changed (a) as 3 whole 4 MiB chunks,
+#   (b) as 164 scattered 64 KiB writes (1 % of the 64 KiB tracking regions);
+#   restore onto the volume's NBD export vs nbdcopy from a file to it.
+# Usage: DIR=/var/tmp/bkbench benches/backup-bench.sh   (needs fio with its nbd engine, nbdcopy)
+# Prints one line per measurement; bounded: every step has a timeout.
+set -eu
+DIR=${DIR:?set DIR}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${MIRRORBLKD:-$ROOT/target/release/mirrorblkd}
+CLI=${MIRRORBLK:-$ROOT/target/release/mirrorblk}
+PORT=${PORT:-22812}
+rm -rf "$DIR" && mkdir -p "$DIR"
+ADMIN=$DIR/admin.sock
+URI=nbd://127.0.0.1:$PORT/vol0
+$BIN --export vol0 --data "$DIR/d.img" --journal "$DIR/j.img" --size 1G --journal-size 256M \
+    --listen 127.0.0.1:$PORT --admin-socket "$ADMIN" --log-level warn 2>"$DIR/d.log" &
+PID=$!
+trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null' EXIT
+for _ in $(seq 100); do [ -S "$ADMIN" ] && break; sleep 0.1; done
+secs() { local t0=$(date +%s.%N); "$@" >/dev/null; echo "$(date +%s.%N) - $t0" | bc; }
+bk() { timeout 600 "$CLI" backup create --admin-socket "$ADMIN" --repo "$DIR/repo" vol0 --json; }
+# Incompressible, non-repeating data in every byte.
+timeout 300 fio --name=fill --ioengine=nbd --uri=$URI --rw=write --bs=1m --iodepth=8 --size=1g \
+    --refill_buffers --output=/dev/null
+sync; echo 3 >/proc/sys/vm/drop_caches
+echo "nbdcopy volume->file s $(secs timeout 300 nbdcopy $URI "$DIR/copy.img")"
+sync; echo 3 >/proc/sys/vm/drop_caches
+echo "full $(bk)"
+timeout 120 fio --name=chunks --ioengine=nbd --uri=$URI --rw=randwrite --bs=4m --number_ios=3 \
+    --size=1g --refill_buffers --randrepeat=0 --output=/dev/null
+sync; echo 3 >/proc/sys/vm/drop_caches
+echo "incr-3-chunks $(bk)"
+timeout 120 fio --name=scatter --ioengine=nbd --uri=$URI --rw=randwrite --bs=64k --number_ios=164 \
+    --size=1g --refill_buffers --randrepeat=0 --output=/dev/null
+sync; echo 3 >/proc/sys/vm/drop_caches
+echo "incr-164x64k $(bk)"
+ID=$("$CLI" backup list --repo "$DIR/repo" --json | tail -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+sync; echo 3 >/proc/sys/vm/drop_caches
+echo "restore $(timeout 600 "$CLI" backup restore --repo "$DIR/repo" --to $URI --json "$ID")"
+sync; echo 3 >/proc/sys/vm/drop_caches
+echo "nbdcopy file->volume s $(secs timeout 300 nbdcopy "$DIR/copy.img" $URI)"
