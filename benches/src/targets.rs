@@ -193,69 +193,19 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             replication: None,
             jobs: None,
         },
-        Target {
-            name: "qemu-nbd".into(),
-            launch: Launch::Server {
-                program: "qemu-nbd".into(),
-                args: s(&[
-                    "-f",
-                    "raw",
-                    "--cache=none",
-                    "--aio=io_uring",
-                    "-b",
-                    "127.0.0.1",
-                    "-p",
-                    "{port}",
-                    "-x",
-                    "vol0",
-                    "-t",
-                    "{file}",
-                ]),
-                port: PortMode::Chosen,
-                probes: vec![],
-            },
-            export: "vol0".into(),
-            durability: "O_DIRECT (cache=none): in the device, durable against power loss only \
-                         after NBD FLUSH (device cache flush) or a FUA write"
-                .into(),
-            class: Class::NbdContract,
-            peer: true,
-            needs_journal: false,
-            in_default: true,
-            replication: None,
-            jobs: None,
-        },
-        Target {
-            name: "qemu-nbd-directsync".into(),
-            launch: Launch::Server {
-                program: "qemu-nbd".into(),
-                args: s(&[
-                    "-f",
-                    "raw",
-                    "--cache=directsync",
-                    "--aio=io_uring",
-                    "-b",
-                    "127.0.0.1",
-                    "-p",
-                    "{port}",
-                    "-x",
-                    "vol0",
-                    "-t",
-                    "{file}",
-                ]),
-                port: PortMode::Chosen,
-                probes: vec![],
-            },
-            export: "vol0".into(),
-            durability: "O_DIRECT|O_DSYNC (cache=directsync): every write durable before its reply"
-                .into(),
-            class: Class::DurablePerWrite,
-            peer: true,
-            needs_journal: false,
-            in_default: true,
-            replication: None,
-            jobs: None,
-        },
+        qemu_nbd(
+            "qemu-nbd",
+            "none",
+            Class::NbdContract,
+            "O_DIRECT (cache=none): in the device, durable against power loss only \
+             after NBD FLUSH (device cache flush) or a FUA write",
+        ),
+        qemu_nbd(
+            "qemu-nbd-directsync",
+            "directsync",
+            Class::DurablePerWrite,
+            "O_DIRECT|O_DSYNC (cache=directsync): every write durable before its reply",
+        ),
         Target {
             name: "nbdkit-file-fua".into(),
             launch: Launch::Server {
@@ -287,6 +237,43 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
         },
         mirrorblk_variant("mirrorblk", mirrorblkd, &[], MIRRORBLK_DURABILITY),
     ]
+}
+
+/// qemu-nbd serving the volume file raw with `--cache=CACHE` and io_uring:
+/// a peer of `class`.
+fn qemu_nbd(name: &str, cache: &str, class: Class, durability: &str) -> Target {
+    let cache = format!("--cache={cache}");
+    let args = [
+        "-f",
+        "raw",
+        &cache,
+        "--aio=io_uring",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        "{port}",
+        "-x",
+        "vol0",
+        "-t",
+        "{file}",
+    ];
+    Target {
+        name: name.into(),
+        launch: Launch::Server {
+            program: "qemu-nbd".into(),
+            args: args.iter().map(|x| x.to_string()).collect(),
+            port: PortMode::Chosen,
+            probes: vec![],
+        },
+        export: "vol0".into(),
+        durability: durability.into(),
+        class,
+        peer: true,
+        needs_journal: false,
+        in_default: true,
+        replication: None,
+        jobs: None,
+    }
 }
 
 /// The replicated mirrorblkd targets, in table order: 1 and 2 replicas on
