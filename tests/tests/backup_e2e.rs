@@ -273,6 +273,16 @@ fn restore(repo: &str, id: &str, to: &Path) -> (i32, String, String) {
     ])
 }
 
+/// Writes a distinct 4 MiB pattern (seeds `seed`, `seed + 1`, …) over the
+/// whole volume, so a full backup has data everywhere.
+fn fill(d: &Daemon, seed: u64) {
+    let mut c = d.connect("vol0");
+    for i in 0..SIZE / (4 * MIB) {
+        c.write(i * 4 * MIB, &pattern(seed + i, (4 * MIB) as usize), false)
+            .unwrap();
+    }
+}
+
 fn assert_restores(repo: &str, id: &str, want: &[u8], file: &Path) {
     let (code, _, err) = restore(repo, id, file);
     assert_eq!(code, 0, "restore of {id} failed: {err}");
@@ -285,11 +295,7 @@ fn full_and_incremental_backups_under_writes_restore_exactly() {
     let dir = TestDir::new();
     let d = Daemon::start(dir.volume_args("vol0", "64M"));
     // Data everywhere first, so the full backup has something to read.
-    let mut c = d.connect("vol0");
-    for i in 0..SIZE / (4 * MIB) {
-        c.write(i * 4 * MIB, &pattern(100 + i, (4 * MIB) as usize), false)
-            .unwrap();
-    }
+    fill(&d, 100);
     let repo = dir.join("repo").to_string_lossy().into_owned();
     let w = BusyWriter::start(&d, 7);
     let mut taken = Vec::new();
@@ -698,11 +704,7 @@ fn backup_create_round_trip_on_s3() {
 fn a_broken_snapshot_fails_the_backup_and_never_the_writes() {
     let dir = TestDir::new();
     let d = Daemon::start(dir.volume_args("vol0", "64M"));
-    let mut c = d.connect("vol0");
-    for i in 0..SIZE / (4 * MIB) {
-        c.write(i * 4 * MIB, &pattern(900 + i, (4 * MIB) as usize), false)
-            .unwrap();
-    }
+    fill(&d, 900);
     let repo = dir.join("repo").to_string_lossy().into_owned();
     let admin = d.admin_socket().to_string_lossy().into_owned();
     let mut w = BusyWriter::start(&d, 11);

@@ -42,6 +42,17 @@ pub(super) fn pieces(offset: u64, end: u64) -> Vec<(u64, u64)> {
 }
 
 impl Engine {
+    /// One aligned buffer per piece, taken at once (the pool serialises
+    /// large takes, so two big requests never hold half each and wait for
+    /// each other).
+    pub(super) async fn piece_buffers(&self, pieces: &[(u64, u64)]) -> Vec<FixedBuf> {
+        let sizes: Vec<usize> = pieces
+            .iter()
+            .map(|&(a, b)| (align_up(b) - align_down(a)) as usize)
+            .collect();
+        self.pool.take_many(&sizes).await
+    }
+
     /// Reads `[offset, offset+len)`: the store, overlaid with unapplied extents.
     pub async fn read(&self, offset: u64, len: u64) -> Result<ReadData, ErrorCode> {
         let mut parts = Vec::new();
@@ -54,14 +65,7 @@ impl Engine {
             return Err(ErrorCode::Inval);
         }
         let pieces = pieces(offset, offset + len);
-        // Buffers for a multi-piece read are taken at once (the pool
-        // serialises large takes, so two big requests never hold half each
-        // and wait for each other).
-        let sizes: Vec<usize> = pieces
-            .iter()
-            .map(|&(a, b)| (align_up(b) - align_down(a)) as usize)
-            .collect();
-        let bufs = self.pool.take_many(&sizes).await;
+        let bufs = self.piece_buffers(&pieces).await;
         let reads = pieces
             .into_iter()
             .zip(bufs)

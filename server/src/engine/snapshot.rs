@@ -677,11 +677,7 @@ impl Engine {
         }
         self.snapshot_readable(snap)?;
         let pieces = super::read::pieces(offset, offset + len);
-        let sizes: Vec<usize> = pieces
-            .iter()
-            .map(|&(a, b)| (align_up(b) - align_down(a)) as usize)
-            .collect();
-        let bufs = self.pool.take_many(&sizes).await;
+        let bufs = self.piece_buffers(&pieces).await;
         let reads = pieces
             .into_iter()
             .zip(bufs)
