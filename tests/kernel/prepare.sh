@@ -110,7 +110,7 @@ mods="$root/lib/modules/$kver/kernel"
 # crc32c_generic: ext4 and jbd2 ask the crypto API for "crc32c", which
 # cannot load modules here (no modprobe, no modules.alias) and the
 # accelerated crc32c-intel needs SSE4.2, which the emulated CPU may lack.
-wanted=(nbd crc32c_generic ext4 virtio_pci virtio_net)
+wanted=(nbd crc32c_generic ext4 virtio_pci virtio_net virtio_blk)
 order=()
 add_module() {
     local m="$1" f dep

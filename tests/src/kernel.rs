@@ -33,6 +33,8 @@ pub const GUEST_ENDPOINT: &str = "tcp:10.0.2.100:10809";
 pub const GUEST_HOST: &str = "10.0.2.100";
 /// The guest port of the first relay (the one [`Guest::boot`] uses).
 pub const GUEST_PORT: u16 = 10809;
+/// The guest's own address on qemu's user network (host forwards reach it).
+pub const GUEST_ADDR: &str = "10.0.2.15";
 
 /// How long `prepare.sh` may take (first run: ~75 MB of packages).
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -295,18 +297,24 @@ impl Relay {
     }
 }
 
-/// The `-netdev` option: user mode, no address but the forwarded ones.
-fn netdev(relays: &[(u16, &Relay)]) -> String {
+/// The `-netdev` option: user mode, no address but the forwarded ones
+/// (`restrict=on` leaves explicit forwards working).
+fn netdev(relays: &[(u16, &Relay)], forwards: &[(u16, u16)]) -> String {
     let mut s = "user,id=n0,restrict=on".to_string();
     for (port, r) in relays {
         s.push(',');
         s.push_str(&r.guestfwd(*port));
     }
+    for (host, guest) in forwards {
+        s.push_str(&format!(
+            ",hostfwd=tcp:127.0.0.1:{host}-{GUEST_ADDR}:{guest}"
+        ));
+    }
     s
 }
 
 /// What a guest boots with.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Boot<'a> {
     /// The `workload_NAME` of `tests/kernel/workloads.sh` to run.
     pub workload: &'a str,
@@ -318,6 +326,15 @@ pub struct Boot<'a> {
     /// Put the `mirrorblk` CLI (stripped, with the libraries `ldd` names)
     /// into the guest as `/usr/sbin/mirrorblk`.
     pub mirrorblk: bool,
+    /// Put `mirrorblkd` into the guest the same way, as `/usr/sbin/mirrorblkd`.
+    pub mirrorblkd: bool,
+    /// A virtio disk (`/dev/vda`) on this NBD URI, with 4 KiB logical and
+    /// physical blocks and qemu's `cache=writeback`, so the guest sees a
+    /// volatile write cache and sends its flushes through.
+    pub disk: Option<String>,
+    /// Host forwards: `127.0.0.1:HOST` on the host reaches the guest's
+    /// `10.0.2.15:GUEST` (host port, guest port).
+    pub forwards: Vec<(u16, u16)>,
     /// More files for the guest (path under the image's folders, mode,
     /// contents), e.g. TLS certificates.
     pub files: Vec<CpioFile>,
@@ -352,28 +369,27 @@ fn write_initrd(initrd: &Path, image: &Image, extra: Vec<CpioFile>) {
         .expect("write the initrd");
 }
 
-/// The `mirrorblk` CLI of this build, stripped (a debug build is large; the
-/// guest needs no symbols), and every library `ldd` says it loads, for the
-/// guest. Built per boot from the current binary, so the guest always runs
-/// the code under test (strip takes a second; the image cache stays
-/// independent of the workspace's code).
-fn mirrorblk_files(dir: &TestDir) -> Vec<CpioFile> {
-    let cli = crate::cluster::mirrorblk_cli();
-    let stripped = dir.join("mirrorblk.stripped");
+/// A binary of this build (`cli`), stripped (a debug build is large; the
+/// guest needs no symbols), as `/usr/sbin/NAME`, and every library `ldd`
+/// says it loads, for the guest. Built per boot from the current binary, so
+/// the guest always runs the code under test (strip takes a second; the
+/// image cache stays independent of the workspace's code).
+fn binary_files(dir: &TestDir, cli: &Path, name: &str) -> Vec<CpioFile> {
+    let stripped = dir.join(&format!("{name}.stripped"));
     let st = Command::new("strip")
         .arg("-o")
         .arg(&stripped)
-        .arg(&cli)
+        .arg(cli)
         .status()
         .unwrap_or_else(|e| panic!("cannot run strip (apt-get install binutils): {e}"));
     assert!(st.success(), "strip {} failed: {st}", cli.display());
     let mut files = vec![(
-        "usr/sbin/mirrorblk".to_string(),
+        format!("usr/sbin/{name}"),
         0o100755,
-        fs::read(&stripped).expect("read the stripped mirrorblk"),
+        fs::read(&stripped).expect("read the stripped binary"),
     )];
     let out = Command::new("ldd")
-        .arg(&cli)
+        .arg(cli)
         .output()
         .unwrap_or_else(|e| panic!("cannot run ldd: {e}"));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -454,8 +470,8 @@ impl Guest {
                 workload,
                 params,
                 relays: vec![(GUEST_PORT, relay)],
-                mirrorblk: false,
                 files,
+                ..Boot::default()
             },
         )
     }
@@ -467,7 +483,18 @@ impl Guest {
         let initrd = dir.join("initrd.img");
         let mut extra = boot.files.clone();
         if boot.mirrorblk {
-            extra.extend(mirrorblk_files(dir));
+            extra.extend(binary_files(
+                dir,
+                &crate::cluster::mirrorblk_cli(),
+                "mirrorblk",
+            ));
+        }
+        if boot.mirrorblkd {
+            extra.extend(binary_files(
+                dir,
+                &crate::daemon::mirrorblkd_path(),
+                "mirrorblkd",
+            ));
         }
         write_initrd(&initrd, &image, extra);
         let results = dir.join("guest-results.log");
@@ -519,9 +546,18 @@ impl Guest {
         args.push("-serial".into());
         args.push(format!("file:{}", results.display()).into());
         args.push("-netdev".into());
-        args.push(netdev(&boot.relays).into());
+        args.push(netdev(&boot.relays, &boot.forwards).into());
         args.push("-device".into());
         args.push("virtio-net-pci,netdev=n0".into());
+        if let Some(uri) = &boot.disk {
+            assert!(!uri.contains(','), "disk URI {uri:?} has a comma");
+            args.push("-drive".into());
+            args.push(format!("file={uri},format=raw,if=none,id=d0,cache=writeback").into());
+            args.push("-device".into());
+            args.push(
+                "virtio-blk-pci,drive=d0,logical_block_size=4096,physical_block_size=4096".into(),
+            );
+        }
         let log = fs::File::create(&qemu_log).expect("create qemu.log");
         let child = Command::new(qemu())
             .args(&args)
@@ -538,6 +574,11 @@ impl Guest {
             started: Instant::now(),
             accel,
         }
+    }
+
+    /// The console so far (kernel messages and what the workload prints).
+    pub fn console(&self) -> String {
+        fs::read_to_string(&self.console).unwrap_or_default()
     }
 
     /// The result lines so far.

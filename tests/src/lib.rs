@@ -16,6 +16,10 @@
 //!   a node holds them all.
 //! - [`kernel`]: a qemu guest whose Linux kernel attaches an export with
 //!   its nbd driver and runs a filesystem workload on it.
+//! - [`crash_model`]: pipelined versioned writes with FUA and FLUSH, the
+//!   versions each block may hold after a crash, and the check against it.
+//! - [`volatile_disk`]: an NBD disk with a volatile write cache that loses
+//!   its unflushed writes, sector by sector, at a power cut.
 //! - [`util`]: seeded randomness, data patterns, polling with a deadline.
 //! - [`etcd`]: a real etcd (Debian's `etcd-server`) on loopback ports in
 //!   the test's directory, killed and restarted at will, and its keys read
@@ -40,6 +44,7 @@
 
 pub mod cluster;
 pub mod coordinated;
+pub mod crash_model;
 pub mod daemon;
 pub mod etcd;
 pub mod flood;
@@ -48,6 +53,7 @@ pub mod netns;
 pub mod proxy;
 pub mod tools;
 pub mod util;
+pub mod volatile_disk;
 pub mod writer;
 
 pub use daemon::{Daemon, Exited, TestDir};

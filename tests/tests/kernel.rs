@@ -290,7 +290,7 @@ fn boot_attach_with(
             params,
             relays,
             mirrorblk: true,
-            files: Vec::new(),
+            ..Boot::default()
         },
     );
     if let Err(e) = guest.wait_for_line("FSYNCED f10 ", Duration::from_secs(120)) {
@@ -540,7 +540,7 @@ fn attach_follows_online_resize() {
             params: vec![("mb.attach", attach_param(&attach, DEFAULT_IO_TIMEOUT))],
             relays: vec![(GUEST_PORTS[0], &relay)],
             mirrorblk: true,
-            files: Vec::new(),
+            ..Boot::default()
         },
     );
     if let Err(e) = guest.wait_for_line("RESIZE-READY ", Duration::from_secs(120)) {

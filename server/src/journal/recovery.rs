@@ -208,6 +208,17 @@ fn create(spec: &JournalSpec<'_>) -> Result<(), JournalOpenError> {
     write_superblock(&f, &sb).map_err(io_err("cannot write journal superblock", &tmp))?;
     f.sync_all().map_err(io_err("cannot sync journal", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err("cannot rename journal into place", path))?;
+    // The rename is a change to the folder: until the folder is synced a
+    // power cut may undo it (ext4 commits it up to 5 s later, and the
+    // journal's own O_DSYNC writes do not), and the next start would make a
+    // new, empty journal beside acknowledged writes.
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(folder)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("cannot sync the folder of journal", path))?;
     tracing::info!("created journal {} ({})", path.display(), ByteSize(size));
     Ok(())
 }

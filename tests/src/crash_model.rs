@@ -1,0 +1,321 @@
+//! The crash model shared by the kill -9 tests (`tests/crash.rs`) and the
+//! power-cut tests (`tests/powercut.rs`): pipelined writes of versioned
+//! blocks with FUA and FLUSH, the set of versions each block may hold
+//! afterwards, and the check of a volume read back against it.
+//!
+//! Every block's contents name the block and the version (a header, then
+//! bytes derived from both), so a lost, stale, foreign or torn block is told
+//! apart from an allowed one.
+
+use std::collections::{HashMap, HashSet};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use nbd::{Client, Command, CommandFlags, Request};
+
+use crate::util::{pattern, Rng};
+
+/// Block size of the crash model: each block holds one version at a time.
+pub const BS: usize = 4096;
+/// Blocks the writer uses (8 MiB): small enough that blocks are rewritten
+/// many times, so stale versions would show.
+pub const BLOCKS: u64 = 2048;
+/// Requests in flight at once.
+pub const DEPTH: usize = 8;
+/// The first word of every block the model writes.
+pub const MAGIC: u64 = 0x4d42_4c4b_4352_5348; // "MBLKCRSH"
+
+/// The contents of `block` at `version`: a header (magic, block, version)
+/// then bytes derived from both, so any mix-up or tear is visible.
+pub fn block_content(block: u64, version: u64) -> Vec<u8> {
+    let mut v = pattern(
+        block.wrapping_mul(0x1_0000_0001) ^ version.rotate_left(32),
+        BS,
+    );
+    v[0..8].copy_from_slice(&MAGIC.to_le_bytes());
+    v[8..16].copy_from_slice(&block.to_le_bytes());
+    v[16..24].copy_from_slice(&version.to_le_bytes());
+    v
+}
+
+/// What each block may hold after a crash.
+pub struct Model {
+    /// Per block: the oldest version it may hold (the newest one made durable).
+    pub floor: Vec<u64>,
+    /// Per block: every version it may hold (issued since the last baseline).
+    pub allowed: Vec<Vec<u64>>,
+    /// Versions that are write-zeroes (version 0 is the initial zeroes).
+    pub zero_versions: HashSet<u64>,
+    /// Next version to issue; versions only grow, so "newer" is ">".
+    pub next_version: u64,
+}
+
+impl Default for Model {
+    fn default() -> Model {
+        Model::new()
+    }
+}
+
+impl Model {
+    /// All blocks zero (version 0), nothing written yet.
+    pub fn new() -> Model {
+        Model {
+            floor: vec![0; BLOCKS as usize],
+            allowed: vec![vec![0]; BLOCKS as usize],
+            zero_versions: HashSet::from([0]),
+            next_version: 1,
+        }
+    }
+
+    /// `w` was made durable: no block it wrote may hold an older version.
+    pub fn durable(&mut self, w: &Write) {
+        for b in w.first..w.first + w.count {
+            let f = &mut self.floor[b as usize];
+            *f = (*f).max(w.version);
+        }
+    }
+
+    /// Which version `data` (block `b` as read back) is, if it is allowed.
+    pub fn classify(&self, b: u64, data: &[u8]) -> Result<u64, String> {
+        let floor = self.floor[b as usize];
+        let allowed = &self.allowed[b as usize];
+        if data.iter().all(|&x| x == 0) {
+            return allowed
+                .iter()
+                .copied()
+                .filter(|v| self.zero_versions.contains(v) && *v >= floor)
+                .max()
+                .ok_or_else(|| format!("block {b} reads as zeroes, but version {floor} was made durable (allowed versions {allowed:?})"));
+        }
+        let word = |i: usize| u64::from_le_bytes(data[i * 8..i * 8 + 8].try_into().unwrap());
+        let (magic, block, version) = (word(0), word(1), word(2));
+        if magic != MAGIC || block != b {
+            return Err(format!(
+                "block {b} holds foreign data (magic {magic:#x}, block {block}, version {version})"
+            ));
+        }
+        if data != block_content(b, version).as_slice() {
+            return Err(format!(
+                "block {b} holds a torn or corrupted copy of version {version}"
+            ));
+        }
+        if !allowed.contains(&version) {
+            return Err(format!("block {b} holds version {version}, which was never written there since the last check (allowed {allowed:?})"));
+        }
+        if version < floor {
+            return Err(format!("block {b} holds version {version}, older than the durable version {floor}: an acknowledged write was lost"));
+        }
+        Ok(version)
+    }
+
+    /// After a successful check and a FLUSH, what was read is the new truth.
+    pub fn rebase(&mut self, seen: &[u64]) {
+        for (b, &v) in seen.iter().enumerate() {
+            self.floor[b] = v;
+            self.allowed[b] = vec![v];
+        }
+    }
+}
+
+/// One write (or write-zeroes) of `count` blocks at `first`.
+#[derive(Debug, Clone, Copy)]
+pub struct Write {
+    /// The first block.
+    pub first: u64,
+    /// How many blocks.
+    pub count: u64,
+    /// The version written to each of them.
+    pub version: u64,
+    /// Sent with FUA.
+    pub fua: bool,
+}
+
+/// A request awaiting its reply.
+enum InFlight {
+    Write(Write),
+    /// A FLUSH covers the writes acknowledged before it was sent.
+    Flush(Vec<Write>),
+}
+
+/// What one writer run did.
+#[derive(Debug, Default)]
+pub struct CycleStats {
+    /// Writes sent.
+    pub submitted: u64,
+    /// Writes acknowledged.
+    pub acked: u64,
+    /// Writes the model now requires to survive.
+    pub made_durable: u64,
+    /// FLUSHes sent.
+    pub flushes: u64,
+    /// Errors the server returned (none is expected before the cut).
+    pub server_errors: Vec<String>,
+}
+
+/// Which acknowledged writes the model requires to survive a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promise {
+    /// The NBD contract: FUA writes, and writes acknowledged before a FLUSH
+    /// that completed.
+    Nbd,
+    /// mirrorblkd's own promise (`--help`: "Every write is durable in the
+    /// journal ... before it is acknowledged"): every acknowledged write.
+    EveryReply,
+}
+
+/// Issues pipelined writes until the connection dies (the daemon was
+/// killed), updating the model as replies arrive. Returns what happened.
+pub fn writer(
+    mut c: Client<TcpStream>,
+    model: &mut Model,
+    rng: &mut Rng,
+    promise: Promise,
+) -> CycleStats {
+    let mut st = CycleStats::default();
+    let mut inflight: HashMap<u64, InFlight> = HashMap::new();
+    let mut acked_unflushed: Vec<Write> = Vec::new();
+    let mut busy = vec![false; BLOCKS as usize];
+    let mut flush_inflight = false;
+    // Safety net only: the kill ends the connection long before this.
+    let give_up = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < give_up {
+        while inflight.len() < DEPTH {
+            let cookie = c.next_cookie();
+            if !flush_inflight && rng.chance(1, 12) {
+                let req = Request {
+                    flags: CommandFlags::empty(),
+                    command: Command::Flush,
+                    cookie,
+                    offset: 0,
+                    length: 0,
+                };
+                if c.submit(&req, None).is_err() {
+                    return st;
+                }
+                inflight.insert(
+                    cookie,
+                    InFlight::Flush(std::mem::take(&mut acked_unflushed)),
+                );
+                flush_inflight = true;
+                st.flushes += 1;
+                continue;
+            }
+            // Never two writes in flight on one block: their order would be
+            // undefined, and the model could not say which must win.
+            let count = rng.range(1, 4);
+            let Some(first) = (0..8)
+                .map(|_| rng.below(BLOCKS - count + 1))
+                .find(|&f| (f..f + count).all(|b| !busy[b as usize]))
+            else {
+                break;
+            };
+            let version = model.next_version;
+            model.next_version += 1;
+            let zero = rng.chance(1, 10);
+            let w = Write {
+                first,
+                count,
+                version,
+                fua: rng.chance(1, 4),
+            };
+            // Allowed from the moment it may reach the server.
+            for b in first..first + count {
+                model.allowed[b as usize].push(version);
+                busy[b as usize] = true;
+            }
+            let flags = if w.fua {
+                CommandFlags::FUA
+            } else {
+                CommandFlags::empty()
+            };
+            let (command, payload) = if zero {
+                model.zero_versions.insert(version);
+                (Command::WriteZeroes, None)
+            } else {
+                let mut p = Vec::with_capacity(count as usize * BS);
+                for b in first..first + count {
+                    p.extend(block_content(b, version));
+                }
+                (Command::Write, Some(p))
+            };
+            let req = Request {
+                flags,
+                command,
+                cookie,
+                offset: first * BS as u64,
+                length: (count as usize * BS) as u64,
+            };
+            st.submitted += 1;
+            if c.submit(&req, payload.as_deref()).is_err() {
+                return st;
+            }
+            inflight.insert(cookie, InFlight::Write(w));
+        }
+        let Ok(r) = c.receive() else { return st };
+        match inflight.remove(&r.cookie) {
+            Some(InFlight::Write(w)) => {
+                for b in w.first..w.first + w.count {
+                    busy[b as usize] = false;
+                }
+                if let Some(code) = r.error {
+                    st.server_errors
+                        .push(format!("write {w:?} failed with NBD error {code}"));
+                    continue;
+                }
+                st.acked += 1;
+                if w.fua || promise == Promise::EveryReply {
+                    model.durable(&w);
+                    st.made_durable += 1;
+                } else {
+                    acked_unflushed.push(w);
+                }
+            }
+            Some(InFlight::Flush(covered)) => {
+                flush_inflight = false;
+                if let Some(code) = r.error {
+                    st.server_errors
+                        .push(format!("FLUSH failed with NBD error {code}"));
+                    continue;
+                }
+                for w in &covered {
+                    model.durable(w);
+                }
+                st.made_durable += covered.len() as u64;
+            }
+            None => st
+                .server_errors
+                .push(format!("reply for unknown cookie {}", r.cookie)),
+        }
+    }
+    st.server_errors
+        .push("the writer was still running 10 s after the kill".into());
+    st
+}
+
+/// Reads every block and checks it against the model; returns the version
+/// seen in each block, or the list of violations.
+pub fn verify(c: &mut Client<TcpStream>, model: &Model) -> Result<Vec<u64>, Vec<String>> {
+    let mut seen = Vec::with_capacity(BLOCKS as usize);
+    let mut errors = Vec::new();
+    let per_read = 256u64;
+    for first in (0..BLOCKS).step_by(per_read as usize) {
+        let data = c
+            .read(first * BS as u64, (per_read as usize * BS) as u32)
+            .expect("read after restart");
+        for (i, blk) in data.chunks(BS).enumerate() {
+            let b = first + i as u64;
+            match model.classify(b, blk) {
+                Ok(v) => seen.push(v),
+                Err(e) => {
+                    errors.push(e);
+                    seen.push(0);
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(seen)
+    } else {
+        Err(errors)
+    }
+}
