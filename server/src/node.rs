@@ -159,7 +159,8 @@ impl ReplayTarget for MarkingReplay<'_> {
     }
 
     fn wants_intents(&self) -> bool {
-        !self.bitmaps.is_empty() && !self.closed_cleanly
+        // Changed-block tracking marks them whether or not there are peers.
+        !self.closed_cleanly
     }
 
     fn placed(&mut self, offset: u64, len: u64) -> std::io::Result<()> {

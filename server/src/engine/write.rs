@@ -269,12 +269,12 @@ impl Engine {
         // A snapshot created since the choice needs the old data first:
         // the applier keeps it, so the record goes through the journal.
         let go = !self.snapshot_after(rec.lsn) && self.wait_for_older(after).await;
-        // With replicas, the intent goes first: a crash between the payload
-        // write and the record's header must still tell recovery which
-        // range to resync (the replicas may not have it).
+        // The intent goes first: a crash between the payload write and the
+        // record's header must still tell recovery which range changed, so
+        // changed-block tracking (incremental backups) and the replicas'
+        // resync include data no record names.
         let intent_ok = go
-            && (self.hooks().is_none()
-                || self.journal.failed().is_some()
+            && (self.journal.failed().is_some()
                 || match self.journal.write_intent(&rec).await {
                     Ok(()) => true,
                     Err(e) => {

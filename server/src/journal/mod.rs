@@ -381,10 +381,10 @@ impl Journal {
     }
 
     /// Writes, durably, an intent header in the slot of a pending in-place
-    /// record (on a primary with replicas, before its payload goes to the
-    /// store): if the node crashes before the record's own header replaces
-    /// it, recovery finds the intent and marks the range out of sync for
-    /// every replica, since the store may then hold data they never got.
+    /// record (before its payload goes to the store): if the node crashes
+    /// before the record's own header replaces it, recovery finds the intent
+    /// and marks the range changed (changed-block tracking) and out of sync
+    /// for every replica, since the store may then hold data no record names.
     pub async fn write_intent(&self, rec: &Record) -> io::Result<()> {
         assert_eq!(
             rec.slot.placement.get(),

@@ -535,7 +535,7 @@ fn mark_intents(
     let n = sweep_intents(file, sb, next_lsn, |h| target.placed(h.offset, h.length))?;
     if n > 0 {
         tracing::warn!(
-            "{n} in-place write(s) were under way at the crash (never acknowledged): their regions are marked for every replica's resync"
+            "{n} in-place write(s) were under way at the crash (never acknowledged): their regions are marked changed (for incremental backups and every replica's resync)"
         );
     }
     Ok(())
