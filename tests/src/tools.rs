@@ -272,6 +272,11 @@ where
 }
 
 impl Background {
+    /// Its process id (to signal it: only ever this child's own).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     /// Waits up to `timeout` for it to exit; kills it (by PID) and panics
     /// with its output if it does not.
     #[track_caller]

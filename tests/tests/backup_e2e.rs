@@ -3,10 +3,10 @@
 //! restored and compared with a snapshot taken at the same LSN; the middle
 //! one pruned; a damaged repository refused by verify and restore.
 //!
-//! The writer pauses (no request in flight) only while the test's reference
-//! snapshot and the backup's own snapshot are taken, so both hold the same
-//! LSN (asserted); the backup then reads its snapshot while the writer goes
-//! on.
+//! The writer (fio with its nbd engine in the main test) pauses, with no
+//! request left at the server, only while the test's reference snapshot and
+//! the backup's own snapshot are taken, so both hold the same LSN
+//! (asserted); the backup then reads its snapshot while the writer goes on.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use mirrorblk_admin as admin;
 use mirrorblk_tests::cluster::mirrorblk_cli;
+use mirrorblk_tests::tools::{self, Tool};
 use mirrorblk_tests::util::{assert_bytes_eq, pattern, Rng, MIB};
 use mirrorblk_tests::{Daemon, TestDir};
 use nbd::Client;
@@ -59,13 +60,106 @@ fn cli_env(args: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
     )
 }
 
+/// fio (nbd engine, libnbd) writing 64 KiB blocks at random offsets of the
+/// first WRITE_SPAN bytes, 4 in flight, until stopped. It pauses with
+/// SIGSTOP (its own PID), and a pause returns once the requests it had sent
+/// are all journaled: the volume's last LSN holds still.
+struct FioWriter {
+    fio: tools::Background,
+    admin: std::path::PathBuf,
+}
+
+impl FioWriter {
+    fn start(d: &Daemon) -> FioWriter {
+        let fio = tools::spawn(
+            Tool::Fio,
+            [
+                "--name=writer".to_string(),
+                "--ioengine=nbd".into(),
+                format!("--uri={}", d.uri("vol0")),
+                "--rw=randwrite".into(),
+                "--bs=64k".into(),
+                "--iodepth=4".into(),
+                format!("--size={WRITE_SPAN}"),
+                "--time_based".into(),
+                "--runtime=300".into(),
+                "--randrepeat=0".into(),
+                "--refill_buffers".into(),
+                // The job runs as a thread of this process, not a forked
+                // child, so SIGSTOP to fio's PID stops its writes.
+                "--thread".into(),
+            ],
+        );
+        FioWriter {
+            fio,
+            admin: d.admin_socket(),
+        }
+    }
+
+    /// The volume's last assigned LSN.
+    fn last_lsn(&self) -> u64 {
+        let r = admin::call(&self.admin, &admin::Request::Status).expect("status");
+        let vol = r.volumes.iter().find(|v| v.name == "vol0");
+        vol.expect("vol0 in the status").last_lsn
+    }
+
+    /// Waits until fio has made `n` more writes (LSNs).
+    fn wait_writes(&self, n: u64) {
+        let from = self.last_lsn();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.last_lsn() < from + n {
+            assert!(Instant::now() < deadline, "fio made no {n} writes in 60 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(self.fio.pid() as libc::pid_t, sig) };
+        assert_eq!(r, 0, "signal {sig} to fio");
+    }
+
+    /// Stops fio and returns once the server holds no request of it.
+    fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = self.last_lsn();
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = self.last_lsn();
+            if now == last {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "writes went on 30 s after SIGSTOP"
+            );
+            last = now;
+        }
+    }
+
+    fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    /// Ends fio (SIGTERM: it stops and reports) and checks that none of its
+    /// writes failed.
+    fn finish(self) {
+        self.resume();
+        self.signal(libc::SIGTERM);
+        let out = self.fio.wait(Duration::from_secs(60));
+        let text = out.combined();
+        assert!(
+            text.contains("err= 0") && !text.contains("error"),
+            "fio's writes failed while backups ran:\n{text}"
+        );
+    }
+}
+
 /// A client writing 64 KiB patterned blocks at random offsets of the first
-/// WRITE_SPAN bytes, one at a time, until stopped; it pauses (between two
-/// requests) when asked.
+/// WRITE_SPAN bytes, one at a time, until stopped; every write must succeed.
 struct BusyWriter {
     stop: Arc<AtomicBool>,
-    pause: Arc<AtomicBool>,
-    paused: Arc<AtomicBool>,
     writes: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
@@ -74,20 +168,12 @@ impl BusyWriter {
     fn start(d: &Daemon, seed: u64) -> BusyWriter {
         let mut c = d.connect("vol0");
         let stop = Arc::new(AtomicBool::new(false));
-        let pause = Arc::new(AtomicBool::new(false));
-        let paused = Arc::new(AtomicBool::new(false));
         let writes = Arc::new(AtomicU64::new(0));
-        let (s, p, pd, w) = (stop.clone(), pause.clone(), paused.clone(), writes.clone());
+        let (s, w) = (stop.clone(), writes.clone());
         let thread = std::thread::spawn(move || {
             let mut rng = Rng::new(seed);
             let deadline = Instant::now() + Duration::from_secs(300);
             while !s.load(Ordering::SeqCst) && Instant::now() < deadline {
-                if p.load(Ordering::SeqCst) {
-                    pd.store(true, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
-                }
-                pd.store(false, Ordering::SeqCst);
                 let at = rng.below(WRITE_SPAN / BLOCK) * BLOCK;
                 let data = pattern(rng.next_u64(), BLOCK as usize);
                 c.write(at, &data, false)
@@ -97,32 +183,15 @@ impl BusyWriter {
         });
         BusyWriter {
             stop,
-            pause,
-            paused,
             writes,
             thread: Some(thread),
         }
-    }
-
-    /// Returns once no write is in flight.
-    fn pause(&self) {
-        self.pause.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.paused.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "the writer did not pause");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    fn resume(&self) {
-        self.pause.store(false, Ordering::SeqCst);
     }
 }
 
 impl Drop for BusyWriter {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        self.resume();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -219,7 +288,7 @@ impl Created {
 /// A backup taken while the writer writes, and the volume as of its LSN
 /// (a reference snapshot taken while the writer is paused, together with
 /// the backup's own snapshot).
-fn backup_under_writes(d: &Daemon, w: &BusyWriter, repo: &str, n: usize) -> (Created, Vec<u8>) {
+fn backup_under_writes(d: &Daemon, w: &FioWriter, repo: &str, n: usize) -> (Created, Vec<u8>) {
     let admin = d.admin_socket();
     w.pause();
     let reference = snapshot_create(&admin, &format!("ref{n}"));
@@ -297,17 +366,14 @@ fn full_and_incremental_backups_under_writes_restore_exactly() {
     // Data everywhere first, so the full backup has something to read.
     fill(&d, 100);
     let repo = dir.join("repo").to_string_lossy().into_owned();
-    let w = BusyWriter::start(&d, 7);
+    let w = FioWriter::start(&d);
     let mut taken = Vec::new();
     for n in 0..3 {
-        // Let the writer change a few blocks between backups.
-        let before = w.writes.load(Ordering::SeqCst);
-        while w.writes.load(Ordering::SeqCst) < before + 20 {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        // Let fio change a few blocks between backups.
+        w.wait_writes(20);
         taken.push(backup_under_writes(&d, &w, &repo, n));
     }
-    drop(w);
+    w.finish();
     let (full, inc1, inc2) = (&taken[0].0, &taken[1].0, &taken[2].0);
     eprintln!("full {full:?}\nincremental {inc1:?}\nincremental {inc2:?}");
     assert!(!full.incremental && inc1.incremental && inc2.incremental);
