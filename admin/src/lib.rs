@@ -31,4 +31,4 @@ pub use protocol::{
     RestartOutcome, Snapshot, VerifyStatus, VolumeStatus,
 };
 pub use readiness::{probe, Ready};
-pub use states::{Mode, OnReplicaLoss, ReplicaState, Role, UnknownName};
+pub use states::{Durability, Mode, OnReplicaLoss, ReplicaState, Role, UnknownName};

@@ -194,6 +194,14 @@ pub struct VolumeStatus {
     pub last_lsn: u64,
     /// Highest LSN durable in the local journal (all below it are too).
     pub durable_lsn: u64,
+    /// When a reply promises durability (`--durability`).
+    #[serde(default)]
+    pub durability: crate::Durability,
+    /// Highest LSN written to the local journal, durable or not (with
+    /// `--durability flush`, acknowledged up to here; equal to
+    /// `durable_lsn` with per-write durability).
+    #[serde(default)]
+    pub written_lsn: u64,
     /// Highest LSN applied to the data store (all below it are too).
     pub applied_lsn: u64,
     /// Journal bytes in use.

@@ -130,6 +130,29 @@ named_states!(Mode, "replication mode", {
     Async => "async",
 });
 
+/// When a write's reply promises that the write survives a power cut
+/// (see docs/DURABILITY.md).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Every reply: a write is durable in the journal before it is
+    /// acknowledged, so FLUSH and FUA cost nothing more.
+    #[default]
+    PerWrite,
+    /// NBD's own contract: a write is acknowledged once the disk has it
+    /// (it survives the daemon's death, not a power cut); FLUSH, and a
+    /// FUA write, complete once everything acknowledged before them is
+    /// durable.
+    Flush,
+}
+
+named_states!(Durability, "durability mode", {
+    PerWrite => "per-write",
+    Flush => "flush",
+});
+
 /// What the primary does when a replica stops answering.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum,

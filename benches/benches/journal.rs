@@ -137,6 +137,7 @@ fn build_journal(path: &Path, records: usize, len: usize) -> (Superblock, u64) {
         size: (records * record_len + 2 * MIB).max(8 * MIB) as u64 + AREA_START,
         volume_name: "bench",
         volume_size: 1 << 30,
+        durability: mirrorblk_server::journal::Durability::PerWrite,
     };
     let opened = open_and_recover(&spec, &mut Discard).expect("create the bench journal");
     let sb = opened.superblock.clone();

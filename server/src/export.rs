@@ -675,12 +675,16 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
             Err(code) => conn.error(&req, code, "read failed"),
         },
         Command::Flush => conn.done(&req, vol.flush().await),
-        Command::Trim => conn.done(&req, vol.trim(req.offset, req.length).await),
+        Command::Trim => {
+            let fua = req.flags.contains(CommandFlags::FUA);
+            conn.done(&req, vol.trim(req.offset, req.length, fua).await)
+        }
         Command::WriteZeroes => {
             let no_hole = req.flags.contains(CommandFlags::NO_HOLE);
+            let fua = req.flags.contains(CommandFlags::FUA);
             conn.done(
                 &req,
-                vol.write_zeroes(req.offset, req.length, no_hole).await,
+                vol.write_zeroes(req.offset, req.length, no_hole, fua).await,
             )
         }
         // O_DIRECT keeps no page cache to warm; prefetch is advisory.

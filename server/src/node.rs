@@ -204,6 +204,7 @@ pub fn prepare_volume(
     replicated: bool,
     peers: &[String],
     closed_cleanly: bool,
+    durability: crate::journal::Durability,
 ) -> Result<PreparedVolume, StartError> {
     let recorded = crate::journal::recovery::recorded_volume_size(&cfg.journal);
     let mut store = open_volume_store(cfg, recorded)?;
@@ -228,6 +229,7 @@ pub fn prepare_volume(
         size: cfg.journal_size,
         volume_name: &cfg.name,
         volume_size: store.size,
+        durability,
     };
     let mut journal =
         open_and_recover(&spec, &mut target).map_err(|source| StartError::Journal {
@@ -884,6 +886,7 @@ fn prepare_volumes(
             cfg.replication.is_some(),
             &peers,
             clean,
+            cfg.durability,
         )?);
     }
     Ok(prepared)

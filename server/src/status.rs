@@ -21,6 +21,8 @@ pub fn volume_status(vol: &Volume) -> VolumeStatus {
         epoch: e.epoch.0,
         last_lsn: e.next_lsn.last(),
         durable_lsn: e.durable_next.last(),
+        durability: e.durability,
+        written_lsn: e.written_next.last(),
         applied_lsn: e.applied_next.last(),
         journal_used: e.journal_used,
         journal_size: e.journal_size,

@@ -152,12 +152,15 @@ impl Volume {
         self.replica_session.set(false);
     }
 
-    /// Journals `m`, then waits for the replicas as the mode says, and for
-    /// a valid lease.
+    /// Journals `m` (durably with `fua`), then waits for the replicas as
+    /// the mode says, and for a valid lease.
     async fn mutate(&self, m: Change, fua: bool) -> Result<(), ErrorCode> {
         let Some(lsn) = self.engine.mutate(m).await? else {
             return Ok(());
         };
+        if fua {
+            self.engine.make_durable(lsn).await?;
+        }
         self.wait_replicas(lsn, fua).await;
         self.fence.wait_valid().await;
         if let Some(p) = &self.primary {
@@ -187,8 +190,8 @@ impl Volume {
     }
 
     /// Discards `[offset, offset+len)`; returns once acknowledged.
-    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), ErrorCode> {
-        self.mutate(Change::trim(offset, len), false).await
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ErrorCode> {
+        self.mutate(Change::trim(offset, len), fua).await
     }
 
     /// Zeroes `[offset, offset+len)`; returns once acknowledged.
@@ -197,16 +200,18 @@ impl Volume {
         offset: u64,
         len: u64,
         no_hole: bool,
+        fua: bool,
     ) -> Result<(), ErrorCode> {
-        self.mutate(Change::write_zeroes(offset, len, no_hole), false)
+        self.mutate(Change::write_zeroes(offset, len, no_hole), fua)
             .await
     }
 
     /// Completes once every write acknowledged before it is durable where
-    /// the mode requires: locally always (already so), and in flush mode on
+    /// the mode requires: locally always (already so per write; a group
+    /// flush with `--durability flush`), and in replication flush mode on
     /// the replicas too (writes were acknowledged on receipt there).
     pub async fn flush(&self) -> Result<(), ErrorCode> {
-        self.engine.flush()?;
+        self.engine.flush().await?;
         if let Some(p) = self.primary.as_ref().filter(|p| p.cfg.mode == Mode::Flush) {
             let last = Lsn(self.engine.journal().next_lsn().last());
             if last.0 > 0 {

@@ -238,6 +238,32 @@ fn every_acknowledged_write_survives_kill_9_without_fua_or_flush() {
     );
 }
 
+/// `--durability flush` keeps NBD's contract: every FUA write, and every
+/// write acknowledged before a FLUSH that completed, survives (twenty
+/// crashes). Acknowledged writes that no FLUSH covered may be lost.
+#[test]
+fn flush_durability_keeps_flushed_and_fua_writes_across_kill_9() {
+    crash_loop(
+        "flush_durability_keeps_flushed_and_fua_writes_across_kill_9",
+        CYCLES,
+        Promise::Nbd,
+        &["--durability", "flush"],
+    );
+}
+
+/// The same with writes of 2 and 3 blocks going to the store in place
+/// (`--in-place-min 8K`), still `O_DSYNC` in flush mode so that a record
+/// header never becomes durable before its data (twenty crashes).
+#[test]
+fn flush_durability_keeps_flushed_and_fua_writes_with_in_place_writes() {
+    crash_loop(
+        "flush_durability_keeps_flushed_and_fua_writes_with_in_place_writes",
+        CYCLES,
+        Promise::Nbd,
+        &["--durability", "flush", "--in-place-min", "8K"],
+    );
+}
+
 /// Finds the journal records past the checkpoint (read-only access).
 fn journal_records(path: &std::path::Path) -> (Vec<ScannedRecord>, Option<String>) {
     let f = std::fs::File::open(path).unwrap();

@@ -39,6 +39,9 @@ pub const CHECKPOINT_INTERVAL: Interval = Interval(Duration::from_secs(1));
 pub const IN_PLACE_MIN: ByteSize = ByteSize(128 << 10);
 /// `mode`.
 pub const MODE: Mode = Mode::Sync;
+/// `durability`: a reply stays a promise that survives a power cut, as it
+/// always was (docs/DURABILITY.md says why it is not NBD's weaker contract).
+pub const DURABILITY: crate::journal::Durability = crate::journal::Durability::PerWrite;
 /// `heartbeat_timeout`.
 pub const HEARTBEAT_TIMEOUT: Interval = Interval(Duration::from_secs(5));
 /// `on_replica_loss`.

@@ -90,6 +90,8 @@ pub struct Config {
     pub checkpoint_interval: std::time::Duration,
     /// Smallest aligned write written in place (0: none).
     pub in_place_min: u64,
+    /// When a reply promises durability.
+    pub durability: crate::journal::Durability,
     /// Role given on the command line or in the file.
     pub role: Option<crate::journal::format::Role>,
     /// Replication, when peers or a replication listener are configured.

@@ -36,6 +36,10 @@ pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
     if s.role == Some(Role::Replica) && replication.as_ref().and_then(|r| r.listen).is_none() {
         return Err(ConfigError::ReplicaWithoutListen);
     }
+    let durability = s.durability.unwrap_or(defaults::DURABILITY);
+    if durability == crate::journal::Durability::Flush && replication.is_some() {
+        return Err(ConfigError::FlushDurabilityReplicated);
+    }
     let lease_ttl = lease_ttl(&s)?;
     let coordinator = coordinator(&s, replication.is_some(), lease_ttl)?;
     Ok(Config {
@@ -53,6 +57,7 @@ pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
         log_level: s.log_level.unwrap_or_else(|| defaults::LOG_LEVEL.into()),
         checkpoint_interval: checkpoint_interval.0,
         in_place_min: s.in_place_min.unwrap_or(defaults::IN_PLACE_MIN).0,
+        durability,
         role: s.role,
         replication,
         coordinator,

@@ -30,9 +30,10 @@ use crate::units::{ByteSize, Interval};
 /// missing files), or several in a TOML file with --config. Flags override the
 /// file's top-level keys; an --export volume is added to the file's volumes.
 ///
-/// Every write is durable in the journal (O_DIRECT + O_DSYNC, group commit)
-/// before it is acknowledged, so FLUSH and FUA are free and every reply is a
-/// promise that survives a power cut.
+/// By default every write is durable in the journal (O_DIRECT + O_DSYNC,
+/// group commit) before it is acknowledged, so FLUSH and FUA are free and
+/// every reply is a promise that survives a power cut; --durability flush
+/// keeps NBD's own, weaker contract instead.
 ///
 /// Exit status: 0 after a clean stop, 1 on a runtime failure, 2 when the
 /// configuration is wrong (one sentence on stderr says what to fix).
@@ -143,6 +144,24 @@ pub struct Settings {
     /// faster restarts; longer means fewer device cache flushes.
     #[arg(long, value_name = "DURATION", help_default = defaults::CHECKPOINT_INTERVAL)]
     pub checkpoint_interval: Option<Deferred<Interval>>,
+
+    /// When a reply promises that a write survives a power cut.
+    ///
+    /// per-write: every reply does. A write is durable in the journal before
+    /// it is acknowledged (group commit), so FLUSH and FUA cost nothing more,
+    /// and a client that never flushes (or a cache that lies about flushing)
+    /// loses nothing.
+    ///
+    /// flush: NBD's own contract, what a disk with a volatile cache keeps. A
+    /// write is acknowledged once the disk has it: it survives the daemon's
+    /// death (kill -9), not a power cut. A FLUSH, and a write with FUA,
+    /// completes once everything acknowledged before it, on any connection,
+    /// is durable (concurrent flushes share one fdatasync). Faster for
+    /// clients that flush rarely (file systems, qemu with cache=writeback);
+    /// no gain for clients that flush or FUA every write. Single node only:
+    /// with replication it is refused.
+    #[arg(long, value_enum, value_name = "MODE", help_default = choice(defaults::DURABILITY))]
+    pub durability: Option<crate::journal::Durability>,
 
     /// Writes at least this large (and 4 KiB aligned) skip the double write:
     /// the data goes durably to its home in the data store and the journal
@@ -291,6 +310,7 @@ impl Settings {
             tls_verify_peer,
             replication_tls,
             checkpoint_interval,
+            durability,
             in_place_min,
             replication_listen,
             peers,
@@ -333,6 +353,7 @@ impl Settings {
             tls_verify_peer: flags.tls_verify_peer.or(tls_verify_peer),
             replication_tls: flags.replication_tls.or(replication_tls),
             checkpoint_interval: flags.checkpoint_interval.or(checkpoint_interval),
+            durability: flags.durability.or(durability),
             in_place_min: flags.in_place_min.or(in_place_min),
             replication_listen: flags.replication_listen.or(replication_listen),
             peers: if flags.peers.is_empty() {

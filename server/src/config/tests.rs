@@ -175,6 +175,10 @@ const NODE_SETTINGS: &[Case] = &[
     ),
 ];
 
+/// Node settings that a replicating node refuses (so the scene below,
+/// which replicates, cannot test them): checked on a single node.
+const SINGLE_NODE_SETTINGS: &[Case] = &[case("--durability", "durability", ["flush", "per-write"])];
+
 /// Flags of the `--export` volume and the `[[volume]]` keys they stand for.
 const VOLUME_SETTINGS: &[Case] = &[
     case("--export", "name", ["v1", "v2"]),
@@ -274,6 +278,44 @@ fn every_node_setting_resolves_alike_from_its_flag_and_its_key() {
 }
 
 #[test]
+fn single_node_settings_resolve_alike_and_flags_override_the_file() {
+    let s = Scene::new();
+    let single = |lines: &[String], flags: &[String]| {
+        let mut text = lines.join("\n");
+        text.push_str("\n[[volume]]\nname = \"v\"\ndata = \"/d\"\njournal = \"/j\"\n");
+        s.resolve(&text, flags).unwrap()
+    };
+    let base = single(&[], &[]);
+    for c in SINGLE_NODE_SETTINGS {
+        let [v, other] = c.values;
+        let by_flag = single(&[], &[c.flag.into(), v.into()]);
+        assert_eq!(by_flag, single(&[s.line(c.key, v)], &[]), "{} {v}", c.flag);
+        assert_ne!(by_flag, base, "{} {v} has no effect", c.flag);
+        let over = single(&[s.line(c.key, other)], &[c.flag.into(), v.into()]);
+        assert_eq!(over, by_flag, "{} {v} over {} {other}", c.flag, c.key);
+    }
+}
+
+#[test]
+fn flush_durability_with_replication_is_refused_in_one_sentence() {
+    let s = Scene::new();
+    for (file, flags) in [
+        (s.file(&[]), vec!["--durability".to_string(), "flush".into()]),
+        (s.file(&[s.line("durability", "flush")]), vec![]),
+    ] {
+        let e = s.resolve(&file, &flags).unwrap_err();
+        assert!(
+            matches!(e, ConfigError::FlushDurabilityReplicated),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("--durability per-write"), "{e}");
+    }
+    // Per write, the default, replicates as before.
+    let r = s.resolve(&s.file(&[]), &["--durability".into(), "per-write".into()]);
+    assert!(r.unwrap().replication.is_some());
+}
+
+#[test]
 fn flags_override_the_file() {
     let s = Scene::new();
     for c in NODE_SETTINGS {
@@ -360,6 +402,7 @@ fn tls_needs_certificates_that_load() {
 fn the_tables_cover_every_flag() {
     let listed: HashSet<&str> = NODE_SETTINGS
         .iter()
+        .chain(SINGLE_NODE_SETTINGS)
         .chain(VOLUME_SETTINGS)
         .map(|c| c.flag)
         .chain(FLAG_ONLY.iter().copied())
@@ -417,6 +460,7 @@ fn the_default_in_help_is_the_default_applied() {
             Interval(c.checkpoint_interval).to_string(),
         ),
         ("--in-place-min", size(c.in_place_min)),
+        ("--durability", choice(&|| c.durability.to_possible_value())),
         ("--mode", choice(&|| r.mode.to_possible_value())),
         (
             "--heartbeat-timeout",

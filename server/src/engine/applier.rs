@@ -58,6 +58,9 @@ impl Engine {
                 self.idle(&mut last_checkpoint).await;
                 continue;
             }
+            if !self.wait_batch_durable(&batch).await {
+                continue;
+            }
             self.apply_batch(&batch).await;
             self.metrics
                 .apply_lag
@@ -128,11 +131,39 @@ impl Engine {
         }
     }
 
+    /// Waits until a batch is durable in the journal (at once but for
+    /// `--durability flush`, where records come here once written): the
+    /// store never holds a record the journal could lose, so recovery,
+    /// which stops at the first torn record, never leaves a later record's
+    /// data in the store without an earlier one. False (the batch back in
+    /// the queue, after a pause) when the journal failed first.
+    async fn wait_batch_durable(&self, batch: &[Rc<Record>]) -> bool {
+        let last = batch.last().expect("a batch is never empty").lsn;
+        match self.journal.wait_durable(last).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(volume = %self.info.name, "{e}: records from LSN {} are not applied", batch[0].lsn);
+                let mut q = self.apply_queue.borrow_mut();
+                for rec in batch.iter().rev() {
+                    q.push_front(rec.clone());
+                }
+                drop(q);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                false
+            }
+        }
+    }
+
     /// Applies one batch. On a failure the failed record and those after it
     /// go back to the queue (they stay in the journal, so a restart replays
     /// them; until then the overlay keeps serving their data) and the
     /// applier pauses a second.
     async fn apply_batch(&self, batch: &[Rc<Record>]) {
+        let last = batch.last().map_or(Lsn(0), |r| r.lsn);
+        assert!(
+            last < self.journal.durable_next(),
+            "applying LSN {last:?}, which is not durable in the journal"
+        );
         // Old data a snapshot needs goes aside before it is overwritten.
         self.keep_for_snapshots(batch).await;
         let results =

@@ -92,6 +92,10 @@ pub struct EngineStatus {
     pub next_lsn: Lsn,
     /// Every LSN below this is durable in the journal.
     pub durable_next: Lsn,
+    /// Every LSN below this is written to the journal (acknowledged).
+    pub written_next: Lsn,
+    /// When a reply promises durability.
+    pub durability: crate::journal::Durability,
     /// Every LSN below this is applied to the store.
     pub applied_next: Lsn,
     /// Journal bytes in use.
@@ -227,6 +231,10 @@ impl Engine {
         });
         let b = e.clone();
         tokio_uring::spawn(async move { b.run_applier().await });
+        if e.journal.durability() == crate::journal::Durability::Flush {
+            let c = e.clone();
+            tokio_uring::spawn(async move { c.journal.run_syncer().await });
+        }
         e
     }
 
@@ -264,6 +272,8 @@ impl Engine {
             epoch: self.journal.epoch(),
             next_lsn: self.journal.next_lsn(),
             durable_next: self.journal.durable_next(),
+            written_next: self.journal.written_next(),
+            durability: self.journal.durability(),
             applied_next: self.applied_next.get(),
             journal_used: self.journal.used(),
             journal_size: self.journal.area_len(),

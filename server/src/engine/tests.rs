@@ -34,6 +34,7 @@ fn open(dir: &Path, pool: &Rc<BufPool>) -> Rc<Engine> {
         size: JOURNAL,
         volume_name: "v",
         volume_size: SIZE,
+        durability: crate::journal::Durability::PerWrite,
     };
     let journal = open_and_recover(&spec, &mut target).expect("journal");
     let info = VolumeInfo {

@@ -103,8 +103,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Journals a client's mutation and returns its LSN once it is durable
-    /// locally. An empty mutation does nothing and returns None.
+    /// Journals a client's mutation and returns its LSN once it may be
+    /// acknowledged: durable locally, or with `--durability flush` written
+    /// (see [`Engine::make_durable`]). An empty mutation does nothing and
+    /// returns None.
     pub async fn mutate(&self, m: Change) -> Result<Option<Lsn>, ErrorCode> {
         if m.length == 0 {
             return Ok(None);
@@ -112,11 +114,25 @@ impl Engine {
         self.check_writable()?;
         self.check_space(m.op)?;
         let rec = self.reserve(m).await?;
-        self.journal.wait_durable(rec.lsn).await.map_err(|e| {
-            tracing::error!(volume = %self.info.name, "{e}");
-            ErrorCode::Io
-        })?;
+        self.journal
+            .wait_written(rec.lsn)
+            .await
+            .map_err(|e| self.journal_error(e))?;
         Ok(Some(rec.lsn))
+    }
+
+    /// Waits until the record `lsn` is durable locally (a FUA write; at
+    /// once unless `--durability flush`).
+    pub async fn make_durable(&self, lsn: Lsn) -> Result<(), ErrorCode> {
+        self.journal
+            .wait_durable(lsn)
+            .await
+            .map_err(|e| self.journal_error(e))
+    }
+
+    fn journal_error(&self, e: crate::journal::JournalFailed) -> ErrorCode {
+        tracing::error!(volume = %self.info.name, "{e}");
+        ErrorCode::Io
     }
 
     /// On a replica: journals a record received from the primary, which must
@@ -319,13 +335,14 @@ impl Engine {
         }
     }
 
-    /// Every write acknowledged so far is already durable locally (each is
-    /// journaled with O_DSYNC before its reply), so a local flush only has
-    /// to report journal failure.
-    pub fn flush(&self) -> Result<(), ErrorCode> {
-        match self.journal.failed() {
-            Some(_) => Err(ErrorCode::Io),
-            None => Ok(()),
-        }
+    /// Completes once every write acknowledged so far, on any connection,
+    /// is durable locally. Per write they already are (each is journaled
+    /// with O_DSYNC before its reply), so this only reports journal
+    /// failure; with `--durability flush` it waits for a group flush.
+    pub async fn flush(&self) -> Result<(), ErrorCode> {
+        self.journal
+            .sync_written()
+            .await
+            .map_err(|e| self.journal_error(e))
     }
 }

@@ -5,16 +5,23 @@
 //! together, on the volume's core, so journal order is LSN order). One
 //! appender task writes whatever is queued in one vectored `O_DIRECT | O_DSYNC`
 //! write — group commit: while one batch is in flight, the next accumulates —
-//! and on completion advances the durable LSN and hands the batch to the
+//! and on completion advances the written LSN and hands the batch to the
 //! applier. Space is released only when the applier has checkpointed.
+//!
+//! With `--durability flush` the records go without `O_DSYNC` (a write is
+//! acknowledged once the disk has it) and `sync` makes them durable in
+//! groups, when a FLUSH, a FUA write or the applier asks. Superblocks and
+//! intents are always written `O_DSYNC`.
 
 pub mod format;
 pub mod mutation;
 pub mod recovery;
 pub mod ring;
+pub mod sync;
 
 pub use mutation::{Mutation, MutationOp};
 pub use ring::Retained;
+pub use sync::Durability;
 use ring::Ring;
 
 use std::cell::{Cell, RefCell};
@@ -173,9 +180,12 @@ pub enum ReadBack {
 #[error("journal write failed: {0}")]
 pub struct JournalFailed(pub String);
 
-/// Durability progress published by the appender.
+/// Durability progress published by the appender (and the syncer).
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
+    /// Every record with an LSN below this is written: acknowledged with
+    /// `--durability flush` (equal to `durable_next` per write).
+    pub written_next: Lsn,
     /// Every record with an LSN below this is durable.
     pub durable_next: Lsn,
     /// Set when a journal write failed; the volume stops accepting writes.
@@ -194,7 +204,12 @@ struct State {
 
 /// A volume's journal on its core.
 pub struct Journal {
+    /// Where records go: `O_DSYNC` per write, plain with `--durability flush`.
     file: tokio_uring::fs::File,
+    /// With `--durability flush`: the journal opened `O_DSYNC` as well, for
+    /// superblocks and intents (None per write: `file` is `O_DSYNC`).
+    meta_file: Option<tokio_uring::fs::File>,
+    durability: Durability,
     area_len: u64,
     epoch: Cell<Epoch>,
     session: u64,
@@ -202,9 +217,17 @@ pub struct Journal {
     work: Notify,
     space: Notify,
     progress: watch::Sender<Progress>,
-    /// Writers waiting for their record to become durable, woken in LSN
+    /// Writers waiting for their record to be written, woken in LSN
     /// order as group commits complete.
-    durable_gate: crate::lsn_gate::LsnGate,
+    written_gate: crate::lsn_gate::LsnGate,
+    /// With `--durability flush`: waiters for durability, woken as syncs complete.
+    synced_gate: crate::lsn_gate::LsnGate,
+    /// Durability is asked for every LSN below this (flush mode).
+    sync_requested: Cell<Lsn>,
+    /// Wakes the syncer.
+    sync_work: Notify,
+    /// Syncs done so far.
+    syncs: Cell<u64>,
     header_blocks: RefCell<Vec<AlignedBuf>>,
     batches: Cell<u64>,
 }
@@ -213,12 +236,20 @@ impl Journal {
     /// Takes over a recovered journal. Must run inside the core's runtime.
     pub fn new(opened: recovery::OpenedJournal) -> Journal {
         let sb = opened.superblock;
+        let start = sb.checkpoint_lsn;
         let (progress, _) = watch::channel(Progress {
+            written_next: sb.checkpoint_lsn,
             durable_next: sb.checkpoint_lsn,
             failed: None,
         });
+        let (file, meta_file) = match opened.records_file {
+            Some(records) => (records, Some(opened.file)),
+            None => (opened.file, None),
+        };
         Journal {
-            file: tokio_uring::fs::File::from_std(opened.file),
+            file: tokio_uring::fs::File::from_std(file),
+            meta_file: meta_file.map(tokio_uring::fs::File::from_std),
+            durability: opened.durability,
             area_len: sb.area_len,
             epoch: Cell::new(sb.epoch),
             session: sb.session,
@@ -230,7 +261,11 @@ impl Journal {
             work: Notify::new(),
             space: Notify::new(),
             progress,
-            durable_gate: crate::lsn_gate::LsnGate::new(),
+            written_gate: crate::lsn_gate::LsnGate::new(),
+            synced_gate: crate::lsn_gate::LsnGate::new(),
+            sync_requested: Cell::new(start),
+            sync_work: Notify::new(),
+            syncs: Cell::new(0),
             header_blocks: RefCell::new(Vec::new()),
             batches: Cell::new(0),
         }
@@ -269,6 +304,21 @@ impl Journal {
     /// Group commits done so far.
     pub fn batches(&self) -> u64 {
         self.batches.get()
+    }
+
+    /// When a reply promises durability.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Group flushes (`fdatasync`s of the journal) done so far.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.get()
+    }
+
+    /// Where superblocks and intents go: always `O_DSYNC`.
+    fn meta(&self) -> &tokio_uring::fs::File {
+        self.meta_file.as_ref().unwrap_or(&self.file)
     }
 
     /// Reserves space and an LSN for a record, or None if the journal is full.
@@ -405,7 +455,7 @@ impl Journal {
             payload_hash: rec.payload_hash,
         }
         .encode(blk.as_mut_slice());
-        let (res, blk) = self.file.write_all_at(blk, AREA_START + rec.slot.pos).await;
+        let (res, blk) = self.meta().write_all_at(blk, AREA_START + rec.slot.pos).await;
         self.recycle(vec![OutBuf::Block(blk)]);
         res
     }
@@ -418,25 +468,109 @@ impl Journal {
         any
     }
 
-    /// Waits until the record with `lsn` is durable.
-    pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), JournalFailed> {
+    /// Waits until the record with `lsn` is written: when a write is
+    /// acknowledged (durable too, but for `--durability flush`).
+    pub async fn wait_written(&self, lsn: Lsn) -> Result<(), JournalFailed> {
         loop {
             {
                 let p = self.progress.borrow();
-                if p.durable_next > lsn {
+                if p.written_next > lsn {
                     return Ok(());
                 }
                 if let Some(f) = &p.failed {
                     return Err(JournalFailed(f.clone()));
                 }
             }
-            self.durable_gate.wait(lsn).await;
+            self.written_gate.wait(lsn).await;
+        }
+    }
+
+    /// Waits until the record with `lsn` is durable (with `--durability
+    /// flush`, asking the syncer for it once it is written).
+    pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), JournalFailed> {
+        self.wait_written(lsn).await?;
+        if self.durability == Durability::PerWrite {
+            return Ok(());
+        }
+        let target = lsn.next();
+        loop {
+            {
+                let p = self.progress.borrow();
+                if sync::covered(target, p.durable_next) {
+                    return Ok(());
+                }
+                if let Some(f) = &p.failed {
+                    return Err(JournalFailed(f.clone()));
+                }
+            }
+            if self.sync_requested.get() < target {
+                self.sync_requested.set(target);
+                self.sync_work.notify_one();
+            }
+            self.synced_gate.wait(lsn).await;
+        }
+    }
+
+    /// Waits until every record written so far is durable: what a FLUSH
+    /// needs (every write acknowledged before it is written, on every
+    /// connection, as LSNs are the volume's).
+    pub async fn sync_written(&self) -> Result<(), JournalFailed> {
+        match self.written_next().0.checked_sub(1) {
+            Some(last) => self.wait_durable(Lsn(last)).await,
+            None => self.failed().map_or(Ok(()), |f| Err(JournalFailed(f))),
         }
     }
 
     /// Every LSN below this one is durable in the journal.
     pub fn durable_next(&self) -> Lsn {
         self.progress.borrow().durable_next
+    }
+
+    /// Every LSN below this one is written to the journal (durable, but for
+    /// `--durability flush`).
+    pub fn written_next(&self) -> Lsn {
+        self.progress.borrow().written_next
+    }
+
+    /// With `--durability flush`: the syncer, forever (until the journal
+    /// fails). Runs one `fdatasync` at a time, each covering every record
+    /// written when it began, whenever a waiter asks for more than is durable.
+    pub async fn run_syncer(&self) {
+        loop {
+            let notified = self.sync_work.notified();
+            let plan = {
+                let p = self.progress.borrow();
+                if p.failed.is_some() {
+                    return;
+                }
+                sync::sync_plan(sync::Frontiers {
+                    requested: self.sync_requested.get(),
+                    durable: p.durable_next,
+                    written: p.written_next,
+                })
+            };
+            let Some(covers) = plan else {
+                notified.await;
+                continue;
+            };
+            if let Err(e) = self.file.sync_data().await {
+                self.fail(format!("fdatasync: {e}"));
+                return;
+            }
+            self.syncs.set(self.syncs.get() + 1);
+            self.progress
+                .send_modify(|p| p.durable_next = p.durable_next.max(covers));
+            self.synced_gate.release_below(covers);
+        }
+    }
+
+    /// The journal failed: every waiter is woken to see it.
+    fn fail(&self, msg: String) {
+        tracing::error!("journal write failed, volume stops accepting writes: {msg}");
+        self.progress.send_modify(|p| p.failed = Some(msg));
+        self.written_gate.release_all();
+        self.synced_gate.release_all();
+        self.sync_work.notify_one();
     }
 
     /// Whether a journal write has failed.
@@ -505,15 +639,18 @@ impl Journal {
                     Ok(()) => {
                         let last = batch.last().map(|r| r.lsn).unwrap_or_default();
                         self.batches.set(self.batches.get() + 1);
-                        self.progress.send_modify(|p| p.durable_next = last.next());
-                        self.durable_gate.release_below(last.next());
+                        let per_write = self.durability == Durability::PerWrite;
+                        self.progress.send_modify(|p| {
+                            p.written_next = last.next();
+                            if per_write {
+                                p.durable_next = last.next();
+                            }
+                        });
+                        self.written_gate.release_below(last.next());
                         done(batch, started.elapsed());
                     }
                     Err(e) => {
-                        let msg = format!("{e}");
-                        tracing::error!("journal write failed, volume stops accepting writes: {msg}");
-                        self.progress.send_modify(|p| p.failed = Some(msg));
-                        self.durable_gate.release_all();
+                        self.fail(format!("{e}"));
                         return;
                     }
                 },
@@ -676,7 +813,7 @@ impl Journal {
         let mut blk = AlignedBuf::new(HEADER_BLOCK);
         sb.encode(blk.as_mut_slice());
         let (res, _) = self
-            .file
+            .meta()
             .write_all_at(blk, Superblock::slot_offset(sb.generation % 2))
             .await;
         res
@@ -702,8 +839,13 @@ impl Journal {
             st.superblock.clone()
         };
         self.write_superblock(&sb).await?;
-        self.progress.send_modify(|p| p.durable_next = start);
-        self.durable_gate.release_all();
+        self.progress.send_modify(|p| {
+            p.written_next = start;
+            p.durable_next = start;
+        });
+        self.sync_requested.set(start);
+        self.written_gate.release_all();
+        self.synced_gate.release_all();
         self.space.notify_waiters();
         Ok(())
     }
@@ -742,6 +884,11 @@ impl Journal {
     /// a replica). Persists that in the superblock, then releases the space.
     /// Returns false when there was nothing to release.
     pub async fn checkpoint_to(&self, next: Lsn) -> io::Result<bool> {
+        assert!(
+            next <= self.durable_next(),
+            "checkpoint to {next:?} past the durable frontier {:?}",
+            self.durable_next()
+        );
         let (sb, release) = {
             let mut st = self.state.borrow_mut();
             let Some(release) = st.ring.plan_release(next) else {
@@ -752,13 +899,7 @@ impl Journal {
             st.superblock.generation += 1;
             (st.superblock.clone(), release)
         };
-        let mut blk = AlignedBuf::new(HEADER_BLOCK);
-        sb.encode(blk.as_mut_slice());
-        let (res, _) = self
-            .file
-            .write_all_at(blk, Superblock::slot_offset(sb.generation % 2))
-            .await;
-        res?;
+        self.write_superblock(&sb).await?;
         self.state.borrow_mut().ring.release(&release);
         self.space.notify_waiters();
         Ok(true)

@@ -82,6 +82,11 @@ pub struct RecoveryReport {
 pub struct OpenedJournal {
     /// The journal file (`O_DIRECT | O_DSYNC` where supported).
     pub file: File,
+    /// With `--durability flush`: the journal opened again without
+    /// `O_DSYNC`, for records (made durable by `fdatasync` when asked).
+    pub records_file: Option<File>,
+    /// When a reply promises durability.
+    pub durability: super::Durability,
     /// Path, for messages.
     pub path: PathBuf,
     /// The current superblock (already written with a fresh session).
@@ -144,6 +149,8 @@ pub struct JournalSpec<'a> {
     /// Volume size in bytes to create it with (an existing journal records
     /// its own: a resize changes it).
     pub volume_size: u64,
+    /// When a reply promises durability (how records are written).
+    pub durability: super::Durability,
 }
 
 fn random_uuid() -> [u8; 16] {
@@ -628,8 +635,18 @@ pub fn open_and_recover(
     sb.generation += 1;
     write_superblock(&file, &sb).map_err(io_err("cannot write journal superblock", path))?;
     report.millis = start.elapsed().as_millis() as u64;
+    let records_file = match spec.durability {
+        super::Durability::PerWrite => None,
+        super::Durability::Flush => Some(
+            crate::store::open_direct(path, false, 0)
+                .map_err(io_err("cannot open journal", path))?
+                .0,
+        ),
+    };
     Ok(OpenedJournal {
         file,
+        records_file,
+        durability: spec.durability,
         path: path.to_path_buf(),
         superblock: sb,
         report,
