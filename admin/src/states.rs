@@ -131,7 +131,7 @@ named_states!(Mode, "replication mode", {
 });
 
 /// When a write's reply promises that the write survives a power cut
-/// (see docs/DURABILITY.md).
+/// (docs/ARCHITECTURE.md, "Durability modes").
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum,
 )]

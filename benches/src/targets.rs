@@ -40,8 +40,8 @@ pub enum Class {
     /// behind the `fua` filter with `fuamode=force`, mirrorblk.
     DurablePerWrite,
     /// NBD's own contract: durable at FLUSH and FUA only: nbdkit `file`,
-    /// qemu-nbd `--cache=none`. mirrorblk (durable per write, a stronger
-    /// promise) is shown beside them.
+    /// qemu-nbd `--cache=none`, mirrorblk `--durability flush`. mirrorblk
+    /// (durable per write, a stronger promise) is shown beside them.
     NbdContract,
     /// Replicated mirrorblk targets.
     Replicated,
@@ -62,7 +62,7 @@ impl Class {
     pub fn heading(self) -> &'static str {
         match self {
             Class::DurablePerWrite => "Durable per write (every write power-cut safe before its reply)",
-            Class::NbdContract => "NBD's contract (durable at FLUSH and FUA only); mirrorblk, durable per write, beside them",
+            Class::NbdContract => "NBD's contract (durable at FLUSH and FUA only): mirrorblk-flush among them; mirrorblk, durable per write, beside them",
             Class::Replicated => "Replicated",
             Class::Context => "Context (no durability compared)",
         }
@@ -236,7 +236,23 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             jobs: None,
         },
         mirrorblk_variant("mirrorblk", mirrorblkd, &[], MIRRORBLK_DURABILITY),
+        mirrorblk_flush(mirrorblkd),
     ]
+}
+
+/// mirrorblkd with `--durability flush`: a peer-level target of NBD's
+/// contract (not itself a peer: ratios are taken against nbdkit and qemu).
+fn mirrorblk_flush(mirrorblkd: &Path) -> Target {
+    let mut t = mirrorblk_variant(
+        "mirrorblk-flush",
+        mirrorblkd,
+        &["--durability".into(), "flush".into()],
+        "--durability flush: a write acknowledged once the disk has it (journal O_DIRECT \
+         without O_DSYNC), durable against power loss only after NBD FLUSH or a FUA write \
+         (one group fdatasync); writes of 128K and more still go durably in place",
+    );
+    t.class = Class::NbdContract;
+    t
 }
 
 /// qemu-nbd serving the volume file raw with `--cache=CACHE` and io_uring:

@@ -193,6 +193,10 @@ fn describe_journal_metrics() {
         "Records per group commit"
     );
     describe_gauge!(
+        "mirrorblk_volume_durability",
+        "1, labelled with when a reply promises durability (--durability: per-write or flush)"
+    );
+    describe_gauge!(
         "mirrorblk_journal_used_bytes",
         Unit::Bytes,
         "Journal bytes reserved and not yet checkpointed"
@@ -376,6 +380,12 @@ pub fn op_name(c: Command) -> &'static str {
 }
 
 impl VolumeMetrics {
+    /// Publishes the volume's durability mode as a label.
+    pub fn durability(&self, mode: crate::journal::Durability) {
+        gauge!("mirrorblk_volume_durability", "volume" => self.volume.clone(), "durability" => mode.as_str())
+            .set(1.0);
+    }
+
     /// Registers the handles of `volume`.
     pub fn new(volume: &str) -> VolumeMetrics {
         let v = || volume.to_string();

@@ -713,6 +713,13 @@ fn status_once(socket: &Path, json: bool) -> Result<String, String> {
             journal,
             state
         ));
+        if v.durability != admin::Durability::PerWrite {
+            // Acknowledged but not yet durable: what a power cut now could lose.
+            out.push_str(&format!(
+                "  durability {}: acknowledged up to LSN {}, durable up to LSN {}\n",
+                v.durability, v.written_lsn, v.durable_lsn
+            ));
+        }
         if v.inconsistent {
             out.push_str("  ! Inconsistent: a resync is incomplete; do not promote this node\n");
         }

@@ -40,7 +40,8 @@ pub const IN_PLACE_MIN: ByteSize = ByteSize(128 << 10);
 /// `mode`.
 pub const MODE: Mode = Mode::Sync;
 /// `durability`: a reply stays a promise that survives a power cut, as it
-/// always was (docs/DURABILITY.md says why it is not NBD's weaker contract).
+/// always was (docs/ARCHITECTURE.md, "Durability modes", says why it is not NBD's
+/// weaker contract).
 pub const DURABILITY: crate::journal::Durability = crate::journal::Durability::PerWrite;
 /// `heartbeat_timeout`.
 pub const HEARTBEAT_TIMEOUT: Interval = Interval(Duration::from_secs(5));

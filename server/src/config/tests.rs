@@ -300,14 +300,14 @@ fn single_node_settings_resolve_alike_and_flags_override_the_file() {
 fn flush_durability_with_replication_is_refused_in_one_sentence() {
     let s = Scene::new();
     for (file, flags) in [
-        (s.file(&[]), vec!["--durability".to_string(), "flush".into()]),
+        (
+            s.file(&[]),
+            vec!["--durability".to_string(), "flush".into()],
+        ),
         (s.file(&[s.line("durability", "flush")]), vec![]),
     ] {
         let e = s.resolve(&file, &flags).unwrap_err();
-        assert!(
-            matches!(e, ConfigError::FlushDurabilityReplicated),
-            "{e:?}"
-        );
+        assert!(matches!(e, ConfigError::FlushDurabilityReplicated), "{e:?}");
         assert!(e.to_string().contains("--durability per-write"), "{e}");
     }
     // Per write, the default, replicates as before.

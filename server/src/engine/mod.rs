@@ -192,6 +192,7 @@ impl Engine {
         let metrics = VolumeMetrics::new(&info.name);
         metrics.journal_size.set(journal.area_len() as f64);
         metrics.volume_size.set(info.size.get() as f64);
+        metrics.durability(journal.durability());
         let e = Rc::new_cyclic(|me| Engine {
             me: me.clone(),
             metrics,

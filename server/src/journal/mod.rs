@@ -21,8 +21,8 @@ pub mod sync;
 
 pub use mutation::{Mutation, MutationOp};
 pub use ring::Retained;
-pub use sync::Durability;
 use ring::Ring;
+pub use sync::Durability;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -455,7 +455,10 @@ impl Journal {
             payload_hash: rec.payload_hash,
         }
         .encode(blk.as_mut_slice());
-        let (res, blk) = self.meta().write_all_at(blk, AREA_START + rec.slot.pos).await;
+        let (res, blk) = self
+            .meta()
+            .write_all_at(blk, AREA_START + rec.slot.pos)
+            .await;
         self.recycle(vec![OutBuf::Block(blk)]);
         res
     }
