@@ -178,3 +178,16 @@ fn every_acknowledged_write_survives_power_cuts_with_in_place_writes() {
         &["--in-place-min", "8K"],
     );
 }
+
+/// `--durability flush` keeps NBD's contract through real power cuts: every
+/// FUA write, and every write acknowledged before a FLUSH that completed,
+/// survives (journal records without `O_DSYNC`, one group `fdatasync` per
+/// FLUSH); writes no FLUSH covered may be lost.
+#[test]
+fn flushed_and_fua_writes_survive_power_cuts_with_flush_durability() {
+    power_cut_loop(
+        "flushed_and_fua_writes_survive_power_cuts_with_flush_durability",
+        Promise::Nbd,
+        &["--durability", "flush", "--in-place-min", "8K"],
+    );
+}

@@ -143,11 +143,12 @@ impl Engine {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(volume = %self.info.name, "{e}: records from LSN {} are not applied", batch[0].lsn);
-                let mut q = self.apply_queue.borrow_mut();
-                for rec in batch.iter().rev() {
-                    q.push_front(rec.clone());
+                {
+                    let mut q = self.apply_queue.borrow_mut();
+                    for rec in batch.iter().rev() {
+                        q.push_front(rec.clone());
+                    }
                 }
-                drop(q);
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 false
             }
