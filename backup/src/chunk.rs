@@ -151,20 +151,62 @@ pub enum BlobError {
     },
 }
 
+/// A compressed payload is kept only when it saves at least this share of
+/// the plain length (1/32, about 3 %): less is not worth zstd's time at
+/// every restore.
+const MIN_SAVING_DIVISOR: usize = 32;
+/// Bytes of each probe a chunk is sampled at before compressing it whole.
+const PROBE_LEN: usize = 16 << 10;
+/// How many probes, spread evenly over the chunk.
+const PROBES: usize = 4;
+
+/// Whether a payload compressed from `plain` to `packed` bytes is worth
+/// storing compressed (pure).
+pub fn worth_compressing(plain: usize, packed: usize) -> bool {
+    packed + plain / MIN_SAVING_DIVISOR <= plain && packed < plain
+}
+
+/// The sample a chunk's compressibility is judged on: [`PROBES`] slices of
+/// [`PROBE_LEN`] bytes spread evenly; the whole chunk when it is small.
+fn probes(plain: &[u8]) -> Vec<&[u8]> {
+    if plain.len() <= PROBES * PROBE_LEN * 2 {
+        return vec![plain];
+    }
+    let stride = plain.len() / PROBES;
+    (0..PROBES)
+        .map(|i| &plain[i * stride..i * stride + PROBE_LEN])
+        .collect()
+}
+
+/// zstd of `plain`, when a sample suggests and the whole confirms that it
+/// is [`worth_compressing`]; `None` stores it raw. Incompressible data
+/// (already compressed or encrypted) costs only the sample's compression.
+fn compressed(plain: &[u8]) -> Option<Vec<u8>> {
+    let sample = probes(plain);
+    if sample.len() > 1 {
+        let (mut raw, mut packed) = (0, 0);
+        for piece in sample {
+            raw += piece.len();
+            packed += zstd::bulk::compress(piece, ZSTD_LEVEL).ok()?.len();
+        }
+        if !worth_compressing(raw, packed) {
+            return None;
+        }
+    }
+    zstd::bulk::compress(plain, ZSTD_LEVEL)
+        .ok()
+        .filter(|c| worth_compressing(plain.len(), c.len()))
+}
+
 /// Encodes `plain` as a blob, zstd-compressed when `compress` is set and
-/// compression saves space (incompressible data is stored as is).
+/// compression saves space meaningfully (see [`worth_compressing`]);
+/// otherwise stored raw, which the flags say.
 pub fn encode_blob(plain: &[u8], compress: bool) -> Vec<u8> {
     assert!(
         plain.len() <= MAX_CHUNK_SIZE as usize,
         "chunk over the bound"
     );
-    let compressed = if compress {
-        zstd::bulk::compress(plain, ZSTD_LEVEL)
-            .ok()
-            .filter(|c| c.len() < plain.len())
-    } else {
-        None
-    };
+    let compressed = if compress { compressed(plain) } else { None };
     let (flags, payload) = match &compressed {
         Some(c) => (FLAG_ZSTD, c.as_slice()),
         None => (0, plain),
@@ -178,6 +220,12 @@ pub fn encode_blob(plain: &[u8], compress: bool) -> Vec<u8> {
     blob.extend_from_slice(&xxh3_64(payload).to_le_bytes());
     blob.extend_from_slice(payload);
     blob
+}
+
+/// Whether a blob's payload is zstd-compressed (false for anything that is
+/// not a blob).
+pub fn is_compressed(blob: &[u8]) -> bool {
+    blob.len() >= BLOB_HEADER_LEN && blob[5] & FLAG_ZSTD != 0
 }
 
 /// Decodes a blob and checks that its plain data is the chunk `digest`.
@@ -294,6 +342,49 @@ mod tests {
             decode_blob(&d, &bad),
             Err(BlobError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn compression_is_kept_only_when_it_saves_a_thirty_second() {
+        // (plain, packed, kept)
+        let table = [
+            (1024, 1024, false),
+            (1024, 1025, false),
+            (1024, 993, false),
+            (1024, 992, true),
+            (1024, 10, true),
+            (0, 0, false),
+            (31, 30, true),
+        ];
+        for (plain, packed, kept) in table {
+            assert_eq!(
+                worth_compressing(plain, packed),
+                kept,
+                "{plain} -> {packed}"
+            );
+        }
+    }
+
+    #[test]
+    fn incompressible_chunks_are_stored_raw_and_mixed_ones_compressed() {
+        let mut random = vec![0u8; 4 << 20];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for b in random.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let blob = encode_blob(&random, true);
+        assert!(!is_compressed(&blob), "random data stored raw");
+        assert_eq!(decode_blob(&Digest::of(&random), &blob).unwrap(), random);
+        // Half random, half zero: every probe that lands in the zeros
+        // compresses, so the whole is compressed.
+        let mut mixed = random.clone();
+        mixed[2 << 20..].fill(0);
+        let blob = encode_blob(&mixed, true);
+        assert!(is_compressed(&blob), "half-zero chunk compressed");
+        assert_eq!(decode_blob(&Digest::of(&mixed), &blob).unwrap(), mixed);
     }
 
     #[test]

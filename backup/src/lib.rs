@@ -9,7 +9,8 @@
 //!
 //! The layers, bottom up: [`backend`] (a directory or S3: put atomically, get,
 //! list, delete), [`chunk`] (the blob format of one stored chunk), [`index`]
-//! (the binary index of one backup), [`repo`] (the repository: config,
+//! (the binary index of one backup), `pipeline` (the bounded ordered
+//! parallel map backup and restore overlap their work with), [`repo`] (the repository: config,
 //! backups, chunks), [`writer`] (creating a backup), [`check`] (verify and
 //! restore), [`gc`] (prune and garbage collection).
 //!
@@ -22,6 +23,7 @@ pub mod check;
 pub mod chunk;
 pub mod gc;
 pub mod index;
+mod pipeline;
 pub mod repo;
 pub mod writer;
 

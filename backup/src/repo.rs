@@ -151,6 +151,17 @@ pub enum RepoError {
         /// Why.
         reason: String,
     },
+    /// A backup finished before every chunk was handled and durable (a
+    /// step or run failed): no index was written.
+    #[error("backup of {volume}: only {durable} of {count} chunks are handled and durable; no index written")]
+    Unfinished {
+        /// The volume.
+        volume: String,
+        /// Chunks handled and durable.
+        durable: u64,
+        /// Chunks the index would name.
+        count: u64,
+    },
     /// The base of an incremental backup does not fit the volume.
     #[error("base backup {base}: {reason}")]
     BaseMismatch {

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::LockMode;
 use crate::chunk::{encode_blob, Digest};
 use crate::index::{chunk_count, valid_volume_name, BackupIndex};
+use crate::pipeline::{ordered_map, worker_count, Window};
 use crate::repo::{now_ms, BackupId, RepoError, Repository, WRITER_DIR};
 use crate::MAX_INDEX_ENTRIES;
 
@@ -71,6 +72,193 @@ pub(crate) struct WriterRecord {
     pub pid: u32,
 }
 
+/// Chunks a pipelined backup stores at once (32 MiB of blobs at the default
+/// chunk size): enough that the directory backend's parallel fsyncs and one
+/// sync per directory pay off, few enough to bound the memory held back.
+const PUT_BATCH: usize = 8;
+/// Chunks read ahead of the store: a batch being stored plus most of the
+/// next one being read, hashed and compressed meanwhile.
+const PIPELINE_WINDOW: Window = Window(12);
+/// Most hashing and compressing threads, whatever the core count: past a
+/// few, the source's read speed bounds a backup anyway.
+const MAX_WORKERS: usize = 4;
+
+/// One chunk on its way through the pipeline, as the producer hands it to
+/// a worker.
+enum Job {
+    /// Taken from the base without reading: its entry.
+    Reused(Option<Digest>),
+    /// Read from the source: its plain data.
+    Read(Vec<u8>),
+    /// Reading it failed; the pipeline stops here.
+    Failed(RepoError),
+}
+
+/// What a worker made of a chunk.
+enum Handled {
+    /// Taken from the base without reading.
+    Reused(Option<Digest>),
+    /// All zero: never stored. Carries the bytes read.
+    Zero(u64),
+    /// In the repository already for this backup (the base's). Carries the
+    /// digest and the bytes read.
+    Known(Digest, u64),
+    /// To be stored: digest, encoded blob, bytes read.
+    New(Digest, Vec<u8>, u64),
+    /// Reading it failed.
+    Failed(RepoError),
+}
+
+/// Hashes, classifies and (when new) encodes one chunk: the workers' part.
+fn handle(job: Job, known: &HashSet<Digest>, compress: bool) -> Handled {
+    match job {
+        Job::Reused(entry) => Handled::Reused(entry),
+        Job::Failed(e) => Handled::Failed(e),
+        Job::Read(data) => {
+            let len = data.len() as u64;
+            if data.iter().all(|&b| b == 0) {
+                return Handled::Zero(len);
+            }
+            let digest = Digest::of(&data);
+            if known.contains(&digest) {
+                Handled::Known(digest, len)
+            } else {
+                Handled::New(digest, encode_blob(&data, compress), len)
+            }
+        }
+    }
+}
+
+/// Stores `blobs`: refreshes those already in the repository (under the
+/// shared lock, so GC's sweep cannot delete one between the refresh and
+/// the index) and puts the rest in one batch. Returns once all are durable.
+fn store_blobs(
+    repo: &Repository,
+    blobs: Vec<(Digest, Vec<u8>)>,
+    stats: &mut BackupStats,
+) -> Result<(), RepoError> {
+    let backend = repo.backend();
+    let mut puts = Vec::with_capacity(blobs.len());
+    {
+        let _lock = backend.lock(LockMode::Shared)?;
+        for (digest, blob) in blobs {
+            let key = digest.key();
+            if backend.touch(&key, &blob)? {
+                stats.chunks_deduplicated += 1;
+            } else {
+                puts.push((key, blob));
+            }
+        }
+    }
+    backend.put_batch(&puts)?;
+    stats.chunks_new += puts.len() as u64;
+    stats.bytes_stored += puts.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+    Ok(())
+}
+
+/// The consumer end of a pipelined backup: collects handled chunks in
+/// order and stores them a batch at a time. A chunk's entry reaches the
+/// writer's list only once its batch is durable, so the index can never
+/// name a chunk that is not (see [`BackupWriter::finish`]).
+struct Storer<'w> {
+    repo: &'w Repository,
+    chunks: &'w mut Vec<Option<Digest>>,
+    stats: &'w mut BackupStats,
+    /// Digests stored or refreshed by this run.
+    stored: HashSet<Digest>,
+    /// Entries since the last durable batch, in chunk order.
+    entries: Vec<Option<Digest>>,
+    /// The new blobs those entries need.
+    blobs: Vec<(Digest, Vec<u8>)>,
+}
+
+impl<'w> Storer<'w> {
+    fn new(
+        repo: &'w Repository,
+        chunks: &'w mut Vec<Option<Digest>>,
+        stats: &'w mut BackupStats,
+    ) -> Storer<'w> {
+        Storer {
+            repo,
+            chunks,
+            stats,
+            stored: HashSet::new(),
+            entries: Vec::new(),
+            blobs: Vec::new(),
+        }
+    }
+
+    fn accept(&mut self, handled: Handled) -> Result<(), RepoError> {
+        let entry = match handled {
+            Handled::Failed(e) => return Err(e),
+            Handled::Reused(entry) => {
+                self.stats.chunks_reused += 1;
+                entry
+            }
+            Handled::Zero(read) => {
+                self.stats.bytes_read += read;
+                self.stats.chunks_zero += 1;
+                None
+            }
+            Handled::Known(digest, read) => {
+                self.stats.bytes_read += read;
+                self.stats.chunks_deduplicated += 1;
+                Some(digest)
+            }
+            Handled::New(digest, blob, read) => {
+                self.stats.bytes_read += read;
+                if self.stored.insert(digest) {
+                    self.blobs.push((digest, blob));
+                } else {
+                    // The same data twice in this backup.
+                    self.stats.chunks_deduplicated += 1;
+                }
+                Some(digest)
+            }
+        };
+        self.entries.push(entry);
+        if self.blobs.len() >= PUT_BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Stores the pending blobs; only then are their entries recorded.
+    fn flush(&mut self) -> Result<(), RepoError> {
+        store_blobs(self.repo, std::mem::take(&mut self.blobs), self.stats)?;
+        self.chunks.append(&mut self.entries);
+        Ok(())
+    }
+}
+
+/// The base's entry for chunk `i` when the chunk is outside every changed
+/// range and covers the same bytes in the base.
+fn unchanged_base_entry(
+    base: Option<&(BackupId, BackupIndex)>,
+    changed: Option<&Vec<Range<u64>>>,
+    i: usize,
+    range: &Range<u64>,
+) -> Option<Option<Digest>> {
+    let (_, base) = base?;
+    let changed = changed?;
+    let same_extent = i < base.chunks.len() && base.chunk_range(i) == *range;
+    (same_extent && !overlaps(changed, range)).then(|| base.chunks[i])
+}
+
+/// Reads `range` of `source` into a fresh buffer.
+fn read_range<R: Read + Seek>(source: &mut R, range: &Range<u64>) -> Result<Vec<u8>, RepoError> {
+    let source_err = |source| RepoError::Source {
+        range: range.clone(),
+        source,
+    };
+    let mut buf = vec![0u8; (range.end - range.start) as usize];
+    source
+        .seek(SeekFrom::Start(range.start))
+        .map_err(source_err)?;
+    source.read_exact(&mut buf).map_err(source_err)?;
+    Ok(buf)
+}
+
 /// Makes writer record keys unique within this process.
 static WRITER_SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -95,7 +283,6 @@ pub struct BackupWriter<'r> {
     chunks: Vec<Option<Digest>>,
     record_key: String,
     stats: BackupStats,
-    buf: Vec<u8>,
     finished: bool,
 }
 
@@ -173,7 +360,6 @@ impl Repository {
             known,
             chunks: Vec::with_capacity(count as usize),
             record_key,
-            buf: Vec::new(),
             finished: false,
         })
     }
@@ -215,9 +401,9 @@ impl Repository {
         Ok(key)
     }
 
-    /// Backs up `source` in one go: [`Repository::begin_backup`], every
-    /// [`BackupWriter::step`], then [`BackupWriter::finish`].
-    pub fn backup<R: Read + Seek>(
+    /// Backs up `source` in one go: [`Repository::begin_backup`],
+    /// [`BackupWriter::run`], then [`BackupWriter::finish`].
+    pub fn backup<R: Read + Seek + Send>(
         &self,
         spec: BackupSpec,
         base: Option<&BackupId>,
@@ -225,7 +411,7 @@ impl Repository {
         source: &mut R,
     ) -> Result<BackupStats, RepoError> {
         let mut writer = self.begin_backup(spec, base, changed)?;
-        while writer.step(source)? {}
+        writer.run(source)?;
         writer.finish()
     }
 }
@@ -236,98 +422,104 @@ impl BackupWriter<'_> {
         &self.id
     }
 
+    /// The byte range of chunk `i`.
+    fn chunk_range(&self, i: usize) -> Range<u64> {
+        let chunk_size = u64::from(self.repo.config().chunk_size);
+        i as u64 * chunk_size..((i as u64 + 1) * chunk_size).min(self.spec.size)
+    }
+
+    /// The byte ranges the remaining chunks will be read from, in the order
+    /// they will be read: a source can read them ahead.
+    pub fn ranges_to_read(&self) -> Vec<Range<u64>> {
+        let count = chunk_count(self.spec.size, self.repo.config().chunk_size) as usize;
+        (self.chunks.len()..count)
+            .map(|i| (i, self.chunk_range(i)))
+            .filter(|(i, r)| {
+                unchanged_base_entry(self.base.as_ref(), self.changed.as_ref(), *i, r).is_none()
+            })
+            .map(|(_, r)| r)
+            .collect()
+    }
+
+    /// Handles every remaining chunk, overlapping the source's reads with
+    /// hashing and compressing on worker threads and with storing batches
+    /// of new chunks. Returns once every chunk is handled and durable; on an
+    /// error, the chunks stored so far are durable but the backup cannot be
+    /// finished.
+    pub fn run<R: Read + Seek + Send>(&mut self, source: &mut R) -> Result<(), RepoError> {
+        let count = chunk_count(self.spec.size, self.repo.config().chunk_size) as usize;
+        let ranges: Vec<Range<u64>> = (self.chunks.len()..count)
+            .map(|i| self.chunk_range(i))
+            .collect();
+        let first = self.chunks.len();
+        let (base, changed) = (self.base.as_ref(), self.changed.as_ref());
+        let mut failed = false;
+        let jobs = ranges.iter().enumerate().map_while(|(n, range)| {
+            if failed {
+                return None;
+            }
+            Some(
+                match unchanged_base_entry(base, changed, first + n, range) {
+                    Some(entry) => Job::Reused(entry),
+                    None => read_range(source, range).map_or_else(
+                        |e| {
+                            failed = true;
+                            Job::Failed(e)
+                        },
+                        Job::Read,
+                    ),
+                },
+            )
+        });
+        let compress = self.repo.config().compress;
+        let known = &self.known;
+        let mut storer = Storer::new(self.repo, &mut self.chunks, &mut self.stats);
+        let workers = worker_count(MAX_WORKERS);
+        let work = |job| handle(job, known, compress);
+        ordered_map(jobs, workers, PIPELINE_WINDOW, work, |h| storer.accept(h))?;
+        storer.flush()?;
+        let stored = std::mem::take(&mut storer.stored);
+        self.known.extend(stored);
+        Ok(())
+    }
+
     /// Handles the next chunk: takes it from the base when unchanged, else
     /// reads it and stores it unless it is all zero or already stored.
-    /// Returns false when every chunk has been handled.
+    /// Returns false when every chunk has been handled. One chunk at a time,
+    /// stored before it returns; [`BackupWriter::run`] overlaps the work.
     pub fn step<R: Read + Seek>(&mut self, source: &mut R) -> Result<bool, RepoError> {
         let i = self.chunks.len();
         let count = chunk_count(self.spec.size, self.repo.config().chunk_size) as usize;
         if i == count {
             return Ok(false);
         }
-        let chunk_size = u64::from(self.repo.config().chunk_size);
-        let range = i as u64 * chunk_size..((i as u64 + 1) * chunk_size).min(self.spec.size);
-        if let Some(entry) = self.unchanged_base_entry(i, &range) {
-            self.chunks.push(entry);
-            self.stats.chunks_reused += 1;
-            return Ok(true);
-        }
-        self.read(source, &range)?;
-        let entry = if self.buf.iter().all(|&b| b == 0) {
-            self.stats.chunks_zero += 1;
-            None
-        } else {
-            let digest = Digest::of(&self.buf);
-            if self.known.contains(&digest) {
-                self.stats.chunks_deduplicated += 1;
-            } else {
-                self.store(digest)?;
-            }
-            Some(digest)
+        let range = self.chunk_range(i);
+        let job = match unchanged_base_entry(self.base.as_ref(), self.changed.as_ref(), i, &range) {
+            Some(entry) => Job::Reused(entry),
+            None => Job::Read(read_range(source, &range)?),
         };
-        self.chunks.push(entry);
+        let compress = self.repo.config().compress;
+        let mut storer = Storer::new(self.repo, &mut self.chunks, &mut self.stats);
+        storer.accept(handle(job, &self.known, compress))?;
+        storer.flush()?;
+        let stored = std::mem::take(&mut storer.stored);
+        self.known.extend(stored);
         Ok(true)
-    }
-
-    /// The base's entry for chunk `i` when the chunk is outside every changed
-    /// range and covers the same bytes in the base.
-    fn unchanged_base_entry(&self, i: usize, range: &Range<u64>) -> Option<Option<Digest>> {
-        let (_, base) = self.base.as_ref()?;
-        let changed = self.changed.as_ref()?;
-        let same_extent = i < base.chunks.len() && base.chunk_range(i) == *range;
-        (same_extent && !overlaps(changed, range)).then(|| base.chunks[i])
-    }
-
-    fn read<R: Read + Seek>(
-        &mut self,
-        source: &mut R,
-        range: &Range<u64>,
-    ) -> Result<(), RepoError> {
-        let len = (range.end - range.start) as usize;
-        self.buf.resize(len, 0);
-        let source_err = |source| RepoError::Source {
-            range: range.clone(),
-            source,
-        };
-        source
-            .seek(SeekFrom::Start(range.start))
-            .map_err(source_err)?;
-        source.read_exact(&mut self.buf).map_err(source_err)?;
-        self.stats.bytes_read += len as u64;
-        Ok(())
-    }
-
-    /// Stores the chunk in `buf` under `digest`. An existing copy is only
-    /// refreshed (under the shared repository lock, so GC's sweep cannot
-    /// delete it between the refresh and this backup's index).
-    fn store(&mut self, digest: Digest) -> Result<(), RepoError> {
-        let blob = encode_blob(&self.buf, self.repo.config().compress);
-        let backend = self.repo.backend();
-        let key = digest.key();
-        let refreshed = {
-            let _lock = backend.lock(LockMode::Shared)?;
-            backend.touch(&key, &blob)?
-        };
-        if refreshed {
-            self.stats.chunks_deduplicated += 1;
-        } else {
-            backend.put(&key, &blob)?;
-            self.stats.chunks_new += 1;
-            self.stats.bytes_stored += blob.len() as u64;
-        }
-        self.known.insert(digest);
-        Ok(())
     }
 
     /// Writes the index, now that every chunk it names is durable, and
     /// retires the writer record.
     pub fn finish(mut self) -> Result<BackupStats, RepoError> {
-        let count = chunk_count(self.spec.size, self.repo.config().chunk_size) as usize;
-        assert_eq!(
-            self.chunks.len(),
-            count,
-            "finish before every chunk was handled"
-        );
+        let count = chunk_count(self.spec.size, self.repo.config().chunk_size);
+        // A failed run leaves chunks unhandled (or not durable): never
+        // write an index then.
+        if self.chunks.len() as u64 != count {
+            return Err(RepoError::Unfinished {
+                volume: self.spec.volume_name.clone(),
+                durable: self.chunks.len() as u64,
+                count,
+            });
+        }
         let backend = self.repo.backend();
         if let Some((base_id, _)) = &self.base {
             // The base's chunks were protected by the base's index; if it was

@@ -16,6 +16,9 @@ use super::{check_key, Backend, BackendError, LockMode, ObjectInfo, RepoLock};
 
 /// The marker in a temporary file's name; such files are never objects.
 pub const TEMP_MARK: &str = ".tmp-";
+/// Threads a batch put writes and syncs on: fsync waits on the disk, not
+/// the CPU, so a few more than the cores, to keep the device's queue fed.
+const PUT_THREADS: usize = 4;
 /// The repository lock file, at the root.
 const LOCK_FILE: &str = ".lock";
 
@@ -73,6 +76,32 @@ impl DirBackend {
         sync_dir(dir.parent().unwrap_or(&self.root))
     }
 
+    /// Writes `data` to a temporary file beside `path`, fsyncs it and renames
+    /// it over `path`; the caller fsyncs the directory.
+    fn write_and_rename(&self, path: &Path, data: &[u8]) -> Result<(), BackendError> {
+        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
+        let name = path
+            .file_name()
+            .expect("a key names a file")
+            .to_string_lossy();
+        let temp = parent(path).join(format!("{name}{TEMP_MARK}{}-{seq}", std::process::id()));
+        let written = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .and_then(|mut f| f.write_all(data).and_then(|()| f.sync_all()));
+        if let Err(e) = written {
+            // A full disk: leave nothing behind, not even the temporary file.
+            let _ = fs::remove_file(&temp);
+            return Err(io_err("write", &temp, e));
+        }
+        if let Err(e) = fs::rename(&temp, path) {
+            let _ = fs::remove_file(&temp);
+            return Err(io_err("rename", path, e));
+        }
+        Ok(())
+    }
+
     fn walk(&self, dir: &Path, out: &mut Vec<ObjectInfo>) -> Result<(), BackendError> {
         let entries = match fs::read_dir(dir) {
             Ok(entries) => entries,
@@ -116,6 +145,40 @@ impl DirBackend {
     }
 }
 
+/// The directory an object's path is in (a key always has one: the root).
+fn parent(path: &Path) -> &Path {
+    path.parent().expect("a key's path has a parent: the root")
+}
+
+/// Runs `f` over `items` on up to `threads` scoped threads, each taking
+/// every `threads`-th item; the first error wins.
+fn for_each_parallel<T: Sync>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> Result<(), BackendError> + Sync,
+) -> Result<(), BackendError> {
+    let threads = threads.clamp(1, items.len().max(1));
+    if threads == 1 {
+        return items.iter().try_for_each(&f);
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let f = &f;
+                s.spawn(move || items.iter().skip(t).step_by(threads).try_for_each(f))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect::<Result<Vec<()>, _>>()
+            .map(drop)
+    })
+}
+
 fn sync_dir(dir: &Path) -> Result<(), BackendError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -125,32 +188,36 @@ fn sync_dir(dir: &Path) -> Result<(), BackendError> {
 impl Backend for DirBackend {
     fn put(&self, key: &str, data: &[u8]) -> Result<(), BackendError> {
         let path = self.path(key)?;
-        let dir = path
-            .parent()
-            .expect("a key has a parent: the root")
-            .to_path_buf();
-        self.create_dirs(&dir)?;
-        let seq = self.temp_seq.fetch_add(1, Ordering::Relaxed);
-        let name = path
-            .file_name()
-            .expect("a key names a file")
-            .to_string_lossy();
-        let temp = dir.join(format!("{name}{TEMP_MARK}{}-{seq}", std::process::id()));
-        let written = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)
-            .and_then(|mut f| f.write_all(data).and_then(|()| f.sync_all()));
-        if let Err(e) = written {
-            // A full disk: leave nothing behind, not even the temporary file.
-            let _ = fs::remove_file(&temp);
-            return Err(io_err("write", &temp, e));
+        let dir = parent(&path);
+        self.create_dirs(dir)?;
+        self.write_and_rename(&path, data)?;
+        sync_dir(dir)
+    }
+
+    /// Writes and fsyncs the files on up to [`PUT_THREADS`] threads, renames
+    /// each into place, then fsyncs each directory once: the same
+    /// durability as one [`Backend::put`] per object, for much less waiting.
+    fn put_batch(&self, objects: &[(String, Vec<u8>)]) -> Result<(), BackendError> {
+        let paths = objects
+            .iter()
+            .map(|(key, _)| self.path(key))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut dirs: Vec<&Path> = paths.iter().map(|p| parent(p)).collect();
+        dirs.sort_unstable();
+        dirs.dedup();
+        for dir in &dirs {
+            self.create_dirs(dir)?;
         }
-        if let Err(e) = fs::rename(&temp, &path) {
-            let _ = fs::remove_file(&temp);
-            return Err(io_err("rename", &path, e));
-        }
-        sync_dir(&dir)
+        let files: Vec<(&PathBuf, &[u8])> = paths
+            .iter()
+            .zip(objects)
+            .map(|(path, (_, data))| (path, data.as_slice()))
+            .collect();
+        for_each_parallel(&files, PUT_THREADS, |(path, data)| {
+            self.write_and_rename(path, data)
+        })?;
+        // Only now are the new names durable: the batch is stored.
+        for_each_parallel(&dirs, PUT_THREADS, |dir| sync_dir(dir))
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {

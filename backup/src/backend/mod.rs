@@ -95,6 +95,16 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Stores `data` under `key`, replacing what was there, atomically and
     /// durably: when this returns, the whole object survives a crash.
     fn put(&self, key: &str, data: &[u8]) -> Result<(), BackendError>;
+    /// Stores several objects as [`Backend::put`] stores one: when this
+    /// returns `Ok`, every one of them is whole and durable. On an error,
+    /// any of them may or may not be stored (each whole or not at all). A
+    /// backend overrides this when it can overlap the puts (the directory
+    /// backend syncs the files in parallel and each directory once).
+    fn put_batch(&self, objects: &[(String, Vec<u8>)]) -> Result<(), BackendError> {
+        objects
+            .iter()
+            .try_for_each(|(key, data)| self.put(key, data))
+    }
     /// Reads an object; `None` when there is none under `key`.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError>;
     /// Stats an object; `None` when there is none under `key`.
