@@ -10,6 +10,8 @@ use std::ops::Range;
 use thiserror::Error;
 
 use crate::chunk::{BlobError, Digest};
+use crate::index::BackupIndex;
+use crate::pipeline::{ordered_map, worker_count, Window};
 use crate::repo::{BackupId, RepoError, Repository};
 
 /// Why one chunk could not be used.
@@ -147,6 +149,9 @@ impl Repository {
     /// its checks is not written — its range is left untouched — and the
     /// call then fails with [`RepoError::Damaged`] naming every such range;
     /// all other ranges are restored. Never writes unchecked data.
+    ///
+    /// Chunks are fetched, checked and decompressed on worker threads, up
+    /// to [`RESTORE_WINDOW`] ahead, while this thread writes them in order.
     pub fn restore<W: Write + Seek>(
         &self,
         id: &BackupId,
@@ -154,49 +159,82 @@ impl Repository {
     ) -> Result<RestoreStats, RepoError> {
         let index = self.load_index(id)?;
         let zeros = vec![0u8; index.chunk_size as usize];
-        let mut stats = RestoreStats::default();
-        let mut damaged = Vec::new();
-        for (i, digest) in index.chunks.iter().enumerate() {
+        let mut placed = Placed::default();
+        let fetch = |(i, digest): (usize, Option<Digest>)| {
+            let len = chunk_len(&index, i);
+            let data = digest.map(|d| self.read_chunk(&d).and_then(|data| of_length(data, len)));
+            (i, data)
+        };
+        let jobs = index.chunks.iter().copied().enumerate();
+        let workers = worker_count(MAX_RESTORE_WORKERS);
+        ordered_map(jobs, workers, RESTORE_WINDOW, fetch, |(i, data)| {
             let range = index.chunk_range(i);
-            let len = (range.end - range.start) as usize;
-            match digest {
-                None => {
-                    write_at(target, &range, &zeros[..len])?;
-                    stats.chunks_zero += 1;
+            match data {
+                None => placed.write(target, range, &zeros[..chunk_len(&index, i)], true),
+                Some(Ok(data)) => placed.write(target, range, &data, false),
+                Some(Err(problem)) => {
+                    let digest = index.chunks[i].expect("a fetched chunk has a digest");
+                    placed.damaged.push(DamagedRange {
+                        range,
+                        digest,
+                        problem,
+                    });
+                    Ok(())
                 }
-                Some(digest) => match self
-                    .read_chunk(digest)
-                    .and_then(|data| of_length(data, len))
-                {
-                    Ok(data) => {
-                        write_at(target, &range, &data)?;
-                        stats.chunks_restored += 1;
-                    }
-                    Err(problem) => {
-                        damaged.push(DamagedRange {
-                            range,
-                            digest: *digest,
-                            problem,
-                        });
-                        continue;
-                    }
-                },
             }
-            stats.bytes_written += len as u64;
-        }
+        })?;
         target.flush().map_err(|source| RepoError::Target {
             range: 0..index.size,
             source,
         })?;
-        if damaged.is_empty() {
-            Ok(stats)
+        if placed.damaged.is_empty() {
+            Ok(placed.stats)
         } else {
             Err(RepoError::Damaged {
                 id: id.clone(),
-                ranges: damaged,
+                ranges: placed.damaged,
             })
         }
     }
+}
+
+/// Chunks a restore fetches, checks and decompresses ahead of the target's
+/// writes: 32 MiB at the default chunk size, enough to cover a slow fetch.
+const RESTORE_WINDOW: Window = Window(8);
+/// Most fetching threads, whatever the core count.
+const MAX_RESTORE_WORKERS: usize = 4;
+
+/// What a restore has written and what it could not.
+#[derive(Default)]
+struct Placed {
+    stats: RestoreStats,
+    damaged: Vec<DamagedRange>,
+}
+
+impl Placed {
+    /// Writes one checked chunk (or zeros) at its range.
+    fn write<W: Write + Seek>(
+        &mut self,
+        target: &mut W,
+        range: Range<u64>,
+        data: &[u8],
+        zero: bool,
+    ) -> Result<(), RepoError> {
+        write_at(target, &range, data)?;
+        if zero {
+            self.stats.chunks_zero += 1;
+        } else {
+            self.stats.chunks_restored += 1;
+        }
+        self.stats.bytes_written += data.len() as u64;
+        Ok(())
+    }
+}
+
+/// The length of chunk `i` of `index`.
+fn chunk_len(index: &BackupIndex, i: usize) -> usize {
+    let range = index.chunk_range(i);
+    (range.end - range.start) as usize
 }
 
 /// Checks that a chunk's data fills exactly the range the index gives it.

@@ -10,6 +10,7 @@
 //! first, so the answer (covering every record up to at least the
 //! snapshot's LSN) is a superset of what the snapshot changed.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
@@ -20,7 +21,8 @@ use std::time::Instant;
 use backup::{BackupId, BackupSpec, BackupStats, RepoConfig, RepoError, Repository};
 use indicatif::{ProgressBar, ProgressStyle};
 use mirrorblk_admin as admin;
-use nbd::client::Client;
+use nbd::client::{Client, ClientError};
+use nbd::{Command, CommandFlags, Request};
 
 use crate::restore::{Stream, NBD_TIMEOUT};
 
@@ -203,12 +205,86 @@ fn newest_backup(
     }))
 }
 
-/// The snapshot export as a `Read + Seek` source for the backup writer.
+/// NBD reads kept in flight ahead of the one the backup waits for: with
+/// 4 MiB pieces, 16 MiB requested ahead, which keeps the server reading
+/// while the client copies the previous answer out. Bounded because every
+/// answer is held in memory until the backup takes it.
+const READS_IN_FLIGHT: usize = 4;
+
+/// The snapshot export as a `Read + Seek` source for the backup writer,
+/// reading ahead along the writer's schedule.
 struct ExportReader {
     client: Client<Stream>,
     size: u64,
     pos: u64,
     progress: ProgressBar,
+    /// Pieces (offset, length) still to be requested, in the order the
+    /// writer will read them.
+    schedule: VecDeque<(u64, u32)>,
+    /// Pieces requested and not yet taken: offset, length, cookie.
+    pending: VecDeque<(u64, u32, u64)>,
+}
+
+/// Splits the byte ranges a writer will read into NBD reads of at most
+/// [`READ_PIECE`] bytes, in order (pure).
+fn read_pieces(ranges: &[Range<u64>]) -> VecDeque<(u64, u32)> {
+    let mut pieces = VecDeque::new();
+    for r in ranges {
+        let mut at = r.start;
+        while at < r.end {
+            let len = (r.end - at).min(READ_PIECE);
+            pieces.push_back((at, len as u32));
+            at += len;
+        }
+    }
+    pieces
+}
+
+fn read_err(at: u64, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("NBD read at {at}: {e}"))
+}
+
+impl ExportReader {
+    /// Requests scheduled pieces until [`READS_IN_FLIGHT`] are in flight.
+    fn read_ahead(&mut self) -> io::Result<()> {
+        while self.pending.len() < READS_IN_FLIGHT {
+            let Some((offset, len)) = self.schedule.pop_front() else {
+                break;
+            };
+            let cookie = self.client.next_cookie();
+            let req = Request {
+                flags: CommandFlags::empty(),
+                command: Command::Read,
+                cookie,
+                offset,
+                length: u64::from(len),
+            };
+            self.client
+                .submit(&req, None)
+                .map_err(|e| read_err(offset, e))?;
+            self.pending.push_back((offset, len, cookie));
+        }
+        Ok(())
+    }
+
+    /// The data at `pos`, at most `n` bytes: the oldest piece read ahead
+    /// when it starts there, else a read of its own.
+    fn take(&mut self, n: u64) -> io::Result<Vec<u8>> {
+        self.read_ahead()?;
+        let at = self.pos;
+        match self.pending.front() {
+            Some(&(offset, len, cookie)) if offset == at && u64::from(len) <= n => {
+                self.pending.pop_front();
+                let r = self.client.wait_for(cookie).map_err(|e| read_err(at, e))?;
+                match r.error {
+                    Some(code) => Err(read_err(at, ClientError::Server(code))),
+                    None if r.data.len() == len as usize => Ok(r.data),
+                    None => Err(read_err(at, format!("{} bytes, not {len}", r.data.len()))),
+                }
+            }
+            _ => self.client.read(at, n as u32).map_err(|e| read_err(at, e)),
+        }
+    }
 }
 
 impl Read for ExportReader {
@@ -218,14 +294,13 @@ impl Read for ExportReader {
         if n == 0 {
             return Ok(0);
         }
-        let data = self
-            .client
-            .read(self.pos, n as u32)
-            .map_err(|e| io::Error::other(format!("NBD read at {}: {e}", self.pos)))?;
-        assert_eq!(data.len() as u64, n, "a read returns what it asked for");
+        let data = self.take(n)?;
+        if data.len() as u64 > n || data.is_empty() {
+            return Err(read_err(self.pos, format!("{} bytes for {n}", data.len())));
+        }
         buf[..data.len()].copy_from_slice(&data);
-        self.pos += n;
-        self.progress.inc(n);
+        self.pos += data.len() as u64;
+        self.progress.inc(data.len() as u64);
         Ok(data.len())
     }
 }
@@ -433,20 +508,23 @@ fn read_and_write<'r>(
     }
     let chunk = u64::from(repo.config().chunk_size);
     let progress = progress_bar(bytes_to_read(plan, spec.size, chunk));
-    let mut source = ExportReader {
-        client,
-        size: spec.size,
-        pos: 0,
-        progress: progress.clone(),
-    };
+    let size = spec.size;
     let (base, changed) = match plan {
         Plan::Full { .. } => (None, None),
         Plan::Incremental { base, changed, .. } => (Some(base), Some(changed.as_slice())),
     };
     let mut writer = repo.begin_backup(spec, base, changed).map_err(repo_err)?;
-    // Bounded: one chunk per step, and the chunk count is bounded by the
-    // repository (MAX_INDEX_ENTRIES).
-    while writer.step(&mut source).map_err(repo_err)? {}
+    let mut source = ExportReader {
+        client,
+        size,
+        pos: 0,
+        progress: progress.clone(),
+        schedule: read_pieces(&writer.ranges_to_read()),
+        pending: VecDeque::new(),
+    };
+    // Bounded: the chunk count is bounded by the repository
+    // (MAX_INDEX_ENTRIES), each read by NBD_TIMEOUT.
+    writer.run(&mut source).map_err(repo_err)?;
     progress.finish_and_clear();
     Ok(writer)
 }
@@ -582,6 +660,23 @@ mod tests {
         assert_eq!(u[15], 0xff);
         assert_eq!(parse_uuid("0011"), None);
         assert_eq!(parse_uuid("g0112233-4455-6677-8899-aabbccddeeff"), None);
+    }
+
+    #[test]
+    fn reads_ahead_in_pieces_of_at_most_read_piece() {
+        let p = READ_PIECE;
+        let pieces = read_pieces(&[0..p, 3 * p..5 * p + 10, 9 * p..9 * p + 1]);
+        assert_eq!(
+            Vec::from(pieces),
+            vec![
+                (0, p as u32),
+                (3 * p, p as u32),
+                (4 * p, p as u32),
+                (5 * p, 10),
+                (9 * p, 1)
+            ]
+        );
+        assert!(read_pieces(&[]).is_empty());
     }
 
     #[test]
