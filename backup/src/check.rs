@@ -151,7 +151,7 @@ impl Repository {
     /// all other ranges are restored. Never writes unchecked data.
     ///
     /// Chunks are fetched, checked and decompressed on worker threads, up
-    /// to [`RESTORE_WINDOW`] ahead, while this thread writes them in order.
+    /// to 8 (`RESTORE_WINDOW`) ahead, while this thread writes them in order.
     pub fn restore<W: Write + Seek>(
         &self,
         id: &BackupId,

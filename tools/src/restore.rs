@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use backup::{BackupId, RepoError, Repository};
 use indicatif::{ProgressBar, ProgressStyle};
-use nbd::client::Client;
-use nbd::CommandFlags;
+use nbd::client::{Client, ClientError};
+use nbd::{Command, CommandFlags, Request};
 
 /// The NBD port when a URI names none.
 const NBD_PORT: u16 = 10809;
@@ -213,10 +213,39 @@ fn open_nbd(target: &str, stream: Stream, export: &str, size: u64) -> Result<Sin
     })
 }
 
+/// NBD writes kept in flight: 4 of up to 4 MiB, so the server always has
+/// the next write while it applies one and the client sends the one after.
+/// Bounded because the server holds each until it has applied it.
+const NBD_WRITES_IN_FLIGHT: usize = 4;
+
+/// Waits for one answer to a write in `in_flight` and drops it from there;
+/// an error answer is the error, naming the write's offset.
+fn settle_one(client: &mut Client<Stream>, in_flight: &mut Vec<(u64, u64)>) -> io::Result<()> {
+    let r = client
+        .receive()
+        .map_err(|e| io::Error::other(format!("NBD write: {e}")))?;
+    let Some(at) = in_flight.iter().position(|&(cookie, _)| cookie == r.cookie) else {
+        return Err(io::Error::other(format!(
+            "NBD answer to cookie {} that no write in flight has",
+            r.cookie
+        )));
+    };
+    let (_, off) = in_flight.swap_remove(at);
+    match r.error {
+        Some(code) => Err(io::Error::other(format!(
+            "NBD write at {off}: {}",
+            ClientError::Server(code)
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The sink as the repository's `Write + Seek` target, counting progress.
 struct Writer {
     sink: Sink,
     at: u64,
+    /// NBD writes sent and not yet answered: cookie, offset.
+    in_flight: Vec<(u64, u64)>,
     zeros: Vec<u8>,
     progress: ProgressBar,
 }
@@ -245,20 +274,51 @@ impl Writer {
         };
         for (i, piece) in data.chunks(NBD_PIECE).enumerate() {
             let off = self.at + (i * NBD_PIECE) as u64;
+            if self.in_flight.len() >= NBD_WRITES_IN_FLIGHT {
+                settle_one(client, &mut self.in_flight)?;
+            }
             let zero = *write_zeroes && piece == &self.zeros[..piece.len()];
-            let r = if zero {
-                client.write_zeroes(off, piece.len() as u64, CommandFlags::empty())
+            let (command, payload) = if zero {
+                (Command::WriteZeroes, None)
             } else {
-                client.write(off, piece, false)
+                (Command::Write, Some(piece))
             };
-            r.map_err(|e| io::Error::other(format!("NBD write at {off}: {e}")))?;
+            let mut flags = CommandFlags::empty();
+            if payload.is_some() && client.extended_headers() {
+                flags |= CommandFlags::PAYLOAD_LEN;
+            }
+            let cookie = client.next_cookie();
+            let req = Request {
+                flags,
+                command,
+                cookie,
+                offset: off,
+                length: piece.len() as u64,
+            };
+            client
+                .submit(&req, payload)
+                .map_err(|e| io::Error::other(format!("NBD write at {off}: {e}")))?;
+            self.in_flight.push((cookie, off));
         }
         Ok(())
     }
 
-    /// Makes everything written durable: fsync, or an NBD FLUSH.
-    fn finish(self) -> io::Result<()> {
+    /// Waits for every NBD write in flight; the first that failed is the
+    /// error, naming its offset.
+    fn settle_all(&mut self) -> io::Result<()> {
+        if let Sink::Nbd { client, .. } = &mut self.sink {
+            while !self.in_flight.is_empty() {
+                settle_one(client, &mut self.in_flight)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes everything written durable: fsync, or an NBD FLUSH once every
+    /// write in flight is answered.
+    fn finish(mut self) -> io::Result<()> {
         self.progress.finish_and_clear();
+        self.settle_all()?;
         match self.sink {
             Sink::File { file, .. } => file.sync_all(),
             Sink::Nbd {
@@ -292,8 +352,9 @@ impl Write for Writer {
         Ok(data.len())
     }
 
+    /// Waits for the NBD writes in flight (durability is [`Writer::finish`]'s).
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        self.settle_all()
     }
 }
 
@@ -354,6 +415,7 @@ pub fn restore(repo: &str, id: &str, target: &str, force: bool, json: bool) -> E
     let mut w = Writer {
         sink,
         at: 0,
+        in_flight: Vec::new(),
         zeros: vec![0u8; NBD_PIECE],
         progress: progress_bar(size),
     };

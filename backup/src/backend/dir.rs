@@ -194,7 +194,7 @@ impl Backend for DirBackend {
         sync_dir(dir)
     }
 
-    /// Writes and fsyncs the files on up to [`PUT_THREADS`] threads, renames
+    /// Writes and fsyncs the files on up to 4 (`PUT_THREADS`) threads, renames
     /// each into place, then fsyncs each directory once: the same
     /// durability as one [`Backend::put`] per object, for much less waiting.
     fn put_batch(&self, objects: &[(String, Vec<u8>)]) -> Result<(), BackendError> {
