@@ -163,13 +163,49 @@ pub enum Promise {
     EveryReply,
 }
 
+/// How often the writer asks for durability: one request in `flush_one_in`
+/// is a FLUSH, one write in `fua_one_in` carries FUA.
+#[derive(Debug, Clone, Copy)]
+pub struct Mix {
+    /// One request in this many is a FLUSH.
+    pub flush_one_in: u64,
+    /// One write in this many has FUA.
+    pub fua_one_in: u64,
+}
+
+impl Mix {
+    /// The kill -9 tests' mix: a FLUSH in 12 requests, FUA on a write in 4.
+    pub const FREQUENT: Mix = Mix {
+        flush_one_in: 12,
+        fua_one_in: 4,
+    };
+    /// Rare FLUSH and FUA, so that at a power cut many acknowledged writes
+    /// are covered by neither: what tells the NBD contract from per-write
+    /// durability.
+    pub const RARE: Mix = Mix {
+        flush_one_in: 150,
+        fua_one_in: 100,
+    };
+}
+
+/// [`writer_with`] in the [`Mix::FREQUENT`] mix.
+pub fn writer(
+    c: Client<TcpStream>,
+    model: &mut Model,
+    rng: &mut Rng,
+    promise: Promise,
+) -> CycleStats {
+    writer_with(c, model, rng, promise, Mix::FREQUENT)
+}
+
 /// Issues pipelined writes until the connection dies (the daemon was
 /// killed), updating the model as replies arrive. Returns what happened.
-pub fn writer(
+pub fn writer_with(
     mut c: Client<TcpStream>,
     model: &mut Model,
     rng: &mut Rng,
     promise: Promise,
+    mix: Mix,
 ) -> CycleStats {
     let mut st = CycleStats::default();
     let mut inflight: HashMap<u64, InFlight> = HashMap::new();
@@ -181,7 +217,7 @@ pub fn writer(
     while Instant::now() < give_up {
         while inflight.len() < DEPTH {
             let cookie = c.next_cookie();
-            if !flush_inflight && rng.chance(1, 12) {
+            if !flush_inflight && rng.chance(1, mix.flush_one_in) {
                 let req = Request {
                     flags: CommandFlags::empty(),
                     command: Command::Flush,
@@ -216,7 +252,7 @@ pub fn writer(
                 first,
                 count,
                 version,
-                fua: rng.chance(1, 4),
+                fua: rng.chance(1, mix.fua_one_in),
             };
             // Allowed from the moment it may reach the server.
             for b in first..first + count {
