@@ -258,7 +258,10 @@ impl Backend for DirBackend {
         let path = self.path(key)?;
         let now = TimeSpec::UTIME_NOW;
         match utimensat(None, &path, &now, &now, UtimensatFlags::NoFollowSymlink) {
-            Ok(()) => Ok(true),
+            // The chunk may be another writer's, renamed into place but its
+            // directory not yet synced: sync it, so this writer's index
+            // never names a chunk whose name a crash could still undo.
+            Ok(()) => sync_dir(parent(&path)).map(|()| true),
             Err(nix::errno::Errno::ENOENT) => Ok(false),
             Err(e) => Err(io_err("touch", &path, e.into())),
         }

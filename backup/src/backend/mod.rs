@@ -117,7 +117,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Refreshes an existing object's modification time to now, so garbage
     /// collection treats it as just written. `data` is the object's content
     /// for stores that can only refresh by rewriting. Returns false when the
-    /// object does not exist (and then creates nothing).
+    /// object does not exist (and then creates nothing). True means the
+    /// object is durable under its name, as after [`Backend::put`].
     fn touch(&self, key: &str, data: &[u8]) -> Result<bool, BackendError>;
     /// Takes the repository lock that orders chunk refreshes against the
     /// GC sweep (a stat then a delete); a backend that cannot lock returns
