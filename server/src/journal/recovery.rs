@@ -592,32 +592,8 @@ pub fn open_and_recover(
     target.begin(&sb);
     let start = Instant::now();
     let mut report = RecoveryReport::default();
-    // First pass: where the valid records end and which ranges in-place
-    // writes cover (both need every record checked, payloads included).
-    let mut in_place = InPlace::new();
-    scan(&file, &sb, |rec, _| {
-        in_place.note(&rec.header);
-        Ok(())
-    })
-    .map_err(io_err("cannot read journal", path))?;
-    // Second pass: replay, in LSN order, what no later in-place write covers.
     let mut volume_size = sb.volume_size;
-    let (next_lsn, head, stop) = scan(&file, &sb, |rec, data| {
-        let h = &rec.header;
-        announce(target, h, &mut volume_size)?;
-        for (a, b) in in_place.replayable(h.offset, h.offset + h.length, h.lsn) {
-            replay_part(target, h, data, a, b)?;
-        }
-        report.records += 1;
-        report.bytes += h.length;
-        Ok(())
-    })
-    .map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => JournalOpenError::StoreFull {
-            path: path.to_path_buf(),
-        },
-        _ => io_err("cannot replay journal", path)(e),
-    })?;
+    let (next_lsn, head, stop) = replay(&file, &sb, path, target, &mut report, &mut volume_size)?;
     if target.wants_intents() {
         mark_intents(&file, &sb, next_lsn, target).map_err(io_err("cannot read journal", path))?;
     }
@@ -635,22 +611,66 @@ pub fn open_and_recover(
     sb.generation += 1;
     write_superblock(&file, &sb).map_err(io_err("cannot write journal superblock", path))?;
     report.millis = start.elapsed().as_millis() as u64;
-    let records_file = match spec.durability {
-        super::Durability::PerWrite => None,
-        super::Durability::Flush => Some(
-            crate::store::open_direct(path, false, 0)
-                .map_err(io_err("cannot open journal", path))?
-                .0,
-        ),
-    };
     Ok(OpenedJournal {
         file,
-        records_file,
+        records_file: records_file(path, spec.durability)?,
         durability: spec.durability,
         path: path.to_path_buf(),
         superblock: sb,
         report,
     })
+}
+
+/// Both passes of recovery over the records after `sb`'s checkpoint: the
+/// first finds where the valid records end and which ranges in-place writes
+/// cover, the second replays, in LSN order, what no later in-place write
+/// covers. Returns the next LSN, the head and why the scan stopped.
+fn replay(
+    file: &File,
+    sb: &Superblock,
+    path: &Path,
+    target: &mut dyn ReplayTarget,
+    report: &mut RecoveryReport,
+    volume_size: &mut u64,
+) -> Result<(Lsn, u64, Option<String>), JournalOpenError> {
+    // Both passes need every record checked, payloads included.
+    let mut in_place = InPlace::new();
+    scan(file, sb, |rec, _| {
+        in_place.note(&rec.header);
+        Ok(())
+    })
+    .map_err(io_err("cannot read journal", path))?;
+    scan(file, sb, |rec, data| {
+        let h = &rec.header;
+        announce(target, h, volume_size)?;
+        for (a, b) in in_place.replayable(h.offset, h.offset + h.length, h.lsn) {
+            replay_part(target, h, data, a, b)?;
+        }
+        report.records += 1;
+        report.bytes += h.length;
+        Ok(())
+    })
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => JournalOpenError::StoreFull {
+            path: path.to_path_buf(),
+        },
+        _ => io_err("cannot replay journal", path)(e),
+    })
+}
+
+/// The handle records are written through in flush mode: a second one
+/// without `O_DSYNC` (superblocks and intents keep the `O_DSYNC` one).
+/// None in per-write mode, where both are the same.
+fn records_file(
+    path: &Path,
+    durability: super::Durability,
+) -> Result<Option<File>, JournalOpenError> {
+    match durability {
+        super::Durability::PerWrite => Ok(None),
+        super::Durability::Flush => crate::store::open_direct(path, false, 0)
+            .map(|(f, _)| Some(f))
+            .map_err(io_err("cannot open journal", path)),
+    }
 }
 
 /// Replays into a plain (buffered) file: the data store at start-up.
