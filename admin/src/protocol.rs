@@ -396,7 +396,8 @@ mod tests {
     /// the same bytes.
     const STATUS_LINE: &str = concat!(
         r#"{"ok":true,"node":"n1","volumes":[{"name":"vol0","size":268435456,"read_only":false,"#,
-        r#""role":"primary","epoch":2,"last_lsn":10,"durable_lsn":10,"applied_lsn":9,"#,
+        r#""role":"primary","epoch":2,"last_lsn":10,"durable_lsn":10,"#,
+        r#""durability":"per-write","written_lsn":10,"applied_lsn":9,"#,
         r#""journal_used":4096,"journal_size":67108864,"journal_batches":5,"checkpoints":1,"#,
         r#""journal_error":null,"inconsistent":false,"replicas":["#,
         r#"{"peer":"n2","state":"in-sync","reason":null,"durable_lsn":10,"lag_lsn":0,"#,
@@ -414,6 +415,18 @@ mod tests {
         assert_eq!(v.replicas[0].state, ReplicaState::InSync);
         assert_eq!(v.replicas[1].state, ReplicaState::OutOfSync);
         assert_eq!(serde_json::to_string(&resp).expect("writes"), STATUS_LINE);
+    }
+
+    /// A daemon from before `--durability` sends neither `durability` nor
+    /// `written_lsn`: its answer still reads, as per-write durability.
+    #[test]
+    fn a_status_answer_without_durability_fields_reads_as_per_write() {
+        let old = STATUS_LINE.replace(r#""durability":"per-write","written_lsn":10,"#, "");
+        assert_ne!(old, STATUS_LINE);
+        let resp: Response = serde_json::from_str(&old).expect("parses");
+        let v = &resp.volumes[0];
+        assert_eq!(v.durability, crate::Durability::PerWrite);
+        assert_eq!(v.written_lsn, 0);
     }
 
     #[test]
