@@ -793,11 +793,21 @@ mod replication {
             },
         );
         eprintln!("n2 as the primary sees it: {:?}", view_of(&s, "n2"));
-        let auth = [
-            p.log_lines_with("failed authentication"),
-            r2.log_lines_with("failed authentication"),
-        ]
-        .concat();
+        // The status can show the reason a moment before the log line is
+        // written and read back: wait for it, bounded.
+        let auth_lines = || {
+            [
+                p.log_lines_with("failed authentication"),
+                r2.log_lines_with("failed authentication"),
+            ]
+            .concat()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut auth = auth_lines();
+        while auth.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            auth = auth_lines();
+        }
         assert!(
             !auth.is_empty(),
             "neither log says authentication failed; primary:\n{}\nreplica:\n{}",
