@@ -698,7 +698,7 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
 
 /// A request on a snapshot export: reads of the snapshot; writes of any
 /// kind refused with EPERM (the export is read-only, so `check_request`
-/// refuses them first); BLOCK_STATUS's `base:allocation` answers all data.
+/// refuses them first); BLOCK_STATUS answers the snapshot's allocation.
 async fn handle_snapshot(conn: &Conn, snap: &Snapshot, req: Request) {
     match req.command {
         Command::Read if req.length == 0 => reply_read(conn, &req, ReadData { parts: Vec::new() }),
@@ -796,16 +796,14 @@ fn reply_block_status(conn: &Conn, req: &Request) {
 
 /// The range's `base:allocation` extents.
 fn allocation_extents(conn: &Conn, req: &Request) -> Vec<nbd::reply::ExtentExt> {
-    if let Some(snap) = &conn.snap {
-        // Conservative: all of a snapshot is data.
-        return vec![nbd::reply::ExtentExt {
-            length: req.length.min(snap.size().saturating_sub(req.offset)),
-            flags: 0,
-        }];
-    }
-    conn.vol
-        .allocation(req.offset, req.length)
-        .into_iter()
+    let runs = match &conn.snap {
+        Some(snap) => conn
+            .vol
+            .engine()
+            .snapshot_allocation(snap, req.offset, req.length),
+        None => conn.vol.allocation(req.offset, req.length),
+    };
+    runs.into_iter()
         .filter(|a| a.length > 0)
         .map(|a| nbd::reply::ExtentExt {
             length: a.length,

@@ -178,6 +178,60 @@ fn base_allocation_reports_holes_zeroes_and_data_honestly() {
     assert!(at(40 * MIB).3, "never written: {q:?}");
 }
 
+/// `mirrorblk snapshot create VOLUME NAME` on `d`.
+fn snapshot(d: &Daemon, volume: &str, name: &str) {
+    let out = std::process::Command::new(mirrorblk_tests::cluster::mirrorblk_cli())
+        .arg("--admin-socket")
+        .arg(d.admin_socket())
+        .args(["snapshot", "create", volume, name])
+        .output()
+        .expect("run mirrorblk snapshot create");
+    assert!(
+        out.status.success(),
+        "mirrorblk snapshot create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A snapshot export's `base:allocation` is the snapshot's: its holes stay
+/// holes while the volume fills them, its data stays data while the volume
+/// trims it (`nbdinfo --map` on `VOLUME@NAME`), and no range it calls zero
+/// reads non-zero.
+#[test]
+fn a_snapshot_export_maps_the_snapshot_not_the_volume() {
+    let dir = TestDir::new();
+    let d = Daemon::start(dir.volume_args("vol0", "64M"));
+    let uri = d.uri("vol0");
+    qemu_io_ok(&uri, &["write -P 0x11 0 8M", "write -z 10M 1M"]);
+    snapshot(&d, "vol0", "s");
+    // After the snapshot: trim data it holds, fill a hole it has.
+    qemu_io_ok(&uri, &["discard 2M 2M", "write -P 0x22 30M 1M"]);
+    poll_until(Duration::from_secs(10), "the trim to be applied", || {
+        let m = nbdinfo_map(&uri, None);
+        (type_at(&m, 2 * MIB) == STATE_HOLE | STATE_ZERO).then_some(())
+    });
+    let snap_uri = d.uri("vol0@s");
+    let m = nbdinfo_map(&snap_uri, None);
+    for at in [0, 2 * MIB, 4 * MIB - 1, 8 * MIB - 1] {
+        assert_eq!(type_at(&m, at), 0, "{at} is data in the snapshot: {m:?}");
+    }
+    assert_ne!(
+        type_at(&m, 10 * MIB) & STATE_ZERO,
+        0,
+        "written zeroes: {m:?}"
+    );
+    for at in [9 * MIB, 20 * MIB, 40 * MIB, SIZE - 1] {
+        let t = type_at(&m, at);
+        assert_eq!(
+            t,
+            STATE_HOLE | STATE_ZERO,
+            "{at} is a hole in the snapshot: {m:?}"
+        );
+    }
+    let mut c = d.connect_structured("vol0@s");
+    assert_zero_ranges_read_zero(&mut c, &m);
+}
+
 /// `mirrorblk changes VOLUME --since LSN --json`: the regions changed after
 /// `since` and the last LSN the answer covers.
 fn changes(d: &Daemon, volume: &str, since: u64) -> mirrorblk_admin::Changes {

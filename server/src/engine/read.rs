@@ -4,6 +4,7 @@
 use nbd::ErrorCode;
 use tokio_uring::buf::fixed::FixedBuf;
 
+use super::snapshot::Snapshot;
 use super::{nbd_error, Engine};
 use crate::buffer::MAX_CHUNK;
 use crate::overlay::{Piece, Source};
@@ -121,6 +122,30 @@ impl Engine {
             })
             .collect();
         merge_allocation(offset, end, &pending, |o, l| self.settled_allocation(o, l))
+    }
+
+    /// Allocation of `[offset, offset+len)` of `snap` (or of a prefix of
+    /// it): a region no record after the snapshot changed is as the volume
+    /// is now (its holes and zeroes are the snapshot's); a changed region is
+    /// reported as data, since its old bytes sit in the snapshot's side file
+    /// or are still being saved. Synchronous, so no write lands between the
+    /// two looks; marks come at LSN reservation, before the bytes change.
+    pub fn snapshot_allocation(&self, snap: &Snapshot, offset: u64, len: u64) -> Vec<Allocation> {
+        let end = offset.saturating_add(len).min(snap.size());
+        if offset >= end {
+            return Vec::new();
+        }
+        let mut changed: Vec<Pending> = Vec::new();
+        self.changed_extents(snap.start().last(), offset, end - offset, |o, l, dirty| {
+            if dirty {
+                changed.push(Pending {
+                    start: o,
+                    end: o + l,
+                    zero: false,
+                });
+            }
+        });
+        merge_allocation(offset, end, &changed, |o, l| self.allocation(o, l))
     }
 
     /// Allocation of applied bytes: regions no record ever changed on a

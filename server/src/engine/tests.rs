@@ -10,7 +10,7 @@ use super::write::Change;
 use super::*;
 use crate::buffer::{BufPool, Payload, PoolConfig};
 use crate::journal::recovery::{open_and_recover, FileReplay, JournalSpec};
-use crate::store::{open_store, Preallocate};
+use crate::store::{open_store, Allocation, Preallocate};
 use crate::units::{align_down, align_up};
 
 const SIZE: u64 = 4 << 20;
@@ -330,6 +330,7 @@ fn snapshots_read_the_model_at_their_lsn_while_mutations_go_on() {
                 got == want,
                 "snapshot read {reads} differs from the model at LSN {lsn}"
             );
+            assert_zero_runs_read_zero(&e.snapshot_allocation(&s1, 0, SIZE), &want);
             reads += 1;
         }
         writer.await.expect("writer");
@@ -354,5 +355,80 @@ fn snapshots_read_the_model_at_their_lsn_while_mutations_go_on() {
         e.delete_snapshot("s1").expect("delete");
         assert!(read_snapshot(&e, &s1).await.is_err(), "deleted: reads fail");
         assert!(!snapshot::side_path(&dir.path().join("journal"), "s1").exists());
+    });
+}
+
+/// Every run `runs` (from offset 0) calls zero reads as zeroes in `image`.
+fn assert_zero_runs_read_zero(runs: &[crate::store::Allocation], image: &[u8]) {
+    let mut pos = 0usize;
+    for r in runs {
+        let end = pos + r.length as usize;
+        if r.zero {
+            let bad = image[pos..end].iter().position(|&b| b != 0);
+            assert!(
+                bad.is_none(),
+                "{r:?} at {pos} claims zero, byte {} is not",
+                pos + bad.unwrap_or(0)
+            );
+        }
+        pos = end;
+    }
+    assert_eq!(pos, image.len(), "the runs cover the image: {runs:?}");
+}
+
+/// A snapshot's allocation: its own holes and zeroes where nothing changed
+/// after it, data where something did (a hole filled or data trimmed
+/// after it must not show the volume's new state).
+#[test]
+fn a_snapshot_reports_its_own_holes_and_data_where_changed_after_it() {
+    const R: u64 = snapshot::REGION;
+    let dir = tempfile::tempdir().expect("tempdir");
+    tokio_uring::start(async {
+        let pool = pool();
+        let e = open(dir.path(), &pool);
+        let pool = &pool;
+        let write =
+            |at: u64| async move { Change::write(at * R, payload(pool, R as usize, 0x5a).await) };
+        // Regions: 0 data; 1 data, trimmed before; 2 zeroes; 3 data,
+        // trimmed after; 4 a hole, written after; 5.. never written.
+        for m in [write(0).await, write(1).await, write(3).await] {
+            e.mutate(m).await.expect("write");
+        }
+        e.mutate(Change::trim(R, R)).await.expect("trim 1");
+        e.mutate(Change::write_zeroes(2 * R, R, false))
+            .await
+            .expect("zeroes 2");
+        let snap = e.create_snapshot("s", SIZE).await.expect("snapshot");
+        e.mutate(Change::trim(3 * R, R)).await.expect("trim 3");
+        e.mutate(write(4).await).await.expect("write 4");
+        for _ in 0..1000 {
+            if e.status().applied_next == e.status().next_lsn {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let now = e.allocation(3 * R, R);
+        assert!(now[0].hole, "the volume's region 3 is a hole now: {now:?}");
+
+        let runs = e.snapshot_allocation(&snap, 0, SIZE);
+        let at = |r: u64| {
+            let mut pos = 0;
+            let run = runs.iter().find(|a| {
+                pos += a.length;
+                pos > r * R
+            });
+            *run.unwrap_or_else(|| panic!("region {r} is not in {runs:?}"))
+        };
+        let (data, hole) = (Allocation::data(R), Allocation::hole(R));
+        for (r, want) in [(0, data), (1, hole), (3, data), (4, data), (5, hole)] {
+            assert!(
+                at(r).same_state(&want),
+                "region {r}: {:?} in {runs:?}",
+                at(r)
+            );
+        }
+        assert!(at(2).zero, "region 2 reads as zeroes: {runs:?}");
+        let image = read_snapshot(&e, &snap).await.expect("snapshot read");
+        assert_zero_runs_read_zero(&runs, &image);
     });
 }
