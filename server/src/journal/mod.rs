@@ -10,7 +10,8 @@
 //!
 //! With `--durability flush` the records go without `O_DSYNC` (a write is
 //! acknowledged once the disk has it) and `sync` makes them durable in
-//! groups, when a FLUSH, a FUA write or the applier asks. Superblocks and
+//! groups, when a FLUSH or a FUA write asks, or the applier (under journal
+//! pressure or after its interval). Superblocks and
 //! intents are always written `O_DSYNC`.
 
 pub mod format;
@@ -226,6 +227,8 @@ pub struct Journal {
     sync_requested: Cell<Lsn>,
     /// Wakes the syncer.
     sync_work: Notify,
+    /// What the `fdatasync` under way covers (every LSN below it), if one is.
+    sync_running: Cell<Option<Lsn>>,
     /// Syncs done so far.
     syncs: Cell<u64>,
     header_blocks: RefCell<Vec<AlignedBuf>>,
@@ -265,6 +268,7 @@ impl Journal {
             synced_gate: crate::lsn_gate::LsnGate::new(),
             sync_requested: Cell::new(start),
             sync_work: Notify::new(),
+            sync_running: Cell::new(None),
             syncs: Cell::new(0),
             header_blocks: RefCell::new(Vec::new()),
             batches: Cell::new(0),
@@ -489,26 +493,46 @@ impl Journal {
     }
 
     /// Waits until the record with `lsn` is durable (with `--durability
-    /// flush`, asking the syncer for it once it is written).
+    /// flush`, asking the syncer for it once it is written, unless the sync
+    /// under way covers it: see [`sync::covering`]).
     pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), JournalFailed> {
         self.wait_written(lsn).await?;
         if self.durability == Durability::PerWrite {
             return Ok(());
         }
+        self.wait_synced(lsn, true).await
+    }
+
+    /// Waits until the record with `lsn` is durable without asking for a
+    /// sync: with `--durability flush` it ends when a sync someone else
+    /// asked for (a FLUSH, a FUA write) covers it. For the applier, which
+    /// asks only when it must (journal pressure, its interval).
+    pub async fn wait_durable_unasked(&self, lsn: Lsn) -> Result<(), JournalFailed> {
+        self.wait_written(lsn).await?;
+        if self.durability == Durability::PerWrite {
+            return Ok(());
+        }
+        self.wait_synced(lsn, false).await
+    }
+
+    /// Flush mode: waits until a sync covers the written record `lsn`; with
+    /// `ask`, asks the syncer for one when no sync under way covers it.
+    async fn wait_synced(&self, lsn: Lsn, ask: bool) -> Result<(), JournalFailed> {
         let target = lsn.next();
         loop {
             {
                 let p = self.progress.borrow();
-                if sync::covered(target, p.durable_next) {
+                let decision = sync::covering(target, p.durable_next, self.sync_running.get());
+                if decision == sync::Covering::Done {
                     return Ok(());
                 }
                 if let Some(f) = &p.failed {
                     return Err(JournalFailed(f.clone()));
                 }
-            }
-            if self.sync_requested.get() < target {
-                self.sync_requested.set(target);
-                self.sync_work.notify_one();
+                if decision == sync::Covering::Next && ask && self.sync_requested.get() < target {
+                    self.sync_requested.set(target);
+                    self.sync_work.notify_one();
+                }
             }
             self.synced_gate.wait(lsn).await;
         }
@@ -556,7 +580,12 @@ impl Journal {
                 notified.await;
                 continue;
             };
-            if let Err(e) = self.file.sync_data().await {
+            // Waiters that arrive meanwhile and need no more than `covers`
+            // wait for this sync without asking for another.
+            self.sync_running.set(Some(covers));
+            let res = self.file.sync_data().await;
+            self.sync_running.set(None);
+            if let Err(e) = res {
                 self.fail(format!("fdatasync: {e}"));
                 return;
             }
