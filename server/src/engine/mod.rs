@@ -377,4 +377,6 @@ impl Engine {
 }
 
 #[cfg(test)]
+mod flush_tests;
+#[cfg(test)]
 mod tests;

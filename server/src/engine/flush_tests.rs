@@ -1,0 +1,136 @@
+//! `--durability flush` in the engine, in-process on temporary files: the
+//! applier does not drive journal syncs itself but on its interval (or
+//! under pressure), and a FLUSH covers what was acknowledged before it.
+
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use super::applier::FLUSH_MODE_SYNC_INTERVAL;
+use super::write::Change;
+use super::*;
+use crate::buffer::{BufPool, PoolConfig};
+use crate::journal::recovery::{open_and_recover, FileReplay, JournalSpec};
+use crate::store::{open_store, Preallocate};
+
+const SIZE: u64 = 4 << 20;
+const JOURNAL: u64 = 8 << 20;
+
+/// Opens (recovering) the flush-mode engine of the volume in `dir`, with a
+/// checkpoint interval far longer than the applier's sync interval.
+fn open_flush_mode(dir: &Path, pool: &Rc<BufPool>) -> Rc<Engine> {
+    let data = dir.join("data");
+    let store = open_store(&data, Some(SIZE), false, Preallocate::Sparse).expect("store");
+    let replay = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&data)
+        .expect("data file");
+    let mut target = FileReplay {
+        file: &replay,
+        block_device: false,
+    };
+    let spec = JournalSpec {
+        path: &dir.join("journal"),
+        size: JOURNAL,
+        volume_name: "v",
+        volume_size: SIZE,
+        durability: crate::journal::Durability::Flush,
+    };
+    let journal = open_and_recover(&spec, &mut target).expect("journal");
+    let info = VolumeInfo {
+        name: "v".into(),
+        description: String::new(),
+        size: crate::units::SharedSize::new(SIZE),
+        read_only: false,
+        journal: dir.join("journal"),
+    };
+    let tuning = Tuning {
+        checkpoint_interval: Duration::from_secs(60),
+        in_place_min: 0,
+    };
+    let store = crate::store::Store::new(store);
+    let journal = crate::journal::Journal::new(journal);
+    Engine::start(info, store, journal, pool.clone(), tuning)
+}
+
+async fn write(e: &Engine, pool: &BufPool, offset: u64, byte: u8) -> Lsn {
+    let mut p = pool.payload(4096).await;
+    let mut chunks = p.take_chunks();
+    chunks.iter_mut().for_each(|c| c.fill(byte));
+    p.put_chunks(chunks);
+    let lsn = e.mutate(Change::write(offset, p)).await.expect("write");
+    lsn.expect("a write of 4 KiB has an LSN")
+}
+
+async fn read_byte(e: &Engine, offset: u64) -> u8 {
+    let data = e.read(offset, 1).await.expect("read");
+    let (b, s, _) = &data.parts[0];
+    b[*s]
+}
+
+/// Waits (bounded) until `lsn` is applied; returns when it was seen applied.
+async fn applied(e: &Engine, lsn: Lsn) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e.status().applied_next <= lsn {
+        assert!(Instant::now() < deadline, "LSN {lsn:?} not applied in 10 s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Instant::now()
+}
+
+#[test]
+fn without_a_flush_the_applier_syncs_only_after_its_interval() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tokio_uring::start(async {
+        let pool = Rc::new(BufPool::new(&PoolConfig::from_budget(48 << 20)));
+        let e = open_flush_mode(dir.path(), &pool);
+        let began = Instant::now();
+        let lsn = write(&e, &pool, 8192, 0x5a).await;
+        // Acknowledged, not yet durable nor applied: reads see the overlay.
+        assert_eq!(read_byte(&e, 8192).await, 0x5a);
+        tokio::time::sleep(FLUSH_MODE_SYNC_INTERVAL / 4).await;
+        if began.elapsed() < FLUSH_MODE_SYNC_INTERVAL {
+            assert_eq!(e.journal().syncs(), 0, "the applier asked for a sync early");
+            assert!(e.status().applied_next <= lsn, "applied before durable");
+        }
+        let seen = applied(&e, lsn).await;
+        assert!(
+            seen - began >= FLUSH_MODE_SYNC_INTERVAL,
+            "applied {:?} after the write, before the interval",
+            seen - began
+        );
+        assert_eq!(e.journal().syncs(), 1, "one sync for the interval");
+        assert_eq!(read_byte(&e, 8192).await, 0x5a);
+        assert!(e.shutdown(Duration::from_secs(10)).await, "drained");
+        assert_eq!(e.status().journal_used, 0, "checkpointed on shutdown");
+    });
+}
+
+#[test]
+fn a_flush_makes_the_written_records_durable_with_one_sync_and_the_applier_follows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tokio_uring::start(async {
+        let pool = Rc::new(BufPool::new(&PoolConfig::from_budget(48 << 20)));
+        let e = open_flush_mode(dir.path(), &pool);
+        let began = Instant::now();
+        let mut last = Lsn(0);
+        for i in 0..8u64 {
+            last = write(&e, &pool, i * 4096, i as u8 + 1).await;
+        }
+        e.flush().await.expect("flush");
+        let quick = began.elapsed() < FLUSH_MODE_SYNC_INTERVAL;
+        assert!(
+            e.status().durable_next > last,
+            "the FLUSH covers every write before it"
+        );
+        // The applier's batches are all covered: it asks for nothing more
+        // (unless its interval passed before the FLUSH, on a slow machine).
+        applied(&e, last).await;
+        let syncs = e.journal().syncs();
+        assert!(syncs == 1 || (!quick && syncs == 2), "{syncs} syncs");
+        for i in 0..8u64 {
+            assert_eq!(read_byte(&e, i * 4096).await, i as u8 + 1);
+        }
+    });
+}
