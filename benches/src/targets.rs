@@ -341,7 +341,8 @@ pub fn replicated(mirrorblkd: &Path, delay_ms: u64) -> Vec<Target> {
 /// The mirrorblk targets again, run with another build of the daemon
 /// (`baseline`, e.g. the commit before a change) and the same arguments, for
 /// an A/B in one run: `mirrorblk` becomes `mirrorblk-base`, `mirrorblk-r1-sync`
-/// becomes `mirrorblk-base-r1-sync`, and so on. None is in the default run;
+/// becomes `mirrorblk-base-r1-sync`, `mirrorblk-flush` `mirrorblk-base-flush`,
+/// and so on. None is in the default run;
 /// the cross-site ones use the delay proxy built next to `mirrorblkd`.
 pub fn baseline(baseline: &Path, mirrorblkd: &Path, delay_ms: u64) -> Vec<Target> {
     let proxy = mirrorblkd
@@ -355,6 +356,8 @@ pub fn baseline(baseline: &Path, mirrorblkd: &Path, delay_ms: u64) -> Vec<Target
         MIRRORBLK_DURABILITY,
     )];
     all.extend(replicated(baseline, delay_ms));
+    // Last, so the per-write and replicated ones keep their places.
+    all.push(mirrorblk_flush(baseline));
     for t in &mut all {
         t.name = t.name.replacen("mirrorblk", "mirrorblk-base", 1);
         t.durability = format!("baseline build {}: {}", baseline.display(), t.durability);
@@ -542,7 +545,9 @@ mod tests {
     fn baseline_targets_run_the_other_build_under_their_own_names() {
         let all = baseline(Path::new("/old/mirrorblkd"), Path::new("/b/mirrorblkd"), 5);
         let names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
-        assert_eq!(names.len(), 11);
+        assert_eq!(names.len(), 12);
+        assert_eq!(names[11], "mirrorblk-base-flush");
+        assert_eq!(all[11].class, Class::NbdContract);
         assert_eq!(
             names[..3],
             [
