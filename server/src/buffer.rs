@@ -145,6 +145,30 @@ pub struct BufPool {
     /// Held while taking several buffers for one request, so two large
     /// requests never each hold part of what they need and wait forever.
     multi: tokio::sync::Mutex<()>,
+    /// Buffers of every class.
+    buffers: usize,
+    /// Requests waiting for a buffer now.
+    waiting: Rc<std::cell::Cell<usize>>,
+    /// Woken whenever a request finds the pool empty and starts to wait
+    /// (the flush-mode applier then releases the buffers it holds).
+    starved: tokio::sync::Notify,
+}
+
+/// Counts a request as waiting for a buffer while it lives (a cancelled
+/// wait counts down too).
+struct Waiting(Rc<std::cell::Cell<usize>>);
+
+impl Waiting {
+    fn new(n: &Rc<std::cell::Cell<usize>>) -> Waiting {
+        n.set(n.get() + 1);
+        Waiting(n.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
 
 impl BufPool {
@@ -176,6 +200,9 @@ impl BufPool {
             pool,
             registered,
             multi: tokio::sync::Mutex::new(()),
+            buffers: cfg.counts.iter().sum(),
+            waiting: Rc::new(std::cell::Cell::new(0)),
+            starved: tokio::sync::Notify::new(),
         }
     }
 
@@ -204,7 +231,24 @@ impl BufPool {
                 return b;
             }
         }
+        let _waiting = Waiting::new(&self.waiting);
+        self.starved.notify_waiters();
         self.pool.next(cap).await
+    }
+
+    /// Buffers in the pool, of every class.
+    pub fn buffers(&self) -> usize {
+        self.buffers
+    }
+
+    /// Whether some request is waiting for a buffer now.
+    pub fn starved(&self) -> bool {
+        self.waiting.get() > 0
+    }
+
+    /// Resolves once a request finds the pool empty and starts to wait.
+    pub fn wait_starved(&self) -> tokio::sync::futures::Notified<'_> {
+        self.starved.notified()
     }
 
     /// Buffers for several sizes at once (each ≤ [`MAX_CHUNK`]).

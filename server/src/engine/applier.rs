@@ -29,13 +29,15 @@ const PRESSURE_FILL: f64 = 0.25;
 /// before it asks for one itself (sooner under journal pressure). Meanwhile
 /// the records stay in the journal and the overlay, which serves reads.
 ///
-/// Why 100 ms: a client that never flushes then costs at most 10 journal
-/// `fdatasync`s a second (a few percent of the disk's time at ~1–2 ms a
-/// flush, instead of syncs back to back); 100 ms of 4 KiB writes at
-/// 20k/s is ~16 MiB of journal, far below the pressure point of the
-/// default 256 MiB journal (64 MiB), so the interval, not pressure, paces
-/// the syncs; and it is a tenth of the default checkpoint interval (1 s),
-/// so a checkpoint finds nearly everything applied and releases it. The
+/// Why 100 ms: a client that writes little and never flushes then costs at
+/// most 10 journal `fdatasync`s a second (a few percent of the disk's time
+/// at ~1–2 ms a flush, instead of syncs back to back); it is a tenth of the
+/// default checkpoint interval (1 s), so a checkpoint finds nearly
+/// everything applied and releases it; and it bounds how long acknowledged
+/// data waits for its home. A busy client hits pressure first
+/// ([`Held::pressure`]): 100 ms of 4 KiB writes at 20k/s are 2,000 records,
+/// more than half the default pool's ~860 buffers, so syncs then come once
+/// per ~430 writes (still tens of times fewer than one per batch). The
 /// engine uses the checkpoint interval instead when that is shorter.
 pub(super) const FLUSH_MODE_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -62,13 +64,40 @@ fn checkpoint_due(behind: bool, fill: f64, since: Duration, interval: Duration) 
     behind && (pressure || since >= interval)
 }
 
+/// What unapplied records hold, which the flush-mode applier weighs before
+/// it asks for a journal sync itself.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// Journal fill ([`crate::journal::Journal::fill_ratio`]).
+    fill: f64,
+    /// Records reserved and not yet applied: each write among them holds
+    /// its payload's buffers (in the overlay) until it is applied.
+    records: u64,
+    /// Buffers in the core's pool: the memory bound of unapplied data.
+    buffers: usize,
+    /// Some request is waiting for a buffer now.
+    starved: bool,
+}
+
+impl Held {
+    /// Journal or buffer pressure: the journal past [`PRESSURE_FILL`]
+    /// (only applied records can be released, and writers wait for space
+    /// once it is full), unapplied records holding half the pool's buffers
+    /// (asking then leaves the rest for the writes that arrive during the
+    /// sync), or a request already waiting for a buffer.
+    fn pressure(&self) -> bool {
+        self.fill > PRESSURE_FILL
+            || self.records.saturating_mul(2) >= self.buffers as u64
+            || self.starved
+    }
+}
+
 /// With `--durability flush`: whether the applier asks for a journal sync
 /// now instead of waiting for one a FLUSH or FUA write asks for: when
-/// stopping (a graceful stop applies everything), under journal pressure
-/// (only applied records can be released, and writers wait for space once
-/// the journal is full), or once it has waited `interval`.
-fn apply_sync_due(stopping: bool, fill: f64, waited: Duration, interval: Duration) -> bool {
-    stopping || fill > PRESSURE_FILL || waited >= interval
+/// stopping (a graceful stop applies everything), under pressure
+/// ([`Held::pressure`]), or once it has waited `interval`.
+fn apply_sync_due(stopping: bool, held: Held, waited: Duration, interval: Duration) -> bool {
+    stopping || held.pressure() || waited >= interval
 }
 
 impl Engine {
@@ -198,14 +227,25 @@ impl Engine {
                 return;
             }
             let waited = began.elapsed();
-            let fill = self.journal.fill_ratio();
-            if apply_sync_due(self.stopping.get(), fill, waited, interval) {
+            let held = Held {
+                fill: self.journal.fill_ratio(),
+                records: self
+                    .journal
+                    .next_lsn()
+                    .0
+                    .saturating_sub(self.applied_next.get().0),
+                buffers: self.pool.buffers(),
+                starved: self.pool.starved(),
+            };
+            if apply_sync_due(self.stopping.get(), held, waited, interval) {
                 return;
             }
             let more = self.apply_work.notified();
+            let starved = self.pool.wait_starved();
             tokio::select! {
                 _ = self.journal.wait_durable_unasked(last) => return,
                 _ = more => {}
+                _ = starved => {}
                 _ = tokio::time::sleep(interval.saturating_sub(waited)) => {}
             }
         }
@@ -486,24 +526,34 @@ mod tests {
     fn flush_mode_asks_for_a_sync_on_pressure_interval_or_stop_only() {
         let i = FLUSH_MODE_SYNC_INTERVAL;
         let ms = Duration::from_millis;
-        // (stopping, fill, waited, due)
+        let held = |fill, records, starved| Held {
+            fill,
+            records,
+            buffers: 800,
+            starved,
+        };
+        // (stopping, what is held, waited, due)
         let table = [
             // Quiet: wait for a FLUSH or FUA write to sync.
-            (false, 0.0, ms(0), false),
-            (false, 0.25, i - ms(1), false),
+            (false, held(0.0, 0, false), ms(0), false),
+            (false, held(0.25, 399, false), i - ms(1), false),
             // The interval has passed.
-            (false, 0.0, i, true),
-            (false, 0.1, i * 3, true),
+            (false, held(0.0, 1, false), i, true),
+            (false, held(0.1, 1, false), i * 3, true),
             // Journal pressure: at once.
-            (false, 0.26, ms(0), true),
+            (false, held(0.26, 1, false), ms(0), true),
+            // Unapplied records hold half the buffers, or a request waits
+            // for one: at once.
+            (false, held(0.0, 400, false), ms(0), true),
+            (false, held(0.0, 3, true), ms(0), true),
             // A graceful stop applies everything: at once.
-            (true, 0.0, ms(0), true),
+            (true, held(0.0, 0, false), ms(0), true),
         ];
-        for (stopping, fill, waited, want) in table {
+        for (stopping, h, waited, want) in table {
             assert_eq!(
-                apply_sync_due(stopping, fill, waited, i),
+                apply_sync_due(stopping, h, waited, i),
                 want,
-                "{stopping} {fill} {waited:?}"
+                "{stopping} {h:?} {waited:?}"
             );
         }
     }
