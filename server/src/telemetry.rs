@@ -212,6 +212,10 @@ fn describe_journal_metrics() {
     );
     describe_counter!("mirrorblk_checkpoints_total", "Journal checkpoints taken");
     describe_counter!(
+        "mirrorblk_journal_syncs_total",
+        "Group flushes of the journal (fdatasync) with --durability flush; 0 with per-write, where every group commit is an O_DSYNC write"
+    );
+    describe_counter!(
         "mirrorblk_in_place_write_bytes_total",
         Unit::Bytes,
         "Write payload bytes written durably to the data store in place (large aligned writes: the journal holds only their metadata)"
@@ -349,6 +353,8 @@ pub struct VolumeMetrics {
     pub apply_lag: Gauge,
     /// Checkpoints taken.
     pub checkpoints: Counter,
+    /// Group flushes of the journal (`--durability flush`).
+    pub journal_syncs: Counter,
     /// Payload bytes copied in userspace.
     pub payload_copies: Counter,
     /// Write payload bytes that went to the data store in place (journal
@@ -407,6 +413,7 @@ impl VolumeMetrics {
             resizes: counter!("mirrorblk_resizes_total", "volume" => v()),
             apply_lag: gauge!("mirrorblk_apply_lag_records", "volume" => v()),
             checkpoints: counter!("mirrorblk_checkpoints_total", "volume" => v()),
+            journal_syncs: counter!("mirrorblk_journal_syncs_total", "volume" => v()),
             payload_copies: counter!("mirrorblk_payload_copies_total", "volume" => v()),
             in_place_bytes: counter!("mirrorblk_in_place_write_bytes_total", "volume" => v()),
             in_place_fallbacks: counter!("mirrorblk_in_place_fallbacks_total", "volume" => v()),

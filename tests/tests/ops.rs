@@ -166,6 +166,11 @@ fn metrics_move_under_load_and_status_and_inspect_answer() {
             "mirrorblk_journal_commit_seconds_count{volume=\"vol0\"}"
         ) >= 1.0
     );
+    assert_eq!(
+        sample(&after, "mirrorblk_journal_syncs_total{volume=\"vol0\"}"),
+        0.0,
+        "per-write durability needs no journal fdatasync"
+    );
 
     // The admin socket reports the same LSNs.
     let cli = mirrorblk_cli();
@@ -212,6 +217,45 @@ fn metrics_move_under_load_and_status_and_inspect_answer() {
         text.contains("records          0 past the checkpoint"),
         "inspect output:\n{text}"
     );
+}
+
+/// With `--durability flush` a FLUSH makes the journal durable with one
+/// group `fdatasync`, and `mirrorblk_journal_syncs_total` counts it.
+#[test]
+fn flush_durability_counts_its_journal_syncs() {
+    let dir = TestDir::new();
+    let mport = free_port();
+    let mut args = dir.volume_args("vol0", "64M");
+    args.extend([
+        "--durability".into(),
+        "flush".into(),
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{mport}").into(),
+    ]);
+    let mut d = Daemon::start(args);
+    let mut c = d.connect("vol0");
+    for i in 0..16u64 {
+        c.write(i * 4096, &[i as u8 + 1; 4096], false)
+            .expect("write");
+    }
+    c.flush().expect("flush");
+    // The applier publishes the count when it next looks at the journal,
+    // right after the FLUSH's sync made its batch applicable.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = scrape(mport);
+        let key = "mirrorblk_journal_syncs_total{volume=\"vol0\"}";
+        if t.contains(key) && sample(&t, key) >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no journal sync counted 10 s after a FLUSH:\n{t}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(c);
+    assert!(d.terminate().success());
 }
 
 /// A primary with two replicas, seen the way an operator sees it: during a

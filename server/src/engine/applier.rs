@@ -106,6 +106,7 @@ impl Engine {
         let mut last_checkpoint = Instant::now();
         loop {
             let batch = self.take_apply_batch();
+            self.metrics.journal_syncs.absolute(self.journal.syncs());
             if batch.is_empty() {
                 if self.stopping.get() && self.finish_stop().await {
                     return;
