@@ -392,6 +392,7 @@ pub fn start(
         role: "primary".into(),
         helpers,
         admin: Some(admin),
+        graceful: None,
     })
 }
 

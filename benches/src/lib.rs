@@ -6,7 +6,9 @@
 //!   runs the same fio jobs through fio's nbd engine against `mirrorblkd` and
 //!   against peer NBD servers (nbdkit, qemu-nbd), plus fio straight on the
 //!   file as the disk's limit, and (with `--replicated`) against a primary
-//!   with 1 or 2 replicas on loopback in each replication mode; then writes
+//!   with 1 or 2 replicas on loopback in each replication mode and against
+//!   their peer, qemu-storage-daemon's active mirror (`qsd.rs`, set up over
+//!   QMP by `qmp.rs`); then writes
 //!   a table, a JSON record and an SVG chart under
 //!   `benches/results/<UTC timestamp>/`.
 //! * criterion micro-benches (`benches/*.rs`): NBD codec, journal record
@@ -22,6 +24,8 @@ pub mod fio;
 pub mod machine;
 pub mod proc_stat;
 pub mod process;
+pub mod qmp;
+pub mod qsd;
 pub mod report;
 pub mod stats;
 pub mod svg;

@@ -419,6 +419,27 @@ impl Server {
             .ctx(|| format!("cannot check server {}", self.pid))
     }
 
+    /// Waits up to `within` for a server that was asked to exit (not by a
+    /// signal) to do so: `Some` once it has (clean if it exited 0), `None`
+    /// if it is still running.
+    pub fn await_exit(&mut self, within: Duration) -> Result<Option<StopOutcome>> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.exited()? {
+                return Ok(Some(StopOutcome {
+                    status: st.to_string(),
+                    clean: st.success(),
+                    killed: false,
+                    seconds: t0.elapsed().as_secs_f64(),
+                }));
+            }
+            if t0.elapsed() >= within {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, wait up to [`STOP_TIMEOUT`], then SIGKILL.
     pub fn stop(&mut self) -> Result<StopOutcome> {
         let t0 = Instant::now();
@@ -471,7 +492,18 @@ pub struct Running {
     pub helpers: Vec<Helper>,
     /// The primary's admin socket, when it has one.
     pub admin: Option<PathBuf>,
+    /// Asks the primary to exit by itself (qemu-storage-daemon: cancel its
+    /// mirror job, then QMP `quit`) before any signal; `Err` says why it
+    /// could not, and the signals follow as for every target.
+    pub graceful: Option<GracefulStop>,
 }
+
+/// A target's own way of shutting its primary down (see [`Running::graceful`]).
+pub type GracefulStop = Box<dyn FnOnce() -> std::result::Result<(), String>>;
+
+/// How long a primary that was asked to exit ([`Running::graceful`]) gets
+/// before the signals.
+pub const GRACEFUL_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A process of a replicated target besides the primary.
 pub struct Helper {
@@ -531,11 +563,23 @@ impl Running {
         Ok(None)
     }
 
-    /// Stops the primary, then the helpers (SIGTERM, SIGKILL after a bound).
+    /// Stops the primary (its graceful stop first, when it has one), then
+    /// the helpers (SIGTERM, SIGKILL after a bound).
     pub fn stop(&mut self) -> Vec<ProcessStop> {
+        let asked = match self.graceful.take() {
+            Some(g) => g(),
+            None => Err("no graceful stop".into()),
+        };
+        let primary = match asked {
+            Ok(()) => match self.primary.await_exit(GRACEFUL_EXIT_TIMEOUT) {
+                Ok(Some(o)) => Ok(o),
+                Ok(None) | Err(_) => self.primary.stop(),
+            },
+            Err(_) => self.primary.stop(),
+        };
         let mut out = vec![ProcessStop {
             role: self.role.clone(),
-            outcome: self.primary.stop().map_err(|e| e.to_string()),
+            outcome: primary.map_err(|e| e.to_string()),
         }];
         for h in &mut self.helpers {
             out.push(ProcessStop {

@@ -622,7 +622,7 @@ pub fn replication_markdown(rec: &RunRecord) -> String {
     let repl: Vec<&TargetRecord> = rec
         .targets
         .iter()
-        .filter(|t| t.replication.is_some() && t.skipped.is_none())
+        .filter(|t| t.class == Class::Replicated && t.skipped.is_none())
         .collect();
     if repl.is_empty() {
         return String::new();
@@ -699,6 +699,14 @@ pub fn replication_markdown(rec: &RunRecord) -> String {
                 share
             );
         }
+    }
+    // Only mirrorblkd serves the counters (qsd-mirror alone has none).
+    if !rec
+        .targets
+        .iter()
+        .any(|t| t.metrics.is_some() && t.skipped.is_none())
+    {
+        return s;
     }
     let _ = writeln!(s);
     let _ = writeln!(

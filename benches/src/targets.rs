@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::cluster::{self, Replication};
 use crate::error::{Error, Result};
 use crate::process::{run_bounded, which, PortMode, Running, Server, Volume};
+use crate::qsd::{self, QsdMirror};
 
 /// Longest run of a `--version`-style availability probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,7 +44,8 @@ pub enum Class {
     /// qemu-nbd `--cache=none`, mirrorblk `--durability flush`. mirrorblk
     /// (durable per write, a stronger promise) is shown beside them.
     NbdContract,
-    /// Replicated mirrorblk targets.
+    /// Replicated: mirrorblk with replicas, and its peer, qemu-storage-daemon's
+    /// active mirror to a second qemu-storage-daemon (`qsd-mirror`).
     Replicated,
     /// Context, no promise compared: raw O_DIRECT, nbdkit `memory`.
     Context,
@@ -63,7 +65,7 @@ impl Class {
         match self {
             Class::DurablePerWrite => "Durable per write (every write power-cut safe before its reply)",
             Class::NbdContract => "NBD's contract (durable at FLUSH and FUA only): mirrorblk-flush among them; mirrorblk, durable per write, beside them",
-            Class::Replicated => "Replicated",
+            Class::Replicated => "Replicated (mirrorblk with replicas; qsd-mirror, qemu-storage-daemon's write-blocking active mirror, is the peer)",
             Class::Context => "Context (no durability compared)",
         }
     }
@@ -117,6 +119,10 @@ pub struct Target {
     pub in_default: bool,
     /// For a replicated mirrorblkd: its replicas, mode and link.
     pub replication: Option<Replication>,
+    /// For `qsd-mirror`: the qemu-storage-daemon active mirror's settings
+    /// (`Launch::Server`'s arguments are then the source daemon's template,
+    /// see `qsd.rs`).
+    pub qsd: Option<QsdMirror>,
     /// Only these jobs run on it (`None`: every job).
     pub jobs: Option<Vec<String>>,
 }
@@ -138,6 +144,7 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             needs_journal: false,
             in_default: true,
             replication: None,
+            qsd: None,
             jobs: None,
         },
         // The disk's limit for mirrorblk's promise, every write durable at
@@ -156,6 +163,7 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             needs_journal: false,
             in_default: true,
             replication: None,
+            qsd: None,
             jobs: None,
         },
         Target {
@@ -173,6 +181,7 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             needs_journal: false,
             in_default: true,
             replication: None,
+            qsd: None,
             jobs: None,
         },
         Target {
@@ -191,6 +200,7 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             needs_journal: false,
             in_default: true,
             replication: None,
+            qsd: None,
             jobs: None,
         },
         qemu_nbd(
@@ -233,6 +243,7 @@ pub fn builtin(mirrorblkd: &Path) -> Vec<Target> {
             needs_journal: false,
             in_default: true,
             replication: None,
+            qsd: None,
             jobs: None,
         },
         mirrorblk_variant("mirrorblk", mirrorblkd, &[], MIRRORBLK_DURABILITY),
@@ -288,11 +299,40 @@ fn qemu_nbd(name: &str, cache: &str, class: Class, durability: &str) -> Target {
         needs_journal: false,
         in_default: true,
         replication: None,
+        qsd: None,
         jobs: None,
     }
 }
 
-/// The replicated mirrorblkd targets, in table order: 1 and 2 replicas on
+/// `qsd-mirror`: the peer of the replicated targets, qemu-storage-daemon
+/// exporting the volume over NBD while mirroring it synchronously
+/// (`blockdev-mirror` `copy-mode=write-blocking`) to a second
+/// qemu-storage-daemon over NBD on loopback (`qsd.rs` starts both). Write
+/// jobs only, not in the default run.
+pub fn qsd_mirror() -> Target {
+    let m = QsdMirror::default();
+    Target {
+        name: "qsd-mirror".into(),
+        launch: Launch::Server {
+            program: "qemu-storage-daemon".into(),
+            args: qsd::source_template(&m),
+            port: PortMode::Chosen,
+            probes: vec![],
+        },
+        export: qsd::EXPORT.into(),
+        durability: qsd::DURABILITY.into(),
+        class: Class::Replicated,
+        peer: true,
+        needs_journal: false,
+        in_default: false,
+        replication: None,
+        qsd: Some(m),
+        jobs: Some(WRITE_JOBS.iter().map(|j| j.to_string()).collect()),
+    }
+}
+
+/// The replicated targets, in table order: their peer `qsd-mirror` (see
+/// [`qsd_mirror`]), then mirrorblkd with 1 and 2 replicas on
 /// loopback in each mode; one configured replica that is not running (mode
 /// sync, the default on-replica-loss degrade); and 1 replica behind a proxy
 /// delaying `delay_ms` each way in each mode. They run only the write jobs
@@ -325,17 +365,15 @@ pub fn replicated(mirrorblkd: &Path, delay_ms: u64) -> Vec<Target> {
             repl(1, 0, mode, Some(delay_ms)),
         ));
     }
-    specs
-        .into_iter()
-        .map(|(name, r)| {
-            let mut t = mirrorblk_variant(&name, mirrorblkd, &[], &r.durability());
-            t.in_default = false;
-            t.class = Class::Replicated;
-            t.jobs = Some(WRITE_JOBS.iter().map(|j| j.to_string()).collect());
-            t.replication = Some(r);
-            t
-        })
-        .collect()
+    let mirrorblk = specs.into_iter().map(|(name, r)| {
+        let mut t = mirrorblk_variant(&name, mirrorblkd, &[], &r.durability());
+        t.in_default = false;
+        t.class = Class::Replicated;
+        t.jobs = Some(WRITE_JOBS.iter().map(|j| j.to_string()).collect());
+        t.replication = Some(r);
+        t
+    });
+    std::iter::once(qsd_mirror()).chain(mirrorblk).collect()
 }
 
 /// The mirrorblk targets again, run with another build of the daemon
@@ -355,7 +393,12 @@ pub fn baseline(baseline: &Path, mirrorblkd: &Path, delay_ms: u64) -> Vec<Target
         &[],
         MIRRORBLK_DURABILITY,
     )];
-    all.extend(replicated(baseline, delay_ms));
+    // The peer is no build of ours: only the mirrorblk targets come again.
+    all.extend(
+        replicated(baseline, delay_ms)
+            .into_iter()
+            .filter(|t| t.qsd.is_none()),
+    );
     // Last, so the per-write and replicated ones keep their places.
     all.push(mirrorblk_flush(baseline));
     for t in &mut all {
@@ -415,6 +458,7 @@ pub fn mirrorblk_variant(
         needs_journal: true,
         in_default: true,
         replication: None,
+        qsd: None,
         jobs: None,
     }
 }
@@ -441,8 +485,8 @@ impl Target {
         }
         let Some(path) = which(program) else {
             return Err(format!(
-                "{} not found (install it: nbdkit → package nbdkit, qemu-nbd → qemu-utils, \
-                 mirrorblkd → cargo build --release -p mirrorblk-server)",
+                "{} not found (install it: nbdkit → package nbdkit, qemu-nbd and \
+                 qemu-storage-daemon → qemu-utils, mirrorblkd → cargo build --release -p mirrorblk-server)",
                 program.display()
             ));
         };
@@ -498,12 +542,16 @@ impl Target {
         };
         let program = which(program)
             .ok_or_else(|| Error::Tool(format!("{} not found", program.display())))?;
+        if let Some(m) = &self.qsd {
+            return qsd::start(m, &program, args, vol, dir, log).map(Some);
+        }
         match &self.replication {
             None => Ok(Some(Running {
                 primary: Server::start(&program, args, port, vol, log)?,
                 role: "server".into(),
                 helpers: Vec::new(),
                 admin: None,
+                graceful: None,
             })),
             Some(r) => cluster::start(r, &program, args, vol, dir, log).map(Some),
         }
@@ -521,6 +569,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "qsd-mirror",
                 "mirrorblk-r1-sync",
                 "mirrorblk-r1-flush",
                 "mirrorblk-r1-async",
@@ -537,8 +586,16 @@ mod tests {
             assert!(!t.in_default);
             assert!(t.runs_job("4k-randwrite-qd32") && !t.runs_job("4k-randread-qd32"));
         }
-        let r = all[0].replication.as_ref().expect("replicated");
+        let r = all[1].replication.as_ref().expect("replicated");
         assert_eq!(r.delay_proxy, Path::new("/b/delay-proxy"));
+        // The peer of the class: qemu-storage-daemon, its own settings.
+        let q = &all[0];
+        assert!(q.peer && q.class == Class::Replicated && q.replication.is_none());
+        assert_eq!(q.qsd, Some(QsdMirror::default()));
+        assert!(q.durability.contains("no flush per write"));
+        for t in &all[1..] {
+            assert!(!t.peer && t.qsd.is_none() && t.class == Class::Replicated);
+        }
     }
 
     #[test]

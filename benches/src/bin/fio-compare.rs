@@ -2,7 +2,8 @@
 //! (nbdkit memory and file, qemu-nbd), plus fio on the bare file, on fresh
 //! 1 GiB file-backed volumes; with `--replicated`, also through mirrorblkd
 //! primaries with 1 or 2 replicas on loopback (each mode, one replica down,
-//! one replica behind a delaying proxy); prints one table and writes JSON,
+//! one replica behind a delaying proxy) and through their peer, a
+//! qemu-storage-daemon mirroring to another one (`qsd-mirror`); prints one table and writes JSON,
 //! markdown and an SVG chart under `benches/results/<UTC timestamp>/`.
 //!
 //! Run it with `benches/fio-compare [flags]` (builds the workspace in
@@ -28,7 +29,7 @@ use mirrorblk_benches::report::{
     self, Cell, MetricsReading, ProcessRecord, ReplicationRecord, RunRecord, Settings, TargetRecord,
 };
 use mirrorblk_benches::svg;
-use mirrorblk_benches::targets::{self, Launch, Target};
+use mirrorblk_benches::targets::{self, Class, Launch, Target};
 
 /// Wall seconds a run costs beyond ramp + runtime (fio start-up, connection,
 /// JSON), measured on the 2-core development machine; used for the estimate.
@@ -62,10 +63,12 @@ struct Cli {
     /// Targets to run, comma separated (see --list).
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
-    /// Also run the replicated mirrorblk targets (1 and 2 replicas in each
-    /// mode, one replica down, one replica behind a delaying proxy in each
-    /// mode), write jobs only: about 12 more minutes with the defaults.
-    /// They can also be named in --targets.
+    /// Also run the replicated targets: mirrorblk with 1 and 2 replicas in
+    /// each mode, one replica down, one replica behind a delaying proxy in
+    /// each mode, and their peer qsd-mirror (qemu-storage-daemon's
+    /// write-blocking active mirror to a second qemu-storage-daemon); write
+    /// jobs only: about 19 more minutes with the defaults. They can also be
+    /// named in --targets.
     #[arg(long)]
     replicated: bool,
     /// Delay per direction, in milliseconds, of the proxy between primary
@@ -309,7 +312,7 @@ fn run(cli: Cli) -> Result<()> {
         for t in &all_targets {
             let d = if t.in_default {
                 ""
-            } else if t.replication.is_some() {
+            } else if t.class == Class::Replicated {
                 " [--replicated; write jobs only]"
             } else {
                 " [not in the default run]"
@@ -326,7 +329,7 @@ fn run(cli: Cli) -> Result<()> {
         Some(
             all_targets
                 .iter()
-                .filter(|t| t.in_default || (cli.replicated && t.replication.is_some()))
+                .filter(|t| t.in_default || (cli.replicated && t.class == Class::Replicated))
                 .map(|t| t.name.clone())
                 .collect(),
         )
