@@ -150,8 +150,9 @@ impl Repository {
     /// call then fails with [`RepoError::Damaged`] naming every such range;
     /// all other ranges are restored. Never writes unchecked data.
     ///
-    /// Chunks are fetched, checked and decompressed on worker threads, up
-    /// to 8 (`RESTORE_WINDOW`) ahead, while this thread writes them in order.
+    /// Chunks are fetched, checked and decompressed on worker threads, about
+    /// 32 MiB (`RESTORE_WINDOW_BYTES`, at least 8 chunks) ahead, while this
+    /// thread writes them in order.
     pub fn restore<W: Write + Seek>(
         &self,
         id: &BackupId,
@@ -167,7 +168,8 @@ impl Repository {
         };
         let jobs = index.chunks.iter().copied().enumerate();
         let workers = worker_count(MAX_RESTORE_WORKERS);
-        ordered_map(jobs, workers, RESTORE_WINDOW, fetch, |(i, data)| {
+        let window = restore_window(index.chunk_size);
+        ordered_map(jobs, workers, window, fetch, |(i, data)| {
             let range = index.chunk_range(i);
             match data {
                 None => placed.write(target, range, &zeros[..chunk_len(&index, i)], true),
@@ -198,9 +200,16 @@ impl Repository {
     }
 }
 
-/// Chunks a restore fetches, checks and decompresses ahead of the target's
-/// writes: 32 MiB at the default chunk size, enough to cover a slow fetch.
-const RESTORE_WINDOW: Window = Window(8);
+/// Bytes a restore fetches, checks and decompresses ahead of the target's
+/// writes, whatever the chunk size: enough to cover a slow fetch.
+const RESTORE_WINDOW_BYTES: usize = 32 << 20;
+/// The fewest chunks fetched ahead, for chunks larger than the default.
+const MIN_RESTORE_WINDOW: usize = 8;
+
+/// The restore pipeline's window for chunks of `chunk_size` bytes.
+fn restore_window(chunk_size: u32) -> Window {
+    Window((RESTORE_WINDOW_BYTES / chunk_size.max(1) as usize).max(MIN_RESTORE_WINDOW))
+}
 /// Most fetching threads, whatever the core count.
 const MAX_RESTORE_WORKERS: usize = 4;
 

@@ -55,6 +55,20 @@ impl Default for RepoConfig {
     }
 }
 
+impl RepoConfig {
+    /// Refuses a chunk size asked for that is not this repository's (none
+    /// asked for always fits).
+    pub fn check_chunk_size(&self, asked: Option<u32>) -> Result<(), RepoError> {
+        match asked {
+            Some(asked) if asked != self.chunk_size => Err(RepoError::ChunkSizeMismatch {
+                existing: self.chunk_size,
+                asked,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Names one backup: the volume and the creation time in milliseconds,
 /// written `VOLUME/CREATED_MS`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -129,6 +143,18 @@ pub enum RepoError {
     /// The config object is malformed or out of bounds.
     #[error("repository config: {0}")]
     BadConfig(String),
+    /// A chunk size no repository may have.
+    #[error("chunk size {0} bytes: not a power of two from 4 KiB to 16 MiB")]
+    InvalidChunkSize(u32),
+    /// A chunk size asked for that is not the existing repository's (it is
+    /// fixed when the repository is created).
+    #[error("the repository's chunk size is {existing} bytes, fixed when it was created; {asked} bytes were asked for")]
+    ChunkSizeMismatch {
+        /// The repository's chunk size.
+        existing: u32,
+        /// The one asked for.
+        asked: u32,
+    },
     /// No backup with this id.
     #[error("no backup {0}")]
     NoSuchBackup(BackupId),
@@ -221,7 +247,10 @@ pub(crate) fn now_ms() -> u64 {
 impl Repository {
     /// Creates a repository on an empty backend.
     pub fn create(backend: Box<dyn Backend>, config: RepoConfig) -> Result<Repository, RepoError> {
-        if !valid_chunk_size(config.chunk_size) || config.version != CONFIG_VERSION {
+        if !valid_chunk_size(config.chunk_size) {
+            return Err(RepoError::InvalidChunkSize(config.chunk_size));
+        }
+        if config.version != CONFIG_VERSION {
             return Err(RepoError::BadConfig(format!("{config:?} out of bounds")));
         }
         if backend.head(CONFIG_KEY)?.is_some() {
@@ -246,6 +275,34 @@ impl Repository {
     /// Opens the repository at a location: a directory or `s3://BUCKET/PREFIX`.
     pub fn open_location(location: &str) -> Result<Repository, RepoError> {
         Repository::open(open_location(location)?)
+    }
+
+    /// Opens the repository at `location`, or creates it there (default
+    /// settings, with `chunk_size` when given) when there is none. A
+    /// `chunk_size` that differs from an existing repository's is refused
+    /// ([`RepoError::ChunkSizeMismatch`]): chunks only deduplicate within
+    /// one size, so it is fixed at creation. Returns whether it was created.
+    pub fn open_or_create(
+        location: &str,
+        chunk_size: Option<u32>,
+    ) -> Result<(Repository, bool), RepoError> {
+        if let Some(asked) = chunk_size.filter(|&c| !valid_chunk_size(c)) {
+            return Err(RepoError::InvalidChunkSize(asked));
+        }
+        match Repository::open_location(location) {
+            Ok(repo) => {
+                repo.config().check_chunk_size(chunk_size)?;
+                Ok((repo, false))
+            }
+            Err(RepoError::NotARepository) => {
+                let config = RepoConfig {
+                    chunk_size: chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
+                    ..RepoConfig::default()
+                };
+                Ok((Repository::create(open_location(location)?, config)?, true))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The repository's settings.
@@ -329,5 +386,41 @@ mod tests {
             None
         );
         assert!("noslash".parse::<BackupId>().is_err());
+    }
+
+    #[test]
+    fn a_chunk_size_is_chosen_at_creation_and_refused_if_it_differs_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("repo").to_string_lossy().into_owned();
+        assert!(matches!(
+            Repository::open_or_create(&at, Some(3 << 10)),
+            Err(RepoError::InvalidChunkSize(3072))
+        ));
+        assert!(matches!(
+            Repository::open_or_create(&at, Some(32 << 20)),
+            Err(RepoError::InvalidChunkSize(_))
+        ));
+        assert!(
+            Repository::open_location(&at).is_err(),
+            "a refused size creates nothing"
+        );
+        let (repo, created) = Repository::open_or_create(&at, Some(64 << 10)).unwrap();
+        assert!(created);
+        assert_eq!(repo.config().chunk_size, 64 << 10);
+        // The same size, or none, opens it as it is.
+        for asked in [Some(64 << 10), None] {
+            let (repo, created) = Repository::open_or_create(&at, asked).unwrap();
+            assert!(!created);
+            assert_eq!(repo.config().chunk_size, 64 << 10);
+        }
+        match Repository::open_or_create(&at, Some(DEFAULT_CHUNK_SIZE)) {
+            Err(RepoError::ChunkSizeMismatch { existing, asked }) => {
+                assert_eq!((existing, asked), (64 << 10, DEFAULT_CHUNK_SIZE));
+            }
+            other => panic!("a different chunk size was not refused: {other:?}"),
+        }
+        let other = dir.path().join("other").to_string_lossy().into_owned();
+        let (repo, _) = Repository::open_or_create(&other, None).unwrap();
+        assert_eq!(repo.config().chunk_size, DEFAULT_CHUNK_SIZE);
     }
 }

@@ -72,13 +72,22 @@ pub(crate) struct WriterRecord {
     pub pid: u32,
 }
 
-/// Chunks a pipelined backup stores at once (32 MiB of blobs at the default
-/// chunk size): enough that the directory backend's parallel fsyncs and one
-/// sync per directory pay off, few enough to bound the memory held back.
-const PUT_BATCH: usize = 8;
-/// Chunks read ahead of the store: a batch being stored plus most of the
+/// Bytes of new blobs a pipelined backup stores at once, whatever the chunk
+/// size (8 chunks of 4 MiB, 512 of 64 KiB): the directory backend's two
+/// filesystem syncs per batch then cost the same per byte at any chunk
+/// size, and the memory held back stays bounded.
+const BATCH_BYTES: usize = 32 << 20;
+/// Bytes read ahead of the store: a batch being stored plus most of the
 /// next one being read, hashed and compressed meanwhile.
-const PIPELINE_WINDOW: Window = Window(12);
+const WINDOW_BYTES: usize = 48 << 20;
+/// The fewest chunks read ahead, for chunks larger than the default.
+const MIN_WINDOW: usize = 12;
+
+/// The pipeline's window for chunks of `chunk_size` bytes: about
+/// [`WINDOW_BYTES`], at least [`MIN_WINDOW`] chunks.
+fn pipeline_window(chunk_size: u32) -> Window {
+    Window((WINDOW_BYTES / chunk_size.max(1) as usize).max(MIN_WINDOW))
+}
 /// Most hashing and compressing threads, whatever the core count: past a
 /// few, the source's read speed bounds a backup anyway.
 const MAX_WORKERS: usize = 4;
@@ -138,16 +147,18 @@ fn store_blobs(
     stats: &mut BackupStats,
 ) -> Result<(), RepoError> {
     let backend = repo.backend();
-    let mut puts = Vec::with_capacity(blobs.len());
-    {
+    let blobs: Vec<(String, Vec<u8>)> = blobs.into_iter().map(|(d, b)| (d.key(), b)).collect();
+    let found = {
         let _lock = backend.lock(LockMode::Shared)?;
-        for (digest, blob) in blobs {
-            let key = digest.key();
-            if backend.touch(&key, &blob)? {
-                stats.chunks_deduplicated += 1;
-            } else {
-                puts.push((key, blob));
-            }
+        backend.touch_batch(&blobs)?
+    };
+    assert_eq!(found.len(), blobs.len(), "one answer per refreshed chunk");
+    let mut puts = Vec::with_capacity(blobs.len());
+    for (blob, found) in blobs.into_iter().zip(found) {
+        if found {
+            stats.chunks_deduplicated += 1;
+        } else {
+            puts.push(blob);
         }
     }
     backend.put_batch(&puts)?;
@@ -170,6 +181,8 @@ struct Storer<'w> {
     entries: Vec<Option<Digest>>,
     /// The new blobs those entries need.
     blobs: Vec<(Digest, Vec<u8>)>,
+    /// Their bytes.
+    blob_bytes: usize,
 }
 
 impl<'w> Storer<'w> {
@@ -185,6 +198,7 @@ impl<'w> Storer<'w> {
             stored: HashSet::new(),
             entries: Vec::new(),
             blobs: Vec::new(),
+            blob_bytes: 0,
         }
     }
 
@@ -208,6 +222,7 @@ impl<'w> Storer<'w> {
             Handled::New(digest, blob, read) => {
                 self.stats.bytes_read += read;
                 if self.stored.insert(digest) {
+                    self.blob_bytes += blob.len();
                     self.blobs.push((digest, blob));
                 } else {
                     // The same data twice in this backup.
@@ -217,7 +232,7 @@ impl<'w> Storer<'w> {
             }
         };
         self.entries.push(entry);
-        if self.blobs.len() >= PUT_BATCH {
+        if self.blob_bytes >= BATCH_BYTES {
             self.flush()?;
         }
         Ok(())
@@ -225,6 +240,7 @@ impl<'w> Storer<'w> {
 
     /// Stores the pending blobs; only then are their entries recorded.
     fn flush(&mut self) -> Result<(), RepoError> {
+        self.blob_bytes = 0;
         store_blobs(self.repo, std::mem::take(&mut self.blobs), self.stats)?;
         self.chunks.append(&mut self.entries);
         Ok(())
@@ -476,7 +492,8 @@ impl BackupWriter<'_> {
         let mut storer = Storer::new(self.repo, &mut self.chunks, &mut self.stats);
         let workers = worker_count(MAX_WORKERS);
         let work = |job| handle(job, known, compress);
-        ordered_map(jobs, workers, PIPELINE_WINDOW, work, |h| storer.accept(h))?;
+        let window = pipeline_window(self.repo.config().chunk_size);
+        ordered_map(jobs, workers, window, work, |h| storer.accept(h))?;
         storer.flush()?;
         let stored = std::mem::take(&mut storer.stored);
         self.known.extend(stored);
@@ -568,5 +585,86 @@ mod tests {
         assert!(!overlaps(&ranges, &(5..10)));
         assert!(overlaps(&ranges, &(29..100)));
         assert!(!overlaps(&ranges, &(30..100)));
+    }
+}
+
+#[cfg(test)]
+mod durability_tests {
+    use super::*;
+    use crate::backend::DirBackend;
+    use crate::repo::RepoConfig;
+    use std::fs::File;
+    use std::io::Cursor;
+    use std::sync::{Arc, Mutex};
+
+    const CHUNK: u32 = 4 << 10;
+
+    fn spec(size: u64) -> BackupSpec {
+        BackupSpec {
+            volume_uuid: [1; 16],
+            volume_name: "vol0".into(),
+            size,
+            lsn: 1,
+        }
+    }
+
+    /// Distinct non-zero data: every chunk is new.
+    fn data(chunks: usize) -> Vec<u8> {
+        (0..chunks * CHUNK as usize)
+            .map(|i| (i / 7 % 251) as u8 + 1)
+            .collect()
+    }
+
+    /// A 4 KiB-chunk repository whose filesystem syncs fail from call
+    /// `fail_from` on (1-based; 0 never) and log whether an index existed.
+    fn repo(root: &std::path::Path, fail_from: usize) -> (Repository, Arc<Mutex<Vec<bool>>>) {
+        let log: Arc<Mutex<Vec<bool>>> = Arc::default();
+        let (seen, dir) = (Arc::clone(&log), root.to_path_buf());
+        let sync = Arc::new(move |fd: &File| {
+            let mut seen = seen.lock().unwrap();
+            seen.push(dir.join("indexes").exists());
+            if fail_from != 0 && seen.len() >= fail_from {
+                return Err(std::io::Error::other("injected sync failure"));
+            }
+            nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(fd)).map_err(Into::into)
+        });
+        let backend = DirBackend::new(root).unwrap().with_fs_sync(sync);
+        let config = RepoConfig {
+            chunk_size: CHUNK,
+            ..RepoConfig::default()
+        };
+        (Repository::create(Box::new(backend), config).unwrap(), log)
+    }
+
+    #[test]
+    fn the_index_is_written_only_after_every_batch_sync_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, log) = repo(dir.path(), 0);
+        let source = data(10);
+        let stats = repo
+            .backup(spec(source.len() as u64), None, None, &mut Cursor::new(source))
+            .unwrap();
+        assert_eq!(stats.chunks_new, 10);
+        let log = log.lock().unwrap();
+        assert!(log.len() >= 2, "a batch syncs its data and its names");
+        assert!(log.iter().all(|&index| !index), "no index before a sync");
+        assert_eq!(repo.backups().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_failed_batch_sync_leaves_no_index() {
+        // The data sync (call 1) and the name sync (call 2) each fail once.
+        for fail_from in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let (repo, _) = repo(dir.path(), fail_from);
+            let source = data(10);
+            let mut writer = repo.begin_backup(spec(source.len() as u64), None, None).unwrap();
+            assert!(writer.run(&mut Cursor::new(source)).is_err());
+            assert!(
+                matches!(writer.finish(), Err(RepoError::Unfinished { durable: 0, .. })),
+                "sync {fail_from} failed"
+            );
+            assert!(repo.backups().unwrap().is_empty(), "an index was written");
+        }
     }
 }

@@ -15,7 +15,7 @@ use std::time::SystemTime;
 
 use thiserror::Error;
 
-pub use dir::DirBackend;
+pub use dir::{DirBackend, SyncLevel};
 #[cfg(feature = "s3")]
 pub use s3::{S3Backend, S3Config};
 
@@ -120,6 +120,16 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// object does not exist (and then creates nothing). True means the
     /// object is durable under its name, as after [`Backend::put`].
     fn touch(&self, key: &str, data: &[u8]) -> Result<bool, BackendError>;
+    /// Refreshes several objects as [`Backend::touch`] refreshes one, and
+    /// says which existed; when this returns `Ok`, each of those is durable
+    /// under its name. A backend overrides this when it can make the names
+    /// durable once for the batch (the directory backend syncs once).
+    fn touch_batch(&self, objects: &[(String, Vec<u8>)]) -> Result<Vec<bool>, BackendError> {
+        objects
+            .iter()
+            .map(|(key, data)| self.touch(key, data))
+            .collect()
+    }
     /// Takes the repository lock that orders chunk refreshes against the
     /// GC sweep (a stat then a delete); a backend that cannot lock returns
     /// [`RepoLock::none`] and documents the window that leaves.
