@@ -468,6 +468,75 @@ fn create_backup(admin: &Path, repo: &str) -> Created {
     Created::parse(&out)
 }
 
+/// `backup create --json --chunk-size SIZE` against the daemon at `admin`:
+/// (exit code, stdout, stderr).
+fn create_with_chunk_size(admin: &Path, repo: &str, size: &str) -> (i32, String, String) {
+    let admin = admin.to_string_lossy().into_owned();
+    cli(&[
+        "--admin-socket",
+        &admin,
+        "backup",
+        "create",
+        "--repo",
+        repo,
+        "--chunk-size",
+        size,
+        "vol0",
+        "--json",
+    ])
+}
+
+/// `--chunk-size` picks a new repository's chunk size (64K, the daemon's
+/// changed-block region: an incremental after one 64 KiB write reads just
+/// that), is accepted again when it is the repository's, and is refused,
+/// with no backup written, when it is not or is no chunk size at all.
+#[test]
+fn the_chunk_size_is_chosen_when_the_repository_is_created() {
+    const VOL: u64 = 16 * MIB;
+    let dir = TestDir::new();
+    let d = Daemon::start(dir.volume_args("vol0", "16M"));
+    let mut c = d.connect("vol0");
+    for i in 0..VOL / (4 * MIB) {
+        c.write(i * 4 * MIB, &pattern(300 + i, (4 * MIB) as usize), false)
+            .unwrap();
+    }
+    let repo = dir.join("repo").to_string_lossy().into_owned();
+    let admin = d.admin_socket();
+    let (code, _, err) = create_with_chunk_size(&admin, &repo, "3K");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("power of two from 4K to 16M"), "{err}");
+    assert!(!Path::new(&repo).exists(), "a refused size creates nothing");
+    let (code, out, err) = create_with_chunk_size(&admin, &repo, "64K");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("created the repository") && err.contains("64K chunks"), "{err}");
+    let full = Created::parse(&out);
+    let r = backup::Repository::open_location(&repo).expect("the repository");
+    assert_eq!(r.config().chunk_size, 64 << 10);
+    let index = r.load_index(&full.id.parse().expect("an id")).expect("index");
+    assert_eq!((index.chunk_size, index.chunks.len()), (64 << 10, 256));
+    // One 64 KiB write off any 4 MiB boundary: the incremental reads 64 KiB.
+    c.write(5 * MIB + (128 << 10), &pattern(999, 64 << 10), false)
+        .unwrap();
+    let (code, out, err) = create_with_chunk_size(&admin, &repo, "64K");
+    assert_eq!(code, 0, "{err}");
+    let inc = Created::parse(&out);
+    assert!(inc.incremental, "{inc:?}");
+    assert_eq!((inc.bytes_read, inc.chunks_reused), (64 << 10, 255), "{inc:?}");
+    let file = dir.join("restored");
+    assert_restores(&repo, &inc.id, &read_export(&d, "vol0"), &file);
+    for size in ["4M", "128K"] {
+        let (code, _, err) = create_with_chunk_size(&admin, &repo, size);
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("has 64K chunks, fixed when it was created")
+                && err.contains(&format!("not the {size} asked for")),
+            "{err}"
+        );
+    }
+    assert_eq!(r.backups().expect("backups").len(), 2, "no backup written");
+    assert!(snapshots(&admin).is_empty(), "no snapshot left");
+}
+
 /// The byte ranges of backup `id` whose chunk is `digest`, as verify
 /// prints them (`bytes A..B`).
 fn ranges_of(repo: &backup::Repository, id: &str, digest: &backup::Digest) -> Vec<String> {

@@ -18,10 +18,11 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use backup::{BackupId, BackupSpec, BackupStats, RepoConfig, RepoError, Repository};
+use backup::{BackupId, BackupSpec, BackupStats, RepoError, Repository};
 use indicatif::{ProgressBar, ProgressStyle};
 use mirrorblk_admin as admin;
 use nbd::client::{Client, ClientError};
+use mirrorblk_server::units::ByteSize;
 use nbd::{Command, CommandFlags, Request};
 
 use crate::restore::{Stream, NBD_TIMEOUT};
@@ -44,6 +45,13 @@ pub enum CreateError {
     /// The repository could not be opened or written.
     #[error("repository {repo}: {source}")]
     Repo { repo: String, source: RepoError },
+    /// `--chunk-size` differs from the existing repository's.
+    #[error("repository {repo} has {existing} chunks, fixed when it was created, not the {asked} asked for: leave --chunk-size out, or give it to a new repository")]
+    ChunkSize {
+        repo: String,
+        existing: ByteSize,
+        asked: ByteSize,
+    },
     /// The snapshot's export could not be read.
     #[error("snapshot export {export}: {reason}")]
     Export { export: String, reason: String },
@@ -168,19 +176,29 @@ impl Drop for SnapshotGuard<'_> {
     }
 }
 
-/// Opens the repository at `location`, creating it (default settings)
-/// when there is none.
-fn open_or_create(location: &str) -> Result<Repository, CreateError> {
-    let err = |source| CreateError::Repo {
-        repo: location.to_owned(),
-        source,
-    };
-    match Repository::open_location(location) {
-        Err(RepoError::NotARepository) => {
-            let backend = backup::backend::open_location(location).map_err(|e| err(e.into()))?;
-            Repository::create(backend, RepoConfig::default()).map_err(err)
+/// Opens the repository at `location`, creating it (with `chunk_size`
+/// when given, the default otherwise) when there is none; a `chunk_size`
+/// that is not an existing repository's is refused.
+fn open_or_create(location: &str, chunk_size: Option<u32>) -> Result<Repository, CreateError> {
+    match Repository::open_or_create(location, chunk_size) {
+        Ok((repo, created)) => {
+            if created {
+                eprintln!(
+                    "mirrorblk backup create: created the repository {location} ({} chunks)",
+                    ByteSize(u64::from(repo.config().chunk_size))
+                );
+            }
+            Ok(repo)
         }
-        other => other.map_err(err),
+        Err(RepoError::ChunkSizeMismatch { existing, asked }) => Err(CreateError::ChunkSize {
+            repo: location.to_owned(),
+            existing: ByteSize(existing.into()),
+            asked: ByteSize(asked.into()),
+        }),
+        Err(source) => Err(CreateError::Repo {
+            repo: location.to_owned(),
+            source,
+        }),
     }
 }
 
@@ -223,13 +241,25 @@ struct ExportReader {
     schedule: VecDeque<(u64, u32)>,
     /// Pieces requested and not yet taken: offset, length, cookie.
     pending: VecDeque<(u64, u32, u64)>,
+    /// The piece taken last (offset, data): the writer reads it a chunk at
+    /// a time when chunks are smaller than a piece.
+    current: (u64, Vec<u8>),
 }
 
 /// Splits the byte ranges a writer will read into NBD reads of at most
-/// [`READ_PIECE`] bytes, in order (pure).
+/// [`READ_PIECE`] bytes, in order, joining ranges that touch first (pure):
+/// with small chunks a full backup then still reads in 4 MiB requests,
+/// and an incremental reads each run of changed chunks in one.
 fn read_pieces(ranges: &[Range<u64>]) -> VecDeque<(u64, u32)> {
+    let mut runs: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges.iter().filter(|r| r.start < r.end) {
+        match runs.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => runs.push(r.clone()),
+        }
+    }
     let mut pieces = VecDeque::new();
-    for r in ranges {
+    for r in runs {
         let mut at = r.start;
         while at < r.end {
             let len = (r.end - at).min(READ_PIECE);
@@ -267,22 +297,43 @@ impl ExportReader {
         Ok(())
     }
 
-    /// The data at `pos`, at most `n` bytes: the oldest piece read ahead
-    /// when it starts there, else a read of its own.
-    fn take(&mut self, n: u64) -> io::Result<Vec<u8>> {
-        self.read_ahead()?;
+    /// Waits for the oldest piece read ahead.
+    fn wait_oldest(&mut self) -> io::Result<(u64, Vec<u8>)> {
+        let (offset, len, cookie) = self.pending.pop_front().expect("a piece is pending");
+        let r = self
+            .client
+            .wait_for(cookie)
+            .map_err(|e| read_err(offset, e))?;
+        match r.error {
+            Some(code) => Err(read_err(offset, ClientError::Server(code))),
+            None if r.data.len() == len as usize => Ok((offset, r.data)),
+            None => Err(read_err(
+                offset,
+                format!("{} bytes, not {len}", r.data.len()),
+            )),
+        }
+    }
+
+    /// Makes `current` the piece that holds `pos` when one read ahead
+    /// does (dropping pieces the writer skipped); false when none does.
+    fn find_piece(&mut self) -> io::Result<bool> {
         let at = self.pos;
-        match self.pending.front() {
-            Some(&(offset, len, cookie)) if offset == at && u64::from(len) <= n => {
-                self.pending.pop_front();
-                let r = self.client.wait_for(cookie).map_err(|e| read_err(at, e))?;
-                match r.error {
-                    Some(code) => Err(read_err(at, ClientError::Server(code))),
-                    None if r.data.len() == len as usize => Ok(r.data),
-                    None => Err(read_err(at, format!("{} bytes, not {len}", r.data.len()))),
-                }
+        let holds = |offset: u64, len: u64| offset <= at && at < offset + len;
+        loop {
+            let (offset, ref data) = self.current;
+            if holds(offset, data.len() as u64) {
+                return Ok(true);
             }
-            _ => self.client.read(at, n as u32).map_err(|e| read_err(at, e)),
+            self.read_ahead()?;
+            match self.pending.front() {
+                Some(&(offset, len, _)) if offset <= at => {
+                    let piece = self.wait_oldest()?;
+                    if holds(offset, u64::from(len)) {
+                        self.current = piece;
+                    }
+                }
+                _ => return Ok(false),
+            }
         }
     }
 }
@@ -290,18 +341,29 @@ impl ExportReader {
 impl Read for ExportReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = self.size.saturating_sub(self.pos);
-        let n = (buf.len() as u64).min(left).min(READ_PIECE);
+        let n = (buf.len() as u64).min(left).min(READ_PIECE) as usize;
         if n == 0 {
             return Ok(0);
         }
-        let data = self.take(n)?;
-        if data.len() as u64 > n || data.is_empty() {
-            return Err(read_err(self.pos, format!("{} bytes for {n}", data.len())));
-        }
-        buf[..data.len()].copy_from_slice(&data);
-        self.pos += data.len() as u64;
-        self.progress.inc(data.len() as u64);
-        Ok(data.len())
+        let got = if self.find_piece()? {
+            let (offset, data) = &self.current;
+            let from = (self.pos - offset) as usize;
+            let got = n.min(data.len() - from);
+            buf[..got].copy_from_slice(&data[from..from + got]);
+            got
+        } else {
+            // Off the schedule: a read of its own.
+            let at = self.pos;
+            let data = self.client.read(at, n as u32).map_err(|e| read_err(at, e))?;
+            if data.len() > n || data.is_empty() {
+                return Err(read_err(at, format!("{} bytes for {n}", data.len())));
+            }
+            buf[..data.len()].copy_from_slice(&data);
+            data.len()
+        };
+        self.pos += got as u64;
+        self.progress.inc(got as u64);
+        Ok(got)
     }
 }
 
@@ -373,6 +435,19 @@ fn bytes_to_read(plan: &Plan, size: u64, chunk: u64) -> u64 {
     }
 }
 
+/// `backup create`'s options.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// The bound on the snapshot's kept-aside data (the daemon's default
+    /// when `None`).
+    pub snapshot_space: Option<u64>,
+    /// The chunk size of a repository this creates; refused when it is not
+    /// an existing repository's.
+    pub chunk_size: Option<u32>,
+    /// One JSON object on stdout.
+    pub json: bool,
+}
+
 /// What `create` reports.
 struct Outcome {
     stats: BackupStats,
@@ -382,24 +457,19 @@ struct Outcome {
 
 /// Takes the snapshot, plans, reads and writes the backup; the guard
 /// deletes the snapshot on every path out.
-fn run(
-    socket: &Path,
-    location: &str,
-    volume: &str,
-    space: Option<u64>,
-) -> Result<Outcome, CreateError> {
+fn run(socket: &Path, location: &str, volume: &str, opts: &CreateOptions) -> Result<Outcome, CreateError> {
     let started = Instant::now();
     // The daemon first, then the repository: neither is touched when the
     // other is unreachable.
     let status = call(socket, &admin::Request::Status, "status")?;
-    let repo = open_or_create(location)?;
+    let repo = open_or_create(location, opts.chunk_size)?;
     let name = format!("{SNAPSHOT_PREFIX}{}", backup_now_ms());
     let created = call(
         socket,
         &admin::Request::SnapshotCreate {
             volume: volume.to_owned(),
             name: name.clone(),
-            space,
+            space: opts.snapshot_space,
         },
         "snapshot_create",
     )?;
@@ -521,6 +591,7 @@ fn read_and_write<'r>(
         progress: progress.clone(),
         schedule: read_pieces(&writer.ranges_to_read()),
         pending: VecDeque::new(),
+        current: (0, Vec::new()),
     };
     // Bounded: the chunk count is bounded by the repository
     // (MAX_INDEX_ENTRIES), each read by NBD_TIMEOUT.
@@ -562,8 +633,9 @@ fn check_not_broken(
 /// `backup create`: exit 0 with the new backup's id (or one JSON object:
 /// id, lsn, incremental, bytes_read, bytes_stored, chunks_reused,
 /// seconds); exit 1 saying why no backup was written.
-pub fn create(socket: &Path, repo: &str, volume: &str, space: Option<u64>, json: bool) -> ExitCode {
-    match run(socket, repo, volume, space) {
+pub fn create(socket: &Path, repo: &str, volume: &str, opts: &CreateOptions) -> ExitCode {
+    let json = opts.json;
+    match run(socket, repo, volume, opts) {
         Ok(o) => {
             let id = o
                 .stats
@@ -660,6 +732,22 @@ mod tests {
         assert_eq!(u[15], 0xff);
         assert_eq!(parse_uuid("0011"), None);
         assert_eq!(parse_uuid("g0112233-4455-6677-8899-aabbccddeeff"), None);
+    }
+
+    #[test]
+    fn touching_ranges_are_read_in_one_piece() {
+        let k = 64 << 10;
+        let chunks: Vec<Range<u64>> = (0..130).map(|i| i * k..(i + 1) * k).collect();
+        let pieces = Vec::from(read_pieces(&chunks));
+        assert_eq!(pieces[0], (0, READ_PIECE as u32));
+        assert_eq!(pieces[1], (READ_PIECE, READ_PIECE as u32));
+        assert_eq!(pieces[2], (2 * READ_PIECE, (130 * k - 2 * READ_PIECE) as u32));
+        assert_eq!(pieces.len(), 3);
+        let scattered = [0..k, 5 * k..6 * k, 6 * k..7 * k, 9 * k..10 * k];
+        assert_eq!(
+            Vec::from(read_pieces(&scattered)),
+            vec![(0, k as u32), (5 * k, 2 * k as u32), (9 * k, k as u32)]
+        );
     }
 
     #[test]

@@ -247,6 +247,12 @@ struct Writer {
     /// NBD writes sent and not yet answered: cookie, offset.
     in_flight: Vec<(u64, u64)>,
     zeros: Vec<u8>,
+    /// Contiguous NBD writes not sent yet (see [`Writer::stage_nbd`]).
+    staged: Vec<u8>,
+    /// Where they start.
+    staged_at: u64,
+    /// Whether they are all zero.
+    staged_zero: bool,
     progress: ProgressBar,
 }
 
@@ -263,7 +269,45 @@ impl Writer {
         Ok(())
     }
 
-    fn write_nbd(&mut self, data: &[u8]) -> io::Result<()> {
+    /// Gathers contiguous NBD writes into pieces of up to [`NBD_PIECE`]
+    /// (with small chunks each would otherwise be one NBD request): the
+    /// piece is sent when a write does not continue it, would overflow it,
+    /// or differs from it in being all zero (so zero runs still go as
+    /// `WRITE_ZEROES`).
+    fn stage_nbd(&mut self, data: &[u8]) -> io::Result<()> {
+        let zero = data.len() <= NBD_PIECE && data == &self.zeros[..data.len()];
+        let continues = !self.staged.is_empty()
+            && self.staged_at + self.staged.len() as u64 == self.at
+            && self.staged.len() + data.len() <= NBD_PIECE
+            && self.staged_zero == zero;
+        if !continues {
+            self.send_staged()?;
+        }
+        if data.len() >= NBD_PIECE {
+            return self.write_nbd(self.at, data);
+        }
+        if self.staged.is_empty() {
+            self.staged_at = self.at;
+            self.staged_zero = zero;
+        }
+        self.staged.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Sends the piece [`Writer::stage_nbd`] gathered, if any.
+    fn send_staged(&mut self) -> io::Result<()> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let mut staged = std::mem::take(&mut self.staged);
+        let sent = self.write_nbd(self.staged_at, &staged);
+        // `submit` copied the payload: keep the buffer for the next piece.
+        staged.clear();
+        self.staged = staged;
+        sent
+    }
+
+    fn write_nbd(&mut self, at: u64, data: &[u8]) -> io::Result<()> {
         let Sink::Nbd {
             client,
             write_zeroes,
@@ -273,7 +317,7 @@ impl Writer {
             unreachable!("write_nbd on a file sink");
         };
         for (i, piece) in data.chunks(NBD_PIECE).enumerate() {
-            let off = self.at + (i * NBD_PIECE) as u64;
+            let off = at + (i * NBD_PIECE) as u64;
             if self.in_flight.len() >= NBD_WRITES_IN_FLIGHT {
                 settle_one(client, &mut self.in_flight)?;
             }
@@ -306,6 +350,7 @@ impl Writer {
     /// Waits for every NBD write in flight; the first that failed is the
     /// error, naming its offset.
     fn settle_all(&mut self) -> io::Result<()> {
+        self.send_staged()?;
         if let Sink::Nbd { client, .. } = &mut self.sink {
             while !self.in_flight.is_empty() {
                 settle_one(client, &mut self.in_flight)?;
@@ -345,7 +390,7 @@ impl Write for Writer {
             Sink::File { file, fresh } => {
                 Writer::write_file(file, *fresh, self.at, data, &self.zeros)?
             }
-            Sink::Nbd { .. } => self.write_nbd(data)?,
+            Sink::Nbd { .. } => self.stage_nbd(data)?,
         }
         self.at += data.len() as u64;
         self.progress.inc(data.len() as u64);
@@ -417,6 +462,9 @@ pub fn restore(repo: &str, id: &str, target: &str, force: bool, json: bool) -> E
         at: 0,
         in_flight: Vec::new(),
         zeros: vec![0u8; NBD_PIECE],
+        staged: Vec::new(),
+        staged_at: 0,
+        staged_zero: false,
         progress: progress_bar(size),
     };
     let outcome = repository.restore(&id, &mut w);
