@@ -4,8 +4,10 @@
 #   incremental after 1 % of the volume changed (a) as 3 whole 4 MiB chunks,
 #   (b) as 164 scattered 64 KiB writes (1 % of the 64 KiB tracking regions);
 #   restore onto the volume's NBD export vs nbdcopy from a file to it.
-# Usage: DIR=/var/tmp/bkbench benches/backup-bench.sh   (needs fio with its nbd engine, nbdcopy)
-# Prints one line per measurement; bounded: every step has a timeout.
+# Usage: DIR=/var/tmp/bkbench [CHUNK_SIZE=64K] benches/backup-bench.sh   (needs fio with its nbd engine, nbdcopy)
+#   CHUNK_SIZE: the repository's chunk size (`backup create --chunk-size`; the CLI's default when unset).
+#   MIRRORBLK_BACKUP_SYNC_LEVEL=file|filesystem: the directory repository's sync level (docs/BACKUP.md).
+# Prints one line per measurement (and the load average before each); bounded: every step has a timeout.
 set -eu
 DIR=${DIR:?set DIR}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,24 +23,34 @@ PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null' EXIT
 for _ in $(seq 100); do [ -S "$ADMIN" ] && break; sleep 0.1; done
 secs() { local t0=$(date +%s.%N); "$@" >/dev/null; echo "$(date +%s.%N) - $t0" | bc; }
-bk() { timeout 600 "$CLI" backup create --admin-socket "$ADMIN" --repo "$DIR/repo" vol0 --json; }
+CHUNK_ARGS=()
+[ -n "${CHUNK_SIZE:-}" ] && CHUNK_ARGS=(--chunk-size "$CHUNK_SIZE")
+bk() { timeout 600 "$CLI" backup create --admin-socket "$ADMIN" --repo "$DIR/repo" "${CHUNK_ARGS[@]}" vol0 --json; }
+load() { echo "load $(cut -d' ' -f1-3 /proc/loadavg)"; }
+echo "chunk-size ${CHUNK_SIZE:-default} sync-level ${MIRRORBLK_BACKUP_SYNC_LEVEL:-default}"
 # Incompressible, non-repeating data in every byte.
 timeout 300 fio --name=fill --ioengine=nbd --uri=$URI --rw=write --bs=1m --iodepth=8 --size=1g \
     --refill_buffers --output=/dev/null
 sync; echo 3 >/proc/sys/vm/drop_caches
+load
 echo "nbdcopy volume->file s $(secs timeout 300 nbdcopy $URI "$DIR/copy.img")"
 sync; echo 3 >/proc/sys/vm/drop_caches
+load
 echo "full $(bk)"
 timeout 120 fio --name=chunks --ioengine=nbd --uri=$URI --rw=randwrite --bs=4m --number_ios=3 \
     --size=1g --refill_buffers --randrepeat=0 --output=/dev/null
 sync; echo 3 >/proc/sys/vm/drop_caches
+load
 echo "incr-3-chunks $(bk)"
 timeout 120 fio --name=scatter --ioengine=nbd --uri=$URI --rw=randwrite --bs=64k --number_ios=164 \
     --size=1g --refill_buffers --randrepeat=0 --output=/dev/null
 sync; echo 3 >/proc/sys/vm/drop_caches
+load
 echo "incr-164x64k $(bk)"
 ID=$("$CLI" backup list --repo "$DIR/repo" --json | tail -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 sync; echo 3 >/proc/sys/vm/drop_caches
+load
 echo "restore $(timeout 600 "$CLI" backup restore --repo "$DIR/repo" --to $URI --json "$ID")"
 sync; echo 3 >/proc/sys/vm/drop_caches
+load
 echo "nbdcopy file->volume s $(secs timeout 300 nbdcopy "$DIR/copy.img" $URI)"

@@ -48,6 +48,23 @@ pub enum SyncLevel {
     Filesystem,
 }
 
+/// The environment variable that picks a directory repository's
+/// [`SyncLevel`] (`file` or `filesystem`), like Proxmox Backup Server's
+/// datastore option: `file` for a repository on a filesystem that busy
+/// programs share, where a `syncfs` would flush their writes too.
+pub const SYNC_LEVEL_ENV: &str = "MIRRORBLK_BACKUP_SYNC_LEVEL";
+
+impl SyncLevel {
+    /// `file` or `filesystem`.
+    pub fn parse(text: &str) -> Option<SyncLevel> {
+        match text {
+            "file" => Some(SyncLevel::File),
+            "filesystem" => Some(SyncLevel::Filesystem),
+            _ => None,
+        }
+    }
+}
+
 /// What a batch's filesystem sync calls: `syncfs` on the repository's root
 /// in production; tests put a recording or failing one here.
 type FsSync = Arc<dyn Fn(&File) -> std::io::Result<()> + Send + Sync>;
@@ -89,16 +106,25 @@ fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> BackendError
 }
 
 impl DirBackend {
-    /// Opens (creating if needed) a directory backend rooted at `root`.
+    /// Opens (creating if needed) a directory backend rooted at `root`, at
+    /// the sync level [`SYNC_LEVEL_ENV`] names (`file` or `filesystem`, the
+    /// default when unset).
     pub fn new(root: impl Into<PathBuf>) -> Result<DirBackend, BackendError> {
         let root = root.into();
+        let sync = match std::env::var(SYNC_LEVEL_ENV) {
+            Err(_) => SyncLevel::default(),
+            Ok(text) => SyncLevel::parse(&text).ok_or_else(|| BackendError::InvalidLocation {
+                location: root.display().to_string(),
+                reason: format!("{SYNC_LEVEL_ENV}={text:?}: expected file or filesystem"),
+            })?,
+        };
         fs::create_dir_all(&root).map_err(|e| io_err("create", &root, e))?;
         let root_fd = File::open(&root).map_err(|e| io_err("open", &root, e))?;
         Ok(DirBackend {
             root,
             root_fd,
             temp_seq: AtomicU64::new(0),
-            sync: SyncLevel::default(),
+            sync,
             sync_fs: Arc::new(syncfs),
         })
     }
