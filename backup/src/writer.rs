@@ -642,7 +642,12 @@ mod durability_tests {
         let (repo, log) = repo(dir.path(), 0);
         let source = data(10);
         let stats = repo
-            .backup(spec(source.len() as u64), None, None, &mut Cursor::new(source))
+            .backup(
+                spec(source.len() as u64),
+                None,
+                None,
+                &mut Cursor::new(source),
+            )
             .unwrap();
         assert_eq!(stats.chunks_new, 10);
         let log = log.lock().unwrap();
@@ -658,10 +663,15 @@ mod durability_tests {
             let dir = tempfile::tempdir().unwrap();
             let (repo, _) = repo(dir.path(), fail_from);
             let source = data(10);
-            let mut writer = repo.begin_backup(spec(source.len() as u64), None, None).unwrap();
+            let mut writer = repo
+                .begin_backup(spec(source.len() as u64), None, None)
+                .unwrap();
             assert!(writer.run(&mut Cursor::new(source)).is_err());
             assert!(
-                matches!(writer.finish(), Err(RepoError::Unfinished { durable: 0, .. })),
+                matches!(
+                    writer.finish(),
+                    Err(RepoError::Unfinished { durable: 0, .. })
+                ),
                 "sync {fail_from} failed"
             );
             assert!(repo.backups().unwrap().is_empty(), "an index was written");

@@ -508,11 +508,16 @@ fn the_chunk_size_is_chosen_when_the_repository_is_created() {
     assert!(!Path::new(&repo).exists(), "a refused size creates nothing");
     let (code, out, err) = create_with_chunk_size(&admin, &repo, "64K");
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("created the repository") && err.contains("64K chunks"), "{err}");
+    assert!(
+        err.contains("created the repository") && err.contains("64K chunks"),
+        "{err}"
+    );
     let full = Created::parse(&out);
     let r = backup::Repository::open_location(&repo).expect("the repository");
     assert_eq!(r.config().chunk_size, 64 << 10);
-    let index = r.load_index(&full.id.parse().expect("an id")).expect("index");
+    let index = r
+        .load_index(&full.id.parse().expect("an id"))
+        .expect("index");
     assert_eq!((index.chunk_size, index.chunks.len()), (64 << 10, 256));
     // One 64 KiB write off any 4 MiB boundary: the incremental reads 64 KiB.
     c.write(5 * MIB + (128 << 10), &pattern(999, 64 << 10), false)
@@ -521,7 +526,11 @@ fn the_chunk_size_is_chosen_when_the_repository_is_created() {
     assert_eq!(code, 0, "{err}");
     let inc = Created::parse(&out);
     assert!(inc.incremental, "{inc:?}");
-    assert_eq!((inc.bytes_read, inc.chunks_reused), (64 << 10, 255), "{inc:?}");
+    assert_eq!(
+        (inc.bytes_read, inc.chunks_reused),
+        (64 << 10, 255),
+        "{inc:?}"
+    );
     let file = dir.join("restored");
     assert_restores(&repo, &inc.id, &read_export(&d, "vol0"), &file);
     for size in ["4M", "128K"] {

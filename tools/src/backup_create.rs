@@ -21,8 +21,8 @@ use std::time::Instant;
 use backup::{BackupId, BackupSpec, BackupStats, RepoError, Repository};
 use indicatif::{ProgressBar, ProgressStyle};
 use mirrorblk_admin as admin;
-use nbd::client::{Client, ClientError};
 use mirrorblk_server::units::ByteSize;
+use nbd::client::{Client, ClientError};
 use nbd::{Command, CommandFlags, Request};
 
 use crate::restore::{Stream, NBD_TIMEOUT};
@@ -354,7 +354,10 @@ impl Read for ExportReader {
         } else {
             // Off the schedule: a read of its own.
             let at = self.pos;
-            let data = self.client.read(at, n as u32).map_err(|e| read_err(at, e))?;
+            let data = self
+                .client
+                .read(at, n as u32)
+                .map_err(|e| read_err(at, e))?;
             if data.len() > n || data.is_empty() {
                 return Err(read_err(at, format!("{} bytes for {n}", data.len())));
             }
@@ -457,7 +460,12 @@ struct Outcome {
 
 /// Takes the snapshot, plans, reads and writes the backup; the guard
 /// deletes the snapshot on every path out.
-fn run(socket: &Path, location: &str, volume: &str, opts: &CreateOptions) -> Result<Outcome, CreateError> {
+fn run(
+    socket: &Path,
+    location: &str,
+    volume: &str,
+    opts: &CreateOptions,
+) -> Result<Outcome, CreateError> {
     let started = Instant::now();
     // The daemon first, then the repository: neither is touched when the
     // other is unreachable.
@@ -741,7 +749,10 @@ mod tests {
         let pieces = Vec::from(read_pieces(&chunks));
         assert_eq!(pieces[0], (0, READ_PIECE as u32));
         assert_eq!(pieces[1], (READ_PIECE, READ_PIECE as u32));
-        assert_eq!(pieces[2], (2 * READ_PIECE, (130 * k - 2 * READ_PIECE) as u32));
+        assert_eq!(
+            pieces[2],
+            (2 * READ_PIECE, (130 * k - 2 * READ_PIECE) as u32)
+        );
         assert_eq!(pieces.len(), 3);
         let scattered = [0..k, 5 * k..6 * k, 6 * k..7 * k, 9 * k..10 * k];
         assert_eq!(
