@@ -15,7 +15,7 @@ use std::time::SystemTime;
 
 use thiserror::Error;
 
-pub use dir::{DirBackend, SyncLevel};
+pub use dir::{DirBackend, SyncLevel, SYNC_LEVEL_ENV};
 #[cfg(feature = "s3")]
 pub use s3::{S3Backend, S3Config};
 
