@@ -155,8 +155,15 @@ pub enum BlobError {
 /// the plain length (1/32, about 3 %): less is not worth zstd's time at
 /// every restore.
 const MIN_SAVING_DIVISOR: usize = 32;
-/// Bytes of each probe a chunk is sampled at before compressing it whole.
+/// Most bytes of each probe a chunk is sampled at before compressing it
+/// whole.
 const PROBE_LEN: usize = 16 << 10;
+/// Fewest bytes of each probe: zstd still tells incompressible data apart.
+const MIN_PROBE_LEN: usize = 1 << 10;
+/// A probe is at most this share of the chunk, so the sample costs the same
+/// share of zstd time at every chunk size (1/64: 64 KiB chunks are judged
+/// on 4 probes of 1 KiB, not compressed whole to find out).
+const PROBE_DIVISOR: usize = 64;
 /// How many probes, spread evenly over the chunk.
 const PROBES: usize = 4;
 
@@ -166,15 +173,17 @@ pub fn worth_compressing(plain: usize, packed: usize) -> bool {
     packed + plain / MIN_SAVING_DIVISOR <= plain && packed < plain
 }
 
-/// The sample a chunk's compressibility is judged on: [`PROBES`] slices of
-/// [`PROBE_LEN`] bytes spread evenly; the whole chunk when it is small.
+/// The sample a chunk's compressibility is judged on: [`PROBES`] slices
+/// spread evenly, each 1/64 of the chunk within [`MIN_PROBE_LEN`] and
+/// [`PROBE_LEN`] bytes; the whole chunk when it is small.
 fn probes(plain: &[u8]) -> Vec<&[u8]> {
-    if plain.len() <= PROBES * PROBE_LEN * 2 {
+    let len = (plain.len() / PROBE_DIVISOR).clamp(MIN_PROBE_LEN, PROBE_LEN);
+    if plain.len() <= PROBES * len * 2 {
         return vec![plain];
     }
     let stride = plain.len() / PROBES;
     (0..PROBES)
-        .map(|i| &plain[i * stride..i * stride + PROBE_LEN])
+        .map(|i| &plain[i * stride..i * stride + len])
         .collect()
 }
 
@@ -385,6 +394,26 @@ mod tests {
         let blob = encode_blob(&mixed, true);
         assert!(is_compressed(&blob), "half-zero chunk compressed");
         assert_eq!(decode_blob(&Digest::of(&mixed), &blob).unwrap(), mixed);
+        // The same at 64 KiB, judged on a 4 KiB sample, not the whole.
+        let small = &random[..64 << 10];
+        assert!(!is_compressed(&encode_blob(small, true)));
+        let mut half = small.to_vec();
+        half[32 << 10..].fill(0);
+        assert!(is_compressed(&encode_blob(&half, true)));
+    }
+
+    #[test]
+    fn the_sample_is_a_sixteenth_of_the_chunk_within_bounds() {
+        let sampled = |len: usize| -> usize {
+            let plain = vec![1u8; len];
+            probes(&plain).iter().map(|p| p.len()).sum()
+        };
+        assert_eq!(sampled(64 << 10), 4 << 10);
+        assert_eq!(sampled(256 << 10), 16 << 10);
+        assert_eq!(sampled(4 << 20), 64 << 10);
+        assert_eq!(sampled(16 << 20), 64 << 10);
+        // Too small to sample: the whole chunk.
+        assert_eq!(sampled(4 << 10), 4 << 10);
     }
 
     #[test]
