@@ -7,6 +7,9 @@
 # Usage: DIR=/var/tmp/bkbench [CHUNK_SIZE=64K] benches/backup-bench.sh   (needs fio with its nbd engine, nbdcopy)
 #   CHUNK_SIZE: the repository's chunk size (`backup create --chunk-size`; the CLI's default when unset).
 #   MIRRORBLK_BACKUP_SYNC_LEVEL=file|filesystem: the directory repository's sync level (docs/BACKUP.md).
+#   REPO: the repository's directory (default $DIR/repo), e.g. on a filesystem of its own.
+#   REPO_CHUNK_BYTES: write the repository's config with this chunk size (bytes) before the first
+#     backup, for A/Bs with a CLI older than --chunk-size.
 # Prints one line per measurement (and the load average before each); bounded: every step has a timeout.
 set -eu
 DIR=${DIR:?set DIR}
@@ -14,7 +17,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${MIRRORBLKD:-$ROOT/target/release/mirrorblkd}
 CLI=${MIRRORBLK:-$ROOT/target/release/mirrorblk}
 PORT=${PORT:-22812}
-rm -rf "$DIR" && mkdir -p "$DIR"
+REPO=${REPO:-$DIR/repo}
+rm -rf "$DIR" && mkdir -p "$DIR" && rm -rf "$REPO"
 ADMIN=$DIR/admin.sock
 URI=nbd://127.0.0.1:$PORT/vol0
 $BIN --export vol0 --data "$DIR/d.img" --journal "$DIR/j.img" --size 1G --journal-size 256M \
@@ -25,9 +29,13 @@ for _ in $(seq 100); do [ -S "$ADMIN" ] && break; sleep 0.1; done
 secs() { local t0=$(date +%s.%N); "$@" >/dev/null; echo "$(date +%s.%N) - $t0" | bc; }
 CHUNK_ARGS=()
 [ -n "${CHUNK_SIZE:-}" ] && CHUNK_ARGS=(--chunk-size "$CHUNK_SIZE")
-bk() { timeout 600 "$CLI" backup create --admin-socket "$ADMIN" --repo "$DIR/repo" "${CHUNK_ARGS[@]}" vol0 --json; }
+bk() { timeout 600 "$CLI" backup create --admin-socket "$ADMIN" --repo "$REPO" "${CHUNK_ARGS[@]}" vol0 --json; }
 load() { echo "load $(cut -d' ' -f1-3 /proc/loadavg)"; }
-echo "chunk-size ${CHUNK_SIZE:-default} sync-level ${MIRRORBLK_BACKUP_SYNC_LEVEL:-default}"
+echo "chunk-size ${CHUNK_SIZE:-${REPO_CHUNK_BYTES:-default}} sync-level ${MIRRORBLK_BACKUP_SYNC_LEVEL:-default} cli $CLI"
+if [ -n "${REPO_CHUNK_BYTES:-}" ]; then
+    mkdir -p "$REPO"
+    echo "{\"version\":1,\"chunk_size\":$REPO_CHUNK_BYTES,\"compress\":true}" >"$REPO/mirrorblk-backup.json"
+fi
 # Incompressible, non-repeating data in every byte.
 timeout 300 fio --name=fill --ioengine=nbd --uri=$URI --rw=write --bs=1m --iodepth=8 --size=1g \
     --refill_buffers --output=/dev/null
@@ -47,10 +55,10 @@ timeout 120 fio --name=scatter --ioengine=nbd --uri=$URI --rw=randwrite --bs=64k
 sync; echo 3 >/proc/sys/vm/drop_caches
 load
 echo "incr-164x64k $(bk)"
-ID=$("$CLI" backup list --repo "$DIR/repo" --json | tail -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+ID=$("$CLI" backup list --repo "$REPO" --json | tail -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 sync; echo 3 >/proc/sys/vm/drop_caches
 load
-echo "restore $(timeout 600 "$CLI" backup restore --repo "$DIR/repo" --to $URI --json "$ID")"
+echo "restore $(timeout 600 "$CLI" backup restore --repo "$REPO" --to $URI --json "$ID")"
 sync; echo 3 >/proc/sys/vm/drop_caches
 load
 echo "nbdcopy file->volume s $(secs timeout 300 nbdcopy "$DIR/copy.img" $URI)"

@@ -167,7 +167,7 @@ impl Repository {
             (i, data)
         };
         let jobs = index.chunks.iter().copied().enumerate();
-        let workers = worker_count(MAX_RESTORE_WORKERS);
+        let workers = restore_workers(index.chunk_size);
         let window = restore_window(index.chunk_size);
         ordered_map(jobs, workers, window, fetch, |(i, data)| {
             let range = index.chunk_range(i);
@@ -212,6 +212,22 @@ fn restore_window(chunk_size: u32) -> Window {
 }
 /// Most fetching threads, whatever the core count.
 const MAX_RESTORE_WORKERS: usize = 4;
+/// Fetching threads for chunks under [`SMALL_CHUNK`]: fetching a small
+/// chunk from a cold directory repository is a few dependent disk reads
+/// (directory, inode, data) for little CPU, so more reads in flight than
+/// cores pay.
+const SMALL_CHUNK_RESTORE_WORKERS: usize = 8;
+/// Chunks smaller than this are fetched on [`SMALL_CHUNK_RESTORE_WORKERS`].
+const SMALL_CHUNK: u32 = 1 << 20;
+
+/// How many threads fetch, check and decompress chunks of `chunk_size`.
+fn restore_workers(chunk_size: u32) -> usize {
+    if chunk_size < SMALL_CHUNK {
+        SMALL_CHUNK_RESTORE_WORKERS
+    } else {
+        worker_count(MAX_RESTORE_WORKERS)
+    }
+}
 
 /// What a restore has written and what it could not.
 #[derive(Default)]
