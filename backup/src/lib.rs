@@ -35,10 +35,21 @@ pub use index::{BackupIndex, IndexError};
 pub use repo::{BackupId, RepoConfig, RepoError, Repository};
 pub use writer::{BackupSpec, BackupStats, BackupWriter};
 
-/// The default size of one chunk: 4 MiB, PBS's fixed-index default. A
-/// repository records its chunk size when created (see [`RepoConfig`]); every
-/// backup in it uses that size, which is what lets chunks deduplicate.
+/// The chunk size of [`RepoConfig::default`]: 4 MiB, PBS's fixed-index
+/// default. A repository records its chunk size when created (see
+/// [`RepoConfig`]); every backup in it uses that size, which is what lets
+/// chunks deduplicate. `mirrorblk backup create` creates repositories with
+/// [`RepoConfig::for_volume`] instead (64 KiB for volumes up to 64 GiB).
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+
+/// The smallest chunk size [`RepoConfig::for_volume`] picks: 64 KiB, the
+/// server's changed-block region, so an incremental reads and stores just
+/// the regions that changed (docs/BACKUP.md, "Choosing the chunk size").
+pub const PREFERRED_CHUNK_SIZE: u32 = 64 << 10;
+
+/// How many times its first volume's size a repository created by
+/// [`RepoConfig::for_volume`] can back up in one index, at least.
+pub const CHUNK_SIZE_HEADROOM: u64 = 4;
 
 /// The smallest chunk size a repository or an index may have.
 pub const MIN_CHUNK_SIZE: u32 = 4 << 10;

@@ -21,7 +21,10 @@ use crate::backend::{open_location, Backend, BackendError};
 use crate::check::{ChunkProblem, DamagedRange};
 use crate::chunk::{decode_blob, Digest};
 use crate::index::{valid_chunk_size, valid_volume_name, BackupIndex, IndexError};
-use crate::DEFAULT_CHUNK_SIZE;
+use crate::{
+    CHUNK_SIZE_HEADROOM, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_INDEX_ENTRIES,
+    PREFERRED_CHUNK_SIZE,
+};
 
 /// The directory of chunk blobs.
 pub const CHUNK_DIR: &str = ".chunks";
@@ -56,6 +59,26 @@ impl Default for RepoConfig {
 }
 
 impl RepoConfig {
+    /// The config for a repository created for a first volume of
+    /// `volume_size` bytes: chunks of [`PREFERRED_CHUNK_SIZE`] (64 KiB),
+    /// or the smallest power of two that still fits a volume
+    /// [`CHUNK_SIZE_HEADROOM`] times as large in one index
+    /// ([`MAX_INDEX_ENTRIES`] chunks): 64 KiB up to 64 GiB, 128 KiB up to
+    /// 128 GiB, …, 4 MiB up to 4 TiB (pure).
+    pub fn for_volume(volume_size: u64) -> RepoConfig {
+        let least = volume_size
+            .saturating_mul(CHUNK_SIZE_HEADROOM)
+            .div_ceil(MAX_INDEX_ENTRIES);
+        let chunk_size = least
+            .checked_next_power_of_two()
+            .unwrap_or(u64::MAX)
+            .clamp(PREFERRED_CHUNK_SIZE.into(), MAX_CHUNK_SIZE.into());
+        RepoConfig {
+            chunk_size: u32::try_from(chunk_size).expect("clamped to MAX_CHUNK_SIZE"),
+            ..RepoConfig::default()
+        }
+    }
+
     /// Refuses a chunk size asked for that is not this repository's (none
     /// asked for always fits).
     pub fn check_chunk_size(&self, asked: Option<u32>) -> Result<(), RepoError> {
@@ -277,14 +300,17 @@ impl Repository {
         Repository::open(open_location(location)?)
     }
 
-    /// Opens the repository at `location`, or creates it there (default
-    /// settings, with `chunk_size` when given) when there is none. A
-    /// `chunk_size` that differs from an existing repository's is refused
-    /// ([`RepoError::ChunkSizeMismatch`]): chunks only deduplicate within
-    /// one size, so it is fixed at creation. Returns whether it was created.
+    /// Opens the repository at `location`, or creates it there when there
+    /// is none: with `chunk_size` when given, else as
+    /// [`RepoConfig::for_volume`] picks for a first volume of `volume_size`
+    /// bytes. A `chunk_size` that differs from an existing repository's is
+    /// refused ([`RepoError::ChunkSizeMismatch`]): chunks only deduplicate
+    /// within one size, so it is fixed at creation. Returns whether it was
+    /// created.
     pub fn open_or_create(
         location: &str,
         chunk_size: Option<u32>,
+        volume_size: u64,
     ) -> Result<(Repository, bool), RepoError> {
         if let Some(asked) = chunk_size.filter(|&c| !valid_chunk_size(c)) {
             return Err(RepoError::InvalidChunkSize(asked));
@@ -295,10 +321,10 @@ impl Repository {
                 Ok((repo, false))
             }
             Err(RepoError::NotARepository) => {
-                let config = RepoConfig {
-                    chunk_size: chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
-                    ..RepoConfig::default()
-                };
+                let mut config = RepoConfig::for_volume(volume_size);
+                if let Some(asked) = chunk_size {
+                    config.chunk_size = asked;
+                }
                 Ok((Repository::create(open_location(location)?, config)?, true))
             }
             Err(e) => Err(e),
@@ -393,34 +419,59 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let at = dir.path().join("repo").to_string_lossy().into_owned();
         assert!(matches!(
-            Repository::open_or_create(&at, Some(3 << 10)),
+            Repository::open_or_create(&at, Some(3 << 10), 0),
             Err(RepoError::InvalidChunkSize(3072))
         ));
         assert!(matches!(
-            Repository::open_or_create(&at, Some(32 << 20)),
+            Repository::open_or_create(&at, Some(32 << 20), 0),
             Err(RepoError::InvalidChunkSize(_))
         ));
         assert!(
             Repository::open_location(&at).is_err(),
             "a refused size creates nothing"
         );
-        let (repo, created) = Repository::open_or_create(&at, Some(64 << 10)).unwrap();
+        let (repo, created) = Repository::open_or_create(&at, Some(64 << 10), 1 << 40).unwrap();
         assert!(created);
         assert_eq!(repo.config().chunk_size, 64 << 10);
         // The same size, or none, opens it as it is.
         for asked in [Some(64 << 10), None] {
-            let (repo, created) = Repository::open_or_create(&at, asked).unwrap();
+            let (repo, created) = Repository::open_or_create(&at, asked, 1 << 40).unwrap();
             assert!(!created);
             assert_eq!(repo.config().chunk_size, 64 << 10);
         }
-        match Repository::open_or_create(&at, Some(DEFAULT_CHUNK_SIZE)) {
+        match Repository::open_or_create(&at, Some(DEFAULT_CHUNK_SIZE), 0) {
             Err(RepoError::ChunkSizeMismatch { existing, asked }) => {
                 assert_eq!((existing, asked), (64 << 10, DEFAULT_CHUNK_SIZE));
             }
             other => panic!("a different chunk size was not refused: {other:?}"),
         }
         let other = dir.path().join("other").to_string_lossy().into_owned();
-        let (repo, _) = Repository::open_or_create(&other, None).unwrap();
-        assert_eq!(repo.config().chunk_size, DEFAULT_CHUNK_SIZE);
+        let (repo, _) = Repository::open_or_create(&other, None, 1 << 30).unwrap();
+        assert_eq!(repo.config().chunk_size, PREFERRED_CHUNK_SIZE);
+    }
+
+    #[test]
+    fn a_new_repository_gets_small_chunks_unless_its_first_volume_is_large() {
+        const GIB: u64 = 1 << 30;
+        let table = [
+            (0, 64 << 10),
+            (GIB, 64 << 10),
+            (64 * GIB, 64 << 10),
+            (64 * GIB + 1, 128 << 10),
+            (100 * GIB, 128 << 10),
+            (1024 * GIB, 1 << 20),
+            (4096 * GIB, 4 << 20),
+            (16384 * GIB, 16 << 20),
+            (u64::MAX, 16 << 20),
+        ];
+        for (size, chunk) in table {
+            let config = RepoConfig::for_volume(size);
+            assert_eq!(config.chunk_size, chunk, "a volume of {size} bytes");
+            if size <= 16384 * GIB {
+                // The headroom holds: four such volumes fit one index.
+                let entries = (size * CHUNK_SIZE_HEADROOM).div_ceil(chunk.into());
+                assert!(entries <= MAX_INDEX_ENTRIES, "{size}");
+            }
+        }
     }
 }

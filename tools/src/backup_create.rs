@@ -176,11 +176,16 @@ impl Drop for SnapshotGuard<'_> {
     }
 }
 
-/// Opens the repository at `location`, creating it (with `chunk_size`
-/// when given, the default otherwise) when there is none; a `chunk_size`
-/// that is not an existing repository's is refused.
-fn open_or_create(location: &str, chunk_size: Option<u32>) -> Result<Repository, CreateError> {
-    match Repository::open_or_create(location, chunk_size) {
+/// Opens the repository at `location`, creating it when there is none
+/// (with `chunk_size` when given, else 64 KiB chunks, larger for a volume
+/// over 64 GiB: `RepoConfig::for_volume`); a `chunk_size` that is not an
+/// existing repository's is refused.
+fn open_or_create(
+    location: &str,
+    chunk_size: Option<u32>,
+    volume_size: u64,
+) -> Result<Repository, CreateError> {
+    match Repository::open_or_create(location, chunk_size, volume_size) {
         Ok((repo, created)) => {
             if created {
                 eprintln!(
@@ -470,7 +475,13 @@ fn run(
     // The daemon first, then the repository: neither is touched when the
     // other is unreachable.
     let status = call(socket, &admin::Request::Status, "status")?;
-    let repo = open_or_create(location, opts.chunk_size)?;
+    // An unknown volume is refused at the snapshot; its size does not matter.
+    let volume_size = status
+        .volumes
+        .iter()
+        .find(|v| v.name == volume)
+        .map_or(0, |v| v.size);
+    let repo = open_or_create(location, opts.chunk_size, volume_size)?;
     let name = format!("{SNAPSHOT_PREFIX}{}", backup_now_ms());
     let created = call(
         socket,

@@ -423,9 +423,10 @@ enum BackupCmd {
         #[arg(long, value_name = "SIZE")]
         snapshot_space: Option<ByteSize>,
         /// The chunk size of the repository when this creates it: a power
-        /// of two from 4K to 16M (default 4M; see docs/BACKUP.md). Smaller
-        /// chunks make incrementals after scattered writes read and store
-        /// less; 64K matches the daemon's changed-block regions. Fixed at
+        /// of two from 4K to 16M. Default 64K (the daemon's changed-block
+        /// region, so incrementals read and store only what changed), or
+        /// larger when VOLUME is over 64 GiB, so that volumes 4 times its
+        /// size still fit a backup's index (docs/BACKUP.md). Fixed at
         /// creation: refused when it differs from an existing repository's.
         #[arg(long, value_name = "SIZE", value_parser = parse_chunk_size)]
         chunk_size: Option<ByteSize>,
