@@ -475,13 +475,7 @@ fn run(
     // The daemon first, then the repository: neither is touched when the
     // other is unreachable.
     let status = call(socket, &admin::Request::Status, "status")?;
-    // An unknown volume is refused at the snapshot; its size does not matter.
-    let volume_size = status
-        .volumes
-        .iter()
-        .find(|v| v.name == volume)
-        .map_or(0, |v| v.size);
-    let repo = open_or_create(location, opts.chunk_size, volume_size)?;
+    let repo = open_or_create(location, opts.chunk_size, volume_size(&status, volume))?;
     let name = format!("{SNAPSHOT_PREFIX}{}", backup_now_ms());
     let created = call(
         socket,
@@ -506,23 +500,7 @@ fn run(
             reason: "the answer names no snapshot".into(),
         })?;
     let base = newest_backup(&repo, location, volume)?;
-    let since = base.as_ref().map_or(snap.lsn, |b| b.lsn.min(snap.lsn));
-    let changes = changes_since(socket, volume, since)?;
-    let uuid = parse_uuid(&changes.uuid).ok_or_else(|| CreateError::Refused {
-        what: "changes",
-        reason: format!("unreadable volume UUID {:?}", changes.uuid),
-    })?;
-    let ranges = changes
-        .ranges
-        .iter()
-        .map(|r| r.offset..r.offset + r.length)
-        .collect();
-    let plan = plan(
-        base.as_ref(),
-        snap.lsn,
-        uuid,
-        Some((changes.complete, ranges)),
-    );
+    let (plan, uuid) = plan_from_changes(socket, volume, base.as_ref(), snap.lsn)?;
     if let Plan::Full { why } = &plan {
         eprintln!("mirrorblk backup create: full backup of {volume}: {why}");
     }
@@ -547,6 +525,39 @@ fn run(
         lsn: snap.lsn,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The size of `volume` as the daemon's status reports it; 0 for a volume
+/// it does not serve (refused at the snapshot, so its size does not matter).
+fn volume_size(status: &admin::Response, volume: &str) -> u64 {
+    status
+        .volumes
+        .iter()
+        .find(|v| v.name == volume)
+        .map_or(0, |v| v.size)
+}
+
+/// Asks the node what changed since the base's LSN (or the snapshot's,
+/// without a base) and decides the plan; also returns the volume's UUID.
+fn plan_from_changes(
+    socket: &Path,
+    volume: &str,
+    base: Option<&BaseCandidate>,
+    snapshot_lsn: u64,
+) -> Result<(Plan, [u8; 16]), CreateError> {
+    let since = base.map_or(snapshot_lsn, |b| b.lsn.min(snapshot_lsn));
+    let changes = changes_since(socket, volume, since)?;
+    let uuid = parse_uuid(&changes.uuid).ok_or_else(|| CreateError::Refused {
+        what: "changes",
+        reason: format!("unreadable volume UUID {:?}", changes.uuid),
+    })?;
+    let ranges = changes
+        .ranges
+        .iter()
+        .map(|r| r.offset..r.offset + r.length)
+        .collect();
+    let plan = plan(base, snapshot_lsn, uuid, Some((changes.complete, ranges)));
+    Ok((plan, uuid))
 }
 
 fn backup_now_ms() -> u128 {
