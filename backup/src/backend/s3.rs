@@ -12,7 +12,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore, PutPayload};
@@ -81,6 +81,13 @@ fn store_err(op: &'static str, key: &str, e: object_store::Error) -> BackendErro
         message: e.to_string(),
     }
 }
+
+/// PUTs one batch keeps in flight. Each waits a round trip for the store's
+/// answer, so a batch of small chunks stored one after another is bound by
+/// latency, not bandwidth (16,384 requests per GiB at 64 KiB chunks). 16
+/// is what common S3 clients default to (the AWS CLI's
+/// `max_concurrent_requests` is 10, rclone's `--transfers` 4 × 4 parts).
+const PUT_CONCURRENCY: usize = 16;
 
 impl S3Backend {
     /// How much later than its true time an S3 object's last-modified may
@@ -157,6 +164,52 @@ impl Backend for S3Backend {
             .block_on(self.store.put(&path, payload))
             .map(drop)
             .map_err(|e| store_err("put", key, e))
+    }
+
+    /// Stores every object with up to [`PUT_CONCURRENCY`] PUTs in flight.
+    /// An S3 object appears only once its PUT completed whole, so the
+    /// batch is durable when this returns Ok; on an error some objects may
+    /// be stored, none half, and no index names them yet.
+    fn put_batch(&self, objects: &[(String, Vec<u8>)]) -> Result<(), BackendError> {
+        let puts = objects.iter().map(|(key, data)| async move {
+            let path = self.path(key)?;
+            let payload = PutPayload::from(bytes::Bytes::copy_from_slice(data));
+            self.store
+                .put(&path, payload)
+                .await
+                .map(drop)
+                .map_err(|e| store_err("put", key, e))
+        });
+        self.runtime.block_on(
+            futures::stream::iter(puts)
+                .buffer_unordered(PUT_CONCURRENCY)
+                .try_collect::<()>(),
+        )
+    }
+
+    /// Refreshes every object that exists (HEAD, then a PUT of the same
+    /// bytes) with up to [`PUT_CONCURRENCY`] objects in flight; the answers
+    /// come back in the order of `objects`.
+    fn touch_batch(&self, objects: &[(String, Vec<u8>)]) -> Result<Vec<bool>, BackendError> {
+        let touches = objects.iter().map(|(key, data)| async move {
+            let path = self.path(key)?;
+            match self.store.head(&path).await {
+                Ok(_) => {}
+                Err(object_store::Error::NotFound { .. }) => return Ok(false),
+                Err(e) => return Err(store_err("head", key, e)),
+            }
+            let payload = PutPayload::from(bytes::Bytes::copy_from_slice(data));
+            self.store
+                .put(&path, payload)
+                .await
+                .map(|_| true)
+                .map_err(|e| store_err("put", key, e))
+        });
+        self.runtime.block_on(
+            futures::stream::iter(touches)
+                .buffered(PUT_CONCURRENCY)
+                .try_collect(),
+        )
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
