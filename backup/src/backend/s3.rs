@@ -87,7 +87,7 @@ fn store_err(op: &'static str, key: &str, e: object_store::Error) -> BackendErro
 /// latency, not bandwidth (16,384 requests per GiB at 64 KiB chunks). 16
 /// is what common S3 clients default to (the AWS CLI's
 /// `max_concurrent_requests` is 10, rclone's `--transfers` 4 × 4 parts).
-const PUT_CONCURRENCY: usize = 16;
+pub const PUT_CONCURRENCY: usize = 16;
 
 impl S3Backend {
     /// How much later than its true time an S3 object's last-modified may
