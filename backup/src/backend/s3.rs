@@ -87,7 +87,7 @@ fn store_err(op: &'static str, key: &str, e: object_store::Error) -> BackendErro
 /// latency, not bandwidth (16,384 requests per GiB at 64 KiB chunks). 16
 /// is what common S3 clients default to (the AWS CLI's
 /// `max_concurrent_requests` is 10, rclone's `--transfers` 4 × 4 parts).
-pub const PUT_CONCURRENCY: usize = 16;
+const PUT_CONCURRENCY: usize = 16;
 
 impl S3Backend {
     /// How much later than its true time an S3 object's last-modified may
@@ -166,7 +166,7 @@ impl Backend for S3Backend {
             .map_err(|e| store_err("put", key, e))
     }
 
-    /// Stores every object with up to [`PUT_CONCURRENCY`] PUTs in flight.
+    /// Stores every object with up to `PUT_CONCURRENCY` (16) PUTs in flight.
     /// An S3 object appears only once its PUT completed whole, so the
     /// batch is durable when this returns Ok; on an error some objects may
     /// be stored, none half, and no index names them yet.
@@ -188,7 +188,7 @@ impl Backend for S3Backend {
     }
 
     /// Refreshes every object that exists (HEAD, then a PUT of the same
-    /// bytes) with up to [`PUT_CONCURRENCY`] objects in flight; the answers
+    /// bytes) with up to `PUT_CONCURRENCY` (16) objects in flight; the answers
     /// come back in the order of `objects`.
     fn touch_batch(&self, objects: &[(String, Vec<u8>)]) -> Result<Vec<bool>, BackendError> {
         let touches = objects.iter().map(|(key, data)| async move {
