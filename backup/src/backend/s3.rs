@@ -138,6 +138,17 @@ impl S3Backend {
         Path::parse(&full).map_err(|_| BackendError::InvalidKey(key.to_owned()))
     }
 
+    /// One PUT of `data` under `key` (the object appears only whole).
+    async fn put_object(&self, key: &str, data: &[u8]) -> Result<(), BackendError> {
+        let path = self.path(key)?;
+        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(data));
+        self.store
+            .put(&path, payload)
+            .await
+            .map(drop)
+            .map_err(|e| store_err("put", key, e))
+    }
+
     fn info(&self, meta: ObjectMeta) -> ObjectInfo {
         let full = meta.location.to_string();
         let key = match self.prefix.is_empty() {
@@ -158,12 +169,7 @@ impl S3Backend {
 
 impl Backend for S3Backend {
     fn put(&self, key: &str, data: &[u8]) -> Result<(), BackendError> {
-        let path = self.path(key)?;
-        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(data));
-        self.runtime
-            .block_on(self.store.put(&path, payload))
-            .map(drop)
-            .map_err(|e| store_err("put", key, e))
+        self.runtime.block_on(self.put_object(key, data))
     }
 
     /// Stores every object with up to `PUT_CONCURRENCY` (16) PUTs in flight.
@@ -171,15 +177,7 @@ impl Backend for S3Backend {
     /// batch is durable when this returns Ok; on an error some objects may
     /// be stored, none half, and no index names them yet.
     fn put_batch(&self, objects: &[(String, Vec<u8>)]) -> Result<(), BackendError> {
-        let puts = objects.iter().map(|(key, data)| async move {
-            let path = self.path(key)?;
-            let payload = PutPayload::from(bytes::Bytes::copy_from_slice(data));
-            self.store
-                .put(&path, payload)
-                .await
-                .map(drop)
-                .map_err(|e| store_err("put", key, e))
-        });
+        let puts = objects.iter().map(|(key, data)| self.put_object(key, data));
         self.runtime.block_on(
             futures::stream::iter(puts)
                 .buffer_unordered(PUT_CONCURRENCY)
@@ -198,12 +196,7 @@ impl Backend for S3Backend {
                 Err(object_store::Error::NotFound { .. }) => return Ok(false),
                 Err(e) => return Err(store_err("head", key, e)),
             }
-            let payload = PutPayload::from(bytes::Bytes::copy_from_slice(data));
-            self.store
-                .put(&path, payload)
-                .await
-                .map(|_| true)
-                .map_err(|e| store_err("put", key, e))
+            self.put_object(key, data).await.map(|()| true)
         });
         self.runtime.block_on(
             futures::stream::iter(touches)
