@@ -10,48 +10,11 @@ use super::applier::FLUSH_MODE_SYNC_INTERVAL;
 use super::write::Change;
 use super::*;
 use crate::buffer::{BufPool, PoolConfig};
-use crate::journal::recovery::{open_and_recover, FileReplay, JournalSpec};
-use crate::store::{open_store, Preallocate};
-
-const SIZE: u64 = 4 << 20;
-const JOURNAL: u64 = 8 << 20;
 
 /// Opens (recovering) the flush-mode engine of the volume in `dir`, with a
 /// checkpoint interval far longer than the applier's sync interval.
 fn open_flush_mode(dir: &Path, pool: &Rc<BufPool>) -> Rc<Engine> {
-    let data = dir.join("data");
-    let store = open_store(&data, Some(SIZE), false, Preallocate::Sparse).expect("store");
-    let replay = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&data)
-        .expect("data file");
-    let mut target = FileReplay {
-        file: &replay,
-        block_device: false,
-    };
-    let spec = JournalSpec {
-        path: &dir.join("journal"),
-        size: JOURNAL,
-        volume_name: "v",
-        volume_size: SIZE,
-        durability: crate::journal::Durability::Flush,
-    };
-    let journal = open_and_recover(&spec, &mut target).expect("journal");
-    let info = VolumeInfo {
-        name: "v".into(),
-        description: String::new(),
-        size: crate::units::SharedSize::new(SIZE),
-        read_only: false,
-        journal: dir.join("journal"),
-    };
-    let tuning = Tuning {
-        checkpoint_interval: Duration::from_secs(60),
-        in_place_min: 0,
-    };
-    let store = crate::store::Store::new(store);
-    let journal = crate::journal::Journal::new(journal);
-    Engine::start(info, store, journal, pool.clone(), tuning)
+    super::tests::open_with(dir, pool, crate::journal::Durability::Flush)
 }
 
 async fn write(e: &Engine, pool: &BufPool, offset: u64, byte: u8) -> Lsn {

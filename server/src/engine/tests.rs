@@ -18,6 +18,16 @@ const JOURNAL: u64 = 8 << 20;
 
 /// Opens (recovering) the engine of the volume in `dir`.
 fn open(dir: &Path, pool: &Rc<BufPool>) -> Rc<Engine> {
+    open_with(dir, pool, crate::journal::Durability::PerWrite)
+}
+
+/// Opens (recovering) the engine of the volume in `dir` with `durability`,
+/// a checkpoint interval of a minute and nothing written in place.
+pub(super) fn open_with(
+    dir: &Path,
+    pool: &Rc<BufPool>,
+    durability: crate::journal::Durability,
+) -> Rc<Engine> {
     let data = dir.join("data");
     let store = open_store(&data, Some(SIZE), false, Preallocate::Sparse).expect("store");
     let replay = std::fs::OpenOptions::new()
@@ -34,7 +44,7 @@ fn open(dir: &Path, pool: &Rc<BufPool>) -> Rc<Engine> {
         size: JOURNAL,
         volume_name: "v",
         volume_size: SIZE,
-        durability: crate::journal::Durability::PerWrite,
+        durability,
     };
     let journal = open_and_recover(&spec, &mut target).expect("journal");
     let info = VolumeInfo {
