@@ -696,64 +696,7 @@ fn status_once(socket: &Path, json: bool) -> Result<String, String> {
         "VOLUME", "ROLE", "EPOCH", "SIZE", "LAST LSN", "DURABLE", "APPLIED", "JOURNAL", "STATE"
     ));
     for v in &resp.volumes {
-        let pct = (v.journal_used * 100)
-            .checked_div(v.journal_size)
-            .unwrap_or(0);
-        let journal = format!(
-            "{}/{} ({pct}%)",
-            ByteSize(mirrorblk_server::units::align_up(v.journal_used)),
-            ByteSize(v.journal_size)
-        );
-        let state = match &v.journal_error {
-            Some(e) => format!("FAILED: {e}"),
-            None if v.read_only => "ok, read-only".to_string(),
-            None => "ok".to_string(),
-        };
-        out.push_str(&format!(
-            "{:<16} {:<8} {:>5} {:>8} {:>10} {:>10} {:>10} {:>22}  {}\n",
-            v.name,
-            v.role,
-            v.epoch,
-            ByteSize(v.size).to_string(),
-            v.last_lsn,
-            v.durable_lsn,
-            v.applied_lsn,
-            journal,
-            state
-        ));
-        if v.durability != admin::Durability::PerWrite {
-            // Acknowledged but not yet durable: what a power cut now could lose.
-            out.push_str(&format!(
-                "  durability {}: acknowledged up to LSN {}, durable up to LSN {}\n",
-                v.durability, v.written_lsn, v.durable_lsn
-            ));
-        }
-        if v.inconsistent {
-            out.push_str("  ! Inconsistent: a resync is incomplete; do not promote this node\n");
-        }
-        for r in &v.replicas {
-            let mut resync = r
-                .resync
-                .map(|(d, t)| format!(", resync {}%", (d * 100).checked_div(t).unwrap_or(0)))
-                .unwrap_or_default();
-            if r.out_of_sync_bytes > 0 {
-                resync.push_str(&format!(", {} out of sync", ByteSize(r.out_of_sync_bytes)));
-            }
-            out.push_str(&format!(
-                "  replica {:<12} {:<12} durable LSN {:>10}  lag {:>8} LSN {:>8}  rtt {:>6} us{}{}\n",
-                r.peer,
-                r.state,
-                r.durable_lsn,
-                r.lag_lsn,
-                ByteSize(r.lag_bytes).to_string(),
-                r.rtt_us,
-                resync,
-                r.reason
-                    .as_ref()
-                    .map(|x| format!("  ({x})"))
-                    .unwrap_or_default()
-            ));
-        }
+        out.push_str(&volume_lines(v));
     }
     if let Some(c) = &resp.coordinator {
         out.push_str(&coordinator_line(
@@ -762,6 +705,74 @@ fn status_once(socket: &Path, json: bool) -> Result<String, String> {
         ));
     }
     Ok(out)
+}
+
+/// One volume's row of `status`, then its notes and one line per replica.
+fn volume_lines(v: &admin::VolumeStatus) -> String {
+    let pct = (v.journal_used * 100)
+        .checked_div(v.journal_size)
+        .unwrap_or(0);
+    let journal = format!(
+        "{}/{} ({pct}%)",
+        ByteSize(mirrorblk_server::units::align_up(v.journal_used)),
+        ByteSize(v.journal_size)
+    );
+    let state = match &v.journal_error {
+        Some(e) => format!("FAILED: {e}"),
+        None if v.read_only => "ok, read-only".to_string(),
+        None => "ok".to_string(),
+    };
+    let mut out = format!(
+        "{:<16} {:<8} {:>5} {:>8} {:>10} {:>10} {:>10} {:>22}  {}\n",
+        v.name,
+        v.role,
+        v.epoch,
+        ByteSize(v.size).to_string(),
+        v.last_lsn,
+        v.durable_lsn,
+        v.applied_lsn,
+        journal,
+        state
+    );
+    if v.durability != admin::Durability::PerWrite {
+        // Acknowledged but not yet durable: what a power cut now could lose.
+        out.push_str(&format!(
+            "  durability {}: acknowledged up to LSN {}, durable up to LSN {}\n",
+            v.durability, v.written_lsn, v.durable_lsn
+        ));
+    }
+    if v.inconsistent {
+        out.push_str("  ! Inconsistent: a resync is incomplete; do not promote this node\n");
+    }
+    for r in &v.replicas {
+        out.push_str(&replica_line(r));
+    }
+    out
+}
+
+/// One replica's line under its volume in `status`.
+fn replica_line(r: &admin::ReplicaStatus) -> String {
+    let mut resync = r
+        .resync
+        .map(|(d, t)| format!(", resync {}%", (d * 100).checked_div(t).unwrap_or(0)))
+        .unwrap_or_default();
+    if r.out_of_sync_bytes > 0 {
+        resync.push_str(&format!(", {} out of sync", ByteSize(r.out_of_sync_bytes)));
+    }
+    format!(
+        "  replica {:<12} {:<12} durable LSN {:>10}  lag {:>8} LSN {:>8}  rtt {:>6} us{}{}\n",
+        r.peer,
+        r.state,
+        r.durable_lsn,
+        r.lag_lsn,
+        ByteSize(r.lag_bytes).to_string(),
+        r.rtt_us,
+        resync,
+        r.reason
+            .as_ref()
+            .map(|x| format!("  ({x})"))
+            .unwrap_or_default()
+    )
 }
 
 /// The coordinator's view in one line (and a second when a replica would
