@@ -163,19 +163,34 @@ impl DirBackend {
     /// each parent so the new directory entries are as durable as the object
     /// put into them; without, the caller's filesystem sync covers them.
     fn create_dirs(&self, dir: &Path, sync_parents: bool) -> Result<(), BackendError> {
+        let mut created = Vec::new();
+        self.make_dirs(dir, &mut created)?;
+        if sync_parents {
+            for parent in &created {
+                sync_dir(parent)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates `dir` and its missing parents, adding to `created` (once
+    /// each) the parents whose entries changed: what must be fsynced for the
+    /// new directories to be durable.
+    fn make_dirs(&self, dir: &Path, created: &mut Vec<PathBuf>) -> Result<(), BackendError> {
         if dir.is_dir() {
             return Ok(());
         }
         if let Some(parent) = dir.parent() {
-            self.create_dirs(parent, sync_parents)?;
+            self.make_dirs(parent, created)?;
         }
         match fs::create_dir(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
             Err(e) => return Err(io_err("mkdir", dir, e)),
         }
-        if sync_parents {
-            sync_dir(dir.parent().unwrap_or(&self.root))?;
+        let parent = dir.parent().unwrap_or(&self.root).to_path_buf();
+        if !created.contains(&parent) {
+            created.push(parent);
         }
         Ok(())
     }
@@ -377,10 +392,14 @@ impl Backend for DirBackend {
         dirs.sort_unstable();
         dirs.dedup();
         let syncfs = self.sync == SyncLevel::Filesystem;
+        // A batch's new prefix directories share a parent: one fsync of it
+        // covers them all (at the filesystem level the final sync does).
+        let mut created = Vec::new();
         for dir in &dirs {
-            // At the filesystem level the final sync makes new directories
-            // durable along with the names in them.
-            self.create_dirs(dir, !syncfs)?;
+            self.make_dirs(dir, &mut created)?;
+        }
+        if !syncfs {
+            for_each_parallel(&created, PUT_THREADS, |parent| sync_dir(parent))?;
         }
         let files: Vec<(&PathBuf, &[u8])> = paths
             .iter()
