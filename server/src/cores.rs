@@ -150,6 +150,7 @@ fn start_volume(v: PreparedVolume, pool: &Rc<BufPool>, ctl: &CoreControl) -> Rc<
                 info.size.get(),
                 journal.epoch().0,
                 &info.journal,
+                journal.durability(),
             )))
         }
         _ => None,

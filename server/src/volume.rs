@@ -18,7 +18,7 @@ use crate::engine::write::Change;
 use crate::engine::{Engine, EngineError, ReadData, ReplicationHooks, ResizeError, VolumeInfo};
 use crate::journal::format::Role;
 use crate::lease_fence::LeaseFence;
-use crate::replication::{Mode, Primary};
+use crate::replication::{Primary, ReplicaWait, Request};
 use crate::store::Allocation;
 use crate::telemetry::VolumeMetrics;
 use crate::units::{Epoch, Lsn};
@@ -153,15 +153,20 @@ impl Volume {
     }
 
     /// Journals `m` (durably with `fua`), then waits for the replicas as
-    /// the mode says, and for a valid lease.
+    /// the modes say (see [`crate::replication::replica_wait`]), and for a
+    /// valid lease.
     async fn mutate(&self, m: Change, fua: bool) -> Result<(), ErrorCode> {
         let Some(lsn) = self.engine.mutate(m).await? else {
             return Ok(());
         };
+        let request = if fua { Request::Fua } else { Request::Write };
+        let wait = self.replica_wait(request);
+        // Asked before the local sync, so the replicas sync alongside it.
+        self.ask_barrier(wait, lsn);
         if fua {
             self.engine.make_durable(lsn).await?;
         }
-        self.wait_replicas(lsn, fua).await;
+        self.wait_replicas(lsn, wait).await;
         self.fence.wait_valid().await;
         if let Some(p) = &self.primary {
             p.note_acked(lsn);
@@ -169,19 +174,33 @@ impl Volume {
         Ok(())
     }
 
-    /// Waits until the replicas hold `lsn` as the mode says.
-    async fn wait_replicas(&self, lsn: Lsn, fua: bool) {
-        if let Some(p) = &self.primary {
-            let t = std::time::Instant::now();
-            match p.cfg.mode {
-                Mode::Sync => p.wait_acked(lsn, true).await,
-                Mode::Flush => p.wait_acked(lsn, fua).await,
-                Mode::Async => p.wait_lag().await,
-            }
-            self.metrics()
-                .replica_wait
-                .record(t.elapsed().as_secs_f64());
+    /// What `request` waits for on the replicas (nothing without them).
+    fn replica_wait(&self, request: Request) -> ReplicaWait {
+        self.primary
+            .as_ref()
+            .map_or(ReplicaWait::Nothing, |p| p.wait_for(request))
+    }
+
+    /// Sends the replicas a barrier for `lsn` when `wait` needs one.
+    fn ask_barrier(&self, wait: ReplicaWait, lsn: Lsn) {
+        if let (Some(p), ReplicaWait::Durable { barrier: true }) = (&self.primary, wait) {
+            p.request_barrier(lsn);
         }
+    }
+
+    /// Waits until the replicas hold `lsn` as `wait` says.
+    async fn wait_replicas(&self, lsn: Lsn, wait: ReplicaWait) {
+        let Some(p) = &self.primary else { return };
+        let t = std::time::Instant::now();
+        match wait {
+            ReplicaWait::Nothing => return,
+            ReplicaWait::Lag => p.wait_lag().await,
+            ReplicaWait::Received => p.wait_acked(lsn, false).await,
+            ReplicaWait::Durable { .. } => p.wait_acked(lsn, true).await,
+        }
+        self.metrics()
+            .replica_wait
+            .record(t.elapsed().as_secs_f64());
     }
 
     /// Writes a payload at `offset`; returns once it is acknowledged.
@@ -207,16 +226,26 @@ impl Volume {
     }
 
     /// Completes once every write acknowledged before it is durable where
-    /// the mode requires: locally always (already so per write; a group
-    /// flush with `--durability flush`), and in replication flush mode on
-    /// the replicas too (writes were acknowledged on receipt there).
+    /// the modes require: locally always (already so per write; a group
+    /// flush with `--durability flush`), and on the replicas in
+    /// replication flush mode (writes were acknowledged on receipt there)
+    /// or with `--durability flush` (written; a barrier makes them durable).
     pub async fn flush(&self) -> Result<(), ErrorCode> {
+        let wait = self.replica_wait(Request::Flush);
+        let journal = self.engine.journal();
+        // Every write acknowledged so far is written locally (with
+        // `--durability flush`); otherwise everything reserved is covered.
+        let next = match wait {
+            ReplicaWait::Durable { barrier: true } => journal.written_next(),
+            _ => journal.next_lsn(),
+        };
+        let last = next.0.checked_sub(1).filter(|&l| l > 0).map(Lsn);
+        if let Some(last) = last {
+            self.ask_barrier(wait, last);
+        }
         self.engine.flush().await?;
-        if let Some(p) = self.primary.as_ref().filter(|p| p.cfg.mode == Mode::Flush) {
-            let last = Lsn(self.engine.journal().next_lsn().last());
-            if last.0 > 0 {
-                p.wait_acked(last, true).await;
-            }
+        if let Some(last) = last {
+            self.wait_replicas(last, wait).await;
         }
         self.fence.wait_valid().await;
         Ok(())
@@ -335,7 +364,9 @@ impl Volume {
         let Some(lsn) = self.engine.resize(size, force).await? else {
             return Ok(old);
         };
-        self.wait_replicas(lsn, true).await;
+        let wait = self.replica_wait(Request::Fua);
+        self.ask_barrier(wait, lsn);
+        self.wait_replicas(lsn, wait).await;
         self.fence.wait_valid().await;
         if let Some(p) = &self.primary {
             p.note_acked(lsn);

@@ -85,27 +85,6 @@ fn size_not_a_multiple_of_4k() {
     );
 }
 
-/// `--durability flush` is for a single node: with a replication listener
-/// it is refused in one sentence that names the working alternative.
-#[test]
-fn flush_durability_with_replication() {
-    let dir = TestDir::new();
-    let secret = dir.join("secret");
-    std::fs::write(&secret, "0123456789abcdef0123456789abcdef").expect("secret file");
-    let mut a = volume("vol0", &dir.join("d"), &dir.join("j"), Some("1M"));
-    a.extend(args([
-        "--durability".as_ref(),
-        "flush".as_ref(),
-        "--replication-listen".as_ref(),
-        "127.0.0.1:0".as_ref(),
-        "--secret-file".as_ref(),
-        secret.as_os_str(),
-        "--role".as_ref(),
-        "primary".as_ref(),
-    ]));
-    expect_config_error(a, &["--durability flush", "--durability per-write"]);
-}
-
 /// A journal created for volume 'alpha' is refused for volume 'beta'.
 #[test]
 fn journal_of_another_volume() {

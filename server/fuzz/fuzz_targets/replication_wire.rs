@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use mirrorblk_server::replication::wire::{
-    decode_frame_header, decode_stamp, Ack, Auth, ErrorMsg, Hello, HelloReply, RecordHeader,
+    decode_frame_header, decode_stamp, Ack, Auth, Barrier, ErrorMsg, Hello, HelloReply, RecordHeader,
     RegionCheck, ResyncHeader, FRAME_HEADER_LEN, RECORD_HEADER_LEN,
 };
 
@@ -38,6 +38,9 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(m) = Ack::decode(data) {
         assert_eq!(Ack::decode(&m.encode()), Ok(m));
+    }
+    if let Ok(m) = Barrier::decode(data) {
+        assert_eq!(Barrier::decode(&m.encode()), Ok(m));
     }
     if let Ok(m) = RegionCheck::decode(data) {
         assert_eq!(RegionCheck::decode(&m.encode()), Ok(m));

@@ -134,9 +134,6 @@ pub enum ConfigError {
     /// `--replication-tls` without replication.
     #[error("--replication-tls needs replication: give --replication-listen or --peer too")]
     ReplicationTlsWithoutReplication,
-    /// `--durability flush` with replication (not supported yet).
-    #[error("--durability flush is for a single node: replicas would not know which writes a FLUSH covers; use --durability per-write with replication")]
-    FlushDurabilityReplicated,
     /// A replica that no primary could reach.
     #[error("--role replica needs --replication-listen HOST:PORT, where the primary connects")]
     ReplicaWithoutListen,

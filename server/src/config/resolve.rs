@@ -36,10 +36,9 @@ pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
     if s.role == Some(Role::Replica) && replication.as_ref().and_then(|r| r.listen).is_none() {
         return Err(ConfigError::ReplicaWithoutListen);
     }
+    // Any durability replicates: with `flush`, FLUSH and FUA send barriers
+    // (docs/REPLICATION.md, "Durability").
     let durability = s.durability.unwrap_or(defaults::DURABILITY);
-    if durability == crate::journal::Durability::Flush && replication.is_some() {
-        return Err(ConfigError::FlushDurabilityReplicated);
-    }
     let lease_ttl = lease_ttl(&s)?;
     let coordinator = coordinator(&s, replication.is_some(), lease_ttl)?;
     Ok(Config {

@@ -1,6 +1,7 @@
 //! Resolution of flags and files.
 
 use super::*;
+use crate::journal::Durability;
 use clap::{CommandFactory, Parser};
 use std::collections::HashSet;
 
@@ -297,22 +298,29 @@ fn single_node_settings_resolve_alike_and_flags_override_the_file() {
 }
 
 #[test]
-fn flush_durability_with_replication_is_refused_in_one_sentence() {
+fn either_durability_replicates() {
     let s = Scene::new();
-    for (file, flags) in [
+    for (file, flags, want) in [
         (
             s.file(&[]),
             vec!["--durability".to_string(), "flush".into()],
+            Durability::Flush,
         ),
-        (s.file(&[s.line("durability", "flush")]), vec![]),
+        (
+            s.file(&[s.line("durability", "flush")]),
+            vec![],
+            Durability::Flush,
+        ),
+        (
+            s.file(&[]),
+            vec!["--durability".to_string(), "per-write".into()],
+            Durability::PerWrite,
+        ),
     ] {
-        let e = s.resolve(&file, &flags).unwrap_err();
-        assert!(matches!(e, ConfigError::FlushDurabilityReplicated), "{e:?}");
-        assert!(e.to_string().contains("--durability per-write"), "{e}");
+        let c = s.resolve(&file, &flags).expect("replicated config");
+        assert!(c.replication.is_some());
+        assert_eq!(c.durability, want);
     }
-    // Per write, the default, replicates as before.
-    let r = s.resolve(&s.file(&[]), &["--durability".into(), "per-write".into()]);
-    assert!(r.unwrap().replication.is_some());
 }
 
 #[test]

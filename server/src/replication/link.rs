@@ -104,6 +104,9 @@ async fn connect_and_stream(
     link.sent_next.set(start);
     link.received_next.set(start);
     link.durable_next.set(start);
+    // Everything below `start` is durable on the replica; a barrier asked
+    // for beyond it goes on this connection once its records are sent.
+    link.barrier_sent.set(start);
     link.retain.set(true);
     primary.set_phase(link, Phase::CatchingUp);
     tracing::info!(volume = %vol.info().name, peer = %link.peer.name, "replica connected at LSN {}; sending from {start}", reply.durable);
@@ -259,8 +262,10 @@ fn hello(vol: &Engine, primary: &Primary, node: &str) -> Hello {
         epoch: vol.journal().epoch().0,
         node: node.to_string(),
         nonce: frames::nonce(),
-        // Only flush mode acknowledges writes on receipt.
-        receipt_acks: primary.cfg.mode == super::Mode::Flush,
+        // Plain writes wait on receipt (written, with flush barriers) only
+        // in flush mode, or in sync mode with `--durability flush`.
+        receipt_acks: primary.wait_for(super::Request::Write) == super::ReplicaWait::Received,
+        flush_barriers: primary.flush_barriers,
     }
 }
 
@@ -580,6 +585,25 @@ fn push_record(out: &mut Vec<OutBuf>, r: &Mutation, epoch: u64) {
     }
 }
 
+/// The LSN a BARRIER sent now would cover, if one is due: asked for
+/// (every LSN below `wanted`), not covered by one sent (below `sent`), and
+/// every record it covers already sent (below `sent_next`), since the
+/// replica can only sync what it has.
+fn barrier_due(wanted: Lsn, sent: Lsn, sent_next: Lsn) -> Option<Lsn> {
+    (wanted > sent && wanted <= sent_next).then(|| Lsn(wanted.0 - 1))
+}
+
+/// Appends the BARRIER that is due on `link`, if any, after the records in
+/// `out`, and notes it sent.
+fn push_barrier(out: &mut Vec<OutBuf>, link: &LinkState) {
+    let wanted = link.barrier_wanted.get();
+    if let Some(lsn) = barrier_due(wanted, link.barrier_sent.get(), link.sent_next.get()) {
+        let body = wire::Barrier { lsn: lsn.0 }.encode();
+        out.push(OutBuf::Bytes(wire::frame(Kind::Barrier, &body), 0));
+        link.barrier_sent.set(wanted);
+    }
+}
+
 /// Whether a record reserved but not yet sent to the replica (LSNs from
 /// `sent_next` to `next`, all in the window: checks only run while the link
 /// streams live records) touches `[offset, offset + len)`: a checksum taken
@@ -850,6 +874,7 @@ async fn send_live(
     // Counted as sent before the write completes: the window keeps these
     // records until the send is done, because `out` holds them.
     link.sent_next.set(next);
+    push_barrier(&mut out, link);
     write_all(sock, out).await?;
     Ok(())
 }
@@ -878,6 +903,7 @@ async fn send_catch_up(
     let mut out = Vec::new();
     push_record(&mut out, &rec, epoch);
     link.sent_next.set(cursor.next());
+    push_barrier(&mut out, link);
     write_all(sock, out).await?;
     Ok(())
 }
@@ -923,6 +949,14 @@ async fn send_loop(
         if resync_sent {
             continue;
         }
+        // A FLUSH or FUA write whose records are all sent asks for a barrier.
+        let mut out = Vec::new();
+        push_barrier(&mut out, link);
+        if !out.is_empty() {
+            write_all(sock, out).await?;
+            last_send = Instant::now();
+            continue;
+        }
         // Idle: wait for records, pinging so the replica knows we live.
         let mut left = ping_every.saturating_sub(last_send.elapsed());
         if link.job.borrow().is_some() || link.verify_request.get().is_some() {
@@ -934,5 +968,34 @@ async fn send_loop(
             continue;
         }
         let _ = tokio::time::timeout(left, wake).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_barrier_goes_once_every_record_it_covers_is_sent() {
+        let l = |n| Lsn(n);
+        // (wanted, sent, sent_next, barrier LSN)
+        let table = [
+            // Nothing asked, or already covered by one sent.
+            (l(0), l(1), l(5), None),
+            (l(5), l(5), l(9), None),
+            (l(4), l(5), l(9), None),
+            // Asked, and its records are sent: the barrier covers the last.
+            (l(6), l(5), l(9), Some(l(5))),
+            (l(9), l(1), l(9), Some(l(8))),
+            // Its last record is not sent yet: not before it.
+            (l(10), l(5), l(9), None),
+        ];
+        for (wanted, sent, sent_next, want) in table {
+            assert_eq!(
+                barrier_due(wanted, sent, sent_next),
+                want,
+                "{wanted:?} {sent:?} {sent_next:?}"
+            );
+        }
     }
 }

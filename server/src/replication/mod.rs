@@ -150,6 +150,12 @@ pub struct LinkState {
     pub verify_request: Cell<Option<bool>>,
     /// The outcome of the last verify pass.
     pub last_verify: RefCell<Option<mirrorblk_admin::VerifyStatus>>,
+    /// With `--durability flush`: a barrier is asked for every LSN below
+    /// this (a FLUSH or FUA write waits on the replica's durable LSN).
+    pub barrier_wanted: Cell<Lsn>,
+    /// Every LSN below this is covered by a barrier sent on the current
+    /// connection (or was durable on the replica when it connected).
+    pub barrier_sent: Cell<Lsn>,
     /// Woken when new records can be sent.
     pub wake: Notify,
     /// Its metrics.
@@ -237,7 +243,8 @@ fn pinned_frontier(frontier: Lsn, pinned_marks: impl Iterator<Item = Lsn>) -> Ls
 
 /// The replicas that may be named in sync: in async mode none; otherwise
 /// those that count toward acknowledgements and hold every LSN below
-/// `acked_next` durably. Each link is (name, counts for ack, durable next).
+/// `acked_next` as writes are acknowledged on (durably; with `--durability
+/// flush`, written). Each link is (name, counts for ack, that mark).
 fn in_sync_proposal<'a>(
     mode: Mode,
     acked_next: Lsn,
@@ -250,6 +257,57 @@ fn in_sync_proposal<'a>(
         .filter(|&(_, counts, durable)| counts && durable >= acked_next)
         .map(|(name, _, _)| name.to_string())
         .collect()
+}
+
+/// What a client request waits for on the replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaWait {
+    /// Nothing.
+    Nothing,
+    /// Async mode: only the lag bound.
+    Lag,
+    /// Every counted replica has received the record (with
+    /// `--durability flush`: written it to its journal).
+    Received,
+    /// Every counted replica has it durable; with `barrier`, the primary
+    /// must first send a BARRIER for it (`--durability flush`: the replica
+    /// syncs only when asked).
+    Durable {
+        /// Whether a barrier must be sent.
+        barrier: bool,
+    },
+}
+
+/// A client request, as far as replication waits are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// A write (trim, write-zeroes) without FUA.
+    Write,
+    /// A write with FUA.
+    Fua,
+    /// A FLUSH.
+    Flush,
+}
+
+/// What `request` waits for on the replicas in replication `mode`, with
+/// this node's durability mode (`flush_durability`: `--durability flush`).
+/// The table in docs/REPLICATION.md, "Durability".
+pub fn replica_wait(mode: Mode, flush_durability: bool, request: Request) -> ReplicaWait {
+    use ReplicaWait::*;
+    match (mode, flush_durability, request) {
+        (Mode::Async, _, Request::Flush) => Nothing,
+        (Mode::Async, _, _) => Lag,
+        // Per write: sync acknowledges every write durable on the replicas,
+        // so a FLUSH finds them durable already.
+        (Mode::Sync, false, Request::Flush) => Nothing,
+        (Mode::Sync, false, _) => Durable { barrier: false },
+        (Mode::Flush, false, Request::Write) => Received,
+        (Mode::Flush, false, _) => Durable { barrier: false },
+        // NBD's contract on every node: a write once the replicas' disks
+        // have it, FLUSH and FUA once it is durable there.
+        (_, true, Request::Write) => Received,
+        (_, true, _) => Durable { barrier: true },
+    }
 }
 
 /// Whether the primary stops keeping journal records for a link that is
@@ -291,12 +349,15 @@ pub struct Primary {
     published: RefCell<Vec<String>>,
     /// One past the highest LSN acknowledged to a client.
     acked_next: Cell<Lsn>,
+    /// This node runs `--durability flush`: FLUSH and FUA send barriers,
+    /// and replicas report written (not received) LSNs.
+    pub flush_barriers: bool,
 }
 
 impl Primary {
     /// State for a primary volume (named `volume`, `size` bytes, in
-    /// `epoch`) whose next LSN is `next`; each peer's out-of-sync bitmap is
-    /// loaded from beside `journal`.
+    /// `epoch`) whose next LSN is `next`, with `durability`; each peer's
+    /// out-of-sync bitmap is loaded from beside `journal`.
     pub fn new(
         cfg: ReplicationConfig,
         next: Lsn,
@@ -304,6 +365,7 @@ impl Primary {
         size: u64,
         epoch: u64,
         journal: &std::path::Path,
+        durability: crate::journal::Durability,
     ) -> Primary {
         let links = cfg
             .peers
@@ -329,6 +391,8 @@ impl Primary {
                     resync_seq: Cell::new(1),
                     verify_request: Cell::new(None),
                     last_verify: RefCell::new(None),
+                    barrier_wanted: Cell::new(Lsn(0)),
+                    barrier_sent: Cell::new(Lsn(0)),
                     wake: Notify::new(),
                     metrics: crate::telemetry::ReplicaMetrics::new(volume, &p.name),
                 })
@@ -348,6 +412,24 @@ impl Primary {
             pinned: RefCell::new(Vec::new()),
             published: RefCell::new(Vec::new()),
             acked_next: Cell::new(Lsn(0)),
+            flush_barriers: durability == crate::journal::Durability::Flush,
+        }
+    }
+
+    /// What `request` waits for on the replicas (see [`replica_wait`]).
+    pub fn wait_for(&self, request: Request) -> ReplicaWait {
+        replica_wait(self.cfg.mode, self.flush_barriers, request)
+    }
+
+    /// Asks every link for a barrier covering `lsn` (a FLUSH or FUA write
+    /// about to wait on the replicas' durable LSN). Synchronous: a waiter
+    /// cancelled later leaves at most one barrier nobody waits for.
+    pub fn request_barrier(&self, lsn: Lsn) {
+        for l in &self.links {
+            if l.barrier_wanted.get() <= lsn {
+                l.barrier_wanted.set(lsn.next());
+                l.wake.notify_one();
+            }
         }
     }
 
@@ -465,11 +547,12 @@ impl Primary {
             self.cfg.mode,
             self.acked_next.get(),
             self.links.iter().map(|l| {
-                (
-                    l.peer.name.as_str(),
-                    l.counts_for_ack(),
-                    l.durable_next.get(),
-                )
+                let mark = if self.flush_barriers {
+                    l.received_next.get()
+                } else {
+                    l.durable_next.get()
+                };
+                (l.peer.name.as_str(), l.counts_for_ack(), mark)
             }),
         );
         // Pinned sets only grow until a publication is confirmed: a
@@ -791,7 +874,15 @@ mod tests {
             resync_rate: 1,
             tls: None,
         };
-        let p = Primary::new(cfg, Lsn(10), "v", 1 << 20, 1, &dir.join("journal"));
+        let p = Primary::new(
+            cfg,
+            Lsn(10),
+            "v",
+            1 << 20,
+            1,
+            &dir.join("journal"),
+            crate::journal::Durability::PerWrite,
+        );
         for l in &p.links {
             *l.phase.borrow_mut() = Phase::InSync;
             l.durable_next.set(Lsn(10));
@@ -833,6 +924,53 @@ mod tests {
         assert_eq!(p.ack_frontier(true), Lsn(10), "a may be named in etcd");
         p.set_published(vec!["b".into()]);
         assert_eq!(p.ack_frontier(true), Lsn(30));
+    }
+
+    #[test]
+    fn each_request_waits_for_what_the_modes_promise() {
+        use ReplicaWait::*;
+        use Request::{Flush, Fua, Write};
+        let durable = Durable { barrier: false };
+        let barrier = Durable { barrier: true };
+        // (replication mode, --durability flush, request, wait)
+        let table = [
+            (Mode::Sync, false, Write, durable),
+            (Mode::Sync, false, Fua, durable),
+            (Mode::Sync, false, Flush, Nothing),
+            (Mode::Flush, false, Write, Received),
+            (Mode::Flush, false, Fua, durable),
+            (Mode::Flush, false, Flush, durable),
+            (Mode::Async, false, Write, Lag),
+            (Mode::Async, false, Fua, Lag),
+            (Mode::Async, false, Flush, Nothing),
+            (Mode::Sync, true, Write, Received),
+            (Mode::Sync, true, Fua, barrier),
+            (Mode::Sync, true, Flush, barrier),
+            (Mode::Flush, true, Write, Received),
+            (Mode::Flush, true, Fua, barrier),
+            (Mode::Flush, true, Flush, barrier),
+            (Mode::Async, true, Write, Lag),
+            (Mode::Async, true, Fua, Lag),
+            (Mode::Async, true, Flush, Nothing),
+        ];
+        for (mode, flush, request, want) in table {
+            assert_eq!(
+                replica_wait(mode, flush, request),
+                want,
+                "{mode:?} flush durability {flush} {request:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_barrier_request_only_raises_each_links_frontier() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = two_replica_primary(dir.path());
+        p.request_barrier(Lsn(12));
+        p.request_barrier(Lsn(7));
+        for l in &p.links {
+            assert_eq!(l.barrier_wanted.get(), Lsn(13));
+        }
     }
 
     #[test]

@@ -139,6 +139,8 @@ async fn serve(
         engine: engine.clone(),
         epoch: hello.epoch,
         receipt_acks: hello.receipt_acks,
+        barrier: Rc::new(Cell::new(Lsn(0))),
+        barrier_work: Rc::new(Notify::new()),
         timeout: ctx.heartbeat_timeout,
         tx,
         received: Rc::new(Cell::new(Lsn(durable))),
@@ -156,7 +158,10 @@ async fn serve(
         session.received.clone(),
         session.bump.clone(),
         session.resync.clone(),
-        hello.receipt_acks,
+        AckFlags {
+            receipt: hello.receipt_acks,
+            written: hello.flush_barriers,
+        },
         ctx.heartbeat_timeout / 3,
     ));
     let syncer = tokio_uring::spawn(resync_syncer(
@@ -164,10 +169,17 @@ async fn serve(
         session.bump.clone(),
         session.resync.clone(),
     ));
+    let journal_syncer = tokio_uring::spawn(journal_syncer(
+        engine.clone(),
+        session.barrier.clone(),
+        session.barrier_work.clone(),
+        !hello.flush_barriers,
+    ));
     let result = session.receive(sock).await;
     peer_event(engine, hello, Some(&result));
     acker.abort();
     syncer.abort();
+    journal_syncer.abort();
     drop(session);
     let _ = writer.await;
     drop(claim);
@@ -400,19 +412,86 @@ async fn resync_syncer(vol: Rc<Engine>, bump: Rc<Notify>, resync: Rc<ResyncProgr
     }
 }
 
+/// What the primary negotiated about ACKs in its HELLO.
+#[derive(Clone, Copy)]
+struct AckFlags {
+    /// ACK every advance of the received LSN (`receipt_acks`).
+    receipt: bool,
+    /// Report the written LSN as received (`flush_barriers`).
+    written: bool,
+}
+
+/// With this node's `--durability flush` (its journal written without
+/// `O_DSYNC`, durable only when synced): the LSN up to which the journal
+/// must be made durable now, if it is not yet. For a primary that sends
+/// barriers, up to the highest barrier received; for one that does not
+/// (`every_write`: it runs per write and counts on the replica's durable
+/// LSN for every write), everything written, in group syncs.
+fn sync_target(
+    every_write: bool,
+    barrier: Lsn,
+    written_next: Lsn,
+    durable_next: Lsn,
+) -> Option<Lsn> {
+    if every_write {
+        (written_next > durable_next).then(|| Lsn(written_next.0 - 1))
+    } else {
+        (barrier.0 > 0 && barrier >= durable_next).then_some(barrier)
+    }
+}
+
+/// With this node's `--durability flush`: makes the journal durable as
+/// [`sync_target`] says, one group sync at a time (the journal's syncer
+/// runs it; the ACK loop reports the durable LSN as it moves). Ends when
+/// the journal fails: the primary then hears no progress and its
+/// heartbeat and degrade rules apply.
+async fn journal_syncer(
+    vol: Rc<Engine>,
+    barrier: Rc<Cell<Lsn>>,
+    work: Rc<Notify>,
+    every_write: bool,
+) {
+    let journal = vol.journal();
+    if journal.durability() == crate::journal::Durability::PerWrite {
+        // Every record is durable once written: nothing to ask for.
+        return;
+    }
+    let mut progress = journal.subscribe();
+    loop {
+        let asked = work.notified();
+        let target = sync_target(
+            every_write,
+            barrier.get(),
+            journal.written_next(),
+            journal.durable_next(),
+        );
+        if let Some(lsn) = target {
+            if let Err(e) = journal.wait_durable(lsn).await {
+                tracing::error!(volume = %vol.info().name, "{e}");
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = asked => {}
+            r = progress.changed(), if every_write => if r.is_err() { return },
+        }
+    }
+}
+
 /// Sends an ACK whenever what is durable moves (or what is received, when
 /// the primary asked for `receipt_acks`), and at least every third of the
 /// heartbeat timeout: the receive loop may be waiting (for its applier,
 /// before a resync region) and not answer PINGs, and the primary must still
 /// hear that this replica is alive. Every ACK carries the current received
-/// LSN either way.
+/// LSN either way (the written one, with flush barriers).
 async fn ack_loop(
     vol: Rc<Engine>,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     received: Rc<Cell<Lsn>>,
     bump: Rc<Notify>,
     resync: Rc<ResyncProgress>,
-    receipt_acks: bool,
+    flags: AckFlags,
     keepalive: Duration,
 ) {
     let mut progress = vol.journal().subscribe();
@@ -421,12 +500,17 @@ async fn ack_loop(
     // ACK without receipt_acks) must not keep pushing the keepalive away.
     let mut sent_at = tokio::time::Instant::now();
     loop {
+        let journal = vol.journal();
         let ack = Ack {
-            received: received.get().0,
-            durable: vol.journal().durable_next().0.saturating_sub(1),
+            received: if flags.written {
+                journal.written_next().0.saturating_sub(1)
+            } else {
+                received.get().0
+            },
+            durable: journal.durable_next().0.saturating_sub(1),
             resync_durable: resync.durable.get(),
         };
-        if ack_due(last.as_ref(), &ack, receipt_acks) {
+        if ack_due(last.as_ref(), &ack, flags.receipt) {
             let frame = wire::frame(Kind::Ack, &ack.encode());
             last = Some(ack);
             sent_at = tokio::time::Instant::now();
@@ -464,6 +548,10 @@ struct ReplicaSession {
     epoch: u64,
     /// Whether the primary acknowledges writes on receipt (flush mode).
     receipt_acks: bool,
+    /// The highest LSN a BARRIER asked to be durable.
+    barrier: Rc<Cell<Lsn>>,
+    /// Wakes the journal syncer on a new barrier.
+    barrier_work: Rc<Notify>,
     /// Silence limit.
     timeout: Duration,
     /// Replies, through the writer task.
@@ -497,6 +585,10 @@ impl ReplicaSession {
                 Kind::Ping => {
                     let body = rd.body(h.len as usize, self.timeout).await?;
                     let _ = self.tx.send(wire::frame(Kind::Pong, &body));
+                }
+                Kind::Barrier => {
+                    let body = rd.body(h.len as usize, self.timeout).await?;
+                    self.on_barrier(&body)?;
                 }
                 Kind::Error => {
                     let body = rd.body(h.len as usize, self.timeout).await?;
@@ -577,6 +669,25 @@ impl ReplicaSession {
         // record less).
         if self.receipt_acks {
             self.bump.notify_one();
+        }
+        Ok(())
+    }
+
+    /// A BARRIER: every record up to its LSN (all received: it follows
+    /// them in the stream) is to be made durable; the journal syncer does
+    /// it and the ACK loop reports it. Never waits: records keep flowing.
+    fn on_barrier(&self, body: &[u8]) -> Result<(), LinkError> {
+        let b = wire::Barrier::decode(body).inspect_err(|e| reject(&self.tx, e.to_string()))?;
+        let received = self.received.get();
+        if b.lsn > received.0 {
+            return Err(self.reject(format!(
+                "barrier for LSN {} beyond the last record received ({})",
+                b.lsn, received.0
+            )));
+        }
+        if Lsn(b.lsn) > self.barrier.get() {
+            self.barrier.set(Lsn(b.lsn));
+            self.barrier_work.notify_one();
         }
         Ok(())
     }
@@ -726,6 +837,31 @@ mod tests {
             received,
             durable,
             resync_durable,
+        }
+    }
+
+    #[test]
+    fn a_flush_durability_replica_syncs_what_its_primary_counts_on() {
+        let l = |n| Lsn(n);
+        // (every write, barrier, written next, durable next, target)
+        let table = [
+            // With barriers: only up to the highest barrier not yet durable.
+            (false, l(0), l(10), l(1), None),
+            (false, l(5), l(10), l(3), Some(l(5))),
+            (false, l(5), l(10), l(5), Some(l(5))),
+            (false, l(5), l(10), l(6), None),
+            (false, l(5), l(10), l(10), None),
+            // A per-write primary sends none: everything written, always.
+            (true, l(0), l(10), l(3), Some(l(9))),
+            (true, l(0), l(10), l(10), None),
+            (true, l(7), l(1), l(1), None),
+        ];
+        for (every, barrier, written, durable, want) in table {
+            assert_eq!(
+                sync_target(every, barrier, written, durable),
+                want,
+                "{every} {barrier:?} {written:?} {durable:?}"
+            );
         }
     }
 

@@ -54,6 +54,10 @@ pub enum Kind {
     ResyncCheck = 11,
     /// Replica's answer to RESYNC_CHECK: equal or not.
     RegionCheck = 12,
+    /// Flush barrier (only with [`Hello::flush_barriers`]): the replica
+    /// makes its journal durable up to the LSN it carries and reports that
+    /// in an ACK's durable LSN.
+    Barrier = 13,
 }
 
 impl Kind {
@@ -71,6 +75,7 @@ impl Kind {
             10 => Kind::ResyncDone,
             11 => Kind::ResyncCheck,
             12 => Kind::RegionCheck,
+            13 => Kind::Barrier,
             _ => return None,
         })
     }
@@ -242,10 +247,18 @@ pub struct Hello {
     /// ACKs every advance of its received LSN, not only of its durable one.
     /// Otherwise those extra ACKs would cost a send per receive for nothing.
     pub receipt_acks: bool,
+    /// Whether the primary runs `--durability flush`: it sends BARRIER
+    /// frames for its FLUSH and FUA requests, and the replica's ACKs carry
+    /// in `received` the highest LSN *written* to its journal (what a
+    /// write is acknowledged on in that mode), not merely received. A
+    /// replica that does not know the bit refuses the HELLO.
+    pub flush_barriers: bool,
 }
 
 /// HELLO flag bit: [`Hello::receipt_acks`].
 const HELLO_RECEIPT_ACKS: u8 = 1;
+/// HELLO flag bit: [`Hello::flush_barriers`].
+const HELLO_FLUSH_BARRIERS: u8 = 2;
 
 impl Hello {
     /// Encodes the body.
@@ -258,11 +271,14 @@ impl Hello {
         v.extend_from_slice(&self.epoch.to_le_bytes());
         put_text(&mut v, &self.node);
         v.extend_from_slice(&self.nonce);
-        v.push(if self.receipt_acks {
-            HELLO_RECEIPT_ACKS
-        } else {
-            0
-        });
+        let mut flags = 0;
+        if self.receipt_acks {
+            flags |= HELLO_RECEIPT_ACKS;
+        }
+        if self.flush_barriers {
+            flags |= HELLO_FLUSH_BARRIERS;
+        }
+        v.push(flags);
         v
     }
 
@@ -280,7 +296,7 @@ impl Hello {
         // version decodes this far and the version check then refuses it by
         // name (rather than as a truncated or malformed message).
         let flags = if version == VERSION { r.u8()? } else { 0 };
-        if flags & !HELLO_RECEIPT_ACKS != 0 {
+        if flags & !(HELLO_RECEIPT_ACKS | HELLO_FLUSH_BARRIERS) != 0 {
             return Err(WireError::BadField("HELLO flags"));
         }
         Ok(Hello {
@@ -292,6 +308,7 @@ impl Hello {
             node,
             nonce,
             receipt_acks: flags & HELLO_RECEIPT_ACKS != 0,
+            flush_barriers: flags & HELLO_FLUSH_BARRIERS != 0,
         })
     }
 }
@@ -632,7 +649,9 @@ impl RecordHeader {
 /// Replica progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ack {
-    /// Highest LSN received and journaled in order (maybe not durable yet).
+    /// Highest LSN received and journaled in order (maybe not durable yet);
+    /// with [`Hello::flush_barriers`], highest LSN whose journal write
+    /// completed.
     pub received: u64,
     /// Highest LSN durable in the replica's journal.
     pub durable: u64,
@@ -662,6 +681,36 @@ impl Ack {
             durable: r.u64()?,
             resync_durable: r.u64()?,
         })
+    }
+}
+
+/// A flush barrier: every LSN up to `lsn` must become durable on the
+/// replica (primary → replica, only with [`Hello::flush_barriers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Barrier {
+    /// The highest LSN the barrier covers (sent after its record).
+    pub lsn: u64,
+}
+
+/// Bytes of a BARRIER body.
+pub const BARRIER_LEN: usize = 8;
+
+impl Barrier {
+    /// Encodes the body.
+    pub fn encode(&self) -> [u8; BARRIER_LEN] {
+        self.lsn.to_le_bytes()
+    }
+
+    /// Decodes a body: exactly one u64, an LSN of at least 1.
+    pub fn decode(b: &[u8]) -> Result<Barrier, WireError> {
+        if b.len() > BARRIER_LEN {
+            return Err(WireError::BadField("BARRIER length"));
+        }
+        let lsn = Reader { b, what: "BARRIER" }.u64()?;
+        if lsn == 0 {
+            return Err(WireError::BadField("BARRIER LSN 0"));
+        }
+        Ok(Barrier { lsn })
     }
 }
 
@@ -831,8 +880,8 @@ mod tests {
         #[test]
         fn hello_round_trips(volume in "[a-z0-9]{1,40}", node in "[a-z0-9-]{0,40}", uuid in any::<[u8; 16]>(),
                              size in any::<u64>(), epoch in any::<u64>(), nonce in any::<[u8; 32]>(),
-                             receipt_acks in any::<bool>()) {
-            let h = Hello { version: VERSION, volume, uuid, size, epoch, node, nonce, receipt_acks };
+                             receipt_acks in any::<bool>(), flush_barriers in any::<bool>()) {
+            let h = Hello { version: VERSION, volume, uuid, size, epoch, node, nonce, receipt_acks, flush_barriers };
             prop_assert_eq!(Hello::decode(&h.encode()), Ok(h));
         }
 
@@ -845,11 +894,22 @@ mod tests {
         }
 
         #[test]
+        fn barrier_round_trips(lsn in 1u64..) {
+            let b = Barrier { lsn };
+            prop_assert_eq!(Barrier::decode(&b.encode()), Ok(b));
+            let mut framed = frame(Kind::Barrier, &b.encode());
+            let h = decode_frame_header(framed[..FRAME_HEADER_LEN].try_into().unwrap()).unwrap();
+            prop_assert_eq!((h.kind, h.len as usize), (Kind::Barrier, BARRIER_LEN));
+            prop_assert_eq!(Barrier::decode(&framed.split_off(FRAME_HEADER_LEN)), Ok(b));
+        }
+
+        #[test]
         fn garbage_never_panics(b in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = Hello::decode(&b);
             let _ = HelloReply::decode(&b);
             let _ = Auth::decode(&b);
             let _ = Ack::decode(&b);
+            let _ = Barrier::decode(&b);
             let _ = RegionCheck::decode(&b);
             let _ = ResyncHeader::decode(&b);
             let _ = ErrorMsg::decode(&b);
@@ -949,6 +1009,7 @@ mod tests {
             node: "n1".into(),
             nonce: [2; NONCE_LEN],
             receipt_acks: true,
+            flush_barriers: false,
         };
         let v3 = h.encode();
         // A version 2 primary sends no flags byte.
@@ -964,7 +1025,7 @@ mod tests {
         assert_eq!(Hello::decode(&v4).map(|d| d.version), Ok(4));
         // This version with an unknown flag, or cut before its flags: refused.
         let mut bad = v3.clone();
-        *bad.last_mut().expect("flags byte") = 0x02;
+        *bad.last_mut().expect("flags byte") = 0x04;
         assert_eq!(Hello::decode(&bad), Err(WireError::BadField("HELLO flags")));
         assert_eq!(
             Hello::decode(&v3[..v3.len() - 1]),
