@@ -1,0 +1,157 @@
+//! Replication with `--durability flush` (NBD's contract on every node):
+//! every write acknowledged before a FLUSH that completed, and every FUA
+//! write, is on the replica after the primary is killed with -9 and the
+//! replica promoted, and after the replica itself was killed with -9,
+//! restarted and caught up. The writes and the check are the crash model
+//! of the kill -9 tests (`mirrorblk_tests::crash_model`, promise `Nbd`).
+//!
+//! What these tests cannot catch: a kill -9 loses no data the kernel was
+//! given (the journal is written `O_DIRECT`), so a replica that reports a
+//! durable LSN without syncing passes them; the power-cut test
+//! (`tests/powercut.rs`, `flushed_writes_survive_a_power_cut_of_the_replica`)
+//! is the one that catches that.
+
+use std::time::{Duration, Instant};
+
+use mirrorblk_admin::Role;
+use mirrorblk_tests::cluster::{write_secret, Node, EXPORT};
+use mirrorblk_tests::crash_model::{verify, writer, CycleStats, Model, Promise};
+use mirrorblk_tests::util::Rng;
+use mirrorblk_tests::TestDir;
+
+const J64: &str = "64M";
+const IN_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Flags of both nodes: NBD's contract, sync replication, a quick verdict
+/// on a dead peer.
+const FLAGS: &[&str] = &[
+    "--durability",
+    "flush",
+    "--mode",
+    "sync",
+    "--heartbeat-timeout",
+    "1s",
+];
+/// Rounds of each test (each a fresh pair of nodes).
+const ROUNDS: usize = 4;
+/// Bound of each test's whole loop.
+const BUDGET: Duration = Duration::from_secs(240);
+
+/// A replica and its primary, both with [`FLAGS`], the replica in sync.
+fn pair(dir: &TestDir) -> (Node, Node) {
+    let secret = write_secret(dir, "secret");
+    let r = Node::start_replica(dir, "n2", &secret, J64, FLAGS);
+    let p = Node::start_primary(dir, "n1", &secret, &[&r], J64, FLAGS);
+    p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
+    (p, r)
+}
+
+/// Promotes `r` with the CLI and checks what it serves against `model`.
+fn promote_and_verify(r: &mut Node, model: &Model, what: &str) {
+    let before = r.daemon.ready().clone();
+    let out = r.cli(&["promote"], Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{what}: mirrorblk promote failed: {out:#?}");
+    r.daemon
+        .wait_serving_again(&before, Duration::from_secs(30));
+    r.wait_status(Duration::from_secs(30), "the replica promoted", |s| {
+        s.role == Role::Primary
+    });
+    let mut c = r.daemon.connect(EXPORT);
+    if let Err(errors) = verify(&mut c, model) {
+        panic!(
+            "{what}: {} blocks of the promoted replica break NBD's contract, first ones:\n{}\nreplica log:\n{}",
+            errors.len(),
+            errors.iter().take(10).cloned().collect::<Vec<_>>().join("\n"),
+            r.daemon.full_log()
+        );
+    }
+}
+
+fn add(totals: &mut CycleStats, st: &CycleStats, round: usize) {
+    assert!(
+        st.server_errors.is_empty(),
+        "round {round}: server errors before the kill: {:?}",
+        st.server_errors
+    );
+    totals.acked += st.acked;
+    totals.made_durable += st.made_durable;
+    totals.flushes += st.flushes;
+}
+
+/// (a) Writes with FLUSH and FUA to a primary with one replica in sync
+/// mode, both `--durability flush`; the primary is killed with -9 at a
+/// random moment and the replica promoted: every write a FLUSH or FUA
+/// covered before the kill reads back from it.
+#[test]
+fn flushed_writes_survive_kill_9_of_the_primary_and_promotion() {
+    let test = "flushed_writes_survive_kill_9_of_the_primary_and_promotion";
+    let mut rng = Rng::from_env_or_time(test);
+    let started = Instant::now();
+    let mut totals = CycleStats::default();
+    for round in 0..ROUNDS {
+        assert!(started.elapsed() < BUDGET, "{test}: over {BUDGET:?}");
+        let dir = TestDir::new();
+        let (mut p, mut r) = pair(&dir);
+        let mut model = Model::new();
+        let delay = Duration::from_millis(rng.range(200, 1500));
+        let mut wrng = Rng::new(rng.next_u64());
+        let client = p.daemon.connect(EXPORT);
+        let st = std::thread::scope(|s| {
+            let w = s.spawn(|| writer(client, &mut model, &mut wrng, Promise::Nbd));
+            // Not a synchronisation sleep: the random moment of the kill.
+            std::thread::sleep(delay);
+            p.daemon.kill9();
+            w.join().expect("writer thread panicked")
+        });
+        add(&mut totals, &st, round);
+        eprintln!("round {round}: primary killed after {delay:?}: {st:?}");
+        promote_and_verify(&mut r, &model, &format!("round {round}"));
+    }
+    eprintln!("{test}: {totals:?}");
+    assert!(
+        totals.made_durable >= 100,
+        "too few FLUSH- or FUA-covered writes to prove anything: {totals:?}"
+    );
+}
+
+/// (b) The replica is killed with -9 under the same writes, restarted
+/// while they go on, and catches up; then the primary is killed and the
+/// replica promoted: it holds every write covered by a FLUSH or FUA, from
+/// before its own crash (its journal) and after it (the catch-up).
+#[test]
+fn a_replica_killed_with_9_catches_up_and_keeps_every_flushed_write() {
+    let test = "a_replica_killed_with_9_catches_up_and_keeps_every_flushed_write";
+    let mut rng = Rng::from_env_or_time(test);
+    let started = Instant::now();
+    let mut totals = CycleStats::default();
+    for round in 0..ROUNDS {
+        assert!(started.elapsed() < BUDGET, "{test}: over {BUDGET:?}");
+        let dir = TestDir::new();
+        let (mut p, mut r) = pair(&dir);
+        let mut model = Model::new();
+        let delay = Duration::from_millis(rng.range(200, 1000));
+        let mut wrng = Rng::new(rng.next_u64());
+        let client = p.daemon.connect(EXPORT);
+        let st = std::thread::scope(|s| {
+            let w = s.spawn(|| writer(client, &mut model, &mut wrng, Promise::Nbd));
+            // Not synchronisation sleeps: the random moment of the replica's
+            // crash, and a stretch of writes it misses (the primary waits a
+            // heartbeat timeout, then goes on degraded).
+            std::thread::sleep(delay);
+            r.daemon.kill9();
+            std::thread::sleep(Duration::from_millis(1500));
+            r.daemon.restart();
+            p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
+            std::thread::sleep(Duration::from_millis(300));
+            p.daemon.kill9();
+            w.join().expect("writer thread panicked")
+        });
+        add(&mut totals, &st, round);
+        eprintln!("round {round}: replica killed after {delay:?}: {st:?}");
+        promote_and_verify(&mut r, &model, &format!("round {round}"));
+    }
+    eprintln!("{test}: {totals:?}");
+    assert!(
+        totals.made_durable >= 100,
+        "too few FLUSH- or FUA-covered writes to prove anything: {totals:?}"
+    );
+}
