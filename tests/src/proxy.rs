@@ -25,6 +25,8 @@ const CHUNK: usize = 64 << 10;
 pub struct DelayProxy {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// Set by [`DelayProxy::cut`]: nothing more is delivered.
+    cut: Arc<AtomicBool>,
 }
 
 impl DelayProxy {
@@ -51,11 +53,20 @@ impl DelayProxy {
         let addr = l.local_addr()?;
         l.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
+        let cut = Arc::new(AtomicBool::new(false));
+        let (s, c) = (stop.clone(), cut.clone());
         std::thread::Builder::new()
             .name("delay-proxy".into())
-            .spawn(move || accept_loop(l, target, delay, flip_at, &s))?;
-        Ok(DelayProxy { addr, stop })
+            .spawn(move || accept_loop(l, target, delay, flip_at, &s, &c))?;
+        Ok(DelayProxy { addr, stop, cut })
+    }
+
+    /// The link dies at once, as with the machine on one end: what is in
+    /// flight (sent, not yet delivered) is lost, both directions close and
+    /// no new connection is relayed.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
     }
 
     /// Where it listens.
@@ -83,6 +94,7 @@ fn accept_loop(
     delay: Duration,
     mut flip_at: Option<u64>,
     stop: &AtomicBool,
+    cut: &Arc<AtomicBool>,
 ) {
     while !stop.load(Ordering::Relaxed) {
         match l.accept() {
@@ -92,7 +104,7 @@ fn accept_loop(
                     Ok(server) => {
                         let _ = client.set_nodelay(true);
                         let _ = server.set_nodelay(true);
-                        relay(client, server, delay, flip_at.take());
+                        relay(client, server, delay, flip_at.take(), cut);
                     }
                     Err(_) => {
                         let _ = client.shutdown(Shutdown::Both);
@@ -108,7 +120,7 @@ fn accept_loop(
 }
 
 /// Relays both directions of one connection.
-fn relay(a: TcpStream, b: TcpStream, delay: Duration, flip_at: Option<u64>) {
+fn relay(a: TcpStream, b: TcpStream, delay: Duration, flip_at: Option<u64>, cut: &Arc<AtomicBool>) {
     for (from, to, flip) in [(&a, &b, flip_at), (&b, &a, None)] {
         let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
             return;
@@ -117,9 +129,10 @@ fn relay(a: TcpStream, b: TcpStream, delay: Duration, flip_at: Option<u64>) {
         let _ = std::thread::Builder::new()
             .name("proxy-read".into())
             .spawn(move || read_side(from, tx, delay, flip));
+        let cut = cut.clone();
         let _ = std::thread::Builder::new()
             .name("proxy-write".into())
-            .spawn(move || write_side(to, rx));
+            .spawn(move || write_side(to, rx, &cut));
     }
 }
 
@@ -151,11 +164,15 @@ fn read_side(
     // Dropping `tx` tells the writer to pass the end on once it is due.
 }
 
-fn write_side(mut to: TcpStream, rx: Receiver<(Instant, Vec<u8>)>) {
+fn write_side(mut to: TcpStream, rx: Receiver<(Instant, Vec<u8>)>, cut: &AtomicBool) {
     while let Ok((due, bytes)) = rx.recv() {
         let now = Instant::now();
         if due > now {
             std::thread::sleep(due - now);
+        }
+        if cut.load(Ordering::SeqCst) {
+            let _ = to.shutdown(Shutdown::Both);
+            return;
         }
         if to.write_all(&bytes).is_err() {
             break;

@@ -14,8 +14,10 @@
 use std::time::{Duration, Instant};
 
 use mirrorblk_admin::Role;
-use mirrorblk_tests::cluster::{write_secret, Node, EXPORT};
+use mirrorblk_tests::cluster::{write_secret, Node, NodeFiles, EXPORT};
 use mirrorblk_tests::crash_model::{verify, writer, CycleStats, Model, Promise};
+use mirrorblk_tests::daemon::Daemon;
+use mirrorblk_tests::proxy::DelayProxy;
 use mirrorblk_tests::util::Rng;
 use mirrorblk_tests::TestDir;
 
@@ -31,6 +33,8 @@ const FLAGS: &[&str] = &[
     "--heartbeat-timeout",
     "1s",
 ];
+/// One-way delay of the replication link in test (a).
+const LINK_DELAY: Duration = Duration::from_millis(3);
 /// Rounds of each test (each a fresh pair of nodes).
 const ROUNDS: usize = 4;
 /// Bound of each test's whole loop.
@@ -43,6 +47,30 @@ fn pair(dir: &TestDir) -> (Node, Node) {
     let p = Node::start_primary(dir, "n1", &secret, &[&r], J64, FLAGS);
     p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
     (p, r)
+}
+
+/// Like [`pair`], the primary reaching its replica through a proxy that
+/// delays each direction by [`LINK_DELAY`] and can cut the link: records
+/// are in flight for a while, so a primary that acknowledged a FLUSH or a
+/// FUA write before the replica had it would be caught when the link dies
+/// with the primary.
+fn pair_behind_proxy(dir: &TestDir) -> (Node, Node, DelayProxy) {
+    let secret = write_secret(dir, "secret");
+    let r = Node::start_replica(dir, "n2", &secret, J64, FLAGS);
+    let to = r.replication.expect("replica address");
+    let proxy = DelayProxy::start(([127, 0, 0, 1], 0).into(), to, LINK_DELAY)
+        .expect("start the delay proxy");
+    let files = NodeFiles::new(dir, "n1");
+    let peer = format!("n2={}", proxy.addr());
+    let daemon = Daemon::try_start(files.primary_args(&secret, &[peer], J64, FLAGS))
+        .unwrap_or_else(|e| panic!("primary n1 did not start: {e}"));
+    let p = Node {
+        files,
+        daemon,
+        replication: None,
+    };
+    p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
+    (p, r, proxy)
 }
 
 /// Promotes `r` with the CLI and checks what it serves against `model`.
@@ -90,7 +118,7 @@ fn flushed_writes_survive_kill_9_of_the_primary_and_promotion() {
     for round in 0..ROUNDS {
         assert!(started.elapsed() < BUDGET, "{test}: over {BUDGET:?}");
         let dir = TestDir::new();
-        let (mut p, mut r) = pair(&dir);
+        let (mut p, mut r, proxy) = pair_behind_proxy(&dir);
         let mut model = Model::new();
         let delay = Duration::from_millis(rng.range(200, 1500));
         let mut wrng = Rng::new(rng.next_u64());
@@ -98,7 +126,9 @@ fn flushed_writes_survive_kill_9_of_the_primary_and_promotion() {
         let st = std::thread::scope(|s| {
             let w = s.spawn(|| writer(client, &mut model, &mut wrng, Promise::Nbd));
             // Not a synchronisation sleep: the random moment of the kill.
+            // The primary's machine dies, and its network with it.
             std::thread::sleep(delay);
+            proxy.cut();
             p.daemon.kill9();
             w.join().expect("writer thread panicked")
         });
