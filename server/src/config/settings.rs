@@ -158,8 +158,10 @@ pub struct Settings {
     /// completes once everything acknowledged before it, on any connection,
     /// is durable (concurrent flushes share one fdatasync). Faster for
     /// clients that flush rarely (file systems, qemu with cache=writeback);
-    /// no gain for clients that flush or FUA every write. Single node only:
-    /// with replication it is refused.
+    /// no gain for clients that flush or FUA every write. With replication
+    /// the same holds on every replica the mode waits for: a write once
+    /// their disks have it, FLUSH and FUA once it is durable there too
+    /// (docs/REPLICATION.md, "Durability").
     #[arg(long, value_enum, value_name = "MODE", help_default = choice(defaults::DURABILITY))]
     pub durability: Option<crate::journal::Durability>,
 
