@@ -40,7 +40,7 @@ run() { # name durability fio-extra...
       | python3 -c 'import json,sys
 v=json.load(sys.stdin); v=v["volumes"][0] if "volumes" in v else v
 r=v.get("replicas",[])
-sys.exit(0 if r and all(x.get("state")=="in-sync" and not x.get("resync") for x in r) else 1)' && break
+sys.exit(0 if r and all(x.get("state")=="in-sync" and not x.get("resync") for x in r) else 1)' 2>/dev/null && break
     sleep 0.5
   done
   local t0p t0r t1p t1r

@@ -185,3 +185,43 @@ fn a_replica_killed_with_9_catches_up_and_keeps_every_flushed_write() {
         "too few FLUSH- or FUA-covered writes to prove anything: {totals:?}"
     );
 }
+
+/// (c) What the replica *reports* as durable is what its journal *has*
+/// synced: after each FLUSH, and after each FUA write, the replica's own
+/// durable LSN (its journal's synced frontier, from its admin socket) is
+/// already at the write's LSN when the reply arrives. Sequential writes,
+/// one at a time, so the LSN of each is the primary's last LSN before it
+/// plus one. Catches a primary that completes a FLUSH without waiting for
+/// the replica's durable LSN, and a replica that acknowledges a barrier
+/// without syncing, which the kill -9 tests above cannot tell apart from
+/// correct behaviour; the replica's own periodic sync (100 ms) would hide
+/// neither, as the check follows the reply within a millisecond or two.
+#[test]
+fn a_flush_or_fua_reply_finds_the_write_synced_in_the_replicas_journal() {
+    let dir = TestDir::new();
+    let (p, r) = pair(&dir);
+    let mut c = p.daemon.connect(EXPORT);
+    let data = vec![0x5a; 4096];
+    let mut behind = Vec::new();
+    for i in 0..100u64 {
+        let lsn = p.status().last_lsn + 1;
+        let fua = i % 2 == 1;
+        c.write(i * 4096, &data, fua).expect("write");
+        if !fua {
+            c.flush().expect("flush");
+        }
+        let synced = r.status().durable_lsn;
+        if synced < lsn {
+            behind.push(format!(
+                "write {i} (LSN {lsn}, {}): the replica's journal is synced only to LSN {synced}",
+                if fua { "FUA" } else { "then FLUSH" }
+            ));
+        }
+    }
+    assert!(
+        behind.is_empty(),
+        "{} of 100 replies came before the replica synced the write:\n{}",
+        behind.len(),
+        behind.join("\n")
+    );
+}
