@@ -5,11 +5,15 @@
 //! restarted and caught up. The writes and the check are the crash model
 //! of the kill -9 tests (`mirrorblk_tests::crash_model`, promise `Nbd`).
 //!
-//! What these tests cannot catch: a kill -9 loses no data the kernel was
-//! given (the journal is written `O_DIRECT`), so a replica that reports a
-//! durable LSN without syncing passes them; the power-cut test
-//! (`tests/powercut.rs`, `flushed_writes_survive_a_power_cut_of_the_replica`)
-//! is the one that catches that.
+//! What each test can catch: a kill -9 loses no data the kernel was given
+//! (the journal is written `O_DIRECT`), so (a) and (b) cannot tell a
+//! replica that syncs on a barrier from one that only reports it did; (a)
+//! catches requests completed before the replica has their records (its
+//! link runs through a proxy that loses in-flight data with the primary).
+//! (c) compares what the replica reports with what its journal has synced.
+//! No test here cuts the replica's power (the power-cut harness runs one
+//! node in a guest): an `fdatasync` that returns before the medium has the
+//! data is trusted, as on a single node.
 
 use std::time::{Duration, Instant};
 
