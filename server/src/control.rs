@@ -290,6 +290,9 @@ pub struct PreparedVolume {
     pub export: ExportInfo,
     /// The volume's size, which a resize changes.
     pub size: crate::units::SharedSize,
+    /// Its snapshots, loaded from their side files (and kept up to date by
+    /// the replay).
+    pub snapshots: Vec<crate::engine::snapshot_file::Loaded>,
 }
 
 /// Per-core liveness: each core stores the time of its latest tick.

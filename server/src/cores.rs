@@ -155,7 +155,14 @@ fn start_volume(v: PreparedVolume, pool: &Rc<BufPool>, ctl: &CoreControl) -> Rc<
         }
         _ => None,
     };
-    let engine = Engine::start(info, Store::new(v.store), journal, pool.clone(), ctl.tuning);
+    let engine = Engine::start(
+        info,
+        Store::new(v.store),
+        journal,
+        pool.clone(),
+        ctl.tuning,
+        v.snapshots,
+    );
     engine.metrics().recovery(records, millis);
     let vol = Rc::new(Volume::new(engine, v.role, primary, ctl.fence.clone()));
     if let Some(p) = vol.primary() {
@@ -211,21 +218,30 @@ async fn create_snapshot(
             "snapshot '{name}' was deleted while it was being created"
         ));
     }
+    lock_exports(exports).push(snapshot_export(base, &vol.info().name, &snap.info()));
+    Ok(vec![crate::status::snapshot(vol, &snap.info())])
+}
+
+/// The read-only export of a snapshot of volume `volume`, made from the
+/// volume's export `base`.
+fn snapshot_export(
+    base: &nbd::ExportInfo,
+    volume: &str,
+    snap: &crate::engine::SnapshotInfo,
+) -> nbd::ExportInfo {
     let mut e = base.clone();
-    e.name = format!("{}@{name}", vol.info().name);
+    e.name = format!("{volume}@{}", snap.name);
     e.description = format!(
-        "snapshot '{name}' of {} as of LSN {}",
-        vol.info().name,
-        snap.info().lsn
+        "snapshot '{}' of {volume} as of LSN {}",
+        snap.name, snap.lsn
     );
-    e.size = snap.size();
+    e.size = snap.size;
     e.read_only = true;
     e.can_fua = false;
     e.can_trim = false;
     e.can_write_zeroes = false;
     e.can_fast_zero = false;
-    lock_exports(exports).push(e);
-    Ok(vec![crate::status::snapshot(vol, &snap.info())])
+    e
 }
 
 /// Records in the event log that `vol` changed role (persisted; the node
@@ -304,8 +320,17 @@ impl Core {
             .map(|v| {
                 let name = v.config.name.clone();
                 let export = v.export.clone();
+                let vol = start_volume(v, pool, ctl);
+                // Snapshots kept across the restart are served again.
+                let mut exports = lock_exports(&ctl.snapshot_exports);
+                for snap in vol.engine().snapshot_list() {
+                    let e = snapshot_export(&export, &name, &snap);
+                    exports.retain(|x| x.name != e.name);
+                    exports.push(e);
+                }
+                drop(exports);
                 let served = Served {
-                    vol: start_volume(v, pool, ctl),
+                    vol,
                     slot: Rc::new(SessionSlot::default()),
                     export,
                 };

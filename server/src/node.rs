@@ -141,6 +141,18 @@ struct MarkingReplay<'a> {
     /// in-place write can have been under way, so the journal need not be
     /// swept for their intents (a read of the whole journal).
     closed_cleanly: bool,
+    /// The volume's snapshots, loaded from their side files when recovery
+    /// begins (before any record is replayed): replay keeps regions for
+    /// them as the applier does.
+    snapshots: SnapshotReplay,
+}
+
+/// Where the snapshots of a volume being recovered are, and the replay's
+/// copy-on-write for them.
+struct SnapshotReplay {
+    journal: PathBuf,
+    volume: String,
+    keeper: crate::engine::snapshot_file::ReplayKeeper,
 }
 
 impl ReplayTarget for MarkingReplay<'_> {
@@ -148,6 +160,10 @@ impl ReplayTarget for MarkingReplay<'_> {
         for b in &mut self.bitmaps {
             b.mark(offset, data.len() as u64);
         }
+        let len = data.len() as u64;
+        self.snapshots
+            .keeper
+            .before_write(self.inner.file, offset, len)?;
         self.inner.write(offset, data)
     }
 
@@ -155,6 +171,9 @@ impl ReplayTarget for MarkingReplay<'_> {
         for b in &mut self.bitmaps {
             b.mark(offset, len);
         }
+        self.snapshots
+            .keeper
+            .before_write(self.inner.file, offset, len)?;
         self.inner.zero(offset, len, trim, no_hole)
     }
 
@@ -168,18 +187,25 @@ impl ReplayTarget for MarkingReplay<'_> {
             b.mark(offset, len);
         }
         self.changes.unrecorded(offset, len);
+        // Its data is home already: nothing can be kept of what it replaced.
+        self.snapshots.keeper.destroyed(offset, len, None);
         Ok(())
     }
 
     fn begin(&mut self, sb: &crate::journal::format::Superblock) {
         self.changes.begin(sb);
+        let s = &mut self.snapshots;
+        let loaded = crate::engine::snapshot_file::load_all(&s.journal, &s.volume, sb.volume_uuid);
+        s.keeper = crate::engine::snapshot_file::ReplayKeeper::new(loaded);
     }
 
     fn record(&mut self, lsn: crate::units::Lsn, offset: u64, len: u64) {
         self.changes.record(lsn, offset, len);
+        self.snapshots.keeper.record(lsn);
     }
 
     fn resize(&mut self, size: u64) -> std::io::Result<()> {
+        self.snapshots.keeper.destroyed(0, 0, Some(size));
         self.changes.resize(size);
         for b in &mut self.bitmaps {
             b.resize(size);
@@ -223,6 +249,11 @@ pub fn prepare_volume(
         bitmaps: load_bitmaps(cfg, peers, store.size),
         changes: ReplayMarks::new(&cfg.journal, &cfg.name),
         closed_cleanly,
+        snapshots: SnapshotReplay {
+            journal: cfg.journal.clone(),
+            volume: cfg.name.clone(),
+            keeper: crate::engine::snapshot_file::ReplayKeeper::new(Vec::new()),
+        },
     };
     let spec = JournalSpec {
         path: &cfg.journal,
@@ -237,6 +268,7 @@ pub fn prepare_volume(
             source,
         })?;
     log_recovery(&cfg.name, &journal.report);
+    let snapshots = target.snapshots.keeper.into_loaded();
     crate::engine::seed_new_volume(
         &cfg.journal,
         journal.superblock.volume_uuid,
@@ -260,6 +292,7 @@ pub fn prepare_volume(
         journal,
         export,
         size: crate::units::SharedSize::new(store_size),
+        snapshots,
     })
 }
 

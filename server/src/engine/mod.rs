@@ -24,6 +24,7 @@ pub mod read;
 mod region;
 mod resize;
 pub mod snapshot;
+pub mod snapshot_file;
 mod tracking;
 pub mod write;
 
@@ -176,17 +177,17 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Builds the engine and starts its appender and applier tasks on the
-    /// current core.
+    /// Builds the engine with the snapshots loaded at start-up and starts
+    /// its appender and applier tasks on the current core.
     pub fn start(
         info: VolumeInfo,
         store: Store,
         journal: Journal,
         pool: Rc<BufPool>,
         tuning: Tuning,
+        snapshots: Vec<snapshot_file::Loaded>,
     ) -> Rc<Engine> {
         let applied_next = journal.next_lsn();
-        snapshot::remove_stale(&info.journal);
         let (table, saved) = tracking::open_table(&info, &journal);
         let changes_path = changes::table_path(&info.journal);
         let metrics = VolumeMetrics::new(&info.name);
@@ -223,6 +224,7 @@ impl Engine {
             resizing: Cell::new(false),
             snapshots: RefCell::new(Vec::new()),
         });
+        e.install_loaded(snapshots);
         let a = e.clone();
         tokio_uring::spawn(async move {
             let q = a.clone();
@@ -366,7 +368,6 @@ impl Engine {
     /// whether it finished in time.
     pub async fn shutdown(&self, limit: Duration) -> bool {
         self.stopping.set(true);
-        self.drop_snapshots();
         let done = self.stop_done.notified();
         self.apply_work.notify_one();
         if self.stopped.get() {

@@ -22,8 +22,13 @@
 //! applier) are journaled instead while a snapshot is after them; a shrink
 //! below a snapshot's size, a replica's resync (which writes regions
 //! directly) and a full side file (its `space` bound) break the snapshot:
-//! its reads fail with EIO from then on, the writes go on. Snapshots do not
-//! survive a restart of the daemon (start-up removes stale side files).
+//! its reads fail with EIO from then on, the writes go on.
+//!
+//! Snapshots survive restarts: the side file describes itself (header and
+//! map, see [`super::snapshot_file`]), the applier makes a region's kept
+//! data and its map entry durable before the store is overwritten there,
+//! and start-up loads every side file before the journal replay, which
+//! keeps regions for them the same way.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -37,6 +42,7 @@ use tokio::sync::Notify;
 use tokio_uring::buf::fixed::FixedBuf;
 use tokio_uring::buf::BoundedBuf;
 
+use super::snapshot_file::{self, Entry, Header, Loaded, State};
 use super::{nbd_error, Engine, EngineError, ReadData};
 use crate::buffer::{AlignedBuf, MAX_CHUNK};
 use crate::journal::{MutationOp, Record};
@@ -145,6 +151,13 @@ pub struct Snapshot {
     /// The side file; gone once the snapshot broke or was deleted (a read
     /// under way keeps its own handle).
     file: RefCell<Option<Rc<tokio_uring::fs::File>>>,
+    /// The same file for blocking header writes (a break must be durable
+    /// before the write that causes it goes on).
+    blocking: RefCell<Option<std::fs::File>>,
+    /// Its header as last written (None: none was valid at start-up).
+    header: RefCell<Option<Header>>,
+    /// The map block holding the next slot's entry, as on disk.
+    tail: RefCell<Vec<u8>>,
     /// Region index → where it is kept.
     regions: RefCell<HashMap<u64, Held>>,
     /// Slots used in the side file (one region each).
@@ -321,52 +334,50 @@ pub fn side_path(journal: &Path, name: &str) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Removes the side files a previous run left beside `journal` (snapshots
-/// do not survive a restart).
-pub fn remove_stale(journal: &Path) {
-    let (Some(dir), Some(base)) = (journal.parent(), journal.file_name()) else {
-        return;
-    };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let mut prefix = base.to_os_string();
-    prefix.push(".snap-");
-    let Some(prefix) = prefix.to_str() else {
-        return;
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        if name.to_str().is_some_and(|n| n.starts_with(prefix)) {
-            match std::fs::remove_file(e.path()) {
-                Ok(()) => tracing::info!(
-                    "removed {}: snapshots do not survive a restart",
-                    e.path().display()
-                ),
-                Err(err) => tracing::warn!(
-                    "cannot remove stale snapshot file {}: {err}",
-                    e.path().display()
-                ),
-            }
-        }
-    }
-}
-
-/// Creates (empty) and opens a side file, `O_DIRECT` where the filesystem
-/// allows it.
-fn open_side_file(path: &Path) -> io::Result<tokio_uring::fs::File> {
+/// Creates (empty) a side file with its header, durably (the file and its
+/// folder entry), and opens it, `O_DIRECT` where the filesystem allows it:
+/// the handle for the applier's copies and a blocking one for header
+/// rewrites. Blocking: the caller must not await between choosing the
+/// header's start LSN and installing the snapshot.
+fn create_side_file(
+    path: &Path,
+    header: &Header,
+) -> io::Result<(tokio_uring::fs::File, std::fs::File)> {
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(path)?;
     let (f, _direct) = crate::store::open_direct(path, false, 0)?;
-    Ok(tokio_uring::fs::File::from_std(f))
+    // Copy B stays zero (invalid) until the first rewrite.
+    snapshot_file::write_header(&f, header)?;
+    snapshot_file::sync_folder(path)?;
+    let blocking = f.try_clone()?;
+    Ok((tokio_uring::fs::File::from_std(f), blocking))
+}
+
+/// A value no other side file is likely to have: seeds its entry checks.
+fn nonce(name: &str) -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let seed = t ^ u64::from(std::process::id()).rotate_left(32);
+    xxhash_rust::xxh3::xxh3_64_with_seed(name.as_bytes(), seed)
+}
+
+/// Opens a loaded side file for the engine (None: broken, or it cannot be
+/// opened, then why).
+fn open_loaded(l: &Loaded) -> Result<Option<(tokio_uring::fs::File, std::fs::File)>, String> {
+    if l.broken.is_some() {
+        return Ok(None);
+    }
+    let (f, _direct) = crate::store::open_direct(&l.path, false, 0)
+        .map_err(|e| format!("its side file {} cannot be opened: {e}", l.path.display()))?;
+    let blocking = f
+        .try_clone()
+        .map_err(|e| format!("its side file {} cannot be opened: {e}", l.path.display()))?;
+    Ok(Some((tokio_uring::fs::File::from_std(f), blocking)))
 }
 
 fn now_ms() -> u64 {
@@ -376,7 +387,68 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+impl Snapshot {
+    /// A snapshot loaded from its side file at start-up; broken (with the
+    /// reason) when it cannot be trusted or opened.
+    fn from_loaded(volume: &str, l: Loaded) -> Snapshot {
+        let files = open_loaded(&l);
+        let h = l.header.clone();
+        let (from, size, space, created_ms) = h
+            .as_ref()
+            .map_or((0, 0, 0, 0), |h| (h.from, h.size, h.space, h.created_ms));
+        let (file, blocking, broken) = match files {
+            Ok(Some((f, b))) => (Some(Rc::new(f)), Some(b), None),
+            Ok(None) => (None, None, l.broken.clone()),
+            Err(why) => (None, None, Some(why)),
+        };
+        let kept = match &broken {
+            None => l.map.iter().map(|(&r, &s)| (r, Held::Saved(s))).collect(),
+            Some(_) => HashMap::new(),
+        };
+        Snapshot {
+            volume: volume.to_string(),
+            name: l.name.clone(),
+            from: Lsn(from),
+            size,
+            space,
+            created_ms,
+            path: l.path.clone(),
+            file: RefCell::new(file),
+            blocking: RefCell::new(blocking),
+            header: RefCell::new(h),
+            tail: RefCell::new(l.tail.clone()),
+            slots: Cell::new(if broken.is_none() { l.used } else { 0 }),
+            regions: RefCell::new(kept),
+            broken: RefCell::new(broken),
+            changed: Notify::new(),
+        }
+    }
+}
+
 impl Engine {
+    /// Installs the snapshots loaded at start-up (before any record is
+    /// applied); the broken ones are reported as such.
+    pub(super) fn install_loaded(&self, loaded: Vec<Loaded>) {
+        for l in loaded {
+            let snap = Rc::new(Snapshot::from_loaded(&self.info.name, l));
+            self.metrics.snapshots.increment(1.0);
+            self.metrics
+                .snapshot_space_used
+                .increment((snap.slots.get() * REGION) as f64);
+            if let Some(why) = snap.broken() {
+                self.metrics.snapshot_broken.increment(1);
+                crate::events::emit(crate::events::EventKind::SnapshotBroken {
+                    volume: self.info.name.clone(),
+                    name: snap.name.clone(),
+                    reason: why,
+                });
+            } else {
+                tracing::info!(volume = %self.info.name, "snapshot '{}' as of LSN {} kept across the restart ({} regions kept)", snap.name, snap.from.last(), snap.slots.get());
+            }
+            self.snapshots.borrow_mut().push(snap);
+        }
+    }
+
     /// The snapshot `name`, if it exists.
     pub fn snapshot(&self, name: &str) -> Option<Rc<Snapshot>> {
         self.snapshots
@@ -410,25 +482,42 @@ impl Engine {
     ) -> Result<Rc<Snapshot>, SnapshotError> {
         self.check_new_snapshot(name, space)?;
         let path = side_path(&self.info.journal, name);
-        let file = open_side_file(&path).map_err(|source| SnapshotError::SideFile {
-            path: path.clone(),
-            source,
-        })?;
         let size = self.size();
         let expected = (size.div_ceil(REGION))
             .min(space / REGION)
             .min(PREALLOCATED_REGIONS);
         // No await between reading the next LSN and installing the
         // snapshot: every record reserved after it is kept aside for it.
-        let snap = Rc::new(Snapshot {
-            volume: self.info.name.clone(),
+        // The header is durable (blocking) before any copy can start.
+        let header = Header {
+            generation: 0,
+            volume_uuid: self.journal.volume_uuid(),
             name: name.to_string(),
-            from: self.journal.next_lsn(),
+            from: self.journal.next_lsn().0,
             size,
             space,
             created_ms: now_ms(),
+            nonce: nonce(name),
+            sealed: 0,
+            state: State::Ok,
+        };
+        let (file, blocking) =
+            create_side_file(&path, &header).map_err(|source| SnapshotError::SideFile {
+                path: path.clone(),
+                source,
+            })?;
+        let snap = Rc::new(Snapshot {
+            volume: self.info.name.clone(),
+            name: name.to_string(),
+            from: Lsn(header.from),
+            size,
+            space,
+            created_ms: header.created_ms,
             path,
             file: RefCell::new(Some(Rc::new(file))),
+            blocking: RefCell::new(Some(blocking)),
+            header: RefCell::new(Some(header)),
+            tail: RefCell::new(vec![0u8; snapshot_file::HEADER_LEN]),
             regions: RefCell::new(HashMap::with_capacity(expected as usize)),
             slots: Cell::new(0),
             broken: RefCell::new(None),
@@ -505,30 +594,52 @@ impl Engine {
         Ok(info)
     }
 
-    /// Removes every snapshot (the daemon stops: they do not survive it).
-    pub(super) fn drop_snapshots(&self) {
-        let all: Vec<Rc<Snapshot>> = self.snapshots.borrow().clone();
-        for s in all {
-            self.remove_snapshot(&s, "the daemon stopped");
-        }
-    }
-
+    /// Removes `snap` and its side file. Its header says deleted (durably)
+    /// before the file goes, so a crash in between cannot bring it back
+    /// readable after writes it no longer kept regions for.
     fn remove_snapshot(&self, snap: &Rc<Snapshot>, why: &str) {
         self.snapshots.borrow_mut().retain(|s| !Rc::ptr_eq(s, snap));
         self.metrics.snapshots.decrement(1.0);
         if snap.broken.borrow().is_none() {
             *snap.broken.borrow_mut() = Some(why.to_string());
         }
+        self.persist_state(snap, State::Deleted);
         self.release_side_file(snap);
+        let removed =
+            std::fs::remove_file(&snap.path).and_then(|()| snapshot_file::sync_folder(&snap.path));
+        if let Err(e) = removed {
+            tracing::warn!(volume = %self.info.name, "cannot remove snapshot side file {}: {e}", snap.path.display());
+        }
+    }
+
+    /// Rewrites `snap`'s header with `state` and makes it durable
+    /// (blocking: it must hold before the write that broke the snapshot
+    /// goes on); a broken snapshot's map and kept data are cut off. Once:
+    /// the blocking handle goes with it.
+    fn persist_state(&self, snap: &Snapshot, state: State) {
+        let Some(f) = snap.blocking.borrow_mut().take() else {
+            return;
+        };
+        let mut header = snap.header.borrow_mut();
+        let Some(h) = header.as_mut() else {
+            return;
+        };
+        h.generation += 1;
+        let cut = matches!(state, State::Broken(_));
+        h.state = state;
+        let res = snapshot_file::write_header(&f, h).and_then(|()| match cut {
+            true => f.set_len(snapshot_file::MAP_START),
+            false => Ok(()),
+        });
+        if let Err(e) = res {
+            tracing::error!(volume = %self.info.name, "cannot record the state of snapshot '{}' in {}: {e}", snap.name, snap.path.display());
+        }
     }
 
     /// Drops the side file (a read under way keeps its handle until done)
     /// and its kept regions; wakes the readers waiting on a region.
     fn release_side_file(&self, snap: &Snapshot) {
         if snap.file.borrow_mut().take().is_some() {
-            if let Err(e) = std::fs::remove_file(&snap.path) {
-                tracing::warn!(volume = %self.info.name, "cannot remove snapshot side file {}: {e}", snap.path.display());
-            }
             self.metrics
                 .snapshot_space_used
                 .decrement((snap.slots.get() * REGION) as f64);
@@ -540,7 +651,7 @@ impl Engine {
     }
 
     /// Breaks `snap` (once): its reads fail with EIO from now on; the
-    /// writes go on.
+    /// writes go on. Its side file says so before this returns.
     pub(super) fn break_snapshot(&self, snap: &Snapshot, why: String) {
         if snap.broken.borrow().is_some() {
             return;
@@ -552,6 +663,7 @@ impl Engine {
         );
         *snap.broken.borrow_mut() = Some(why.clone());
         self.metrics.snapshot_broken.increment(1);
+        self.persist_state(snap, State::Broken(why.clone()));
         self.release_side_file(snap);
         crate::events::emit(crate::events::EventKind::SnapshotBroken {
             volume: self.info.name.clone(),
@@ -569,13 +681,16 @@ impl Engine {
     }
 
     /// Before a batch is applied: for every snapshot the batch is after,
-    /// keeps aside the regions its records will overwrite.
+    /// keeps aside the regions its records will overwrite, durably (the
+    /// crash rule: a region's old data and map entry are synced before the
+    /// store can be overwritten there).
     pub(super) async fn keep_for_snapshots(&self, batch: &[Rc<Record>]) {
         if self.snapshots.borrow().is_empty() {
             return;
         }
         let snaps: Vec<Rc<Snapshot>> = self.snapshots.borrow().clone();
         for snap in &snaps {
+            let mut runs = Vec::new();
             for r in batch {
                 if snap.broken.borrow().is_some() {
                     break;
@@ -591,14 +706,47 @@ impl Engine {
                 match keep {
                     Keep::Nothing => {}
                     Keep::Break(why) => self.break_snapshot(snap, format!("{why} (LSN {})", r.lsn)),
-                    Keep::Regions(a, b) => self.keep_regions(snap, a, b).await,
+                    Keep::Regions(a, b) => self.keep_regions(snap, (a, b), r.lsn, &mut runs).await,
                 }
             }
+            self.seal_runs(snap, &runs).await;
         }
     }
 
-    /// Copies the regions of `[first, end)` not kept yet to the side file.
-    async fn keep_regions(&self, snap: &Snapshot, first: u64, end: u64) {
+    /// Makes the runs just copied durable, then marks them kept.
+    async fn seal_runs(&self, snap: &Snapshot, runs: &[(u64, u64, u64)]) {
+        if runs.is_empty() || snap.broken.borrow().is_some() {
+            return;
+        }
+        let Some(file) = snap.side_file() else {
+            return;
+        };
+        if let Err(e) = file.sync_data().await {
+            return self.break_snapshot(snap, format!("syncing its side file failed: {e}"));
+        }
+        if snap.broken.borrow().is_some() {
+            return;
+        }
+        let mut map = snap.regions.borrow_mut();
+        for &(a, b, used) in runs {
+            for r in a..b {
+                map.insert(r, Held::Saved(used + (r - a)));
+            }
+        }
+        drop(map);
+        snap.changed.notify_waiters();
+    }
+
+    /// Copies the regions of `[first, end)` not kept yet to the side file
+    /// (for record `lsn`), with their map entries; notes each run copied
+    /// (first, end, first slot) in `runs`, not yet durable.
+    async fn keep_regions(
+        &self,
+        snap: &Snapshot,
+        (first, end): (u64, u64),
+        lsn: Lsn,
+        runs: &mut Vec<(u64, u64, u64)>,
+    ) {
         let mut pos = first;
         while let Some((a, b)) = next_run(pos, end, |r| snap.held(r).is_some(), MAX_RUN) {
             pos = b;
@@ -622,24 +770,26 @@ impl Engine {
                     map.insert(r, Held::Saving(used + (r - a)));
                 }
             }
-            if let Err(e) = self.copy_to_side(snap, a, b, used).await {
+            if let Err(e) = self.copy_to_side(snap, (a, b), used, lsn).await {
                 return self.break_snapshot(snap, format!("keeping old data failed: {e}"));
             }
             if snap.broken.borrow().is_some() {
                 return;
             }
-            let mut map = snap.regions.borrow_mut();
-            for r in a..b {
-                map.insert(r, Held::Saved(used + (r - a)));
-            }
-            drop(map);
-            snap.changed.notify_waiters();
+            runs.push((a, b, used));
         }
     }
 
     /// Copies regions `[a, b)` of the store (clipped to the snapshot's
-    /// size) into the side file from slot `slot` on.
-    async fn copy_to_side(&self, snap: &Snapshot, a: u64, b: u64, slot: u64) -> io::Result<()> {
+    /// size) into the side file from slot `slot` on, then their map
+    /// entries (not synced).
+    async fn copy_to_side(
+        &self,
+        snap: &Snapshot,
+        (a, b): (u64, u64),
+        slot: u64,
+        lsn: Lsn,
+    ) -> io::Result<()> {
         assert!(b > a && b - a <= MAX_RUN);
         let Some(file) = snap.side_file() else {
             return Err(io::Error::other("the side file is gone"));
@@ -652,13 +802,81 @@ impl Engine {
             .take()
             .unwrap_or_else(|| AlignedBuf::new(MAX_CHUNK));
         let (mut res, mut buf) = self.store.read_into(buf, start, n).await;
+        let mut entries = Vec::new();
         if res.is_ok() {
-            let (r, slice) = file.write_all_at(buf.slice(0..n), slot * REGION).await;
+            entries = buf.as_slice()[..n]
+                .chunks(REGION as usize)
+                .zip(a..b)
+                .map(|(data, region)| Entry {
+                    region,
+                    lsn: lsn.0,
+                    data_hash: xxhash_rust::xxh3::xxh3_64(data),
+                })
+                .collect();
+            let at = snapshot_file::slot_offset(snap.space, snap.size, slot);
+            let (r, slice) = file.write_all_at(buf.slice(0..n), at).await;
             res = r;
             buf = slice.into_inner();
         }
         *self.scratch.borrow_mut() = Some(buf);
+        res?;
+        self.write_entries(snap, &file, slot, &entries).await
+    }
+
+    /// Writes the map entries of slots `[slot, slot + entries.len())`.
+    async fn write_entries(
+        &self,
+        snap: &Snapshot,
+        file: &tokio_uring::fs::File,
+        slot: u64,
+        entries: &[Entry],
+    ) -> io::Result<()> {
+        let nonce = match snap.header.borrow().as_ref() {
+            Some(h) => h.nonce,
+            None => return Err(io::Error::other("the side file has no header")),
+        };
+        let (pos, bytes, tail) =
+            snapshot_file::map_write(&snap.tail.borrow(), slot, entries, nonce);
+        let mut buf = AlignedBuf::new(bytes.len());
+        buf.as_mut_slice().copy_from_slice(&bytes);
+        // The next run's entries start from this tail (runs are sequential:
+        // one applier).
+        *snap.tail.borrow_mut() = tail;
+        let (res, _) = file.write_all_at(buf.slice(0..bytes.len()), pos).await;
         res
+    }
+
+    /// Before the journal checkpoint moves: records in each snapshot's
+    /// header that its map entries so far are durable (they were synced
+    /// before their regions were overwritten), so a start-up finding one
+    /// damaged breaks the snapshot instead of taking it for a torn batch.
+    pub(super) async fn seal_snapshots(&self) -> io::Result<()> {
+        let snaps: Vec<Rc<Snapshot>> = self.snapshots.borrow().clone();
+        for snap in snaps {
+            let Some(file) = snap.side_file() else {
+                continue;
+            };
+            let slots = snap.slots.get();
+            let header = {
+                let mut h = snap.header.borrow_mut();
+                match h.as_mut() {
+                    Some(h) if h.sealed < slots && snap.broken.borrow().is_none() => {
+                        h.generation += 1;
+                        h.sealed = slots;
+                        h.clone()
+                    }
+                    _ => continue,
+                }
+            };
+            let mut buf = AlignedBuf::new(snapshot_file::HEADER_LEN);
+            header.encode(buf.as_mut_slice());
+            let (res, _) = file
+                .write_all_at(buf.slice(0..snapshot_file::HEADER_LEN), header.offset())
+                .await;
+            res?;
+            file.sync_data().await?;
+        }
+        Ok(())
     }
 
     /// Reads `[offset, offset + len)` of snapshot `snap`.
@@ -723,7 +941,10 @@ impl Engine {
             let file = snap.side_file().ok_or(ErrorCode::Io)?;
             let dst = buf.slice((x0 - a0) as usize..(x1 - a0) as usize);
             let (res, slice) = file
-                .read_exact_at(dst, slot * REGION + (x0 - r * REGION))
+                .read_exact_at(
+                    dst,
+                    snapshot_file::slot_offset(snap.space, snap.size, slot) + (x0 - r * REGION),
+                )
                 .await;
             buf = slice.into_inner();
             res.map_err(|e| {

@@ -64,6 +64,7 @@ pub(super) fn open_with(
         crate::journal::Journal::new(journal),
         pool.clone(),
         tuning,
+        Vec::new(),
     )
 }
 
