@@ -623,10 +623,12 @@ impl Core {
             )
             .await;
             match (q, handed) {
-                // Snapshots do not survive a live restart.
+                // The new process reloads the snapshot from its side file;
+                // the connection (its reads in this engine) is not handed
+                // over: the client reconnects.
                 (Some(_), Some(_)) if snapshot => tracing::warn!(
                     %peer,
-                    "closing a snapshot export's connection at the live restart (snapshots do not survive it)"
+                    "closing a snapshot export's connection at the live restart (the new process serves the snapshot again); the client must reconnect"
                 ),
                 // A rustls session lives in this process's relay thread: its
                 // socket cannot be handed over. Stopped at a request boundary

@@ -976,6 +976,75 @@ mod tests {
         assert_eq!(judge_map(&[], 0, snap, ok).map(|v| v.used), Ok(0));
     }
 
+    /// Replay keeps a region only for records at or after the start, and
+    /// what it keeps is durable in the file: a second load finds it.
+    #[test]
+    fn replay_keeps_regions_for_records_from_the_start_on_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = dir.path().join("v.journal");
+        let store_path = dir.path().join("v.data");
+        let size = 4 * REGION;
+        let old: Vec<u8> = (0..size).map(|i| (i / 4096) as u8).collect();
+        std::fs::write(&store_path, &old).expect("store");
+        let store = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&store_path)
+            .expect("open store");
+        let mut h = header();
+        h.size = size;
+        h.sealed = 0;
+        h.from = 10;
+        let side = dir.path().join("v.journal.snap-b1");
+        let f = File::create(&side).expect("side");
+        write_header(&f, &h).expect("header");
+        let mut k = ReplayKeeper::new(load_all(&journal, "v", h.volume_uuid));
+        assert_eq!(k.snaps.len(), 1);
+        assert!(k.snaps[0].broken.is_none(), "{:?}", k.snaps[0].broken);
+        // Below the start: in the snapshot, not kept.
+        k.record(Lsn(9));
+        k.before_write(&store, 0, 10).expect("replay");
+        store.write_all_at(&[0xff; 10], 0).expect("write");
+        // From the start on: regions 1 and 2 kept with their old data.
+        k.record(Lsn(10));
+        k.before_write(&store, REGION + 5, REGION).expect("replay");
+        store
+            .write_all_at(&vec![0xee; REGION as usize], REGION + 5)
+            .expect("write");
+        k.record(Lsn(11));
+        k.before_write(&store, 0, 1).expect("replay");
+        let l = &k.into_loaded()[0];
+        assert_eq!(l.map, HashMap::from([(1, 0), (2, 1), (0, 2)]));
+        // Loaded again from the file alone (nothing sealed: data checked).
+        let again = load_all(&journal, "v", h.volume_uuid);
+        assert_eq!(again[0].map, l.map);
+        assert!(again[0].broken.is_none());
+        let kept = read_at(
+            &again[0].file.as_ref().expect("open"),
+            slot_offset(h.space, size, 0),
+            REGION as usize,
+        )
+        .expect("read");
+        assert_eq!(kept, old[REGION as usize..2 * REGION as usize]);
+        let kept0 = read_at(
+            &again[0].file.as_ref().expect("open"),
+            slot_offset(h.space, size, 2),
+            10,
+        )
+        .expect("read");
+        assert_eq!(
+            kept0,
+            vec![0xff; 10],
+            "region 0 as of the start: the record below it applied"
+        );
+        // Another volume's journal: broken.
+        let other = load_all(&journal, "v", [1; 16]);
+        assert!(other[0]
+            .broken
+            .as_deref()
+            .is_some_and(|w| w.contains("another volume")));
+    }
+
     #[test]
     fn map_writes_rewrite_the_tail_block_and_roll_over() {
         let nonce = 5;
