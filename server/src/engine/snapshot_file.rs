@@ -1020,14 +1020,14 @@ mod tests {
         assert_eq!(again[0].map, l.map);
         assert!(again[0].broken.is_none());
         let kept = read_at(
-            &again[0].file.as_ref().expect("open"),
+            again[0].file.as_ref().expect("open"),
             slot_offset(h.space, size, 0),
             REGION as usize,
         )
         .expect("read");
         assert_eq!(kept, old[REGION as usize..2 * REGION as usize]);
         let kept0 = read_at(
-            &again[0].file.as_ref().expect("open"),
+            again[0].file.as_ref().expect("open"),
             slot_offset(h.space, size, 2),
             10,
         )
