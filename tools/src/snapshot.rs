@@ -21,7 +21,8 @@ pub enum SnapshotCmd {
     /// replica). The old data of each 64 KiB region is kept aside the first
     /// time a write after the snapshot overwrites it, in a side file beside
     /// the journal; past --space the snapshot breaks (its reads fail with
-    /// EIO), never the writes. Snapshots do not survive a restart.
+    /// EIO), never the writes. Snapshots survive restarts of the daemon (a
+    /// stop, a crash, a live restart): it reloads them from their side files.
     ///
     /// JSON (--json): {"volume", "name", "export", "uuid", "lsn", "size",
     /// "space", "used", "broken", "created_ms"}; "lsn" is the last LSN the

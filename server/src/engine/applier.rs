@@ -360,10 +360,7 @@ impl Engine {
         // The snapshots' map entries so far are durable: a restart must not
         // take a damaged one for a torn batch once the records that
         // overwrote its region leave the journal.
-        if let Err(e) = self.seal_snapshots().await {
-            tracing::error!(volume = %self.info.name, "sealing a snapshot's side file failed: {e}; checkpoint postponed");
-            return;
-        }
+        self.seal_snapshots().await;
         if let Some(h) = self.hooks() {
             if let Err(e) = h.before_release(target, &self.journal) {
                 tracing::error!(volume = %self.info.name, "writing an out-of-sync bitmap failed: {e}; checkpoint postponed");

@@ -850,33 +850,40 @@ impl Engine {
     /// header that its map entries so far are durable (they were synced
     /// before their regions were overwritten), so a start-up finding one
     /// damaged breaks the snapshot instead of taking it for a torn batch.
-    pub(super) async fn seal_snapshots(&self) -> io::Result<()> {
+    /// A snapshot whose header cannot be written breaks (the checkpoint,
+    /// and the writes, go on).
+    pub(super) async fn seal_snapshots(&self) {
         let snaps: Vec<Rc<Snapshot>> = self.snapshots.borrow().clone();
         for snap in snaps {
-            let Some(file) = snap.side_file() else {
-                continue;
-            };
-            let slots = snap.slots.get();
-            let header = {
-                let mut h = snap.header.borrow_mut();
-                match h.as_mut() {
-                    Some(h) if h.sealed < slots && snap.broken.borrow().is_none() => {
-                        h.generation += 1;
-                        h.sealed = slots;
-                        h.clone()
-                    }
-                    _ => continue,
-                }
-            };
-            let mut buf = AlignedBuf::new(snapshot_file::HEADER_LEN);
-            header.encode(buf.as_mut_slice());
-            let (res, _) = file
-                .write_all_at(buf.slice(0..snapshot_file::HEADER_LEN), header.offset())
-                .await;
-            res?;
-            file.sync_data().await?;
+            if let Err(e) = self.seal(&snap).await {
+                self.break_snapshot(&snap, format!("sealing its side file failed: {e}"));
+            }
         }
-        Ok(())
+    }
+
+    async fn seal(&self, snap: &Snapshot) -> io::Result<()> {
+        let Some(file) = snap.side_file() else {
+            return Ok(());
+        };
+        let slots = snap.slots.get();
+        let header = {
+            let mut h = snap.header.borrow_mut();
+            match h.as_mut() {
+                Some(h) if h.sealed < slots && snap.broken.borrow().is_none() => {
+                    h.generation += 1;
+                    h.sealed = slots;
+                    h.clone()
+                }
+                _ => return Ok(()),
+            }
+        };
+        let mut buf = AlignedBuf::new(snapshot_file::HEADER_LEN);
+        header.encode(buf.as_mut_slice());
+        let (res, _) = file
+            .write_all_at(buf.slice(0..snapshot_file::HEADER_LEN), header.offset())
+            .await;
+        res?;
+        file.sync_data().await
     }
 
     /// Reads `[offset, offset + len)` of snapshot `snap`.
