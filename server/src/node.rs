@@ -155,6 +155,17 @@ struct SnapshotReplay {
     keeper: crate::engine::snapshot_file::ReplayKeeper,
 }
 
+impl SnapshotReplay {
+    /// For `cfg`'s volume; the snapshots are loaded when recovery begins.
+    fn new(cfg: &VolumeConfig) -> SnapshotReplay {
+        SnapshotReplay {
+            journal: cfg.journal.clone(),
+            volume: cfg.name.clone(),
+            keeper: crate::engine::snapshot_file::ReplayKeeper::new(Vec::new()),
+        }
+    }
+}
+
 impl ReplayTarget for MarkingReplay<'_> {
     fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         for b in &mut self.bitmaps {
@@ -249,11 +260,7 @@ pub fn prepare_volume(
         bitmaps: load_bitmaps(cfg, peers, store.size),
         changes: ReplayMarks::new(&cfg.journal, &cfg.name),
         closed_cleanly,
-        snapshots: SnapshotReplay {
-            journal: cfg.journal.clone(),
-            volume: cfg.name.clone(),
-            keeper: crate::engine::snapshot_file::ReplayKeeper::new(Vec::new()),
-        },
+        snapshots: SnapshotReplay::new(cfg),
     };
     let spec = JournalSpec {
         path: &cfg.journal,

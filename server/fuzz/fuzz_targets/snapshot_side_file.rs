@@ -12,10 +12,13 @@ use mirrorblk_server::engine::snapshot_file::{
 };
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 2 * HEADER_LEN {
+    if data.len() < HEADER_LEN {
         if let Ok(h) = Header::decode(data) {
-            panic!("a short buffer decoded: {h:?}");
+            panic!("a buffer shorter than a header decoded: {h:?}");
         }
+        return;
+    }
+    if data.len() < 2 * HEADER_LEN {
         return;
     }
     let (a, rest) = data.split_at(HEADER_LEN);
