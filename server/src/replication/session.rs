@@ -152,38 +152,63 @@ async fn serve(
         let sock = sock.clone();
         tokio_uring::spawn(async move { write_frames(sock, rx).await })
     };
-    let acker = tokio_uring::spawn(ack_loop(
-        engine.clone(),
-        session.tx.clone(),
-        session.received.clone(),
-        session.bump.clone(),
-        session.resync.clone(),
-        AckFlags {
-            receipt: hello.receipt_acks,
-            written: hello.flush_barriers,
-        },
-        ctx.heartbeat_timeout / 3,
-    ));
-    let syncer = tokio_uring::spawn(resync_syncer(
-        engine.clone(),
-        session.bump.clone(),
-        session.resync.clone(),
-    ));
-    let journal_syncer = tokio_uring::spawn(journal_syncer(
-        engine.clone(),
-        session.barrier.clone(),
-        session.barrier_work.clone(),
-        !hello.flush_barriers,
-    ));
+    let tasks = SessionTasks::spawn(&session, hello, ctx);
     let result = session.receive(sock).await;
     peer_event(engine, hello, Some(&result));
-    acker.abort();
-    syncer.abort();
-    journal_syncer.abort();
+    tasks.abort();
     drop(session);
     let _ = writer.await;
     drop(claim);
     result
+}
+
+/// The tasks that serve a session beside its receive loop: ACKs, resync
+/// durability, and journal syncs (barriers, or every write for a per-write
+/// primary).
+struct SessionTasks {
+    acker: tokio::task::JoinHandle<()>,
+    syncer: tokio::task::JoinHandle<()>,
+    journal_syncer: tokio::task::JoinHandle<()>,
+}
+
+impl SessionTasks {
+    fn spawn(session: &ReplicaSession, hello: &Hello, ctx: &SessionContext) -> SessionTasks {
+        let engine = &session.engine;
+        let acker = tokio_uring::spawn(ack_loop(
+            engine.clone(),
+            session.tx.clone(),
+            session.received.clone(),
+            session.bump.clone(),
+            session.resync.clone(),
+            AckFlags {
+                receipt: hello.receipt_acks,
+                written: hello.flush_barriers,
+            },
+            ctx.heartbeat_timeout / 3,
+        ));
+        let syncer = tokio_uring::spawn(resync_syncer(
+            engine.clone(),
+            session.bump.clone(),
+            session.resync.clone(),
+        ));
+        let journal_syncer = tokio_uring::spawn(journal_syncer(
+            engine.clone(),
+            session.barrier.clone(),
+            session.barrier_work.clone(),
+            !hello.flush_barriers,
+        ));
+        SessionTasks {
+            acker,
+            syncer,
+            journal_syncer,
+        }
+    }
+
+    fn abort(self) {
+        self.acker.abort();
+        self.syncer.abort();
+        self.journal_syncer.abort();
+    }
 }
 
 /// Records in the event log that the primary connected (`ended` None) or
