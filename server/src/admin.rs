@@ -281,53 +281,13 @@ fn handle(
 ) -> (Response, Option<mirrorblk_admin::Role>) {
     let mut volumes = Vec::new();
     for core in cores {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let q = crate::control::CoreQuery {
-            request: req.clone(),
-            reply: tx,
-        };
-        if core
-            .blocking_send(crate::control::CoreMsg::Admin(q))
-            .is_err()
-        {
-            let why = "a core has stopped; the node is shutting down";
-            return (Response::error(why), None);
-        }
-        let limit = match req {
-            Request::Resize { .. } => RESIZE_TIMEOUT,
-            _ => CORE_TIMEOUT,
-        };
-        match rx.recv_timeout(limit) {
-            Ok(Ok(mut v)) => volumes.append(&mut v),
-            Ok(Err(why)) => return (Response::error(why), None),
-            Err(_) => {
-                let why = format!(
-                    "a core did not answer within {} s; the node may be overloaded{}",
-                    limit.as_secs(),
-                    if limit == RESIZE_TIMEOUT {
-                        " (the resize goes on: mirrorblk status shows the size)"
-                    } else {
-                        ""
-                    }
-                );
-                return (Response::error(why), None);
-            }
+        match ask_core(core, &req) {
+            Ok(mut v) => volumes.append(&mut v),
+            Err(why) => return (Response::error(why), None),
         }
     }
     volumes.sort_by(|a, b| a.name.cmp(&b.name));
-    let restart = match req {
-        Request::Promote { .. } => Some(mirrorblk_admin::Role::Primary),
-        Request::Demote => Some(mirrorblk_admin::Role::Replica),
-        Request::Status
-        | Request::SetResyncRate { .. }
-        | Request::Verify { .. }
-        | Request::Resize { .. }
-        | Request::Restart { .. }
-        | Request::Changes { .. }
-        | Request::SnapshotCreate { .. }
-        | Request::SnapshotDelete { .. }
-        | Request::SnapshotList { .. } => None,
-    };
+    let restart = restart_role(&req);
     if let Some(why) = unknown_volume(&req, &volumes) {
         return (Response::error(why), None);
     }
@@ -346,6 +306,58 @@ fn handle(
         snapshots: None,
     };
     (resp, restart)
+}
+
+/// Carries out `req` on one core: the volumes it serves, as the request
+/// left them, or why not.
+fn ask_core(
+    core: &mpsc::Sender<crate::control::CoreMsg>,
+    req: &Request,
+) -> Result<Vec<VolumeStatus>, String> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let q = crate::control::CoreQuery {
+        request: req.clone(),
+        reply: tx,
+    };
+    if core
+        .blocking_send(crate::control::CoreMsg::Admin(q))
+        .is_err()
+    {
+        return Err("a core has stopped; the node is shutting down".to_string());
+    }
+    let limit = match req {
+        Request::Resize { .. } => RESIZE_TIMEOUT,
+        _ => CORE_TIMEOUT,
+    };
+    match rx.recv_timeout(limit) {
+        Ok(answer) => answer,
+        Err(_) => Err(format!(
+            "a core did not answer within {} s; the node may be overloaded{}",
+            limit.as_secs(),
+            if limit == RESIZE_TIMEOUT {
+                " (the resize goes on: mirrorblk status shows the size)"
+            } else {
+                ""
+            }
+        )),
+    }
+}
+
+/// The role the node restarts with once it has answered `req`.
+fn restart_role(req: &Request) -> Option<mirrorblk_admin::Role> {
+    match req {
+        Request::Promote { .. } => Some(mirrorblk_admin::Role::Primary),
+        Request::Demote => Some(mirrorblk_admin::Role::Replica),
+        Request::Status
+        | Request::SetResyncRate { .. }
+        | Request::Verify { .. }
+        | Request::Resize { .. }
+        | Request::Restart { .. }
+        | Request::Changes { .. }
+        | Request::SnapshotCreate { .. }
+        | Request::SnapshotDelete { .. }
+        | Request::SnapshotList { .. } => None,
+    }
 }
 
 /// Asks every core what changed in `volume` after LSN `since`; the core

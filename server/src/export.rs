@@ -317,16 +317,22 @@ pub async fn serve(
         };
     }
     client_event(&conn, Some(&end));
-    match &end {
+    log_end(&conn, &end);
+    finish_inflight(conn, writer).await;
+    sock.shutdown();
+    open.decrement(1.0);
+    None
+}
+
+/// Logs why a connection ends: a client's own goodbye quietly, anything
+/// else as a warning.
+fn log_end(conn: &Conn, end: &End) {
+    match end {
         End::Eof | End::Disc => tracing::debug!(peer = %conn.peer, "connection closed: {end}"),
         _ => {
             tracing::warn!(peer = %conn.peer, export = %conn.vol.info().name, "closing connection: {end}")
         }
     }
-    finish_inflight(conn, writer).await;
-    sock.shutdown();
-    open.decrement(1.0);
-    None
 }
 
 /// Lets in-flight requests finish and their replies go out.

@@ -305,19 +305,9 @@ pub async fn negotiate(
             }
             Status::InProgress => {}
             Status::StartTls => {
-                // The machine offers STARTTLS only when `tls` is set.
-                let Some(t) = tls else { return Ok(None) };
-                if !buf.is_empty() {
-                    // Clear text sent after STARTTLS before its answer
-                    // could be injected; the spec forbids sending it.
-                    tracing::info!(
-                        "client sent data after NBD_OPT_STARTTLS before the TLS handshake; closing"
-                    );
+                if !start_tls(s, tls, &buf).await? {
                     return Ok(None);
                 }
-                s.start_tls(t.config.clone())
-                    .await
-                    .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
                 hs.tls_established();
                 ticket.progress();
                 continue;
@@ -347,6 +337,27 @@ pub async fn negotiate(
             ));
         }
     }
+}
+
+/// Upgrades `s` to TLS after the client's NBD_OPT_STARTTLS was answered.
+/// False when the connection must close instead: no TLS configured (the
+/// handshake offers STARTTLS only with it), or the client sent clear text
+/// after STARTTLS before the TLS handshake, which could be injected (the
+/// spec forbids sending it).
+async fn start_tls(
+    s: &mut NegotiationStream,
+    tls: Option<&NbdTls>,
+    buffered: &[u8],
+) -> Result<bool, HandshakeFailure> {
+    let Some(t) = tls else { return Ok(false) };
+    if !buffered.is_empty() {
+        tracing::info!("client sent data after NBD_OPT_STARTTLS before the TLS handshake; closing");
+        return Ok(false);
+    }
+    s.start_tls(t.config.clone())
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
+    Ok(true)
 }
 
 /// Negotiates with one client under the pool's deadline, then routes it to

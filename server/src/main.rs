@@ -52,16 +52,13 @@ fn main() -> ExitCode {
     };
     let reload_log = init_logging(&cfg.log_level, cli.log_format);
     raise_fd_limit(&cfg);
-    // Block the stop signals in every thread (threads inherit the mask), so
-    // the main thread alone receives them with sigwait.
-    let mut stop = SigSet::empty();
-    stop.add(Signal::SIGINT);
-    stop.add(Signal::SIGTERM);
-    stop.add(Signal::SIGHUP);
-    if let Err(e) = stop.thread_block() {
-        eprintln!("mirrorblkd: cannot block signals: {e}");
-        return ExitCode::from(1);
-    }
+    let stop = match block_stop_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mirrorblkd: cannot block signals: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let predecessor = match take_over_channel() {
         Ok(p) => p,
         Err(code) => return code,
@@ -111,6 +108,17 @@ fn main() -> ExitCode {
         );
         ExitCode::from(1)
     }
+}
+
+/// Blocks the stop signals in this thread before any other starts (threads
+/// inherit the mask), so the main thread alone receives them with sigwait.
+fn block_stop_signals() -> nix::Result<SigSet> {
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGINT);
+    stop.add(Signal::SIGTERM);
+    stop.add(Signal::SIGHUP);
+    stop.thread_block()?;
+    Ok(stop)
 }
 
 /// Descriptors the daemon holds besides its client connections: volumes,

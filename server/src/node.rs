@@ -701,43 +701,17 @@ pub fn start_with(
     let startup = coordinated_start(cfg, &fence, live_lease)?;
     let clean = inherited.as_ref().is_some_and(|i| i.state.closed_cleanly);
     let prepared = prepare_volumes(cfg, startup.map(|s| s.role).or(cfg.role), clean)?;
-    if let Some(addr) = cfg.metrics_listen {
-        let l = match inherited_listener(&mut inherited, ListenerKind::Metrics) {
-            Some(fd) => TcpListener::from(fd),
-            None => crate::telemetry::bind(addr)?,
-        };
-        keep(&mut kept, ListenerKind::Metrics, l.as_fd())?;
-        crate::telemetry::install(l, addr)?;
-        tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
-    }
+    serve_metrics(cfg, &mut inherited, &mut kept)?;
     let listen = tcp.local_addr().map_err(|e| StartError::Bind {
         addr: cfg.listen.to_string(),
         source: e,
         hint: "",
     })?;
-    let unix = match inherited_listener(&mut inherited, ListenerKind::NbdUnix) {
-        Some(fd) => Some(UnixListener::from(fd)),
-        None => cfg.unix.as_ref().map(bind_unix).transpose()?,
-    };
-    if let Some(u) = &unix {
-        keep(&mut kept, ListenerKind::NbdUnix, u.as_fd())?;
-    }
+    let unix = unix_listener(cfg, &mut inherited, &mut kept)?;
     let catalog = primary_catalog(&prepared);
     let cores = spawn_cores(cfg, prepared, &fence, &catalog.snapshots)?;
     let accept_stop = Arc::new(AtomicBool::new(false));
-    let ctx: &'static AcceptContext = Box::leak(Box::new(AcceptContext {
-        catalog,
-        routes: cores.routes.clone(),
-        conns: Arc::new(AtomicUsize::new(0)),
-        max_connections: cfg.max_connections,
-        handshake: cfg.handshake,
-        handshaking: Arc::new(AtomicUsize::new(0)),
-        stop: accept_stop.clone(),
-        tls: cfg.tls.as_ref().map(|t| crate::listener::NbdTls {
-            policy: t.policy,
-            config: t.material.nbd.clone(),
-        }),
-    }));
+    let ctx = accept_context(cfg, catalog, &cores.routes, &accept_stop);
     let mut acceptors = Vec::new();
     let repl = inherited_listener(&mut inherited, ListenerKind::Replication);
     let replication_listen = accept_replication(
@@ -763,13 +737,7 @@ pub fn start_with(
     if let Some(inh) = inherited {
         take_over_conns(ctx, inh);
     }
-    tracing::info!(
-        "serving NBD on {listen}{}",
-        cfg.unix
-            .as_ref()
-            .map(|p| format!(" and {}", p.display()))
-            .unwrap_or_default()
-    );
+    log_serving(cfg, listen);
     readiness.serving(crate::admin::Listening {
         nbd: listen,
         unix: cfg.unix.clone(),
@@ -789,6 +757,76 @@ pub fn start_with(
         heartbeats: cores.heartbeats,
         core_senders: cores.senders,
     })
+}
+
+/// Binds (or takes over) the Prometheus listener and serves metrics on it,
+/// when configured.
+fn serve_metrics(
+    cfg: &Config,
+    inherited: &mut Option<Inherited>,
+    kept: &mut Vec<(ListenerKind, OwnedFd)>,
+) -> Result<(), StartError> {
+    let Some(addr) = cfg.metrics_listen else {
+        return Ok(());
+    };
+    let l = match inherited_listener(inherited, ListenerKind::Metrics) {
+        Some(fd) => TcpListener::from(fd),
+        None => crate::telemetry::bind(addr)?,
+    };
+    keep(kept, ListenerKind::Metrics, l.as_fd())?;
+    crate::telemetry::install(l, addr)?;
+    tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
+    Ok(())
+}
+
+/// The NBD Unix-socket listener, bound or taken over, when configured.
+fn unix_listener(
+    cfg: &Config,
+    inherited: &mut Option<Inherited>,
+    kept: &mut Vec<(ListenerKind, OwnedFd)>,
+) -> Result<Option<UnixListener>, StartError> {
+    let unix = match inherited_listener(inherited, ListenerKind::NbdUnix) {
+        Some(fd) => Some(UnixListener::from(fd)),
+        None => cfg.unix.as_ref().map(bind_unix).transpose()?,
+    };
+    if let Some(u) = &unix {
+        keep(kept, ListenerKind::NbdUnix, u.as_fd())?;
+    }
+    Ok(unix)
+}
+
+/// What every acceptor and connection shares; it lives as long as the
+/// process (acceptor threads are detached and may outlive `RunningNode`).
+fn accept_context(
+    cfg: &Config,
+    catalog: Catalog,
+    routes: &Routes,
+    stop: &Arc<AtomicBool>,
+) -> &'static AcceptContext {
+    Box::leak(Box::new(AcceptContext {
+        catalog,
+        routes: routes.clone(),
+        conns: Arc::new(AtomicUsize::new(0)),
+        max_connections: cfg.max_connections,
+        handshake: cfg.handshake,
+        handshaking: Arc::new(AtomicUsize::new(0)),
+        stop: stop.clone(),
+        tls: cfg.tls.as_ref().map(|t| crate::listener::NbdTls {
+            policy: t.policy,
+            config: t.material.nbd.clone(),
+        }),
+    }))
+}
+
+/// Logs where NBD is served.
+fn log_serving(cfg: &Config, listen: SocketAddr) {
+    tracing::info!(
+        "serving NBD on {listen}{}",
+        cfg.unix
+            .as_ref()
+            .map(|p| format!(" and {}", p.display()))
+            .unwrap_or_default()
+    );
 }
 
 /// Opens the event log and records this start in it.

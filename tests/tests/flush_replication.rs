@@ -109,6 +109,26 @@ fn add(totals: &mut CycleStats, st: &CycleStats, round: usize) {
     totals.flushes += st.flushes;
 }
 
+/// Runs [`ROUNDS`] kill rounds of `test` within [`BUDGET`], each on fresh
+/// nodes made by `round` (given the round number and a random source; it
+/// returns what its writer saw), and checks that together they covered
+/// enough writes with a FLUSH or FUA to prove anything.
+fn kill_rounds(test: &str, mut round: impl FnMut(usize, &mut Rng) -> CycleStats) {
+    let mut rng = Rng::from_env_or_time(test);
+    let started = Instant::now();
+    let mut totals = CycleStats::default();
+    for n in 0..ROUNDS {
+        assert!(started.elapsed() < BUDGET, "{test}: over {BUDGET:?}");
+        let st = round(n, &mut rng);
+        add(&mut totals, &st, n);
+    }
+    eprintln!("{test}: {totals:?}");
+    assert!(
+        totals.made_durable >= 100,
+        "too few FLUSH- or FUA-covered writes to prove anything: {totals:?}"
+    );
+}
+
 /// (a) Writes with FLUSH and FUA to a primary with one replica in sync
 /// mode, both `--durability flush`; the primary is killed with -9 at a
 /// random moment and the replica promoted: every write a FLUSH or FUA
@@ -116,11 +136,7 @@ fn add(totals: &mut CycleStats, st: &CycleStats, round: usize) {
 #[test]
 fn flushed_writes_survive_kill_9_of_the_primary_and_promotion() {
     let test = "flushed_writes_survive_kill_9_of_the_primary_and_promotion";
-    let mut rng = Rng::from_env_or_time(test);
-    let started = Instant::now();
-    let mut totals = CycleStats::default();
-    for round in 0..ROUNDS {
-        assert!(started.elapsed() < BUDGET, "{test}: over {BUDGET:?}");
+    kill_rounds(test, |round, rng| {
         let dir = TestDir::new();
         let (mut p, mut r, proxy) = pair_behind_proxy(&dir);
         let mut model = Model::new();
@@ -136,15 +152,10 @@ fn flushed_writes_survive_kill_9_of_the_primary_and_promotion() {
             p.daemon.kill9();
             w.join().expect("writer thread panicked")
         });
-        add(&mut totals, &st, round);
         eprintln!("round {round}: primary killed after {delay:?}: {st:?}");
         promote_and_verify(&mut r, &model, &format!("round {round}"));
-    }
-    eprintln!("{test}: {totals:?}");
-    assert!(
-        totals.made_durable >= 100,
-        "too few FLUSH- or FUA-covered writes to prove anything: {totals:?}"
-    );
+        st
+    });
 }
 
 /// (b) The replica is killed with -9 under the same writes, restarted
@@ -154,11 +165,7 @@ fn flushed_writes_survive_kill_9_of_the_primary_and_promotion() {
 #[test]
 fn a_replica_killed_with_9_catches_up_and_keeps_every_flushed_write() {
     let test = "a_replica_killed_with_9_catches_up_and_keeps_every_flushed_write";
-    let mut rng = Rng::from_env_or_time(test);
-    let started = Instant::now();
-    let mut totals = CycleStats::default();
-    for round in 0..ROUNDS {
-        assert!(started.elapsed() < BUDGET, "{test}: over {BUDGET:?}");
+    kill_rounds(test, |round, rng| {
         let dir = TestDir::new();
         let (mut p, mut r) = pair(&dir);
         let mut model = Model::new();
@@ -179,15 +186,10 @@ fn a_replica_killed_with_9_catches_up_and_keeps_every_flushed_write() {
             p.daemon.kill9();
             w.join().expect("writer thread panicked")
         });
-        add(&mut totals, &st, round);
         eprintln!("round {round}: replica killed after {delay:?}: {st:?}");
         promote_and_verify(&mut r, &model, &format!("round {round}"));
-    }
-    eprintln!("{test}: {totals:?}");
-    assert!(
-        totals.made_durable >= 100,
-        "too few FLUSH- or FUA-covered writes to prove anything: {totals:?}"
-    );
+        st
+    });
 }
 
 /// (c) What the replica *reports* as durable is what its journal *has*
