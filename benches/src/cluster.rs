@@ -76,6 +76,9 @@ pub struct Replication {
     pub delay_ms: Option<u64>,
     /// The delaying proxy (`delay-proxy`), for cross-site targets.
     pub delay_proxy: PathBuf,
+    /// Every node runs `--durability flush` (NBD's contract): a write is
+    /// acknowledged once the disks have it, durable at FLUSH or FUA.
+    pub durability_flush: bool,
 }
 
 impl Replication {
@@ -102,6 +105,16 @@ impl Replication {
             self.mode.as_str(),
             mode_durability(self.mode)
         );
+        if self.durability_flush {
+            d = format!(
+                "{} replica(s) on loopback, mode {}, every node --durability flush (NBD's \
+                 contract): a write acknowledged once the primary's journal and every in-sync \
+                 replica's journal have it written (not synced); a FLUSH or FUA write completes \
+                 once all of them have synced everything acknowledged before it",
+                self.peers,
+                self.mode.as_str()
+            );
+        }
         if self.down > 0 {
             d = format!(
                 "{} configured replica(s), {} of them not running (on-replica-loss degrade), \
@@ -132,7 +145,14 @@ impl Replication {
 
 /// The flags of a replica node `node` on `vol`: `{repl_port}` is replaced by
 /// the replication port when it starts (chosen free, retried if lost).
-pub fn replica_args(node: &str, vol: &Volume, admin: &Path, secret: &Path) -> Vec<String> {
+/// `extra` is appended (the durability flag the primary runs with too).
+pub fn replica_args(
+    node: &str,
+    vol: &Volume,
+    admin: &Path,
+    secret: &Path,
+    extra: &[String],
+) -> Vec<String> {
     let spec = NodeSpec {
         name: node.into(),
         export: "vol0".into(),
@@ -144,9 +164,20 @@ pub fn replica_args(node: &str, vol: &Volume, admin: &Path, secret: &Path) -> Ve
         role: Some(Role::Replica),
         replication_listen: Some("127.0.0.1:{repl_port}".into()),
         secret: Some(secret.to_path_buf()),
+        extra: extra.iter().map(Into::into).collect(),
         ..NodeSpec::default()
     };
     strings(spec.args())
+}
+
+/// The durability flags every node of `r` runs with (none: the default,
+/// durable per write).
+pub fn durability_args(r: &Replication) -> Vec<String> {
+    if r.durability_flush {
+        vec!["--durability".into(), "flush".into()]
+    } else {
+        Vec::new()
+    }
 }
 
 /// The flags that make a single-volume mirrorblkd the primary of `peers`
@@ -332,7 +363,7 @@ pub fn start(
         let addr = if r.runs(i) {
             let rvol = Volume::create(dir, &name, vol.size)?;
             let admin = dir.join(format!("{name}.admin"));
-            let args = replica_args(&name, &rvol, &admin, &secret);
+            let args = replica_args(&name, &rvol, &admin, &secret, &durability_args(r));
             // Ready once its admin socket reports its listeners (the
             // replication one included); no probe connection to its NBD port.
             let mode = PortMode::Admin {
@@ -382,6 +413,7 @@ pub fn start(
     // The single-volume command line gives the primary its admin socket.
     let admin = vol.admin_socket();
     let mut args = base_args.to_vec();
+    args.extend(durability_args(r));
     args.extend(primary_args(&peers, &secret, r.mode));
     let mode = PortMode::Admin {
         socket: admin.display().to_string(),
@@ -415,6 +447,7 @@ mod tests {
             &vol(),
             Path::new("/d/n2.admin"),
             Path::new("/d/secret"),
+            &[],
         );
         let line = process::shell_line(Path::new("mirrorblkd"), &a);
         assert_eq!(
@@ -423,6 +456,25 @@ mod tests {
              --size 1073741824 --listen 127.0.0.1:0 --admin-socket /d/n2.admin --role replica \
              --replication-listen '127.0.0.1:{repl_port}' --secret-file /d/secret"
         );
+    }
+
+    #[test]
+    fn nbd_contract_runs_every_node_with_durability_flush() {
+        let mut r = Replication {
+            peers: 1,
+            down: 0,
+            mode: Mode::Sync,
+            delay_ms: None,
+            delay_proxy: "delay-proxy".into(),
+            durability_flush: false,
+        };
+        assert!(durability_args(&r).is_empty());
+        r.durability_flush = true;
+        let flags = durability_args(&r);
+        assert_eq!(flags, ["--durability", "flush"]);
+        let a = replica_args("n2", &vol(), Path::new("/a"), Path::new("/s"), &flags);
+        assert!(a.ends_with(&flags), "{a:?}");
+        assert!(r.durability().contains("--durability flush"));
     }
 
     #[test]
@@ -451,6 +503,7 @@ mod tests {
             mode: Mode::Sync,
             delay_ms: None,
             delay_proxy: "delay-proxy".into(),
+            durability_flush: false,
         };
         assert_eq!(r.replica_names(), vec!["n2", "n3"]);
         assert!(r.runs(0) && !r.runs(1));

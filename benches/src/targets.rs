@@ -334,8 +334,10 @@ pub fn qsd_mirror() -> Target {
 /// The replicated targets, in table order: their peer `qsd-mirror` (see
 /// [`qsd_mirror`]), then mirrorblkd with 1 and 2 replicas on
 /// loopback in each mode; one configured replica that is not running (mode
-/// sync, the default on-replica-loss degrade); and 1 replica behind a proxy
-/// delaying `delay_ms` each way in each mode. They run only the write jobs
+/// sync, the default on-replica-loss degrade); 1 replica behind a proxy
+/// delaying `delay_ms` each way in each mode; and 1 and 2 replicas in mode
+/// sync with every node in `--durability flush` (NBD's contract,
+/// replicated). They run only the write jobs
 /// and are not in the default run (`--replicated` adds them).
 pub fn replicated(mirrorblkd: &Path, delay_ms: u64) -> Vec<Target> {
     let dir = mirrorblkd.parent().unwrap_or(Path::new("."));
@@ -345,6 +347,7 @@ pub fn replicated(mirrorblkd: &Path, delay_ms: u64) -> Vec<Target> {
         mode,
         delay_ms,
         delay_proxy: dir.join("delay-proxy"),
+        durability_flush: false,
     };
     let mut specs = Vec::new();
     for peers in [1, 2] {
@@ -364,6 +367,13 @@ pub fn replicated(mirrorblkd: &Path, delay_ms: u64) -> Vec<Target> {
             format!("mirrorblk-r1-{}-{delay_ms}ms", mode.as_str()),
             repl(1, 0, mode, Some(delay_ms)),
         ));
+    }
+    // NBD's contract, replicated: every node in durability flush, mode
+    // sync (a FLUSH or FUA waits for the replicas' syncs).
+    for peers in [1, 2] {
+        let mut r = repl(peers, 0, cluster::Mode::Sync, None);
+        r.durability_flush = true;
+        specs.push((format!("mirrorblk-flush-r{peers}-sync"), r));
     }
     let mirrorblk = specs.into_iter().map(|(name, r)| {
         let mut t = mirrorblk_variant(&name, mirrorblkd, &[], &r.durability());
@@ -580,6 +590,8 @@ mod tests {
                 "mirrorblk-r1-sync-5ms",
                 "mirrorblk-r1-flush-5ms",
                 "mirrorblk-r1-async-5ms",
+                "mirrorblk-flush-r1-sync",
+                "mirrorblk-flush-r2-sync",
             ]
         );
         for t in &all {
@@ -602,9 +614,9 @@ mod tests {
     fn baseline_targets_run_the_other_build_under_their_own_names() {
         let all = baseline(Path::new("/old/mirrorblkd"), Path::new("/b/mirrorblkd"), 5);
         let names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
-        assert_eq!(names.len(), 12);
-        assert_eq!(names[11], "mirrorblk-base-flush");
-        assert_eq!(all[11].class, Class::NbdContract);
+        assert_eq!(names.len(), 14);
+        assert_eq!(names[13], "mirrorblk-base-flush");
+        assert_eq!(all[13].class, Class::NbdContract);
         assert_eq!(
             names[..3],
             [

@@ -65,9 +65,10 @@ struct Cli {
     targets: Option<Vec<String>>,
     /// Also run the replicated targets: mirrorblk with 1 and 2 replicas in
     /// each mode, one replica down, one replica behind a delaying proxy in
-    /// each mode, and their peer qsd-mirror (qemu-storage-daemon's
+    /// each mode, 1 and 2 replicas with every node in --durability flush
+    /// (NBD's contract), and their peer qsd-mirror (qemu-storage-daemon's
     /// write-blocking active mirror to a second qemu-storage-daemon); write
-    /// jobs only: about 19 more minutes with the defaults. They can also be
+    /// jobs only: about 23 more minutes with the defaults. They can also be
     /// named in --targets.
     #[arg(long)]
     replicated: bool,
