@@ -14,7 +14,9 @@ use crate::consts;
 use crate::error::{ErrorCode, ProtocolError};
 use crate::handshake::ExportInfo;
 use crate::reply::{Extent, ExtentExt};
-use crate::request::{Command, CommandFlags, Request, REQUEST_HEADER_LEN};
+use crate::request::{
+    Command, CommandFlags, Request, EXTENDED_REQUEST_HEADER_LEN, REQUEST_HEADER_LEN,
+};
 
 /// Largest option reply payload the client accepts. Server replies carry at
 /// most a couple of 4096-byte strings, so anything bigger is a broken server.
@@ -1007,9 +1009,28 @@ pub struct Client<S: Read + Write> {
     next_cookie: u64,
     in_flight: HashMap<u64, InFlight>,
     /// Structured replies still missing their `DONE` chunk.
-    partial: HashMap<u64, Response>,
+    partial: HashMap<u64, Partial>,
     /// Complete responses read while waiting for a different cookie.
     ready: VecDeque<Response>,
+    /// READ buffers handed back by [`Client::recycle`], for the next READs.
+    spare: Vec<Vec<u8>>,
+}
+
+/// Most buffers [`Client::recycle`] keeps.
+const MAX_SPARE_BUFFERS: usize = 8;
+/// Largest buffer [`Client::recycle`] keeps (a backup reads 4 MiB pieces).
+const MAX_SPARE_BYTES: usize = 32 << 20;
+
+/// A structured reply being assembled.
+#[derive(Debug)]
+struct Partial {
+    resp: Response,
+    /// READ bytes the content chunks so far described (data or hole): a
+    /// successful READ must describe each byte once (the spec forbids
+    /// overlapping chunks), so at `DONE` this must equal the length. The
+    /// buffer may be a recycled one, so a byte no chunk described would
+    /// hold an older read's data, never returned.
+    covered: u64,
 }
 
 impl<S: Read + Write> std::fmt::Debug for Client<S> {
@@ -1044,6 +1065,31 @@ impl<S: Read + Write> Client<S> {
             in_flight: HashMap::new(),
             partial: HashMap::new(),
             ready: VecDeque::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Hands a READ response's buffer back for reuse by later READs, so a
+    /// stream of large reads neither allocates nor zeroes memory per read.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        let cap = buf.capacity();
+        if self.spare.len() < MAX_SPARE_BUFFERS && cap > 0 && cap <= MAX_SPARE_BYTES {
+            self.spare.push(buf);
+        }
+    }
+
+    /// A buffer of `len` bytes for a READ's data: a recycled one when one is
+    /// large enough (its bytes are stale until the reply overwrites them
+    /// all), else a fresh zeroed one.
+    fn read_buffer(&mut self, len: u64) -> Vec<u8> {
+        let len = usize::try_from(len).unwrap_or(0);
+        match self.spare.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let mut b = self.spare.swap_remove(i);
+                b.resize(len, 0);
+                b
+            }
+            None => vec![0u8; len],
         }
     }
 
@@ -1133,14 +1179,24 @@ impl<S: Read + Write> Client<S> {
     /// it has no reply.
     pub fn submit(&mut self, req: &Request, payload: Option<&[u8]>) -> io::Result<()> {
         let payload = payload.unwrap_or(&[]);
-        let mut buf = Vec::with_capacity(32usize.saturating_add(payload.len()));
-        if self.extended {
-            buf.extend_from_slice(&req.encode_extended());
+        let mut header = [0u8; EXTENDED_REQUEST_HEADER_LEN];
+        let n = if self.extended {
+            header = req.encode_extended();
+            EXTENDED_REQUEST_HEADER_LEN
         } else {
-            buf.extend_from_slice(&encode_request(req));
+            header[..REQUEST_HEADER_LEN].copy_from_slice(&encode_request(req));
+            REQUEST_HEADER_LEN
+        };
+        if payload.len() < COPY_PAYLOAD_BELOW {
+            // One send for header and payload.
+            let mut buf = Vec::with_capacity(n + payload.len());
+            buf.extend_from_slice(&header[..n]);
+            buf.extend_from_slice(payload);
+            self.stream.write_all(&buf)?;
+        } else {
+            // Large: send it from where it is instead of copying it.
+            write_all_vectored(&mut self.stream, &header[..n], payload)?;
         }
-        buf.extend_from_slice(payload);
-        self.stream.write_all(&buf)?;
         self.stream.flush()?;
         if req.command != Command::Disc {
             self.in_flight.insert(
@@ -1335,7 +1391,7 @@ impl<S: Read + Write> Client<S> {
         }
         let mut data = Vec::new();
         if req.command == Command::Read && h.error == 0 {
-            data = vec![0u8; usize::try_from(req.length).unwrap_or(0)];
+            data = self.read_buffer(req.length);
             self.stream.read_exact(&mut data)?;
         }
         Ok(Response {
@@ -1394,28 +1450,95 @@ impl<S: Read + Write> Client<S> {
         h: ChunkHeader,
         req: InFlight,
     ) -> Result<Option<Response>, ClientError> {
-        let mut payload = vec![0u8; usize::try_from(h.length).unwrap_or(0)];
-        self.stream.read_exact(&mut payload)?;
-
-        let base_allocation = self.base_allocation;
-        let resp = self
-            .partial
-            .entry(h.cookie)
-            .or_insert_with(|| empty_response(h.cookie, &req));
-        apply_chunk(&h, &payload, &req, base_allocation, resp)?;
+        if !self.partial.contains_key(&h.cookie) {
+            let data = match req.command {
+                Command::Read => self.read_buffer(req.length),
+                _ => Vec::new(),
+            };
+            let resp = Response {
+                cookie: h.cookie,
+                error: None,
+                data,
+                extents: Vec::new(),
+            };
+            self.partial.insert(h.cookie, Partial { resp, covered: 0 });
+        }
+        if h.chunk_type == consts::REPLY_TYPE_OFFSET_DATA && req.command == Command::Read {
+            self.read_data_chunk(&h, &req)?;
+        } else {
+            let mut payload = vec![0u8; usize::try_from(h.length).unwrap_or(0)];
+            self.stream.read_exact(&mut payload)?;
+            let base_allocation = self.base_allocation;
+            let part = self.partial.get_mut(&h.cookie).expect("inserted above");
+            part.covered += apply_chunk(&h, &payload, &req, base_allocation, &mut part.resp)?;
+        }
         if !h.is_done() {
             return Ok(None);
         }
         self.in_flight.remove(&h.cookie);
-        let mut done = self.partial.remove(&h.cookie);
-        if let Some(r) = done.as_mut() {
-            if r.error.is_some() {
-                // Data of a failed read must not be trusted.
-                r.data.clear();
-            }
+        let Some(Partial { mut resp, covered }) = self.partial.remove(&h.cookie) else {
+            return Ok(None);
+        };
+        if resp.error.is_some() {
+            // Data of a failed read must not be trusted.
+            resp.data.clear();
+        } else if req.command == Command::Read && covered != req.length {
+            return Err(ProtocolError::MalformedReply(
+                "READ reply did not describe every byte exactly once",
+            )
+            .into());
         }
-        Ok(done)
+        Ok(Some(resp))
     }
+
+    /// Reads an `OFFSET_DATA` chunk of a READ straight into its response's
+    /// buffer (no intermediate copy: a backup reads gigabytes this way).
+    fn read_data_chunk(&mut self, h: &ChunkHeader, req: &InFlight) -> Result<(), ClientError> {
+        let mut at = [0u8; 8];
+        let len = u64::from(h.length)
+            .checked_sub(8)
+            .filter(|n| *n > 0)
+            .ok_or(ProtocolError::MalformedReply(
+                "OFFSET_DATA chunk without data",
+            ))?;
+        self.stream.read_exact(&mut at)?;
+        let (start, end) = content_range(req, u64::from_be_bytes(at), len)?;
+        let part = self
+            .partial
+            .get_mut(&h.cookie)
+            .expect("created by finish_chunk");
+        let dst = part
+            .resp
+            .data
+            .get_mut(start..end)
+            .ok_or(ProtocolError::MalformedReply(
+                "content chunk past the request",
+            ))?;
+        self.stream.read_exact(dst)?;
+        part.covered += len;
+        Ok(())
+    }
+}
+
+/// Payloads from this size on are sent with the request header in one
+/// vectored write rather than copied behind it.
+const COPY_PAYLOAD_BELOW: usize = 64 << 10;
+
+/// Writes `head` then `body` with vectored writes until both are sent.
+fn write_all_vectored<W: Write>(w: &mut W, head: &[u8], body: &[u8]) -> io::Result<()> {
+    let (mut head, mut body) = (head, body);
+    while !head.is_empty() || !body.is_empty() {
+        let n = match w.write_vectored(&[io::IoSlice::new(head), io::IoSlice::new(body)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let from_head = n.min(head.len());
+        head = &head[from_head..];
+        body = &body[n - from_head..];
+    }
+    Ok(())
 }
 
 /// Bounds a chunk's payload by what its request can legitimately produce.
@@ -1434,29 +1557,15 @@ fn check_chunk_length(h: &ChunkHeader, req: &InFlight) -> Result<(), ProtocolErr
     Ok(())
 }
 
-/// The response a request's first chunk starts: a READ's buffer is sized to
-/// the request, so content chunks can land anywhere in it.
-fn empty_response(cookie: u64, req: &InFlight) -> Response {
-    Response {
-        cookie,
-        error: None,
-        data: if req.command == Command::Read {
-            vec![0u8; usize::try_from(req.length).unwrap_or(0)]
-        } else {
-            Vec::new()
-        },
-        extents: Vec::new(),
-    }
-}
-
-/// Folds one structured chunk into the response it belongs to.
+/// Folds one structured chunk into the response it belongs to; returns
+/// how many READ bytes it described (data or hole).
 fn apply_chunk(
     h: &ChunkHeader,
     payload: &[u8],
     req: &InFlight,
     base_allocation: Option<u32>,
     resp: &mut Response,
-) -> Result<(), ProtocolError> {
+) -> Result<u64, ProtocolError> {
     let unexpected = || ProtocolError::UnexpectedChunk {
         chunk_type: h.chunk_type,
         command: req.command.code(),
@@ -1478,6 +1587,7 @@ fn apply_chunk(
             if let Some(dst) = resp.data.get_mut(start..end) {
                 dst.copy_from_slice(data);
             }
+            return Ok(data.len() as u64);
         }
         consts::REPLY_TYPE_OFFSET_HOLE => {
             if req.command != Command::Read {
@@ -1488,6 +1598,7 @@ fn apply_chunk(
             if let Some(dst) = resp.data.get_mut(start..end) {
                 dst.fill(0);
             }
+            return Ok(u64::from(len));
         }
         consts::REPLY_TYPE_BLOCK_STATUS => {
             if req.command != Command::BlockStatus {
@@ -1516,7 +1627,7 @@ fn apply_chunk(
         }
         _ => return Err(unexpected()),
     }
-    Ok(())
+    Ok(0)
 }
 
 /// Where a content chunk lands inside the response buffer, if it lies
@@ -1613,6 +1724,97 @@ mod tests {
             InfoReply::Unknown(9)
         );
         assert!(decode_info_reply(&[0, 0, 1]).is_err());
+    }
+
+    /// A stream that plays back a server's bytes and swallows the client's.
+    struct Scripted {
+        input: io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+    }
+
+    impl Read for Scripted {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Scripted {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A structured-reply client whose server will send `replies`.
+    fn scripted(replies: Vec<u8>) -> Client<Scripted> {
+        let stream = Scripted {
+            input: io::Cursor::new(replies),
+            output: Vec::new(),
+        };
+        let style = Style {
+            structured: true,
+            extended: false,
+        };
+        Client::new(stream, ExportInfo::new("x", 1 << 20), 0, style, None)
+    }
+
+    /// A READ at 0 answered by a data chunk and then a hole after it.
+    fn data_then_hole(cookie: u64, data: &[u8], hole: u32) -> Vec<u8> {
+        let mut b = reply::offset_data_header(cookie, 0, data.len() as u32, false).to_vec();
+        b.extend_from_slice(data);
+        b.extend_from_slice(&reply::offset_hole_chunk(
+            cookie,
+            data.len() as u64,
+            hole,
+            true,
+        ));
+        b
+    }
+
+    #[test]
+    fn a_recycled_buffer_never_shows_an_older_reads_bytes() {
+        // The first read fills the buffer with 0xAA; the second, into the
+        // same (recycled) buffer, is data then a hole: the hole reads zero.
+        let mut replies = reply::offset_data_header(1, 0, 8192, true).to_vec();
+        replies.extend_from_slice(&[0xAA; 8192]);
+        replies.extend_from_slice(&data_then_hole(2, &[0x55; 4096], 4096));
+        let mut c = scripted(replies);
+        let first = c.read(0, 8192).expect("first read");
+        assert_eq!(first, vec![0xAA; 8192]);
+        let ptr = first.as_ptr();
+        c.recycle(first);
+        let second = c.read(0, 8192).expect("second read");
+        assert_eq!(second.as_ptr(), ptr, "the recycled buffer is reused");
+        assert_eq!(&second[..4096], &[0x55; 4096][..]);
+        assert_eq!(&second[4096..], &[0u8; 4096][..], "the hole reads zero");
+    }
+
+    #[test]
+    fn a_read_reply_that_leaves_bytes_undescribed_is_refused() {
+        // Data for the first half only, then DONE: the second half was never
+        // described, and must not be returned as zeroes or stale bytes.
+        let mut replies = reply::offset_data_header(1, 0, 4096, false).to_vec();
+        replies.extend_from_slice(&[7; 4096]);
+        replies.extend_from_slice(&reply::none_chunk(1));
+        let mut c = scripted(replies);
+        let e = c.read(0, 8192).expect_err("a gap in the reply");
+        assert!(e.to_string().contains("every byte"), "{e}");
+    }
+
+    #[test]
+    fn a_large_write_is_sent_whole_without_a_copy() {
+        let mut c = scripted(reply::simple_reply(1, None).to_vec());
+        let payload: Vec<u8> = (0..(1u32 << 17)).map(|i| i as u8).collect();
+        c.write(4096, &payload, false).expect("write");
+        let sent = &c.get_ref().output;
+        assert_eq!(sent.len(), REQUEST_HEADER_LEN + payload.len());
+        assert_eq!(&sent[REQUEST_HEADER_LEN..], &payload[..]);
+        let req =
+            crate::request::decode_request(sent[..REQUEST_HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!((req.offset, req.length), (4096, payload.len() as u64));
     }
 
     #[test]

@@ -540,8 +540,14 @@ struct Acked {
 
 /// Writes 4 KiB blocks at pseudo-random places of the first `size` bytes
 /// (each block's content unique) until the server goes away or `limit`
-/// passes; what was acknowledged.
-fn crash_writer(mut c: nbd::Client<std::net::TcpStream>, size: u64, limit: Duration) -> Acked {
+/// passes; what was acknowledged. `count` follows the acknowledged writes
+/// as they come, for the test to pick its crash moment.
+fn crash_writer(
+    mut c: nbd::Client<std::net::TcpStream>,
+    size: u64,
+    limit: Duration,
+    count: &std::sync::atomic::AtomicU64,
+) -> Acked {
     let mut acked = Acked::default();
     let mut x = 0x9e37_79b9_7f4a_7c15_u64;
     let end = std::time::Instant::now() + limit;
@@ -564,6 +570,7 @@ fn crash_writer(mut c: nbd::Client<std::net::TcpStream>, size: u64, limit: Durat
         acked.blocks.insert(block, data);
         acked.in_flight = None;
         acked.count += 1;
+        count.store(acked.count, std::sync::atomic::Ordering::Relaxed);
     }
     acked
 }
@@ -590,10 +597,18 @@ fn a_snapshot_survives_kill_9_under_writes() {
     }
     for round in 0..2 {
         let client = d.connect("vol");
+        let count = std::sync::atomic::AtomicU64::new(0);
         let acked = std::thread::scope(|s| {
-            let w = s.spawn(|| crash_writer(client, size, Duration::from_secs(20)));
-            // The crash moment: while the writer is going.
-            std::thread::sleep(Duration::from_millis(700));
+            let w = s.spawn(|| crash_writer(client, size, Duration::from_secs(20), &count));
+            // The crash moment: while the writer is going, once it has had
+            // enough writes acknowledged to prove something (a loaded
+            // machine may take seconds for them), within a bound.
+            let since = std::time::Instant::now();
+            while count.load(std::sync::atomic::Ordering::Relaxed) < 150
+                && since.elapsed() < Duration::from_secs(15)
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             d.kill9();
             w.join().expect("writer")
         });

@@ -333,9 +333,14 @@ impl ExportReader {
             match self.pending.front() {
                 Some(&(offset, len, _)) if offset <= at => {
                     let piece = self.wait_oldest()?;
-                    if holds(offset, u64::from(len)) {
-                        self.current = piece;
-                    }
+                    // The piece let go of goes back to the client for a later
+                    // read: no allocation per piece.
+                    let done = if holds(offset, u64::from(len)) {
+                        std::mem::replace(&mut self.current, piece).1
+                    } else {
+                        piece.1
+                    };
+                    self.client.recycle(done);
                 }
                 _ => return Ok(false),
             }
