@@ -380,4 +380,6 @@ impl Engine {
 #[cfg(test)]
 mod flush_tests;
 #[cfg(test)]
+mod snapshot_tests;
+#[cfg(test)]
 mod tests;

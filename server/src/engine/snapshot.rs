@@ -932,14 +932,36 @@ impl Engine {
         p1: u64,
         buf: FixedBuf,
     ) -> Result<(FixedBuf, usize, usize), ErrorCode> {
+        let read_store = |buf: FixedBuf, at: u64, n: usize| self.store.read_into(buf, at, n);
+        self.snapshot_piece_via(snap, (p0, p1), buf, read_store)
+            .await
+    }
+
+    /// [`Engine::read_snapshot_piece`] with the data store read by
+    /// `read_store(buf, offset, len)`: a parameter so that a test can hold
+    /// the read while the applier keeps and overwrites a region, the
+    /// interleaving the order below exists for.
+    pub(super) async fn snapshot_piece_via<R, F>(
+        &self,
+        snap: &Snapshot,
+        (p0, p1): (u64, u64),
+        buf: FixedBuf,
+        read_store: R,
+    ) -> Result<(FixedBuf, usize, usize), ErrorCode>
+    where
+        R: FnOnce(FixedBuf, u64, usize) -> F,
+        F: std::future::Future<Output = (io::Result<()>, FixedBuf)>,
+    {
         let (a0, a1) = (align_down(p0), align_up(p1));
-        let (res, mut buf) = self.store.read_into(buf, a0, (a1 - a0) as usize).await;
+        let (res, mut buf) = read_store(buf, a0, (a1 - a0) as usize).await;
         res.map_err(|e| {
             tracing::error!(volume = %self.info.name, "snapshot read of the data store at {a0} failed: {e}");
             nbd_error(&e)
         })?;
         // Checked after the store read completed: a region not marked now
-        // was not being overwritten while it was read.
+        // was not being overwritten while it was read (a region is marked
+        // before its copy starts, and the store is overwritten only once
+        // it is saved).
         for r in a0 / REGION..a1.div_ceil(REGION) {
             let Some(slot) = self.wait_saved(snap, r).await? else {
                 continue;
