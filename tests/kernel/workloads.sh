@@ -392,6 +392,22 @@ param() {
     done
 }
 
+# With mb.snapshots=1: the host takes snapshots in the guest at the moments
+# it chooses, through qemu's host forward to 10.0.2.15:10810. Each
+# connection runs `mirrorblk snapshot create vol0 NAME --json` (NAME is the
+# line the host sends) against the daemon's admin socket and answers with
+# its output and a last line `rc=N`.
+snapshot_server() {
+    cat >/tmp/snapshot-create <<'SCRIPT'
+#!/bin/sh
+read -r name
+/usr/sbin/mirrorblk --admin-socket /tmp/admin.sock snapshot create vol0 "$name" --json 2>&1
+echo "rc=$?"
+SCRIPT
+    chmod +x /tmp/snapshot-create
+    nc -ll -p 10810 -e /tmp/snapshot-create >/dev/console 2>&1 &
+}
+
 workload_powercut() {
     [ -b /dev/vda ] || fail "disk: no /dev/vda (virtio_blk)"
     mkdir -p /pc
@@ -400,9 +416,14 @@ workload_powercut() {
     fi
     mount -t ext4 /dev/vda /pc 2>/tmp/mount.err || fail "mount: the file system the disk kept does not mount: $(cat /tmp/mount.err; dmesg | tail -5)"
     pass mount
-    # shellcheck disable=SC2046 # the host's arguments are words on purpose
+    admin=""
+    if [ "$(param snapshots)" = 1 ]; then
+        admin="--admin-socket /tmp/admin.sock"
+        snapshot_server
+    fi
+    # shellcheck disable=SC2046,SC2086 # the host's arguments are words on purpose
     /usr/sbin/mirrorblkd --export vol0 --data /pc/vol0.data --journal /pc/vol0.journal \
-        --size 16M --journal-size 16M --listen 0.0.0.0:10809 $(param daemon) \
+        --size 16M --journal-size 16M --listen 0.0.0.0:10809 $admin $(param daemon) \
         >/dev/console 2>&1 &
     pass daemon-started
     # The host cuts the power; this only bounds a run the host forgot.

@@ -207,111 +207,198 @@ pub fn writer_with(
     promise: Promise,
     mix: Mix,
 ) -> CycleStats {
-    let mut st = CycleStats::default();
-    let mut inflight: HashMap<u64, InFlight> = HashMap::new();
-    let mut acked_unflushed: Vec<Write> = Vec::new();
-    let mut busy = vec![false; BLOCKS as usize];
-    let mut flush_inflight = false;
     // Safety net only: the kill ends the connection long before this.
     let give_up = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < give_up {
-        while inflight.len() < DEPTH {
-            let cookie = c.next_cookie();
-            if !flush_inflight && rng.chance(1, mix.flush_one_in) {
-                let req = Request {
-                    flags: CommandFlags::empty(),
-                    command: Command::Flush,
-                    cookie,
-                    offset: 0,
-                    length: 0,
-                };
-                if c.submit(&req, None).is_err() {
-                    return st;
-                }
-                inflight.insert(
-                    cookie,
-                    InFlight::Flush(std::mem::take(&mut acked_unflushed)),
-                );
-                flush_inflight = true;
-                st.flushes += 1;
-                continue;
-            }
-            // Never two writes in flight on one block: their order would be
-            // undefined, and the model could not say which must win.
-            let count = rng.range(1, 4);
-            let Some(first) = (0..8)
-                .map(|_| rng.below(BLOCKS - count + 1))
-                .find(|&f| (f..f + count).all(|b| !busy[b as usize]))
-            else {
-                break;
-            };
-            let version = model.next_version;
-            model.next_version += 1;
-            let zero = rng.chance(1, 10);
-            let w = Write {
-                first,
-                count,
-                version,
-                fua: rng.chance(1, mix.fua_one_in),
-            };
-            // Allowed from the moment it may reach the server.
-            for b in first..first + count {
-                model.allowed[b as usize].push(version);
-                busy[b as usize] = true;
-            }
-            let flags = if w.fua {
-                CommandFlags::FUA
-            } else {
-                CommandFlags::empty()
-            };
-            let (command, payload) = if zero {
-                model.zero_versions.insert(version);
-                (Command::WriteZeroes, None)
-            } else {
-                let mut p = Vec::with_capacity(count as usize * BS);
-                for b in first..first + count {
-                    p.extend(block_content(b, version));
-                }
-                (Command::Write, Some(p))
-            };
-            let req = Request {
-                flags,
-                command,
-                cookie,
-                offset: first * BS as u64,
-                length: (count as usize * BS) as u64,
-            };
-            st.submitted += 1;
-            if c.submit(&req, payload.as_deref()).is_err() {
-                return st;
-            }
-            inflight.insert(cookie, InFlight::Write(w));
+    let mut p = Pipeline::new(promise, mix);
+    p.run(&mut c, model, rng, None, give_up);
+    p.st
+}
+
+/// Issues pipelined writes until `stop`, then waits for every reply: the
+/// model then says exactly what each block holds (with
+/// [`Promise::EveryReply`], no write left in doubt). Returns what happened;
+/// a connection that died shows as the "stopped early" server error.
+pub fn writer_until(
+    c: &mut Client<TcpStream>,
+    model: &mut Model,
+    rng: &mut Rng,
+    promise: Promise,
+    mix: Mix,
+    stop: Instant,
+) -> CycleStats {
+    let give_up = stop + Duration::from_secs(10);
+    let mut p = Pipeline::new(promise, mix);
+    if !p.run(c, model, rng, Some(stop), give_up) {
+        p.st.server_errors
+            .push("the connection ended before every reply came".into());
+    }
+    p.st
+}
+
+/// The writer's state: what is in flight, what a FLUSH would cover.
+struct Pipeline {
+    promise: Promise,
+    mix: Mix,
+    st: CycleStats,
+    inflight: HashMap<u64, InFlight>,
+    acked_unflushed: Vec<Write>,
+    busy: Vec<bool>,
+    flush_inflight: bool,
+}
+
+impl Pipeline {
+    fn new(promise: Promise, mix: Mix) -> Pipeline {
+        Pipeline {
+            promise,
+            mix,
+            st: CycleStats::default(),
+            inflight: HashMap::new(),
+            acked_unflushed: Vec::new(),
+            busy: vec![false; BLOCKS as usize],
+            flush_inflight: false,
         }
-        let Ok(r) = c.receive() else { return st };
-        match inflight.remove(&r.cookie) {
+    }
+
+    /// Submits (until `stop`, if any) and takes replies until the
+    /// connection dies (false), or, past `stop`, nothing is in flight
+    /// (true). Past `give_up` it records an error and returns true.
+    fn run(
+        &mut self,
+        c: &mut Client<TcpStream>,
+        model: &mut Model,
+        rng: &mut Rng,
+        stop: Option<Instant>,
+        give_up: Instant,
+    ) -> bool {
+        while Instant::now() < give_up {
+            let submitting = stop.is_none_or(|s| Instant::now() < s);
+            if !submitting && self.inflight.is_empty() {
+                return true;
+            }
+            while submitting && self.inflight.len() < DEPTH {
+                match self.submit(c, model, rng) {
+                    Some(true) => {}
+                    Some(false) => break,
+                    None => return false,
+                }
+            }
+            let Ok(r) = c.receive() else { return false };
+            self.reply(model, r.cookie, r.error);
+        }
+        self.st
+            .server_errors
+            .push("the writer was still running 10 s after it should have stopped".into());
+        true
+    }
+
+    /// Sends one FLUSH or write: Some(true) sent, Some(false) no block was
+    /// free, None the connection is gone.
+    fn submit(
+        &mut self,
+        c: &mut Client<TcpStream>,
+        model: &mut Model,
+        rng: &mut Rng,
+    ) -> Option<bool> {
+        if !self.flush_inflight && rng.chance(1, self.mix.flush_one_in) {
+            return self.submit_flush(c);
+        }
+        let cookie = c.next_cookie();
+        // Never two writes in flight on one block: their order would be
+        // undefined, and the model could not say which must win.
+        let count = rng.range(1, 4);
+        let Some(first) = (0..8)
+            .map(|_| rng.below(BLOCKS - count + 1))
+            .find(|&f| (f..f + count).all(|b| !self.busy[b as usize]))
+        else {
+            return Some(false);
+        };
+        let version = model.next_version;
+        model.next_version += 1;
+        let zero = rng.chance(1, 10);
+        let w = Write {
+            first,
+            count,
+            version,
+            fua: rng.chance(1, self.mix.fua_one_in),
+        };
+        // Allowed from the moment it may reach the server.
+        for b in first..first + count {
+            model.allowed[b as usize].push(version);
+            self.busy[b as usize] = true;
+        }
+        let flags = if w.fua {
+            CommandFlags::FUA
+        } else {
+            CommandFlags::empty()
+        };
+        let (command, payload) = if zero {
+            model.zero_versions.insert(version);
+            (Command::WriteZeroes, None)
+        } else {
+            let mut p = Vec::with_capacity(count as usize * BS);
+            for b in first..first + count {
+                p.extend(block_content(b, version));
+            }
+            (Command::Write, Some(p))
+        };
+        let req = Request {
+            flags,
+            command,
+            cookie,
+            offset: first * BS as u64,
+            length: (count as usize * BS) as u64,
+        };
+        self.st.submitted += 1;
+        c.submit(&req, payload.as_deref()).ok()?;
+        self.inflight.insert(cookie, InFlight::Write(w));
+        Some(true)
+    }
+
+    /// Sends a FLUSH covering the writes answered so far: Some(true) sent,
+    /// None the connection is gone.
+    fn submit_flush(&mut self, c: &mut Client<TcpStream>) -> Option<bool> {
+        let req = Request {
+            flags: CommandFlags::empty(),
+            command: Command::Flush,
+            cookie: c.next_cookie(),
+            offset: 0,
+            length: 0,
+        };
+        c.submit(&req, None).ok()?;
+        let covered = std::mem::take(&mut self.acked_unflushed);
+        self.inflight.insert(req.cookie, InFlight::Flush(covered));
+        self.flush_inflight = true;
+        self.st.flushes += 1;
+        Some(true)
+    }
+
+    /// The reply for `cookie` came, with `error` if the server refused.
+    fn reply(&mut self, model: &mut Model, cookie: u64, error: Option<u32>) {
+        let st = &mut self.st;
+        match self.inflight.remove(&cookie) {
             Some(InFlight::Write(w)) => {
                 for b in w.first..w.first + w.count {
-                    busy[b as usize] = false;
+                    self.busy[b as usize] = false;
                 }
-                if let Some(code) = r.error {
+                if let Some(code) = error {
                     st.server_errors
                         .push(format!("write {w:?} failed with NBD error {code}"));
-                    continue;
+                    return;
                 }
                 st.acked += 1;
-                if w.fua || promise == Promise::EveryReply {
+                if w.fua || self.promise == Promise::EveryReply {
                     model.durable(&w);
                     st.made_durable += 1;
                 } else {
-                    acked_unflushed.push(w);
+                    self.acked_unflushed.push(w);
                 }
             }
             Some(InFlight::Flush(covered)) => {
-                flush_inflight = false;
-                if let Some(code) = r.error {
+                self.flush_inflight = false;
+                if let Some(code) = error {
                     st.server_errors
                         .push(format!("FLUSH failed with NBD error {code}"));
-                    continue;
+                    return;
                 }
                 for w in &covered {
                     model.durable(w);
@@ -320,12 +407,9 @@ pub fn writer_with(
             }
             None => st
                 .server_errors
-                .push(format!("reply for unknown cookie {}", r.cookie)),
+                .push(format!("reply for unknown cookie {cookie}")),
         }
     }
-    st.server_errors
-        .push("the writer was still running 10 s after the kill".into());
-    st
 }
 
 /// Reads every block and checks it against the model; returns the version
