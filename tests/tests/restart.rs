@@ -168,6 +168,32 @@ mod restart {
     }
 
     /// `GET /metrics` on `port`: the body (bounded).
+    /// Waits (bounded) until the metrics on `port` count `n` open NBD
+    /// connections.
+    fn wait_connections(port: u16, n: u64) {
+        let open = |m: &str| {
+            m.lines()
+                .filter(|l| {
+                    l.starts_with("mirrorblk_connections ")
+                        || l.starts_with("mirrorblk_connections{")
+                })
+                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .sum::<f64>()
+        };
+        let since = std::time::Instant::now();
+        loop {
+            let now = open(&scrape(port));
+            if now >= n as f64 {
+                return;
+            }
+            assert!(
+                since.elapsed() < SETTLE_TIMEOUT,
+                "{n} NBD connections not open within {SETTLE_TIMEOUT:?} (open: {now})"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     fn scrape(port: u16) -> String {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
@@ -207,6 +233,8 @@ mod restart {
         let unix_uri = format!("nbd+unix:///vol0?socket={}", sock.display());
         let (fio_unix, out_unix) = start_fio(&dir, &unix_uri, "fio-unix");
         wait_writing(&n1, 300);
+        // Both fio runs connected (a loaded machine may start one late).
+        wait_connections(port, 2);
         let first = restart_live(&mut n1);
         assert_eq!(
             first.connections, 2,
