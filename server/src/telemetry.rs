@@ -216,6 +216,11 @@ fn describe_journal_metrics() {
         "Group flushes of the journal (fdatasync) with --durability flush; 0 with per-write, where every group commit is an O_DSYNC write"
     );
     describe_counter!(
+        "mirrorblk_journal_written_bytes_total",
+        Unit::Bytes,
+        "Journal bytes written for records: batch and record headers, padded payloads, pads (not superblocks or in-place intents)"
+    );
+    describe_counter!(
         "mirrorblk_in_place_write_bytes_total",
         Unit::Bytes,
         "Write payload bytes written durably to the data store in place (large aligned writes: the journal holds only their metadata)"
@@ -355,6 +360,8 @@ pub struct VolumeMetrics {
     pub checkpoints: Counter,
     /// Group flushes of the journal (`--durability flush`).
     pub journal_syncs: Counter,
+    /// Journal bytes written for records.
+    pub journal_written: Counter,
     /// Payload bytes copied in userspace.
     pub payload_copies: Counter,
     /// Write payload bytes that went to the data store in place (journal
@@ -414,6 +421,7 @@ impl VolumeMetrics {
             apply_lag: gauge!("mirrorblk_apply_lag_records", "volume" => v()),
             checkpoints: counter!("mirrorblk_checkpoints_total", "volume" => v()),
             journal_syncs: counter!("mirrorblk_journal_syncs_total", "volume" => v()),
+            journal_written: counter!("mirrorblk_journal_written_bytes_total", "volume" => v()),
             payload_copies: counter!("mirrorblk_payload_copies_total", "volume" => v()),
             in_place_bytes: counter!("mirrorblk_in_place_write_bytes_total", "volume" => v()),
             in_place_fallbacks: counter!("mirrorblk_in_place_fallbacks_total", "volume" => v()),

@@ -8,10 +8,9 @@ use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use mirrorblk_server::journal::format::{EntryKind, RecordHeader, AREA_START, HEADER_BLOCK};
+use mirrorblk_server::journal::format::{EntryKind, HeaderBlock, AREA_START, HEADER_BLOCK};
 use mirrorblk_server::journal::recovery::{read_superblock, scan, ScannedRecord};
 use mirrorblk_server::journal::MutationOp;
-use mirrorblk_server::units::BLOCK;
 use mirrorblk_tests::crash_model::{
     block_content, verify, writer, CycleStats, Model, Promise, BLOCKS, BS,
 };
@@ -80,19 +79,40 @@ fn find_headers(path: &std::path::Path, session: u64, lsns: std::ops::Range<u64>
     let mut out = Vec::new();
     let mut highest: Option<(u64, usize)> = None;
     for (i, blk) in data[AREA_START as usize..].chunks(HEADER_BLOCK).enumerate() {
-        if let Ok(h) = RecordHeader::decode(blk) {
-            if h.session == session && !matches!(highest, Some((l, _)) if l >= h.lsn.0) {
-                highest = Some((h.lsn.0, i * HEADER_BLOCK));
+        // (LSN, what) of each record the header describes.
+        let found: Vec<(u64, String)> = match HeaderBlock::decode(blk) {
+            Ok(HeaderBlock::Record(h)) if h.session == session => vec![(
+                h.lsn.0,
+                format!(
+                    "{:?} (record_len {}, volume {}+{})",
+                    h.kind, h.record_len, h.offset, h.length
+                ),
+            )],
+            Ok(HeaderBlock::Batch(b)) if b.session == session => b
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(k, e)| {
+                    let what = format!(
+                        "{:?} (record {k} of a batch of {}, volume {}+{})",
+                        e.op,
+                        b.entries.len(),
+                        e.offset,
+                        e.length
+                    );
+                    (e.lsn.0, what)
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (lsn, what) in found {
+            if !matches!(highest, Some((l, _)) if l >= lsn) {
+                highest = Some((lsn, i * HEADER_BLOCK));
             }
-            if h.session == session && lsns.contains(&h.lsn.0) {
+            if lsns.contains(&lsn) {
                 out.push(format!(
-                    "LSN {} {:?} at area offset {} (record_len {}, volume {}+{})",
-                    h.lsn.0,
-                    h.kind,
-                    i * HEADER_BLOCK,
-                    h.record_len,
-                    h.offset,
-                    h.length
+                    "LSN {lsn} {what} at area offset {}",
+                    i * HEADER_BLOCK
                 ));
             }
         }
@@ -319,7 +339,7 @@ fn recovery_stops_at_a_damaged_record_and_serves_normally() {
     let before_b = recs.iter().filter(|r| r.header.lsn < rb.header.lsn).count();
 
     // Flip one byte in the middle of B's payload.
-    let at = AREA_START + rb.pos + BLOCK + 1000;
+    let at = AREA_START + rb.payload_pos + 1000;
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -335,8 +355,8 @@ fn recovery_stops_at_a_damaged_record_and_serves_normally() {
     let lsn = rb.header.lsn;
     let line = d.wait_for_log("journal recovery replayed", Duration::from_secs(5));
     let want_stop = format!(
-        "stopped at LSN {lsn}: record LSN {lsn} at area offset {}: payload checksum mismatch",
-        rb.pos
+        "stopped at LSN {lsn}: record LSN {lsn} at area offset {} (record 0 of the batch at area offset {}): payload checksum mismatch",
+        rb.payload_pos, rb.pos
     );
     assert!(
         line.contains(&want_stop),
@@ -417,15 +437,18 @@ fn sequential_writes(c: &mut Client<TcpStream>, start: u64, count: u64, depth: u
     }
 }
 
-/// A record that ends exactly at the end of the journal's record area must
+/// An entry that ends exactly at the end of the journal's record area must
 /// be followed by one at area offset 0, also inside one group commit.
 ///
-/// Every 4 KiB write is an 8 KiB record, and the 64M journal's area holds
-/// exactly 8191 of them. A first run writes 1024 records and is killed, so
-/// the next session starts an eighth into the area and its quarter-journal
-/// checkpoints fall well away from the area end. The second run writes up
-/// to 40 records past the wrap (32 in flight, so records share group
-/// commits), everything acknowledged, then `kill -9`: every block must read
+/// A 4 KiB write alone in its group commit is a batch of one, 8 KiB, and
+/// the 64M journal's area holds exactly 8191 of them. A first run writes
+/// 1024 records one at a time and is killed, so the next session starts an
+/// eighth into the area and its quarter-journal checkpoints fall well away
+/// from the area end. The second run writes one at a time up to one batch
+/// short of the end, then 41 more with 32 in flight: the first of them
+/// ends exactly at the end of the area, and the ones queued behind it (in
+/// the same group commit, or the next) start over at offset 0 in shared
+/// batches. Everything acknowledged, then `kill -9`: every block must read
 /// back its last version, and the journal file must keep its size.
 #[test]
 fn journal_wrap_at_exact_area_end_keeps_acknowledged_writes() {
@@ -439,11 +462,15 @@ fn journal_wrap_at_exact_area_end_keeps_acknowledged_writes() {
     assert_eq!(slots, 8191, "journal geometry changed; adjust the test");
 
     let first = 1024;
-    sequential_writes(&mut d.connect("vol0"), 0, first, 32);
+    sequential_writes(&mut d.connect("vol0"), 0, first, 1);
     d.kill9();
     d.restart();
-    let writes = first + (slots - first) + 40;
-    sequential_writes(&mut d.connect("vol0"), first, writes - first, 32);
+    let lone = slots - 1;
+    let writes = lone + 41;
+    let mut c = d.connect("vol0");
+    sequential_writes(&mut c, first, lone - first, 1);
+    sequential_writes(&mut c, lone, writes - lone, 32);
+    drop(c);
     d.kill9();
     let len_after = std::fs::metadata(&journal).unwrap().len();
     let before = snapshot(&journal);

@@ -617,8 +617,13 @@ fn journal_inspect(path: &Path, list: bool) -> ExitCode {
         if list {
             let h = &rec.header;
             let op = entry_name(h.kind);
+            // A batched record: its place in the batch whose header is at `pos`.
+            let batch = rec
+                .batch
+                .map(|(i, n)| format!("  batch record {}/{n}", i + 1))
+                .unwrap_or_default();
             lines.push(format!(
-                "  LSN {:>10}  {:<15} offset {:>14} length {:>10}  at area offset {:>12}  epoch {}",
+                "  LSN {:>10}  {:<15} offset {:>14} length {:>10}  at area offset {:>12}  epoch {}{batch}",
                 h.lsn, op, h.offset, h.length, rec.pos, h.epoch
             ));
         }

@@ -107,6 +107,9 @@ impl Engine {
         loop {
             let batch = self.take_apply_batch();
             self.metrics.journal_syncs.absolute(self.journal.syncs());
+            self.metrics
+                .journal_written
+                .absolute(self.journal.bytes_written());
             if batch.is_empty() {
                 if self.stopping.get() && self.finish_stop().await {
                     return;
@@ -315,13 +318,15 @@ impl Engine {
     }
 
     /// The LSN the checkpoint may advance to: everything below is applied,
-    /// and no replica the hooks keep records for needs it.
+    /// and no replica the hooks keep records for needs it; the first of its
+    /// batch when it falls inside one (the journal releases whole batches).
     fn checkpoint_target(&self) -> Lsn {
         let applied = self.applied_next.get();
-        match self.hooks().and_then(|h| h.retention_floor()) {
+        let target = match self.hooks().and_then(|h| h.retention_floor()) {
             Some(floor) => applied.min(floor),
             None => applied,
-        }
+        };
+        self.journal.checkpoint_floor(target)
     }
 
     /// Whether the checkpoint can move forward.
@@ -352,7 +357,9 @@ impl Engine {
     /// target and releases the space.
     async fn checkpoint(&self) {
         let pressure = self.journal.fill_ratio() > PRESSURE_FILL;
-        let target = self.changes_allow(self.checkpoint_target(), pressure).await;
+        let allowed = self.changes_allow(self.checkpoint_target(), pressure).await;
+        // Exactly what the journal will release, so the hooks mark no more.
+        let target = self.journal.checkpoint_floor(allowed);
         if let Err(e) = self.store.sync().await {
             tracing::error!(volume = %self.info.name, "syncing the data store failed: {e}; checkpoint postponed");
             return;

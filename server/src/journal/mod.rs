@@ -4,9 +4,18 @@
 //! Records are reserved in LSN order (the reservation and the LSN are taken
 //! together, on the volume's core, so journal order is LSN order). One
 //! appender task writes whatever is queued in one vectored `O_DIRECT | O_DSYNC`
-//! write — group commit: while one batch is in flight, the next accumulates —
-//! and on completion advances the written LSN and hands the batch to the
+//! write — group commit: while one group is in flight, the next accumulates —
+//! and on completion advances the written LSN and hands the group to the
 //! applier. Space is released only when the applier has checkpointed.
+//!
+//! The records a group commit writes share batch headers (see
+//! [`format`]): a record reserved while the newest batch is still queued
+//! joins it (the ring's [`ring::place`] decides), so at queue depth n a
+//! group of n 4 KiB writes costs n + 1 journal blocks, not 2n. The
+//! appender takes whole batches only and seals the newest when it takes it;
+//! a batch is also closed by its entry limit, its payload limit, the end of
+//! the area, and a write that may go in place (which keeps a header of its
+//! own).
 //!
 //! With `--durability flush` the records go without `O_DSYNC` (a write is
 //! acknowledged once the disk has it) and `sync` makes them durable in
@@ -34,7 +43,10 @@ use tokio::sync::{watch, Notify};
 
 use crate::buffer::{AlignedBuf, OutBuf, Payload, SharedSlice, MAX_CHUNK};
 use crate::units::{Epoch, Lsn, BLOCK};
-use format::{EntryKind, RecordHeader, Superblock, AREA_START, HEADER_BLOCK};
+use format::{
+    BatchEntry, BatchHeader, EntryKind, HeaderBlock, RecordHeader, Superblock, AREA_START,
+    HEADER_BLOCK,
+};
 
 /// The kernel's `IOV_MAX`: most iovecs in one `writev`.
 const IOV_MAX: usize = 1024;
@@ -43,15 +55,18 @@ const IOV_MAX: usize = 1024;
 /// export advertises, and the largest RECORD the replication wire takes.
 pub const MAX_RECORD_PAYLOAD: u64 = 32 << 20;
 
-/// Iovecs one record needs at most: a pad header, its own header, and a
-/// chunk per [`MAX_CHUNK`] of payload.
-const MAX_RECORD_IOVECS: usize = 2 + MAX_RECORD_PAYLOAD.div_ceil(MAX_CHUNK as u64) as usize;
+/// Iovecs one batch needs at most: a pad header, its header, and per record
+/// a chunk per [`MAX_CHUNK`] of payload, plus one for a partial chunk (a
+/// batch carries at most [`MAX_RECORD_PAYLOAD`] bytes of payload, as a
+/// lone record does).
+const MAX_ENTRY_IOVECS: usize =
+    2 + format::MAX_BATCH_ENTRIES + MAX_RECORD_PAYLOAD.div_ceil(MAX_CHUNK as u64) as usize;
 
-/// Most iovecs in one group commit: a batch takes records up to this many,
-/// or a single record of any size.
+/// Most iovecs in one group commit: a group takes whole batches up to this
+/// many, or a single batch of any size.
 const MAX_BATCH_IOVECS: usize = 1000;
 
-const _: () = assert!(MAX_RECORD_IOVECS <= MAX_BATCH_IOVECS);
+const _: () = assert!(MAX_ENTRY_IOVECS <= MAX_BATCH_IOVECS);
 const _: () = assert!(MAX_BATCH_IOVECS <= IOV_MAX);
 
 /// Group commits in flight at once (see `run_appender`).
@@ -100,11 +115,20 @@ enum Placement {
 /// Where the journal put a record: the journal's own business, never the
 /// replication stream's.
 struct Slot {
-    /// Area offset of the record's header.
+    /// Area offset of the record's header (its batch's, when batched).
     pos: u64,
-    /// Bytes of padding reserved just before it (to the end of the area), 0 if none.
+    /// Its index in its batch (0 when it starts its entry).
+    index: u32,
+    /// Whether it shares a batch header (else it has its own: a write
+    /// that may go in place).
+    batched: bool,
+    /// Area offset of its payload.
+    payload_pos: u64,
+    /// Bytes of padding reserved just before its entry (to the end of the
+    /// area), 0 if none.
     pad_before: u64,
-    /// Journal bytes of the record itself (header + padded payload).
+    /// Journal bytes of the record's own header and padded payload (a
+    /// batched record: its padded payload; its batch header is the batch's).
     record_len: u64,
     /// Where the payload goes (always [`Placement::Journal`] but for large writes).
     placement: Cell<Placement>,
@@ -139,7 +163,27 @@ impl Record {
         self.slot.placement.get() == Placement::InPlace
     }
 
+    /// Its entry in its batch header.
+    fn batch_entry(&self) -> BatchEntry {
+        debug_assert!(
+            self.slot.batched,
+            "batch entry of a record with its own header"
+        );
+        let m = &self.mutation;
+        BatchEntry {
+            lsn: m.lsn,
+            op: m.op,
+            flags: m.flags,
+            offset: m.offset,
+            length: m.length,
+            payload_at: self.slot.payload_pos - self.slot.pos,
+            payload_hash: m.payload_hash,
+        }
+    }
+
+    /// Its own header (a record that is not batched).
     fn header(&self, epoch: Epoch, session: u64) -> RecordHeader {
+        debug_assert!(!self.slot.batched, "own header of a batched record");
         let placement = self.slot.placement.get();
         debug_assert_ne!(
             placement,
@@ -203,6 +247,117 @@ struct State {
     superblock: Superblock,
 }
 
+/// Runs of contiguous journal bytes a group commit writes: (start, end,
+/// buffers). A run ends wherever the next piece does not start at its end:
+/// at a pad, and where an entry ended exactly at the end of the area.
+struct Runs {
+    area_len: u64,
+    runs: Vec<(u64, u64, Vec<OutBuf>)>,
+}
+
+impl Runs {
+    fn new(area_len: u64) -> Runs {
+        Runs {
+            area_len,
+            runs: Vec::new(),
+        }
+    }
+
+    fn append(&mut self, pos: u64, len: u64, bufs: Vec<OutBuf>) {
+        assert!(
+            pos + len <= self.area_len,
+            "journal write past the end of the area"
+        );
+        match self.runs.last_mut() {
+            Some(run) if run.1 == pos => {
+                run.1 += len;
+                run.2.extend(bufs);
+            }
+            _ => self.runs.push((pos, pos + len, bufs)),
+        }
+    }
+
+    /// Journal bytes the runs cover.
+    fn bytes(&self) -> u64 {
+        self.runs.iter().map(|r| r.1 - r.0).sum()
+    }
+}
+
+/// What [`front_entry_len`] needs of a queued record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EntryMark {
+    /// Its in-place payload write has not ended.
+    pending: bool,
+    /// It shares a batch header.
+    batched: bool,
+    /// Its index in its batch.
+    index: u32,
+}
+
+/// How many records at the front of the queue make up its first entry, 0
+/// when none may be written yet (the queue is empty, or its front is a
+/// write whose in-place payload write has not ended: nothing passes it, so
+/// the journal stays in LSN order). A batch is taken with all its records.
+fn front_entry_len(mut queued: impl Iterator<Item = EntryMark>) -> usize {
+    let Some(front) = queued.next() else {
+        return 0;
+    };
+    assert_eq!(
+        front.index, 0,
+        "the queue starts with an entry's first record"
+    );
+    if front.pending {
+        return 0;
+    }
+    if !front.batched {
+        return 1;
+    }
+    1 + queued.take_while(|m| m.batched && m.index > 0).count()
+}
+
+/// What the journal holds of a retained record (see [`stored_entry`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stored {
+    /// Its mutation, described as a batch entry (a record with its own
+    /// header too), `payload_at` counted from the header read.
+    Entry(BatchEntry),
+    /// A write made in place: only its header is in the journal.
+    InPlace,
+}
+
+/// The record `lsn`, index `index` of its entry, from the header found at
+/// its entry's position: the header must describe exactly it.
+fn stored_entry(header: HeaderBlock, lsn: Lsn, index: u32) -> io::Result<Stored> {
+    let mismatch = |found: String| {
+        io::Error::other(format!(
+            "journal holds {found} where LSN {lsn} was expected"
+        ))
+    };
+    match header {
+        HeaderBlock::Batch(b) => match b.entries.get(index as usize) {
+            Some(e) if e.lsn == lsn => Ok(Stored::Entry(*e)),
+            Some(e) => Err(mismatch(format!("LSN {}", e.lsn))),
+            None => Err(mismatch(format!("a batch of {} records", b.entries.len()))),
+        },
+        HeaderBlock::Record(h) if h.lsn != lsn || index != 0 => {
+            Err(mismatch(format!("LSN {} ({:?})", h.lsn, h.kind)))
+        }
+        HeaderBlock::Record(h) => match h.kind {
+            EntryKind::Mutation(op) => Ok(Stored::Entry(BatchEntry {
+                lsn,
+                op,
+                flags: h.flags,
+                offset: h.offset,
+                length: h.length,
+                payload_at: BLOCK,
+                payload_hash: h.payload_hash,
+            })),
+            EntryKind::WriteInPlace | EntryKind::InPlaceIntent => Ok(Stored::InPlace),
+            EntryKind::Pad => Err(mismatch("a pad".to_string())),
+        },
+    }
+}
+
 /// A volume's journal on its core.
 pub struct Journal {
     /// Where records go: `O_DSYNC` per write, plain with `--durability flush`.
@@ -233,6 +388,8 @@ pub struct Journal {
     syncs: Cell<u64>,
     header_blocks: RefCell<Vec<AlignedBuf>>,
     batches: Cell<u64>,
+    /// Bytes of records (headers, payloads and pads) written to the journal so far.
+    bytes_written: Cell<u64>,
 }
 
 impl Journal {
@@ -272,6 +429,7 @@ impl Journal {
             syncs: Cell::new(0),
             header_blocks: RefCell::new(Vec::new()),
             batches: Cell::new(0),
+            bytes_written: Cell::new(0),
         }
     }
 
@@ -308,6 +466,12 @@ impl Journal {
     /// Group commits done so far.
     pub fn batches(&self) -> u64 {
         self.batches.get()
+    }
+
+    /// Journal bytes written for records so far (headers, payloads, pads;
+    /// not superblocks or intents).
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written.get()
     }
 
     /// When a reply promises durability.
@@ -352,11 +516,17 @@ impl Journal {
             op.payload_len(length) <= MAX_RECORD_PAYLOAD,
             "record payload larger than {MAX_RECORD_PAYLOAD} bytes"
         );
-        let record_len = RecordHeader::record_len_for(op.payload_len(length));
+        let layout = if in_place {
+            ring::Layout::Own {
+                record_len: RecordHeader::record_len_for(op.payload_len(length)),
+            }
+        } else {
+            ring::Layout::Batched {
+                payload: op.payload_len(length),
+            }
+        };
         let mut st = self.state.borrow_mut();
-        let slot = st
-            .ring
-            .try_reserve(record_len, (offset, length), in_place)?;
+        let slot = st.ring.try_reserve(layout, (offset, length), in_place)?;
         let payload_hash = payload.as_ref().map(|p| p.xxh3()).unwrap_or(0);
         let rec = Rc::new(Record {
             mutation: Mutation {
@@ -370,8 +540,16 @@ impl Journal {
             },
             slot: Slot {
                 pos: slot.pos,
+                index: slot.index,
+                batched: !in_place,
+                payload_pos: slot.payload_pos,
                 pad_before: slot.pad_before,
-                record_len,
+                record_len: match layout {
+                    ring::Layout::Own { record_len } => record_len,
+                    ring::Layout::Batched { .. } => {
+                        slot.len - if slot.index == 0 { BLOCK } else { 0 }
+                    }
+                },
                 placement: Cell::new(if in_place {
                     Placement::Pending
                 } else {
@@ -691,53 +869,55 @@ impl Journal {
         }
     }
 
+    /// Takes queued records for one group commit: whole entries (a batch
+    /// with all its records, or a record with its own header) in LSN order,
+    /// up to [`MAX_BATCH_IOVECS`] iovecs (or one entry of any size), never
+    /// past a record whose in-place payload write has not ended. The newest
+    /// batch taken is sealed: a record reserved from now on starts a new one.
     fn take_batch(&self) -> Vec<Rc<Record>> {
         let mut st = self.state.borrow_mut();
         let mut iovecs = 0;
         let mut batch = Vec::new();
-        while let Some(r) = st.queued.front() {
-            // The journal is written in LSN order: nothing passes a record
-            // whose in-place payload write has not ended.
-            if r.slot.placement.get() == Placement::Pending {
+        loop {
+            let n = front_entry_len(st.queued.iter().map(|r| EntryMark {
+                pending: r.slot.placement.get() == Placement::Pending,
+                batched: r.slot.batched,
+                index: r.slot.index,
+            }));
+            if n == 0 {
                 break;
             }
-            let n = 2 + r.payload.as_ref().map(|p| p.chunk_count()).unwrap_or(0);
-            debug_assert!(n <= MAX_RECORD_IOVECS, "record of {n} iovecs");
-            if !batch.is_empty() && iovecs + n > MAX_BATCH_IOVECS {
+            let chunks: usize = st
+                .queued
+                .iter()
+                .take(n)
+                .map(|r| r.payload.as_ref().map_or(0, |p| p.chunk_count()))
+                .sum();
+            let n_iovecs = 2 + chunks;
+            debug_assert!(n_iovecs <= MAX_ENTRY_IOVECS, "entry of {n_iovecs} iovecs");
+            if !batch.is_empty() && iovecs + n_iovecs > MAX_BATCH_IOVECS {
                 break;
             }
-            iovecs += n;
-            batch.push(st.queued.pop_front().expect("front exists"));
+            iovecs += n_iovecs;
+            batch.extend(st.queued.drain(..n));
+        }
+        if let Some(last) = batch.last() {
+            st.ring.seal_through(last.lsn);
         }
         batch
     }
 
-    /// Writes one batch: contiguous runs, split where a pad wraps the area.
+    /// Writes one group commit: contiguous runs, split where a pad wraps the area.
     async fn write_batch(&self, batch: &[Rc<Record>]) -> io::Result<()> {
-        // Runs of contiguous journal bytes: (start, end, buffers). A run
-        // ends wherever the next piece does not start at its end: at a pad,
-        // and where a record ended exactly at the end of the area.
-        let mut runs: Vec<(u64, u64, Vec<OutBuf>)> = Vec::new();
-        let mut append = |pos: u64, len: u64, bufs: &mut dyn Iterator<Item = OutBuf>| {
-            match runs.last_mut() {
-                Some(run) if run.1 == pos => {
-                    run.1 += len;
-                    run.2.extend(bufs);
-                }
-                _ => runs.push((pos, pos + len, bufs.collect())),
-            }
-            debug_assert!(
-                pos + len <= self.area_len,
-                "journal write past the end of the area"
-            );
-        };
-        for r in batch {
-            let slot = &r.slot;
+        let mut runs = Runs::new(self.area_len);
+        for entry in batch.chunk_by(|_, next| next.slot.index > 0) {
+            let first = &entry[0];
+            assert_eq!(first.slot.index, 0, "a group commit starts an entry");
+            let slot = &first.slot;
             if slot.pad_before > 0 {
-                let pad_pos = self.area_len - slot.pad_before;
                 let mut blk = self.header_block();
                 RecordHeader {
-                    lsn: r.lsn,
+                    lsn: first.lsn,
                     epoch: self.epoch.get(),
                     session: self.session,
                     kind: EntryKind::Pad,
@@ -749,28 +929,20 @@ impl Journal {
                     payload_hash: 0,
                 }
                 .encode(blk.as_mut_slice());
-                append(pad_pos, BLOCK, &mut std::iter::once(OutBuf::Block(blk)));
+                runs.append(
+                    self.area_len - slot.pad_before,
+                    BLOCK,
+                    vec![OutBuf::Block(blk)],
+                );
             }
-            let mut blk = self.header_block();
-            r.header(self.epoch.get(), self.session)
-                .encode(blk.as_mut_slice());
-            if r.in_place() {
-                // Only the header: the payload is already home. The rest of
-                // the record's space stays unwritten (recovery skips it).
-                append(slot.pos, BLOCK, &mut std::iter::once(OutBuf::Block(blk)));
-                continue;
+            if slot.batched {
+                self.append_batch(&mut runs, entry);
+            } else {
+                self.append_own(&mut runs, first);
             }
-            let payload = r
-                .payload
-                .iter()
-                .flat_map(|p| SharedSlice::padded_chunks(p).map(OutBuf::Shared));
-            append(
-                slot.pos,
-                slot.record_len,
-                &mut std::iter::once(OutBuf::Block(blk)).chain(payload),
-            );
         }
-        let writes = runs.into_iter().map(|(pos, _, bufs)| async move {
+        let bytes = runs.bytes();
+        let writes = runs.runs.into_iter().map(|(pos, _, bufs)| async move {
             let (res, bufs) = self.file.writev_at_all(bufs, Some(AREA_START + pos)).await;
             self.recycle(bufs);
             res.map(|_| ())
@@ -778,7 +950,48 @@ impl Journal {
         for r in futures_util::future::join_all(writes).await {
             r?;
         }
+        self.bytes_written.set(self.bytes_written.get() + bytes);
         Ok(())
+    }
+
+    /// Adds a batch: its header, then its records' payloads back to back.
+    fn append_batch(&self, runs: &mut Runs, entry: &[Rc<Record>]) {
+        let header = BatchHeader {
+            epoch: self.epoch.get(),
+            session: self.session,
+            entries: entry.iter().map(|r| r.batch_entry()).collect(),
+        };
+        let mut blk = self.header_block();
+        header.encode(blk.as_mut_slice());
+        let payloads = entry.iter().flat_map(|r| {
+            r.payload
+                .iter()
+                .flat_map(|p| SharedSlice::padded_chunks(p).map(OutBuf::Shared))
+        });
+        let bufs = std::iter::once(OutBuf::Block(blk))
+            .chain(payloads)
+            .collect();
+        runs.append(entry[0].slot.pos, header.batch_len(), bufs);
+    }
+
+    /// Adds a record with its own header (a write that may have gone in place).
+    fn append_own(&self, runs: &mut Runs, r: &Record) {
+        let slot = &r.slot;
+        let mut blk = self.header_block();
+        r.header(self.epoch.get(), self.session)
+            .encode(blk.as_mut_slice());
+        if r.in_place() {
+            // Only the header: the payload is already home. The rest of
+            // the record's space stays unwritten (recovery skips it).
+            runs.append(slot.pos, BLOCK, vec![OutBuf::Block(blk)]);
+            return;
+        }
+        let payload = r
+            .payload
+            .iter()
+            .flat_map(|p| SharedSlice::padded_chunks(p).map(OutBuf::Shared));
+        let bufs = std::iter::once(OutBuf::Block(blk)).chain(payload).collect();
+        runs.append(slot.pos, slot.record_len, bufs);
     }
 
     /// Whether the store is marked inconsistent (a resync is incomplete).
@@ -911,7 +1124,15 @@ impl Journal {
         self.state.borrow().ring.retained(lsn)
     }
 
-    /// Moves the checkpoint to `next`: the caller guarantees every record
+    /// The checkpoint a move to `next` would reach: `next`, or the first
+    /// LSN of its batch when `next` falls inside one (a batch is released
+    /// whole: its header describes every record in it).
+    pub fn checkpoint_floor(&self, next: Lsn) -> Lsn {
+        self.state.borrow().ring.checkpoint_floor(next)
+    }
+
+    /// Moves the checkpoint to `next` (or to the first LSN of its batch:
+    /// see [`Journal::checkpoint_floor`]): the caller guarantees every record
     /// below it is applied and durable in the store (and no longer needed by
     /// a replica). Persists that in the superblock, then releases the space.
     /// Returns false when there was nothing to release.
@@ -926,7 +1147,7 @@ impl Journal {
             let Some(release) = st.ring.plan_release(next) else {
                 return Ok(false);
             };
-            st.superblock.checkpoint_lsn = next;
+            st.superblock.checkpoint_lsn = release.checkpoint_lsn;
             st.superblock.checkpoint_pos = release.checkpoint_pos;
             st.superblock.generation += 1;
             (st.superblock.clone(), release)
@@ -959,52 +1180,41 @@ impl Journal {
             .await;
         res?;
         let blk = slice.into_inner();
-        let h = RecordHeader::decode(blk.as_slice())
+        let header = HeaderBlock::decode(blk.as_slice())
             .map_err(|e| io::Error::other(format!("record {lsn}: {e}")))?;
-        if h.lsn != lsn {
-            return Err(io::Error::other(format!(
-                "journal holds LSN {} where {lsn} was expected",
-                h.lsn
-            )));
-        }
-        let op = match h.kind {
-            EntryKind::Mutation(op) => op,
-            EntryKind::WriteInPlace | EntryKind::InPlaceIntent => return Ok(ReadBack::InPlace),
-            EntryKind::Pad => {
-                return Err(io::Error::other(format!(
-                    "journal holds a pad where LSN {lsn} was expected"
-                )))
-            }
+        let (entry, payload_pos) = match stored_entry(header, lsn, r.index)? {
+            Stored::InPlace => return Ok(ReadBack::InPlace),
+            Stored::Entry(e) => (e, r.pos + e.payload_at),
         };
-        let payload = if h.payload_len == 0 {
+        let payload = if entry.payload_len() == 0 {
             None
         } else {
-            Some(Rc::new(self.read_payload(&h, r.pos, pool).await?))
+            Some(Rc::new(self.read_payload(&entry, payload_pos, pool).await?))
         };
         Ok(ReadBack::Journaled(Mutation {
             lsn,
-            op,
-            flags: h.flags,
-            offset: h.offset,
-            length: h.length,
+            op: entry.op,
+            flags: entry.flags,
+            offset: entry.offset,
+            length: entry.length,
             payload,
-            payload_hash: h.payload_hash,
+            payload_hash: entry.payload_hash,
         }))
     }
 
-    /// Reads the payload of the record `h` at area offset `pos`, checking its hash.
+    /// Reads the payload of `entry` at area offset `pos`, checking its hash.
     async fn read_payload(
         &self,
-        h: &RecordHeader,
+        entry: &BatchEntry,
         pos: u64,
         pool: &crate::buffer::BufPool,
     ) -> io::Result<Payload> {
-        let mut payload = pool.payload(h.payload_len as usize).await;
+        let mut payload = pool.payload(entry.payload_len() as usize).await;
         let chunks = payload.take_chunks();
         let mut filled = Vec::with_capacity(chunks.len());
         for (i, chunk) in chunks.into_iter().enumerate() {
             let len = crate::units::align_up(payload.chunk_len(i) as u64) as usize;
-            let at = AREA_START + pos + BLOCK + (i * crate::buffer::MAX_CHUNK) as u64;
+            let at = AREA_START + pos + (i * crate::buffer::MAX_CHUNK) as u64;
             let (res, slice) = self
                 .file
                 .read_exact_at(tokio_uring::buf::BoundedBuf::slice(chunk, 0..len), at)
@@ -1013,10 +1223,10 @@ impl Journal {
             filled.push(slice.into_inner());
         }
         payload.put_chunks(filled);
-        if payload.xxh3() != h.payload_hash {
+        if payload.xxh3() != entry.payload_hash {
             return Err(io::Error::other(format!(
                 "record {}: payload checksum mismatch in the journal",
-                h.lsn
+                entry.lsn
             )));
         }
         Ok(payload)

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::format::{
-    EntryKind, FormatError, RecordHeader, Superblock, AREA_START, FLAG_NO_HOLE, HEADER_BLOCK,
-    MIN_AREA,
+    BatchEntry, BatchHeader, EntryKind, FormatError, HeaderBlock, RecordHeader, Superblock,
+    AREA_START, FLAG_NO_HOLE, HEADER_BLOCK, MIN_AREA,
 };
 use super::mutation::MutationOp;
 use crate::units::{align_down, align_up, ByteSize, Epoch, Lsn, BLOCK};
@@ -346,11 +346,40 @@ impl InPlace {
 /// One valid record found by a scan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScannedRecord {
-    /// Its header.
+    /// Its header. For a record in a batch: its entry in the batch
+    /// header, as a record header whose `record_len` counts only its padded
+    /// payload (the batch's header block is shared).
     pub header: RecordHeader,
-    /// Offset of its header in the record area.
+    /// Area offset of its entry's header (its batch's, when batched).
     pub pos: u64,
+    /// Area offset of its payload.
+    pub payload_pos: u64,
+    /// For a record in a batch: its index, and how many records the batch holds.
+    pub batch: Option<(u32, u32)>,
 }
+
+/// Where a scan is: the next entry's area offset and LSN, and the bytes
+/// walked so far (bounded by the area).
+struct Cursor {
+    pos: u64,
+    lsn: Lsn,
+    scanned: u64,
+}
+
+impl Cursor {
+    /// Moves past an entry of `len` bytes at the cursor.
+    fn advance(&mut self, len: u64, area_len: u64) {
+        self.scanned += len;
+        self.pos += len;
+        if self.pos == area_len {
+            self.pos = 0;
+        }
+    }
+}
+
+/// What scanning one entry found: the scan goes on, or the valid journal
+/// ends (cleanly with None, else why).
+type Step = Option<Option<String>>;
 
 /// Walks the records after the checkpoint, calling `visit` for each valid one
 /// with its payload, and returns (next LSN, head position, why it stopped).
@@ -359,70 +388,205 @@ pub fn scan(
     sb: &Superblock,
     mut visit: impl FnMut(&ScannedRecord, &[u8]) -> io::Result<()>,
 ) -> io::Result<(Lsn, u64, Option<String>)> {
-    let mut pos = sb.checkpoint_pos;
-    let mut lsn = sb.checkpoint_lsn;
-    let mut scanned = 0u64;
+    let mut cur = Cursor {
+        pos: sb.checkpoint_pos,
+        lsn: sb.checkpoint_lsn,
+        scanned: 0,
+    };
     let stop = loop {
-        if scanned >= sb.area_len {
+        if cur.scanned >= sb.area_len {
             break Some("scanned the whole record area".to_string());
         }
-        let hb = read_aligned(f, AREA_START + pos, HEADER_BLOCK)?;
-        let h = match RecordHeader::decode(hb.as_slice()) {
-            Ok(h) => h,
-            // Not a record header at all: zeroes, or data from an earlier lap of
+        let hb = read_aligned(f, AREA_START + cur.pos, HEADER_BLOCK)?;
+        let step = match HeaderBlock::decode(hb.as_slice()) {
+            Ok(HeaderBlock::Record(h)) => scan_record(f, sb, &h, &mut cur, &mut visit)?,
+            Ok(HeaderBlock::Batch(b)) => scan_batch(f, sb, &b, &mut cur, &mut visit)?,
+            // Not a header at all: zeroes, or data from an earlier lap of
             // the circular area. The journal ends here (a header torn before
             // its magic landed looks the same, and was never acknowledged).
-            Err(FormatError::BadMagic { .. }) => break None,
-            Err(e) => {
-                break Some(format!(
-                    "record header at area offset {pos} (expected LSN {lsn}): {e}"
-                ))
-            }
+            Err(FormatError::BadMagic { .. }) => Some(None),
+            Err(e) => Some(Some(format!(
+                "header at area offset {} (expected LSN {}): {e}",
+                cur.pos, cur.lsn
+            ))),
         };
-        match judge(&h, sb, pos, lsn) {
-            Verdict::End(why) => break why,
-            Verdict::Pad => {
-                scanned += h.record_len;
-                pos = 0;
-                continue;
-            }
-            Verdict::Record => {}
-        }
-        let payload = match read_payload(f, &h, pos)? {
-            Ok(p) => p,
-            Err(why) => break Some(why),
-        };
-        let data = payload
-            .as_ref()
-            .map(|p| &p.as_slice()[..h.payload_len as usize])
-            .unwrap_or(&[]);
-        visit(&ScannedRecord { header: h, pos }, data)?;
-        lsn = lsn.next();
-        scanned += h.record_len;
-        pos += h.record_len;
-        if pos == sb.area_len {
-            pos = 0;
+        if let Some(why) = step {
+            break why;
         }
     };
-    Ok((lsn, pos, stop))
+    Ok((cur.lsn, cur.pos, stop))
 }
 
-/// What recovery makes of a decoded record header found at area offset
-/// `pos` where LSN `lsn` is expected.
+/// Scans a record with its own header at the cursor (or a pad).
+fn scan_record(
+    f: &File,
+    sb: &Superblock,
+    h: &RecordHeader,
+    cur: &mut Cursor,
+    visit: &mut impl FnMut(&ScannedRecord, &[u8]) -> io::Result<()>,
+) -> io::Result<Step> {
+    match judge(&Facts::of_record(h), sb, cur.pos, cur.lsn) {
+        Verdict::End(why) => return Ok(Some(why)),
+        Verdict::Pad => {
+            cur.scanned += h.record_len;
+            cur.pos = 0;
+            return Ok(None);
+        }
+        Verdict::Entry => {}
+    }
+    let payload = match read_payload(f, h, cur.pos)? {
+        Ok(p) => p,
+        Err(why) => return Ok(Some(Some(why))),
+    };
+    let data = payload
+        .as_ref()
+        .map(|p| &p.as_slice()[..h.payload_len as usize])
+        .unwrap_or(&[]);
+    let rec = ScannedRecord {
+        header: *h,
+        pos: cur.pos,
+        payload_pos: cur.pos + BLOCK,
+        batch: None,
+    };
+    visit(&rec, data)?;
+    cur.lsn = cur.lsn.next();
+    cur.advance(h.record_len, sb.area_len);
+    Ok(None)
+}
+
+/// Scans a batch at the cursor: its records in order, up to the first whose
+/// payload does not match its checksum (a torn batch: its write never
+/// completed, so none of its records was acknowledged, and the journal
+/// ends there). The scan goes on past the batch only when all match.
+fn scan_batch(
+    f: &File,
+    sb: &Superblock,
+    b: &BatchHeader,
+    cur: &mut Cursor,
+    visit: &mut impl FnMut(&ScannedRecord, &[u8]) -> io::Result<()>,
+) -> io::Result<Step> {
+    if let Verdict::End(why) = judge(&Facts::of_batch(b), sb, cur.pos, cur.lsn) {
+        return Ok(Some(why));
+    }
+    let len = b.batch_len();
+    // A batch of trims and zeroes has no payload bytes (and may end at the
+    // end of the area: nothing past it is read).
+    let payloads = match len > BLOCK {
+        true => Some(read_aligned(
+            f,
+            AREA_START + cur.pos + BLOCK,
+            (len - BLOCK) as usize,
+        )?),
+        false => None,
+    };
+    let bytes = payloads.as_ref().map_or(&[][..], |p| p.as_slice());
+    let count = b.entries.len() as u32;
+    for (i, e) in b.entries.iter().enumerate() {
+        let at = (e.payload_at - BLOCK) as usize;
+        let data = bytes.get(at..at + e.payload_len() as usize).unwrap_or(&[]);
+        let rec = ScannedRecord {
+            header: entry_header(b, e),
+            pos: cur.pos,
+            payload_pos: cur.pos + e.payload_at,
+            batch: Some((i as u32, count)),
+        };
+        if !data.is_empty() && xxhash_rust::xxh3::xxh3_64(data) != e.payload_hash {
+            // The next session starts past the whole batch.
+            cur.advance(len, sb.area_len);
+            return Ok(Some(Some(format!(
+                "record LSN {} at area offset {} (record {i} of the batch at area offset {}): payload checksum mismatch (torn write)",
+                e.lsn, rec.payload_pos, rec.pos
+            ))));
+        }
+        visit(&rec, data)?;
+        cur.lsn = cur.lsn.next();
+    }
+    cur.advance(len, sb.area_len);
+    Ok(None)
+}
+
+/// A batch entry as a record header (see [`ScannedRecord::header`]).
+fn entry_header(b: &BatchHeader, e: &BatchEntry) -> RecordHeader {
+    RecordHeader {
+        lsn: e.lsn,
+        epoch: b.epoch,
+        session: b.session,
+        kind: EntryKind::Mutation(e.op),
+        flags: e.flags,
+        offset: e.offset,
+        length: e.length,
+        payload_len: e.payload_len(),
+        record_len: align_up(e.payload_len()),
+        payload_hash: e.payload_hash,
+    }
+}
+
+/// What [`judge`] needs of a header: a record's or a batch's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Facts {
+    /// Its LSN (a batch's first; a pad's, the entry after it).
+    lsn: Lsn,
+    epoch: Epoch,
+    session: u64,
+    shape: Shape,
+    /// Journal bytes of the entry, header included.
+    len: u64,
+}
+
+/// The kinds of header recovery tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Records to replay (a record, or a batch of them).
+    Entry,
+    /// Padding to the end of the area.
+    Pad,
+    /// An in-place write that had not finished.
+    Intent,
+}
+
+impl Facts {
+    fn of_record(h: &RecordHeader) -> Facts {
+        let shape = match h.kind {
+            EntryKind::Pad => Shape::Pad,
+            EntryKind::InPlaceIntent => Shape::Intent,
+            EntryKind::Mutation(_) | EntryKind::WriteInPlace => Shape::Entry,
+        };
+        Facts {
+            lsn: h.lsn,
+            epoch: h.epoch,
+            session: h.session,
+            shape,
+            len: h.record_len,
+        }
+    }
+
+    fn of_batch(b: &BatchHeader) -> Facts {
+        Facts {
+            lsn: b.first_lsn(),
+            epoch: b.epoch,
+            session: b.session,
+            shape: Shape::Entry,
+            len: b.batch_len(),
+        }
+    }
+}
+
+/// What recovery makes of a decoded header found at area offset `pos`
+/// where LSN `lsn` is expected.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     /// The valid records end here: cleanly (None: an older lap, or records
     /// of an earlier session past the head), or at a damaged or never
     /// acknowledged record (the reason).
     End(Option<String>),
-    /// Padding to the end of the area: the next record is at offset 0.
+    /// Padding to the end of the area: the next entry is at offset 0.
     Pad,
-    /// A record to check (payload) and replay.
-    Record,
+    /// A record or batch to check (payloads) and replay.
+    Entry,
 }
 
-/// The recovery rule for one header (pure: the payload is checked after).
-fn judge(h: &RecordHeader, sb: &Superblock, pos: u64, lsn: Lsn) -> Verdict {
+/// The recovery rule for one header (pure: payloads are checked after).
+fn judge(h: &Facts, sb: &Superblock, pos: u64, lsn: Lsn) -> Verdict {
     let end = |why: String| Verdict::End(Some(why));
     if h.session != sb.session {
         return match h.lsn == lsn {
@@ -448,18 +612,18 @@ fn judge(h: &RecordHeader, sb: &Superblock, pos: u64, lsn: Lsn) -> Verdict {
             h.epoch, sb.epoch
         ));
     }
-    match h.kind {
-        EntryKind::InPlaceIntent => end(format!(
+    match h.shape {
+        Shape::Intent => end(format!(
             "record LSN {lsn} at area offset {pos} is an in-place write that had not finished (never acknowledged)"
         )),
-        EntryKind::Pad if pos + h.record_len != sb.area_len => end(format!(
+        Shape::Pad if pos + h.len != sb.area_len => end(format!(
             "pad record at area offset {pos} does not reach the end of the area"
         )),
-        EntryKind::Pad => Verdict::Pad,
-        _ if pos + h.record_len > sb.area_len => end(format!(
+        Shape::Pad => Verdict::Pad,
+        Shape::Entry if pos + h.len > sb.area_len => end(format!(
             "record LSN {lsn} at area offset {pos} runs past the end of the area"
         )),
-        _ => Verdict::Record,
+        Shape::Entry => Verdict::Entry,
     }
 }
 
@@ -608,8 +772,14 @@ pub fn open_and_recover(
     sb.checkpoint_lsn = next_lsn;
     sb.checkpoint_pos = head;
     sb.session += 1;
-    sb.generation += 1;
-    write_superblock(&file, &sb).map_err(io_err("cannot write journal superblock", path))?;
+    // Both copies, each durable before the next: both then carry this
+    // build's format version, so an older build that cannot read what this
+    // one writes refuses the journal by its version instead of opening the
+    // other, older copy (and scanning past records it cannot read).
+    for _ in 0..2 {
+        sb.generation += 1;
+        write_superblock(&file, &sb).map_err(io_err("cannot write journal superblock", path))?;
+    }
     report.millis = start.elapsed().as_millis() as u64;
     Ok(OpenedJournal {
         file,
@@ -785,27 +955,52 @@ mod tests {
         let damaged = |v: Verdict| matches!(v, Verdict::End(Some(_)));
         // (header, position, expected LSN 10) → verdict
         assert_eq!(
-            judge(&h(10, 7, 3, write, 8192), &sb, 0, Lsn(10)),
-            Verdict::Record
+            judge(
+                &Facts::of_record(&h(10, 7, 3, write, 8192)),
+                &sb,
+                0,
+                Lsn(10)
+            ),
+            Verdict::Entry
         );
         // An older lap, or an older session's record past the head: a clean end.
         assert_eq!(
-            judge(&h(9, 7, 3, write, 8192), &sb, 0, Lsn(10)),
+            judge(&Facts::of_record(&h(9, 7, 3, write, 8192)), &sb, 0, Lsn(10)),
             Verdict::End(None)
         );
         assert_eq!(
-            judge(&h(4, 6, 3, write, 8192), &sb, 0, Lsn(10)),
+            judge(&Facts::of_record(&h(4, 6, 3, write, 8192)), &sb, 0, Lsn(10)),
             Verdict::End(None)
         );
         // The expected LSN from another session, a gap, a newer epoch, an
         // unfinished in-place write, a record past the end: damaged.
-        assert!(damaged(judge(&h(10, 6, 3, write, 8192), &sb, 0, Lsn(10))));
-        assert!(damaged(judge(&h(11, 7, 3, write, 8192), &sb, 0, Lsn(10))));
-        assert!(damaged(judge(&h(10, 7, 4, write, 8192), &sb, 0, Lsn(10))));
-        let intent = EntryKind::InPlaceIntent;
-        assert!(damaged(judge(&h(10, 7, 3, intent, 4096), &sb, 0, Lsn(10))));
         assert!(damaged(judge(
-            &h(10, 7, 3, write, 8192),
+            &Facts::of_record(&h(10, 6, 3, write, 8192)),
+            &sb,
+            0,
+            Lsn(10)
+        )));
+        assert!(damaged(judge(
+            &Facts::of_record(&h(11, 7, 3, write, 8192)),
+            &sb,
+            0,
+            Lsn(10)
+        )));
+        assert!(damaged(judge(
+            &Facts::of_record(&h(10, 7, 4, write, 8192)),
+            &sb,
+            0,
+            Lsn(10)
+        )));
+        let intent = EntryKind::InPlaceIntent;
+        assert!(damaged(judge(
+            &Facts::of_record(&h(10, 7, 3, intent, 4096)),
+            &sb,
+            0,
+            Lsn(10)
+        )));
+        assert!(damaged(judge(
+            &Facts::of_record(&h(10, 7, 3, write, 8192)),
             &sb,
             AREA - 4096,
             Lsn(10)
@@ -813,11 +1008,16 @@ mod tests {
         // A pad must reach exactly the end of the area.
         let pad = EntryKind::Pad;
         assert_eq!(
-            judge(&h(10, 7, 3, pad, 4096), &sb, AREA - 4096, Lsn(10)),
+            judge(
+                &Facts::of_record(&h(10, 7, 3, pad, 4096)),
+                &sb,
+                AREA - 4096,
+                Lsn(10)
+            ),
             Verdict::Pad
         );
         assert!(damaged(judge(
-            &h(10, 7, 3, pad, 4096),
+            &Facts::of_record(&h(10, 7, 3, pad, 4096)),
             &sb,
             AREA - 8192,
             Lsn(10)
