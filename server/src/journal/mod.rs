@@ -1237,3 +1237,94 @@ impl Journal {
         self.state.borrow().ring.used() as f64 / self.area_len as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_commit_takes_whole_entries_and_stops_at_a_pending_write() {
+        let m = |pending: bool, batched: bool, index: u32| EntryMark {
+            pending,
+            batched,
+            index,
+        };
+        let b = |index: u32| m(false, true, index);
+        let own = m(false, false, 0);
+        let pending = m(true, false, 0);
+        // queue → records of its first entry
+        let table: &[(&[EntryMark], usize)] = &[
+            (&[], 0),
+            // A batch with all its records, up to the next entry.
+            (&[b(0)], 1),
+            (&[b(0), b(1), b(2)], 3),
+            (&[b(0), b(1), b(0), b(1)], 2),
+            (&[b(0), b(1), own], 2),
+            // A record with its own header alone.
+            (&[own, b(0)], 1),
+            (&[own, own], 1),
+            // Nothing passes a write whose in-place payload is under way.
+            (&[pending, b(0)], 0),
+            (&[b(0), b(1), pending], 2),
+        ];
+        for (i, &(queue, want)) in table.iter().enumerate() {
+            assert_eq!(
+                front_entry_len(queue.iter().copied()),
+                want,
+                "case {i}: {queue:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stored_entry_must_be_the_record_asked_for() {
+        let entry = |lsn: u64| BatchEntry {
+            lsn: Lsn(lsn),
+            op: MutationOp::Write,
+            flags: 0,
+            offset: 0,
+            length: 4096,
+            payload_at: BLOCK + (lsn - 5) * BLOCK,
+            payload_hash: 1,
+        };
+        let batch = HeaderBlock::Batch(BatchHeader {
+            epoch: Epoch(1),
+            session: 1,
+            entries: vec![entry(5), entry(6)],
+        });
+        assert_eq!(
+            stored_entry(batch.clone(), Lsn(6), 1).unwrap(),
+            Stored::Entry(entry(6))
+        );
+        assert!(stored_entry(batch.clone(), Lsn(7), 1).is_err());
+        assert!(stored_entry(batch, Lsn(7), 2).is_err());
+        let own = |kind: EntryKind| {
+            HeaderBlock::Record(RecordHeader {
+                lsn: Lsn(9),
+                epoch: Epoch(1),
+                session: 1,
+                kind,
+                flags: 0,
+                offset: 0,
+                length: 4096,
+                payload_len: 4096,
+                record_len: 2 * BLOCK,
+                payload_hash: 1,
+            })
+        };
+        let write = own(EntryKind::Mutation(MutationOp::Write));
+        assert_eq!(
+            stored_entry(write.clone(), Lsn(9), 0).unwrap(),
+            Stored::Entry(BatchEntry {
+                lsn: Lsn(9),
+                ..entry(5)
+            })
+        );
+        assert!(stored_entry(write, Lsn(9), 1).is_err());
+        assert_eq!(
+            stored_entry(own(EntryKind::WriteInPlace), Lsn(9), 0).unwrap(),
+            Stored::InPlace
+        );
+        assert!(stored_entry(own(EntryKind::Pad), Lsn(9), 0).is_err());
+    }
+}

@@ -1061,4 +1061,184 @@ mod tests {
         // Entirely hidden.
         assert!(m.replayable(13000, 14000, Lsn(11)).is_empty());
     }
+
+    /// A journal file with an old-layout write (LSN 10) and a pad at the
+    /// end of its area, then two batches from offset 0: LSNs 11-13 (writes)
+    /// and 14-17 (write, write, trim, write). Returns the file, its
+    /// superblock and where the second batch starts and ends.
+    fn journal_with_batches(dir: &Path) -> (File, Superblock, u64, u64) {
+        let area = MIN_AREA;
+        let sb = Superblock {
+            volume_uuid: [1; 16],
+            volume_name: "v".into(),
+            volume_size: 1 << 30,
+            area_len: area,
+            epoch: Epoch(2),
+            checkpoint_lsn: Lsn(10),
+            checkpoint_pos: area - 3 * BLOCK,
+            session: 5,
+            generation: 1,
+            role: super::super::format::Role::Primary,
+            inconsistent: false,
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("j"))
+            .unwrap();
+        f.set_len(AREA_START + area).unwrap();
+        write_superblock(&f, &sb).unwrap();
+        let at = |pos: u64| AREA_START + pos;
+        let mut blk = vec![0u8; HEADER_BLOCK];
+        let data = |lsn: u64, len: usize| vec![lsn as u8; len];
+        let old = data(10, 4096);
+        RecordHeader {
+            lsn: Lsn(10),
+            epoch: Epoch(2),
+            session: 5,
+            kind: EntryKind::Mutation(MutationOp::Write),
+            flags: 0,
+            offset: 0,
+            length: 4096,
+            payload_len: 4096,
+            record_len: 2 * BLOCK,
+            payload_hash: xxhash_rust::xxh3::xxh3_64(&old),
+        }
+        .encode(&mut blk);
+        f.write_all_at(&blk, at(area - 3 * BLOCK)).unwrap();
+        f.write_all_at(&old, at(area - 2 * BLOCK)).unwrap();
+        RecordHeader {
+            lsn: Lsn(11),
+            epoch: Epoch(2),
+            session: 5,
+            kind: EntryKind::Pad,
+            flags: 0,
+            offset: 0,
+            length: 0,
+            payload_len: 0,
+            record_len: BLOCK,
+            payload_hash: 0,
+        }
+        .encode(&mut blk);
+        f.write_all_at(&blk, at(area - BLOCK)).unwrap();
+        let ops = [
+            (MutationOp::Write, 4096),
+            (MutationOp::Write, 5000),
+            (MutationOp::Write, 100),
+        ];
+        let end1 = write_batch(&f, 0, 11, &ops, data);
+        let ops = [
+            (MutationOp::Write, 8192),
+            (MutationOp::Write, 1),
+            (MutationOp::Trim, 65536),
+            (MutationOp::Write, 4096),
+        ];
+        let end2 = write_batch(&f, end1, 14, &ops, data);
+        (f, sb, end1, end2)
+    }
+
+    /// Writes a batch of `ops` (op, length) from LSN `first` at area offset
+    /// `pos`, each write's payload `data(lsn, length)`; returns its end.
+    fn write_batch(
+        f: &File,
+        pos: u64,
+        first: u64,
+        ops: &[(MutationOp, u64)],
+        data: impl Fn(u64, usize) -> Vec<u8>,
+    ) -> u64 {
+        let mut entries: Vec<BatchEntry> = Vec::new();
+        for (i, &(op, length)) in ops.iter().enumerate() {
+            let lsn = first + i as u64;
+            let payload = data(lsn, op.payload_len(length) as usize);
+            let e = BatchEntry {
+                lsn: Lsn(lsn),
+                op,
+                flags: 0,
+                offset: lsn << 20,
+                length,
+                payload_at: BatchHeader::next_payload_at(entries.last()),
+                payload_hash: if payload.is_empty() {
+                    0
+                } else {
+                    xxhash_rust::xxh3::xxh3_64(&payload)
+                },
+            };
+            f.write_all_at(&payload, AREA_START + pos + e.payload_at)
+                .unwrap();
+            entries.push(e);
+        }
+        let b = BatchHeader {
+            epoch: Epoch(2),
+            session: 5,
+            entries,
+        };
+        let mut blk = vec![0u8; HEADER_BLOCK];
+        b.encode(&mut blk);
+        f.write_all_at(&blk, AREA_START + pos).unwrap();
+        pos + b.batch_len()
+    }
+
+    /// The LSNs a scan visits (checking each payload is its record's), and
+    /// what it returns.
+    fn scanned(f: &File, sb: &Superblock) -> (Vec<u64>, Lsn, u64, Option<String>) {
+        let mut lsns = Vec::new();
+        let (next, head, stop) = scan(f, sb, |r, data| {
+            let h = &r.header;
+            assert_eq!(data.len() as u64, h.payload_len);
+            assert!(
+                data.iter().all(|&b| b == h.lsn.0 as u8),
+                "LSN {} payload",
+                h.lsn
+            );
+            lsns.push(h.lsn.0);
+            Ok(())
+        })
+        .unwrap();
+        (lsns, next, head, stop)
+    }
+
+    #[test]
+    fn batches_replay_after_old_records_and_a_pad() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, sb, _, end2) = journal_with_batches(dir.path());
+        assert_eq!(scanned(&f, &sb), ((10..=17).collect(), Lsn(18), end2, None));
+    }
+
+    #[test]
+    fn a_torn_batch_keeps_only_the_records_before_the_first_damaged_payload() {
+        let dir = tempfile::tempdir().unwrap();
+        // Record k of the second batch (LSN 14 + k; k = 2 is a trim, no payload).
+        for k in [0u64, 1, 3] {
+            let (f, sb, end1, end2) = journal_with_batches(dir.path());
+            let mut blk = vec![0u8; HEADER_BLOCK];
+            f.read_exact_at(&mut blk, AREA_START + end1).unwrap();
+            let Ok(HeaderBlock::Batch(b)) = HeaderBlock::decode(&blk) else {
+                panic!("no batch at {end1}");
+            };
+            let e = b.entries[k as usize];
+            let last = AREA_START + end1 + e.payload_at + e.payload_len() - 1;
+            f.write_all_at(&[0xEE], last).unwrap();
+            let (lsns, next, head, stop) = scanned(&f, &sb);
+            assert_eq!(lsns, (10..14 + k).collect::<Vec<_>>(), "damaged record {k}");
+            assert_eq!((next, head), (Lsn(14 + k), end2), "damaged record {k}");
+            let why = stop.unwrap_or_default();
+            assert!(
+                why.contains(&format!("record LSN {} ", 14 + k))
+                    && why.contains("payload checksum mismatch"),
+                "damaged record {k}: {why}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_damaged_batch_header_ends_the_journal_before_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, sb, end1, _) = journal_with_batches(dir.path());
+        f.write_all_at(&[0xEE], AREA_START + end1 + 100).unwrap();
+        let (lsns, next, head, stop) = scanned(&f, &sb);
+        assert_eq!((lsns, next, head), ((10..14).collect(), Lsn(14), end1));
+        assert!(stop.unwrap_or_default().contains("checksum mismatch"));
+    }
 }
