@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fuzz every target of this harness (the replication wire codec, the
-# live-restart hand-over state, the snapshot side file) for SECONDS seconds each (default 60):
+# live-restart hand-over state, the snapshot side file, the journal's batch
+# and record headers) for SECONDS seconds each (default 60):
 #
 #   server/fuzz/run.sh 30
 #
