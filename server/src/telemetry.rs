@@ -127,6 +127,7 @@ pub fn restart_pause(ms: u64) {
 fn describe() {
     describe_request_metrics();
     describe_journal_metrics();
+    describe_snapshot_metrics();
     describe_replica_metrics();
     describe_event_metrics();
 }
@@ -229,6 +230,11 @@ fn describe_journal_metrics() {
         "mirrorblk_in_place_fallbacks_total",
         "In-place writes whose data-store write failed and whose payload was journaled instead"
     );
+}
+
+/// Metrics of a volume's snapshots and of its last recovery.
+fn describe_snapshot_metrics() {
+    use metrics::{describe_counter, describe_gauge, Unit};
     describe_gauge!(
         "mirrorblk_snapshots",
         "Point-in-time snapshots of the volume (broken ones included until deleted)"

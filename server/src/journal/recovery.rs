@@ -1241,4 +1241,41 @@ mod tests {
         assert_eq!((lsns, next, head), ((10..14).collect(), Lsn(14), end1));
         assert!(stop.unwrap_or_default().contains("checksum mismatch"));
     }
+
+    #[test]
+    fn a_recovered_journal_has_both_superblock_copies_at_this_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = File::create(dir.path().join("data")).unwrap();
+        let spec = JournalSpec {
+            path: &dir.path().join("journal"),
+            size: AREA_START + MIN_AREA,
+            volume_name: "v",
+            volume_size: 1 << 20,
+            durability: super::super::Durability::PerWrite,
+        };
+        for start in 1..=2 {
+            let opened = open_and_recover(
+                &spec,
+                &mut FileReplay {
+                    file: &data,
+                    block_device: false,
+                },
+            )
+            .unwrap();
+            drop(opened);
+            let raw = std::fs::read(spec.path).unwrap();
+            for slot in 0..2 {
+                let at = Superblock::slot_offset(slot) as usize;
+                let blk = &raw[at..at + HEADER_BLOCK];
+                let sb = Superblock::decode(blk).unwrap();
+                // An older build refuses the journal only if no copy is older.
+                let version = u32::from_le_bytes(blk[8..12].try_into().unwrap());
+                assert_eq!(
+                    (version, sb.session),
+                    (super::super::format::FORMAT_VERSION, 1 + start),
+                    "start {start}, copy {slot}"
+                );
+            }
+        }
+    }
 }
