@@ -412,7 +412,7 @@ impl Ring {
             "releasing more journal space than reserved"
         );
         assert!(
-            !self.open.is_some_and(|b| b.first < rel.checkpoint_lsn),
+            self.open.is_none_or(|b| b.first >= rel.checkpoint_lsn),
             "releasing a batch the appender has not taken"
         );
         debug_assert!(
