@@ -9,7 +9,7 @@
 //! applier. Space is released only when the applier has checkpointed.
 //!
 //! The records a group commit writes share batch headers (see
-//! [`format`]): a record reserved while the newest batch is still queued
+//! [`format`](mod@format)): a record reserved while the newest batch is still queued
 //! joins it (the ring's [`ring::place`] decides), so at queue depth n a
 //! group of n 4 KiB writes costs n + 1 journal blocks, not 2n. The
 //! appender takes whole batches only and seals the newest when it takes it;
