@@ -426,6 +426,19 @@ impl RecordHeader {
             record_len: get_u64(b, 64),
             payload_hash: get_u64(b, 72),
         };
+        // No record carries or places more than the largest payload (and
+        // its record length would overflow past it).
+        let carries_data = matches!(
+            kind,
+            EntryKind::Mutation(MutationOp::Write)
+                | EntryKind::WriteInPlace
+                | EntryKind::InPlaceIntent
+        );
+        if carries_data && h.length > super::MAX_RECORD_PAYLOAD {
+            return Err(FormatError::BadField(
+                "record length past the largest payload",
+            ));
+        }
         match kind {
             EntryKind::Mutation(MutationOp::Write) => {
                 if h.payload_len != h.length || h.record_len != Self::record_len_for(h.payload_len)
@@ -709,7 +722,7 @@ mod tests {
             any_kind(),
             any::<u8>(),
             0u64..1 << 50,
-            0u64..1 << 26,
+            0u64..=crate::journal::MAX_RECORD_PAYLOAD,
             any::<u64>(),
             1u64..1000,
         )
@@ -988,6 +1001,36 @@ mod tests {
             get_u64(&blk, BATCH_ENTRIES_AT + BATCH_ENTRY_LEN + 32),
             3 * BLOCK
         );
+    }
+
+    #[test]
+    fn a_record_longer_than_the_largest_payload_is_refused() {
+        // Found by fuzzing: its record length overflowed while being checked.
+        let mut b = vec![0u8; HEADER_BLOCK];
+        for kind in [
+            EntryKind::Mutation(MutationOp::Write),
+            EntryKind::WriteInPlace,
+        ] {
+            let h = RecordHeader {
+                lsn: Lsn(1),
+                epoch: Epoch(1),
+                session: 1,
+                kind,
+                flags: 0,
+                offset: 0,
+                length: u64::MAX - 100,
+                payload_len: 0,
+                record_len: 0,
+                payload_hash: 0,
+            };
+            h.encode(&mut b);
+            assert_eq!(
+                RecordHeader::decode(&b),
+                Err(FormatError::BadField(
+                    "record length past the largest payload"
+                ))
+            );
+        }
     }
 
     #[test]
