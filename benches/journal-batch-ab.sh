@@ -7,7 +7,8 @@
 # and the daemon's /proc/PID/io write_bytes per client write (journal and store together;
 # the store part lags behind, so it is a lower bound).
 # Usage: DIR=/tmp/jbab A=path/to/old/mirrorblkd B=path/to/new/mirrorblkd \
-#        [RUNTIME=15] [ROUNDS=3] [LOCK=/work/notes/bench.lock] benches/journal-batch-ab.sh
+#        [RUNTIME=15] [ROUNDS=3] [ONLY=REGEX] [LOCK=/work/notes/bench.lock] benches/journal-batch-ab.sh
+# ONLY runs just the jobs whose name matches (e.g. ONLY=qd1).
 # Each run holds flock $LOCK (if set) so no two benchmarks overlap. One line per run on
 # stdout (tab-separated), fio's JSON and the daemon's log under $DIR/<run>/.
 DIR=${DIR:?set DIR}
@@ -53,7 +54,8 @@ n, d = sys.argv[1], sys.argv[2]
 io0, io1, j0, j1 = (float(x) for x in sys.argv[3:7])
 w = json.load(open(f"{d}/fio.json"))["jobs"][0]["write"]
 ios = max(w["total_ios"], 1)
-journal = f"{(j1 - j0) / ios:.0f}" if j0 >= 0 else "n/a"
+# The counter appears with the first group commit: absent before the run is 0.
+journal = f"{(j1 - max(j0, 0)) / ios:.0f}" if j1 >= 0 else "n/a"
 print(f"{n}\tIOPS {w['iops']:.0f}\tMiB/s {w['bw_bytes']/2**20:.1f}"
       f"\tp99 {w['clat_ns']['percentile']['99.000000']/1000:.0f}us\twrites {w['total_ios']}"
       f"\tjournal B/write {journal}\tprocess write_bytes/write {(io1 - io0) / ios:.0f}", flush=True)
@@ -82,6 +84,7 @@ for r in $(seq 1 "$ROUNDS"); do
              "1m-write-qd8 --rw=write --bs=1m --iodepth=8"; do
     set -- $job
     jobname=$1; shift
+    [[ "$jobname" =~ ${ONLY:-.} ]] || continue
     for side in A B; do
       bin=$A; [ "$side" = B ] && bin=$B
       locked_run "$jobname-$side-r$r" "$bin" "$@"
