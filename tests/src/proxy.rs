@@ -7,7 +7,8 @@
 //!
 //! Bounded: at most [`MAX_CHUNKS`] chunks of at most 64 KiB wait per
 //! direction (a slow receiver slows the sender, as TCP would), and the
-//! proxy stops accepting when dropped. It only ever listens on and
+//! proxy stops accepting when dropped. [`DelayProxy::hold_forward`] stalls
+//! the client's direction (a link that stops moving without closing). It only ever listens on and
 //! connects to the addresses it is given (loopback in the tests).
 
 use std::io::{Read, Write};
@@ -27,6 +28,8 @@ pub struct DelayProxy {
     stop: Arc<AtomicBool>,
     /// Set by [`DelayProxy::cut`]: nothing more is delivered.
     cut: Arc<AtomicBool>,
+    /// Set by [`DelayProxy::hold_forward`]: nothing more is read from clients.
+    hold: Arc<AtomicBool>,
 }
 
 impl DelayProxy {
@@ -54,11 +57,29 @@ impl DelayProxy {
         l.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let cut = Arc::new(AtomicBool::new(false));
-        let (s, c) = (stop.clone(), cut.clone());
+        let hold = Arc::new(AtomicBool::new(false));
+        let links = Links {
+            cut: cut.clone(),
+            hold: hold.clone(),
+        };
+        let s = stop.clone();
         std::thread::Builder::new()
             .name("delay-proxy".into())
-            .spawn(move || accept_loop(l, target, delay, flip_at, &s, &c))?;
-        Ok(DelayProxy { addr, stop, cut })
+            .spawn(move || accept_loop(l, target, delay, flip_at, &s, &links))?;
+        Ok(DelayProxy {
+            addr,
+            stop,
+            cut,
+            hold,
+        })
+    }
+
+    /// With `on`, stops reading what clients send (every connection, new
+    /// ones too) until called again with false: the target hears nothing
+    /// more, the client's sends block once the socket buffers are full,
+    /// and the other direction goes on. A stalled link, not a closed one.
+    pub fn hold_forward(&self, on: bool) {
+        self.hold.store(on, Ordering::SeqCst);
     }
 
     /// The link dies at once, as with the machine on one end: what is in
@@ -85,7 +106,18 @@ impl DelayProxy {
 impl Drop for DelayProxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // A held direction must not keep its thread forever.
+        self.hold.store(false, Ordering::SeqCst);
     }
+}
+
+/// The switches every relayed connection obeys.
+#[derive(Clone)]
+struct Links {
+    /// Nothing more is delivered.
+    cut: Arc<AtomicBool>,
+    /// Nothing more is read from the client while set.
+    hold: Arc<AtomicBool>,
 }
 
 fn accept_loop(
@@ -94,7 +126,7 @@ fn accept_loop(
     delay: Duration,
     mut flip_at: Option<u64>,
     stop: &AtomicBool,
-    cut: &Arc<AtomicBool>,
+    links: &Links,
 ) {
     while !stop.load(Ordering::Relaxed) {
         match l.accept() {
@@ -104,7 +136,7 @@ fn accept_loop(
                     Ok(server) => {
                         let _ = client.set_nodelay(true);
                         let _ = server.set_nodelay(true);
-                        relay(client, server, delay, flip_at.take(), cut);
+                        relay(client, server, delay, flip_at.take(), links);
                     }
                     Err(_) => {
                         let _ = client.shutdown(Shutdown::Both);
@@ -119,35 +151,53 @@ fn accept_loop(
     }
 }
 
-/// Relays both directions of one connection.
-fn relay(a: TcpStream, b: TcpStream, delay: Duration, flip_at: Option<u64>, cut: &Arc<AtomicBool>) {
-    for (from, to, flip) in [(&a, &b, flip_at), (&b, &a, None)] {
+/// Relays both directions of one connection (only the client's, `a` to
+/// `b`, obeys the hold).
+fn relay(a: TcpStream, b: TcpStream, delay: Duration, flip_at: Option<u64>, links: &Links) {
+    let forward = Some(links.hold.clone());
+    for (from, to, flip, hold) in [(&a, &b, flip_at, forward), (&b, &a, None, None)] {
         let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
             return;
         };
         let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(MAX_CHUNKS);
+        let side = ReadSide { delay, flip, hold };
         let _ = std::thread::Builder::new()
             .name("proxy-read".into())
-            .spawn(move || read_side(from, tx, delay, flip));
-        let cut = cut.clone();
+            .spawn(move || read_side(from, tx, side));
+        let cut = links.cut.clone();
         let _ = std::thread::Builder::new()
             .name("proxy-write".into())
             .spawn(move || write_side(to, rx, &cut));
     }
 }
 
-fn read_side(
-    mut from: TcpStream,
-    tx: SyncSender<(Instant, Vec<u8>)>,
+/// How one direction reads.
+struct ReadSide {
     delay: Duration,
-    flip_at: Option<u64>,
-) {
+    /// Flip the byte at this offset.
+    flip: Option<u64>,
+    /// Forward nothing (and read no more) while set.
+    hold: Option<Arc<AtomicBool>>,
+}
+
+fn read_side(mut from: TcpStream, tx: SyncSender<(Instant, Vec<u8>)>, side: ReadSide) {
+    let ReadSide {
+        delay,
+        flip: flip_at,
+        hold,
+    } = side;
     let mut buf = vec![0u8; CHUNK];
     let mut pos = 0u64;
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                // Held (by a test, for a bounded time; dropping the proxy
+                // releases it): what was just read waits, and nothing more
+                // is read, so the client's sends block.
+                while hold.as_ref().is_some_and(|h| h.load(Ordering::SeqCst)) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
                 if let Some(at) = flip_at.filter(|&at| at >= pos && at < pos + n as u64) {
                     buf[(at - pos) as usize] ^= 0xff;
                 }
@@ -218,5 +268,45 @@ mod tests {
             "a round trip through the proxy took {:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn a_held_forward_direction_delivers_nothing_until_released() {
+        let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = echo.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = echo.accept().unwrap();
+            let mut b = [0u8; 1000];
+            loop {
+                let n = s.read(&mut b).unwrap();
+                if n == 0 {
+                    break;
+                }
+                s.write_all(&b[..n]).unwrap();
+            }
+        });
+        let p = DelayProxy::start("127.0.0.1:0".parse().unwrap(), target, Duration::ZERO).unwrap();
+        let mut c = TcpStream::connect(p.addr()).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        c.write_all(b"before").unwrap();
+        let mut got = [0u8; 6];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"before");
+        p.hold_forward(true);
+        c.write_all(b"held").unwrap();
+        let mut one = [0u8; 1];
+        let err = c.read_exact(&mut one).expect_err("a held link delivered");
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{err}"
+        );
+        p.hold_forward(false);
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = [0u8; 4];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"held", "released: delivered in order");
     }
 }
