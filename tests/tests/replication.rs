@@ -1383,6 +1383,142 @@ mod replication {
         assert_stores_identical(&[&p, &r2]);
     }
 
+    /// Writes of `size` bytes through the primary, one at a time at
+    /// distinct offsets from `base`, `count` of them; `done` counts those
+    /// acknowledged. Returns the first error, if any.
+    fn write_in_background(
+        p: &Node,
+        (base, size): (u64, u64),
+        count: u64,
+        done: Arc<AtomicUsize>,
+    ) -> std::thread::JoinHandle<Result<(), String>> {
+        let mut c = p.daemon.connect(EXPORT);
+        std::thread::spawn(move || {
+            for i in 0..count {
+                c.write(base + i * size, &pattern(1000 + i, size as usize), false)
+                    .map_err(|e| format!("write {i} of {count}: {e}"))?;
+                done.store(i as usize + 1, Ordering::SeqCst);
+            }
+            Ok(())
+        })
+    }
+
+    /// Primary n1 in sync mode (with `extra`) whose one replica, n2, is
+    /// reached through `proxy`.
+    fn primary_through(
+        dir: &TestDir,
+        secret: &std::path::Path,
+        proxy: &mirrorblk_tests::proxy::DelayProxy,
+        extra: &[&str],
+    ) -> Node {
+        use mirrorblk_tests::cluster::NodeFiles;
+        use mirrorblk_tests::daemon::Daemon;
+        let files = NodeFiles::new(dir, "n1");
+        let mut flags = vec!["--mode", "sync"];
+        flags.extend_from_slice(extra);
+        let daemon = Daemon::try_start(files.primary_args(
+            secret,
+            &[format!("n2={}", proxy.addr())],
+            J64,
+            &flags,
+        ))
+        .unwrap_or_else(|e| panic!("primary: {e}"));
+        Node {
+            files,
+            daemon,
+            replication: None,
+        }
+    }
+
+    /// Waits (bounded: `limit`) until `done` has not moved for a second,
+    /// and returns it.
+    fn until_it_stops(done: &AtomicUsize, limit: Duration) -> usize {
+        let started = Instant::now();
+        let (mut last, mut since) = (done.load(Ordering::SeqCst), Instant::now());
+        while started.elapsed() < limit && since.elapsed() < Duration::from_secs(1) {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = done.load(Ordering::SeqCst);
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+        last
+    }
+
+    /// The link to a replica in the middle of its resync stalls (its bytes
+    /// stop moving; heartbeats of 20 s, so nobody gives up) while a client
+    /// writes 1 MiB blocks: their records pile up in the primary's window
+    /// behind the stalled link until they hold every 1 MiB buffer of its
+    /// pool (`--buffer-memory 48M`: 40 of them) and the client waits for
+    /// one. Once the link moves again, the client's writes complete and the
+    /// resync finishes: the resync's region reads must not wait for buffers
+    /// that only the link's own progress frees (the livelock seen in CI,
+    /// where every reconnect stopped the same way).
+    #[test]
+    fn a_link_stalled_mid_resync_while_writes_fill_the_pool_recovers() {
+        use mirrorblk_tests::proxy::DelayProxy;
+        const BLOCKS: u64 = 64;
+        const HB: [&str; 2] = ["--heartbeat-timeout", "20s"];
+        let dir = TestDir::new();
+        let secret = write_secret(&dir, "secret");
+        let mut r2 = Node::start_replica(&dir, "n2", &secret, J64, &HB);
+        let proxy = DelayProxy::start(
+            "127.0.0.1:0".parse().expect("address"),
+            r2.replication.expect("a replica has a replication address"),
+            Duration::ZERO,
+        )
+        .expect("start the proxy");
+        // A full checksum pass of 256 regions at 1 MiB/s of budget (a
+        // check spends a 16th of a region) takes about 16 s.
+        let mut p = primary_through(
+            &dir,
+            &secret,
+            &proxy,
+            &[HB[0], HB[1], "--buffer-memory", "48M", "--resync-rate", "1M"],
+        );
+        // n2 is new: a full checksum resync, streaming live meanwhile.
+        p.wait_status(Duration::from_secs(20), "n2 resyncing", |s| {
+            view_of(s, "n2").state == ReplicaState::Resyncing
+        });
+        proxy.hold_forward(true);
+        // First 14 MiB in 256 KiB writes (buffers of another class): the
+        // link's send blocks on a full socket holding only those.
+        let small = Arc::new(AtomicUsize::new(0));
+        let fill = write_in_background(&p, (128 * MIB, 256 << 10), 56, small.clone());
+        until_it_stops(&small, Duration::from_secs(10));
+        assert!(fill.is_finished(), "the 256 KiB writes stalled");
+        // Then 1 MiB writes pile up unsent behind it until the pool has no
+        // 1 MiB buffer left.
+        let done = Arc::new(AtomicUsize::new(0));
+        let writer = write_in_background(&p, (16 * MIB, MIB), BLOCKS, done.clone());
+        let during = until_it_stops(&done, Duration::from_secs(12));
+        proxy.hold_forward(false);
+        assert!(
+            (during as u64) < BLOCKS,
+            "all {BLOCKS} writes of 1 MiB went through while n2's link was stalled: the pool was never exhausted, so this test proves nothing"
+        );
+        let released = Instant::now();
+        while !writer.is_finished() && released.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let after = done.load(Ordering::SeqCst);
+        assert_eq!(
+            after as u64,
+            BLOCKS,
+            "the client's writes stalled after n2's link moved again ({during} done during the stall, {after} of {BLOCKS} after {:.1?}); primary log:\n{}",
+            released.elapsed(),
+            p.daemon.log()
+        );
+        writer
+            .join()
+            .expect("writer thread")
+            .unwrap_or_else(|e| panic!("{e}"));
+        wait_converged(&p, Duration::from_secs(60), "n2's resync to finish");
+        p.stop();
+        r2.stop();
+        assert_stores_identical(&[&p, &r2]);
+    }
+
     /// `mirrorblk verify` finds a region corrupted on one replica behind the
     /// primary's back (exit 1, the offset reported), `--repair` resends it,
     /// and a second verify finds all identical, as do the stopped stores.
