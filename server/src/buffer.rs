@@ -265,6 +265,30 @@ impl BufPool {
         out
     }
 
+    /// Buffers for several sizes (each ≤ [`MAX_CHUNK`]) if the pool has them
+    /// all free now, else None (what was taken goes back at once). Never
+    /// waits: for a task whose own progress is what frees buffers (a
+    /// replication link's position pins records in its window), which
+    /// must never wait for them.
+    pub fn try_take_many(&self, sizes: &[usize]) -> Option<Vec<FixedBuf>> {
+        // A multi-buffer request in progress gets them first.
+        let _guard = match self.multi.try_lock() {
+            Ok(g) => g,
+            Err(_) => return None,
+        };
+        sizes
+            .iter()
+            .map(|&s| {
+                let cap = Self::class_for(s.max(1));
+                CLASSES
+                    .iter()
+                    .copied()
+                    .filter(|c| *c >= cap)
+                    .find_map(|c| self.pool.try_next(c))
+            })
+            .collect()
+    }
+
     /// Takes chunks for a `len`-byte payload: full [`MAX_CHUNK`]s, then the
     /// smallest class for the remainder.
     pub async fn payload(&self, len: usize) -> Payload {
@@ -497,6 +521,34 @@ mod tests {
         assert_eq!(BufPool::class_for(4096), 4096);
         assert_eq!(BufPool::class_for(4097), 16 << 10);
         assert_eq!(BufPool::class_for(MAX_CHUNK), MAX_CHUNK);
+    }
+
+    /// A try takes all or nothing and never waits: a size the pool cannot
+    /// serve now gives back what was taken for the others.
+    #[test]
+    fn a_try_takes_all_or_nothing() {
+        tokio_uring::start(async {
+            let pool = BufPool::new(&PoolConfig {
+                counts: [1, 0, 0, 0, 2],
+            });
+            let a = pool.try_take_many(&[MAX_CHUNK]).expect("one of two free");
+            assert!(
+                pool.try_take_many(&[MAX_CHUNK, MAX_CHUNK]).is_none(),
+                "only one 1 MiB buffer is free"
+            );
+            // The failed try gave its buffer back: it can be taken again.
+            let b = pool.try_take_many(&[MAX_CHUNK]).expect("the second one");
+            assert!(pool.try_take_many(&[MAX_CHUNK]).is_none(), "none left");
+            // A small size borrows a larger class only when its own is empty.
+            let small = pool.try_take_many(&[100]).expect("the 4 KiB one");
+            assert_eq!(small[0].bytes_total(), 4096);
+            assert!(pool.try_take_many(&[100]).is_none(), "nothing to borrow");
+            drop(b);
+            let borrowed = pool.try_take_many(&[100]).expect("borrows 1 MiB");
+            assert_eq!(borrowed[0].bytes_total(), MAX_CHUNK);
+            drop((a, small, borrowed));
+            assert_eq!(pool.try_take_many(&[MAX_CHUNK, MAX_CHUNK]).map(|v| v.len()), Some(2));
+        });
     }
 
     #[test]
