@@ -37,7 +37,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 pub use error::{nbd_error, EngineError};
-pub use read::ReadData;
+pub use read::{ReadBuffers, ReadData};
 pub use resize::ResizeError;
 pub use snapshot::{Snapshot, SnapshotError, SnapshotInfo};
 pub use tracking::{seed_new_volume, ChangeReport, ReplayMarks};
@@ -349,6 +349,11 @@ impl Engine {
     /// The core's buffer pool.
     pub fn pool(&self) -> &Rc<BufPool> {
         &self.pool
+    }
+
+    /// Every LSN below this is applied to the store.
+    pub fn applied_next(&self) -> Lsn {
+        self.applied_next.get()
     }
 
     /// The journal: the LSN frontiers, the retained records replication

@@ -28,6 +28,14 @@ impl ReadData {
     }
 }
 
+/// Pool buffers taken for one read (see [`Engine::try_read_buffers`]);
+/// they go back to the pool when dropped.
+pub struct ReadBuffers {
+    /// The most bytes they hold, from a chunk boundary.
+    len: u64,
+    bufs: Vec<FixedBuf>,
+}
+
 /// `[offset, end)` cut at MAX_CHUNK-aligned volume offsets, so each piece's
 /// aligned span fits one buffer.
 pub(super) fn pieces(offset: u64, end: u64) -> Vec<(u64, u64)> {
@@ -56,25 +64,73 @@ impl Engine {
 
     /// Reads `[offset, offset+len)`: the store, overlaid with unapplied extents.
     pub async fn read(&self, offset: u64, len: u64) -> Result<ReadData, ErrorCode> {
-        let mut parts = Vec::new();
         if len == 0 {
-            return Ok(ReadData { parts });
+            return Ok(ReadData { parts: Vec::new() });
         }
-        // A connection negotiated before a shrink may still ask for bytes
-        // past the new end: they are gone.
+        self.check_read_range(offset, len)?;
+        let pieces = pieces(offset, offset + len);
+        let bufs = self.piece_buffers(&pieces).await;
+        self.read_pieces(pieces, bufs).await
+    }
+
+    /// A connection negotiated before a shrink may still ask for bytes past
+    /// the new end: they are gone.
+    fn check_read_range(&self, offset: u64, len: u64) -> Result<(), ErrorCode> {
         if offset.checked_add(len).is_none_or(|end| end > self.size()) {
             return Err(ErrorCode::Inval);
         }
-        let pieces = pieces(offset, offset + len);
-        let bufs = self.piece_buffers(&pieces).await;
+        Ok(())
+    }
+
+    async fn read_pieces(
+        &self,
+        pieces: Vec<(u64, u64)>,
+        bufs: Vec<FixedBuf>,
+    ) -> Result<ReadData, ErrorCode> {
         let reads = pieces
             .into_iter()
             .zip(bufs)
             .map(|((p0, p1), buf)| self.read_piece(p0, p1, buf));
+        let mut parts = Vec::new();
         for r in futures_util::future::join_all(reads).await {
             parts.push(r?);
         }
         Ok(ReadData { parts })
+    }
+
+    /// Buffers for one later [`Engine::read_with`] of up to `len` bytes at
+    /// an offset aligned to [`MAX_CHUNK`], if the pool has them free now;
+    /// None otherwise (never waits).
+    pub fn try_read_buffers(&self, len: u64) -> Option<ReadBuffers> {
+        let sizes: Vec<usize> = pieces(0, len)
+            .iter()
+            .map(|&(a, b)| (align_up(b) - align_down(a)) as usize)
+            .collect();
+        self.pool
+            .try_take_many(&sizes)
+            .map(|bufs| ReadBuffers { len, bufs })
+    }
+
+    /// [`Engine::read`] into buffers taken beforehand with
+    /// [`Engine::try_read_buffers`]: `offset` aligned to [`MAX_CHUNK`] and
+    /// `len` at most theirs.
+    pub async fn read_with(
+        &self,
+        offset: u64,
+        len: u64,
+        bufs: ReadBuffers,
+    ) -> Result<ReadData, ErrorCode> {
+        assert!(
+            offset % MAX_CHUNK as u64 == 0 && len <= bufs.len,
+            "a read of {len} bytes at {offset} in buffers taken for {} bytes at a chunk boundary",
+            bufs.len
+        );
+        if len == 0 {
+            return Ok(ReadData { parts: Vec::new() });
+        }
+        self.check_read_range(offset, len)?;
+        self.read_pieces(pieces(offset, offset + len), bufs.bufs)
+            .await
     }
 
     async fn read_piece(

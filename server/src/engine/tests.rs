@@ -443,3 +443,42 @@ fn a_snapshot_reports_its_own_holes_and_data_where_changed_after_it() {
         assert_zero_runs_read_zero(&runs, &image);
     });
 }
+
+/// Buffers taken ahead ([`Engine::try_read_buffers`]) read exactly what a
+/// plain read does, pending records included; with the pool's 1 MiB
+/// buffers all held elsewhere, taking them fails at once instead of
+/// waiting (a resync must not wait on buffers its own link pins).
+#[test]
+fn a_read_into_buffers_taken_ahead_reads_the_same_and_never_waits() {
+    use crate::buffer::MAX_CHUNK;
+    let dir = tempfile::tempdir().expect("tempdir");
+    tokio_uring::start(async {
+        let pool = pool();
+        let e = open(dir.path(), &pool);
+        let w = Change::write((1 << 20) + 4096, payload(&pool, 12288, 0x5c).await);
+        e.mutate(w).await.expect("write");
+        let want = read(&e, 1 << 20, 1 << 20).await;
+        let bufs = e.try_read_buffers(1 << 20).expect("free buffers");
+        let data = e.read_with(1 << 20, 1 << 20, bufs).await.expect("read");
+        let mut got = Vec::new();
+        for (b, s, end) in &data.parts {
+            got.extend_from_slice(&b[*s..*end]);
+        }
+        assert!(got == want, "the same bytes as a plain read");
+        // A shorter read (a volume's last region) fits the same buffers.
+        let bufs = e.try_read_buffers(1 << 20).expect("free buffers");
+        let short = e.read_with(1 << 20, 8192, bufs).await.expect("short read");
+        assert_eq!(short.xxh3(), xxhash_rust::xxh3::xxh3_64(&want[..8192]));
+        drop((data, short));
+        let mut held = Vec::new();
+        while let Some(b) = pool.try_take_many(&[MAX_CHUNK]) {
+            held.extend(b);
+        }
+        assert!(!held.is_empty());
+        assert!(e.try_read_buffers(1 << 20).is_none(), "no free 1 MiB buffer");
+        held.pop();
+        assert!(e.try_read_buffers(1 << 20).is_some(), "one given back");
+        drop(held);
+        assert!(e.shutdown(Duration::from_secs(10)).await, "drained");
+    });
+}
