@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 
 use super::bitmap::{OutOfSync, REGION};
 use super::frames::{self, LinkError};
+use super::keepalive::{now_us, Keepalive};
 use super::plan::{self, Plan, PlanInputs};
 use super::reader::FrameReader;
 use super::resync::{Job, JobKind, Step};
 use super::wire::{self, Ack, Auth, Hello, HelloReply, Kind, RegionCheck, ReplyStatus};
 use super::{Fenced, LinkState, Phase, Primary};
 use crate::buffer::{OutBuf, SharedSlice};
-use crate::engine::Engine;
+use crate::engine::{Engine, ReadBuffers, ReadData};
 use crate::events::{self, EventKind};
 use crate::journal::{Mutation, ReadBack};
 use crate::sockio::{write_all, Socket};
@@ -55,6 +56,10 @@ pub async fn run(
             Err(e) => e.to_string(),
         };
         primary.set_phase(&link, Phase::OutOfSync(reason));
+        // Out of the stream, the link no longer keeps records in memory:
+        // release them now, not at the next apply (there may be none while
+        // clients wait for the buffers those records hold).
+        primary.trim(vol.applied_next());
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
         }
@@ -543,13 +548,6 @@ async fn receive_acks(
     }
 }
 
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
 /// The frame header and record header of a record, as one small buffer.
 fn record_head(r: &Mutation, epoch: u64) -> Vec<u8> {
     let payload_len = r.payload_len();
@@ -667,6 +665,19 @@ fn region_extent(vol: &Engine, region: usize) -> Result<(u64, u64), LinkError> {
     }
 }
 
+// A region starts at a chunk boundary, as buffers taken ahead for a read
+// of a region's length require.
+const _: () = assert!(REGION % crate::buffer::MAX_CHUNK as u64 == 0);
+
+/// One region of a resync or verify pass to put in the stream, with the
+/// pool buffers its read goes into (taken before the step was chosen).
+struct RegionStep {
+    region: usize,
+    /// RESYNC_CHECK (its checksum) rather than RESYNC_DATA.
+    check: bool,
+    bufs: ReadBuffers,
+}
+
 /// Sends one resync region (RESYNC_DATA) or its checksum (RESYNC_CHECK):
 /// the primary's data as of after the last record sent. Runs inside the
 /// send loop, so no record can slip between the snapshot and its place in
@@ -674,34 +685,29 @@ fn region_extent(vol: &Engine, region: usize) -> Result<(u64, u64), LinkError> {
 /// read; they follow it in the stream and the replica re-applies them
 /// (idempotent). A checksum must match exactly that moment, so when such a
 /// record touches the region the check is deferred (returns false, nothing
-/// sent). The frame's sequence number is taken from the link's job.
+/// sent). The frame's sequence number is taken from the link's job. The
+/// read and the journal wait write nothing to the socket: the replica
+/// hears PINGs meanwhile.
 async fn resync_frame(
     vol: &Engine,
     primary: &Primary,
     link: &LinkState,
     sock: &Socket,
-    region: usize,
-    check: bool,
+    step: RegionStep,
+    alive: &mut Keepalive,
 ) -> Result<bool, LinkError> {
+    let RegionStep {
+        region,
+        check,
+        bufs,
+    } = step;
     let (offset, len) = region_extent(vol, region)?;
     let sent_next = link.sent_next.get();
     let after = sent_next.0.saturating_sub(1);
-    let data = vol
-        .read(offset, len)
-        .await
-        .map_err(|e| LinkError::Local(format!("resync read at {offset} failed: {e:?}")))?;
-    let next = vol.journal().next_lsn();
-    if !check {
-        // The snapshot may hold records not yet durable here: send it only
-        // once they are, or a crash of this node could leave the replica
-        // with writes this node then never had.
-        if next.0 > 1 {
-            vol.journal()
-                .wait_durable(Lsn(next.0 - 1))
-                .await
-                .map_err(|e| LinkError::Local(format!("journal failed: {e}")))?;
-        }
-    } else if unsent_record_touches(primary, sent_next, next, offset, len) {
+    let (data, next) = alive
+        .during(sock, region_snapshot(vol, offset, len, check, bufs))
+        .await??;
+    if check && unsent_record_touches(primary, sent_next, next, offset, len) {
         if let Some(j) = link.job.borrow_mut().as_mut() {
             j.recheck(region);
         }
@@ -738,6 +744,33 @@ async fn resync_frame(
     }
     write_all(sock, out).await?;
     Ok(true)
+}
+
+/// Reads `[offset, offset + len)` into `bufs` for a resync frame. Returns
+/// the data and the next LSN as of the read (taken with no await after
+/// it: the records a check must not overlap are those reserved before).
+/// A data snapshot may hold records not yet durable here: it goes out only
+/// once they are, or a crash of this node could leave the replica with
+/// writes this node then never had.
+async fn region_snapshot(
+    vol: &Engine,
+    offset: u64,
+    len: u64,
+    check: bool,
+    bufs: ReadBuffers,
+) -> Result<(ReadData, Lsn), LinkError> {
+    let data = vol
+        .read_with(offset, len, bufs)
+        .await
+        .map_err(|e| LinkError::Local(format!("resync read at {offset} failed: {e:?}")))?;
+    let next = vol.journal().next_lsn();
+    if !check && next.0 > 1 {
+        vol.journal()
+            .wait_durable(Lsn(next.0 - 1))
+            .await
+            .map_err(|e| LinkError::Local(format!("journal failed: {e}")))?;
+    }
+    Ok((data, next))
 }
 
 /// The link's resync or verify pass ended: the link counts for
@@ -785,12 +818,20 @@ fn finish_job(vol: &Engine, primary: &Primary, link: &LinkState) {
 
 /// One step of the link's resync or verify pass, if one runs and may send
 /// now. Returns whether it put something in the stream.
+///
+/// A region's buffers are taken before its step, without waiting: the
+/// records this link has yet to send hold pool buffers in the window, and
+/// only this loop sending them releases those. A region read that waited
+/// for a buffer could wait for ever (the loop stuck, the window full,
+/// clients waiting for buffers too, nothing applied, nothing trimmed):
+/// without free buffers the pass waits and the loop streams records.
 async fn job_step(
     vol: &Engine,
     primary: &Primary,
     link: &LinkState,
     sock: &Socket,
     budget: &mut Budget,
+    alive: &mut Keepalive,
 ) -> Result<bool, LinkError> {
     if link.job.borrow().is_none() {
         if !start_requested_verify(vol, link) {
@@ -798,7 +839,12 @@ async fn job_step(
         }
         *budget = Budget::new();
     }
-    let may = budget.allows(primary.resync_rate.get());
+    let bufs = if budget.allows(primary.resync_rate.get()) {
+        vol.try_read_buffers(REGION)
+    } else {
+        None
+    };
+    let may = bufs.is_some();
     let step = {
         let mut job = link.job.borrow_mut();
         let j = job.as_mut().expect("checked above");
@@ -815,7 +861,13 @@ async fn job_step(
             // it spends a sixteenth of a region of the budget.
             let len = REGION.min(vol.size().saturating_sub(r as u64 * REGION));
             budget.spend(if check { len / 16 } else { len });
-            resync_frame(vol, primary, link, sock, r, check).await
+            let bufs = bufs.expect("a region step is only given with its buffers in hand");
+            let step = RegionStep {
+                region: r,
+                check,
+                bufs,
+            };
+            resync_frame(vol, primary, link, sock, step, alive).await
         }
         Step::Done | Step::Finished => {
             if step == Step::Done {
@@ -886,12 +938,13 @@ async fn send_catch_up(
     link: &LinkState,
     sock: &Socket,
     epoch: u64,
+    alive: &mut Keepalive,
 ) -> Result<(), LinkError> {
     let cursor = link.sent_next.get();
-    let read = vol
-        .journal()
-        .read_record(cursor, vol.pool())
-        .await
+    // The read writes nothing to the socket: PINGs go meanwhile.
+    let read = alive
+        .during(sock, vol.journal().read_record(cursor, vol.pool()))
+        .await?
         .map_err(|e| LinkError::Local(format!("catch-up read of LSN {cursor} failed: {e}")))?;
     let ReadBack::Journaled(rec) = read else {
         // Its data is only in the store, possibly overwritten since: the
@@ -908,6 +961,10 @@ async fn send_catch_up(
     Ok(())
 }
 
+/// Sends what the replica needs next, for as long as the connection lasts:
+/// a resync or verify frame when one is due, live records from the window,
+/// catch-up records from the journal, barriers, and PINGs, so that it never
+/// stays silent for a third of the heartbeat timeout, whatever it waits for.
 async fn send_loop(
     vol: &Rc<Engine>,
     primary: &Rc<Primary>,
@@ -916,16 +973,15 @@ async fn send_loop(
     hb: Duration,
 ) -> Result<(), LinkError> {
     let epoch = vol.journal().epoch().0;
-    let ping_every = hb / 3;
-    let mut last_send = Instant::now();
+    let mut alive = Keepalive::new(hb / 3);
     let mut budget = Budget::new();
     loop {
         // Resync and verify frames go between records, rate-limited: at
         // most one per pass of this loop, so live records never queue
         // behind a run of regions.
-        let resync_sent = job_step(vol, primary, link, sock, &mut budget).await?;
+        let resync_sent = job_step(vol, primary, link, sock, &mut budget, &mut alive).await?;
         if resync_sent {
-            last_send = Instant::now();
+            alive.sent();
         }
         let cursor = link.sent_next.get();
         let wake = link.wake.notified();
@@ -935,12 +991,16 @@ async fn send_loop(
                 primary.set_phase(link, Phase::InSync);
             }
             send_live(primary, link, sock, epoch).await?;
-            last_send = Instant::now();
+            alive.sent();
+            // This link may have been all that kept those records (and
+            // their buffers) in memory: release them now, not at the next
+            // apply, which may be waiting for the buffers.
+            primary.trim(vol.applied_next());
             continue;
         }
         if cursor < vol.journal().next_lsn() {
-            send_catch_up(vol, link, sock, epoch).await?;
-            last_send = Instant::now();
+            send_catch_up(vol, link, sock, epoch, &mut alive).await?;
+            alive.sent();
             continue;
         }
         if *link.phase.borrow() != Phase::InSync {
@@ -954,18 +1014,17 @@ async fn send_loop(
         push_barrier(&mut out, link);
         if !out.is_empty() {
             write_all(sock, out).await?;
-            last_send = Instant::now();
+            alive.sent();
             continue;
         }
         // Idle: wait for records, pinging so the replica knows we live.
-        let mut left = ping_every.saturating_sub(last_send.elapsed());
+        let mut left = alive.due_in();
+        if left.is_zero() {
+            alive.ping(sock).await?;
+            continue;
+        }
         if link.job.borrow().is_some() || link.verify_request.get().is_some() {
             left = left.min(Duration::from_millis(10));
-        }
-        if ping_every.saturating_sub(last_send.elapsed()).is_zero() {
-            frames::send(sock, Kind::Ping, &now_us().to_le_bytes()).await?;
-            last_send = Instant::now();
-            continue;
         }
         let _ = tokio::time::timeout(left, wake).await;
     }

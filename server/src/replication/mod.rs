@@ -4,11 +4,13 @@
 //! - [`link`]: the primary's side of one (volume, replica) connection.
 //! - [`session`]: the replica's side.
 //! - [`frames`]: reading and writing frames on a tokio-uring socket.
+//! - [`keepalive`]: the primary's PINGs, also while its send loop waits.
 //! - [`accept`]: the replica's listener, routing each primary to its volume's core.
 
 pub mod accept;
 pub mod bitmap;
 pub mod frames;
+pub mod keepalive;
 pub mod link;
 pub mod plan;
 pub mod reader;
@@ -458,7 +460,10 @@ impl Primary {
     }
 
     /// Drops records that are applied (below `applied_next`) and sent to
-    /// every in-sync link.
+    /// every in-sync link. Runs after each apply, after a link sends
+    /// records and when a link leaves the stream: the window's records hold
+    /// pool buffers, which clients (and resync reads) may be waiting for
+    /// while nothing is applied.
     pub fn trim(&self, applied_next: Lsn) {
         let floor = self
             .links

@@ -522,6 +522,42 @@ mod tests {
         assert_eq!(v.next_step(&b, true, true), Step::Finished);
     }
 
+    /// The link takes a region's buffers before it asks for a step and says
+    /// `may_send_data` only with them in hand: no region step (data or
+    /// check) is ever given without, while a pass with nothing left to
+    /// send still ends.
+    #[test]
+    fn no_region_step_without_leave_to_send_but_a_pass_still_ends() {
+        // (kind, may send data, may check, step)
+        let table = [
+            (JobKind::Resync { checksum: false }, false, true, Step::Wait),
+            (JobKind::Resync { checksum: false }, true, true, Step::Data(0)),
+            (JobKind::Resync { checksum: true }, false, true, Step::Wait),
+            (JobKind::Resync { checksum: true }, true, true, Step::Check(0)),
+            (JobKind::Resync { checksum: true }, true, false, Step::Wait),
+            (JobKind::Verify { repair: false }, false, true, Step::Wait),
+            (JobKind::Verify { repair: true }, true, true, Step::Check(0)),
+        ];
+        for (kind, may_send, may_check, want) in table {
+            let mut b = bits(2);
+            b.set_all();
+            let mut j = Job::new(kind, &b, 2 * REGION, 1);
+            assert_eq!(
+                j.next_step(&b, may_send, may_check),
+                want,
+                "{kind:?} may send {may_send} may check {may_check}"
+            );
+        }
+        // Everything sent and durable: the end needs no buffers.
+        let mut b = bits(1);
+        b.set_all();
+        let mut j = Job::new(JobKind::Resync { checksum: false }, &b, REGION, 1);
+        assert_eq!(j.next_step(&b, true, true), Step::Data(0));
+        let s = j.sent(0, false);
+        j.on_durable(s, &mut b);
+        assert_eq!(j.next_step(&b, false, false), Step::Done);
+    }
+
     #[test]
     fn frames_awaiting_durability_are_bounded() {
         let mut b = bits(MAX_PENDING as u64 + 5);
