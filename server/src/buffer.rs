@@ -547,7 +547,10 @@ mod tests {
             let borrowed = pool.try_take_many(&[100]).expect("borrows 1 MiB");
             assert_eq!(borrowed[0].bytes_total(), MAX_CHUNK);
             drop((a, small, borrowed));
-            assert_eq!(pool.try_take_many(&[MAX_CHUNK, MAX_CHUNK]).map(|v| v.len()), Some(2));
+            assert_eq!(
+                pool.try_take_many(&[MAX_CHUNK, MAX_CHUNK]).map(|v| v.len()),
+                Some(2)
+            );
         });
     }
 

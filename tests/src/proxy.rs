@@ -287,7 +287,8 @@ mod tests {
         });
         let p = DelayProxy::start("127.0.0.1:0".parse().unwrap(), target, Duration::ZERO).unwrap();
         let mut c = TcpStream::connect(p.addr()).unwrap();
-        c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         c.write_all(b"before").unwrap();
         let mut got = [0u8; 6];
         c.read_exact(&mut got).unwrap();

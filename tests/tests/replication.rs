@@ -1474,7 +1474,14 @@ mod replication {
             &dir,
             &secret,
             &proxy,
-            &[HB[0], HB[1], "--buffer-memory", "48M", "--resync-rate", "1M"],
+            &[
+                HB[0],
+                HB[1],
+                "--buffer-memory",
+                "48M",
+                "--resync-rate",
+                "1M",
+            ],
         );
         // n2 is new: a full checksum resync, streaming live meanwhile.
         p.wait_status(Duration::from_secs(20), "n2 resyncing", |s| {

@@ -475,7 +475,10 @@ fn a_read_into_buffers_taken_ahead_reads_the_same_and_never_waits() {
             held.extend(b);
         }
         assert!(!held.is_empty());
-        assert!(e.try_read_buffers(1 << 20).is_none(), "no free 1 MiB buffer");
+        assert!(
+            e.try_read_buffers(1 << 20).is_none(),
+            "no free 1 MiB buffer"
+        );
         held.pop();
         assert!(e.try_read_buffers(1 << 20).is_some(), "one given back");
         drop(held);

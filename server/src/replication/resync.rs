@@ -531,9 +531,19 @@ mod tests {
         // (kind, may send data, may check, step)
         let table = [
             (JobKind::Resync { checksum: false }, false, true, Step::Wait),
-            (JobKind::Resync { checksum: false }, true, true, Step::Data(0)),
+            (
+                JobKind::Resync { checksum: false },
+                true,
+                true,
+                Step::Data(0),
+            ),
             (JobKind::Resync { checksum: true }, false, true, Step::Wait),
-            (JobKind::Resync { checksum: true }, true, true, Step::Check(0)),
+            (
+                JobKind::Resync { checksum: true },
+                true,
+                true,
+                Step::Check(0),
+            ),
             (JobKind::Resync { checksum: true }, true, false, Step::Wait),
             (JobKind::Verify { repair: false }, false, true, Step::Wait),
             (JobKind::Verify { repair: true }, true, true, Step::Check(0)),
