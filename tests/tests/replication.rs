@@ -1447,13 +1447,15 @@ mod replication {
 
     /// The link to a replica in the middle of its resync stalls (its bytes
     /// stop moving; heartbeats of 20 s, so nobody gives up) while a client
-    /// writes 1 MiB blocks: their records pile up in the primary's window
-    /// behind the stalled link until they hold every 1 MiB buffer of its
-    /// pool (`--buffer-memory 48M`: 40 of them) and the client waits for
-    /// one. Once the link moves again, the client's writes complete and the
-    /// resync finishes: the resync's region reads must not wait for buffers
-    /// that only the link's own progress frees (the livelock seen in CI,
-    /// where every reconnect stopped the same way).
+    /// writes: first 256 KiB blocks, so the link's send blocks on a full
+    /// socket holding buffers of that class only, then 1 MiB blocks, whose
+    /// records pile up unsent in the primary's window until they hold every
+    /// 1 MiB buffer of its pool (`--buffer-memory 48M`: 40 of them) and the
+    /// client waits for one. Once the link moves again, the client's writes
+    /// complete and the resync finishes. Before the fix the link's next
+    /// region read waited for a 1 MiB buffer that only its own progress
+    /// could free, with everything applied (so nothing trimmed the window):
+    /// the livelock seen in CI, where every reconnect stopped the same way.
     #[test]
     fn a_link_stalled_mid_resync_while_writes_fill_the_pool_recovers() {
         use mirrorblk_tests::proxy::DelayProxy;
