@@ -373,7 +373,16 @@ impl Response {
         Response {
             ok: false,
             error: Some(msg.into()),
-            node: String::new(),
+            ..Response::answered("")
+        }
+    }
+
+    /// A successful answer from `node`, its payload still to be filled in.
+    pub fn answered(node: impl Into<String>) -> Response {
+        Response {
+            ok: true,
+            error: None,
+            node: node.into(),
             volumes: Vec::new(),
             pid: None,
             started_at: None,

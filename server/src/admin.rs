@@ -291,21 +291,45 @@ fn handle(
     if let Some(why) = unknown_volume(&req, &volumes) {
         return (Response::error(why), None);
     }
-    let resp = Response {
-        ok: true,
-        error: None,
-        node: node.to_string(),
-        volumes,
-        pid: None,
-        started_at: None,
-        listen: None,
-        coordinator: None,
-        event_log: None,
-        restart: None,
-        changes: None,
-        snapshots: None,
-    };
+    let mut resp = Response::answered(node);
+    resp.volumes = volumes;
     (resp, restart)
+}
+
+/// Why a core gave no answer.
+enum AskError {
+    /// Its queue is closed: the node is shutting down.
+    Stopped,
+    /// It did not answer within this limit.
+    Late(Duration),
+}
+
+impl AskError {
+    /// The refusal an admin client reads; `after` says what goes on
+    /// regardless (a resize keeps going after its answer is late).
+    fn message(&self, after: &str) -> String {
+        match self {
+            AskError::Stopped => "a core has stopped; the node is shutting down".to_string(),
+            AskError::Late(limit) => format!(
+                "a core did not answer within {} s; the node may be overloaded{after}",
+                limit.as_secs()
+            ),
+        }
+    }
+}
+
+/// Sends one core the message `make` builds around a reply channel and
+/// waits up to `limit` for its answer.
+fn ask<T>(
+    core: &mpsc::Sender<crate::control::CoreMsg>,
+    make: impl FnOnce(std::sync::mpsc::SyncSender<T>) -> crate::control::CoreMsg,
+    limit: Duration,
+) -> Result<T, AskError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    if core.blocking_send(make(tx)).is_err() {
+        return Err(AskError::Stopped);
+    }
+    rx.recv_timeout(limit).map_err(|_| AskError::Late(limit))
 }
 
 /// Carries out `req` on one core: the volumes it serves, as the request
@@ -314,33 +338,20 @@ fn ask_core(
     core: &mpsc::Sender<crate::control::CoreMsg>,
     req: &Request,
 ) -> Result<Vec<VolumeStatus>, String> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let q = crate::control::CoreQuery {
-        request: req.clone(),
-        reply: tx,
+    let (limit, after) = match req {
+        Request::Resize { .. } => (
+            RESIZE_TIMEOUT,
+            " (the resize goes on: mirrorblk status shows the size)",
+        ),
+        _ => (CORE_TIMEOUT, ""),
     };
-    if core
-        .blocking_send(crate::control::CoreMsg::Admin(q))
-        .is_err()
-    {
-        return Err("a core has stopped; the node is shutting down".to_string());
-    }
-    let limit = match req {
-        Request::Resize { .. } => RESIZE_TIMEOUT,
-        _ => CORE_TIMEOUT,
+    let query = |reply| {
+        crate::control::CoreMsg::Admin(crate::control::CoreQuery {
+            request: req.clone(),
+            reply,
+        })
     };
-    match rx.recv_timeout(limit) {
-        Ok(answer) => answer,
-        Err(_) => Err(format!(
-            "a core did not answer within {} s; the node may be overloaded{}",
-            limit.as_secs(),
-            if limit == RESIZE_TIMEOUT {
-                " (the resize goes on: mirrorblk status shows the size)"
-            } else {
-                ""
-            }
-        )),
-    }
+    ask(core, query, limit).map_err(|e| e.message(after))?
 }
 
 /// The role the node restarts with once it has answered `req`.
@@ -369,33 +380,21 @@ fn changes(
     cores: &[mpsc::Sender<crate::control::CoreMsg>],
 ) -> Response {
     for core in cores {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let q = crate::control::ChangesQuery {
-            volume: volume.to_string(),
-            since,
-            reply: tx,
+        let query = |reply| {
+            crate::control::CoreMsg::Changes(crate::control::ChangesQuery {
+                volume: volume.to_string(),
+                since,
+                reply,
+            })
         };
-        if core
-            .blocking_send(crate::control::CoreMsg::Changes(q))
-            .is_err()
-        {
-            return Response::error("a core has stopped; the node is shutting down");
-        }
-        match rx.recv_timeout(CORE_TIMEOUT) {
+        match ask(core, query, CORE_TIMEOUT) {
             Ok(Some(c)) => {
-                let mut r = Response::error("");
-                r.ok = true;
-                r.error = None;
-                r.node = node.to_string();
+                let mut r = Response::answered(node);
                 r.changes = Some(c);
                 return r;
             }
             Ok(None) => {}
-            Err(_) => {
-                return Response::error(
-                    "a core did not answer within 5 s; the node may be overloaded",
-                )
-            }
+            Err(e) => return Response::error(e.message("")),
         }
     }
     Response::error(format!(
@@ -423,27 +422,17 @@ fn snapshots(
     };
     let mut found = None::<Vec<mirrorblk_admin::Snapshot>>;
     for core in cores {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let q = crate::control::SnapshotQuery {
-            request: req.clone(),
-            reply: tx,
+        let query = |reply| {
+            crate::control::CoreMsg::Snapshot(crate::control::SnapshotQuery {
+                request: req.clone(),
+                reply,
+            })
         };
-        if core
-            .blocking_send(crate::control::CoreMsg::Snapshot(q))
-            .is_err()
-        {
-            return Response::error("a core has stopped; the node is shutting down");
-        }
-        match rx.recv_timeout(SNAPSHOT_TIMEOUT) {
+        match ask(core, query, SNAPSHOT_TIMEOUT) {
             Ok(Some(Ok(mut list))) => found.get_or_insert_with(Vec::new).append(&mut list),
             Ok(Some(Err(why))) => return Response::error(why),
             Ok(None) => {}
-            Err(_) => {
-                return Response::error(format!(
-                    "a core did not answer within {} s; the node may be overloaded",
-                    SNAPSHOT_TIMEOUT.as_secs()
-                ))
-            }
+            Err(e) => return Response::error(e.message("")),
         }
     }
     match (found, volume) {
@@ -451,10 +440,7 @@ fn snapshots(
             "no volume '{v}' on node {node}: `mirrorblk status` lists its volumes"
         )),
         (found, _) => {
-            let mut r = Response::error("");
-            r.ok = true;
-            r.error = None;
-            r.node = node.to_string();
+            let mut r = Response::answered(node);
             r.snapshots = Some(found.unwrap_or_default());
             r
         }
@@ -529,10 +515,7 @@ fn restart(binary: Option<PathBuf>, node: &str) -> (Response, After) {
     }
     let resp = match outcome.recv_timeout(HAND_OVER_LIMIT) {
         Ok(Ok(o)) => {
-            let mut r = Response::error("");
-            r.ok = true;
-            r.error = None;
-            r.node = node.to_string();
+            let mut r = Response::answered(node);
             r.pid = Some(o.pid);
             r.restart = Some(o);
             r
