@@ -152,6 +152,22 @@ pub struct CycleStats {
     pub server_errors: Vec<String>,
 }
 
+impl CycleStats {
+    /// Adds cycle `cycle`'s figures to these totals; a cycle whose writer
+    /// saw server errors before the crash is a failure of the run.
+    pub fn add(&mut self, st: &CycleStats, cycle: usize) {
+        assert!(
+            st.server_errors.is_empty(),
+            "cycle {cycle}: server errors before the crash: {:?}",
+            st.server_errors
+        );
+        self.submitted += st.submitted;
+        self.acked += st.acked;
+        self.made_durable += st.made_durable;
+        self.flushes += st.flushes;
+    }
+}
+
 /// Which acknowledged writes the model requires to survive a crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Promise {

@@ -98,17 +98,6 @@ fn promote_and_verify(r: &mut Node, model: &Model, what: &str) {
     }
 }
 
-fn add(totals: &mut CycleStats, st: &CycleStats, round: usize) {
-    assert!(
-        st.server_errors.is_empty(),
-        "round {round}: server errors before the kill: {:?}",
-        st.server_errors
-    );
-    totals.acked += st.acked;
-    totals.made_durable += st.made_durable;
-    totals.flushes += st.flushes;
-}
-
 /// Runs [`ROUNDS`] kill rounds of `test` within [`BUDGET`], each on fresh
 /// nodes made by `round` (given the round number and a random source; it
 /// returns what its writer saw), and checks that together they covered
@@ -120,7 +109,7 @@ fn kill_rounds(test: &str, mut round: impl FnMut(usize, &mut Rng) -> CycleStats)
     for n in 0..ROUNDS {
         assert!(started.elapsed() < BUDGET, "{test}: over {BUDGET:?}");
         let st = round(n, &mut rng);
-        add(&mut totals, &st, n);
+        totals.add(&st, n);
     }
     eprintln!("{test}: {totals:?}");
     assert!(

@@ -130,6 +130,15 @@ fn check_volume(
     }
 }
 
+/// The guest's disk for the next boot: the image the last cut left, or a
+/// blank one for the first.
+fn next_disk(image: &mut Option<Vec<u8>>) -> VolatileDisk {
+    match image.take() {
+        None => VolatileDisk::blank(DISK_BYTES),
+        Some(img) => VolatileDisk::serve(img),
+    }
+}
+
 /// Writes until a random moment 0.3-2 s on, then cuts the disk's power
 /// and kills qemu; returns what the writer did.
 fn write_until_cut(
@@ -180,12 +189,7 @@ fn power_cut_loop(test: &str, promise: Promise, mix: Mix, daemon: &[&str]) {
             started.elapsed() < BUDGET,
             "{test} exceeded {BUDGET:?} at cycle {cycle}"
         );
-        let dir = TestDir::new();
-        let disk = match image.take() {
-            None => VolatileDisk::blank(DISK_BYTES),
-            Some(img) => VolatileDisk::serve(img),
-        };
-        let ports = Ports::new(false);
+        let (dir, disk, ports) = (TestDir::new(), next_disk(&mut image), Ports::new(false));
         let guest = boot(&dir, &disk, cycle == 0, daemon, &ports);
         let mut c = connect(&guest, ports.nbd, "vol0");
         if cycle > 0 {
@@ -202,10 +206,7 @@ fn power_cut_loop(test: &str, promise: Promise, mix: Mix, daemon: &[&str]) {
             (promise, mix),
             cycle,
         );
-        totals.submitted += st.submitted;
-        totals.acked += st.acked;
-        totals.made_durable += st.made_durable;
-        totals.flushes += st.flushes;
+        totals.add(&st, cycle);
         image = Some(disk.durable_image());
     }
     eprintln!("{CUTS} power cuts in {:?}: {totals:?}", started.elapsed());
@@ -426,12 +427,7 @@ fn snapshots_read_their_start_or_are_broken_after_power_cuts() {
             started.elapsed() < BUDGET,
             "{test} exceeded {BUDGET:?} at cycle {cycle}"
         );
-        let dir = TestDir::new();
-        let disk = match image.take() {
-            None => VolatileDisk::blank(DISK_BYTES),
-            Some(img) => VolatileDisk::serve(img),
-        };
-        let ports = Ports::new(true);
+        let (dir, disk, ports) = (TestDir::new(), next_disk(&mut image), Ports::new(true));
         let guest = boot(&dir, &disk, cycle == 0, &[], &ports);
         let mut c = connect(&guest, ports.nbd, "vol0");
         if cycle > 0 {
