@@ -472,6 +472,24 @@ impl Store {
         (res, slice.into_inner())
     }
 
+    /// Reads `[pos, pos + len)` into the start of `buf` (block aligned)
+    /// past the page cache (the `O_DIRECT` handle; buffered only where the
+    /// filesystem refuses `O_DIRECT`): for data read once, such as a
+    /// snapshot export a backup streams, which a cached read would pull
+    /// through the cache (pages filled, copied, then evicting what clients
+    /// reread) for nothing.
+    pub async fn read_direct<T: tokio_uring::buf::IoBufMut>(
+        &self,
+        buf: T,
+        pos: u64,
+        len: usize,
+    ) -> (io::Result<()>, T) {
+        debug_assert!(is_aligned(pos) && is_aligned(len as u64));
+        debug_assert!(pos + len as u64 <= self.size.get());
+        let (res, slice) = self.file.read_exact_at(buf.slice(0..len), pos).await;
+        (res, slice.into_inner())
+    }
+
     /// Writes all of `buf` at `pos` (block aligned).
     pub async fn write_all<T: BoundedBuf>(&self, buf: T, pos: u64) -> (io::Result<()>, T) {
         debug_assert!(is_aligned(pos));

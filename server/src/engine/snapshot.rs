@@ -932,7 +932,8 @@ impl Engine {
         p1: u64,
         buf: FixedBuf,
     ) -> Result<(FixedBuf, usize, usize), ErrorCode> {
-        let read_store = |buf: FixedBuf, at: u64, n: usize| self.store.read_into(buf, at, n);
+        // A snapshot is read once, by a backup: past the page cache.
+        let read_store = |buf: FixedBuf, at: u64, n: usize| self.store.read_direct(buf, at, n);
         self.snapshot_piece_via(snap, (p0, p1), buf, read_store)
             .await
     }
