@@ -1,9 +1,10 @@
-//! CPU cost of the journal: record header encoding, payload checksums,
+//! CPU cost of the journal: batch header encoding, payload checksums,
 //! region checksums, and the recovery scan rate.
 //!
-//! Every journaled write pays one xxh3 of its payload and one header encode
-//! (which checksums the 4 KiB header block); recovery pays a header decode,
-//! a read and an xxh3 per record. These figures say how far those costs are
+//! Every journaled write pays one xxh3 of its payload and a share of one
+//! batch header encode (which checksums the 4 KiB header block; a group
+//! commit shares it, journal format 3); recovery pays a header decode, a
+//! read and an xxh3 per record. These figures say how far those costs are
 //! from the disk's bandwidth.
 //!
 //! Run with `cargo bench -p mirrorblk-benches --bench journal`.
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mirrorblk_server::journal::format::{
-    EntryKind, RecordHeader, Superblock, AREA_START, HEADER_BLOCK,
+    BatchEntry, BatchHeader, Superblock, AREA_START, HEADER_BLOCK, MAX_BATCH_ENTRIES,
 };
 use mirrorblk_server::journal::recovery::{open_and_recover, scan, JournalSpec, ReplayTarget};
 use mirrorblk_server::journal::MutationOp;
@@ -42,44 +43,64 @@ fn payload(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-fn write_header(lsn: u64, offset: u64, len: usize, hash: u64) -> RecordHeader {
-    RecordHeader {
-        lsn: Lsn(lsn),
+/// Records per batch in the 4 KiB benches: what a group commit at 4k QD32
+/// averaged in docs/PERFORMANCE.md (journal format 3's A/B).
+const RECORDS_PER_BATCH_4K: usize = 8;
+
+/// A batch of `n` write records of `len` bytes each from `first_lsn`, laid
+/// out as `server/src/journal/format.rs` documents.
+fn batch(first_lsn: u64, n: usize, offset: u64, len: usize, hash: u64) -> BatchHeader {
+    assert!((1..=MAX_BATCH_ENTRIES).contains(&n));
+    let mut entries: Vec<BatchEntry> = Vec::with_capacity(n);
+    for i in 0..n {
+        let e = BatchEntry {
+            lsn: Lsn(first_lsn + i as u64),
+            op: MutationOp::Write,
+            flags: 0,
+            offset: offset + (i * len) as u64,
+            length: len as u64,
+            payload_at: BatchHeader::next_payload_at(entries.last()),
+            payload_hash: hash,
+        };
+        entries.push(e);
+    }
+    BatchHeader {
         epoch: Epoch(1),
         session: 1,
-        kind: EntryKind::Mutation(MutationOp::Write),
-        flags: 0,
-        offset,
-        length: len as u64,
-        payload_len: len as u64,
-        record_len: RecordHeader::record_len_for(len as u64),
-        payload_hash: hash,
+        entries,
     }
 }
 
-/// Header encode alone (zero-fill of the 4 KiB block + xxh3 over it).
+/// Header encode alone (zero-fill of the 4 KiB block, the entries, xxh3
+/// over the block), for a batch of one and for a group commit's batch.
 fn header_encode(c: &mut Criterion) {
-    let mut g = c.benchmark_group("journal_header_encode");
-    g.throughput(Throughput::Elements(1));
-    let h = write_header(7, 4096, 4096, 0xdead_beef);
+    let mut g = c.benchmark_group("journal_batch_header_encode");
     let mut block = vec![0u8; HEADER_BLOCK];
-    g.bench_function("encode_4k_header_block", |b| {
-        b.iter(|| black_box(&h).encode(black_box(&mut block)))
-    });
+    for n in [1, RECORDS_PER_BATCH_4K] {
+        let h = batch(7, n, 4096, 4096, 0xdead_beef);
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(BenchmarkId::new("records", n), |b| {
+            b.iter(|| black_box(&h).encode(black_box(&mut block)))
+        });
+    }
     g.finish();
 }
 
-/// What the write path does per record: checksum the payload, encode the header.
+/// What the write path does per group commit: checksum every payload,
+/// encode the batch header (one record of 1 MiB; eight of 4 KiB).
 fn record_prepare(c: &mut Criterion) {
-    let mut g = c.benchmark_group("journal_record_hash_and_encode");
+    let mut g = c.benchmark_group("journal_batch_hash_and_encode");
     let mut block = vec![0u8; HEADER_BLOCK];
-    for len in [4 * KIB, MIB] {
-        let data = payload(len, len as u64);
-        g.throughput(Throughput::Bytes(len as u64));
+    for (len, n) in [(4 * KIB, RECORDS_PER_BATCH_4K), (MIB, 1)] {
+        let data: Vec<Vec<u8>> = (0..n).map(|i| payload(len, (len + i) as u64)).collect();
+        g.throughput(Throughput::Bytes((len * n) as u64));
         g.bench_with_input(BenchmarkId::from_parameter(label(len)), &data, |b, d| {
             b.iter(|| {
-                let hash = xxh3_64(black_box(d));
-                write_header(9, 0, d.len(), hash).encode(&mut block);
+                let mut h = batch(9, d.len(), 0, len, 0);
+                for (e, p) in h.entries.iter_mut().zip(d) {
+                    e.payload_hash = xxh3_64(black_box(p));
+                }
+                h.encode(&mut block);
                 black_box(&block);
             })
         });
@@ -124,17 +145,19 @@ impl ReplayTarget for Discard {
 
 /// Creates a journal with the daemon's own code (`open_and_recover` on a
 /// missing file: zero-filled, valid superblock, fresh session), then appends
-/// `records` write records of `len` bytes each after its checkpoint, laid
-/// out as `server/src/journal/format.rs` documents. The zero block after the
-/// last record ends the scan ("no more records"). Going through the daemon
-/// for the superblock keeps this bench valid when superblock fields change.
-/// Returns the superblock to scan from and the payload bytes.
-fn build_journal(path: &Path, records: usize, len: usize) -> (Superblock, u64) {
-    let record_len = RecordHeader::record_len_for(len as u64) as usize;
+/// `records` write records of `len` bytes each after its checkpoint in
+/// batches of `per_batch`, laid out as `server/src/journal/format.rs`
+/// documents. The zero block after the last batch ends the scan ("no more
+/// records"). Going through the daemon for the superblock keeps this bench
+/// valid when superblock fields change. Returns the superblock to scan from
+/// and the payload bytes.
+fn build_journal(path: &Path, records: usize, len: usize, per_batch: usize) -> (Superblock, u64) {
+    assert!(records % per_batch == 0, "whole batches only");
+    let batch_len = batch(1, per_batch, 0, len, 0).batch_len() as usize;
     let spec = JournalSpec {
         path,
-        // Room for the records, the spare block and the superblocks.
-        size: (records * record_len + 2 * MIB).max(8 * MIB) as u64 + AREA_START,
+        // Room for the batches, the spare block and the superblocks.
+        size: ((records / per_batch) * batch_len + 2 * MIB).max(8 * MIB) as u64 + AREA_START,
         volume_name: "bench",
         volume_size: 1 << 30,
         durability: mirrorblk_server::journal::Durability::PerWrite,
@@ -142,7 +165,7 @@ fn build_journal(path: &Path, records: usize, len: usize) -> (Superblock, u64) {
     let opened = open_and_recover(&spec, &mut Discard).expect("create the bench journal");
     let sb = opened.superblock.clone();
     drop(opened);
-    // Buffered handle: the records go through the page cache, where the scan
+    // Buffered handle: the batches go through the page cache, where the scan
     // then reads them (the CPU side of recovery, not the disk).
     let f = OpenOptions::new()
         .write(true)
@@ -150,16 +173,20 @@ fn build_journal(path: &Path, records: usize, len: usize) -> (Superblock, u64) {
         .expect("open the bench journal for writing");
     let data = payload(len, 11);
     let hash = xxh3_64(&data);
-    let mut rec = vec![0u8; record_len];
-    for i in 0..records {
-        let offset = (i * len) as u64 % (1 << 30);
-        let mut h = write_header(sb.checkpoint_lsn.0 + i as u64, offset, len, hash);
+    let mut out = vec![0u8; batch_len];
+    for i in 0..records / per_batch {
+        let first = sb.checkpoint_lsn.0 + (i * per_batch) as u64;
+        let offset = (i * per_batch * len) as u64 % (1 << 30);
+        let mut h = batch(first, per_batch, offset, len, hash);
         h.epoch = sb.epoch;
         h.session = sb.session;
-        h.encode(&mut rec[..HEADER_BLOCK]);
-        rec[HEADER_BLOCK..HEADER_BLOCK + len].copy_from_slice(&data);
-        let at = AREA_START + sb.checkpoint_pos + (i * record_len) as u64;
-        f.write_all_at(&rec, at).expect("write a record");
+        h.encode(&mut out[..HEADER_BLOCK]);
+        for e in &h.entries {
+            let at = e.payload_at as usize;
+            out[at..at + len].copy_from_slice(&data);
+        }
+        let at = AREA_START + sb.checkpoint_pos + (i * batch_len) as u64;
+        f.write_all_at(&out, at).expect("write a batch");
     }
     (sb, (records * len) as u64)
 }
@@ -170,9 +197,9 @@ fn recovery_scan(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("create a temp dir for the bench journal");
     let mut g = c.benchmark_group("recovery_scan");
     g.sample_size(10);
-    for (records, len) in [(8192, 4 * KIB), (64, MIB)] {
+    for (records, len, per_batch) in [(8192, 4 * KIB, RECORDS_PER_BATCH_4K), (64, MIB, 1)] {
         let path = dir.path().join(format!("j-{len}"));
-        let (sb, bytes) = build_journal(&path, records, len);
+        let (sb, bytes) = build_journal(&path, records, len, per_batch);
         let f = File::open(&path).expect("open the bench journal");
         // Check once that every record is found, so the timing is of a full scan.
         let mut n = 0;
