@@ -115,7 +115,8 @@ async fn read_payload_and_header(
     fixed: bool,
 ) -> (Result<usize, End>, FixedBuf, Vec<u8>) {
     debug_assert_eq!(hdr.len(), header_len(conn.neg.extended_headers));
-    let (res, chunk, hdr) = sockio::readv_payload_and_tail(&conn.sock_file, chunk, want, hdr).await;
+    let (res, chunk, hdr) =
+        sockio::readv_payload_and_tail(&conn.sock_file, chunk, want, hdr, &conn.bypass).await;
     let n = match res {
         Ok(0) => {
             return (
@@ -166,6 +167,8 @@ struct Conn {
     ready: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
     /// The same socket as a file, for `readv` (tokio-uring has no socket readv).
     sock_file: tokio_uring::fs::File,
+    /// Write payloads received without the ring (`sockio::MAX_BYPASS`).
+    bypass: sockio::Bypass,
     vol: Rc<Volume>,
     /// The snapshot a snapshot export (`VOLUME@NAME`) serves, read-only.
     snap: Option<Rc<Snapshot>>,
@@ -286,6 +289,7 @@ pub async fn serve(
         sock: sock.clone(),
         ready,
         sock_file,
+        bypass: sockio::Bypass::default(),
         vol,
         snap,
         style: ReplyStyle::of(&neg),

@@ -216,17 +216,134 @@ unsafe impl tokio_uring::buf::IoBufMut for InBuf {
     }
 }
 
+/// Most receives in a row that a reader serves straight from the socket
+/// instead of through the ring.
+///
+/// tokio-uring submits queued operations only when the core's thread parks.
+/// A receive through the ring therefore costs a park, an `io_uring_enter`
+/// and a completion before its task runs again: one scheduler round per
+/// write received, while most of the time the bytes are already in the
+/// socket (a pipelined client, a primary streaming records). Received
+/// directly (`recvmsg` with `MSG_DONTWAIT`), a reader takes every request
+/// that has arrived in one round, and what those requests queue (journal
+/// writes, record sends) goes to the kernel in one submission. After this
+/// many direct receives the next goes through the ring anyway, so the
+/// thread parks and submits what other tasks queued meanwhile: a client
+/// that never pauses cannot hold back the core's submissions.
+pub const MAX_BYPASS: u32 = 32;
+
+/// Whether a receive may skip the ring after `run` direct ones in a row.
+pub fn may_bypass(run: u32) -> bool {
+    run < MAX_BYPASS
+}
+
+/// One reader's count of receives served without the ring (see
+/// [`MAX_BYPASS`]), with totals for tests and diagnosis.
+#[derive(Debug, Default)]
+pub struct Bypass {
+    /// Direct receives since the last one through the ring.
+    run: std::cell::Cell<u32>,
+    /// Receives served directly, in all.
+    pub direct: std::cell::Cell<u64>,
+    /// Receives that went through the ring, in all.
+    pub ring: std::cell::Cell<u64>,
+}
+
+impl Bypass {
+    /// Whether the next receive may try the socket directly.
+    fn try_direct(&self) -> bool {
+        may_bypass(self.run.get())
+    }
+
+    fn served_direct(&self) {
+        self.run.set(self.run.get() + 1);
+        self.direct.set(self.direct.get() + 1);
+    }
+
+    fn through_ring(&self) {
+        self.run.set(0);
+        self.ring.set(self.ring.get() + 1);
+    }
+}
+
+/// Receives into `bufs` without blocking (`MSG_DONTWAIT`), in one
+/// `recvmsg`: `WouldBlock` when nothing has arrived.
+pub fn recv_vectored_now(
+    fd: std::os::fd::BorrowedFd<'_>,
+    bufs: &mut [io::IoSliceMut<'_>],
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    loop {
+        match nix::sys::socket::recvmsg::<()>(
+            fd.as_raw_fd(),
+            bufs,
+            None,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io::Error::from(e)),
+            Ok(m) => return Ok(m.bytes),
+        }
+    }
+}
+
+/// Receives into `buf` directly if `bypass` allows and something has
+/// arrived: `None` when the receive must go through the ring.
+pub fn recv_direct(
+    fd: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+    bypass: &Bypass,
+) -> Option<io::Result<usize>> {
+    recv_vectored_direct(fd, &mut [io::IoSliceMut::new(buf)], bypass)
+}
+
+fn recv_vectored_direct(
+    fd: std::os::fd::BorrowedFd<'_>,
+    bufs: &mut [io::IoSliceMut<'_>],
+    bypass: &Bypass,
+) -> Option<io::Result<usize>> {
+    if !bypass.try_direct() {
+        return None;
+    }
+    match recv_vectored_now(fd, bufs) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        res => {
+            bypass.served_direct();
+            Some(res)
+        }
+    }
+}
+
 /// Receives into `chunk[..want]` (pool memory) and, in the same `readv`,
 /// into `tail` whatever has arrived after it: a payload and the next
 /// headers in one trip into the kernel. `file` is the socket as a file
 /// ([`Socket::dup_as_file`]). Returns the bytes received (0 at the end of
 /// the stream) and both buffers; `tail` holds the bytes past `want`.
+/// Bytes already in the socket are received directly (one `recvmsg`, no
+/// ring round), as `bypass` allows; otherwise the `readv` goes through
+/// the ring.
 pub async fn readv_payload_and_tail(
     file: &tokio_uring::fs::File,
-    chunk: FixedBuf,
+    mut chunk: FixedBuf,
     want: usize,
-    tail: Vec<u8>,
+    mut tail: Vec<u8>,
+    bypass: &Bypass,
 ) -> (io::Result<usize>, FixedBuf, Vec<u8>) {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    assert!(want <= chunk.len(), "payload larger than its chunk");
+    // SAFETY: `file` owns the descriptor and outlives this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(file.as_raw_fd()) };
+    let direct = {
+        let mut bufs = [
+            io::IoSliceMut::new(&mut chunk[..want]),
+            io::IoSliceMut::new(&mut tail[..]),
+        ];
+        recv_vectored_direct(fd, &mut bufs, bypass)
+    };
+    if let Some(res) = direct {
+        return (res, chunk, tail);
+    }
+    bypass.through_ring();
     let tail_len = tail.len();
     let bufs = vec![
         InBuf::Fixed(chunk).slice(0..want),
@@ -317,6 +434,26 @@ pub fn wait_acceptable(
                 tracing::warn!("poll on a listener failed: {e}");
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_receive_skips_the_ring_only_within_a_run_of_max_bypass() {
+        // (direct receives in a row so far, may the next one skip the ring)
+        let table = [
+            (0, true),
+            (1, true),
+            (MAX_BYPASS - 1, true),
+            (MAX_BYPASS, false),
+            (MAX_BYPASS + 1, false),
+        ];
+        for (run, want) in table {
+            assert_eq!(may_bypass(run), want, "run {run}");
         }
     }
 }

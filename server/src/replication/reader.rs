@@ -17,7 +17,7 @@ use std::time::Duration;
 use super::frames::LinkError;
 use super::wire::{self, FrameHeader, FRAME_HEADER_LEN, RECORD_HEADER_LEN};
 use crate::buffer::{BufPool, Payload};
-use crate::sockio::{read_exact, readv_payload_and_tail, ReadFail, Socket};
+use crate::sockio::{read_exact, readv_payload_and_tail, recv_direct, Bypass, ReadFail, Socket};
 use tokio_uring::buf::BoundedBuf;
 
 /// Bytes read after a payload, in the same receive: a record's two headers.
@@ -36,6 +36,8 @@ pub struct FrameReader<'a> {
     start: usize,
     /// Receive as much as has arrived (no payloads on this stream).
     greedy: bool,
+    /// Receives served straight from the socket (`sockio::MAX_BYPASS`).
+    bypass: Bypass,
 }
 
 impl<'a> FrameReader<'a> {
@@ -47,6 +49,7 @@ impl<'a> FrameReader<'a> {
             ahead: Vec::with_capacity(GREEDY.max(SPILL)),
             start: 0,
             greedy,
+            bypass: Bypass::default(),
         })
     }
 
@@ -81,9 +84,15 @@ impl<'a> FrameReader<'a> {
             } else {
                 n
             };
-            let buf = std::mem::take(&mut self.ahead);
-            let (res, slice) = self.sock.read(buf.slice(len..end)).await;
-            self.ahead = slice.into_inner();
+            let res = match self.try_recv_direct(len, end) {
+                Some(res) => res,
+                None => {
+                    let buf = std::mem::take(&mut self.ahead);
+                    let (res, slice) = self.sock.read(buf.slice(len..end)).await;
+                    self.ahead = slice.into_inner();
+                    res
+                }
+            };
             match res {
                 Ok(0) if len == 0 => return Err(ReadFail::Eof),
                 Ok(0) => {
@@ -98,6 +107,27 @@ impl<'a> FrameReader<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Receives into `ahead[len..end]` straight from the socket, if bytes
+    /// have arrived and the bypass allows (never on a greedy stream: it
+    /// took everything that had arrived, so a direct try would mostly find
+    /// nothing). `None`: receive through the ring.
+    fn try_recv_direct(&mut self, len: usize, end: usize) -> Option<std::io::Result<usize>> {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        if self.greedy {
+            return None;
+        }
+        self.ahead.resize(end, 0);
+        // SAFETY: `self.file` owns the descriptor and outlives this borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.file.as_raw_fd()) };
+        let res = recv_direct(fd, &mut self.ahead[len..end], &self.bypass);
+        let got = match &res {
+            Some(Ok(n)) => *n,
+            _ => 0,
+        };
+        self.ahead.truncate(len + got);
+        res
     }
 
     /// The next frame header, within `limit`.
@@ -200,7 +230,7 @@ impl<'a> FrameReader<'a> {
     ) -> Result<tokio_uring::buf::fixed::FixedBuf, LinkError> {
         debug_assert_eq!(self.available(), 0, "read-ahead left over before a payload");
         let (res, chunk, spill) =
-            readv_payload_and_tail(&self.file, chunk, want, vec![0u8; SPILL]).await;
+            readv_payload_and_tail(&self.file, chunk, want, vec![0u8; SPILL], &self.bypass).await;
         let n = match res {
             Ok(0) => return Err(ReadFail::Truncated { what, got: 0, want }.into()),
             Ok(n) => n,
@@ -316,5 +346,68 @@ mod tests {
             }
         });
         writer.join().expect("writer thread");
+    }
+
+    /// With the whole stream already in the socket, records are received
+    /// straight from it, but never more than `MAX_BYPASS` receives in a
+    /// row: then one goes through the ring, so the core's thread parks and
+    /// submits what other tasks queued.
+    #[test]
+    fn arrived_records_skip_the_ring_but_not_for_long() {
+        use crate::sockio::MAX_BYPASS;
+        let records = 100usize;
+        let plen = 512usize;
+        let mut stream = Vec::new();
+        for i in 0..records {
+            let head = bytes(i as u8, RECORD_HEADER_LEN);
+            stream.extend_from_slice(&wire::frame_header(
+                Kind::Record,
+                (head.len() + plen) as u32,
+            ));
+            stream.extend_from_slice(&head);
+            stream.extend(bytes(200u8.wrapping_add(i as u8), plen));
+        }
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        // Everything arrives before the first receive (~60 KiB: within
+        // the socket buffer).
+        a.write_all(&stream).expect("write");
+        drop(a);
+        tokio_uring::start(async {
+            let pool = crate::buffer::BufPool::new(&PoolConfig::from_budget(64 << 20));
+            let sock = Socket::Unix(tokio_uring::net::UnixStream::from_std(b));
+            let limit = Duration::from_secs(10);
+            let mut rd = FrameReader::new(&sock, false).expect("reader");
+            for i in 0..records {
+                let h = rd.header(limit).await.expect("header");
+                assert_eq!(h.kind, Kind::Record, "frame {i}");
+                let mut a = [0u8; RECORD_HEADER_LEN];
+                rd.exact(&mut a, limit).await.expect("record header");
+                assert_eq!(&a[..], &bytes(i as u8, RECORD_HEADER_LEN)[..], "frame {i}");
+                let p = rd
+                    .payload(&pool, plen, "payload", limit)
+                    .await
+                    .expect("payload");
+                let mut got = vec![0u8; plen];
+                p.copy_out(0, &mut got);
+                assert!(
+                    got == bytes(200u8.wrapping_add(i as u8), plen),
+                    "payload {i}"
+                );
+            }
+            let (direct, ring) = (rd.bypass.direct.get(), rd.bypass.ring.get());
+            let total = direct + ring;
+            // One receive for the first headers, then one per record
+            // (payload and the next headers together), and the end.
+            assert!(
+                total >= records as u64,
+                "{direct} direct, {ring} through the ring"
+            );
+            let cycles = total / (u64::from(MAX_BYPASS) + 1);
+            assert!(
+                ring >= cycles && ring <= cycles + 1,
+                "{direct} direct, {ring} through the ring: one in every {} expected",
+                MAX_BYPASS + 1
+            );
+        });
     }
 }
