@@ -8,6 +8,9 @@
 //! stream. Payloads still land straight in pool memory; only header bytes
 //! that arrived early are kept here (and, after a control frame, at most
 //! [`SPILL`] bytes of the next payload are copied out of this buffer).
+//! Bytes that have already arrived (records stream in batches) are received
+//! directly, not through the ring (`crate::sockio::MAX_BYPASS`): a whole
+//! batch of records is then taken in one scheduler round.
 //!
 //! A stream that carries no payloads (the ACKs a primary reads) is read
 //! greedily: every receive takes as much as has arrived, up to [`GREEDY`].
