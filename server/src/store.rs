@@ -465,11 +465,8 @@ impl Store {
         pos: u64,
         len: usize,
     ) -> (io::Result<()>, T) {
-        debug_assert!(is_aligned(pos) && is_aligned(len as u64));
-        debug_assert!(pos + len as u64 <= self.size.get());
         let file = self.cached.as_ref().unwrap_or(&self.file);
-        let (res, slice) = file.read_exact_at(buf.slice(0..len), pos).await;
-        (res, slice.into_inner())
+        self.read_from(file, buf, pos, len).await
     }
 
     /// Reads `[pos, pos + len)` into the start of `buf` (block aligned)
@@ -484,9 +481,21 @@ impl Store {
         pos: u64,
         len: usize,
     ) -> (io::Result<()>, T) {
+        self.read_from(&self.file, buf, pos, len).await
+    }
+
+    /// Reads `[pos, pos + len)` of `file` (one of this store's handles)
+    /// into the start of `buf` (block aligned).
+    async fn read_from<T: tokio_uring::buf::IoBufMut>(
+        &self,
+        file: &tokio_uring::fs::File,
+        buf: T,
+        pos: u64,
+        len: usize,
+    ) -> (io::Result<()>, T) {
         debug_assert!(is_aligned(pos) && is_aligned(len as u64));
         debug_assert!(pos + len as u64 <= self.size.get());
-        let (res, slice) = self.file.read_exact_at(buf.slice(0..len), pos).await;
+        let (res, slice) = file.read_exact_at(buf.slice(0..len), pos).await;
         (res, slice.into_inner())
     }
 

@@ -235,8 +235,8 @@ fn write_side(mut to: TcpStream, rx: Receiver<(Instant, Vec<u8>)>, cut: &AtomicB
 mod tests {
     use super::*;
 
-    #[test]
-    fn relays_in_order_and_late() {
+    /// A TCP server on loopback that echoes one connection back; its address.
+    fn echo_server() -> SocketAddr {
         let echo = TcpListener::bind("127.0.0.1:0").unwrap();
         let target = echo.local_addr().unwrap();
         std::thread::spawn(move || {
@@ -250,6 +250,12 @@ mod tests {
                 s.write_all(&b[..n]).unwrap();
             }
         });
+        target
+    }
+
+    #[test]
+    fn relays_in_order_and_late() {
+        let target = echo_server();
         let p = DelayProxy::start(
             "127.0.0.1:0".parse().unwrap(),
             target,
@@ -272,19 +278,7 @@ mod tests {
 
     #[test]
     fn a_held_forward_direction_delivers_nothing_until_released() {
-        let echo = TcpListener::bind("127.0.0.1:0").unwrap();
-        let target = echo.local_addr().unwrap();
-        std::thread::spawn(move || {
-            let (mut s, _) = echo.accept().unwrap();
-            let mut b = [0u8; 1000];
-            loop {
-                let n = s.read(&mut b).unwrap();
-                if n == 0 {
-                    break;
-                }
-                s.write_all(&b[..n]).unwrap();
-            }
-        });
+        let target = echo_server();
         let p = DelayProxy::start("127.0.0.1:0".parse().unwrap(), target, Duration::ZERO).unwrap();
         let mut c = TcpStream::connect(p.addr()).unwrap();
         c.set_read_timeout(Some(Duration::from_millis(300)))
