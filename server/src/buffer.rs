@@ -3,16 +3,16 @@
 //! replicas and readers without being copied.
 //!
 //! Every buffer is allocated once, at start-up, aligned to 4 KiB (so it can be
-//! used with `O_DIRECT`) and, where the kernel allows, registered with the
-//! core's io_uring (so socket reads can use `READ_FIXED`). The pool is the
-//! memory bound of the data path: a request that finds no free buffer waits,
-//! which is the backpressure that keeps memory use fixed whatever clients do.
+//! used with `O_DIRECT`); the large classes are registered with the core's
+//! io_uring (so socket reads can use `READ_FIXED`), see [`BufPool`]. The pool is
+//! the memory bound of the data path: a request that finds no free buffer
+//! waits, which is the backpressure that keeps memory use fixed whatever
+//! clients do.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
 use std::rc::Rc;
 
-use tokio_uring::buf::fixed::{FixedBuf, FixedBufPool};
 use tokio_uring::buf::{IoBuf, IoBufMut};
 
 use crate::units::BLOCK;
@@ -60,6 +60,12 @@ impl AlignedBuf {
         // SAFETY: as above, and we hold &mut self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap) }
     }
+
+    /// The start of the memory, for the pool's shelves, which hand out
+    /// disjoint pieces of one allocation (never the whole as a slice).
+    fn base(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
 }
 
 impl Drop for AlignedBuf {
@@ -99,196 +105,10 @@ unsafe impl IoBufMut for AlignedBuf {
 /// of this size (the last one may be a smaller class).
 pub const MAX_CHUNK: usize = 1 << 20;
 
-/// Most buffers one pool holds (tokio-uring registers at most `UIO_MAXIOV`).
-pub const MAX_BUFFERS: usize = 1024;
-
-/// Capacity classes of the pool, smallest first.
-pub const CLASSES: [usize; 5] = [4 << 10, 16 << 10, 64 << 10, 256 << 10, MAX_CHUNK];
-
-/// How many buffers of each class a pool holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolConfig {
-    /// Count per entry of [`CLASSES`].
-    pub counts: [usize; 5],
-}
-
-impl PoolConfig {
-    /// Splits a memory budget over the classes. A ring registers at most
-    /// [`MAX_BUFFERS`] buffers, so the small classes get fixed counts
-    /// (about 32 MiB in all) and the rest of the budget goes to 1 MiB chunks
-    /// (at least 40: one 32 MiB request plus headroom).
-    pub fn from_budget(bytes: u64) -> PoolConfig {
-        let small = [384usize, 128, 192, 64];
-        let small_bytes: usize = small.iter().zip(CLASSES).map(|(n, c)| n * c).sum();
-        let left = (bytes as usize).saturating_sub(small_bytes) / MAX_CHUNK;
-        let room = MAX_BUFFERS - small.iter().sum::<usize>();
-        let c1m = left.clamp(40, room);
-        PoolConfig {
-            counts: [small[0], small[1], small[2], small[3], c1m],
-        }
-    }
-
-    /// Total bytes the pool allocates.
-    pub fn total_bytes(&self) -> u64 {
-        self.counts
-            .iter()
-            .zip(CLASSES)
-            .map(|(n, c)| (*n * c) as u64)
-            .sum()
-    }
-}
-
-/// The bounded buffer pool of one core.
-pub struct BufPool {
-    pool: FixedBufPool<AlignedBuf>,
-    registered: bool,
-    /// Held while taking several buffers for one request, so two large
-    /// requests never each hold part of what they need and wait forever.
-    multi: tokio::sync::Mutex<()>,
-    /// Buffers of every class.
-    buffers: usize,
-    /// Requests waiting for a buffer now.
-    waiting: Rc<std::cell::Cell<usize>>,
-    /// Woken whenever a request finds the pool empty and starts to wait
-    /// (the flush-mode applier then releases the buffers it holds).
-    starved: tokio::sync::Notify,
-}
-
-/// Counts a request as waiting for a buffer while it lives (a cancelled
-/// wait counts down too).
-struct Waiting(Rc<std::cell::Cell<usize>>);
-
-impl Waiting {
-    fn new(n: &Rc<std::cell::Cell<usize>>) -> Waiting {
-        n.set(n.get() + 1);
-        Waiting(n.clone())
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
-}
+mod pool;
+pub use pool::{BufPool, PoolBuf, PoolConfig, CLASSES, MAX_REGISTERED, MIN_CHUNKS};
 
 impl BufPool {
-    /// Allocates the pool and registers it with the current core's ring.
-    /// Must run inside a tokio-uring runtime. If registration is refused
-    /// (e.g. `RLIMIT_MEMLOCK` too low), the pool still works with plain reads.
-    pub fn new(cfg: &PoolConfig) -> BufPool {
-        assert!(
-            cfg.counts.iter().sum::<usize>() <= MAX_BUFFERS,
-            "pool larger than a ring can register"
-        );
-        let bufs = cfg
-            .counts
-            .iter()
-            .zip(CLASSES)
-            .flat_map(|(n, cap)| (0..*n).map(move |_| AlignedBuf::new(cap)));
-        let pool = FixedBufPool::new(bufs);
-        let registered = match pool.register() {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(
-                    "could not register {} of I/O buffers with io_uring ({e}); using unregistered buffers (raise LimitMEMLOCK to fix)",
-                    crate::units::ByteSize(cfg.total_bytes())
-                );
-                false
-            }
-        };
-        BufPool {
-            pool,
-            registered,
-            multi: tokio::sync::Mutex::new(()),
-            buffers: cfg.counts.iter().sum(),
-            waiting: Rc::new(std::cell::Cell::new(0)),
-            starved: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// Whether the buffers are registered (so `READ_FIXED` may be used).
-    pub fn registered(&self) -> bool {
-        self.registered
-    }
-
-    /// The smallest class that holds `len` bytes (at most [`MAX_CHUNK`]).
-    pub fn class_for(len: usize) -> usize {
-        CLASSES
-            .iter()
-            .copied()
-            .find(|c| *c >= len)
-            .unwrap_or(MAX_CHUNK)
-    }
-
-    /// A buffer of at least `len` bytes (`len` ≤ [`MAX_CHUNK`]), waiting for
-    /// one to be released if the class is exhausted.
-    pub async fn get(&self, len: usize) -> FixedBuf {
-        debug_assert!(len <= MAX_CHUNK);
-        let cap = Self::class_for(len);
-        // Borrow a larger free buffer rather than wait for the exact class.
-        for c in CLASSES.iter().copied().filter(|c| *c >= cap) {
-            if let Some(b) = self.pool.try_next(c) {
-                return b;
-            }
-        }
-        let _waiting = Waiting::new(&self.waiting);
-        self.starved.notify_waiters();
-        self.pool.next(cap).await
-    }
-
-    /// Buffers in the pool, of every class.
-    pub fn buffers(&self) -> usize {
-        self.buffers
-    }
-
-    /// Whether some request is waiting for a buffer now.
-    pub fn starved(&self) -> bool {
-        self.waiting.get() > 0
-    }
-
-    /// Resolves once a request finds the pool empty and starts to wait.
-    pub fn wait_starved(&self) -> tokio::sync::futures::Notified<'_> {
-        self.starved.notified()
-    }
-
-    /// Buffers for several sizes at once (each ≤ [`MAX_CHUNK`]).
-    pub async fn take_many(&self, sizes: &[usize]) -> Vec<FixedBuf> {
-        let _guard = if sizes.len() > 1 {
-            Some(self.multi.lock().await)
-        } else {
-            None
-        };
-        let mut out = Vec::with_capacity(sizes.len());
-        for &s in sizes {
-            out.push(self.get(s.max(1)).await);
-        }
-        out
-    }
-
-    /// Buffers for several sizes (each ≤ [`MAX_CHUNK`]) if the pool has them
-    /// all free now, else None (what was taken goes back at once). Never
-    /// waits: for a task whose own progress is what frees buffers (a
-    /// replication link's position pins records in its window), which
-    /// must never wait for them.
-    pub fn try_take_many(&self, sizes: &[usize]) -> Option<Vec<FixedBuf>> {
-        // A multi-buffer request in progress gets them first.
-        let _guard = match self.multi.try_lock() {
-            Ok(g) => g,
-            Err(_) => return None,
-        };
-        sizes
-            .iter()
-            .map(|&s| {
-                let cap = Self::class_for(s.max(1));
-                CLASSES
-                    .iter()
-                    .copied()
-                    .filter(|c| *c >= cap)
-                    .find_map(|c| self.pool.try_next(c))
-            })
-            .collect()
-    }
-
     /// Takes chunks for a `len`-byte payload: full [`MAX_CHUNK`]s, then the
     /// smallest class for the remainder.
     pub async fn payload(&self, len: usize) -> Payload {
@@ -314,7 +134,7 @@ impl BufPool {
 /// `[i * MAX_CHUNK, ...)`. Once filled it is immutable and shared through
 /// `Rc` by the journal, the applier, the overlay and readers.
 pub struct Payload {
-    chunks: Vec<FixedBuf>,
+    chunks: Vec<PoolBuf>,
     len: usize,
     /// The xxh3 once computed: a replica verifies the wire checksum and the
     /// journal then stamps the same value into the record header.
@@ -345,13 +165,13 @@ impl Payload {
 
     /// Takes the chunks out for filling by I/O operations; give them back
     /// with [`Payload::put_chunks`].
-    pub fn take_chunks(&mut self) -> Vec<FixedBuf> {
+    pub fn take_chunks(&mut self) -> Vec<PoolBuf> {
         self.hash.set(None);
         std::mem::take(&mut self.chunks)
     }
 
     /// Puts back chunks taken with [`Payload::take_chunks`].
-    pub fn put_chunks(&mut self, chunks: Vec<FixedBuf>) {
+    pub fn put_chunks(&mut self, chunks: Vec<PoolBuf>) {
         self.hash.set(None);
         self.chunks = chunks;
     }
@@ -454,7 +274,7 @@ pub enum OutBuf {
     /// A view of shared payload memory.
     Shared(SharedSlice),
     /// A pool buffer owned by this reply (read data): `[start, end)`.
-    Fixed(FixedBuf, usize, usize),
+    Pooled(PoolBuf, usize, usize),
     /// An aligned block owned by this write (journal record header).
     Block(AlignedBuf),
 }
@@ -465,7 +285,7 @@ impl OutBuf {
         match self {
             OutBuf::Bytes(_, sent) => *sent += n,
             OutBuf::Shared(s) => s.start += n,
-            OutBuf::Fixed(_, start, _) => *start += n,
+            OutBuf::Pooled(_, start, _) => *start += n,
             OutBuf::Block(_) => unreachable!("blocks are written whole"),
         }
     }
@@ -485,7 +305,7 @@ unsafe impl IoBuf for OutBuf {
             OutBuf::Bytes(v, sent) => unsafe { v.as_ptr().add(*sent) },
             OutBuf::Shared(s) => s.stable_ptr(),
             // SAFETY: start <= end <= capacity.
-            OutBuf::Fixed(b, start, _) => unsafe { b.stable_ptr().add(*start) },
+            OutBuf::Pooled(b, start, _) => unsafe { b.stable_ptr().add(*start) },
             OutBuf::Block(b) => b.stable_ptr(),
         }
     }
@@ -493,7 +313,7 @@ unsafe impl IoBuf for OutBuf {
         match self {
             OutBuf::Bytes(v, sent) => v.len() - *sent,
             OutBuf::Shared(s) => s.bytes_init(),
-            OutBuf::Fixed(_, start, end) => end - start,
+            OutBuf::Pooled(_, start, end) => end - start,
             OutBuf::Block(b) => b.capacity(),
         }
     }
@@ -513,45 +333,6 @@ mod tests {
             assert_eq!(b.stable_ptr() as usize % BLOCK as usize, 0);
             assert!(b.as_slice().iter().all(|&x| x == 0));
         }
-    }
-
-    #[test]
-    fn class_choice() {
-        assert_eq!(BufPool::class_for(1), 4096);
-        assert_eq!(BufPool::class_for(4096), 4096);
-        assert_eq!(BufPool::class_for(4097), 16 << 10);
-        assert_eq!(BufPool::class_for(MAX_CHUNK), MAX_CHUNK);
-    }
-
-    /// A try takes all or nothing and never waits: a size the pool cannot
-    /// serve now gives back what was taken for the others.
-    #[test]
-    fn a_try_takes_all_or_nothing() {
-        tokio_uring::start(async {
-            let pool = BufPool::new(&PoolConfig {
-                counts: [1, 0, 0, 0, 2],
-            });
-            let a = pool.try_take_many(&[MAX_CHUNK]).expect("one of two free");
-            assert!(
-                pool.try_take_many(&[MAX_CHUNK, MAX_CHUNK]).is_none(),
-                "only one 1 MiB buffer is free"
-            );
-            // The failed try gave its buffer back: it can be taken again.
-            let b = pool.try_take_many(&[MAX_CHUNK]).expect("the second one");
-            assert!(pool.try_take_many(&[MAX_CHUNK]).is_none(), "none left");
-            // A small size borrows a larger class only when its own is empty.
-            let small = pool.try_take_many(&[100]).expect("the 4 KiB one");
-            assert_eq!(small[0].bytes_total(), 4096);
-            assert!(pool.try_take_many(&[100]).is_none(), "nothing to borrow");
-            drop(b);
-            let borrowed = pool.try_take_many(&[100]).expect("borrows 1 MiB");
-            assert_eq!(borrowed[0].bytes_total(), MAX_CHUNK);
-            drop((a, small, borrowed));
-            assert_eq!(
-                pool.try_take_many(&[MAX_CHUNK, MAX_CHUNK]).map(|v| v.len()),
-                Some(2)
-            );
-        });
     }
 
     #[test]

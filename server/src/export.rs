@@ -16,7 +16,7 @@ use nbd::reply::{ReplyStyle, ReplyTo};
 use nbd::request::{check_request_at, decode_header, header_len};
 use nbd::{Command, CommandFlags, ErrorCode, Negotiated, Request, Verdict};
 use tokio::sync::{mpsc, Semaphore};
-use tokio_uring::buf::fixed::FixedBuf;
+use crate::buffer::PoolBuf;
 
 use crate::buffer::{OutBuf, Payload};
 use crate::engine::{ReadData, Snapshot};
@@ -109,11 +109,11 @@ async fn read_exact<T: SockBuf>(
 /// filled chunk, the header buffer and how many header bytes it holds.
 async fn read_payload_and_header(
     conn: &Conn,
-    chunk: FixedBuf,
+    chunk: PoolBuf,
     want: usize,
     hdr: Vec<u8>,
     fixed: bool,
-) -> (Result<usize, End>, FixedBuf, Vec<u8>) {
+) -> (Result<usize, End>, PoolBuf, Vec<u8>) {
     debug_assert_eq!(hdr.len(), header_len(conn.neg.extended_headers));
     let (res, chunk, hdr) =
         sockio::readv_payload_and_tail(&conn.sock_file, chunk, want, hdr, &conn.bypass).await;
@@ -743,7 +743,7 @@ fn reply_read(conn: &Conn, req: &Request, data: ReadData) {
     out.extend(
         data.parts
             .into_iter()
-            .map(|(b, s, e)| OutBuf::Fixed(b, s, e)),
+            .map(|(b, s, e)| OutBuf::Pooled(b, s, e)),
     );
     conn.reply(out);
 }

@@ -1043,6 +1043,7 @@ fn spawn_cores(
             tuning: Tuning {
                 checkpoint_interval: cfg.checkpoint_interval,
                 in_place_min: cfg.in_place_min,
+                flush_sync_interval: crate::engine::FLUSH_MODE_SYNC_INTERVAL,
             },
             heartbeats: cores.heartbeats.clone(),
             replication: cfg.replication.clone(),

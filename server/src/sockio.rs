@@ -7,7 +7,7 @@ use std::io;
 use tokio_uring::buf::fixed::FixedBuf;
 use tokio_uring::buf::{BoundedBuf, BoundedBufMut, Slice};
 
-use crate::buffer::OutBuf;
+use crate::buffer::{OutBuf, PoolBuf};
 
 /// Most iovecs in one `writev` (the kernel's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
@@ -137,17 +137,25 @@ impl SockBuf for Vec<u8> {
     }
 }
 
-impl SockBuf for FixedBuf {
-    /// Reads into `s`.
+impl SockBuf for PoolBuf {
+    /// Reads into `s`: with `READ_FIXED` when `fixed` (the pool's
+    /// registration took) and the buffer is of a registered class.
     async fn read_from(
         sock: &Socket,
         s: Slice<Self>,
         fixed: bool,
     ) -> tokio_uring::BufResult<usize, Slice<Self>> {
-        if fixed {
-            sock.read_fixed(s).await
-        } else {
-            sock.read(s).await
+        if !fixed {
+            return sock.read(s).await;
+        }
+        let (begin, end) = (s.begin(), s.end());
+        let read = |b: FixedBuf| async move {
+            let (res, slice) = sock.read_fixed(b.slice(begin..end)).await;
+            (res, slice.into_inner())
+        };
+        match s.into_inner().with_registered(read).await {
+            Ok((res, b)) => (res, b.slice(begin..end)),
+            Err(plain) => sock.read(plain.slice(begin..end)).await,
         }
     }
 }
@@ -189,7 +197,7 @@ pub async fn read_exact<T: SockBuf>(
 /// (pool memory) and the next request header (a small vector) together.
 pub enum InBuf {
     /// Pool memory.
-    Fixed(FixedBuf),
+    Pooled(PoolBuf),
     /// A small vector.
     Vec(Vec<u8>),
 }
@@ -198,7 +206,7 @@ pub enum InBuf {
 unsafe impl tokio_uring::buf::IoBuf for InBuf {
     fn stable_ptr(&self) -> *const u8 {
         match self {
-            InBuf::Fixed(b) => tokio_uring::buf::IoBuf::stable_ptr(b),
+            InBuf::Pooled(b) => tokio_uring::buf::IoBuf::stable_ptr(b),
             InBuf::Vec(v) => tokio_uring::buf::IoBuf::stable_ptr(v),
         }
     }
@@ -209,7 +217,7 @@ unsafe impl tokio_uring::buf::IoBuf for InBuf {
     }
     fn bytes_total(&self) -> usize {
         match self {
-            InBuf::Fixed(b) => tokio_uring::buf::IoBuf::bytes_total(b),
+            InBuf::Pooled(b) => tokio_uring::buf::IoBuf::bytes_total(b),
             InBuf::Vec(v) => tokio_uring::buf::IoBuf::bytes_total(v),
         }
     }
@@ -219,7 +227,7 @@ unsafe impl tokio_uring::buf::IoBuf for InBuf {
 unsafe impl tokio_uring::buf::IoBufMut for InBuf {
     fn stable_mut_ptr(&mut self) -> *mut u8 {
         match self {
-            InBuf::Fixed(b) => tokio_uring::buf::IoBufMut::stable_mut_ptr(b),
+            InBuf::Pooled(b) => tokio_uring::buf::IoBufMut::stable_mut_ptr(b),
             InBuf::Vec(v) => tokio_uring::buf::IoBufMut::stable_mut_ptr(v),
         }
     }
@@ -336,11 +344,11 @@ fn recv_vectored_direct(
 /// the ring.
 pub async fn readv_payload_and_tail(
     file: &tokio_uring::fs::File,
-    mut chunk: FixedBuf,
+    mut chunk: PoolBuf,
     want: usize,
     mut tail: Vec<u8>,
     bypass: &Bypass,
-) -> (io::Result<usize>, FixedBuf, Vec<u8>) {
+) -> (io::Result<usize>, PoolBuf, Vec<u8>) {
     use std::os::fd::{AsRawFd, BorrowedFd};
     assert!(want <= chunk.len(), "payload larger than its chunk");
     // SAFETY: `file` owns the descriptor and outlives this borrow.
@@ -358,11 +366,11 @@ pub async fn readv_payload_and_tail(
     bypass.through_ring();
     let tail_len = tail.len();
     let bufs = vec![
-        InBuf::Fixed(chunk).slice(0..want),
+        InBuf::Pooled(chunk).slice(0..want),
         InBuf::Vec(tail).slice(0..tail_len),
     ];
     let (res, mut bufs) = file.readv_at(bufs, 0).await;
-    let (InBuf::Vec(tail), InBuf::Fixed(chunk)) = (
+    let (InBuf::Vec(tail), InBuf::Pooled(chunk)) = (
         bufs.pop().expect("two buffers").into_inner(),
         bufs.pop().expect("two buffers").into_inner(),
     ) else {

@@ -217,6 +217,10 @@ fn describe_journal_metrics() {
         "Group flushes of the journal (fdatasync) with --durability flush; 0 with per-write, where every group commit is an O_DSYNC write"
     );
     describe_counter!(
+        "mirrorblk_applier_sync_asks_total",
+        "Journal syncs the applier asked for itself with --durability flush, by reason: interval (no FLUSH or FUA write within 100 ms), buffers (half the core's buffer pool out), starved (a request waits for a buffer), journal (the journal a quarter full), stop"
+    );
+    describe_counter!(
         "mirrorblk_journal_written_bytes_total",
         Unit::Bytes,
         "Journal bytes written for records: batch and record headers, padded payloads, pads (not superblocks or in-place intents)"
@@ -449,6 +453,13 @@ impl VolumeMetrics {
             Command::BlockStatus => &self.block_status,
             Command::Disc | Command::Unknown(_) => return None,
         })
+    }
+
+    /// Counts a journal sync the flush-mode applier asked for itself, by
+    /// why (a few a second at most: looked up on use).
+    pub fn sync_asked(&self, why: &'static str) {
+        counter!("mirrorblk_applier_sync_asks_total", "volume" => self.volume.clone(), "reason" => why)
+            .increment(1);
     }
 
     /// Counts a request answered with an error (rare: looked up on use).

@@ -34,12 +34,13 @@ const PRESSURE_FILL: f64 = 0.25;
 /// at ~1–2 ms a flush, instead of syncs back to back); it is a tenth of the
 /// default checkpoint interval (1 s), so a checkpoint finds nearly
 /// everything applied and releases it; and it bounds how long acknowledged
-/// data waits for its home. A busy client hits pressure first
+/// data waits for its home. A busy client may hit pressure first
 /// ([`Held::pressure`]): 100 ms of 4 KiB writes at 20k/s are 2,000 records,
-/// more than half the default pool's ~860 buffers, so syncs then come once
-/// per ~430 writes (still tens of times fewer than one per batch). The
-/// engine uses the checkpoint interval instead when that is shorter.
-pub(super) const FLUSH_MODE_SYNC_INTERVAL: Duration = Duration::from_millis(100);
+/// just under half the default pool's 4,604 buffers (the pool had 864
+/// before its small classes were carved from plain memory, so a sync came
+/// every ~430 writes). The engine uses the checkpoint interval instead
+/// when that is shorter.
+pub const FLUSH_MODE_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The longest prefix of `spans` (aligned `[start, end)` of queued records,
 /// oldest first) that may be applied at once: at most [`APPLY_BATCH`], and
@@ -64,15 +65,74 @@ fn checkpoint_due(behind: bool, fill: f64, since: Duration, interval: Duration) 
     behind && (pressure || since >= interval)
 }
 
-/// What unapplied records hold, which the flush-mode applier weighs before
-/// it asks for a journal sync itself.
+/// Why the flush-mode applier asked for a journal sync itself (counted in
+/// [`super::VolumeStats::sync_asks`] and the `mirrorblk_applier_sync_asks_total`
+/// metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncAsk {
+    /// A graceful stop applies everything.
+    Stop,
+    /// The journal is a quarter full.
+    Journal,
+    /// Half the pool's buffers are out.
+    Buffers,
+    /// A request waits for a buffer.
+    Starved,
+    /// [`FLUSH_MODE_SYNC_INTERVAL`] passed without a FLUSH or FUA write.
+    Interval,
+}
+
+impl SyncAsk {
+    /// Every reason, in the order of [`SyncAsks::count`]'s array.
+    pub const ALL: [SyncAsk; 5] = [
+        SyncAsk::Stop,
+        SyncAsk::Journal,
+        SyncAsk::Buffers,
+        SyncAsk::Starved,
+        SyncAsk::Interval,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            SyncAsk::Stop => "stop",
+            SyncAsk::Journal => "journal",
+            SyncAsk::Buffers => "buffers",
+            SyncAsk::Starved => "starved",
+            SyncAsk::Interval => "interval",
+        }
+    }
+}
+
+/// Journal syncs the flush-mode applier asked for, by [`SyncAsk`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncAsks {
+    /// Counts in the order of [`SyncAsk::ALL`].
+    pub count: [u64; 5],
+}
+
+impl SyncAsks {
+    /// Asks for `why`.
+    pub fn of(&self, why: SyncAsk) -> u64 {
+        self.count[why as usize]
+    }
+
+    fn add(&mut self, why: SyncAsk) {
+        self.count[why as usize] += 1;
+    }
+}
+
+/// What is held unapplied, which the flush-mode applier weighs before it
+/// asks for a journal sync itself.
 #[derive(Debug, Clone, Copy)]
 struct Held {
     /// Journal fill ([`crate::journal::Journal::fill_ratio`]).
     fill: f64,
-    /// Records reserved and not yet applied: each write among them holds
-    /// its payload's buffers (in the overlay) until it is applied.
-    records: u64,
+    /// Buffers out of the core's pool. Under writes, unapplied records
+    /// hold most of them (each write its payload's chunks, in the
+    /// overlay, until it is applied); reads and replication sends hold
+    /// theirs briefly.
+    in_use: usize,
     /// Buffers in the core's pool: the memory bound of unapplied data.
     buffers: usize,
     /// Some request is waiting for a buffer now.
@@ -82,22 +142,39 @@ struct Held {
 impl Held {
     /// Journal or buffer pressure: the journal past [`PRESSURE_FILL`]
     /// (only applied records can be released, and writers wait for space
-    /// once it is full), unapplied records holding half the pool's buffers
-    /// (asking then leaves the rest for the writes that arrive during the
-    /// sync), or a request already waiting for a buffer.
-    fn pressure(&self) -> bool {
-        self.fill > PRESSURE_FILL
-            || self.records.saturating_mul(2) >= self.buffers as u64
-            || self.starved
+    /// once it is full), a request already waiting for a buffer, or half
+    /// the pool's buffers out. Half, because the rest must carry the writes
+    /// that arrive during the sync and while the backlog is applied (at
+    /// 20k writes/s, ~30 during a 1.5 ms sync, a few hundred while 2,000
+    /// records are applied). It counts buffers, not bytes: a 4 KiB write
+    /// may borrow any class, so every buffer is one it may use. Writes of
+    /// 1 MiB and more use only the 1 MiB class and reach half of all
+    /// buffers rarely; for them a request waiting (starved) is the signal,
+    /// as before. A byte rule would catch them sooner but would also fire
+    /// under large reads, which a sync does not release.
+    fn pressure(&self) -> Option<SyncAsk> {
+        if self.fill > PRESSURE_FILL {
+            Some(SyncAsk::Journal)
+        } else if self.starved {
+            Some(SyncAsk::Starved)
+        } else if self.in_use.saturating_mul(2) >= self.buffers {
+            Some(SyncAsk::Buffers)
+        } else {
+            None
+        }
     }
 }
 
-/// With `--durability flush`: whether the applier asks for a journal sync
-/// now instead of waiting for one a FLUSH or FUA write asks for: when
-/// stopping (a graceful stop applies everything), under pressure
+/// With `--durability flush`: whether (and why) the applier asks for a
+/// journal sync now instead of waiting for one a FLUSH or FUA write asks
+/// for: when stopping (a graceful stop applies everything), under pressure
 /// ([`Held::pressure`]), or once it has waited `interval`.
-fn apply_sync_due(stopping: bool, held: Held, waited: Duration, interval: Duration) -> bool {
-    stopping || held.pressure() || waited >= interval
+fn apply_sync_due(stopping: bool, held: Held, waited: Duration, interval: Duration) -> Option<SyncAsk> {
+    if stopping {
+        return Some(SyncAsk::Stop);
+    }
+    held.pressure()
+        .or((waited >= interval).then_some(SyncAsk::Interval))
 }
 
 impl Engine {
@@ -225,7 +302,7 @@ impl Engine {
     /// the end of the interval.
     async fn wait_sync_due(&self, last: Lsn) {
         let began = Instant::now();
-        let interval = FLUSH_MODE_SYNC_INTERVAL.min(self.checkpoint_interval);
+        let interval = self.flush_sync_interval.min(self.checkpoint_interval);
         loop {
             if self.journal.durable_next() > last || self.journal.failed().is_some() {
                 return;
@@ -233,15 +310,12 @@ impl Engine {
             let waited = began.elapsed();
             let held = Held {
                 fill: self.journal.fill_ratio(),
-                records: self
-                    .journal
-                    .next_lsn()
-                    .0
-                    .saturating_sub(self.applied_next.get().0),
+                in_use: self.pool.in_use(),
                 buffers: self.pool.buffers(),
                 starved: self.pool.starved(),
             };
-            if apply_sync_due(self.stopping.get(), held, waited, interval) {
+            if let Some(why) = apply_sync_due(self.stopping.get(), held, waited, interval) {
+                self.sync_asked(why);
                 return;
             }
             let more = self.apply_work.notified();
@@ -253,6 +327,14 @@ impl Engine {
                 _ = tokio::time::sleep(interval.saturating_sub(waited)) => {}
             }
         }
+    }
+
+    /// Counts a sync the applier asks for, by why.
+    fn sync_asked(&self, why: SyncAsk) {
+        let mut s = self.stats.get();
+        s.sync_asks.add(why);
+        self.stats.set(s);
+        self.metrics.sync_asked(why.label());
     }
 
     /// Applies one batch. On a failure the failed record and those after it
@@ -536,30 +618,33 @@ mod tests {
 
     #[test]
     fn flush_mode_asks_for_a_sync_on_pressure_interval_or_stop_only() {
+        use SyncAsk::*;
         let i = FLUSH_MODE_SYNC_INTERVAL;
         let ms = Duration::from_millis;
-        let held = |fill, records, starved| Held {
+        let held = |fill, in_use, starved| Held {
             fill,
-            records,
+            in_use,
             buffers: 800,
             starved,
         };
-        // (stopping, what is held, waited, due)
+        // (stopping, what is held, waited, asked for and why)
         let table = [
             // Quiet: wait for a FLUSH or FUA write to sync.
-            (false, held(0.0, 0, false), ms(0), false),
-            (false, held(0.25, 399, false), i - ms(1), false),
+            (false, held(0.0, 0, false), ms(0), None),
+            (false, held(0.25, 399, false), i - ms(1), None),
             // The interval has passed.
-            (false, held(0.0, 1, false), i, true),
-            (false, held(0.1, 1, false), i * 3, true),
+            (false, held(0.0, 1, false), i, Some(Interval)),
+            (false, held(0.1, 1, false), i * 3, Some(Interval)),
             // Journal pressure: at once.
-            (false, held(0.26, 1, false), ms(0), true),
-            // Unapplied records hold half the buffers, or a request waits
-            // for one: at once.
-            (false, held(0.0, 400, false), ms(0), true),
-            (false, held(0.0, 3, true), ms(0), true),
+            (false, held(0.26, 1, false), ms(0), Some(Journal)),
+            (false, held(0.26, 400, true), i, Some(Journal)),
+            // Half the buffers out, or a request waits for one: at once.
+            (false, held(0.0, 400, false), ms(0), Some(Buffers)),
+            (false, held(0.0, 800, false), i, Some(Buffers)),
+            (false, held(0.0, 3, true), ms(0), Some(Starved)),
             // A graceful stop applies everything: at once.
-            (true, held(0.0, 0, false), ms(0), true),
+            (true, held(0.0, 0, false), ms(0), Some(Stop)),
+            (true, held(0.9, 800, true), i, Some(Stop)),
         ];
         for (stopping, h, waited, want) in table {
             assert_eq!(
@@ -568,5 +653,20 @@ mod tests {
                 "{stopping} {h:?} {waited:?}"
             );
         }
+    }
+
+    #[test]
+    fn each_reason_has_its_own_count_and_label() {
+        let mut asks = SyncAsks::default();
+        for (n, why) in SyncAsk::ALL.iter().enumerate() {
+            for _ in 0..=n {
+                asks.add(*why);
+            }
+        }
+        for (n, why) in SyncAsk::ALL.iter().enumerate() {
+            assert_eq!(asks.of(*why), n as u64 + 1, "{why:?}");
+        }
+        let labels: std::collections::HashSet<_> = SyncAsk::ALL.iter().map(|w| w.label()).collect();
+        assert_eq!(labels.len(), SyncAsk::ALL.len());
     }
 }

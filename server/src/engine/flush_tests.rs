@@ -6,15 +6,16 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use super::applier::FLUSH_MODE_SYNC_INTERVAL;
+use super::tests::{open_opts, Opts};
 use super::write::Change;
 use super::*;
 use crate::buffer::{BufPool, PoolConfig};
+use crate::journal::Durability;
 
 /// Opens (recovering) the flush-mode engine of the volume in `dir`, with a
 /// checkpoint interval far longer than the applier's sync interval.
 fn open_flush_mode(dir: &Path, pool: &Rc<BufPool>) -> Rc<Engine> {
-    super::tests::open_with(dir, pool, crate::journal::Durability::Flush)
+    super::tests::open_with(dir, pool, Durability::Flush)
 }
 
 async fn write(e: &Engine, pool: &BufPool, offset: u64, byte: u8) -> Lsn {
@@ -64,6 +65,8 @@ fn without_a_flush_the_applier_syncs_only_after_its_interval() {
             seen - began
         );
         assert_eq!(e.journal().syncs(), 1, "one sync for the interval");
+        let asks = e.status().stats.sync_asks;
+        assert_eq!(asks.of(SyncAsk::Interval), 1, "{asks:?}");
         assert_eq!(read_byte(&e, 8192).await, 0x5a);
         assert!(e.shutdown(Duration::from_secs(10)).await, "drained");
         assert_eq!(e.status().journal_used, 0, "checkpointed on shutdown");
@@ -95,5 +98,45 @@ fn a_flush_makes_the_written_records_durable_with_one_sync_and_the_applier_follo
         for i in 0..8u64 {
             assert_eq!(read_byte(&e, i * 4096).await, i as u8 + 1);
         }
+    });
+}
+
+/// Thousands of 4 KiB writes held unapplied in flush mode, with no FLUSH
+/// and an interval that never passes: the applier asks for no journal sync
+/// while fewer than half the default pool's buffers are out, far past the
+/// old bound (a pool of 864 buffers asked at 432 records), and asks, for
+/// buffers, once half are out; then everything is applied.
+#[test]
+fn small_writes_wait_unapplied_until_half_the_default_pool_is_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tokio_uring::start(async {
+        let pool = Rc::new(BufPool::new(&PoolConfig::from_budget(128 << 20)));
+        let opts = Opts {
+            durability: Durability::Flush,
+            journal_size: 64 << 20,
+            flush_sync_interval: Duration::from_secs(600),
+        };
+        let e = open_opts(dir.path(), &pool, &opts);
+        let half = pool.buffers() / 2;
+        let held = 1500u64;
+        assert!(held < half as u64);
+        let writes = (0..held).map(|i| write(&e, &pool, (i % 1024) * 4096, i as u8));
+        let lsns = futures_util::future::join_all(writes).await;
+        // Let the applier weigh what is held.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(pool.in_use(), held as usize, "each write holds its buffer");
+        let asks = e.status().stats.sync_asks;
+        assert_eq!(asks, SyncAsks::default(), "asked with {held} records held");
+        assert_eq!(e.journal().syncs(), 0);
+        assert!(e.status().applied_next <= lsns[0], "applied before durable");
+        // Past half the pool: a sync for buffers, then the backlog applied.
+        let more = (held..half as u64 + 10).map(|i| write(&e, &pool, (i % 1024) * 4096, i as u8));
+        let last = futures_util::future::join_all(more).await;
+        applied(&e, *last.last().expect("writes")).await;
+        let asks = e.status().stats.sync_asks;
+        assert!(asks.of(SyncAsk::Buffers) >= 1, "{asks:?}");
+        assert_eq!(asks.of(SyncAsk::Interval) + asks.of(SyncAsk::Journal), 0, "{asks:?}");
+        assert_eq!(read_byte(&e, 1023 * 4096).await, 1023u64 as u8);
+        assert!(e.shutdown(Duration::from_secs(10)).await, "drained");
     });
 }

@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+pub use applier::{SyncAsk, SyncAsks, FLUSH_MODE_SYNC_INTERVAL};
 pub use error::{nbd_error, EngineError};
 pub use read::{ReadBuffers, ReadData};
 pub use resize::ResizeError;
@@ -57,6 +58,9 @@ pub struct Tuning {
     pub checkpoint_interval: Duration,
     /// Smallest aligned write that goes to the store in place (0: none).
     pub in_place_min: u64,
+    /// With `--durability flush`: the longest the applier waits for a sync
+    /// it did not ask for ([`FLUSH_MODE_SYNC_INTERVAL`] but in tests).
+    pub flush_sync_interval: Duration,
 }
 
 /// Static description of a volume.
@@ -82,6 +86,8 @@ pub struct VolumeStats {
     pub applied: u64,
     /// Checkpoints taken.
     pub checkpoints: u64,
+    /// Journal syncs the flush-mode applier asked for itself, by why.
+    pub sync_asks: SyncAsks,
 }
 
 /// A snapshot of where the engine stands, for status and decisions above it.
@@ -150,6 +156,7 @@ pub struct Engine {
     stats: Cell<VolumeStats>,
     scratch: RefCell<Option<AlignedBuf>>,
     checkpoint_interval: Duration,
+    flush_sync_interval: Duration,
     /// Set by `shutdown`: new mutations fail with ESHUTDOWN.
     stopping: Cell<bool>,
     /// The applier's last store write failed for want of space.
@@ -211,6 +218,7 @@ impl Engine {
             stats: Cell::new(VolumeStats::default()),
             scratch: RefCell::new(Some(AlignedBuf::new(MAX_CHUNK))),
             checkpoint_interval: tuning.checkpoint_interval,
+            flush_sync_interval: tuning.flush_sync_interval,
             stopping: Cell::new(false),
             store_full: Cell::new(false),
             stopped: Cell::new(false),

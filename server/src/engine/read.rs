@@ -2,7 +2,7 @@
 //! always sees the newest acknowledged write; and the allocation map.
 
 use nbd::ErrorCode;
-use tokio_uring::buf::fixed::FixedBuf;
+use crate::buffer::PoolBuf;
 
 use super::snapshot::Snapshot;
 use super::{nbd_error, Engine};
@@ -14,7 +14,7 @@ use crate::units::{align_down, align_up};
 /// Read data ready to send: pool buffers with the `[start, end)` to send of each.
 pub struct ReadData {
     /// Buffers in order.
-    pub parts: Vec<(FixedBuf, usize, usize)>,
+    pub parts: Vec<(PoolBuf, usize, usize)>,
 }
 
 impl ReadData {
@@ -33,7 +33,7 @@ impl ReadData {
 pub struct ReadBuffers {
     /// The most bytes they hold, from a chunk boundary.
     len: u64,
-    bufs: Vec<FixedBuf>,
+    bufs: Vec<PoolBuf>,
 }
 
 /// `[offset, end)` cut at MAX_CHUNK-aligned volume offsets, so each piece's
@@ -54,7 +54,7 @@ impl Engine {
     /// One aligned buffer per piece, taken at once (the pool serialises
     /// large takes, so two big requests never hold half each and wait for
     /// each other).
-    pub(super) async fn piece_buffers(&self, pieces: &[(u64, u64)]) -> Vec<FixedBuf> {
+    pub(super) async fn piece_buffers(&self, pieces: &[(u64, u64)]) -> Vec<PoolBuf> {
         let sizes: Vec<usize> = pieces
             .iter()
             .map(|&(a, b)| (align_up(b) - align_down(a)) as usize)
@@ -85,7 +85,7 @@ impl Engine {
     async fn read_pieces(
         &self,
         pieces: Vec<(u64, u64)>,
-        bufs: Vec<FixedBuf>,
+        bufs: Vec<PoolBuf>,
     ) -> Result<ReadData, ErrorCode> {
         let reads = pieces
             .into_iter()
@@ -137,8 +137,8 @@ impl Engine {
         &self,
         p0: u64,
         p1: u64,
-        mut buf: FixedBuf,
-    ) -> Result<(FixedBuf, usize, usize), ErrorCode> {
+        mut buf: PoolBuf,
+    ) -> Result<(PoolBuf, usize, usize), ErrorCode> {
         let a0 = align_down(p0);
         let a1 = align_up(p1);
         let overlay: Vec<Piece> = self.overlay.borrow().lookup(p0, p1);

@@ -39,7 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nbd::ErrorCode;
 use tokio::sync::Notify;
-use tokio_uring::buf::fixed::FixedBuf;
+use crate::buffer::PoolBuf;
 use tokio_uring::buf::BoundedBuf;
 
 use super::snapshot_file::{self, Entry, Header, Loaded, State};
@@ -930,10 +930,10 @@ impl Engine {
         snap: &Snapshot,
         p0: u64,
         p1: u64,
-        buf: FixedBuf,
-    ) -> Result<(FixedBuf, usize, usize), ErrorCode> {
+        buf: PoolBuf,
+    ) -> Result<(PoolBuf, usize, usize), ErrorCode> {
         // A snapshot is read once, by a backup: past the page cache.
-        let read_store = |buf: FixedBuf, at: u64, n: usize| self.store.read_direct(buf, at, n);
+        let read_store = |buf: PoolBuf, at: u64, n: usize| self.store.read_direct(buf, at, n);
         self.snapshot_piece_via(snap, (p0, p1), buf, read_store)
             .await
     }
@@ -946,12 +946,12 @@ impl Engine {
         &self,
         snap: &Snapshot,
         (p0, p1): (u64, u64),
-        buf: FixedBuf,
+        buf: PoolBuf,
         read_store: R,
-    ) -> Result<(FixedBuf, usize, usize), ErrorCode>
+    ) -> Result<(PoolBuf, usize, usize), ErrorCode>
     where
-        R: FnOnce(FixedBuf, u64, usize) -> F,
-        F: std::future::Future<Output = (io::Result<()>, FixedBuf)>,
+        R: FnOnce(PoolBuf, u64, usize) -> F,
+        F: std::future::Future<Output = (io::Result<()>, PoolBuf)>,
     {
         let (a0, a1) = (align_down(p0), align_up(p1));
         let (res, mut buf) = read_store(buf, a0, (a1 - a0) as usize).await;

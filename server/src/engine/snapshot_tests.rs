@@ -16,7 +16,7 @@ use super::snapshot::{Snapshot, REGION};
 use super::write::Change;
 use super::*;
 use crate::buffer::{BufPool, Payload, PoolConfig};
-use tokio_uring::buf::fixed::FixedBuf;
+use crate::buffer::PoolBuf;
 
 fn pool() -> Rc<BufPool> {
     Rc::new(BufPool::new(&PoolConfig::from_budget(48 << 20)))
@@ -126,7 +126,7 @@ fn a_snapshot_read_checks_marks_after_its_store_read() {
         let buf = e.piece_buffers(&[(0, 4096)]).await.remove(0);
         let (open_gate, gate) = tokio::sync::oneshot::channel::<()>();
         let engine: &Engine = &e;
-        let held_read = |buf: FixedBuf, at: u64, n: usize| async move {
+        let held_read = |buf: PoolBuf, at: u64, n: usize| async move {
             gate.await.expect("the gate opens");
             engine.store.read_into(buf, at, n).await
         };

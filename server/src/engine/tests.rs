@@ -28,6 +28,33 @@ pub(super) fn open_with(
     pool: &Rc<BufPool>,
     durability: crate::journal::Durability,
 ) -> Rc<Engine> {
+    let opts = Opts {
+        durability,
+        ..Opts::default()
+    };
+    open_opts(dir, pool, &opts)
+}
+
+/// How a test opens its engine.
+pub(super) struct Opts {
+    pub durability: crate::journal::Durability,
+    pub journal_size: u64,
+    pub flush_sync_interval: Duration,
+}
+
+impl Default for Opts {
+    fn default() -> Opts {
+        Opts {
+            durability: crate::journal::Durability::PerWrite,
+            journal_size: JOURNAL,
+            flush_sync_interval: super::FLUSH_MODE_SYNC_INTERVAL,
+        }
+    }
+}
+
+/// Opens (recovering) the engine of the volume in `dir` as `opts` say, with
+/// a checkpoint interval of a minute and nothing written in place.
+pub(super) fn open_opts(dir: &Path, pool: &Rc<BufPool>, opts: &Opts) -> Rc<Engine> {
     let data = dir.join("data");
     let store = open_store(&data, Some(SIZE), false, Preallocate::Sparse).expect("store");
     let replay = std::fs::OpenOptions::new()
@@ -41,10 +68,10 @@ pub(super) fn open_with(
     };
     let spec = JournalSpec {
         path: &dir.join("journal"),
-        size: JOURNAL,
+        size: opts.journal_size,
         volume_name: "v",
         volume_size: SIZE,
-        durability,
+        durability: opts.durability,
     };
     let journal = open_and_recover(&spec, &mut target).expect("journal");
     let info = VolumeInfo {
@@ -57,6 +84,7 @@ pub(super) fn open_with(
     let tuning = Tuning {
         checkpoint_interval: Duration::from_secs(60),
         in_place_min: 0,
+        flush_sync_interval: opts.flush_sync_interval,
     };
     Engine::start(
         info,

@@ -739,7 +739,7 @@ async fn resync_frame(
         out.extend(
             data.parts
                 .into_iter()
-                .map(|(b, s, e)| OutBuf::Fixed(b, s, e)),
+                .map(|(b, s, e)| OutBuf::Pooled(b, s, e)),
         );
     }
     write_all(sock, out).await?;

@@ -226,11 +226,11 @@ impl<'a> FrameReader<'a> {
     /// bytes of what follows (kept for the next call).
     async fn last_chunk(
         &mut self,
-        chunk: tokio_uring::buf::fixed::FixedBuf,
+        chunk: crate::buffer::PoolBuf,
         want: usize,
         what: &'static str,
         fixed: bool,
-    ) -> Result<tokio_uring::buf::fixed::FixedBuf, LinkError> {
+    ) -> Result<crate::buffer::PoolBuf, LinkError> {
         debug_assert_eq!(self.available(), 0, "read-ahead left over before a payload");
         let (res, chunk, spill) =
             readv_payload_and_tail(&self.file, chunk, want, vec![0u8; SPILL], &self.bypass).await;
