@@ -19,7 +19,7 @@ RUNTIME=${RUNTIME:-15}
 ROUNDS=${ROUNDS:-3}
 LOCK=${LOCK:-}
 mkdir -p "$DIR" || exit 1
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+. "$(dirname "$0")/lib.sh"
 io_written() { awk '/^write_bytes/ {print $2}' "/proc/$1/io"; }
 journal_written() { # metrics port → the counter, or -1 without it
   curl -s "http://127.0.0.1:$1/metrics" | awk '/^mirrorblk_journal_written_bytes_total/ {v=$2} END {print (v=="" ? -1 : v)}'
@@ -34,11 +34,7 @@ run() { # name binary fio-args...
     --journal-size 256M --listen "127.0.0.1:$port" --admin-socket "$d/admin" \
     --metrics-listen "127.0.0.1:$mport" --log-level warn 2> "$d/log" &
   pid=$!
-  local i
-  for i in $(seq 1 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$mport/metrics" && break
-    sleep 0.2
-  done
+  wait_metrics "$mport"
   local io0 j0 io1 j1
   io0=$(io_written $pid); j0=$(journal_written $mport)
   fio --name=b --ioengine=nbd --uri="nbd://127.0.0.1:$port/vol0" --size=1g \
@@ -62,20 +58,7 @@ print(f"{n}\tIOPS {w['iops']:.0f}\tMiB/s {w['bw_bytes']/2**20:.1f}"
 PY
 }
 
-# One run, called back under the lock: $0 --one NAME BINARY FIO-ARGS...
-if [ "${1:-}" = --one ]; then
-  shift
-  run "$@"
-  exit
-fi
-
-locked_run() {
-  if [ -n "$LOCK" ]; then
-    flock "$LOCK" "$0" --one "$@"
-  else
-    run "$@"
-  fi
-}
+one_run_dispatch "$@"
 
 echo "# load before: $(cat /proc/loadavg)"
 for r in $(seq 1 "$ROUNDS"); do

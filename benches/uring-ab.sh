@@ -28,30 +28,7 @@ WINDOW=$((RUNTIME - 2))
 EVENTS=syscalls:sys_enter_io_uring_enter,io_uring:io_uring_submit_req,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_recvmsg,syscalls:sys_enter_sendmsg,syscalls:sys_enter_recvfrom,raw_syscalls:sys_enter,context-switches
 mkdir -p "$DIR" || exit 1
 [ -f "$DIR/secret" ] || { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$DIR/secret"; chmod 600 "$DIR/secret"; }
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-
-wait_in_sync() { # admin socket
-  local i
-  for i in $(seq 1 120); do
-    "$CLI" --admin-socket "$1" status --json 2>/dev/null \
-      | python3 -c 'import json,sys
-v=json.load(sys.stdin); v=v["volumes"][0] if "volumes" in v else v
-r=v.get("replicas",[])
-sys.exit(0 if r and all(x.get("state")=="in-sync" and not x.get("resync") for x in r) else 1)' 2>/dev/null && return 0
-    sleep 0.5
-  done
-  return 1
-}
-
-wait_metrics() { # port
-  local i
-  for i in $(seq 1 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$1/metrics" && return 0
-    sleep 0.2
-  done
-  return 1
-}
+. "$(dirname "$0")/lib.sh"
 
 run() { # name binary replicas fio-args...
   local name=$1 bin=$2 reps=$3; shift 3
@@ -74,7 +51,7 @@ run() { # name binary replicas fio-args...
     --metrics-listen "127.0.0.1:$mport" "${peer[@]}" --log-level warn 2> "$d/p.log" &
   ppid=$!
   wait_metrics "$mport" || echo "# $name: primary not up" >&2
-  if [ "$reps" = 1 ]; then wait_in_sync "$d/p.admin" || echo "# $name: replica not in sync" >&2; fi
+  if [ "$reps" = 1 ]; then wait_in_sync "$CLI" "$d/p.admin" || echo "# $name: replica not in sync" >&2; fi
   fio --name=b --ioengine=nbd --uri="nbd://127.0.0.1:$pport/vol0" --size=1g \
     --time_based --ramp_time=$RAMP --runtime="$RUNTIME" "$@" --output-format=json \
     --output="$d/fio.json" >/dev/null 2>"$d/fio.err" &
@@ -123,20 +100,7 @@ PY
   done
 }
 
-# One run, called back under the lock: $0 --one NAME BINARY REPLICAS FIO-ARGS...
-if [ "${1:-}" = --one ]; then
-  shift
-  run "$@"
-  exit
-fi
-
-locked_run() {
-  if [ -n "$LOCK" ]; then
-    flock "$LOCK" "$0" --one "$@"
-  else
-    run "$@"
-  fi
-}
+one_run_dispatch "$@"
 
 echo "# load before: $(cat /proc/loadavg)"
 for r in $(seq 1 "$ROUNDS"); do

@@ -82,8 +82,8 @@ pub struct Settings {
     #[arg(long, value_name = "N")]
     pub cores: Option<usize>,
 
-    /// I/O buffer memory per core (registered, page aligned); bounds the data
-    /// in flight.
+    /// I/O buffer memory per core (page aligned, the large classes registered
+    /// with io_uring); bounds the data in flight.
     #[arg(long, value_name = "SIZE", help_default = defaults::BUFFER_MEMORY)]
     pub buffer_memory: Option<ByteSize>,
 

@@ -94,13 +94,7 @@ impl SyncAsk {
 
     /// The metric label.
     pub fn label(self) -> &'static str {
-        match self {
-            SyncAsk::Stop => "stop",
-            SyncAsk::Journal => "journal",
-            SyncAsk::Buffers => "buffers",
-            SyncAsk::Starved => "starved",
-            SyncAsk::Interval => "interval",
-        }
+        crate::telemetry::SYNC_ASK_REASONS[self as usize]
     }
 }
 
@@ -334,7 +328,7 @@ impl Engine {
         let mut s = self.stats.get();
         s.sync_asks.add(why);
         self.stats.set(s);
-        self.metrics.sync_asked(why.label());
+        self.metrics.sync_asked(why as usize);
     }
 
     /// Applies one batch. On a failure the failed record and those after it
@@ -666,7 +660,11 @@ mod tests {
         for (n, why) in SyncAsk::ALL.iter().enumerate() {
             assert_eq!(asks.of(*why), n as u64 + 1, "{why:?}");
         }
-        let labels: std::collections::HashSet<_> = SyncAsk::ALL.iter().map(|w| w.label()).collect();
-        assert_eq!(labels.len(), SyncAsk::ALL.len());
+        let labels: Vec<_> = SyncAsk::ALL.iter().map(|w| w.label()).collect();
+        assert_eq!(
+            labels,
+            ["stop", "journal", "buffers", "starved", "interval"],
+            "labels in the order of the reasons"
+        );
     }
 }
