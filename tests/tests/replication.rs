@@ -1448,10 +1448,10 @@ mod replication {
     /// The link to a replica in the middle of its resync stalls (its bytes
     /// stop moving; heartbeats of 20 s, so nobody gives up) while a client
     /// writes: first 256 KiB blocks, so the link's send blocks on a full
-    /// socket holding buffers of that class only, then 1 MiB blocks, whose
-    /// records pile up unsent in the primary's window until they hold every
-    /// 1 MiB buffer of its pool (`--buffer-memory 48M`: 40 of them) and the
-    /// client waits for one. Once the link moves again, the client's writes
+    /// socket holding buffers of that class only (`--buffer-memory 256M`: 64
+    /// of them, for the 56 writes), then 1 MiB blocks, whose records pile up
+    /// unsent in the primary's window until they hold every 1 MiB buffer of
+    /// its pool (184 of them) and the client waits for one. Once the link moves again, the client's writes
     /// complete and the resync finishes. Before the fix the link's next
     /// region read waited for a 1 MiB buffer that only its own progress
     /// could free, with everything applied (so nothing trimmed the window):
@@ -1459,7 +1459,7 @@ mod replication {
     #[test]
     fn a_link_stalled_mid_resync_while_writes_fill_the_pool_recovers() {
         use mirrorblk_tests::proxy::DelayProxy;
-        const BLOCKS: u64 = 64;
+        const BLOCKS: u64 = 200;
         const HB: [&str; 2] = ["--heartbeat-timeout", "20s"];
         let dir = TestDir::new();
         let secret = write_secret(&dir, "secret");
@@ -1480,7 +1480,7 @@ mod replication {
                 HB[0],
                 HB[1],
                 "--buffer-memory",
-                "48M",
+                "256M",
                 "--resync-rate",
                 "1M",
             ],
