@@ -12,11 +12,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::buffer::PoolBuf;
 use nbd::reply::{ReplyStyle, ReplyTo};
 use nbd::request::{check_request_at, decode_header, header_len};
 use nbd::{Command, CommandFlags, ErrorCode, Negotiated, Request, Verdict};
 use tokio::sync::{mpsc, Semaphore};
-use crate::buffer::PoolBuf;
 
 use crate::buffer::{OutBuf, Payload};
 use crate::engine::{ReadData, Snapshot};

@@ -62,7 +62,10 @@ impl PoolConfig {
         let small_used = PoolConfig { counts }.total_bytes();
         counts[4] = ((bytes - small_used) / chunk) as usize;
         let cfg = PoolConfig { counts };
-        assert!(cfg.total_bytes() <= bytes, "pool {cfg:?} over its budget {bytes}");
+        assert!(
+            cfg.total_bytes() <= bytes,
+            "pool {cfg:?} over its budget {bytes}"
+        );
         cfg
     }
 
@@ -108,7 +111,10 @@ struct Shelf {
 
 impl Shelf {
     fn new(cap: usize, count: usize) -> Rc<Shelf> {
-        assert!(count > 0 && u32::try_from(count).is_ok(), "shelf of {count} buffers");
+        assert!(
+            count > 0 && u32::try_from(count).is_ok(),
+            "shelf of {count} buffers"
+        );
         Rc::new(Shelf {
             slab: AlignedBuf::new(cap * count),
             cap,
@@ -122,7 +128,10 @@ impl Shelf {
     fn try_take(self: &Rc<Self>) -> Option<PlainBuf> {
         let index = self.free.borrow_mut().pop()?;
         let mut out = self.out.borrow_mut();
-        assert!(!out[index as usize], "plain buffer {index} handed out twice");
+        assert!(
+            !out[index as usize],
+            "plain buffer {index} handed out twice"
+        );
         out[index as usize] = true;
         Some(PlainBuf {
             shelf: self.clone(),
@@ -198,7 +207,11 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         let c = &self.in_use.0[self.class];
-        assert!(c.get() > 0, "more buffers of class {} back than out", self.class);
+        assert!(
+            c.get() > 0,
+            "more buffers of class {} back than out",
+            self.class
+        );
         c.set(c.get() - 1);
     }
 }
@@ -369,9 +382,12 @@ impl BufPool {
             .flat_map(|i| (0..cfg.counts[i]).map(move |_| AlignedBuf::new(CLASSES[i])));
         let fixed = FixedBufPool::new(bufs);
         let registered = registered_count > 0 && Self::register(&fixed, cfg, registered_count);
-        let sources = std::array::from_fn(|i| match reg[i] {
-            true => Source::Registered,
-            false => Source::Plain(Shelf::new(CLASSES[i], cfg.counts[i])),
+        let sources = std::array::from_fn(|i| {
+            if reg[i] {
+                Source::Registered
+            } else {
+                Source::Plain(Shelf::new(CLASSES[i], cfg.counts[i]))
+            }
         });
         BufPool {
             fixed,

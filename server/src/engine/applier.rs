@@ -163,7 +163,12 @@ impl Held {
 /// journal sync now instead of waiting for one a FLUSH or FUA write asks
 /// for: when stopping (a graceful stop applies everything), under pressure
 /// ([`Held::pressure`]), or once it has waited `interval`.
-fn apply_sync_due(stopping: bool, held: Held, waited: Duration, interval: Duration) -> Option<SyncAsk> {
+fn apply_sync_due(
+    stopping: bool,
+    held: Held,
+    waited: Duration,
+    interval: Duration,
+) -> Option<SyncAsk> {
     if stopping {
         return Some(SyncAsk::Stop);
     }

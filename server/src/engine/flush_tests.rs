@@ -135,7 +135,11 @@ fn small_writes_wait_unapplied_until_half_the_default_pool_is_out() {
         applied(&e, *last.last().expect("writes")).await;
         let asks = e.status().stats.sync_asks;
         assert!(asks.of(SyncAsk::Buffers) >= 1, "{asks:?}");
-        assert_eq!(asks.of(SyncAsk::Interval) + asks.of(SyncAsk::Journal), 0, "{asks:?}");
+        assert_eq!(
+            asks.of(SyncAsk::Interval) + asks.of(SyncAsk::Journal),
+            0,
+            "{asks:?}"
+        );
         assert_eq!(read_byte(&e, 1023 * 4096).await, 1023u64 as u8);
         assert!(e.shutdown(Duration::from_secs(10)).await, "drained");
     });

@@ -1,8 +1,8 @@
 //! Reads: the store, overlaid with the extents not yet applied, so a read
 //! always sees the newest acknowledged write; and the allocation map.
 
-use nbd::ErrorCode;
 use crate::buffer::PoolBuf;
+use nbd::ErrorCode;
 
 use super::snapshot::Snapshot;
 use super::{nbd_error, Engine};

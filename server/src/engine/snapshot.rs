@@ -37,9 +37,9 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::buffer::PoolBuf;
 use nbd::ErrorCode;
 use tokio::sync::Notify;
-use crate::buffer::PoolBuf;
 use tokio_uring::buf::BoundedBuf;
 
 use super::snapshot_file::{self, Entry, Header, Loaded, State};

@@ -15,8 +15,8 @@ use std::time::Duration;
 use super::snapshot::{Snapshot, REGION};
 use super::write::Change;
 use super::*;
-use crate::buffer::{BufPool, Payload, PoolConfig};
 use crate::buffer::PoolBuf;
+use crate::buffer::{BufPool, Payload, PoolConfig};
 
 fn pool() -> Rc<BufPool> {
     Rc::new(BufPool::new(&PoolConfig::from_budget(48 << 20)))

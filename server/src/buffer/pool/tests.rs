@@ -58,17 +58,17 @@ fn the_largest_classes_that_fit_are_registered() {
     // (counts, registered per class)
     let table = [
         // The default budget: all but the 4,096 4 KiB buffers.
-        (
-            [4096, 256, 128, 32, 92],
-            [false, true, true, true, true],
-        ),
+        ([4096, 256, 128, 32, 92], [false, true, true, true, true]),
         // Exactly the limit.
         ([0, 0, 0, 24, 1000], [true, true, true, true, true]),
         ([1, 0, 0, 24, 1000], [false, true, true, true, true]),
         // A class too large is skipped; a smaller one may still fit.
         ([10, 2000, 1, 1, 1], [true, false, true, true, true]),
         ([0, 0, 0, 0, 1025], [true, true, true, true, false]),
-        ([32768, 2048, 1024, 256, 736], [false, false, false, true, true]),
+        (
+            [32768, 2048, 1024, 256, 736],
+            [false, false, false, true, true],
+        ),
     ];
     for (counts, want) in table {
         let c = cfg(counts);
@@ -117,8 +117,9 @@ fn the_default_pool_lends_thousands_of_separate_small_buffers() {
     tokio_uring::start(async {
         let pool = BufPool::new(&PoolConfig::from_budget(128 * MIB));
         assert_eq!(pool.buffers(), 4604);
-        let sizes = vec![4096; 4096];
-        let mut bufs = pool.try_take_many(&sizes).expect("4,096 small buffers");
+        let mut bufs = pool
+            .try_take_many(&[4096; 4096])
+            .expect("4,096 small buffers");
         assert_eq!(pool.in_use(), 4096);
         for (i, b) in bufs.iter_mut().enumerate() {
             assert_eq!(b.bytes_total(), 4096, "a 4 KiB buffer, not a borrowed one");
@@ -151,7 +152,7 @@ fn a_wait_on_a_plain_class_ends_when_one_comes_back() {
         };
         assert_eq!(cfg.registered_classes(), [false, true, true, true, true]);
         let pool = Rc::new(BufPool::new(&cfg));
-        let mut all = pool.try_take_many(&vec![4096; 2001]).expect("all of them");
+        let mut all = pool.try_take_many(&[4096; 2001]).expect("all of them");
         assert_eq!(all[2000].bytes_total(), MAX_CHUNK, "the last borrowed");
         let starved = pool.wait_starved();
         let waiter = tokio_uring::spawn({
