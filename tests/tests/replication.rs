@@ -1403,12 +1403,13 @@ mod replication {
         })
     }
 
-    /// Primary n1 in sync mode (with `extra`) whose one replica, n2, is
-    /// reached through `proxy`.
+    /// Primary n1 in sync mode (with `extra` and a journal of `journal`)
+    /// whose one replica, n2, is reached through `proxy`.
     fn primary_through(
         dir: &TestDir,
         secret: &std::path::Path,
         proxy: &mirrorblk_tests::proxy::DelayProxy,
+        journal: &str,
         extra: &[&str],
     ) -> Node {
         use mirrorblk_tests::cluster::NodeFiles;
@@ -1419,7 +1420,7 @@ mod replication {
         let daemon = Daemon::try_start(files.primary_args(
             secret,
             &[format!("n2={}", proxy.addr())],
-            J64,
+            journal,
             &flags,
         ))
         .unwrap_or_else(|e| panic!("primary: {e}"));
@@ -1472,10 +1473,14 @@ mod replication {
         .expect("start the proxy");
         // A full checksum pass of 256 regions at 1 MiB/s of budget (a
         // check spends a 16th of a region) takes about 16 s.
+        // A journal of 256M: the unsent records (14 MiB, then 184 MiB) must
+        // exhaust the pool before they fill the journal, which would stall
+        // the writes first (a journal-full stall this test does not cover).
         let mut p = primary_through(
             &dir,
             &secret,
             &proxy,
+            "256M",
             &[
                 HB[0],
                 HB[1],
