@@ -35,7 +35,7 @@ const PRESSURE_FILL: f64 = 0.25;
 /// default checkpoint interval (1 s), so a checkpoint finds nearly
 /// everything applied and releases it; and it bounds how long acknowledged
 /// data waits for its home. A busy client may hit pressure first
-/// ([`Held::pressure`]): 100 ms of 4 KiB writes at 20k/s are 2,000 records,
+/// (half the core's buffer pool out, see `Held::pressure`): 100 ms of 4 KiB writes at 20k/s are 2,000 records,
 /// just under half the default pool's 4,604 buffers (the pool had 864
 /// before its small classes were carved from plain memory, so a sync came
 /// every ~430 writes). The engine uses the checkpoint interval instead
