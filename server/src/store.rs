@@ -469,6 +469,18 @@ impl Store {
         self.read_from(file, buf, pos, len).await
     }
 
+    /// A duplicate of the descriptor [`Store::read_into`] reads through
+    /// (the buffered one when the page cache serves reads), for another
+    /// core's reads.
+    pub fn dup_read_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsFd, BorrowedFd};
+        let file = self.cached.as_ref().unwrap_or(&self.file);
+        // SAFETY: the descriptor stays open while `file` lives, which is
+        // longer than this borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(file.as_raw_fd()) };
+        fd.as_fd().try_clone_to_owned()
+    }
+
     /// Reads `[pos, pos + len)` into the start of `buf` (block aligned)
     /// past the page cache (the `O_DIRECT` handle; buffered only where the
     /// filesystem refuses `O_DIRECT`): for data read once, such as a

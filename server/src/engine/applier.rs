@@ -389,6 +389,8 @@ impl Engine {
             "records applied out of LSN order"
         );
         self.applied_next.set(r.lsn.next());
+        // After the store write completed and the size changed (resize).
+        self.read_gate.applied();
         self.applied.notify_waiters();
         if self.store_full.replace(false) {
             tracing::warn!(volume = %self.info.name, "the data store has space again: writes are accepted");

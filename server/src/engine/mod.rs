@@ -21,6 +21,7 @@ mod applier;
 pub mod changes;
 mod error;
 pub mod read;
+pub mod read_gate;
 mod region;
 mod resize;
 pub mod snapshot;
@@ -39,6 +40,7 @@ use tokio::sync::Notify;
 pub use applier::{SyncAsk, SyncAsks, FLUSH_MODE_SYNC_INTERVAL};
 pub use error::{nbd_error, EngineError};
 pub use read::{ReadBuffers, ReadData};
+pub use read_gate::{ReadGate, ReadRoute, ReadShare, StoreReader};
 pub use resize::ResizeError;
 pub use snapshot::{Snapshot, SnapshotError, SnapshotInfo};
 pub use tracking::{seed_new_volume, ChangeReport, ReplayMarks};
@@ -181,6 +183,8 @@ pub struct Engine {
     resizing: Cell<bool>,
     /// Point-in-time snapshots, oldest first.
     snapshots: RefCell<Vec<Rc<snapshot::Snapshot>>>,
+    /// Mutations not yet in the store, for reads on other cores.
+    read_gate: std::sync::Arc<ReadGate>,
 }
 
 impl Engine {
@@ -231,6 +235,7 @@ impl Engine {
             resync_marked: Cell::new(false),
             resizing: Cell::new(false),
             snapshots: RefCell::new(Vec::new()),
+            read_gate: std::sync::Arc::new(ReadGate::default()),
         });
         e.install_loaded(snapshots);
         let a = e.clone();
@@ -370,6 +375,24 @@ impl Engine {
         &self.journal
     }
 
+    /// What another core needs to read the store while nothing is pending
+    /// (see [`read_gate`]): the gate, the size, and a duplicate of the
+    /// descriptor plain-export reads use.
+    pub fn read_share(&self) -> io::Result<ReadShare> {
+        Ok(ReadShare {
+            gate: self.read_gate.clone(),
+            size: self.info.size.clone(),
+            fd: self.store.dup_read_fd()?,
+            volume: self.info.name.clone(),
+        })
+    }
+
+    /// From now on other cores forward every read here (the volume is no
+    /// longer this node's to serve as primary).
+    pub fn close_read_gate(&self) {
+        self.read_gate.close();
+    }
+
     /// Whether the engine has stopped (after [`Engine::shutdown`]).
     pub fn stopped(&self) -> bool {
         self.stopped.get()
@@ -381,6 +404,7 @@ impl Engine {
     /// whether it finished in time.
     pub async fn shutdown(&self, limit: Duration) -> bool {
         self.stopping.set(true);
+        self.read_gate.close();
         let done = self.stop_done.notified();
         self.apply_work.notify_one();
         if self.stopped.get() {

@@ -209,6 +209,9 @@ impl Engine {
                     self.resize_changes(size, rec.lsn);
                 }
                 self.mark_changed(rec.offset, rec.length, rec.lsn);
+                // Counted in the step that makes it visible here, so no
+                // other core reads the store past it (until applied).
+                self.read_gate.reserved();
                 self.enter_overlay(rec, in_place);
                 if let Some(h) = &hooks {
                     h.reserved(rec);

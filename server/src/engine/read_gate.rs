@@ -1,0 +1,232 @@
+//! Reads of a volume on a core other than its home (a *satellite*).
+//!
+//! The home core owns the volume: its overlay of unapplied extents is
+//! single-threaded and cannot be read from another thread. What another core
+//! can read safely is the data store itself, once nothing newer is waiting
+//! to reach it. The [`ReadGate`] says when: the home core counts every
+//! mutation from its reservation (the moment its extent enters the overlay
+//! and a read on the home core would see it) until the applier's store
+//! write of it completed. While the count is zero the store holds every
+//! acknowledged write, so a satellite reads it directly; otherwise the read
+//! goes to the home core, which overlays the pending extents.
+//!
+//! Why that is enough: a write acknowledged before a read was sent was
+//! reserved before the read arrived. If the read then finds the count at
+//! zero, that write's decrement came before the load (every increment has
+//! its decrement after it, on one atomic), and the decrement is made only
+//! after the store write completed; the store read that follows sees it.
+//! A write still in flight when the read arrives may or may not be seen,
+//! as NBD allows for a read that overlaps an unacknowledged write.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use nbd::ErrorCode;
+use tokio_uring::buf::BoundedBuf;
+
+use super::nbd_error;
+use super::read::{pieces, ReadData};
+use crate::buffer::BufPool;
+use crate::units::{align_down, align_up, SharedSize};
+
+/// The home core's count of mutations not yet in the store, shared with
+/// the satellites.
+#[derive(Debug, Default)]
+pub struct ReadGate {
+    /// Mutations reserved and not yet applied to the store.
+    unapplied: AtomicU64,
+    /// Set when the home core no longer lets satellites read on their own
+    /// (the volume stops, or this node is no longer its primary): every
+    /// read goes home, which decides.
+    closed: AtomicBool,
+}
+
+/// What a satellite sees of the gate when a read starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GateState {
+    /// Mutations reserved and not yet applied.
+    pub unapplied: u64,
+    /// Satellites must forward every read.
+    pub closed: bool,
+}
+
+/// Where a satellite's read is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadRoute {
+    /// From the store, on the satellite.
+    Local,
+    /// On the home core (overlay and store).
+    Forward,
+    /// Nowhere: the range is past the volume's end (refused as the home
+    /// core refuses it).
+    OutOfRange,
+}
+
+/// Where a read of `[offset, offset + len)` goes, given the gate's state
+/// and the volume's size read after it. With mutations pending (a resize
+/// among them, perhaps) the home core decides, range check included: it
+/// knows the size their order gives.
+pub fn route_read(gate: GateState, size: u64, offset: u64, len: u64) -> ReadRoute {
+    if gate.closed || gate.unapplied > 0 {
+        return ReadRoute::Forward;
+    }
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return ReadRoute::OutOfRange;
+    }
+    ReadRoute::Local
+}
+
+impl ReadGate {
+    /// A mutation was reserved (on the home core, in the reservation step).
+    pub(super) fn reserved(&self) {
+        self.unapplied.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A mutation's store write completed (on the home core, in LSN order).
+    pub(super) fn applied(&self) {
+        let before = self.unapplied.fetch_sub(1, Ordering::AcqRel);
+        assert!(before > 0, "a mutation applied that was never counted");
+    }
+
+    /// From now on satellites forward every read (never reopened: the
+    /// volume stops, or the node restarts into a new role).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// The state now. Read the volume's size after this (a resize sets it
+    /// at reservation, before the count drops).
+    pub fn state(&self) -> GateState {
+        GateState {
+            unapplied: self.unapplied.load(Ordering::Acquire),
+            closed: self.closed.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// What a satellite core needs to read a volume's store: the gate, the
+/// size, and its own descriptor of the store (the same page-cache policy as
+/// the home core's plain-export reads). Sent to the satellite's thread.
+#[derive(Debug)]
+pub struct ReadShare {
+    /// The home core's gate.
+    pub gate: Arc<ReadGate>,
+    /// The volume's size now.
+    pub size: SharedSize,
+    /// A duplicate of the descriptor the home core reads the store with.
+    pub fd: OwnedFd,
+    /// The volume's name, for logs.
+    pub volume: String,
+}
+
+/// A volume's store as a satellite reads it, on the satellite's core.
+pub struct StoreReader {
+    gate: Arc<ReadGate>,
+    size: SharedSize,
+    file: tokio_uring::fs::File,
+    volume: String,
+}
+
+impl StoreReader {
+    /// Binds a share to the current core's ring.
+    pub fn new(share: ReadShare) -> StoreReader {
+        StoreReader {
+            gate: share.gate,
+            size: share.size,
+            file: tokio_uring::fs::File::from_std(std::fs::File::from(share.fd)),
+            volume: share.volume,
+        }
+    }
+
+    /// Where a read of `[offset, offset + len)` is served now.
+    pub fn route(&self, offset: u64, len: u64) -> ReadRoute {
+        let gate = self.gate.state();
+        route_read(gate, self.size.get(), offset, len)
+    }
+
+    /// Reads `[offset, offset + len)` from the store into buffers of this
+    /// core's `pool`. Only after [`StoreReader::route`] said `Local`.
+    pub async fn read(&self, pool: &BufPool, offset: u64, len: u64) -> Result<ReadData, ErrorCode> {
+        if len == 0 {
+            return Ok(ReadData { parts: Vec::new() });
+        }
+        let pieces = pieces(offset, offset + len);
+        let sizes: Vec<usize> = pieces
+            .iter()
+            .map(|&(a, b)| (align_up(b) - align_down(a)) as usize)
+            .collect();
+        let bufs = pool.take_many(&sizes).await;
+        let reads = pieces.into_iter().zip(bufs).map(|((p0, p1), buf)| async move {
+            let (a0, a1) = (align_down(p0), align_up(p1));
+            let (res, slice) = self
+                .file
+                .read_exact_at(buf.slice(0..(a1 - a0) as usize), a0)
+                .await;
+            (res, slice.into_inner(), p0 - a0, p1 - a0)
+        });
+        let mut parts = Vec::new();
+        for (res, buf, s, e) in futures_util::future::join_all(reads).await {
+            if let Err(e) = res {
+                tracing::error!(volume = %self.volume, "a satellite core's read of the data store at {offset} failed: {e}");
+                return Err(nbd_error(&e));
+            }
+            parts.push((buf, s as usize, e as usize));
+        }
+        Ok(ReadData { parts })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_satellite_reads_locally_only_with_nothing_pending_and_the_gate_open() {
+        let g = |unapplied, closed| GateState { unapplied, closed };
+        let size = 1 << 20;
+        // (gate, offset, len, route)
+        let cases = [
+            (g(0, false), 0, 4096, ReadRoute::Local),
+            (g(0, false), size - 4096, 4096, ReadRoute::Local),
+            // Anything pending: the home core overlays it.
+            (g(1, false), 0, 4096, ReadRoute::Forward),
+            (g(7, false), 0, 4096, ReadRoute::Forward),
+            // Closed: home decides, even with nothing pending.
+            (g(0, true), 0, 4096, ReadRoute::Forward),
+            // Past the end (a shrink applied): refused here as at home.
+            (g(0, false), size, 4096, ReadRoute::OutOfRange),
+            (g(0, false), size - 4096, 8192, ReadRoute::OutOfRange),
+            (g(0, false), u64::MAX - 10, 4096, ReadRoute::OutOfRange),
+            // Past the end with a resize perhaps pending: home decides.
+            (g(1, false), size, 4096, ReadRoute::Forward),
+        ];
+        for (gate, offset, len, want) in cases {
+            assert_eq!(
+                route_read(gate, size, offset, len),
+                want,
+                "{gate:?} at {offset}+{len}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_gate_counts_from_reservation_to_application() {
+        let gate = ReadGate::default();
+        assert_eq!(gate.state().unapplied, 0);
+        gate.reserved();
+        gate.reserved();
+        gate.applied();
+        assert_eq!(gate.state().unapplied, 1);
+        gate.applied();
+        assert_eq!(gate.state(), GateState { unapplied: 0, closed: false });
+        gate.close();
+        assert!(gate.state().closed);
+    }
+
+    #[test]
+    #[should_panic(expected = "never counted")]
+    fn applying_more_than_was_reserved_is_a_bug() {
+        ReadGate::default().applied();
+    }
+}
