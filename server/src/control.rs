@@ -41,6 +41,26 @@ pub enum CoreMsg {
     Changes(ChangesQuery),
     /// Create, delete or list point-in-time snapshots.
     Snapshot(SnapshotQuery),
+    /// A connection of another core's volume, to serve here as a
+    /// satellite (reads from the store, the rest forwarded home).
+    Satellite(SatelliteConn),
+}
+
+/// A plain export's connection its volume's home core sends to another
+/// core.
+pub struct SatelliteConn {
+    /// The connection.
+    pub conn: NewConn,
+    /// What serving it there needs.
+    pub seed: crate::export::satellite::SatelliteSeed,
+}
+
+/// The core that serves the `n`th connection (from 0) of a volume's plain
+/// export, round robin from its home core over `cores` cores: the first
+/// stays home, so one client costs no forwarding.
+pub fn connection_core(home: usize, cores: usize, n: usize) -> usize {
+    assert!(home < cores, "core {home} of {cores}");
+    (home + n % cores) % cores
 }
 
 /// A snapshot request (`SnapshotCreate`, `SnapshotDelete`, `SnapshotList`),
@@ -317,5 +337,29 @@ impl Heartbeats {
     pub fn all_fresh(&self, max_age: Duration) -> bool {
         let v = self.0.lock().unwrap_or_else(|e| e.into_inner());
         v.iter().all(|t| t.elapsed() <= max_age)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_go_round_robin_from_the_home_core() {
+        // (home, cores, n, core)
+        let cases = [
+            (0, 1, 0, 0),
+            (0, 1, 5, 0),
+            (0, 2, 0, 0),
+            (0, 2, 1, 1),
+            (0, 2, 2, 0),
+            (1, 2, 0, 1),
+            (1, 2, 1, 0),
+            (2, 4, 3, 1),
+            (3, 4, usize::MAX, (3 + usize::MAX % 4) % 4),
+        ];
+        for (home, cores, n, want) in cases {
+            assert_eq!(connection_core(home, cores, n), want, "home {home} of {cores}, connection {n}");
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! primary returns [`Fenced`], and the core demotes the volume and asks for
 //! a restart.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -18,10 +18,11 @@ use tokio::sync::mpsc;
 use crate::buffer::{BufPool, PoolConfig};
 use crate::control::{
     ClientStream, CoordAnswer, CoordQuery, CoordRequest, CoreMsg, CoreQuery, HandedCore,
-    Heartbeats, NewConn, Position, PreparedVolume, SnapshotQuery,
+    Heartbeats, NewConn, Position, PreparedVolume, SatelliteConn, SnapshotQuery,
 };
 use crate::engine::{Engine, Tuning, VolumeInfo};
-use crate::export::{serve, Quiesced};
+use crate::export::satellite::{serve_forwarded, Forwarded, Satellite, SatelliteSeed, FORWARD_QUEUE};
+use crate::export::{serve, Quiesced, Target};
 use crate::journal::format::Role;
 use crate::journal::Journal;
 use crate::lease_fence::LeaseFence;
@@ -58,6 +59,9 @@ pub struct CoreControl {
     pub fence: Arc<LeaseFence>,
     /// The snapshot exports the NBD acceptor offers.
     pub snapshot_exports: crate::control::SnapshotExports,
+    /// Every core, by index, where plain-export connections spread (weak:
+    /// a core's queue still closes once the node drops its senders).
+    pub peers: Vec<mpsc::WeakSender<CoreMsg>>,
 }
 
 /// A served volume with what its replica sessions share.
@@ -66,6 +70,14 @@ struct Served {
     slot: Rc<SessionSlot>,
     /// The volume's export, which its snapshots' exports are made from.
     export: nbd::ExportInfo,
+    /// Where satellites forward requests (each satellite connection holds
+    /// a clone); dropped at a hand-over so the forwarding task can end.
+    forward: RefCell<Option<mpsc::Sender<Forwarded>>>,
+    /// The task answering satellites, which ends once every satellite
+    /// connection of the volume ended.
+    forwarding: RefCell<Option<tokio::task::JoinHandle<()>>>,
+    /// Plain-export connections received so far (round robin).
+    conns: Cell<usize>,
 }
 
 /// One core's volumes.
@@ -81,6 +93,10 @@ struct Core {
     handed_rx: RefCell<Option<mpsc::UnboundedReceiver<Quiesced>>>,
     /// The snapshot exports the NBD acceptor offers.
     snapshot_exports: crate::control::SnapshotExports,
+    /// This core's buffer pool (satellite connections use it).
+    pool: Rc<BufPool>,
+    /// Every core, by index.
+    peers: Vec<mpsc::WeakSender<CoreMsg>>,
 }
 
 /// Why a core's message loop ended.
@@ -329,10 +345,15 @@ impl Core {
                     exports.push(e);
                 }
                 drop(exports);
+                let (forward, rx) = mpsc::channel(FORWARD_QUEUE);
+                let forwarding = tokio_uring::spawn(serve_forwarded(vol.clone(), rx));
                 let served = Served {
                     vol,
                     slot: Rc::new(SessionSlot::default()),
                     export,
+                    forward: RefCell::new(Some(forward)),
+                    forwarding: RefCell::new(Some(forwarding)),
+                    conns: Cell::new(0),
                 };
                 (name, served)
             })
@@ -353,6 +374,8 @@ impl Core {
             handed: RefCell::new(Some(handed)),
             handed_rx: RefCell::new(Some(handed_rx)),
             snapshot_exports: ctl.snapshot_exports.clone(),
+            pool: pool.clone(),
+            peers: ctl.peers.clone(),
         }
     }
 
@@ -371,7 +394,12 @@ impl Core {
                 out.push(q);
             }
         };
-        if tokio::time::timeout(STOP_LIMIT, all).await.is_err() {
+        let satellites = self.satellites_ended();
+        let both = async {
+            all.await;
+            satellites.await;
+        };
+        if tokio::time::timeout(STOP_LIMIT, both).await.is_err() {
             tracing::error!(
                 "core {}: some connections did not reach a request boundary within {} s; they are closed",
                 self.index,
@@ -379,6 +407,25 @@ impl Core {
             );
         }
         out
+    }
+
+    /// Resolves once every satellite connection of this core's volumes
+    /// ended (they stop at a request boundary on their own cores, and need
+    /// this core to answer what they forwarded until then).
+    fn satellites_ended(&self) -> impl std::future::Future<Output = ()> {
+        let tasks: Vec<_> = self
+            .volumes
+            .values()
+            .filter_map(|s| {
+                drop(s.forward.borrow_mut().take());
+                s.forwarding.borrow_mut().take()
+            })
+            .collect();
+        async move {
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
     }
 
     /// Serves messages until the stop signal or until every sender is gone.
@@ -408,6 +455,7 @@ impl Core {
                     let _ = q.reply.send(answer);
                 }
                 Some(CoreMsg::Snapshot(q)) => self.on_snapshot(q),
+                Some(CoreMsg::Satellite(sc)) => self.on_satellite(sc),
             }
         }
     }
@@ -588,7 +636,8 @@ impl Core {
     }
 
     /// A negotiated NBD client for one of this core's volumes (or one of
-    /// their snapshots).
+    /// their snapshots). A plain export's connections spread round robin
+    /// over the cores; snapshot exports stay here.
     fn on_client(&self, nc: NewConn) {
         let Some((s, snap)) = self.export_target(&nc.neg.export.name) else {
             tracing::warn!(
@@ -599,7 +648,64 @@ impl Core {
             );
             return;
         };
-        let vol = s.vol.clone();
+        if snap.is_none() {
+            if let Some(nc) = self.spread(s, nc) {
+                self.serve_conn(nc, Target::Home { vol: s.vol.clone(), snap: None });
+            }
+            return;
+        }
+        let target = Target::Home {
+            vol: s.vol.clone(),
+            snap,
+        };
+        self.serve_conn(nc, target);
+    }
+
+    /// Sends a plain export's connection to the core whose turn it is;
+    /// gives it back when that is this core or the other cannot take it.
+    fn spread(&self, s: &Served, nc: NewConn) -> Option<NewConn> {
+        let n = s.conns.get();
+        s.conns.set(n.wrapping_add(1));
+        let cores = self.peers.len().max(1);
+        let to = crate::control::connection_core(self.index.min(cores - 1), cores, n);
+        if to == self.index {
+            return Some(nc);
+        }
+        let (Some(peer), Some(forward)) = (
+            self.peers.get(to).and_then(mpsc::WeakSender::upgrade),
+            s.forward.borrow().clone(),
+        ) else {
+            return Some(nc);
+        };
+        let seed = match SatelliteSeed::new(&s.vol, forward) {
+            Ok(seed) => seed,
+            Err(e) => {
+                tracing::warn!(peer = %nc.peer, "cannot share volume '{}' with core {to}: {e}; serving the connection on its home core", s.vol.info().name);
+                return Some(nc);
+            }
+        };
+        let msg = CoreMsg::Satellite(SatelliteConn { conn: nc, seed });
+        match peer.try_send(msg) {
+            Ok(()) => None,
+            // A full or closed queue: serving it here is never wrong.
+            Err(e) => match e.into_inner() {
+                CoreMsg::Satellite(sc) => Some(sc.conn),
+                _ => None,
+            },
+        }
+    }
+
+    /// A connection of another core's volume, served here as a satellite.
+    fn on_satellite(&self, sc: SatelliteConn) {
+        let name = sc.seed.volume().to_string();
+        tracing::debug!(peer = %sc.conn.peer, "core {} serves a connection of volume '{name}' as a satellite", self.index);
+        let sat = Satellite::new(sc.seed, self.pool.clone());
+        self.serve_conn(sc.conn, Target::Satellite(sat));
+    }
+
+    /// Serves a connection here until it ends or is stopped for a hand-over.
+    fn serve_conn(&self, nc: NewConn, target: Target) {
+        let snapshot = matches!(target, Target::Home { snap: Some(_), .. });
         let sock = match nc.stream {
             ClientStream::Tcp(s) => Socket::Tcp(tokio_uring::net::TcpStream::from_std(s)),
             ClientStream::Unix(s) => Socket::Unix(tokio_uring::net::UnixStream::from_std(s)),
@@ -611,17 +717,7 @@ impl Core {
         tokio_uring::spawn(async move {
             let attach = !nc.handed_over;
             let peer = nc.peer.clone();
-            let snapshot = snap.is_some();
-            let q = serve(
-                sock,
-                nc.neg,
-                vol,
-                snap,
-                nc.leftover,
-                nc.peer,
-                (quiesce, attach),
-            )
-            .await;
+            let q = serve(sock, nc.neg, target, nc.leftover, nc.peer, (quiesce, attach)).await;
             match (q, handed) {
                 // The new process reloads the snapshot from its side file;
                 // the connection (its reads in this engine) is not handed

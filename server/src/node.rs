@@ -1005,7 +1005,7 @@ struct Cores {
 }
 
 /// Deals the volumes round-robin over `cfg.cores` cores and starts a thread
-/// for each core that got one.
+/// for each core (those without a volume serve other cores' connections).
 fn spawn_cores(
     cfg: &Config,
     prepared: Vec<PreparedVolume>,
@@ -1027,15 +1027,17 @@ fn spawn_cores(
         stopped: stopped_rx,
         heartbeats: Heartbeats::default(),
     };
-    for (i, vols) in per_core.into_iter().enumerate() {
-        if vols.is_empty() {
-            continue;
-        }
-        let (tx, rx) = mpsc::channel::<CoreMsg>(CORE_QUEUE);
+    // Every core runs, those without a volume too: plain-export
+    // connections spread over all of them.
+    let channels: Vec<_> = (0..cfg.cores)
+        .map(|_| mpsc::channel::<CoreMsg>(CORE_QUEUE))
+        .collect();
+    let peers: Vec<_> = channels.iter().map(|(tx, _)| tx.downgrade()).collect();
+    for (i, (vols, (tx, rx))) in per_core.into_iter().zip(channels).enumerate() {
         for v in &vols {
             cores.routes.insert(v.config.name.clone(), tx.clone());
         }
-        cores.senders.push(tx.clone());
+        cores.senders.push(tx);
         let pool_cfg = pool_cfg.clone();
         let ctl = CoreControl {
             stop: stop_rx.clone(),
@@ -1050,6 +1052,7 @@ fn spawn_cores(
             node: cfg.node.clone(),
             fence: fence.clone(),
             snapshot_exports: snapshot_exports.clone(),
+            peers: peers.clone(),
         };
         std::thread::Builder::new()
             .name(format!("core{i}"))

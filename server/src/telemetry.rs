@@ -388,6 +388,10 @@ pub struct VolumeMetrics {
     pub snapshot_space_used: Gauge,
     /// Snapshots that broke.
     pub snapshot_broken: Counter,
+    /// Reads a satellite core served from the store itself.
+    pub satellite_local_reads: Counter,
+    /// Requests satellite cores forwarded to the volume's home core.
+    pub forwarded: Counter,
 }
 
 /// The `reason` labels of `mirrorblk_applier_sync_asks_total`, in the
@@ -448,6 +452,8 @@ impl VolumeMetrics {
             snapshots: gauge!("mirrorblk_snapshots", "volume" => v()),
             snapshot_space_used: gauge!("mirrorblk_snapshot_space_used_bytes", "volume" => v()),
             snapshot_broken: counter!("mirrorblk_snapshot_broken_total", "volume" => v()),
+            satellite_local_reads: counter!("mirrorblk_satellite_local_reads_total", "volume" => v()),
+            forwarded: counter!("mirrorblk_forwarded_requests_total", "volume" => v()),
         }
     }
 

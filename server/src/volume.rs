@@ -103,6 +103,11 @@ impl Volume {
             assert_eq!(role, Role::Primary, "only a primary replicates");
             engine.set_hooks(p.clone() as Rc<dyn ReplicationHooks>);
         }
+        if role == Role::Replica {
+            // A replica's store also changes by resync, with no record
+            // counted: other cores never read it on their own.
+            engine.close_read_gate();
+        }
         Volume {
             engine,
             role,
@@ -140,6 +145,12 @@ impl Volume {
     /// The core's buffer pool.
     pub fn pool(&self) -> &Rc<BufPool> {
         self.engine.pool()
+    }
+
+    /// The node's lease fence, which holds replies while the lease may
+    /// have lapsed.
+    pub fn fence(&self) -> &Arc<LeaseFence> {
+        &self.fence
     }
 
     /// Takes the volume's single replica-session slot (false if taken).
@@ -318,6 +329,8 @@ impl Volume {
         self.engine
             .persist_role(Role::Replica, journal.epoch(), journal.inconsistent())
             .await?;
+        // Until the restart, every read is the home core's to decide.
+        self.engine.close_read_gate();
         tracing::warn!(volume = %self.info().name, "demoted to replica");
         Ok(())
     }

@@ -15,7 +15,7 @@ use crate::units::{is_aligned, ByteSize, Interval};
 /// Validates `s` (flags already laid over the file) into a [`Config`].
 pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
     let volumes = volumes(&s)?;
-    let cores = cores(s.cores, volumes.len());
+    let cores = cores(s.cores);
     let buffer_memory = buffer_memory(s.buffer_memory)?;
     let max_connections = max_connections(s.max_connections)?;
     let checkpoint_interval = s
@@ -207,12 +207,13 @@ fn event_log(s: &Settings, volumes: &[VolumeConfig]) -> Result<(PathBuf, u64), C
     Ok((path, max.0))
 }
 
-/// Cores asked for (or the CPUs), at least one, at most one per volume.
-fn cores(given: Option<usize>, volumes: usize) -> usize {
+/// Cores asked for (or the CPUs), at least one. More cores than volumes
+/// is useful: a volume's plain-export connections spread over every core.
+fn cores(given: Option<usize>) -> usize {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    given.unwrap_or(cpus).clamp(1, volumes.max(1))
+    given.unwrap_or(cpus).max(1)
 }
 
 fn buffer_memory(given: Option<ByteSize>) -> Result<ByteSize, ConfigError> {

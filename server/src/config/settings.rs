@@ -77,8 +77,11 @@ pub struct Settings {
     #[arg(long, value_name = "PATH")]
     pub unix: Option<PathBuf>,
 
-    /// Worker cores (io_uring runtimes); volumes are spread over them.
-    /// [default: the number of CPUs, at most the number of volumes]
+    /// Worker cores (io_uring runtimes). Volumes are dealt over them, and
+    /// each volume's plain-export connections spread round robin over all
+    /// of them from its home core: reads are served on the core that
+    /// received them, everything else on the home core. `--cores 1` keeps
+    /// every connection on one core. [default: the number of CPUs]
     #[arg(long, value_name = "N")]
     pub cores: Option<usize>,
 

@@ -40,7 +40,7 @@ use tokio::sync::Notify;
 pub use applier::{SyncAsk, SyncAsks, FLUSH_MODE_SYNC_INTERVAL};
 pub use error::{nbd_error, EngineError};
 pub use read::{ReadBuffers, ReadData};
-pub use read_gate::{ReadGate, ReadRoute, ReadShare, StoreReader};
+pub use read_gate::{PieceBuffers, ReadGate, ReadRoute, ReadShare, StoreReader};
 pub use resize::ResizeError;
 pub use snapshot::{Snapshot, SnapshotError, SnapshotInfo};
 pub use tracking::{seed_new_volume, ChangeReport, ReplayMarks};

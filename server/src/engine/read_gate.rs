@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use nbd::ErrorCode;
+use tokio_uring::buf::fixed::FixedBuf;
 use tokio_uring::buf::BoundedBuf;
 
 use super::nbd_error;
@@ -145,35 +146,85 @@ impl StoreReader {
         route_read(gate, self.size.get(), offset, len)
     }
 
-    /// Reads `[offset, offset + len)` from the store into buffers of this
-    /// core's `pool`. Only after [`StoreReader::route`] said `Local`.
-    pub async fn read(&self, pool: &BufPool, offset: u64, len: u64) -> Result<ReadData, ErrorCode> {
-        if len == 0 {
-            return Ok(ReadData { parts: Vec::new() });
-        }
-        let pieces = pieces(offset, offset + len);
-        let sizes: Vec<usize> = pieces
-            .iter()
-            .map(|&(a, b)| (align_up(b) - align_down(a)) as usize)
-            .collect();
-        let bufs = pool.take_many(&sizes).await;
-        let reads = pieces.into_iter().zip(bufs).map(|((p0, p1), buf)| async move {
-            let (a0, a1) = (align_down(p0), align_up(p1));
-            let (res, slice) = self
-                .file
-                .read_exact_at(buf.slice(0..(a1 - a0) as usize), a0)
-                .await;
-            (res, slice.into_inner(), p0 - a0, p1 - a0)
+    /// Reads `[offset, offset + len)` from the store into `bufs` (taken
+    /// for that range). Only after [`StoreReader::route`] said `Local`.
+    pub async fn read(&self, bufs: PieceBuffers) -> Result<ReadData, ErrorCode> {
+        let reads = bufs.pieces.into_iter().map(|p| async move {
+            let span = p.buf.slice(0..p.aligned_len);
+            let (res, slice) = self.file.read_exact_at(span, p.aligned).await;
+            (res, slice.into_inner(), p.start, p.end, p.aligned)
         });
         let mut parts = Vec::new();
-        for (res, buf, s, e) in futures_util::future::join_all(reads).await {
-            if let Err(e) = res {
-                tracing::error!(volume = %self.volume, "a satellite core's read of the data store at {offset} failed: {e}");
-                return Err(nbd_error(&e));
+        for (res, buf, s, e, at) in futures_util::future::join_all(reads).await {
+            if let Err(err) = res {
+                tracing::error!(volume = %self.volume, "a satellite core's read of the data store at {at} failed: {err}");
+                return Err(nbd_error(&err));
             }
-            parts.push((buf, s as usize, e as usize));
+            parts.push((buf, s, e));
         }
         Ok(ReadData { parts })
+    }
+}
+
+/// One piece of a read: a pool buffer for its aligned span.
+struct PieceBuffer {
+    buf: FixedBuf,
+    /// The volume offset of the aligned span.
+    aligned: u64,
+    /// The aligned span's length.
+    aligned_len: usize,
+    /// Where the range's bytes are in `buf`.
+    start: usize,
+    end: usize,
+}
+
+/// Pool buffers for a read of a range, one per piece (see
+/// `read::pieces`), taken before the read starts: a forwarded read takes
+/// them before it asks, so the bytes coming back stay bounded by the pool.
+pub struct PieceBuffers {
+    pieces: Vec<PieceBuffer>,
+}
+
+impl PieceBuffers {
+    /// Takes buffers of `pool` for `[offset, offset + len)` (`len` > 0).
+    pub async fn take(pool: &BufPool, offset: u64, len: u64) -> PieceBuffers {
+        let spans: Vec<(u64, u64, u64, u64)> = pieces(offset, offset + len)
+            .into_iter()
+            .map(|(p0, p1)| (p0, p1, align_down(p0), align_up(p1)))
+            .collect();
+        let sizes: Vec<usize> = spans.iter().map(|&(_, _, a0, a1)| (a1 - a0) as usize).collect();
+        let bufs = pool.take_many(&sizes).await;
+        let pieces = spans
+            .into_iter()
+            .zip(bufs)
+            .map(|((p0, p1, a0, a1), buf)| PieceBuffer {
+                buf,
+                aligned: a0,
+                aligned_len: (a1 - a0) as usize,
+                start: (p0 - a0) as usize,
+                end: (p1 - a0) as usize,
+            })
+            .collect();
+        PieceBuffers { pieces }
+    }
+
+    /// The read data `bytes` (the whole range, in order), copied into the
+    /// buffers. `bytes` must be exactly the range's length.
+    pub fn fill(self, bytes: &[u8]) -> ReadData {
+        let want: usize = self.pieces.iter().map(|p| p.end - p.start).sum();
+        assert_eq!(bytes.len(), want, "read data of another length than the range");
+        let mut at = 0;
+        let parts = self
+            .pieces
+            .into_iter()
+            .map(|mut p| {
+                let n = p.end - p.start;
+                p.buf[p.start..p.end].copy_from_slice(&bytes[at..at + n]);
+                at += n;
+                (p.buf, p.start, p.end)
+            })
+            .collect();
+        ReadData { parts }
     }
 }
 

@@ -6,6 +6,13 @@
 //! concurrently, bounded per connection; their replies go to one writer task
 //! that sends everything queued in one vectored write, so replies leave as
 //! they complete, out of order, with few syscalls.
+//!
+//! A connection runs on the volume's home core, or on another core as a
+//! *satellite* ([`satellite`]): the same reader and writer, with reads
+//! served from the store there when nothing is pending and every other
+//! request forwarded to the home core.
+
+pub mod satellite;
 
 use std::io;
 use std::rc::Rc;
@@ -18,8 +25,10 @@ use nbd::request::{check_request_at, decode_header, header_len};
 use nbd::{Command, CommandFlags, ErrorCode, Negotiated, Request, Verdict};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::buffer::{OutBuf, Payload};
+use crate::buffer::{BufPool, OutBuf, Payload};
 use crate::engine::{ReadData, Snapshot};
+use crate::telemetry::VolumeMetrics;
+use satellite::{Ask, Satellite};
 use crate::sockio::{self, write_all, ReadFail, SockBuf, Socket};
 use crate::store::Allocation;
 use crate::volume::Volume;
@@ -169,9 +178,13 @@ struct Conn {
     sock_file: tokio_uring::fs::File,
     /// Write payloads received without the ring (`sockio::MAX_BYPASS`).
     bypass: sockio::Bypass,
-    vol: Rc<Volume>,
-    /// The snapshot a snapshot export (`VOLUME@NAME`) serves, read-only.
-    snap: Option<Rc<Snapshot>>,
+    /// What serves the requests: the volume on its home core, or a satellite.
+    target: Target,
+    /// This core's pool (write payloads; a satellite's reads).
+    pool: Rc<BufPool>,
+    metrics: VolumeMetrics,
+    /// The export's volume.
+    name: String,
     neg: Negotiated,
     /// How replies are framed (from `neg`).
     style: ReplyStyle,
@@ -193,7 +206,7 @@ impl Conn {
     }
 
     fn error(&self, req: &Request, code: ErrorCode, msg: &str) {
-        self.vol.metrics().error(req.command, code);
+        self.metrics.error(req.command, code);
         let b = nbd::reply::failure(self.style, reply_to(req), req.command, code, msg);
         self.reply(vec![OutBuf::Bytes(b, 0)]);
     }
@@ -209,6 +222,45 @@ impl Conn {
     }
 }
 
+/// What serves a connection's requests.
+pub enum Target {
+    /// The volume, on its home core; with `snap`, a snapshot export
+    /// (`VOLUME@NAME`) of it, read-only.
+    Home {
+        /// The volume.
+        vol: Rc<Volume>,
+        /// The snapshot a snapshot export serves.
+        snap: Option<Rc<Snapshot>>,
+    },
+    /// A plain export's connection on another core.
+    Satellite(Satellite),
+}
+
+impl Target {
+    /// This core's pool, the volume's metrics and name.
+    fn parts(&self) -> (Rc<BufPool>, VolumeMetrics, String) {
+        match self {
+            Target::Home { vol, .. } => (
+                vol.pool().clone(),
+                vol.metrics().clone(),
+                vol.info().name.clone(),
+            ),
+            Target::Satellite(s) => (s.pool.clone(), s.metrics.clone(), s.name.clone()),
+        }
+    }
+
+    /// The size requests are checked against.
+    fn size(&self) -> u64 {
+        match self {
+            Target::Home {
+                snap: Some(snap), ..
+            } => snap.size(),
+            Target::Home { vol, snap: None } => vol.info().size.get(),
+            Target::Satellite(s) => s.size(),
+        }
+    }
+}
+
 /// The request a reply answers.
 fn reply_to(req: &Request) -> ReplyTo {
     ReplyTo {
@@ -220,7 +272,7 @@ fn reply_to(req: &Request) -> ReplyTo {
 /// Records in the event log that the client attached (`end` None) or
 /// detached.
 fn client_event(conn: &Conn, end: Option<&End>) {
-    let (volume, client) = (conn.vol.info().name.clone(), conn.peer.clone());
+    let (volume, client) = (conn.name.clone(), conn.peer.clone());
     crate::events::emit(match end {
         None => crate::events::EventKind::ClientAttach { volume, client },
         Some(end) => crate::events::EventKind::ClientDetach {
@@ -258,13 +310,12 @@ fn socket_handles(
 /// closing it. `leftover` holds bytes read past the handshake (or, for a
 /// handed-over connection, past the last request the old process served).
 /// `attach` records the client's attach in the event log (not for a
-/// connection handed over: it attached before). With `snap`, the
-/// connection reads that snapshot of `vol`, and every write is refused.
+/// connection handed over: it attached before). `target` serves the
+/// requests (a snapshot export's refuses every write).
 pub async fn serve(
     sock: Socket,
     neg: Negotiated,
-    vol: Rc<Volume>,
-    snap: Option<Rc<Snapshot>>,
+    target: Target,
     leftover: Vec<u8>,
     peer: String,
     (quiesce, attach): (tokio::sync::watch::Receiver<bool>, bool),
@@ -285,13 +336,16 @@ pub async fn serve(
     };
     let unix = matches!(*sock, Socket::Unix(_));
     let (neg_kept, peer_kept) = (neg.clone(), peer.clone());
+    let (pool, metrics, name) = target.parts();
     let conn = Rc::new(Conn {
         sock: sock.clone(),
         ready,
         sock_file,
         bypass: sockio::Bypass::default(),
-        vol,
-        snap,
+        target,
+        pool,
+        metrics,
+        name,
         style: ReplyStyle::of(&neg),
         neg,
         replies: tx,
@@ -334,7 +388,7 @@ fn log_end(conn: &Conn, end: &End) {
     match end {
         End::Eof | End::Disc => tracing::debug!(peer = %conn.peer, "connection closed: {end}"),
         _ => {
-            tracing::warn!(peer = %conn.peer, export = %conn.vol.info().name, "closing connection: {end}")
+            tracing::warn!(peer = %conn.peer, export = %conn.name, "closing connection: {end}")
         }
     }
 }
@@ -477,7 +531,7 @@ async fn read_loop(
     };
     let extended = conn.neg.extended_headers;
     let mut hdr = vec![0u8; header_len(extended)];
-    let fixed = conn.vol.pool().registered();
+    let fixed = conn.pool.registered();
     // Bytes of the next header already read along with a write's payload.
     let mut hdr_have = 0usize;
     loop {
@@ -541,7 +595,7 @@ fn spawn_request(
 ) {
     tokio_uring::spawn(async move {
         handle(&conn, req, payload).await;
-        if let Some(m) = conn.vol.metrics().op(req.command) {
+        if let Some(m) = conn.metrics.op(req.command) {
             let bytes = match req.command {
                 Command::Read | Command::Write => req.length,
                 _ => 0,
@@ -556,11 +610,7 @@ fn spawn_request(
 /// it; `Ok(false)` means it was answered with an error (a rejected write's
 /// payload drained) and the next request follows.
 async fn admit(conn: &Conn, req: &Request, prefix: &mut Prefix) -> Result<bool, End> {
-    let size = match &conn.snap {
-        Some(s) => s.size(),
-        None => conn.vol.info().size.get(),
-    };
-    match check_request_at(req, &conn.neg, size) {
+    match check_request_at(req, &conn.neg, conn.target.size()) {
         Verdict::Close(e) => Err(End::Protocol(e)),
         Verdict::Reject(code) => {
             // Bounded by the maximum payload: check_request closes longer.
@@ -586,7 +636,7 @@ async fn read_write_payload(
     hdr: Vec<u8>,
     fixed: bool,
 ) -> (Result<(Payload, usize), End>, Vec<u8>) {
-    let mut p = conn.vol.pool().payload(req.length as usize).await;
+    let mut p = conn.pool.payload(req.length as usize).await;
     if p.chunk_count() == 1 && prefix.is_empty() {
         let mut chunks = p.take_chunks();
         let chunk = chunks.pop().expect("one chunk");
@@ -640,7 +690,7 @@ async fn fill_payload(
         // client pipelines a write right behind its final option).
         let pre = prefix.take(&mut chunk[..want]);
         if pre > 0 {
-            conn.vol.metrics().payload_copies.increment(pre as u64);
+            conn.metrics.payload_copies.increment(pre as u64);
         }
         let (res, chunk) = read_exact(&conn.sock, chunk, pre, want, "write payload", fixed).await;
         if let Err(e) = res {
@@ -664,10 +714,14 @@ async fn fill_payload(
 
 async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
     tracing::trace!("request {:?}", req);
-    if let Some(snap) = &conn.snap {
-        return handle_snapshot(conn, snap, req).await;
-    }
-    let vol = &conn.vol;
+    let vol = match &conn.target {
+        Target::Home {
+            vol,
+            snap: Some(snap),
+        } => return handle_snapshot(conn, vol, snap, req).await,
+        Target::Home { vol, snap: None } => vol,
+        Target::Satellite(s) => return handle_satellite(conn, s, req, payload).await,
+    };
     match req.command {
         Command::Write => {
             let res = match payload {
@@ -699,7 +753,45 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
         }
         // O_DIRECT keeps no page cache to warm; prefetch is advisory.
         Command::Cache => conn.done(&req, Ok(())),
-        Command::BlockStatus => reply_block_status(conn, &req),
+        Command::BlockStatus => reply_block_status(conn, &req).await,
+        Command::Disc | Command::Unknown(_) => {
+            conn.error(&req, ErrorCode::Inval, "unsupported command")
+        }
+    }
+}
+
+/// A request on a satellite connection: a read from the store here when
+/// the gate allows; everything else answered by the home core.
+async fn handle_satellite(conn: &Conn, sat: &Satellite, req: Request, payload: Option<Payload>) {
+    let fua = req.flags.contains(CommandFlags::FUA);
+    let (offset, len) = (req.offset, req.length);
+    match req.command {
+        Command::Read if len == 0 => reply_read(conn, &req, ReadData { parts: Vec::new() }),
+        Command::Read => match sat.read(offset, len).await {
+            Ok(data) => reply_read(conn, &req, data),
+            Err(code) => conn.error(&req, code, "read failed"),
+        },
+        Command::Write => {
+            let res = match &payload {
+                Some(p) => sat.write(offset, p, fua).await,
+                None => Ok(()),
+            };
+            conn.done(&req, res);
+        }
+        Command::Flush => conn.done(&req, sat.done(Ask::Flush).await),
+        Command::Trim => conn.done(&req, sat.done(Ask::Trim { offset, len, fua }).await),
+        Command::WriteZeroes => {
+            let no_hole = req.flags.contains(CommandFlags::NO_HOLE);
+            let ask = Ask::Zeroes {
+                offset,
+                len,
+                no_hole,
+                fua,
+            };
+            conn.done(&req, sat.done(ask).await)
+        }
+        Command::Cache => conn.done(&req, Ok(())),
+        Command::BlockStatus => reply_block_status(conn, &req).await,
         Command::Disc | Command::Unknown(_) => {
             conn.error(&req, ErrorCode::Inval, "unsupported command")
         }
@@ -709,11 +801,10 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Payload>) {
 /// A request on a snapshot export: reads of the snapshot; writes of any
 /// kind refused with EPERM (the export is read-only, so `check_request`
 /// refuses them first); BLOCK_STATUS answers the snapshot's allocation.
-async fn handle_snapshot(conn: &Conn, snap: &Snapshot, req: Request) {
+async fn handle_snapshot(conn: &Conn, vol: &Volume, snap: &Snapshot, req: Request) {
     match req.command {
         Command::Read if req.length == 0 => reply_read(conn, &req, ReadData { parts: Vec::new() }),
-        Command::Read => match conn
-            .vol
+        Command::Read => match vol
             .engine()
             .read_snapshot(snap, req.offset, req.length)
             .await
@@ -725,7 +816,7 @@ async fn handle_snapshot(conn: &Conn, snap: &Snapshot, req: Request) {
             conn.error(&req, ErrorCode::Perm, "a snapshot is read-only")
         }
         Command::Flush | Command::Cache => conn.done(&req, Ok(())),
-        Command::BlockStatus => reply_block_status(conn, &req),
+        Command::BlockStatus => reply_block_status(conn, &req).await,
         Command::Disc | Command::Unknown(_) => {
             conn.error(&req, ErrorCode::Inval, "unsupported command")
         }
@@ -761,14 +852,11 @@ fn allocation_flags(a: &Allocation) -> u32 {
 
 /// Answers a BLOCK_STATUS with one chunk per selected context:
 /// `base:allocation`, then `qemu:dirty-bitmap:since-LSN`.
-fn reply_block_status(conn: &Conn, req: &Request) {
-    let mut parts: Vec<(u32, Vec<nbd::reply::ExtentExt>)> = Vec::with_capacity(2);
-    if let Some(id) = conn.neg.base_allocation {
-        parts.push((id, allocation_extents(conn, req)));
-    }
-    if let Some(bitmap) = conn.neg.dirty_bitmap {
-        parts.push((bitmap.id, dirty_extents(conn, req, bitmap.since)));
-    }
+async fn reply_block_status(conn: &Conn, req: &Request) {
+    let mut parts = match block_status_parts(conn, req).await {
+        Ok(p) => p,
+        Err(code) => return conn.error(req, code, "block status failed"),
+    };
     if parts.is_empty() {
         conn.error(req, ErrorCode::Inval, "no metadata context was negotiated");
         return;
@@ -804,14 +892,52 @@ fn reply_block_status(conn: &Conn, req: &Request) {
     conn.reply(chunks);
 }
 
-/// The range's `base:allocation` extents.
-fn allocation_extents(conn: &Conn, req: &Request) -> Vec<nbd::reply::ExtentExt> {
-    let runs = match &conn.snap {
-        Some(snap) => conn
-            .vol
-            .engine()
-            .snapshot_allocation(snap, req.offset, req.length),
-        None => conn.vol.allocation(req.offset, req.length),
+/// The extents of each context the connection negotiated, with its id:
+/// `base:allocation`, then `qemu:dirty-bitmap:since-LSN` (a satellite asks
+/// the home core for them).
+async fn block_status_parts(
+    conn: &Conn,
+    req: &Request,
+) -> Result<Vec<(u32, Vec<nbd::reply::ExtentExt>)>, ErrorCode> {
+    let (offset, len) = (req.offset, req.length);
+    let bitmap = conn.neg.dirty_bitmap;
+    let (alloc, dirty) = match &conn.target {
+        Target::Home { vol, snap } => {
+            let alloc = conn
+                .neg
+                .base_allocation
+                .map(|_| allocation_runs(vol, snap.as_deref(), offset, len));
+            let dirty = bitmap.map(|b| dirty_runs(vol, b.since, offset, len));
+            (alloc, dirty)
+        }
+        Target::Satellite(sat) => {
+            let allocation = conn.neg.base_allocation.is_some();
+            let since = bitmap.map(|b| b.since);
+            let (a, d) = sat.extents(offset, len, allocation, since).await?;
+            (Some(a), Some(d))
+        }
+    };
+    let mut parts = Vec::with_capacity(2);
+    if let (Some(id), Some(a)) = (conn.neg.base_allocation, alloc) {
+        parts.push((id, a));
+    }
+    if let (Some(b), Some(d)) = (bitmap, dirty) {
+        parts.push((b.id, d));
+    }
+    Ok(parts)
+}
+
+/// The `base:allocation` extents of `[offset, offset + len)` of `vol` (of
+/// its snapshot `snap`).
+fn allocation_runs(
+    vol: &Volume,
+    snap: Option<&Snapshot>,
+    offset: u64,
+    len: u64,
+) -> Vec<nbd::reply::ExtentExt> {
+    let runs = match snap {
+        Some(snap) => vol.engine().snapshot_allocation(snap, offset, len),
+        None => vol.allocation(offset, len),
     };
     runs.into_iter()
         .filter(|a| a.length > 0)
@@ -826,11 +952,10 @@ fn allocation_extents(conn: &Conn, req: &Request) -> Vec<nbd::reply::ExtentExt> 
 /// after `since` changed a region (everywhere when the table does not
 /// reach back to `since`), at most [`MAX_DIRTY_RUNS`] of them (a reply may
 /// cover a prefix of the range).
-fn dirty_extents(conn: &Conn, req: &Request, since: u64) -> Vec<nbd::reply::ExtentExt> {
+fn dirty_runs(vol: &Volume, since: u64, offset: u64, len: u64) -> Vec<nbd::reply::ExtentExt> {
     let mut out: Vec<nbd::reply::ExtentExt> = Vec::new();
-    conn.vol
-        .engine()
-        .changed_extents(since, req.offset, req.length, |_, length, dirty| {
+    vol.engine()
+        .changed_extents(since, offset, len, |_, length, dirty| {
             if out.len() < MAX_DIRTY_RUNS {
                 let flags = if dirty { nbd::consts::STATE_DIRTY } else { 0 };
                 out.push(nbd::reply::ExtentExt {

@@ -1,0 +1,250 @@
+//! One volume on several cores (docs/ARCHITECTURE.md, "Threads"): with
+//! `--cores 2` a volume's plain-export connections alternate between its
+//! home core and a satellite core. A satellite reads the store itself only
+//! when nothing is unapplied and forwards everything else home, so NBD's
+//! multi-conn promises hold across the cores:
+//! - a write acknowledged on one connection reads back at once on every
+//!   other, also while the applier is behind (`--durability flush` keeps
+//!   records unapplied until a sync);
+//! - a FLUSH on one connection covers the writes completed on the others
+//!   (`kill -9` right after its reply loses none of them);
+//! - after a shrink, a satellite refuses reads past the new end as the home
+//!   core does (EINVAL);
+//! - `nbdcopy -C 4` (libnbd, four connections) copies out exactly what was
+//!   written.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use mirrorblk_tests::daemon::{args, Daemon, TestDir};
+use mirrorblk_tests::tools::{self, Tool, TOOL_TIMEOUT};
+use mirrorblk_tests::util::{assert_bytes_eq, pattern, Rng, KIB4, MIB};
+use nbd::{ClientError, ErrorCode};
+
+/// Bound of every loop here.
+const LOOP_BUDGET: Duration = Duration::from_secs(60);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The value of `metric{volume="vol0"}` scraped from the metrics endpoint.
+fn metric(port: u16, name: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+            let mut out = String::new();
+            if s.read_to_string(&mut out).is_ok() && out.contains("\r\n\r\n") {
+                break out;
+            }
+        }
+        assert!(Instant::now() < deadline, "metrics on port {port} never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let prefix = format!("{name}{{volume=\"vol0\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0.0, |v| v.trim().parse().unwrap_or(0.0))
+}
+
+/// A daemon serving vol0 (64M) on two cores, with metrics on `port`.
+fn two_cores(dir: &TestDir, port: u16, extra: &[&str]) -> Daemon {
+    let mut a = dir.volume_args("vol0", "64M");
+    let metrics = format!("127.0.0.1:{port}");
+    a.extend(args(["--cores", "2", "--metrics-listen", &metrics]));
+    a.extend(extra.iter().map(OsString::from));
+    Daemon::start(&a)
+}
+
+/// Four connections: the first and third on the home core, the second and
+/// fourth on the satellite (round robin from the home core).
+#[test]
+fn a_write_acknowledged_on_one_connection_reads_back_at_once_on_every_other() {
+    let dir = TestDir::new();
+    let port = free_port();
+    let d = two_cores(&dir, port, &["--durability", "flush"]);
+    let mut conns: Vec<_> = (0..4).map(|_| d.connect("vol0")).collect();
+    let mut rng = Rng::from_env_or_time("multicore-read-your-writes");
+    let started = Instant::now();
+    let rounds = 400;
+    for round in 0..rounds {
+        assert!(
+            started.elapsed() < LOOP_BUDGET,
+            "{round} of {rounds} rounds in {LOOP_BUDGET:?}"
+        );
+        let writer = round % conns.len();
+        // Unaligned too: a satellite reads whole blocks around it.
+        let off = rng.below(64) * 16 * KIB4 + rng.below(4) * 512;
+        let len = (rng.range(1, 8) * KIB4) as usize;
+        let data = pattern(rng.next_u64(), len);
+        conns[writer].write(off, &data, false).expect("write");
+        for (i, c) in conns.iter_mut().enumerate() {
+            let got = c.read(off, len as u32).expect("read");
+            assert_bytes_eq(
+                &format!("round {round}: written on connection {writer}, read on {i}"),
+                off,
+                &data,
+                &got,
+            );
+        }
+        // Now and then let the applier catch up, so satellites also read
+        // the store themselves (with nothing unapplied).
+        if round % 40 == 39 {
+            conns[writer].flush().expect("flush");
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    }
+    let local = metric(port, "mirrorblk_satellite_local_reads_total");
+    let forwarded = metric(port, "mirrorblk_forwarded_requests_total");
+    assert!(
+        local >= 10.0 && forwarded >= 100.0,
+        "satellite reads must take both paths: {local} served locally, {forwarded} requests forwarded"
+    );
+}
+
+/// Writes on one connection, FLUSH on another (each way between the home
+/// core and the satellite), `kill -9` right after the FLUSH reply: every
+/// write stays after the restart.
+#[test]
+fn a_flush_on_one_connection_covers_writes_completed_on_the_others_across_kill_9() {
+    let dir = TestDir::new();
+    let port = free_port();
+    let mut d = two_cores(&dir, port, &["--durability", "flush"]);
+    let mut rng = Rng::from_env_or_time("multicore-flush-covers");
+    let mut written: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (cycle, (writer, flusher)) in [(1usize, 0usize), (0, 1), (1, 0), (0, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut conns: Vec<_> = (0..2).map(|_| d.connect("vol0")).collect();
+        for i in 0..64u64 {
+            let off = (cycle as u64 * 64 + i) * 64 * KIB4;
+            let data = pattern(rng.next_u64(), (KIB4 * rng.range(1, 4)) as usize);
+            conns[writer].write(off, &data, false).expect("write");
+            written.push((off, data));
+        }
+        conns[flusher].flush().expect("flush");
+        d.kill9();
+        d.restart();
+        let mut c = d.connect("vol0");
+        for (off, data) in &written {
+            let got = c.read(*off, data.len() as u32).expect("read after restart");
+            assert_bytes_eq(
+                &format!("cycle {cycle}: written on connection {writer}, flushed on {flusher}, kill -9"),
+                *off,
+                data,
+                &got,
+            );
+        }
+    }
+}
+
+/// The error a read gets.
+fn read_error(c: &mut nbd::Client<TcpStream>, off: u64, len: u32) -> Option<u32> {
+    match c.read(off, len) {
+        Ok(_) => None,
+        Err(ClientError::Server(code)) => Some(code),
+        Err(e) => panic!("read at {off}: {e} (the server must answer)"),
+    }
+}
+
+/// Shrink 64M → 32M while a satellite connection is open: its reads past
+/// the new end fail with EINVAL as the home core's do (while the resize
+/// is pending and once it is applied), and reads below it still work.
+#[test]
+fn a_satellite_refuses_reads_past_the_end_after_a_shrink() {
+    let dir = TestDir::new();
+    let port = free_port();
+    let d = two_cores(&dir, port, &[]);
+    let mut home = d.connect("vol0");
+    let mut sat = d.connect("vol0");
+    let low = pattern(1, 64 * 1024);
+    home.write(0, &low, true).expect("write below the new end");
+    sat.write(40 * MIB, &pattern(2, 4096), true)
+        .expect("write past the new end, before the shrink");
+    let r = mirrorblk_admin::call(
+        &d.admin_socket(),
+        &mirrorblk_admin::Request::Resize {
+            volume: "vol0".into(),
+            size: 32 * MIB,
+            force: true,
+        },
+    )
+    .expect("admin call");
+    assert!(r.ok, "shrink refused: {:?}", r.error);
+    let started = Instant::now();
+    let mut rounds = 0;
+    // Both before and after the resize record is applied (the applier
+    // runs within milliseconds; 300 ms of rounds see both).
+    while started.elapsed() < Duration::from_millis(300) {
+        for (name, c) in [("home", &mut home), ("satellite", &mut sat)] {
+            for (off, len) in [(40 * MIB, 4096), (32 * MIB, 4096), (32 * MIB - 4096, 8192)] {
+                assert_eq!(
+                    read_error(c, off, len),
+                    Some(ErrorCode::Inval as u32),
+                    "{name} read of {len} bytes at {off} after the shrink to 32M"
+                );
+            }
+            let got = c.read(0, low.len() as u32).expect("read below the new end");
+            assert_bytes_eq(&format!("{name} read below the new end"), 0, &low, &got);
+        }
+        rounds += 1;
+    }
+    assert!(rounds >= 3, "only {rounds} rounds");
+    assert!(
+        metric(port, "mirrorblk_satellite_local_reads_total") >= 1.0,
+        "the satellite never read on its own"
+    );
+}
+
+/// `nbdcopy -C 4` in and out: four connections over two cores, the copy
+/// out equal to what went in (and to blocks overwritten just before it,
+/// still unapplied).
+#[test]
+fn nbdcopy_with_four_connections_copies_out_what_was_written() {
+    let dir = TestDir::new();
+    let port = free_port();
+    let d = two_cores(&dir, port, &["--durability", "flush"]);
+    let uri = d.uri("vol0");
+    let img_path = dir.join("in.raw");
+    let mut img = pattern(17, (64 * MIB) as usize);
+    std::fs::write(&img_path, &img).expect("write the image");
+    let cp = |from: &std::path::Path, to: &str| {
+        tools::run(
+            Tool::NbdCopy,
+            args(["-C", "4", from.to_str().expect("utf-8"), to]),
+            TOOL_TIMEOUT,
+        )
+        .expect_success();
+    };
+    cp(&img_path, &uri);
+    // Fresh writes the applier has not reached yet (no flush asks for them).
+    let mut c = d.connect("vol0");
+    for i in 0..16u64 {
+        let off = i * 4 * MIB;
+        let data = pattern(100 + i, KIB4 as usize);
+        c.write(off, &data, false).expect("write");
+        img[off as usize..(off + KIB4) as usize].copy_from_slice(&data);
+    }
+    let out = dir.join("out.raw");
+    tools::run(
+        Tool::NbdCopy,
+        args(["-C", "4", &uri, out.to_str().expect("utf-8")]),
+        TOOL_TIMEOUT,
+    )
+    .expect_success();
+    let copied = std::fs::read(&out).expect("read the copy");
+    assert_bytes_eq("nbdcopy -C 4 out", 0, &img, &copied);
+    assert!(
+        metric(port, "mirrorblk_satellite_local_reads_total") >= 1.0
+            && metric(port, "mirrorblk_forwarded_requests_total") >= 1.0,
+        "nbdcopy's connections never reached the satellite"
+    );
+}
