@@ -473,12 +473,11 @@ impl Store {
     /// (the buffered one when the page cache serves reads), for another
     /// core's reads.
     pub fn dup_read_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
-        use std::os::fd::{AsFd, BorrowedFd};
         let file = self.cached.as_ref().unwrap_or(&self.file);
         // SAFETY: the descriptor stays open while `file` lives, which is
         // longer than this borrow.
-        let fd = unsafe { BorrowedFd::borrow_raw(file.as_raw_fd()) };
-        fd.as_fd().try_clone_to_owned()
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(file.as_raw_fd()) };
+        fd.try_clone_to_owned()
     }
 
     /// Reads `[pos, pos + len)` into the start of `buf` (block aligned)

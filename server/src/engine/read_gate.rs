@@ -275,6 +275,72 @@ mod tests {
         assert!(gate.state().closed);
     }
 
+    /// The engine counts a write from its reservation until the applier
+    /// wrote it to the store; a satellite's reader then reads it there.
+    #[test]
+    fn the_engine_counts_a_write_until_applied_and_a_reader_then_sees_it() {
+        use crate::buffer::{BufPool, PoolConfig};
+        use crate::engine::write::Change;
+        use std::rc::Rc;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().expect("tempdir");
+        tokio_uring::start(async {
+            let pool = Rc::new(BufPool::new(&PoolConfig::from_budget(48 << 20)));
+            // Flush durability: the applier waits for a sync (a flush, or
+            // 100 ms), so the write is acknowledged and still unapplied.
+            let e = super::super::tests::open_with(
+                dir.path(),
+                &pool,
+                crate::journal::Durability::Flush,
+            );
+            let share = e.read_share().expect("share");
+            let gate = share.gate.clone();
+            let reader = StoreReader::new(share);
+            assert_eq!(reader.route(4096, 8192), ReadRoute::Local, "nothing written yet");
+            let mut p = pool.payload(8192).await;
+            let mut chunks = p.take_chunks();
+            chunks[0].iter_mut().for_each(|b| *b = 0x5a);
+            p.put_chunks(chunks);
+            e.mutate(Change::write(4096, p)).await.expect("write");
+            assert_eq!(gate.state().unapplied, 1, "acknowledged, not yet applied");
+            assert_eq!(reader.route(4096, 8192), ReadRoute::Forward);
+            assert_eq!(reader.route(0, 4096), ReadRoute::Forward, "anything pending sends every read home");
+            e.flush().await.expect("flush");
+            e.wait_applied(e.journal().next_lsn(), Duration::from_secs(10))
+                .await
+                .expect("applied");
+            assert_eq!(gate.state().unapplied, 0);
+            assert_eq!(reader.route(4096 + 100, 1000), ReadRoute::Local);
+            let bufs = PieceBuffers::take(&pool, 4096 + 100, 1000).await;
+            let got = reader.read(bufs).await.expect("read");
+            assert_eq!(bytes(&got), vec![0x5a; 1000]);
+            // Bytes from the home core land in the same layout.
+            let bufs = PieceBuffers::take(&pool, 4096 + 100, 1000).await;
+            assert_eq!(bytes(&bufs.fill(&[7; 1000])), vec![7; 1000]);
+            assert!(e.shutdown(Duration::from_secs(10)).await, "drained");
+            assert_eq!(reader.route(4096, 4096), ReadRoute::Forward, "closed at a stop");
+        });
+    }
+
+    fn bytes(d: &ReadData) -> Vec<u8> {
+        d.parts.iter().flat_map(|(b, s, e)| b[*s..*e].to_vec()).collect()
+    }
+
+    /// Pieces past a chunk boundary fill in order.
+    #[test]
+    fn bytes_from_home_fill_every_piece_in_order() {
+        use crate::buffer::{BufPool, PoolConfig, MAX_CHUNK};
+        tokio_uring::start(async {
+            let pool = BufPool::new(&PoolConfig::from_budget(48 << 20));
+            let (offset, len) = (MAX_CHUNK as u64 - 1000, 3000u64);
+            let want: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let bufs = PieceBuffers::take(&pool, offset, len).await;
+            let got = bufs.fill(&want);
+            assert_eq!(got.parts.len(), 2, "two pieces across the chunk boundary");
+            assert_eq!(bytes(&got), want);
+        });
+    }
+
     #[test]
     #[should_panic(expected = "never counted")]
     fn applying_more_than_was_reserved_is_a_bug() {

@@ -204,14 +204,16 @@ impl Engine {
         let hooks = self.hooks();
         self.journal
             .reserve(new, fits, |rec| {
+                // Counted in the step that makes it visible here, so no
+                // other core reads the store past it until it is applied;
+                // before a resize's new size, so a core that sees the new
+                // size sees the count too.
+                self.read_gate.reserved();
                 if let Some(size) = new_size {
                     self.info.size.set(size);
                     self.resize_changes(size, rec.lsn);
                 }
                 self.mark_changed(rec.offset, rec.length, rec.lsn);
-                // Counted in the step that makes it visible here, so no
-                // other core reads the store past it (until applied).
-                self.read_gate.reserved();
                 self.enter_overlay(rec, in_place);
                 if let Some(h) = &hooks {
                     h.reserved(rec);
