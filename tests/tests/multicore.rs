@@ -55,10 +55,13 @@ fn metric(port: u16, name: &str) -> f64 {
 }
 
 /// A daemon serving vol0 (64M) on two cores, with metrics on `port`.
-fn two_cores(dir: &TestDir, port: u16, extra: &[&str]) -> Daemon {
+fn two_cores(dir: &TestDir, port: Option<u16>, extra: &[&str]) -> Daemon {
     let mut a = dir.volume_args("vol0", "64M");
-    let metrics = format!("127.0.0.1:{port}");
-    a.extend(args(["--cores", "2", "--metrics-listen", &metrics]));
+    a.extend(args(["--cores", "2"]));
+    if let Some(port) = port {
+        let listen = format!("127.0.0.1:{port}");
+        a.extend(args(["--metrics-listen", listen.as_str()]));
+    }
     a.extend(extra.iter().map(OsString::from));
     Daemon::start(&a)
 }
@@ -84,7 +87,7 @@ fn a_write_acknowledged_on_one_connection_reads_back_at_once_on_every_other() {
     for durability in ["flush", "per-write"] {
         let dir = TestDir::new();
         let port = free_port();
-        let d = two_cores(&dir, port, &["--durability", durability]);
+        let d = two_cores(&dir, Some(port), &["--durability", durability]);
         let mut conns: Vec<_> = (0..4).map(|_| d.connect("vol0")).collect();
         let mut rng = Rng::from_env_or_time("multicore-read-your-writes");
         let started = Instant::now();
@@ -123,17 +126,22 @@ fn a_write_acknowledged_on_one_connection_reads_back_at_once_on_every_other() {
 #[test]
 fn a_flush_on_one_connection_covers_writes_completed_on_the_others_across_kill_9() {
     let dir = TestDir::new();
-    let port = free_port();
-    let mut d = two_cores(&dir, port, &["--durability", "flush"]);
+    let mut d = two_cores(&dir, None, &["--durability", "flush"]);
     let mut rng = Rng::from_env_or_time("multicore-flush-covers");
     let mut written: Vec<(u64, Vec<u8>)> = Vec::new();
-    for (cycle, (writer, flusher)) in [(1usize, 0usize), (0, 1), (1, 0), (0, 1)]
-        .into_iter()
-        .enumerate()
-    {
+    for cycle in 0..4u64 {
         let mut conns: Vec<_> = (0..2).map(|_| d.connect("vol0")).collect();
+        // The process's first connection stays home, the next goes to the
+        // satellite, ...: the verifying connection below was the first of
+        // the restarted process, so after it the order flips.
+        let (home, sat) = if cycle == 0 { (0, 1) } else { (1, 0) };
+        let (writer, flusher, how) = if cycle % 2 == 0 {
+            (sat, home, "written on the satellite, flushed on the home core")
+        } else {
+            (home, sat, "written on the home core, flushed on the satellite")
+        };
         for i in 0..64u64 {
-            let off = (cycle as u64 * 64 + i) * 64 * KIB4;
+            let off = (cycle * 64 + i) * 64 * KIB4;
             let data = pattern(rng.next_u64(), (KIB4 * rng.range(1, 4)) as usize);
             conns[writer].write(off, &data, false).expect("write");
             written.push((off, data));
@@ -145,7 +153,7 @@ fn a_flush_on_one_connection_covers_writes_completed_on_the_others_across_kill_9
         for (off, data) in &written {
             let got = c.read(*off, data.len() as u32).expect("read after restart");
             assert_bytes_eq(
-                &format!("cycle {cycle}: written on connection {writer}, flushed on {flusher}, kill -9"),
+                &format!("cycle {cycle}: {how}, kill -9 after the flush reply"),
                 *off,
                 data,
                 &got,
@@ -170,7 +178,7 @@ fn read_error(c: &mut nbd::Client<TcpStream>, off: u64, len: u32) -> Option<u32>
 fn a_satellite_refuses_reads_past_the_end_after_a_shrink() {
     let dir = TestDir::new();
     let port = free_port();
-    let d = two_cores(&dir, port, &[]);
+    let d = two_cores(&dir, Some(port), &[]);
     let mut home = d.connect("vol0");
     let mut sat = d.connect("vol0");
     let low = pattern(1, 64 * 1024);
@@ -219,20 +227,17 @@ fn a_satellite_refuses_reads_past_the_end_after_a_shrink() {
 fn nbdcopy_with_four_connections_copies_out_what_was_written() {
     let dir = TestDir::new();
     let port = free_port();
-    let d = two_cores(&dir, port, &["--durability", "flush"]);
+    let d = two_cores(&dir, Some(port), &["--durability", "flush"]);
     let uri = d.uri("vol0");
     let img_path = dir.join("in.raw");
     let mut img = pattern(17, (64 * MIB) as usize);
     std::fs::write(&img_path, &img).expect("write the image");
-    let cp = |from: &std::path::Path, to: &str| {
-        tools::run(
-            Tool::NbdCopy,
-            args(["-C", "4", from.to_str().expect("utf-8"), to]),
-            TOOL_TIMEOUT,
-        )
-        .expect_success();
-    };
-    cp(&img_path, &uri);
+    tools::run(
+        Tool::NbdCopy,
+        args(["-C", "4", img_path.to_str().expect("utf-8"), uri.as_str()]),
+        TOOL_TIMEOUT,
+    )
+    .expect_success();
     // Fresh writes the applier has not reached yet (no flush asks for them).
     let mut c = d.connect("vol0");
     for i in 0..16u64 {
@@ -244,7 +249,7 @@ fn nbdcopy_with_four_connections_copies_out_what_was_written() {
     let out = dir.join("out.raw");
     tools::run(
         Tool::NbdCopy,
-        args(["-C", "4", &uri, out.to_str().expect("utf-8")]),
+        args(["-C", "4", uri.as_str(), out.to_str().expect("utf-8")]),
         TOOL_TIMEOUT,
     )
     .expect_success();
