@@ -43,7 +43,7 @@ pub enum CoreMsg {
     Snapshot(SnapshotQuery),
     /// A connection of another core's volume, to serve here as a
     /// satellite (reads from the store, the rest forwarded home).
-    Satellite(SatelliteConn),
+    Satellite(Box<SatelliteConn>),
 }
 
 /// A plain export's connection its volume's home core sends to another

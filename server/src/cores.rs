@@ -684,7 +684,7 @@ impl Core {
                 return Some(nc);
             }
         };
-        let msg = CoreMsg::Satellite(SatelliteConn { conn: nc, seed });
+        let msg = CoreMsg::Satellite(Box::new(SatelliteConn { conn: nc, seed }));
         match peer.try_send(msg) {
             Ok(()) => None,
             // A full or closed queue: serving it here is never wrong.
@@ -696,11 +696,12 @@ impl Core {
     }
 
     /// A connection of another core's volume, served here as a satellite.
-    fn on_satellite(&self, sc: SatelliteConn) {
+    fn on_satellite(&self, sc: Box<SatelliteConn>) {
+        let sc = *sc;
         let name = sc.seed.volume().to_string();
         tracing::debug!(peer = %sc.conn.peer, "core {} serves a connection of volume '{name}' as a satellite", self.index);
         let sat = Satellite::new(sc.seed, self.pool.clone());
-        self.serve_conn(sc.conn, Target::Satellite(sat));
+        self.serve_conn(sc.conn, Target::Satellite(Box::new(sat)));
     }
 
     /// Serves a connection here until it ends or is stopped for a hand-over.

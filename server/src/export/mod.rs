@@ -233,7 +233,7 @@ pub enum Target {
         snap: Option<Rc<Snapshot>>,
     },
     /// A plain export's connection on another core.
-    Satellite(Satellite),
+    Satellite(Box<Satellite>),
 }
 
 impl Target {
