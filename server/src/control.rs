@@ -359,7 +359,11 @@ mod tests {
             (3, 4, usize::MAX, (3 + usize::MAX % 4) % 4),
         ];
         for (home, cores, n, want) in cases {
-            assert_eq!(connection_core(home, cores, n), want, "home {home} of {cores}, connection {n}");
+            assert_eq!(
+                connection_core(home, cores, n),
+                want,
+                "home {home} of {cores}, connection {n}"
+            );
         }
     }
 }

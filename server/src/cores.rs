@@ -21,7 +21,9 @@ use crate::control::{
     Heartbeats, NewConn, Position, PreparedVolume, SatelliteConn, SnapshotQuery,
 };
 use crate::engine::{Engine, Tuning, VolumeInfo};
-use crate::export::satellite::{serve_forwarded, Forwarded, Satellite, SatelliteSeed, FORWARD_QUEUE};
+use crate::export::satellite::{
+    serve_forwarded, Forwarded, Satellite, SatelliteSeed, FORWARD_QUEUE,
+};
 use crate::export::{serve, Quiesced, Target};
 use crate::journal::format::Role;
 use crate::journal::Journal;
@@ -650,7 +652,13 @@ impl Core {
         };
         if snap.is_none() {
             if let Some(nc) = self.spread(s, nc) {
-                self.serve_conn(nc, Target::Home { vol: s.vol.clone(), snap: None });
+                self.serve_conn(
+                    nc,
+                    Target::Home {
+                        vol: s.vol.clone(),
+                        snap: None,
+                    },
+                );
             }
             return;
         }
@@ -718,7 +726,15 @@ impl Core {
         tokio_uring::spawn(async move {
             let attach = !nc.handed_over;
             let peer = nc.peer.clone();
-            let q = serve(sock, nc.neg, target, nc.leftover, nc.peer, (quiesce, attach)).await;
+            let q = serve(
+                sock,
+                nc.neg,
+                target,
+                nc.leftover,
+                nc.peer,
+                (quiesce, attach),
+            )
+            .await;
             match (q, handed) {
                 // The new process reloads the snapshot from its side file;
                 // the connection (its reads in this engine) is not handed

@@ -45,7 +45,10 @@ fn metric(port: u16, name: &str) -> f64 {
                 break out;
             }
         }
-        assert!(Instant::now() < deadline, "metrics on port {port} never answered");
+        assert!(
+            Instant::now() < deadline,
+            "metrics on port {port} never answered"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     let prefix = format!("{name}{{volume=\"vol0\"}} ");
@@ -136,9 +139,17 @@ fn a_flush_on_one_connection_covers_writes_completed_on_the_others_across_kill_9
         // the restarted process, so after it the order flips.
         let (home, sat) = if cycle == 0 { (0, 1) } else { (1, 0) };
         let (writer, flusher, how) = if cycle % 2 == 0 {
-            (sat, home, "written on the satellite, flushed on the home core")
+            (
+                sat,
+                home,
+                "written on the satellite, flushed on the home core",
+            )
         } else {
-            (home, sat, "written on the home core, flushed on the satellite")
+            (
+                home,
+                sat,
+                "written on the home core, flushed on the satellite",
+            )
         };
         for i in 0..64u64 {
             let off = (cycle * 64 + i) * 64 * KIB4;

@@ -192,7 +192,10 @@ impl PieceBuffers {
             .into_iter()
             .map(|(p0, p1)| (p0, p1, align_down(p0), align_up(p1)))
             .collect();
-        let sizes: Vec<usize> = spans.iter().map(|&(_, _, a0, a1)| (a1 - a0) as usize).collect();
+        let sizes: Vec<usize> = spans
+            .iter()
+            .map(|&(_, _, a0, a1)| (a1 - a0) as usize)
+            .collect();
         let bufs = pool.take_many(&sizes).await;
         let pieces = spans
             .into_iter()
@@ -212,7 +215,11 @@ impl PieceBuffers {
     /// buffers. `bytes` must be exactly the range's length.
     pub fn fill(self, bytes: &[u8]) -> ReadData {
         let want: usize = self.pieces.iter().map(|p| p.end - p.start).sum();
-        assert_eq!(bytes.len(), want, "read data of another length than the range");
+        assert_eq!(
+            bytes.len(),
+            want,
+            "read data of another length than the range"
+        );
         let mut at = 0;
         let parts = self
             .pieces
@@ -270,7 +277,13 @@ mod tests {
         gate.applied();
         assert_eq!(gate.state().unapplied, 1);
         gate.applied();
-        assert_eq!(gate.state(), GateState { unapplied: 0, closed: false });
+        assert_eq!(
+            gate.state(),
+            GateState {
+                unapplied: 0,
+                closed: false
+            }
+        );
         gate.close();
         assert!(gate.state().closed);
     }
@@ -296,7 +309,11 @@ mod tests {
             let share = e.read_share().expect("share");
             let gate = share.gate.clone();
             let reader = StoreReader::new(share);
-            assert_eq!(reader.route(4096, 8192), ReadRoute::Local, "nothing written yet");
+            assert_eq!(
+                reader.route(4096, 8192),
+                ReadRoute::Local,
+                "nothing written yet"
+            );
             let mut p = pool.payload(8192).await;
             let mut chunks = p.take_chunks();
             chunks[0].iter_mut().for_each(|b| *b = 0x5a);
@@ -304,7 +321,11 @@ mod tests {
             e.mutate(Change::write(4096, p)).await.expect("write");
             assert_eq!(gate.state().unapplied, 1, "acknowledged, not yet applied");
             assert_eq!(reader.route(4096, 8192), ReadRoute::Forward);
-            assert_eq!(reader.route(0, 4096), ReadRoute::Forward, "anything pending sends every read home");
+            assert_eq!(
+                reader.route(0, 4096),
+                ReadRoute::Forward,
+                "anything pending sends every read home"
+            );
             e.flush().await.expect("flush");
             e.wait_applied(e.journal().next_lsn(), Duration::from_secs(10))
                 .await
@@ -318,12 +339,19 @@ mod tests {
             let bufs = PieceBuffers::take(&pool, 4096 + 100, 1000).await;
             assert_eq!(bytes(&bufs.fill(&[7; 1000])), vec![7; 1000]);
             assert!(e.shutdown(Duration::from_secs(10)).await, "drained");
-            assert_eq!(reader.route(4096, 4096), ReadRoute::Forward, "closed at a stop");
+            assert_eq!(
+                reader.route(4096, 4096),
+                ReadRoute::Forward,
+                "closed at a stop"
+            );
         });
     }
 
     fn bytes(d: &ReadData) -> Vec<u8> {
-        d.parts.iter().flat_map(|(b, s, e)| b[*s..*e].to_vec()).collect()
+        d.parts
+            .iter()
+            .flat_map(|(b, s, e)| b[*s..*e].to_vec())
+            .collect()
     }
 
     /// Pieces past a chunk boundary fill in order.

@@ -27,11 +27,11 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::buffer::{BufPool, OutBuf, Payload};
 use crate::engine::{ReadData, Snapshot};
-use crate::telemetry::VolumeMetrics;
-use satellite::{Ask, Satellite};
 use crate::sockio::{self, write_all, ReadFail, SockBuf, Socket};
 use crate::store::Allocation;
+use crate::telemetry::VolumeMetrics;
 use crate::volume::Volume;
+use satellite::{Ask, Satellite};
 
 /// Most requests in flight on one connection; the reader stops reading
 /// while this many are outstanding (backpressure to the client).
