@@ -53,14 +53,40 @@ pub struct SatelliteConn {
     pub conn: NewConn,
     /// What serving it there needs.
     pub seed: crate::export::satellite::SatelliteSeed,
+    /// Counts it among the volume's connections on that core.
+    pub live: LiveConn,
 }
 
-/// The core that serves the `n`th connection (from 0) of a volume's plain
-/// export, round robin from its home core over `cores` cores: the first
-/// stays home, so one client costs no forwarding.
-pub fn connection_core(home: usize, cores: usize, n: usize) -> usize {
-    assert!(home < cores, "core {home} of {cores}");
-    (home + n % cores) % cores
+/// The core for a volume's next plain-export connection, given how many
+/// of its connections each core serves now (`live`, by core index): the
+/// least loaded, the home core first on a tie, then the cores after it in
+/// turn. A lone client (fio's nbd engine closes its probing connection
+/// before it opens the one it works on) therefore stays home and costs no
+/// forwarding; several connections at once spread over the cores.
+pub fn connection_core(home: usize, live: &[usize]) -> usize {
+    assert!(home < live.len(), "core {home} of {}", live.len());
+    (0..live.len())
+        .map(|k| (home + k) % live.len())
+        .min_by_key(|&c| live[c])
+        .unwrap_or(home)
+}
+
+/// Counts a connection of a volume on one core (for [`connection_core`]);
+/// dropping it uncounts it, on whichever core the connection ended.
+pub struct LiveConn(Arc<AtomicUsize>);
+
+impl LiveConn {
+    /// Counts one more connection in `count`.
+    pub fn new(count: &Arc<AtomicUsize>) -> LiveConn {
+        count.fetch_add(1, Ordering::Relaxed);
+        LiveConn(count.clone())
+    }
+}
+
+impl Drop for LiveConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A snapshot request (`SnapshotCreate`, `SnapshotDelete`, `SnapshotList`),
@@ -345,25 +371,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn connections_go_round_robin_from_the_home_core() {
-        // (home, cores, n, core)
-        let cases = [
-            (0, 1, 0, 0),
-            (0, 1, 5, 0),
-            (0, 2, 0, 0),
-            (0, 2, 1, 1),
-            (0, 2, 2, 0),
-            (1, 2, 0, 1),
-            (1, 2, 1, 0),
-            (2, 4, 3, 1),
-            (3, 4, usize::MAX, (3 + usize::MAX % 4) % 4),
+    fn a_connection_goes_to_the_least_loaded_core_home_first_on_a_tie() {
+        // (home, live connections per core, core)
+        let cases: [(usize, &[usize], usize); 9] = [
+            (0, &[0], 0),
+            (0, &[5], 0),
+            (0, &[0, 0], 0),
+            (0, &[1, 0], 1),
+            (0, &[1, 1], 0),
+            (1, &[0, 0], 1),
+            (1, &[0, 1], 0),
+            (2, &[1, 1, 1, 1], 2),
+            (2, &[0, 1, 1, 0], 3),
         ];
-        for (home, cores, n, want) in cases {
+        for (home, live, want) in cases {
             assert_eq!(
-                connection_core(home, cores, n),
+                connection_core(home, live),
                 want,
-                "home {home} of {cores}, connection {n}"
+                "home {home}, live {live:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_live_connection_counts_until_dropped() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let a = LiveConn::new(&count);
+        let b = LiveConn::new(&count);
+        assert_eq!(count.load(Ordering::Relaxed), 2);
+        drop(a);
+        assert_eq!(count.load(Ordering::Relaxed), 1);
+        drop(b);
+        assert_eq!(count.load(Ordering::Relaxed), 0);
     }
 }

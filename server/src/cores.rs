@@ -7,7 +7,7 @@
 //! primary returns [`Fenced`], and the core demotes the volume and asks for
 //! a restart.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::buffer::{BufPool, PoolConfig};
 use crate::control::{
     ClientStream, CoordAnswer, CoordQuery, CoordRequest, CoreMsg, CoreQuery, HandedCore,
-    Heartbeats, NewConn, Position, PreparedVolume, SatelliteConn, SnapshotQuery,
+    Heartbeats, LiveConn, NewConn, Position, PreparedVolume, SatelliteConn, SnapshotQuery,
 };
 use crate::engine::{Engine, Tuning, VolumeInfo};
 use crate::export::satellite::{
@@ -78,8 +78,9 @@ struct Served {
     /// The task answering satellites, which ends once every satellite
     /// connection of the volume ended.
     forwarding: RefCell<Option<tokio::task::JoinHandle<()>>>,
-    /// Plain-export connections received so far (round robin).
-    conns: Cell<usize>,
+    /// The volume's plain-export connections each core serves now (by
+    /// core index), to spread new ones.
+    live: Vec<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 /// One core's volumes.
@@ -355,7 +356,9 @@ impl Core {
                     export,
                     forward: RefCell::new(Some(forward)),
                     forwarding: RefCell::new(Some(forwarding)),
-                    conns: Cell::new(0),
+                    live: (0..ctl.peers.len().max(1))
+                        .map(|_| Arc::default())
+                        .collect(),
                 };
                 (name, served)
             })
@@ -638,8 +641,8 @@ impl Core {
     }
 
     /// A negotiated NBD client for one of this core's volumes (or one of
-    /// their snapshots). A plain export's connections spread round robin
-    /// over the cores; snapshot exports stay here.
+    /// their snapshots). A plain export's connections spread over the
+    /// cores (the least loaded first); snapshot exports stay here.
     fn on_client(&self, nc: NewConn) {
         let Some((s, snap)) = self.export_target(&nc.neg.export.name) else {
             tracing::warn!(
@@ -652,13 +655,12 @@ impl Core {
         };
         if snap.is_none() {
             if let Some(nc) = self.spread(s, nc) {
-                self.serve_conn(
-                    nc,
-                    Target::Home {
-                        vol: s.vol.clone(),
-                        snap: None,
-                    },
-                );
+                let live = s.live.get(self.index).map(LiveConn::new);
+                let target = Target::Home {
+                    vol: s.vol.clone(),
+                    snap: None,
+                };
+                self.serve_conn(nc, target, live);
             }
             return;
         }
@@ -666,16 +668,21 @@ impl Core {
             vol: s.vol.clone(),
             snap,
         };
-        self.serve_conn(nc, target);
+        self.serve_conn(nc, target, None);
     }
 
-    /// Sends a plain export's connection to the core whose turn it is;
-    /// gives it back when that is this core or the other cannot take it.
+    /// Sends a plain export's connection to the least loaded core; gives
+    /// it back when that is this core or the other cannot take it.
     fn spread(&self, s: &Served, nc: NewConn) -> Option<NewConn> {
-        let n = s.conns.get();
-        s.conns.set(n.wrapping_add(1));
-        let cores = self.peers.len().max(1);
-        let to = crate::control::connection_core(self.index.min(cores - 1), cores, n);
+        let live: Vec<usize> = s
+            .live
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .collect();
+        if self.index >= live.len() {
+            return Some(nc);
+        }
+        let to = crate::control::connection_core(self.index, &live);
         if to == self.index {
             return Some(nc);
         }
@@ -692,7 +699,12 @@ impl Core {
                 return Some(nc);
             }
         };
-        let msg = CoreMsg::Satellite(Box::new(SatelliteConn { conn: nc, seed }));
+        let live = LiveConn::new(&s.live[to]);
+        let msg = CoreMsg::Satellite(Box::new(SatelliteConn {
+            conn: nc,
+            seed,
+            live,
+        }));
         match peer.try_send(msg) {
             Ok(()) => None,
             // A full or closed queue: serving it here is never wrong.
@@ -709,11 +721,12 @@ impl Core {
         let name = sc.seed.volume().to_string();
         tracing::debug!(peer = %sc.conn.peer, "core {} serves a connection of volume '{name}' as a satellite", self.index);
         let sat = Satellite::new(sc.seed, self.pool.clone());
-        self.serve_conn(sc.conn, Target::Satellite(Box::new(sat)));
+        self.serve_conn(sc.conn, Target::Satellite(Box::new(sat)), Some(sc.live));
     }
 
-    /// Serves a connection here until it ends or is stopped for a hand-over.
-    fn serve_conn(&self, nc: NewConn, target: Target) {
+    /// Serves a connection here until it ends or is stopped for a
+    /// hand-over (counted in `live` meanwhile).
+    fn serve_conn(&self, nc: NewConn, target: Target, live: Option<LiveConn>) {
         let snapshot = matches!(target, Target::Home { snap: Some(_), .. });
         let sock = match nc.stream {
             ClientStream::Tcp(s) => Socket::Tcp(tokio_uring::net::TcpStream::from_std(s)),
@@ -757,6 +770,7 @@ impl Core {
                 _ => {}
             }
             drop(guard);
+            drop(live);
         });
     }
 

@@ -78,10 +78,11 @@ pub struct Settings {
     pub unix: Option<PathBuf>,
 
     /// Worker cores (io_uring runtimes). Volumes are dealt over them, and
-    /// each volume's plain-export connections spread round robin over all
-    /// of them from its home core: reads are served on the core that
-    /// received them, everything else on the home core. `--cores 1` keeps
-    /// every connection on one core. [default: the number of CPUs]
+    /// each volume's plain-export connections spread over all of them
+    /// (each to the core serving the fewest, its home first on a tie):
+    /// reads are served on the core that received them, everything else
+    /// on the home core. `--cores 1` keeps every connection on one core.
+    /// [default: the number of CPUs]
     #[arg(long, value_name = "N")]
     pub cores: Option<usize>,
 
