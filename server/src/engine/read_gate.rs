@@ -22,8 +22,8 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::buffer::PoolBuf;
 use nbd::ErrorCode;
-use tokio_uring::buf::fixed::FixedBuf;
 use tokio_uring::buf::BoundedBuf;
 
 use super::nbd_error;
@@ -168,7 +168,7 @@ impl StoreReader {
 
 /// One piece of a read: a pool buffer for its aligned span.
 struct PieceBuffer {
-    buf: FixedBuf,
+    buf: PoolBuf,
     /// The volume offset of the aligned span.
     aligned: u64,
     /// The aligned span's length.
