@@ -67,12 +67,20 @@ fn dependencies(text: &str) -> BTreeSet<String> {
     out
 }
 
+/// A file that is a test module as a whole (`tests.rs`, `*_tests.rs`,
+/// declared under `#[cfg(test)]` by its parent): none of it is production code.
+fn is_test_module(path: &Path) -> bool {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .is_some_and(|s| s == "tests" || s.ends_with("_tests"))
+}
+
 fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("read the source directory") {
         let path = entry.expect("directory entry").path();
         if path.is_dir() {
             rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
+        } else if path.extension().is_some_and(|e| e == "rs") && !is_test_module(&path) {
             out.push(path);
         }
     }
