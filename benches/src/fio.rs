@@ -41,6 +41,10 @@ pub struct Job {
     /// fio `fsync=`: an NBD FLUSH after every this many writes (the jobs
     /// that ask for NBD's contract: durable at FLUSH).
     pub fsync: Option<u32>,
+    /// fio `numjobs=`: connections (NBD) driving the job at once, each at
+    /// `iodepth`; more than one is reported as one group (issue 17's reads
+    /// "with two jobs": a volume's connections on several cores).
+    pub numjobs: u32,
 }
 
 /// The jobs of the default comparison, in table order.
@@ -52,6 +56,7 @@ pub fn builtin_jobs() -> Vec<Job> {
         iodepth,
         rwmixread,
         fsync: None,
+        numjobs: 1,
     };
     vec![
         j("4k-randwrite-qd1", "randwrite", "4k", 1, None),
@@ -61,6 +66,10 @@ pub fn builtin_jobs() -> Vec<Job> {
             ..j("4k-randwrite-qd32-fsync32", "randwrite", "4k", 32, None)
         },
         j("4k-randread-qd32", "randread", "4k", 32, None),
+        Job {
+            numjobs: 2,
+            ..j("4k-randread-qd32-2jobs", "randread", "4k", 32, None)
+        },
         j("64k-randrw70-qd16", "randrw", "64k", 16, Some(70)),
         j("1m-write-qd8", "write", "1m", 8, None),
         j("1m-read-qd8", "read", "1m", 8, None),
@@ -77,6 +86,7 @@ pub fn precondition_job() -> Job {
         iodepth: 8,
         rwmixread: None,
         fsync: None,
+        numjobs: 1,
     }
 }
 
@@ -199,13 +209,17 @@ pub fn args(job: &Job, ep: &Endpoint, t: Timing, out: &Path) -> Vec<String> {
         format!("--bs={}", job.bs),
         format!("--iodepth={}", job.iodepth),
         format!("--size={}", t.size),
-        "--numjobs=1".into(),
+        format!("--numjobs={}", job.numjobs),
         "--output-format=json".into(),
         format!("--output={}", out.display()),
         "--lat_percentiles=1".into(),
         "--percentile_list=50:99:99.9".into(),
         "--unified_rw_reporting=mixed".into(),
     ];
+    if job.numjobs > 1 {
+        // One `jobs[0]` summing every job, which `parse` reads.
+        a.push("--group_reporting=1".into());
+    }
     if let Some(n) = job.fsync {
         a.push(format!("--fsync={n}"));
     }
@@ -433,5 +447,24 @@ mod tests {
     fn reports_a_fio_error() {
         let text = r#"{"jobs":[{"error":5,"mixed":{}}]}"#;
         assert!(parse(text).unwrap_err().contains("error 5"));
+    }
+
+    #[test]
+    fn several_jobs_are_reported_as_one_group() {
+        let t = Timing {
+            runtime: 4,
+            ramp: 1,
+            size: 1 << 30,
+            time_based: true,
+        };
+        let ep = Endpoint::Nbd("nbd://127.0.0.1:1/vol0".into());
+        let jobs = builtin_jobs();
+        let job = |name: &str| jobs.iter().find(|j| j.name == name).expect("a builtin job");
+        let two = args(job("4k-randread-qd32-2jobs"), &ep, t, Path::new("o.json"));
+        assert!(two.contains(&"--numjobs=2".to_string()));
+        assert!(two.contains(&"--group_reporting=1".to_string()));
+        let one = args(job("4k-randread-qd32"), &ep, t, Path::new("o.json"));
+        assert!(one.contains(&"--numjobs=1".to_string()));
+        assert!(!one.iter().any(|a| a.starts_with("--group_reporting")));
     }
 }
