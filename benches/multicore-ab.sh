@@ -23,18 +23,8 @@ ROUNDS=${ROUNDS:-3}
 LOCK=${LOCK:-}
 RAMP=2
 mkdir -p "$DIR" || exit 1
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+. "$(dirname "$0")/lib.sh"
 load() { cut -d' ' -f1-3 /proc/loadavg; }
-
-wait_metrics() { # port
-  local i
-  for i in $(seq 1 150); do
-    curl -s -o /dev/null "http://127.0.0.1:$1/metrics" && return 0
-    sleep 0.2
-  done
-  return 1
-}
 
 # fio's IOPS summed over its jobs (group reporting off): $1 json, $2 read|write.
 iops() {
@@ -88,20 +78,7 @@ run() { # name binary[:flags]
   rm -f "$d/v.data" "$d/v.journal" "$d"/*.data.* "$d"/*.journal.*
 }
 
-# One run, called back under the lock: $0 --one NAME BINARY
-if [ "${1:-}" = --one ]; then
-  shift
-  run "$@"
-  exit
-fi
-
-locked_run() {
-  if [ -n "$LOCK" ]; then
-    flock "$LOCK" "$0" --one "$@"
-  else
-    run "$@"
-  fi
-}
+one_run_dispatch "$@"
 
 echo "# load before: $(load)"
 for r in $(seq 1 "$ROUNDS"); do
