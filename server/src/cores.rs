@@ -7,7 +7,7 @@
 //! primary returns [`Fenced`], and the core demotes the volume and asks for
 //! a restart.
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -97,7 +97,7 @@ struct Core {
     /// The snapshot exports the NBD acceptor offers.
     snapshot_exports: crate::control::SnapshotExports,
     /// This core's buffer pool (satellite connections use it).
-    pool: Rc<BufPool>,
+    pool: CorePool,
     /// Every core, by index.
     peers: Vec<mpsc::WeakSender<CoreMsg>>,
 }
@@ -119,9 +119,16 @@ pub fn run_core(
     ctl: CoreControl,
 ) {
     tokio_uring::builder().entries(1024).start(async move {
-        let pool = Rc::new(BufPool::new(&pool_cfg));
-        let core = Core::open(index, vols, &pool, &ctl);
-        tracing::debug!("core {index} serving {} volume(s)", core.volumes.len());
+        let core = Core::open(index, vols, CorePool::new(pool_cfg), &ctl);
+        tracing::debug!(
+            "core {index} serving {} volume(s); buffer pool {}",
+            core.volumes.len(),
+            if core.pool.made() {
+                "made"
+            } else {
+                "made at the first satellite connection"
+            }
+        );
         spawn_heartbeat(&ctl.heartbeats);
         let mut ctl = ctl;
         let ending = core.serve(rx, &mut ctl.stop).await;
@@ -135,6 +142,37 @@ pub fn run_core(
         }
         let _ = ctl.stopped.send((index, clean));
     });
+}
+
+/// A core's buffer pool, made on first use. A core that serves no volume
+/// of its own (there are as many cores as CPUs by default) allocates and
+/// registers nothing until its first satellite connection: an idle one
+/// would otherwise hold a whole `--buffer-memory` of pinned memory.
+struct CorePool {
+    cfg: PoolConfig,
+    pool: OnceCell<Rc<BufPool>>,
+}
+
+impl CorePool {
+    fn new(cfg: PoolConfig) -> CorePool {
+        CorePool {
+            cfg,
+            pool: OnceCell::new(),
+        }
+    }
+
+    /// The pool, made now if this is the first use (inside the core's
+    /// runtime: registering needs its ring).
+    fn get(&self) -> Rc<BufPool> {
+        self.pool
+            .get_or_init(|| Rc::new(BufPool::new(&self.cfg)))
+            .clone()
+    }
+
+    /// Whether the pool has been made.
+    fn made(&self) -> bool {
+        self.pool.get().is_some()
+    }
 }
 
 fn spawn_heartbeat(heartbeats: &Heartbeats) {
@@ -328,18 +366,13 @@ async fn coordinate(vol: &Volume, request: &CoordRequest) -> Result<CoordAnswer,
 }
 
 impl Core {
-    fn open(
-        index: usize,
-        vols: Vec<PreparedVolume>,
-        pool: &Rc<BufPool>,
-        ctl: &CoreControl,
-    ) -> Core {
-        let volumes = vols
+    fn open(index: usize, vols: Vec<PreparedVolume>, pool: CorePool, ctl: &CoreControl) -> Core {
+        let volumes: HashMap<String, Served> = vols
             .into_iter()
             .map(|v| {
                 let name = v.config.name.clone();
                 let export = v.export.clone();
-                let vol = start_volume(v, pool, ctl);
+                let vol = start_volume(v, &pool.get(), ctl);
                 // Snapshots kept across the restart are served again.
                 let mut exports = lock_exports(&ctl.snapshot_exports);
                 for snap in vol.engine().snapshot_list() {
@@ -379,7 +412,7 @@ impl Core {
             handed: RefCell::new(Some(handed)),
             handed_rx: RefCell::new(Some(handed_rx)),
             snapshot_exports: ctl.snapshot_exports.clone(),
-            pool: pool.clone(),
+            pool,
             peers: ctl.peers.clone(),
         }
     }
@@ -720,7 +753,7 @@ impl Core {
         let sc = *sc;
         let name = sc.seed.volume().to_string();
         tracing::debug!(peer = %sc.conn.peer, "core {} serves a connection of volume '{name}' as a satellite", self.index);
-        let sat = Satellite::new(sc.seed, self.pool.clone());
+        let sat = Satellite::new(sc.seed, self.pool.get());
         self.serve_conn(sc.conn, Target::Satellite(Box::new(sat)), Some(sc.live));
     }
 
