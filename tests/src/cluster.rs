@@ -479,18 +479,28 @@ pub fn assert_stores_identical(nodes: &[&Node]) {
     }
 }
 
-/// The admin CLI binary, built next to the daemon (built here if missing).
+/// The admin CLI binary, next to the daemon: built here when missing or
+/// older than its sources (once per test process), unless `MIRRORBLKD`
+/// names the daemon (binaries installed elsewhere are used as they are).
 pub fn mirrorblk_cli() -> PathBuf {
-    let cli = crate::daemon::mirrorblkd_path().with_file_name("mirrorblk");
-    if !cli.exists() {
-        let st = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-p", "mirrorblk-tools", "--bin", "mirrorblk"])
-            .current_dir(crate::daemon::workspace_root())
-            .status()
-            .expect("run cargo");
-        assert!(st.success(), "building the mirrorblk CLI failed");
-    }
-    cli
+    static CLI: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CLI.get_or_init(|| {
+        let daemon = crate::daemon::mirrorblkd_path();
+        let cli = daemon.with_file_name("mirrorblk");
+        let spec = crate::daemon::BinarySpec {
+            package: "mirrorblk-tools",
+            name: "mirrorblk",
+            crates: &["tools", "server", "nbd", "admin", "etcd", "backup"],
+        };
+        match cli.parent() {
+            Some(dir) if std::env::var_os("MIRRORBLKD").is_none() => {
+                crate::daemon::ensure_built_spec(&cli, dir, &spec)
+            }
+            _ => {}
+        }
+        cli
+    })
+    .clone()
 }
 
 /// `mirrorblk certs init DIR EXTRA…`: a CA and server and client

@@ -129,23 +129,45 @@ fn newest_mtime(path: &Path) -> Option<SystemTime> {
     newest
 }
 
-fn ensure_built(bin: &Path, profile_dir: &Path) {
+/// The workspace crates `mirrorblkd` is built from (sources and manifests,
+/// relative to the workspace root).
+const DAEMON_SOURCES: [&str; 5] = ["server", "nbd", "admin", "etcd", "backup"];
+
+/// A binary of the workspace and what it is built from.
+pub struct BinarySpec {
+    /// The cargo package.
+    pub package: &'static str,
+    /// The binary's name.
+    pub name: &'static str,
+    /// Workspace crates (directories) whose `src/` and `Cargo.toml` it is
+    /// built from, besides `Cargo.lock`.
+    pub crates: &'static [&'static str],
+}
+
+/// `mirrorblkd`.
+pub const DAEMON: BinarySpec = BinarySpec {
+    package: "mirrorblk-server",
+    name: "mirrorblkd",
+    crates: &DAEMON_SOURCES,
+};
+
+/// Builds `bin` (of `spec`, in `profile_dir`) when it is missing or older
+/// than any of its sources: a target directory copied from another tree, or
+/// a test run that built only the test crates, would otherwise test a stale
+/// binary.
+pub fn ensure_built_spec(bin: &Path, profile_dir: &Path, spec: &BinarySpec) {
     let root = workspace_root();
-    let sources = [
-        "server/src",
-        "server/Cargo.toml",
-        "nbd/src",
-        "nbd/Cargo.toml",
-        "Cargo.lock",
-    ];
-    let newest_source = sources
+    let newest_source = spec
+        .crates
         .iter()
-        .filter_map(|s| newest_mtime(&root.join(s)))
+        .flat_map(|c| [root.join(c).join("src"), root.join(c).join("Cargo.toml")])
+        .chain(std::iter::once(root.join("Cargo.lock")))
+        .filter_map(|p| newest_mtime(&p))
         .max();
     let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
     let reason = match (built, newest_source) {
         (None, _) => "it does not exist",
-        (Some(b), Some(s)) if s > b => "it is older than the server sources",
+        (Some(b), Some(s)) if s > b => "it is older than its sources",
         _ => return,
     };
     eprintln!("building {} because {reason}", bin.display());
@@ -158,9 +180,9 @@ fn ensure_built(bin: &Path, profile_dir: &Path) {
     cmd.current_dir(&root).args([
         "build",
         "-p",
-        "mirrorblk-server",
+        spec.package,
         "--bin",
-        "mirrorblkd",
+        spec.name,
         "--profile",
         &profile,
     ]);
@@ -169,18 +191,24 @@ fn ensure_built(bin: &Path, profile_dir: &Path) {
     }
     let ok = cmd.status().map(|s| s.success()).unwrap_or(false);
     if !ok {
-        // Someone may be half-way through editing the server: an existing
+        // Someone may be half-way through editing the sources: an existing
         // binary is still better than no test run, but say so loudly.
         assert!(
             bin.exists(),
-            "could not build {} (run `cargo build -p mirrorblk-server`, or set MIRRORBLKD to a mirrorblkd binary)",
-            bin.display()
+            "could not build {} (run `cargo build -p {}`)",
+            bin.display(),
+            spec.package
         );
         eprintln!(
-            "WARNING: building mirrorblkd failed; testing the existing, possibly stale {}",
+            "WARNING: building {} failed; testing the existing, possibly stale {}",
+            spec.name,
             bin.display()
         );
     }
+}
+
+fn ensure_built(bin: &Path, profile_dir: &Path) {
+    ensure_built_spec(bin, profile_dir, &DAEMON);
 }
 
 // ---------------------------------------------------------------------------
