@@ -1459,6 +1459,24 @@ mod replication {
     /// the livelock seen in CI, where every reconnect stopped the same way.
     #[test]
     fn a_link_stalled_mid_resync_while_writes_fill_the_pool_recovers() {
+        // A journal of 256M: the unsent records (14 MiB, then 184 MiB) must
+        // exhaust the pool before they fill the journal.
+        stalled_mid_resync_recovers("256M");
+    }
+
+    /// As above with a journal of 64M: the unsent records fill the
+    /// *journal* before they exhaust the pool (an in-place record keeps its
+    /// journal space while a link has not sent it), so the client's writes
+    /// wait for journal space. Once the link moves again they complete.
+    /// Before the fix they never resumed (49 of 200 after 19 s): the
+    /// journal-full wait waited on a link that waited on it.
+    #[test]
+    fn a_link_stalled_mid_resync_while_writes_fill_the_journal_recovers() {
+        stalled_mid_resync_recovers(J64);
+    }
+
+    /// The body of the two tests above: `journal` is the primary's.
+    fn stalled_mid_resync_recovers(journal: &str) {
         use mirrorblk_tests::proxy::DelayProxy;
         const BLOCKS: u64 = 200;
         const HB: [&str; 2] = ["--heartbeat-timeout", "20s"];
@@ -1473,14 +1491,11 @@ mod replication {
         .expect("start the proxy");
         // A full checksum pass of 256 regions at 1 MiB/s of budget (a
         // check spends a 16th of a region) takes about 16 s.
-        // A journal of 256M: the unsent records (14 MiB, then 184 MiB) must
-        // exhaust the pool before they fill the journal, which would stall
-        // the writes first (a journal-full stall this test does not cover).
         let mut p = primary_through(
             &dir,
             &secret,
             &proxy,
-            "256M",
+            journal,
             &[
                 HB[0],
                 HB[1],
@@ -1509,7 +1524,7 @@ mod replication {
         proxy.hold_forward(false);
         assert!(
             (during as u64) < BLOCKS,
-            "all {BLOCKS} writes of 1 MiB went through while n2's link was stalled: the pool was never exhausted, so this test proves nothing"
+            "all {BLOCKS} writes of 1 MiB went through while n2's link was stalled: neither the pool nor the journal ran out, so this test proves nothing"
         );
         let released = Instant::now();
         while !writer.is_finished() && released.elapsed() < Duration::from_secs(30) {

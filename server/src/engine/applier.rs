@@ -65,6 +65,37 @@ fn checkpoint_due(behind: bool, fill: f64, since: Duration, interval: Duration) 
     behind && (pressure || since >= interval)
 }
 
+/// What the applier does with nothing to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdleStep {
+    /// Checkpoint now.
+    Checkpoint,
+    /// Wait for work (records, a stop, a replica's retention moving) at
+    /// most this long; None: until woken.
+    Wait(Option<Duration>),
+}
+
+/// With nothing to apply: checkpoint when one is due ([`checkpoint_due`]:
+/// under journal pressure after the gap, not only on the interval, since
+/// writers may be waiting for the space a replica's acknowledgement just
+/// let go), else wait, bounded by when one falls due if anything can be
+/// released. Nothing to release: wait until woken.
+fn idle_step(behind: bool, fill: f64, since: Duration, interval: Duration) -> IdleStep {
+    if checkpoint_due(behind, fill, since, interval) {
+        return IdleStep::Checkpoint;
+    }
+    if !behind {
+        return IdleStep::Wait(None);
+    }
+    let until_interval = interval.saturating_sub(since);
+    let until_due = if fill > PRESSURE_FILL {
+        until_interval.min(PRESSURE_CHECKPOINT_GAP.saturating_sub(since))
+    } else {
+        until_interval
+    };
+    IdleStep::Wait(Some(until_due))
+}
+
 /// Why the flush-mode applier asked for a journal sync itself (counted in
 /// [`super::VolumeStats::sync_asks`] and the `mirrorblk_applier_sync_asks_total`
 /// metric).
@@ -240,15 +271,20 @@ impl Engine {
         true
     }
 
-    /// Nothing to apply: checkpoint once the interval has passed (so a quiet
-    /// volume's journal empties and restarts replay little), else wait for
-    /// work, bounded by when the checkpoint falls due.
+    /// Nothing to apply: checkpoint once one is due ([`idle_step`]: on the
+    /// interval, so a quiet volume's journal empties and restarts replay
+    /// little, or soon under journal pressure), else wait for work, bounded
+    /// by when the checkpoint falls due. A replica's retention moving wakes
+    /// it too ([`Engine::retention_moved`]): with the journal full, writers
+    /// wait for the space, so no record comes to wake it.
     async fn idle(&self, last_checkpoint: &mut Instant) {
-        let due = self
-            .checkpoint_interval
-            .saturating_sub(last_checkpoint.elapsed());
-        let behind = self.checkpoint_behind();
-        if behind && due.is_zero() {
+        let step = idle_step(
+            self.checkpoint_behind(),
+            self.journal.fill_ratio(),
+            last_checkpoint.elapsed(),
+            self.checkpoint_interval,
+        );
+        if step == IdleStep::Checkpoint {
             self.checkpoint().await;
             *last_checkpoint = Instant::now();
             return;
@@ -259,7 +295,7 @@ impl Engine {
         }
         if self.stopping.get() {
             let _ = tokio::time::timeout(Duration::from_millis(10), notified).await;
-        } else if behind {
+        } else if let IdleStep::Wait(Some(due)) = step {
             let _ = tokio::time::timeout(due, notified).await;
         } else {
             notified.await;
@@ -615,6 +651,33 @@ mod tests {
         assert!(!checkpoint_due(true, 0.5, ms(19), interval));
         assert!(checkpoint_due(true, 0.5, ms(20), interval));
         assert!(!checkpoint_due(true, 0.25, ms(100), interval));
+    }
+
+    #[test]
+    fn an_idle_applier_checkpoints_when_due_and_waits_at_most_until_then() {
+        use IdleStep::*;
+        let interval = Duration::from_secs(1);
+        let ms = Duration::from_millis;
+        // (behind, fill, since the last checkpoint, step)
+        let table = [
+            // Nothing to release: wait for work, however full.
+            (false, 0.1, ms(0), Wait(None)),
+            (false, 1.0, interval * 3, Wait(None)),
+            // Quiet journal: on the interval.
+            (true, 0.1, ms(300), Wait(Some(ms(700)))),
+            (true, 0.1, interval, Checkpoint),
+            // Pressure (a full journal whose writers wait): after the gap.
+            (true, 1.0, ms(5), Wait(Some(ms(15)))),
+            (true, 1.0, ms(20), Checkpoint),
+            (true, 0.26, ms(500), Checkpoint),
+        ];
+        for (behind, fill, since, want) in table {
+            assert_eq!(
+                idle_step(behind, fill, since, interval),
+                want,
+                "{behind} {fill} {since:?}"
+            );
+        }
     }
 
     #[test]

@@ -393,6 +393,16 @@ impl Engine {
         self.read_gate.close();
     }
 
+    /// A replica's hold on the journal moved (the lowest LSN a retained
+    /// replica still needs rose): the applier looks again whether the
+    /// checkpoint can release space. Writers waiting for journal space wait
+    /// on that checkpoint, and with nothing to apply no record would wake
+    /// the applier: the journal stayed full for good once a stalled link
+    /// moved again.
+    pub fn retention_moved(&self) {
+        self.apply_work.notify_one();
+    }
+
     /// Whether the engine has stopped (after [`Engine::shutdown`]).
     pub fn stopped(&self) -> bool {
         self.stopped.get()
