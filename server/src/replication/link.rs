@@ -339,9 +339,8 @@ async fn stream(
 ) -> Result<(), LinkError> {
     let mut receiver = {
         let sock = sock.clone();
-        let primary = primary.clone();
-        let link = link.clone();
-        tokio_uring::spawn(async move { receive_acks(&sock, &primary, &link, hb).await })
+        let (vol, primary, link) = (vol.clone(), primary.clone(), link.clone());
+        tokio_uring::spawn(async move { receive_acks(&sock, &vol, &primary, &link, hb).await })
     };
     let sent = send_loop(vol, primary, link, sock, hb);
     tokio::pin!(sent);
@@ -514,6 +513,7 @@ fn on_region_check(link: &LinkState, c: &RegionCheck) -> Result<(), LinkError> {
 
 async fn receive_acks(
     sock: &Socket,
+    vol: &Engine,
     primary: &Primary,
     link: &LinkState,
     hb: Duration,
@@ -525,7 +525,16 @@ async fn receive_acks(
         let h = rd.header(hb).await?;
         let body = rd.body(h.len as usize, hb).await?;
         match h.kind {
-            Kind::Ack => on_ack(primary, link, &Ack::decode(&body)?)?,
+            Kind::Ack => {
+                let floor = primary.retention_floor();
+                on_ack(primary, link, &Ack::decode(&body)?)?;
+                if primary.retention_floor() != floor {
+                    // The checkpoint may release more: writers waiting
+                    // for journal space wait on it, and no new record
+                    // wakes the applier while they wait.
+                    vol.retention_moved();
+                }
+            }
             Kind::RegionCheck => on_region_check(link, &RegionCheck::decode(&body)?)?,
             Kind::Pong => {
                 let sent = wire::decode_stamp(&body)?;
