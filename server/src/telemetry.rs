@@ -309,6 +309,10 @@ fn describe_replica_metrics() {
         Unit::Bytes,
         "Region bytes compared by checksum with a replica (resync and verify)"
     );
+    describe_counter!(
+        "mirrorblk_replica_retention_dropped_total",
+        "Times the primary stopped keeping journal records for a replica that was away with the journal over half full (it then needs a bitmap resync)"
+    );
 }
 
 /// Handles for one NBD op of one volume.
@@ -520,6 +524,8 @@ pub struct ReplicaMetrics {
     pub resync_sent: Counter,
     /// Region bytes compared by checksum.
     pub resync_checked: Counter,
+    /// Times the primary stopped keeping journal records for the replica.
+    pub retention_dropped: Counter,
 }
 
 impl ReplicaMetrics {
@@ -535,6 +541,7 @@ impl ReplicaMetrics {
             out_of_sync: gauge!("mirrorblk_replica_out_of_sync_bytes", &l()),
             resync_sent: counter!("mirrorblk_replica_resync_sent_bytes_total", &l()),
             resync_checked: counter!("mirrorblk_replica_resync_checked_bytes_total", &l()),
+            retention_dropped: counter!("mirrorblk_replica_retention_dropped_total", &l()),
         }
     }
 }

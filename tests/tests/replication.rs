@@ -1461,7 +1461,7 @@ mod replication {
     fn a_link_stalled_mid_resync_while_writes_fill_the_pool_recovers() {
         // A journal of 256M: the unsent records (14 MiB, then 184 MiB) must
         // exhaust the pool before they fill the journal.
-        stalled_mid_resync_recovers("256M");
+        stalled_mid_resync_recovers("256M", Then::Moves);
     }
 
     /// As above with a journal of 64M: the unsent records fill the
@@ -1472,11 +1472,31 @@ mod replication {
     /// journal-full wait waited on a link that waited on it.
     #[test]
     fn a_link_stalled_mid_resync_while_writes_fill_the_journal_recovers() {
-        stalled_mid_resync_recovers(J64);
+        stalled_mid_resync_recovers(J64, Then::Moves);
     }
 
-    /// The body of the two tests above: `journal` is the primary's.
-    fn stalled_mid_resync_recovers(journal: &str) {
+    /// As above, but the stalled link is then lost for good (the proxy
+    /// cuts it): the primary stops keeping journal records for n2 (the
+    /// journal is more than half full), so the client's writes complete
+    /// without it. Before the fix that decision was taken only after an
+    /// apply, and none came: the writers waited for the journal space n2
+    /// pinned until it came back.
+    #[test]
+    fn a_link_lost_mid_resync_while_writes_fill_the_journal_lets_them_complete() {
+        stalled_mid_resync_recovers(J64, Then::Lost);
+    }
+
+    /// What becomes of the stalled link.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Then {
+        /// It moves again: the resync converges.
+        Moves,
+        /// It is cut for good.
+        Lost,
+    }
+
+    /// The body of the tests above: `journal` is the primary's.
+    fn stalled_mid_resync_recovers(journal: &str, then: Then) {
         use mirrorblk_tests::proxy::DelayProxy;
         const BLOCKS: u64 = 200;
         const HB: [&str; 2] = ["--heartbeat-timeout", "20s"];
@@ -1521,7 +1541,10 @@ mod replication {
         let done = Arc::new(AtomicUsize::new(0));
         let writer = write_in_background(&p, (16 * MIB, MIB), BLOCKS, done.clone());
         let during = until_it_stops(&done, Duration::from_secs(12));
-        proxy.hold_forward(false);
+        match then {
+            Then::Moves => proxy.hold_forward(false),
+            Then::Lost => proxy.cut(),
+        }
         assert!(
             (during as u64) < BLOCKS,
             "all {BLOCKS} writes of 1 MiB went through while n2's link was stalled: neither the pool nor the journal ran out, so this test proves nothing"
@@ -1534,7 +1557,7 @@ mod replication {
         assert_eq!(
             after as u64,
             BLOCKS,
-            "the client's writes stalled after n2's link moved again ({during} done during the stall, {after} of {BLOCKS} after {:.1?}); primary log:\n{}",
+            "the client's writes stalled after n2's link moved again or was lost ({during} done during the stall, {after} of {BLOCKS} after {:.1?}); primary log:\n{}",
             released.elapsed(),
             p.daemon.log()
         );
@@ -1542,6 +1565,14 @@ mod replication {
             .join()
             .expect("writer thread")
             .unwrap_or_else(|e| panic!("{e}"));
+        if then == Then::Lost {
+            let log = p.daemon.log();
+            assert!(
+                log.contains("no longer keeping records for replica n2"),
+                "the primary kept journal records for the lost n2; its log:\n{log}"
+            );
+            return;
+        }
         wait_converged(&p, Duration::from_secs(60), "n2's resync to finish");
         p.stop();
         r2.stop();

@@ -60,6 +60,12 @@ pub async fn run(
         // release them now, not at the next apply (there may be none while
         // clients wait for the buffers those records hold).
         primary.trim(vol.applied_next());
+        // Nor, past half the journal, records in the journal: decided now,
+        // not at the next apply, which never comes while writers wait for
+        // the journal space this link pins.
+        if primary.drop_retention(vol.journal().fill_ratio()) {
+            vol.retention_moved();
+        }
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
         }

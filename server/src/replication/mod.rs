@@ -495,6 +495,27 @@ impl Primary {
             .min()
     }
 
+    /// Stops keeping journal records for every link that is away while
+    /// the journal is more than half full (`stop_retaining`); what they
+    /// lack is marked in their bitmaps as the checkpoint releases it.
+    /// Returns whether any link was dropped (the retention floor moved).
+    /// Runs after each apply and when a link leaves the stream: with the
+    /// journal full no apply comes (writers wait for the space), so a link
+    /// lost then would otherwise pin the journal until it came back.
+    pub fn drop_retention(&self, journal_fill: f64) -> bool {
+        let mut dropped = false;
+        for l in &self.links {
+            let in_sync = *l.phase.borrow() == Phase::InSync;
+            if stop_retaining(l.retain.get(), in_sync, journal_fill) {
+                l.retain.set(false);
+                l.metrics.retention_dropped.increment(1);
+                dropped = true;
+                tracing::warn!(volume = %self.volume, peer = %l.peer.name, "journal {:.0}% full: no longer keeping records for replica {}; it will need a resync", journal_fill * 100.0, l.peer.name);
+            }
+        }
+        dropped
+    }
+
     /// Whether a write with `lsn` may be acknowledged: `durable` asks for
     /// durability on the replicas (sync mode, or FUA/FLUSH in flush mode),
     /// otherwise receipt is enough.
@@ -727,14 +748,7 @@ impl ReplicationHooks for Primary {
 
     fn applied(&self, applied_next: Lsn, journal: &Journal) {
         self.trim(applied_next);
-        let fill = journal.fill_ratio();
-        for l in &self.links {
-            let in_sync = *l.phase.borrow() == Phase::InSync;
-            if stop_retaining(l.retain.get(), in_sync, fill) {
-                l.retain.set(false);
-                tracing::warn!(volume = %self.volume, peer = %l.peer.name, "journal half full: no longer keeping records for replica {}; it will need a resync", l.peer.name);
-            }
-        }
+        self.drop_retention(journal.fill_ratio());
     }
 
     fn retention_floor(&self) -> Option<Lsn> {
