@@ -57,11 +57,18 @@ fn batch_len(spans: impl Iterator<Item = (u64, u64)>) -> usize {
     taken.len()
 }
 
+/// Whether the journal is under pressure (more than [`PRESSURE_FILL`]
+/// full): checkpoints come sooner, and a replica's retention moving wakes
+/// the idle applier.
+pub(super) fn under_pressure(fill: f64) -> bool {
+    fill > PRESSURE_FILL
+}
+
 /// Whether to checkpoint now: something can be released, and either the
 /// journal is under pressure (not more often than the gap) or the interval
 /// has passed.
 fn checkpoint_due(behind: bool, fill: f64, since: Duration, interval: Duration) -> bool {
-    let pressure = fill > PRESSURE_FILL && since >= PRESSURE_CHECKPOINT_GAP;
+    let pressure = under_pressure(fill) && since >= PRESSURE_CHECKPOINT_GAP;
     behind && (pressure || since >= interval)
 }
 
@@ -88,7 +95,7 @@ fn idle_step(behind: bool, fill: f64, since: Duration, interval: Duration) -> Id
         return IdleStep::Wait(None);
     }
     let until_interval = interval.saturating_sub(since);
-    let until_due = if fill > PRESSURE_FILL {
+    let until_due = if under_pressure(fill) {
         until_interval.min(PRESSURE_CHECKPOINT_GAP.saturating_sub(since))
     } else {
         until_interval

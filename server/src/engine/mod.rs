@@ -394,13 +394,16 @@ impl Engine {
     }
 
     /// A replica's hold on the journal moved (the lowest LSN a retained
-    /// replica still needs rose): the applier looks again whether the
-    /// checkpoint can release space. Writers waiting for journal space wait
-    /// on that checkpoint, and with nothing to apply no record would wake
-    /// the applier: the journal stayed full for good once a stalled link
-    /// moved again.
+    /// replica still needs rose): under journal pressure the applier looks
+    /// again whether the checkpoint can release space. Writers waiting for
+    /// journal space wait on that checkpoint, and with nothing to apply no
+    /// record would wake the applier: the journal stayed full for good once
+    /// a stalled link moved again. Without pressure no writer waits for
+    /// space and the next record wakes it, so an ACK costs no wake-up.
     pub fn retention_moved(&self) {
-        self.apply_work.notify_one();
+        if applier::under_pressure(self.journal.fill_ratio()) {
+            self.apply_work.notify_one();
+        }
     }
 
     /// Whether the engine has stopped (after [`Engine::shutdown`]).
