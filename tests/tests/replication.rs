@@ -1486,6 +1486,44 @@ mod replication {
         stalled_mid_resync_recovers(J64, Then::Lost);
     }
 
+    /// Replica n2 (flags `hb`) behind a proxy, and primary n1 (journal of
+    /// `journal`, flags `hb`, 256M of buffers, resyncs at 1 MiB/s) reaching
+    /// it through the proxy. Returns (n2, proxy, n1).
+    fn replica_behind_a_proxy(
+        dir: &TestDir,
+        secret: &std::path::Path,
+        journal: &str,
+        hb: &[&str; 2],
+    ) -> (Node, mirrorblk_tests::proxy::DelayProxy, Node) {
+        let r2 = Node::start_replica(dir, "n2", secret, J64, hb);
+        let proxy = mirrorblk_tests::proxy::DelayProxy::start(
+            "127.0.0.1:0".parse().expect("address"),
+            r2.replication.expect("a replica has a replication address"),
+            Duration::ZERO,
+        )
+        .expect("start the proxy");
+        // A full checksum pass of 256 regions at 1 MiB/s of budget (a
+        // check spends a 16th of a region) takes about 16 s.
+        let flags = [
+            hb[0],
+            hb[1],
+            "--buffer-memory",
+            "256M",
+            "--resync-rate",
+            "1M",
+        ];
+        let p = primary_through(dir, secret, &proxy, journal, &flags);
+        (r2, proxy, p)
+    }
+
+    /// Waits (bounded: `limit`) until `thread` has finished.
+    fn wait_finished<T>(thread: &std::thread::JoinHandle<T>, limit: Duration) {
+        let started = Instant::now();
+        while !thread.is_finished() && started.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// What becomes of the stalled link.
     #[derive(Clone, Copy, PartialEq, Eq)]
     enum Then {
@@ -1497,34 +1535,11 @@ mod replication {
 
     /// The body of the tests above: `journal` is the primary's.
     fn stalled_mid_resync_recovers(journal: &str, then: Then) {
-        use mirrorblk_tests::proxy::DelayProxy;
         const BLOCKS: u64 = 200;
         const HB: [&str; 2] = ["--heartbeat-timeout", "20s"];
         let dir = TestDir::new();
         let secret = write_secret(&dir, "secret");
-        let mut r2 = Node::start_replica(&dir, "n2", &secret, J64, &HB);
-        let proxy = DelayProxy::start(
-            "127.0.0.1:0".parse().expect("address"),
-            r2.replication.expect("a replica has a replication address"),
-            Duration::ZERO,
-        )
-        .expect("start the proxy");
-        // A full checksum pass of 256 regions at 1 MiB/s of budget (a
-        // check spends a 16th of a region) takes about 16 s.
-        let mut p = primary_through(
-            &dir,
-            &secret,
-            &proxy,
-            journal,
-            &[
-                HB[0],
-                HB[1],
-                "--buffer-memory",
-                "256M",
-                "--resync-rate",
-                "1M",
-            ],
-        );
+        let (mut r2, proxy, mut p) = replica_behind_a_proxy(&dir, &secret, journal, &HB);
         // n2 is new: a full checksum resync, streaming live meanwhile.
         p.wait_status(Duration::from_secs(20), "n2 resyncing", |s| {
             view_of(s, "n2").state == ReplicaState::Resyncing
@@ -1550,9 +1565,7 @@ mod replication {
             "all {BLOCKS} writes of 1 MiB went through while n2's link was stalled: neither the pool nor the journal ran out, so this test proves nothing"
         );
         let released = Instant::now();
-        while !writer.is_finished() && released.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_finished(&writer, Duration::from_secs(30));
         let after = done.load(Ordering::SeqCst);
         assert_eq!(
             after as u64,
@@ -1567,10 +1580,8 @@ mod replication {
             .unwrap_or_else(|e| panic!("{e}"));
         if then == Then::Lost {
             let log = p.daemon.log();
-            assert!(
-                log.contains("no longer keeping records for replica n2"),
-                "the primary kept journal records for the lost n2; its log:\n{log}"
-            );
+            let dropped = log.contains("no longer keeping records for replica n2");
+            assert!(dropped, "the primary kept records for the lost n2:\n{log}");
             return;
         }
         wait_converged(&p, Duration::from_secs(60), "n2's resync to finish");
