@@ -204,27 +204,35 @@ impl Mix {
     };
 }
 
-/// [`writer_with`] in the [`Mix::FREQUENT`] mix.
+/// How long a writer goes on before it records an error, unless a test
+/// names its own bound: a safety net, as a kill ends the connection within
+/// a second or two.
+pub const WRITER_SAFETY_NET: Duration = Duration::from_secs(10);
+
+/// [`writer_with`] in the [`Mix::FREQUENT`] mix, with the safety net
+/// [`WRITER_SAFETY_NET`].
 pub fn writer(
     c: Client<TcpStream>,
     model: &mut Model,
     rng: &mut Rng,
     promise: Promise,
 ) -> CycleStats {
-    writer_with(c, model, rng, promise, Mix::FREQUENT)
+    writer_with(c, model, rng, promise, Mix::FREQUENT, WRITER_SAFETY_NET)
 }
 
 /// Issues pipelined writes until the connection dies (the daemon was
-/// killed), updating the model as replies arrive. Returns what happened.
+/// killed), updating the model as replies arrive. Returns what happened;
+/// a connection still alive after `safety_net` is a server error (so
+/// `safety_net` must exceed the longest the test may take to kill).
 pub fn writer_with(
     mut c: Client<TcpStream>,
     model: &mut Model,
     rng: &mut Rng,
     promise: Promise,
     mix: Mix,
+    safety_net: Duration,
 ) -> CycleStats {
-    // Safety net only: the kill ends the connection long before this.
-    let give_up = Instant::now() + Duration::from_secs(10);
+    let give_up = Instant::now() + safety_net;
     let mut p = Pipeline::new(promise, mix);
     p.run(&mut c, model, rng, None, give_up);
     p.st
@@ -301,9 +309,9 @@ impl Pipeline {
             let Ok(r) = c.receive() else { return false };
             self.reply(model, r.cookie, r.error);
         }
-        self.st
-            .server_errors
-            .push("the writer was still running 10 s after it should have stopped".into());
+        self.st.server_errors.push(
+            "the writer was still running at its safety net: nothing ended the connection".into(),
+        );
         true
     }
 

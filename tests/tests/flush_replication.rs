@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use mirrorblk_admin::Role;
 use mirrorblk_tests::cluster::{write_secret, Node, NodeFiles, EXPORT};
-use mirrorblk_tests::crash_model::{verify, writer, CycleStats, Model, Promise};
+use mirrorblk_tests::crash_model::{verify, writer, writer_with, CycleStats, Mix, Model, Promise};
 use mirrorblk_tests::daemon::Daemon;
 use mirrorblk_tests::proxy::DelayProxy;
 use mirrorblk_tests::util::Rng;
@@ -39,6 +39,14 @@ const FLAGS: &[&str] = &[
 ];
 /// One-way delay of the replication link in test (a).
 const LINK_DELAY: Duration = Duration::from_millis(3);
+/// How long test (b)'s replica stays down: the primary waits a heartbeat
+/// timeout, then goes on degraded.
+const REPLICA_DOWN: Duration = Duration::from_millis(1500);
+/// Test (b)'s writer runs through the replica's crash, restart and
+/// catch-up (bounded by [`IN_SYNC_TIMEOUT`]) before the primary's kill ends
+/// it; a catch-up under a loaded CI took over 8 s, past the default net.
+const CATCH_UP_WRITER_NET: Duration = Duration::from_secs(60);
+const _: () = assert!(CATCH_UP_WRITER_NET.as_secs() > IN_SYNC_TIMEOUT.as_secs() + 10);
 /// Rounds of each test (each a fresh pair of nodes).
 const ROUNDS: usize = 4;
 /// Bound of each test's whole loop.
@@ -161,21 +169,26 @@ fn a_replica_killed_with_9_catches_up_and_keeps_every_flushed_write() {
         let delay = Duration::from_millis(rng.range(200, 1000));
         let mut wrng = Rng::new(rng.next_u64());
         let client = p.daemon.connect(EXPORT);
+        let mut catch_up = Duration::ZERO;
         let st = std::thread::scope(|s| {
-            let w = s.spawn(|| writer(client, &mut model, &mut wrng, Promise::Nbd));
+            let w = s.spawn(|| {
+                let (m, net) = (Mix::FREQUENT, CATCH_UP_WRITER_NET);
+                writer_with(client, &mut model, &mut wrng, Promise::Nbd, m, net)
+            });
             // Not synchronisation sleeps: the random moment of the replica's
-            // crash, and a stretch of writes it misses (the primary waits a
-            // heartbeat timeout, then goes on degraded).
+            // crash, and a stretch of writes it misses.
             std::thread::sleep(delay);
             r.daemon.kill9();
-            std::thread::sleep(Duration::from_millis(1500));
+            std::thread::sleep(REPLICA_DOWN);
+            let restarted = Instant::now();
             r.daemon.restart();
             p.wait_replicas_in_sync(IN_SYNC_TIMEOUT);
+            catch_up = restarted.elapsed();
             std::thread::sleep(Duration::from_millis(300));
             p.daemon.kill9();
             w.join().expect("writer thread panicked")
         });
-        eprintln!("round {round}: replica killed after {delay:?}: {st:?}");
+        eprintln!("round {round}: replica killed after {delay:?}, restarted and in sync in {catch_up:?}: {st:?}");
         promote_and_verify(&mut r, &model, &format!("round {round}"));
         st
     });

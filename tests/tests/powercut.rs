@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use mirrorblk_tests::crash_model::{
     verify, writer_until, writer_with, CycleStats, Mix, Model, Promise, BLOCKS, BS,
+    WRITER_SAFETY_NET,
 };
 use mirrorblk_tests::kernel::{Boot, Guest, GUEST_PORT};
 use mirrorblk_tests::util::{Rng, MIB};
@@ -152,7 +153,7 @@ fn write_until_cut(
     let delay = Duration::from_millis(rng.range(300, 2000));
     let mut wrng = Rng::new(rng.next_u64());
     let st = std::thread::scope(|s| {
-        let w = s.spawn(|| writer_with(c, model, &mut wrng, promise, mix));
+        let w = s.spawn(|| writer_with(c, model, &mut wrng, promise, mix, WRITER_SAFETY_NET));
         // Not a synchronisation sleep: this is the random moment of the cut.
         std::thread::sleep(delay);
         disk.cut(rng);
