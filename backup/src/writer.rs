@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::LockMode;
+use crate::backend::{LockMode, Staged};
 use crate::chunk::{encode_blob, Digest};
 use crate::index::{chunk_count, valid_volume_name, BackupIndex};
 use crate::pipeline::{ordered_map, worker_count, Window};
@@ -77,6 +77,11 @@ pub(crate) struct WriterRecord {
 /// filesystem syncs per batch then cost the same per byte at any chunk
 /// size, and the memory held back stays bounded.
 const BATCH_BYTES: usize = 32 << 20;
+/// Most bytes of new chunks staged before they are published: one wait for
+/// the disk per this many (two `syncfs` in a directory repository) instead
+/// of one per batch, while the list of names waiting stays bounded (16,384
+/// at 64 KiB chunks), and so does the data a publish waits for.
+const PUBLISH_BYTES: usize = 1 << 30;
 /// Bytes read ahead of the store: a batch being stored plus most of the
 /// next one being read, hashed and compressed meanwhile.
 const WINDOW_BYTES: usize = 48 << 20;
@@ -140,12 +145,13 @@ fn handle(job: Job, known: &HashSet<Digest>, compress: bool) -> Handled {
 
 /// Stores `blobs`: refreshes those already in the repository (under the
 /// shared lock, so GC's sweep cannot delete one between the refresh and
-/// the index) and puts the rest in one batch. Returns once all are durable.
+/// the index) and stages the rest as one batch. The refreshed are durable
+/// when it returns; the staged once published.
 fn store_blobs(
     repo: &Repository,
     blobs: Vec<(Digest, Vec<u8>)>,
     stats: &mut BackupStats,
-) -> Result<(), RepoError> {
+) -> Result<Staged, RepoError> {
     let backend = repo.backend();
     let blobs: Vec<(String, Vec<u8>)> = blobs.into_iter().map(|(d, b)| (d.key(), b)).collect();
     let found = {
@@ -161,16 +167,18 @@ fn store_blobs(
             puts.push(blob);
         }
     }
-    backend.put_batch(&puts)?;
+    let staged = backend.stage_batch(&puts)?;
     stats.chunks_new += puts.len() as u64;
     stats.bytes_stored += puts.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
-    Ok(())
+    Ok(staged)
 }
 
 /// The consumer end of a pipelined backup: collects handled chunks in
-/// order and stores them a batch at a time. A chunk's entry reaches the
-/// writer's list only once its batch is durable, so the index can never
-/// name a chunk that is not (see [`BackupWriter::finish`]).
+/// order and stages them a batch at a time, publishing what is staged
+/// every [`PUBLISH_BYTES`] and at the end. A chunk's entry reaches the
+/// writer's list only once it is published (durable), so the index can
+/// never name a chunk that is not (see [`BackupWriter::finish`]); dropped
+/// unpublished, the staged chunks are discarded.
 struct Storer<'w> {
     repo: &'w Repository,
     chunks: &'w mut Vec<Option<Digest>>,
@@ -183,6 +191,12 @@ struct Storer<'w> {
     blobs: Vec<(Digest, Vec<u8>)>,
     /// Their bytes.
     blob_bytes: usize,
+    /// Chunks staged and not published yet.
+    staged: Staged,
+    /// The entries of the staged batches, in chunk order.
+    staged_entries: Vec<Option<Digest>>,
+    /// Bytes staged since the last publish.
+    staged_bytes: usize,
 }
 
 impl<'w> Storer<'w> {
@@ -199,6 +213,9 @@ impl<'w> Storer<'w> {
             entries: Vec::new(),
             blobs: Vec::new(),
             blob_bytes: 0,
+            staged: Staged::default(),
+            staged_entries: Vec::new(),
+            staged_bytes: 0,
         }
     }
 
@@ -238,12 +255,41 @@ impl<'w> Storer<'w> {
         Ok(())
     }
 
-    /// Stores the pending blobs; only then are their entries recorded.
+    /// Stages the pending blobs; publishes once [`PUBLISH_BYTES`] wait.
     fn flush(&mut self) -> Result<(), RepoError> {
-        self.blob_bytes = 0;
-        store_blobs(self.repo, std::mem::take(&mut self.blobs), self.stats)?;
-        self.chunks.append(&mut self.entries);
+        self.staged_bytes += std::mem::take(&mut self.blob_bytes);
+        let staged = store_blobs(self.repo, std::mem::take(&mut self.blobs), self.stats)?;
+        self.staged.append(staged);
+        self.staged_entries.append(&mut self.entries);
+        if self.staged_bytes >= PUBLISH_BYTES {
+            self.publish()?;
+        }
         Ok(())
+    }
+
+    /// Stages what is pending and publishes every staged chunk; only then
+    /// are their entries recorded.
+    fn finish(&mut self) -> Result<(), RepoError> {
+        self.flush()?;
+        self.publish()
+    }
+
+    fn publish(&mut self) -> Result<(), RepoError> {
+        self.staged_bytes = 0;
+        self.repo
+            .backend()
+            .publish(std::mem::take(&mut self.staged))?;
+        self.chunks.append(&mut self.staged_entries);
+        Ok(())
+    }
+}
+
+impl Drop for Storer<'_> {
+    fn drop(&mut self) {
+        // An error stopped the run: nothing will publish these.
+        self.repo
+            .backend()
+            .discard(std::mem::take(&mut self.staged));
     }
 }
 
@@ -494,7 +540,7 @@ impl BackupWriter<'_> {
         let work = |job| handle(job, known, compress);
         let window = pipeline_window(self.repo.config().chunk_size);
         ordered_map(jobs, workers, window, work, |h| storer.accept(h))?;
-        storer.flush()?;
+        storer.finish()?;
         let stored = std::mem::take(&mut storer.stored);
         self.known.extend(stored);
         Ok(())
@@ -518,7 +564,7 @@ impl BackupWriter<'_> {
         let compress = self.repo.config().compress;
         let mut storer = Storer::new(self.repo, &mut self.chunks, &mut self.stats);
         storer.accept(handle(job, &self.known, compress))?;
-        storer.flush()?;
+        storer.finish()?;
         let stored = std::mem::take(&mut storer.stored);
         self.known.extend(stored);
         Ok(true)
@@ -608,10 +654,17 @@ mod durability_tests {
         }
     }
 
-    /// Distinct non-zero data: every chunk is new.
+    /// Distinct, incompressible non-zero data: every chunk is new, and its
+    /// blob as large as the chunk (so batches fill as on a real volume).
     fn data(chunks: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
         (0..chunks * CHUNK as usize)
-            .map(|i| (i / 7 % 251) as u8 + 1)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 255) as u8 + 1
+            })
             .collect()
     }
 
@@ -654,6 +707,46 @@ mod durability_tests {
         assert!(log.len() >= 2, "a batch syncs its data and its names");
         assert!(log.iter().all(|&index| !index), "no index before a sync");
         assert_eq!(repo.backups().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_batches_of_a_backup_share_one_publish_before_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, log) = repo(dir.path(), 0);
+        // A batch and a quarter of new chunks.
+        let chunks = BATCH_BYTES * 5 / 4 / CHUNK as usize;
+        let source = data(chunks);
+        let stats = repo
+            .backup(
+                spec(source.len() as u64),
+                None,
+                None,
+                &mut Cursor::new(source),
+            )
+            .unwrap();
+        assert_eq!(stats.chunks_new as usize, chunks);
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![false, false],
+            "the data sync and the name sync, both before the index"
+        );
+    }
+
+    #[test]
+    fn a_run_that_fails_after_staging_leaves_no_chunk_and_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, log) = repo(dir.path(), 0);
+        let chunks = BATCH_BYTES * 5 / 4 / CHUNK as usize;
+        let source = data(chunks);
+        let mut writer = repo
+            .begin_backup(spec(source.len() as u64 + 8192), None, None)
+            .unwrap();
+        // The source ends early: reading its last chunk fails.
+        assert!(writer.run(&mut Cursor::new(source)).is_err());
+        drop(writer);
+        assert!(log.lock().unwrap().is_empty(), "nothing was published");
+        let left = repo.backend().list(".chunks").unwrap();
+        assert!(left.is_empty(), "{} files left", left.len());
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! never half an object under its final name.
 //!
 //! A single put fsyncs its file and its directory. A batch (the chunks of a
-//! backup) is made durable as [`SyncLevel`] says: by default one `syncfs`
-//! after all its files are written and one after all are renamed (Proxmox
-//! Backup Server's `filesystem` sync level), so small chunks do not cost an
-//! fsync each.
+//! backup) is made durable as [`SyncLevel`] says: by default its files are
+//! staged under temporary names and [`Backend::publish`] makes every staged
+//! batch durable at once, one `syncfs` before the renames and one after
+//! (Proxmox Backup Server's `filesystem` sync level, with the names held
+//! back until the data is durable), so small chunks do not cost an fsync
+//! each, nor a batch a wait of its own.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -20,7 +22,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::stat::{utimensat, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 
-use super::{check_key, Backend, BackendError, LockMode, ObjectInfo, RepoLock};
+use super::{check_key, Backend, BackendError, LockMode, ObjectInfo, RepoLock, Staged};
 
 /// The marker in a temporary file's name; such files are never objects.
 pub const TEMP_MARK: &str = ".tmp-";
@@ -40,8 +42,8 @@ pub enum SyncLevel {
     /// touched once: cost grows with the number of objects.
     File,
     /// Write every file, one `syncfs` of the repository's filesystem,
-    /// rename, one more `syncfs`: two syncs per batch whatever its object
-    /// count. It also flushes whatever else is dirty on that filesystem
+    /// rename, one more `syncfs`: two syncs per publish (any number of
+    /// staged batches) whatever the object count. It also flushes whatever else is dirty on that filesystem
     /// (other programs' writes), so it suits a filesystem given to
     /// backups best.
     #[default]
@@ -84,6 +86,8 @@ pub struct DirBackend {
     root_fd: File,
     /// Makes temporary names unique within this process.
     temp_seq: AtomicU64,
+    /// This process, in temporary names (one `getpid` instead of one each).
+    pid: u32,
     sync: SyncLevel,
     sync_fs: FsSync,
 }
@@ -124,6 +128,7 @@ impl DirBackend {
             root,
             root_fd,
             temp_seq: AtomicU64::new(0),
+            pid: std::process::id(),
             sync,
             sync_fs: Arc::new(syncfs),
         })
@@ -177,18 +182,18 @@ impl DirBackend {
     /// each) the parents whose entries changed: what must be fsynced for the
     /// new directories to be durable.
     fn make_dirs(&self, dir: &Path, created: &mut Vec<PathBuf>) -> Result<(), BackendError> {
-        if dir.is_dir() {
-            return Ok(());
-        }
-        if let Some(parent) = dir.parent() {
-            self.make_dirs(parent, created)?;
-        }
+        // mkdir first: most calls find the directory there (EEXIST) or only
+        // it missing, so no stat before.
         match fs::create_dir(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound && dir != self.root => {
+                self.make_dirs(parent(dir), created)?;
+                return self.make_dirs(dir, created);
+            }
             Err(e) => return Err(io_err("mkdir", dir, e)),
         }
-        let parent = dir.parent().unwrap_or(&self.root).to_path_buf();
+        let parent = parent(dir).to_path_buf();
         if !created.contains(&parent) {
             created.push(parent);
         }
@@ -202,7 +207,7 @@ impl DirBackend {
             .file_name()
             .expect("a key names a file")
             .to_string_lossy();
-        parent(path).join(format!("{name}{TEMP_MARK}{}-{seq}", std::process::id()))
+        parent(path).join(format!("{name}{TEMP_MARK}{}-{seq}", self.pid))
     }
 
     /// Writes `data` to a temporary file beside `path`, fsyncs it and renames
@@ -213,36 +218,68 @@ impl DirBackend {
         rename(&temp, path)
     }
 
-    /// [`Backend::put_batch`] at [`SyncLevel::Filesystem`]: every file
-    /// written to its temporary name, one filesystem sync (every byte
-    /// durable), every rename, one more (every name durable). A failure
-    /// before the renames leaves no object; after, only whole ones.
-    fn put_batch_syncfs(&self, files: &[(&PathBuf, &[u8])]) -> Result<(), BackendError> {
-        let temps: Vec<(PathBuf, &[u8])> = files
+    /// Writes every file of a batch to a temporary name beside its path
+    /// (on up to `PUT_THREADS` threads), creating missing directories
+    /// unsynced: the filesystem sync of [`Backend::publish`] covers both.
+    /// On an error removes every temporary file it wrote.
+    fn stage_files(&self, objects: &[(String, Vec<u8>)]) -> Result<Staged, BackendError> {
+        let mut staged = Staged::default();
+        for (key, _) in objects {
+            let path = self.path(key)?;
+            staged.waiting.push((self.temp_path(&path), path));
+        }
+        let mut dirs: Vec<&Path> = staged.waiting.iter().map(|(_, p)| parent(p)).collect();
+        dirs.sort_unstable();
+        dirs.dedup();
+        // Made here, not by the writing threads: concurrent mkdirs in one
+        // parent cost more system time than they save.
+        for dir in &dirs {
+            self.make_dirs(dir, &mut Vec::new())?;
+        }
+        let files: Vec<(&PathBuf, &[u8])> = staged
+            .waiting
             .iter()
-            .map(|(path, data)| (self.temp_path(path), *data))
+            .zip(objects)
+            .map(|((temp, _), (_, data))| (temp, data.as_slice()))
             .collect();
-        let remove_temps = |from: usize| {
-            for (temp, _) in &temps[from..] {
-                let _ = fs::remove_file(temp);
-            }
-        };
-        let written = for_each_parallel(&temps, PUT_THREADS, |(temp, data)| {
+        let written = for_each_parallel(&files, PUT_THREADS, |(temp, data)| {
             write_temp(temp, data, false)
-        })
-        .and_then(|()| self.sync_filesystem());
+        });
         if let Err(e) = written {
-            remove_temps(0);
+            self.discard(staged);
             return Err(e);
         }
-        // Only now is every byte durable: a name may point at the data.
-        for (n, ((temp, _), (path, _))) in temps.iter().zip(files).enumerate() {
-            if let Err(e) = rename(temp, path) {
-                remove_temps(n);
-                return Err(e);
-            }
+        Ok(staged)
+    }
+
+    /// [`Backend::put_batch`] at [`SyncLevel::File`]: every file written
+    /// and fsynced (on a few threads), renamed into place, then each
+    /// directory touched fsynced once.
+    fn put_batch_fsync(&self, objects: &[(String, Vec<u8>)]) -> Result<(), BackendError> {
+        let paths = objects
+            .iter()
+            .map(|(key, _)| self.path(key))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut dirs: Vec<&Path> = paths.iter().map(|p| parent(p)).collect();
+        dirs.sort_unstable();
+        dirs.dedup();
+        // A batch's new prefix directories share a parent: one fsync of it
+        // covers them all.
+        let mut created = Vec::new();
+        for dir in &dirs {
+            self.make_dirs(dir, &mut created)?;
         }
-        self.sync_filesystem()
+        for_each_parallel(&created, PUT_THREADS, |parent| sync_dir(parent))?;
+        let files: Vec<(&PathBuf, &[u8])> = paths
+            .iter()
+            .zip(objects)
+            .map(|(path, (_, data))| (path, data.as_slice()))
+            .collect();
+        for_each_parallel(&files, PUT_THREADS, |(path, data)| {
+            self.write_and_rename(path, data)
+        })?;
+        // Only now are the new names durable: the batch is stored.
+        for_each_parallel(&dirs, PUT_THREADS, |dir| sync_dir(dir))
     }
 
     fn walk(&self, dir: &Path, out: &mut Vec<ObjectInfo>) -> Result<(), BackendError> {
@@ -376,44 +413,60 @@ impl Backend for DirBackend {
     }
 
     /// The same durability as one [`Backend::put`] per object, for much less
-    /// waiting. At [`SyncLevel::Filesystem`]: writes the files on up to 4
-    /// (`PUT_THREADS`) threads, one `syncfs`, renames, one `syncfs`. At
+    /// waiting. At [`SyncLevel::Filesystem`]: the batch staged and
+    /// published at once (two `syncfs` whatever its object count). At
     /// [`SyncLevel::File`]: writes and fsyncs the files on up to 4 threads,
     /// renames each into place, then fsyncs each directory once.
     fn put_batch(&self, objects: &[(String, Vec<u8>)]) -> Result<(), BackendError> {
-        if objects.is_empty() {
+        match self.sync {
+            _ if objects.is_empty() => Ok(()),
+            SyncLevel::Filesystem => {
+                let staged = self.stage_files(objects)?;
+                self.publish(staged)
+            }
+            SyncLevel::File => self.put_batch_fsync(objects),
+        }
+    }
+
+    /// At [`SyncLevel::Filesystem`]: every file written to a temporary name
+    /// and left to the kernel's writeback, so the batches of a whole backup
+    /// share one wait. At [`SyncLevel::File`] the batch is stored now.
+    fn stage_batch(&self, objects: &[(String, Vec<u8>)]) -> Result<Staged, BackendError> {
+        match self.sync {
+            _ if objects.is_empty() => Ok(Staged::default()),
+            SyncLevel::Filesystem => self.stage_files(objects),
+            SyncLevel::File => self.put_batch_fsync(objects).map(|()| Staged::default()),
+        }
+    }
+
+    /// One filesystem sync (every staged byte durable), every rename, one
+    /// more (every name durable). A failure before the renames leaves no
+    /// object; after, only whole ones.
+    fn publish(&self, mut staged: Staged) -> Result<(), BackendError> {
+        if staged.is_empty() {
             return Ok(());
         }
-        let paths = objects
-            .iter()
-            .map(|(key, _)| self.path(key))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut dirs: Vec<&Path> = paths.iter().map(|p| parent(p)).collect();
-        dirs.sort_unstable();
-        dirs.dedup();
-        let syncfs = self.sync == SyncLevel::Filesystem;
-        // A batch's new prefix directories share a parent: one fsync of it
-        // covers them all (at the filesystem level the final sync does).
-        let mut created = Vec::new();
-        for dir in &dirs {
-            self.make_dirs(dir, &mut created)?;
+        if let Err(e) = self.sync_filesystem() {
+            self.discard(staged);
+            return Err(e);
         }
-        if !syncfs {
-            for_each_parallel(&created, PUT_THREADS, |parent| sync_dir(parent))?;
+        // Only now is every byte durable: a name may point at the data.
+        for (n, (temp, path)) in staged.waiting.iter().enumerate() {
+            if let Err(e) = rename(temp, path) {
+                // Those before are renamed (whole); remove those after.
+                self.discard(Staged {
+                    waiting: staged.waiting.split_off(n + 1),
+                });
+                return Err(e);
+            }
         }
-        let files: Vec<(&PathBuf, &[u8])> = paths
-            .iter()
-            .zip(objects)
-            .map(|(path, (_, data))| (path, data.as_slice()))
-            .collect();
-        if syncfs {
-            return self.put_batch_syncfs(&files);
+        self.sync_filesystem()
+    }
+
+    fn discard(&self, staged: Staged) {
+        for (temp, _) in &staged.waiting {
+            let _ = fs::remove_file(temp);
         }
-        for_each_parallel(&files, PUT_THREADS, |(path, data)| {
-            self.write_and_rename(path, data)
-        })?;
-        // Only now are the new names durable: the batch is stored.
-        for_each_parallel(&dirs, PUT_THREADS, |dir| sync_dir(dir))
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError> {
@@ -577,6 +630,47 @@ mod tests {
         assert!(backend.put_batch(&batch(5)).is_err());
         // Renamed (each whole: its data was synced), but not reported stored.
         assert_eq!(census(dir.path()), (5, 0));
+    }
+
+    #[test]
+    fn staged_batches_wait_under_no_key_and_share_the_two_syncs_of_their_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, seen) = watched(dir.path(), 0);
+        let objects = batch(6);
+        let mut staged = backend.stage_batch(&objects[..4]).unwrap();
+        staged.append(backend.stage_batch(&objects[4..]).unwrap());
+        assert_eq!(staged.len(), 6);
+        assert!(seen.lock().unwrap().is_empty(), "staging waits for nothing");
+        assert_eq!(census(dir.path()), (0, 6), "no object before the publish");
+        backend.publish(staged).unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![(0, 6), (6, 0)]);
+        for (key, data) in objects {
+            assert_eq!(backend.get(&key).unwrap(), Some(data));
+        }
+    }
+
+    #[test]
+    fn a_failed_publish_or_a_discard_leaves_no_object_and_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, _) = watched(dir.path(), 1);
+        let staged = backend.stage_batch(&batch(5)).unwrap();
+        assert!(backend.publish(staged).is_err());
+        assert_eq!(census(dir.path()), (0, 0));
+        let staged = backend.stage_batch(&batch(5)).unwrap();
+        backend.discard(staged);
+        assert_eq!(census(dir.path()), (0, 0));
+    }
+
+    #[test]
+    fn at_the_file_level_a_staged_batch_is_stored_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = DirBackend::new(dir.path())
+            .unwrap()
+            .with_sync_level(SyncLevel::File);
+        let staged = file.stage_batch(&batch(3)).unwrap();
+        assert!(staged.is_empty());
+        assert_eq!(census(dir.path()), (3, 0));
+        file.publish(staged).unwrap();
     }
 
     #[test]

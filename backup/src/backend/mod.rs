@@ -11,6 +11,7 @@ pub(crate) mod dir;
 #[cfg(feature = "s3")]
 mod s3;
 
+use std::path::PathBuf;
 use std::time::SystemTime;
 
 use thiserror::Error;
@@ -50,6 +51,34 @@ impl RepoLock {
     /// A lock that excludes nothing, for backends with no locking.
     pub fn none() -> RepoLock {
         RepoLock { _flock: None }
+    }
+}
+
+/// Objects [`Backend::stage_batch`] wrote but did not store yet: none is
+/// under its key until [`Backend::publish`] stores them all. What each
+/// waits as is the backend's own business (the directory backend: a
+/// temporary file beside its key's path).
+#[derive(Debug, Default)]
+#[must_use = "staged objects are stored only once published"]
+pub struct Staged {
+    /// (temporary path, final path) of each object waiting.
+    pub(crate) waiting: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Staged {
+    /// Adds `other`'s waiting objects to these.
+    pub fn append(&mut self, mut other: Staged) {
+        self.waiting.append(&mut other.waiting);
+    }
+
+    /// How many objects wait.
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Whether none waits.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
     }
 }
 
@@ -104,6 +133,28 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         objects
             .iter()
             .try_for_each(|(key, data)| self.put(key, data))
+    }
+    /// Writes a batch that [`Backend::publish`] stores later, with every
+    /// other batch staged meanwhile, so their durability costs one wait
+    /// instead of one per batch. Until published, no staged object is under
+    /// its key (a crash leaves at most data GC removes). A backend with
+    /// nothing to gain stores the batch now, as [`Backend::put_batch`]
+    /// does, and stages nothing: the default.
+    fn stage_batch(&self, objects: &[(String, Vec<u8>)]) -> Result<Staged, BackendError> {
+        self.put_batch(objects).map(|()| Staged::default())
+    }
+    /// Stores staged objects: when this returns `Ok`, every one is whole and
+    /// durable under its key. On an error none is reported stored (each may
+    /// or may not be, whole or not at all), and nothing staged is left
+    /// behind.
+    fn publish(&self, staged: Staged) -> Result<(), BackendError> {
+        assert!(staged.is_empty(), "this backend stages nothing");
+        Ok(())
+    }
+    /// Removes staged objects that will not be published (an interrupted
+    /// backup); best effort, as GC removes any left.
+    fn discard(&self, staged: Staged) {
+        assert!(staged.is_empty(), "this backend stages nothing");
     }
     /// Reads an object; `None` when there is none under `key`.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BackendError>;
