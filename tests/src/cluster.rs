@@ -487,14 +487,9 @@ pub fn mirrorblk_cli() -> PathBuf {
     CLI.get_or_init(|| {
         let daemon = crate::daemon::mirrorblkd_path();
         let cli = daemon.with_file_name("mirrorblk");
-        let spec = crate::daemon::BinarySpec {
-            package: "mirrorblk-tools",
-            name: "mirrorblk",
-            crates: &["tools", "server", "nbd", "admin", "etcd", "backup"],
-        };
         match cli.parent() {
             Some(dir) if std::env::var_os("MIRRORBLKD").is_none() => {
-                crate::daemon::ensure_built_spec(&cli, dir, &spec)
+                crate::daemon::ensure_built_spec(&cli, dir, &crate::daemon::CLI)
             }
             _ => {}
         }

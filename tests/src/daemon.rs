@@ -129,9 +129,12 @@ fn newest_mtime(path: &Path) -> Option<SystemTime> {
     newest
 }
 
-/// The workspace crates `mirrorblkd` is built from (sources and manifests,
-/// relative to the workspace root).
-const DAEMON_SOURCES: [&str; 5] = ["server", "nbd", "admin", "etcd", "backup"];
+/// The workspace crates the `mirrorblk` CLI is built from (sources and
+/// manifests, relative to the workspace root): its own, then those of
+/// `mirrorblkd` ([`DAEMON_SOURCES`]).
+const CLI_SOURCES: [&str; 6] = ["tools", "server", "nbd", "admin", "etcd", "backup"];
+/// The workspace crates `mirrorblkd` is built from: the CLI's but `tools`.
+const DAEMON_SOURCES: &[&str] = CLI_SOURCES.split_at(1).1;
 
 /// A binary of the workspace and what it is built from.
 pub struct BinarySpec {
@@ -148,7 +151,14 @@ pub struct BinarySpec {
 pub const DAEMON: BinarySpec = BinarySpec {
     package: "mirrorblk-server",
     name: "mirrorblkd",
-    crates: &DAEMON_SOURCES,
+    crates: DAEMON_SOURCES,
+};
+
+/// The `mirrorblk` CLI.
+pub const CLI: BinarySpec = BinarySpec {
+    package: "mirrorblk-tools",
+    name: "mirrorblk",
+    crates: &CLI_SOURCES,
 };
 
 /// Builds `bin` (of `spec`, in `profile_dir`) when it is missing or older
