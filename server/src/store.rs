@@ -209,8 +209,16 @@ fn check_requested_size(s: u64) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Whether `path` is in `/dev`'s device file system, where a file mirrorblk
+/// created would be lost at reboot and is never what the operator meant.
+/// `/dev/shm` is excluded: a tmpfs for shared memory that benchmarks and
+/// tests choose on purpose, as they would `/tmp`.
+pub(crate) fn in_device_dir(path: &Path) -> bool {
+    path.starts_with("/dev") && !path.starts_with("/dev/shm")
+}
+
 /// Creates the missing data file of `size` bytes and returns its size; with
-/// no size, or under /dev, a missing store is an error.
+/// no size, or in `/dev` ([`in_device_dir`]), a missing store is an error.
 fn create_missing_store(
     path: &Path,
     size: Option<u64>,
@@ -220,9 +228,7 @@ fn create_missing_store(
         path: path.to_path_buf(),
         source,
     };
-    if path.starts_with("/dev") {
-        // A file created under /dev would be lost at reboot and is never
-        // what the operator meant.
+    if in_device_dir(path) {
         return Err(StoreError::MissingDevice {
             path: path.to_path_buf(),
         });
@@ -610,5 +616,27 @@ impl Store {
             out.push(Allocation::data(end - pos));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod device_dir_tests {
+    use super::in_device_dir;
+    use std::path::Path;
+
+    #[test]
+    fn dev_is_the_device_file_system_but_dev_shm_is_not() {
+        for (path, device) in [
+            ("/dev/sdb", true),
+            ("/dev/disk/by-id/nvme-x", true),
+            ("/dev/mapper/vg-lv", true),
+            ("/dev/shm/vol0.img", false),
+            ("/dev/shm", false),
+            ("/devices/x", false),
+            ("/var/lib/mirrorblk/vol0.img", false),
+            ("vol0.img", false),
+        ] {
+            assert_eq!(in_device_dir(Path::new(path)), device, "{path}");
+        }
     }
 }

@@ -193,7 +193,7 @@ fn event_log(s: &Settings, volumes: &[VolumeConfig]) -> Result<(PathBuf, u64), C
         (Some(p), _) => p.clone(),
         // Beside a journal on a block device the file would land in /dev,
         // a memory file system: gone at the next boot.
-        (None, Some(v)) if v.journal.starts_with("/dev") => {
+        (None, Some(v)) if crate::store::in_device_dir(&v.journal) => {
             return Err(ConfigError::EventLogInDev(v.journal.clone()))
         }
         (None, Some(v)) => {
