@@ -169,6 +169,17 @@ pub enum EventKind {
         /// What failed.
         reason: String,
     },
+    /// The primary stopped keeping journal records for a replica that is
+    /// not in sync, because the journal passed the fill it may hold: the
+    /// replica will need a bitmap resync instead of a journal catch-up.
+    RetentionDropped {
+        /// The volume.
+        volume: String,
+        /// The replica.
+        peer: String,
+        /// How full the journal was, in percent.
+        journal_percent: u8,
+    },
     /// A resync pass to a replica started.
     ResyncStart {
         /// The volume.
@@ -354,6 +365,7 @@ impl EventKind {
             EventKind::SnapshotCreated { .. } => "snapshot-created",
             EventKind::SnapshotBroken { .. } => "snapshot-broken",
             EventKind::SnapshotDeleted { .. } => "snapshot-deleted",
+            EventKind::RetentionDropped { .. } => "retention-dropped",
         }
     }
 }
@@ -672,6 +684,11 @@ mod tests {
                 volume: v(),
                 name: s("b1"),
             },
+            EventKind::RetentionDropped {
+                volume: v(),
+                peer: s("n2"),
+                journal_percent: 51,
+            },
         ]
     }
 
@@ -711,6 +728,7 @@ mod tests {
             EventKind::SnapshotCreated { .. } => 29,
             EventKind::SnapshotBroken { .. } => 30,
             EventKind::SnapshotDeleted { .. } => 31,
+            EventKind::RetentionDropped { .. } => 32,
         }
     }
 
@@ -718,7 +736,7 @@ mod tests {
     fn every_kind_round_trips_under_its_name() {
         let kinds = every_kind();
         let ordinals: Vec<usize> = kinds.iter().map(ordinal).collect();
-        assert_eq!(ordinals, (0..32).collect::<Vec<_>>(), "one of each kind");
+        assert_eq!(ordinals, (0..33).collect::<Vec<_>>(), "one of each kind");
         for (seq, kind) in kinds.into_iter().enumerate() {
             let e = Event {
                 ts: s("2026-12-04T20:30:16.123Z"),

@@ -1582,12 +1582,29 @@ mod replication {
             let log = p.daemon.log();
             let dropped = log.contains("no longer keeping records for replica n2");
             assert!(dropped, "the primary kept records for the lost n2:\n{log}");
+            poll_until(Duration::from_secs(10), "a retention-dropped event", || {
+                retention_dropped_for(&p, "n2")
+            });
             return;
         }
         wait_converged(&p, Duration::from_secs(60), "n2's resync to finish");
         p.stop();
         r2.stop();
         assert_stores_identical(&[&p, &r2]);
+    }
+
+    /// Some(()) once `node`'s event log has a `retention-dropped` event
+    /// for `peer` (read with `mirrorblk events --json`).
+    fn retention_dropped_for(node: &Node, peer: &str) -> Option<()> {
+        let out = node.cli(&["events", "--json"], Duration::from_secs(10));
+        assert_eq!(out.code, 0, "mirrorblk events failed: {out:#?}");
+        out.stdout
+            .lines()
+            .filter_map(|l| mirrorblk_admin::events::Event::from_line(l).ok())
+            .any(|e| {
+                matches!(&e.kind, mirrorblk_admin::events::EventKind::RetentionDropped { peer: p, journal_percent, .. } if p == peer && *journal_percent > 50)
+            })
+            .then_some(())
     }
 
     /// `mirrorblk verify` finds a region corrupted on one replica behind the

@@ -511,6 +511,11 @@ impl Primary {
                 l.metrics.retention_dropped.increment(1);
                 dropped = true;
                 tracing::warn!(volume = %self.volume, peer = %l.peer.name, "journal {:.0}% full: no longer keeping records for replica {}; it will need a resync", journal_fill * 100.0, l.peer.name);
+                crate::events::emit(crate::events::EventKind::RetentionDropped {
+                    volume: self.volume.clone(),
+                    peer: l.peer.name.clone(),
+                    journal_percent: (journal_fill * 100.0).clamp(0.0, 100.0) as u8,
+                });
             }
         }
         dropped
