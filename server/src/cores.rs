@@ -36,6 +36,9 @@ use crate::store::Store;
 use crate::volume::Volume;
 use mirrorblk_admin::{Request, VolumeStatus};
 
+/// Submission queue entries of a core's ring.
+const RING_ENTRIES: u32 = 1024;
+
 /// How long a core may take to finish in-flight work when stopping.
 const STOP_LIMIT: Duration = Duration::from_secs(25);
 
@@ -98,6 +101,11 @@ struct Core {
     snapshot_exports: crate::control::SnapshotExports,
     /// This core's buffer pool (satellite connections use it).
     pool: CorePool,
+    /// Set when the core stops or hands over: replica sessions end at a
+    /// frame boundary (their receiver is in `session_ctx`).
+    sessions_stop: tokio::sync::watch::Sender<bool>,
+    /// The replica sessions' tasks, awaited before the volumes close.
+    sessions: RefCell<Vec<tokio::task::JoinHandle<()>>>,
     /// Every core, by index.
     peers: Vec<mpsc::WeakSender<CoreMsg>>,
 }
@@ -118,7 +126,8 @@ pub fn run_core(
     pool_cfg: PoolConfig,
     ctl: CoreControl,
 ) {
-    tokio_uring::builder().entries(1024).start(async move {
+    // The runtime outlives the core: see `core_runtime`.
+    let run = crate::core_runtime::run_to_process_end(RING_ENTRIES, async move {
         let core = Core::open(index, vols, CorePool::new(pool_cfg), &ctl);
         tracing::debug!(
             "core {index} serving {} volume(s); buffer pool {}",
@@ -142,6 +151,10 @@ pub fn run_core(
         }
         let _ = ctl.stopped.send((index, clean));
     });
+    if let Err(e) = run {
+        // The node sees no `stopped` from this core and reports it unclean.
+        tracing::error!("core {index}: cannot start its io_uring runtime: {e}");
+    }
 }
 
 /// A core's buffer pool, made on first use. A core that serves no volume
@@ -396,11 +409,13 @@ impl Core {
                 (name, served)
             })
             .collect();
+        let sessions_stop = tokio::sync::watch::channel(false).0;
         let session_ctx = ctl.replication.as_ref().map(|r| {
             Rc::new(SessionContext {
                 secret: r.secret.clone(),
                 node: ctl.node.clone(),
                 heartbeat_timeout: r.heartbeat_timeout,
+                stop: sessions_stop.subscribe(),
             })
         });
         let (handed, handed_rx) = mpsc::unbounded_channel();
@@ -414,6 +429,8 @@ impl Core {
             snapshot_exports: ctl.snapshot_exports.clone(),
             pool,
             peers: ctl.peers.clone(),
+            sessions_stop,
+            sessions: RefCell::new(Vec::new()),
         }
     }
 
@@ -591,11 +608,14 @@ impl Core {
             ctx.clone(),
             inc.peer,
         );
-        tokio_uring::spawn(async move {
+        let task = tokio_uring::spawn(async move {
             if let Some(f) = run.await {
                 fence(&vol, f).await;
             }
         });
+        let mut sessions = self.sessions.borrow_mut();
+        sessions.retain(|t| !t.is_finished());
+        sessions.push(task);
     }
 
     /// Creates, deletes or lists snapshots of this core's volumes.
@@ -809,10 +829,33 @@ impl Core {
 
     /// Drains every volume; whether all finished within the limit.
     async fn shutdown(&self) -> bool {
-        let mut clean = true;
+        let mut clean = self.end_sessions().await;
         for s in self.volumes.values() {
             clean &= s.vol.shutdown(STOP_LIMIT).await;
         }
         clean
+    }
+
+    /// Ends every replica session at its next frame boundary and waits for
+    /// them: afterwards no task of this process writes the journals (at a
+    /// hand-over the successor opens them next). False if one did not end
+    /// within the bound.
+    async fn end_sessions(&self) -> bool {
+        self.sessions_stop.send_replace(true);
+        let tasks = std::mem::take(&mut *self.sessions.borrow_mut());
+        let all = async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        };
+        let ended = tokio::time::timeout(STOP_LIMIT, all).await.is_ok();
+        if !ended {
+            tracing::error!(
+                "core {}: a replica session did not end within {} s",
+                self.index,
+                STOP_LIMIT.as_secs()
+            );
+        }
+        ended
     }
 }

@@ -14,6 +14,7 @@ pub mod buffer;
 pub mod config;
 pub mod control;
 pub mod coordinator;
+pub mod core_runtime;
 pub mod cores;
 pub mod engine;
 pub mod events;

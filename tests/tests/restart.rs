@@ -289,6 +289,25 @@ mod restart {
             replica.connections, 0,
             "a replica serves no NBD client: {replica:?}"
         );
+        // The replica's session with the primary ended before its volume
+        // closed: the successor finds every record applied, none to replay
+        // (and no write of the old process can land after it opened the
+        // journal).
+        let log = n2.daemon.log_lines();
+        let at = |needle: &str| log.iter().rposition(|l| l.contains(needle));
+        let (ended, closed) = (at("this node is stopping"), at("stopped: all"));
+        assert!(
+            matches!((ended, closed), (Some(e), Some(c)) if e < c),
+            "n2's replication session did not end before its volume closed: {ended:?} {closed:?}"
+        );
+        let replays = n2.log_lines_with("journal recovery replayed");
+        let last = replays
+            .last()
+            .expect("n2's successor recovered its journal");
+        assert!(
+            last.contains("replayed 0 records"),
+            "n2 journaled records after it stopped: {replays:#?}"
+        );
         let s = n1.wait_replicas_in_sync(SETTLE_TIMEOUT);
         assert_eq!(s.replicas[0].out_of_sync_bytes, 0, "{s:#?}");
         let max_ms = finish_fio(fio, &out);

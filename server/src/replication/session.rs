@@ -31,6 +31,20 @@ pub struct SessionContext {
     pub node: String,
     /// Silence limit.
     pub heartbeat_timeout: Duration,
+    /// Turns true when the node stops or hands over: every session ends at
+    /// its next frame boundary, so no journal write of this process is in
+    /// flight once the volume is closed (a successor then owns the file).
+    pub stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// How a session ended without a fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionEnd {
+    /// The primary closed the connection.
+    PrimaryLeft,
+    /// This node stops or hands over; the primary resends what follows the
+    /// last record journaled here when it reconnects.
+    Stopping,
 }
 
 fn refusal(vol: &Engine, status: ReplyStatus, message: String, node: &str) -> HelloReply {
@@ -94,7 +108,14 @@ pub async fn run(
     let result = serve(&vol, &sock, &hello, &hello_body, &ctx).await;
     sock.shutdown();
     match result {
-        Ok(()) => tracing::info!(volume = %name, %peer, "primary {} disconnected", hello.node),
+        Ok(SessionEnd::PrimaryLeft) => {
+            tracing::info!(volume = %name, %peer, "primary {} disconnected", hello.node)
+        }
+        Ok(SessionEnd::Stopping) => tracing::info!(
+            volume = %name, %peer,
+            "replication from {} ended at a frame boundary: this node is stopping",
+            hello.node
+        ),
         Err(LinkError::Fenced(by_epoch)) => return Some(Fenced { by_epoch }),
         Err(e @ LinkError::Auth { .. }) => {
             tracing::warn!(volume = %name, %peer, "replication from {} ended: {e}", hello.node);
@@ -117,7 +138,7 @@ async fn serve(
     hello: &Hello,
     hello_body: &[u8],
     ctx: &SessionContext,
-) -> Result<(), LinkError> {
+) -> Result<SessionEnd, LinkError> {
     let engine = &vol.engine;
     fence_or_adopt(vol, sock, hello, ctx).await?;
     let my_epoch = engine.journal().epoch().0;
@@ -153,7 +174,7 @@ async fn serve(
         tokio_uring::spawn(async move { write_frames(sock, rx).await })
     };
     let tasks = SessionTasks::spawn(&session, hello, ctx);
-    let result = session.receive(sock).await;
+    let result = session.receive(sock, ctx.stop.clone()).await;
     peer_event(engine, hello, Some(&result));
     tasks.abort();
     drop(session);
@@ -213,7 +234,7 @@ impl SessionTasks {
 
 /// Records in the event log that the primary connected (`ended` None) or
 /// that its session ended.
-fn peer_event(engine: &Engine, hello: &Hello, ended: Option<&Result<(), LinkError>>) {
+fn peer_event(engine: &Engine, hello: &Hello, ended: Option<&Result<SessionEnd, LinkError>>) {
     let (volume, peer) = (engine.info().name.clone(), hello.node.clone());
     events::emit(match ended {
         None => EventKind::PeerConnect {
@@ -225,7 +246,8 @@ fn peer_event(engine: &Engine, hello: &Hello, ended: Option<&Result<(), LinkErro
             volume,
             peer,
             reason: match result {
-                Ok(()) => "the primary disconnected".into(),
+                Ok(SessionEnd::PrimaryLeft) => "the primary disconnected".into(),
+                Ok(SessionEnd::Stopping) => "this node is stopping".into(),
                 Err(e) => e.to_string(),
             },
         },
@@ -591,12 +613,26 @@ struct ReplicaSession {
 }
 
 impl ReplicaSession {
-    async fn receive(&self, sock: &Socket) -> Result<(), LinkError> {
+    /// Serves frames until the primary leaves, a fault, or `stop` turns
+    /// true; stopping is checked only between frames, so a record being
+    /// received is journaled whole before the session ends.
+    async fn receive(
+        &self,
+        sock: &Socket,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<SessionEnd, LinkError> {
         let mut rd = FrameReader::new(sock, false)?;
         loop {
-            let h = match rd.header(self.timeout).await {
+            let header = tokio::select! {
+                biased;
+                () = stop_signalled(&mut stop) => return Ok(SessionEnd::Stopping),
+                h = rd.header(self.timeout) => h,
+            };
+            let h = match header {
                 Ok(h) => h,
-                Err(LinkError::Read(crate::sockio::ReadFail::Eof)) => return Ok(()),
+                Err(LinkError::Read(crate::sockio::ReadFail::Eof)) => {
+                    return Ok(SessionEnd::PrimaryLeft)
+                }
                 Err(e) => return Err(e),
             };
             match h.kind {
@@ -835,6 +871,14 @@ fn at_stream_point(
         ));
     }
     Ok(())
+}
+
+/// Resolves once `stop` is true; never, when its sender is gone (the core
+/// outlives its sessions, so that only happens while the core ends).
+async fn stop_signalled(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn reject(tx: &mpsc::UnboundedSender<Vec<u8>>, why: String) {

@@ -1,0 +1,97 @@
+//! A core's io_uring runtime, which lives as long as the process.
+//!
+//! tokio-uring 0.5 cannot be dropped safely while operations are in flight.
+//! Dropping its runtime first drops the tasks, which leaves each pending
+//! operation's buffer with the driver (as it should, until the completion
+//! arrives); then the driver's own `Drop` replaces every such entry before it
+//! submits the cancellations, which frees those buffers while the kernel may
+//! still write into them. A socket receive that gets bytes in that window
+//! writes into freed heap memory: a replica that was handed over while its
+//! primary streamed records aborted with "corrupted double-linked list"
+//! (tokio-rs/tokio-uring#328 reports the same abort). A core ends only when
+//! its process ends (a stop, a hand-over, a role change's re-execution), so
+//! its runtime, with its ring, tasks and buffers, is left for the exit to
+//! reclaim: the kernel then cancels what is in flight before the memory goes.
+
+use std::future::Future;
+
+/// Runs `future` to completion on a new tokio-uring runtime with `entries`
+/// submission queue entries, and never drops that runtime (see the module
+/// documentation). Only for threads that end with their process.
+pub fn run_to_process_end<F: Future>(entries: u32, future: F) -> std::io::Result<F::Output> {
+    let rt = tokio_uring::Runtime::new(tokio_uring::builder().entries(entries))?;
+    let out = rt.block_on(future);
+    std::mem::forget(rt);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+    use tokio_uring::buf::{IoBuf, IoBufMut};
+
+    /// How many [`Tracked`] buffers were dropped.
+    static DROPPED: AtomicUsize = AtomicUsize::new(0);
+
+    /// A receive buffer that counts its drop.
+    struct Tracked(Vec<u8>);
+
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            DROPPED.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    // SAFETY: forwards to the Vec, whose heap memory does not move.
+    unsafe impl IoBuf for Tracked {
+        fn stable_ptr(&self) -> *const u8 {
+            self.0.stable_ptr()
+        }
+        fn bytes_init(&self) -> usize {
+            self.0.bytes_init()
+        }
+        fn bytes_total(&self) -> usize {
+            self.0.bytes_total()
+        }
+    }
+
+    // SAFETY: as above.
+    unsafe impl IoBufMut for Tracked {
+        fn stable_mut_ptr(&mut self) -> *mut u8 {
+            self.0.stable_mut_ptr()
+        }
+        unsafe fn set_init(&mut self, pos: usize) {
+            // SAFETY: forwarded.
+            unsafe { self.0.set_init(pos) }
+        }
+    }
+
+    #[test]
+    fn a_receive_in_flight_when_the_core_ends_keeps_its_buffer() {
+        let (ours, peer) = UnixStream::pair().expect("socket pair");
+        let done = run_to_process_end(8, async move {
+            let sock = tokio_uring::net::UnixStream::from_std(ours);
+            // The receive waits in the ring: nothing is sent yet.
+            tokio_uring::spawn(async move {
+                let _ = sock.read(Tracked(Vec::with_capacity(4096))).await;
+            });
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            "ended"
+        })
+        .expect("runtime");
+        assert_eq!(done, "ended");
+        // Bytes arriving now would land in that buffer: it must still be
+        // owned by the (never dropped) runtime. (Had the runtime been
+        // dropped, the socket would be closed and the send would fail.)
+        let _ = std::io::Write::write_all(&mut &peer, &[0xAB; 4096]);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            DROPPED.load(Ordering::SeqCst),
+            0,
+            "the buffer of a receive in flight was freed when the core ended"
+        );
+    }
+}
