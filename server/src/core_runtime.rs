@@ -8,7 +8,9 @@
 //! still write into them. A socket receive that gets bytes in that window
 //! writes into freed heap memory: a replica that was handed over while its
 //! primary streamed records aborted with "corrupted double-linked list"
-//! (tokio-rs/tokio-uring#328 reports the same abort). A core ends only when
+//! (tokio-rs/tokio-uring#328 reports the same abort; the test
+//! `tokio_uring_gives_up_an_in_flight_receive_buffer_before_cancelling_it`
+//! shows the window, and fails once tokio-uring closes it). A core ends only when
 //! its process ends (a stop, a hand-over, a role change's re-execution), so
 //! its runtime, with its ring, tasks and buffers, is left for the exit to
 //! reclaim: the kernel then cancels what is in flight before the memory goes.
@@ -67,6 +69,78 @@ mod tests {
             // SAFETY: forwarded.
             unsafe { self.0.set_init(pos) }
         }
+    }
+
+    /// Where [`Leaked`]'s drop sends a byte (-1: nowhere).
+    static PEER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+    /// A receive buffer of memory that is never freed, whose drop sends a
+    /// byte to [`PEER`]: if the receive is still live when the driver drops
+    /// the buffer, that byte lands in it.
+    struct Leaked(&'static mut [u8]);
+
+    impl Drop for Leaked {
+        fn drop(&mut self) {
+            let fd = PEER.load(Ordering::SeqCst);
+            if fd >= 0 {
+                // SAFETY: a one-byte write from a live array to a descriptor
+                // the test owns.
+                let _ = unsafe { libc::write(fd, [0xABu8].as_ptr().cast(), 1) };
+            }
+        }
+    }
+
+    // SAFETY: the slice is 'static (leaked) and never moves.
+    unsafe impl IoBuf for Leaked {
+        fn stable_ptr(&self) -> *const u8 {
+            self.0.as_ptr()
+        }
+        fn bytes_init(&self) -> usize {
+            0
+        }
+        fn bytes_total(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    // SAFETY: as above.
+    unsafe impl IoBufMut for Leaked {
+        fn stable_mut_ptr(&mut self) -> *mut u8 {
+            self.0.as_mut_ptr()
+        }
+        unsafe fn set_init(&mut self, _pos: usize) {}
+    }
+
+    /// Why [`run_to_process_end`] exists: tokio-uring 0.5, dropping its
+    /// runtime, gives up the buffer of a receive still in flight before it
+    /// cancels the receive, so bytes arriving then are written into memory
+    /// the program no longer owns (here a leaked buffer, so nothing is
+    /// corrupted). When this fails, tokio-uring waits for the cancellation
+    /// first, and a core's runtime could be dropped again.
+    #[test]
+    fn tokio_uring_gives_up_an_in_flight_receive_buffer_before_cancelling_it() {
+        use std::os::fd::AsRawFd;
+        let (ours, peer) = UnixStream::pair().expect("socket pair");
+        let mem: &'static mut [u8] = Box::leak(vec![0u8; 64].into_boxed_slice());
+        let first = mem.as_ptr();
+        let rt = tokio_uring::Runtime::new(&tokio_uring::builder()).expect("runtime");
+        rt.block_on(async move {
+            let sock = tokio_uring::net::UnixStream::from_std(ours);
+            tokio_uring::spawn(async move {
+                let _ = sock.read(Leaked(mem)).await;
+            });
+            // Parks the thread: the receive is submitted and waits.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        });
+        PEER.store(peer.as_raw_fd(), Ordering::SeqCst);
+        drop(rt);
+        PEER.store(-1, Ordering::SeqCst);
+        // SAFETY: the leaked buffer lives for the whole process.
+        let got = unsafe { std::ptr::read_volatile(first) };
+        assert_eq!(
+            got, 0xAB,
+            "the byte sent when the driver dropped the buffer did not reach it: tokio-uring now cancels before it frees"
+        );
     }
 
     #[test]
