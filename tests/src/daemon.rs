@@ -187,10 +187,15 @@ pub fn ensure_built_spec(bin: &Path, profile_dir: &Path, spec: &BinarySpec) {
     };
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
+    // `--workspace --tests`, not `-p PACKAGE`: the feature set the test
+    // build itself used (the whole workspace's, dev-dependencies included),
+    // so only the binary is built again. A `-p` build compiled shared crates
+    // again with other features: ~30 s inside a test, long enough for its
+    // load to end before the step it times.
     cmd.current_dir(&root).args([
         "build",
-        "-p",
-        spec.package,
+        "--workspace",
+        "--tests",
         "--bin",
         spec.name,
         "--profile",
@@ -198,6 +203,14 @@ pub fn ensure_built_spec(bin: &Path, profile_dir: &Path, spec: &BinarySpec) {
     ]);
     if let Some(target_dir) = profile_dir.parent() {
         cmd.arg("--target-dir").arg(target_dir);
+    }
+    // What cargo set for this test run describes the test, not the build:
+    // a build script tracking one (ring's tracks CARGO_MANIFEST_DIR) would
+    // be built again, and again by the next `cargo test` without it.
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_for_a_test_run) {
+            cmd.env_remove(name);
+        }
     }
     let ok = cmd.status().map(|s| s.success()).unwrap_or(false);
     if !ok {
@@ -215,6 +228,20 @@ pub fn ensure_built_spec(bin: &Path, profile_dir: &Path, spec: &BinarySpec) {
             bin.display()
         );
     }
+}
+
+/// Whether `name` is an environment variable cargo sets for the test binary
+/// it runs (the test's package, crate and binaries), as opposed to one that
+/// configures cargo itself.
+fn set_for_a_test_run(name: &str) -> bool {
+    const PREFIXES: [&str; 5] = [
+        "CARGO_MANIFEST_",
+        "CARGO_PKG_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_PRIMARY_",
+    ];
+    PREFIXES.iter().any(|p| name.starts_with(p)) || name == "CARGO_TARGET_TMPDIR"
 }
 
 fn ensure_built(bin: &Path, profile_dir: &Path) {
@@ -1044,5 +1071,31 @@ where
         stdout: out.text(),
         stderr: err.text(),
         elapsed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::set_for_a_test_run;
+
+    #[test]
+    fn a_nested_build_drops_what_describes_the_test_and_keeps_what_configures_cargo() {
+        for (name, dropped) in [
+            ("CARGO_MANIFEST_DIR", true),
+            ("CARGO_MANIFEST_PATH", true),
+            ("CARGO_PKG_NAME", true),
+            ("CARGO_CRATE_NAME", true),
+            ("CARGO_BIN_EXE_delay-proxy", true),
+            ("CARGO_PRIMARY_PACKAGE", true),
+            ("CARGO_TARGET_TMPDIR", true),
+            ("CARGO_HOME", false),
+            ("CARGO_TARGET_DIR", false),
+            ("CARGO_BUILD_JOBS", false),
+            ("CARGO_INCREMENTAL", false),
+            ("CARGO", false),
+            ("RUSTFLAGS", false),
+        ] {
+            assert_eq!(set_for_a_test_run(name), dropped, "{name}");
+        }
     }
 }
