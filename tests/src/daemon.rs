@@ -189,9 +189,10 @@ pub fn ensure_built_spec(bin: &Path, profile_dir: &Path, spec: &BinarySpec) {
     let mut cmd = Command::new(cargo);
     // `--workspace --tests`, not `-p PACKAGE`: the feature set the test
     // build itself used (the whole workspace's, dev-dependencies included),
-    // so only the binary is built again. A `-p` build compiled shared crates
-    // again with other features: ~30 s inside a test, long enough for its
-    // load to end before the step it times.
+    // so only the binary is built again; a `-p` build compiled the server
+    // library again with other features. With the variables below, a
+    // rebuild inside a test took over a minute: long enough for its load to
+    // end before the step it times.
     cmd.current_dir(&root).args([
         "build",
         "--workspace",
