@@ -22,6 +22,10 @@ pub struct Machine {
     pub disk: String,
     /// Filesystem type and mount point of the volume directory.
     pub filesystem: String,
+    /// How an idle CPU waits (cpuidle driver, governor, guest halt polling,
+    /// idle states): it sets what every cross-CPU wake-up costs, which
+    /// moves QD1 latencies and the peers' ratios more than the code does.
+    pub cpu_idle: String,
     /// Tool versions: fio, nbdkit, qemu-nbd, mirrorblkd.
     pub versions: Vec<(String, String)>,
     /// Git commit of the workspace (read from `.git`, not by running git).
@@ -79,6 +83,7 @@ pub fn describe(dir: &Path, workspace: &Path, versions: Vec<(String, String)>) -
         kernel: read("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into()),
         disk: disk_of(dir),
         filesystem: filesystem_of(dir),
+        cpu_idle: cpu_idle(),
         versions,
         git_commit: git_commit(workspace),
         load_before: loadavg(),
@@ -139,6 +144,56 @@ fn disk_of(dir: &Path) -> String {
     format!("{name} ({})", parts.join(", "))
 }
 
+/// The cpuidle set-up, read from `/sys` (see [`describe_cpu_idle`]).
+fn cpu_idle() -> String {
+    let base = Path::new("/sys/devices/system/cpu/cpuidle");
+    let driver = read(base.join("current_driver"));
+    let governor =
+        read(base.join("current_governor")).or_else(|| read(base.join("current_governor_ro")));
+    let poll_ns =
+        read("/sys/module/haltpoll/parameters/guest_halt_poll_ns").and_then(|s| s.parse().ok());
+    // A handful of states at most; the bound only guards the loop.
+    let states = (0..16)
+        .map_while(|i| {
+            read(format!(
+                "/sys/devices/system/cpu/cpu0/cpuidle/state{i}/name"
+            ))
+        })
+        .collect();
+    describe_cpu_idle(driver, governor, poll_ns, states)
+}
+
+/// "driver haltpoll, governor haltpoll, guest_halt_poll_ns 0 (…), states POLL, haltpoll idle".
+/// A guest whose haltpoll driver does not poll halts an idle vCPU at once, so
+/// every wake-up of it (a reply, a completion) is a VM exit: that is said,
+/// since it costs each NBD round trip tens of microseconds.
+fn describe_cpu_idle(
+    driver: Option<String>,
+    governor: Option<String>,
+    poll_ns: Option<u64>,
+    states: Vec<String>,
+) -> String {
+    let Some(driver) = driver.filter(|d| d != "none") else {
+        return "no cpuidle driver".into();
+    };
+    let mut parts = vec![format!("driver {driver}")];
+    if let Some(g) = governor {
+        parts.push(format!("governor {g}"));
+    }
+    match poll_ns {
+        Some(0) if driver == "haltpoll" => parts.push(
+            "guest_halt_poll_ns 0 (no polling: an idle vCPU halts at once, each wake-up is a VM exit)"
+                .into(),
+        ),
+        Some(ns) => parts.push(format!("guest_halt_poll_ns {ns}")),
+        None => {}
+    }
+    if !states.is_empty() {
+        parts.push(format!("states {}", states.join(", ")));
+    }
+    parts.join(", ")
+}
+
 /// "ext4 on /" for the mount holding `dir` (the longest matching mount point).
 fn filesystem_of(dir: &Path) -> String {
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
@@ -197,6 +252,36 @@ pub fn git_commit(workspace: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_idle_says_when_a_guest_halts_without_polling() {
+        let s = |v: &str| Some(v.to_string());
+        let states = || vec!["POLL".to_string(), "haltpoll idle".to_string()];
+        for (driver, governor, poll, want) in [
+            (None, None, None, "no cpuidle driver"),
+            (s("none"), None, None, "no cpuidle driver"),
+            (
+                s("haltpoll"),
+                s("haltpoll"),
+                Some(0),
+                "driver haltpoll, governor haltpoll, guest_halt_poll_ns 0 (no polling: an idle vCPU halts at once, each wake-up is a VM exit), states POLL, haltpoll idle",
+            ),
+            (
+                s("haltpoll"),
+                s("haltpoll"),
+                Some(200_000),
+                "driver haltpoll, governor haltpoll, guest_halt_poll_ns 200000, states POLL, haltpoll idle",
+            ),
+            (
+                s("intel_idle"),
+                s("menu"),
+                Some(0),
+                "driver intel_idle, governor menu, guest_halt_poll_ns 0, states POLL, haltpoll idle",
+            ),
+        ] {
+            assert_eq!(describe_cpu_idle(driver, governor, poll, states()), want);
+        }
+    }
 
     #[test]
     fn reads_head_of_a_linked_work_tree() {

@@ -779,6 +779,7 @@ pub fn machine_markdown(rec: &RunRecord) -> String {
     let _ = writeln!(s, "- memory: {} MiB", m.mem_total_mib);
     let _ = writeln!(s, "- kernel: {}", m.kernel);
     let _ = writeln!(s, "- disk: {}", m.disk);
+    let _ = writeln!(s, "- CPU idle: {}", m.cpu_idle);
     let _ = writeln!(
         s,
         "- filesystem: {} (volumes in {})",
