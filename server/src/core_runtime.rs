@@ -16,15 +16,93 @@
 //! reclaim: the kernel then cancels what is in flight before the memory goes.
 
 use std::future::Future;
+use std::os::fd::RawFd;
+use std::time::Duration;
 
 /// Runs `future` to completion on a new tokio-uring runtime with `entries`
 /// submission queue entries, and never drops that runtime (see the module
-/// documentation). Only for threads that end with their process.
-pub fn run_to_process_end<F: Future>(entries: u32, future: F) -> std::io::Result<F::Output> {
-    let rt = tokio_uring::Runtime::new(tokio_uring::builder().entries(entries))?;
-    let out = rt.block_on(future);
+/// documentation). Only for threads that end with their process. With
+/// `busy_poll`, the thread polls for that long after each request
+/// ([`crate::busy_poll`]).
+pub fn run_to_process_end<F: Future>(
+    entries: u32,
+    busy_poll: Option<Duration>,
+    future: F,
+) -> std::io::Result<F::Output> {
+    let (rt, ring) = match busy_poll {
+        Some(_) => {
+            let (rt, fd) = new_runtime_and_ring(entries)?;
+            (rt, fd.map(|fd| crate::busy_poll::Ring { fd, entries }))
+        }
+        None => (
+            tokio_uring::Runtime::new(tokio_uring::builder().entries(entries))?,
+            None,
+        ),
+    };
+    let out = rt.block_on(async move {
+        match (ring, busy_poll) {
+            (Some(ring), Some(window)) => {
+                tokio_uring::spawn(crate::busy_poll::run(ring, window));
+            }
+            (None, Some(_)) => tracing::warn!(
+                "busy polling is off on this core: its io_uring descriptor could not be told apart from another thread's"
+            ),
+            _ => {}
+        }
+        future.await
+    });
     std::mem::forget(rt);
     Ok(out)
+}
+
+/// Serializes the runtimes made by [`new_runtime_and_ring`].
+static RING_MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Makes a runtime and finds its ring's descriptor: the one io_uring
+/// descriptor that appeared in the process meanwhile (tokio-uring does not
+/// expose it). `None` when that is not exactly one, e.g. when a thread made
+/// a ring some other way at the same moment.
+fn new_runtime_and_ring(entries: u32) -> std::io::Result<(tokio_uring::Runtime, Option<RawFd>)> {
+    let _one_at_a_time = RING_MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    let before = ring_fds()?;
+    let rt = tokio_uring::Runtime::new(tokio_uring::builder().entries(entries))?;
+    let new: Vec<RawFd> = ring_fds()?
+        .into_iter()
+        .filter(|fd| !before.contains(fd))
+        .collect();
+    // A ring of another size would be another thread's.
+    let mask = entries.next_power_of_two() - 1;
+    let ours = match new[..] {
+        [fd] => (sq_mask(fd) == Some(mask)).then_some(fd),
+        _ => None,
+    };
+    Ok((rt, ours))
+}
+
+/// Ring `fd`'s submission queue mask (its entries less one), as the
+/// kernel describes it.
+fn sq_mask(fd: RawFd) -> Option<u32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    let line = info.lines().find_map(|l| l.strip_prefix("SqMask:"))?;
+    u32::from_str_radix(line.trim().trim_start_matches("0x"), 16).ok()
+}
+
+/// The process's io_uring descriptors.
+fn ring_fds() -> std::io::Result<Vec<RawFd>> {
+    let mut fds = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let entry = entry?;
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue; // closed meanwhile (read_dir's own descriptor, say)
+        };
+        if target.as_os_str() != "anon_inode:[io_uring]" {
+            continue;
+        }
+        if let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+            fds.push(fd);
+        }
+    }
+    Ok(fds)
 }
 
 #[cfg(test)]
@@ -143,10 +221,25 @@ mod tests {
         );
     }
 
+    /// Busy polling submits on the descriptor found here: it must be the
+    /// ring just made, not another one. Other tests make rings meanwhile,
+    /// which makes a try come back empty (ambiguous), never wrong.
+    #[test]
+    fn the_ring_found_is_the_one_made() {
+        for entries in [8u32, 32] {
+            let found = (0..100).find_map(|_| {
+                let (rt, fd) = new_runtime_and_ring(entries).expect("runtime");
+                Some((rt, fd?))
+            });
+            let (_rt, fd) = found.expect("a ring found in 100 tries");
+            assert_eq!(sq_mask(fd).expect("fdinfo"), entries - 1, "fd {fd}");
+        }
+    }
+
     #[test]
     fn a_receive_in_flight_when_the_core_ends_keeps_its_buffer() {
         let (ours, peer) = UnixStream::pair().expect("socket pair");
-        let done = run_to_process_end(8, async move {
+        let done = run_to_process_end(8, None, async move {
             let sock = tokio_uring::net::UnixStream::from_std(ours);
             // The receive waits in the ring: nothing is sent yet.
             tokio_uring::spawn(async move {

@@ -64,6 +64,8 @@ pub struct CoreControl {
     pub fence: Arc<LeaseFence>,
     /// The snapshot exports the NBD acceptor offers.
     pub snapshot_exports: crate::control::SnapshotExports,
+    /// How long the core polls after a request starts or ends.
+    pub busy_poll: Option<std::time::Duration>,
     /// Every core, by index, where plain-export connections spread (weak:
     /// a core's queue still closes once the node drops its senders).
     pub peers: Vec<mpsc::WeakSender<CoreMsg>>,
@@ -127,7 +129,8 @@ pub fn run_core(
     ctl: CoreControl,
 ) {
     // The runtime outlives the core: see `core_runtime`.
-    let run = crate::core_runtime::run_to_process_end(RING_ENTRIES, async move {
+    let busy_poll = ctl.busy_poll;
+    let run = crate::core_runtime::run_to_process_end(RING_ENTRIES, busy_poll, async move {
         let core = Core::open(index, vols, CorePool::new(pool_cfg), &ctl);
         tracing::debug!(
             "core {index} serving {} volume(s); buffer pool {}",

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod admission;
 pub mod buffer;
+pub mod busy_poll;
 pub mod config;
 pub mod control;
 pub mod coordinator;

@@ -1053,6 +1053,7 @@ fn spawn_cores(
             fence: fence.clone(),
             snapshot_exports: snapshot_exports.clone(),
             peers: peers.clone(),
+            busy_poll: cfg.busy_poll,
         };
         std::thread::Builder::new()
             .name(format!("core{i}"))

@@ -103,7 +103,10 @@ fn answer_scrape(
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
     let (status, body) = match (method, path) {
-        ("GET", "/metrics" | "/") => ("200 OK", handle.render()),
+        ("GET", "/metrics" | "/") => {
+            refresh_counted_elsewhere();
+            ("200 OK", handle.render())
+        }
         ("GET", _) => ("404 Not Found", "not found: scrape /metrics\n".to_string()),
         _ => ("405 Method Not Allowed", "only GET\n".to_string()),
     };
@@ -114,6 +117,12 @@ fn answer_scrape(
     let _ = s
         .write_all(head.as_bytes())
         .and_then(|()| s.write_all(body.as_bytes()));
+}
+
+/// Copies the counters kept outside the metrics registry (on hot paths,
+/// as plain atomics) into it, before a scrape renders.
+fn refresh_counted_elsewhere() {
+    counter!("mirrorblk_busy_poll_rounds_total").absolute(crate::busy_poll::rounds());
 }
 
 /// Records the pause clients saw at the live restart that started this
@@ -130,6 +139,10 @@ fn describe() {
     describe_snapshot_metrics();
     describe_replica_metrics();
     describe_event_metrics();
+    metrics::describe_counter!(
+        "mirrorblk_busy_poll_rounds_total",
+        "Rounds the cores spent polling instead of sleeping (--busy-poll-us), all cores"
+    );
 }
 
 /// Metrics of the event log.

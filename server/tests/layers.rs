@@ -13,6 +13,7 @@ use std::path::Path;
 const LAYERS: &[(&str, u8)] = &[
     ("admission", 0),
     ("buffer", 0),
+    ("busy_poll", 0),
     ("core_runtime", 0),
     ("engine", 0),
     ("events", 0),

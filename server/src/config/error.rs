@@ -59,6 +59,9 @@ pub enum ConfigError {
     /// `buffer_memory` below [`MIN_BUFFER_MEMORY`].
     #[error("--buffer-memory {0} is too small: use at least {MIN_BUFFER_MEMORY} (one 32M request must fit)")]
     BufferMemoryTooSmall(ByteSize),
+    /// `busy_poll_us` above [`crate::busy_poll::MAX_WINDOW`].
+    #[error("--busy-poll-us {0} is too long: use at most {max} (polling longer between two requests only burns the CPU)", max = crate::busy_poll::MAX_WINDOW.as_micros())]
+    BusyPollTooLong(u32),
     /// `event_log_max_bytes` below [`MIN_EVENT_LOG_MAX_BYTES`].
     #[error("--event-log-max-bytes {0} is too small: use at least {MIN_EVENT_LOG_MAX_BYTES}")]
     EventLogTooSmall(ByteSize),

@@ -76,6 +76,8 @@ pub struct Config {
     pub cores: usize,
     /// Buffer memory per core.
     pub buffer_memory: u64,
+    /// How long a core polls after a request starts or ends (`None`: never).
+    pub busy_poll: Option<std::time::Duration>,
     /// Connection limit (serving connections).
     pub max_connections: usize,
     /// The bounds on connections still negotiating or authenticating.

@@ -17,6 +17,7 @@ pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
     let volumes = volumes(&s)?;
     let cores = cores(s.cores);
     let buffer_memory = buffer_memory(s.buffer_memory)?;
+    let busy_poll = busy_poll(s.busy_poll_us)?;
     let max_connections = max_connections(s.max_connections)?;
     let checkpoint_interval = s
         .checkpoint_interval
@@ -49,6 +50,7 @@ pub(super) fn resolve(s: Settings) -> Result<Config, ConfigError> {
         unix: s.unix,
         cores,
         buffer_memory: buffer_memory.0,
+        busy_poll,
         max_connections,
         handshake,
         tls,
@@ -222,6 +224,17 @@ fn buffer_memory(given: Option<ByteSize>) -> Result<ByteSize, ConfigError> {
         return Err(ConfigError::BufferMemoryTooSmall(m));
     }
     Ok(m)
+}
+
+/// The busy-poll window: none for 0 (the default), at most
+/// [`crate::busy_poll::MAX_WINDOW`].
+fn busy_poll(given_us: Option<u32>) -> Result<Option<std::time::Duration>, ConfigError> {
+    let us = given_us.unwrap_or(0);
+    let window = std::time::Duration::from_micros(u64::from(us));
+    if window > crate::busy_poll::MAX_WINDOW {
+        return Err(ConfigError::BusyPollTooLong(us));
+    }
+    Ok((us > 0).then_some(window))
 }
 
 fn max_connections(given: Option<usize>) -> Result<usize, ConfigError> {

@@ -91,6 +91,16 @@ pub struct Settings {
     #[arg(long, value_name = "SIZE", help_default = defaults::BUFFER_MEMORY)]
     pub buffer_memory: Option<ByteSize>,
 
+    /// Microseconds a core keeps polling after a request starts or ends,
+    /// instead of sleeping, while at most one request is in flight on it.
+    /// Cuts the latency of short queues (QD1) where waking an idle CPU is
+    /// slow (a virtual machine whose idle CPUs do not poll, deep C-states),
+    /// at the price of up to one CPU kept busy while such a client is
+    /// active. At most 10000; 0 never polls.
+    /// (docs/OPERATIONS.md, "Idle CPUs and latency")
+    #[arg(long, value_name = "MICROSECONDS", help_default = "0")]
+    pub busy_poll_us: Option<u32>,
+
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (off when not given).
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_listen: Option<SocketAddr>,
@@ -306,6 +316,7 @@ impl Settings {
             unix,
             cores,
             buffer_memory,
+            busy_poll_us,
             metrics_listen,
             max_connections,
             max_handshakes,
@@ -347,6 +358,7 @@ impl Settings {
             unix: flags.unix.or(unix),
             cores: flags.cores.or(cores),
             buffer_memory: flags.buffer_memory.or(buffer_memory),
+            busy_poll_us: flags.busy_poll_us.or(busy_poll_us),
             metrics_listen: flags.metrics_listen.or(metrics_listen),
             max_connections: flags.max_connections.or(max_connections),
             max_handshakes: flags.max_handshakes.or(max_handshakes),

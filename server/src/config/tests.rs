@@ -119,6 +119,7 @@ const NODE_SETTINGS: &[Case] = &[
     case("--unix", "unix", ["@/u1", "@/u2"]),
     case("--cores", "cores", ["1", "2"]),
     case("--buffer-memory", "buffer_memory", ["64M", "1G"]),
+    case("--busy-poll-us", "busy_poll_us", ["100", "500"]),
     case(
         "--metrics-listen",
         "metrics_listen",
@@ -453,6 +454,10 @@ fn the_default_in_help_is_the_default_applied() {
     let applied = [
         ("--listen", c.listen.to_string()),
         ("--buffer-memory", size(c.buffer_memory)),
+        (
+            "--busy-poll-us",
+            c.busy_poll.map_or(0, |w| w.as_micros()).to_string(),
+        ),
         ("--max-connections", c.max_connections.to_string()),
         ("--max-handshakes", c.handshake.max_pending.to_string()),
         (

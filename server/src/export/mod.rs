@@ -593,8 +593,10 @@ fn spawn_request(
     permit: tokio::sync::OwnedSemaphorePermit,
     started: Instant,
 ) {
+    let in_flight = crate::busy_poll::request_started();
     tokio_uring::spawn(async move {
         handle(&conn, req, payload).await;
+        drop(in_flight);
         if let Some(m) = conn.metrics.op(req.command) {
             let bytes = match req.command {
                 Command::Read | Command::Write => req.length,
