@@ -551,6 +551,8 @@ async fn read_loop(
             Ok(r) => r,
             Err(e) => return End::Protocol(e),
         };
+        // From here, also while its payload is received.
+        let in_flight = crate::busy_poll::request_started(u64::from(req.length));
         // Taken before the request is read further, returned once its reply
         // is written: at most MAX_INFLIGHT requests unanswered on the wire.
         let Ok(permit) = conn.inflight.clone().acquire_owned().await else {
@@ -580,7 +582,7 @@ async fn read_loop(
         } else {
             None
         };
-        spawn_request(conn.clone(), req, payload, permit, started);
+        spawn_request(conn.clone(), req, payload, (permit, in_flight), started);
     }
 }
 
@@ -590,10 +592,9 @@ fn spawn_request(
     conn: Rc<Conn>,
     req: Request,
     payload: Option<Payload>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    (permit, in_flight): (tokio::sync::OwnedSemaphorePermit, crate::busy_poll::InFlight),
     started: Instant,
 ) {
-    let in_flight = crate::busy_poll::request_started();
     tokio_uring::spawn(async move {
         handle(&conn, req, payload).await;
         drop(in_flight);
