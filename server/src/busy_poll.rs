@@ -6,15 +6,17 @@
 //! CPU costs 50–60 µs on a virtual machine whose idle CPUs do not poll
 //! (`guest_halt_poll_ns=0`), or a C-state exit on bare metal
 //! (docs/OPERATIONS.md, "Idle CPUs and latency"). Polling, the core sees
-//! both events at once: QD1 p50 latency fell by 17–20 % on this project's
-//! machine, at the price of up to one CPU kept busy while a client keeps
-//! its queue that short (docs/PERFORMANCE.md, 2026-12-07 session 23).
-//! qemu's IOThreads poll for the same reason (`poll-max-ns`).
+//! both events at once: 4k QD1 p50 latency fell from 212 to 153 µs and from
+//! 247 to 188 µs in two A/Bs on this project's machine, at the price of up
+//! to one CPU kept busy while a client keeps its queue that short
+//! (docs/PERFORMANCE.md, 2026-12-08). qemu's IOThreads poll for the same
+//! reason (`poll-max-ns`).
 //!
 //! It is off unless `--busy-poll-us` is given, and it polls only while at
-//! most [`MAX_IN_FLIGHT`] requests are in flight on the core: with more,
-//! the core is rarely idle long, and polling only took CPU from the client
-//! and the kernel's workers (same A/B).
+//! most [`MAX_IN_FLIGHT`] requests, none larger than [`MAX_REQUEST`], are
+//! in flight on the core: with more, the core is rarely idle long and
+//! polling only took CPU from the client and the kernel's workers; with
+//! large ones, see [`MAX_REQUEST`].
 //!
 //! How: tokio-uring submits queued operations only when its thread parks,
 //! and a polling thread never parks. So each round of the poller submits
@@ -31,9 +33,9 @@ use std::time::{Duration, Instant};
 pub const MAX_IN_FLIGHT: u32 = 1;
 
 /// The largest request (bytes) a core polls for. A larger one takes long
-/// enough that a wake-up is a small part of it, and polling while its
-/// payload arrives makes each receive complete early with less: more
-/// receives per MiB. 1 MiB writes at QD8 lost 19 % before this bound.
+/// enough that a wake-up is a small part of it, and polling while 1 MiB
+/// payloads arrived cost 1 MiB writes at QD8 19 % (probably because each
+/// receive then completes early with less data).
 pub const MAX_REQUEST: u64 = 64 << 10;
 
 /// The longest `--busy-poll-us` accepted: polling longer than this between
@@ -230,7 +232,11 @@ mod tests {
             (Some(us(0)), load(32, 0), false),
         ];
         for (since, load, want) in table {
-            assert_eq!(keep_polling(since, load, w), want, "since {since:?}, {load:?}");
+            assert_eq!(
+                keep_polling(since, load, w),
+                want,
+                "since {since:?}, {load:?}"
+            );
         }
     }
 }

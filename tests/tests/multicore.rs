@@ -359,7 +359,8 @@ fn an_idle_satellite_core_pins_no_buffer_memory() {
 /// `--busy-poll-us`: the cores poll instead of sleeping after each request
 /// (the poller submits the ring's queue itself, since a polling thread
 /// never parks). Two connections, one per core, each at queue depth 1
-/// (where polling runs), write and read back; a FLUSH then `kill -9`
+/// (where polling runs), write and read back, small writes and now and
+/// then a large one (where it does not); a FLUSH then `kill -9`
 /// loses nothing. The metric shows the cores did poll, and a daemon
 /// without the flag never does.
 #[test]
@@ -376,8 +377,14 @@ fn busy_polling_cores_serve_every_request_and_a_flush_covers_them() {
             started.elapsed() < LOOP_BUDGET,
             "{round} rounds in {LOOP_BUDGET:?}"
         );
-        let off = round * 4 * KIB4;
-        let data = pattern(rng.next_u64(), (KIB4 * rng.range(1, 4)) as usize);
+        // Every 25th a large write, which the cores do not poll for.
+        let blocks = if round % 25 == 24 {
+            32
+        } else {
+            rng.range(1, 4)
+        };
+        let off = round * 32 * KIB4;
+        let data = pattern(rng.next_u64(), (KIB4 * blocks) as usize);
         conns[(round % 2) as usize]
             .write(off, &data, false)
             .expect("write");

@@ -92,7 +92,8 @@ pub struct Settings {
     pub buffer_memory: Option<ByteSize>,
 
     /// Microseconds a core keeps polling after a request starts or ends,
-    /// instead of sleeping, while at most one request is in flight on it.
+    /// instead of sleeping, while at most one request (of at most 64 KiB)
+    /// is in flight on it.
     /// Cuts the latency of short queues (QD1) where waking an idle CPU is
     /// slow (a virtual machine whose idle CPUs do not poll, deep C-states),
     /// at the price of up to one CPU kept busy while such a client is

@@ -607,3 +607,20 @@ fn advertise_must_be_host_and_port() {
         .unwrap();
     assert_eq!(ok.advertise.as_deref(), Some("[::1]:10809"));
 }
+
+#[test]
+fn busy_polling_is_off_by_default_and_bounded() {
+    let vol = ["--export", "v", "--data", "/x/d", "--journal", "/x/j"];
+    let poll = |us: &str| Config::from_cli(&cli(&[&vol[..], &["--busy-poll-us", us]].concat()));
+    assert_eq!(Config::from_cli(&cli(&vol)).unwrap().busy_poll, None);
+    assert_eq!(poll("0").unwrap().busy_poll, None);
+    assert_eq!(
+        poll("10000").unwrap().busy_poll,
+        Some(std::time::Duration::from_millis(10))
+    );
+    let e = poll("10001").unwrap_err().to_string();
+    assert!(
+        e.contains("--busy-poll-us 10001 is too long: use at most 10000"),
+        "{e}"
+    );
+}

@@ -552,7 +552,7 @@ async fn read_loop(
             Err(e) => return End::Protocol(e),
         };
         // From here, also while its payload is received.
-        let in_flight = crate::busy_poll::request_started(u64::from(req.length));
+        let in_flight = crate::busy_poll::request_started(req.length);
         // Taken before the request is read further, returned once its reply
         // is written: at most MAX_INFLIGHT requests unanswered on the wire.
         let Ok(permit) = conn.inflight.clone().acquire_owned().await else {
@@ -592,7 +592,10 @@ fn spawn_request(
     conn: Rc<Conn>,
     req: Request,
     payload: Option<Payload>,
-    (permit, in_flight): (tokio::sync::OwnedSemaphorePermit, crate::busy_poll::InFlight),
+    (permit, in_flight): (
+        tokio::sync::OwnedSemaphorePermit,
+        crate::busy_poll::InFlight,
+    ),
     started: Instant,
 ) {
     tokio_uring::spawn(async move {
