@@ -35,6 +35,17 @@ fn free_port() -> u16 {
 
 /// The value of `metric{volume="vol0"}` scraped from the metrics endpoint.
 fn metric(port: u16, name: &str) -> f64 {
+    series(port, &format!("{name}{{volume=\"vol0\"}}"))
+}
+
+/// The value of the unlabelled `name` scraped from the metrics endpoint.
+fn process_metric(port: u16, name: &str) -> f64 {
+    series(port, name)
+}
+
+/// The value of the series named exactly `series` (name and labels)
+/// scraped from the metrics endpoint (0 when it is not there).
+fn series(port: u16, series: &str) -> f64 {
     let deadline = Instant::now() + Duration::from_secs(10);
     let text = loop {
         if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
@@ -51,22 +62,8 @@ fn metric(port: u16, name: &str) -> f64 {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let prefix = format!("{name}{{volume=\"vol0\"}} ");
+    let prefix = format!("{series} ");
     text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0.0, |v| v.trim().parse().unwrap_or(0.0))
-}
-
-/// The value of the unlabelled `name` scraped from the metrics endpoint
-/// (0 when it is not there).
-fn process_metric(port: u16, name: &str) -> f64 {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("metrics answer");
-    let prefix = format!("{name} ");
-    out.lines()
         .find_map(|l| l.strip_prefix(&prefix))
         .map_or(0.0, |v| v.trim().parse().unwrap_or(0.0))
 }
